@@ -1,0 +1,150 @@
+//! Wiring of the proxy role: from a [`Config`] to running listeners, and back down at shutdown.
+//!
+//! Input: the config, the bound listeners and a shutdown signal (all passed in, so tests can run a proxy
+//! on loopback addresses of their choosing). Output: a running proxy; [`run_proxy`] returns once it has
+//! drained. Start-up refuses clearly what it cannot do: a bad local config, an unusable CA, a mode not
+//! built yet.
+
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::config::{CaSource, Config, LocalConfigSource, ProxyMode};
+use crate::identity::{BuiltinCa, CertManager, CertSource, PluginCa};
+use crate::proxy::{Listeners, Proxy, ProxyInputs};
+use crate::readiness::Readiness;
+use crate::socket::{self, SocketOpts};
+use crate::state::{local, LocalConfig, State, StateHandle};
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The local config is unusable.
+    #[error(transparent)]
+    LocalConfig(#[from] local::Error),
+    /// The certificate authority is unusable.
+    #[error("certificate authority: {0}")]
+    Ca(#[from] crate::identity::Error),
+    /// A listener could not be bound.
+    #[error("{0}")]
+    Bind(std::io::Error),
+    /// A configuration this build cannot serve.
+    #[error("{0}")]
+    Unsupported(&'static str),
+}
+
+/// The state handle for `cfg`, and the task keeping it current (a file watcher), if any.
+pub fn load_state(cfg: &Config) -> Result<(StateHandle, Option<impl std::future::Future<Output = ()>>), Error> {
+    match &cfg.local_config {
+        LocalConfigSource::File(path) => {
+            let (bytes, state) = local::load_file(path)?;
+            tracing::info!(
+                path = %path.display(),
+                workloads = state.workload_count(),
+                services = state.service_count(),
+                policies = state.policies().len(),
+                "local config loaded"
+            );
+            let (tx, handle) = StateHandle::new(state);
+            Ok((handle, Some(local::watch_file(path.clone(), cfg.local_config_poll, bytes, tx))))
+        }
+        LocalConfigSource::Inline(yaml) => {
+            let state = LocalConfig::parse(yaml)?.into_state()?;
+            // Inline config never changes: the sender goes, readers keep the last (only) value.
+            let (_, handle) = StateHandle::new(state);
+            Ok((handle, None))
+        }
+        LocalConfigSource::None => {
+            let (_, handle) = StateHandle::new(State::default());
+            Ok((handle, None))
+        }
+    }
+}
+
+/// The certificate source `cfg` asks for.
+pub fn cert_source(cfg: &Config) -> Result<Arc<dyn CertSource>, Error> {
+    Ok(match &cfg.ca {
+        CaSource::PluginDir(dir) => Arc::new(PluginCa::load(dir, cfg.secret_ttl)?),
+        CaSource::Builtin(state_dir) => Arc::new(BuiltinCa::load_or_create(state_dir, cfg.secret_ttl)?),
+    })
+}
+
+/// Whether connections to applications keep the client's address: `ENABLE_ORIG_SRC` if set, else on in
+/// shared mode (where the capture rules route the replies back) and off in dedicated mode (where nothing
+/// would route them back to the proxy).
+pub fn orig_src(cfg: &Config) -> Result<bool, Error> {
+    match cfg.enable_orig_src {
+        Some(true) if !socket::can_be_transparent() => Err(Error::Unsupported(
+            "ENABLE_ORIG_SRC=true needs CAP_NET_ADMIN (IP_TRANSPARENT); grant it or unset the variable",
+        )),
+        Some(b) => Ok(b),
+        None => Ok(cfg.proxy_mode == ProxyMode::Shared && socket::can_be_transparent()),
+    }
+}
+
+/// Runs the proxy role in dedicated mode on the given listeners until `shutdown` turns true and the
+/// connections have drained.
+pub async fn run_proxy(
+    cfg: Arc<Config>,
+    listeners: Listeners,
+    readiness_listener: Option<TcpListener>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), Error> {
+    let workload = match (cfg.proxy_mode, &cfg.workload_info) {
+        (ProxyMode::Dedicated, Some(w)) => w.clone(),
+        (ProxyMode::Dedicated, None) => return Err(Error::Unsupported("dedicated mode needs PROXY_WORKLOAD_INFO")),
+        (ProxyMode::Shared, _) => {
+            return Err(Error::Unsupported(
+                "PROXY_MODE=shared (in-pod mode through the CNI agent) is not available yet; set PROXY_MODE=dedicated",
+            ))
+        }
+    };
+    if cfg.xds_address.is_some() {
+        return Err(Error::Unsupported(
+            "the xDS client is not available yet; set XDS_ADDRESS= (empty) and give LOCAL_XDS_PATH",
+        ));
+    }
+    let (state, watcher) = load_state(&cfg)?;
+    if let Some(w) = watcher {
+        tokio::spawn(w);
+    }
+    let certs = CertManager::new(cert_source(&cfg)?);
+    let orig_src = orig_src(&cfg)?;
+    let sock = SocketOpts { mark: cfg.packet_mark, transparent: false, reuse_port: false };
+
+    let ready = Readiness::new();
+    if let Some(l) = readiness_listener {
+        tokio::spawn(crate::readiness::serve(l, ready.clone(), shutdown.clone()));
+    }
+    let proxy = Proxy::new(ProxyInputs { cfg: cfg.clone(), state, certs, workload, sock, orig_src }, shutdown);
+    // Ready once our workload is known and its certificate issued, so the first connection does not wait.
+    let task = ready.register("proxy");
+    let warm = proxy.clone();
+    tokio::spawn(async move {
+        loop {
+            match warm.local_workload().await {
+                Ok(w) => match warm.tls_for(&w.identity).await {
+                    Ok(_) => break,
+                    Err(e) => tracing::warn!(error = %e, "waiting for the workload certificate"),
+                },
+                Err(e) => tracing::warn!(error = %e, "waiting for the workload to appear in the local config"),
+            }
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        }
+        tracing::info!("proxy ready");
+        task.done();
+    });
+    proxy.serve(listeners).await;
+    Ok(())
+}
+
+/// Binds the proxy's listeners and readiness port as `cfg` says, in the current network namespace.
+pub fn bind(cfg: &Config) -> Result<(Listeners, TcpListener), Error> {
+    let transparent = orig_src(cfg)?;
+    let opts = SocketOpts { mark: cfg.packet_mark, transparent, reuse_port: false };
+    let listeners = Listeners::bind(cfg, opts).map_err(Error::Bind)?;
+    let readiness = socket::listen(cfg.wildcard(cfg.ports.readiness), SocketOpts::default()).map_err(Error::Bind)?;
+    Ok((listeners, readiness))
+}

@@ -1,0 +1,548 @@
+//! Typed configuration for the proxy role, built once at start-up and passed down.
+//!
+//! Input: environment variables with ztunnel's names (so meshnode can replace ztunnel in an Istio install
+//! unchanged), read through the [`Source`] trait so tests can inject a map instead of touching the process
+//! environment. Output: one [`Config`] value; every bad value is refused with the variable's name.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// `shared` (in-pod, via ZDS) or `dedicated` (one workload, this network namespace).
+pub const PROXY_MODE: &str = "PROXY_MODE";
+/// `namespace/name/service-account` of the workload a dedicated proxy acts for.
+pub const PROXY_WORKLOAD_INFO: &str = "PROXY_WORKLOAD_INFO";
+/// Path of a ztunnel-format local config file (workloads, services, policies).
+pub const LOCAL_XDS_PATH: &str = "LOCAL_XDS_PATH";
+/// The same content inline.
+pub const LOCAL_XDS: &str = "LOCAL_XDS";
+/// istiod's xDS address; set to the empty string to run without xDS.
+pub const XDS_ADDRESS: &str = "XDS_ADDRESS";
+/// SO_MARK put on every socket the proxy opens, so capture rules skip them.
+pub const PACKET_MARK: &str = "PACKET_MARK";
+/// Keep the client's source address towards the application (`true`/`false`; unset: automatic).
+pub const ENABLE_ORIG_SRC: &str = "ENABLE_ORIG_SRC";
+/// The Kubernetes node this proxy runs on.
+pub const NODE_NAME: &str = "NODE_NAME";
+/// The local network name (multi-network meshes).
+pub const NETWORK: &str = "NETWORK";
+/// Cluster id sent to the control plane.
+pub const CLUSTER_ID: &str = "CLUSTER_ID";
+/// Directory with an istiod plug-in CA (`ca-cert.pem`, `ca-key.pem`, `root-cert.pem`, `cert-chain.pem`).
+pub const CA_CERTS_DIR: &str = "CA_CERTS_DIR";
+/// Requested workload certificate lifetime.
+pub const SECRET_TTL: &str = "SECRET_TTL";
+/// Whether to listen on IPv6 too.
+pub const IPV6_ENABLED: &str = "IPV6_ENABLED";
+/// Most streams multiplexed on one pooled HBONE connection.
+pub const POOL_MAX_STREAMS_PER_CONNECTION: &str = "POOL_MAX_STREAMS_PER_CONNECTION";
+/// How long an unused pooled HBONE connection is kept.
+pub const POOL_UNUSED_RELEASE_TIMEOUT: &str = "POOL_UNUSED_RELEASE_TIMEOUT";
+/// HTTP/2 stream flow-control window.
+pub const HTTP2_STREAM_WINDOW_SIZE: &str = "HTTP2_STREAM_WINDOW_SIZE";
+/// HTTP/2 connection flow-control window.
+pub const HTTP2_CONNECTION_WINDOW_SIZE: &str = "HTTP2_CONNECTION_WINDOW_SIZE";
+/// HTTP/2 maximum frame size.
+pub const HTTP2_FRAME_SIZE: &str = "HTTP2_FRAME_SIZE";
+/// How long open connections may finish after shutdown starts.
+pub const CONNECTION_TERMINATION_DEADLINE: &str = "CONNECTION_TERMINATION_DEADLINE";
+/// Data-plane worker threads (`N`, or `0` for one per CPU).
+pub const ZTUNNEL_WORKER_THREADS: &str = "ZTUNNEL_WORKER_THREADS";
+/// meshnode's own: where the built-in CA keeps its root, shared by every meshnode process on the machine.
+pub const MESHNODE_STATE_DIR: &str = "MESHNODE_STATE_DIR";
+/// meshnode's own: most connections handled at once per listener.
+pub const MESHNODE_MAX_CONNECTIONS: &str = "MESHNODE_MAX_CONNECTIONS";
+
+/// A key → value lookup: the process environment in production, a map in tests.
+pub trait Source {
+    /// The value of `key`, if set.
+    fn get(&self, key: &str) -> Option<String>;
+}
+
+/// The process environment.
+pub struct ProcessEnv;
+
+impl Source for ProcessEnv {
+    fn get(&self, key: &str) -> Option<String> {
+        std::env::var(key).ok()
+    }
+}
+
+impl Source for HashMap<String, String> {
+    fn get(&self, key: &str) -> Option<String> {
+        HashMap::get(self, key).cloned()
+    }
+}
+
+impl Source for HashMap<&str, &str> {
+    fn get(&self, key: &str) -> Option<String> {
+        HashMap::get(self, key).map(|s| s.to_string())
+    }
+}
+
+/// A configuration value that could not be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A variable holds a value that does not parse.
+    #[error("environment variable {name}={value:?} is invalid: {reason}")]
+    Invalid {
+        /// The variable.
+        name: &'static str,
+        /// Its value.
+        value: String,
+        /// Why it was refused.
+        reason: String,
+    },
+    /// A variable the chosen mode needs is missing.
+    #[error("environment variable {name} is required: {reason}")]
+    Missing {
+        /// The variable.
+        name: &'static str,
+        /// Why it is needed.
+        reason: &'static str,
+    },
+    /// Two settings contradict each other.
+    #[error("conflicting settings: {0}")]
+    Conflict(&'static str),
+}
+
+/// How the proxy finds the workloads it serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyMode {
+    /// One proxy per node serving every enrolled pod, handed over by the CNI agent (ZDS).
+    Shared,
+    /// One proxy for one workload, listening in the current network namespace.
+    Dedicated,
+}
+
+/// The workload a proxy acts for: ztunnel's `namespace/name/service-account` triple.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct WorkloadInfo {
+    /// Kubernetes namespace.
+    pub namespace: String,
+    /// Pod name.
+    pub name: String,
+    /// Service account.
+    pub service_account: String,
+}
+
+impl FromStr for WorkloadInfo {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.split('/').collect::<Vec<_>>().as_slice() {
+            [ns, name, sa] if !ns.is_empty() && !name.is_empty() && !sa.is_empty() => Ok(WorkloadInfo {
+                namespace: ns.to_string(),
+                name: name.to_string(),
+                service_account: sa.to_string(),
+            }),
+            _ => Err("expected namespace/name/service-account".into()),
+        }
+    }
+}
+
+/// Where the workload state comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LocalConfigSource {
+    /// No local config.
+    None,
+    /// A file, re-read when it changes.
+    File(PathBuf),
+    /// Inline YAML.
+    Inline(String),
+}
+
+/// Where workload certificates come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CaSource {
+    /// An istiod plug-in CA directory.
+    PluginDir(PathBuf),
+    /// meshnode's built-in CA, with its root kept under this state directory.
+    Builtin(PathBuf),
+}
+
+/// HTTP/2 settings of HBONE connections (both directions).
+#[derive(Debug, Clone, Copy)]
+pub struct H2Config {
+    /// Initial stream window: 4 MiB by default, as ztunnel, so one stream can fill a fast link.
+    pub stream_window: u32,
+    /// Connection window: 16 MiB, room for several busy streams.
+    pub connection_window: u32,
+    /// Maximum frame size: 1 MiB, so large writes go out in few frames.
+    pub frame_size: u32,
+}
+
+/// Connection pool settings.
+#[derive(Debug, Clone, Copy)]
+pub struct PoolConfig {
+    /// Streams per HBONE connection before another is opened (ztunnel default 100).
+    pub max_streams_per_connection: u32,
+    /// Idle time after which an unused connection is closed (ztunnel default 5 minutes).
+    pub unused_release_timeout: Duration,
+}
+
+/// Listener addresses of the proxy.
+#[derive(Debug, Clone, Copy)]
+pub struct Ports {
+    /// Outbound capture (ztunnel: 15001, fixed).
+    pub outbound: u16,
+    /// Plaintext inbound capture (15006).
+    pub inbound_plaintext: u16,
+    /// HBONE inbound (15008).
+    pub inbound: u16,
+    /// Readiness (15021).
+    pub readiness: u16,
+}
+
+impl Ports {
+    /// Ports the proxy refuses to forward to on loopback or inbound: forwarding there would loop.
+    pub fn illegal(&self) -> [u16; 3] {
+        [self.outbound, self.inbound_plaintext, self.inbound]
+    }
+}
+
+/// Everything the proxy role needs, parsed and validated.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Shared or dedicated.
+    pub proxy_mode: ProxyMode,
+    /// The workload of a dedicated proxy.
+    pub workload_info: Option<WorkloadInfo>,
+    /// Local workload/service/policy state.
+    pub local_config: LocalConfigSource,
+    /// istiod's address, when xDS is used.
+    pub xds_address: Option<String>,
+    /// SO_MARK for every socket the proxy opens.
+    pub packet_mark: Option<u32>,
+    /// Keep the original client address towards applications.
+    pub enable_orig_src: Option<bool>,
+    /// This node's name.
+    pub node_name: Option<String>,
+    /// This proxy's network.
+    pub network: String,
+    /// The cluster id.
+    pub cluster_id: String,
+    /// Certificate source.
+    pub ca: CaSource,
+    /// Workload certificate lifetime.
+    pub secret_ttl: Duration,
+    /// Listen on IPv6 as well as IPv4.
+    pub ipv6_enabled: bool,
+    /// Listener ports.
+    pub ports: Ports,
+    /// Pool settings.
+    pub pool: PoolConfig,
+    /// HTTP/2 settings.
+    pub h2: H2Config,
+    /// Upstream TCP connect timeout (ztunnel: 10 s).
+    pub connect_timeout: Duration,
+    /// TLS + HTTP/2 handshake timeout on inbound connections, so a silent peer cannot hold a slot.
+    pub handshake_timeout: Duration,
+    /// Drain deadline at shutdown.
+    pub termination_deadline: Duration,
+    /// Connections handled at once per listener; further ones wait in the kernel backlog.
+    pub max_connections: usize,
+    /// Data-plane worker threads.
+    pub worker_threads: usize,
+    /// How often the local config file is checked for changes.
+    pub local_config_poll: Duration,
+}
+
+impl Config {
+    /// Reads the configuration from `src`.
+    pub fn from_source(src: &dyn Source) -> Result<Config, Error> {
+        let proxy_mode = match src.get(PROXY_MODE).as_deref() {
+            None | Some("shared") => ProxyMode::Shared,
+            Some("dedicated") => ProxyMode::Dedicated,
+            Some(other) => {
+                return Err(invalid(PROXY_MODE, other, "expected shared or dedicated"));
+            }
+        };
+        let workload_info = parse_opt::<WorkloadInfo>(src, PROXY_WORKLOAD_INFO)?;
+        if proxy_mode == ProxyMode::Dedicated && workload_info.is_none() {
+            return Err(Error::Missing {
+                name: PROXY_WORKLOAD_INFO,
+                reason: "dedicated mode acts for exactly one workload (namespace/name/service-account)",
+            });
+        }
+        let local_config = match (src.get(LOCAL_XDS_PATH), src.get(LOCAL_XDS)) {
+            (Some(_), Some(_)) => return Err(Error::Conflict("LOCAL_XDS_PATH and LOCAL_XDS are mutually exclusive")),
+            (Some(p), None) if !p.is_empty() => LocalConfigSource::File(p.into()),
+            (None, Some(y)) if !y.is_empty() => LocalConfigSource::Inline(y),
+            _ => LocalConfigSource::None,
+        };
+        let xds_address = src.get(XDS_ADDRESS).filter(|s| !s.is_empty());
+        let packet_mark = match src.get(PACKET_MARK) {
+            None => Some(DEFAULT_PACKET_MARK),
+            Some(v) if v.is_empty() => None,
+            Some(v) => Some(parse_value(PACKET_MARK, &v)?),
+        };
+        let ca = match src.get(CA_CERTS_DIR).filter(|s| !s.is_empty()) {
+            Some(dir) => CaSource::PluginDir(dir.into()),
+            None => CaSource::Builtin(
+                src.get(MESHNODE_STATE_DIR)
+                    .filter(|s| !s.is_empty())
+                    .unwrap_or_else(|| DEFAULT_STATE_DIR.into())
+                    .into(),
+            ),
+        };
+        let cfg = Config {
+            proxy_mode,
+            workload_info,
+            local_config,
+            xds_address,
+            packet_mark,
+            enable_orig_src: parse_opt_bool(src, ENABLE_ORIG_SRC)?,
+            node_name: src.get(NODE_NAME).filter(|s| !s.is_empty()),
+            network: src.get(NETWORK).unwrap_or_default(),
+            cluster_id: src.get(CLUSTER_ID).filter(|s| !s.is_empty()).unwrap_or_else(|| "Kubernetes".into()),
+            ca,
+            secret_ttl: parse_duration(src, SECRET_TTL, Duration::from_secs(24 * 3600))?,
+            ipv6_enabled: parse_opt_bool(src, IPV6_ENABLED)?.unwrap_or(true),
+            ports: Ports { outbound: 15001, inbound_plaintext: 15006, inbound: 15008, readiness: 15021 },
+            pool: PoolConfig {
+                max_streams_per_connection: parse_default(src, POOL_MAX_STREAMS_PER_CONNECTION, 100)?,
+                unused_release_timeout: parse_duration(src, POOL_UNUSED_RELEASE_TIMEOUT, Duration::from_secs(300))?,
+            },
+            h2: H2Config {
+                stream_window: parse_size(src, HTTP2_STREAM_WINDOW_SIZE, 4 << 20)?,
+                connection_window: parse_size(src, HTTP2_CONNECTION_WINDOW_SIZE, 16 << 20)?,
+                frame_size: parse_size(src, HTTP2_FRAME_SIZE, 1 << 20)?,
+            },
+            connect_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(10),
+            termination_deadline: parse_duration(src, CONNECTION_TERMINATION_DEADLINE, Duration::from_secs(5))?,
+            max_connections: parse_default(src, MESHNODE_MAX_CONNECTIONS, 65_536)?,
+            worker_threads: match parse_default::<usize>(src, ZTUNNEL_WORKER_THREADS, 2)? {
+                0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
+                n => n,
+            },
+            local_config_poll: Duration::from_secs(1),
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), Error> {
+        if self.pool.max_streams_per_connection == 0 {
+            return Err(invalid(POOL_MAX_STREAMS_PER_CONNECTION, "0", "must be at least 1"));
+        }
+        if !(16_384..=16_777_215).contains(&self.h2.frame_size) {
+            return Err(invalid(
+                HTTP2_FRAME_SIZE,
+                &self.h2.frame_size.to_string(),
+                "HTTP/2 allows 16384..=16777215",
+            ));
+        }
+        for (name, v) in [
+            (HTTP2_STREAM_WINDOW_SIZE, self.h2.stream_window),
+            (HTTP2_CONNECTION_WINDOW_SIZE, self.h2.connection_window),
+        ] {
+            if v > (1 << 31) - 1 {
+                return Err(invalid(name, &v.to_string(), "HTTP/2 windows are at most 2^31-1"));
+            }
+        }
+        if self.max_connections == 0 {
+            return Err(invalid(MESHNODE_MAX_CONNECTIONS, "0", "must be at least 1"));
+        }
+        Ok(())
+    }
+
+    /// The unspecified address listeners bind to: `[::]` (dual stack) or `0.0.0.0`.
+    pub fn wildcard(&self, port: u16) -> SocketAddr {
+        if self.ipv6_enabled {
+            SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port))
+        } else {
+            SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, port))
+        }
+    }
+}
+
+/// ztunnel's packet mark (0x539), which Istio's capture rules skip.
+pub const DEFAULT_PACKET_MARK: u32 = 1337;
+/// Default state directory (built-in CA root).
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/meshnode";
+
+fn invalid(name: &'static str, value: &str, reason: impl Into<String>) -> Error {
+    Error::Invalid { name, value: value.to_string(), reason: reason.into() }
+}
+
+fn parse_value<T: FromStr>(name: &'static str, v: &str) -> Result<T, Error>
+where
+    T::Err: std::fmt::Display,
+{
+    v.trim().parse::<T>().map_err(|e| invalid(name, v, e.to_string()))
+}
+
+fn parse_opt<T: FromStr>(src: &dyn Source, name: &'static str) -> Result<Option<T>, Error>
+where
+    T::Err: std::fmt::Display,
+{
+    match src.get(name) {
+        None => Ok(None),
+        Some(v) if v.is_empty() => Ok(None),
+        Some(v) => parse_value(name, &v).map(Some),
+    }
+}
+
+fn parse_default<T: FromStr>(src: &dyn Source, name: &'static str, default: T) -> Result<T, Error>
+where
+    T::Err: std::fmt::Display,
+{
+    Ok(parse_opt(src, name)?.unwrap_or(default))
+}
+
+fn parse_opt_bool(src: &dyn Source, name: &'static str) -> Result<Option<bool>, Error> {
+    match src.get(name).as_deref().map(str::trim) {
+        None | Some("") => Ok(None),
+        Some(v) if v.eq_ignore_ascii_case("true") || v == "1" => Ok(Some(true)),
+        Some(v) if v.eq_ignore_ascii_case("false") || v == "0" => Ok(Some(false)),
+        Some(v) => Err(invalid(name, v, "expected true or false")),
+    }
+}
+
+fn parse_duration(src: &dyn Source, name: &'static str, default: Duration) -> Result<Duration, Error> {
+    match src.get(name) {
+        None => Ok(default),
+        Some(v) if v.is_empty() => Ok(default),
+        Some(v) => duration(&v).map_err(|reason| invalid(name, &v, reason)),
+    }
+}
+
+/// Parses Go-style durations as ztunnel accepts them: `500ms`, `10s`, `5m`, `24h`, `1h30m`.
+pub fn duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Err("empty duration".into());
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(rest.len());
+        if digits == 0 {
+            return Err("expected a number, e.g. 10s, 5m, 24h".into());
+        }
+        let value: f64 = rest[..digits].parse().map_err(|_| "bad number".to_string())?;
+        rest = &rest[digits..];
+        let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+        let unit = match &rest[..unit_len] {
+            "ns" => 1e-9,
+            "us" | "µs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            "" => return Err("missing unit (ms, s, m or h)".into()),
+            u => return Err(format!("unknown unit {u:?}")),
+        };
+        rest = &rest[unit_len..];
+        total += Duration::from_secs_f64(value * unit);
+    }
+    Ok(total)
+}
+
+fn parse_size(src: &dyn Source, name: &'static str, default: u32) -> Result<u32, Error> {
+    match src.get(name) {
+        None => Ok(default),
+        Some(v) if v.is_empty() => Ok(default),
+        Some(v) => size(&v).map_err(|reason| invalid(name, &v, reason)),
+    }
+}
+
+/// Parses sizes as Kubernetes quantities are written: `4194304`, `4Mi`, `512Ki`.
+fn size(s: &str) -> Result<u32, String> {
+    let s = s.trim();
+    let (num, mult) = if let Some(n) = s.strip_suffix("Ki") {
+        (n, 1u64 << 10)
+    } else if let Some(n) = s.strip_suffix("Mi") {
+        (n, 1 << 20)
+    } else if let Some(n) = s.strip_suffix("Gi") {
+        (n, 1 << 30)
+    } else {
+        (s, 1)
+    };
+    let n: u64 = num.parse().map_err(|_| "expected a size such as 4194304 or 4Mi".to_string())?;
+    u32::try_from(n * mult).map_err(|_| "too large".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(pairs: &[(&'static str, &'static str)]) -> Result<Config, Error> {
+        let map: HashMap<&str, &str> = pairs.iter().copied().collect();
+        Config::from_source(&map)
+    }
+
+    #[test]
+    fn dedicated_mode_reads_ztunnel_variables() {
+        let c = cfg(&[
+            (PROXY_MODE, "dedicated"),
+            (PROXY_WORKLOAD_INFO, "default/client/sleep"),
+            (LOCAL_XDS_PATH, "/etc/local.yaml"),
+            (XDS_ADDRESS, ""),
+            (PACKET_MARK, "4242"),
+            (ENABLE_ORIG_SRC, "false"),
+            (NODE_NAME, "node-1"),
+            (SECRET_TTL, "1h30m"),
+            (POOL_UNUSED_RELEASE_TIMEOUT, "10s"),
+            (HTTP2_STREAM_WINDOW_SIZE, "1Mi"),
+        ])
+        .unwrap();
+        assert_eq!(c.proxy_mode, ProxyMode::Dedicated);
+        assert_eq!(c.workload_info.unwrap().service_account, "sleep");
+        assert_eq!(c.local_config, LocalConfigSource::File("/etc/local.yaml".into()));
+        assert_eq!(c.xds_address, None);
+        assert_eq!(c.packet_mark, Some(4242));
+        assert_eq!(c.enable_orig_src, Some(false));
+        assert_eq!(c.node_name.as_deref(), Some("node-1"));
+        assert_eq!(c.secret_ttl, Duration::from_secs(5400));
+        assert_eq!(c.pool.unused_release_timeout, Duration::from_secs(10));
+        assert_eq!(c.h2.stream_window, 1 << 20);
+    }
+
+    #[test]
+    fn defaults_match_ztunnel() {
+        let c = cfg(&[(PROXY_MODE, "dedicated"), (PROXY_WORKLOAD_INFO, "a/b/c")]).unwrap();
+        assert_eq!(c.packet_mark, Some(1337));
+        assert_eq!(c.pool.max_streams_per_connection, 100);
+        assert_eq!(c.secret_ttl, Duration::from_secs(86400));
+        assert_eq!(c.ports.illegal(), [15001, 15006, 15008]);
+        assert_eq!(c.enable_orig_src, None);
+    }
+
+    #[test]
+    fn bad_values_name_the_variable() {
+        let cases: &[&[(&str, &str)]] = &[
+            &[(PROXY_MODE, "sidecar")],
+            &[(PROXY_MODE, "dedicated")],
+            &[(PROXY_MODE, "dedicated"), (PROXY_WORKLOAD_INFO, "only/two")],
+            &[(PROXY_MODE, "dedicated"), (PROXY_WORKLOAD_INFO, "a/b/c"), (PACKET_MARK, "x")],
+            &[(PROXY_MODE, "dedicated"), (PROXY_WORKLOAD_INFO, "a/b/c"), (SECRET_TTL, "10")],
+            &[(PROXY_MODE, "dedicated"), (PROXY_WORKLOAD_INFO, "a/b/c"), (ENABLE_ORIG_SRC, "maybe")],
+            &[(PROXY_MODE, "dedicated"), (PROXY_WORKLOAD_INFO, "a/b/c"), (HTTP2_FRAME_SIZE, "10")],
+        ];
+        for case in cases {
+            let map: HashMap<&str, &str> = case.iter().copied().collect();
+            let err = Config::from_source(&map).unwrap_err().to_string();
+            let var = case.last().unwrap().0;
+            assert!(
+                err.contains(var) || err.contains(PROXY_WORKLOAD_INFO),
+                "error {err:?} does not name {var}"
+            );
+        }
+    }
+
+    #[test]
+    fn durations_parse_like_go() {
+        assert_eq!(duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(duration("2h").unwrap(), Duration::from_secs(7200));
+        assert_eq!(duration("1m30s").unwrap(), Duration::from_secs(90));
+        assert!(duration("5").is_err());
+        assert!(duration("5d").is_err());
+        assert!(duration("").is_err());
+    }
+}

@@ -1,0 +1,52 @@
+//! HBONE: TCP streams carried as HTTP/2 CONNECT streams inside mutual TLS, wire-compatible with ztunnel.
+//!
+//! - [`pool`]: the client side — pooled, multiplexed HBONE connections keyed as ztunnel keys them, and the
+//!   CONNECT request on top.
+//! - [`server`]: the server side's HTTP/2 mechanics — accepting CONNECT streams and answering them; what to
+//!   do with each stream is the inbound proxy's business.
+//! - [`copy`]: moving bytes between a TCP socket and a CONNECT stream, with half-close and flow control.
+
+pub mod copy;
+pub mod pool;
+pub mod server;
+
+use std::time::Duration;
+
+use crate::config::H2Config;
+
+/// Header list limit on requests we send (ztunnel: 16 KiB).
+const CLIENT_MAX_HEADER_LIST: u32 = 16 * 1024;
+/// Header list limit on requests we accept (ztunnel: 64 KiB).
+const SERVER_MAX_HEADER_LIST: u32 = 64 * 1024;
+/// Concurrent streams a server advertises (ztunnel: 200).
+const SERVER_MAX_CONCURRENT_STREAMS: u32 = 200;
+/// Data a server may buffer per stream before applying back-pressure (ztunnel: 400 KiB).
+const SERVER_MAX_SEND_BUFFER: usize = 400 * 1024;
+/// Time allowed for a CONNECT response; a peer that never answers must not hold a client forever.
+pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// An HTTP/2 client builder with HBONE's settings.
+pub fn client_builder(cfg: &H2Config, max_streams: u32) -> h2::client::Builder {
+    let mut b = h2::client::Builder::new();
+    b.initial_window_size(cfg.stream_window)
+        .initial_connection_window_size(cfg.connection_window)
+        .max_frame_size(cfg.frame_size)
+        .max_header_list_size(CLIENT_MAX_HEADER_LIST)
+        // Send buffer = one stream window, so a single stream can keep a whole window in flight.
+        .max_send_buffer_size(cfg.stream_window as usize)
+        .initial_max_send_streams(max_streams as usize)
+        .enable_push(false);
+    b
+}
+
+/// An HTTP/2 server builder with HBONE's settings.
+pub fn server_builder(cfg: &H2Config) -> h2::server::Builder {
+    let mut b = h2::server::Builder::new();
+    b.initial_window_size(cfg.stream_window)
+        .initial_connection_window_size(cfg.connection_window)
+        .max_frame_size(cfg.frame_size)
+        .max_header_list_size(SERVER_MAX_HEADER_LIST)
+        .max_concurrent_streams(SERVER_MAX_CONCURRENT_STREAMS)
+        .max_send_buffer_size(SERVER_MAX_SEND_BUFFER);
+    b
+}

@@ -1,0 +1,237 @@
+//! The proxy for one workload: its listeners' accept loops and the state every connection handler shares.
+//!
+//! Input: [`ProxyInputs`] (config, state, certificates, the workload it acts for, socket options) and three
+//! bound listeners. Output: connections carried — outbound ones ([`outbound`], :15001) into HBONE or plain
+//! TCP, HBONE ones ([`inbound`], :15008) and plaintext ones ([`passthrough`], :15006) to the application.
+//! Each listener admits at most `max_connections` at once; at shutdown it stops accepting and waits for
+//! its connections up to the termination deadline.
+
+pub mod inbound;
+pub mod outbound;
+pub mod passthrough;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
+
+use crate::config::{Config, WorkloadInfo};
+use crate::hbone::pool::Pool;
+use crate::identity::{CertManager, Identity};
+use crate::socket::{self, SocketOpts};
+use crate::state::{StateHandle, Workload};
+use crate::tls::WorkloadTls;
+
+/// How long a connection waits for its workload to appear in the state (ztunnel: 5 s).
+const WORKLOAD_WAIT: Duration = Duration::from_secs(5);
+
+/// Why a connection was not carried. Expected refusals, logged at the edge; never a panic.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The workload this proxy acts for is not (yet) in the state.
+    #[error("workload {0:?} not found in state")]
+    UnknownWorkload(WorkloadInfo),
+    /// No certificate for an identity.
+    #[error("no certificate for {identity}: {reason}")]
+    Certificate {
+        /// The identity.
+        identity: Identity,
+        /// Why.
+        reason: String,
+    },
+    /// The destination would loop back into the proxy.
+    #[error("destination {0} is one of the proxy's own ports")]
+    SelfCall(SocketAddr),
+    /// A service had no endpoint able to take the connection.
+    #[error("no healthy upstream for service {service} port {port}")]
+    NoHealthyUpstream {
+        /// `namespace/hostname`.
+        service: String,
+        /// The service port.
+        port: u16,
+    },
+    /// The upstream could not be reached.
+    #[error("connecting to {dst}: {source}")]
+    Connect {
+        /// Where.
+        dst: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The HBONE tunnel could not be opened.
+    #[error(transparent)]
+    Hbone(#[from] crate::hbone::pool::Error),
+    /// The original destination could not be read.
+    #[error("reading original destination: {0}")]
+    OriginalDst(std::io::Error),
+    /// Authorization denied the connection.
+    #[error("connection denied: {0}")]
+    Denied(crate::authz::DenyReason),
+    /// Copying failed mid-stream.
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Everything a workload's proxy needs, built once and shared by its connections.
+pub struct ProxyInputs {
+    /// The configuration.
+    pub cfg: Arc<Config>,
+    /// Mesh state.
+    pub state: StateHandle,
+    /// Certificates.
+    pub certs: Arc<CertManager>,
+    /// The workload this proxy acts for.
+    pub workload: WorkloadInfo,
+    /// Options for sockets towards peers (mark).
+    pub sock: SocketOpts,
+    /// Keep the client's address towards the application (IP_TRANSPARENT + freebind).
+    pub orig_src: bool,
+}
+
+/// One workload's proxy.
+pub struct Proxy {
+    inputs: ProxyInputs,
+    pool: Pool,
+    tls: Mutex<HashMap<Identity, Arc<WorkloadTls>>>,
+    shutdown: watch::Receiver<bool>,
+}
+
+/// The three listeners of a proxy.
+pub struct Listeners {
+    /// :15001.
+    pub outbound: TcpListener,
+    /// :15008.
+    pub inbound: TcpListener,
+    /// :15006.
+    pub inbound_plaintext: TcpListener,
+}
+
+impl Listeners {
+    /// Binds the proxy ports on the wildcard address of the current network namespace.
+    pub fn bind(cfg: &Config, opts: SocketOpts) -> std::io::Result<Listeners> {
+        let bind = |port| {
+            socket::listen(cfg.wildcard(port), opts).map_err(|e| {
+                std::io::Error::new(e.kind(), format!("binding {}: {e}", cfg.wildcard(port)))
+            })
+        };
+        Ok(Listeners {
+            outbound: bind(cfg.ports.outbound)?,
+            inbound: bind(cfg.ports.inbound)?,
+            inbound_plaintext: bind(cfg.ports.inbound_plaintext)?,
+        })
+    }
+}
+
+impl Proxy {
+    /// A proxy for `inputs.workload`; `shutdown` turning true starts the drain.
+    pub fn new(inputs: ProxyInputs, shutdown: watch::Receiver<bool>) -> Arc<Proxy> {
+        let cfg = &inputs.cfg;
+        let pool = Pool::new(cfg.pool, cfg.h2, inputs.sock, cfg.connect_timeout);
+        Arc::new(Proxy { inputs, pool, tls: Mutex::default(), shutdown })
+    }
+
+    /// The configuration.
+    pub fn cfg(&self) -> &Config {
+        &self.inputs.cfg
+    }
+
+    /// The connection pool (tests look at it).
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// The workload this proxy acts for, waiting briefly for it to appear in the state.
+    pub async fn local_workload(&self) -> Result<Arc<Workload>, Error> {
+        let info = &self.inputs.workload;
+        self.inputs
+            .state
+            .wait_for(WORKLOAD_WAIT, |s| s.workload_by_info(info).cloned())
+            .await
+            .ok_or_else(|| Error::UnknownWorkload(info.clone()))
+    }
+
+    /// TLS material for `id`, fetching its certificate on first use.
+    pub async fn tls_for(&self, id: &Identity) -> Result<Arc<WorkloadTls>, Error> {
+        if let Some(t) = self.tls.lock().get(id) {
+            return Ok(t.clone());
+        }
+        let cert_error = |reason: String| Error::Certificate { identity: id.clone(), reason };
+        let rx = self.inputs.certs.get(id).await.map_err(|e| cert_error(e.to_string()))?;
+        let tls = Arc::new(WorkloadTls::new(rx).map_err(|e| cert_error(e.to_string()))?);
+        Ok(self.tls.lock().entry(id.clone()).or_insert(tls).clone())
+    }
+
+    /// Runs the three accept loops until shutdown, then drains. Returns once every connection has ended or
+    /// the termination deadline has passed.
+    pub async fn serve(self: &Arc<Self>, listeners: Listeners) {
+        let out = {
+            let p = self.clone();
+            self.accept_loop(listeners.outbound, "outbound", move |s, peer| {
+                let p = p.clone();
+                async move { p.outbound(s, peer).await }
+            })
+        };
+        let inb = {
+            let p = self.clone();
+            self.accept_loop(listeners.inbound, "inbound", move |s, peer| {
+                let p = p.clone();
+                async move { p.inbound(s, peer).await }
+            })
+        };
+        let plain = {
+            let p = self.clone();
+            self.accept_loop(listeners.inbound_plaintext, "inbound_plaintext", move |s, peer| {
+                let p = p.clone();
+                async move { p.inbound_plaintext(s, peer).await }
+            })
+        };
+        tokio::join!(out, inb, plain);
+    }
+
+    async fn accept_loop<H, F>(&self, listener: TcpListener, name: &'static str, handle: H)
+    where
+        H: Fn(TcpStream, SocketAddr) -> F,
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let max = self.cfg().max_connections;
+        let limit = Arc::new(Semaphore::new(max));
+        let mut shutdown = self.shutdown.clone();
+        loop {
+            let permit = tokio::select! {
+                p = limit.clone().acquire_owned() => p.expect("semaphore never closed"),
+                _ = shutdown.wait_for(|s| *s) => break,
+            };
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                _ = shutdown.wait_for(|s| *s) => break,
+            };
+            match accepted {
+                Ok((stream, peer)) => {
+                    let _ = socket::accepted(&stream);
+                    let fut = handle(stream, socket::canonical(peer));
+                    tokio::spawn(async move {
+                        fut.await;
+                        drop(permit);
+                    });
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(listener = name, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+        drop(listener);
+        let deadline = self.cfg().termination_deadline;
+        let all = u32::try_from(max).unwrap_or(u32::MAX);
+        if tokio::time::timeout(deadline, limit.acquire_many(all)).await.is_err() {
+            tracing::warn!(listener = name, "connections still open at the termination deadline; closing them");
+        }
+    }
+}

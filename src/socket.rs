@@ -1,0 +1,164 @@
+//! Socket set-up for the data plane: listeners, upstream connects, marks and original destinations.
+//!
+//! Input: addresses, the packet mark and transparency settings from config. Output: tokio sockets ready to
+//! use. Every socket created here carries the packet mark so the capture rules never loop proxy traffic back
+//! into the proxy. All system calls go through `socket2`'s safe API; there is no `unsafe` here.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use socket2::{Domain, Protocol, SockRef, Socket, Type};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+/// Listen backlog: deep enough for connection bursts while the accept loop catches up.
+const LISTEN_BACKLOG: i32 = 1024;
+
+/// Options common to the proxy's sockets.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SocketOpts {
+    /// SO_MARK value, when set.
+    pub mark: Option<u32>,
+    /// IP_TRANSPARENT on listeners and upstream sockets (to accept TPROXY traffic and spoof sources).
+    pub transparent: bool,
+    /// SO_REUSEPORT on listeners, so a new proxy can bind while an old one drains.
+    pub reuse_port: bool,
+}
+
+/// Binds a TCP listener. `[::]` is bound dual-stack; if IPv6 is unavailable it falls back to `0.0.0.0`.
+pub fn listen(addr: SocketAddr, opts: SocketOpts) -> io::Result<TcpListener> {
+    match listen_once(addr, opts) {
+        Err(e) if addr.ip() == IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED) && is_no_ipv6(&e) => {
+            listen_once(SocketAddr::from(([0, 0, 0, 0], addr.port())), opts)
+        }
+        other => other,
+    }
+}
+
+fn is_no_ipv6(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc_codes::EAFNOSUPPORT) | Some(libc_codes::EADDRNOTAVAIL))
+}
+
+/// errno values we branch on (Linux).
+mod libc_codes {
+    pub(super) const EAFNOSUPPORT: i32 = 97;
+    pub(super) const EADDRNOTAVAIL: i32 = 99;
+}
+
+fn listen_once(addr: SocketAddr, opts: SocketOpts) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking(), Some(Protocol::TCP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(false)?;
+    }
+    socket.set_reuse_address(true)?;
+    if opts.reuse_port {
+        socket.set_reuse_port(true)?;
+    }
+    apply_common(&socket, addr, opts)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    TcpListener::from_std(socket.into())
+}
+
+fn apply_common(socket: &Socket, addr: SocketAddr, opts: SocketOpts) -> io::Result<()> {
+    if let Some(mark) = opts.mark {
+        socket.set_mark(mark)?;
+    }
+    if opts.transparent {
+        if addr.is_ipv4() {
+            socket.set_ip_transparent_v4(true)?;
+        } else {
+            socket.set_ip_transparent_v6(true)?;
+        }
+    }
+    Ok(())
+}
+
+/// Opens a TCP connection to `dst` with the proxy's mark, optionally from `src` (which need not be a local
+/// address when `opts.transparent` is set: that is how the client's address is kept towards applications).
+pub async fn connect(
+    dst: SocketAddr,
+    src: Option<IpAddr>,
+    opts: SocketOpts,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
+    let socket = Socket::new(Domain::for_address(dst), Type::STREAM.nonblocking(), Some(Protocol::TCP))?;
+    apply_common(&socket, dst, opts)?;
+    if let Some(src) = src {
+        let src = match (src, dst) {
+            (IpAddr::V4(v4), SocketAddr::V6(_)) => IpAddr::V6(v4.to_ipv6_mapped()),
+            (s, _) => s,
+        };
+        if src.is_ipv4() {
+            socket.set_freebind_v4(true)?;
+        } else {
+            socket.set_freebind_v6(true)?;
+        }
+        socket.bind(&SocketAddr::new(src, 0).into())?;
+    }
+    let socket = TcpSocket::from_std_stream(socket.into());
+    let stream = tokio::time::timeout(timeout, socket.connect(dst))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("connect to {dst} timed out")))??;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// The destination a redirected connection was originally addressed to (`SO_ORIGINAL_DST`, IPv4 then
+/// IPv6). Falls back to the local address when the connection was not redirected (e.g. TPROXY).
+pub fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
+    let sock = SockRef::from(stream);
+    let found = sock
+        .original_dst_v4()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .or_else(|| sock.original_dst_v6().ok().and_then(|a| a.as_socket()));
+    match found {
+        Some(a) => Ok(canonical(a)),
+        None => stream.local_addr().map(canonical),
+    }
+}
+
+/// Turns IPv4-mapped IPv6 addresses (seen on dual-stack sockets) back into IPv4.
+pub fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
+/// Per-accepted-socket set-up: no Nagle delay (the proxy forwards whatever it reads at once).
+pub fn accepted(stream: &TcpStream) -> io::Result<()> {
+    stream.set_nodelay(true)
+}
+
+/// Whether this process may set IP_TRANSPARENT (CAP_NET_ADMIN), tested on a throwaway socket.
+pub fn can_be_transparent() -> bool {
+    Socket::new(Domain::IPV4, Type::STREAM, None)
+        .and_then(|s| s.set_ip_transparent_v4(true))
+        .is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn connections_not_redirected_report_their_local_address() {
+        let l = listen("127.0.0.1:0".parse().unwrap(), SocketOpts::default()).unwrap();
+        let addr = l.local_addr().unwrap();
+        let c = connect(addr, None, SocketOpts::default(), Duration::from_secs(1)).await.unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        assert_eq!(original_dst(&s).unwrap(), addr);
+        drop(c);
+    }
+
+    #[tokio::test]
+    async fn dual_stack_listener_accepts_ipv4() {
+        let l = listen("[::]:0".parse().unwrap(), SocketOpts::default()).unwrap();
+        let port = l.local_addr().unwrap().port();
+        let _c = connect(SocketAddr::from(([127, 0, 0, 1], port)), None, SocketOpts::default(), Duration::from_secs(1))
+            .await
+            .unwrap();
+        let (s, peer) = l.accept().await.unwrap();
+        assert!(canonical(peer).is_ipv4());
+        assert_eq!(original_dst(&s).unwrap().ip(), IpAddr::from([127, 0, 0, 1]));
+    }
+}

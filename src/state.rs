@@ -1,0 +1,364 @@
+//! The proxy's view of the mesh: workloads, services and policies, as one immutable snapshot.
+//!
+//! Input: a [`LocalConfig`](local::LocalConfig) (ztunnel's `LOCAL_XDS_PATH` format; later also xDS).
+//! Output: [`State`], indexed for the lookups the data path makes per connection — workload by address,
+//! service by VIP or hostname, endpoint selection — published through a `watch` channel so readers never
+//! take a lock shared with writers (see [`StateHandle`]).
+
+pub mod local;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use rand::Rng;
+use tokio::sync::watch;
+
+use crate::authz::PolicySet;
+use crate::config::WorkloadInfo;
+use crate::identity::Identity;
+
+pub use local::{Error, LocalConfig};
+
+/// How a workload receives mesh traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+pub enum Protocol {
+    /// Plain TCP: the workload is not captured; send to it directly.
+    #[default]
+    TCP,
+    /// HBONE on port 15008 of the workload's address.
+    HBONE,
+}
+
+/// Whether a workload may receive load-balanced traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+pub enum HealthStatus {
+    /// Ready.
+    #[default]
+    Healthy,
+    /// Not ready: excluded from load balancing unless the service allows all.
+    Unhealthy,
+}
+
+/// A workload (pod or VM) as the proxy needs it.
+#[derive(Debug, Clone)]
+pub struct Workload {
+    /// Primary key (`cluster//v1/Pod/ns/name`).
+    pub uid: String,
+    /// Pod name.
+    pub name: String,
+    /// Namespace.
+    pub namespace: String,
+    /// Service account.
+    pub service_account: String,
+    /// Its SPIFFE identity, derived from trust domain, namespace and service account.
+    pub identity: Identity,
+    /// Addresses.
+    pub ips: Vec<IpAddr>,
+    /// How to reach it.
+    pub protocol: Protocol,
+    /// Node it runs on.
+    pub node: String,
+    /// Network it is on.
+    pub network: String,
+    /// Health.
+    pub status: HealthStatus,
+    /// Load-balancing weight (default 1).
+    pub capacity: u32,
+    /// Keys (`ns/name`) of WorkloadSelector policies that select it.
+    pub authorization_policies: Vec<String>,
+    /// Services it backs: `ns/hostname` → service port → target port.
+    pub services: HashMap<String, HashMap<u16, u16>>,
+    /// Canonical service name (telemetry, baggage).
+    pub canonical_name: String,
+    /// Canonical revision.
+    pub canonical_revision: String,
+    /// Owning workload name (e.g. the Deployment).
+    pub workload_name: String,
+    /// Owning workload kind, lower case.
+    pub workload_type: String,
+    /// Cluster id.
+    pub cluster_id: String,
+}
+
+/// How a service picks endpoints when some are unhealthy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+pub enum HealthPolicy {
+    /// Only healthy endpoints.
+    #[default]
+    OnlyHealthy,
+    /// Every endpoint.
+    AllowAll,
+}
+
+/// Load-balancing mode of a service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+pub enum LbMode {
+    /// Pick any endpoint.
+    #[default]
+    Standard,
+    /// Only endpoints matching every routing preference (locality is not modelled yet: same as Standard).
+    Strict,
+    /// Prefer matching endpoints (locality is not modelled yet: same as Standard).
+    Failover,
+    /// No endpoint selection: go to the original destination.
+    Passthrough,
+}
+
+/// A service endpoint: a workload and its port map for this service.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    /// Index into [`State`]'s workload list.
+    workload: usize,
+    /// Service port → target port overrides for this workload.
+    ports: HashMap<u16, u16>,
+}
+
+/// A service: VIPs, ports and endpoints.
+#[derive(Debug, Clone)]
+pub struct Service {
+    /// Name.
+    pub name: String,
+    /// Namespace.
+    pub namespace: String,
+    /// Hostname (`reviews.default.svc.cluster.local`).
+    pub hostname: String,
+    /// VIPs with their network.
+    pub vips: Vec<(String, IpAddr)>,
+    /// Service port → target port (0: the endpoint must say).
+    pub ports: HashMap<u16, u16>,
+    /// Extra identities accepted for this service's endpoints.
+    pub subject_alt_names: Vec<Identity>,
+    /// Preferred among services sharing a hostname.
+    pub canonical: bool,
+    /// Endpoint health policy.
+    pub health_policy: HealthPolicy,
+    /// Load-balancing mode.
+    pub lb_mode: LbMode,
+    endpoints: Vec<Endpoint>,
+}
+
+impl Service {
+    /// `namespace/hostname`, the key workloads use to name the services they back.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.hostname)
+    }
+}
+
+/// Where a connection to a service or workload goes.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    /// The chosen workload.
+    pub workload: Arc<Workload>,
+    /// Address and port to reach the application at.
+    pub addr: SocketAddr,
+    /// Identities the peer may present (workload identity + service SANs).
+    pub expected_identities: Vec<Identity>,
+    /// The service the traffic was addressed to, if any.
+    pub service: Option<Arc<Service>>,
+}
+
+/// An immutable, indexed snapshot of mesh state.
+#[derive(Debug, Default)]
+pub struct State {
+    workloads: Vec<Arc<Workload>>,
+    by_uid: HashMap<String, usize>,
+    by_addr: HashMap<(String, IpAddr), usize>,
+    services: Vec<Arc<Service>>,
+    by_vip: HashMap<(String, IpAddr), Vec<usize>>,
+    by_host: HashMap<String, Vec<usize>>,
+    policies: Arc<PolicySet>,
+}
+
+impl State {
+    /// Indexes workloads, services and policies. Endpoints come from the workloads' `services` maps.
+    pub fn new(
+        workloads: Vec<Workload>,
+        services: Vec<Service>,
+        policies: PolicySet,
+    ) -> Result<State, Error> {
+        let mut st = State { policies: Arc::new(policies), ..Default::default() };
+        for w in workloads {
+            if st.by_uid.contains_key(&w.uid) {
+                return Err(Error::Duplicate { kind: "workload uid", key: w.uid });
+            }
+            let idx = st.workloads.len();
+            st.by_uid.insert(w.uid.clone(), idx);
+            for ip in &w.ips {
+                // Several workloads on one IP: prefer HBONE ones, as ztunnel does.
+                let key = (w.network.clone(), *ip);
+                match st.by_addr.get(&key) {
+                    Some(&old) if st.workloads[old].protocol == Protocol::HBONE => {}
+                    _ => {
+                        st.by_addr.insert(key, idx);
+                    }
+                }
+            }
+            st.workloads.push(Arc::new(w));
+        }
+        for mut svc in services {
+            let key = svc.key();
+            if st.by_host.get(&svc.hostname).is_some_and(|v| {
+                v.iter().any(|&i| st.services[i].namespace == svc.namespace)
+            }) {
+                return Err(Error::Duplicate { kind: "service", key });
+            }
+            for (idx, w) in st.workloads.iter().enumerate() {
+                if let Some(ports) = w.services.get(&key) {
+                    svc.endpoints.push(Endpoint { workload: idx, ports: ports.clone() });
+                }
+            }
+            let idx = st.services.len();
+            for vip in &svc.vips {
+                st.by_vip.entry(vip.clone()).or_default().push(idx);
+            }
+            st.by_host.entry(svc.hostname.clone()).or_default().push(idx);
+            st.services.push(Arc::new(svc));
+        }
+        Ok(st)
+    }
+
+    /// The authorization policies.
+    pub fn policies(&self) -> &PolicySet {
+        &self.policies
+    }
+
+    /// Number of workloads.
+    pub fn workload_count(&self) -> usize {
+        self.workloads.len()
+    }
+
+    /// Number of services.
+    pub fn service_count(&self) -> usize {
+        self.services.len()
+    }
+
+    /// The workload a dedicated proxy (or a pod handed over by ZDS) acts for.
+    pub fn workload_by_info(&self, info: &WorkloadInfo) -> Option<&Arc<Workload>> {
+        self.workloads.iter().find(|w| {
+            w.name == info.name && w.namespace == info.namespace && w.service_account == info.service_account
+        })
+    }
+
+    /// The workload owning `ip` on `network`.
+    pub fn workload_by_addr(&self, network: &str, ip: IpAddr) -> Option<&Arc<Workload>> {
+        // The key needs an owned String; the network name is short and this keeps the map simple.
+        self.by_addr.get(&(network.to_string(), ip)).map(|&i| &self.workloads[i])
+    }
+
+    /// The service with VIP `ip` on `network`, preferring the client's namespace, then canonical ones.
+    pub fn service_by_vip(&self, network: &str, ip: IpAddr, client_ns: &str) -> Option<&Arc<Service>> {
+        let candidates = self.by_vip.get(&(network.to_string(), ip))?;
+        self.best(candidates, client_ns)
+    }
+
+    /// The service named `hostname`, preferring the client's namespace, then canonical ones.
+    pub fn service_by_host(&self, hostname: &str, client_ns: &str) -> Option<&Arc<Service>> {
+        let candidates = self.by_host.get(hostname)?;
+        self.best(candidates, client_ns)
+    }
+
+    fn best(&self, candidates: &[usize], ns: &str) -> Option<&Arc<Service>> {
+        let svcs = || candidates.iter().map(|&i| &self.services[i]);
+        svcs()
+            .find(|s| s.namespace == ns)
+            .or_else(|| svcs().find(|s| s.canonical))
+            .or_else(|| svcs().next())
+    }
+
+    /// Picks an endpoint of `svc` for service port `port`: healthy ones only (unless the service allows all),
+    /// weighted by capacity. `None` when no endpoint can take the traffic.
+    pub fn pick_endpoint(&self, svc: &Arc<Service>, port: u16, family_of: IpAddr) -> Option<Upstream> {
+        let mut candidates: Vec<(&Endpoint, u16, IpAddr)> = Vec::new();
+        for ep in &svc.endpoints {
+            let w = &self.workloads[ep.workload];
+            if w.status != HealthStatus::Healthy && svc.health_policy != HealthPolicy::AllowAll {
+                continue;
+            }
+            if w.capacity == 0 {
+                continue;
+            }
+            let target = match ep.ports.get(&port).or_else(|| svc.ports.get(&port)) {
+                Some(&0) | None => match ep.ports.get(&port) {
+                    Some(&p) if p != 0 => p,
+                    _ => continue,
+                },
+                Some(&p) => p,
+            };
+            let Some(ip) = pick_ip(&w.ips, family_of) else { continue };
+            candidates.push((ep, target, ip));
+        }
+        let total: u64 = candidates.iter().map(|(ep, _, _)| self.workloads[ep.workload].capacity as u64).sum();
+        if total == 0 {
+            return None;
+        }
+        let mut pick = rand::rng().random_range(0..total);
+        for (ep, target, ip) in candidates {
+            let w = &self.workloads[ep.workload];
+            let cap = w.capacity as u64;
+            if pick < cap {
+                return Some(self.upstream(w.clone(), SocketAddr::new(ip, target), Some(svc.clone())));
+            }
+            pick -= cap;
+        }
+        None
+    }
+
+    /// The upstream for traffic addressed to a workload directly.
+    pub fn upstream(&self, workload: Arc<Workload>, addr: SocketAddr, service: Option<Arc<Service>>) -> Upstream {
+        let mut expected_identities = vec![workload.identity.clone()];
+        if let Some(svc) = &service {
+            for san in &svc.subject_alt_names {
+                if !expected_identities.contains(san) {
+                    expected_identities.push(san.clone());
+                }
+            }
+        }
+        Upstream { workload, addr, expected_identities, service }
+    }
+}
+
+/// Prefers an address of the same family as the request; else any.
+fn pick_ip(ips: &[IpAddr], like: IpAddr) -> Option<IpAddr> {
+    ips.iter().find(|ip| ip.is_ipv4() == like.is_ipv4()).or_else(|| ips.first()).copied()
+}
+
+/// A cheap handle to the latest [`State`]; readers clone the `Arc` out and never block the writer.
+#[derive(Clone)]
+pub struct StateHandle(watch::Receiver<Arc<State>>);
+
+impl StateHandle {
+    /// A handle and the sender that publishes new snapshots.
+    pub fn new(initial: State) -> (watch::Sender<Arc<State>>, StateHandle) {
+        let (tx, rx) = watch::channel(Arc::new(initial));
+        (tx, StateHandle(rx))
+    }
+
+    /// The current snapshot.
+    pub fn load(&self) -> Arc<State> {
+        self.0.borrow().clone()
+    }
+
+    /// Waits (up to `timeout`) until `f` finds something in the state; ztunnel waits like this for a
+    /// workload's own entry, which may arrive just after its first connection.
+    pub async fn wait_for<T>(
+        &self,
+        timeout: std::time::Duration,
+        mut f: impl FnMut(&State) -> Option<T>,
+    ) -> Option<T> {
+        let mut rx = self.0.clone();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(t) = f(&rx.borrow_and_update()) {
+                return Some(t);
+            }
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => continue,
+                _ => return None,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,316 @@
+//! ztunnel's local config format (`LOCAL_XDS_PATH` / `LOCAL_XDS`): parsing, validation, and the file
+//! watcher that republishes [`State`] when the file changes.
+//!
+//! Input: YAML with top-level `workloads`, `services` and `policies` (camelCase keys, unknown keys refused,
+//! as ztunnel refuses them). Output: a validated [`State`]. A bad file at start-up is a start-up error; a bad
+//! edit later is logged and the last good state keeps serving.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+use tokio::sync::watch;
+
+use super::{HealthPolicy, HealthStatus, LbMode, Protocol, Service, State, Workload};
+use crate::authz::{Policy, PolicySet};
+use crate::identity::Identity;
+
+/// Why a local config could not be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The file could not be read.
+    #[error("reading local config {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The YAML does not match the format.
+    #[error("local config is invalid: {0}")]
+    Yaml(#[from] serde_yaml::Error),
+    /// A field holds a value that cannot be used.
+    #[error("local config: {what} {key:?}: {reason}")]
+    Invalid {
+        /// What kind of object.
+        what: &'static str,
+        /// Which one.
+        key: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Two objects share a key.
+    #[error("local config: duplicate {kind} {key:?}")]
+    Duplicate {
+        /// What kind of key.
+        kind: &'static str,
+        /// The key.
+        key: String,
+    },
+    /// The policies are invalid.
+    #[error("local config policies: {0}")]
+    Policy(#[from] crate::authz::Error),
+}
+
+/// The whole file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LocalConfig {
+    /// Workloads.
+    #[serde(default)]
+    pub workloads: Vec<LocalWorkload>,
+    /// Authorization policies.
+    #[serde(default)]
+    pub policies: Vec<Policy>,
+    /// Services.
+    #[serde(default)]
+    pub services: Vec<LocalService>,
+}
+
+/// A workload entry, field for field as ztunnel's.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LocalWorkload {
+    workload_ips: Vec<IpAddr>,
+    #[serde(default)]
+    waypoint: Option<serde_yaml::Value>,
+    #[serde(default)]
+    network_gateway: Option<serde_yaml::Value>,
+    #[serde(default)]
+    protocol: Protocol,
+    #[serde(default)]
+    network_mode: Option<String>,
+    #[serde(default)]
+    uid: String,
+    #[serde(default)]
+    name: String,
+    namespace: String,
+    #[serde(default)]
+    trust_domain: String,
+    #[serde(default)]
+    service_account: String,
+    #[serde(default)]
+    network: String,
+    #[serde(default)]
+    workload_name: String,
+    #[serde(default)]
+    workload_type: String,
+    #[serde(default)]
+    canonical_name: String,
+    #[serde(default)]
+    canonical_revision: String,
+    #[serde(default)]
+    hostname: String,
+    #[serde(default)]
+    node: String,
+    #[serde(default)]
+    native_tunnel: bool,
+    #[serde(default)]
+    application_tunnel: Option<serde_yaml::Value>,
+    #[serde(default)]
+    authorization_policies: Vec<String>,
+    #[serde(default)]
+    status: HealthStatus,
+    #[serde(default)]
+    cluster_id: String,
+    #[serde(default)]
+    locality: Option<serde_yaml::Value>,
+    #[serde(default)]
+    services: HashMap<String, HashMap<u16, u16>>,
+    #[serde(default = "one")]
+    capacity: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// A service entry, field for field as ztunnel's.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LocalService {
+    name: String,
+    namespace: String,
+    hostname: String,
+    #[serde(default)]
+    vips: Vec<String>,
+    #[serde(default)]
+    ports: HashMap<u16, u16>,
+    #[serde(default)]
+    endpoints: Option<serde_yaml::Value>,
+    #[serde(default)]
+    subject_alt_names: Vec<String>,
+    #[serde(default)]
+    waypoint: Option<serde_yaml::Value>,
+    #[serde(default)]
+    load_balancer: Option<LocalLoadBalancer>,
+    #[serde(default)]
+    ip_families: Option<String>,
+    #[serde(default)]
+    canonical: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct LocalLoadBalancer {
+    #[serde(default)]
+    routing_preferences: Vec<String>,
+    #[serde(default)]
+    mode: LbMode,
+    #[serde(default)]
+    health_policy: HealthPolicy,
+}
+
+impl LocalConfig {
+    /// Parses YAML text.
+    pub fn parse(yaml: &str) -> Result<LocalConfig, Error> {
+        if yaml.trim().is_empty() {
+            return Ok(LocalConfig::default());
+        }
+        Ok(serde_yaml::from_str(yaml)?)
+    }
+
+    /// Validates and indexes into a [`State`].
+    pub fn into_state(self) -> Result<State, Error> {
+        let workloads = self.workloads.into_iter().map(workload).collect::<Result<Vec<_>, _>>()?;
+        let services = self.services.into_iter().map(service).collect::<Result<Vec<_>, _>>()?;
+        let policies = PolicySet::new(self.policies)?;
+        State::new(workloads, services, policies)
+    }
+}
+
+fn workload(w: LocalWorkload) -> Result<Workload, Error> {
+    let key = if w.uid.is_empty() { format!("{}/{}", w.namespace, w.name) } else { w.uid.clone() };
+    let invalid = |reason: String| Error::Invalid { what: "workload", key: key.clone(), reason };
+    if w.waypoint.is_some() || w.network_gateway.is_some() || w.application_tunnel.is_some() {
+        tracing::warn!(workload = %key, "waypoint, networkGateway and applicationTunnel are not supported yet; ignored");
+    }
+    if w.network_mode.as_deref().is_some_and(|m| m != "Standard") {
+        tracing::warn!(workload = %key, "networkMode other than Standard is not supported yet; ignored");
+    }
+    let _ = (&w.hostname, w.native_tunnel, &w.locality);
+    for svc in w.services.keys() {
+        if !svc.contains('/') {
+            return Err(invalid(format!("service key {svc:?} is not namespace/hostname")));
+        }
+    }
+    // Empty trust domain and service account default as istiod's do.
+    let trust_domain = if w.trust_domain.is_empty() { "cluster.local".to_string() } else { w.trust_domain };
+    let service_account = if w.service_account.is_empty() { "default".to_string() } else { w.service_account };
+    let identity = Identity::new(&trust_domain, &w.namespace, &service_account)
+        .map_err(|e| invalid(format!("no valid identity: {e}")))?;
+    Ok(Workload {
+        uid: key.clone(),
+        name: w.name,
+        namespace: w.namespace,
+        service_account,
+        identity,
+        ips: w.workload_ips,
+        protocol: w.protocol,
+        node: w.node,
+        network: w.network,
+        status: w.status,
+        capacity: w.capacity,
+        authorization_policies: w.authorization_policies,
+        services: w.services,
+        canonical_name: w.canonical_name,
+        canonical_revision: w.canonical_revision,
+        workload_name: w.workload_name,
+        workload_type: w.workload_type,
+        cluster_id: if w.cluster_id.is_empty() { "Kubernetes".into() } else { w.cluster_id },
+    })
+}
+
+fn service(s: LocalService) -> Result<Service, Error> {
+    let key = format!("{}/{}", s.namespace, s.hostname);
+    let invalid = |reason: String| Error::Invalid { what: "service", key: key.clone(), reason };
+    let vips = s
+        .vips
+        .iter()
+        .map(|v| {
+            let (net, ip) = v.split_once('/').ok_or_else(|| invalid(format!("VIP {v:?} is not network/IP")))?;
+            let ip: IpAddr = ip.parse().map_err(|_| invalid(format!("VIP {v:?} has no valid IP")))?;
+            Ok((net.to_string(), ip))
+        })
+        .collect::<Result<Vec<_>, Error>>()?;
+    let subject_alt_names = s
+        .subject_alt_names
+        .iter()
+        .map(|san| san.parse::<Identity>().map_err(|e| invalid(format!("subjectAltNames: {e}"))))
+        .collect::<Result<Vec<_>, _>>()?;
+    if s.waypoint.is_some() || s.endpoints.is_some() {
+        tracing::warn!(service = %key, "waypoint and inline endpoints are not supported yet; ignored");
+    }
+    let _ = &s.ip_families;
+    let (health_policy, lb_mode) = match s.load_balancer {
+        Some(lb) => {
+            let _ = lb.routing_preferences;
+            (lb.health_policy, lb.mode)
+        }
+        None => (HealthPolicy::default(), LbMode::default()),
+    };
+    Ok(Service {
+        name: s.name,
+        namespace: s.namespace,
+        hostname: s.hostname,
+        vips,
+        ports: s.ports,
+        subject_alt_names,
+        canonical: s.canonical,
+        health_policy,
+        lb_mode,
+        endpoints: Vec::new(),
+    })
+}
+
+/// Reads and validates a local config file.
+pub fn load_file(path: &Path) -> Result<(Vec<u8>, State), Error> {
+    let bytes = std::fs::read(path).map_err(|source| Error::Read { path: path.to_path_buf(), source })?;
+    let text = String::from_utf8_lossy(&bytes);
+    let state = LocalConfig::parse(&text)?.into_state()?;
+    Ok((bytes, state))
+}
+
+/// Re-reads `path` every `interval` and publishes a new [`State`] when its content changed and is valid.
+/// Invalid content is logged and ignored: the last good state keeps serving. Returns when every receiver is
+/// gone.
+pub async fn watch_file(path: PathBuf, interval: Duration, mut last: Vec<u8>, tx: watch::Sender<Arc<State>>) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = tx.closed() => return,
+        }
+        let bytes = match tokio::fs::read(&path).await {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot read local config; keeping the last good state");
+                continue;
+            }
+        };
+        if bytes == last {
+            continue;
+        }
+        match LocalConfig::parse(&String::from_utf8_lossy(&bytes)).and_then(LocalConfig::into_state) {
+            Ok(state) => {
+                tracing::info!(
+                    path = %path.display(),
+                    workloads = state.workload_count(),
+                    services = state.service_count(),
+                    policies = state.policies().len(),
+                    "local config reloaded"
+                );
+                tx.send_replace(Arc::new(state));
+            }
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = %e, "local config change refused; keeping the last good state");
+            }
+        }
+        last = bytes;
+    }
+}
