@@ -36,7 +36,9 @@ pub enum Error {
 }
 
 /// The state handle for `cfg`, and the task keeping it current (a file watcher), if any.
-pub fn load_state(cfg: &Config) -> Result<(StateHandle, Option<impl std::future::Future<Output = ()>>), Error> {
+pub fn load_state(
+    cfg: &Config,
+) -> Result<(StateHandle, Option<impl std::future::Future<Output = ()>>), Error> {
     match &cfg.local_config {
         LocalConfigSource::File(path) => {
             let (bytes, state) = local::load_file(path)?;
@@ -48,7 +50,15 @@ pub fn load_state(cfg: &Config) -> Result<(StateHandle, Option<impl std::future:
                 "local config loaded"
             );
             let (tx, handle) = StateHandle::new(state);
-            Ok((handle, Some(local::watch_file(path.clone(), cfg.local_config_poll, bytes, tx))))
+            Ok((
+                handle,
+                Some(local::watch_file(
+                    path.clone(),
+                    cfg.local_config_poll,
+                    bytes,
+                    tx,
+                )),
+            ))
         }
         LocalConfigSource::Inline(yaml) => {
             let state = LocalConfig::parse(yaml)?.into_state()?;
@@ -67,7 +77,9 @@ pub fn load_state(cfg: &Config) -> Result<(StateHandle, Option<impl std::future:
 pub fn cert_source(cfg: &Config) -> Result<Arc<dyn CertSource>, Error> {
     Ok(match &cfg.ca {
         CaSource::PluginDir(dir) => Arc::new(PluginCa::load(dir, cfg.secret_ttl)?),
-        CaSource::Builtin(state_dir) => Arc::new(BuiltinCa::load_or_create(state_dir, cfg.secret_ttl)?),
+        CaSource::Builtin(state_dir) => {
+            Arc::new(BuiltinCa::load_or_create(state_dir, cfg.secret_ttl)?)
+        }
     })
 }
 
@@ -112,13 +124,27 @@ pub async fn run_proxy(
     }
     let certs = CertManager::new(cert_source(&cfg)?);
     let orig_src = orig_src(&cfg)?;
-    let sock = SocketOpts { mark: cfg.packet_mark, transparent: false, reuse_port: false };
+    let sock = SocketOpts {
+        mark: cfg.packet_mark,
+        transparent: false,
+        reuse_port: false,
+    };
 
     let ready = Readiness::new();
     if let Some(l) = readiness_listener {
         tokio::spawn(crate::readiness::serve(l, ready.clone(), shutdown.clone()));
     }
-    let proxy = Proxy::new(ProxyInputs { cfg: cfg.clone(), state, certs, workload, sock, orig_src }, shutdown);
+    let proxy = Proxy::new(
+        ProxyInputs {
+            cfg: cfg.clone(),
+            state,
+            certs,
+            workload,
+            sock,
+            orig_src,
+        },
+        shutdown,
+    );
     // Ready once our workload is known and its certificate issued, so the first connection does not wait.
     let task = ready.register("proxy");
     let warm = proxy.clone();
@@ -129,7 +155,9 @@ pub async fn run_proxy(
                     Ok(_) => break,
                     Err(e) => tracing::warn!(error = %e, "waiting for the workload certificate"),
                 },
-                Err(e) => tracing::warn!(error = %e, "waiting for the workload to appear in the local config"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "waiting for the workload to appear in the local config")
+                }
             }
             tokio::time::sleep(std::time::Duration::from_secs(1)).await;
         }
@@ -143,8 +171,13 @@ pub async fn run_proxy(
 /// Binds the proxy's listeners and readiness port as `cfg` says, in the current network namespace.
 pub fn bind(cfg: &Config) -> Result<(Listeners, TcpListener), Error> {
     let transparent = orig_src(cfg)?;
-    let opts = SocketOpts { mark: cfg.packet_mark, transparent, reuse_port: false };
+    let opts = SocketOpts {
+        mark: cfg.packet_mark,
+        transparent,
+        reuse_port: false,
+    };
     let listeners = Listeners::bind(cfg, opts).map_err(Error::Bind)?;
-    let readiness = socket::listen(cfg.wildcard(cfg.ports.readiness), SocketOpts::default()).map_err(Error::Bind)?;
+    let readiness = socket::listen(cfg.wildcard(cfg.ports.readiness), SocketOpts::default())
+        .map_err(Error::Bind)?;
     Ok((listeners, readiness))
 }

@@ -134,11 +134,13 @@ impl FromStr for WorkloadInfo {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s.split('/').collect::<Vec<_>>().as_slice() {
-            [ns, name, sa] if !ns.is_empty() && !name.is_empty() && !sa.is_empty() => Ok(WorkloadInfo {
-                namespace: ns.to_string(),
-                name: name.to_string(),
-                service_account: sa.to_string(),
-            }),
+            [ns, name, sa] if !ns.is_empty() && !name.is_empty() && !sa.is_empty() => {
+                Ok(WorkloadInfo {
+                    namespace: ns.to_string(),
+                    name: name.to_string(),
+                    service_account: sa.to_string(),
+                })
+            }
             _ => Err("expected namespace/name/service-account".into()),
         }
     }
@@ -265,11 +267,16 @@ impl Config {
         if proxy_mode == ProxyMode::Dedicated && workload_info.is_none() {
             return Err(Error::Missing {
                 name: PROXY_WORKLOAD_INFO,
-                reason: "dedicated mode acts for exactly one workload (namespace/name/service-account)",
+                reason:
+                    "dedicated mode acts for exactly one workload (namespace/name/service-account)",
             });
         }
         let local_config = match (src.get(LOCAL_XDS_PATH), src.get(LOCAL_XDS)) {
-            (Some(_), Some(_)) => return Err(Error::Conflict("LOCAL_XDS_PATH and LOCAL_XDS are mutually exclusive")),
+            (Some(_), Some(_)) => {
+                return Err(Error::Conflict(
+                    "LOCAL_XDS_PATH and LOCAL_XDS are mutually exclusive",
+                ))
+            }
             (Some(p), None) if !p.is_empty() => LocalConfigSource::File(p.into()),
             (None, Some(y)) if !y.is_empty() => LocalConfigSource::Inline(y),
             _ => LocalConfigSource::None,
@@ -298,14 +305,30 @@ impl Config {
             enable_orig_src: parse_opt_bool(src, ENABLE_ORIG_SRC)?,
             node_name: src.get(NODE_NAME).filter(|s| !s.is_empty()),
             network: src.get(NETWORK).unwrap_or_default(),
-            cluster_id: src.get(CLUSTER_ID).filter(|s| !s.is_empty()).unwrap_or_else(|| "Kubernetes".into()),
+            cluster_id: src
+                .get(CLUSTER_ID)
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| "Kubernetes".into()),
             ca,
             secret_ttl: parse_duration(src, SECRET_TTL, Duration::from_secs(24 * 3600))?,
             ipv6_enabled: parse_opt_bool(src, IPV6_ENABLED)?.unwrap_or(true),
-            ports: Ports { outbound: 15001, inbound_plaintext: 15006, inbound: 15008, readiness: 15021 },
+            ports: Ports {
+                outbound: 15001,
+                inbound_plaintext: 15006,
+                inbound: 15008,
+                readiness: 15021,
+            },
             pool: PoolConfig {
-                max_streams_per_connection: parse_default(src, POOL_MAX_STREAMS_PER_CONNECTION, 100)?,
-                unused_release_timeout: parse_duration(src, POOL_UNUSED_RELEASE_TIMEOUT, Duration::from_secs(300))?,
+                max_streams_per_connection: parse_default(
+                    src,
+                    POOL_MAX_STREAMS_PER_CONNECTION,
+                    100,
+                )?,
+                unused_release_timeout: parse_duration(
+                    src,
+                    POOL_UNUSED_RELEASE_TIMEOUT,
+                    Duration::from_secs(300),
+                )?,
             },
             h2: H2Config {
                 stream_window: parse_size(src, HTTP2_STREAM_WINDOW_SIZE, 4 << 20)?,
@@ -314,10 +337,16 @@ impl Config {
             },
             connect_timeout: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(10),
-            termination_deadline: parse_duration(src, CONNECTION_TERMINATION_DEADLINE, Duration::from_secs(5))?,
+            termination_deadline: parse_duration(
+                src,
+                CONNECTION_TERMINATION_DEADLINE,
+                Duration::from_secs(5),
+            )?,
             max_connections: parse_default(src, MESHNODE_MAX_CONNECTIONS, 65_536)?,
             worker_threads: match parse_default::<usize>(src, ZTUNNEL_WORKER_THREADS, 2)? {
-                0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
+                0 => std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(2),
                 n => n,
             },
             local_config_poll: Duration::from_secs(1),
@@ -328,7 +357,11 @@ impl Config {
 
     fn validate(&self) -> Result<(), Error> {
         if self.pool.max_streams_per_connection == 0 {
-            return Err(invalid(POOL_MAX_STREAMS_PER_CONNECTION, "0", "must be at least 1"));
+            return Err(invalid(
+                POOL_MAX_STREAMS_PER_CONNECTION,
+                "0",
+                "must be at least 1",
+            ));
         }
         if !(16_384..=16_777_215).contains(&self.h2.frame_size) {
             return Err(invalid(
@@ -342,7 +375,11 @@ impl Config {
             (HTTP2_CONNECTION_WINDOW_SIZE, self.h2.connection_window),
         ] {
             if v > (1 << 31) - 1 {
-                return Err(invalid(name, &v.to_string(), "HTTP/2 windows are at most 2^31-1"));
+                return Err(invalid(
+                    name,
+                    &v.to_string(),
+                    "HTTP/2 windows are at most 2^31-1",
+                ));
             }
         }
         if self.max_connections == 0 {
@@ -367,14 +404,20 @@ pub const DEFAULT_PACKET_MARK: u32 = 1337;
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/meshnode";
 
 fn invalid(name: &'static str, value: &str, reason: impl Into<String>) -> Error {
-    Error::Invalid { name, value: value.to_string(), reason: reason.into() }
+    Error::Invalid {
+        name,
+        value: value.to_string(),
+        reason: reason.into(),
+    }
 }
 
 fn parse_value<T: FromStr>(name: &'static str, v: &str) -> Result<T, Error>
 where
     T::Err: std::fmt::Display,
 {
-    v.trim().parse::<T>().map_err(|e| invalid(name, v, e.to_string()))
+    v.trim()
+        .parse::<T>()
+        .map_err(|e| invalid(name, v, e.to_string()))
 }
 
 fn parse_opt<T: FromStr>(src: &dyn Source, name: &'static str) -> Result<Option<T>, Error>
@@ -404,7 +447,11 @@ fn parse_opt_bool(src: &dyn Source, name: &'static str) -> Result<Option<bool>, 
     }
 }
 
-fn parse_duration(src: &dyn Source, name: &'static str, default: Duration) -> Result<Duration, Error> {
+fn parse_duration(
+    src: &dyn Source,
+    name: &'static str,
+    default: Duration,
+) -> Result<Duration, Error> {
     match src.get(name) {
         None => Ok(default),
         Some(v) if v.is_empty() => Ok(default),
@@ -421,13 +468,19 @@ pub fn duration(s: &str) -> Result<Duration, String> {
     let mut total = Duration::ZERO;
     let mut rest = s;
     while !rest.is_empty() {
-        let digits = rest.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(rest.len());
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit() && c != '.')
+            .unwrap_or(rest.len());
         if digits == 0 {
             return Err("expected a number, e.g. 10s, 5m, 24h".into());
         }
-        let value: f64 = rest[..digits].parse().map_err(|_| "bad number".to_string())?;
+        let value: f64 = rest[..digits]
+            .parse()
+            .map_err(|_| "bad number".to_string())?;
         rest = &rest[digits..];
-        let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
         let unit = match &rest[..unit_len] {
             "ns" => 1e-9,
             "us" | "µs" => 1e-6,
@@ -464,7 +517,9 @@ fn size(s: &str) -> Result<u32, String> {
     } else {
         (s, 1)
     };
-    let n: u64 = num.parse().map_err(|_| "expected a size such as 4194304 or 4Mi".to_string())?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| "expected a size such as 4194304 or 4Mi".to_string())?;
     u32::try_from(n * mult).map_err(|_| "too large".to_string())
 }
 
@@ -494,7 +549,10 @@ mod tests {
         .unwrap();
         assert_eq!(c.proxy_mode, ProxyMode::Dedicated);
         assert_eq!(c.workload_info.unwrap().service_account, "sleep");
-        assert_eq!(c.local_config, LocalConfigSource::File("/etc/local.yaml".into()));
+        assert_eq!(
+            c.local_config,
+            LocalConfigSource::File("/etc/local.yaml".into())
+        );
         assert_eq!(c.xds_address, None);
         assert_eq!(c.packet_mark, Some(4242));
         assert_eq!(c.enable_orig_src, Some(false));
@@ -520,10 +578,26 @@ mod tests {
             &[(PROXY_MODE, "sidecar")],
             &[(PROXY_MODE, "dedicated")],
             &[(PROXY_MODE, "dedicated"), (PROXY_WORKLOAD_INFO, "only/two")],
-            &[(PROXY_MODE, "dedicated"), (PROXY_WORKLOAD_INFO, "a/b/c"), (PACKET_MARK, "x")],
-            &[(PROXY_MODE, "dedicated"), (PROXY_WORKLOAD_INFO, "a/b/c"), (SECRET_TTL, "10")],
-            &[(PROXY_MODE, "dedicated"), (PROXY_WORKLOAD_INFO, "a/b/c"), (ENABLE_ORIG_SRC, "maybe")],
-            &[(PROXY_MODE, "dedicated"), (PROXY_WORKLOAD_INFO, "a/b/c"), (HTTP2_FRAME_SIZE, "10")],
+            &[
+                (PROXY_MODE, "dedicated"),
+                (PROXY_WORKLOAD_INFO, "a/b/c"),
+                (PACKET_MARK, "x"),
+            ],
+            &[
+                (PROXY_MODE, "dedicated"),
+                (PROXY_WORKLOAD_INFO, "a/b/c"),
+                (SECRET_TTL, "10"),
+            ],
+            &[
+                (PROXY_MODE, "dedicated"),
+                (PROXY_WORKLOAD_INFO, "a/b/c"),
+                (ENABLE_ORIG_SRC, "maybe"),
+            ],
+            &[
+                (PROXY_MODE, "dedicated"),
+                (PROXY_WORKLOAD_INFO, "a/b/c"),
+                (HTTP2_FRAME_SIZE, "10"),
+            ],
         ];
         for case in cases {
             let map: HashMap<&str, &str> = case.iter().copied().collect();

@@ -1,23 +1,194 @@
-//! TEMPORARY STUB (replaced by the identity module).
+//! Workload identities and their certificates.
+//!
+//! Job: give the TLS and proxy code an up-to-date X.509 certificate for each SPIFFE identity it
+//! serves, the way Istio's ztunnel does, so that peers running Istio accept it.
+//!
+//! Inputs: an [`Identity`] and a [`CertSource`] that can mint certificates for it. Two sources
+//! live here: [`PluginCa`] (istiod's "cacerts" plug-in CA directory, `CA_CERTS_DIR`) and
+//! [`BuiltinCa`] (a root created once per machine under the state directory).
+//! Outputs: [`WorkloadCert`]s (leaf chain, PKCS#8 key, trust roots), published per identity by
+//! [`CertManager`] through a `tokio::sync::watch` channel and rotated at half-life.
+//!
+//! Layout:
+//! - [`spiffe`]: the [`Identity`] type (parse/print `spiffe://td/ns/x/sa/y`).
+//! - `cert`: [`WorkloadCert`] and the [`CertSource`] trait.
+//! - `signer`: issuing Istio-compatible leaves from a CA key; PEM/DER loading shared by both CAs.
+//! - `plugin`: [`PluginCa`]. `builtin`: [`BuiltinCa`]. `manager`: [`CertManager`] (rotation).
+//!
+//! Owner: the identity module; the TLS code only consumes [`WorkloadCert`]s.
+
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
 pub mod spiffe;
 pub use spiffe::Identity;
-use std::future::Future;
-use std::path::Path;
-use std::pin::Pin;
-use std::sync::Arc;
-use std::time::{Duration, SystemTime};
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+mod builtin;
+mod cert;
+mod manager;
+mod plugin;
+mod signer;
+
+pub use builtin::BuiltinCa;
+pub use cert::{BoxFuture, CertSource, WorkloadCert};
+pub use manager::CertManager;
+pub use plugin::PluginCa;
+
+#[cfg(test)]
+mod tests;
+
+/// Why a certificate could not be loaded, created or issued.
 #[derive(Debug, thiserror::Error)]
-#[error("stub")]
-pub struct Error;
-pub struct WorkloadCert { pub identity: Identity, pub chain: Vec<CertificateDer<'static>>, pub key: PrivateKeyDer<'static>, pub roots: Vec<CertificateDer<'static>>, pub not_before: SystemTime, pub not_after: SystemTime }
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
-pub trait CertSource: Send + Sync + 'static { fn fetch<'a>(&'a self, id: &'a Identity) -> BoxFuture<'a, Result<WorkloadCert, Error>>; }
-pub struct PluginCa;
-impl PluginCa { pub fn load(_dir: &Path, _ttl: Duration) -> Result<Self, Error> { Err(Error) } }
-impl CertSource for PluginCa { fn fetch<'a>(&'a self, _id: &'a Identity) -> BoxFuture<'a, Result<WorkloadCert, Error>> { Box::pin(async { Err(Error) }) } }
-pub struct BuiltinCa;
-impl BuiltinCa { pub fn load_or_create(_dir: &Path, _ttl: Duration) -> Result<Self, Error> { Err(Error) } }
-impl CertSource for BuiltinCa { fn fetch<'a>(&'a self, _id: &'a Identity) -> BoxFuture<'a, Result<WorkloadCert, Error>> { Box::pin(async { Err(Error) }) } }
-pub struct CertManager;
-impl CertManager { pub fn new(_s: Arc<dyn CertSource>) -> Arc<Self> { Arc::new(CertManager) } pub async fn get(&self, _id: &Identity) -> Result<tokio::sync::watch::Receiver<Arc<WorkloadCert>>, Error> { Err(Error) } }
+#[non_exhaustive]
+pub enum Error {
+    /// A file (or directory) could not be read.
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        /// The file that could not be read.
+        path: PathBuf,
+        /// The underlying I/O error.
+        source: std::io::Error,
+    },
+    /// A file or directory could not be created, written or renamed.
+    #[error("cannot write {}: {source}", path.display())]
+    Write {
+        /// The path that could not be written.
+        path: PathBuf,
+        /// The underlying I/O error.
+        source: std::io::Error,
+    },
+    /// A file is not well-formed PEM (bad section markers, bad base64).
+    #[error("{} is not valid PEM: {source}", path.display())]
+    Pem {
+        /// The malformed file.
+        path: PathBuf,
+        /// What the PEM parser found wrong.
+        source: rustls_pki_types::pem::Error,
+    },
+    /// A file holds no PEM section of the kind needed.
+    #[error("{} contains no {expected} PEM section", path.display())]
+    NoPemSection {
+        /// The file.
+        path: PathBuf,
+        /// The PEM label(s) that were looked for.
+        expected: &'static str,
+    },
+    /// A certificate in a file is not valid X.509.
+    #[error("{}: certificate #{index} is not valid X.509: {source}", path.display())]
+    Certificate {
+        /// The file.
+        path: PathBuf,
+        /// Position of the certificate in the file, from 0.
+        index: usize,
+        /// What the X.509 parser found wrong.
+        source: x509_parser::error::X509Error,
+    },
+    /// The signing certificate parses but its subject or extensions cannot be used for issuing.
+    #[error("{}: cannot issue certificates under this CA certificate: {source}", path.display())]
+    CaCertUnusable {
+        /// The certificate file.
+        path: PathBuf,
+        /// Why rcgen refused it.
+        source: rcgen::Error,
+    },
+    /// The signing certificate does not have `basicConstraints CA:TRUE`.
+    #[error("{} is not a CA certificate (basicConstraints CA:TRUE is missing)", path.display())]
+    NotCa {
+        /// The certificate file.
+        path: PathBuf,
+    },
+    /// The signing certificate's public key is of a kind this CA cannot sign with.
+    #[error(
+        "{}: unsupported CA key algorithm {algorithm} (supported: RSA, ECDSA P-256/P-384, Ed25519)",
+        path.display()
+    )]
+    UnsupportedKeyAlgorithm {
+        /// The certificate file.
+        path: PathBuf,
+        /// The public key algorithm (and curve) OID, dotted.
+        algorithm: String,
+    },
+    /// The private key is of the right kind but cannot be loaded for signing.
+    #[error("{}: cannot use the private key for {algorithm} signing: {source}", path.display())]
+    KeyUnusable {
+        /// The key file.
+        path: PathBuf,
+        /// The algorithm the certificate calls for.
+        algorithm: &'static str,
+        /// Why the crypto library refused it.
+        source: rcgen::Error,
+    },
+    /// The private key is not the key of the signing certificate.
+    #[error("{} does not match the public key of {}", key.display(), cert.display())]
+    KeyMismatch {
+        /// The key file.
+        key: PathBuf,
+        /// The certificate file.
+        cert: PathBuf,
+    },
+    /// A root certificate cannot serve as a trust anchor.
+    #[error("{}: certificate #{index} cannot be used as a trust anchor: {source}", path.display())]
+    TrustAnchor {
+        /// The roots file.
+        path: PathBuf,
+        /// Position of the certificate in the file, from 0.
+        index: usize,
+        /// Why webpki refused it.
+        source: webpki::Error,
+    },
+    /// A test leaf issued right after loading the CA does not verify against its roots.
+    #[error(
+        "certificates signed with {} do not chain to the roots in {}: {source}",
+        cert.display(),
+        roots.display()
+    )]
+    ChainDoesNotVerify {
+        /// The signing certificate file.
+        cert: PathBuf,
+        /// The roots file.
+        roots: PathBuf,
+        /// What webpki reported for the test leaf.
+        source: webpki::Error,
+    },
+    /// The built-in CA's root directory exists but cannot be used. It is left untouched.
+    #[error(
+        "built-in CA root in {} is unusable and was left untouched (move it away to create a new root): {source}",
+        dir.display()
+    )]
+    BuiltinRoot {
+        /// The `<state_dir>/ca` directory.
+        dir: PathBuf,
+        /// What is wrong with it.
+        source: Box<Error>,
+    },
+    /// A new root key or certificate could not be generated.
+    #[error("cannot generate a root CA: {source}")]
+    CreateRoot {
+        /// The underlying error.
+        source: rcgen::Error,
+    },
+    /// The configured certificate lifetime is too short to be useful.
+    #[error("certificate TTL {ttl:?} is shorter than the minimum {min:?}")]
+    TtlTooShort {
+        /// The TTL asked for.
+        ttl: Duration,
+        /// The smallest TTL accepted.
+        min: Duration,
+    },
+    /// The requested validity window is empty, before 1970 or after 9999.
+    #[error("invalid certificate validity window {not_before:?} .. {not_after:?}")]
+    Validity {
+        /// Requested start.
+        not_before: SystemTime,
+        /// Requested end.
+        not_after: SystemTime,
+    },
+    /// Generating the leaf key or signing the leaf failed.
+    #[error("cannot issue a certificate for {identity}: {source}")]
+    Issue {
+        /// The identity the certificate was for.
+        identity: Identity,
+        /// The underlying error.
+        source: rcgen::Error,
+    },
+}

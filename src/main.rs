@@ -9,7 +9,11 @@ use tokio::sync::watch;
 use meshnode::config::{Config, ProcessEnv};
 
 #[derive(Parser)]
-#[command(name = "meshnode", version, about = "Node proxy for an ambient service mesh, compatible with Istio's ztunnel")]
+#[command(
+    name = "meshnode",
+    version,
+    about = "Node proxy for an ambient service mesh, compatible with Istio's ztunnel"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -75,7 +79,9 @@ async fn wait_for_signal() {
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if std::env::var("LOG_FORMAT").as_deref() == Ok("json") {
         builder.json().init();
     } else {

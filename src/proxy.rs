@@ -133,7 +133,12 @@ impl Proxy {
     pub fn new(inputs: ProxyInputs, shutdown: watch::Receiver<bool>) -> Arc<Proxy> {
         let cfg = &inputs.cfg;
         let pool = Pool::new(cfg.pool, cfg.h2, inputs.sock, cfg.connect_timeout);
-        Arc::new(Proxy { inputs, pool, tls: Mutex::default(), shutdown })
+        Arc::new(Proxy {
+            inputs,
+            pool,
+            tls: Mutex::default(),
+            shutdown,
+        })
     }
 
     /// The configuration.
@@ -161,8 +166,16 @@ impl Proxy {
         if let Some(t) = self.tls.lock().get(id) {
             return Ok(t.clone());
         }
-        let cert_error = |reason: String| Error::Certificate { identity: id.clone(), reason };
-        let rx = self.inputs.certs.get(id).await.map_err(|e| cert_error(e.to_string()))?;
+        let cert_error = |reason: String| Error::Certificate {
+            identity: id.clone(),
+            reason,
+        };
+        let rx = self
+            .inputs
+            .certs
+            .get(id)
+            .await
+            .map_err(|e| cert_error(e.to_string()))?;
         let tls = Arc::new(WorkloadTls::new(rx).map_err(|e| cert_error(e.to_string()))?);
         Ok(self.tls.lock().entry(id.clone()).or_insert(tls).clone())
     }
@@ -186,10 +199,14 @@ impl Proxy {
         };
         let plain = {
             let p = self.clone();
-            self.accept_loop(listeners.inbound_plaintext, "inbound_plaintext", move |s, peer| {
-                let p = p.clone();
-                async move { p.inbound_plaintext(s, peer).await }
-            })
+            self.accept_loop(
+                listeners.inbound_plaintext,
+                "inbound_plaintext",
+                move |s, peer| {
+                    let p = p.clone();
+                    async move { p.inbound_plaintext(s, peer).await }
+                },
+            )
         };
         tokio::join!(out, inb, plain);
     }
@@ -230,8 +247,14 @@ impl Proxy {
         drop(listener);
         let deadline = self.cfg().termination_deadline;
         let all = u32::try_from(max).unwrap_or(u32::MAX);
-        if tokio::time::timeout(deadline, limit.acquire_many(all)).await.is_err() {
-            tracing::warn!(listener = name, "connections still open at the termination deadline; closing them");
+        if tokio::time::timeout(deadline, limit.acquire_many(all))
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                listener = name,
+                "connections still open at the termination deadline; closing them"
+            );
         }
     }
 }

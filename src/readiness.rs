@@ -51,7 +51,10 @@ impl Readiness {
     /// Registers a pending task.
     pub fn register(self: &Arc<Self>, name: &'static str) -> Task {
         self.pending.lock().insert(name);
-        Task { ready: self.clone(), name }
+        Task {
+            ready: self.clone(),
+            name,
+        }
     }
 
     /// Names of pending tasks; empty when ready.
@@ -61,7 +64,11 @@ impl Readiness {
 }
 
 /// Serves readiness on `listener` until `shutdown` turns true.
-pub async fn serve(listener: TcpListener, ready: Arc<Readiness>, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve(
+    listener: TcpListener,
+    ready: Arc<Readiness>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -107,7 +114,11 @@ async fn answer(mut stream: TcpStream, ready: &Readiness) -> std::io::Result<()>
                     if pending.is_empty() {
                         reply(200, "OK", "ready\n")
                     } else {
-                        reply(500, "Internal Server Error", &format!("not ready, pending: {}\n", pending.join(", ")))
+                        reply(
+                            500,
+                            "Internal Server Error",
+                            &format!("not ready, pending: {}\n", pending.join(", ")),
+                        )
                     }
                 }
                 (Some(_), Some(_)) => reply(404, "Not Found", "not found\n"),

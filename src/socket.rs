@@ -36,7 +36,10 @@ pub fn listen(addr: SocketAddr, opts: SocketOpts) -> io::Result<TcpListener> {
 }
 
 fn is_no_ipv6(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc_codes::EAFNOSUPPORT) | Some(libc_codes::EADDRNOTAVAIL))
+    matches!(
+        e.raw_os_error(),
+        Some(libc_codes::EAFNOSUPPORT) | Some(libc_codes::EADDRNOTAVAIL)
+    )
 }
 
 /// errno values we branch on (Linux).
@@ -46,7 +49,11 @@ mod libc_codes {
 }
 
 fn listen_once(addr: SocketAddr, opts: SocketOpts) -> io::Result<TcpListener> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking(), Some(Protocol::TCP))?;
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking(),
+        Some(Protocol::TCP),
+    )?;
     if addr.is_ipv6() {
         socket.set_only_v6(false)?;
     }
@@ -82,7 +89,11 @@ pub async fn connect(
     opts: SocketOpts,
     timeout: Duration,
 ) -> io::Result<TcpStream> {
-    let socket = Socket::new(Domain::for_address(dst), Type::STREAM.nonblocking(), Some(Protocol::TCP))?;
+    let socket = Socket::new(
+        Domain::for_address(dst),
+        Type::STREAM.nonblocking(),
+        Some(Protocol::TCP),
+    )?;
     apply_common(&socket, dst, opts)?;
     if let Some(src) = src {
         let src = match (src, dst) {
@@ -99,7 +110,12 @@ pub async fn connect(
     let socket = TcpSocket::from_std_stream(socket.into());
     let stream = tokio::time::timeout(timeout, socket.connect(dst))
         .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("connect to {dst} timed out")))??;
+        .map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("connect to {dst} timed out"),
+            )
+        })??;
     stream.set_nodelay(true)?;
     Ok(stream)
 }
@@ -144,7 +160,9 @@ mod tests {
     async fn connections_not_redirected_report_their_local_address() {
         let l = listen("127.0.0.1:0".parse().unwrap(), SocketOpts::default()).unwrap();
         let addr = l.local_addr().unwrap();
-        let c = connect(addr, None, SocketOpts::default(), Duration::from_secs(1)).await.unwrap();
+        let c = connect(addr, None, SocketOpts::default(), Duration::from_secs(1))
+            .await
+            .unwrap();
         let (s, _) = l.accept().await.unwrap();
         assert_eq!(original_dst(&s).unwrap(), addr);
         drop(c);
@@ -154,9 +172,14 @@ mod tests {
     async fn dual_stack_listener_accepts_ipv4() {
         let l = listen("[::]:0".parse().unwrap(), SocketOpts::default()).unwrap();
         let port = l.local_addr().unwrap().port();
-        let _c = connect(SocketAddr::from(([127, 0, 0, 1], port)), None, SocketOpts::default(), Duration::from_secs(1))
-            .await
-            .unwrap();
+        let _c = connect(
+            SocketAddr::from(([127, 0, 0, 1], port)),
+            None,
+            SocketOpts::default(),
+            Duration::from_secs(1),
+        )
+        .await
+        .unwrap();
         let (s, peer) = l.accept().await.unwrap();
         assert!(canonical(peer).is_ipv4());
         assert_eq!(original_dst(&s).unwrap().ip(), IpAddr::from([127, 0, 0, 1]));

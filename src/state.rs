@@ -177,10 +177,16 @@ impl State {
         services: Vec<Service>,
         policies: PolicySet,
     ) -> Result<State, Error> {
-        let mut st = State { policies: Arc::new(policies), ..Default::default() };
+        let mut st = State {
+            policies: Arc::new(policies),
+            ..Default::default()
+        };
         for w in workloads {
             if st.by_uid.contains_key(&w.uid) {
-                return Err(Error::Duplicate { kind: "workload uid", key: w.uid });
+                return Err(Error::Duplicate {
+                    kind: "workload uid",
+                    key: w.uid,
+                });
             }
             let idx = st.workloads.len();
             st.by_uid.insert(w.uid.clone(), idx);
@@ -198,21 +204,32 @@ impl State {
         }
         for mut svc in services {
             let key = svc.key();
-            if st.by_host.get(&svc.hostname).is_some_and(|v| {
-                v.iter().any(|&i| st.services[i].namespace == svc.namespace)
-            }) {
-                return Err(Error::Duplicate { kind: "service", key });
+            if st
+                .by_host
+                .get(&svc.hostname)
+                .is_some_and(|v| v.iter().any(|&i| st.services[i].namespace == svc.namespace))
+            {
+                return Err(Error::Duplicate {
+                    kind: "service",
+                    key,
+                });
             }
             for (idx, w) in st.workloads.iter().enumerate() {
                 if let Some(ports) = w.services.get(&key) {
-                    svc.endpoints.push(Endpoint { workload: idx, ports: ports.clone() });
+                    svc.endpoints.push(Endpoint {
+                        workload: idx,
+                        ports: ports.clone(),
+                    });
                 }
             }
             let idx = st.services.len();
             for vip in &svc.vips {
                 st.by_vip.entry(vip.clone()).or_default().push(idx);
             }
-            st.by_host.entry(svc.hostname.clone()).or_default().push(idx);
+            st.by_host
+                .entry(svc.hostname.clone())
+                .or_default()
+                .push(idx);
             st.services.push(Arc::new(svc));
         }
         Ok(st)
@@ -236,18 +253,27 @@ impl State {
     /// The workload a dedicated proxy (or a pod handed over by ZDS) acts for.
     pub fn workload_by_info(&self, info: &WorkloadInfo) -> Option<&Arc<Workload>> {
         self.workloads.iter().find(|w| {
-            w.name == info.name && w.namespace == info.namespace && w.service_account == info.service_account
+            w.name == info.name
+                && w.namespace == info.namespace
+                && w.service_account == info.service_account
         })
     }
 
     /// The workload owning `ip` on `network`.
     pub fn workload_by_addr(&self, network: &str, ip: IpAddr) -> Option<&Arc<Workload>> {
         // The key needs an owned String; the network name is short and this keeps the map simple.
-        self.by_addr.get(&(network.to_string(), ip)).map(|&i| &self.workloads[i])
+        self.by_addr
+            .get(&(network.to_string(), ip))
+            .map(|&i| &self.workloads[i])
     }
 
     /// The service with VIP `ip` on `network`, preferring the client's namespace, then canonical ones.
-    pub fn service_by_vip(&self, network: &str, ip: IpAddr, client_ns: &str) -> Option<&Arc<Service>> {
+    pub fn service_by_vip(
+        &self,
+        network: &str,
+        ip: IpAddr,
+        client_ns: &str,
+    ) -> Option<&Arc<Service>> {
         let candidates = self.by_vip.get(&(network.to_string(), ip))?;
         self.best(candidates, client_ns)
     }
@@ -268,7 +294,12 @@ impl State {
 
     /// Picks an endpoint of `svc` for service port `port`: healthy ones only (unless the service allows all),
     /// weighted by capacity. `None` when no endpoint can take the traffic.
-    pub fn pick_endpoint(&self, svc: &Arc<Service>, port: u16, family_of: IpAddr) -> Option<Upstream> {
+    pub fn pick_endpoint(
+        &self,
+        svc: &Arc<Service>,
+        port: u16,
+        family_of: IpAddr,
+    ) -> Option<Upstream> {
         let mut candidates: Vec<(&Endpoint, u16, IpAddr)> = Vec::new();
         for ep in &svc.endpoints {
             let w = &self.workloads[ep.workload];
@@ -285,10 +316,15 @@ impl State {
                 },
                 Some(&p) => p,
             };
-            let Some(ip) = pick_ip(&w.ips, family_of) else { continue };
+            let Some(ip) = pick_ip(&w.ips, family_of) else {
+                continue;
+            };
             candidates.push((ep, target, ip));
         }
-        let total: u64 = candidates.iter().map(|(ep, _, _)| self.workloads[ep.workload].capacity as u64).sum();
+        let total: u64 = candidates
+            .iter()
+            .map(|(ep, _, _)| self.workloads[ep.workload].capacity as u64)
+            .sum();
         if total == 0 {
             return None;
         }
@@ -297,7 +333,11 @@ impl State {
             let w = &self.workloads[ep.workload];
             let cap = w.capacity as u64;
             if pick < cap {
-                return Some(self.upstream(w.clone(), SocketAddr::new(ip, target), Some(svc.clone())));
+                return Some(self.upstream(
+                    w.clone(),
+                    SocketAddr::new(ip, target),
+                    Some(svc.clone()),
+                ));
             }
             pick -= cap;
         }
@@ -305,7 +345,12 @@ impl State {
     }
 
     /// The upstream for traffic addressed to a workload directly.
-    pub fn upstream(&self, workload: Arc<Workload>, addr: SocketAddr, service: Option<Arc<Service>>) -> Upstream {
+    pub fn upstream(
+        &self,
+        workload: Arc<Workload>,
+        addr: SocketAddr,
+        service: Option<Arc<Service>>,
+    ) -> Upstream {
         let mut expected_identities = vec![workload.identity.clone()];
         if let Some(svc) = &service {
             for san in &svc.subject_alt_names {
@@ -314,13 +359,21 @@ impl State {
                 }
             }
         }
-        Upstream { workload, addr, expected_identities, service }
+        Upstream {
+            workload,
+            addr,
+            expected_identities,
+            service,
+        }
     }
 }
 
 /// Prefers an address of the same family as the request; else any.
 fn pick_ip(ips: &[IpAddr], like: IpAddr) -> Option<IpAddr> {
-    ips.iter().find(|ip| ip.is_ipv4() == like.is_ipv4()).or_else(|| ips.first()).copied()
+    ips.iter()
+        .find(|ip| ip.is_ipv4() == like.is_ipv4())
+        .or_else(|| ips.first())
+        .copied()
 }
 
 /// A cheap handle to the latest [`State`]; readers clone the `Arc` out and never block the writer.

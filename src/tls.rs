@@ -18,7 +18,10 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::WebPkiClientVerifier;
 use rustls::sign::CertifiedKey;
-use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig, SignatureScheme};
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, RootCertStore,
+    ServerConfig, SignatureScheme,
+};
 use tokio::sync::watch;
 
 use crate::identity::{Identity, WorkloadCert};
@@ -76,22 +79,40 @@ impl TlsMaterial {
     /// Builds the configs for `cert`.
     pub fn new(cert: Arc<WorkloadCert>) -> Result<TlsMaterial, Error> {
         let identity = cert.identity.clone();
-        let bad_cert = |source| Error::BadCert { identity: identity.clone(), source };
+        let bad_cert = |source| Error::BadCert {
+            identity: identity.clone(),
+            source,
+        };
         let mut roots = RootCertStore::empty();
         for root in &cert.roots {
-            roots.add(root.clone()).map_err(|e| Error::BadRoots { identity: identity.clone(), reason: e.to_string() })?;
+            roots.add(root.clone()).map_err(|e| Error::BadRoots {
+                identity: identity.clone(),
+                reason: e.to_string(),
+            })?;
         }
         if roots.is_empty() {
-            return Err(Error::BadRoots { identity: identity.clone(), reason: "no roots".into() });
+            return Err(Error::BadRoots {
+                identity: identity.clone(),
+                reason: "no roots".into(),
+            });
         }
         let roots = Arc::new(roots);
         let provider = provider();
-        let key = Arc::new(CertifiedKey::from_der(cert.chain.clone(), cert.key.clone_key(), &provider).map_err(bad_cert)?);
+        let key = Arc::new(
+            CertifiedKey::from_der(cert.chain.clone(), cert.key.clone_key(), &provider)
+                .map_err(bad_cert)?,
+        );
 
         let inner = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
             .build()
-            .map_err(|e| Error::BadRoots { identity: identity.clone(), reason: e.to_string() })?;
-        let verifier = Arc::new(SameTrustDomain { inner, trust_domain: identity.trust_domain().to_string() });
+            .map_err(|e| Error::BadRoots {
+                identity: identity.clone(),
+                reason: e.to_string(),
+            })?;
+        let verifier = Arc::new(SameTrustDomain {
+            inner,
+            trust_domain: identity.trust_domain().to_string(),
+        });
         let mut server = ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(bad_cert)?
@@ -100,7 +121,12 @@ impl TlsMaterial {
         server.alpn_protocols = vec![ALPN_H2.to_vec()];
         server.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
         server.send_tls13_tickets = 0;
-        Ok(TlsMaterial { cert, roots, key, server: Arc::new(server) })
+        Ok(TlsMaterial {
+            cert,
+            roots,
+            key,
+            server: Arc::new(server),
+        })
     }
 
     /// The server config (for :15008).
@@ -110,7 +136,11 @@ impl TlsMaterial {
 
     /// A client config that accepts only a server presenting one of `expected` identities.
     pub fn client_config(&self, expected: Vec<Identity>) -> Arc<ClientConfig> {
-        let verifier = Arc::new(ExpectedIdentities { roots: self.roots.clone(), expected, provider: provider() });
+        let verifier = Arc::new(ExpectedIdentities {
+            roots: self.roots.clone(),
+            expected,
+            provider: provider(),
+        });
         let mut cfg = ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .expect("TLS 1.3 is supported by the ring provider")
@@ -152,7 +182,9 @@ impl WorkloadTls {
         if !Arc::ptr_eq(&cur.cert, &latest) {
             match TlsMaterial::new(latest) {
                 Ok(m) => *cur = Arc::new(m),
-                Err(e) => tracing::error!(error = %e, "rotated certificate refused; keeping the previous one"),
+                Err(e) => {
+                    tracing::error!(error = %e, "rotated certificate refused; keeping the previous one")
+                }
             }
         }
         cur.clone()
@@ -179,7 +211,9 @@ pub fn spiffe_ids(cert: &CertificateDer<'_>) -> Vec<Identity> {
 
 /// The peer's identity: the first SPIFFE SAN of its leaf certificate.
 pub fn peer_identity(certs: Option<&[CertificateDer<'_>]>) -> Option<Identity> {
-    certs?.first().and_then(|leaf| spiffe_ids(leaf).into_iter().next())
+    certs?
+        .first()
+        .and_then(|leaf| spiffe_ids(leaf).into_iter().next())
 }
 
 /// Client-side verifier: chain to our roots (server-auth usage), then the SAN must be expected.
@@ -212,7 +246,9 @@ impl ServerCertVerifier for ExpectedIdentities {
             Ok(ServerCertVerified::assertion())
         } else {
             tracing::warn!(?presented, expected = ?self.expected, "peer identity is not one the destination may have");
-            Err(rustls::Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure))
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::ApplicationVerificationFailure,
+            ))
         }
     }
 
@@ -222,7 +258,9 @@ impl ServerCertVerifier for ExpectedIdentities {
         _cert: &CertificateDer<'_>,
         _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls13RequiredForQuic))
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls13RequiredForQuic,
+        ))
     }
 
     fn verify_tls13_signature(
@@ -231,11 +269,18 @@ impl ServerCertVerifier for ExpectedIdentities {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
@@ -257,13 +302,19 @@ impl ClientCertVerifier for SameTrustDomain {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.inner.verify_client_cert(end_entity, intermediates, now)?;
+        self.inner
+            .verify_client_cert(end_entity, intermediates, now)?;
         let presented = spiffe_ids(end_entity);
-        if presented.iter().any(|id| id.trust_domain() == self.trust_domain) {
+        if presented
+            .iter()
+            .any(|id| id.trust_domain() == self.trust_domain)
+        {
             Ok(ClientCertVerified::assertion())
         } else {
             tracing::warn!(?presented, trust_domain = %self.trust_domain, "client certificate is not from our trust domain");
-            Err(rustls::Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure))
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::ApplicationVerificationFailure,
+            ))
         }
     }
 

@@ -46,7 +46,10 @@ where
     let up = tcp_to_h2(tcp_read, &mut send);
     let down = h2_to_tcp(&mut recv, tcp_write);
     match tokio::try_join!(up, down) {
-        Ok((tcp_to_hbone, hbone_to_tcp)) => Ok(Transferred { tcp_to_hbone, hbone_to_tcp }),
+        Ok((tcp_to_hbone, hbone_to_tcp)) => Ok(Transferred {
+            tcp_to_hbone,
+            hbone_to_tcp,
+        }),
         Err(e) => {
             send.send_reset(Reason::CANCEL);
             Err(e)
@@ -54,7 +57,10 @@ where
     }
 }
 
-async fn tcp_to_h2<R: AsyncRead + Unpin>(r: &mut R, send: &mut SendStream<Bytes>) -> io::Result<u64> {
+async fn tcp_to_h2<R: AsyncRead + Unpin>(
+    r: &mut R,
+    send: &mut SendStream<Bytes>,
+) -> io::Result<u64> {
     let mut buf = BytesMut::new();
     let mut read_size = INITIAL_READ;
     let mut total = 0u64;
@@ -80,7 +86,12 @@ async fn tcp_to_h2<R: AsyncRead + Unpin>(r: &mut R, send: &mut SendStream<Bytes>
                 match poll_fn(|cx| send.poll_capacity(cx)).await {
                     Some(Ok(_)) => continue,
                     Some(Err(e)) => return Err(h2_io(e)),
-                    None => return Err(io::Error::new(io::ErrorKind::BrokenPipe, "HBONE stream closed by peer")),
+                    None => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::BrokenPipe,
+                            "HBONE stream closed by peer",
+                        ))
+                    }
                 }
             };
             let part = chunk.split_to(cap.min(chunk.len()));
@@ -116,7 +127,8 @@ fn is_clean_reset(e: &h2::Error) -> bool {
 /// Maps an h2 error to an I/O error, keeping I/O errors as they were.
 pub fn h2_io(e: h2::Error) -> io::Error {
     if e.is_io() {
-        e.into_io().unwrap_or_else(|| io::Error::other("h2 I/O error"))
+        e.into_io()
+            .unwrap_or_else(|| io::Error::other("h2 I/O error"))
     } else {
         io::Error::other(e)
     }

@@ -133,8 +133,19 @@ pub struct Pool(Arc<Inner>);
 
 impl Pool {
     /// A new pool; spawns its sweeper on the current runtime.
-    pub fn new(pool: PoolConfig, h2: H2Config, sock: SocketOpts, connect_timeout: Duration) -> Pool {
-        let inner = Arc::new(Inner { entries: Mutex::default(), pool, h2, sock, connect_timeout });
+    pub fn new(
+        pool: PoolConfig,
+        h2: H2Config,
+        sock: SocketOpts,
+        connect_timeout: Duration,
+    ) -> Pool {
+        let inner = Arc::new(Inner {
+            entries: Mutex::default(),
+            pool,
+            h2,
+            sock,
+            connect_timeout,
+        });
         let weak = Arc::downgrade(&inner);
         tokio::spawn(sweep(weak, pool.unused_release_timeout));
         Pool(inner)
@@ -146,7 +157,12 @@ impl Pool {
     }
 
     /// Opens a CONNECT stream to `key.dst` for `req`, reusing a pooled connection when one has room.
-    pub async fn connect(&self, key: &PoolKey, tls: &TlsMaterial, req: http::Request<()>) -> Result<Stream, Error> {
+    pub async fn connect(
+        &self,
+        key: &PoolKey,
+        tls: &TlsMaterial,
+        req: http::Request<()>,
+    ) -> Result<Stream, Error> {
         // A pooled connection may have died since it was last used: one retry on a fresh connection.
         let mut req = Some(req);
         for attempt in 0..2 {
@@ -158,7 +174,9 @@ impl Pool {
             let keep = clone_request(&r);
             let state = conn.state.clone();
             match self.open(key.dst, conn, r).await {
-                Err(Error::H2 { source, .. }) if attempt == 0 && state.closed.load(Ordering::Acquire) => {
+                Err(Error::H2 { source, .. })
+                    if attempt == 0 && state.closed.load(Ordering::Acquire) =>
+                {
                     tracing::debug!(dst = %key.dst, error = %source, "pooled HBONE connection unusable; redialling");
                     req = Some(keep);
                 }
@@ -172,19 +190,30 @@ impl Pool {
     fn checkout(&self, key: &PoolKey) -> Option<Conn> {
         let mut entries = self.0.entries.lock();
         let entry = entries.get_mut(key)?;
-        entry.conns.retain(|c| !c.state.closed.load(Ordering::Acquire));
+        entry
+            .conns
+            .retain(|c| !c.state.closed.load(Ordering::Acquire));
         let max = self.0.pool.max_streams_per_connection;
         entry.conns.iter().find_map(|c| {
             c.state
                 .streams
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                    (n < max).then_some(n + 1)
+                })
                 .ok()
                 .map(|_| c.clone())
         })
     }
 
     async fn dial_or_wait(&self, key: &PoolKey, tls: &TlsMaterial) -> Result<Conn, Error> {
-        let gate = self.0.entries.lock().entry(key.clone()).or_default().dialing.clone();
+        let gate = self
+            .0
+            .entries
+            .lock()
+            .entry(key.clone())
+            .or_default()
+            .dialing
+            .clone();
         let _dialing = gate.lock().await;
         // Someone may have dialled while we waited.
         if let Some(c) = self.checkout(key) {
@@ -192,7 +221,13 @@ impl Pool {
         }
         let conn = self.dial(key, tls).await?;
         conn.state.streams.fetch_add(1, Ordering::AcqRel);
-        self.0.entries.lock().entry(key.clone()).or_default().conns.push(conn.clone());
+        self.0
+            .entries
+            .lock()
+            .entry(key.clone())
+            .or_default()
+            .conns
+            .push(conn.clone());
         Ok(conn)
     }
 
@@ -202,14 +237,18 @@ impl Pool {
             .await
             .map_err(|source| Error::Connect { dst, source })?;
         let connector = tokio_rustls::TlsConnector::from(tls.client_config(key.dst_ids.clone()));
-        let tls_stream = tokio::time::timeout(self.0.connect_timeout, connector.connect(dummy_server_name(), tcp))
-            .await
-            .map_err(|_| Error::Timeout { dst })?
-            .map_err(|source| Error::Tls { dst, source })?;
-        let (send, connection) = super::client_builder(&self.0.h2, self.0.pool.max_streams_per_connection)
-            .handshake::<_, Bytes>(tls_stream)
-            .await
-            .map_err(|source| Error::H2 { dst, source })?;
+        let tls_stream = tokio::time::timeout(
+            self.0.connect_timeout,
+            connector.connect(dummy_server_name(), tcp),
+        )
+        .await
+        .map_err(|_| Error::Timeout { dst })?
+        .map_err(|source| Error::Tls { dst, source })?;
+        let (send, connection) =
+            super::client_builder(&self.0.h2, self.0.pool.max_streams_per_connection)
+                .handshake::<_, Bytes>(tls_stream)
+                .await
+                .map_err(|source| Error::H2 { dst, source })?;
         let state = Arc::new(ConnState {
             streams: AtomicU32::new(0),
             closed: AtomicBool::new(false),
@@ -227,7 +266,12 @@ impl Pool {
     }
 
     /// Sends the CONNECT on `conn` (whose slot is already taken) and waits for a 200.
-    async fn open(&self, dst: SocketAddr, conn: Conn, req: http::Request<()>) -> Result<Stream, Error> {
+    async fn open(
+        &self,
+        dst: SocketAddr,
+        conn: Conn,
+        req: http::Request<()>,
+    ) -> Result<Stream, Error> {
         let slot = Slot(conn.state.clone());
         let mut sender = conn.send.clone();
         let res = async {
@@ -248,14 +292,25 @@ impl Pool {
             .map_err(|source| Error::H2 { dst, source })?;
         let (parts, recv) = response.into_parts();
         if parts.status != http::StatusCode::OK {
-            return Err(Error::Status { dst, status: parts.status });
+            return Err(Error::Status {
+                dst,
+                status: parts.status,
+            });
         }
-        Ok(Stream { send, recv, headers: parts.headers, slot })
+        Ok(Stream {
+            send,
+            recv,
+            headers: parts.headers,
+            slot,
+        })
     }
 }
 
 fn clone_request(r: &http::Request<()>) -> http::Request<()> {
-    let mut b = http::Request::builder().method(r.method().clone()).uri(r.uri().clone()).version(r.version());
+    let mut b = http::Request::builder()
+        .method(r.method().clone())
+        .uri(r.uri().clone())
+        .version(r.version());
     if let Some(h) = b.headers_mut() {
         *h = r.headers().clone();
     }

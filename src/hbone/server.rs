@@ -26,15 +26,24 @@ pub struct Incoming {
 impl Incoming {
     /// Answers with a headers-only error status and ends the stream.
     pub fn refuse(mut self, status: StatusCode) {
-        let resp = Response::builder().status(status).body(()).expect("static response is valid");
+        let resp = Response::builder()
+            .status(status)
+            .body(())
+            .expect("static response is valid");
         if let Err(e) = self.respond.send_response(resp, true) {
             tracing::debug!(error = %e, "could not send HBONE refusal");
         }
     }
 
     /// Answers 200 (with `headers`) and returns the two directions of the tunnel.
-    pub fn accept(mut self, headers: http::HeaderMap) -> Result<(SendStream<Bytes>, RecvStream), h2::Error> {
-        let mut resp = Response::builder().status(StatusCode::OK).body(()).expect("static response is valid");
+    pub fn accept(
+        mut self,
+        headers: http::HeaderMap,
+    ) -> Result<(SendStream<Bytes>, RecvStream), h2::Error> {
+        let mut resp = Response::builder()
+            .status(StatusCode::OK)
+            .body(())
+            .expect("static response is valid");
         *resp.headers_mut() = headers;
         let send = self.respond.send_response(resp, false)?;
         Ok((send, self.request.into_body()))
@@ -42,7 +51,12 @@ impl Incoming {
 }
 
 /// Serves HTTP/2 on `io`, calling `handle` for every stream.
-pub async fn serve<IO, H, F>(io: IO, cfg: &H2Config, mut shutdown: watch::Receiver<bool>, handle: H) -> Result<(), h2::Error>
+pub async fn serve<IO, H, F>(
+    io: IO,
+    cfg: &H2Config,
+    mut shutdown: watch::Receiver<bool>,
+    handle: H,
+) -> Result<(), h2::Error>
 where
     IO: AsyncRead + AsyncWrite + Unpin,
     H: Fn(Incoming) -> F,

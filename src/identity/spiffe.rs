@@ -35,7 +35,11 @@ pub enum ParseError {
 
 impl Identity {
     /// Builds an identity from its three parts. Parts must be non-empty and contain no `/`.
-    pub fn new(trust_domain: &str, namespace: &str, service_account: &str) -> Result<Self, ParseError> {
+    pub fn new(
+        trust_domain: &str,
+        namespace: &str,
+        service_account: &str,
+    ) -> Result<Self, ParseError> {
         format!("{SCHEME}{trust_domain}/ns/{namespace}/sa/{service_account}").parse()
     }
 
@@ -57,7 +61,12 @@ impl Identity {
     /// The identity without its scheme, as Istio principals are written:
     /// `cluster.local/ns/default/sa/productpage`.
     pub fn principal(&self) -> String {
-        format!("{}/ns/{}/sa/{}", self.trust_domain(), self.namespace(), self.service_account())
+        format!(
+            "{}/ns/{}/sa/{}",
+            self.trust_domain(),
+            self.namespace(),
+            self.service_account()
+        )
     }
 }
 

@@ -28,7 +28,10 @@ struct Refusal {
 }
 
 fn refuse(status: StatusCode, reason: impl Into<String>) -> Refusal {
-    Refusal { status, reason: reason.into() }
+    Refusal {
+        status,
+        reason: reason.into(),
+    }
 }
 
 impl Proxy {
@@ -52,7 +55,12 @@ impl Proxy {
             }
         };
         let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config());
-        let tls_stream = match tokio::time::timeout(self.cfg().handshake_timeout, acceptor.accept(stream)).await {
+        let tls_stream = match tokio::time::timeout(
+            self.cfg().handshake_timeout,
+            acceptor.accept(stream),
+        )
+        .await
+        {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 tracing::info!(target: "access", direction = "inbound", src.addr = %peer, dst.addr = %local, error = %e, "TLS handshake failed");
@@ -63,7 +71,8 @@ impl Proxy {
                 return;
             }
         };
-        let Some(peer_id) = crate::tls::peer_identity(tls_stream.get_ref().1.peer_certificates()) else {
+        let Some(peer_id) = crate::tls::peer_identity(tls_stream.get_ref().1.peer_certificates())
+        else {
             // The verifier only admits certificates with a SPIFFE SAN; this is defence in depth.
             tracing::warn!(src.addr = %peer, "peer certificate has no SPIFFE identity");
             return;
@@ -81,9 +90,20 @@ impl Proxy {
         }
     }
 
-    async fn inbound_stream(self: Arc<Self>, incoming: server::Incoming, peer: SocketAddr, local: SocketAddr, peer_id: Identity) {
+    async fn inbound_stream(
+        self: Arc<Self>,
+        incoming: server::Incoming,
+        peer: SocketAddr,
+        local: SocketAddr,
+        peer_id: Identity,
+    ) {
         let start = Instant::now();
-        let authority = incoming.request.uri().authority().map(|a| a.as_str().to_string()).unwrap_or_default();
+        let authority = incoming
+            .request
+            .uri()
+            .authority()
+            .map(|a| a.as_str().to_string())
+            .unwrap_or_default();
         let upstream = match self.check_connect(&incoming, peer, local, &peer_id).await {
             Ok(up) => up,
             Err(r) => {
@@ -130,15 +150,24 @@ impl Proxy {
     ) -> Result<TcpStream, Refusal> {
         let req = &incoming.request;
         if req.method() != Method::CONNECT {
-            return Err(refuse(StatusCode::BAD_REQUEST, format!("method {} is not CONNECT", req.method())));
+            return Err(refuse(
+                StatusCode::BAD_REQUEST,
+                format!("method {} is not CONNECT", req.method()),
+            ));
         }
         let authority = req.uri().authority().map(|a| a.as_str()).unwrap_or("");
-        let workload = self.local_workload().await.map_err(|e| refuse(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+        let workload = self
+            .local_workload()
+            .await
+            .map_err(|e| refuse(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
         let target: SocketAddr = match authority.parse::<SocketAddr>() {
             Ok(addr) => {
                 let addr = socket::canonical(addr);
                 if addr.ip() != local.ip() {
-                    return Err(refuse(StatusCode::BAD_REQUEST, format!("ip mismatch: {} != {}", addr.ip(), local.ip())));
+                    return Err(refuse(
+                        StatusCode::BAD_REQUEST,
+                        format!("ip mismatch: {} != {}", addr.ip(), local.ip()),
+                    ));
                 }
                 addr
             }
@@ -147,11 +176,18 @@ impl Proxy {
                 let (host, port) = authority
                     .rsplit_once(':')
                     .and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)))
-                    .ok_or_else(|| refuse(StatusCode::BAD_REQUEST, format!("authority {authority:?} is not ip:port or host:port")))?;
+                    .ok_or_else(|| {
+                        refuse(
+                            StatusCode::BAD_REQUEST,
+                            format!("authority {authority:?} is not ip:port or host:port"),
+                        )
+                    })?;
                 let state = self.inputs.state.load();
                 let svc = state
                     .service_by_host(host, &workload.namespace)
-                    .ok_or_else(|| refuse(StatusCode::BAD_REQUEST, format!("unknown service {host}")))?;
+                    .ok_or_else(|| {
+                        refuse(StatusCode::BAD_REQUEST, format!("unknown service {host}"))
+                    })?;
                 let target_port = workload
                     .services
                     .get(&svc.key())
@@ -159,26 +195,63 @@ impl Proxy {
                     .or_else(|| svc.ports.get(&port))
                     .copied()
                     .filter(|p| *p != 0)
-                    .ok_or_else(|| refuse(StatusCode::SERVICE_UNAVAILABLE, format!("service {host} has no port {port} on this workload")))?;
+                    .ok_or_else(|| {
+                        refuse(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            format!("service {host} has no port {port} on this workload"),
+                        )
+                    })?;
                 SocketAddr::new(local.ip(), target_port)
             }
         };
         if self.cfg().ports.illegal().contains(&target.port()) {
-            return Err(refuse(StatusCode::SERVICE_UNAVAILABLE, Error::SelfCall(target).to_string()));
+            return Err(refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                Error::SelfCall(target).to_string(),
+            ));
         }
         let state = self.inputs.state.load();
-        let conn = Connection { src: peer, dst: target, src_identity: Some(peer_id), dst_network: &self.cfg().network };
-        if let Decision::Deny(reason) = state.policies().check(&workload.namespace, &workload.authorization_policies, &conn) {
-            return Err(refuse(StatusCode::UNAUTHORIZED, Error::Denied(reason).to_string()));
+        let conn = Connection {
+            src: peer,
+            dst: target,
+            src_identity: Some(peer_id),
+            dst_network: &self.cfg().network,
+        };
+        if let Decision::Deny(reason) =
+            state
+                .policies()
+                .check(&workload.namespace, &workload.authorization_policies, &conn)
+        {
+            return Err(refuse(
+                StatusCode::UNAUTHORIZED,
+                Error::Denied(reason).to_string(),
+            ));
         }
         let src_ip: Option<IpAddr> = self.inputs.orig_src.then_some(peer.ip());
-        socket::connect(target, src_ip, self.upstream_opts(), self.cfg().connect_timeout)
-            .await
-            .map_err(|e| refuse(StatusCode::SERVICE_UNAVAILABLE, Error::Connect { dst: target, source: e }.to_string()))
+        socket::connect(
+            target,
+            src_ip,
+            self.upstream_opts(),
+            self.cfg().connect_timeout,
+        )
+        .await
+        .map_err(|e| {
+            refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                Error::Connect {
+                    dst: target,
+                    source: e,
+                }
+                .to_string(),
+            )
+        })
     }
 
     /// Socket options towards the application: the mark, and transparency when keeping the source address.
     pub(super) fn upstream_opts(&self) -> socket::SocketOpts {
-        socket::SocketOpts { transparent: self.inputs.orig_src, ..self.inputs.sock }
+        socket::SocketOpts {
+            transparent: self.inputs.orig_src,
+            ..self.inputs.sock
+        }
     }
 }

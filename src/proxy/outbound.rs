@@ -45,7 +45,12 @@ impl Proxy {
 
     /// Carries `stream` from `peer` to its original destination `dst`. Public so that embedders and tests
     /// can hand over connections they captured some other way.
-    pub async fn outbound_to(self: Arc<Self>, stream: TcpStream, peer: SocketAddr, dst: SocketAddr) {
+    pub async fn outbound_to(
+        self: Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        dst: SocketAddr,
+    ) {
         let start = Instant::now();
         match self.outbound_inner(stream, peer, dst).await {
             Ok((route, sent, recv)) => {
@@ -66,7 +71,12 @@ impl Proxy {
         }
     }
 
-    async fn outbound_inner(&self, mut stream: TcpStream, peer: SocketAddr, dst: SocketAddr) -> Result<(String, u64, u64), Error> {
+    async fn outbound_inner(
+        &self,
+        mut stream: TcpStream,
+        peer: SocketAddr,
+        dst: SocketAddr,
+    ) -> Result<(String, u64, u64), Error> {
         if dst.ip().is_loopback() && self.cfg().ports.illegal().contains(&dst.port()) {
             return Err(Error::SelfCall(dst));
         }
@@ -83,7 +93,11 @@ impl Proxy {
             Route::Hbone(up) => {
                 let hbone_dst = SocketAddr::new(up.addr.ip(), self.cfg().ports.inbound);
                 let tls = self.tls_for(&src.identity).await?.current();
-                let key = PoolKey { src: src.identity.clone(), dst_ids: up.expected_identities.clone(), dst: hbone_dst };
+                let key = PoolKey {
+                    src: src.identity.clone(),
+                    dst_ids: up.expected_identities.clone(),
+                    dst: hbone_dst,
+                };
                 let req = connect_request(&src, peer, &up);
                 let tunnel = self.pool().connect(&key, &tls, req).await?;
                 let (mut r, mut w) = stream.split();
@@ -107,7 +121,10 @@ impl Proxy {
             return state
                 .pick_endpoint(svc, dst.port(), dst.ip())
                 .map(by_protocol)
-                .ok_or_else(|| Error::NoHealthyUpstream { service: svc.key(), port: dst.port() });
+                .ok_or_else(|| Error::NoHealthyUpstream {
+                    service: svc.key(),
+                    port: dst.port(),
+                });
         }
         Ok(match state.workload_by_addr(network, dst.ip()) {
             Some(w) => by_protocol(state.upstream(w.clone(), dst, None)),
@@ -115,7 +132,11 @@ impl Proxy {
         })
     }
 
-    async fn plain_tcp(&self, stream: &mut TcpStream, dst: SocketAddr) -> Result<(u64, u64), Error> {
+    async fn plain_tcp(
+        &self,
+        stream: &mut TcpStream,
+        dst: SocketAddr,
+    ) -> Result<(u64, u64), Error> {
         let mut up = socket::connect(dst, None, self.inputs.sock, self.cfg().connect_timeout)
             .await
             .map_err(|source| Error::Connect { dst, source })?;
@@ -140,7 +161,11 @@ pub fn connect_request(src: &Workload, client: SocketAddr, up: &Upstream) -> Req
         forwarded.push_str(&svc.hostname);
     }
     let mut rng = rand::rng();
-    let traceparent = format!("00-{:032x}-{:016x}-00", rng.random::<u128>(), rng.random::<u64>());
+    let traceparent = format!(
+        "00-{:032x}-{:016x}-00",
+        rng.random::<u128>(),
+        rng.random::<u64>()
+    );
     let mut req = Request::builder()
         .method(Method::CONNECT)
         .uri(Uri::try_from(authority.as_str()).expect("a socket address is a valid authority"))
@@ -162,8 +187,16 @@ pub fn connect_request(src: &Workload, client: SocketAddr, up: &Upstream) -> Req
 
 /// ztunnel's baggage header for a workload (empty fields omitted).
 pub fn baggage(w: &Workload) -> String {
-    let kind = if w.workload_type.is_empty() { "pod" } else { w.workload_type.as_str() };
-    let workload_name = if w.workload_name.is_empty() { &w.name } else { &w.workload_name };
+    let kind = if w.workload_type.is_empty() {
+        "pod"
+    } else {
+        w.workload_type.as_str()
+    };
+    let workload_name = if w.workload_name.is_empty() {
+        &w.name
+    } else {
+        &w.workload_name
+    };
     let fields = [
         ("k8s.cluster.name", w.cluster_id.as_str()),
         ("k8s.namespace.name", w.namespace.as_str()),

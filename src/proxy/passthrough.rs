@@ -15,7 +15,11 @@ use crate::socket;
 
 impl Proxy {
     /// Handles one connection accepted on :15006.
-    pub(super) async fn inbound_plaintext(self: Arc<Self>, mut stream: TcpStream, peer: SocketAddr) {
+    pub(super) async fn inbound_plaintext(
+        self: Arc<Self>,
+        mut stream: TcpStream,
+        peer: SocketAddr,
+    ) {
         let result = async {
             let dst = socket::original_dst(&stream).map_err(Error::OriginalDst)?;
             if self.cfg().ports.illegal().contains(&dst.port()) {
@@ -23,14 +27,28 @@ impl Proxy {
             }
             let workload = self.local_workload().await?;
             let state = self.inputs.state.load();
-            let conn = Connection { src: peer, dst, src_identity: None, dst_network: &self.cfg().network };
-            if let Decision::Deny(reason) = state.policies().check(&workload.namespace, &workload.authorization_policies, &conn) {
+            let conn = Connection {
+                src: peer,
+                dst,
+                src_identity: None,
+                dst_network: &self.cfg().network,
+            };
+            if let Decision::Deny(reason) =
+                state
+                    .policies()
+                    .check(&workload.namespace, &workload.authorization_policies, &conn)
+            {
                 return Err(Error::Denied(reason));
             }
             let src_ip: Option<IpAddr> = self.inputs.orig_src.then_some(peer.ip());
-            let mut up = socket::connect(dst, src_ip, self.upstream_opts(), self.cfg().connect_timeout)
-                .await
-                .map_err(|source| Error::Connect { dst, source })?;
+            let mut up = socket::connect(
+                dst,
+                src_ip,
+                self.upstream_opts(),
+                self.cfg().connect_timeout,
+            )
+            .await
+            .map_err(|source| Error::Connect { dst, source })?;
             let (sent, recv) = tokio::io::copy_bidirectional(&mut stream, &mut up).await?;
             Ok((dst, sent, recv))
         }
@@ -40,7 +58,9 @@ impl Proxy {
                 target: "access", direction = "inbound", src.addr = %peer, dst.addr = %dst,
                 bytes_sent = recv, bytes_recv = sent, "connection complete"
             ),
-            Err(e) => tracing::info!(target: "access", direction = "inbound", src.addr = %peer, error = %e, "connection refused"),
+            Err(e) => {
+                tracing::info!(target: "access", direction = "inbound", src.addr = %peer, error = %e, "connection refused")
+            }
         }
     }
 }

@@ -176,16 +176,32 @@ impl LocalConfig {
 
     /// Validates and indexes into a [`State`].
     pub fn into_state(self) -> Result<State, Error> {
-        let workloads = self.workloads.into_iter().map(workload).collect::<Result<Vec<_>, _>>()?;
-        let services = self.services.into_iter().map(service).collect::<Result<Vec<_>, _>>()?;
+        let workloads = self
+            .workloads
+            .into_iter()
+            .map(workload)
+            .collect::<Result<Vec<_>, _>>()?;
+        let services = self
+            .services
+            .into_iter()
+            .map(service)
+            .collect::<Result<Vec<_>, _>>()?;
         let policies = PolicySet::new(self.policies)?;
         State::new(workloads, services, policies)
     }
 }
 
 fn workload(w: LocalWorkload) -> Result<Workload, Error> {
-    let key = if w.uid.is_empty() { format!("{}/{}", w.namespace, w.name) } else { w.uid.clone() };
-    let invalid = |reason: String| Error::Invalid { what: "workload", key: key.clone(), reason };
+    let key = if w.uid.is_empty() {
+        format!("{}/{}", w.namespace, w.name)
+    } else {
+        w.uid.clone()
+    };
+    let invalid = |reason: String| Error::Invalid {
+        what: "workload",
+        key: key.clone(),
+        reason,
+    };
     if w.waypoint.is_some() || w.network_gateway.is_some() || w.application_tunnel.is_some() {
         tracing::warn!(workload = %key, "waypoint, networkGateway and applicationTunnel are not supported yet; ignored");
     }
@@ -195,12 +211,22 @@ fn workload(w: LocalWorkload) -> Result<Workload, Error> {
     let _ = (&w.hostname, w.native_tunnel, &w.locality);
     for svc in w.services.keys() {
         if !svc.contains('/') {
-            return Err(invalid(format!("service key {svc:?} is not namespace/hostname")));
+            return Err(invalid(format!(
+                "service key {svc:?} is not namespace/hostname"
+            )));
         }
     }
     // Empty trust domain and service account default as istiod's do.
-    let trust_domain = if w.trust_domain.is_empty() { "cluster.local".to_string() } else { w.trust_domain };
-    let service_account = if w.service_account.is_empty() { "default".to_string() } else { w.service_account };
+    let trust_domain = if w.trust_domain.is_empty() {
+        "cluster.local".to_string()
+    } else {
+        w.trust_domain
+    };
+    let service_account = if w.service_account.is_empty() {
+        "default".to_string()
+    } else {
+        w.service_account
+    };
     let identity = Identity::new(&trust_domain, &w.namespace, &service_account)
         .map_err(|e| invalid(format!("no valid identity: {e}")))?;
     Ok(Workload {
@@ -221,26 +247,41 @@ fn workload(w: LocalWorkload) -> Result<Workload, Error> {
         canonical_revision: w.canonical_revision,
         workload_name: w.workload_name,
         workload_type: w.workload_type,
-        cluster_id: if w.cluster_id.is_empty() { "Kubernetes".into() } else { w.cluster_id },
+        cluster_id: if w.cluster_id.is_empty() {
+            "Kubernetes".into()
+        } else {
+            w.cluster_id
+        },
     })
 }
 
 fn service(s: LocalService) -> Result<Service, Error> {
     let key = format!("{}/{}", s.namespace, s.hostname);
-    let invalid = |reason: String| Error::Invalid { what: "service", key: key.clone(), reason };
+    let invalid = |reason: String| Error::Invalid {
+        what: "service",
+        key: key.clone(),
+        reason,
+    };
     let vips = s
         .vips
         .iter()
         .map(|v| {
-            let (net, ip) = v.split_once('/').ok_or_else(|| invalid(format!("VIP {v:?} is not network/IP")))?;
-            let ip: IpAddr = ip.parse().map_err(|_| invalid(format!("VIP {v:?} has no valid IP")))?;
+            let (net, ip) = v
+                .split_once('/')
+                .ok_or_else(|| invalid(format!("VIP {v:?} is not network/IP")))?;
+            let ip: IpAddr = ip
+                .parse()
+                .map_err(|_| invalid(format!("VIP {v:?} has no valid IP")))?;
             Ok((net.to_string(), ip))
         })
         .collect::<Result<Vec<_>, Error>>()?;
     let subject_alt_names = s
         .subject_alt_names
         .iter()
-        .map(|san| san.parse::<Identity>().map_err(|e| invalid(format!("subjectAltNames: {e}"))))
+        .map(|san| {
+            san.parse::<Identity>()
+                .map_err(|e| invalid(format!("subjectAltNames: {e}")))
+        })
         .collect::<Result<Vec<_>, _>>()?;
     if s.waypoint.is_some() || s.endpoints.is_some() {
         tracing::warn!(service = %key, "waypoint and inline endpoints are not supported yet; ignored");
@@ -269,7 +310,10 @@ fn service(s: LocalService) -> Result<Service, Error> {
 
 /// Reads and validates a local config file.
 pub fn load_file(path: &Path) -> Result<(Vec<u8>, State), Error> {
-    let bytes = std::fs::read(path).map_err(|source| Error::Read { path: path.to_path_buf(), source })?;
+    let bytes = std::fs::read(path).map_err(|source| Error::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let text = String::from_utf8_lossy(&bytes);
     let state = LocalConfig::parse(&text)?.into_state()?;
     Ok((bytes, state))
@@ -278,7 +322,12 @@ pub fn load_file(path: &Path) -> Result<(Vec<u8>, State), Error> {
 /// Re-reads `path` every `interval` and publishes a new [`State`] when its content changed and is valid.
 /// Invalid content is logged and ignored: the last good state keeps serving. Returns when every receiver is
 /// gone.
-pub async fn watch_file(path: PathBuf, interval: Duration, mut last: Vec<u8>, tx: watch::Sender<Arc<State>>) {
+pub async fn watch_file(
+    path: PathBuf,
+    interval: Duration,
+    mut last: Vec<u8>,
+    tx: watch::Sender<Arc<State>>,
+) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -296,7 +345,8 @@ pub async fn watch_file(path: PathBuf, interval: Duration, mut last: Vec<u8>, tx
         if bytes == last {
             continue;
         }
-        match LocalConfig::parse(&String::from_utf8_lossy(&bytes)).and_then(LocalConfig::into_state) {
+        match LocalConfig::parse(&String::from_utf8_lossy(&bytes)).and_then(LocalConfig::into_state)
+        {
             Ok(state) => {
                 tracing::info!(
                     path = %path.display(),

@@ -1,0 +1,190 @@
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+
+use super::*;
+
+const CONFIG: &str = r#"
+workloads:
+- uid: cluster1//v1/Pod/default/server-a
+  name: server-a
+  namespace: default
+  serviceAccount: server
+  workloadIps: ["10.0.0.2"]
+  protocol: HBONE
+  node: node-1
+  services:
+    "default/server.default.svc.cluster.local": {80: 8080}
+- uid: cluster1//v1/Pod/default/server-b
+  name: server-b
+  namespace: default
+  serviceAccount: server
+  workloadIps: ["10.0.0.3"]
+  protocol: HBONE
+  capacity: 3
+  services:
+    "default/server.default.svc.cluster.local": {80: 9090}
+- uid: cluster1//v1/Pod/default/sick
+  name: sick
+  namespace: default
+  workloadIps: ["10.0.0.4"]
+  status: Unhealthy
+  services:
+    "default/server.default.svc.cluster.local": {}
+- uid: cluster1//v1/Pod/other/plain
+  name: plain
+  namespace: other
+  trustDomain: example.org
+  workloadIps: ["10.0.0.5"]
+services:
+- name: server
+  namespace: default
+  hostname: server.default.svc.cluster.local
+  vips: ["/10.96.0.10"]
+  ports: {80: 8000}
+  subjectAltNames: ["spiffe://cluster.local/ns/default/sa/extra"]
+policies:
+- name: allow-nothing-special
+  namespace: default
+  scope: Namespace
+  action: Deny
+  rules: [[[{destinationPorts: [9999]}]]]
+"#;
+
+fn state() -> State {
+    LocalConfig::parse(CONFIG).unwrap().into_state().unwrap()
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+#[test]
+fn ztunnel_local_config_loads_with_defaults() {
+    let st = state();
+    assert_eq!(st.workload_count(), 4);
+    assert_eq!(st.service_count(), 1);
+    assert_eq!(st.policies().len(), 1);
+    let plain = st.workload_by_addr("", ip("10.0.0.5")).unwrap();
+    assert_eq!(plain.protocol, Protocol::TCP);
+    assert_eq!(
+        plain.identity.to_string(),
+        "spiffe://example.org/ns/other/sa/default"
+    );
+    assert_eq!(plain.capacity, 1);
+    let info = crate::config::WorkloadInfo {
+        namespace: "default".into(),
+        name: "server-a".into(),
+        service_account: "server".into(),
+    };
+    assert_eq!(
+        st.workload_by_info(&info).unwrap().uid,
+        "cluster1//v1/Pod/default/server-a"
+    );
+}
+
+#[test]
+fn service_vip_balances_over_healthy_endpoints_by_capacity() {
+    let st = state();
+    let svc = st
+        .service_by_vip("", ip("10.96.0.10"), "default")
+        .unwrap()
+        .clone();
+    let mut hits: HashMap<SocketAddr, u32> = HashMap::new();
+    for _ in 0..4000 {
+        let up = st.pick_endpoint(&svc, 80, ip("10.96.0.10")).unwrap();
+        *hits.entry(up.addr).or_default() += 1;
+        assert!(up
+            .expected_identities
+            .iter()
+            .any(|i| i.to_string() == "spiffe://cluster.local/ns/default/sa/extra"));
+    }
+    // The unhealthy endpoint never gets traffic; the endpoint with capacity 3 gets about three times as much.
+    assert_eq!(hits.len(), 2, "{hits:?}");
+    let a = hits[&"10.0.0.2:8080".parse().unwrap()] as f64;
+    let b = hits[&"10.0.0.3:9090".parse().unwrap()] as f64;
+    assert!((2.4..3.8).contains(&(b / a)), "ratio {}", b / a);
+}
+
+#[test]
+fn service_port_that_no_endpoint_serves_has_no_upstream() {
+    let st = state();
+    let svc = st
+        .service_by_vip("", ip("10.96.0.10"), "default")
+        .unwrap()
+        .clone();
+    assert!(st.pick_endpoint(&svc, 443, ip("10.96.0.10")).is_none());
+}
+
+#[test]
+fn bad_local_configs_are_refused_with_the_reason() {
+    let cases = [
+        ("workloads: [{namespace: a, workloadIps: [\"not-an-ip\"]}]", "invalid"),
+        ("workloads: [{namespace: a, workloadIps: []}]\nbogus: 1", "bogus"),
+        ("workloads: [{namespace: a, workloadIps: [], colour: red}]", "colour"),
+        ("services: [{name: s, namespace: a, hostname: h, vips: [\"10.0.0.1\"], ports: {}}]", "network/IP"),
+        ("services: [{name: s, namespace: a, hostname: h, vips: [], ports: {}, subjectAltNames: [\"bob\"]}]", "subjectAltNames"),
+        (
+            "workloads: [{uid: x, namespace: a, workloadIps: []}, {uid: x, namespace: a, workloadIps: []}]",
+            "duplicate",
+        ),
+        ("workloads: [{namespace: a, workloadIps: [], services: {nohost: {80: 80}}}]", "namespace/hostname"),
+        ("policies: [{name: p, namespace: a, scope: Namespace, action: Allow, rules: [[[{sourceIps: [\"300.0.0.1/8\"]}]]]}]", "p"),
+        ("- just a list", "invalid"),
+    ];
+    for (yaml, needle) in cases {
+        let err = match LocalConfig::parse(yaml).and_then(LocalConfig::into_state) {
+            Ok(_) => panic!("accepted: {yaml}"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            err.contains(needle),
+            "error for {yaml:?} was {err:?}, expected it to mention {needle:?}"
+        );
+    }
+}
+
+#[test]
+fn empty_file_is_an_empty_state() {
+    let st = LocalConfig::parse("  \n").unwrap().into_state().unwrap();
+    assert_eq!(st.workload_count(), 0);
+}
+
+#[tokio::test]
+async fn file_watcher_publishes_valid_changes_and_keeps_the_last_good_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("local.yaml");
+    std::fs::write(&path, CONFIG).unwrap();
+    let (bytes, st) = local::load_file(&path).unwrap();
+    let (tx, handle) = StateHandle::new(st);
+    tokio::spawn(local::watch_file(
+        path.clone(),
+        std::time::Duration::from_millis(20),
+        bytes,
+        tx,
+    ));
+
+    std::fs::write(
+        &path,
+        "workloads: [{namespace: a, workloadIps: [\"10.1.1.1\"]}]",
+    )
+    .unwrap();
+    let seen = handle
+        .wait_for(std::time::Duration::from_secs(5), |s| {
+            (s.workload_count() == 1).then_some(())
+        })
+        .await;
+    assert!(seen.is_some(), "change not picked up");
+
+    std::fs::write(
+        &path,
+        "workloads: [{namespace: a, workloadIps: [\"nope\"]}]",
+    )
+    .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert_eq!(
+        handle.load().workload_count(),
+        1,
+        "a bad edit replaced the good state"
+    );
+    assert!(handle.load().workload_by_addr("", ip("10.1.1.1")).is_some());
+}

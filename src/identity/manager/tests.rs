@@ -1,0 +1,262 @@
+//! Tests for `CertManager`: single first fetch, rotation at half-life, retries with backoff
+//! while keeping the old certificate, the expiry cap, and `forget`.
+//!
+//! They run in real time with a fake source handing out short-lived certificates and with the
+//! retry timing shrunk (`FAST`), so each takes at most about a second. Timing assertions only
+//! use lower bounds or generous upper bounds, because the test machine may be busy.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use tokio::time::Instant;
+
+use super::*;
+use crate::identity::{BoxFuture, BuiltinCa};
+
+/// Retry timing shrunk 25x from production.
+const FAST: Timing = Timing {
+    initial_backoff: Duration::from_millis(20),
+    max_backoff: Duration::from_millis(200),
+    min_refresh_delay: Duration::from_millis(20),
+};
+
+/// Bound on waiting for something that should happen well within a second.
+const PATIENCE: Duration = Duration::from_secs(10);
+
+fn id(sa: &str) -> Identity {
+    Identity::new("cluster.local", "default", sa).unwrap()
+}
+
+/// Hands out copies of one real certificate re-dated to `[now - backdate, now - backdate + ttl]`.
+struct FakeSource {
+    template: WorkloadCert,
+    ttl: Duration,
+    backdate: Duration,
+    /// How long each fetch takes.
+    latency: Duration,
+    /// The next this many fetches fail.
+    failures: AtomicUsize,
+    /// When each fetch started.
+    attempts: parking_lot::Mutex<Vec<Instant>>,
+}
+
+impl FakeSource {
+    fn new(ttl: Duration) -> Self {
+        let ca_ttl = Duration::from_secs(3600);
+        let ca = BuiltinCa::ephemeral(ca_ttl).unwrap();
+        let now = SystemTime::now();
+        let template = ca.issue(&id("template"), now, now + ca_ttl).unwrap();
+        Self {
+            template,
+            ttl,
+            backdate: Duration::ZERO,
+            latency: Duration::ZERO,
+            failures: AtomicUsize::new(0),
+            attempts: parking_lot::Mutex::new(Vec::new()),
+        }
+    }
+
+    fn fetches(&self) -> usize {
+        self.attempts.lock().len()
+    }
+
+    /// Gaps between consecutive fetch attempts.
+    fn gaps(&self) -> Vec<Duration> {
+        let attempts = self.attempts.lock();
+        attempts.windows(2).map(|w| w[1] - w[0]).collect()
+    }
+}
+
+impl CertSource for FakeSource {
+    fn fetch<'a>(&'a self, id: &'a Identity) -> BoxFuture<'a, Result<WorkloadCert, Error>> {
+        Box::pin(async move {
+            self.attempts.lock().push(Instant::now());
+            tokio::time::sleep(self.latency).await;
+            let failing = self
+                .failures
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+            if failing {
+                return Err(Error::Read {
+                    path: "fake-ca".into(),
+                    source: std::io::Error::other("CA unavailable"),
+                });
+            }
+            let mut cert = self.template.clone();
+            cert.identity = id.clone();
+            cert.not_before = SystemTime::now() - self.backdate;
+            cert.not_after = cert.not_before + self.ttl;
+            Ok(cert)
+        })
+    }
+}
+
+#[tokio::test]
+async fn concurrent_first_gets_share_one_fetch() {
+    let source = Arc::new(FakeSource {
+        latency: Duration::from_millis(100),
+        ..FakeSource::new(Duration::from_secs(3600))
+    });
+    let manager = CertManager::with_timing(source.clone(), FAST);
+
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..10 {
+        let manager = manager.clone();
+        tasks.spawn(async move { manager.get(&id("a")).await.unwrap() });
+    }
+    let receivers = tasks.join_all().await;
+
+    assert_eq!(source.fetches(), 1);
+    let first = receivers[0].borrow().clone();
+    assert!(receivers.iter().all(|rx| Arc::ptr_eq(&rx.borrow(), &first)));
+    let later = manager.get(&id("a")).await.unwrap();
+    assert!(Arc::ptr_eq(&later.borrow(), &first));
+    assert_eq!(source.fetches(), 1);
+
+    manager.get(&id("b")).await.unwrap();
+    assert_eq!(source.fetches(), 2);
+}
+
+#[tokio::test]
+async fn publishes_a_new_certificate_at_half_life() {
+    let source = Arc::new(FakeSource::new(Duration::from_secs(2)));
+    let manager = CertManager::with_timing(source.clone(), FAST);
+    let start = Instant::now();
+    let mut rx = manager.get(&id("a")).await.unwrap();
+    let first = rx.borrow_and_update().clone();
+
+    tokio::time::timeout(PATIENCE, rx.changed())
+        .await
+        .unwrap()
+        .unwrap();
+    let elapsed = start.elapsed();
+    assert!(
+        elapsed >= Duration::from_millis(990) && elapsed < Duration::from_millis(1900),
+        "rotated after {elapsed:?}, want about 1 s"
+    );
+    let second = rx.borrow_and_update().clone();
+    assert!(second.not_before + Duration::from_millis(5) >= first.refresh_at());
+    assert_eq!(second.identity, id("a"));
+    assert_eq!(source.fetches(), 2);
+}
+
+#[tokio::test]
+async fn failing_refresh_keeps_the_old_cert_and_backs_off() {
+    let source = Arc::new(FakeSource::new(Duration::from_secs(1)));
+    let manager = CertManager::with_timing(source.clone(), FAST);
+    let mut rx = manager.get(&id("a")).await.unwrap();
+    let first = rx.borrow_and_update().clone();
+    source.failures.store(3, Ordering::SeqCst);
+
+    tokio::time::timeout(PATIENCE, rx.changed())
+        .await
+        .unwrap()
+        .unwrap();
+    // Nothing was published for the three failures: the one change came with the 4th attempt.
+    assert_eq!(source.fetches(), 1 + 4);
+    assert!(rx.borrow().not_before > first.not_before);
+    let gaps = source.gaps();
+    for (gap, base_ms) in gaps[1..].iter().zip([20.0, 40.0, 80.0]) {
+        let ms = gap.as_secs_f64() * 1000.0;
+        assert!(
+            ms >= base_ms * 0.8 - 1.0,
+            "retry after {ms} ms, want {base_ms} ms -20%"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_source_handing_out_expired_certs_is_not_polled_in_a_loop() {
+    let source = Arc::new(FakeSource {
+        backdate: Duration::from_secs(20),
+        ..FakeSource::new(Duration::from_secs(10))
+    });
+    let manager = CertManager::with_timing(source.clone(), FAST);
+    let _rx = manager.get(&id("a")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let fetches = source.fetches();
+    assert!((2..=11).contains(&fetches), "{fetches} fetches in 200 ms");
+    assert!(source
+        .gaps()
+        .iter()
+        .all(|gap| *gap >= FAST.min_refresh_delay));
+}
+
+#[tokio::test]
+async fn forget_stops_rotation_and_closes_the_channel() {
+    let source = Arc::new(FakeSource::new(Duration::from_millis(200)));
+    let manager = CertManager::with_timing(source.clone(), FAST);
+    let mut rx = manager.get(&id("a")).await.unwrap();
+
+    manager.forget(&id("a"));
+    let changed = tokio::time::timeout(PATIENCE, rx.changed()).await.unwrap();
+    assert!(changed.is_err(), "channel still open");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(source.fetches(), 1);
+
+    // Asking again starts afresh.
+    manager.get(&id("a")).await.unwrap();
+    assert_eq!(source.fetches(), 2);
+}
+
+#[tokio::test]
+async fn failed_first_fetch_is_reported_and_retried_by_the_next_get() {
+    let source = Arc::new(FakeSource::new(Duration::from_secs(3600)));
+    source.failures.store(1, Ordering::SeqCst);
+    let manager = CertManager::with_timing(source.clone(), FAST);
+
+    let err = manager.get(&id("a")).await.expect_err("fetch error hidden");
+    assert!(err.to_string().contains("fake-ca"), "{err}");
+    manager.get(&id("a")).await.unwrap();
+    assert_eq!(source.fetches(), 2);
+}
+
+#[tokio::test]
+async fn dropping_the_manager_stops_rotation() {
+    let source = Arc::new(FakeSource::new(Duration::from_millis(200)));
+    let manager = CertManager::with_timing(source.clone(), FAST);
+    let mut rx = manager.get(&id("a")).await.unwrap();
+    drop(manager);
+    let changed = tokio::time::timeout(PATIENCE, rx.changed()).await.unwrap();
+    assert!(changed.is_err());
+    assert_eq!(source.fetches(), 1);
+}
+
+/// Real CA, production timing: the rotated leaf is a new certificate that still verifies.
+#[tokio::test]
+async fn rotates_real_builtin_certificates() {
+    let ca = Arc::new(BuiltinCa::ephemeral(Duration::from_secs(2)).unwrap());
+    let manager = CertManager::new(ca);
+    let mut rx = manager.get(&id("a")).await.unwrap();
+    let first = rx.borrow_and_update().clone();
+    tokio::time::timeout(PATIENCE, rx.changed())
+        .await
+        .expect("no rotation")
+        .unwrap();
+    let second = rx.borrow().clone();
+    assert_ne!(first.chain[0], second.chain[0]);
+    crate::identity::signer::verify(&second, SystemTime::now()).unwrap();
+}
+
+#[test]
+fn production_backoff_doubles_from_half_a_second_with_jitter_up_to_150_s() {
+    let mut backoff = Backoff::new(Timing::PRODUCTION);
+    let mut base = 0.5_f64;
+    for _ in 0..15 {
+        let delay = backoff.next_delay().as_secs_f64();
+        let capped = base.min(150.0);
+        assert!(
+            (capped * 0.8..=capped * 1.2).contains(&delay) && delay <= 150.0,
+            "delay {delay} s, want {capped} s ±20% and at most 150 s"
+        );
+        base *= 2.0;
+    }
+}
+
+#[test]
+fn retries_are_never_scheduled_past_expiry() {
+    let s = Duration::from_secs;
+    assert_eq!(retry_delay(s(8), s(3)), s(3));
+    assert_eq!(retry_delay(s(2), s(3)), s(2));
+    // Already expired: plain backoff.
+    assert_eq!(retry_delay(s(8), Duration::ZERO), s(8));
+}
