@@ -219,6 +219,8 @@ impl Proxy {
         let max = self.cfg().max_connections;
         let limit = Arc::new(Semaphore::new(max));
         let mut shutdown = self.shutdown.clone();
+        // Set when the termination deadline passes: connections still open are dropped (closed) then.
+        let (force_close, forced) = watch::channel(false);
         loop {
             let permit = tokio::select! {
                 p = limit.clone().acquire_owned() => p.expect("semaphore never closed"),
@@ -232,8 +234,12 @@ impl Proxy {
                 Ok((stream, peer)) => {
                     let _ = socket::accepted(&stream);
                     let fut = handle(stream, socket::canonical(peer));
+                    let mut forced = forced.clone();
                     tokio::spawn(async move {
-                        fut.await;
+                        tokio::select! {
+                            _ = fut => {}
+                            _ = forced.wait_for(|f| *f) => {}
+                        }
                         drop(permit);
                     });
                 }
@@ -255,6 +261,7 @@ impl Proxy {
                 listener = name,
                 "connections still open at the termination deadline; closing them"
             );
+            let _ = force_close.send(true);
         }
     }
 }

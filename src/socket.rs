@@ -145,6 +145,12 @@ pub fn accepted(stream: &TcpStream) -> io::Result<()> {
     stream.set_nodelay(true)
 }
 
+/// Makes closing `stream` send a TCP reset instead of a FIN (SO_LINGER with a zero timeout, which does
+/// not block), so a refused client sees "connection reset" at once.
+pub fn reset_on_close(stream: &TcpStream) {
+    let _ = SockRef::from(stream).set_linger(Some(Duration::ZERO));
+}
+
 /// Whether this process may set IP_TRANSPARENT (CAP_NET_ADMIN), tested on a throwaway socket.
 pub fn can_be_transparent() -> bool {
     Socket::new(Domain::IPV4, Type::STREAM, None)

@@ -59,6 +59,10 @@ impl Proxy {
                 bytes_sent = recv, bytes_recv = sent, "connection complete"
             ),
             Err(e) => {
+                if matches!(e, Error::Denied(_)) {
+                    // A reset, not a clean close: the client learns at once that it was refused.
+                    socket::reset_on_close(&stream);
+                }
                 tracing::info!(target: "access", direction = "inbound", src.addr = %peer, error = %e, "connection refused")
             }
         }

@@ -90,7 +90,8 @@ impl Drop for Netns {
 }
 
 /// Joins `a` and `b` with a veth pair, addressing them `a_cidr` and `b_cidr` (e.g. `10.1.2.1/24`).
-pub fn veth(a: &Netns, a_cidr: &str, b: &Netns, b_cidr: &str) {
+/// Returns the two interface names.
+pub fn veth(a: &Netns, a_cidr: &str, b: &Netns, b_cidr: &str) -> (String, String) {
     static NEXT: AtomicU32 = AtomicU32::new(0);
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
     let (va, vb) = (
@@ -104,6 +105,7 @@ pub fn veth(a: &Netns, a_cidr: &str, b: &Netns, b_cidr: &str) {
     b.ip(&["addr", "add", b_cidr, "dev", &vb]);
     a.ip(&["link", "set", &va, "up"]);
     b.ip(&["link", "set", &vb, "up"]);
+    (va, vb)
 }
 
 /// Kills a child process on drop.
