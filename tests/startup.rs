@@ -1,0 +1,185 @@
+//! Starting the proxy role the way `meshnode proxy` does (config → state → CA → listeners → readiness), and
+//! refusing clearly what it cannot start with.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use meshnode::app;
+use meshnode::proxy::Listeners;
+use meshnode::socket::{self, SocketOpts};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::watch;
+
+async fn readiness(addr: SocketAddr) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /healthz/ready HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+fn listeners(bind: std::net::IpAddr) -> Listeners {
+    let l = || socket::listen(SocketAddr::new(bind, 0), SocketOpts::default()).unwrap();
+    Listeners {
+        outbound: l(),
+        inbound: l(),
+        inbound_plaintext: l(),
+    }
+}
+
+#[tokio::test]
+async fn readiness_waits_for_the_workload_and_its_certificate() {
+    let net = loopback_net();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("local.yaml");
+    std::fs::write(&file, "workloads: []\n").unwrap();
+    let cfg = Arc::new(config(
+        "default/web/web",
+        &[
+            ("LOCAL_XDS_PATH", file.to_str().unwrap()),
+            (
+                "MESHNODE_STATE_DIR",
+                dir.path().join("state").to_str().unwrap(),
+            ),
+        ],
+    ));
+    let ready_listener =
+        socket::listen(SocketAddr::new(ip(net, 1), 0), SocketOpts::default()).unwrap();
+    let ready_addr = ready_listener.local_addr().unwrap();
+    let (stop, shutdown) = watch::channel(false);
+    let proxy = tokio::spawn(app::run_proxy(
+        cfg,
+        listeners(ip(net, 1)),
+        Some(ready_listener),
+        shutdown,
+    ));
+
+    let answer = readiness(ready_addr).await;
+    assert!(answer.starts_with("HTTP/1.1 500"), "{answer}");
+    assert!(answer.contains("not ready, pending: proxy"), "{answer}");
+
+    std::fs::write(
+        &file,
+        format!("workloads:\n- name: web\n  namespace: default\n  serviceAccount: web\n  workloadIps: [\"{}\"]\n  protocol: HBONE\n", ip(net, 1)),
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let answer = readiness(ready_addr).await;
+        if answer.starts_with("HTTP/1.1 200") {
+            assert!(answer.ends_with("ready\n"), "{answer}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "never ready: {answer}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The built-in CA kept its root in the state directory, for the next start and other processes.
+    assert!(dir.path().join("state/ca/root-cert.pem").exists());
+
+    // Other paths and garbage get clean HTTP errors.
+    let mut s = tokio::net::TcpStream::connect(ready_addr).await.unwrap();
+    s.write_all(b"\x00\x01garbage\r\n\r\n").await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+
+    stop.send(true).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), proxy)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_bad_local_config_stops_start_up_naming_the_problem() {
+    let net = loopback_net();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("local.yaml");
+    std::fs::write(
+        &file,
+        "workloads:\n- name: web\n  namespace: default\n  workloadIps: [\"999.1.1.1\"]\n",
+    )
+    .unwrap();
+    let cfg = Arc::new(config(
+        "default/web/web",
+        &[
+            ("LOCAL_XDS_PATH", file.to_str().unwrap()),
+            (
+                "MESHNODE_STATE_DIR",
+                dir.path().join("state").to_str().unwrap(),
+            ),
+        ],
+    ));
+    let (_stop, shutdown) = watch::channel(false);
+    let err = app::run_proxy(cfg, listeners(ip(net, 1)), None, shutdown)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("invalid"), "{err}");
+
+    let missing = Arc::new(config(
+        "default/web/web",
+        &[("LOCAL_XDS_PATH", "/nonexistent/meshnode.yaml")],
+    ));
+    let (_stop, shutdown) = watch::channel(false);
+    let err = app::run_proxy(missing, listeners(ip(net, 1)), None, shutdown)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("/nonexistent/meshnode.yaml"), "{err}");
+}
+
+#[tokio::test]
+async fn an_unusable_plugin_ca_stops_start_up_naming_the_file() {
+    let net = loopback_net();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("ca-cert.pem"), "not a certificate").unwrap();
+    let cfg = Arc::new(config(
+        "default/web/web",
+        &[("CA_CERTS_DIR", dir.path().to_str().unwrap())],
+    ));
+    let (_stop, shutdown) = watch::channel(false);
+    let err = app::run_proxy(cfg, listeners(ip(net, 1)), None, shutdown)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("ca-"), "{err}");
+}
+
+#[test]
+fn the_binary_refuses_bad_environment_naming_the_variable() {
+    let bin = env!("CARGO_BIN_EXE_meshnode");
+    for (env, var) in [
+        (vec![("PROXY_MODE", "dedicated")], "PROXY_WORKLOAD_INFO"),
+        (
+            vec![("PROXY_MODE", "dedicated"), ("PROXY_WORKLOAD_INFO", "a/b")],
+            "PROXY_WORKLOAD_INFO",
+        ),
+        (vec![("PROXY_MODE", "sidecar")], "PROXY_MODE"),
+        (
+            vec![
+                ("PROXY_MODE", "dedicated"),
+                ("PROXY_WORKLOAD_INFO", "a/b/c"),
+                ("PACKET_MARK", "lots"),
+            ],
+            "PACKET_MARK",
+        ),
+    ] {
+        let out = std::process::Command::new(bin)
+            .arg("proxy")
+            .env_clear()
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(var), "stderr for {env:?}: {stderr}");
+    }
+}
