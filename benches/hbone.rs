@@ -157,14 +157,9 @@ impl Bench {
             );
             let yaml = mesh_yaml(net);
             let client_ip = support::ip(net, 2);
-            let client = support::start_proxy(
-                ca.clone(),
-                &yaml,
-                "default/client/client",
-                client_ip,
-                &[],
-            )
-            .await;
+            let client =
+                support::start_proxy(ca.clone(), &yaml, "default/client/client", client_ip, &[])
+                    .await;
             let server =
                 support::start_proxy(ca, &yaml, "default/server/server", server_ip, &[]).await;
             let mesh_sink = capture(&client.proxy, client_ip, sink).await;
@@ -293,7 +288,9 @@ async fn throughput(target: SocketAddr, dur: Duration) -> f64 {
     }
     s.shutdown().await.expect("half-closing");
     let mut ack = [0u8; 8];
-    s.read_exact(&mut ack).await.expect("reading the sink's ack");
+    s.read_exact(&mut ack)
+        .await
+        .expect("reading the sink's ack");
     let secs = start.elapsed().as_secs_f64();
     let got = u64::from_le_bytes(ack);
     assert_eq!(got, sent, "the sink received a different byte count");
@@ -432,11 +429,17 @@ fn main() {
     let tp_base = b.run(throughput(b.sink, dur));
     let tp_mesh = b.run(throughput(b.mesh_sink, dur));
 
-    eprintln!("request/response latency ({} round trips per path)...", s.rr_iterations);
+    eprintln!(
+        "request/response latency ({} round trips per path)...",
+        s.rr_iterations
+    );
     let (p50_base, p99_base) = b.run(latency(b.echo, s.rr_iterations));
     let (p50_mesh, p99_mesh) = b.run(latency(b.mesh_echo, s.rr_iterations));
 
-    eprintln!("new-connection rate ({:.1} s per path)...", dur.as_secs_f64());
+    eprintln!(
+        "new-connection rate ({:.1} s per path)...",
+        dur.as_secs_f64()
+    );
     let cps_base = b.run(connection_rate(b.echo, dur));
     let cps_mesh = b.run(connection_rate(b.mesh_echo, dur));
     let pooled_after_rate = b.proxies[0].proxy.pool().connections();

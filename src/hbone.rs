@@ -24,6 +24,29 @@ const SERVER_MAX_CONCURRENT_STREAMS: u32 = 200;
 const SERVER_MAX_SEND_BUFFER: usize = 400 * 1024;
 /// Time allowed for a CONNECT response; a peer that never answers must not hold a client forever.
 pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
+/// HTTP/2 PING period on every HBONE connection (ztunnel: 10 s), to find dead peers.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// A PING unanswered for this long closes the connection (ztunnel: 20 s).
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Pings the peer every [`KEEPALIVE_INTERVAL`]; returns when a ping goes unanswered for
+/// [`KEEPALIVE_TIMEOUT`] or the connection is gone. Without a `PingPong` it never returns.
+pub async fn keepalive(ping_pong: Option<h2::PingPong>) {
+    let Some(mut pp) = ping_pong else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(KEEPALIVE_INTERVAL).await;
+        match tokio::time::timeout(KEEPALIVE_TIMEOUT, pp.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_)) => continue,
+            Ok(Err(_)) => return,
+            Err(_) => {
+                tracing::info!("HBONE peer stopped answering pings; closing the connection");
+                return;
+            }
+        }
+    }
+}
 
 /// An HTTP/2 client builder with HBONE's settings.
 pub fn client_builder(cfg: &H2Config, max_streams: u32) -> h2::client::Builder {

@@ -163,9 +163,13 @@ pub struct Upstream {
 pub struct State {
     workloads: Vec<Arc<Workload>>,
     by_uid: HashMap<String, usize>,
-    by_addr: HashMap<(String, IpAddr), usize>,
+    /// network → address → workload.
+    by_addr: HashMap<String, HashMap<IpAddr, usize>>,
+    /// namespace → name → workloads (a name can repeat across service accounts).
+    by_name: HashMap<String, HashMap<String, Vec<usize>>>,
     services: Vec<Arc<Service>>,
-    by_vip: HashMap<(String, IpAddr), Vec<usize>>,
+    /// network → VIP → services.
+    by_vip: HashMap<String, HashMap<IpAddr, Vec<usize>>>,
     by_host: HashMap<String, Vec<usize>>,
     policies: Arc<PolicySet>,
 }
@@ -190,17 +194,33 @@ impl State {
             }
             let idx = st.workloads.len();
             st.by_uid.insert(w.uid.clone(), idx);
+            let addrs = st.by_addr.entry(w.network.clone()).or_default();
             for ip in &w.ips {
                 // Several workloads on one IP: prefer HBONE ones, as ztunnel does.
-                let key = (w.network.clone(), *ip);
-                match st.by_addr.get(&key) {
+                match addrs.get(ip) {
                     Some(&old) if st.workloads[old].protocol == Protocol::HBONE => {}
                     _ => {
-                        st.by_addr.insert(key, idx);
+                        addrs.insert(*ip, idx);
                     }
                 }
             }
+            st.by_name
+                .entry(w.namespace.clone())
+                .or_default()
+                .entry(w.name.clone())
+                .or_default()
+                .push(idx);
             st.workloads.push(Arc::new(w));
+        }
+        // Endpoints, bucketed by service key in one pass over the workloads.
+        let mut endpoints: HashMap<String, Vec<Endpoint>> = HashMap::new();
+        for (idx, w) in st.workloads.iter().enumerate() {
+            for (key, ports) in &w.services {
+                endpoints.entry(key.clone()).or_default().push(Endpoint {
+                    workload: idx,
+                    ports: ports.clone(),
+                });
+            }
         }
         for mut svc in services {
             let key = svc.key();
@@ -214,17 +234,15 @@ impl State {
                     key,
                 });
             }
-            for (idx, w) in st.workloads.iter().enumerate() {
-                if let Some(ports) = w.services.get(&key) {
-                    svc.endpoints.push(Endpoint {
-                        workload: idx,
-                        ports: ports.clone(),
-                    });
-                }
-            }
+            svc.endpoints = endpoints.remove(&key).unwrap_or_default();
             let idx = st.services.len();
-            for vip in &svc.vips {
-                st.by_vip.entry(vip.clone()).or_default().push(idx);
+            for (network, vip) in &svc.vips {
+                st.by_vip
+                    .entry(network.clone())
+                    .or_default()
+                    .entry(*vip)
+                    .or_default()
+                    .push(idx);
             }
             st.by_host
                 .entry(svc.hostname.clone())
@@ -252,18 +270,19 @@ impl State {
 
     /// The workload a dedicated proxy (or a pod handed over by ZDS) acts for.
     pub fn workload_by_info(&self, info: &WorkloadInfo) -> Option<&Arc<Workload>> {
-        self.workloads.iter().find(|w| {
-            w.name == info.name
-                && w.namespace == info.namespace
-                && w.service_account == info.service_account
-        })
+        self.by_name
+            .get(info.namespace.as_str())?
+            .get(info.name.as_str())?
+            .iter()
+            .map(|&i| &self.workloads[i])
+            .find(|w| w.service_account == info.service_account)
     }
 
     /// The workload owning `ip` on `network`.
     pub fn workload_by_addr(&self, network: &str, ip: IpAddr) -> Option<&Arc<Workload>> {
-        // The key needs an owned String; the network name is short and this keeps the map simple.
         self.by_addr
-            .get(&(network.to_string(), ip))
+            .get(network)?
+            .get(&ip)
             .map(|&i| &self.workloads[i])
     }
 
@@ -274,7 +293,7 @@ impl State {
         ip: IpAddr,
         client_ns: &str,
     ) -> Option<&Arc<Service>> {
-        let candidates = self.by_vip.get(&(network.to_string(), ip))?;
+        let candidates = self.by_vip.get(network)?.get(&ip)?;
         self.best(candidates, client_ns)
     }
 
@@ -300,36 +319,36 @@ impl State {
         port: u16,
         family_of: IpAddr,
     ) -> Option<Upstream> {
-        let mut candidates: Vec<(&Endpoint, u16, IpAddr)> = Vec::new();
-        for ep in &svc.endpoints {
+        // Two passes over the endpoints (sum the weights, then pick), so nothing is allocated per connection.
+        let eligible = |ep: &Endpoint| -> Option<(u16, IpAddr)> {
             let w = &self.workloads[ep.workload];
-            if w.status != HealthStatus::Healthy && svc.health_policy != HealthPolicy::AllowAll {
-                continue;
+            let healthy =
+                w.status == HealthStatus::Healthy || svc.health_policy == HealthPolicy::AllowAll;
+            if !healthy || w.capacity == 0 {
+                return None;
             }
-            if w.capacity == 0 {
-                continue;
-            }
-            let target = match ep.ports.get(&port).or_else(|| svc.ports.get(&port)) {
-                Some(&0) | None => match ep.ports.get(&port) {
-                    Some(&p) if p != 0 => p,
-                    _ => continue,
-                },
-                Some(&p) => p,
-            };
-            let Some(ip) = pick_ip(&w.ips, family_of) else {
-                continue;
-            };
-            candidates.push((ep, target, ip));
-        }
-        let total: u64 = candidates
+            // The endpoint's own port map wins, then the service's; 0 means "not mapped".
+            let target = [ep.ports.get(&port), svc.ports.get(&port)]
+                .into_iter()
+                .flatten()
+                .copied()
+                .find(|p| *p != 0)?;
+            Some((target, pick_ip(&w.ips, family_of)?))
+        };
+        let total: u64 = svc
+            .endpoints
             .iter()
-            .map(|(ep, _, _)| self.workloads[ep.workload].capacity as u64)
+            .filter(|ep| eligible(ep).is_some())
+            .map(|ep| self.workloads[ep.workload].capacity as u64)
             .sum();
         if total == 0 {
             return None;
         }
         let mut pick = rand::rng().random_range(0..total);
-        for (ep, target, ip) in candidates {
+        for ep in &svc.endpoints {
+            let Some((target, ip)) = eligible(ep) else {
+                continue;
+            };
             let w = &self.workloads[ep.workload];
             let cap = w.capacity as u64;
             if pick < cap {

@@ -198,8 +198,8 @@ fn request_between_two_pods_crosses_both_proxies_over_hbone_on_ipv4_and_ipv6() {
     capture("ip6tables", "::1/128");
 
     for (dst, server_addr) in [
-        (format!("{server_ip}:8080"), server_ip.clone()),
-        (format!("[{server_ip6}]:8080"), server_ip6.clone()),
+        (format!("{server_ip}:8080"), server_ip),
+        (format!("[{server_ip6}]:8080"), server_ip6),
     ] {
         let reply = call(&client, dst.parse().unwrap()).unwrap();
         // The app was reached by the server pod's proxy (its own address), not by the client directly.

@@ -255,9 +255,14 @@ impl Pool {
             last_used: Mutex::new(Instant::now()),
         });
         let driver_state = state.clone();
+        let mut connection = connection;
+        let pings = super::keepalive(connection.ping_pong());
         tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(%dst, error = %e, "HBONE connection ended");
+            tokio::select! {
+                r = &mut connection => if let Err(e) = r {
+                    tracing::debug!(%dst, error = %e, "HBONE connection ended");
+                },
+                _ = pings => {}
             }
             driver_state.closed.store(true, Ordering::Release);
         });

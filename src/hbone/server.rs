@@ -63,9 +63,12 @@ where
     F: Future<Output = ()> + Send + 'static,
 {
     let mut conn = super::server_builder(cfg).handshake::<_, Bytes>(io).await?;
+    let pings = super::keepalive(conn.ping_pong());
+    tokio::pin!(pings);
     let mut draining = false;
     loop {
         tokio::select! {
+            _ = &mut pings => return Ok(()),
             next = conn.accept() => match next {
                 Some(Ok((request, respond))) => {
                     tokio::spawn(handle(Incoming { request, respond }));
