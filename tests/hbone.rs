@@ -532,3 +532,26 @@ async fn certificate_rotation_keeps_live_connections_working() {
     // And new connections keep working.
     assert!(roundtrip(entry, b"fresh").await.unwrap().ends_with("fresh"));
 }
+
+#[tokio::test]
+async fn plugin_cas_from_istio_cacerts_directories_carry_traffic() {
+    // An RSA root signing directly, and an ECDSA intermediate under an RSA root (with cert-chain.pem).
+    for dir in ["rsa-root", "ecdsa-intermediate"] {
+        let net = loopback_net();
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("src/identity/testdata")
+            .join(dir);
+        let ca: Arc<dyn CertSource> =
+            Arc::new(meshnode::identity::PluginCa::load(&path, TTL).unwrap());
+        let yaml = mesh_yaml(net, "[]");
+        let client = start_proxy(ca.clone(), &yaml, "default/client/client", ip(net, 2), &[]).await;
+        let _server = start_proxy(ca, &yaml, "default/server/server", ip(net, 3), &[]).await;
+        echo_server(SocketAddr::new(ip(net, 3), 8080)).await;
+        let entry = capture(&client.proxy, ip(net, 2), SocketAddr::new(ip(net, 100), 80)).await;
+        let answer = roundtrip(entry, b"signed by a plug-in CA").await.unwrap();
+        assert!(
+            answer.ends_with("signed by a plug-in CA"),
+            "{dir}: {answer}"
+        );
+    }
+}

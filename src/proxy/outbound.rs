@@ -219,3 +219,64 @@ impl std::fmt::Display for Route {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::LocalConfig;
+
+    #[test]
+    fn connect_request_is_what_ztunnel_sends() {
+        let st = LocalConfig::parse(
+            r#"
+workloads:
+- {uid: c, name: sleep-7d9f, namespace: default, serviceAccount: sleep, workloadIps: ["10.0.0.1"],
+   workloadName: sleep, workloadType: deployment, canonicalName: sleep, canonicalRevision: v1, clusterId: c1}
+- {uid: s, name: web, namespace: default, workloadIps: ["10.0.0.2", "fd00::2"], protocol: HBONE,
+   services: {"default/web.default.svc.cluster.local": {80: 8080}}}
+services:
+- {name: web, namespace: default, hostname: web.default.svc.cluster.local, vips: ["/10.96.0.1"], ports: {80: 8080}}
+"#,
+        )
+        .unwrap()
+        .into_state()
+        .unwrap();
+        let src = st
+            .workload_by_addr("", "10.0.0.1".parse().unwrap())
+            .unwrap()
+            .clone();
+        let svc = st
+            .service_by_vip("", "10.96.0.1".parse().unwrap(), "default")
+            .unwrap()
+            .clone();
+        let up = st
+            .pick_endpoint(&svc, 80, "10.96.0.1".parse().unwrap())
+            .unwrap();
+        let req = connect_request(&src, "10.0.0.1:40000".parse().unwrap(), &up);
+        assert_eq!(req.method(), Method::CONNECT);
+        assert_eq!(req.uri().to_string(), "10.0.0.2:8080");
+        assert!(req.uri().scheme().is_none() && req.uri().path_and_query().is_none());
+        let h = req.headers();
+        assert_eq!(
+            h["forwarded"],
+            "for=\"10.0.0.1:40000\";host=web.default.svc.cluster.local"
+        );
+        assert_eq!(
+            h["baggage"],
+            "k8s.cluster.name=c1,k8s.namespace.name=default,k8s.deployment.name=sleep,service.name=sleep,service.version=v1"
+        );
+        let tp = h["traceparent"].to_str().unwrap();
+        assert_eq!(tp.len(), 55, "{tp}");
+        assert!(tp.starts_with("00-") && tp.ends_with("-00"), "{tp}");
+
+        // IPv6 authorities are bracketed.
+        let w = st
+            .workload_by_addr("", "fd00::2".parse().unwrap())
+            .unwrap()
+            .clone();
+        let up6 = st.upstream(w, "[fd00::2]:8080".parse().unwrap(), None);
+        let req6 = connect_request(&src, "[fd00::1]:1".parse().unwrap(), &up6);
+        assert_eq!(req6.uri().to_string(), "[fd00::2]:8080");
+        assert_eq!(req6.headers()["forwarded"], "for=\"[fd00::1]:1\"");
+    }
+}
