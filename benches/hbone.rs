@@ -14,11 +14,15 @@
 //! | memory per idle connection | opens `BENCH_IDLE_CONNECTIONS` connections (each proven end to end by a 1-byte echo) and holds them; (VmRSS after − VmRSS before) / connections. Each path runs in a fresh child process (this binary re-executed) so one path's freed heap does not hide the other's growth |
 //!
 //! Inputs (environment variables; defaults in brackets):
-//! * `BENCH_SECONDS` [3]: duration of the throughput and connection-rate runs, each, per path.
-//! * `BENCH_RR_ITERATIONS` [20000]: request/response round trips measured per path (plus 10% warm-up).
+//! * `BENCH_SECONDS` [3]: duration of the throughput and connection-rate runs, each, per path (in total
+//!   over the rounds).
+//! * `BENCH_RR_ITERATIONS` [20000]: request/response round trips measured per path (plus 10% warm-up in
+//!   each round).
 //! * `BENCH_IDLE_CONNECTIONS` [2000]: connections held for the memory measurement.
 //! * `BENCH_PROXY_THREADS` [2]: worker threads of the runtime both proxies share (the proxy's default).
 //! * `BENCH_LOAD_THREADS` [2]: worker threads of the runtime running the client and the applications.
+//! * `BENCH_ROUNDS` [3]: the throughput, latency and connection-rate runs are split into this many rounds,
+//!   baseline and mesh alternating (order flipped each round); totals and percentiles cover all rounds.
 //!
 //! A CI smoke run: `BENCH_SECONDS=0.3 BENCH_RR_ITERATIONS=500 BENCH_IDLE_CONNECTIONS=100 cargo bench --bench hbone`.
 //!
@@ -65,6 +69,7 @@ struct Settings {
     idle_connections: usize,
     proxy_threads: usize,
     load_threads: usize,
+    rounds: usize,
 }
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
@@ -84,6 +89,7 @@ impl Settings {
             idle_connections: env_or("BENCH_IDLE_CONNECTIONS", 2_000usize).max(1),
             proxy_threads: env_or("BENCH_PROXY_THREADS", 2usize).max(1),
             load_threads: env_or("BENCH_LOAD_THREADS", 2usize).max(1),
+            rounds: env_or("BENCH_ROUNDS", 3usize).max(1),
         }
     }
 
@@ -276,8 +282,8 @@ async fn ping(s: &mut TcpStream, msg: &[u8]) {
     s.read_exact(&mut back).await.expect("reading the echo");
 }
 
-/// Gbit/s of one connection writing for `dur`, counted until the app acknowledges the last byte.
-async fn throughput(target: SocketAddr, dur: Duration) -> f64 {
+/// Bytes one connection writes in about `dur`, and the seconds until the app acknowledged the last one.
+async fn throughput(target: SocketAddr, dur: Duration) -> (f64, f64) {
     let mut s = connect(target).await;
     let chunk = vec![0xa5u8; CHUNK];
     let start = Instant::now();
@@ -294,11 +300,11 @@ async fn throughput(target: SocketAddr, dur: Duration) -> f64 {
     let secs = start.elapsed().as_secs_f64();
     let got = u64::from_le_bytes(ack);
     assert_eq!(got, sent, "the sink received a different byte count");
-    sent as f64 * 8.0 / secs / 1e9
+    (sent as f64, secs)
 }
 
-/// p50 and p99 round-trip times of 1 KiB request/response on one connection, in µs.
-async fn latency(target: SocketAddr, iterations: usize) -> (f64, f64) {
+/// Round-trip times of `iterations` 1 KiB requests and responses on one connection, after a warm-up.
+async fn latency(target: SocketAddr, iterations: usize) -> Vec<Duration> {
     let mut s = connect(target).await;
     let msg = vec![0x5au8; MESSAGE];
     let mut back = vec![0u8; MESSAGE];
@@ -311,13 +317,17 @@ async fn latency(target: SocketAddr, iterations: usize) -> (f64, f64) {
             samples.push(t.elapsed());
         }
     }
-    samples.sort_unstable();
-    let pct = |p: usize| samples[(samples.len() - 1) * p / 100].as_secs_f64() * 1e6;
-    (pct(50), pct(99))
+    samples
 }
 
-/// Sequential connect / 1 byte each way / close for `dur`; connections per second.
-async fn connection_rate(target: SocketAddr, dur: Duration) -> f64 {
+/// The `p`th percentile of `samples` (nearest rank), in µs.
+fn percentile(samples: &mut [Duration], p: usize) -> f64 {
+    samples.sort_unstable();
+    samples[(samples.len() - 1) * p / 100].as_secs_f64() * 1e6
+}
+
+/// Sequential connect / 1 byte each way / close for `dur`: connections made, and the seconds it took.
+async fn connection_rate(target: SocketAddr, dur: Duration) -> (f64, f64) {
     let start = Instant::now();
     let mut n = 0u64;
     while start.elapsed() < dur {
@@ -326,7 +336,7 @@ async fn connection_rate(target: SocketAddr, dur: Duration) -> f64 {
         drop(s);
         n += 1;
     }
-    n as f64 / start.elapsed().as_secs_f64()
+    (n as f64, start.elapsed().as_secs_f64())
 }
 
 /// VmRSS of this process, KiB.
@@ -425,23 +435,48 @@ fn main() {
     let dur = s.duration();
     let b = Bench::new(&s);
 
-    eprintln!("throughput ({:.1} s per path)...", dur.as_secs_f64());
-    let tp_base = b.run(throughput(b.sink, dur));
-    let tp_mesh = b.run(throughput(b.mesh_sink, dur));
-
-    eprintln!(
-        "request/response latency ({} round trips per path)...",
-        s.rr_iterations
-    );
-    let (p50_base, p99_base) = b.run(latency(b.echo, s.rr_iterations));
-    let (p50_mesh, p99_mesh) = b.run(latency(b.mesh_echo, s.rr_iterations));
-
-    eprintln!(
-        "new-connection rate ({:.1} s per path)...",
-        dur.as_secs_f64()
-    );
-    let cps_base = b.run(connection_rate(b.echo, dur));
-    let cps_mesh = b.run(connection_rate(b.mesh_echo, dur));
+    // Baseline and mesh alternate in short rounds (the order flipping each round), so a burst of noise from
+    // the machine's other tenants hits both paths alike instead of only one.
+    let rounds = s.rounds;
+    let slice = dur / rounds as u32;
+    let rr_per_round = s.rr_iterations.div_ceil(rounds);
+    // Per path (0 = baseline, 1 = mesh): bytes and seconds; latency samples; connections and seconds.
+    let mut tp = [(0.0, 0.0); 2];
+    let mut rr: [Vec<Duration>; 2] = [Vec::new(), Vec::new()];
+    let mut cps = [(0.0, 0.0); 2];
+    let add = |acc: &mut (f64, f64), (n, secs): (f64, f64)| {
+        acc.0 += n;
+        acc.1 += secs;
+    };
+    for round in 0..rounds {
+        eprintln!(
+            "round {}/{rounds}: throughput {:.2} s, {rr_per_round} round trips, connections {:.2} s, per path...",
+            round + 1,
+            slice.as_secs_f64(),
+            slice.as_secs_f64()
+        );
+        let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+        for &p in &order {
+            add(
+                &mut tp[p],
+                b.run(throughput([b.sink, b.mesh_sink][p], slice)),
+            );
+        }
+        for &p in &order {
+            rr[p].extend(b.run(latency([b.echo, b.mesh_echo][p], rr_per_round)));
+        }
+        for &p in &order {
+            add(
+                &mut cps[p],
+                b.run(connection_rate([b.echo, b.mesh_echo][p], slice)),
+            );
+        }
+    }
+    let gbps = |(bytes, secs): (f64, f64)| bytes * 8.0 / secs / 1e9;
+    let (tp_base, tp_mesh) = (gbps(tp[0]), gbps(tp[1]));
+    let (p50_base, p50_mesh) = (percentile(&mut rr[0], 50), percentile(&mut rr[1], 50));
+    let (p99_base, p99_mesh) = (percentile(&mut rr[0], 99), percentile(&mut rr[1], 99));
+    let (cps_base, cps_mesh) = (cps[0].0 / cps[0].1, cps[1].0 / cps[1].1);
     let pooled_after_rate = b.proxies[0].proxy.pool().connections();
     drop(b);
 
@@ -453,10 +488,15 @@ fn main() {
     let mem_mesh = memory("mesh");
 
     println!(
-        "machine: {}; proxies share a {}-worker tokio runtime, client and apps a {}-worker one; loopback, one process",
+        "machine: {}; proxies share a {}-worker tokio runtime, client and apps a {}-worker one; loopback, one \
+         process; {} s / {} round trips / {} idle connections per path, in {} rounds",
         machine(),
         s.proxy_threads,
-        s.load_threads
+        s.load_threads,
+        s.seconds,
+        s.rr_iterations,
+        s.idle_connections,
+        s.rounds
     );
     println!();
     println!("| benchmark | baseline (no mesh) | mesh (HBONE) | mesh / baseline |");

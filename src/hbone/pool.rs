@@ -193,8 +193,11 @@ impl Pool {
         entry
             .conns
             .retain(|c| !c.state.closed.load(Ordering::Acquire));
-        let max = self.0.pool.max_streams_per_connection;
+        let configured = self.0.pool.max_streams_per_connection;
         entry.conns.iter().find_map(|c| {
+            // ztunnel's limit: our setting or the peer's SETTINGS_MAX_CONCURRENT_STREAMS, whichever is lower.
+            let peer = u32::try_from(c.send.current_max_send_streams()).unwrap_or(u32::MAX);
+            let max = configured.min(peer.max(1));
             c.state
                 .streams
                 .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
