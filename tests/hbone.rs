@@ -555,3 +555,55 @@ async fn plugin_cas_from_istio_cacerts_directories_carry_traffic() {
         );
     }
 }
+
+#[tokio::test]
+async fn shutdown_lets_open_connections_finish_until_the_deadline_then_closes_them() {
+    let m = mesh(&[("CONNECTION_TERMINATION_DEADLINE", "1500ms")]).await;
+    let entry = m.via_client(m.vip()).await;
+    let mut held = tokio::net::TcpStream::connect(entry).await.unwrap();
+    let mut buf = [0u8; 256];
+    let n = tokio::io::AsyncReadExt::read(&mut held, &mut buf)
+        .await
+        .unwrap();
+    assert!(buf[..n].starts_with(b"peer="));
+
+    m.server.shutdown();
+    m.client.shutdown();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Draining: the open connection still carries bytes...
+    tokio::io::AsyncWriteExt::write_all(&mut held, b"during drain")
+        .await
+        .unwrap();
+    let n = tokio::io::AsyncReadExt::read(&mut held, &mut buf)
+        .await
+        .unwrap();
+    assert_eq!(&buf[..n], b"during drain");
+    // ...but the proxies accept nothing new.
+    let refused = tokio::net::TcpStream::connect(m.server_addr()).await;
+    assert!(
+        refused.is_err(),
+        "server proxy still accepting during drain"
+    );
+
+    // Past the deadline the held connection is closed.
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match tokio::io::AsyncReadExt::read(&mut held, &mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "connection outlived the termination deadline"
+    );
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while !m.client.task.is_finished() || !m.server.task.is_finished() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("proxies finished draining");
+}
