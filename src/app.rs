@@ -42,13 +42,7 @@ pub fn load_state(
     match &cfg.local_config {
         LocalConfigSource::File(path) => {
             let (bytes, state) = local::load_file(path)?;
-            tracing::info!(
-                path = %path.display(),
-                workloads = state.workload_count(),
-                services = state.service_count(),
-                policies = state.policies().len(),
-                "local config loaded"
-            );
+            local::log_loaded(path, &state, "local config loaded");
             let (tx, handle) = StateHandle::new(state);
             Ok((
                 handle,

@@ -87,23 +87,28 @@ async fn mesh_with(extra: &[(&str, &str)], policies: &str) -> Mesh {
     let net = loopback_net();
     let ca = Arc::new(BuiltinCa::ephemeral(TTL).unwrap());
     let yaml = mesh_yaml(net, policies);
-    let source: Arc<dyn CertSource> = ca.clone();
-    let client = start_proxy(
-        source.clone(),
-        &yaml,
-        "default/client/client",
-        ip(net, 2),
-        extra,
-    )
-    .await;
-    let server = start_proxy(source, &yaml, "default/server/server", ip(net, 3), extra).await;
-    echo_server(SocketAddr::new(ip(net, 3), 8080)).await;
+    let (client, server) = pair(net, ca.clone(), &yaml, "default/server/server", extra).await;
     Mesh {
         net,
         ca,
         client,
         server,
     }
+}
+
+/// The client proxy at `.2` and a server proxy acting for `server_workload` at `.3` (with its echo app on
+/// :8080), both on `yaml`, both with certificates from `ca`.
+async fn pair(
+    net: [u8; 2],
+    ca: Arc<dyn CertSource>,
+    yaml: &str,
+    server_workload: &str,
+    extra: &[(&str, &str)],
+) -> (TestProxy, TestProxy) {
+    let client = start_proxy(ca.clone(), yaml, "default/client/client", ip(net, 2), extra).await;
+    let server = start_proxy(ca, yaml, server_workload, ip(net, 3), extra).await;
+    echo_server(SocketAddr::new(ip(net, 3), 8080)).await;
+    (client, server)
 }
 
 impl Mesh {
@@ -232,17 +237,7 @@ async fn server_presenting_an_unexpected_identity_is_refused_by_the_client() {
             ip(net, 60)
         ),
     );
-    let source: Arc<dyn CertSource> = ca.clone();
-    let client = start_proxy(
-        source.clone(),
-        &yaml,
-        "default/client/client",
-        ip(net, 2),
-        &[],
-    )
-    .await;
-    let _server = start_proxy(source, &yaml, "default/impostor/impostor", ip(net, 3), &[]).await;
-    echo_server(SocketAddr::new(ip(net, 3), 8080)).await;
+    let (client, _server) = pair(net, ca, &yaml, "default/impostor/impostor", &[]).await;
     let entry = capture(&client.proxy, ip(net, 2), SocketAddr::new(ip(net, 100), 80)).await;
     let answer = roundtrip(entry, b"secret").await;
     assert!(
@@ -482,17 +477,7 @@ async fn certificate_rotation_keeps_live_connections_working() {
     // Certificates live 4 s, so they rotate after 2 s.
     let ca = Arc::new(BuiltinCa::ephemeral(Duration::from_secs(4)).unwrap());
     let yaml = mesh_yaml(net, "[]");
-    let source: Arc<dyn CertSource> = ca.clone();
-    let client = start_proxy(
-        source.clone(),
-        &yaml,
-        "default/client/client",
-        ip(net, 2),
-        &[],
-    )
-    .await;
-    let _server = start_proxy(source, &yaml, "default/server/server", ip(net, 3), &[]).await;
-    echo_server(SocketAddr::new(ip(net, 3), 8080)).await;
+    let (client, _server) = pair(net, ca, &yaml, "default/server/server", &[]).await;
     let entry = capture(&client.proxy, ip(net, 2), SocketAddr::new(ip(net, 100), 80)).await;
 
     let mut live = tokio::net::TcpStream::connect(entry).await.unwrap();
@@ -544,9 +529,7 @@ async fn plugin_cas_from_istio_cacerts_directories_carry_traffic() {
         let ca: Arc<dyn CertSource> =
             Arc::new(meshnode::identity::PluginCa::load(&path, TTL).unwrap());
         let yaml = mesh_yaml(net, "[]");
-        let client = start_proxy(ca.clone(), &yaml, "default/client/client", ip(net, 2), &[]).await;
-        let _server = start_proxy(ca, &yaml, "default/server/server", ip(net, 3), &[]).await;
-        echo_server(SocketAddr::new(ip(net, 3), 8080)).await;
+        let (client, _server) = pair(net, ca, &yaml, "default/server/server", &[]).await;
         let entry = capture(&client.proxy, ip(net, 2), SocketAddr::new(ip(net, 100), 80)).await;
         let answer = roundtrip(entry, b"signed by a plug-in CA").await.unwrap();
         assert!(

@@ -308,6 +308,17 @@ fn service(s: LocalService) -> Result<Service, Error> {
     })
 }
 
+/// Logs what a (re)load produced.
+pub fn log_loaded(path: &Path, state: &State, what: &str) {
+    tracing::info!(
+        path = %path.display(),
+        workloads = state.workload_count(),
+        services = state.service_count(),
+        policies = state.policies().len(),
+        "{what}"
+    );
+}
+
 /// Reads and validates a local config file.
 pub fn load_file(path: &Path) -> Result<(Vec<u8>, State), Error> {
     let bytes = std::fs::read(path).map_err(|source| Error::Read {
@@ -348,13 +359,7 @@ pub async fn watch_file(
         match LocalConfig::parse(&String::from_utf8_lossy(&bytes)).and_then(LocalConfig::into_state)
         {
             Ok(state) => {
-                tracing::info!(
-                    path = %path.display(),
-                    workloads = state.workload_count(),
-                    services = state.service_count(),
-                    policies = state.policies().len(),
-                    "local config reloaded"
-                );
+                log_loaded(&path, &state, "local config reloaded");
                 tx.send_replace(Arc::new(state));
             }
             Err(e) => {
