@@ -498,13 +498,7 @@ async fn certificate_rotation_keeps_live_connections_working() {
 
     // Past the first certificate's expiry: rotated, and the old connection still carries bytes.
     tokio::time::sleep(Duration::from_millis(5000)).await;
-    tokio::io::AsyncWriteExt::write_all(&mut live, b"still here")
-        .await
-        .unwrap();
-    let n = tokio::io::AsyncReadExt::read(&mut live, &mut buf)
-        .await
-        .unwrap();
-    assert_eq!(&buf[..n], b"still here");
+    echo_once(&mut live, b"still here").await;
     let now = client
         .proxy
         .tls_for(&client_id)
@@ -554,13 +548,7 @@ async fn shutdown_lets_open_connections_finish_until_the_deadline_then_closes_th
     m.client.shutdown();
     tokio::time::sleep(Duration::from_millis(200)).await;
     // Draining: the open connection still carries bytes...
-    tokio::io::AsyncWriteExt::write_all(&mut held, b"during drain")
-        .await
-        .unwrap();
-    let n = tokio::io::AsyncReadExt::read(&mut held, &mut buf)
-        .await
-        .unwrap();
-    assert_eq!(&buf[..n], b"during drain");
+    echo_once(&mut held, b"during drain").await;
     // ...but the proxies accept nothing new.
     let refused = tokio::net::TcpStream::connect(m.server_addr()).await;
     assert!(

@@ -82,13 +82,9 @@ impl Proxy {
         }
         let src = self.local_workload().await?;
         match self.route(&src, dst)? {
-            Route::Passthrough(addr) => {
+            Route::Passthrough(addr) | Route::Tcp(Upstream { addr, .. }) => {
                 let (sent, recv) = self.plain_tcp(&mut stream, addr).await?;
                 Ok((addr.to_string(), sent, recv))
-            }
-            Route::Tcp(up) => {
-                let (sent, recv) = self.plain_tcp(&mut stream, up.addr).await?;
-                Ok((up.addr.to_string(), sent, recv))
             }
             Route::Hbone(up) => {
                 let hbone_dst = SocketAddr::new(up.addr.ip(), self.cfg().ports.inbound);
@@ -209,15 +205,6 @@ pub fn baggage(w: &Workload) -> String {
     .map(|(k, v)| format!("{k}={v}"))
     .collect::<Vec<_>>();
     fields.join(",")
-}
-
-impl std::fmt::Display for Route {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Route::Hbone(u) | Route::Tcp(u) => write!(f, "{}", u.addr),
-            Route::Passthrough(a) => write!(f, "{a}"),
-        }
-    }
 }
 
 #[cfg(test)]

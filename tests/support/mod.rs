@@ -158,6 +158,14 @@ pub async fn roundtrip(addr: SocketAddr, msg: &[u8]) -> std::io::Result<String> 
     Ok(String::from_utf8_lossy(&out).into_owned())
 }
 
+/// Writes `msg` on an open echo connection and asserts it comes back.
+pub async fn echo_once(s: &mut TcpStream, msg: &[u8]) {
+    s.write_all(msg).await.unwrap();
+    let mut buf = vec![0u8; msg.len()];
+    s.read_exact(&mut buf).await.unwrap();
+    assert_eq!(buf, msg);
+}
+
 /// A raw HBONE client presenting `cert` and expecting the server to be `expected`.
 pub async fn hbone_client(
     cert: WorkloadCert,
