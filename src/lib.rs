@@ -9,19 +9,29 @@
 //! - [`proxy`] — one workload's proxy: outbound (:15001), inbound HBONE (:15008), plaintext inbound (:15006).
 //! - [`state`] — workloads, services and policies as an immutable snapshot; ztunnel's local config format.
 //! - [`authz`] — L4 authorization policies with ztunnel's semantics.
+//! - [`netns`] — opening network namespaces and running code inside one.
+//! - [`redirect`] — the in-pod capture rules: nftables through netlink, ip rule and route (agent side).
+//! - [`cni_agent`] — the CNI node agent: plugin events, enrollment, rules, ZDS server.
+//! - [`cni_exec`] — calling a CNI plugin chain exactly as a container runtime does (tests, sandbox, benches).
 //! - [`socket`] — listeners, marked upstream sockets, original destinations.
 //! - [`readiness`] — `:15021/healthz/ready`.
+//! - [`zds`] — the ZDS protocol (SOCK_SEQPACKET + SCM_RIGHTS): agent-side server, proxy-side client.
 //! - [`proto`] — generated wire types of Istio's protocols.
 //! - [`app`] — wiring a role together from its config.
 
 pub mod app;
 pub mod authz;
+pub mod cni_agent;
+pub mod cni_exec;
 pub mod config;
 pub mod hbone;
 pub mod identity;
+pub mod netns;
 pub mod proto;
 pub mod proxy;
 pub mod readiness;
+pub mod redirect;
 pub mod socket;
 pub mod state;
 pub mod tls;
+pub mod zds;

@@ -1,0 +1,3 @@
+//! The CNI node agent (`meshnode cni-agent`): istio-cni's node agent role. Being written.
+
+pub mod cluster;

@@ -1,0 +1,1 @@
+//! Invoking a CNI plugin chain as a container runtime does. Being written.

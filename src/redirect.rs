@@ -1,0 +1,1 @@
+//! In-pod traffic redirection (nftables over netlink, ip rule + route). Being written.

@@ -1,0 +1,1 @@
+//! ZDS: handing pod network namespaces from the CNI agent to the node proxy. Being written.
