@@ -173,6 +173,7 @@ fn start(
         certs: CertManager::new(ca),
         sock: opts,
         orig_src: false,
+        netns: None,
     };
     let proxy = Proxy::new(inputs, shutdown);
     let p = proxy.clone();

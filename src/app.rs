@@ -90,23 +90,15 @@ pub fn orig_src(cfg: &Config) -> Result<bool, Error> {
     }
 }
 
-/// Runs the proxy role in dedicated mode on the given listeners until `shutdown` turns true and the
-/// connections have drained.
+/// Runs the proxy role until `shutdown` turns true and the connections have drained: in dedicated mode on
+/// the given listeners, in shared mode for every pod the CNI agent hands over (the listeners, bound in
+/// the proxy's own namespace, are then not used for traffic).
 pub async fn run_proxy(
     cfg: Arc<Config>,
-    listeners: Listeners,
+    listeners: Option<Listeners>,
     readiness_listener: Option<TcpListener>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), Error> {
-    let workload = match (cfg.proxy_mode, &cfg.workload_info) {
-        (ProxyMode::Dedicated, Some(w)) => w.clone(),
-        (ProxyMode::Dedicated, None) => return Err(Error::Unsupported("dedicated mode needs PROXY_WORKLOAD_INFO")),
-        (ProxyMode::Shared, _) => {
-            return Err(Error::Unsupported(
-                "PROXY_MODE=shared (in-pod mode through the CNI agent) is not available yet; set PROXY_MODE=dedicated",
-            ))
-        }
-    };
     if cfg.xds_address.is_some() {
         return Err(Error::Unsupported(
             "the xDS client is not available yet; set XDS_ADDRESS= (empty) and give LOCAL_XDS_PATH",
@@ -118,16 +110,36 @@ pub async fn run_proxy(
     }
     let certs = CertManager::new(cert_source(&cfg)?);
     let orig_src = orig_src(&cfg)?;
+    let ready = Readiness::new();
+    if let Some(l) = readiness_listener {
+        tokio::spawn(crate::readiness::serve(l, ready.clone(), shutdown.clone()));
+    }
+    let workload = match (cfg.proxy_mode, &cfg.workload_info) {
+        (ProxyMode::Dedicated, Some(w)) => w.clone(),
+        (ProxyMode::Dedicated, None) => {
+            return Err(Error::Unsupported(
+                "dedicated mode needs PROXY_WORKLOAD_INFO",
+            ))
+        }
+        (ProxyMode::Shared, _) => {
+            let inputs = crate::inpod::InpodInputs {
+                cfg: cfg.clone(),
+                state,
+                certs,
+                orig_src,
+            };
+            crate::inpod::run(inputs, ready, shutdown).await;
+            return Ok(());
+        }
+    };
+    let Some(listeners) = listeners else {
+        return Err(Error::Unsupported("dedicated mode needs its listeners"));
+    };
     let sock = SocketOpts {
         mark: cfg.packet_mark,
         transparent: false,
         reuse_port: false,
     };
-
-    let ready = Readiness::new();
-    if let Some(l) = readiness_listener {
-        tokio::spawn(crate::readiness::serve(l, ready.clone(), shutdown.clone()));
-    }
     let proxy = Proxy::new(
         ProxyInputs {
             cfg: cfg.clone(),
@@ -136,6 +148,7 @@ pub async fn run_proxy(
             workload,
             sock,
             orig_src,
+            netns: None,
         },
         shutdown,
     );
@@ -162,8 +175,14 @@ pub async fn run_proxy(
     Ok(())
 }
 
-/// Binds the proxy's listeners and readiness port as `cfg` says, in the current network namespace.
-pub fn bind(cfg: &Config) -> Result<(Listeners, TcpListener), Error> {
+/// Binds the proxy's listeners (dedicated mode only: in shared mode they live in each pod's namespace) and
+/// the readiness port, in the current network namespace.
+pub fn bind(cfg: &Config) -> Result<(Option<Listeners>, TcpListener), Error> {
+    let readiness = socket::listen(cfg.wildcard(cfg.ports.readiness), SocketOpts::default())
+        .map_err(Error::Bind)?;
+    if cfg.proxy_mode == ProxyMode::Shared {
+        return Ok((None, readiness));
+    }
     let transparent = orig_src(cfg)?;
     let opts = SocketOpts {
         mark: cfg.packet_mark,
@@ -171,7 +190,5 @@ pub fn bind(cfg: &Config) -> Result<(Listeners, TcpListener), Error> {
         reuse_port: false,
     };
     let listeners = Listeners::bind(cfg, opts).map_err(Error::Bind)?;
-    let readiness = socket::listen(cfg.wildcard(cfg.ports.readiness), SocketOpts::default())
-        .map_err(Error::Bind)?;
-    Ok((listeners, readiness))
+    Ok((Some(listeners), readiness))
 }

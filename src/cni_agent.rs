@@ -1,3 +1,713 @@
-//! The CNI node agent (`meshnode cni-agent`): istio-cni's node agent role. Being written.
+//! The CNI node agent (`meshnode cni-agent`): istio-cni's node agent role.
+//!
+//! Input: plugin events on `<run_dir>/pluginevent.sock` ([`plugin_server`]), the cluster view (namespaces
+//! and this node's pods, from the Kubernetes API or a local file: [`cluster`], [`local`]), and node proxies
+//! connecting to the ZDS socket. Output: for each pod selected for ambient ([`selector`]) the redirection
+//! rules in its network namespace ([`crate::redirect`]) and the namespace handed to the newest proxy over
+//! ZDS; everything undone when the pod goes away or stops being selected. State is persisted ([`pods`]) so
+//! a restarted agent restores every pod, re-programs its rules and hands it to reconnecting proxies.
+//!
+//! One task (the [`Agent`] loop) owns all state and handles one thing at a time: a plugin request, a
+//! change of the cluster view, or a retry of pods waiting for a proxy. Failing closed: if no proxy takes a
+//! pod, its rules stay (traffic goes nowhere) and the ADD fails so the runtime retries.
 
 pub mod cluster;
+pub mod config;
+pub mod install;
+pub mod local;
+pub mod plugin_server;
+pub mod pods;
+pub mod selector;
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::sync::{mpsc, watch};
+
+use crate::netns::Netns;
+use crate::proto::workload::zds::WorkloadInfo as ZdsWorkloadInfo;
+use crate::redirect::{self, RuleSettings};
+use crate::zds::server::{SnapshotEntry, SnapshotSource, ZdsServer};
+
+use self::cluster::{ClusterView, PodInfo, PodKey};
+use self::config::{AgentConfig, ClusterSource};
+use self::plugin_server::{Answer, PluginEvent, PluginRequest};
+use self::pods::{Enrollment, PodRecord, Pods};
+use self::selector::Decision;
+
+/// Pod annotation overriding DNS capture (`"true"`/`"false"`).
+pub const DNS_CAPTURE_ANNOTATION: &str = "ambient.istio.io/dns-capture";
+/// Pod annotation: capture outbound only.
+pub const BYPASS_INBOUND_ANNOTATION: &str = "ambient.istio.io/bypass-inbound-capture";
+/// How often pods waiting for a proxy are offered again.
+const RETRY_PENDING: Duration = Duration::from_secs(1);
+/// Plugin requests queued for the agent loop; more wait in the plugin server (which is bounded too).
+const JOB_QUEUE: usize = 64;
+
+/// Why a pod could not be enrolled; the plugin turns it into a CNI error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The pod's network namespace cannot be opened.
+    #[error("pod {pod}: network namespace {path}: {source}")]
+    Netns {
+        /// The pod.
+        pod: PodKey,
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The rules could not be programmed (nothing was left half-done).
+    #[error("pod {pod}: programming redirection rules: {source}")]
+    Rules {
+        /// The pod.
+        pod: PodKey,
+        /// Why.
+        source: redirect::Error,
+    },
+    /// No proxy took the pod; its rules stay, so its traffic is blocked until one does.
+    #[error("pod {pod}: no node proxy accepted it (traffic is blocked until one does): {source}")]
+    Proxy {
+        /// The pod.
+        pod: PodKey,
+        /// Why.
+        source: crate::zds::Error,
+    },
+    /// The agent could not start.
+    #[error("{what}: {source}")]
+    Start {
+        /// What failed.
+        what: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The enrollment source is unusable.
+    #[error(transparent)]
+    Source(#[from] local::Error),
+}
+
+/// The pods the ZDS server sends in its snapshot to each newly connected proxy: every captured pod.
+#[derive(Default)]
+struct Captured {
+    pods: Mutex<std::collections::BTreeMap<String, (ZdsWorkloadInfo, PathBuf)>>,
+}
+
+impl SnapshotSource for Captured {
+    fn snapshot(&self) -> Vec<SnapshotEntry> {
+        let pods = self.pods.lock().clone();
+        pods.into_iter()
+            .filter_map(|(uid, (info, path))| match Netns::open(&path) {
+                Ok(ns) => Some(SnapshotEntry {
+                    uid,
+                    info,
+                    netns: Some(ns),
+                }),
+                Err(e) => {
+                    // The pod's sandbox is gone; leaving it out lets the proxy drain it.
+                    tracing::warn!(uid, error = %e, "pod netns gone; left out of the snapshot");
+                    None
+                }
+            })
+            .collect()
+    }
+}
+
+/// The agent's state and loop.
+pub struct Agent {
+    cfg: Arc<AgentConfig>,
+    zds: ZdsServer,
+    captured: Arc<Captured>,
+    pods: Pods,
+    view: watch::Receiver<Arc<ClusterView>>,
+    kubernetes: bool,
+    last_hint: Option<Vec<String>>,
+}
+
+/// Handles given to the agent's servers.
+pub struct AgentHandles {
+    /// Where the plugin server sends requests.
+    pub jobs: mpsc::Sender<plugin_server::Job>,
+    /// The ZDS server (shared with the agent).
+    pub zds: ZdsServer,
+}
+
+impl Agent {
+    /// An agent over `view`, restoring the pods recorded in the run directory.
+    pub fn new(
+        cfg: Arc<AgentConfig>,
+        view: watch::Receiver<Arc<ClusterView>>,
+    ) -> (Agent, AgentHandles, mpsc::Receiver<plugin_server::Job>) {
+        let captured = Arc::new(Captured::default());
+        let zds = ZdsServer::new(captured.clone());
+        let (pods, problem) = Pods::load(cfg.state_file());
+        if let Some(p) = problem {
+            tracing::error!(problem = %p, "starting with no recorded pods");
+        }
+        let (jobs, rx) = mpsc::channel(JOB_QUEUE);
+        let kubernetes = matches!(cfg.source, ClusterSource::Kubernetes { .. });
+        let mut agent = Agent {
+            cfg,
+            zds: zds.clone(),
+            captured,
+            pods,
+            view,
+            kubernetes,
+            last_hint: None,
+        };
+        agent.restore();
+        (agent, AgentHandles { jobs, zds }, rx)
+    }
+
+    /// Re-arms the pods recorded by a previous run: those whose netns still exists keep their state and get
+    /// their rules re-programmed (an atomic replace, so a pod never goes uncaptured in between); the others
+    /// are forgotten.
+    fn restore(&mut self) {
+        for uid in self.pods.uids() {
+            let Some(r) = self.pods.get(&uid).cloned() else {
+                continue;
+            };
+            let path = self.netns_path(&r.netns);
+            if !path.exists() {
+                tracing::info!(uid, pod = %key(&r), "recorded pod's netns is gone; forgetting it");
+                self.pods.remove(&uid);
+                continue;
+            }
+            if r.state.captured() {
+                self.captured
+                    .pods
+                    .lock()
+                    .insert(uid.clone(), (zds_info(&r), path));
+            }
+        }
+        tracing::info!(pods = self.pods.uids().len(), "pod state restored");
+    }
+
+    /// Runs until `shutdown` turns true. Rules stay in place on exit: enrolled pods remain captured (and
+    /// blocked, if no proxy runs) until an agent runs again.
+    pub async fn run(
+        mut self,
+        mut jobs: mpsc::Receiver<plugin_server::Job>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        // Re-program restored pods before answering anything.
+        self.reprogram_restored().await;
+        self.reconcile().await;
+        let mut retry = tokio::time::interval(RETRY_PENDING);
+        retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut view_open = true;
+        loop {
+            tokio::select! {
+                job = jobs.recv() => {
+                    let Some((req, answer)) = job else { return };
+                    let a = self.handle(req).await;
+                    let _ = answer.send(a);
+                }
+                changed = self.view.changed(), if view_open => {
+                    if changed.is_err() {
+                        // Never spin on a closed channel; keep serving with the last view.
+                        tracing::error!("enrollment source stopped; keeping the last view");
+                        view_open = false;
+                        continue;
+                    }
+                    self.reconcile().await;
+                }
+                _ = retry.tick() => self.retry_pending().await,
+                _ = shutdown.wait_for(|s| *s) => return,
+            }
+        }
+    }
+
+    async fn reprogram_restored(&mut self) {
+        for uid in self.pods.uids() {
+            let Some(r) = self.pods.get(&uid).cloned() else {
+                continue;
+            };
+            if !r.state.captured() {
+                continue;
+            }
+            let settings = self.settings_for(&r);
+            if let Err(e) = self.program(&r, settings).await {
+                tracing::error!(error = %e, "re-programming a restored pod failed");
+            }
+        }
+    }
+
+    /// Answers one plugin request.
+    pub async fn handle(&mut self, req: PluginRequest) -> Answer {
+        match req {
+            PluginRequest::Add(ev) => self.add(ev).await,
+            PluginRequest::Del(ev) => {
+                self.del(&ev).await;
+                Answer::enrolled(false, "removed")
+            }
+            PluginRequest::Check(ev) => self.check(&ev).await,
+            PluginRequest::Gc(gc) => {
+                let valid: BTreeSet<&str> =
+                    gc.valid.iter().map(|a| a.container_id.as_str()).collect();
+                for uid in self.pods.uids() {
+                    let stale = self
+                        .pods
+                        .get(&uid)
+                        .is_some_and(|r| !r.container_id.is_empty() && !valid.contains(r.container_id.as_str()));
+                    if stale {
+                        tracing::info!(uid, "garbage-collecting pod not in the runtime's attachments");
+                        self.forget(&uid).await;
+                    }
+                }
+                Answer::enrolled(false, "gc done")
+            }
+        }
+    }
+
+    async fn add(&mut self, ev: PluginEvent) -> Answer {
+        if ev.pod_name.is_empty() || ev.pod_namespace.is_empty() {
+            return Answer::enrolled(false, "not a Kubernetes pod");
+        }
+        if ev.netns.is_empty() {
+            return Answer::error(400, "Netns is empty");
+        }
+        let pod_key = PodKey {
+            namespace: ev.pod_namespace.clone(),
+            name: ev.pod_name.clone(),
+        };
+        let info = match self.pod_info(&pod_key).await {
+            Some(i) => i,
+            None if self.kubernetes => {
+                return Answer::error(
+                    500,
+                    format!("pod {pod_key} is not (yet) known to the agent's Kubernetes watch; retry"),
+                )
+            }
+            None => PodInfo {
+                name: ev.pod_name.clone(),
+                namespace: ev.pod_namespace.clone(),
+                service_account: "default".into(),
+                ..PodInfo::default()
+            },
+        };
+        let uid = [&ev.pod_uid, &info.uid, &ev.container_id]
+            .into_iter()
+            .find(|s| !s.is_empty())
+            .cloned()
+            .unwrap_or_else(|| pod_key.to_string());
+        // The same pod with a new sandbox (or a new uid under the same name): the old one goes first.
+        if let Some(old) = self.pods.find(&pod_key.namespace, &pod_key.name).cloned() {
+            if old.uid != uid || old.netns != ev.netns {
+                self.forget(&old.uid).await;
+            }
+        }
+        let record = PodRecord {
+            uid: uid.clone(),
+            namespace: info.namespace.clone(),
+            name: info.name.clone(),
+            service_account: info.service_account.clone(),
+            netns: ev.netns.clone(),
+            container_id: ev.container_id.clone(),
+            ips: ev.ips(),
+            state: self
+                .pods
+                .get(&uid)
+                .map_or(Enrollment::NotEnrolled, |r| r.state),
+        };
+        let view = self.view.borrow().clone();
+        let decision = self
+            .cfg
+            .policy
+            .decide(view.namespaces.get(&info.namespace), &info);
+        match decision {
+            Decision::Skip(reason) => {
+                if record.state.captured() {
+                    self.unenroll(&uid).await;
+                }
+                self.pods.put(PodRecord {
+                    state: Enrollment::NotEnrolled,
+                    ..record
+                });
+                tracing::info!(pod = %pod_key, reason, "pod not enrolled");
+                Answer::enrolled(false, reason)
+            }
+            Decision::Enroll => {
+                self.pods.put(record);
+                match self.enroll(&uid, &info).await {
+                    Ok(()) => Answer::enrolled(true, "enrolled"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "pod enrollment failed");
+                        Answer::error(500, e.to_string())
+                    }
+                }
+            }
+        }
+    }
+
+    /// The pod as the cluster view knows it. In Kubernetes mode the watch may lag the runtime by a few
+    /// milliseconds, so wait briefly (istio-cni: 10 × 10 ms).
+    async fn pod_info(&mut self, key: &PodKey) -> Option<PodInfo> {
+        for attempt in 0..10 {
+            if let Some(p) = self.view.borrow().pod(key) {
+                return Some(p.clone());
+            }
+            if !self.kubernetes || attempt == 9 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        None
+    }
+
+    /// Captures pod `uid`: rules, then the proxy. On a proxy failure the rules stay (pending).
+    async fn enroll(&mut self, uid: &str, info: &PodInfo) -> Result<(), Error> {
+        let Some(r) = self.pods.get(uid).cloned() else {
+            return Ok(());
+        };
+        let settings = self.settings_with(&info.annotations);
+        let ns = match self.program(&r, settings).await {
+            Ok(ns) => ns,
+            Err(e) => {
+                if !r.state.captured() {
+                    // Nothing of ours is in the pod; an unusable netns means the sandbox is gone.
+                    if matches!(e, Error::Netns { .. }) {
+                        self.pods.remove(uid);
+                    }
+                }
+                return Err(e);
+            }
+        };
+        self.pods.set_state(uid, Enrollment::Pending);
+        self.captured
+            .pods
+            .lock()
+            .insert(uid.to_string(), (zds_info(&r), self.netns_path(&r.netns)));
+        match self.zds.add(uid, &zds_info(&r), &ns).await {
+            Ok(()) => {
+                self.pods.set_state(uid, Enrollment::Enabled);
+                tracing::info!(pod = %key(&r), uid, "pod enrolled");
+                Ok(())
+            }
+            Err(source) => Err(Error::Proxy { pod: key(&r), source }),
+        }
+    }
+
+    /// Opens the pod's netns and (re)programs its rules there, atomically.
+    async fn program(&self, r: &PodRecord, settings: RuleSettings) -> Result<Netns, Error> {
+        let path = self.netns_path(&r.netns);
+        let ns = Netns::open(&path).map_err(|source| Error::Netns {
+            pod: key(r),
+            path: path.clone(),
+            source,
+        })?;
+        let shared = Arc::new(ns.try_clone().map_err(|source| Error::Netns {
+            pod: key(r),
+            path: path.clone(),
+            source,
+        })?);
+        let result = tokio::task::spawn_blocking(move || {
+            shared.run_on_thread(move || {
+                let res = redirect::install(&settings);
+                if res.is_err() {
+                    // The nftables part is one transaction; the route part is undone here so nothing
+                    // half-made stays behind.
+                    let _ = redirect::remove();
+                }
+                res
+            })
+        })
+        .await;
+        match result {
+            Ok(Ok(Ok(()))) => Ok(ns),
+            Ok(Ok(Err(source))) => Err(Error::Rules { pod: key(r), source }),
+            Ok(Err(source)) => Err(Error::Netns {
+                pod: key(r),
+                path,
+                source,
+            }),
+            Err(join) => Err(Error::Netns {
+                pod: key(r),
+                path,
+                source: std::io::Error::other(join.to_string()),
+            }),
+        }
+    }
+
+    /// Releases pod `uid`: rules out of its netns (if it still exists), every proxy told to drain it.
+    async fn unenroll(&mut self, uid: &str) {
+        let Some(r) = self.pods.get(uid).cloned() else {
+            return;
+        };
+        self.captured.pods.lock().remove(uid);
+        let path = self.netns_path(&r.netns);
+        if let Ok(ns) = Netns::open(&path) {
+            let ns = Arc::new(ns);
+            let res = tokio::task::spawn_blocking(move || ns.run_on_thread(redirect::remove)).await;
+            match res {
+                Ok(Ok(Ok(()))) => {}
+                other => {
+                    tracing::warn!(pod = %key(&r), result = ?other.map(|r| r.map(|r| r.err())), "removing rules failed")
+                }
+            }
+        }
+        if let Err(e) = self.zds.del(uid).await {
+            tracing::warn!(pod = %key(&r), error = %e, "telling proxies to drop the pod failed");
+        }
+        self.pods.set_state(uid, Enrollment::NotEnrolled);
+        tracing::info!(pod = %key(&r), uid, "pod released from the mesh");
+    }
+
+    /// Unenrolls and forgets pod `uid`.
+    async fn forget(&mut self, uid: &str) {
+        if self.pods.get(uid).is_some_and(|r| r.state.captured()) {
+            self.unenroll(uid).await;
+        }
+        self.pods.remove(uid);
+    }
+
+    async fn del(&mut self, ev: &PluginEvent) {
+        let uid = if !ev.pod_uid.is_empty() && self.pods.get(&ev.pod_uid).is_some() {
+            Some(ev.pod_uid.clone())
+        } else {
+            self.pods
+                .find(&ev.pod_namespace, &ev.pod_name)
+                .filter(|r| ev.container_id.is_empty() || r.container_id == ev.container_id)
+                .map(|r| r.uid.clone())
+        };
+        if let Some(uid) = uid {
+            self.forget(&uid).await;
+        }
+    }
+
+    async fn check(&mut self, ev: &PluginEvent) -> Answer {
+        let Some(r) = self.pods.find(&ev.pod_namespace, &ev.pod_name).cloned() else {
+            return Answer::enrolled(false, "pod unknown to the agent");
+        };
+        match r.state {
+            Enrollment::NotEnrolled => Answer::enrolled(false, "not enrolled"),
+            Enrollment::Pending => Answer::error(500, "pod is waiting for a node proxy"),
+            Enrollment::Enabled => {
+                let settings = self.settings_for(&r);
+                let path = self.netns_path(&r.netns);
+                let inspected = match Netns::open(&path) {
+                    Ok(ns) => {
+                        let ns = Arc::new(ns);
+                        tokio::task::spawn_blocking(move || ns.run_on_thread(redirect::inspect))
+                            .await
+                            .ok()
+                            .and_then(|r| r.ok())
+                            .and_then(|r| r.ok())
+                    }
+                    Err(_) => None,
+                };
+                match inspected {
+                    Some(i) if i.matches(&settings) => Answer::enrolled(true, "rules in place"),
+                    Some(_) => Answer::error(500, "the pod's redirection rules differ from what the agent installed"),
+                    None => Answer::error(500, "cannot read the pod's redirection rules"),
+                }
+            }
+        }
+    }
+
+    /// Brings every known pod in line with the current view, and refreshes the plugin's hint file.
+    async fn reconcile(&mut self) {
+        let view = self.view.borrow().clone();
+        if !view.synced {
+            return;
+        }
+        self.write_hint(&view);
+        for uid in self.pods.uids() {
+            let Some(r) = self.pods.get(&uid).cloned() else {
+                continue;
+            };
+            let pod_key = key(&r);
+            let info = match view.pod(&pod_key) {
+                Some(p) if self.kubernetes && !p.uid.is_empty() && p.uid != r.uid => {
+                    // A new pod under the same name: the recorded one is gone.
+                    self.forget(&uid).await;
+                    continue;
+                }
+                Some(p) => p.clone(),
+                None if self.kubernetes => {
+                    tracing::info!(pod = %pod_key, "pod deleted");
+                    self.forget(&uid).await;
+                    continue;
+                }
+                None => PodInfo {
+                    uid: r.uid.clone(),
+                    name: r.name.clone(),
+                    namespace: r.namespace.clone(),
+                    service_account: r.service_account.clone(),
+                    ..PodInfo::default()
+                },
+            };
+            match self.cfg.policy.decide(view.namespaces.get(&r.namespace), &info) {
+                Decision::Enroll if r.state == Enrollment::NotEnrolled => {
+                    tracing::info!(pod = %pod_key, "pod now selected for ambient; capturing it live");
+                    if let Err(e) = self.enroll(&uid, &info).await {
+                        tracing::warn!(error = %e, "live enrollment failed");
+                    }
+                }
+                Decision::Skip(reason) if r.state.captured() => {
+                    tracing::info!(pod = %pod_key, reason, "pod no longer selected");
+                    self.unenroll(&uid).await;
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Offers pods waiting for a proxy again, once one is connected.
+    async fn retry_pending(&mut self) {
+        if self.zds.connected() == 0 {
+            return;
+        }
+        for uid in self.pods.uids() {
+            let Some(r) = self.pods.get(&uid).cloned() else {
+                continue;
+            };
+            if r.state != Enrollment::Pending {
+                continue;
+            }
+            let Ok(ns) = Netns::open(&self.netns_path(&r.netns)) else {
+                continue;
+            };
+            match self.zds.add(&uid, &zds_info(&r), &ns).await {
+                Ok(()) => {
+                    self.pods.set_state(&uid, Enrollment::Enabled);
+                    tracing::info!(pod = %key(&r), "pending pod taken by a proxy");
+                }
+                Err(e) => tracing::debug!(pod = %key(&r), error = %e, "pending pod still waiting"),
+            }
+        }
+    }
+
+    /// Writes the namespaces where a pod would be enrolled by namespace label, for the plugin to fail
+    /// closed on when it cannot reach the agent.
+    fn write_hint(&mut self, view: &ClusterView) {
+        let ambient: Vec<String> = view
+            .namespaces
+            .iter()
+            .filter(|(name, ns)| self.cfg.policy.namespace_enrolls(name, ns))
+            .map(|(name, _)| name.clone())
+            .collect();
+        if self.last_hint.as_ref() == Some(&ambient) {
+            return;
+        }
+        let body = serde_json::json!({ "ambientNamespaces": ambient }).to_string();
+        match pods::write_atomically(&self.cfg.hint_file(), body.as_bytes()) {
+            Ok(()) => self.last_hint = Some(ambient),
+            Err(e) => tracing::error!(file = %self.cfg.hint_file().display(), error = %e, "cannot write the plugin's enrollment hint"),
+        }
+    }
+
+    fn settings_for(&self, r: &PodRecord) -> RuleSettings {
+        let view = self.view.borrow().clone();
+        let empty = cluster::Labels::new();
+        let annotations = view.pod(&key(r)).map_or(&empty, |p| &p.annotations);
+        self.settings_with(annotations)
+    }
+
+    fn settings_with(&self, annotations: &cluster::Labels) -> RuleSettings {
+        let mut s = self.cfg.rules.clone();
+        match annotations.get(DNS_CAPTURE_ANNOTATION).map(String::as_str) {
+            Some("true") => s.dns_capture = true,
+            Some("false") => s.dns_capture = false,
+            _ => {}
+        }
+        if annotations.get(BYPASS_INBOUND_ANNOTATION).map(String::as_str) == Some("true") {
+            s.bypass_inbound = true;
+        }
+        s
+    }
+
+    fn netns_path(&self, netns: &str) -> PathBuf {
+        if self.cfg.host_prefix.as_os_str().is_empty() {
+            PathBuf::from(netns)
+        } else {
+            self.cfg
+                .host_prefix
+                .join(netns.trim_start_matches('/'))
+        }
+    }
+}
+
+/// How often the plugin installation is checked.
+const INSTALL_CHECK: Duration = Duration::from_secs(5);
+
+async fn keep_installed(cfg: install::InstallConfig, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(INSTALL_CHECK);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+        let c = cfg.clone();
+        match tokio::task::spawn_blocking(move || install::ensure(&c)).await {
+            Ok(Ok(Some(file))) => tracing::info!(config = %file.display(), "meshnode-cni installed in the CNI chain"),
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "CNI plugin installation pending"),
+            Err(e) => tracing::error!(error = %e, "CNI plugin installation task failed"),
+        }
+    }
+}
+
+fn key(r: &PodRecord) -> PodKey {
+    PodKey {
+        namespace: r.namespace.clone(),
+        name: r.name.clone(),
+    }
+}
+
+fn zds_info(r: &PodRecord) -> ZdsWorkloadInfo {
+    ZdsWorkloadInfo {
+        name: r.name.clone(),
+        namespace: r.namespace.clone(),
+        service_account: r.service_account.clone(),
+    }
+}
+
+/// Runs the agent role: binds its sockets, loads the enrollment source, serves until `shutdown`.
+pub async fn run(cfg: Arc<AgentConfig>, shutdown: watch::Receiver<bool>) -> Result<(), Error> {
+    std::fs::create_dir_all(&cfg.run_dir).map_err(|source| Error::Start {
+        what: format!("creating run directory {}", cfg.run_dir.display()),
+        source,
+    })?;
+    let (tx, view) = watch::channel(Arc::new(ClusterView::default()));
+    match &cfg.source {
+        ClusterSource::File(path) => {
+            let (bytes, v) = local::load(path)?;
+            tracing::info!(path = %path.display(), namespaces = v.namespaces.len(), pods = v.pods.len(), "agent config loaded");
+            tx.send_replace(Arc::new(v));
+            tokio::spawn(local::watch(path.clone(), Duration::from_secs(1), bytes, tx));
+        }
+        ClusterSource::Kubernetes { .. } => {
+            return Err(Error::Start {
+                what: "Kubernetes enrollment source".into(),
+                source: std::io::Error::other(
+                    "not available in this build yet; set MESHNODE_AGENT_CONFIG to a local file",
+                ),
+            });
+        }
+    }
+    let (agent, handles, jobs) = Agent::new(cfg.clone(), view);
+    let zds_listener = crate::zds::packet::bind(&cfg.zds_path).map_err(|source| Error::Start {
+        what: format!("binding the ZDS socket {}", cfg.zds_path.display()),
+        source,
+    })?;
+    let plugin_listener = plugin_server::bind(&cfg.plugin_socket()).map_err(|source| Error::Start {
+        what: format!("binding the plugin socket {}", cfg.plugin_socket().display()),
+        source,
+    })?;
+    let zds = handles.zds.clone();
+    let zds_shutdown = shutdown.clone();
+    tokio::spawn(async move { zds.serve(zds_listener, zds_shutdown).await });
+    tokio::spawn(plugin_server::serve(plugin_listener, handles.jobs, shutdown.clone()));
+    tracing::info!(plugin = %cfg.plugin_socket().display(), zds = %cfg.zds_path.display(), "CNI agent serving");
+    if let Some(install) = cfg.install.clone() {
+        // Only now that the agent answers does the plugin go into the chain (istio-cni's order), and it is
+        // re-checked periodically because primary CNIs rewrite their config.
+        tokio::spawn(keep_installed(install, shutdown.clone()));
+    }
+    agent.run(jobs, shutdown).await;
+    Ok(())
+}

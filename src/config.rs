@@ -12,6 +12,10 @@ use std::time::Duration;
 
 /// `shared` (in-pod, via ZDS) or `dedicated` (one workload, this network namespace).
 pub const PROXY_MODE: &str = "PROXY_MODE";
+/// The CNI agent's ZDS socket (shared mode).
+pub const INPOD_UDS: &str = "INPOD_UDS";
+/// SO_REUSEPORT on in-pod listeners, so a new proxy can bind while the old one drains.
+pub const INPOD_PORT_REUSE: &str = "INPOD_PORT_REUSE";
 /// `namespace/name/service-account` of the workload a dedicated proxy acts for.
 pub const PROXY_WORKLOAD_INFO: &str = "PROXY_WORKLOAD_INFO";
 /// Path of a ztunnel-format local config file (workloads, services, policies).
@@ -251,6 +255,10 @@ pub struct Config {
     pub worker_threads: usize,
     /// How often the local config file is checked for changes.
     pub local_config_poll: Duration,
+    /// The CNI agent's ZDS socket (shared mode).
+    pub inpod_uds: PathBuf,
+    /// SO_REUSEPORT on in-pod listeners.
+    pub inpod_port_reuse: bool,
 }
 
 impl Config {
@@ -350,6 +358,13 @@ impl Config {
                 n => n,
             },
             local_config_poll: Duration::from_secs(1),
+            inpod_uds: src
+                .get(INPOD_UDS)
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| DEFAULT_INPOD_UDS.into())
+                .into(),
+            // On by default as in ztunnel: a rolling update starts the new proxy before the old one exits.
+            inpod_port_reuse: parse_opt_bool(src, INPOD_PORT_REUSE)?.unwrap_or(true),
         };
         cfg.validate()?;
         Ok(cfg)
@@ -400,6 +415,8 @@ impl Config {
 
 /// ztunnel's packet mark (0x539), which Istio's capture rules skip.
 pub const DEFAULT_PACKET_MARK: u32 = 1337;
+/// Where istio-cni's node agent (and meshnode's) listens for ZDS.
+pub const DEFAULT_INPOD_UDS: &str = "/var/run/ztunnel/ztunnel.sock";
 /// Default state directory (built-in CA root).
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/meshnode";
 

@@ -7,6 +7,7 @@
 //! - [`tls`] — rustls configurations for HBONE and peer identity checks.
 //! - [`hbone`] — HTTP/2 CONNECT tunnels: client pool, server mechanics, byte copying.
 //! - [`proxy`] — one workload's proxy: outbound (:15001), inbound HBONE (:15008), plaintext inbound (:15006).
+//! - [`inpod`] — shared mode: per-pod proxies inside pod network namespaces, driven by ZDS.
 //! - [`state`] — workloads, services and policies as an immutable snapshot; ztunnel's local config format.
 //! - [`authz`] — L4 authorization policies with ztunnel's semantics.
 //! - [`netns`] — opening network namespaces and running code inside one.
@@ -26,6 +27,7 @@ pub mod cni_exec;
 pub mod config;
 pub mod hbone;
 pub mod identity;
+pub mod inpod;
 pub mod netns;
 pub mod proto;
 pub mod proxy;

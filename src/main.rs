@@ -25,6 +25,12 @@ enum Command {
     /// PROXY_MODE, PROXY_WORKLOAD_INFO, LOCAL_XDS_PATH, XDS_ADDRESS, PACKET_MARK, ENABLE_ORIG_SRC, NODE_NAME,
     /// CA_CERTS_DIR, SECRET_TTL, RUST_LOG, ...
     Proxy,
+    /// Run the CNI node agent (istio-cni's node agent role): takes pod events from the meshnode-cni plugin,
+    /// programs each enrolled pod's redirection rules and hands its network namespace to the node proxy over
+    /// ZDS. Configured through istio-cni's environment variables: CNI_AGENT_RUN_DIR, ZTUNNEL_UDS_ADDRESS,
+    /// EXCLUDE_NAMESPACES, AMBIENT_ENABLEMENT_SELECTOR, AMBIENT_DNS_CAPTURE, AMBIENT_IPV6, NODE_NAME, and
+    /// MESHNODE_AGENT_CONFIG (a local enrollment file, for use without Kubernetes).
+    CniAgent,
     /// Print the version.
     Version,
 }
@@ -45,6 +51,29 @@ fn main() -> anyhow::Result<()> {
                 .enable_all()
                 .build()?;
             rt.block_on(run(cfg))
+        }
+        Command::CniAgent => {
+            init_logging();
+            let cfg = Arc::new(meshnode::cni_agent::config::AgentConfig::from_source(
+                &ProcessEnv,
+            )?);
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .thread_name("meshnode-cni-agent")
+                .enable_all()
+                .build()?;
+            rt.block_on(async move {
+                let (tx, rx) = watch::channel(false);
+                tokio::spawn(async move {
+                    wait_for_signal().await;
+                    // Rules stay in place: enrolled pods remain captured until an agent runs again.
+                    tracing::info!("CNI agent stopping; pod rules stay in place");
+                    let _ = tx.send(true);
+                    wait_for_signal().await;
+                    std::process::exit(1);
+                });
+                meshnode::cni_agent::run(cfg, rx).await
+            })?;
+            Ok(())
         }
     }
 }

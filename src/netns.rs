@@ -135,6 +135,31 @@ impl Netns {
     }
 }
 
+/// A pod's network namespace paired with the proxy's own, so sockets can be created in the pod from any
+/// thread (switch in, create, switch back: two `setns` calls, as ztunnel does per socket).
+#[derive(Debug)]
+pub struct InpodNetns {
+    pod: Netns,
+    home: Arc<Netns>,
+}
+
+impl InpodNetns {
+    /// Pairs `pod` with the proxy's namespace `home`.
+    pub fn new(pod: Netns, home: Arc<Netns>) -> InpodNetns {
+        InpodNetns { pod, home }
+    }
+
+    /// The pod's namespace.
+    pub fn pod(&self) -> &Netns {
+        &self.pod
+    }
+
+    /// Runs `f` (synchronous, short: socket creation) inside the pod's namespace.
+    pub fn run<T>(&self, f: impl FnOnce() -> T) -> io::Result<T> {
+        self.pod.run(&self.home, f)
+    }
+}
+
 impl AsFd for Netns {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()

@@ -23,6 +23,7 @@ use tokio::sync::{watch, Semaphore};
 use crate::config::{Config, WorkloadInfo};
 use crate::hbone::pool::Pool;
 use crate::identity::{CertManager, Identity};
+use crate::netns::InpodNetns;
 use crate::socket::{self, SocketOpts};
 use crate::state::{StateHandle, Workload};
 use crate::tls::WorkloadTls;
@@ -92,6 +93,9 @@ pub struct ProxyInputs {
     pub sock: SocketOpts,
     /// Keep the client's address towards the application (IP_TRANSPARENT + freebind).
     pub orig_src: bool,
+    /// In-pod mode: the pod's network namespace, where every socket towards peers and the application is
+    /// created. `None`: the proxy's own namespace (dedicated mode).
+    pub netns: Option<Arc<InpodNetns>>,
 }
 
 /// One workload's proxy.
@@ -132,7 +136,13 @@ impl Proxy {
     /// A proxy for `inputs.workload`; `shutdown` turning true starts the drain.
     pub fn new(inputs: ProxyInputs, shutdown: watch::Receiver<bool>) -> Arc<Proxy> {
         let cfg = &inputs.cfg;
-        let pool = Pool::new(cfg.pool, cfg.h2, inputs.sock, cfg.connect_timeout);
+        let pool = Pool::new(
+            cfg.pool,
+            cfg.h2,
+            inputs.sock,
+            inputs.netns.clone(),
+            cfg.connect_timeout,
+        );
         Arc::new(Proxy {
             inputs,
             pool,

@@ -11,6 +11,8 @@ use std::time::Duration;
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
+use crate::netns::InpodNetns;
+
 /// Listen backlog: deep enough for connection bursts while the accept loop catches up.
 const LISTEN_BACKLOG: i32 = 1024;
 
@@ -27,11 +29,30 @@ pub struct SocketOpts {
 
 /// Binds a TCP listener. `[::]` is bound dual-stack; if IPv6 is unavailable it falls back to `0.0.0.0`.
 pub fn listen(addr: SocketAddr, opts: SocketOpts) -> io::Result<TcpListener> {
-    match listen_once(addr, opts) {
+    listen_in(None, addr, opts)
+}
+
+/// Binds a TCP listener in a pod's network namespace (or the current one when `netns` is `None`).
+pub fn listen_in(
+    netns: Option<&InpodNetns>,
+    addr: SocketAddr,
+    opts: SocketOpts,
+) -> io::Result<TcpListener> {
+    match listen_once(netns, addr, opts) {
         Err(e) if addr.ip() == IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED) && is_no_ipv6(&e) => {
-            listen_once(SocketAddr::from(([0, 0, 0, 0], addr.port())), opts)
+            listen_once(netns, SocketAddr::from(([0, 0, 0, 0], addr.port())), opts)
         }
         other => other,
+    }
+}
+
+/// A new non-blocking TCP socket, created inside `netns` when given (a socket belongs to the namespace it
+/// was created in; binding and connecting afterwards need no further switching).
+fn new_socket(netns: Option<&InpodNetns>, domain: Domain) -> io::Result<Socket> {
+    let make = || Socket::new(domain, Type::STREAM.nonblocking(), Some(Protocol::TCP));
+    match netns {
+        None => make(),
+        Some(ns) => ns.run(make)?,
     }
 }
 
@@ -48,12 +69,12 @@ mod libc_codes {
     pub(super) const EADDRNOTAVAIL: i32 = 99;
 }
 
-fn listen_once(addr: SocketAddr, opts: SocketOpts) -> io::Result<TcpListener> {
-    let socket = Socket::new(
-        Domain::for_address(addr),
-        Type::STREAM.nonblocking(),
-        Some(Protocol::TCP),
-    )?;
+fn listen_once(
+    netns: Option<&InpodNetns>,
+    addr: SocketAddr,
+    opts: SocketOpts,
+) -> io::Result<TcpListener> {
+    let socket = new_socket(netns, Domain::for_address(addr))?;
     if addr.is_ipv6() {
         socket.set_only_v6(false)?;
     }
@@ -83,17 +104,15 @@ fn apply_common(socket: &Socket, addr: SocketAddr, opts: SocketOpts) -> io::Resu
 
 /// Opens a TCP connection to `dst` with the proxy's mark, optionally from `src` (which need not be a local
 /// address when `opts.transparent` is set: that is how the client's address is kept towards applications).
+/// With `netns`, the socket is created in that pod's network namespace (in-pod mode).
 pub async fn connect(
+    netns: Option<&InpodNetns>,
     dst: SocketAddr,
     src: Option<IpAddr>,
     opts: SocketOpts,
     timeout: Duration,
 ) -> io::Result<TcpStream> {
-    let socket = Socket::new(
-        Domain::for_address(dst),
-        Type::STREAM.nonblocking(),
-        Some(Protocol::TCP),
-    )?;
+    let socket = new_socket(netns, Domain::for_address(dst))?;
     apply_common(&socket, dst, opts)?;
     if let Some(src) = src {
         let src = match (src, dst) {
@@ -166,7 +185,7 @@ mod tests {
     async fn connections_not_redirected_report_their_local_address() {
         let l = listen("127.0.0.1:0".parse().unwrap(), SocketOpts::default()).unwrap();
         let addr = l.local_addr().unwrap();
-        let c = connect(addr, None, SocketOpts::default(), Duration::from_secs(1))
+        let c = connect(None, addr, None, SocketOpts::default(), Duration::from_secs(1))
             .await
             .unwrap();
         let (s, _) = l.accept().await.unwrap();
@@ -179,6 +198,7 @@ mod tests {
         let l = listen("[::]:0".parse().unwrap(), SocketOpts::default()).unwrap();
         let port = l.local_addr().unwrap().port();
         let _c = connect(
+            None,
             SocketAddr::from(([127, 0, 0, 1], port)),
             None,
             SocketOpts::default(),

@@ -20,6 +20,7 @@ use tokio::time::Instant;
 
 use crate::config::{H2Config, PoolConfig};
 use crate::identity::Identity;
+use crate::netns::InpodNetns;
 use crate::socket::{self, SocketOpts};
 use crate::tls::{dummy_server_name, TlsMaterial};
 
@@ -123,6 +124,7 @@ struct Inner {
     pool: PoolConfig,
     h2: H2Config,
     sock: SocketOpts,
+    netns: Option<Arc<InpodNetns>>,
     connect_timeout: Duration,
 }
 
@@ -132,11 +134,13 @@ struct Inner {
 pub struct Pool(Arc<Inner>);
 
 impl Pool {
-    /// A new pool; spawns its sweeper on the current runtime.
+    /// A new pool; spawns its sweeper on the current runtime. With `netns`, connections are opened from
+    /// that pod's network namespace (in-pod mode).
     pub fn new(
         pool: PoolConfig,
         h2: H2Config,
         sock: SocketOpts,
+        netns: Option<Arc<InpodNetns>>,
         connect_timeout: Duration,
     ) -> Pool {
         let inner = Arc::new(Inner {
@@ -144,6 +148,7 @@ impl Pool {
             pool,
             h2,
             sock,
+            netns,
             connect_timeout,
         });
         let weak = Arc::downgrade(&inner);
@@ -236,7 +241,13 @@ impl Pool {
 
     async fn dial(&self, key: &PoolKey, tls: &TlsMaterial) -> Result<Conn, Error> {
         let dst = key.dst;
-        let tcp = socket::connect(dst, None, self.0.sock, self.0.connect_timeout)
+        let tcp = socket::connect(
+            self.0.netns.as_deref(),
+            dst,
+            None,
+            self.0.sock,
+            self.0.connect_timeout,
+        )
             .await
             .map_err(|source| Error::Connect { dst, source })?;
         let connector = tokio_rustls::TlsConnector::from(tls.client_config(key.dst_ids.clone()));

@@ -229,6 +229,7 @@ impl Proxy {
         }
         let src_ip: Option<IpAddr> = self.inputs.orig_src.then_some(peer.ip());
         socket::connect(
+            self.inputs.netns.as_deref(),
             target,
             src_ip,
             self.upstream_opts(),

@@ -133,7 +133,13 @@ impl Proxy {
         stream: &mut TcpStream,
         dst: SocketAddr,
     ) -> Result<(u64, u64), Error> {
-        let mut up = socket::connect(dst, None, self.inputs.sock, self.cfg().connect_timeout)
+        let mut up = socket::connect(
+            self.inputs.netns.as_deref(),
+            dst,
+            None,
+            self.inputs.sock,
+            self.cfg().connect_timeout,
+        )
             .await
             .map_err(|source| Error::Connect { dst, source })?;
         Ok(tokio::io::copy_bidirectional(stream, &mut up).await?)

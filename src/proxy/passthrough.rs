@@ -42,6 +42,7 @@ impl Proxy {
             }
             let src_ip: Option<IpAddr> = self.inputs.orig_src.then_some(peer.ip());
             let mut up = socket::connect(
+                self.inputs.netns.as_deref(),
                 dst,
                 src_ip,
                 self.upstream_opts(),

@@ -2,6 +2,7 @@
 //! clients, and network namespaces that clean themselves up.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod cluster;
 pub mod netns;
 
 use std::collections::HashMap;
@@ -103,6 +104,7 @@ pub async fn start_proxy(
         workload: cfg.workload_info.clone().unwrap(),
         sock: SocketOpts::default(),
         orig_src: false,
+        netns: None,
     };
     let proxy = Proxy::new(inputs, shutdown);
     let p = proxy.clone();

@@ -1,0 +1,250 @@
+//! Typed configuration of the CNI agent, built once from istio-cni's environment variables.
+//!
+//! Input: the environment through [`crate::config::Source`] (a map in tests). Output: [`AgentConfig`].
+//! Names and defaults are istio-cni's where it has them, so the agent can take its place in an Istio
+//! install; deliberate differences are commented.
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::path::PathBuf;
+
+use crate::config::{Error, Source};
+use crate::redirect::{RedirectPorts, RuleSettings};
+
+use super::install::InstallConfig;
+use super::selector::{default_selectors, parse_selectors, Policy};
+
+/// Directory of the plugin socket, the state file and the plugin's fallback hint.
+pub const CNI_AGENT_RUN_DIR: &str = "CNI_AGENT_RUN_DIR";
+/// Where the ZDS server listens for node proxies.
+pub const ZTUNNEL_UDS_ADDRESS: &str = "ZTUNNEL_UDS_ADDRESS";
+/// Comma-separated namespaces never enrolled.
+pub const EXCLUDE_NAMESPACES: &str = "EXCLUDE_NAMESPACES";
+/// YAML list of `{podSelector, namespaceSelector}`.
+pub const AMBIENT_ENABLEMENT_SELECTOR: &str = "AMBIENT_ENABLEMENT_SELECTOR";
+/// Redirect DNS (UDP/TCP 53) to the proxy's DNS port.
+pub const AMBIENT_DNS_CAPTURE: &str = "AMBIENT_DNS_CAPTURE";
+/// Program IPv6 rules too.
+pub const AMBIENT_IPV6: &str = "AMBIENT_IPV6";
+/// Kubelet probe SNAT address (IPv4).
+pub const HOST_PROBE_SNAT_IP: &str = "HOST_PROBE_SNAT_IP";
+/// Kubelet probe SNAT address (IPv6).
+pub const HOST_PROBE_SNAT_IPV6: &str = "HOST_PROBE_SNAT_IPV6";
+/// The proxy's packet mark (must equal the proxy's `PACKET_MARK`).
+pub const PACKET_MARK: &str = "PACKET_MARK";
+/// This node's name (Kubernetes mode: only this node's pods are watched).
+pub const NODE_NAME: &str = "NODE_NAME";
+/// meshnode's own: a standalone enrollment file (namespaces, pods); set, the Kubernetes API is not used.
+pub const MESHNODE_AGENT_CONFIG: &str = "MESHNODE_AGENT_CONFIG";
+/// meshnode's own: prefix for netns paths from the plugin (`/host` when the agent runs in a container
+/// that mounts the host's `/var/run/netns` under `/host`, as istio-cni's DaemonSet does).
+pub const MESHNODE_HOST_PREFIX: &str = "MESHNODE_HOST_PREFIX";
+
+/// The host's CNI conf directory as mounted in the agent's container; set, the agent installs the plugin.
+pub const MOUNTED_CNI_NET_DIR: &str = "MOUNTED_CNI_NET_DIR";
+/// meshnode's own: the host's CNI bin directory as mounted (default `/host/opt/cni/bin`).
+pub const MESHNODE_CNI_BIN_DIR: &str = "MESHNODE_CNI_BIN_DIR";
+/// meshnode's own: the plugin binary to install (default: `meshnode-cni` beside the `meshnode` binary).
+pub const MESHNODE_CNI_PLUGIN: &str = "MESHNODE_CNI_PLUGIN";
+/// The agent's own namespace.
+pub const POD_NAMESPACE: &str = "POD_NAMESPACE";
+
+/// Where enrollment data comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClusterSource {
+    /// A local YAML file, re-read when it changes.
+    File(PathBuf),
+    /// The Kubernetes API (in-cluster config or KUBECONFIG), this node's pods.
+    Kubernetes {
+        /// The node.
+        node_name: String,
+    },
+}
+
+/// Everything the agent needs.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Run directory: `pluginevent.sock`, `meshnode-pods.json`, `meshnode-enrollment.json`.
+    pub run_dir: PathBuf,
+    /// ZDS socket path.
+    pub zds_path: PathBuf,
+    /// Who is enrolled.
+    pub policy: Policy,
+    /// Rule settings for every pod (per-pod annotations adjust DNS and inbound capture).
+    pub rules: RuleSettings,
+    /// Enrollment data source.
+    pub source: ClusterSource,
+    /// Prefix for netns paths.
+    pub host_prefix: PathBuf,
+    /// Plugin installation on the node (when `MOUNTED_CNI_NET_DIR` is set).
+    pub install: Option<InstallConfig>,
+}
+
+impl AgentConfig {
+    /// Reads the configuration.
+    pub fn from_source(src: &dyn Source) -> Result<AgentConfig, Error> {
+        let get = |k: &str| src.get(k).filter(|v| !v.trim().is_empty());
+        let selectors = match get(AMBIENT_ENABLEMENT_SELECTOR) {
+            Some(text) => parse_selectors(&text).map_err(|reason| Error::Invalid {
+                name: AMBIENT_ENABLEMENT_SELECTOR,
+                value: text.clone(),
+                reason,
+            })?,
+            None => default_selectors(),
+        };
+        let exclude_namespaces = match src.get(EXCLUDE_NAMESPACES) {
+            Some(v) => v
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(String::from)
+                .collect(),
+            None => vec!["kube-system".to_string()],
+        };
+        let bool_var = |name: &'static str, default: bool| -> Result<bool, Error> {
+            match get(name).as_deref().map(str::trim) {
+                None => Ok(default),
+                Some(v) if v.eq_ignore_ascii_case("true") || v == "1" => Ok(true),
+                Some(v) if v.eq_ignore_ascii_case("false") || v == "0" => Ok(false),
+                Some(v) => Err(Error::Invalid {
+                    name,
+                    value: v.to_string(),
+                    reason: "expected true or false".into(),
+                }),
+            }
+        };
+        let parsed = |name: &'static str, v: &str, reason: &str| Error::Invalid {
+            name,
+            value: v.to_string(),
+            reason: reason.to_string(),
+        };
+        let defaults = RuleSettings::default();
+        let probe_snat_v4: Ipv4Addr = match get(HOST_PROBE_SNAT_IP) {
+            Some(v) => v
+                .trim()
+                .parse()
+                .map_err(|_| parsed(HOST_PROBE_SNAT_IP, &v, "expected an IPv4 address"))?,
+            None => defaults.probe_snat_v4,
+        };
+        let probe_snat_v6: Ipv6Addr = match get(HOST_PROBE_SNAT_IPV6) {
+            Some(v) => v
+                .trim()
+                .parse()
+                .map_err(|_| parsed(HOST_PROBE_SNAT_IPV6, &v, "expected an IPv6 address"))?,
+            None => defaults.probe_snat_v6,
+        };
+        let packet_mark: u32 = match get(PACKET_MARK) {
+            Some(v) => v
+                .trim()
+                .parse()
+                .map_err(|_| parsed(PACKET_MARK, &v, "expected a number"))?,
+            None => defaults.packet_mark,
+        };
+        let source = match get(MESHNODE_AGENT_CONFIG) {
+            Some(path) => ClusterSource::File(path.into()),
+            None => ClusterSource::Kubernetes {
+                node_name: get(NODE_NAME).ok_or(Error::Missing {
+                    name: NODE_NAME,
+                    reason: "the agent watches this node's pods (or set MESHNODE_AGENT_CONFIG for standalone use)",
+                })?,
+            },
+        };
+        let run_dir: PathBuf = get(CNI_AGENT_RUN_DIR)
+            .unwrap_or_else(|| "/var/run/istio-cni".into())
+            .into();
+        let install = get(MOUNTED_CNI_NET_DIR).map(|conf_dir| InstallConfig {
+            plugin_binary: get(MESHNODE_CNI_PLUGIN).map(PathBuf::from).unwrap_or_else(|| {
+                std::env::current_exe()
+                    .map(|p| p.with_file_name("meshnode-cni"))
+                    .unwrap_or_else(|_| "/usr/local/bin/meshnode-cni".into())
+            }),
+            bin_dir: get(MESHNODE_CNI_BIN_DIR)
+                .unwrap_or_else(|| "/host/opt/cni/bin".into())
+                .into(),
+            conf_dir: conf_dir.into(),
+            run_dir: run_dir.clone(),
+            exclude_namespaces: exclude_namespaces.clone(),
+            pod_namespace: get(POD_NAMESPACE).unwrap_or_else(|| "istio-system".into()),
+        });
+        Ok(AgentConfig {
+            run_dir,
+            zds_path: get(ZTUNNEL_UDS_ADDRESS)
+                .unwrap_or_else(|| crate::config::DEFAULT_INPOD_UDS.into())
+                .into(),
+            policy: Policy {
+                selectors,
+                exclude_namespaces,
+            },
+            rules: RuleSettings {
+                packet_mark,
+                ipv6: bool_var(AMBIENT_IPV6, true)?,
+                // Deliberately off by default (istio-cni: on): meshnode's proxy has no DNS proxy on :15053 yet,
+                // so capturing DNS would break name resolution in every enrolled pod.
+                dns_capture: bool_var(AMBIENT_DNS_CAPTURE, false)?,
+                bypass_inbound: false,
+                probe_snat_v4,
+                probe_snat_v6,
+                ports: RedirectPorts::default(),
+            },
+            source,
+            host_prefix: get(MESHNODE_HOST_PREFIX).unwrap_or_default().into(),
+            install,
+        })
+    }
+
+    /// The plugin event socket.
+    pub fn plugin_socket(&self) -> PathBuf {
+        self.run_dir.join("pluginevent.sock")
+    }
+
+    /// The agent's persisted pod state.
+    pub fn state_file(&self) -> PathBuf {
+        self.run_dir.join("meshnode-pods.json")
+    }
+
+    /// The hint the plugin reads when the agent is unreachable.
+    pub fn hint_file(&self) -> PathBuf {
+        self.run_dir.join("meshnode-enrollment.json")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    #[test]
+    fn defaults_follow_istio_cni_except_dns_capture() {
+        let env: HashMap<&str, &str> = [(NODE_NAME, "node-1")].into();
+        let c = AgentConfig::from_source(&env).unwrap();
+        assert_eq!(c.run_dir, PathBuf::from("/var/run/istio-cni"));
+        assert_eq!(c.zds_path, PathBuf::from("/var/run/ztunnel/ztunnel.sock"));
+        assert_eq!(c.policy.exclude_namespaces, vec!["kube-system"]);
+        assert_eq!(c.policy.selectors.len(), 2);
+        assert!(c.rules.ipv6);
+        assert!(!c.rules.dns_capture);
+        assert_eq!(c.rules.packet_mark, 1337);
+        assert_eq!(
+            c.source,
+            ClusterSource::Kubernetes {
+                node_name: "node-1".into()
+            }
+        );
+    }
+
+    #[test]
+    fn bad_values_name_the_variable() {
+        for (k, v) in [
+            (AMBIENT_ENABLEMENT_SELECTOR, "- podSelector: 7"),
+            (AMBIENT_IPV6, "perhaps"),
+            (HOST_PROBE_SNAT_IP, "::1"),
+            (PACKET_MARK, "x"),
+        ] {
+            let env: HashMap<&str, &str> = [(NODE_NAME, "n"), (k, v)].into();
+            let err = AgentConfig::from_source(&env).unwrap_err().to_string();
+            assert!(err.contains(k), "{err}");
+        }
+        let env: HashMap<&str, &str> = HashMap::new();
+        let err = AgentConfig::from_source(&env).unwrap_err().to_string();
+        assert!(err.contains(NODE_NAME), "{err}");
+    }
+}

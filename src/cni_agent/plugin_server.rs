@@ -1,0 +1,366 @@
+//! The plugin event server: HTTP/1.1 over the unix socket `<run_dir>/pluginevent.sock`.
+//!
+//! Input: `POST /cmdadd`, `/cmddel`, `/cmdcheck`, `/cmdgc` from `meshnode-cni` (istio-cni's wire format:
+//! Go field names as JSON keys, plus `PodUID`, `ContainerID`, `IfName`). Output: each request handed to
+//! the agent as a [`PluginRequest`] with a channel for its [`Answer`], and the answer written back: 200
+//! with `{"enrolled": bool, "reason": ...}`, or an error status whose body is the message. Garbage gets a
+//! 400 and the connection closes; the server keeps serving. Bounds: 64 KiB per request, 5 s to send it,
+//! 64 requests at once.
+
+use std::net::IpAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
+
+/// Largest request accepted (headers and body).
+const MAX_REQUEST: usize = 64 * 1024;
+/// Time a client has to send its whole request (the plugin's own timeout is 5 s).
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Requests handled at once; more wait in the socket backlog.
+const MAX_CONCURRENT: usize = 64;
+
+/// A pod IP as the plugin reports it (Go `net.IPNet`: only `IP` is used).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventAddress {
+    /// The address.
+    #[serde(rename = "IP")]
+    pub ip: String,
+}
+
+/// One `IPs` entry.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventIp {
+    /// The address.
+    #[serde(rename = "Address", default)]
+    pub address: EventAddress,
+}
+
+/// An ADD / DEL / CHECK event from the plugin.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PluginEvent {
+    /// `CNI_NETNS`.
+    #[serde(rename = "Netns", default)]
+    pub netns: String,
+    /// `K8S_POD_NAME`.
+    #[serde(rename = "PodName", default)]
+    pub pod_name: String,
+    /// `K8S_POD_NAMESPACE`.
+    #[serde(rename = "PodNamespace", default)]
+    pub pod_namespace: String,
+    /// `K8S_POD_UID` (may be empty).
+    #[serde(rename = "PodUID", default)]
+    pub pod_uid: String,
+    /// `CNI_CONTAINERID`.
+    #[serde(rename = "ContainerID", default)]
+    pub container_id: String,
+    /// `CNI_IFNAME`.
+    #[serde(rename = "IfName", default)]
+    pub ifname: String,
+    /// Addresses from the previous plugin's result.
+    #[serde(rename = "IPs", default, deserialize_with = "null_as_empty")]
+    pub ips: Vec<EventIp>,
+}
+
+fn null_as_empty<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<EventIp>, D::Error> {
+    Ok(Option::<Vec<EventIp>>::deserialize(d)?.unwrap_or_default())
+}
+
+impl PluginEvent {
+    /// The pod IPs that parse.
+    pub fn ips(&self) -> Vec<IpAddr> {
+        self.ips
+            .iter()
+            .filter_map(|i| i.address.ip.parse().ok())
+            .collect()
+    }
+}
+
+/// One attachment a GC keeps.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Attachment {
+    /// Its container.
+    #[serde(rename = "containerID")]
+    pub container_id: String,
+    /// Its interface.
+    #[serde(default)]
+    pub ifname: String,
+}
+
+/// A GC event: everything not listed may be cleaned up.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct GcEvent {
+    /// Attachments still in use.
+    #[serde(rename = "ValidAttachments", default)]
+    pub valid: Vec<Attachment>,
+}
+
+/// What the plugin asked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PluginRequest {
+    /// A pod sandbox was created.
+    Add(PluginEvent),
+    /// A pod sandbox is going away.
+    Del(PluginEvent),
+    /// Is the pod still as ADD left it?
+    Check(PluginEvent),
+    /// Clean up everything but these.
+    Gc(GcEvent),
+}
+
+/// The agent's answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    /// HTTP status.
+    pub status: u16,
+    /// Body.
+    pub body: String,
+}
+
+impl Answer {
+    /// 200 with the enrollment outcome.
+    pub fn enrolled(enrolled: bool, reason: &str) -> Answer {
+        Answer {
+            status: 200,
+            body: serde_json::json!({ "enrolled": enrolled, "reason": reason }).to_string(),
+        }
+    }
+
+    /// An error status with its message.
+    pub fn error(status: u16, message: impl Into<String>) -> Answer {
+        Answer {
+            status,
+            body: message.into(),
+        }
+    }
+}
+
+/// A request and where its answer goes.
+pub type Job = (PluginRequest, oneshot::Sender<Answer>);
+
+/// Binds the socket: removes a stale one, creates the directory (0750), restricts the socket to root
+/// (0600: only the container runtime, which runs the plugin as root, may enroll pods; istio-cni uses 0666).
+pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+        let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o750));
+    }
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let l = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(l)
+}
+
+/// Serves plugin requests until `shutdown` turns true.
+pub async fn serve(
+    listener: UnixListener,
+    jobs: mpsc::Sender<Job>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let limit = Arc::new(Semaphore::new(MAX_CONCURRENT));
+    loop {
+        let permit = tokio::select! {
+            p = limit.clone().acquire_owned() => p.expect("semaphore never closed"),
+            _ = shutdown.wait_for(|s| *s) => return,
+        };
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = shutdown.wait_for(|s| *s) => return,
+        };
+        match accepted {
+            Ok((stream, _)) => {
+                let jobs = jobs.clone();
+                tokio::spawn(async move {
+                    handle(stream, jobs).await;
+                    drop(permit);
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "plugin socket accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn handle(mut stream: UnixStream, jobs: mpsc::Sender<Job>) {
+    let answer = match tokio::time::timeout(READ_TIMEOUT, read_request(&mut stream)).await {
+        Err(_) => Answer::error(408, "request not received within 5s"),
+        Ok(Err(a)) => a,
+        Ok(Ok(req)) => {
+            let (tx, rx) = oneshot::channel();
+            if jobs.send((req, tx)).await.is_err() {
+                Answer::error(503, "the agent is shutting down")
+            } else {
+                rx.await
+                    .unwrap_or_else(|_| Answer::error(500, "the agent dropped the request"))
+            }
+        }
+    };
+    if answer.status >= 400 {
+        tracing::warn!(status = answer.status, message = %answer.body, "plugin request refused");
+    }
+    let reason = match answer.status {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        413 => "Payload Too Large",
+        503 => "Service Unavailable",
+        _ => "Internal Server Error",
+    };
+    let out = format!(
+        "HTTP/1.1 {} {reason}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
+        answer.status,
+        if answer.status == 200 {
+            "application/json"
+        } else {
+            "text/plain"
+        },
+        answer.body.len(),
+        answer.body
+    );
+    let _ = stream.write_all(out.as_bytes()).await;
+    let _ = stream.shutdown().await;
+}
+
+/// Reads one request and decodes its body; any problem becomes the answer to send.
+async fn read_request(stream: &mut UnixStream) -> Result<PluginRequest, Answer> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 4096];
+    let header_end = loop {
+        if let Some(i) = find(&buf, b"\r\n\r\n") {
+            break i + 4;
+        }
+        if buf.len() >= MAX_REQUEST {
+            return Err(Answer::error(413, "request headers too large"));
+        }
+        let n = stream
+            .read(&mut chunk)
+            .await
+            .map_err(|e| Answer::error(400, format!("reading request: {e}")))?;
+        if n == 0 {
+            return Err(Answer::error(400, "connection closed before a full request"));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = std::str::from_utf8(&buf[..header_end])
+        .map_err(|_| Answer::error(400, "request headers are not UTF-8"))?;
+    let mut lines = head.split("\r\n");
+    let request_line = lines.next().unwrap_or_default();
+    let mut parts = request_line.split(' ');
+    let (method, path) = (
+        parts.next().unwrap_or("").to_string(),
+        parts.next().unwrap_or("").to_string(),
+    );
+    if !request_line.ends_with("HTTP/1.1") && !request_line.ends_with("HTTP/1.0") {
+        return Err(Answer::error(400, "not an HTTP/1.x request"));
+    }
+    let mut length: Option<usize> = None;
+    for line in lines {
+        if let Some((k, v)) = line.split_once(':') {
+            if k.trim().eq_ignore_ascii_case("content-length") {
+                length = Some(
+                    v.trim()
+                        .parse()
+                        .map_err(|_| Answer::error(400, "bad Content-Length"))?,
+                );
+            }
+        }
+    }
+    if method != "POST" {
+        return Err(Answer::error(405, format!("{method} not allowed; use POST")));
+    }
+    let length = length.ok_or_else(|| Answer::error(400, "Content-Length required"))?;
+    if header_end + length > MAX_REQUEST {
+        return Err(Answer::error(413, "request body too large"));
+    }
+    while buf.len() < header_end + length {
+        let n = stream
+            .read(&mut chunk)
+            .await
+            .map_err(|e| Answer::error(400, format!("reading body: {e}")))?;
+        if n == 0 {
+            return Err(Answer::error(400, "connection closed before the whole body"));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let body = &buf[header_end..header_end + length];
+    let bad = |e: serde_json::Error| Answer::error(400, format!("{path}: body is not a valid event: {e}"));
+    Ok(match path.as_str() {
+        "/cmdadd" => PluginRequest::Add(serde_json::from_slice(body).map_err(bad)?),
+        "/cmddel" => PluginRequest::Del(serde_json::from_slice(body).map_err(bad)?),
+        "/cmdcheck" => PluginRequest::Check(serde_json::from_slice(body).map_err(bad)?),
+        "/cmdgc" => PluginRequest::Gc(serde_json::from_slice(body).map_err(bad)?),
+        other => return Err(Answer::error(404, format!("unknown path {other:?}"))),
+    })
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn roundtrip(path: &Path, raw: &[u8]) -> String {
+        let mut s = UnixStream::connect(path).await.unwrap();
+        s.write_all(raw).await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn istio_style_add_events_reach_the_agent_and_garbage_gets_400() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("run/pluginevent.sock");
+        let l = bind(&sock).unwrap();
+        let (tx, mut rx) = mpsc::channel::<Job>(4);
+        let (_stop, shutdown) = watch::channel(false);
+        tokio::spawn(serve(l, tx, shutdown));
+        tokio::spawn(async move {
+            while let Some((req, answer)) = rx.recv().await {
+                let PluginRequest::Add(ev) = req else {
+                    let _ = answer.send(Answer::error(500, "unexpected"));
+                    continue;
+                };
+                let _ = answer.send(Answer::enrolled(true, &format!("{} {:?}", ev.pod_name, ev.ips())));
+            }
+        });
+        let body = r#"{"Netns":"/var/run/netns/x","PodName":"web","PodNamespace":"default","IPs":[{"Interface":null,"Address":{"IP":"10.1.0.5","Mask":"////AA=="},"Gateway":"10.1.0.1"}]}"#;
+        let req = format!(
+            "POST /cmdadd HTTP/1.1\r\nHost: unix\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let out = roundtrip(&sock, req.as_bytes()).await;
+        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+        assert!(out.contains(r#""enrolled":true"#) && out.contains("web [10.1.0.5]"), "{out}");
+
+        for (raw, status) in [
+            (&b"\x00\x01garbage\r\n\r\n"[..], "400"),
+            (b"GET /cmdadd HTTP/1.1\r\n\r\n", "405"),
+            (b"POST /cmdadd HTTP/1.1\r\nContent-Length: 5\r\n\r\n{nop}", "400"),
+            (b"POST /other HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}", "404"),
+            (b"POST /cmdadd HTTP/1.1\r\nContent-Length: 999999\r\n\r\n", "413"),
+        ] {
+            let out = roundtrip(&sock, raw).await;
+            assert!(out.starts_with(&format!("HTTP/1.1 {status}")), "{raw:?} -> {out}");
+        }
+        // Still serving after all that.
+        let out = roundtrip(&sock, req.as_bytes()).await;
+        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+        let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+    }
+}

@@ -1,0 +1,203 @@
+//! The agent's record of the pods it has seen, persisted so a restarted agent restores every pod.
+//!
+//! Input: pods from CNI ADD events (name, uid, netns path, IPs) and the enrollment outcome. Output: the
+//! records, and the file `<run_dir>/meshnode-pods.json` rewritten atomically (temp file + rename) after
+//! every change. The run directory is on tmpfs (`/var/run`), so the file lives exactly as long as the
+//! netns paths it names: across agent restarts, not across node reboots.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Where a pod stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Enrollment {
+    /// Seen, not captured.
+    NotEnrolled,
+    /// Rules are in the pod but no proxy has acknowledged it: its traffic is blocked (fail closed).
+    Pending,
+    /// Rules in place and a proxy serves it.
+    Enabled,
+}
+
+impl Enrollment {
+    /// Whether the pod's netns carries our rules.
+    pub fn captured(self) -> bool {
+        self != Enrollment::NotEnrolled
+    }
+}
+
+/// One pod.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodRecord {
+    /// Pod uid (the ZDS uid).
+    pub uid: String,
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// Service account the proxy acts as.
+    pub service_account: String,
+    /// Netns path as the runtime gave it (`CNI_NETNS`), or `/proc/<pid>/ns/net` for pods found running.
+    pub netns: String,
+    /// `CNI_CONTAINERID` of the sandbox.
+    #[serde(default)]
+    pub container_id: String,
+    /// Pod IPs.
+    #[serde(default)]
+    pub ips: Vec<IpAddr>,
+    /// Enrollment state.
+    pub state: Enrollment,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct StateFile {
+    version: u32,
+    pods: Vec<PodRecord>,
+}
+
+/// The records, by uid.
+#[derive(Debug, Default)]
+pub struct Pods {
+    records: BTreeMap<String, PodRecord>,
+    file: Option<PathBuf>,
+}
+
+impl Pods {
+    /// Loads `file` (missing: empty). An unreadable file is reported, not fatal: the agent starts empty
+    /// and the caller logs it.
+    pub fn load(file: PathBuf) -> (Pods, Option<String>) {
+        let mut pods = Pods {
+            records: BTreeMap::new(),
+            file: Some(file.clone()),
+        };
+        match std::fs::read(&file) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (pods, None),
+            Err(e) => (pods, Some(format!("reading {}: {e}", file.display()))),
+            Ok(bytes) => match serde_json::from_slice::<StateFile>(&bytes) {
+                Ok(state) => {
+                    for r in state.pods {
+                        pods.records.insert(r.uid.clone(), r);
+                    }
+                    (pods, None)
+                }
+                Err(e) => (pods, Some(format!("{} is not valid: {e}", file.display()))),
+            },
+        }
+    }
+
+    /// An in-memory set (tests).
+    pub fn in_memory() -> Pods {
+        Pods::default()
+    }
+
+    /// All records.
+    pub fn iter(&self) -> impl Iterator<Item = &PodRecord> {
+        self.records.values()
+    }
+
+    /// The uids.
+    pub fn uids(&self) -> Vec<String> {
+        self.records.keys().cloned().collect()
+    }
+
+    /// The record for `uid`.
+    pub fn get(&self, uid: &str) -> Option<&PodRecord> {
+        self.records.get(uid)
+    }
+
+    /// The record of pod `namespace/name`, if any.
+    pub fn find(&self, namespace: &str, name: &str) -> Option<&PodRecord> {
+        self.records
+            .values()
+            .find(|r| r.namespace == namespace && r.name == name)
+    }
+
+    /// Adds or replaces a record and saves.
+    pub fn put(&mut self, r: PodRecord) {
+        self.records.insert(r.uid.clone(), r);
+        self.save();
+    }
+
+    /// Changes a record's state and saves.
+    pub fn set_state(&mut self, uid: &str, state: Enrollment) {
+        if let Some(r) = self.records.get_mut(uid) {
+            if r.state != state {
+                r.state = state;
+                self.save();
+            }
+        }
+    }
+
+    /// Forgets a record and saves.
+    pub fn remove(&mut self, uid: &str) -> Option<PodRecord> {
+        let r = self.records.remove(uid);
+        if r.is_some() {
+            self.save();
+        }
+        r
+    }
+
+    fn save(&self) {
+        let Some(file) = &self.file else { return };
+        let state = StateFile {
+            version: 1,
+            pods: self.records.values().cloned().collect(),
+        };
+        if let Err(e) = write_atomically(file, &serde_json::to_vec_pretty(&state).unwrap_or_default())
+        {
+            tracing::error!(file = %file.display(), error = %e, "cannot save the agent's pod state; a restart would lose pods");
+        }
+    }
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename, so readers never see half a file.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(uid: &str, state: Enrollment) -> PodRecord {
+        PodRecord {
+            uid: uid.into(),
+            namespace: "default".into(),
+            name: format!("pod-{uid}"),
+            service_account: "default".into(),
+            netns: "/var/run/netns/x".into(),
+            container_id: "c1".into(),
+            ips: vec!["10.0.0.1".parse().unwrap()],
+            state,
+        }
+    }
+
+    #[test]
+    fn records_survive_a_restart_and_a_corrupt_file_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pods.json");
+        let (mut pods, err) = Pods::load(file.clone());
+        assert!(err.is_none());
+        pods.put(rec("a", Enrollment::Pending));
+        pods.put(rec("b", Enrollment::NotEnrolled));
+        pods.set_state("a", Enrollment::Enabled);
+        pods.remove("b");
+        let (again, err) = Pods::load(file.clone());
+        assert!(err.is_none());
+        assert_eq!(again.uids(), vec!["a"]);
+        assert_eq!(again.get("a").unwrap().state, Enrollment::Enabled);
+        assert!(again.find("default", "pod-a").is_some());
+
+        std::fs::write(&file, b"{not json").unwrap();
+        let (empty, err) = Pods::load(file);
+        assert!(empty.uids().is_empty());
+        assert!(err.unwrap().contains("not valid"));
+    }
+}

@@ -1,0 +1,341 @@
+//! In-pod (shared) mode: one node proxy serving every enrolled pod, inside each pod's network namespace.
+//!
+//! Input: ZDS requests from the CNI agent on `INPOD_UDS` (pod uid, workload identity, netns fd), plus the
+//! shared state, certificates and config. Output: for each pod, a [`Proxy`] whose three listeners
+//! (15001/15006/15008) are bound inside the pod's namespace with `SO_REUSEPORT` (so a new proxy can take
+//! over while this one drains) and whose sockets towards peers and the application are created there too.
+//!
+//! The ZDS connection is a supervisor, not a dependency: when the agent goes away, pods keep being served
+//! and the proxy reconnects (backoff 10 ms doubling to 15 s, as ztunnel). On each connection the agent's
+//! snapshot is reconciled: pods not named in it are drained once `SnapshotSent` arrives. A pod whose proxy
+//! cannot start (a port taken) is NACKed and retried every 5 s. Readiness waits for the first snapshot.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::config::{Config, WorkloadInfo};
+use crate::identity::CertManager;
+use crate::netns::{InpodNetns, Netns, NetnsId};
+use crate::proxy::{Listeners, Proxy, ProxyInputs};
+use crate::readiness::Readiness;
+use crate::socket::{self, SocketOpts};
+use crate::state::StateHandle;
+use crate::zds::client::{Request, ZdsClient};
+
+/// First reconnect delay after the agent's socket goes away.
+const RECONNECT_MIN: Duration = Duration::from_millis(10);
+/// Longest reconnect delay (ztunnel: 15 s).
+const RECONNECT_MAX: Duration = Duration::from_secs(15);
+/// How often pods whose proxy failed to start are retried (ztunnel: 5 s).
+const RETRY_PENDING: Duration = Duration::from_secs(5);
+
+/// Why a pod's proxy could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A listener could not be bound in the pod.
+    #[error("pod {uid}: binding :{port} in {netns}: {source}")]
+    Bind {
+        /// Pod uid.
+        uid: String,
+        /// The port.
+        port: u16,
+        /// The namespace.
+        netns: NetnsId,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The workload info from the agent is incomplete.
+    #[error("pod {uid}: workload info needs a namespace, a name and a service account")]
+    IncompleteInfo {
+        /// Pod uid.
+        uid: String,
+    },
+}
+
+/// Everything the per-pod proxies share.
+pub struct InpodInputs {
+    /// The configuration.
+    pub cfg: Arc<Config>,
+    /// Mesh state.
+    pub state: StateHandle,
+    /// Certificates (one manager for every pod: identities are fetched once per service account).
+    pub certs: Arc<CertManager>,
+    /// Keep client addresses towards applications.
+    pub orig_src: bool,
+}
+
+/// A running pod proxy.
+struct PodProxy {
+    netns: NetnsId,
+    info: WorkloadInfo,
+    drain: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+/// A pod the agent handed over whose proxy has not started yet.
+struct Pending {
+    info: WorkloadInfo,
+    netns: Netns,
+}
+
+/// The set of pods this proxy serves.
+struct Pods {
+    inputs: InpodInputs,
+    home: Arc<Netns>,
+    running: HashMap<String, PodProxy>,
+    pending: HashMap<String, Pending>,
+}
+
+/// Runs in-pod mode until `shutdown` turns true, then drains every pod's proxy.
+pub async fn run(inputs: InpodInputs, ready: Arc<Readiness>, mut shutdown: watch::Receiver<bool>) {
+    let home = match Netns::current() {
+        Ok(ns) => Arc::new(ns),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot open the proxy's own network namespace; in-pod mode cannot run");
+            return;
+        }
+    };
+    let uds = inputs.cfg.inpod_uds.clone();
+    let mut pods = Pods {
+        inputs,
+        home,
+        running: HashMap::new(),
+        pending: HashMap::new(),
+    };
+    let mut snapshot_task = Some(ready.register("inpod snapshot"));
+    let mut delay = RECONNECT_MIN;
+    loop {
+        let connected = tokio::select! {
+            c = ZdsClient::connect(&uds) => c,
+            _ = shutdown.wait_for(|s| *s) => break,
+        };
+        let client = match connected {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(path = %uds.display(), error = %e, "CNI agent not reachable yet");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.wait_for(|s| *s) => break,
+                }
+                delay = (delay * 2).min(RECONNECT_MAX);
+                continue;
+            }
+        };
+        tracing::info!(path = %uds.display(), "connected to the CNI agent");
+        delay = RECONNECT_MIN;
+        let ended = tokio::select! {
+            e = pods.session(client, &mut snapshot_task) => e,
+            _ = shutdown.wait_for(|s| *s) => break,
+        };
+        tracing::warn!(reason = %ended, "CNI agent connection ended; pods keep being served, reconnecting");
+    }
+    pods.drain_all().await;
+}
+
+impl Pods {
+    /// One connection to the agent: hello was sent by `connect`; handle requests until it fails. Returns
+    /// why it ended.
+    async fn session(
+        &mut self,
+        mut client: ZdsClient,
+        snapshot_task: &mut Option<crate::readiness::Task>,
+    ) -> String {
+        let mut seen: Option<HashSet<String>> = Some(HashSet::new());
+        let mut retry = tokio::time::interval(RETRY_PENDING);
+        retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let req = tokio::select! {
+                r = client.recv() => r,
+                _ = retry.tick() => {
+                    self.retry_pending();
+                    continue;
+                }
+            };
+            let req = match req {
+                Ok(r) => r,
+                Err(e) => {
+                    let reason = e.to_string();
+                    // Tell the agent why before going (it logs the NACK); the socket may already be gone.
+                    let _ = client.ack(Some(&reason)).await;
+                    return reason;
+                }
+            };
+            let answer: Result<(), String> = match req {
+                Request::Add { uid, info, netns } => {
+                    if let Some(s) = seen.as_mut() {
+                        s.insert(uid.clone());
+                    }
+                    let info = WorkloadInfo {
+                        namespace: info.namespace,
+                        name: info.name,
+                        service_account: info.service_account,
+                    };
+                    self.add(uid, info, netns).map_err(|e| e.to_string())
+                }
+                Request::Keep { uid } => {
+                    if let Some(s) = seen.as_mut() {
+                        s.insert(uid);
+                    }
+                    Ok(())
+                }
+                Request::Del { uid } => {
+                    if let Some(s) = seen.as_mut() {
+                        s.remove(&uid);
+                    }
+                    self.del(&uid);
+                    Ok(())
+                }
+                Request::SnapshotSent => {
+                    let keep = seen.take().unwrap_or_default();
+                    self.reconcile(&keep);
+                    if let Some(t) = snapshot_task.take() {
+                        tracing::info!(pods = self.running.len(), "snapshot from the CNI agent processed; ready");
+                        t.done();
+                    }
+                    Ok(())
+                }
+            };
+            if let Err(e) = &answer {
+                tracing::warn!(error = %e, "NACK to the CNI agent");
+            }
+            if let Err(e) = client.ack(answer.err().as_deref()).await {
+                return format!("sending ack: {e}");
+            }
+        }
+    }
+
+    /// Starts (or keeps) the proxy for pod `uid`. The same uid with the same namespace is a no-op; with a
+    /// different namespace (the pod sandbox was recreated) the old proxy drains and a new one starts.
+    fn add(&mut self, uid: String, info: WorkloadInfo, netns: Netns) -> Result<(), Error> {
+        if info.namespace.is_empty() || info.name.is_empty() || info.service_account.is_empty() {
+            return Err(Error::IncompleteInfo { uid });
+        }
+        if let Some(p) = self.running.get(&uid) {
+            if p.netns == netns.id() && p.info == info {
+                return Ok(());
+            }
+            tracing::info!(uid, old = %p.netns, new = %netns.id(), "pod namespace changed; replacing its proxy");
+            self.del(&uid);
+        }
+        self.pending.remove(&uid);
+        match self.start(&uid, &info, &netns) {
+            Ok(p) => {
+                tracing::info!(uid, workload = ?info, netns = %netns.id(), "pod enrolled: proxy listening in its namespace");
+                self.running.insert(uid, p);
+                Ok(())
+            }
+            Err(e) => {
+                self.pending.insert(uid, Pending { info, netns });
+                Err(e)
+            }
+        }
+    }
+
+    fn start(&self, uid: &str, info: &WorkloadInfo, netns: &Netns) -> Result<PodProxy, Error> {
+        let cfg = &self.inputs.cfg;
+        let inpod = Arc::new(InpodNetns::new(
+            netns.try_clone().map_err(|source| Error::Bind {
+                uid: uid.to_string(),
+                port: 0,
+                netns: netns.id(),
+                source,
+            })?,
+            self.home.clone(),
+        ));
+        let opts = SocketOpts {
+            mark: cfg.packet_mark,
+            transparent: false,
+            reuse_port: cfg.inpod_port_reuse,
+        };
+        let bind = |port: u16| {
+            socket::listen_in(Some(&inpod), cfg.wildcard(port), opts).map_err(|source| {
+                Error::Bind {
+                    uid: uid.to_string(),
+                    port,
+                    netns: netns.id(),
+                    source,
+                }
+            })
+        };
+        let listeners = Listeners {
+            outbound: bind(cfg.ports.outbound)?,
+            inbound: bind(cfg.ports.inbound)?,
+            inbound_plaintext: bind(cfg.ports.inbound_plaintext)?,
+        };
+        let (drain, drained) = watch::channel(false);
+        let proxy = Proxy::new(
+            ProxyInputs {
+                cfg: cfg.clone(),
+                state: self.inputs.state.clone(),
+                certs: self.inputs.certs.clone(),
+                workload: info.clone(),
+                sock: SocketOpts {
+                    mark: cfg.packet_mark,
+                    transparent: false,
+                    reuse_port: false,
+                },
+                orig_src: self.inputs.orig_src,
+                netns: Some(inpod),
+            },
+            drained,
+        );
+        let task = tokio::spawn(async move { proxy.serve(listeners).await });
+        Ok(PodProxy {
+            netns: netns.id(),
+            info: info.clone(),
+            drain,
+            task,
+        })
+    }
+
+    /// Drains pod `uid`'s proxy (its listeners close at once; open connections get the termination
+    /// deadline). Unknown uids are fine: a delete is idempotent.
+    fn del(&mut self, uid: &str) {
+        self.pending.remove(uid);
+        if let Some(p) = self.running.remove(uid) {
+            tracing::info!(uid, workload = ?p.info, "pod removed: draining its proxy");
+            let _ = p.drain.send(true);
+        }
+    }
+
+    /// After a snapshot: drain every pod the agent did not name.
+    fn reconcile(&mut self, keep: &HashSet<String>) {
+        let stale: Vec<String> = self
+            .running
+            .keys()
+            .chain(self.pending.keys())
+            .filter(|uid| !keep.contains(*uid))
+            .cloned()
+            .collect();
+        for uid in stale {
+            tracing::info!(uid, "pod not in the CNI agent's snapshot");
+            self.del(&uid);
+        }
+    }
+
+    fn retry_pending(&mut self) {
+        let uids: Vec<String> = self.pending.keys().cloned().collect();
+        for uid in uids {
+            if let Some(p) = self.pending.remove(&uid) {
+                if let Err(e) = self.add(uid, p.info, p.netns) {
+                    tracing::warn!(error = %e, "retrying pod proxy start failed");
+                }
+            }
+        }
+    }
+
+    async fn drain_all(&mut self) {
+        let running: Vec<PodProxy> = self.running.drain().map(|(_, p)| p).collect();
+        for p in &running {
+            let _ = p.drain.send(true);
+        }
+        for p in running {
+            let _ = p.task.await;
+        }
+    }
+}

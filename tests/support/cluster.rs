@@ -1,0 +1,315 @@
+//! A one-node "cluster" in network namespaces for the capture tests: a node namespace running
+//! `meshnode cni-agent` and `meshnode proxy` (shared mode) as the DaemonSets would, and pods created by
+//! calling the real CNI chain (`ptp` + host-local IPAM, then `meshnode-cni`) exactly as a container runtime
+//! does. Everything is removed on drop, also when the test fails.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use meshnode::cni_exec::{Attachment, Runtime};
+use serde_json::{json, Value};
+
+use super::netns::{KillOnDrop, Netns};
+
+/// Where Debian's containernetworking-plugins put `ptp` and `host-local`.
+pub const CNI_PLUGINS_DIR: &str = "/usr/lib/cni";
+
+/// The `meshnode-cni` binary, built beside `meshnode` by `cargo test --workspace`.
+pub fn plugin_binary() -> PathBuf {
+    let p = Path::new(env!("CARGO_BIN_EXE_meshnode")).with_file_name("meshnode-cni");
+    assert!(
+        p.exists(),
+        "{} is missing: run the tests with `cargo test --workspace` so the plugin is built",
+        p.display()
+    );
+    p
+}
+
+/// A pod: its namespace, its CNI attachment and result.
+pub struct Pod {
+    pub name: String,
+    pub namespace: String,
+    pub uid: String,
+    pub netns: Netns,
+    pub attachment: Attachment,
+    pub result: Option<Value>,
+    pub ip: Option<IpAddr>,
+}
+
+/// The node: namespace, agent, proxy, CNI config.
+pub struct Node {
+    pub ns: Netns,
+    pub dir: tempfile::TempDir,
+    pub agent: Option<KillOnDrop>,
+    pub proxy: Option<KillOnDrop>,
+    pub conflist: Value,
+    pub runtime: Runtime,
+    pub subnet: String,
+    restarts: AtomicU32,
+}
+
+/// A unique /24 per node in this process: `10.<pid-derived>.<n>.0/24`.
+fn next_subnet() -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(1);
+    let a = 150 + (std::process::id() % 100);
+    format!("10.{a}.{}", NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+impl Node {
+    /// A node with its agent (standalone config `agent_yaml`) and proxy (workload state `local_yaml`)
+    /// started and ready.
+    pub fn start(agent_yaml: &str, local_yaml: &str) -> Node {
+        assert!(
+            Path::new(CNI_PLUGINS_DIR).join("ptp").exists(),
+            "{CNI_PLUGINS_DIR}/ptp is missing: install Debian's containernetworking-plugins (.ci/run does)"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let ns = Netns::new("node");
+        let subnet = next_subnet();
+        let plugin = plugin_binary();
+        let conflist = json!({
+            "cniVersion": "1.0.0",
+            "name": format!("mn{}{}", std::process::id(), subnet.replace('.', "x")),
+            "plugins": [
+                {
+                    "type": "ptp",
+                    "ipMasq": false,
+                    "ipam": {
+                        "type": "host-local",
+                        "subnet": format!("{subnet}.0/24"),
+                        "dataDir": dir.path().join("ipam").to_str().unwrap(),
+                        "routes": [{"dst": "0.0.0.0/0"}]
+                    }
+                },
+                {
+                    "type": "meshnode-cni",
+                    "cni_agent_run_dir": dir.path().join("run").to_str().unwrap(),
+                    "exclude_namespaces": ["kube-system"]
+                }
+            ]
+        });
+        let runtime = Runtime {
+            cni_path: vec![
+                PathBuf::from(CNI_PLUGINS_DIR),
+                plugin.parent().unwrap().to_path_buf(),
+            ],
+        };
+        std::fs::write(dir.path().join("agent.yaml"), agent_yaml).unwrap();
+        std::fs::write(dir.path().join("local.yaml"), local_yaml).unwrap();
+        let mut node = Node {
+            ns,
+            dir,
+            agent: None,
+            proxy: None,
+            conflist,
+            runtime,
+            subnet,
+            restarts: AtomicU32::new(0),
+        };
+        node.start_agent();
+        node.start_proxy();
+        node
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Starts (or restarts) the agent and waits for its sockets.
+    pub fn start_agent(&mut self) {
+        self.agent = None;
+        let n = self.restarts.fetch_add(1, Ordering::Relaxed);
+        let log = std::fs::File::create(self.path(&format!("agent{n}.log"))).unwrap();
+        let run = self.path("run");
+        let _ = std::fs::remove_file(run.join("pluginevent.sock"));
+        self.agent = Some(KillOnDrop(self.ns.spawn(
+            env!("CARGO_BIN_EXE_meshnode"),
+            &["cni-agent"],
+            &[
+                ("CNI_AGENT_RUN_DIR", run.to_str().unwrap()),
+                ("ZTUNNEL_UDS_ADDRESS", self.path("zds.sock").to_str().unwrap()),
+                ("MESHNODE_AGENT_CONFIG", self.path("agent.yaml").to_str().unwrap()),
+                ("RUST_LOG", "info"),
+            ],
+            log,
+        )));
+        self.wait_for(|| run.join("pluginevent.sock").exists(), "the agent's plugin socket");
+    }
+
+    /// Starts (or restarts) the proxy and waits for its readiness (after the agent's snapshot).
+    pub fn start_proxy(&mut self) {
+        self.proxy = None;
+        let n = self.restarts.fetch_add(1, Ordering::Relaxed);
+        let log = std::fs::File::create(self.path(&format!("proxy{n}.log"))).unwrap();
+        self.proxy = Some(KillOnDrop(self.ns.spawn(
+            env!("CARGO_BIN_EXE_meshnode"),
+            &["proxy"],
+            &[
+                ("PROXY_MODE", "shared"),
+                ("INPOD_UDS", self.path("zds.sock").to_str().unwrap()),
+                ("LOCAL_XDS_PATH", self.path("local.yaml").to_str().unwrap()),
+                ("XDS_ADDRESS", ""),
+                ("MESHNODE_STATE_DIR", self.path("state").to_str().unwrap()),
+                ("RUST_LOG", "info"),
+            ],
+            log,
+        )));
+        self.wait_for(|| self.ready(), "the proxy's readiness");
+    }
+
+    /// Whether the proxy answers ready on :15021 in the node namespace.
+    pub fn ready(&self) -> bool {
+        self.ns.run(|| {
+            let Ok(mut s) = TcpStream::connect("127.0.0.1:15021") else {
+                return false;
+            };
+            let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+            let _ = s.write_all(b"GET /healthz/ready HTTP/1.1\r\nHost: x\r\n\r\n");
+            let mut out = String::new();
+            let _ = s.read_to_string(&mut out);
+            out.starts_with("HTTP/1.1 200")
+        })
+    }
+
+    /// Waits up to 20 s for `cond`, failing with the node's logs.
+    pub fn wait_for(&self, mut cond: impl FnMut() -> bool, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !cond() {
+            if Instant::now() > deadline {
+                panic!("timed out waiting for {what}\n{}", self.logs());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// All logs of the node's processes, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        let mut entries: Vec<_> = std::fs::read_dir(self.dir.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "log"))
+            .collect();
+        entries.sort();
+        for p in entries {
+            out += &format!(
+                "--- {}\n{}\n",
+                p.display(),
+                std::fs::read_to_string(&p).unwrap_or_default()
+            );
+        }
+        out
+    }
+
+    /// Replaces the agent's enrollment file (namespaces, pods); the agent re-reads it within a second.
+    pub fn set_agent_config(&self, yaml: &str) {
+        std::fs::write(self.path("agent.yaml"), yaml).unwrap();
+    }
+
+    /// Replaces the proxy's workload state; it re-reads it within a second.
+    pub fn set_local_config(&self, yaml: &str) {
+        std::fs::write(self.path("local.yaml"), yaml).unwrap();
+    }
+
+    /// A new pod sandbox (netns), not yet networked.
+    pub fn pod(&self, namespace: &str, name: &str) -> Pod {
+        let netns = Netns::new("pod");
+        let uid = format!("uid-{namespace}-{name}-{}", netns.name);
+        let attachment = Attachment {
+            container_id: format!("c{}", netns.name),
+            netns: PathBuf::from(format!("/var/run/netns/{}", netns.name)),
+            ifname: "eth0".into(),
+            args: vec![
+                ("IgnoreUnknown".into(), "1".into()),
+                ("K8S_POD_NAMESPACE".into(), namespace.into()),
+                ("K8S_POD_NAME".into(), name.into()),
+                ("K8S_POD_INFRA_CONTAINER_ID".into(), format!("c{}", netns.name)),
+                ("K8S_POD_UID".into(), uid.clone()),
+            ],
+        };
+        Pod {
+            name: name.into(),
+            namespace: namespace.into(),
+            uid,
+            netns,
+            attachment,
+            result: None,
+            ip: None,
+        }
+    }
+
+    /// CNI ADD for `pod` through the whole chain, run from the node namespace as a runtime does.
+    pub fn add(&self, pod: &mut Pod) -> Result<(), meshnode::cni_exec::Error> {
+        let rt = self.runtime.clone();
+        let conf = self.conflist.clone();
+        let att = pod.attachment.clone();
+        let result = self.ns.run(move || rt.add(&conf, &att))?;
+        pod.ip = result["ips"][0]["address"]
+            .as_str()
+            .and_then(|a| a.split('/').next())
+            .and_then(|a| a.parse().ok());
+        pod.result = Some(result);
+        Ok(())
+    }
+
+    /// CNI DEL for `pod`.
+    pub fn del(&self, pod: &Pod) -> Result<(), meshnode::cni_exec::Error> {
+        let rt = self.runtime.clone();
+        let conf = self.conflist.clone();
+        let att = pod.attachment.clone();
+        let prev = pod.result.clone();
+        self.ns.run(move || rt.del(&conf, &att, prev.as_ref()))
+    }
+}
+
+/// An application in `pod`: answers `app saw <peer> say <first line>` on every connection to `port`.
+pub fn serve_app(pod: &Pod, port: u16) {
+    let ip = pod.ip.expect("pod has an IP");
+    let app = pod
+        .netns
+        .run(move || TcpListener::bind(SocketAddr::new(ip, port)).unwrap());
+    std::thread::spawn(move || {
+        for s in app.incoming().flatten() {
+            std::thread::spawn(move || {
+                let peer = s.peer_addr().unwrap();
+                let mut line = String::new();
+                let _ = BufReader::new(s.try_clone().unwrap()).read_line(&mut line);
+                let _ = (&s).write_all(format!("app saw {peer} say {line}").as_bytes());
+            });
+        }
+    });
+}
+
+/// Connects from inside `pod` to `dst`, says hello, returns the answer (or the error).
+pub fn call(pod: &Pod, dst: SocketAddr) -> std::io::Result<String> {
+    pod.netns.run(move || {
+        let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(5))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        s.write_all(b"hello\n")?;
+        let mut reply = String::new();
+        s.read_to_string(&mut reply)?;
+        Ok(reply)
+    })
+}
+
+/// The redirection rules in `pod`'s namespace, read back through netlink.
+pub fn rules(pod: &Pod) -> meshnode::redirect::Installed {
+    pod.netns
+        .run(|| meshnode::redirect::inspect().expect("reading rules through netlink"))
+}
+
+/// `nft list ruleset` in `pod`'s namespace (a second, independent reading of the rules).
+pub fn nft_ruleset(pod: &Pod) -> String {
+    let out = pod.netns.exec("nft", &["list", "ruleset"]);
+    assert!(out.status.success(), "nft: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `ip rule` lines in `pod`'s namespace.
+pub fn ip_rules(pod: &Pod) -> String {
+    String::from_utf8_lossy(&pod.netns.ip(&["rule"]).stdout).into_owned()
+}
