@@ -14,9 +14,11 @@
 pub mod cluster;
 pub mod config;
 pub mod install;
+pub mod kube;
 pub mod local;
 pub mod plugin_server;
 pub mod pods;
+pub mod procfs;
 pub mod selector;
 
 use std::collections::BTreeSet;
