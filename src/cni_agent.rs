@@ -48,6 +48,8 @@ pub const BYPASS_INBOUND_ANNOTATION: &str = "ambient.istio.io/bypass-inbound-cap
 const RETRY_PENDING: Duration = Duration::from_secs(1);
 /// Plugin requests queued for the agent loop; more wait in the plugin server (which is bounded too).
 const JOB_QUEUE: usize = 64;
+/// Annotation patches waiting for the API server.
+const ANNOTATION_QUEUE: usize = 1024;
 
 /// Why a pod could not be enrolled; the plugin turns it into a CNI error.
 #[derive(Debug, thiserror::Error)]
@@ -127,6 +129,7 @@ pub struct Agent {
     view: watch::Receiver<Arc<ClusterView>>,
     kubernetes: bool,
     last_hint: Option<Vec<String>>,
+    annotations: Option<mpsc::Sender<(PodKey, Option<&'static str>)>>,
 }
 
 /// Handles given to the agent's servers.
@@ -159,9 +162,35 @@ impl Agent {
             view,
             kubernetes,
             last_hint: None,
+            annotations: None,
         };
         agent.restore();
         (agent, AgentHandles { jobs, zds }, rx)
+    }
+
+    /// Keeps pods' `ambient.istio.io/redirection` annotation current through `source` (Kubernetes mode).
+    /// Patches go through a bounded queue to one worker, in order, off the enrollment path.
+    pub fn annotate_with(&mut self, source: kube::KubeSource) {
+        let (tx, mut rx) = mpsc::channel::<(PodKey, Option<&'static str>)>(ANNOTATION_QUEUE);
+        tokio::spawn(async move {
+            while let Some((pod, value)) = rx.recv().await {
+                if let Err(e) = source
+                    .set_redirection(&pod.namespace, &pod.name, value)
+                    .await
+                {
+                    tracing::warn!(pod = %pod, error = %e, "updating the redirection annotation failed");
+                }
+            }
+        });
+        self.annotations = Some(tx);
+    }
+
+    fn annotate(&self, pod: PodKey, value: Option<&'static str>) {
+        if let Some(tx) = &self.annotations {
+            if tx.try_send((pod, value)).is_err() {
+                tracing::warn!("annotation queue full; an annotation update was dropped");
+            }
+        }
     }
 
     /// Re-arms the pods recorded by a previous run: those whose netns still exists keep their state and get
@@ -386,10 +415,14 @@ impl Agent {
         match self.zds.add(uid, &zds_info(&r), &ns).await {
             Ok(()) => {
                 self.pods.set_state(uid, Enrollment::Enabled);
+                self.annotate(key(&r), Some("enabled"));
                 tracing::info!(pod = %key(&r), uid, "pod enrolled");
                 Ok(())
             }
-            Err(source) => Err(Error::Proxy { pod: key(&r), source }),
+            Err(source) => {
+                self.annotate(key(&r), Some("pending"));
+                Err(Error::Proxy { pod: key(&r), source })
+            }
         }
     }
 
@@ -455,6 +488,7 @@ impl Agent {
             tracing::warn!(pod = %key(&r), error = %e, "telling proxies to drop the pod failed");
         }
         self.pods.set_state(uid, Enrollment::NotEnrolled);
+        self.annotate(key(&r), None);
         tracing::info!(pod = %key(&r), uid, "pod released from the mesh");
     }
 
@@ -517,6 +551,9 @@ impl Agent {
             return;
         }
         self.write_hint(&view);
+        if self.kubernetes {
+            self.adopt_running(&view).await;
+        }
         for uid in self.pods.uids() {
             let Some(r) = self.pods.get(&uid).cloned() else {
                 continue;
@@ -558,6 +595,51 @@ impl Agent {
         }
     }
 
+    /// Kubernetes mode: pods that should be captured but that no CNI ADD told the agent about (they started
+    /// before the agent, or while the plugin was missing) are found through /proc and captured live.
+    async fn adopt_running(&mut self, view: &ClusterView) {
+        let proc_root = self.netns_path("/proc");
+        for (pod_key, info) in &view.pods {
+            if info.terminal
+                || info.ips.is_empty()
+                || self.pods.find(&pod_key.namespace, &pod_key.name).is_some()
+                || self.cfg.policy.decide(view.namespaces.get(&pod_key.namespace), info)
+                    != Decision::Enroll
+            {
+                continue;
+            }
+            let (root, uid, ips) = (proc_root.clone(), info.uid.clone(), info.ips.clone());
+            let found = tokio::task::spawn_blocking(move || procfs::find_pod_netns(&root, &uid, &ips))
+                .await
+                .ok()
+                .flatten();
+            let Some(path) = found else {
+                tracing::debug!(pod = %pod_key, "running pod's netns not found in /proc; waiting for its CNI ADD");
+                continue;
+            };
+            let netns = match path.strip_prefix(&self.cfg.host_prefix) {
+                Ok(rest) if !self.cfg.host_prefix.as_os_str().is_empty() => {
+                    PathBuf::from("/").join(rest)
+                }
+                _ => path.clone(),
+            };
+            tracing::info!(pod = %pod_key, netns = %netns.display(), "capturing a running pod found through /proc");
+            self.pods.put(PodRecord {
+                uid: info.uid.clone(),
+                namespace: info.namespace.clone(),
+                name: info.name.clone(),
+                service_account: info.service_account.clone(),
+                netns: netns.to_string_lossy().into_owned(),
+                container_id: String::new(),
+                ips: info.ips.clone(),
+                state: Enrollment::NotEnrolled,
+            });
+            if let Err(e) = self.enroll(&info.uid, info).await {
+                tracing::warn!(error = %e, "capturing a running pod failed");
+            }
+        }
+    }
+
     /// Offers pods waiting for a proxy again, once one is connected.
     async fn retry_pending(&mut self) {
         if self.zds.connected() == 0 {
@@ -576,6 +658,7 @@ impl Agent {
             match self.zds.add(&uid, &zds_info(&r), &ns).await {
                 Ok(()) => {
                     self.pods.set_state(&uid, Enrollment::Enabled);
+                    self.annotate(key(&r), Some("enabled"));
                     tracing::info!(pod = %key(&r), "pending pod taken by a proxy");
                 }
                 Err(e) => tracing::debug!(pod = %key(&r), error = %e, "pending pod still waiting"),
@@ -675,6 +758,7 @@ pub async fn run(cfg: Arc<AgentConfig>, shutdown: watch::Receiver<bool>) -> Resu
         source,
     })?;
     let (tx, view) = watch::channel(Arc::new(ClusterView::default()));
+    let mut annotator = None;
     match &cfg.source {
         ClusterSource::File(path) => {
             let (bytes, v) = local::load(path)?;
@@ -682,16 +766,22 @@ pub async fn run(cfg: Arc<AgentConfig>, shutdown: watch::Receiver<bool>) -> Resu
             tx.send_replace(Arc::new(v));
             tokio::spawn(local::watch(path.clone(), Duration::from_secs(1), bytes, tx));
         }
-        ClusterSource::Kubernetes { .. } => {
-            return Err(Error::Start {
-                what: "Kubernetes enrollment source".into(),
-                source: std::io::Error::other(
-                    "not available in this build yet; set MESHNODE_AGENT_CONFIG to a local file",
-                ),
-            });
+        ClusterSource::Kubernetes { node_name } => {
+            let source = kube::KubeSource::new(node_name.clone())
+                .await
+                .map_err(|e| Error::Start {
+                    what: "connecting to the Kubernetes API".into(),
+                    source: std::io::Error::other(e.to_string()),
+                })?;
+            tracing::info!(node = %node_name, "watching this node's pods and all namespaces");
+            annotator = Some(source.clone());
+            tokio::spawn(source.run(tx));
         }
     }
-    let (agent, handles, jobs) = Agent::new(cfg.clone(), view);
+    let (mut agent, handles, jobs) = Agent::new(cfg.clone(), view);
+    if let Some(a) = annotator {
+        agent.annotate_with(a);
+    }
     let zds_listener = crate::zds::packet::bind(&cfg.zds_path).map_err(|source| Error::Start {
         what: format!("binding the ZDS socket {}", cfg.zds_path.display()),
         source,
