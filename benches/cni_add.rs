@@ -26,7 +26,8 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use support::cluster::{plugin_binary, Node, CNI_PLUGINS_DIR};
 
-const AGENT_YAML: &str = "namespaces:\n  default: {labels: {istio.io/dataplane-mode: ambient}}\n  test: {}\n";
+const AGENT_YAML: &str =
+    "namespaces:\n  default: {labels: {istio.io/dataplane-mode: ambient}}\n  test: {}\n";
 
 fn main() {
     if !nix::unistd::geteuid().is_root() {
@@ -34,7 +35,9 @@ fn main() {
         return;
     }
     if !std::path::Path::new(CNI_PLUGINS_DIR).join("ptp").exists() {
-        println!("SKIPPED cni_add bench: {CNI_PLUGINS_DIR}/ptp missing (containernetworking-plugins)");
+        println!(
+            "SKIPPED cni_add bench: {CNI_PLUGINS_DIR}/ptp missing (containernetworking-plugins)"
+        );
         return;
     }
     let pods: usize = std::env::var("BENCH_PODS")
@@ -98,13 +101,17 @@ fn main() {
         let rt = node.runtime.clone();
         let att = pod.attachment.clone();
         let prev = pod.result.clone();
-        node.ns.run(move || rt.del(&ptp_only, &att, prev.as_ref()).unwrap());
+        node.ns
+            .run(move || rt.del(&ptp_only, &att, prev.as_ref()).unwrap());
         if (i + 1) % 50 == 0 {
             eprintln!("  {} pods", i + 1);
         }
     }
     let (e, p, r) = (stats(&mut enrolled), stats(&mut plain), stats(&mut ptp));
-    println!("machine: {} CPUs; {pods} pods per path", std::thread::available_parallelism().map_or(0, |n| n.get()));
+    println!(
+        "machine: {} CPUs; {pods} pods per path",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
     println!();
     println!("| CNI ADD | p50 ms | p99 ms | max ms |");
     println!("|---|---:|---:|---:|");
@@ -113,14 +120,23 @@ fn main() {
         ("meshnode-cni, pod not enrolled (baseline)", p),
         ("ptp + host-local (reference)", r),
     ] {
-        println!("| {name} | {:.2} | {:.2} | {:.2} |", ms(s.0), ms(s.1), ms(s.2));
+        println!(
+            "| {name} | {:.2} | {:.2} | {:.2} |",
+            ms(s.0),
+            ms(s.1),
+            ms(s.2)
+        );
     }
     println!();
     println!(
         "enrolled / baseline: p50 {:.2}x, p99 {:.2}x; enrolled p99 goal < 10 ms: {}",
         ms(e.0) / ms(p.0),
         ms(e.1) / ms(p.1),
-        if e.1 < Duration::from_millis(10) { "met" } else { "NOT met" }
+        if e.1 < Duration::from_millis(10) {
+            "met"
+        } else {
+            "NOT met"
+        }
     );
 }
 
@@ -134,8 +150,14 @@ fn cni_env(command: &str, pod: &support::cluster::Pod) -> Vec<(String, String)> 
         .join(";");
     vec![
         ("CNI_COMMAND".into(), command.into()),
-        ("CNI_CONTAINERID".into(), pod.attachment.container_id.clone()),
-        ("CNI_NETNS".into(), pod.attachment.netns.to_str().unwrap().into()),
+        (
+            "CNI_CONTAINERID".into(),
+            pod.attachment.container_id.clone(),
+        ),
+        (
+            "CNI_NETNS".into(),
+            pod.attachment.netns.to_str().unwrap().into(),
+        ),
         ("CNI_IFNAME".into(), "eth0".into()),
         ("CNI_ARGS".into(), args),
         ("CNI_PATH".into(), CNI_PLUGINS_DIR.into()),

@@ -280,12 +280,14 @@ impl Agent {
                 let valid: BTreeSet<&str> =
                     gc.valid.iter().map(|a| a.container_id.as_str()).collect();
                 for uid in self.pods.uids() {
-                    let stale = self
-                        .pods
-                        .get(&uid)
-                        .is_some_and(|r| !r.container_id.is_empty() && !valid.contains(r.container_id.as_str()));
+                    let stale = self.pods.get(&uid).is_some_and(|r| {
+                        !r.container_id.is_empty() && !valid.contains(r.container_id.as_str())
+                    });
                     if stale {
-                        tracing::info!(uid, "garbage-collecting pod not in the runtime's attachments");
+                        tracing::info!(
+                            uid,
+                            "garbage-collecting pod not in the runtime's attachments"
+                        );
                         self.forget(&uid).await;
                     }
                 }
@@ -305,21 +307,22 @@ impl Agent {
             namespace: ev.pod_namespace.clone(),
             name: ev.pod_name.clone(),
         };
-        let info = match self.pod_info(&pod_key).await {
-            Some(i) => i,
-            None if self.kubernetes => {
-                return Answer::error(
+        let info =
+            match self.pod_info(&pod_key).await {
+                Some(i) => i,
+                None if self.kubernetes => return Answer::error(
                     500,
-                    format!("pod {pod_key} is not (yet) known to the agent's Kubernetes watch; retry"),
-                )
-            }
-            None => PodInfo {
-                name: ev.pod_name.clone(),
-                namespace: ev.pod_namespace.clone(),
-                service_account: "default".into(),
-                ..PodInfo::default()
-            },
-        };
+                    format!(
+                        "pod {pod_key} is not (yet) known to the agent's Kubernetes watch; retry"
+                    ),
+                ),
+                None => PodInfo {
+                    name: ev.pod_name.clone(),
+                    namespace: ev.pod_namespace.clone(),
+                    service_account: "default".into(),
+                    ..PodInfo::default()
+                },
+            };
         let uid = [&ev.pod_uid, &info.uid, &ev.container_id]
             .into_iter()
             .find(|s| !s.is_empty())
@@ -421,7 +424,10 @@ impl Agent {
             }
             Err(source) => {
                 self.annotate(key(&r), Some("pending"));
-                Err(Error::Proxy { pod: key(&r), source })
+                Err(Error::Proxy {
+                    pod: key(&r),
+                    source,
+                })
             }
         }
     }
@@ -453,7 +459,10 @@ impl Agent {
         .await;
         match result {
             Ok(Ok(Ok(()))) => Ok(ns),
-            Ok(Ok(Err(source))) => Err(Error::Rules { pod: key(r), source }),
+            Ok(Ok(Err(source))) => Err(Error::Rules {
+                pod: key(r),
+                source,
+            }),
             Ok(Err(source)) => Err(Error::Netns {
                 pod: key(r),
                 path,
@@ -537,7 +546,10 @@ impl Agent {
                 };
                 match inspected {
                     Some(i) if i.matches(&settings) => Answer::enrolled(true, "rules in place"),
-                    Some(_) => Answer::error(500, "the pod's redirection rules differ from what the agent installed"),
+                    Some(_) => Answer::error(
+                        500,
+                        "the pod's redirection rules differ from what the agent installed",
+                    ),
                     None => Answer::error(500, "cannot read the pod's redirection rules"),
                 }
             }
@@ -579,7 +591,11 @@ impl Agent {
                     ..PodInfo::default()
                 },
             };
-            match self.cfg.policy.decide(view.namespaces.get(&r.namespace), &info) {
+            match self
+                .cfg
+                .policy
+                .decide(view.namespaces.get(&r.namespace), &info)
+            {
                 Decision::Enroll if r.state == Enrollment::NotEnrolled => {
                     tracing::info!(pod = %pod_key, "pod now selected for ambient; capturing it live");
                     if let Err(e) = self.enroll(&uid, &info).await {
@@ -603,16 +619,20 @@ impl Agent {
             if info.terminal
                 || info.ips.is_empty()
                 || self.pods.find(&pod_key.namespace, &pod_key.name).is_some()
-                || self.cfg.policy.decide(view.namespaces.get(&pod_key.namespace), info)
+                || self
+                    .cfg
+                    .policy
+                    .decide(view.namespaces.get(&pod_key.namespace), info)
                     != Decision::Enroll
             {
                 continue;
             }
             let (root, uid, ips) = (proc_root.clone(), info.uid.clone(), info.ips.clone());
-            let found = tokio::task::spawn_blocking(move || procfs::find_pod_netns(&root, &uid, &ips))
-                .await
-                .ok()
-                .flatten();
+            let found =
+                tokio::task::spawn_blocking(move || procfs::find_pod_netns(&root, &uid, &ips))
+                    .await
+                    .ok()
+                    .flatten();
             let Some(path) = found else {
                 tracing::debug!(pod = %pod_key, "running pod's netns not found in /proc; waiting for its CNI ADD");
                 continue;
@@ -681,7 +701,9 @@ impl Agent {
         let body = serde_json::json!({ "ambientNamespaces": ambient }).to_string();
         match pods::write_atomically(&self.cfg.hint_file(), body.as_bytes()) {
             Ok(()) => self.last_hint = Some(ambient),
-            Err(e) => tracing::error!(file = %self.cfg.hint_file().display(), error = %e, "cannot write the plugin's enrollment hint"),
+            Err(e) => {
+                tracing::error!(file = %self.cfg.hint_file().display(), error = %e, "cannot write the plugin's enrollment hint")
+            }
         }
     }
 
@@ -699,7 +721,11 @@ impl Agent {
             Some("false") => s.dns_capture = false,
             _ => {}
         }
-        if annotations.get(BYPASS_INBOUND_ANNOTATION).map(String::as_str) == Some("true") {
+        if annotations
+            .get(BYPASS_INBOUND_ANNOTATION)
+            .map(String::as_str)
+            == Some("true")
+        {
             s.bypass_inbound = true;
         }
         s
@@ -709,9 +735,7 @@ impl Agent {
         if self.cfg.host_prefix.as_os_str().is_empty() {
             PathBuf::from(netns)
         } else {
-            self.cfg
-                .host_prefix
-                .join(netns.trim_start_matches('/'))
+            self.cfg.host_prefix.join(netns.trim_start_matches('/'))
         }
     }
 }
@@ -728,7 +752,9 @@ async fn keep_installed(cfg: install::InstallConfig, mut shutdown: watch::Receiv
         }
         let c = cfg.clone();
         match tokio::task::spawn_blocking(move || install::ensure(&c)).await {
-            Ok(Ok(Some(file))) => tracing::info!(config = %file.display(), "meshnode-cni installed in the CNI chain"),
+            Ok(Ok(Some(file))) => {
+                tracing::info!(config = %file.display(), "meshnode-cni installed in the CNI chain")
+            }
             Ok(Ok(None)) => {}
             Ok(Err(e)) => tracing::warn!(error = %e, "CNI plugin installation pending"),
             Err(e) => tracing::error!(error = %e, "CNI plugin installation task failed"),
@@ -764,7 +790,12 @@ pub async fn run(cfg: Arc<AgentConfig>, shutdown: watch::Receiver<bool>) -> Resu
             let (bytes, v) = local::load(path)?;
             tracing::info!(path = %path.display(), namespaces = v.namespaces.len(), pods = v.pods.len(), "agent config loaded");
             tx.send_replace(Arc::new(v));
-            tokio::spawn(local::watch(path.clone(), Duration::from_secs(1), bytes, tx));
+            tokio::spawn(local::watch(
+                path.clone(),
+                Duration::from_secs(1),
+                bytes,
+                tx,
+            ));
         }
         ClusterSource::Kubernetes { node_name } => {
             let source = kube::KubeSource::new(node_name.clone())
@@ -786,14 +817,22 @@ pub async fn run(cfg: Arc<AgentConfig>, shutdown: watch::Receiver<bool>) -> Resu
         what: format!("binding the ZDS socket {}", cfg.zds_path.display()),
         source,
     })?;
-    let plugin_listener = plugin_server::bind(&cfg.plugin_socket()).map_err(|source| Error::Start {
-        what: format!("binding the plugin socket {}", cfg.plugin_socket().display()),
-        source,
-    })?;
+    let plugin_listener =
+        plugin_server::bind(&cfg.plugin_socket()).map_err(|source| Error::Start {
+            what: format!(
+                "binding the plugin socket {}",
+                cfg.plugin_socket().display()
+            ),
+            source,
+        })?;
     let zds = handles.zds.clone();
     let zds_shutdown = shutdown.clone();
     tokio::spawn(async move { zds.serve(zds_listener, zds_shutdown).await });
-    tokio::spawn(plugin_server::serve(plugin_listener, handles.jobs, shutdown.clone()));
+    tokio::spawn(plugin_server::serve(
+        plugin_listener,
+        handles.jobs,
+        shutdown.clone(),
+    ));
     tracing::info!(plugin = %cfg.plugin_socket().display(), zds = %cfg.zds_path.display(), "CNI agent serving");
     if let Some(install) = cfg.install.clone() {
         // Only now that the agent answers does the plugin go into the chain (istio-cni's order), and it is

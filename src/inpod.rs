@@ -194,7 +194,10 @@ impl Pods {
                     let keep = seen.take().unwrap_or_default();
                     self.reconcile(&keep);
                     if let Some(t) = snapshot_task.take() {
-                        tracing::info!(pods = self.running.len(), "snapshot from the CNI agent processed; ready");
+                        tracing::info!(
+                            pods = self.running.len(),
+                            "snapshot from the CNI agent processed; ready"
+                        );
                         t.done();
                     }
                     Ok(())

@@ -185,9 +185,15 @@ mod tests {
     async fn connections_not_redirected_report_their_local_address() {
         let l = listen("127.0.0.1:0".parse().unwrap(), SocketOpts::default()).unwrap();
         let addr = l.local_addr().unwrap();
-        let c = connect(None, addr, None, SocketOpts::default(), Duration::from_secs(1))
-            .await
-            .unwrap();
+        let c = connect(
+            None,
+            addr,
+            None,
+            SocketOpts::default(),
+            Duration::from_secs(1),
+        )
+        .await
+        .unwrap();
         let (s, _) = l.accept().await.unwrap();
         assert_eq!(original_dst(&s).unwrap(), addr);
         drop(c);

@@ -46,7 +46,8 @@ fn settle() {
 
 #[test]
 fn enrolled_pods_talk_through_hbone_and_a_pod_labelled_none_stays_out() {
-    if !support::root_or_skip("enrolled_pods_talk_through_hbone_and_a_pod_labelled_none_stays_out") {
+    if !support::root_or_skip("enrolled_pods_talk_through_hbone_and_a_pod_labelled_none_stays_out")
+    {
         return;
     }
     let node = Node::start(AGENT_YAML, "workloads: []\n");
@@ -60,7 +61,12 @@ fn enrolled_pods_talk_through_hbone_and_a_pod_labelled_none_stays_out() {
     // The chained plugin passed ptp's result through.
     let result = client.result.as_ref().unwrap();
     assert_eq!(result["cniVersion"], "1.0.0");
-    assert!(result["interfaces"].as_array().is_some_and(|i| !i.is_empty()), "{result}");
+    assert!(
+        result["interfaces"]
+            .as_array()
+            .is_some_and(|i| !i.is_empty()),
+        "{result}"
+    );
 
     // Rules are in the enrolled pods, read back through netlink and seen by nft; none in the opted-out pod.
     let settings = meshnode::redirect::RuleSettings::default();
@@ -94,6 +100,9 @@ fn enrolled_pods_talk_through_hbone_and_a_pod_labelled_none_stays_out() {
         refused.as_ref().map_or(true, |r| r.is_empty()),
         "legacy got through: {refused:?}"
     );
+    if std::env::var_os("SHOW_LOGS").is_some() {
+        eprintln!("{}", node.logs());
+    }
 }
 
 #[test]
@@ -110,7 +119,11 @@ fn del_leaves_nothing_behind() {
     // The proxy listens in the pod.
     let hbone = SocketAddr::new(ip, 15008);
     node.wait_for(
-        || client.netns.run(move || std::net::TcpStream::connect(hbone).is_ok()),
+        || {
+            client
+                .netns
+                .run(move || std::net::TcpStream::connect(hbone).is_ok())
+        },
         "the proxy's :15008 in the pod",
     );
 
@@ -121,7 +134,11 @@ fn del_leaves_nothing_behind() {
     assert!(nft_ruleset(&client).trim().is_empty());
     assert!(!ip_rules(&client).contains("lookup 100"));
     node.wait_for(
-        || client.netns.run(move || std::net::TcpStream::connect(hbone).is_err()),
+        || {
+            client
+                .netns
+                .run(move || std::net::TcpStream::connect(hbone).is_err())
+        },
         "the proxy to stop listening in the deleted pod",
     );
     let state = std::fs::read_to_string(node.path("run/meshnode-pods.json")).unwrap();
@@ -150,10 +167,18 @@ fn restarting_the_agent_and_the_proxy_keeps_pods_captured() {
 
     // The agent crashes and comes back: pods stay served meanwhile, and afterwards.
     node.agent = None;
-    assert!(call(&client, dst).unwrap().starts_with("app saw"), "{}", node.logs());
+    assert!(
+        call(&client, dst).unwrap().starts_with("app saw"),
+        "{}",
+        node.logs()
+    );
     node.start_agent();
     assert!(rules(&client).matches(&Default::default()));
-    assert!(call(&client, dst).unwrap().starts_with("app saw"), "{}", node.logs());
+    assert!(
+        call(&client, dst).unwrap().starts_with("app saw"),
+        "{}",
+        node.logs()
+    );
 
     // The proxy crashes: traffic of enrolled pods goes nowhere (fail closed), not around the mesh.
     node.proxy = None;
@@ -164,8 +189,12 @@ fn restarting_the_agent_and_the_proxy_keeps_pods_captured() {
     );
     // A new proxy gets every pod from the agent's snapshot.
     node.start_proxy();
-    let reply = call(&client, dst).unwrap_or_else(|e| panic!("after proxy restart: {e}\n{}", node.logs()));
-    assert!(reply.starts_with(&format!("app saw {}", client.ip.unwrap())), "{reply}");
+    let reply =
+        call(&client, dst).unwrap_or_else(|e| panic!("after proxy restart: {e}\n{}", node.logs()));
+    assert!(
+        reply.starts_with(&format!("app saw {}", client.ip.unwrap())),
+        "{reply}"
+    );
 }
 
 #[test]
@@ -181,10 +210,17 @@ fn a_namespace_joining_the_mesh_captures_its_running_pods_live() {
         "test: {}",
         "test: {labels: {istio.io/dataplane-mode: ambient}}",
     ));
-    node.wait_for(|| !rules(&outsider).is_empty(), "live capture of the running pod");
+    node.wait_for(
+        || !rules(&outsider).is_empty(),
+        "live capture of the running pod",
+    );
     let hbone = SocketAddr::new(outsider.ip.unwrap(), 15008);
     node.wait_for(
-        || outsider.netns.run(move || std::net::TcpStream::connect(hbone).is_ok()),
+        || {
+            outsider
+                .netns
+                .run(move || std::net::TcpStream::connect(hbone).is_ok())
+        },
         "the proxy listening in the newly enrolled pod",
     );
     // And out again when the label goes.
@@ -230,7 +266,10 @@ fn bad_input_is_refused_and_the_agent_keeps_serving() {
     let mut ghost = node.pod("default", "client");
     ghost.attachment.netns = "/var/run/netns/mn-does-not-exist".into();
     let err = node.add(&mut ghost).unwrap_err().to_string();
-    assert!(err.contains("mn-does-not-exist") || err.contains("CNI_NETNS"), "{err}");
+    assert!(
+        err.contains("mn-does-not-exist") || err.contains("CNI_NETNS"),
+        "{err}"
+    );
 
     // Everyone else is still served: an enrolled pod comes up and is captured.
     let mut client = node.pod("default", "client");
@@ -264,7 +303,10 @@ fn without_a_proxy_an_enrolled_pod_fails_closed_and_an_outsider_is_not_blocked()
     node.agent = None;
     let mut another = node.pod("default", "server");
     let err = node.add(&mut another).unwrap_err().to_string();
-    assert!(err.contains("unreachable") || err.contains("agent"), "{err}");
+    assert!(
+        err.contains("unreachable") || err.contains("agent"),
+        "{err}"
+    );
     let mut plain = node.pod("test", "plain");
     node.add(&mut plain)
         .unwrap_or_else(|e| panic!("non-ambient pod blocked while the agent is down: {e}"));

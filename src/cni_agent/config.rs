@@ -152,11 +152,13 @@ impl AgentConfig {
             .unwrap_or_else(|| "/var/run/istio-cni".into())
             .into();
         let install = get(MOUNTED_CNI_NET_DIR).map(|conf_dir| InstallConfig {
-            plugin_binary: get(MESHNODE_CNI_PLUGIN).map(PathBuf::from).unwrap_or_else(|| {
-                std::env::current_exe()
-                    .map(|p| p.with_file_name("meshnode-cni"))
-                    .unwrap_or_else(|_| "/usr/local/bin/meshnode-cni".into())
-            }),
+            plugin_binary: get(MESHNODE_CNI_PLUGIN)
+                .map(PathBuf::from)
+                .unwrap_or_else(|| {
+                    std::env::current_exe()
+                        .map(|p| p.with_file_name("meshnode-cni"))
+                        .unwrap_or_else(|_| "/usr/local/bin/meshnode-cni".into())
+                }),
             bin_dir: get(MESHNODE_CNI_BIN_DIR)
                 .unwrap_or_else(|| "/host/opt/cni/bin".into())
                 .into(),

@@ -100,11 +100,7 @@ pub fn ensure(cfg: &InstallConfig) -> Result<Option<PathBuf>, Error> {
         .ok_or_else(|| bad("no \"plugins\" list".into()))?;
     let ours = entry(cfg);
     let already = plugins.last() == Some(&ours)
-        && plugins
-            .iter()
-            .filter(|p| is_capture_entry(p))
-            .count()
-            == 1;
+        && plugins.iter().filter(|p| is_capture_entry(p)).count() == 1;
     if already && target == primary {
         return Ok(None);
     }
@@ -152,8 +148,7 @@ fn primary_config(dir: &Path) -> Result<PathBuf, Error> {
         .map(|e| e.path())
         .filter(|p| {
             p.is_file()
-                && p
-                    .extension()
+                && p.extension()
                     .is_some_and(|e| e == "conf" || e == "conflist" || e == "json")
         })
         .collect();
@@ -235,8 +230,7 @@ mod tests {
         std::fs::write(dir.path().join("net.d/99-other.conf"), "{}").unwrap();
         let written = ensure(&cfg).unwrap().unwrap();
         assert_eq!(written, dir.path().join("net.d/10-calico.conflist"));
-        let doc: Value =
-            serde_json::from_str(&std::fs::read_to_string(&written).unwrap()).unwrap();
+        let doc: Value = serde_json::from_str(&std::fs::read_to_string(&written).unwrap()).unwrap();
         let types: Vec<&str> = doc["plugins"]
             .as_array()
             .unwrap()
@@ -259,8 +253,7 @@ mod tests {
         let written = ensure(&cfg).unwrap().unwrap();
         assert_eq!(written, dir.path().join("net.d/10-bridge.conflist"));
         assert!(!dir.path().join("net.d/10-bridge.conf").exists());
-        let doc: Value =
-            serde_json::from_str(&std::fs::read_to_string(&written).unwrap()).unwrap();
+        let doc: Value = serde_json::from_str(&std::fs::read_to_string(&written).unwrap()).unwrap();
         assert_eq!(doc["cniVersion"], "1.0.0");
         assert_eq!(doc["plugins"][0]["type"], "bridge");
         assert!(doc["plugins"][0].get("cniVersion").is_none());

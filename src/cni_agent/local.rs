@@ -94,11 +94,14 @@ pub fn parse(path: &Path, text: &str) -> Result<ClusterView, Error> {
         ..ClusterView::default()
     };
     for (name, ns) in file.namespaces {
-        view.namespaces.insert(name, NamespaceInfo { labels: ns.labels });
+        view.namespaces
+            .insert(name, NamespaceInfo { labels: ns.labels });
     }
     for p in file.pods {
         if p.name.is_empty() || p.namespace.is_empty() {
-            return Err(invalid("pods[].name and pods[].namespace must not be empty".into()));
+            return Err(invalid(
+                "pods[].name and pods[].namespace must not be empty".into(),
+            ));
         }
         let key = PodKey {
             namespace: p.namespace.clone(),

@@ -249,7 +249,10 @@ async fn read_request(stream: &mut UnixStream) -> Result<PluginRequest, Answer> 
             .await
             .map_err(|e| Answer::error(400, format!("reading request: {e}")))?;
         if n == 0 {
-            return Err(Answer::error(400, "connection closed before a full request"));
+            return Err(Answer::error(
+                400,
+                "connection closed before a full request",
+            ));
         }
         buf.extend_from_slice(&chunk[..n]);
     };
@@ -278,7 +281,10 @@ async fn read_request(stream: &mut UnixStream) -> Result<PluginRequest, Answer> 
         }
     }
     if method != "POST" {
-        return Err(Answer::error(405, format!("{method} not allowed; use POST")));
+        return Err(Answer::error(
+            405,
+            format!("{method} not allowed; use POST"),
+        ));
     }
     let length = length.ok_or_else(|| Answer::error(400, "Content-Length required"))?;
     if header_end + length > MAX_REQUEST {
@@ -290,12 +296,17 @@ async fn read_request(stream: &mut UnixStream) -> Result<PluginRequest, Answer> 
             .await
             .map_err(|e| Answer::error(400, format!("reading body: {e}")))?;
         if n == 0 {
-            return Err(Answer::error(400, "connection closed before the whole body"));
+            return Err(Answer::error(
+                400,
+                "connection closed before the whole body",
+            ));
         }
         buf.extend_from_slice(&chunk[..n]);
     }
     let body = &buf[header_end..header_end + length];
-    let bad = |e: serde_json::Error| Answer::error(400, format!("{path}: body is not a valid event: {e}"));
+    let bad = |e: serde_json::Error| {
+        Answer::error(400, format!("{path}: body is not a valid event: {e}"))
+    };
     Ok(match path.as_str() {
         "/cmdadd" => PluginRequest::Add(serde_json::from_slice(body).map_err(bad)?),
         "/cmddel" => PluginRequest::Del(serde_json::from_slice(body).map_err(bad)?),
@@ -335,7 +346,10 @@ mod tests {
                     let _ = answer.send(Answer::error(500, "unexpected"));
                     continue;
                 };
-                let _ = answer.send(Answer::enrolled(true, &format!("{} {:?}", ev.pod_name, ev.ips())));
+                let _ = answer.send(Answer::enrolled(
+                    true,
+                    &format!("{} {:?}", ev.pod_name, ev.ips()),
+                ));
             }
         });
         let body = r#"{"Netns":"/var/run/netns/x","PodName":"web","PodNamespace":"default","IPs":[{"Interface":null,"Address":{"IP":"10.1.0.5","Mask":"////AA=="},"Gateway":"10.1.0.1"}]}"#;
@@ -345,17 +359,32 @@ mod tests {
         );
         let out = roundtrip(&sock, req.as_bytes()).await;
         assert!(out.starts_with("HTTP/1.1 200"), "{out}");
-        assert!(out.contains(r#""enrolled":true"#) && out.contains("web [10.1.0.5]"), "{out}");
+        assert!(
+            out.contains(r#""enrolled":true"#) && out.contains("web [10.1.0.5]"),
+            "{out}"
+        );
 
         for (raw, status) in [
             (&b"\x00\x01garbage\r\n\r\n"[..], "400"),
             (b"GET /cmdadd HTTP/1.1\r\n\r\n", "405"),
-            (b"POST /cmdadd HTTP/1.1\r\nContent-Length: 5\r\n\r\n{nop}", "400"),
-            (b"POST /other HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}", "404"),
-            (b"POST /cmdadd HTTP/1.1\r\nContent-Length: 999999\r\n\r\n", "413"),
+            (
+                b"POST /cmdadd HTTP/1.1\r\nContent-Length: 5\r\n\r\n{nop}",
+                "400",
+            ),
+            (
+                b"POST /other HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}",
+                "404",
+            ),
+            (
+                b"POST /cmdadd HTTP/1.1\r\nContent-Length: 999999\r\n\r\n",
+                "413",
+            ),
         ] {
             let out = roundtrip(&sock, raw).await;
-            assert!(out.starts_with(&format!("HTTP/1.1 {status}")), "{raw:?} -> {out}");
+            assert!(
+                out.starts_with(&format!("HTTP/1.1 {status}")),
+                "{raw:?} -> {out}"
+            );
         }
         // Still serving after all that.
         let out = roundtrip(&sock, req.as_bytes()).await;

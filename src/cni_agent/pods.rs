@@ -148,7 +148,8 @@ impl Pods {
             version: 1,
             pods: self.records.values().cloned().collect(),
         };
-        if let Err(e) = write_atomically(file, &serde_json::to_vec_pretty(&state).unwrap_or_default())
+        if let Err(e) =
+            write_atomically(file, &serde_json::to_vec_pretty(&state).unwrap_or_default())
         {
             tracing::error!(file = %file.display(), error = %e, "cannot save the agent's pod state; a restart would lose pods");
         }

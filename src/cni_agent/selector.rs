@@ -77,7 +77,10 @@ impl LabelSelector {
                     return Err(format!("{:?} on key {:?} needs values", r.operator, r.key))
                 }
                 (Operator::Exists | Operator::DoesNotExist, false) => {
-                    return Err(format!("{:?} on key {:?} takes no values", r.operator, r.key))
+                    return Err(format!(
+                        "{:?} on key {:?} takes no values",
+                        r.operator, r.key
+                    ))
                 }
                 _ => {}
             }
@@ -159,7 +162,7 @@ pub enum Decision {
 impl Policy {
     /// Decides for `pod` in namespace `ns` (`None`: a namespace the agent does not know, with no labels).
     pub fn decide(&self, ns: Option<&NamespaceInfo>, pod: &PodInfo) -> Decision {
-        if self.exclude_namespaces.iter().any(|n| *n == pod.namespace) {
+        if self.exclude_namespaces.contains(&pod.namespace) {
             return Decision::Skip("namespace excluded");
         }
         if pod.host_network {
@@ -173,9 +176,11 @@ impl Policy {
         }
         let empty = Labels::new();
         let ns_labels = ns.map_or(&empty, |n| &n.labels);
-        if self.selectors.iter().any(|s| {
-            s.pod_selector.matches(&pod.labels) && s.namespace_selector.matches(ns_labels)
-        }) {
+        if self
+            .selectors
+            .iter()
+            .any(|s| s.pod_selector.matches(&pod.labels) && s.namespace_selector.matches(ns_labels))
+        {
             Decision::Enroll
         } else {
             Decision::Skip("not selected for ambient")
@@ -255,7 +260,10 @@ mod tests {
         };
         let p = policy();
         assert_eq!(
-            p.decide(Some(&ns), &pod("kube-system", &[(DATAPLANE_MODE, "ambient")])),
+            p.decide(
+                Some(&ns),
+                &pod("kube-system", &[(DATAPLANE_MODE, "ambient")])
+            ),
             Decision::Skip("namespace excluded")
         );
         let mut hn = pod("default", &[]);
@@ -263,7 +271,10 @@ mod tests {
         assert_eq!(p.decide(Some(&ns), &hn), Decision::Skip("host-network pod"));
         let mut sc = pod("default", &[]);
         sc.annotations = labels(&[(SIDECAR_STATUS, "{}")]);
-        assert_eq!(p.decide(Some(&ns), &sc), Decision::Skip("sidecar-injected pod"));
+        assert_eq!(
+            p.decide(Some(&ns), &sc),
+            Decision::Skip("sidecar-injected pod")
+        );
     }
 
     #[test]
@@ -283,8 +294,13 @@ mod tests {
             p.decide(None, &pod("x", &[("team", "payments")])),
             Decision::Enroll
         );
-        assert!(parse_selectors("- podSelector: {matchExpressions: [{key: a, operator: In}]}").is_err());
-        assert!(parse_selectors("- podSelector: {matchExpressions: [{key: a, operator: Maybe}]}").is_err());
+        assert!(
+            parse_selectors("- podSelector: {matchExpressions: [{key: a, operator: In}]}").is_err()
+        );
+        assert!(
+            parse_selectors("- podSelector: {matchExpressions: [{key: a, operator: Maybe}]}")
+                .is_err()
+        );
         assert!(parse_selectors("- podSelectr: {}").is_err());
     }
 }

@@ -248,8 +248,8 @@ impl Pool {
             self.0.sock,
             self.0.connect_timeout,
         )
-            .await
-            .map_err(|source| Error::Connect { dst, source })?;
+        .await
+        .map_err(|source| Error::Connect { dst, source })?;
         let connector = tokio_rustls::TlsConnector::from(tls.client_config(key.dst_ids.clone()));
         let tls_stream = tokio::time::timeout(
             self.0.connect_timeout,

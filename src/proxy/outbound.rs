@@ -140,8 +140,8 @@ impl Proxy {
             self.inputs.sock,
             self.cfg().connect_timeout,
         )
-            .await
-            .map_err(|source| Error::Connect { dst, source })?;
+        .await
+        .map_err(|source| Error::Connect { dst, source })?;
         Ok(tokio::io::copy_bidirectional(stream, &mut up).await?)
     }
 }

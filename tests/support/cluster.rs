@@ -130,13 +130,22 @@ impl Node {
             &["cni-agent"],
             &[
                 ("CNI_AGENT_RUN_DIR", run.to_str().unwrap()),
-                ("ZTUNNEL_UDS_ADDRESS", self.path("zds.sock").to_str().unwrap()),
-                ("MESHNODE_AGENT_CONFIG", self.path("agent.yaml").to_str().unwrap()),
+                (
+                    "ZTUNNEL_UDS_ADDRESS",
+                    self.path("zds.sock").to_str().unwrap(),
+                ),
+                (
+                    "MESHNODE_AGENT_CONFIG",
+                    self.path("agent.yaml").to_str().unwrap(),
+                ),
                 ("RUST_LOG", "info"),
             ],
             log,
         )));
-        self.wait_for(|| run.join("pluginevent.sock").exists(), "the agent's plugin socket");
+        self.wait_for(
+            || run.join("pluginevent.sock").exists(),
+            "the agent's plugin socket",
+        );
     }
 
     /// Starts (or restarts) the proxy and waits for its readiness (after the agent's snapshot).
@@ -227,7 +236,10 @@ impl Node {
                 ("IgnoreUnknown".into(), "1".into()),
                 ("K8S_POD_NAMESPACE".into(), namespace.into()),
                 ("K8S_POD_NAME".into(), name.into()),
-                ("K8S_POD_INFRA_CONTAINER_ID".into(), format!("c{}", netns.name)),
+                (
+                    "K8S_POD_INFRA_CONTAINER_ID".into(),
+                    format!("c{}", netns.name),
+                ),
                 ("K8S_POD_UID".into(), uid.clone()),
             ],
         };
@@ -305,7 +317,11 @@ pub fn rules(pod: &Pod) -> meshnode::redirect::Installed {
 /// `nft list ruleset` in `pod`'s namespace (a second, independent reading of the rules).
 pub fn nft_ruleset(pod: &Pod) -> String {
     let out = pod.netns.exec("nft", &["list", "ruleset"]);
-    assert!(out.status.success(), "nft: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "nft: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
