@@ -106,8 +106,8 @@ fn enrolled_pods_talk_through_hbone_and_a_pod_labelled_none_stays_out() {
 }
 
 #[test]
-fn del_leaves_nothing_behind() {
-    if !support::root_or_skip("del_leaves_nothing_behind") {
+fn check_reports_tampered_rules_and_del_leaves_nothing_behind() {
+    if !support::root_or_skip("check_reports_tampered_rules_and_del_leaves_nothing_behind") {
         return;
     }
     let node = Node::start(AGENT_YAML, "workloads: []\n");
@@ -126,6 +126,13 @@ fn del_leaves_nothing_behind() {
         },
         "the proxy's :15008 in the pod",
     );
+    // CHECK passes while the rules are as installed, and fails once someone removes them.
+    node.check(&client)
+        .unwrap_or_else(|e| panic!("CHECK: {e}\n{}", node.logs()));
+    let flushed = client.netns.exec("nft", &["delete", "table", "inet", "istio-ambient-nat"]);
+    assert!(flushed.status.success());
+    let err = node.check(&client).unwrap_err().to_string();
+    assert!(err.contains("rules differ"), "{err}");
 
     node.del(&client)
         .unwrap_or_else(|e| panic!("DEL: {e}\n{}", node.logs()));

@@ -268,6 +268,15 @@ impl Node {
         Ok(())
     }
 
+    /// CNI CHECK for `pod` (after its ADD).
+    pub fn check(&self, pod: &Pod) -> Result<(), meshnode::cni_exec::Error> {
+        let rt = self.runtime.clone();
+        let conf = self.conflist.clone();
+        let att = pod.attachment.clone();
+        let prev = pod.result.clone().expect("CHECK follows ADD");
+        self.ns.run(move || rt.check(&conf, &att, &prev))
+    }
+
     /// CNI DEL for `pod`.
     pub fn del(&self, pod: &Pod) -> Result<(), meshnode::cni_exec::Error> {
         let rt = self.runtime.clone();
