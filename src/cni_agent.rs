@@ -48,6 +48,8 @@ pub const BYPASS_INBOUND_ANNOTATION: &str = "ambient.istio.io/bypass-inbound-cap
 const RETRY_PENDING: Duration = Duration::from_secs(1);
 /// Plugin requests queued for the agent loop; more wait in the plugin server (which is bounded too).
 const JOB_QUEUE: usize = 64;
+/// istio-cni's health port: `GET /readyz` (ready), `GET /healthz` (alive).
+const HEALTH_PORT: u16 = 8000;
 /// Annotation patches waiting for the API server.
 const ANNOTATION_QUEUE: usize = 1024;
 
@@ -222,11 +224,18 @@ impl Agent {
     pub async fn run(
         mut self,
         mut jobs: mpsc::Receiver<plugin_server::Job>,
+        ready: crate::readiness::Task,
         mut shutdown: watch::Receiver<bool>,
     ) {
         // Re-program restored pods before answering anything.
         self.reprogram_restored().await;
         self.reconcile().await;
+        // Ready (for the DaemonSet's probe) once restored pods are re-armed and a synced view has been
+        // reconciled; plugin requests are answered before that too (they fail closed if the view lags).
+        let mut ready = Some(ready);
+        if self.view.borrow().synced {
+            ready.take();
+        }
         let mut retry = tokio::time::interval(RETRY_PENDING);
         retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut view_open = true;
@@ -245,6 +254,9 @@ impl Agent {
                         continue;
                     }
                     self.reconcile().await;
+                    if self.view.borrow().synced {
+                        ready.take();
+                    }
                 }
                 _ = retry.tick() => self.retry_pending().await,
                 _ = shutdown.wait_for(|s| *s) => return,
@@ -307,22 +319,23 @@ impl Agent {
             namespace: ev.pod_namespace.clone(),
             name: ev.pod_name.clone(),
         };
-        let info =
-            match self.pod_info(&pod_key).await {
-                Some(i) => i,
-                None if self.kubernetes => return Answer::error(
+        let info = match self.pod_info(&pod_key).await {
+            Some(i) => i,
+            None if self.kubernetes => {
+                return Answer::error(
                     500,
                     format!(
                         "pod {pod_key} is not (yet) known to the agent's Kubernetes watch; retry"
                     ),
-                ),
-                None => PodInfo {
-                    name: ev.pod_name.clone(),
-                    namespace: ev.pod_namespace.clone(),
-                    service_account: "default".into(),
-                    ..PodInfo::default()
-                },
-            };
+                )
+            }
+            None => PodInfo {
+                name: ev.pod_name.clone(),
+                namespace: ev.pod_namespace.clone(),
+                service_account: "default".into(),
+                ..PodInfo::default()
+            },
+        };
         let uid = [&ev.pod_uid, &info.uid, &ev.container_id]
             .into_iter()
             .find(|s| !s.is_empty())
@@ -825,6 +838,19 @@ pub async fn run(cfg: Arc<AgentConfig>, shutdown: watch::Receiver<bool>) -> Resu
             ),
             source,
         })?;
+    let ready = crate::readiness::Readiness::new();
+    let agent_ready = ready.register("agent state");
+    match crate::socket::listen(
+        std::net::SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, HEALTH_PORT)),
+        crate::socket::SocketOpts::default(),
+    ) {
+        Ok(l) => {
+            tokio::spawn(crate::readiness::serve(l, ready, shutdown.clone()));
+        }
+        Err(e) => {
+            tracing::warn!(port = HEALTH_PORT, error = %e, "health port unavailable; serving without it")
+        }
+    }
     let zds = handles.zds.clone();
     let zds_shutdown = shutdown.clone();
     tokio::spawn(async move { zds.serve(zds_listener, zds_shutdown).await });
@@ -839,6 +865,6 @@ pub async fn run(cfg: Arc<AgentConfig>, shutdown: watch::Receiver<bool>) -> Resu
         // re-checked periodically because primary CNIs rewrite their config.
         tokio::spawn(keep_installed(install, shutdown.clone()));
     }
-    agent.run(jobs, shutdown).await;
+    agent.run(jobs, agent_ready, shutdown).await;
     Ok(())
 }

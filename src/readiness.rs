@@ -1,4 +1,4 @@
-//! Readiness (:15021 `GET /healthz/ready`), as ztunnel answers it: `200 ready` once every start-up task
+//! Readiness (:15021 `GET /healthz/ready`, and the CNI agent's :8000 `GET /readyz`), as ztunnel answers it: `200 ready` once every start-up task
 //! has finished, `500 not ready, pending: ...` before.
 //!
 //! Input: start-up tasks registered by name and marked done by whoever owns them; HTTP/1.1 requests.
@@ -109,7 +109,8 @@ async fn answer(mut stream: TcpStream, ready: &Readiness) -> std::io::Result<()>
             let line = String::from_utf8_lossy(line);
             let mut parts = line.split_whitespace();
             match (parts.next(), parts.next()) {
-                (Some("GET"), Some("/healthz/ready")) => {
+                // ztunnel's path, and istio-cni's (`/readyz` on its health port).
+                (Some("GET"), Some("/healthz/ready" | "/readyz")) => {
                     let pending = ready.pending();
                     if pending.is_empty() {
                         reply(200, "OK", "ready\n")
@@ -121,6 +122,8 @@ async fn answer(mut stream: TcpStream, ready: &Readiness) -> std::io::Result<()>
                         )
                     }
                 }
+                // Liveness: the process answers.
+                (Some("GET"), Some("/healthz")) => reply(200, "OK", "alive\n"),
                 (Some(_), Some(_)) => reply(404, "Not Found", "not found\n"),
                 _ => reply(400, "Bad Request", "bad request\n"),
             }

@@ -129,7 +129,9 @@ fn check_reports_tampered_rules_and_del_leaves_nothing_behind() {
     // CHECK passes while the rules are as installed, and fails once someone removes them.
     node.check(&client)
         .unwrap_or_else(|e| panic!("CHECK: {e}\n{}", node.logs()));
-    let flushed = client.netns.exec("nft", &["delete", "table", "inet", "istio-ambient-nat"]);
+    let flushed = client
+        .netns
+        .exec("nft", &["delete", "table", "inet", "istio-ambient-nat"]);
     assert!(flushed.status.success());
     let err = node.check(&client).unwrap_err().to_string();
     assert!(err.contains("rules differ"), "{err}");

@@ -171,12 +171,18 @@ impl Node {
 
     /// Whether the proxy answers ready on :15021 in the node namespace.
     pub fn ready(&self) -> bool {
-        self.ns.run(|| {
-            let Ok(mut s) = TcpStream::connect("127.0.0.1:15021") else {
+        self.http_ok(15021, "/healthz/ready")
+    }
+
+    /// Whether `GET path` on 127.0.0.1:`port` in the node namespace answers 200.
+    pub fn http_ok(&self, port: u16, path: &str) -> bool {
+        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+        self.ns.run(move || {
+            let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
                 return false;
             };
             let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-            let _ = s.write_all(b"GET /healthz/ready HTTP/1.1\r\nHost: x\r\n\r\n");
+            let _ = s.write_all(request.as_bytes());
             let mut out = String::new();
             let _ = s.read_to_string(&mut out);
             out.starts_with("HTTP/1.1 200")
