@@ -2,8 +2,10 @@
 //!
 //! The .proto files are parsed by `protox` (pure Rust, so no `protoc` is
 //! needed on the build machine; it also supplies the google.protobuf
-//! well-known types) and turned into message code by `prost-build`. Services
-//! are not generated here. Well-known types map to `prost_types`.
+//! well-known types) and turned into message code by `prost-build`, with gRPC
+//! clients and servers for the two services (xDS's AggregatedDiscoveryService
+//! and the Istio CA's IstioCertificateService) by `tonic-prost-build`.
+//! Well-known types map to `prost_types`.
 
 use std::error::Error;
 use std::path::{Path, PathBuf};
@@ -20,12 +22,16 @@ fn main() -> Result<(), Box<dyn Error>> {
     let files = proto_files(&proto_dir)?;
     let descriptors = protox::compile(&files, [&proto_dir])?;
 
-    prost_build::Config::new()
-        // Implement `prost::Name`, so that `type_url()` gives the xDS type
-        // URL, e.g. type.googleapis.com/istio.workload.Address.
+    let mut config = prost_build::Config::new();
+    // Implement `prost::Name`, so that `type_url()` gives the xDS type
+    // URL, e.g. type.googleapis.com/istio.workload.Address.
+    config
         .enable_type_names()
-        .type_name_domain(["."], "type.googleapis.com")
-        .compile_fds(descriptors)?;
+        .type_name_domain(["."], "type.googleapis.com");
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds_with_config(descriptors, config)?;
     Ok(())
 }
 

@@ -13,7 +13,9 @@
 //! | [`ca`] | `istio.v1.auth` | certificate signing requests to the Istio CA |
 //!
 //! Every message implements [`prost::Name`], whose `type_url()` is the xDS
-//! type URL (`type.googleapis.com/<package>.<Message>`).
+//! type URL (`type.googleapis.com/<package>.<Message>`). The two gRPC services
+//! come with tonic clients and servers: `discovery::aggregated_discovery_service_{client,server}`
+//! and `ca::istio_certificate_service_{client,server}`.
 
 // Lints allowed below fire on generated code we do not control:
 // - `missing_docs` (when a crate enables it): prost emits fields, enum variants
