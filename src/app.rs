@@ -74,6 +74,11 @@ pub fn cert_source(cfg: &Config) -> Result<Arc<dyn CertSource>, Error> {
         CaSource::Builtin(state_dir) => {
             Arc::new(BuiltinCa::load_or_create(state_dir, cfg.secret_ttl)?)
         }
+        CaSource::Remote(_) => {
+            return Err(Error::Unsupported(
+                "the CA client is not available yet; set CA_ADDRESS= (empty) to use a local CA",
+            ))
+        }
     })
 }
 
@@ -99,7 +104,7 @@ pub async fn run_proxy(
     readiness_listener: Option<TcpListener>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), Error> {
-    if cfg.xds_address.is_some() {
+    if cfg.xds.is_some() {
         return Err(Error::Unsupported(
             "the xDS client is not available yet; set XDS_ADDRESS= (empty) and give LOCAL_XDS_PATH",
         ));

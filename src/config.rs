@@ -24,6 +24,36 @@ pub const LOCAL_XDS_PATH: &str = "LOCAL_XDS_PATH";
 pub const LOCAL_XDS: &str = "LOCAL_XDS";
 /// istiod's xDS address; set to the empty string to run without xDS.
 pub const XDS_ADDRESS: &str = "XDS_ADDRESS";
+/// The CA's address (istiod's by default; empty: certificates from a local CA).
+pub const CA_ADDRESS: &str = "CA_ADDRESS";
+/// Roots to verify the xDS server: a file path, `SYSTEM`, or PEM text.
+pub const XDS_ROOT_CA: &str = "XDS_ROOT_CA";
+/// Roots to verify the CA server: a file path, `SYSTEM`, or PEM text.
+pub const CA_ROOT_CA: &str = "CA_ROOT_CA";
+/// Another name the xDS server's certificate may carry.
+pub const ALT_XDS_HOSTNAME: &str = "ALT_XDS_HOSTNAME";
+/// Another name the CA server's certificate may carry.
+pub const ALT_CA_HOSTNAME: &str = "ALT_CA_HOSTNAME";
+/// The bearer token for istiod: a file path (re-read on every request) or a literal token.
+pub const AUTH_TOKEN: &str = "AUTH_TOKEN";
+/// Cluster id, preferred over `CLUSTER_ID` (Istio's proxy metadata name).
+pub const ISTIO_META_CLUSTER_ID: &str = "ISTIO_META_CLUSTER_ID";
+/// This proxy's own pod name (xDS node id and metadata).
+pub const POD_NAME: &str = "POD_NAME";
+/// This proxy's own namespace.
+pub const POD_NAMESPACE: &str = "POD_NAMESPACE";
+/// This proxy's own service account.
+pub const SERVICE_ACCOUNT: &str = "SERVICE_ACCOUNT";
+/// This proxy's own IP (xDS node id).
+pub const INSTANCE_IP: &str = "INSTANCE_IP";
+/// Prefix of proxy metadata variables (`ISTIO_META_FOO=bar` → metadata `FOO: "bar"`).
+pub const ISTIO_META_PREFIX: &str = "ISTIO_META_";
+/// Prefix of JSON proxy metadata variables (`ISTIO_METAJSON_FOO={...}` → metadata `FOO: {...}`).
+pub const ISTIO_METAJSON_PREFIX: &str = "ISTIO_METAJSON_";
+/// Prefix of extra gRPC metadata for xDS requests (`XDS_HEADER_X=v` → `x: v`).
+pub const XDS_HEADER_PREFIX: &str = "XDS_HEADER_";
+/// Prefix of extra gRPC metadata for CA requests.
+pub const CA_HEADER_PREFIX: &str = "CA_HEADER_";
 /// SO_MARK put on every socket the proxy opens, so capture rules skip them.
 pub const PACKET_MARK: &str = "PACKET_MARK";
 /// Keep the client's source address towards the application (`true`/`false`; unset: automatic).
@@ -63,6 +93,8 @@ pub const MESHNODE_MAX_CONNECTIONS: &str = "MESHNODE_MAX_CONNECTIONS";
 pub trait Source {
     /// The value of `key`, if set.
     fn get(&self, key: &str) -> Option<String>;
+    /// Every variable (for prefix families such as `ISTIO_META_*`).
+    fn all(&self) -> Vec<(String, String)>;
 }
 
 /// The process environment.
@@ -72,17 +104,28 @@ impl Source for ProcessEnv {
     fn get(&self, key: &str) -> Option<String> {
         std::env::var(key).ok()
     }
+    fn all(&self) -> Vec<(String, String)> {
+        std::env::vars().collect()
+    }
 }
 
 impl Source for HashMap<String, String> {
     fn get(&self, key: &str) -> Option<String> {
         HashMap::get(self, key).cloned()
     }
+    fn all(&self) -> Vec<(String, String)> {
+        self.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
 }
 
 impl Source for HashMap<&str, &str> {
     fn get(&self, key: &str) -> Option<String> {
         HashMap::get(self, key).map(|s| s.to_string())
+    }
+    fn all(&self) -> Vec<(String, String)> {
+        self.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 }
 
@@ -168,6 +211,58 @@ pub enum CaSource {
     PluginDir(PathBuf),
     /// meshnode's built-in CA, with its root kept under this state directory.
     Builtin(PathBuf),
+    /// A remote CA speaking istiod's `IstioCertificateService` (istiod, or `meshnode control-plane`).
+    Remote(GrpcTarget),
+}
+
+/// Trust roots for a control-plane connection, as ztunnel reads `XDS_ROOT_CA` / `CA_ROOT_CA`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RootCa {
+    /// A PEM file (re-read when the connection is rebuilt).
+    File(PathBuf),
+    /// The operating system's roots.
+    System,
+    /// PEM text given inline.
+    Pem(String),
+}
+
+/// The bearer token sent to the control plane, as ztunnel reads `AUTH_TOKEN`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthToken {
+    /// No `authorization` header.
+    None,
+    /// A file, re-read on every request (projected service-account tokens rotate).
+    File(PathBuf),
+    /// A literal token.
+    Literal(String),
+}
+
+/// A control-plane gRPC endpoint (xDS or CA).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrpcTarget {
+    /// `https://host:port` (`https://` added when no scheme is given).
+    pub address: String,
+    /// Roots to verify the server with.
+    pub root: RootCa,
+    /// Another accepted server name.
+    pub alt_hostname: Option<String>,
+    /// Extra gRPC metadata (`XDS_HEADER_*` / `CA_HEADER_*`), names lower-cased, `_` → `-`.
+    pub headers: Vec<(String, String)>,
+}
+
+/// The proxy's own identity as the control plane sees it (xDS node id and metadata).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ProxyMeta {
+    /// `POD_NAME`.
+    pub pod_name: String,
+    /// `POD_NAMESPACE`.
+    pub pod_namespace: String,
+    /// `SERVICE_ACCOUNT`.
+    pub service_account: String,
+    /// `INSTANCE_IP`.
+    pub instance_ip: Option<std::net::IpAddr>,
+    /// `ISTIO_META_*` (prefix stripped, string values) and `ISTIO_METAJSON_*` (parsed JSON).
+    pub metadata: std::collections::BTreeMap<String, serde_json::Value>,
 }
 
 /// HTTP/2 settings of HBONE connections (both directions).
@@ -219,8 +314,12 @@ pub struct Config {
     pub workload_info: Option<WorkloadInfo>,
     /// Local workload/service/policy state.
     pub local_config: LocalConfigSource,
-    /// istiod's address, when xDS is used.
-    pub xds_address: Option<String>,
+    /// The xDS server, when xDS is used (`XDS_ADDRESS`, default istiod; empty: none).
+    pub xds: Option<GrpcTarget>,
+    /// The token sent to the xDS server and the CA.
+    pub auth_token: AuthToken,
+    /// The proxy's own pod, for the xDS node.
+    pub proxy_meta: ProxyMeta,
     /// SO_MARK for every socket the proxy opens.
     pub packet_mark: Option<u32>,
     /// Keep the original client address towards applications.
@@ -289,15 +388,45 @@ impl Config {
             (None, Some(y)) if !y.is_empty() => LocalConfigSource::Inline(y),
             _ => LocalConfigSource::None,
         };
-        let xds_address = src.get(XDS_ADDRESS).filter(|s| !s.is_empty());
+        let xds = match src.get(XDS_ADDRESS) {
+            None => Some(DEFAULT_ISTIOD.to_string()),
+            Some(a) if a.trim().is_empty() => None,
+            Some(a) => Some(a.trim().to_string()),
+        }
+        .map(|address| {
+            grpc_target(
+                src,
+                &address,
+                XDS_ROOT_CA,
+                ALT_XDS_HOSTNAME,
+                XDS_HEADER_PREFIX,
+            )
+        })
+        .transpose()?;
         let packet_mark = match src.get(PACKET_MARK) {
             None => Some(DEFAULT_PACKET_MARK),
             Some(v) if v.is_empty() => None,
             Some(v) => Some(parse_value(PACKET_MARK, &v)?),
         };
-        let ca = match src.get(CA_CERTS_DIR).filter(|s| !s.is_empty()) {
-            Some(dir) => CaSource::PluginDir(dir.into()),
-            None => CaSource::Builtin(
+        let remote_ca = match src.get(CA_ADDRESS) {
+            Some(a) if !a.trim().is_empty() => Some(a.trim().to_string()),
+            Some(_) => None,
+            // Unset: istiod's CA when talking to istiod (ztunnel's default), else a local CA.
+            None if xds.is_some() && src.get(CA_CERTS_DIR).filter(|s| !s.is_empty()).is_none() => {
+                Some(xds.as_ref().map(|x| x.address.clone()).unwrap_or_default())
+            }
+            None => None,
+        };
+        let ca = match (remote_ca, src.get(CA_CERTS_DIR).filter(|s| !s.is_empty())) {
+            (Some(address), _) => CaSource::Remote(grpc_target(
+                src,
+                &address,
+                CA_ROOT_CA,
+                ALT_CA_HOSTNAME,
+                CA_HEADER_PREFIX,
+            )?),
+            (None, Some(dir)) => CaSource::PluginDir(dir.into()),
+            (None, None) => CaSource::Builtin(
                 src.get(MESHNODE_STATE_DIR)
                     .filter(|s| !s.is_empty())
                     .unwrap_or_else(|| DEFAULT_STATE_DIR.into())
@@ -308,14 +437,24 @@ impl Config {
             proxy_mode,
             workload_info,
             local_config,
-            xds_address,
+            xds,
+            auth_token: match src.get(AUTH_TOKEN).filter(|s| !s.is_empty()) {
+                Some(v) if std::path::Path::new(&v).exists() => AuthToken::File(v.into()),
+                Some(v) => AuthToken::Literal(v),
+                None if std::path::Path::new(DEFAULT_TOKEN_PATH).exists() => {
+                    AuthToken::File(DEFAULT_TOKEN_PATH.into())
+                }
+                None => AuthToken::None,
+            },
+            proxy_meta: proxy_meta(src)?,
             packet_mark,
             enable_orig_src: parse_opt_bool(src, ENABLE_ORIG_SRC)?,
             node_name: src.get(NODE_NAME).filter(|s| !s.is_empty()),
             network: src.get(NETWORK).unwrap_or_default(),
             cluster_id: src
-                .get(CLUSTER_ID)
+                .get(ISTIO_META_CLUSTER_ID)
                 .filter(|s| !s.is_empty())
+                .or_else(|| src.get(CLUSTER_ID).filter(|s| !s.is_empty()))
                 .unwrap_or_else(|| "Kubernetes".into()),
             ca,
             secret_ttl: parse_duration(src, SECRET_TTL, Duration::from_secs(24 * 3600))?,
@@ -411,6 +550,75 @@ impl Config {
             SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, port))
         }
     }
+}
+
+/// istiod's address inside a cluster (ztunnel's default for `XDS_ADDRESS` and `CA_ADDRESS`).
+pub const DEFAULT_ISTIOD: &str = "https://istiod.istio-system.svc:15012";
+/// Where istiod's root certificate is mounted (ztunnel's default for `XDS_ROOT_CA` / `CA_ROOT_CA`).
+pub const DEFAULT_ROOT_CA: &str = "./var/run/secrets/istio/root-cert.pem";
+/// Where the projected `istio-ca` token is mounted (ztunnel's default for `AUTH_TOKEN`).
+pub const DEFAULT_TOKEN_PATH: &str = "./var/run/secrets/tokens/istio-token";
+
+fn grpc_target(
+    src: &dyn Source,
+    address: &str,
+    root_var: &'static str,
+    alt_var: &'static str,
+    header_prefix: &str,
+) -> Result<GrpcTarget, Error> {
+    let address = if address.contains("://") {
+        address.to_string()
+    } else {
+        format!("https://{address}")
+    };
+    let root = match src.get(root_var).filter(|s| !s.trim().is_empty()) {
+        None => RootCa::File(DEFAULT_ROOT_CA.into()),
+        Some(v) if v.trim() == "SYSTEM" => RootCa::System,
+        Some(v) if v.contains("-----BEGIN") => RootCa::Pem(v),
+        Some(v) => RootCa::File(v.trim().into()),
+    };
+    let mut headers: Vec<(String, String)> = src
+        .all()
+        .into_iter()
+        .filter_map(|(k, v)| {
+            k.strip_prefix(header_prefix)
+                .filter(|n| !n.is_empty())
+                .map(|n| (n.to_ascii_lowercase().replace('_', "-"), v))
+        })
+        .collect();
+    headers.sort();
+    Ok(GrpcTarget {
+        address,
+        root,
+        alt_hostname: src.get(alt_var).filter(|s| !s.is_empty()),
+        headers,
+    })
+}
+
+fn proxy_meta(src: &dyn Source) -> Result<ProxyMeta, Error> {
+    let mut metadata = std::collections::BTreeMap::new();
+    for (k, v) in src.all() {
+        if let Some(name) = k.strip_prefix(ISTIO_METAJSON_PREFIX) {
+            let value: serde_json::Value =
+                serde_json::from_str(&v).map_err(|e| Error::Invalid {
+                    name: "ISTIO_METAJSON_*",
+                    value: format!("{k}={v}"),
+                    reason: e.to_string(),
+                })?;
+            metadata.insert(name.to_string(), value);
+        } else if let Some(name) = k.strip_prefix(ISTIO_META_PREFIX) {
+            metadata
+                .entry(name.to_string())
+                .or_insert(serde_json::Value::String(v));
+        }
+    }
+    Ok(ProxyMeta {
+        pod_name: src.get(POD_NAME).unwrap_or_default(),
+        pod_namespace: src.get(POD_NAMESPACE).unwrap_or_default(),
+        service_account: src.get(SERVICE_ACCOUNT).unwrap_or_default(),
+        instance_ip: parse_opt(src, INSTANCE_IP)?,
+        metadata,
+    })
 }
 
 /// ztunnel's packet mark (0x539), which Istio's capture rules skip.
@@ -570,7 +778,7 @@ mod tests {
             c.local_config,
             LocalConfigSource::File("/etc/local.yaml".into())
         );
-        assert_eq!(c.xds_address, None);
+        assert_eq!(c.xds, None);
         assert_eq!(c.packet_mark, Some(4242));
         assert_eq!(c.enable_orig_src, Some(false));
         assert_eq!(c.node_name.as_deref(), Some("node-1"));
@@ -625,6 +833,50 @@ mod tests {
                 "error {err:?} does not name {var}"
             );
         }
+    }
+
+    #[test]
+    fn control_plane_settings_follow_ztunnel() {
+        let c = cfg(&[
+            (PROXY_MODE, "shared"),
+            (XDS_ADDRESS, "istiod.example:15012"),
+            (XDS_ROOT_CA, "/etc/root.pem"),
+            (CA_ROOT_CA, "SYSTEM"),
+            (AUTH_TOKEN, "literal-token"),
+            (ISTIO_META_CLUSTER_ID, "east"),
+            (CLUSTER_ID, "ignored"),
+            ("ISTIO_META_DNS_CAPTURE", "true"),
+            ("ISTIO_METAJSON_LABELS", "{\"a\":\"b\"}"),
+            ("XDS_HEADER_X_TENANT", "t1"),
+            (POD_NAME, "ztunnel-abc"),
+            (INSTANCE_IP, "10.0.0.9"),
+        ])
+        .unwrap();
+        let xds = c.xds.unwrap();
+        assert_eq!(xds.address, "https://istiod.example:15012");
+        assert_eq!(xds.root, RootCa::File("/etc/root.pem".into()));
+        assert_eq!(
+            xds.headers,
+            vec![("x-tenant".to_string(), "t1".to_string())]
+        );
+        // CA_ADDRESS unset while xDS is on: the CA is at the same address.
+        let CaSource::Remote(ca) = c.ca else {
+            panic!("expected a remote CA")
+        };
+        assert_eq!(ca.address, "https://istiod.example:15012");
+        assert_eq!(ca.root, RootCa::System);
+        assert_eq!(c.auth_token, AuthToken::Literal("literal-token".into()));
+        assert_eq!(c.cluster_id, "east");
+        assert_eq!(c.proxy_meta.metadata["DNS_CAPTURE"], "true");
+        assert_eq!(c.proxy_meta.metadata["LABELS"]["a"], "b");
+        assert_eq!(c.proxy_meta.pod_name, "ztunnel-abc");
+        // Unset XDS_ADDRESS means istiod, as in ztunnel; empty means none, and then a local CA.
+        let c = cfg(&[(PROXY_MODE, "shared")]).unwrap();
+        assert_eq!(c.xds.unwrap().address, DEFAULT_ISTIOD);
+        let c = cfg(&[(PROXY_MODE, "shared"), (XDS_ADDRESS, "")]).unwrap();
+        assert!(c.xds.is_none());
+        assert!(matches!(c.ca, CaSource::Builtin(_)));
+        assert!(cfg(&[(PROXY_MODE, "shared"), ("ISTIO_METAJSON_X", "{")]).is_err());
     }
 
     #[test]
