@@ -48,6 +48,9 @@ pub struct Node {
     pub conflist: Value,
     pub runtime: Runtime,
     pub subnet: String,
+    /// What tells the agent about the cluster: `MESHNODE_AGENT_CONFIG` for [`Node::start`]; whatever the
+    /// test sets (e.g. `KUBECONFIG` and `NODE_NAME`) for [`Node::bare`].
+    pub agent_env: Vec<(String, String)>,
     restarts: AtomicU32,
 }
 
@@ -62,6 +65,18 @@ impl Node {
     /// A node with its agent (standalone config `agent_yaml`) and proxy (workload state `local_yaml`)
     /// started and ready.
     pub fn start(agent_yaml: &str, local_yaml: &str) -> Node {
+        let mut node = Node::bare(local_yaml);
+        std::fs::write(node.path("agent.yaml"), agent_yaml).unwrap();
+        let config = node.path("agent.yaml").to_str().unwrap().to_string();
+        node.agent_env = vec![("MESHNODE_AGENT_CONFIG".into(), config)];
+        node.start_agent();
+        node.start_proxy();
+        node
+    }
+
+    /// A node namespace with its CNI config and the proxy's workload state `local_yaml`, but no agent or
+    /// proxy running yet: set [`Node::agent_env`], then [`Node::start_agent`] and [`Node::start_proxy`].
+    pub fn bare(local_yaml: &str) -> Node {
         assert!(
             Path::new(CNI_PLUGINS_DIR).join("ptp").exists(),
             "{CNI_PLUGINS_DIR}/ptp is missing: install Debian's containernetworking-plugins (.ci/run does)"
@@ -97,9 +112,8 @@ impl Node {
                 plugin.parent().unwrap().to_path_buf(),
             ],
         };
-        std::fs::write(dir.path().join("agent.yaml"), agent_yaml).unwrap();
         std::fs::write(dir.path().join("local.yaml"), local_yaml).unwrap();
-        let mut node = Node {
+        Node {
             ns,
             dir,
             agent: None,
@@ -107,11 +121,9 @@ impl Node {
             conflist,
             runtime,
             subnet,
+            agent_env: Vec::new(),
             restarts: AtomicU32::new(0),
-        };
-        node.start_agent();
-        node.start_proxy();
-        node
+        }
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -125,21 +137,17 @@ impl Node {
         let log = std::fs::File::create(self.path(&format!("agent{n}.log"))).unwrap();
         let run = self.path("run");
         let _ = std::fs::remove_file(run.join("pluginevent.sock"));
+        let zds = self.path("zds.sock");
+        let mut env = vec![
+            ("CNI_AGENT_RUN_DIR", run.to_str().unwrap()),
+            ("ZTUNNEL_UDS_ADDRESS", zds.to_str().unwrap()),
+            ("RUST_LOG", "info"),
+        ];
+        env.extend(self.agent_env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         self.agent = Some(KillOnDrop(self.ns.spawn(
             env!("CARGO_BIN_EXE_meshnode"),
             &["cni-agent"],
-            &[
-                ("CNI_AGENT_RUN_DIR", run.to_str().unwrap()),
-                (
-                    "ZTUNNEL_UDS_ADDRESS",
-                    self.path("zds.sock").to_str().unwrap(),
-                ),
-                (
-                    "MESHNODE_AGENT_CONFIG",
-                    self.path("agent.yaml").to_str().unwrap(),
-                ),
-                ("RUST_LOG", "info"),
-            ],
+            &env,
             log,
         )));
         self.wait_for(
@@ -262,8 +270,18 @@ impl Node {
 
     /// CNI ADD for `pod` through the whole chain, run from the node namespace as a runtime does.
     pub fn add(&self, pod: &mut Pod) -> Result<(), meshnode::cni_exec::Error> {
+        self.add_with(pod, &self.conflist.clone())
+    }
+
+    /// CNI ADD for `pod` through the chain `conflist` (e.g. without `meshnode-cni`, as on a node where
+    /// the plugin is not installed yet).
+    pub fn add_with(
+        &self,
+        pod: &mut Pod,
+        conflist: &Value,
+    ) -> Result<(), meshnode::cni_exec::Error> {
         let rt = self.runtime.clone();
-        let conf = self.conflist.clone();
+        let conf = conflist.clone();
         let att = pod.attachment.clone();
         let result = self.ns.run(move || rt.add(&conf, &att))?;
         pod.ip = result["ips"][0]["address"]
