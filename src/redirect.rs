@@ -13,14 +13,18 @@
 //! Everything is synchronous and acts on the network namespace of the CALLING THREAD: wrap calls in
 //! [`crate::netns::Netns::run_on_thread`]. No binaries (`nft`, `ip`) are used.
 //!
+//! The node side of the same scheme, the kubelet probe SNAT rule and its per-pod address sets in the HOST
+//! network namespace, is [`host`].
+//!
 //! Layout: `rules` (the rule set as data), `nft` (expressions, batch encoding, dump decoding), `netlink`
-//! (TLV encoder, socket, ACKs and dumps), `route` (ip rule / route).
+//! (TLV encoder, socket, ACKs and dumps), `route` (ip rule / route), [`host`] (host probe rule).
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
 use nix::errno::Errno;
 
+pub mod host;
 mod netlink;
 mod nft;
 mod route;
@@ -30,6 +34,11 @@ mod rules;
 mod tests;
 
 use netlink::NlSocket;
+
+pub use host::{
+    add_probe_ips, inspect_host, install_host, remove_host, remove_probe_ips, HostInstalled,
+    HostProbeSettings, SetState,
+};
 
 /// The ports of the in-pod proxy listeners the rules redirect to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,6 +126,20 @@ pub enum Target {
         /// Position in the chain.
         index: usize,
     },
+    /// An nftables named set.
+    Set {
+        /// Table name.
+        table: &'static str,
+        /// Set name.
+        set: &'static str,
+    },
+    /// Elements of an nftables named set (added or deleted).
+    SetElements {
+        /// Table name.
+        table: &'static str,
+        /// Set name.
+        set: &'static str,
+    },
     /// The fwmark ip rule.
     IpRule {
         /// IPv6 (else IPv4).
@@ -151,6 +174,10 @@ impl std::fmt::Display for Target {
                 chain,
                 index,
             } => write!(f, "rule #{index} of chain inet {table} {chain}"),
+            Target::Set { table, set } => write!(f, "set inet {table} {set}"),
+            Target::SetElements { table, set } => {
+                write!(f, "elements of set inet {table} {set}")
+            }
             Target::IpRule { ipv6 } => write!(
                 f,
                 "{} ip rule fwmark {:#x}/{:#x} pref {} lookup {}",

@@ -9,6 +9,8 @@
 //! host netns are skipped (host-network pods have no netns of their own), candidate namespaces are
 //! de-duplicated by inode, the one whose oldest process started first wins, and a candidate is accepted only
 //! if it actually holds one of the pod's IPs (listed over rtnetlink from a thread inside the namespace).
+//!
+//! Also [`find_kubelet_uid`]: the uid owning kubelet's process, for the host probe SNAT rule.
 
 use std::collections::HashMap;
 use std::fs;
@@ -188,6 +190,60 @@ fn starttime_from_stat(stat: &str) -> Option<u64> {
     let rest = &stat[stat.rfind(')')? + 1..];
     // After ')' comes field 3 (state); field 22 is the 20th from there.
     rest.split_ascii_whitespace().nth(22 - 3)?.parse().ok()
+}
+
+/// Process names that run kubelet: `kubelet`, MicroK8s' `kubelite`, and k3s (`k3s`, or `k3s-server` /
+/// `k3s-agent` once it has renamed itself).
+fn is_kubelet_name(comm: &str) -> bool {
+    matches!(comm, "kubelet" | "kubelite" | "k3s") || comm.starts_with("k3s-")
+}
+
+/// The real uid of the kubelet process under `proc_root` (the host's `/proc`), for the host probe rule
+/// ([`crate::redirect::host`]), which matches kubelet's sockets by owner since nftables has no
+/// `--socket-exists`. A process is kubelet when its name (`<pid>/comm`, else the name in `<pid>/stat`) is
+/// one of those [`is_kubelet_name`] accepts; its uid is the first field of the `Uid:` line of
+/// `<pid>/status`. With several, the lowest pid wins. `None` when no such process is readable.
+pub fn find_kubelet_uid(proc_root: &Path) -> Option<u32> {
+    let entries = match fs::read_dir(proc_root) {
+        Ok(entries) => entries,
+        Err(e) => {
+            tracing::warn!(proc_root = %proc_root.display(), error = %e, "cannot read procfs");
+            return None;
+        }
+    };
+    let mut pids: Vec<u32> = entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse().ok()))
+        .collect();
+    pids.sort_unstable();
+    pids.into_iter().find_map(|pid| {
+        let dir = proc_root.join(pid.to_string());
+        // Processes come and go during the scan: any read failure just skips the process.
+        let name = fs::read_to_string(dir.join("comm"))
+            .ok()
+            .map(|c| c.trim_end_matches('\n').to_owned())
+            .or_else(|| {
+                let stat = fs::read_to_string(dir.join("stat")).ok()?;
+                let (open, close) = (stat.find('(')?, stat.rfind(')')?);
+                Some(stat.get(open + 1..close)?.to_owned())
+            })?;
+        if !is_kubelet_name(&name) {
+            return None;
+        }
+        let status = fs::read_to_string(dir.join("status")).ok()?;
+        real_uid_from_status(&status)
+    })
+}
+
+/// The real uid (first field of the `Uid:` line) of a `/proc/<pid>/status` file.
+fn real_uid_from_status(status: &str) -> Option<u32> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))?
+        .split_ascii_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// The addresses configured in the namespace at `netns`, listed over rtnetlink from a thread inside it.

@@ -3,8 +3,8 @@
 //!
 //! Input: a [`Plan`] (tables → chains → rules of [`Expr`], built in `rules`). Output: the batch bytes that
 //! create or replace our tables atomically, and tables/chains/rules decoded from the kernel's dumps. Only
-//! the handful of expressions Istio's in-pod rules need are supported (meta, cmp, payload, bitwise,
-//! immediate, redir, ct).
+//! the handful of expressions Istio's in-pod rules and the host probe rule need are supported (meta, cmp,
+//! payload, bitwise, immediate, redir, ct, lookup, snat), plus named sets and their elements.
 
 use super::netlink::{attrs, be32, string, Reply, Writer};
 use super::rules::{ChainPlan, Plan, TablePlan, TABLES};
@@ -52,6 +52,30 @@ const NFTA_CT_KEY: u16 = 2;
 const NFTA_CT_SREG: u16 = 4;
 const NFTA_REDIR_REG_PROTO_MIN: u16 = 1;
 const NFTA_REDIR_FLAGS: u16 = 3;
+const NFTA_LOOKUP_SET: u16 = 1;
+const NFTA_LOOKUP_SREG: u16 = 2;
+const NFTA_LOOKUP_DREG: u16 = 3;
+const NFTA_LOOKUP_FLAGS: u16 = 5;
+const NFTA_NAT_TYPE: u16 = 1;
+const NFTA_NAT_FAMILY: u16 = 2;
+const NFTA_NAT_REG_ADDR_MIN: u16 = 3;
+const NFTA_SET_TABLE: u16 = 1;
+const NFTA_SET_NAME: u16 = 2;
+const NFTA_SET_FLAGS: u16 = 3;
+const NFTA_SET_KEY_TYPE: u16 = 4;
+const NFTA_SET_KEY_LEN: u16 = 5;
+const NFTA_SET_ID: u16 = 10;
+const NFTA_SET_USERDATA: u16 = 13;
+const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
+const NFTA_SET_ELEM_LIST_SET: u16 = 2;
+const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
+const NFTA_SET_ELEM_KEY: u16 = 1;
+/// The set's user data as `nft` writes it: TLV `NFTNL_UDATA_SET_KEYBYTEORDER` (0), length 4, value
+/// `BYTEORDER_BIG_ENDIAN` (2, host-endian u32), so `nft list` prints addresses the right way round.
+const SET_USERDATA_BIG_ENDIAN_KEY: [u8; 6] = [0, 4, 2, 0, 0, 0];
+/// Most elements in one NEWSETELEM/DELSETELEM message: the element list is one attribute, whose length
+/// field is a u16 (64 KiB), and an IPv6 element takes 28 bytes.
+pub(super) const ELEMS_PER_MSG: usize = 1024;
 /// `NF_NAT_RANGE_PROTO_SPECIFIED`: the redirect carries a port.
 const NF_NAT_RANGE_PROTO_SPECIFIED: u32 = 1 << 1;
 
@@ -94,6 +118,10 @@ pub(super) enum Expr {
     Ct { key: u32, dreg: u32 },
     /// Set conntrack `key` from `sreg`.
     CtSet { key: u32, sreg: u32 },
+    /// Look the value in `sreg` up in the named set of the same table (a match: no hit, no further).
+    Lookup { sreg: u32, set: String },
+    /// Source NAT of `family` (`NFPROTO_IPV4`/`IPV6`) to the address held in register `addr_reg`.
+    Snat { family: u32, addr_reg: u32 },
     /// An expression this module does not know (only ever decoded, never built).
     Other(String),
 }
@@ -108,6 +136,8 @@ impl Expr {
             Expr::Immediate { .. } | Expr::Verdict { .. } => "immediate",
             Expr::Redir { .. } => "redir",
             Expr::Ct { .. } | Expr::CtSet { .. } => "ct",
+            Expr::Lookup { .. } => "lookup",
+            Expr::Snat { .. } => "nat",
             Expr::Other(name) => name,
         }
     }
@@ -180,6 +210,17 @@ impl Expr {
             Expr::CtSet { key, sreg } => {
                 w.attr_be32(NFTA_CT_KEY, *key);
                 w.attr_be32(NFTA_CT_SREG, *sreg);
+            }
+            Expr::Lookup { sreg, set } => {
+                // `nft`'s order; it also sends NFTA_LOOKUP_SET_ID, which the kernel only needs when the
+                // name is not found (the set is always found by name here, also within one batch).
+                w.attr_be32(NFTA_LOOKUP_SREG, *sreg);
+                w.attr_str(NFTA_LOOKUP_SET, set);
+            }
+            Expr::Snat { family, addr_reg } => {
+                w.attr_be32(NFTA_NAT_TYPE, libc::NFT_NAT_SNAT as u32);
+                w.attr_be32(NFTA_NAT_FAMILY, *family);
+                w.attr_be32(NFTA_NAT_REG_ADDR_MIN, *addr_reg);
             }
             Expr::Other(_) => {}
         }
@@ -262,6 +303,24 @@ impl Expr {
                 Some(Expr::Verdict { code: code?, chain })
             })(),
             "redir" => u(NFTA_REDIR_REG_PROTO_MIN).map(|port_reg| Expr::Redir { port_reg }),
+            // An inverted lookup (`!= @set`) or a map lookup is another expression: left as Other.
+            "lookup"
+                if u(NFTA_LOOKUP_FLAGS).unwrap_or(0) == 0 && get(NFTA_LOOKUP_DREG).is_none() =>
+            {
+                (|| {
+                    Some(Expr::Lookup {
+                        sreg: u(NFTA_LOOKUP_SREG)?,
+                        set: string(get(NFTA_LOOKUP_SET)?),
+                    })
+                })()
+            }
+            // The kernel adds `addr_max` (= addr_min) and NF_NAT_RANGE_MAP_IPS on dump: ignored.
+            "nat" if u(NFTA_NAT_TYPE) == Some(libc::NFT_NAT_SNAT as u32) => (|| {
+                Some(Expr::Snat {
+                    family: u(NFTA_NAT_FAMILY)?,
+                    addr_reg: u(NFTA_NAT_REG_ADDR_MIN)?,
+                })
+            })(),
             _ => None,
         };
         decoded.unwrap_or(Expr::Other(name))
@@ -387,6 +446,56 @@ impl Batch {
         }
         self.w.nest_end(list);
         self.w.msg_end(m);
+    }
+
+    /// NEWSET: a plain (hash) set of `key_len`-byte keys of nft data type `key_type`, named `set`. `id`
+    /// is the batch-local set id (any value unique within the batch).
+    pub(super) fn new_set(
+        &mut self,
+        table: &'static str,
+        set: &'static str,
+        key_type: u32,
+        key_len: u32,
+        id: u32,
+    ) {
+        let m = self.msg(libc::NFT_MSG_NEWSET, CREATE, Target::Set { table, set });
+        self.w.attr_str(NFTA_SET_TABLE, table);
+        self.w.attr_str(NFTA_SET_NAME, set);
+        self.w.attr_be32(NFTA_SET_FLAGS, 0);
+        self.w.attr_be32(NFTA_SET_KEY_TYPE, key_type);
+        self.w.attr_be32(NFTA_SET_KEY_LEN, key_len);
+        self.w.attr_be32(NFTA_SET_ID, id);
+        self.w.attr(NFTA_SET_USERDATA, &SET_USERDATA_BIG_ENDIAN_KEY);
+        self.w.msg_end(m);
+    }
+
+    /// NEWSETELEM (`add`, without `NLM_F_EXCL`: elements already there are fine) or DELSETELEM (an
+    /// absent element fails the batch with ENOENT) for `keys`, in messages of at most [`ELEMS_PER_MSG`].
+    pub(super) fn set_elems(
+        &mut self,
+        add: bool,
+        table: &'static str,
+        set: &'static str,
+        keys: &[Vec<u8>],
+    ) {
+        let (msg, flags) = if add {
+            (libc::NFT_MSG_NEWSETELEM, CREATE)
+        } else {
+            (libc::NFT_MSG_DELSETELEM, 0)
+        };
+        for chunk in keys.chunks(ELEMS_PER_MSG) {
+            let m = self.msg(msg, flags, Target::SetElements { table, set });
+            self.w.attr_str(NFTA_SET_ELEM_LIST_TABLE, table);
+            self.w.attr_str(NFTA_SET_ELEM_LIST_SET, set);
+            let list = self.w.nest_begin(NFTA_SET_ELEM_LIST_ELEMENTS);
+            for key in chunk {
+                let elem = self.w.nest_begin(NFTA_LIST_ELEM);
+                value(&mut self.w, NFTA_SET_ELEM_KEY, key);
+                self.w.nest_end(elem);
+            }
+            self.w.nest_end(list);
+            self.w.msg_end(m);
+        }
     }
 
     /// Closes the batch.
@@ -534,6 +643,61 @@ pub(super) fn parse_rule(reply: &Reply<'_>) -> (String, String, Vec<Expr>) {
         }
     }
     (table, chain, exprs)
+}
+
+/// A dump request for the elements of `set` in `table` (family inet).
+pub(super) fn set_elem_dump_request(table: &str, set: &str, seq: u32) -> Vec<u8> {
+    let mut w = Writer::default();
+    let m = w.msg_begin(
+        nft_type(libc::NFT_MSG_GETSETELEM),
+        REQ | libc::NLM_F_DUMP as u16,
+        seq,
+    );
+    nfgenmsg(&mut w, INET, 0);
+    w.attr_str(NFTA_SET_ELEM_LIST_TABLE, table);
+    w.attr_str(NFTA_SET_ELEM_LIST_SET, set);
+    w.msg_end(m);
+    w.buf
+}
+
+/// A set as read back from the kernel.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(super) struct DumpedSet {
+    pub(super) table: String,
+    pub(super) name: String,
+    pub(super) flags: u32,
+    pub(super) key_type: u32,
+    pub(super) key_len: u32,
+}
+
+/// A NEWSET dump message.
+pub(super) fn parse_set(reply: &Reply<'_>) -> DumpedSet {
+    let mut d = DumpedSet::default();
+    for (ty, p) in nft_attrs(reply) {
+        match ty {
+            NFTA_SET_TABLE => d.table = string(p),
+            NFTA_SET_NAME => d.name = string(p),
+            NFTA_SET_FLAGS => d.flags = be32(p).unwrap_or(0),
+            NFTA_SET_KEY_TYPE => d.key_type = be32(p).unwrap_or(0),
+            NFTA_SET_KEY_LEN => d.key_len = be32(p).unwrap_or(0),
+            _ => {}
+        }
+    }
+    d
+}
+
+/// The keys in a NEWSETELEM dump message (elements without a key value are skipped).
+pub(super) fn parse_set_elems(reply: &Reply<'_>) -> Vec<Vec<u8>> {
+    nft_attrs(reply)
+        .filter(|(ty, _)| *ty == NFTA_SET_ELEM_LIST_ELEMENTS)
+        .flat_map(|(_, list)| attrs(list))
+        .filter(|(ty, _)| *ty == NFTA_LIST_ELEM)
+        .filter_map(|(_, elem)| {
+            let (_, key) = attrs(elem).find(|(ty, _)| *ty == NFTA_SET_ELEM_KEY)?;
+            let (_, v) = attrs(key).find(|(ty, _)| *ty == NFTA_DATA_VALUE)?;
+            Some(v.to_vec())
+        })
+        .collect()
 }
 
 /// The `nft` name of a hook number.

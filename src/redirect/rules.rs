@@ -30,14 +30,14 @@ const ISTIO_OUTPUT: &str = "istio-output";
 
 // Building blocks for the rules, each the expressions `nft` itself generates for the same text.
 
-fn meta(key: i32) -> Expr {
+pub(super) fn meta(key: i32) -> Expr {
     Expr::Meta {
         key: key as u32,
         dreg: REG1,
     }
 }
 
-fn cmp(op: u32, data: &[u8]) -> Expr {
+pub(super) fn cmp(op: u32, data: &[u8]) -> Expr {
     Expr::Cmp {
         sreg: REG1,
         op,
@@ -46,7 +46,7 @@ fn cmp(op: u32, data: &[u8]) -> Expr {
 }
 
 /// `meta nfproto ipv4|ipv6`.
-fn nfproto(v6: bool) -> [Expr; 2] {
+pub(super) fn nfproto(v6: bool) -> [Expr; 2] {
     let proto = if v6 {
         libc::NFPROTO_IPV6
     } else {
@@ -56,7 +56,7 @@ fn nfproto(v6: bool) -> [Expr; 2] {
 }
 
 /// `meta l4proto tcp|udp`.
-fn l4proto(proto: i32) -> [Expr; 2] {
+pub(super) fn l4proto(proto: i32) -> [Expr; 2] {
     [meta(libc::NFT_META_L4PROTO), cmp(CMP_EQ, &[proto as u8])]
 }
 

@@ -20,7 +20,7 @@ macro_rules! needs_root {
 
 /// Runs `f` on a thread inside a brand-new anonymous network namespace with `lo` up. The namespace
 /// disappears with the thread, also when `f` panics (the panic is re-raised here).
-fn in_new_netns<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+pub(super) fn in_new_netns<T: Send>(f: impl FnOnce() -> T + Send) -> T {
     std::thread::scope(|s| {
         s.spawn(|| {
             nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare netns");
@@ -33,7 +33,7 @@ fn in_new_netns<T: Send>(f: impl FnOnce() -> T + Send) -> T {
 }
 
 /// Runs a test tool in the calling thread's namespace and returns its stdout.
-fn run(program: &str, args: &[&str]) -> String {
+pub(super) fn run(program: &str, args: &[&str]) -> String {
     let out = Command::new(program)
         .args(args)
         .output()
@@ -46,7 +46,7 @@ fn run(program: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn nft_ruleset() -> String {
+pub(super) fn nft_ruleset() -> String {
     run("nft", &["list", "ruleset"])
 }
 
@@ -425,12 +425,12 @@ fn a_failing_batch_leaves_the_previous_rules_untouched() {
 }
 
 /// A named network namespace for tests that need two namespaces joined by a veth; deleted on drop.
-struct NamedNetns {
-    name: String,
+pub(super) struct NamedNetns {
+    pub(super) name: String,
 }
 
 impl NamedNetns {
-    fn new(tag: &str) -> NamedNetns {
+    pub(super) fn new(tag: &str) -> NamedNetns {
         use std::sync::atomic::{AtomicU32, Ordering};
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let name = format!(
@@ -444,14 +444,14 @@ impl NamedNetns {
         ns
     }
 
-    fn ip(&self, args: &[&str]) -> String {
+    pub(super) fn ip(&self, args: &[&str]) -> String {
         let mut all = vec!["-n", self.name.as_str()];
         all.extend_from_slice(args);
         run("ip", &all)
     }
 
     /// Runs `f` on a thread inside the namespace; sockets it creates stay there.
-    fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+    pub(super) fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
         let path = format!("/var/run/netns/{}", self.name);
         std::thread::scope(|s| {
             s.spawn(move || {

@@ -323,3 +323,63 @@ fn netns_of_a_running_pod_process_is_found_by_uid_and_ip() {
     let other_ip: IpAddr = "192.0.2.99".parse().expect("ip");
     assert_eq!(find_pod_netns(&fake.root(), UID, &[other_ip]), None);
 }
+
+/// A fake process for the kubelet scan: `comm` (when given), a `stat` naming `stat_name`, and a `status`
+/// with `Uid: <real> <effective> <saved> <fs>`.
+fn named_process(fake: &FakeProc, pid: u32, comm: Option<&str>, stat_name: &str, uids: [u32; 4]) {
+    let dir = fake.root().join(pid.to_string());
+    fs::create_dir_all(&dir).expect("mkdir");
+    if let Some(comm) = comm {
+        fs::write(dir.join("comm"), format!("{comm}\n")).expect("write comm");
+    }
+    fs::write(dir.join("stat"), format!("{pid} ({stat_name}) S 1 2 3\n")).expect("write stat");
+    let [r, e, s, f] = uids;
+    fs::write(
+        dir.join("status"),
+        format!("Name:\t{stat_name}\nUmask:\t0022\nState:\tS (sleeping)\nUid:\t{r}\t{e}\t{s}\t{f}\nGid:\t0\t0\t0\t0\n"),
+    )
+    .expect("write status");
+}
+
+#[test]
+fn kubelet_uid_is_the_real_uid_of_the_kubelet_process() {
+    let fake = FakeProc::new();
+    named_process(&fake, 300, Some("containerd"), "containerd", [0; 4]);
+    named_process(&fake, 700, Some("kubelet"), "kubelet", [1500, 0, 0, 0]);
+    assert_eq!(find_kubelet_uid(&fake.root()), Some(1500));
+}
+
+#[test]
+fn kubelite_and_k3s_count_as_kubelet() {
+    for name in ["kubelite", "k3s", "k3s-server", "k3s-agent"] {
+        let fake = FakeProc::new();
+        named_process(&fake, 50, Some(name), name, [7, 7, 7, 7]);
+        assert_eq!(find_kubelet_uid(&fake.root()), Some(7), "{name}");
+    }
+}
+
+#[test]
+fn kubelet_is_recognised_from_stat_when_comm_is_unreadable() {
+    let fake = FakeProc::new();
+    named_process(&fake, 88, None, "kubelet", [0, 0, 0, 0]);
+    assert_eq!(find_kubelet_uid(&fake.root()), Some(0));
+}
+
+#[test]
+fn no_kubelet_process_means_no_uid() {
+    let fake = FakeProc::new();
+    named_process(&fake, 10, Some("kubelet-helper"), "kubelet-helper", [0; 4]);
+    named_process(&fake, 11, Some("mykubelet"), "mykubelet", [0; 4]);
+    assert_eq!(find_kubelet_uid(&fake.root()), None);
+    assert_eq!(find_kubelet_uid(Path::new("/nonexistent/proc")), None);
+}
+
+#[test]
+fn with_several_kubelets_the_lowest_pid_wins_and_a_broken_status_is_skipped() {
+    let fake = FakeProc::new();
+    named_process(&fake, 20, Some("kubelet"), "kubelet", [0; 4]);
+    fs::write(fake.root().join("20/status"), "Name:\tkubelet\n").expect("write");
+    named_process(&fake, 900, Some("kubelet"), "kubelet", [33, 0, 0, 0]);
+    named_process(&fake, 1000, Some("kubelet"), "kubelet", [44, 0, 0, 0]);
+    assert_eq!(find_kubelet_uid(&fake.root()), Some(33));
+}
