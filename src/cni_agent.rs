@@ -141,6 +141,7 @@ pub async fn run(cfg: Arc<AgentConfig>, shutdown: watch::Receiver<bool>) -> Resu
     let (mut agent, handles, jobs) = Agent::new(cfg.clone(), view);
     if let Some(a) = annotator {
         agent.annotate_with(a);
+        agent.use_host_probes();
     }
     let zds_listener = crate::zds::packet::bind(&cfg.zds_path).map_err(|source| Error::Start {
         what: format!("binding the ZDS socket {}", cfg.zds_path.display()),

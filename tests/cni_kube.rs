@@ -497,8 +497,6 @@ fn the_agent_restarted_with_the_api_down_keeps_pods_captured() {
 }
 
 #[test]
-#[ignore = "bug: a failed redirection patch is dropped and never retried; reconcile does not compare the \
-            pod's annotation with its enrollment state"]
 fn a_redirection_annotation_the_api_refused_is_written_once_it_accepts_patches() {
     if !support::root_or_skip(
         "a_redirection_annotation_the_api_refused_is_written_once_it_accepts_patches",
@@ -523,4 +521,81 @@ fn a_redirection_annotation_the_api_refused_is_written_once_it_accepts_patches()
     k.api.refuse_patches(false);
     k.report_ip(&client);
     k.wait_for_annotation(&client, Some("enabled"));
+}
+
+/// A stand-in kubelet: `sleep` copied to a file named `kubelet`, so the agent finds "kubelet" in /proc (as
+/// root, like a real kubelet). Killed on drop.
+struct FakeKubelet(support::netns::KillOnDrop, tempfile::TempDir);
+
+impl FakeKubelet {
+    fn start() -> FakeKubelet {
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("kubelet");
+        std::fs::copy("/bin/sleep", &bin).unwrap();
+        let child = std::process::Command::new(&bin).arg("120").spawn().unwrap();
+        FakeKubelet(support::netns::KillOnDrop(child), dir)
+    }
+}
+
+#[test]
+fn kubelet_probes_reach_an_enrolled_pod_past_its_policy_and_other_callers_do_not() {
+    if !support::root_or_skip(
+        "kubelet_probes_reach_an_enrolled_pod_past_its_policy_and_other_callers_do_not",
+    ) {
+        return;
+    }
+    let _kubelet = FakeKubelet::start();
+    let k = start(&[("default", AMBIENT)]);
+    let mut server = kube_pod(&k.node, "default", "server");
+    let mut other = kube_pod(&k.node, "test", "other");
+    k.schedule(&server);
+    k.add(&mut server)
+        .unwrap_or_else(|e| panic!("ADD: {e}\n{}", k.node.logs()));
+    k.schedule(&other);
+    k.add(&mut other).unwrap();
+    k.wait_for_annotation(&server, Some("enabled"));
+    // The node's probe set holds the enrolled pod's IP (and only that).
+    let host = k
+        .node
+        .ns
+        .run(|| meshnode::redirect::inspect_host().expect("reading the node's probe rule"));
+    assert_eq!(host.probe_ips, vec![server.ip.unwrap()], "{host:?}");
+
+    k.node.set_local_config(&workloads(&[&server]));
+    settle();
+    serve_app(&server, 8080);
+    let dst = SocketAddr::new(server.ip.unwrap(), 8080);
+    // The kubelet (a root socket in the node's netns) reaches the app directly, from the probe address,
+    // although the server only admits the client's identity.
+    let probe = k
+        .node
+        .ns
+        .run(move || {
+            use std::io::{Read, Write};
+            let mut s = std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(5))?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            s.write_all(b"probe\n")?;
+            let mut out = String::new();
+            s.read_to_string(&mut out)?;
+            Ok::<_, std::io::Error>(out)
+        })
+        .unwrap_or_else(|e| panic!("probe: {e}\n{}", k.node.logs()));
+    assert!(probe.starts_with("app saw 169.254.7.127:"), "{probe}");
+    // Another pod's plain TCP is still captured on the server side and refused by the policy.
+    let refused = call(&other, dst);
+    assert!(
+        refused.as_ref().map_or(true, |r| r.is_empty()),
+        "a non-mesh caller got through: {refused:?}"
+    );
+    // When the pod leaves the mesh its IP leaves the probe set.
+    k.api.delete_pod(&server.namespace, &server.name);
+    k.node.wait_for(
+        || {
+            k.node
+                .ns
+                .run(|| meshnode::redirect::inspect_host().map(|h| h.probe_ips.is_empty()))
+                .unwrap_or(false)
+        },
+        "the deleted pod's IP to leave the probe set",
+    );
 }

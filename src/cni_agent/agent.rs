@@ -69,6 +69,14 @@ pub struct Agent {
     kubernetes: bool,
     last_hint: Option<Vec<String>>,
     annotations: Option<mpsc::Sender<(PodKey, Option<&'static str>)>>,
+    /// Kubernetes mode: the node's netns, where kubelet probes to enrolled pods are SNATed.
+    host: Option<HostProbes>,
+}
+
+/// The host-side probe rule: where it lives and whether it is installed.
+struct HostProbes {
+    netns: Arc<Netns>,
+    settings: Option<redirect::HostProbeSettings>,
 }
 
 /// Handles given to the agent's servers.
@@ -102,6 +110,7 @@ impl Agent {
             kubernetes,
             last_hint: None,
             annotations: None,
+            host: None,
         };
         agent.restore();
         (agent, AgentHandles { jobs, zds }, rx)
@@ -113,15 +122,109 @@ impl Agent {
         let (tx, mut rx) = mpsc::channel::<(PodKey, Option<&'static str>)>(ANNOTATION_QUEUE);
         tokio::spawn(async move {
             while let Some((pod, value)) = rx.recv().await {
-                if let Err(e) = source
-                    .set_redirection(&pod.namespace, &pod.name, value)
-                    .await
-                {
-                    tracing::warn!(pod = %pod, error = %e, "updating the redirection annotation failed");
+                // A few quick retries; beyond that the reconcile loop notices the annotation still differs
+                // from the pod's state and queues it again.
+                let mut delay = Duration::from_millis(100);
+                for attempt in 1..=3 {
+                    match source
+                        .set_redirection(&pod.namespace, &pod.name, value)
+                        .await
+                    {
+                        Ok(()) => break,
+                        Err(e) if attempt == 3 => {
+                            tracing::warn!(pod = %pod, error = %e, "updating the redirection annotation failed")
+                        }
+                        Err(_) => {
+                            tokio::time::sleep(delay).await;
+                            delay *= 4;
+                        }
+                    }
                 }
             }
         });
         self.annotations = Some(tx);
+    }
+
+    /// Kubernetes mode: SNATs kubelet's probes to enrolled pods to the probe address in the node's netns,
+    /// so the pods' rules let them past the proxy (else STRICT mTLS would refuse every probe). The node's
+    /// netns is `<host prefix>/proc/1/ns/net`, or the agent's own when it runs in the host network.
+    pub fn use_host_probes(&mut self) {
+        let path = if self.cfg.host_prefix.as_os_str().is_empty() {
+            PathBuf::from("/proc/thread-self/ns/net")
+        } else {
+            self.netns_path("/proc/1/ns/net")
+        };
+        match Netns::open(&path) {
+            Ok(ns) => {
+                self.host = Some(HostProbes {
+                    netns: Arc::new(ns),
+                    settings: None,
+                })
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "node netns unavailable; kubelet probes of enrolled pods will go through the proxy")
+            }
+        }
+    }
+
+    /// Installs the host probe rule with every captured pod's IPs (idempotent; re-run at start).
+    async fn install_host_probes(&mut self) {
+        let Some(host) = &mut self.host else { return };
+        let proc_root = if self.cfg.host_prefix.as_os_str().is_empty() {
+            PathBuf::from("/proc")
+        } else {
+            self.cfg.host_prefix.join("proc")
+        };
+        let Some(uid) = procfs::find_kubelet_uid(&proc_root) else {
+            tracing::warn!(proc = %proc_root.display(), "no kubelet process found; kubelet probe SNAT not installed");
+            return;
+        };
+        let settings = redirect::HostProbeSettings::for_pods(uid, &self.cfg.rules);
+        let ips: Vec<std::net::IpAddr> = self
+            .pods
+            .iter()
+            .filter(|r| r.state.captured())
+            .flat_map(|r| r.ips.clone())
+            .collect();
+        let (ns, s) = (host.netns.clone(), settings.clone());
+        let res = tokio::task::spawn_blocking(move || {
+            ns.run_on_thread(move || redirect::install_host(&s, &ips))
+        })
+        .await;
+        match res {
+            Ok(Ok(Ok(()))) => {
+                tracing::info!(
+                    kubelet_uid = uid,
+                    "kubelet probe SNAT installed in the node netns"
+                );
+                host.settings = Some(settings);
+            }
+            other => {
+                tracing::error!(result = ?other.map(|r| r.map(|r| r.err())), "installing the kubelet probe SNAT failed")
+            }
+        }
+    }
+
+    /// Adds (or removes) pod IPs to the host's probe sets.
+    async fn probe_ips(&self, ips: &[std::net::IpAddr], add: bool) {
+        let Some(host) = &self.host else { return };
+        if host.settings.is_none() || ips.is_empty() {
+            return;
+        }
+        let (ns, ips) = (host.netns.clone(), ips.to_vec());
+        let res = tokio::task::spawn_blocking(move || {
+            ns.run_on_thread(move || {
+                if add {
+                    redirect::add_probe_ips(&ips)
+                } else {
+                    redirect::remove_probe_ips(&ips)
+                }
+            })
+        })
+        .await;
+        if !matches!(res, Ok(Ok(Ok(())))) {
+            tracing::warn!(add, result = ?res.map(|r| r.map(|r| r.err())), "updating the kubelet probe set failed");
+        }
     }
 
     fn annotate(&self, pod: PodKey, value: Option<&'static str>) {
@@ -146,6 +249,18 @@ impl Agent {
                 self.pods.remove(&uid);
                 continue;
             }
+            // A pod found through /proc is recorded by a pid's netns; after a restart that pid may belong to
+            // something else. Keep it only if the namespace still holds one of the pod's IPs (istio-cni's check).
+            if r.netns.starts_with("/proc/") && !r.ips.is_empty() {
+                let holds = procfs::netns_addresses(&path)
+                    .map(|addrs| addrs.iter().any(|a| r.ips.contains(a)))
+                    .unwrap_or(false);
+                if !holds {
+                    tracing::warn!(uid, pod = %key(&r), netns = %path.display(), "recorded netns no longer holds the pod's IPs; forgetting it");
+                    self.pods.remove(&uid);
+                    continue;
+                }
+            }
             if r.state.captured() {
                 self.captured
                     .pods
@@ -166,6 +281,7 @@ impl Agent {
     ) {
         // Re-program restored pods before answering anything.
         self.reprogram_restored().await;
+        self.install_host_probes().await;
         self.reconcile().await;
         // Ready (for the DaemonSet's probe) once restored pods are re-armed and a synced view has been
         // reconciled; plugin requests are answered before that too (they fail closed if the view lags).
@@ -368,6 +484,7 @@ impl Agent {
         match self.zds.add(uid, &zds_info(&r), &ns).await {
             Ok(()) => {
                 self.pods.set_state(uid, Enrollment::Enabled);
+                self.probe_ips(&r.ips, true).await;
                 self.annotate(key(&r), Some("enabled"));
                 tracing::info!(pod = %key(&r), uid, "pod enrolled");
                 Ok(())
@@ -432,6 +549,7 @@ impl Agent {
             return;
         };
         self.captured.pods.lock().remove(uid);
+        self.probe_ips(&r.ips, false).await;
         let path = self.netns_path(&r.netns);
         if let Ok(ns) = Netns::open(&path) {
             let ns = Arc::new(ns);
@@ -556,7 +674,24 @@ impl Agent {
                     tracing::info!(pod = %pod_key, reason, "pod no longer selected");
                     self.unenroll(&uid).await;
                 }
-                _ => {}
+                _ => {
+                    // The annotation reports actual state; if a patch was lost (API down), set it again.
+                    if self.kubernetes {
+                        let want = match r.state {
+                            Enrollment::Enabled => Some("enabled"),
+                            Enrollment::Pending => Some("pending"),
+                            Enrollment::NotEnrolled => None,
+                        };
+                        if info
+                            .annotations
+                            .get(kube::REDIRECTION_ANNOTATION)
+                            .map(String::as_str)
+                            != want
+                        {
+                            self.annotate(pod_key, want);
+                        }
+                    }
+                }
             }
         }
     }
@@ -628,6 +763,7 @@ impl Agent {
             match self.zds.add(&uid, &zds_info(&r), &ns).await {
                 Ok(()) => {
                     self.pods.set_state(&uid, Enrollment::Enabled);
+                    self.probe_ips(&r.ips, true).await;
                     self.annotate(key(&r), Some("enabled"));
                     tracing::info!(pod = %key(&r), "pending pod taken by a proxy");
                 }
