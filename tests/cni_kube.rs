@@ -525,7 +525,10 @@ fn a_redirection_annotation_the_api_refused_is_written_once_it_accepts_patches()
 
 /// A stand-in kubelet: `sleep` copied to a file named `kubelet`, so the agent finds "kubelet" in /proc (as
 /// root, like a real kubelet). Killed on drop.
-struct FakeKubelet(support::netns::KillOnDrop, tempfile::TempDir);
+struct FakeKubelet {
+    _process: support::netns::KillOnDrop,
+    _dir: tempfile::TempDir,
+}
 
 impl FakeKubelet {
     fn start() -> FakeKubelet {
@@ -533,7 +536,10 @@ impl FakeKubelet {
         let bin = dir.path().join("kubelet");
         std::fs::copy("/bin/sleep", &bin).unwrap();
         let child = std::process::Command::new(&bin).arg("120").spawn().unwrap();
-        FakeKubelet(support::netns::KillOnDrop(child), dir)
+        FakeKubelet {
+            _process: support::netns::KillOnDrop(child),
+            _dir: dir,
+        }
     }
 }
 
