@@ -5,6 +5,7 @@
 //! - [`config`] — typed settings from ztunnel's environment variables, parsed once.
 //! - [`identity`] — SPIFFE identities, workload certificates (plug-in CA, built-in CA), rotation.
 //! - [`tls`] — rustls configurations for HBONE and peer identity checks.
+//! - [`grpc`] — TLS channels and credentials for the control plane (xDS, CA).
 //! - [`hbone`] — HTTP/2 CONNECT tunnels: client pool, server mechanics, byte copying.
 //! - [`proxy`] — one workload's proxy: outbound (:15001), inbound HBONE (:15008), plaintext inbound (:15006).
 //! - [`inpod`] — shared mode: per-pod proxies inside pod network namespaces, driven by ZDS.
@@ -25,6 +26,7 @@ pub mod authz;
 pub mod cni_agent;
 pub mod cni_exec;
 pub mod config;
+pub mod grpc;
 pub mod hbone;
 pub mod identity;
 pub mod inpod;
