@@ -287,6 +287,15 @@ impl Pods {
             },
             drained,
         );
+        // Fetch the pod's certificate ahead, so its first connection does not wait for the CA.
+        let warm = proxy.clone();
+        tokio::spawn(async move {
+            if let Ok(w) = warm.local_workload().await {
+                if let Err(e) = warm.tls_for(&w.identity).await {
+                    tracing::warn!(error = %e, "prefetching the pod's certificate failed; retried on first use");
+                }
+            }
+        });
         let task = tokio::spawn(async move { proxy.serve(listeners).await });
         Ok(PodProxy {
             netns: netns.id(),
