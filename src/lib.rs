@@ -2,6 +2,7 @@
 //!
 //! # Layout
 //!
+//! - [`file_watch`] — polling a config file and publishing each good version.
 //! - [`config`] — typed settings from ztunnel's environment variables, parsed once.
 //! - [`identity`] — SPIFFE identities, workload certificates (plug-in CA, built-in CA), rotation.
 //! - [`tls`] — rustls configurations for HBONE and peer identity checks.
@@ -26,6 +27,7 @@ pub mod authz;
 pub mod cni_agent;
 pub mod cni_exec;
 pub mod config;
+pub mod file_watch;
 pub mod grpc;
 pub mod hbone;
 pub mod identity;

@@ -8,7 +8,7 @@ mod support;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use support::cluster::{call, ip_rules, nft_ruleset, rules, serve_app, Node, Pod};
+use support::cluster::{call, ip_rules, nft_ruleset, rules, serve_app, settle, workloads, Node};
 
 const AGENT_YAML: &str = "namespaces:
   default: {labels: {istio.io/dataplane-mode: ambient}}
@@ -19,30 +19,6 @@ pods:
 - {name: legacy, namespace: default, serviceAccount: legacy, labels: {istio.io/dataplane-mode: none}}
 - {name: outsider, namespace: test, serviceAccount: outsider}
 ";
-
-/// The proxy's view: each pod as an HBONE workload, and a policy on the server that only lets the client's
-/// identity in — so an answer proves the call came through the mesh with the client's certificate.
-fn workloads(pods: &[&Pod]) -> String {
-    let mut y = String::from("workloads:\n");
-    for p in pods {
-        y += &format!(
-            "- uid: cluster1//v1/Pod/{ns}/{name}\n  name: {name}\n  namespace: {ns}\n  serviceAccount: {name}\n  workloadIps: [\"{ip}\"]\n  protocol: HBONE\n",
-            ns = p.namespace,
-            name = p.name,
-            ip = p.ip.unwrap()
-        );
-        if p.name == "server" {
-            y += "  authorizationPolicies: [default/only-client]\n";
-        }
-    }
-    y += "policies:\n- name: only-client\n  namespace: default\n  scope: WorkloadSelector\n  action: Allow\n  rules: [[[{principals: [!Exact \"cluster.local/ns/default/sa/client\"]}]]]\n";
-    y
-}
-
-fn settle() {
-    // The proxy re-reads its local config every second.
-    std::thread::sleep(Duration::from_millis(2500));
-}
 
 #[test]
 fn enrolled_pods_talk_through_hbone_and_a_pod_labelled_none_stays_out() {

@@ -146,37 +146,21 @@ pub fn load(path: &Path) -> Result<(Vec<u8>, ClusterView), Error> {
 pub async fn watch(
     path: PathBuf,
     interval: Duration,
-    mut last: Vec<u8>,
+    last: Vec<u8>,
     tx: watch::Sender<Arc<ClusterView>>,
 ) {
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = tx.closed() => return,
-        }
-        let bytes = match tokio::fs::read(&path).await {
-            Ok(b) => b,
-            Err(e) => {
-                tracing::warn!(path = %path.display(), error = %e, "cannot read the agent config; keeping the last good view");
-                continue;
-            }
-        };
-        if bytes == last {
-            continue;
-        }
-        match parse(&path, &String::from_utf8_lossy(&bytes)) {
-            Ok(view) => {
-                tracing::info!(path = %path.display(), namespaces = view.namespaces.len(), pods = view.pods.len(), "agent config reloaded");
-                tx.send_replace(Arc::new(view));
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "agent config change refused; keeping the last good view")
-            }
-        }
-        last = bytes;
-    }
+    let shown = path.clone();
+    crate::file_watch::poll(
+        path.clone(),
+        interval,
+        last,
+        tx,
+        move |bytes| parse(&path, &String::from_utf8_lossy(bytes)),
+        |view| {
+            tracing::info!(path = %shown.display(), namespaces = view.namespaces.len(), pods = view.pods.len(), "agent config reloaded")
+        },
+    )
+    .await
 }
 
 #[cfg(test)]

@@ -336,36 +336,19 @@ pub fn load_file(path: &Path) -> Result<(Vec<u8>, State), Error> {
 pub async fn watch_file(
     path: PathBuf,
     interval: Duration,
-    mut last: Vec<u8>,
+    last: Vec<u8>,
     tx: watch::Sender<Arc<State>>,
 ) {
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = tx.closed() => return,
-        }
-        let bytes = match tokio::fs::read(&path).await {
-            Ok(b) => b,
-            Err(e) => {
-                tracing::warn!(path = %path.display(), error = %e, "cannot read local config; keeping the last good state");
-                continue;
-            }
-        };
-        if bytes == last {
-            continue;
-        }
-        match LocalConfig::parse(&String::from_utf8_lossy(&bytes)).and_then(LocalConfig::into_state)
-        {
-            Ok(state) => {
-                log_loaded(&path, &state, "local config reloaded");
-                tx.send_replace(Arc::new(state));
-            }
-            Err(e) => {
-                tracing::error!(path = %path.display(), error = %e, "local config change refused; keeping the last good state");
-            }
-        }
-        last = bytes;
-    }
+    let shown = path.clone();
+    crate::file_watch::poll(
+        path,
+        interval,
+        last,
+        tx,
+        |bytes| {
+            LocalConfig::parse(&String::from_utf8_lossy(bytes)).and_then(LocalConfig::into_state)
+        },
+        |state| log_loaded(&shown, state, "local config reloaded"),
+    )
+    .await
 }

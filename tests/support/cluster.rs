@@ -362,3 +362,27 @@ pub fn nft_ruleset(pod: &Pod) -> String {
 pub fn ip_rules(pod: &Pod) -> String {
     String::from_utf8_lossy(&pod.netns.ip(&["rule"]).stdout).into_owned()
 }
+
+/// The proxy's view: each pod as an HBONE workload, and a policy on the server that only lets the client's
+/// identity in — so an answer proves the call came through the mesh with the client's certificate.
+pub fn workloads(pods: &[&Pod]) -> String {
+    let mut y = String::from("workloads:\n");
+    for p in pods {
+        y += &format!(
+            "- uid: cluster1//v1/Pod/{ns}/{name}\n  name: {name}\n  namespace: {ns}\n  serviceAccount: {name}\n  workloadIps: [\"{ip}\"]\n  protocol: HBONE\n",
+            ns = p.namespace,
+            name = p.name,
+            ip = p.ip.unwrap()
+        );
+        if p.name == "server" {
+            y += "  authorizationPolicies: [default/only-client]\n";
+        }
+    }
+    y += "policies:\n- name: only-client\n  namespace: default\n  scope: WorkloadSelector\n  action: Allow\n  rules: [[[{principals: [!Exact \"cluster.local/ns/default/sa/client\"]}]]]\n";
+    y
+}
+
+pub fn settle() {
+    // The proxy re-reads its local config every second.
+    std::thread::sleep(Duration::from_millis(2500));
+}

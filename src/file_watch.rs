@@ -1,0 +1,82 @@
+//! Polling a config file and publishing each good version: the one reload rule every file-driven part of
+//! meshnode follows (the proxy's local config, the agent's enrollment file, the control plane's mesh file).
+//!
+//! Input: a path, a poll interval, the bytes already loaded, a parser. Output: a new value on the `watch`
+//! channel whenever the file's bytes change and parse; an unreadable file or a bad edit is logged and the
+//! last good value keeps serving. Returns when every receiver is gone.
+
+use std::fmt::Display;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+/// Polls `path` every `interval`; `parse` turns new bytes into a value, `loaded` logs a published one.
+pub async fn poll<T, E: Display>(
+    path: PathBuf,
+    interval: Duration,
+    mut last: Vec<u8>,
+    tx: watch::Sender<Arc<T>>,
+    parse: impl Fn(&[u8]) -> Result<T, E>,
+    loaded: impl Fn(&T),
+) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = tx.closed() => return,
+        }
+        let bytes = match tokio::fs::read(&path).await {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot read config file; keeping the last good version");
+                continue;
+            }
+        };
+        if bytes == last {
+            continue;
+        }
+        match parse(&bytes) {
+            Ok(value) => {
+                loaded(&value);
+                tx.send_replace(Arc::new(value));
+            }
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = %e, "config file change refused; keeping the last good version")
+            }
+        }
+        last = bytes;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn good_edits_are_published_and_bad_ones_keep_the_last_good_value() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("n.txt");
+        std::fs::write(&path, "1").unwrap();
+        let (tx, mut rx) = watch::channel(Arc::new(1u32));
+        tokio::spawn(poll(
+            path.clone(),
+            Duration::from_millis(10),
+            b"1".to_vec(),
+            tx,
+            |b: &[u8]| String::from_utf8_lossy(b).trim().parse::<u32>(),
+            |_| {},
+        ));
+        std::fs::write(&path, "2").unwrap();
+        rx.changed().await.unwrap();
+        assert_eq!(**rx.borrow(), 2);
+        std::fs::write(&path, "not a number").unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(**rx.borrow(), 2);
+        std::fs::write(&path, "3").unwrap();
+        rx.changed().await.unwrap();
+        assert_eq!(**rx.borrow_and_update(), 3);
+    }
+}
