@@ -14,6 +14,10 @@
 //! - `cert`: [`WorkloadCert`] and the [`CertSource`] trait.
 //! - `signer`: issuing Istio-compatible leaves from a CA key; PEM/DER loading shared by both CAs.
 //! - `plugin`: [`PluginCa`]. `builtin`: [`BuiltinCa`]. `manager`: [`CertManager`] (rotation).
+//! - [`caclient`]: [`CaClient`], a [`CertSource`] asking a remote Istio CA (istiod, or
+//!   `meshnode control-plane`) over gRPC, as ztunnel does.
+//! - [`ca_server`]: [`CaService`], the Istio CA gRPC service of `meshnode control-plane`, signing
+//!   CSRs with a [`CsrSigner`] ([`BuiltinCa`] or [`PluginCa`]) for callers an [`Authenticate`] allows.
 //!
 //! Owner: the identity module; the TLS code only consumes [`WorkloadCert`]s.
 
@@ -24,15 +28,20 @@ pub mod spiffe;
 pub use spiffe::Identity;
 
 mod builtin;
+pub mod ca_server;
+pub mod caclient;
 mod cert;
 mod manager;
 mod plugin;
 mod signer;
 
 pub use builtin::BuiltinCa;
+pub use ca_server::{Authenticate, CaService, CsrSigner, Grant, TokenAuthenticator};
+pub use caclient::{CaClient, ResponseProblem};
 pub use cert::{BoxFuture, CertSource, WorkloadCert};
 pub use manager::CertManager;
 pub use plugin::PluginCa;
+pub use signer::CsrProblem;
 
 #[cfg(test)]
 mod tests;
@@ -190,5 +199,61 @@ pub enum Error {
         identity: Identity,
         /// The underlying error.
         source: rcgen::Error,
+    },
+    /// A certificate signing request cannot be signed.
+    #[error("cannot sign the CSR for {identity}: {problem}")]
+    Csr {
+        /// The identity asked for.
+        identity: Identity,
+        /// What is wrong with the CSR.
+        problem: CsrProblem,
+    },
+    /// The connection to a remote CA cannot be set up (bad address, unreadable roots).
+    #[error("CA {address}: {source}")]
+    CaChannel {
+        /// The CA address.
+        address: String,
+        /// What is wrong.
+        source: crate::grpc::Error,
+    },
+    /// The request credentials (token file, headers) cannot be prepared.
+    #[error("certificate request for {identity}: {source}")]
+    CaCredentials {
+        /// The identity asked for.
+        identity: Identity,
+        /// What is wrong.
+        source: crate::grpc::Error,
+    },
+    /// The CA could not be reached or refused the request.
+    #[error("CA {address} refused or failed the certificate request for {identity} ({code:?}): {message}")]
+    CaRequest {
+        /// The CA address.
+        address: String,
+        /// The identity asked for.
+        identity: Identity,
+        /// The gRPC status code.
+        code: tonic::Code,
+        /// The gRPC status message.
+        message: String,
+    },
+    /// The CA did not answer in time.
+    #[error("CA {address} did not answer the certificate request for {identity} within {after:?}")]
+    CaTimeout {
+        /// The CA address.
+        address: String,
+        /// The identity asked for.
+        identity: Identity,
+        /// The deadline.
+        after: Duration,
+    },
+    /// The CA answered with a certificate chain that cannot be used.
+    #[error("CA {address} answered the certificate request for {identity} with an unusable chain: {problem}")]
+    CaResponse {
+        /// The CA address.
+        address: String,
+        /// The identity asked for.
+        identity: Identity,
+        /// What is wrong with the answer.
+        problem: ResponseProblem,
     },
 }

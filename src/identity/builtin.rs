@@ -95,6 +95,11 @@ impl BuiltinCa {
         self.signer.issue(id, not_before, not_after)
     }
 
+    /// The loaded signer (CSR signing for the CA service).
+    pub(crate) fn signer(&self) -> &Signer {
+        &self.signer
+    }
+
     /// The root certificate, PEM.
     pub fn root_pem(&self) -> String {
         self.root_pem.clone()

@@ -55,6 +55,11 @@ impl PluginCa {
         self.signer.issue(id, not_before, not_after)
     }
 
+    /// The loaded signer (CSR signing for the CA service).
+    pub(crate) fn signer(&self) -> &Signer {
+        &self.signer
+    }
+
     /// The roots from `root-cert.pem`.
     pub fn roots(&self) -> &[CertificateDer<'static>] {
         self.signer.roots()

@@ -8,6 +8,10 @@
 //! URI SAN = the SPIFFE id, CA:FALSE, digitalSignature + keyEncipherment, serverAuth + clientAuth,
 //! random serial. [`Signer::issue_now`] uses the window `[now - skew, now + ttl]` where
 //! `skew = min(1 min, ttl / 10)`, truncated to whole seconds (what X.509 can express).
+//! [`Signer::sign_csr`] issues the same leaf for the public key of a PEM PKCS#10 request (whose
+//! self-signature must verify and whose only URI SAN must be the id) and returns the chain the
+//! Istio CA protocol answers with: leaf, intermediates, root. [`Csr`] parses such requests for
+//! the CA service; [`to_pem`] encodes certificates for the answer.
 
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
@@ -19,9 +23,13 @@ use rcgen::{
     KeyUsagePurpose, SanType, SerialNumber, SignatureAlgorithm,
 };
 use rustls_pki_types::pem::{self, PemObject};
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, UnixTime};
+use rustls_pki_types::{
+    CertificateDer, CertificateSigningRequestDer, PrivateKeyDer, PrivatePkcs8KeyDer, UnixTime,
+};
 use time::OffsetDateTime;
 use x509_parser::certificate::X509Certificate;
+use x509_parser::certification_request::X509CertificationRequest;
+use x509_parser::extensions::{GeneralName, ParsedExtension};
 use x509_parser::oid_registry::{
     OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_NIST_EC_P384, OID_PKCS1_RSAENCRYPTION,
     OID_SIG_ED25519,
@@ -58,6 +66,9 @@ pub(crate) struct CaFiles {
 pub(crate) struct Signer {
     issuer: Issuer<'static, KeyPair>,
     chain_tail: Vec<CertificateDer<'static>>,
+    /// What follows the leaf in a CSR answer: `chain_tail`, then the root it ends at (unless it
+    /// already ends with a root).
+    response_tail: Vec<CertificateDer<'static>>,
     roots: Vec<CertificateDer<'static>>,
     ttl: Duration,
 }
@@ -93,6 +104,7 @@ impl Signer {
         })?;
         let signer = Self {
             issuer,
+            response_tail: response_tail(&chain_tail, &ca_cert, &roots),
             chain_tail,
             roots,
             ttl,
@@ -113,6 +125,7 @@ impl Signer {
         Ok(Self {
             issuer,
             chain_tail: Vec::new(),
+            response_tail: vec![root.clone()],
             roots: vec![root],
             ttl,
         })
@@ -125,10 +138,7 @@ impl Signer {
 
     /// Issues a leaf valid from `[now - skew, now + ttl]` (see the module docs).
     pub(crate) fn issue_now(&self, id: &Identity) -> Result<WorkloadCert, Error> {
-        let now = SystemTime::now();
-        let skew = CLOCK_SKEW_ALLOWANCE.min(self.ttl / 10);
-        let not_before = now.checked_sub(skew).unwrap_or(now);
-        let not_after = now.checked_add(self.ttl).unwrap_or(now);
+        let (not_before, not_after) = window_from_now(self.ttl);
         self.issue(id, not_before, not_after)
     }
 
@@ -139,41 +149,12 @@ impl Signer {
         not_before: SystemTime,
         not_after: SystemTime,
     ) -> Result<WorkloadCert, Error> {
-        let invalid = || Error::Validity {
-            not_before,
-            not_after,
-        };
-        let (not_before, nb) = cert_time(not_before).ok_or_else(invalid)?;
-        let (not_after, na) = cert_time(not_after).ok_or_else(invalid)?;
-        if not_after <= not_before {
-            return Err(invalid());
-        }
+        let (params, not_before, not_after) = leaf_params(id, not_before, not_after)?;
         let issue_error = |source| Error::Issue {
             identity: id.clone(),
             source,
         };
-
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(issue_error)?;
-        let mut params = CertificateParams::default();
-        // Empty subject, as Istio leaves have; rcgen then marks the SAN extension critical.
-        params.distinguished_name = DistinguishedName::new();
-        params.subject_alt_names = vec![SanType::URI(
-            Ia5String::try_from(id.to_string()).map_err(issue_error)?,
-        )];
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
-        // Both: webpki checks serverAuth when we are the client and clientAuth when we serve.
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        params.use_authority_key_identifier_extension = true;
-        params.serial_number = Some(random_serial());
-        params.not_before = nb;
-        params.not_after = na;
         let cert = params.signed_by(&key, &self.issuer).map_err(issue_error)?;
 
         let mut chain = Vec::with_capacity(1 + self.chain_tail.len());
@@ -189,6 +170,46 @@ impl Signer {
         })
     }
 
+    /// Signs a PEM certificate signing request for `id`, valid `[now - skew, now + ttl]`.
+    ///
+    /// The CSR's own signature must verify and its only URI SAN must be `id`; only its public key
+    /// is used, everything else in the leaf is what [`Signer::issue`] puts there. Returns the
+    /// chain as Istio's CA answers it: leaf, intermediates, and the root last.
+    pub(crate) fn sign_csr(
+        &self,
+        csr_pem: &str,
+        id: &Identity,
+        ttl: Duration,
+    ) -> Result<Vec<CertificateDer<'static>>, Error> {
+        check_ttl(ttl)?;
+        let bad = |problem| Error::Csr {
+            identity: id.clone(),
+            problem,
+        };
+        let csr = Csr::parse(csr_pem).map_err(bad)?;
+        let csr_id = csr.identity().map_err(bad)?;
+        if csr_id != *id {
+            return Err(bad(CsrProblem::IdentityMismatch {
+                csr: csr_id.to_string(),
+                requested: id.to_string(),
+            }));
+        }
+        let public_key = rcgen::SubjectPublicKeyInfo::from_der(&csr.spki)
+            .map_err(|_| bad(CsrProblem::UnsupportedKey))?;
+        let (not_before, not_after) = window_from_now(ttl);
+        let (params, _, _) = leaf_params(id, not_before, not_after)?;
+        let cert = params
+            .signed_by(&public_key, &self.issuer)
+            .map_err(|source| Error::Issue {
+                identity: id.clone(),
+                source,
+            })?;
+        let mut chain = Vec::with_capacity(1 + self.response_tail.len());
+        chain.push(cert.der().clone());
+        chain.extend(self.response_tail.iter().cloned());
+        Ok(chain)
+    }
+
     /// Issues a throw-away leaf and checks it chains to the roots for both TLS roles.
     fn self_test(&self, files: &CaFiles) -> Result<(), Error> {
         let probe = Identity::new("self-test.invalid", "meshnode", "ca-self-test")
@@ -200,6 +221,211 @@ impl Signer {
             source,
         })
     }
+}
+
+/// The validity window `[now - skew, now + ttl]` (see the module docs).
+fn window_from_now(ttl: Duration) -> (SystemTime, SystemTime) {
+    let now = SystemTime::now();
+    let skew = CLOCK_SKEW_ALLOWANCE.min(ttl / 10);
+    let not_before = now.checked_sub(skew).unwrap_or(now);
+    let not_after = now.checked_add(ttl).unwrap_or(now);
+    (not_before, not_after)
+}
+
+/// The parameters of a workload leaf for `id` (see the module docs), with the validity window
+/// truncated to whole seconds (also returned).
+fn leaf_params(
+    id: &Identity,
+    not_before: SystemTime,
+    not_after: SystemTime,
+) -> Result<(CertificateParams, SystemTime, SystemTime), Error> {
+    let invalid = || Error::Validity {
+        not_before,
+        not_after,
+    };
+    let (not_before, nb) = cert_time(not_before).ok_or_else(invalid)?;
+    let (not_after, na) = cert_time(not_after).ok_or_else(invalid)?;
+    if not_after <= not_before {
+        return Err(invalid());
+    }
+    let mut params = CertificateParams::default();
+    // Empty subject, as Istio leaves have; rcgen then marks the SAN extension critical.
+    params.distinguished_name = DistinguishedName::new();
+    params.subject_alt_names = vec![SanType::URI(Ia5String::try_from(id.to_string()).map_err(
+        |source| Error::Issue {
+            identity: id.clone(),
+            source,
+        },
+    )?)];
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    // Both: webpki checks serverAuth when we are the client and clientAuth when we serve.
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.use_authority_key_identifier_extension = true;
+    params.serial_number = Some(random_serial());
+    params.not_before = nb;
+    params.not_after = na;
+    Ok((params, not_before, not_after))
+}
+
+/// `chain_tail` (or the signing certificate when it is empty), then the root the chain ends at,
+/// unless its last certificate already is one of `roots`. The root is the one whose subject is
+/// the last certificate's issuer, else the first root.
+fn response_tail(
+    chain_tail: &[CertificateDer<'static>],
+    ca_cert: &CertificateDer<'static>,
+    roots: &[CertificateDer<'static>],
+) -> Vec<CertificateDer<'static>> {
+    let mut tail = if chain_tail.is_empty() {
+        vec![ca_cert.clone()]
+    } else {
+        chain_tail.to_vec()
+    };
+    let Some(last) = tail.last() else {
+        return tail;
+    };
+    if roots.contains(last) {
+        return tail;
+    }
+    let issuer = parse_x509(last).ok().map(|c| c.issuer().as_raw().to_vec());
+    let root = roots
+        .iter()
+        .find(|r| {
+            parse_x509(r).ok().map(|c| c.subject().as_raw().to_vec()) == issuer && issuer.is_some()
+        })
+        .or(roots.first());
+    if let Some(root) = root {
+        tail.push(root.clone());
+    }
+    tail
+}
+
+/// What is wrong with a certificate signing request.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CsrProblem {
+    /// The request carried no CSR.
+    #[error("no CSR was sent")]
+    Missing,
+    /// The CSR is not a PEM `CERTIFICATE REQUEST`.
+    #[error("the CSR is not PEM (expected a CERTIFICATE REQUEST section)")]
+    NotPem,
+    /// The PEM holds something that is not a PKCS#10 request.
+    #[error("the CSR is not a valid PKCS#10 certificate request")]
+    Malformed,
+    /// The CSR is not signed by the key it carries.
+    #[error("the CSR's signature does not verify")]
+    BadSignature,
+    /// The CSR's public key is of a kind we cannot put in a certificate.
+    #[error("the CSR's public key algorithm is not supported")]
+    UnsupportedKey,
+    /// The CSR has no URI subject alternative name.
+    #[error("the CSR has no URI SAN (a SPIFFE id is required)")]
+    NoUriSan,
+    /// The CSR has more than one URI SAN.
+    #[error("the CSR has {count} URI SANs; exactly one SPIFFE id is required")]
+    SeveralUriSans {
+        /// How many there are.
+        count: usize,
+    },
+    /// The URI SAN is not a SPIFFE workload identity.
+    #[error("the CSR's URI SAN {uri:?} is not a SPIFFE id (spiffe://<td>/ns/<ns>/sa/<sa>)")]
+    NotSpiffe {
+        /// The URI.
+        uri: String,
+    },
+    /// The CSR's identity differs from the one the request names.
+    #[error("the CSR is for {csr} but the request names {requested}")]
+    IdentityMismatch {
+        /// The CSR's SPIFFE id.
+        csr: String,
+        /// The identity named elsewhere (impersonation metadata, or the caller's argument).
+        requested: String,
+    },
+}
+
+/// A parsed CSR whose signature has been verified.
+pub(crate) struct Csr {
+    /// The DER `SubjectPublicKeyInfo`.
+    pub(crate) spki: Vec<u8>,
+    /// The URI SANs, in order.
+    pub(crate) uris: Vec<String>,
+}
+
+impl Csr {
+    /// Parses a PEM CSR and verifies its self-signature.
+    pub(crate) fn parse(pem: &str) -> Result<Self, CsrProblem> {
+        if pem.trim().is_empty() {
+            return Err(CsrProblem::Missing);
+        }
+        let der = CertificateSigningRequestDer::from_pem_slice(pem.as_bytes())
+            .map_err(|_| CsrProblem::NotPem)?;
+        let (rest, req) =
+            X509CertificationRequest::from_der(der.as_ref()).map_err(|_| CsrProblem::Malformed)?;
+        if !rest.is_empty() {
+            return Err(CsrProblem::Malformed);
+        }
+        req.verify_signature()
+            .map_err(|_| CsrProblem::BadSignature)?;
+        let mut uris = Vec::new();
+        for ext in req.requested_extensions().into_iter().flatten() {
+            if let ParsedExtension::SubjectAlternativeName(san) = ext {
+                for name in &san.general_names {
+                    if let GeneralName::URI(uri) = name {
+                        uris.push((*uri).to_string());
+                    }
+                }
+            }
+        }
+        Ok(Self {
+            spki: req.certification_request_info.subject_pki.raw.to_vec(),
+            uris,
+        })
+    }
+
+    /// The CSR's one SPIFFE id.
+    pub(crate) fn identity(&self) -> Result<Identity, CsrProblem> {
+        match self.uris.as_slice() {
+            [] => Err(CsrProblem::NoUriSan),
+            [uri] => uri
+                .parse()
+                .map_err(|_| CsrProblem::NotSpiffe { uri: uri.clone() }),
+            more => Err(CsrProblem::SeveralUriSans { count: more.len() }),
+        }
+    }
+}
+
+/// PEM text for one DER certificate (64-column base64, as OpenSSL writes it).
+pub(crate) fn to_pem(der: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut b64 = Vec::with_capacity(der.len().div_ceil(3) * 4);
+    for chunk in der.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                b64.push(ALPHABET[(n >> (18 - 6 * i) & 0x3f) as usize]);
+            } else {
+                b64.push(b'=');
+            }
+        }
+    }
+    let mut out = String::with_capacity(b64.len() + b64.len() / 64 + 64);
+    out.push_str("-----BEGIN CERTIFICATE-----\n");
+    for line in b64.chunks(64) {
+        out.push_str(&String::from_utf8_lossy(line));
+        out.push('\n');
+    }
+    out.push_str("-----END CERTIFICATE-----\n");
+    out
 }
 
 /// Verifies `cert.chain` against `cert.roots` at `at`, for client and for server use.
@@ -314,7 +540,7 @@ fn parse_certs(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, 
     Ok(certs)
 }
 
-fn parse_x509<'a>(
+pub(crate) fn parse_x509<'a>(
     der: &'a CertificateDer<'_>,
 ) -> Result<X509Certificate<'a>, x509_parser::error::X509Error> {
     match X509Certificate::from_der(der) {
