@@ -11,7 +11,8 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::config::{CaSource, Config, LocalConfigSource, ProxyMode};
-use crate::identity::{BuiltinCa, CertManager, CertSource, PluginCa};
+use crate::grpc::Credentials;
+use crate::identity::{BuiltinCa, CaClient, CertManager, CertSource, PluginCa};
 use crate::proxy::{Listeners, Proxy, ProxyInputs};
 use crate::readiness::Readiness;
 use crate::socket::{self, SocketOpts};
@@ -74,11 +75,17 @@ pub fn cert_source(cfg: &Config) -> Result<Arc<dyn CertSource>, Error> {
         CaSource::Builtin(state_dir) => {
             Arc::new(BuiltinCa::load_or_create(state_dir, cfg.secret_ttl)?)
         }
-        CaSource::Remote(_) => {
-            return Err(Error::Unsupported(
-                "the CA client is not available yet; set CA_ADDRESS= (empty) to use a local CA",
-            ))
-        }
+        CaSource::Remote(target) => Arc::new(CaClient::new(
+            target,
+            Credentials::new(
+                cfg.auth_token.clone(),
+                cfg.cluster_id.clone(),
+                target.headers.clone(),
+            ),
+            cfg.secret_ttl,
+            // In shared mode the node proxy asks for its pods' identities with its own token.
+            cfg.proxy_mode == ProxyMode::Shared,
+        )?),
     })
 }
 
