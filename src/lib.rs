@@ -7,6 +7,7 @@
 //! - [`identity`] — SPIFFE identities, workload certificates (plug-in CA, built-in CA), rotation.
 //! - [`tls`] — rustls configurations for HBONE and peer identity checks.
 //! - [`grpc`] — TLS channels and credentials for the control plane (xDS, CA).
+//! - [`xds`] — the delta ADS client: workloads, services and policies from istiod into [`state`].
 //! - [`hbone`] — HTTP/2 CONNECT tunnels: client pool, server mechanics, byte copying.
 //! - [`proxy`] — one workload's proxy: outbound (:15001), inbound HBONE (:15008), plaintext inbound (:15006).
 //! - [`inpod`] — shared mode: per-pod proxies inside pod network namespaces, driven by ZDS.
@@ -40,4 +41,5 @@ pub mod redirect;
 pub mod socket;
 pub mod state;
 pub mod tls;
+pub mod xds;
 pub mod zds;

@@ -135,7 +135,8 @@ pub struct Service {
     pub health_policy: HealthPolicy,
     /// Load-balancing mode.
     pub lb_mode: LbMode,
-    endpoints: Vec<Endpoint>,
+    /// Filled by [`State::new`] from the workloads' `services` maps; converters leave it empty.
+    pub(crate) endpoints: Vec<Endpoint>,
 }
 
 impl Service {

@@ -1,0 +1,569 @@
+//! xDS resources → the proxy's own types: `istio.workload.Address` (a Workload or a Service) into
+//! [`state::Workload`] / [`state::Service`], and `istio.security.Authorization` into [`authz::Policy`].
+//!
+//! Input: one decoded resource and the name it was sent under. Output: the converted value, or a
+//! [`ConvertError`] saying which field is wrong; the client turns that into one entry of a NACK.
+//!
+//! Defaults are ztunnel's (trust domain `""` → `cluster.local`, service account `""` → `default`,
+//! cluster id `""` → `Kubernetes`, capacity unset → 1). Refusals mirror the local config's, which are
+//! stricter than ztunnel where ztunnel would silently change meaning: unknown enum values, addresses
+//! that are not 4 or 16 bytes, `LEGACY_ISTIO_MTLS`, gateway addresses without a destination, ports above
+//! 65535 (ztunnel truncates), malformed CIDRs and empty string matches (ztunnel drops them, widening
+//! access), and a resource name that is not the object's key (`uid` for workloads, `namespace/hostname`
+//! for services, `namespace/name` for policies — what istiod sends, and what removals name).
+//!
+//! Accepted but not acted on yet (the state has no place for them): waypoints, network gateways,
+//! application tunnels, locality and routing preferences, host-network mode, service visibility.
+//! They are still validated, so a bad value is refused rather than ignored.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use ipnet::IpNet;
+
+use crate::authz::{self, Action, Clause, Match, Policy, Rule, Scope, ServiceAccountMatch};
+use crate::identity::Identity;
+use crate::proto::{security, workload as pb};
+use crate::state::{HealthPolicy, HealthStatus, LbMode, Protocol, Service, Workload};
+
+/// Why a resource could not be converted.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConvertError {
+    /// The `Address` has neither a workload nor a service.
+    #[error("address resource holds neither a workload nor a service")]
+    EmptyAddress,
+    /// The resource name is not the key the object is known by.
+    #[error("resource name {name:?} does not match the {what} key {key:?}")]
+    NameMismatch {
+        /// `workload uid`, `service namespace/hostname` or `policy namespace/name`.
+        what: &'static str,
+        /// The name the resource was sent under.
+        name: String,
+        /// The key derived from its content.
+        key: String,
+    },
+    /// A required field is empty.
+    #[error("{field} is empty")]
+    Missing {
+        /// The field.
+        field: &'static str,
+    },
+    /// An IP address field does not hold 4 or 16 bytes.
+    #[error("{field}: address of {len} bytes (want 4 or 16)")]
+    AddressLength {
+        /// The field.
+        field: &'static str,
+        /// Its length.
+        len: usize,
+    },
+    /// A prefix length is longer than the address.
+    #[error("{field}: prefix length {length} is too long for {ip}")]
+    PrefixLength {
+        /// The field.
+        field: &'static str,
+        /// The address.
+        ip: IpAddr,
+        /// The prefix length.
+        length: u32,
+    },
+    /// A service VIP is a CIDR range; the state indexes single addresses only.
+    #[error("{field}: CIDR VIP {ip}/{length} is not supported")]
+    CidrVip {
+        /// The field.
+        field: &'static str,
+        /// The address.
+        ip: IpAddr,
+        /// The prefix length.
+        length: u32,
+    },
+    /// An enum field holds a value this proxy does not know.
+    #[error("{field}: unknown value {value}")]
+    UnknownEnum {
+        /// The field.
+        field: &'static str,
+        /// The raw value.
+        value: i32,
+    },
+    /// `LEGACY_ISTIO_MTLS` is refused, as ztunnel refuses it.
+    #[error("tunnel protocol LEGACY_ISTIO_MTLS is not supported")]
+    LegacyIstioMtls,
+    /// A routing preference is `UNSPECIFIED_SCOPE`.
+    #[error("loadBalancing.routingPreference: UNSPECIFIED_SCOPE is not a scope")]
+    UnspecifiedScope,
+    /// A gateway address (waypoint, network gateway) has no destination.
+    #[error("{field}: gateway address without a destination")]
+    GatewayWithoutDestination {
+        /// The field.
+        field: &'static str,
+    },
+    /// A port number does not fit in 16 bits.
+    #[error("{field}: port {value} is above 65535")]
+    Port {
+        /// The field.
+        field: &'static str,
+        /// The value.
+        value: u32,
+    },
+    /// A key of `Workload.services` is not `namespace/hostname`.
+    #[error("services: key {key:?} is not namespace/hostname")]
+    ServiceKey {
+        /// The key.
+        key: String,
+    },
+    /// The workload's identity cannot be formed, or a subject alt name is not a SPIFFE identity.
+    #[error("{field}: {source}")]
+    Identity {
+        /// The field.
+        field: &'static str,
+        /// Why.
+        source: crate::identity::spiffe::ParseError,
+    },
+    /// A string match has no kind (exact, prefix, suffix or presence).
+    #[error(
+        "policy {policy}: rules[{rule}][{clause}][{index}].{field}: string match with no value"
+    )]
+    EmptyMatchKind {
+        /// Policy key.
+        policy: String,
+        /// Rule index.
+        rule: usize,
+        /// Clause index.
+        clause: usize,
+        /// Match index.
+        index: usize,
+        /// The list.
+        field: &'static str,
+    },
+    /// A CIDR in a policy is malformed.
+    #[error("policy {policy}: rules[{rule}][{clause}][{index}].{field}: {reason}")]
+    PolicyCidr {
+        /// Policy key.
+        policy: String,
+        /// Rule index.
+        rule: usize,
+        /// Clause index.
+        clause: usize,
+        /// Match index.
+        index: usize,
+        /// The list.
+        field: &'static str,
+        /// What is wrong with it.
+        reason: Box<ConvertError>,
+    },
+    /// A destination port in a policy is above 65535.
+    #[error(
+        "policy {policy}: rules[{rule}][{clause}][{index}].{field}: port {value} is above 65535"
+    )]
+    PolicyPort {
+        /// Policy key.
+        policy: String,
+        /// Rule index.
+        rule: usize,
+        /// Clause index.
+        clause: usize,
+        /// Match index.
+        index: usize,
+        /// The list.
+        field: &'static str,
+        /// The value.
+        value: u32,
+    },
+    /// The policy fails the same validation as a local-config policy.
+    #[error(transparent)]
+    Policy(#[from] authz::Error),
+}
+
+/// A converted `istio.workload.Address`.
+#[derive(Debug, Clone)]
+pub enum Address {
+    /// A workload.
+    Workload(Workload),
+    /// A service (endpoints come later, from the workloads that name it).
+    Service(Service),
+}
+
+/// Converts an `Address` sent under resource `name`.
+pub fn address(name: &str, addr: pb::Address) -> Result<Address, ConvertError> {
+    match addr.r#type {
+        Some(pb::address::Type::Workload(w)) => workload(name, w).map(Address::Workload),
+        Some(pb::address::Type::Service(s)) => service(name, s).map(Address::Service),
+        None => Err(ConvertError::EmptyAddress),
+    }
+}
+
+fn ip(field: &'static str, bytes: &[u8]) -> Result<IpAddr, ConvertError> {
+    if let Ok(v4) = <[u8; 4]>::try_from(bytes) {
+        return Ok(IpAddr::V4(Ipv4Addr::from(v4)));
+    }
+    if let Ok(v6) = <[u8; 16]>::try_from(bytes) {
+        return Ok(IpAddr::V6(Ipv6Addr::from(v6)));
+    }
+    Err(ConvertError::AddressLength {
+        field,
+        len: bytes.len(),
+    })
+}
+
+fn port(field: &'static str, value: u32) -> Result<u16, ConvertError> {
+    u16::try_from(value).map_err(|_| ConvertError::Port { field, value })
+}
+
+/// Reads an enum field, refusing values the generated enum does not know.
+fn known<E: TryFrom<i32>>(field: &'static str, value: i32) -> Result<E, ConvertError> {
+    E::try_from(value).map_err(|_| ConvertError::UnknownEnum { field, value })
+}
+
+fn or_default(value: String, default: &str) -> String {
+    if value.is_empty() {
+        default.to_string()
+    } else {
+        value
+    }
+}
+
+fn gateway(field: &'static str, gw: &Option<pb::GatewayAddress>) -> Result<(), ConvertError> {
+    let Some(gw) = gw else { return Ok(()) };
+    match &gw.destination {
+        None => Err(ConvertError::GatewayWithoutDestination { field }),
+        Some(pb::gateway_address::Destination::Address(a)) => ip(field, &a.address).map(|_| ()),
+        Some(pb::gateway_address::Destination::Hostname(h)) if h.hostname.is_empty() => {
+            Err(ConvertError::Missing { field })
+        }
+        Some(pb::gateway_address::Destination::Hostname(_)) => {
+            port(field, gw.hbone_mtls_port).map(|_| ())
+        }
+    }
+}
+
+fn ports(field: &'static str, list: &[pb::Port]) -> Result<HashMap<u16, u16>, ConvertError> {
+    list.iter()
+        .map(|p| Ok((port(field, p.service_port)?, port(field, p.target_port)?)))
+        .collect()
+}
+
+fn workload(name: &str, w: pb::Workload) -> Result<Workload, ConvertError> {
+    if w.uid.is_empty() {
+        return Err(ConvertError::Missing { field: "uid" });
+    }
+    if w.uid != name {
+        return Err(ConvertError::NameMismatch {
+            what: "workload uid",
+            name: name.to_string(),
+            key: w.uid,
+        });
+    }
+    if w.namespace.is_empty() {
+        return Err(ConvertError::Missing { field: "namespace" });
+    }
+    let ips = w
+        .addresses
+        .iter()
+        .map(|a| ip("addresses", a))
+        .collect::<Result<Vec<_>, _>>()?;
+    let protocol = match known("tunnelProtocol", w.tunnel_protocol)? {
+        pb::TunnelProtocol::None => Protocol::TCP,
+        pb::TunnelProtocol::Hbone => Protocol::HBONE,
+        pb::TunnelProtocol::LegacyIstioMtls => return Err(ConvertError::LegacyIstioMtls),
+    };
+    let status = match known("status", w.status)? {
+        pb::WorkloadStatus::Healthy => HealthStatus::Healthy,
+        pb::WorkloadStatus::Unhealthy => HealthStatus::Unhealthy,
+    };
+    let workload_type = match known("workloadType", w.workload_type)? {
+        pb::WorkloadType::Deployment => "deployment",
+        pb::WorkloadType::Cronjob => "cronjob",
+        pb::WorkloadType::Pod => "pod",
+        pb::WorkloadType::Job => "job",
+    };
+    let _: pb::NetworkMode = known("networkMode", w.network_mode)?;
+    gateway("waypoint", &w.waypoint)?;
+    gateway("networkGateway", &w.network_gateway)?;
+    if let Some(tunnel) = &w.application_tunnel {
+        let _: pb::application_tunnel::Protocol =
+            known("applicationTunnel.protocol", tunnel.protocol)?;
+        port("applicationTunnel.port", tunnel.port)?;
+    }
+    let mut services = HashMap::with_capacity(w.services.len());
+    for (key, list) in w.services {
+        if !key.contains('/') {
+            return Err(ConvertError::ServiceKey { key });
+        }
+        let map = ports("services", &list.ports)?;
+        services.insert(key, map);
+    }
+    let trust_domain = or_default(w.trust_domain, "cluster.local");
+    let service_account = or_default(w.service_account, "default");
+    let identity =
+        Identity::new(&trust_domain, &w.namespace, &service_account).map_err(|source| {
+            ConvertError::Identity {
+                field: "identity",
+                source,
+            }
+        })?;
+    Ok(Workload {
+        uid: w.uid,
+        name: w.name,
+        namespace: w.namespace,
+        service_account,
+        identity,
+        ips,
+        protocol,
+        node: w.node,
+        network: w.network,
+        status,
+        capacity: w.capacity.unwrap_or(1),
+        authorization_policies: w.authorization_policies,
+        services,
+        canonical_name: w.canonical_name,
+        canonical_revision: w.canonical_revision,
+        workload_name: w.workload_name,
+        workload_type: workload_type.to_string(),
+        cluster_id: or_default(w.cluster_id, "Kubernetes"),
+    })
+}
+
+fn service(name: &str, s: pb::Service) -> Result<Service, ConvertError> {
+    if s.hostname.is_empty() {
+        return Err(ConvertError::Missing { field: "hostname" });
+    }
+    let key = format!("{}/{}", s.namespace, s.hostname);
+    if key != name {
+        return Err(ConvertError::NameMismatch {
+            what: "service namespace/hostname",
+            name: name.to_string(),
+            key,
+        });
+    }
+    let vips = s
+        .addresses
+        .iter()
+        .map(|a| {
+            let addr = ip("addresses", &a.address)?;
+            let host_len = if addr.is_ipv4() { 32 } else { 128 };
+            match a.length {
+                Some(len) if len != host_len => Err(ConvertError::CidrVip {
+                    field: "addresses",
+                    ip: addr,
+                    length: len,
+                }),
+                _ => Ok((a.network.clone(), addr)),
+            }
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let subject_alt_names = s
+        .subject_alt_names
+        .iter()
+        .map(|san| {
+            san.parse::<Identity>()
+                .map_err(|source| ConvertError::Identity {
+                    field: "subjectAltNames",
+                    source,
+                })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    gateway("waypoint", &s.waypoint)?;
+    for ww in &s.weighted_waypoints {
+        gateway("weightedWaypoints", &ww.destination)?;
+        if ww.destination.is_none() {
+            return Err(ConvertError::GatewayWithoutDestination {
+                field: "weightedWaypoints",
+            });
+        }
+    }
+    let _: pb::IpFamilies = known("ipFamilies", s.ip_families)?;
+    // ztunnel reads an unknown visibility as PUBLIC; the state has no visibility yet either way.
+    let (health_policy, lb_mode) = match &s.load_balancing {
+        None => (HealthPolicy::default(), LbMode::default()),
+        Some(lb) => {
+            for &scope in &lb.routing_preference {
+                if known::<pb::load_balancing::Scope>("loadBalancing.routingPreference", scope)?
+                    == pb::load_balancing::Scope::UnspecifiedScope
+                {
+                    return Err(ConvertError::UnspecifiedScope);
+                }
+            }
+            let mode = match known("loadBalancing.mode", lb.mode)? {
+                pb::load_balancing::Mode::UnspecifiedMode => LbMode::Standard,
+                pb::load_balancing::Mode::Strict => LbMode::Strict,
+                pb::load_balancing::Mode::Failover => LbMode::Failover,
+                pb::load_balancing::Mode::Passthrough => LbMode::Passthrough,
+            };
+            let health = match known("loadBalancing.healthPolicy", lb.health_policy)? {
+                pb::load_balancing::HealthPolicy::OnlyHealthy => HealthPolicy::OnlyHealthy,
+                pb::load_balancing::HealthPolicy::AllowAll => HealthPolicy::AllowAll,
+            };
+            (health, mode)
+        }
+    };
+    Ok(Service {
+        ports: ports("ports", &s.ports)?,
+        name: s.name,
+        namespace: s.namespace,
+        hostname: s.hostname,
+        vips,
+        subject_alt_names,
+        canonical: s.canonical,
+        health_policy,
+        lb_mode,
+        endpoints: Vec::new(),
+    })
+}
+
+/// Converts an `Authorization` sent under resource `name`; validated as local-config policies are.
+pub fn policy(name: &str, a: security::Authorization) -> Result<Policy, ConvertError> {
+    if a.name.is_empty() {
+        return Err(ConvertError::Missing { field: "name" });
+    }
+    let key = format!("{}/{}", a.namespace, a.name);
+    if key != name {
+        return Err(ConvertError::NameMismatch {
+            what: "policy namespace/name",
+            name: name.to_string(),
+            key,
+        });
+    }
+    let scope = match known("scope", a.scope)? {
+        security::Scope::Global => Scope::Global,
+        security::Scope::Namespace => Scope::Namespace,
+        security::Scope::WorkloadSelector => Scope::WorkloadSelector,
+    };
+    let action = match known("action", a.action)? {
+        security::Action::Allow => Action::Allow,
+        security::Action::Deny => Action::Deny,
+    };
+    let mut rules = Vec::with_capacity(a.rules.len());
+    for (r, rule) in a.rules.into_iter().enumerate() {
+        let mut clauses = Vec::with_capacity(rule.clauses.len());
+        for (c, clause) in rule.clauses.into_iter().enumerate() {
+            let mut matches = Vec::with_capacity(clause.matches.len());
+            for (i, m) in clause.matches.into_iter().enumerate() {
+                let at = At {
+                    policy: &key,
+                    rule: r,
+                    clause: c,
+                    index: i,
+                };
+                matches.push(at.convert(m)?);
+            }
+            clauses.push(Clause { matches });
+        }
+        rules.push(Rule { clauses });
+    }
+    let policy = Policy {
+        name: a.name,
+        namespace: a.namespace,
+        scope,
+        action,
+        dry_run: a.dry_run,
+        rules,
+    };
+    policy.validate()?;
+    Ok(policy)
+}
+
+/// Where a match sits, for error messages.
+struct At<'a> {
+    policy: &'a str,
+    rule: usize,
+    clause: usize,
+    index: usize,
+}
+
+impl At<'_> {
+    fn convert(&self, m: security::Match) -> Result<Match, ConvertError> {
+        Ok(Match {
+            namespaces: self.strings("namespaces", m.namespaces)?,
+            not_namespaces: self.strings("notNamespaces", m.not_namespaces)?,
+            principals: self.strings("principals", m.principals)?,
+            not_principals: self.strings("notPrincipals", m.not_principals)?,
+            source_ips: self.cidrs("sourceIps", &m.source_ips)?,
+            not_source_ips: self.cidrs("notSourceIps", &m.not_source_ips)?,
+            destination_ips: self.cidrs("destinationIps", &m.destination_ips)?,
+            not_destination_ips: self.cidrs("notDestinationIps", &m.not_destination_ips)?,
+            destination_ports: self.ports("destinationPorts", &m.destination_ports)?,
+            not_destination_ports: self.ports("notDestinationPorts", &m.not_destination_ports)?,
+            service_accounts: accounts(m.service_accounts),
+            not_service_accounts: accounts(m.not_service_accounts),
+        })
+    }
+
+    fn strings(
+        &self,
+        field: &'static str,
+        list: Vec<security::StringMatch>,
+    ) -> Result<Vec<authz::StringMatch>, ConvertError> {
+        use security::string_match::MatchType;
+        list.into_iter()
+            .map(|s| match s.match_type {
+                Some(MatchType::Exact(v)) => Ok(authz::StringMatch::Exact(v)),
+                Some(MatchType::Prefix(v)) => Ok(authz::StringMatch::Prefix(v)),
+                Some(MatchType::Suffix(v)) => Ok(authz::StringMatch::Suffix(v)),
+                Some(MatchType::Presence(())) => Ok(authz::StringMatch::Presence),
+                None => Err(ConvertError::EmptyMatchKind {
+                    policy: self.policy.to_string(),
+                    rule: self.rule,
+                    clause: self.clause,
+                    index: self.index,
+                    field,
+                }),
+            })
+            .collect()
+    }
+
+    fn cidrs(
+        &self,
+        field: &'static str,
+        list: &[security::Address],
+    ) -> Result<Vec<IpNet>, ConvertError> {
+        list.iter()
+            .map(|a| {
+                let net = ip(field, &a.address).and_then(|addr| {
+                    u8::try_from(a.length)
+                        .ok()
+                        .and_then(|len| IpNet::new(addr, len).ok())
+                        .ok_or(ConvertError::PrefixLength {
+                            field,
+                            ip: addr,
+                            length: a.length,
+                        })
+                });
+                net.map_err(|reason| ConvertError::PolicyCidr {
+                    policy: self.policy.to_string(),
+                    rule: self.rule,
+                    clause: self.clause,
+                    index: self.index,
+                    field,
+                    reason: Box::new(reason),
+                })
+            })
+            .collect()
+    }
+
+    fn ports(&self, field: &'static str, list: &[u32]) -> Result<Vec<u16>, ConvertError> {
+        list.iter()
+            .map(|&value| {
+                u16::try_from(value).map_err(|_| ConvertError::PolicyPort {
+                    policy: self.policy.to_string(),
+                    rule: self.rule,
+                    clause: self.clause,
+                    index: self.index,
+                    field,
+                    value,
+                })
+            })
+            .collect()
+    }
+}
+
+fn accounts(list: Vec<security::ServiceAccountMatch>) -> Vec<ServiceAccountMatch> {
+    list.into_iter()
+        .map(|sa| ServiceAccountMatch {
+            namespace: sa.namespace,
+            service_account: sa.service_account,
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests;
