@@ -31,6 +31,14 @@ pub enum Error {
     /// A listener could not be bound.
     #[error("{0}")]
     Bind(std::io::Error),
+    /// A thread or runtime could not be started.
+    #[error("starting {what}: {source}")]
+    Spawn {
+        /// What.
+        what: &'static str,
+        /// Why.
+        source: std::io::Error,
+    },
     /// A configuration this build cannot serve.
     #[error("{0}")]
     Unsupported(&'static str),
@@ -66,6 +74,41 @@ pub fn load_state(
             Ok((handle, None))
         }
     }
+}
+
+/// Starts the xDS client on a runtime of its own (a single thread named `meshnode-xds`), so control-plane
+/// pushes never compete with the data plane's workers (ztunnel's split). Readiness waits for its first sync.
+fn start_xds(
+    cfg: &Config,
+    target: crate::config::GrpcTarget,
+    ready: &Arc<Readiness>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<StateHandle, Error> {
+    let (tx, handle) = StateHandle::new(State::default());
+    let creds = Credentials::new(
+        cfg.auth_token.clone(),
+        cfg.cluster_id.clone(),
+        target.headers.clone(),
+    );
+    let node = crate::xds::NodeInfo::new(&cfg.proxy_meta, cfg.node_name.as_deref());
+    let client = crate::xds::XdsClient::new(target.clone(), creds, node, tx);
+    let task = ready.register("xds");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|source| Error::Spawn {
+            what: "the xDS runtime",
+            source,
+        })?;
+    std::thread::Builder::new()
+        .name("meshnode-xds".into())
+        .spawn(move || rt.block_on(client.run(move || task.done(), shutdown)))
+        .map_err(|source| Error::Spawn {
+            what: "the xDS thread",
+            source,
+        })?;
+    tracing::info!(address = %target.address, "xDS client started");
+    Ok(handle)
 }
 
 /// The certificate source `cfg` asks for.
@@ -111,18 +154,26 @@ pub async fn run_proxy(
     readiness_listener: Option<TcpListener>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), Error> {
-    if cfg.xds.is_some() {
-        return Err(Error::Unsupported(
-            "the xDS client is not available yet; set XDS_ADDRESS= (empty) and give LOCAL_XDS_PATH",
-        ));
-    }
-    let (state, watcher) = load_state(&cfg)?;
-    if let Some(w) = watcher {
-        tokio::spawn(w);
-    }
+    let ready = Readiness::new();
+    let state = match &cfg.xds {
+        Some(target) => {
+            if cfg.local_config != LocalConfigSource::None {
+                return Err(Error::Unsupported(
+                    "LOCAL_XDS_PATH/LOCAL_XDS and XDS_ADDRESS both set: each replaces the whole state; set XDS_ADDRESS= (empty) to use the local config",
+                ));
+            }
+            start_xds(&cfg, target.clone(), &ready, shutdown.clone())?
+        }
+        None => {
+            let (state, watcher) = load_state(&cfg)?;
+            if let Some(w) = watcher {
+                tokio::spawn(w);
+            }
+            state
+        }
+    };
     let certs = CertManager::new(cert_source(&cfg)?);
     let orig_src = orig_src(&cfg)?;
-    let ready = Readiness::new();
     if let Some(l) = readiness_listener {
         tokio::spawn(crate::readiness::serve(l, ready.clone(), shutdown.clone()));
     }
