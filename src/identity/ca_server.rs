@@ -113,6 +113,11 @@ pub trait CsrSigner: Send + Sync + 'static {
     /// Signs `csr_pem` for `id`, valid for `ttl` (backdated a little for clock skew). Returns PEM
     /// certificates: leaf, intermediates, root.
     fn sign_csr(&self, csr_pem: &str, id: &Identity, ttl: Duration) -> Result<Vec<String>, Error>;
+    /// Issues a serving certificate for the control plane itself, with DNS/IP names (as istiod's cert is
+    /// signed by the mesh CA). Returns the PEM chain (leaf first, root last) and the PEM PKCS#8 key.
+    fn issue_server(&self, names: &[String], ttl: Duration) -> Result<(String, String), Error>;
+    /// The mesh's trust roots, PEM (what proxies use as `XDS_ROOT_CA` / `CA_ROOT_CA`).
+    fn roots_pem(&self) -> String;
 }
 
 impl CsrSigner for BuiltinCa {
@@ -120,12 +125,32 @@ impl CsrSigner for BuiltinCa {
         let chain = self.signer().sign_csr(csr_pem, id, ttl)?;
         Ok(chain.iter().map(|c| signer::to_pem(c)).collect())
     }
+    fn issue_server(&self, names: &[String], ttl: Duration) -> Result<(String, String), Error> {
+        self.signer().issue_server(names, ttl)
+    }
+    fn roots_pem(&self) -> String {
+        self.signer()
+            .roots()
+            .iter()
+            .map(|c| signer::to_pem(c))
+            .collect()
+    }
 }
 
 impl CsrSigner for PluginCa {
     fn sign_csr(&self, csr_pem: &str, id: &Identity, ttl: Duration) -> Result<Vec<String>, Error> {
         let chain = self.signer().sign_csr(csr_pem, id, ttl)?;
         Ok(chain.iter().map(|c| signer::to_pem(c)).collect())
+    }
+    fn issue_server(&self, names: &[String], ttl: Duration) -> Result<(String, String), Error> {
+        self.signer().issue_server(names, ttl)
+    }
+    fn roots_pem(&self) -> String {
+        self.signer()
+            .roots()
+            .iter()
+            .map(|c| signer::to_pem(c))
+            .collect()
     }
 }
 

@@ -210,6 +210,41 @@ impl Signer {
         Ok(chain)
     }
 
+    /// Issues a serving certificate (DNS names and IP addresses as SANs, serverAuth) valid for `ttl`, with a
+    /// new ECDSA P-256 key. Returns the PEM chain (leaf, then `response_tail`: intermediates, root) and
+    /// the PEM PKCS#8 key.
+    pub(crate) fn issue_server(
+        &self,
+        names: &[String],
+        ttl: Duration,
+    ) -> Result<(String, String), Error> {
+        check_ttl(ttl)?;
+        let probe = Identity::new("control-plane.invalid", "meshnode", "control-plane")
+            .expect("constant identity is well-formed");
+        let issue_error = |source| Error::Issue {
+            identity: probe.clone(),
+            source,
+        };
+        let (not_before, not_after) = window_from_now(ttl);
+        let (mut params, _, _) = leaf_params(&probe, not_before, not_after)?;
+        params.subject_alt_names = names
+            .iter()
+            .map(|n| match n.parse::<std::net::IpAddr>() {
+                Ok(ip) => Ok(SanType::IpAddress(ip)),
+                Err(_) => Ia5String::try_from(n.clone()).map(SanType::DnsName),
+            })
+            .collect::<Result<_, _>>()
+            .map_err(issue_error)?;
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(issue_error)?;
+        let cert = params.signed_by(&key, &self.issuer).map_err(issue_error)?;
+        let mut pem = to_pem(cert.der());
+        for c in &self.response_tail {
+            pem.push_str(&to_pem(c));
+        }
+        Ok((pem, key.serialize_pem()))
+    }
+
     /// Issues a throw-away leaf and checks it chains to the roots for both TLS roles.
     fn self_test(&self, files: &CaFiles) -> Result<(), Error> {
         let probe = Identity::new("self-test.invalid", "meshnode", "ca-self-test")

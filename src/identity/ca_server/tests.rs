@@ -271,3 +271,46 @@ fn pem_encoding_round_trips() {
         assert!(pem.lines().all(|l| l.len() <= 64), "{pem}");
     }
 }
+
+#[test]
+fn the_control_plane_serving_cert_verifies_for_its_names_against_the_mesh_root() {
+    use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+    let ca = BuiltinCa::ephemeral(Duration::from_secs(3600)).unwrap();
+    let names = vec![
+        "istiod.istio-system.svc".to_string(),
+        "127.0.0.1".to_string(),
+    ];
+    let (chain_pem, key_pem) = ca.issue_server(&names, Duration::from_secs(600)).unwrap();
+    assert!(key_pem.contains("PRIVATE KEY"));
+    let chain: Vec<CertificateDer<'static>> = rustls_pemfile_like(&chain_pem);
+    let roots = rustls_pemfile_like(&ca.roots_pem());
+    let anchors: Vec<_> = roots
+        .iter()
+        .map(|r| webpki::anchor_from_trusted_cert(r).unwrap().to_owned())
+        .collect();
+    let leaf = webpki::EndEntityCert::try_from(&chain[0]).unwrap();
+    for name in ["istiod.istio-system.svc", "127.0.0.1"] {
+        leaf.verify_for_usage(
+            webpki::ALL_VERIFICATION_ALGS,
+            &anchors,
+            &chain[1..],
+            UnixTime::now(),
+            webpki::KeyUsage::server_auth(),
+            None,
+            None,
+        )
+        .unwrap();
+        leaf.verify_is_valid_for_subject_name(&ServerName::try_from(name).unwrap())
+            .unwrap();
+    }
+    assert!(leaf
+        .verify_is_valid_for_subject_name(&ServerName::try_from("evil.example").unwrap())
+        .is_err());
+}
+
+fn rustls_pemfile_like(pem: &str) -> Vec<rustls_pki_types::CertificateDer<'static>> {
+    use rustls_pki_types::pem::PemObject;
+    rustls_pki_types::CertificateDer::pem_slice_iter(pem.as_bytes())
+        .map(|c| c.unwrap())
+        .collect()
+}
