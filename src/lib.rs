@@ -5,6 +5,7 @@
 //! - [`config`] — typed settings from ztunnel's environment variables, parsed once.
 //! - [`identity`] — SPIFFE identities, workload certificates (plug-in CA, built-in CA), rotation.
 //! - [`tls`] — rustls configurations for HBONE and peer identity checks.
+//! - [`control_plane`] — the embedded control plane: mesh file → istiod's xDS resources, delta ADS over TLS.
 //! - [`grpc`] — TLS channels and credentials for the control plane (xDS, CA).
 //! - [`hbone`] — HTTP/2 CONNECT tunnels: client pool, server mechanics, byte copying.
 //! - [`proxy`] — one workload's proxy: outbound (:15001), inbound HBONE (:15008), plaintext inbound (:15006).
@@ -26,6 +27,7 @@ pub mod authz;
 pub mod cni_agent;
 pub mod cni_exec;
 pub mod config;
+pub mod control_plane;
 pub mod grpc;
 pub mod hbone;
 pub mod identity;
