@@ -6,6 +6,7 @@
 //! - [`config`] — typed settings from ztunnel's environment variables, parsed once.
 //! - [`identity`] — SPIFFE identities, workload certificates (plug-in CA, built-in CA), rotation.
 //! - [`tls`] — rustls configurations for HBONE and peer identity checks.
+//! - [`control_plane`] — the embedded control plane: mesh file → istiod's xDS resources, delta ADS over TLS.
 //! - [`grpc`] — TLS channels and credentials for the control plane (xDS, CA).
 //! - [`xds`] — the delta ADS client: workloads, services and policies from istiod into [`state`].
 //! - [`hbone`] — HTTP/2 CONNECT tunnels: client pool, server mechanics, byte copying.
@@ -28,6 +29,7 @@ pub mod authz;
 pub mod cni_agent;
 pub mod cni_exec;
 pub mod config;
+pub mod control_plane;
 pub mod file_watch;
 pub mod grpc;
 pub mod hbone;

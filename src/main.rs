@@ -31,6 +31,26 @@ enum Command {
     /// EXCLUDE_NAMESPACES, AMBIENT_ENABLEMENT_SELECTOR, AMBIENT_DNS_CAPTURE, AMBIENT_IPV6, NODE_NAME, and
     /// MESHNODE_AGENT_CONFIG (a local enrollment file, for use without Kubernetes).
     CniAgent,
+    /// Run the embedded control plane (istiod's role without Kubernetes): serves delta ADS (workloads,
+    /// services, policies) over TLS from one YAML mesh file, pushing changes as deltas.
+    ControlPlane {
+        /// The mesh file (namespaces, workloads, services, policies, tokens); re-read every second.
+        #[arg(long)]
+        config: std::path::PathBuf,
+        /// Address to listen on (gRPC over TLS).
+        #[arg(long, default_value = meshnode::control_plane::DEFAULT_LISTEN)]
+        listen: std::net::SocketAddr,
+        /// Server certificate chain (PEM). Without it, a throwaway CA and certificate are generated.
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<std::path::PathBuf>,
+        /// Server private key (PEM).
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<std::path::PathBuf>,
+        /// Where to write the throwaway CA certificate clients must trust (XDS_ROOT_CA) when --tls-cert is
+        /// not given.
+        #[arg(long)]
+        root_cert_out: Option<std::path::PathBuf>,
+    },
     /// Print the version.
     Version,
 }
@@ -75,7 +95,60 @@ fn main() -> anyhow::Result<()> {
             })?;
             Ok(())
         }
+        Command::ControlPlane {
+            config,
+            listen,
+            tls_cert,
+            tls_key,
+            root_cert_out,
+        } => {
+            init_logging();
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .thread_name("meshnode-control-plane")
+                .enable_all()
+                .build()?;
+            rt.block_on(run_control_plane(
+                config,
+                listen,
+                tls_cert.zip(tls_key),
+                root_cert_out,
+            ))
+        }
     }
+}
+
+async fn run_control_plane(
+    config: std::path::PathBuf,
+    listen: std::net::SocketAddr,
+    tls_files: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    root_cert_out: Option<std::path::PathBuf>,
+) -> anyhow::Result<()> {
+    use meshnode::control_plane::{self as cp, server};
+    let plane = cp::ControlPlane::start(&config, cp::POLL_INTERVAL)?;
+    let tls = match tls_files {
+        Some((cert, key)) => server::tls_config(&std::fs::read(&cert)?, &std::fs::read(&key)?)?,
+        None => {
+            let cert = server::ServerCert::throwaway(&cp::SERVER_NAMES)?;
+            match &root_cert_out {
+                Some(path) => std::fs::write(path, &cert.root_pem)?,
+                None => tracing::warn!(
+                    "no --tls-cert and no --root-cert-out: clients cannot verify the throwaway certificate"
+                ),
+            }
+            cert.tls_config()?
+        }
+    };
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let listen = listener.local_addr()?;
+    tracing::info!(%listen, config = %config.display(), "control plane serving");
+    let router = server::router(plane.ads(cp::AdsLimits::default()));
+    server::serve(listener, tls, router, async {
+        wait_for_signal().await;
+        tracing::info!("control plane stopping");
+    })
+    .await?;
+    Ok(())
 }
 
 async fn run(cfg: Arc<Config>) -> anyhow::Result<()> {

@@ -1,0 +1,507 @@
+//! The delta ADS server (`envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources`),
+//! serving `istio.workload.Address` and `istio.security.Authorization` the way istiod serves a ztunnel.
+//!
+//! Input: [`Snapshot`]s published through a `watch` channel (the file watcher publishes one per good
+//! change), and each client's requests. Output, per stream and per subscribed type:
+//! - on the first request of a type: every resource the client does not already have at the same version
+//!   (`initial_resource_versions`; a version is a hash of the resource's canonical bytes, so it survives a
+//!   control-plane restart) and `removed_resources` for names it has that no longer exist. This response is
+//!   sent even when empty: the client counts it as its first sync;
+//! - on every later snapshot: only the differences (added, changed, removed), if any.
+//!
+//! Subscriptions are wildcard (ztunnel's default; on-demand `resource_names_subscribe` lists are logged and
+//! otherwise ignored). ACKs are logged at debug, NACKs with their `error_detail` at warn; a NACK changes
+//! nothing: later changes are pushed as usual. Unknown type URLs are logged and ignored.
+//!
+//! Bounds: at most [`AdsLimits::max_streams`] streams at once (more get `RESOURCE_EXHAUSTED`), requests up to
+//! [`AdsLimits::max_request_bytes`], a [`AdsLimits::queue_depth`]-deep response queue per stream. Snapshots
+//! are coalesced by the `watch` channel, never queued, so a slow client costs at most one diff in memory. A
+//! client that leaves a response unread for [`AdsLimits::send_timeout`] is dropped: its stream task ends.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::Stream;
+use prost::Message;
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{debug, info, warn};
+
+use super::translate::Resources;
+use crate::proto::discovery::aggregated_discovery_service_server::{
+    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
+};
+use crate::proto::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource};
+use crate::proto::workload as wl;
+
+/// xDS type URL of workloads and services.
+pub const ADDRESS_TYPE: &str = "type.googleapis.com/istio.workload.Address";
+/// xDS type URL of L4 authorization policies.
+pub const AUTHORIZATION_TYPE: &str = "type.googleapis.com/istio.security.Authorization";
+
+/// The types served, in the order pushes go out (addresses first, as istiod).
+const TYPES: [&str; 2] = [ADDRESS_TYPE, AUTHORIZATION_TYPE];
+/// Responses awaiting an ACK remembered per stream (older ones are forgotten; a late ACK is then logged as
+/// unknown, which is harmless).
+const MAX_PENDING_NONCES: usize = 64;
+/// Longest node id / error detail kept for logs.
+const MAX_LOGGED_CHARS: usize = 512;
+
+/// Limits of the ADS server.
+#[derive(Debug, Clone)]
+pub struct AdsLimits {
+    /// Streams served at once.
+    pub max_streams: usize,
+    /// Responses queued per stream before the stream task waits.
+    pub queue_depth: usize,
+    /// How long a response may wait for queue room before the client is dropped.
+    pub send_timeout: Duration,
+    /// Largest request message accepted.
+    pub max_request_bytes: usize,
+}
+
+impl Default for AdsLimits {
+    fn default() -> Self {
+        AdsLimits {
+            // A node proxy holds one stream; this leaves room for a thousand nodes.
+            max_streams: 1024,
+            // One push is one response per type; 16 covers bursts of edits.
+            queue_depth: 16,
+            send_timeout: Duration::from_secs(30),
+            // Requests carry only names and versions: 4 MiB is tonic's default and ample.
+            max_request_bytes: 4 * 1024 * 1024,
+        }
+    }
+}
+
+/// One resource, encoded once per snapshot and shared by every stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// A hash of the resource's canonical bytes.
+    pub version: String,
+    /// The encoded resource.
+    pub body: Vec<u8>,
+}
+
+/// What the control plane serves at one moment: per type URL, resource name → entry.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Increases with every published snapshot (sent as `system_version_info`).
+    pub generation: u64,
+    types: BTreeMap<&'static str, BTreeMap<String, Arc<Entry>>>,
+}
+
+impl Snapshot {
+    /// Encodes translated resources.
+    pub fn new(resources: &Resources, generation: u64) -> Snapshot {
+        let addresses = resources
+            .addresses
+            .iter()
+            .map(|(name, addr)| {
+                let entry = Entry {
+                    version: version_of(&address_canonical_bytes(addr)),
+                    body: addr.encode_to_vec(),
+                };
+                (name.clone(), Arc::new(entry))
+            })
+            .collect();
+        let authorizations = resources
+            .authorizations
+            .iter()
+            .map(|(name, a)| {
+                // No map fields: prost's encoding is canonical.
+                let body = a.encode_to_vec();
+                let entry = Entry {
+                    version: version_of(&body),
+                    body,
+                };
+                (name.clone(), Arc::new(entry))
+            })
+            .collect();
+        Snapshot {
+            generation,
+            types: BTreeMap::from([
+                (ADDRESS_TYPE, addresses),
+                (AUTHORIZATION_TYPE, authorizations),
+            ]),
+        }
+    }
+
+    /// The resources of `type_url` (empty for an unknown type).
+    pub fn resources(&self, type_url: &str) -> impl Iterator<Item = (&str, &Entry)> {
+        self.types
+            .get(type_url)
+            .into_iter()
+            .flatten()
+            .map(|(k, v)| (k.as_str(), v.as_ref()))
+    }
+}
+
+/// Bytes that do not depend on prost's `HashMap` iteration order (`Workload.services`).
+fn address_canonical_bytes(addr: &wl::Address) -> Vec<u8> {
+    let Some(wl::address::Type::Workload(w)) = &addr.r#type else {
+        return addr.encode_to_vec();
+    };
+    let mut w = w.clone();
+    let services: BTreeMap<_, _> = std::mem::take(&mut w.services).into_iter().collect();
+    let mut bytes = w.encode_to_vec();
+    for (key, ports) in services {
+        key.encode_length_delimited(&mut bytes)
+            .expect("a Vec grows as needed");
+        ports
+            .encode_length_delimited(&mut bytes)
+            .expect("a Vec grows as needed");
+    }
+    bytes
+}
+
+/// FNV-1a, 64 bits: stable across processes and releases (std's hashers are not), which matters because
+/// clients present versions from before a control-plane restart.
+fn version_of(bytes: &[u8]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+/// The ADS service. Cheap to clone; wrap it with [`AdsServer::into_service`].
+#[derive(Debug, Clone)]
+pub struct AdsServer {
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+    limits: AdsLimits,
+    streams: Arc<Semaphore>,
+}
+
+impl AdsServer {
+    /// Serves the snapshots published on `snapshots`.
+    pub fn new(snapshots: watch::Receiver<Arc<Snapshot>>, limits: AdsLimits) -> AdsServer {
+        let streams = Arc::new(Semaphore::new(limits.max_streams));
+        AdsServer {
+            snapshots,
+            limits,
+            streams,
+        }
+    }
+
+    /// The tonic service, with the request size limit applied.
+    pub fn into_service(self) -> AggregatedDiscoveryServiceServer<AdsServer> {
+        let max = self.limits.max_request_bytes;
+        AggregatedDiscoveryServiceServer::new(self).max_decoding_message_size(max)
+    }
+}
+
+/// The response stream handed to tonic.
+pub type ResponseStream =
+    Pin<Box<dyn Stream<Item = Result<DeltaDiscoveryResponse, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for AdsServer {
+    type DeltaAggregatedResourcesStream = ResponseStream;
+
+    async fn delta_aggregated_resources(
+        &self,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<ResponseStream>, Status> {
+        let permit = self.streams.clone().try_acquire_owned().map_err(|_| {
+            warn!(
+                max = self.limits.max_streams,
+                "ADS stream refused: too many streams"
+            );
+            Status::resource_exhausted("too many xDS streams")
+        })?;
+        let peer = request
+            .remote_addr()
+            .map_or_else(|| "unknown".to_string(), |a| a.to_string());
+        let (tx, mut rx) = mpsc::channel(self.limits.queue_depth.max(1));
+        let stream = AdsStream {
+            peer,
+            node: String::new(),
+            tx,
+            limits: self.limits.clone(),
+            have: HashMap::new(),
+            pending: VecDeque::new(),
+            next_nonce: 0,
+            _permit: permit,
+        };
+        tokio::spawn(stream.run(request.into_inner(), self.snapshots.clone()));
+        let out = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
+        Ok(Response::new(Box::pin(out)))
+    }
+}
+
+/// Why a stream task ended early.
+enum Stop {
+    /// The client is gone or stopped reading.
+    ClientGone,
+}
+
+/// One client's stream: what it has, what awaits an ACK.
+struct AdsStream {
+    peer: String,
+    node: String,
+    tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+    limits: AdsLimits,
+    /// Per subscribed type: the resource names and versions the client has (as far as we sent them).
+    have: HashMap<&'static str, BTreeMap<String, String>>,
+    /// Nonces sent and not yet (N)ACKed, oldest first.
+    pending: VecDeque<(String, &'static str)>,
+    next_nonce: u64,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl AdsStream {
+    async fn run(
+        mut self,
+        mut inbound: Streaming<DeltaDiscoveryRequest>,
+        mut snapshots: watch::Receiver<Arc<Snapshot>>,
+    ) {
+        debug!(peer = %self.peer, "ADS stream opened");
+        loop {
+            let step = tokio::select! {
+                msg = inbound.message() => match msg {
+                    Ok(Some(req)) => {
+                        let snap = snapshots.borrow().clone();
+                        self.on_request(req, &snap).await
+                    }
+                    Ok(None) => {
+                        debug!(peer = %self.peer, node = %self.node, "ADS stream closed by the client");
+                        return;
+                    }
+                    Err(status) => {
+                        // Malformed or oversized requests end here: tell the client why.
+                        debug!(peer = %self.peer, node = %self.node, error = %status, "ADS stream ended");
+                        let _ = self.tx.try_send(Err(status));
+                        return;
+                    }
+                },
+                changed = snapshots.changed() => {
+                    if changed.is_err() {
+                        debug!(peer = %self.peer, "snapshot source gone; ending ADS stream");
+                        return;
+                    }
+                    let snap = snapshots.borrow_and_update().clone();
+                    self.push(&snap).await
+                }
+            };
+            if let Err(Stop::ClientGone) = step {
+                return;
+            }
+        }
+    }
+
+    async fn on_request(
+        &mut self,
+        req: DeltaDiscoveryRequest,
+        snap: &Snapshot,
+    ) -> Result<(), Stop> {
+        if let Some(node) = &req.node {
+            if self.node.is_empty() && !node.id.is_empty() {
+                self.node = truncate(&node.id);
+                info!(peer = %self.peer, node = %self.node, "ADS client connected");
+            }
+        }
+        let Some(type_url) = TYPES.iter().copied().find(|t| *t == req.type_url) else {
+            warn!(peer = %self.peer, node = %self.node, type_url = %truncate(&req.type_url),
+                "ADS request for an unknown type ignored");
+            return Ok(());
+        };
+        if !req.response_nonce.is_empty() {
+            self.on_ack(type_url, &req);
+            return Ok(());
+        }
+        let explicit = req
+            .resource_names_subscribe
+            .iter()
+            .chain(&req.resource_names_unsubscribe)
+            .any(|n| n != "*");
+        if explicit {
+            debug!(peer = %self.peer, node = %self.node, type_url,
+                "on-demand subscriptions are not supported; serving everything");
+        }
+        if self.have.contains_key(type_url) {
+            // A subscription change on a wildcard stream: nothing to do.
+            return Ok(());
+        }
+        // First request of this type on the stream: the client tells what it already has.
+        let mut have: BTreeMap<String, String> =
+            req.initial_resource_versions.into_iter().collect();
+        let (resources, removed) = diff(type_url, &mut have, snap);
+        self.have.insert(type_url, have);
+        self.send(type_url, snap.generation, resources, removed)
+            .await
+    }
+
+    fn on_ack(&mut self, type_url: &'static str, req: &DeltaDiscoveryRequest) {
+        let known = match self
+            .pending
+            .iter()
+            .position(|(n, _)| *n == req.response_nonce)
+        {
+            Some(i) => {
+                self.pending.remove(i);
+                true
+            }
+            None => false,
+        };
+        match &req.error_detail {
+            Some(err) => warn!(
+                peer = %self.peer, node = %self.node, type_url, nonce = %truncate(&req.response_nonce),
+                code = err.code, error = %truncate(&err.message), "ADS client rejected a push (NACK)"
+            ),
+            None if known => debug!(
+                peer = %self.peer, node = %self.node, type_url, nonce = %req.response_nonce, "ADS ACK"
+            ),
+            None => debug!(
+                peer = %self.peer, node = %self.node, type_url, nonce = %truncate(&req.response_nonce),
+                "ADS ACK for an unknown or old nonce"
+            ),
+        }
+    }
+
+    /// Pushes the differences between what each subscribed type's client has and `snap`.
+    async fn push(&mut self, snap: &Snapshot) -> Result<(), Stop> {
+        for type_url in TYPES {
+            let Some(have) = self.have.get_mut(type_url) else {
+                continue;
+            };
+            let (resources, removed) = diff(type_url, have, snap);
+            if resources.is_empty() && removed.is_empty() {
+                continue;
+            }
+            self.send(type_url, snap.generation, resources, removed)
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn send(
+        &mut self,
+        type_url: &'static str,
+        generation: u64,
+        resources: Vec<Resource>,
+        removed: Vec<String>,
+    ) -> Result<(), Stop> {
+        self.next_nonce += 1;
+        let nonce = format!("{generation}-{}", self.next_nonce);
+        debug!(peer = %self.peer, node = %self.node, type_url, nonce = %nonce,
+            updated = resources.len(), removed = removed.len(), "ADS push");
+        let response = DeltaDiscoveryResponse {
+            system_version_info: generation.to_string(),
+            resources,
+            type_url: type_url.to_string(),
+            nonce: nonce.clone(),
+            removed_resources: removed,
+        };
+        match tokio::time::timeout(self.limits.send_timeout, self.tx.send(Ok(response))).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return Err(Stop::ClientGone),
+            Err(_) => {
+                warn!(peer = %self.peer, node = %self.node, timeout = ?self.limits.send_timeout,
+                    "ADS client is not reading its stream; dropping it");
+                return Err(Stop::ClientGone);
+            }
+        }
+        if self.pending.len() == MAX_PENDING_NONCES {
+            self.pending.pop_front();
+        }
+        self.pending.push_back((nonce, type_url));
+        Ok(())
+    }
+}
+
+/// Resources of `type_url` in `snap` that `have` lacks or has at another version, and names in `have` that
+/// `snap` lacks; `have` is updated to match `snap`.
+fn diff(
+    type_url: &'static str,
+    have: &mut BTreeMap<String, String>,
+    snap: &Snapshot,
+) -> (Vec<Resource>, Vec<String>) {
+    let mut resources = Vec::new();
+    let mut current = BTreeMap::new();
+    for (name, entry) in snap.resources(type_url) {
+        if have.get(name) != Some(&entry.version) {
+            resources.push(Resource {
+                version: entry.version.clone(),
+                resource: Some(prost_types::Any {
+                    type_url: type_url.to_string(),
+                    value: entry.body.clone(),
+                }),
+                name: name.to_string(),
+                ..Resource::default()
+            });
+        }
+        current.insert(name.to_string(), entry.version.clone());
+    }
+    let removed = have
+        .keys()
+        .filter(|n| !current.contains_key(*n))
+        .cloned()
+        .collect();
+    *have = current;
+    (resources, removed)
+}
+
+fn truncate(s: &str) -> String {
+    s.chars().take(MAX_LOGGED_CHARS).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_client_that_stops_reading_is_dropped_after_the_send_timeout() {
+        let (tx, _rx_never_read) = mpsc::channel(1);
+        let mut stream = AdsStream {
+            peer: "test".into(),
+            node: String::new(),
+            tx,
+            limits: AdsLimits {
+                queue_depth: 1,
+                send_timeout: Duration::from_millis(50),
+                ..AdsLimits::default()
+            },
+            have: HashMap::new(),
+            pending: VecDeque::new(),
+            next_nonce: 0,
+            _permit: Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap(),
+        };
+        assert!(stream.send(ADDRESS_TYPE, 1, vec![], vec![]).await.is_ok());
+        let start = tokio::time::Instant::now();
+        assert!(matches!(
+            stream.send(ADDRESS_TYPE, 2, vec![], vec![]).await,
+            Err(Stop::ClientGone)
+        ));
+        assert!(start.elapsed() >= Duration::from_millis(50));
+    }
+
+    #[test]
+    fn pending_nonces_stay_bounded() {
+        let (tx, _rx) = mpsc::channel(1);
+        let mut stream = AdsStream {
+            peer: "test".into(),
+            node: String::new(),
+            tx,
+            limits: AdsLimits::default(),
+            have: HashMap::new(),
+            pending: (0..MAX_PENDING_NONCES)
+                .map(|i| (i.to_string(), ADDRESS_TYPE))
+                .collect(),
+            next_nonce: 0,
+            _permit: Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap(),
+        };
+        stream.on_ack(
+            ADDRESS_TYPE,
+            &DeltaDiscoveryRequest {
+                type_url: ADDRESS_TYPE.into(),
+                response_nonce: "3".into(),
+                ..DeltaDiscoveryRequest::default()
+            },
+        );
+        assert_eq!(stream.pending.len(), MAX_PENDING_NONCES - 1);
+    }
+}

@@ -1,0 +1,421 @@
+//! The control plane's mesh file: namespaces, workloads (pods), services, policies and CA tokens, written the
+//! way a user thinks of them (labels and selectors, not xDS resources).
+//!
+//! Input: YAML text (camelCase keys, unknown keys refused). Output: a validated [`MeshConfig`], or an
+//! [`Error`] naming the field (`workloads[2].ips[0]`, `services[0].ports[1].port`, ...). Translation into
+//! the resources istiod would send lives in `translate.rs`.
+//!
+//! ```yaml
+//! trustDomain: cluster.local          # optional (default cluster.local)
+//! clusterId: Kubernetes               # optional (default Kubernetes, as istiod's)
+//! clusterDomain: cluster.local        # optional: service hostnames are <name>.<ns>.svc.<clusterDomain>
+//! namespaces:
+//!   default: {labels: {istio.io/dataplane-mode: ambient}}
+//!   test: {}
+//! workloads:
+//! - {name: productpage-v1, namespace: default, serviceAccount: productpage, ips: [10.1.0.5], node: node-1,
+//!    labels: {app: productpage, version: v1}}
+//! services:
+//! - {name: productpage, namespace: default, vips: [10.96.0.10], ports: [{port: 9080, targetPort: 9080}],
+//!    selector: {app: productpage}}
+//! policies: []                        # ztunnel's local-config policy format
+//! tokens:                             # who may use the CA
+//! - {token: node-1-secret, nodeProxy: true, node: node-1}
+//! - {token: sleep-secret, namespace: default, serviceAccount: sleep}
+//! ```
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::authz::{Policy, PolicySet};
+use crate::identity::Identity;
+
+/// Labels of a namespace or pod, and service selectors.
+pub type Labels = BTreeMap<String, String>;
+
+/// Largest mesh file accepted (a few thousand workloads fit in well under this).
+pub const MAX_FILE_BYTES: u64 = 16 * 1024 * 1024;
+
+/// Why a mesh file could not be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The file could not be read.
+    #[error("reading mesh config {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is larger than [`MAX_FILE_BYTES`].
+    #[error("mesh config {} is larger than the {max} bytes accepted", path.display())]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+        /// The limit.
+        max: u64,
+    },
+    /// The YAML does not match the format (the message names the field path and line).
+    #[error("mesh config is invalid: {0}")]
+    Yaml(#[from] serde_yaml::Error),
+    /// A field holds a value that cannot be used.
+    #[error("mesh config: {field}: {reason}")]
+    Invalid {
+        /// Path of the field, e.g. `workloads[2].ips[0]`.
+        field: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The policies are invalid.
+    #[error("mesh config: policies: {0}")]
+    Policy(#[from] crate::authz::Error),
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MeshConfig {
+    /// SPIFFE trust domain of every workload.
+    #[serde(default = "default_trust_domain")]
+    pub trust_domain: String,
+    /// Cluster id: the first part of workload uids and `Workload.cluster_id`.
+    #[serde(default = "default_cluster_id")]
+    pub cluster_id: String,
+    /// DNS domain of service hostnames (`<name>.<namespace>.svc.<clusterDomain>`).
+    #[serde(default = "default_cluster_domain")]
+    pub cluster_domain: String,
+    /// Namespaces by name. Workloads and services must be in a listed namespace.
+    #[serde(default)]
+    pub namespaces: BTreeMap<String, NamespaceSpec>,
+    /// Pods.
+    #[serde(default)]
+    pub workloads: Vec<WorkloadSpec>,
+    /// Kubernetes-style services (selector-based).
+    #[serde(default)]
+    pub services: Vec<ServiceSpec>,
+    /// L4 authorization policies, in ztunnel's local-config format.
+    #[serde(default)]
+    pub policies: Vec<Policy>,
+    /// Bearer tokens accepted by the CA.
+    #[serde(default)]
+    pub tokens: Vec<TokenSpec>,
+}
+
+fn default_trust_domain() -> String {
+    "cluster.local".into()
+}
+
+fn default_cluster_domain() -> String {
+    // Kubernetes' default, and ztunnel's `CLUSTER_DOMAIN` default.
+    "cluster.local".into()
+}
+
+fn default_cluster_id() -> String {
+    // istiod's default cluster id, and ztunnel's default `CLUSTER_ID`.
+    "Kubernetes".into()
+}
+
+/// A namespace.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NamespaceSpec {
+    /// Its labels (`istio.io/dataplane-mode: ambient` enrolls its pods).
+    #[serde(default)]
+    pub labels: Labels,
+}
+
+/// A pod.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WorkloadSpec {
+    /// Pod name.
+    pub name: String,
+    /// Pod namespace.
+    pub namespace: String,
+    /// Service account (default `default`).
+    #[serde(default = "default_service_account")]
+    pub service_account: String,
+    /// Pod IPs.
+    pub ips: Vec<IpAddr>,
+    /// The node the pod runs on.
+    #[serde(default)]
+    pub node: String,
+    /// Network (default: the default network, `""`).
+    #[serde(default)]
+    pub network: String,
+    /// Pod labels: enrollment, service selection, canonical name and revision.
+    #[serde(default)]
+    pub labels: Labels,
+    /// Keys (`namespace/name`) of `WorkloadSelector` policies that apply to this pod.
+    #[serde(default)]
+    pub authorization_policies: Vec<String>,
+}
+
+fn default_service_account() -> String {
+    "default".into()
+}
+
+/// A service.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServiceSpec {
+    /// Service name.
+    pub name: String,
+    /// Service namespace.
+    pub namespace: String,
+    /// Cluster IPs (none: headless).
+    #[serde(default)]
+    pub vips: Vec<IpAddr>,
+    /// Ports.
+    #[serde(default)]
+    pub ports: Vec<PortSpec>,
+    /// Pods of the same namespace whose labels contain all of these back the service. Empty: no pods (a
+    /// Kubernetes service without selector).
+    #[serde(default)]
+    pub selector: Labels,
+}
+
+/// A service port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PortSpec {
+    /// The service port.
+    pub port: u16,
+    /// The pod port (default: `port`).
+    #[serde(default)]
+    pub target_port: Option<u16>,
+}
+
+impl PortSpec {
+    /// The pod port.
+    pub fn target(&self) -> u16 {
+        self.target_port.unwrap_or(self.port)
+    }
+}
+
+/// A bearer token the CA accepts, and what it may ask for.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TokenSpec {
+    /// The token, as sent in `authorization: Bearer <token>`.
+    pub token: String,
+    /// A node proxy's token: may ask for other workloads' identities (`ImpersonatedIdentity`).
+    #[serde(default)]
+    pub node_proxy: bool,
+    /// For a node proxy: the node whose pods it may ask for (empty: any node).
+    #[serde(default)]
+    pub node: String,
+    /// For a workload token: the identity's namespace.
+    #[serde(default)]
+    pub namespace: String,
+    /// For a workload token: the identity's service account.
+    #[serde(default)]
+    pub service_account: String,
+}
+
+impl MeshConfig {
+    /// Parses and validates YAML text. An empty text is an empty mesh.
+    pub fn parse(yaml: &str) -> Result<MeshConfig, Error> {
+        let cfg: MeshConfig = if yaml.trim().is_empty() {
+            MeshConfig {
+                trust_domain: default_trust_domain(),
+                cluster_id: default_cluster_id(),
+                cluster_domain: default_cluster_domain(),
+                ..MeshConfig::default()
+            }
+        } else {
+            serde_yaml::from_str(yaml)?
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Reads, parses and validates a file.
+    pub fn load(path: &Path) -> Result<(Vec<u8>, MeshConfig), Error> {
+        let bytes = read_bounded(path)?;
+        let cfg = MeshConfig::parse(&String::from_utf8_lossy(&bytes))?;
+        Ok((bytes, cfg))
+    }
+
+    /// Checks what serde cannot: names, references, duplicates, identities, policies.
+    pub fn validate(&self) -> Result<(), Error> {
+        let invalid = |field: String, reason: String| Error::Invalid { field, reason };
+        if self.trust_domain.is_empty() {
+            return Err(invalid("trustDomain".into(), "must not be empty".into()));
+        }
+        if self.cluster_id.is_empty() || self.cluster_id.contains('/') {
+            return Err(invalid(
+                "clusterId".into(),
+                "must be non-empty and contain no '/'".into(),
+            ));
+        }
+        if self.cluster_domain.is_empty() {
+            return Err(invalid("clusterDomain".into(), "must not be empty".into()));
+        }
+        for name in self.namespaces.keys() {
+            check_name(name).map_err(|r| invalid(format!("namespaces.{name}"), r))?;
+        }
+        let mut pods = HashMap::new();
+        let mut ips: HashMap<(String, IpAddr), usize> = HashMap::new();
+        for (i, w) in self.workloads.iter().enumerate() {
+            let at = |f: &str| format!("workloads[{i}].{f}");
+            check_name(&w.name).map_err(|r| invalid(at("name"), r))?;
+            self.check_namespace(&w.namespace, &at("namespace"))?;
+            Identity::new(&self.trust_domain, &w.namespace, &w.service_account)
+                .map_err(|e| invalid(at("serviceAccount"), e.to_string()))?;
+            if w.ips.is_empty() {
+                return Err(invalid(at("ips"), "a pod needs at least one IP".into()));
+            }
+            if let Some(j) = pods.insert((&w.namespace, &w.name), i) {
+                return Err(invalid(
+                    at("name"),
+                    format!("pod {}/{} is also workloads[{j}]", w.namespace, w.name),
+                ));
+            }
+            for (k, ip) in w.ips.iter().enumerate() {
+                if let Some(j) = ips.insert((w.network.clone(), *ip), i) {
+                    return Err(invalid(
+                        at(&format!("ips[{k}]")),
+                        format!("{ip} is also an IP of workloads[{j}]"),
+                    ));
+                }
+            }
+            for (k, key) in w.authorization_policies.iter().enumerate() {
+                if !self.policies.iter().any(|p| &p.key() == key) {
+                    return Err(invalid(
+                        at(&format!("authorizationPolicies[{k}]")),
+                        format!("no policy {key:?} in policies"),
+                    ));
+                }
+            }
+        }
+        let mut services = HashMap::new();
+        let mut vips: HashMap<IpAddr, usize> = HashMap::new();
+        for (i, s) in self.services.iter().enumerate() {
+            let at = |f: &str| format!("services[{i}].{f}");
+            check_name(&s.name).map_err(|r| invalid(at("name"), r))?;
+            self.check_namespace(&s.namespace, &at("namespace"))?;
+            if let Some(j) = services.insert((&s.namespace, &s.name), i) {
+                return Err(invalid(
+                    at("name"),
+                    format!("service {}/{} is also services[{j}]", s.namespace, s.name),
+                ));
+            }
+            for (k, vip) in s.vips.iter().enumerate() {
+                if let Some(j) = vips.insert(*vip, i) {
+                    return Err(invalid(
+                        at(&format!("vips[{k}]")),
+                        format!("{vip} is also a VIP of services[{j}]"),
+                    ));
+                }
+            }
+            let mut seen = HashMap::new();
+            for (k, p) in s.ports.iter().enumerate() {
+                if p.port == 0 {
+                    return Err(invalid(
+                        at(&format!("ports[{k}].port")),
+                        "must not be 0".into(),
+                    ));
+                }
+                if p.target_port == Some(0) {
+                    return Err(invalid(
+                        at(&format!("ports[{k}].targetPort")),
+                        "must not be 0".into(),
+                    ));
+                }
+                if let Some(j) = seen.insert(p.port, k) {
+                    return Err(invalid(
+                        at(&format!("ports[{k}].port")),
+                        format!("port {} is also ports[{j}]", p.port),
+                    ));
+                }
+            }
+        }
+        let mut tokens = HashMap::new();
+        for (i, t) in self.tokens.iter().enumerate() {
+            let at = |f: &str| format!("tokens[{i}].{f}");
+            if t.token.is_empty() {
+                return Err(invalid(at("token"), "must not be empty".into()));
+            }
+            if let Some(j) = tokens.insert(&t.token, i) {
+                return Err(invalid(at("token"), format!("same token as tokens[{j}]")));
+            }
+            if t.node_proxy {
+                if !t.namespace.is_empty() || !t.service_account.is_empty() {
+                    return Err(invalid(
+                        at("nodeProxy"),
+                        "a node proxy token takes no namespace/serviceAccount".into(),
+                    ));
+                }
+            } else {
+                if !t.node.is_empty() {
+                    return Err(invalid(at("node"), "only for nodeProxy tokens".into()));
+                }
+                if t.namespace.is_empty() || t.service_account.is_empty() {
+                    return Err(invalid(
+                        at("serviceAccount"),
+                        "a workload token needs namespace and serviceAccount".into(),
+                    ));
+                }
+                Identity::new(&self.trust_domain, &t.namespace, &t.service_account)
+                    .map_err(|e| invalid(at("serviceAccount"), e.to_string()))?;
+            }
+        }
+        PolicySet::new(self.policies.clone())?;
+        Ok(())
+    }
+
+    fn check_namespace(&self, ns: &str, field: &str) -> Result<(), Error> {
+        if self.namespaces.contains_key(ns) {
+            Ok(())
+        } else {
+            Err(Error::Invalid {
+                field: field.to_string(),
+                reason: format!("namespace {ns:?} is not listed under namespaces"),
+            })
+        }
+    }
+}
+
+/// Kubernetes object names: DNS-1123 labels/subdomains, lower case.
+fn check_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 253
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && !name.starts_with(['-', '.'])
+        && !name.ends_with(['-', '.']);
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name:?} is not a valid name (lower-case letters, digits, '-', '.')"
+        ))
+    }
+}
+
+/// Reads `path`, refusing files over [`MAX_FILE_BYTES`].
+pub(super) fn read_bounded(path: &Path) -> Result<Vec<u8>, Error> {
+    use std::io::Read;
+    let read_err = |source| Error::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(read_err)?;
+    let mut bytes = Vec::new();
+    file.take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(read_err)?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(Error::TooLarge {
+            path: path.to_path_buf(),
+            max: MAX_FILE_BYTES,
+        });
+    }
+    Ok(bytes)
+}

@@ -1,0 +1,297 @@
+//! From the mesh file to the xDS resources istiod would send a ztunnel: `istio.workload.Address` (one per
+//! pod, one per service) and `istio.security.Authorization` (one per policy).
+//!
+//! Input: a validated [`MeshConfig`]. Output: [`Resources`], each resource under its xDS name (workload uid
+//! `<cluster>//Pod/<namespace>/<name>` as istiod's `generatePodUID`; service `<namespace>/<hostname>`;
+//! policy `<namespace>/<name>`). istiod's choices mirrored here:
+//! - a pod is `HBONE` when enrolled by istio-cni's default rule (pod label `istio.io/dataplane-mode=ambient`,
+//!   or the namespace label unless the pod says `none`; never in `kube-system`), else `NONE`;
+//! - `trust_domain` is left empty for `cluster.local` (istiod's `pickTrustDomain`), `cluster_id` is set,
+//!   `network` is the pod's (default `""`), `workload_type` `POD` with the pod name as `workload_name`;
+//! - canonical name/revision from `service.istio.io/canonical-name|revision`, else
+//!   `app.kubernetes.io/name|version`, else `app`|`version`, else the pod name|`latest`;
+//! - `services` maps each selecting service (same namespace, selector ⊆ pod labels) to its ports;
+//! - services get hostname `<name>.<ns>.svc.<clusterDomain>`, VIPs on network `""`, `ip_families` from
+//!   the VIPs, no `subject_alt_names` (pods keep their own identities).
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+use super::config::{MeshConfig, ServiceSpec, WorkloadSpec};
+use crate::authz::{self, Policy, StringMatch};
+use crate::cni_agent::cluster::{NamespaceInfo, PodInfo};
+use crate::cni_agent::selector::{self, Decision};
+use crate::proto::security as sec;
+use crate::proto::workload as wl;
+
+/// Everything the control plane serves, by xDS resource name.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Resources {
+    /// `istio.workload.Address` resources: workloads by uid, services by `namespace/hostname`.
+    pub addresses: BTreeMap<String, wl::Address>,
+    /// `istio.security.Authorization` resources by `namespace/name`.
+    pub authorizations: BTreeMap<String, sec::Authorization>,
+}
+
+/// istiod's workload uid of a pod.
+pub fn pod_uid(cluster_id: &str, namespace: &str, name: &str) -> String {
+    format!("{cluster_id}//Pod/{namespace}/{name}")
+}
+
+/// A service's fully qualified hostname.
+pub fn service_hostname(cfg: &MeshConfig, svc: &ServiceSpec) -> String {
+    format!("{}.{}.svc.{}", svc.name, svc.namespace, cfg.cluster_domain)
+}
+
+/// The xDS resource name of an Address: the workload uid, or `namespace/hostname` of a service.
+pub fn address_name(addr: &wl::Address) -> Option<String> {
+    match addr.r#type.as_ref()? {
+        wl::address::Type::Workload(w) => Some(w.uid.clone()),
+        wl::address::Type::Service(s) => Some(format!("{}/{}", s.namespace, s.hostname)),
+    }
+}
+
+/// Translates the whole mesh.
+pub fn translate(cfg: &MeshConfig) -> Resources {
+    let mut out = Resources::default();
+    let enrollment = selector::Policy {
+        selectors: selector::default_selectors(),
+        exclude_namespaces: vec!["kube-system".into()],
+    };
+    for w in &cfg.workloads {
+        let workload = workload(cfg, &enrollment, w);
+        out.addresses.insert(
+            workload.uid.clone(),
+            wl::Address {
+                r#type: Some(wl::address::Type::Workload(workload)),
+            },
+        );
+    }
+    for s in &cfg.services {
+        let service = service(cfg, s);
+        out.addresses.insert(
+            format!("{}/{}", service.namespace, service.hostname),
+            wl::Address {
+                r#type: Some(wl::address::Type::Service(service)),
+            },
+        );
+    }
+    for p in &cfg.policies {
+        out.authorizations.insert(p.key(), authorization(p));
+    }
+    out
+}
+
+/// Whether the pod is captured (HBONE) under istio-cni's default rule.
+fn enrolled(cfg: &MeshConfig, enrollment: &selector::Policy, w: &WorkloadSpec) -> bool {
+    let ns = cfg.namespaces.get(&w.namespace).map(|n| NamespaceInfo {
+        labels: n.labels.clone(),
+    });
+    let pod = PodInfo {
+        name: w.name.clone(),
+        namespace: w.namespace.clone(),
+        service_account: w.service_account.clone(),
+        labels: w.labels.clone(),
+        ips: w.ips.clone(),
+        ..PodInfo::default()
+    };
+    enrollment.decide(ns.as_ref(), &pod) == Decision::Enroll
+}
+
+fn first_label<'a>(w: &'a WorkloadSpec, keys: &[&str]) -> Option<&'a str> {
+    keys.iter()
+        .find_map(|k| w.labels.get(*k))
+        .map(String::as_str)
+}
+
+fn workload(cfg: &MeshConfig, enrollment: &selector::Policy, w: &WorkloadSpec) -> wl::Workload {
+    let tunnel = if enrolled(cfg, enrollment, w) {
+        wl::TunnelProtocol::Hbone
+    } else {
+        wl::TunnelProtocol::None
+    };
+    let canonical_name = first_label(
+        w,
+        &[
+            "service.istio.io/canonical-name",
+            "app.kubernetes.io/name",
+            "app",
+        ],
+    )
+    .unwrap_or(&w.name)
+    .to_string();
+    let canonical_revision = first_label(
+        w,
+        &[
+            "service.istio.io/canonical-revision",
+            "app.kubernetes.io/version",
+            "version",
+        ],
+    )
+    .unwrap_or("latest")
+    .to_string();
+    let mut services = std::collections::HashMap::new();
+    for s in &cfg.services {
+        let selects = s.namespace == w.namespace
+            && !s.selector.is_empty()
+            && s.selector.iter().all(|(k, v)| w.labels.get(k) == Some(v));
+        if selects {
+            services.insert(
+                format!("{}/{}", s.namespace, service_hostname(cfg, s)),
+                wl::PortList { ports: ports(s) },
+            );
+        }
+    }
+    wl::Workload {
+        uid: pod_uid(&cfg.cluster_id, &w.namespace, &w.name),
+        name: w.name.clone(),
+        namespace: w.namespace.clone(),
+        addresses: w.ips.iter().map(ip_bytes).collect(),
+        network: w.network.clone(),
+        tunnel_protocol: tunnel as i32,
+        trust_domain: if cfg.trust_domain == "cluster.local" {
+            String::new()
+        } else {
+            cfg.trust_domain.clone()
+        },
+        service_account: w.service_account.clone(),
+        node: w.node.clone(),
+        canonical_name,
+        canonical_revision,
+        workload_type: wl::WorkloadType::Pod as i32,
+        workload_name: w.name.clone(),
+        authorization_policies: w.authorization_policies.clone(),
+        status: wl::WorkloadStatus::Healthy as i32,
+        cluster_id: cfg.cluster_id.clone(),
+        services,
+        ..wl::Workload::default()
+    }
+}
+
+fn ports(s: &ServiceSpec) -> Vec<wl::Port> {
+    s.ports
+        .iter()
+        .map(|p| wl::Port {
+            service_port: u32::from(p.port),
+            target_port: u32::from(p.target()),
+            app_protocol: wl::AppProtocol::Unknown as i32,
+        })
+        .collect()
+}
+
+fn service(cfg: &MeshConfig, s: &ServiceSpec) -> wl::Service {
+    let v4 = s.vips.iter().any(IpAddr::is_ipv4);
+    let v6 = s.vips.iter().any(IpAddr::is_ipv6);
+    let ip_families = match (v4, v6) {
+        (true, true) => wl::IpFamilies::Dual,
+        (true, false) => wl::IpFamilies::Ipv4Only,
+        (false, true) => wl::IpFamilies::Ipv6Only,
+        (false, false) => wl::IpFamilies::Automatic,
+    };
+    wl::Service {
+        name: s.name.clone(),
+        namespace: s.namespace.clone(),
+        hostname: service_hostname(cfg, s),
+        addresses: s
+            .vips
+            .iter()
+            .map(|ip| wl::NetworkAddress {
+                network: String::new(),
+                address: ip_bytes(ip),
+                length: None,
+            })
+            .collect(),
+        ports: ports(s),
+        ip_families: ip_families as i32,
+        ..wl::Service::default()
+    }
+}
+
+fn ip_bytes(ip: &IpAddr) -> Vec<u8> {
+    match ip {
+        IpAddr::V4(v4) => v4.octets().to_vec(),
+        IpAddr::V6(v6) => v6.octets().to_vec(),
+    }
+}
+
+/// A policy as the `istio.security.Authorization` resource istiod would send.
+pub fn authorization(p: &Policy) -> sec::Authorization {
+    sec::Authorization {
+        name: p.name.clone(),
+        namespace: p.namespace.clone(),
+        scope: match p.scope {
+            authz::Scope::Global => sec::Scope::Global,
+            authz::Scope::Namespace => sec::Scope::Namespace,
+            authz::Scope::WorkloadSelector => sec::Scope::WorkloadSelector,
+        } as i32,
+        action: match p.action {
+            authz::Action::Allow => sec::Action::Allow,
+            authz::Action::Deny => sec::Action::Deny,
+        } as i32,
+        rules: p
+            .rules
+            .iter()
+            .map(|r| sec::Rule {
+                clauses: r
+                    .clauses
+                    .iter()
+                    .map(|c| sec::Clause {
+                        matches: c.matches.iter().map(match_proto).collect(),
+                    })
+                    .collect(),
+            })
+            .collect(),
+        dry_run: p.dry_run,
+        extensions: Vec::new(),
+    }
+}
+
+fn match_proto(m: &authz::Match) -> sec::Match {
+    let strings = |v: &[StringMatch]| v.iter().map(string_match).collect();
+    let nets = |v: &[IpNet]| {
+        v.iter()
+            .map(|n| sec::Address {
+                address: ip_bytes(&n.addr()),
+                length: u32::from(n.prefix_len()),
+            })
+            .collect()
+    };
+    let ports = |v: &[u16]| v.iter().map(|p| u32::from(*p)).collect();
+    let accounts = |v: &[authz::ServiceAccountMatch]| {
+        v.iter()
+            .map(|sa| sec::ServiceAccountMatch {
+                namespace: sa.namespace.clone(),
+                service_account: sa.service_account.clone(),
+            })
+            .collect()
+    };
+    sec::Match {
+        namespaces: strings(&m.namespaces),
+        not_namespaces: strings(&m.not_namespaces),
+        principals: strings(&m.principals),
+        not_principals: strings(&m.not_principals),
+        source_ips: nets(&m.source_ips),
+        not_source_ips: nets(&m.not_source_ips),
+        destination_ips: nets(&m.destination_ips),
+        not_destination_ips: nets(&m.not_destination_ips),
+        destination_ports: ports(&m.destination_ports),
+        not_destination_ports: ports(&m.not_destination_ports),
+        service_accounts: accounts(&m.service_accounts),
+        not_service_accounts: accounts(&m.not_service_accounts),
+        extensions: Vec::new(),
+    }
+}
+
+fn string_match(s: &StringMatch) -> sec::StringMatch {
+    use sec::string_match::MatchType;
+    sec::StringMatch {
+        match_type: Some(match s {
+            StringMatch::Exact(v) => MatchType::Exact(v.clone()),
+            StringMatch::Prefix(v) => MatchType::Prefix(v.clone()),
+            StringMatch::Suffix(v) => MatchType::Suffix(v.clone()),
+            StringMatch::Presence => MatchType::Presence(()),
+        }),
+    }
+}
