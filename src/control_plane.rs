@@ -10,7 +10,8 @@
 //! ([`ControlPlane`]), the gRPC services.
 //!
 //! Layout: `config` (the YAML format and its validation), `translate` (config → `Address`/`Authorization`),
-//! `ads` (the delta ADS server), `server` (TLS + tonic serving).
+//! `ads` (the delta ADS server), `server` (TLS + tonic serving), `run` (the mesh CA, its serving
+//! certificate and the CA service wired onto the same server: the `meshnode control-plane` command).
 //!
 //! Wiring, in short:
 //! ```ignore
@@ -22,6 +23,7 @@
 
 pub mod ads;
 pub mod config;
+pub mod run;
 pub mod server;
 #[cfg(test)]
 mod tests;
@@ -35,6 +37,7 @@ use tokio::sync::watch;
 
 pub use self::ads::{AdsLimits, AdsServer, Snapshot};
 pub use self::config::MeshConfig;
+pub use self::run::{run, CaChoice, RunOptions};
 
 /// How often the mesh file is re-read.
 pub const POLL_INTERVAL: Duration = Duration::from_secs(1);

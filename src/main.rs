@@ -37,17 +37,23 @@ enum Command {
         /// The mesh file (namespaces, workloads, services, policies, tokens); re-read every second.
         #[arg(long)]
         config: std::path::PathBuf,
-        /// Address to listen on (gRPC over TLS).
+        /// Address to listen on (gRPC over TLS: xDS and the CA).
         #[arg(long, default_value = meshnode::control_plane::DEFAULT_LISTEN)]
         listen: std::net::SocketAddr,
-        /// Server certificate chain (PEM). Without it, a throwaway CA and certificate are generated.
+        /// An istiod plug-in CA directory (ca-cert.pem, ca-key.pem, root-cert.pem, cert-chain.pem). Without it,
+        /// the built-in CA under MESHNODE_STATE_DIR (default /var/lib/meshnode) is used.
+        #[arg(long, env = "CA_CERTS_DIR")]
+        ca_dir: Option<std::path::PathBuf>,
+        /// State directory of the built-in CA.
+        #[arg(long, env = "MESHNODE_STATE_DIR", default_value = meshnode::config::DEFAULT_STATE_DIR)]
+        state_dir: std::path::PathBuf,
+        /// Serving certificate chain (PEM). Without it, one is issued by the mesh CA.
         #[arg(long, requires = "tls_key")]
         tls_cert: Option<std::path::PathBuf>,
-        /// Server private key (PEM).
+        /// Serving private key (PEM).
         #[arg(long, requires = "tls_cert")]
         tls_key: Option<std::path::PathBuf>,
-        /// Where to write the throwaway CA certificate clients must trust (XDS_ROOT_CA) when --tls-cert is
-        /// not given.
+        /// Where to write the mesh root certificate that proxies trust (their XDS_ROOT_CA and CA_ROOT_CA).
         #[arg(long)]
         root_cert_out: Option<std::path::PathBuf>,
     },
@@ -98,6 +104,8 @@ fn main() -> anyhow::Result<()> {
         Command::ControlPlane {
             config,
             listen,
+            ca_dir,
+            state_dir,
             tls_cert,
             tls_key,
             root_cert_out,
@@ -108,47 +116,27 @@ fn main() -> anyhow::Result<()> {
                 .thread_name("meshnode-control-plane")
                 .enable_all()
                 .build()?;
-            rt.block_on(run_control_plane(
+            let opts = meshnode::control_plane::RunOptions {
                 config,
                 listen,
-                tls_cert.zip(tls_key),
+                ca: match ca_dir {
+                    Some(dir) => meshnode::control_plane::CaChoice::Plugin(dir),
+                    None => meshnode::control_plane::CaChoice::Builtin(state_dir),
+                },
+                tls_files: tls_cert.zip(tls_key),
                 root_cert_out,
-            ))
+            };
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::bind(opts.listen).await?;
+                meshnode::control_plane::run(opts, listener, async {
+                    wait_for_signal().await;
+                    tracing::info!("control plane stopping");
+                })
+                .await?;
+                anyhow::Ok(())
+            })
         }
     }
-}
-
-async fn run_control_plane(
-    config: std::path::PathBuf,
-    listen: std::net::SocketAddr,
-    tls_files: Option<(std::path::PathBuf, std::path::PathBuf)>,
-    root_cert_out: Option<std::path::PathBuf>,
-) -> anyhow::Result<()> {
-    use meshnode::control_plane::{self as cp, server};
-    let plane = cp::ControlPlane::start(&config, cp::POLL_INTERVAL)?;
-    let tls = match tls_files {
-        Some((cert, key)) => server::tls_config(&std::fs::read(&cert)?, &std::fs::read(&key)?)?,
-        None => {
-            let cert = server::ServerCert::throwaway(&cp::SERVER_NAMES)?;
-            match &root_cert_out {
-                Some(path) => std::fs::write(path, &cert.root_pem)?,
-                None => tracing::warn!(
-                    "no --tls-cert and no --root-cert-out: clients cannot verify the throwaway certificate"
-                ),
-            }
-            cert.tls_config()?
-        }
-    };
-    let listener = tokio::net::TcpListener::bind(listen).await?;
-    let listen = listener.local_addr()?;
-    tracing::info!(%listen, config = %config.display(), "control plane serving");
-    let router = server::router(plane.ads(cp::AdsLimits::default()));
-    server::serve(listener, tls, router, async {
-        wait_for_signal().await;
-        tracing::info!("control plane stopping");
-    })
-    .await?;
-    Ok(())
 }
 
 async fn run(cfg: Arc<Config>) -> anyhow::Result<()> {

@@ -61,6 +61,21 @@ pub fn router(ads: AdsServer) -> Router {
         .add_service(ads.into_service())
 }
 
+/// Like [`router`], with `auth` run on every ADS request (e.g. a bearer-token check) before it is served.
+pub fn router_with_auth<F>(ads: AdsServer, auth: F) -> Router
+where
+    F: tonic::service::Interceptor + Clone + Send + Sync + 'static,
+{
+    Server::builder()
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .tcp_nodelay(true)
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            ads.into_service(),
+            auth,
+        ))
+}
+
 /// A rustls server config from a PEM certificate chain (leaf first) and PEM private key, ALPN `h2`.
 pub fn tls_config(
     cert_chain_pem: &[u8],

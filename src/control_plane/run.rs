@@ -1,0 +1,198 @@
+//! Running the whole control plane: the mesh CA, its serving certificate, the CA service and delta ADS on one
+//! TLS listener — what `meshnode control-plane` does.
+//!
+//! Input: [`RunOptions`] (mesh file, CA choice, listen address, optional certificate files) and a shutdown
+//! future. Output: the root certificate written where clients expect it (`--root-cert-out`: their
+//! `XDS_ROOT_CA` / `CA_ROOT_CA`), and the gRPC server until shutdown. CA requests are authorized against
+//! the `tokens` of the current mesh file (re-read on change): a node proxy's token may ask for identities
+//! of pods on its node (istiod's `CA_TRUSTED_NODE_ACCOUNTS` rule), a workload token only for its own.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tonic::Status;
+
+use crate::identity::{
+    Authenticate, BuiltinCa, CaService, CsrSigner, Grant, Identity, PluginCa, TokenAuthenticator,
+};
+
+use super::{server, AdsLimits, ControlPlane, MeshConfig, POLL_INTERVAL, SERVER_NAMES};
+
+/// Longest workload certificate the CA signs (istiod's `MAX_WORKLOAD_CERT_TTL`: 90 days).
+const MAX_WORKLOAD_TTL: Duration = Duration::from_secs(90 * 24 * 3600);
+/// Lifetime of the control plane's own serving certificate; a restart issues a new one.
+const SERVING_CERT_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// Where the mesh CA comes from.
+#[derive(Debug, Clone)]
+pub enum CaChoice {
+    /// meshnode's built-in CA, its root kept in `<dir>/ca` (shared with proxies using the same state dir).
+    Builtin(PathBuf),
+    /// An istiod plug-in CA directory (`ca-cert.pem`, `ca-key.pem`, `root-cert.pem`, `cert-chain.pem`).
+    Plugin(PathBuf),
+}
+
+/// Everything `meshnode control-plane` is told.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// The mesh file.
+    pub config: PathBuf,
+    /// Where to listen.
+    pub listen: SocketAddr,
+    /// The mesh CA.
+    pub ca: CaChoice,
+    /// A serving certificate chain and key (PEM files) instead of one issued by the mesh CA.
+    pub tls_files: Option<(PathBuf, PathBuf)>,
+    /// Where to write the mesh root certificate for clients.
+    pub root_cert_out: Option<PathBuf>,
+}
+
+/// Why the control plane could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RunError {
+    /// The mesh file is unusable.
+    #[error(transparent)]
+    Config(#[from] super::config::Error),
+    /// The CA is unusable.
+    #[error("mesh CA: {0}")]
+    Ca(#[from] crate::identity::Error),
+    /// TLS could not be set up.
+    #[error(transparent)]
+    Server(#[from] server::Error),
+    /// A file or socket operation failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What.
+        what: String,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Authorizes CA requests against the tokens of the current mesh file.
+struct MeshTokens {
+    config: watch::Receiver<Arc<MeshConfig>>,
+}
+
+impl Authenticate for MeshTokens {
+    fn authorize(
+        &self,
+        token: Option<&str>,
+        requested: &Identity,
+        impersonating: bool,
+    ) -> Result<(), Status> {
+        let cfg = self.config.borrow().clone();
+        let grants = cfg.tokens.iter().filter_map(|t| {
+            let grant = if t.node_proxy {
+                Grant::NodeProxy
+            } else {
+                Grant::Identity(
+                    Identity::new(&cfg.trust_domain, &t.namespace, &t.service_account).ok()?,
+                )
+            };
+            Some((t.token.clone(), grant))
+        });
+        TokenAuthenticator::new(cfg.trust_domain.clone(), grants).authorize(
+            token,
+            requested,
+            impersonating,
+        )?;
+        // A node proxy bound to a node may only ask for identities of pods scheduled there.
+        if let Some(spec) = cfg
+            .tokens
+            .iter()
+            .find(|t| Some(t.token.as_str()) == token && t.node_proxy && !t.node.is_empty())
+        {
+            let on_node = cfg.workloads.iter().any(|w| {
+                w.node == spec.node
+                    && w.namespace == requested.namespace()
+                    && w.service_account == requested.service_account()
+            });
+            if !on_node {
+                return Err(Status::permission_denied(format!(
+                    "{requested} has no pod on node {}",
+                    spec.node
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Starts the control plane on `listener` and serves until `shutdown` completes.
+pub async fn run(
+    opts: RunOptions,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), RunError> {
+    let plane = ControlPlane::start(&opts.config, POLL_INTERVAL)?;
+    let ca: Arc<dyn CsrSigner> = match &opts.ca {
+        CaChoice::Builtin(dir) => Arc::new(BuiltinCa::load_or_create(dir, MAX_WORKLOAD_TTL)?),
+        CaChoice::Plugin(dir) => Arc::new(PluginCa::load(dir, MAX_WORKLOAD_TTL)?),
+    };
+    if let Some(out) = &opts.root_cert_out {
+        crate::cni_agent::pods::write_atomically(out, ca.roots_pem().as_bytes()).map_err(
+            |source| RunError::Io {
+                what: format!("writing the root certificate to {}", out.display()),
+                source,
+            },
+        )?;
+    }
+    let tls = match &opts.tls_files {
+        Some((cert, key)) => {
+            let read = |p: &PathBuf| {
+                std::fs::read(p).map_err(|source| RunError::Io {
+                    what: format!("reading {}", p.display()),
+                    source,
+                })
+            };
+            server::tls_config(&read(cert)?, &read(key)?)?
+        }
+        None => {
+            let local = listener.local_addr().map_err(|source| RunError::Io {
+                what: "reading the listen address".into(),
+                source,
+            })?;
+            let mut names: Vec<String> = SERVER_NAMES.iter().map(|s| s.to_string()).collect();
+            if !local.ip().is_unspecified() && !names.contains(&local.ip().to_string()) {
+                names.push(local.ip().to_string());
+            }
+            let (chain, key) = ca.issue_server(&names, SERVING_CERT_TTL)?;
+            server::tls_config(chain.as_bytes(), key.as_bytes())?
+        }
+    };
+    let auth = Arc::new(MeshTokens {
+        config: plane.config(),
+    });
+    // xDS, like istiod's, is only for holders of a token from the mesh file (any of them); a file with no
+    // tokens serves xDS to anyone (and the CA to no one).
+    let tokens = plane.config();
+    if tokens.borrow().tokens.is_empty() {
+        tracing::warn!("the mesh file lists no tokens: xDS is served without authentication and the CA refuses every request");
+    }
+    let xds_auth = move |req: tonic::Request<()>| {
+        let cfg = tokens.borrow().clone();
+        if cfg.tokens.is_empty() {
+            return Ok(req);
+        }
+        let token = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        match token {
+            Some(t) if cfg.tokens.iter().any(|s| s.token == t) => Ok(req),
+            Some(_) => Err(Status::unauthenticated("unknown bearer token")),
+            None => Err(Status::unauthenticated("no bearer token")),
+        }
+    };
+    let router = server::router_with_auth(plane.ads(AdsLimits::default()), xds_auth)
+        .add_service(CaService::new(ca, auth, MAX_WORKLOAD_TTL).into_server());
+    tracing::info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), config = %opts.config.display(), "control plane serving xDS and CA");
+    server::serve(listener, tls, router, shutdown).await?;
+    Ok(())
+}
