@@ -45,6 +45,10 @@ pub struct Node {
     pub dir: tempfile::TempDir,
     pub agent: Option<KillOnDrop>,
     pub proxy: Option<KillOnDrop>,
+    /// `meshnode control-plane`, when started.
+    pub control_plane: Option<KillOnDrop>,
+    /// Overrides of the proxy's environment (e.g. xDS and CA addresses instead of a local config).
+    pub proxy_env: Vec<(String, String)>,
     pub conflist: Value,
     pub runtime: Runtime,
     pub subnet: String,
@@ -118,6 +122,8 @@ impl Node {
             dir,
             agent: None,
             proxy: None,
+            control_plane: None,
+            proxy_env: Vec::new(),
             conflist,
             runtime,
             subnet,
@@ -171,10 +177,57 @@ impl Node {
                 ("XDS_ADDRESS", ""),
                 ("MESHNODE_STATE_DIR", self.path("state").to_str().unwrap()),
                 ("RUST_LOG", "info"),
-            ],
+            ]
+            .into_iter()
+            .filter(|(k, _)| !self.proxy_env.iter().any(|(o, _)| o == k))
+            .chain(self.proxy_env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .collect::<Vec<_>>(),
             log,
         )));
         self.wait_for(|| self.ready(), "the proxy's readiness");
+    }
+
+    /// Starts `meshnode control-plane` in the node namespace on 127.0.0.1:15012 with `<dir>/mesh.yaml`
+    /// (written from `mesh_yaml`), its root written to `<dir>/root-cert.pem`, and points the proxy at it
+    /// (with `token`) for its next start.
+    pub fn start_control_plane(&mut self, mesh_yaml: &str, token: &str) {
+        std::fs::write(self.path("mesh.yaml"), mesh_yaml).unwrap();
+        let log = std::fs::File::create(self.path("control-plane.log")).unwrap();
+        let root = self.path("root-cert.pem");
+        self.control_plane = Some(KillOnDrop(self.ns.spawn(
+            env!("CARGO_BIN_EXE_meshnode"),
+            &[
+                "control-plane",
+                "--config",
+                self.path("mesh.yaml").to_str().unwrap(),
+                "--listen",
+                "127.0.0.1:15012",
+                "--state-dir",
+                self.path("cp-state").to_str().unwrap(),
+                "--root-cert-out",
+                root.to_str().unwrap(),
+            ],
+            &[("RUST_LOG", "info")],
+            log,
+        )));
+        self.wait_for(
+            || root.exists() && self.ns.run(|| TcpStream::connect("127.0.0.1:15012").is_ok()),
+            "the control plane",
+        );
+        let root = root.to_str().unwrap().to_string();
+        self.proxy_env = vec![
+            ("XDS_ADDRESS".into(), "https://127.0.0.1:15012".into()),
+            ("CA_ADDRESS".into(), "https://127.0.0.1:15012".into()),
+            ("XDS_ROOT_CA".into(), root.clone()),
+            ("CA_ROOT_CA".into(), root),
+            ("AUTH_TOKEN".into(), token.into()),
+            ("LOCAL_XDS_PATH".into(), String::new()),
+        ];
+    }
+
+    /// Replaces the control plane's mesh file; it pushes the change within a second.
+    pub fn set_mesh(&self, yaml: &str) {
+        std::fs::write(self.path("mesh.yaml"), yaml).unwrap();
     }
 
     /// Whether the proxy answers ready on :15021 in the node namespace.
