@@ -1011,3 +1011,237 @@ fn policy_set_lookups_and_counts() {
     assert!(set.get("default/x").is_none());
     assert_eq!(set.iter().count(), 2);
 }
+
+// ---- Rules of reference §1.10 not covered by the tables above, one named case each ----
+
+const PLAIN_CONN: Conn = Conn {
+    id: None,
+    ..DEFAULT_CONN
+};
+
+/// productpage's identity in another trust domain.
+const OTHER_TRUST_DOMAIN: Conn = Conn {
+    id: Some("spiffe://example.org/ns/default/sa/productpage"),
+    ..DEFAULT_CONN
+};
+
+/// An IPv6 connection from productpage.
+const V6_CONN: Conn = Conn {
+    src: "[fd00::1]:40000",
+    dst: "[fd00:1::5]:8080",
+    id: Some(PRODUCTPAGE),
+};
+
+#[test]
+fn decision_order_with_dry_run_and_several_matching_policies() {
+    run(&[
+        Case {
+            name: "a matching dry-run deny does not turn an allow-policy miss into an allow",
+            policies: concat!(
+                "- {name: dry, namespace: default, scope: Namespace, action: Deny, dryRun: true, rules: [[[{destinationPorts: [8080]}]]]}\n",
+                allow!("default", "a", "Namespace", "{destinationPorts: [9999]}"),
+            ),
+            ns: "default",
+            keys: &[],
+            conn: DEFAULT_CONN,
+            want: Want::NoAllowMatch,
+        },
+        Case {
+            name: "a matching dry-run deny does not stop a matching allow",
+            policies: concat!(
+                "- {name: dry, namespace: default, scope: Namespace, action: Deny, dryRun: true, rules: [[[{destinationPorts: [8080]}]]]}\n",
+                allow!("default", "a", "Namespace", "{destinationPorts: [8080]}"),
+            ),
+            ns: "default",
+            keys: &[],
+            conn: DEFAULT_CONN,
+            want: Want::Allow,
+        },
+        Case {
+            name: "only dry-run policies (deny and allow, both matching or not) allow everything",
+            policies: concat!(
+                "- {name: dd, namespace: default, scope: Namespace, action: Deny, dryRun: true, rules: [[]]}\n",
+                "- {name: da, namespace: default, scope: Namespace, action: Allow, dryRun: true, rules: []}\n",
+            ),
+            ns: "default",
+            keys: &[],
+            conn: DEFAULT_CONN,
+            want: Want::Allow,
+        },
+        Case {
+            name: "a listed dry-run workload-selector deny is only logged",
+            policies: "- {name: w, namespace: default, scope: WorkloadSelector, action: Deny, dryRun: true, rules: [[]]}",
+            ns: "default",
+            keys: &["default/w"],
+            conn: DEFAULT_CONN,
+            want: Want::Allow,
+        },
+        Case {
+            name: "deny is checked before allow whatever the input order (deny listed last)",
+            policies: concat!(
+                allow!("default", "a", "Namespace", "{destinationPorts: [8080]}"),
+                allow!("istio-system", "g", "Global", "{destinationPorts: [8080]}"),
+                deny!("default", "w", "WorkloadSelector", "{destinationPorts: [8080]}"),
+            ),
+            ns: "default",
+            keys: &["default/w"],
+            conn: DEFAULT_CONN,
+            want: Want::ExplicitDeny("default/w"),
+        },
+        Case {
+            name: "two matching denies: the namespace one is named before the global one (ztunnel's order)",
+            policies: concat!(
+                deny!("istio-system", "g", "Global", "{destinationPorts: [8080]}"),
+                deny!("default", "n", "Namespace", "{destinationPorts: [8080]}"),
+            ),
+            ns: "default",
+            keys: &[],
+            conn: DEFAULT_CONN,
+            want: Want::ExplicitDeny("default/n"),
+        },
+        Case {
+            name: "two matching denies: the global one is named before a listed one",
+            policies: concat!(
+                deny!("default", "w", "WorkloadSelector", "{destinationPorts: [8080]}"),
+                deny!("istio-system", "g", "Global", "{destinationPorts: [8080]}"),
+            ),
+            ns: "default",
+            keys: &["default/w"],
+            conn: DEFAULT_CONN,
+            want: Want::ExplicitDeny("istio-system/g"),
+        },
+        Case {
+            name: "a non-matching deny does not stop the allow phase from denying",
+            policies: concat!(
+                deny!("default", "d", "Namespace", "{destinationPorts: [9999]}"),
+                allow!("default", "a", "Namespace", "{destinationPorts: [9998]}"),
+            ),
+            ns: "default",
+            keys: &[],
+            conn: DEFAULT_CONN,
+            want: Want::NoAllowMatch,
+        },
+    ]);
+}
+
+#[test]
+fn scope_edge_cases() {
+    run(&[
+        Case {
+            name: "a global allow makes every workload deny what it does not match",
+            policies: allow!("istio-system", "g", "Global", "{destinationPorts: [9999]}"),
+            ns: "default",
+            keys: &[],
+            conn: DEFAULT_CONN,
+            want: Want::NoAllowMatch,
+        },
+        Case {
+            name: "a workload-selector allow that is not listed does not make the workload deny-by-default",
+            policies: allow!("default", "w", "WorkloadSelector", "{destinationPorts: [9999]}"),
+            ns: "default",
+            keys: &[],
+            conn: DEFAULT_CONN,
+            want: Want::Allow,
+        },
+        Case {
+            name: "a listed workload-selector allow that misses denies",
+            policies: allow!("default", "w", "WorkloadSelector", "{destinationPorts: [9999]}"),
+            ns: "default",
+            keys: &["default/w"],
+            conn: DEFAULT_CONN,
+            want: Want::NoAllowMatch,
+        },
+        Case {
+            name: "a workload-selector policy listed by a workload in another namespace applies to it",
+            policies: deny!("default", "w", "WorkloadSelector", "{destinationPorts: [8080]}"),
+            ns: "other",
+            keys: &["default/w"],
+            conn: DEFAULT_CONN,
+            want: Want::ExplicitDeny("default/w"),
+        },
+        Case {
+            name: "a policy is found by namespace/name, not by name alone",
+            policies: deny!("default", "w", "WorkloadSelector", "{destinationPorts: [8080]}"),
+            ns: "default",
+            keys: &["w", "other/w"],
+            conn: DEFAULT_CONN,
+            want: Want::Allow,
+        },
+    ]);
+}
+
+#[test]
+fn match_field_edge_cases() {
+    // (case, match, connection, whether the match matches): each row is checked in a DENY
+    // policy (match → denied) and in an ALLOW policy (match → allowed, else no allow matched).
+    let rows: &[(&str, &str, Conn, bool)] = &[
+        // Source and destination IPs, IPv4 and IPv6.
+        ("notSourceIps passes when the source is outside every listed network", "{notSourceIps: [192.168.0.0/16]}", DEFAULT_CONN, true),
+        ("a /32 source CIDR matches exactly that address", "{sourceIps: [10.0.0.1/32]}", DEFAULT_CONN, true),
+        ("a /0 destination CIDR matches every IPv4 destination", "{destinationIps: [0.0.0.0/0]}", DEFAULT_CONN, true),
+        ("an IPv4 /0 does not match an IPv6 destination", "{destinationIps: [0.0.0.0/0]}", V6_CONN, false),
+        ("an IPv6 /0 does not match an IPv4 destination", "{destinationIps: [\"::/0\"]}", DEFAULT_CONN, false),
+        ("an IPv6 /128 destination matches exactly that address", "{destinationIps: [\"fd00:1::5/128\"]}", V6_CONN, true),
+        ("an IPv6 destination outside the network does not match", "{destinationIps: [\"fd00:2::/64\"]}", V6_CONN, false),
+        ("notDestinationIps with the IPv6 destination fails the match", "{notDestinationIps: [\"fd00:1::/64\"]}", V6_CONN, false),
+        ("notSourceIps of another family passes", "{notSourceIps: [10.0.0.0/8]}", V6_CONN, true),
+        ("a CIDR with host bits set still matches its network", "{sourceIps: [10.0.0.77/8]}", DEFAULT_CONN, true),
+        ("destination IP is compared, not source IP", "{destinationIps: [10.0.0.1/32]}", DEFAULT_CONN, false),
+        // Ports: the destination port, never the source port.
+        ("notDestinationPorts passes for another port", "{notDestinationPorts: [9999, 1]}", DEFAULT_CONN, true),
+        ("notDestinationPorts fails if any entry is the port", "{notDestinationPorts: [1, 8080]}", DEFAULT_CONN, false),
+        ("destination port is compared, not the source port", "{notDestinationPorts: [40000]}", DEFAULT_CONN, true),
+        // String matches on namespaces.
+        ("namespaces presence matches a peer with an identity", "{namespaces: [!Presence []]}", DEFAULT_CONN, true),
+        ("namespaces exact is case-sensitive", "{namespaces: [!Exact Default]}", DEFAULT_CONN, false),
+        ("namespaces prefix that is longer than the namespace does not match", "{namespaces: [!Prefix defaults]}", DEFAULT_CONN, false),
+        ("namespaces suffix that does not end the namespace does not match", "{namespaces: [!Suffix defaul]}", DEFAULT_CONN, false),
+        ("notNamespaces presence fails for a peer with an identity", "{notNamespaces: [!Presence []]}", DEFAULT_CONN, false),
+        ("notNamespaces presence passes without identity (namespace is \"\")", "{notNamespaces: [!Presence []]}", PLAIN_CONN, true),
+        ("namespaces exact never matches without identity", "{namespaces: [!Exact default]}", PLAIN_CONN, false),
+        ("namespaces are the peer identity's, not the destination workload's", "{namespaces: [!Exact default]}", Conn { id: Some(SLEEP_OTHER_NS), ..DEFAULT_CONN }, false),
+        // String matches on principals.
+        ("principals exact includes the trust domain", "{principals: [!Exact cluster.local/ns/default/sa/productpage]}", OTHER_TRUST_DOMAIN, false),
+        ("principals suffix ignores the trust domain", "{principals: [!Suffix /ns/default/sa/productpage]}", OTHER_TRUST_DOMAIN, true),
+        ("principals prefix on the trust domain", "{principals: [!Prefix example.org/]}", OTHER_TRUST_DOMAIN, true),
+        ("principals exact is case-sensitive", "{principals: [!Exact cluster.local/ns/default/sa/ProductPage]}", DEFAULT_CONN, false),
+        ("notPrincipals prefix fails the match for a peer it covers", "{notPrincipals: [!Prefix cluster.local/ns/default/]}", DEFAULT_CONN, false),
+        ("notPrincipals suffix passes for a peer it does not cover", "{notPrincipals: [!Suffix /sa/sleep]}", DEFAULT_CONN, true),
+        ("notPrincipals exact passes without identity", "{notPrincipals: [!Exact cluster.local/ns/default/sa/productpage]}", PLAIN_CONN, true),
+        ("principals suffix never matches without identity", "{principals: [!Suffix /sa/productpage]}", PLAIN_CONN, false),
+        // Service accounts.
+        ("service accounts match the identity in any trust domain", "{serviceAccounts: [{namespace: default, serviceAccount: productpage}]}", OTHER_TRUST_DOMAIN, true),
+        ("service accounts: any listed account is enough", "{serviceAccounts: [{namespace: default, serviceAccount: sleep}, {namespace: default, serviceAccount: productpage}]}", DEFAULT_CONN, true),
+        ("notServiceAccounts of another account passes", "{notServiceAccounts: [{namespace: default, serviceAccount: sleep}]}", DEFAULT_CONN, true),
+        // Kinds combine with AND inside one match.
+        ("identity and network kinds in one match: all must pass", "{principals: [!Presence []], sourceIps: [10.0.0.0/8], destinationPorts: [8080], namespaces: [!Exact default]}", DEFAULT_CONN, true),
+        ("identity and network kinds in one match: one failing kind fails the match", "{principals: [!Presence []], sourceIps: [10.0.0.0/8], destinationPorts: [8080], namespaces: [!Exact other]}", DEFAULT_CONN, false),
+    ];
+    let mut failures = Vec::new();
+    for &(name, m, conn, hit) in rows {
+        let yaml = format!(
+            "- {{name: d, namespace: default, scope: Namespace, action: Deny, rules: [[[{m}]]]}}"
+        );
+        let got = decide(&set(&yaml), "default", &[], &conn);
+        let want = if hit {
+            Want::ExplicitDeny("default/d")
+        } else {
+            Want::Allow
+        };
+        if !want.is(&got) {
+            failures.push(format!("{name}: {m}: want {want:?}, got {got:?}"));
+        }
+        // The same match in an ALLOW policy gives the mirror decision.
+        let yaml = format!(
+            "- {{name: a, namespace: default, scope: Namespace, action: Allow, rules: [[[{m}]]]}}"
+        );
+        let got = decide(&set(&yaml), "default", &[], &conn);
+        let want = if hit { Want::Allow } else { Want::NoAllowMatch };
+        if !want.is(&got) {
+            failures.push(format!(
+                "{name} (as allow): {m}: want {want:?}, got {got:?}"
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}

@@ -639,3 +639,217 @@ fn policies_with_unknown_scope_or_action_or_another_name_are_refused() {
     let err = policy("allow-sleep", pb_policy(security::Match::default())).unwrap_err();
     assert!(matches!(err, ConvertError::NameMismatch { .. }), "{err}");
 }
+
+/// The NACK reason for a policy whose only match is `m`; panics if the policy is accepted.
+fn policy_refusal(m: security::Match) -> String {
+    match policy("default/allow-sleep", pb_policy(m)) {
+        Ok(p) => panic!("accepted: {p:?}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+fn string_match(kind: MatchType) -> security::StringMatch {
+    security::StringMatch {
+        match_type: Some(kind),
+    }
+}
+
+fn addr(address: Vec<u8>, length: u32) -> security::Address {
+    security::Address { address, length }
+}
+
+/// Every list of a policy match, each given one bad value, is refused with a reason naming the
+/// policy, the match position, the field and what is wrong.
+#[test]
+fn every_bad_policy_value_is_refused_with_a_reason_naming_field_and_problem() {
+    type Set = fn(&mut security::Match, security::StringMatch);
+    let string_fields: [(&str, Set); 4] = [
+        ("namespaces", |m, s| m.namespaces.push(s)),
+        ("notNamespaces", |m, s| m.not_namespaces.push(s)),
+        ("principals", |m, s| m.principals.push(s)),
+        ("notPrincipals", |m, s| m.not_principals.push(s)),
+    ];
+    type SetIp = fn(&mut security::Match, security::Address);
+    let ip_fields: [(&str, SetIp); 4] = [
+        ("sourceIps", |m, a| m.source_ips.push(a)),
+        ("notSourceIps", |m, a| m.not_source_ips.push(a)),
+        ("destinationIps", |m, a| m.destination_ips.push(a)),
+        ("notDestinationIps", |m, a| m.not_destination_ips.push(a)),
+    ];
+    type SetPort = fn(&mut security::Match, u32);
+    let port_fields: [(&str, SetPort); 2] = [
+        ("destinationPorts", |m, p| m.destination_ports.push(p)),
+        ("notDestinationPorts", |m, p| {
+            m.not_destination_ports.push(p)
+        }),
+    ];
+
+    // (match, words the reason must contain)
+    let mut cases: Vec<(security::Match, Vec<String>)> = Vec::new();
+    for (field, set) in string_fields {
+        let bad = [
+            (None, "string match with no value".to_string()),
+            (
+                Some(MatchType::Exact(String::new())),
+                "empty Exact value".into(),
+            ),
+            (
+                Some(MatchType::Prefix(String::new())),
+                "empty Prefix value".into(),
+            ),
+            (
+                Some(MatchType::Suffix(String::new())),
+                "empty Suffix value".into(),
+            ),
+        ];
+        for (kind, problem) in bad {
+            let mut m = security::Match::default();
+            set(&mut m, security::StringMatch { match_type: kind });
+            cases.push((m, vec![field.to_string(), problem]));
+        }
+    }
+    for (field, set) in ip_fields {
+        let bad = [
+            (addr(vec![], 0), "address of 0 bytes (want 4 or 16)"),
+            (addr(vec![10, 0], 8), "address of 2 bytes (want 4 or 16)"),
+            (
+                addr(vec![10, 0, 0, 0, 0], 8),
+                "address of 5 bytes (want 4 or 16)",
+            ),
+            (addr(vec![0; 17], 64), "address of 17 bytes (want 4 or 16)"),
+            (
+                addr(vec![10, 0, 0, 0], 33),
+                "prefix length 33 is too long for 10.0.0.0",
+            ),
+            (addr(vec![0xfd; 16], 129), "prefix length 129 is too long"),
+            (
+                addr(vec![10, 0, 0, 0], 256 + 8),
+                "prefix length 264 is too long",
+            ),
+        ];
+        for (a, problem) in bad {
+            let mut m = security::Match::default();
+            set(&mut m, a);
+            cases.push((m, vec![field.to_string(), problem.to_string()]));
+        }
+    }
+    for (field, set) in port_fields {
+        for value in [65536, 65536 + 8080, u32::MAX] {
+            let mut m = security::Match::default();
+            set(&mut m, value);
+            cases.push((
+                m,
+                vec![field.to_string(), format!("port {value} is above 65535")],
+            ));
+        }
+    }
+    for (field, ns, sa) in [
+        ("serviceAccounts", "", "sleep"),
+        ("serviceAccounts", "default", ""),
+        ("notServiceAccounts", "", "sleep"),
+        ("notServiceAccounts", "default", ""),
+    ] {
+        let account = security::ServiceAccountMatch {
+            namespace: ns.into(),
+            service_account: sa.into(),
+        };
+        let mut m = security::Match::default();
+        if field == "serviceAccounts" {
+            m.service_accounts.push(account);
+        } else {
+            m.not_service_accounts.push(account);
+        }
+        cases.push((
+            m,
+            vec![
+                field.to_string(),
+                "empty namespace or serviceAccount".into(),
+            ],
+        ));
+    }
+
+    let mut failures = Vec::new();
+    for (mut m, needles) in cases {
+        // A valid entry next to the bad one: one bad value refuses the whole policy, it is not dropped.
+        m.destination_ports.insert(0, 8080);
+        let reason = policy_refusal(m);
+        for needle in needles
+            .iter()
+            .map(String::as_str)
+            .chain(["default/allow-sleep", "rules[0][0][0]"])
+        {
+            if !reason.contains(needle) {
+                failures.push(format!("{reason:?} lacks {needle:?}"));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn a_bad_value_deep_in_a_policy_is_reported_at_its_position() {
+    let good = security::Match {
+        destination_ports: vec![8080],
+        ..Default::default()
+    };
+    let bad = security::Match {
+        principals: vec![string_match(MatchType::Exact("a".into())), exact("")],
+        ..Default::default()
+    };
+    let mut p = pb_policy(good.clone());
+    p.rules.push(security::Rule {
+        clauses: vec![
+            security::Clause {
+                matches: vec![good.clone()],
+            },
+            security::Clause {
+                matches: vec![good, bad],
+            },
+        ],
+    });
+    let reason = policy("default/allow-sleep", p).unwrap_err().to_string();
+    assert!(
+        reason.contains("default/allow-sleep") && reason.contains("rules[1][1][1].principals"),
+        "{reason}"
+    );
+}
+
+#[test]
+fn unknown_or_negative_action_and_scope_values_are_refused_by_name() {
+    for (action, scope, needle) in [
+        (2, 0, "action: unknown value 2"),
+        (3, 0, "action: unknown value 3"),
+        (-1, 0, "action: unknown value -1"),
+        (0, 3, "scope: unknown value 3"),
+        (0, -1, "scope: unknown value -1"),
+    ] {
+        let mut p = pb_policy(security::Match::default());
+        p.action = action;
+        p.scope = scope;
+        let reason = policy("default/allow-sleep", p).unwrap_err().to_string();
+        assert!(reason.contains(needle), "{reason:?} lacks {needle:?}");
+    }
+}
+
+#[test]
+fn edge_values_that_are_valid_are_accepted_unchanged() {
+    let m = security::Match {
+        source_ips: vec![addr(vec![0, 0, 0, 0], 0), addr(vec![0; 16], 0)],
+        destination_ips: vec![addr(vec![0xfd; 16], 128), addr(vec![10, 0, 0, 1], 32)],
+        destination_ports: vec![0, 65535],
+        principals: vec![string_match(MatchType::Presence(()))],
+        ..Default::default()
+    };
+    let p = policy("default/allow-sleep", pb_policy(m)).unwrap();
+    let got = &p.rules[0].clauses[0].matches[0];
+    assert_eq!(
+        got.source_ips,
+        vec![
+            "0.0.0.0/0".parse::<ipnet::IpNet>().unwrap(),
+            "::/0".parse().unwrap()
+        ]
+    );
+    assert_eq!(got.destination_ips[1], "10.0.0.1/32".parse().unwrap());
+    assert_eq!(got.destination_ports, vec![0, 65535]);
+    assert_eq!(got.principals, vec![authz::StringMatch::Presence]);
+}
