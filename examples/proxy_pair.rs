@@ -174,6 +174,7 @@ fn start(
         sock: opts,
         orig_src: false,
         netns: None,
+        metrics: Default::default(),
     };
     let proxy = Proxy::new(inputs, shutdown);
     let p = proxy.clone();

@@ -212,6 +212,8 @@ pub async fn run_proxy(
             sock,
             orig_src,
             netns: None,
+            // Not served yet: app.rs creates the process registry and serves it on :15020 (issue 5 wiring).
+            metrics: Default::default(),
         },
         shutdown,
     );

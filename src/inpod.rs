@@ -284,6 +284,8 @@ impl Pods {
                 },
                 orig_src: self.inputs.orig_src,
                 netns: Some(inpod),
+                // Per-pod proxies must share the process registry (InpodInputs gets it; issue 5 wiring).
+                metrics: Default::default(),
             },
             drained,
         );

@@ -11,6 +11,7 @@
 //! - [`xds`] — the delta ADS client: workloads, services and policies from istiod into [`state`].
 //! - [`hbone`] — HTTP/2 CONNECT tunnels: client pool, server mechanics, byte copying.
 //! - [`proxy`] — one workload's proxy: outbound (:15001), inbound HBONE (:15008), plaintext inbound (:15006).
+//! - [`metrics`] — Istio's TCP metrics (prometheus-client) and the `GET /metrics` endpoint.
 //! - [`inpod`] — shared mode: per-pod proxies inside pod network namespaces, driven by ZDS.
 //! - [`state`] — workloads, services and policies as an immutable snapshot; ztunnel's local config format.
 //! - [`authz`] — L4 authorization policies with ztunnel's semantics.
@@ -35,6 +36,7 @@ pub mod grpc;
 pub mod hbone;
 pub mod identity;
 pub mod inpod;
+pub mod metrics;
 pub mod netns;
 pub mod proto;
 pub mod proxy;

@@ -4,8 +4,10 @@
 //! bound listeners. Output: connections carried — outbound ones ([`outbound`], :15001) into HBONE or plain
 //! TCP, HBONE ones ([`inbound`], :15008) and plaintext ones ([`passthrough`], :15006) to the application.
 //! Each listener admits at most `max_connections` at once; at shutdown it stops accepting and waits for
-//! its connections up to the termination deadline.
+//! its connections up to the termination deadline. Inbound connections are registered with
+//! [`connections`], which re-checks them when policies change; [`metrics`](crate::metrics) counts them.
 
+pub mod connections;
 pub mod inbound;
 pub mod outbound;
 pub mod passthrough;
@@ -23,9 +25,10 @@ use tokio::sync::{watch, Semaphore};
 use crate::config::{Config, WorkloadInfo};
 use crate::hbone::pool::Pool;
 use crate::identity::{CertManager, Identity};
+use crate::metrics::Metrics;
 use crate::netns::InpodNetns;
 use crate::socket::{self, SocketOpts};
-use crate::state::{StateHandle, Workload};
+use crate::state::{Service, State, StateHandle, Workload};
 use crate::tls::WorkloadTls;
 
 /// How long a connection waits for its workload to appear in the state (ztunnel: 5 s).
@@ -96,6 +99,8 @@ pub struct ProxyInputs {
     /// In-pod mode: the pod's network namespace, where every socket towards peers and the application is
     /// created. `None`: the proxy's own namespace (dedicated mode).
     pub netns: Option<Arc<InpodNetns>>,
+    /// The process's metrics, shared by every proxy (one registry per process).
+    pub metrics: Arc<Metrics>,
 }
 
 /// One workload's proxy.
@@ -103,6 +108,7 @@ pub struct Proxy {
     inputs: ProxyInputs,
     pool: Pool,
     tls: Mutex<HashMap<Identity, Arc<WorkloadTls>>>,
+    conns: Arc<connections::ConnectionManager>,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -143,10 +149,14 @@ impl Proxy {
             inputs.netns.clone(),
             cfg.connect_timeout,
         );
+        // Plaintext connections are bounded by one listener's `max_connections`; HBONE streams (many per
+        // connection) share the rest.
+        let conns = connections::ConnectionManager::new(cfg.max_connections.saturating_mul(2));
         Arc::new(Proxy {
             inputs,
             pool,
             tls: Mutex::default(),
+            conns,
             shutdown,
         })
     }
@@ -159,6 +169,16 @@ impl Proxy {
     /// The connection pool (tests look at it).
     pub fn pool(&self) -> &Pool {
         &self.pool
+    }
+
+    /// The registry of open inbound connections (tests look at it).
+    pub fn connections(&self) -> &connections::ConnectionManager {
+        &self.conns
+    }
+
+    /// The metrics this proxy records into.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inputs.metrics
     }
 
     /// The workload this proxy acts for, waiting briefly for it to appear in the state.
@@ -218,7 +238,16 @@ impl Proxy {
                 },
             )
         };
-        tokio::join!(out, inb, plain);
+        // The watcher lives as long as the listeners and their drain.
+        let accept = async { tokio::join!(out, inb, plain) };
+        tokio::pin!(accept);
+        tokio::select! {
+            _ = &mut accept => {}
+            _ = self.clone().watch_policies() => {
+                tracing::debug!("state channel closed; inbound connections are no longer re-checked");
+                accept.await;
+            }
+        }
     }
 
     async fn accept_loop<H, F>(&self, listener: TcpListener, name: &'static str, handle: H)
@@ -274,4 +303,14 @@ impl Proxy {
             let _ = force_close.send(true);
         }
     }
+}
+
+/// The service of `workload` whose port maps to `target_port` on it (for metrics labels), if any.
+fn service_for(state: &State, workload: &Workload, target_port: u16) -> Option<Arc<Service>> {
+    workload.services.iter().find_map(|(key, ports)| {
+        let (ns, host) = key.split_once('/')?;
+        let svc = state.service_by_host(host, ns)?;
+        let maps = |m: &HashMap<u16, u16>| m.values().any(|p| *p == target_port);
+        (svc.namespace == ns && (maps(ports) || maps(&svc.ports))).then(|| svc.clone())
+    })
 }

@@ -5,6 +5,9 @@
 //! 400 when the method is not CONNECT, the authority does not parse or names an address other than the one
 //! the connection arrived on; 503 when the local workload is unknown, the port is one of the proxy's own,
 //! or the application cannot be reached; 401 when authorization denies; 200 and bytes both ways otherwise.
+//! Accepted streams stay registered with the proxy's [`connections`](super::connections) registry and are
+//! reset if a later policy change denies them. Each stream is counted in [`metrics`](crate::metrics)
+//! (reporter `destination`, `response_flags` `DENY` when authorization refused or closed it).
 //! TLS failures (garbage, plain HTTP, untrusted or foreign certificates) end that connection only.
 
 use std::net::{IpAddr, SocketAddr};
@@ -14,10 +17,12 @@ use std::time::Instant;
 use http::{Method, StatusCode};
 use tokio::net::TcpStream;
 
+use super::connections::{deciding_policy, Counted, Registration, Tracked};
 use super::{Error, Proxy};
-use crate::authz::{Connection, Decision};
+use crate::authz::{Connection, Decision, DenyReason};
 use crate::hbone::{copy, server};
 use crate::identity::Identity;
+use crate::metrics::{ConnectionRecord, Reporter, ResponseFlags, TrafficLabels};
 use crate::socket;
 
 /// Why a CONNECT stream was refused, and with which status.
@@ -25,13 +30,27 @@ use crate::socket;
 struct Refusal {
     status: StatusCode,
     reason: String,
+    /// The deciding policy when authorization refused.
+    denied: Option<DenyReason>,
+    /// The connection's metrics, once it was counted as opened.
+    record: Option<ConnectionRecord>,
 }
 
 fn refuse(status: StatusCode, reason: impl Into<String>) -> Refusal {
     Refusal {
         status,
         reason: reason.into(),
+        denied: None,
+        record: None,
     }
+}
+
+/// An authorized stream, its upstream connected.
+struct Admitted {
+    upstream: TcpStream,
+    target: SocketAddr,
+    registration: Registration,
+    record: ConnectionRecord,
 }
 
 impl Proxy {
@@ -104,39 +123,76 @@ impl Proxy {
             .authority()
             .map(|a| a.as_str().to_string())
             .unwrap_or_default();
-        let upstream = match self.check_connect(&incoming, peer, local, &peer_id).await {
-            Ok(up) => up,
+        let admitted = match self.check_connect(&incoming, peer, local, &peer_id).await {
+            Ok(a) => a,
             Err(r) => {
+                let flags = match &r.denied {
+                    Some(_) => ResponseFlags::Deny,
+                    None => ResponseFlags::Connect,
+                };
+                let policy = r.denied.as_ref().map_or("-", deciding_policy);
                 tracing::info!(
                     target: "access", direction = "inbound",
                     src.addr = %peer, src.identity = %peer_id, dst.addr = %local, dst.hbone_addr = %authority,
-                    status = r.status.as_u16(), error = %r.reason, "connection refused"
+                    status = r.status.as_u16(), policy, error = %r.reason, "connection refused"
                 );
+                if let Some(record) = r.record {
+                    record.close(flags, 0, 0);
+                }
                 incoming.refuse(r.status);
                 return;
             }
         };
+        let Admitted {
+            mut upstream,
+            target,
+            mut registration,
+            record,
+        } = admitted;
         let (send, recv) = match incoming.accept(http::HeaderMap::new()) {
             Ok(s) => s,
             Err(e) => {
                 tracing::debug!(error = %e, "HBONE stream gone before the answer");
+                record.close(ResponseFlags::None, 0, 0);
                 return;
             }
         };
-        let mut upstream = upstream;
-        let (mut r, mut w) = upstream.split();
-        match copy::bidirectional(&mut r, &mut w, send, recv).await {
-            Ok(t) => tracing::info!(
-                target: "access", direction = "inbound",
-                src.addr = %peer, src.identity = %peer_id, dst.addr = %local, dst.hbone_addr = %authority,
-                bytes_sent = t.hbone_to_tcp, bytes_recv = t.tcp_to_hbone,
-                duration = format!("{}ms", start.elapsed().as_millis()), "connection complete"
-            ),
-            Err(e) => tracing::info!(
-                target: "access", direction = "inbound",
-                src.addr = %peer, src.identity = %peer_id, dst.hbone_addr = %authority,
-                error = %e, "connection ended with an error"
-            ),
+        let (r, w) = upstream.split();
+        let (mut r, mut w) = (Counted::new(r), Counted::new(w));
+        let outcome = tokio::select! {
+            res = copy::bidirectional(&mut r, &mut w, send, recv) => Ok(res),
+            // Dropping the copy drops the stream's halves: h2 resets the stream (CANCEL).
+            reason = registration.closed() => Err(reason),
+        };
+        let (received, sent) = (w.written, r.read);
+        let duration = format!("{}ms", start.elapsed().as_millis());
+        match outcome {
+            Ok(Ok(_)) => {
+                record.close(ResponseFlags::None, received, sent);
+                tracing::info!(
+                    target: "access", direction = "inbound",
+                    src.addr = %peer, src.identity = %peer_id, dst.addr = %target, dst.hbone_addr = %authority,
+                    bytes_sent = sent, bytes_recv = received, duration, "connection complete"
+                )
+            }
+            Ok(Err(e)) => {
+                record.close(ResponseFlags::None, received, sent);
+                tracing::info!(
+                    target: "access", direction = "inbound",
+                    src.addr = %peer, src.identity = %peer_id, dst.addr = %target, dst.hbone_addr = %authority,
+                    bytes_sent = sent, bytes_recv = received, duration, error = %e, "connection ended with an error"
+                )
+            }
+            Err(reason) => {
+                record.close(ResponseFlags::Deny, received, sent);
+                tracing::info!(
+                    target: "access", direction = "inbound",
+                    src.addr = %peer, src.identity = %peer_id, dst.addr = %target, dst.hbone_addr = %authority,
+                    bytes_sent = sent, bytes_recv = received, duration,
+                    policy = deciding_policy(&reason), reason = %reason,
+                    "connection closed due to policy change"
+                )
+            }
         }
     }
 
@@ -147,7 +203,7 @@ impl Proxy {
         peer: SocketAddr,
         local: SocketAddr,
         peer_id: &Identity,
-    ) -> Result<TcpStream, Refusal> {
+    ) -> Result<Admitted, Refusal> {
         let req = &incoming.request;
         if req.method() != Method::CONNECT {
             return Err(refuse(
@@ -160,6 +216,8 @@ impl Proxy {
             .local_workload()
             .await
             .map_err(|e| refuse(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+        let state = self.inputs.state.load();
+        let mut service = None;
         let target: SocketAddr = match authority.parse::<SocketAddr>() {
             Ok(addr) => {
                 let addr = socket::canonical(addr);
@@ -182,7 +240,6 @@ impl Proxy {
                             format!("authority {authority:?} is not ip:port or host:port"),
                         )
                     })?;
-                let state = self.inputs.state.load();
                 let svc = state
                     .service_by_host(host, &workload.namespace)
                     .ok_or_else(|| {
@@ -201,6 +258,7 @@ impl Proxy {
                             format!("service {host} has no port {port} on this workload"),
                         )
                     })?;
+                service = Some(svc.clone());
                 SocketAddr::new(local.ip(), target_port)
             }
         };
@@ -210,25 +268,57 @@ impl Proxy {
                 Error::SelfCall(target).to_string(),
             ));
         }
+        // Counted from here on, as ztunnel counts a connection once it knows both ends.
+        let network = &self.cfg().network;
+        let src_ip = forwarded_for(req.headers()).unwrap_or(peer.ip());
+        // The source workload only when its identity is the peer's: a header cannot borrow another's name.
+        let src_workload = state
+            .workload_by_addr(network, src_ip)
+            .filter(|w| w.identity == *peer_id);
+        let service = service.or_else(|| super::service_for(&state, &workload, target.port()));
+        let labels = TrafficLabels::new(
+            Reporter::destination,
+            src_workload.map(|w| &**w),
+            Some(peer_id),
+            Some(&workload),
+            service.as_deref(),
+        );
+        let record = self.metrics().open(labels);
+        // Registered before the check, so a policy change between the two is never missed.
+        let registration = match self.conns.register(Tracked {
+            src: peer,
+            dst: target,
+            src_identity: Some(peer_id.clone()),
+            workload: workload.clone(),
+        }) {
+            Ok(r) => r,
+            Err(full) => {
+                let mut r = refuse(StatusCode::SERVICE_UNAVAILABLE, full.to_string());
+                r.record = Some(record);
+                return Err(r);
+            }
+        };
         let state = self.inputs.state.load();
         let conn = Connection {
             src: peer,
             dst: target,
             src_identity: Some(peer_id),
-            dst_network: &self.cfg().network,
+            dst_network: network,
         };
         if let Decision::Deny(reason) =
             state
                 .policies()
                 .check(&workload.namespace, &workload.authorization_policies, &conn)
         {
-            return Err(refuse(
-                StatusCode::UNAUTHORIZED,
-                Error::Denied(reason).to_string(),
-            ));
+            return Err(Refusal {
+                status: StatusCode::UNAUTHORIZED,
+                reason: Error::Denied(reason.clone()).to_string(),
+                denied: Some(reason),
+                record: Some(record),
+            });
         }
         let src_ip: Option<IpAddr> = self.inputs.orig_src.then_some(peer.ip());
-        socket::connect(
+        match socket::connect(
             self.inputs.netns.as_deref(),
             target,
             src_ip,
@@ -236,16 +326,26 @@ impl Proxy {
             self.cfg().connect_timeout,
         )
         .await
-        .map_err(|e| {
-            refuse(
-                StatusCode::SERVICE_UNAVAILABLE,
-                Error::Connect {
-                    dst: target,
-                    source: e,
-                }
-                .to_string(),
-            )
-        })
+        {
+            Ok(upstream) => Ok(Admitted {
+                upstream,
+                target,
+                registration,
+                record,
+            }),
+            Err(e) => {
+                let mut r = refuse(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    Error::Connect {
+                        dst: target,
+                        source: e,
+                    }
+                    .to_string(),
+                );
+                r.record = Some(record);
+                Err(r)
+            }
+        }
     }
 
     /// Socket options towards the application: the mark, and transparency when keeping the source address.
@@ -255,4 +355,19 @@ impl Proxy {
             ..self.inputs.sock
         }
     }
+}
+
+/// The client address in a `forwarded: for="ip:port"` header, as meshnode and ztunnel clients send it.
+fn forwarded_for(headers: &http::HeaderMap) -> Option<IpAddr> {
+    let value = headers.get(http::header::FORWARDED)?.to_str().ok()?;
+    let part = value
+        .split([';', ','])
+        .map(str::trim)
+        .find_map(|p| p.strip_prefix("for=").or_else(|| p.strip_prefix("For=")))?;
+    let part = part.trim_matches('"');
+    part.parse::<SocketAddr>()
+        .map(|a| a.ip())
+        .or_else(|_| part.trim_matches(['[', ']']).parse::<IpAddr>())
+        .ok()
+        .map(|ip| ip.to_canonical())
 }

@@ -106,6 +106,7 @@ pub async fn start_proxy(
         sock: SocketOpts::default(),
         orig_src: false,
         netns: None,
+        metrics: Default::default(),
     };
     let proxy = Proxy::new(inputs, shutdown);
     let p = proxy.clone();

@@ -1,0 +1,324 @@
+//! Prometheus metrics with ztunnel's names and labels, and the `GET /metrics` endpoint that serves them.
+//!
+//! Owner: the proxy records, the app serves. Input: one [`Metrics`] per process (a prometheus-client
+//! [`Registry`] plus the TCP families registered in it), shared by every proxy through
+//! [`ProxyInputs::metrics`](crate::proxy::ProxyInputs). Output: the families below, encoded as OpenMetrics
+//! text by [`serve`] on the listener it is given (`:15020` in production).
+//!
+//! | name (as scraped) | when |
+//! |---|---|
+//! | `istio_tcp_connections_opened_total` | a connection is accepted for a workload (before authorization) |
+//! | `istio_tcp_connections_closed_total` | it ends, whatever the reason (`response_flags` says why) |
+//! | `istio_tcp_connections_failed_total` | it ends with `response_flags` other than `-` |
+//! | `istio_tcp_received_bytes_total` | at close: bytes from the initiator towards the server |
+//! | `istio_tcp_sent_bytes_total` | at close: bytes from the server towards the initiator |
+//!
+//! Labels are ztunnel's CommonTrafficLabels ([`TrafficLabels`]) in its order; empty values read
+//! `unknown`. Cost: a label set is built (a few small strings) and looked up in its family once per
+//! connection, at open and at close; bytes are counted by the copy into plain integers and added at close,
+//! so nothing here runs per byte or per read.
+
+mod serve;
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+
+use crate::identity::Identity;
+use crate::state::{Service, Workload};
+
+pub use serve::serve;
+
+/// Who reports a connection: the proxy of the client (`source`) or of the server (`destination`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[allow(non_camel_case_types)] // The label values are these names, lower case, as in ztunnel.
+pub enum Reporter {
+    /// The client side's proxy (outbound).
+    source,
+    /// The server side's proxy (inbound).
+    destination,
+}
+
+/// Why a connection failed (ztunnel's `response_flags`); `-` when it did not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum ResponseFlags {
+    /// No failure.
+    #[default]
+    None,
+    /// Refused or closed by authorization.
+    Deny,
+    /// The upstream could not be reached.
+    Connect,
+}
+
+impl EncodeLabelValue for ResponseFlags {
+    fn encode(
+        &self,
+        encoder: &mut prometheus_client::encoding::LabelValueEncoder<'_>,
+    ) -> Result<(), std::fmt::Error> {
+        let s = match self {
+            ResponseFlags::None => "-",
+            ResponseFlags::Deny => "DENY",
+            ResponseFlags::Connect => "CONNECT",
+        };
+        EncodeLabelValue::encode(&s, encoder)
+    }
+}
+
+/// Whether the connection arrived over mTLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[allow(non_camel_case_types)] // The label values are these names, as in ztunnel.
+pub enum SecurityPolicy {
+    /// HBONE (peer identity known).
+    mutual_tls,
+    /// Plaintext.
+    unknown,
+}
+
+/// ztunnel's CommonTrafficLabels, in its encoding order (locality labels are not modelled).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct TrafficLabels {
+    /// `source` or `destination`.
+    pub reporter: Reporter,
+    /// Source workload (owner) name.
+    pub source_workload: String,
+    /// Source canonical service.
+    pub source_canonical_service: String,
+    /// Source canonical revision.
+    pub source_canonical_revision: String,
+    /// Source namespace.
+    pub source_workload_namespace: String,
+    /// Source identity (`spiffe://…`), only from mTLS.
+    pub source_principal: String,
+    /// Source app (canonical name).
+    pub source_app: String,
+    /// Source version (canonical revision).
+    pub source_version: String,
+    /// Source cluster.
+    pub source_cluster: String,
+    /// Destination service hostname.
+    pub destination_service: String,
+    /// Destination service namespace.
+    pub destination_service_namespace: String,
+    /// Destination service name.
+    pub destination_service_name: String,
+    /// Destination workload (owner) name.
+    pub destination_workload: String,
+    /// Destination canonical service.
+    pub destination_canonical_service: String,
+    /// Destination canonical revision.
+    pub destination_canonical_revision: String,
+    /// Destination namespace.
+    pub destination_workload_namespace: String,
+    /// Destination identity.
+    pub destination_principal: String,
+    /// Destination app.
+    pub destination_app: String,
+    /// Destination version.
+    pub destination_version: String,
+    /// Destination cluster.
+    pub destination_cluster: String,
+    /// Always `tcp` at L4.
+    pub request_protocol: &'static str,
+    /// Why it failed, `-` if it did not.
+    pub response_flags: ResponseFlags,
+    /// `mutual_tls` or `unknown`.
+    pub connection_security_policy: SecurityPolicy,
+}
+
+/// `unknown` for empty values, as ztunnel encodes them.
+fn val(s: &str) -> String {
+    if s.is_empty() {
+        "unknown".to_string()
+    } else {
+        s.to_string()
+    }
+}
+
+impl TrafficLabels {
+    /// Labels for a connection seen by `reporter`: the source and destination workloads when the state
+    /// knows them, the peer identity from mTLS (`None` for plaintext), and the service addressed if any.
+    pub fn new(
+        reporter: Reporter,
+        src: Option<&Workload>,
+        src_identity: Option<&Identity>,
+        dst: Option<&Workload>,
+        dst_service: Option<&Service>,
+    ) -> TrafficLabels {
+        let s = |f: fn(&Workload) -> &str| val(src.map(f).unwrap_or(""));
+        let d = |f: fn(&Workload) -> &str| val(dst.map(f).unwrap_or(""));
+        let svc = |f: fn(&Service) -> &str| val(dst_service.map(f).unwrap_or(""));
+        TrafficLabels {
+            reporter,
+            source_workload: s(|w| workload_name(w)),
+            source_canonical_service: s(|w| &w.canonical_name),
+            source_canonical_revision: s(|w| &w.canonical_revision),
+            source_workload_namespace: s(|w| &w.namespace),
+            source_principal: src_identity.map_or_else(|| val(""), |i| i.to_string()),
+            source_app: s(|w| app_name(w)),
+            source_version: s(|w| &w.canonical_revision),
+            source_cluster: s(|w| &w.cluster_id),
+            destination_service: svc(|s| &s.hostname),
+            destination_service_namespace: svc(|s| &s.namespace),
+            destination_service_name: svc(|s| &s.name),
+            destination_workload: d(|w| workload_name(w)),
+            destination_canonical_service: d(|w| &w.canonical_name),
+            destination_canonical_revision: d(|w| &w.canonical_revision),
+            destination_workload_namespace: d(|w| &w.namespace),
+            destination_principal: dst.map_or_else(|| val(""), |w| w.identity.to_string()),
+            destination_app: d(|w| app_name(w)),
+            destination_version: d(|w| &w.canonical_revision),
+            destination_cluster: d(|w| &w.cluster_id),
+            request_protocol: "tcp",
+            response_flags: ResponseFlags::None,
+            connection_security_policy: if src_identity.is_some() {
+                SecurityPolicy::mutual_tls
+            } else {
+                SecurityPolicy::unknown
+            },
+        }
+    }
+}
+
+/// The owner's name when known, else the pod's.
+fn workload_name(w: &Workload) -> &str {
+    if w.workload_name.is_empty() {
+        &w.name
+    } else {
+        &w.workload_name
+    }
+}
+
+/// The canonical name when known, else the workload name (ztunnel's `source_app`).
+fn app_name(w: &Workload) -> &str {
+    if w.canonical_name.is_empty() {
+        workload_name(w)
+    } else {
+        &w.canonical_name
+    }
+}
+
+/// The TCP families.
+#[derive(Debug, Default)]
+struct Tcp {
+    opened: Family<TrafficLabels, Counter>,
+    closed: Family<TrafficLabels, Counter>,
+    failed: Family<TrafficLabels, Counter>,
+    received_bytes: Family<TrafficLabels, Counter>,
+    sent_bytes: Family<TrafficLabels, Counter>,
+}
+
+/// The process's metrics: one registry, shared by every proxy (`Arc`).
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    tcp: Tcp,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    /// A registry with the `istio_tcp_*` families registered.
+    pub fn new() -> Metrics {
+        let mut registry = Registry::default();
+        let tcp = Tcp::default();
+        let istio = registry.sub_registry_with_prefix("istio");
+        istio.register(
+            "tcp_connections_opened",
+            "The total number of TCP connections opened",
+            tcp.opened.clone(),
+        );
+        istio.register(
+            "tcp_connections_closed",
+            "The total number of TCP connections closed",
+            tcp.closed.clone(),
+        );
+        istio.register(
+            "tcp_connections_failed",
+            "The total number of TCP connections that failed to establish or were closed abnormally",
+            tcp.failed.clone(),
+        );
+        istio.register(
+            "tcp_received_bytes",
+            "The size of total bytes received during request in case of a TCP connection",
+            tcp.received_bytes.clone(),
+        );
+        istio.register(
+            "tcp_sent_bytes",
+            "The size of total bytes sent during response in case of a TCP connection",
+            tcp.sent_bytes.clone(),
+        );
+        Metrics { registry, tcp }
+    }
+
+    /// The registry, for encoding.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// The registry as OpenMetrics text.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    /// Counts a connection as opened; the returned record counts its close.
+    pub fn open(self: &Arc<Self>, labels: TrafficLabels) -> ConnectionRecord {
+        self.tcp.opened.get_or_create(&labels).inc();
+        ConnectionRecord {
+            metrics: self.clone(),
+            labels: Some(labels),
+        }
+    }
+}
+
+/// One open connection's metrics; [`close`](Self::close) records its end. Dropped without closing
+/// (the task was cancelled), it records a close with no bytes and no flag.
+#[derive(Debug)]
+pub struct ConnectionRecord {
+    metrics: Arc<Metrics>,
+    labels: Option<TrafficLabels>,
+}
+
+impl ConnectionRecord {
+    /// Records the end: `received` bytes from the initiator, `sent` towards it, and why it failed.
+    pub fn close(mut self, flags: ResponseFlags, received: u64, sent: u64) {
+        self.record(flags, received, sent);
+    }
+
+    fn record(&mut self, flags: ResponseFlags, received: u64, sent: u64) {
+        let Some(mut labels) = self.labels.take() else {
+            return;
+        };
+        labels.response_flags = flags;
+        let tcp = &self.metrics.tcp;
+        tcp.closed.get_or_create(&labels).inc();
+        if flags != ResponseFlags::None {
+            tcp.failed.get_or_create(&labels).inc();
+        }
+        if received > 0 {
+            tcp.received_bytes.get_or_create(&labels).inc_by(received);
+        }
+        if sent > 0 {
+            tcp.sent_bytes.get_or_create(&labels).inc_by(sent);
+        }
+    }
+}
+
+impl Drop for ConnectionRecord {
+    fn drop(&mut self) {
+        self.record(ResponseFlags::None, 0, 0);
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,62 @@
+use std::sync::Arc;
+
+use super::*;
+
+fn encoded_lines(m: &Metrics, name: &str) -> Vec<String> {
+    m.encode()
+        .lines()
+        .filter(|l| l.starts_with(name))
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn empty_labels_read_unknown_and_flags_read_dash_until_a_failure() {
+    let m = Arc::new(Metrics::new());
+    let labels = TrafficLabels::new(Reporter::destination, None, None, None, None);
+    m.open(labels.clone()).close(ResponseFlags::None, 3, 4);
+    m.open(labels).close(ResponseFlags::Deny, 0, 0);
+    let opened = encoded_lines(&m, "istio_tcp_connections_opened_total{");
+    assert_eq!(opened.len(), 1, "{opened:?}");
+    assert!(opened[0].starts_with(
+        r#"istio_tcp_connections_opened_total{reporter="destination",source_workload="unknown","#
+    ));
+    assert!(opened[0].contains(r#"response_flags="-",connection_security_policy="unknown"} 2"#));
+    let failed = encoded_lines(&m, "istio_tcp_connections_failed_total{");
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert!(failed[0].contains(r#"response_flags="DENY""#), "{failed:?}");
+    let closed = encoded_lines(&m, "istio_tcp_connections_closed_total{");
+    assert_eq!(closed.len(), 2, "{closed:?}");
+    let recv = encoded_lines(&m, "istio_tcp_received_bytes_total{");
+    assert!(recv.len() == 1 && recv[0].ends_with(" 3"), "{recv:?}");
+    let sent = encoded_lines(&m, "istio_tcp_sent_bytes_total{");
+    assert!(sent.len() == 1 && sent[0].ends_with(" 4"), "{sent:?}");
+}
+
+#[test]
+fn a_record_dropped_without_close_still_counts_the_close() {
+    let m = Arc::new(Metrics::new());
+    drop(m.open(TrafficLabels::new(Reporter::source, None, None, None, None)));
+    let closed = encoded_lines(&m, "istio_tcp_connections_closed_total{");
+    assert!(closed.len() == 1 && closed[0].ends_with(" 1"), "{closed:?}");
+}
+
+#[test]
+fn every_family_is_exposed_with_its_type_once_used() {
+    let m = Arc::new(Metrics::new());
+    // prometheus-client leaves families without samples out, as ztunnel's output does.
+    assert_eq!(m.encode(), "# EOF\n");
+    let labels = TrafficLabels::new(Reporter::destination, None, None, None, None);
+    m.open(labels).close(ResponseFlags::Deny, 1, 1);
+    let text = m.encode();
+    for name in [
+        "istio_tcp_connections_opened",
+        "istio_tcp_connections_closed",
+        "istio_tcp_connections_failed",
+        "istio_tcp_received_bytes",
+        "istio_tcp_sent_bytes",
+    ] {
+        assert!(text.contains(&format!("# TYPE {name} counter")), "{text}");
+    }
+    assert!(text.ends_with("# EOF\n"), "{text}");
+}
