@@ -9,7 +9,8 @@
 //! shutdown future. Outputs: the current [`MeshConfig`] and [`ads::Snapshot`] through `watch` channels
 //! ([`ControlPlane`]), the gRPC services.
 //!
-//! Layout: `config` (the YAML format and its validation), `translate` (config → `Address`/`Authorization`),
+//! Layout: `config` (the YAML format and its validation), `istio` (Istio's AuthorizationPolicy and
+//! PeerAuthentication → policies and per-pod policy keys, as istiod), `translate` (config → `Address`/`Authorization`),
 //! `ads` (the delta ADS server), `server` (TLS + tonic serving), `run` (the mesh CA, its serving
 //! certificate and the CA service wired onto the same server: the `meshnode control-plane` command).
 //!
@@ -23,6 +24,7 @@
 
 pub mod ads;
 pub mod config;
+pub mod istio;
 pub mod run;
 pub mod server;
 #[cfg(test)]

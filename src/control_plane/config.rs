@@ -19,6 +19,8 @@
 //! - {name: productpage, namespace: default, vips: [10.96.0.10], ports: [{port: 9080, targetPort: 9080}],
 //!    selector: {app: productpage}}
 //! policies: []                        # ztunnel's local-config policy format
+//! rootNamespace: istio-system         # optional: istiod's root namespace (mesh-wide Istio policies)
+//! istio: []                           # AuthorizationPolicy / PeerAuthentication objects (see istio.rs)
 //! tokens:                             # who may use the CA
 //! - {token: node-1-secret, nodeProxy: true, node: node-1}
 //! - {token: sleep-secret, namespace: default, serviceAccount: sleep}
@@ -30,6 +32,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use super::istio::{self, IstioObject};
 use crate::authz::{Policy, PolicySet};
 use crate::identity::Identity;
 
@@ -103,6 +106,17 @@ pub struct MeshConfig {
     /// Bearer tokens accepted by the CA.
     #[serde(default)]
     pub tokens: Vec<TokenSpec>,
+    /// istiod's root namespace: its AuthorizationPolicies without selector are global, its
+    /// PeerAuthentication without selector is mesh-wide.
+    #[serde(default = "default_root_namespace")]
+    pub root_namespace: String,
+    /// Istio security objects (`AuthorizationPolicy`, `PeerAuthentication`) as users write them.
+    #[serde(default)]
+    pub istio: Vec<IstioObject>,
+}
+
+fn default_root_namespace() -> String {
+    super::istio::DEFAULT_ROOT_NAMESPACE.into()
 }
 
 fn default_trust_domain() -> String {
@@ -225,6 +239,7 @@ impl MeshConfig {
                 trust_domain: default_trust_domain(),
                 cluster_id: default_cluster_id(),
                 cluster_domain: default_cluster_domain(),
+                root_namespace: default_root_namespace(),
                 ..MeshConfig::default()
             }
         } else {
@@ -256,6 +271,8 @@ impl MeshConfig {
         if self.cluster_domain.is_empty() {
             return Err(invalid("clusterDomain".into(), "must not be empty".into()));
         }
+        check_name(&self.root_namespace).map_err(|r| invalid("rootNamespace".into(), r))?;
+        let converted = istio::convert(self)?;
         for name in self.namespaces.keys() {
             check_name(name).map_err(|r| invalid(format!("namespaces.{name}"), r))?;
         }
@@ -285,10 +302,11 @@ impl MeshConfig {
                 }
             }
             for (k, key) in w.authorization_policies.iter().enumerate() {
-                if !self.policies.iter().any(|p| &p.key() == key) {
+                let known = self.policies.iter().chain(&converted.policies);
+                if !known.into_iter().any(|p| &p.key() == key) {
                     return Err(invalid(
                         at(&format!("authorizationPolicies[{k}]")),
-                        format!("no policy {key:?} in policies"),
+                        format!("no policy {key:?} in policies or istio"),
                     ));
                 }
             }
@@ -365,7 +383,21 @@ impl MeshConfig {
                     .map_err(|e| invalid(at("serviceAccount"), e.to_string()))?;
             }
         }
-        PolicySet::new(self.policies.clone())?;
+        for p in &converted.policies {
+            if self.policies.iter().any(|q| q.key() == p.key()) {
+                return Err(invalid(
+                    "policies".into(),
+                    format!("policy {} is also made from the istio objects", p.key()),
+                ));
+            }
+        }
+        PolicySet::new(
+            self.policies
+                .iter()
+                .chain(&converted.policies)
+                .cloned()
+                .collect(),
+        )?;
         Ok(())
     }
 
@@ -382,7 +414,7 @@ impl MeshConfig {
 }
 
 /// Kubernetes object names: DNS-1123 labels/subdomains, lower case.
-fn check_name(name: &str) -> Result<(), String> {
+pub(super) fn check_name(name: &str) -> Result<(), String> {
     let ok = !name.is_empty()
         && name.len() <= 253
         && name

@@ -694,3 +694,59 @@ async fn clients_that_do_not_trust_the_server_certificate_fail_to_connect() {
     c.send(subscribe(ADDRESS_TYPE, &BTreeMap::new())).await;
     assert_eq!(c.recv().await.resources.len(), 3);
 }
+
+#[tokio::test]
+async fn a_peer_authentication_added_to_the_file_is_pushed_as_an_authorization() {
+    let h = start(SMALL, AdsLimits::default()).await;
+    let mut c = connect(&h.channel).await.unwrap();
+    c.send(subscribe(ADDRESS_TYPE, &BTreeMap::new())).await;
+    let first = c.recv().await;
+    c.send(ack(&first, None)).await;
+    c.send(subscribe(AUTHORIZATION_TYPE, &BTreeMap::new()))
+        .await;
+    let policies = c.recv().await;
+    c.send(ack(&policies, None)).await;
+
+    let strict = format!(
+        "{SMALL}istio:\n- {{apiVersion: security.istio.io/v1beta1, kind: PeerAuthentication, \
+         metadata: {{name: default, namespace: default}}, spec: {{mtls: {{mode: STRICT}}}}}}\n"
+    );
+    write(&h.path, &strict);
+    let mut pushes = BTreeMap::new();
+    for _ in 0..2 {
+        let push = c.recv().await;
+        c.send(ack(&push, None)).await;
+        pushes.insert(push.type_url.clone(), push);
+    }
+    let authz = &pushes[AUTHORIZATION_TYPE];
+    let key = "istio-system/istio_converted_static_strict";
+    assert_eq!(names(authz), vec![key.to_string()]);
+    let policy = sec::Authorization::decode(
+        authz.resources[0]
+            .resource
+            .as_ref()
+            .unwrap()
+            .value
+            .as_slice(),
+    )
+    .unwrap();
+    assert_eq!(policy.action, sec::Action::Deny as i32);
+    assert_eq!(policy.scope, sec::Scope::WorkloadSelector as i32);
+    use sec::string_match::MatchType;
+    assert_eq!(
+        policy.rules[0].clauses[0].matches[0].not_principals[0].match_type,
+        Some(MatchType::Presence(()))
+    );
+    // Both pods of the namespace now list it.
+    let addrs = &pushes[ADDRESS_TYPE];
+    assert_eq!(names(addrs), vec![uid("default", "a"), uid("default", "b")]);
+    for r in &addrs.resources {
+        let a = wl::Address::decode(r.resource.as_ref().unwrap().value.as_slice()).unwrap();
+        match a.r#type {
+            Some(wl::address::Type::Workload(w)) => {
+                assert_eq!(w.authorization_policies, vec![key.to_string()]);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}

@@ -1,5 +1,6 @@
 //! From the mesh file to the xDS resources istiod would send a ztunnel: `istio.workload.Address` (one per
-//! pod, one per service) and `istio.security.Authorization` (one per policy).
+//! pod, one per service) and `istio.security.Authorization` (one per policy, including those made from the
+//! `istio:` objects by `istio.rs`, whose per-pod keys are appended to `authorization_policies`).
 //!
 //! Input: a validated [`MeshConfig`]. Output: [`Resources`], each resource under its xDS name (workload uid
 //! `<cluster>//Pod/<namespace>/<name>` as istiod's `generatePodUID`; service `<namespace>/<hostname>`;
@@ -20,6 +21,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 
 use super::config::{MeshConfig, ServiceSpec, WorkloadSpec};
+use super::istio;
 use crate::authz::{self, Policy, StringMatch};
 use crate::cni_agent::cluster::{NamespaceInfo, PodInfo};
 use crate::cni_agent::selector::{self, Decision};
@@ -56,12 +58,26 @@ pub fn address_name(addr: &wl::Address) -> Option<String> {
 /// Translates the whole mesh.
 pub fn translate(cfg: &MeshConfig) -> Resources {
     let mut out = Resources::default();
+    // The config was validated, so conversion succeeds; were it to fail, no Istio policy is sent and the
+    // error is logged (the last good snapshot is what a bad file keeps serving anyway).
+    let istio = istio::convert(cfg).unwrap_or_else(|e| {
+        tracing::error!(error = %e, "istio objects could not be translated");
+        istio::Converted::default()
+    });
+    for warning in &istio.warnings {
+        tracing::warn!("{warning}");
+    }
     let enrollment = selector::Policy {
         selectors: selector::default_selectors(),
         exclude_namespaces: vec!["kube-system".into()],
     };
     for w in &cfg.workloads {
-        let workload = workload(cfg, &enrollment, w);
+        let mut workload = workload(cfg, &enrollment, w);
+        for key in istio.keys_for(w) {
+            if !workload.authorization_policies.contains(&key) {
+                workload.authorization_policies.push(key);
+            }
+        }
         out.addresses.insert(
             workload.uid.clone(),
             wl::Address {
@@ -78,7 +94,7 @@ pub fn translate(cfg: &MeshConfig) -> Resources {
             },
         );
     }
-    for p in &cfg.policies {
+    for p in cfg.policies.iter().chain(&istio.policies) {
         out.authorizations.insert(p.key(), authorization(p));
     }
     out
