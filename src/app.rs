@@ -154,6 +154,22 @@ pub async fn run_proxy(
     readiness_listener: Option<TcpListener>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), Error> {
+    run_proxy_with_metrics(cfg, listeners, readiness_listener, None, shutdown).await
+}
+
+/// [`run_proxy`], also serving `GET /metrics` on `metrics_listener` (ztunnel's :15020). One registry per
+/// process: every pod's proxy in shared mode records into it.
+pub async fn run_proxy_with_metrics(
+    cfg: Arc<Config>,
+    listeners: Option<Listeners>,
+    readiness_listener: Option<TcpListener>,
+    metrics_listener: Option<TcpListener>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), Error> {
+    let metrics = Arc::new(crate::metrics::Metrics::new());
+    if let Some(l) = metrics_listener {
+        tokio::spawn(crate::metrics::serve(l, metrics.clone(), shutdown.clone()));
+    }
     let ready = Readiness::new();
     let state = match &cfg.xds {
         Some(target) => {
@@ -190,6 +206,7 @@ pub async fn run_proxy(
                 state,
                 certs,
                 orig_src,
+                metrics,
             };
             crate::inpod::run(inputs, ready, shutdown).await;
             return Ok(());
@@ -213,7 +230,7 @@ pub async fn run_proxy(
             orig_src,
             netns: None,
             // Not served yet: app.rs creates the process registry and serves it on :15020 (issue 5 wiring).
-            metrics: Default::default(),
+            metrics,
         },
         shutdown,
     );
@@ -238,6 +255,11 @@ pub async fn run_proxy(
     });
     proxy.serve(listeners).await;
     Ok(())
+}
+
+/// The stats port (`GET /metrics`, :15020) in the current network namespace.
+pub fn bind_metrics(cfg: &Config) -> Result<TcpListener, Error> {
+    socket::listen(cfg.wildcard(cfg.ports.metrics), SocketOpts::default()).map_err(Error::Bind)
 }
 
 /// Binds the proxy's listeners (dedicated mode only: in shared mode they live in each pod's namespace) and

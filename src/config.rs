@@ -296,6 +296,8 @@ pub struct Ports {
     pub inbound: u16,
     /// Readiness (15021).
     pub readiness: u16,
+    /// Prometheus metrics (15020, ztunnel's stats port).
+    pub metrics: u16,
 }
 
 impl Ports {
@@ -464,6 +466,7 @@ impl Config {
                 inbound_plaintext: 15006,
                 inbound: 15008,
                 readiness: 15021,
+                metrics: 15020,
             },
             pool: PoolConfig {
                 max_streams_per_connection: parse_default(

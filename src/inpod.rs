@@ -67,6 +67,8 @@ pub struct InpodInputs {
     pub certs: Arc<CertManager>,
     /// Keep client addresses towards applications.
     pub orig_src: bool,
+    /// The process's metrics registry, shared by every pod's proxy.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// A running pod proxy.
@@ -285,7 +287,7 @@ impl Pods {
                 orig_src: self.inputs.orig_src,
                 netns: Some(inpod),
                 // Per-pod proxies must share the process registry (InpodInputs gets it; issue 5 wiring).
-                metrics: Default::default(),
+                metrics: self.inputs.metrics.clone(),
             },
             drained,
         );

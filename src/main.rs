@@ -141,6 +141,13 @@ fn main() -> anyhow::Result<()> {
 
 async fn run(cfg: Arc<Config>) -> anyhow::Result<()> {
     let (listeners, readiness) = meshnode::app::bind(&cfg)?;
+    let metrics = match meshnode::app::bind_metrics(&cfg) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            tracing::warn!(error = %e, "metrics port unavailable; serving without /metrics");
+            None
+        }
+    };
     tracing::info!(mode = ?cfg.proxy_mode, workload = ?cfg.workload_info, "meshnode proxy starting");
     let (tx, rx) = watch::channel(false);
     tokio::spawn(async move {
@@ -151,7 +158,7 @@ async fn run(cfg: Arc<Config>) -> anyhow::Result<()> {
         wait_for_signal().await;
         std::process::exit(1);
     });
-    meshnode::app::run_proxy(cfg, listeners, Some(readiness), rx).await?;
+    meshnode::app::run_proxy_with_metrics(cfg, listeners, Some(readiness), metrics, rx).await?;
     tracing::info!("stopped");
     Ok(())
 }

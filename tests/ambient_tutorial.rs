@@ -134,8 +134,10 @@ fn the_ambient_tutorial_strict_mtls_joining_the_mesh_and_a_principal_policy() {
     });
     let err = call(&sleep, to_productpage);
     assert!(
-        err.as_ref()
-            .map_or_else(|e| e.kind() == std::io::ErrorKind::ConnectionReset, |r| r.is_empty()),
+        err.as_ref().map_or_else(
+            |e| e.kind() == std::io::ErrorKind::ConnectionReset,
+            |r| r.is_empty()
+        ),
         "{err:?}"
     );
 
@@ -176,4 +178,23 @@ fn the_ambient_tutorial_strict_mtls_joining_the_mesh_and_a_principal_policy() {
         "the already-open connection still got an answer: {:?}",
         got.map(|n| String::from_utf8_lossy(&buf[..n]).into_owned())
     );
+    // The denials are counted, with Istio's metric names, on the proxy's stats port.
+    let metrics = node.ns.run(|| {
+        let mut s = TcpStream::connect("127.0.0.1:15020").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    });
+    let denied = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("istio_tcp_connections_failed_total{")
+                && l.contains("response_flags=\"DENY\"")
+                && l.contains("destination_workload=\"reviews\"")
+        })
+        .unwrap_or_else(|| panic!("no DENY count for reviews in:\n{metrics}"));
+    assert!(!denied.ends_with(" 0"), "{denied}");
 }

@@ -167,23 +167,25 @@ impl Node {
         self.proxy = None;
         let n = self.restarts.fetch_add(1, Ordering::Relaxed);
         let log = std::fs::File::create(self.path(&format!("proxy{n}.log"))).unwrap();
-        self.proxy = Some(KillOnDrop(self.ns.spawn(
-            env!("CARGO_BIN_EXE_meshnode"),
-            &["proxy"],
-            &[
-                ("PROXY_MODE", "shared"),
-                ("INPOD_UDS", self.path("zds.sock").to_str().unwrap()),
-                ("LOCAL_XDS_PATH", self.path("local.yaml").to_str().unwrap()),
-                ("XDS_ADDRESS", ""),
-                ("MESHNODE_STATE_DIR", self.path("state").to_str().unwrap()),
-                ("RUST_LOG", "info"),
-            ]
-            .into_iter()
-            .filter(|(k, _)| !self.proxy_env.iter().any(|(o, _)| o == k))
-            .chain(self.proxy_env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .collect::<Vec<_>>(),
-            log,
-        )));
+        self.proxy = Some(KillOnDrop(
+            self.ns.spawn(
+                env!("CARGO_BIN_EXE_meshnode"),
+                &["proxy"],
+                &[
+                    ("PROXY_MODE", "shared"),
+                    ("INPOD_UDS", self.path("zds.sock").to_str().unwrap()),
+                    ("LOCAL_XDS_PATH", self.path("local.yaml").to_str().unwrap()),
+                    ("XDS_ADDRESS", ""),
+                    ("MESHNODE_STATE_DIR", self.path("state").to_str().unwrap()),
+                    ("RUST_LOG", "info"),
+                ]
+                .into_iter()
+                .filter(|(k, _)| !self.proxy_env.iter().any(|(o, _)| o == k))
+                .chain(self.proxy_env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+                .collect::<Vec<_>>(),
+                log,
+            ),
+        ));
         self.wait_for(|| self.ready(), "the proxy's readiness");
     }
 
@@ -211,7 +213,12 @@ impl Node {
             log,
         )));
         self.wait_for(
-            || root.exists() && self.ns.run(|| TcpStream::connect("127.0.0.1:15012").is_ok()),
+            || {
+                root.exists()
+                    && self
+                        .ns
+                        .run(|| TcpStream::connect("127.0.0.1:15012").is_ok())
+            },
             "the control plane",
         );
         let root = root.to_str().unwrap().to_string();
