@@ -351,6 +351,14 @@ pub enum Error {
         /// The offending list.
         field: MatchField,
     },
+    /// A DENY policy holds a match with no field, which would match nothing.
+    #[error("policy {policy}: {position}: an empty match in a DENY policy matches nothing (it would silently allow what it means to deny)")]
+    EmptyDenyMatch {
+        /// The policy key.
+        policy: String,
+        /// Where.
+        position: MatchPosition,
+    },
     /// Two policies have the same `namespace/name` key.
     #[error("policy {policy} is defined more than once")]
     DuplicateKey {

@@ -190,6 +190,13 @@ impl Policy {
     }
 
     fn validate_match(&self, m: &Match, position: MatchPosition) -> Result<(), Error> {
+        // An empty match never matches: harmless in an ALLOW, but in a DENY it silently denies nothing.
+        if self.action == Action::Deny && m.is_empty() {
+            return Err(Error::EmptyDenyMatch {
+                policy: self.key(),
+                position,
+            });
+        }
         let strings = [
             (&m.namespaces, MatchField::Namespaces),
             (&m.not_namespaces, MatchField::NotNamespaces),

@@ -340,20 +340,22 @@ fn policy_structure_any_rule_all_clauses_any_match() {
             want: Want::ExplicitDeny("default/d"),
         },
         Case {
+            // (In a DENY policy an empty match is refused at load: see
+            // `an_empty_match_in_a_deny_policy_is_refused`.)
             name: "an all-empty match never matches",
-            policies: "- {name: d, namespace: default, scope: Namespace, action: Deny, rules: [[[{}]]]}",
+            policies: "- {name: a, namespace: default, scope: Namespace, action: Allow, rules: [[[{}]]]}",
+            ns: "default",
+            keys: &[],
+            conn: DEFAULT_CONN,
+            want: Want::NoAllowMatch,
+        },
+        Case {
+            name: "an all-empty match next to a matching one: the clause matches",
+            policies: "- {name: a, namespace: default, scope: Namespace, action: Allow, rules: [[[{}, {destinationPorts: [8080]}]]]}",
             ns: "default",
             keys: &[],
             conn: DEFAULT_CONN,
             want: Want::Allow,
-        },
-        Case {
-            name: "an all-empty match next to a matching one: the clause matches",
-            policies: "- {name: d, namespace: default, scope: Namespace, action: Deny, rules: [[[{}, {destinationPorts: [8080]}]]]}",
-            ns: "default",
-            keys: &[],
-            conn: DEFAULT_CONN,
-            want: Want::ExplicitDeny("default/d"),
         },
         Case {
             name: "policy matches if any rule matches",
@@ -1244,4 +1246,17 @@ fn match_field_edge_cases() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn an_empty_match_in_a_deny_policy_is_refused() {
+    let err = parse(
+        "- {name: d, namespace: default, scope: Namespace, action: Deny, rules: [[[{}, {destinationPorts: [8080]}]]]}",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("default/d") && err.contains("empty match"),
+        "{err}"
+    );
 }

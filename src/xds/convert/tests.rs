@@ -853,3 +853,16 @@ fn edge_values_that_are_valid_are_accepted_unchanged() {
     assert_eq!(got.destination_ports, vec![0, 65535]);
     assert_eq!(got.principals, vec![authz::StringMatch::Presence]);
 }
+
+#[test]
+fn an_empty_match_in_a_deny_policy_is_refused_but_is_harmless_in_an_allow() {
+    let mut deny = pb_policy(security::Match::default());
+    deny.action = security::Action::Deny as i32;
+    let err = policy("default/allow-sleep", deny).unwrap_err().to_string();
+    assert!(
+        err.contains("rules[0][0][0]") && err.contains("DENY"),
+        "{err}"
+    );
+    // In an ALLOW an empty match can only narrow access (it never matches), as in ztunnel.
+    assert!(policy("default/allow-sleep", pb_policy(security::Match::default())).is_ok());
+}
