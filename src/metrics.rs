@@ -12,6 +12,11 @@
 //! | `istio_tcp_connections_failed_total` | it ends with `response_flags` other than `-` |
 //! | `istio_tcp_received_bytes_total` | at close: bytes from the initiator towards the server |
 //! | `istio_tcp_sent_bytes_total` | at close: bytes from the server towards the initiator |
+//! | `istio_tcp_sockets_open` | gauge per `reporter`: connections opened here and not yet closed |
+//!
+//! Both sides record: inbound (:15008, :15006) with `reporter="destination"`, outbound (:15001) with
+//! `reporter="source"`. Byte directions are the same for both reporters (received = initiator → server),
+//! as Istio defines them.
 //!
 //! Labels are ztunnel's CommonTrafficLabels ([`TrafficLabels`]) in its order; empty values read
 //! `unknown`. Cost: a label set is built (a few small strings) and looked up in its family once per
@@ -25,6 +30,7 @@ use std::sync::Arc;
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 use crate::identity::Identity;
@@ -201,9 +207,16 @@ fn app_name(w: &Workload) -> &str {
     }
 }
 
+/// The label set of `istio_tcp_sockets_open`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ReporterLabel {
+    reporter: Reporter,
+}
+
 /// The TCP families.
 #[derive(Debug, Default)]
 struct Tcp {
+    sockets_open: Family<ReporterLabel, Gauge>,
     opened: Family<TrafficLabels, Counter>,
     closed: Family<TrafficLabels, Counter>,
     failed: Family<TrafficLabels, Counter>,
@@ -255,6 +268,11 @@ impl Metrics {
             "The size of total bytes sent during response in case of a TCP connection",
             tcp.sent_bytes.clone(),
         );
+        istio.register(
+            "tcp_sockets_open",
+            "The current number of open TCP connections (unstable)",
+            tcp.sockets_open.clone(),
+        );
         Metrics { registry, tcp }
     }
 
@@ -271,12 +289,22 @@ impl Metrics {
         out
     }
 
-    /// Counts a connection as opened; the returned record counts its close.
+    /// Counts a connection as opened (and open); the returned record counts its close.
     pub fn open(self: &Arc<Self>, labels: TrafficLabels) -> ConnectionRecord {
         self.tcp.opened.get_or_create(&labels).inc();
+        // The gauge handle is kept (an `Arc` clone) so the close is one atomic decrement, no lookup.
+        let open = self
+            .tcp
+            .sockets_open
+            .get_or_create(&ReporterLabel {
+                reporter: labels.reporter,
+            })
+            .clone();
+        open.inc();
         ConnectionRecord {
             metrics: self.clone(),
             labels: Some(labels),
+            open,
         }
     }
 }
@@ -287,6 +315,8 @@ impl Metrics {
 pub struct ConnectionRecord {
     metrics: Arc<Metrics>,
     labels: Option<TrafficLabels>,
+    /// This reporter's `istio_tcp_sockets_open`, decremented once at close.
+    open: Gauge,
 }
 
 impl ConnectionRecord {
@@ -299,6 +329,7 @@ impl ConnectionRecord {
         let Some(mut labels) = self.labels.take() else {
             return;
         };
+        self.open.dec();
         labels.response_flags = flags;
         let tcp = &self.metrics.tcp;
         tcp.closed.get_or_create(&labels).inc();

@@ -58,5 +58,31 @@ fn every_family_is_exposed_with_its_type_once_used() {
     ] {
         assert!(text.contains(&format!("# TYPE {name} counter")), "{text}");
     }
+    assert!(
+        text.contains("# TYPE istio_tcp_sockets_open gauge"),
+        "{text}"
+    );
     assert!(text.ends_with("# EOF\n"), "{text}");
+}
+
+#[test]
+fn sockets_open_counts_each_reporters_open_connections_until_they_close() {
+    let m = Arc::new(Metrics::new());
+    let labels = |r| TrafficLabels::new(r, None, None, None, None);
+    let a = m.open(labels(Reporter::source));
+    let b = m.open(labels(Reporter::source));
+    let c = m.open(labels(Reporter::destination));
+    let gauge = |m: &Metrics, r: &str| {
+        encoded_lines(m, &format!("istio_tcp_sockets_open{{reporter=\"{r}\"}}"))
+            .first()
+            .and_then(|l| l.rsplit(' ').next()?.parse::<i64>().ok())
+    };
+    assert_eq!(gauge(&m, "source"), Some(2));
+    assert_eq!(gauge(&m, "destination"), Some(1));
+    a.close(ResponseFlags::Connect, 0, 0);
+    drop(c); // cancelled: still closed once
+    assert_eq!(gauge(&m, "source"), Some(1));
+    assert_eq!(gauge(&m, "destination"), Some(0));
+    b.close(ResponseFlags::None, 1, 1);
+    assert_eq!(gauge(&m, "source"), Some(0));
 }

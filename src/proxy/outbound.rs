@@ -5,6 +5,14 @@
 //! HBONE, plain TCP when it does not, and plain TCP to the original address when the destination is not in
 //! the mesh (passthrough). Routing follows ztunnel: a service VIP is load-balanced to an endpoint (none
 //! healthy: refused), a workload address goes to that workload.
+//!
+//! Each routed connection is counted in [`metrics`](crate::metrics) with `reporter="source"`: the source is
+//! this proxy's workload (its identity as `source_principal`, and `mutual_tls`, only for HBONE, as
+//! ztunnel does), the destination the resolved workload and service (`unknown` for passthrough). The
+//! connection counts as opened once routed; `response_flags` is `CONNECT` when the upstream connection or
+//! the tunnel (certificate, TLS, CONNECT answer) could not be established, `-` otherwise. Bytes are counted
+//! into plain integers by the copy and added at close. Connections refused before routing (self-calls, the
+//! local workload unknown, no healthy endpoint) are logged but not counted, as in ztunnel.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,13 +22,16 @@ use http::{HeaderValue, Method, Request, Uri, Version};
 use rand::Rng;
 use tokio::net::TcpStream;
 
+use super::connections::Counted;
 use super::{Error, Proxy};
 use crate::hbone::copy;
 use crate::hbone::pool::PoolKey;
+use crate::metrics::{Reporter, ResponseFlags, TrafficLabels};
 use crate::socket;
 use crate::state::{LbMode, Protocol, Upstream, Workload};
 
 /// Where an outbound connection goes.
+#[derive(Debug)]
 enum Route {
     /// HBONE to the upstream's proxy.
     Hbone(Upstream),
@@ -81,25 +92,53 @@ impl Proxy {
             return Err(Error::SelfCall(dst));
         }
         let src = self.local_workload().await?;
-        match self.route(&src, dst)? {
+        let route = self.route(&src, dst)?;
+        let record = self.metrics().open(source_labels(&src, &route));
+        match route {
             Route::Passthrough(addr) | Route::Tcp(Upstream { addr, .. }) => {
-                let (sent, recv) = self.plain_tcp(&mut stream, addr).await?;
-                Ok((addr.to_string(), sent, recv))
+                let up = match self.connect_plain(addr).await {
+                    Ok(up) => up,
+                    Err(e) => {
+                        record.close(ResponseFlags::Connect, 0, 0);
+                        return Err(e);
+                    }
+                };
+                let mut up = Counted::new(up);
+                let res = tokio::io::copy_bidirectional(&mut stream, &mut up).await;
+                // Received: from the initiator (written upstream); sent: towards it (read from upstream).
+                let (received, sent) = (up.written, up.read);
+                record.close(ResponseFlags::None, received, sent);
+                res?;
+                Ok((addr.to_string(), received, sent))
             }
             Route::Hbone(up) => {
                 let hbone_dst = SocketAddr::new(up.addr.ip(), self.cfg().ports.inbound);
-                let tls = self.tls_for(&src.identity).await?.current();
-                let key = PoolKey {
-                    src: src.identity.clone(),
-                    dst_ids: up.expected_identities.clone(),
-                    dst: hbone_dst,
+                let tunnel: Result<_, Error> = async {
+                    let tls = self.tls_for(&src.identity).await?.current();
+                    let key = PoolKey {
+                        src: src.identity.clone(),
+                        dst_ids: up.expected_identities.clone(),
+                        dst: hbone_dst,
+                    };
+                    let req = connect_request(&src, peer, &up);
+                    Ok(self.pool().connect(&key, &tls, req).await?)
+                }
+                .await;
+                let tunnel = match tunnel {
+                    Ok(t) => t,
+                    Err(e) => {
+                        record.close(ResponseFlags::Connect, 0, 0);
+                        return Err(e);
+                    }
                 };
-                let req = connect_request(&src, peer, &up);
-                let tunnel = self.pool().connect(&key, &tls, req).await?;
-                let (mut r, mut w) = stream.split();
-                let t = copy::bidirectional(&mut r, &mut w, tunnel.send, tunnel.recv).await?;
+                let (r, w) = stream.split();
+                let (mut r, mut w) = (Counted::new(r), Counted::new(w));
+                let res = copy::bidirectional(&mut r, &mut w, tunnel.send, tunnel.recv).await;
                 drop(tunnel.slot);
-                Ok((hbone_dst.to_string(), t.tcp_to_hbone, t.hbone_to_tcp))
+                let (received, sent) = (r.read, w.written);
+                record.close(ResponseFlags::None, received, sent);
+                res?;
+                Ok((hbone_dst.to_string(), received, sent))
             }
         }
     }
@@ -128,12 +167,9 @@ impl Proxy {
         })
     }
 
-    async fn plain_tcp(
-        &self,
-        stream: &mut TcpStream,
-        dst: SocketAddr,
-    ) -> Result<(u64, u64), Error> {
-        let mut up = socket::connect(
+    /// A plain TCP connection to `dst` (a workload without HBONE, or outside the mesh).
+    async fn connect_plain(&self, dst: SocketAddr) -> Result<TcpStream, Error> {
+        socket::connect(
             self.inputs.netns.as_deref(),
             dst,
             None,
@@ -141,9 +177,25 @@ impl Proxy {
             self.cfg().connect_timeout,
         )
         .await
-        .map_err(|source| Error::Connect { dst, source })?;
-        Ok(tokio::io::copy_bidirectional(stream, &mut up).await?)
+        .map_err(|source| Error::Connect { dst, source })
     }
+}
+
+/// The `reporter="source"` labels of a connection from `src` taking `route`: the source principal (and
+/// `mutual_tls`) only when the connection is carried over HBONE, with this workload's certificate.
+fn source_labels(src: &Workload, route: &Route) -> TrafficLabels {
+    let (identity, up) = match route {
+        Route::Hbone(up) => (Some(&src.identity), Some(up)),
+        Route::Tcp(up) => (None, Some(up)),
+        Route::Passthrough(_) => (None, None),
+    };
+    TrafficLabels::new(
+        Reporter::source,
+        Some(src),
+        identity,
+        up.map(|u| &*u.workload),
+        up.and_then(|u| u.service.as_deref()),
+    )
 }
 
 fn by_protocol(up: Upstream) -> Route {

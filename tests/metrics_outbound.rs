@@ -1,0 +1,365 @@
+//! Outbound metrics over loopback, in one process: the client's proxy counts each connection it carries
+//! (HBONE, plain TCP, passthrough) with `reporter="source"` and ztunnel's labels, and flags the ones whose
+//! upstream could not be reached with `CONNECT`. No root needed.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use meshnode::identity::BuiltinCa;
+use meshnode::proxy::Proxy;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+
+const TTL: Duration = Duration::from_secs(3600);
+/// How long a test waits for a connection to end or for the metrics to settle.
+const WAIT: Duration = Duration::from_secs(5);
+
+/// client (HBONE) at .2; server (HBONE, app on :8080) at .3 behind service VIP .100:80 → 8080; legacy
+/// (plain TCP, in the mesh, nothing listening) at .4. Anything else (.50) is outside the mesh.
+fn mesh_yaml(net: [u8; 2]) -> String {
+    let ip = |h| ip(net, h);
+    format!(
+        r#"
+workloads:
+- uid: cluster1//v1/Pod/default/client
+  name: client-7d4f
+  namespace: default
+  serviceAccount: client
+  workloadName: client
+  canonicalName: client
+  canonicalRevision: v1
+  clusterId: cluster1
+  workloadIps: ["{c}"]
+  protocol: HBONE
+- uid: cluster1//v1/Pod/default/server
+  name: server-5c9b
+  namespace: default
+  serviceAccount: server
+  workloadName: server
+  canonicalName: server
+  canonicalRevision: v2
+  workloadIps: ["{s}"]
+  protocol: HBONE
+  services:
+    "default/server.default.svc.cluster.local": {{80: 8080}}
+- uid: cluster1//v1/Pod/legacy/legacy
+  name: legacy
+  namespace: legacy
+  workloadIps: ["{t}"]
+  protocol: TCP
+services:
+- name: server
+  namespace: default
+  hostname: server.default.svc.cluster.local
+  vips: ["/{vip}"]
+  ports: {{80: 8080}}
+"#,
+        c = ip(2),
+        s = ip(3),
+        t = ip(4),
+        vip = ip(100),
+    )
+}
+
+struct Mesh {
+    net: [u8; 2],
+    client: TestProxy,
+    _server: TestProxy,
+}
+
+async fn mesh() -> Mesh {
+    let net = loopback_net();
+    let ca = Arc::new(BuiltinCa::ephemeral(TTL).unwrap());
+    let yaml = mesh_yaml(net);
+    let client = start_proxy(
+        ca.clone(),
+        &yaml,
+        "default/client-7d4f/client",
+        ip(net, 2),
+        &[],
+    )
+    .await;
+    let server = start_proxy(ca, &yaml, "default/server-5c9b/server", ip(net, 3), &[]).await;
+    echo_server(SocketAddr::new(ip(net, 3), 8080)).await;
+    Mesh {
+        net,
+        client,
+        _server: server,
+    }
+}
+
+impl Mesh {
+    fn addr(&self, host: u8, port: u16) -> SocketAddr {
+        SocketAddr::new(ip(self.net, host), port)
+    }
+
+    /// A connection from the client workload (.2) that its proxy carries to `dst`.
+    async fn connect(&self, dst: SocketAddr) -> TcpStream {
+        let entry = capture(&self.client.proxy, ip(self.net, 2), dst).await;
+        let sock = TcpSocket::new_v4().unwrap();
+        sock.bind(SocketAddr::new(ip(self.net, 2), 0)).unwrap();
+        sock.connect(entry).await.unwrap()
+    }
+
+    /// Sends `msg` to the echo app behind `dst`, half-closes, and returns how many bytes came back
+    /// (greeting + echo).
+    async fn echo_call(&self, dst: SocketAddr, msg: &[u8]) -> u64 {
+        let mut s = self.connect(dst).await;
+        s.write_all(msg).await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        tokio::time::timeout(WAIT, s.read_to_end(&mut back))
+            .await
+            .unwrap()
+            .unwrap();
+        let text = String::from_utf8_lossy(&back);
+        assert!(text.starts_with("peer=") && back.ends_with(msg), "{text:?}");
+        back.len() as u64
+    }
+
+    /// A connection to `dst` whose upstream cannot be established: the client sees it closed with no data.
+    async fn refused_call(&self, dst: SocketAddr) {
+        let mut s = self.connect(dst).await;
+        let mut buf = [0u8; 16];
+        let n = tokio::time::timeout(WAIT, s.read(&mut buf)).await.unwrap();
+        assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    }
+}
+
+/// The client proxy's metrics once `ready` holds for them (connections are closed by their own tasks).
+async fn settled(proxy: &Arc<Proxy>, ready: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let text = proxy.metrics().encode();
+        if ready(&text) {
+            return text;
+        }
+        assert!(Instant::now() < deadline, "metrics never settled:\n{text}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The value of the one sample of `name` whose labels contain every `label="value"` in `labels`.
+fn sample(text: &str, name: &str, labels: &[&str]) -> Option<u64> {
+    let found: Vec<u64> = text
+        .lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .filter(|l| labels.iter().all(|want| l.contains(want)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .collect();
+    assert!(
+        found.len() <= 1,
+        "several samples of {name} match {labels:?}:\n{text}"
+    );
+    found.first().copied()
+}
+
+const CLIENT_SOURCE: [&str; 8] = [
+    r#"reporter="source""#,
+    r#"source_workload="client""#,
+    r#"source_canonical_service="client""#,
+    r#"source_canonical_revision="v1""#,
+    r#"source_workload_namespace="default""#,
+    r#"source_app="client""#,
+    r#"source_version="v1""#,
+    r#"source_cluster="cluster1""#,
+];
+
+fn with(base: &[&'static str], more: &[&'static str]) -> Vec<&'static str> {
+    base.iter().chain(more).copied().collect()
+}
+
+#[tokio::test]
+async fn a_good_hbone_call_is_counted_by_the_source_with_mtls_labels_and_bytes() {
+    let m = mesh().await;
+    let back = m.echo_call(m.addr(100, 80), b"hello").await;
+
+    let closed = |t: &str| sample(t, "istio_tcp_connections_closed_total", &[]).is_some();
+    let text = settled(&m.client.proxy, closed).await;
+    let labels = with(
+        &CLIENT_SOURCE,
+        &[
+            r#"source_principal="spiffe://cluster.local/ns/default/sa/client""#,
+            r#"destination_service="server.default.svc.cluster.local""#,
+            r#"destination_service_namespace="default""#,
+            r#"destination_service_name="server""#,
+            r#"destination_workload="server""#,
+            r#"destination_canonical_service="server""#,
+            r#"destination_workload_namespace="default""#,
+            r#"destination_principal="spiffe://cluster.local/ns/default/sa/server""#,
+            r#"destination_version="v2""#,
+            r#"request_protocol="tcp""#,
+            r#"response_flags="-""#,
+            r#"connection_security_policy="mutual_tls""#,
+        ],
+    );
+    for name in [
+        "istio_tcp_connections_opened_total",
+        "istio_tcp_connections_closed_total",
+    ] {
+        assert_eq!(sample(&text, name, &labels), Some(1), "{name}\n{text}");
+    }
+    assert_eq!(
+        sample(&text, "istio_tcp_connections_failed_total", &[]),
+        None,
+        "{text}"
+    );
+    // Received: from the initiator (the 5 bytes sent); sent: towards it (greeting + echo).
+    assert_eq!(
+        sample(&text, "istio_tcp_received_bytes_total", &labels),
+        Some(5),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "istio_tcp_sent_bytes_total", &labels),
+        Some(back),
+        "{text}"
+    );
+    // Only the client's proxy reports `source`; nothing is left open.
+    assert!(!text.contains(r#"reporter="destination""#), "{text}");
+    assert_eq!(
+        sample(&text, "istio_tcp_sockets_open", &[r#"reporter="source""#]),
+        Some(0),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn an_upstream_that_cannot_be_reached_counts_as_failed_with_connect() {
+    let m = mesh().await;
+    // Plain TCP to a mesh workload with nothing listening: the connect is refused.
+    m.refused_call(m.addr(4, 7070)).await;
+    // HBONE to the server on a port with no app: the peer answers 503, the tunnel is not established.
+    m.refused_call(m.addr(3, 7070)).await;
+
+    let failed = |t: &str| {
+        sample(
+            t,
+            "istio_tcp_connections_failed_total",
+            &[r#"connection_security_policy="unknown""#],
+        )
+        .is_some()
+            && sample(
+                t,
+                "istio_tcp_connections_failed_total",
+                &[r#"connection_security_policy="mutual_tls""#],
+            )
+            .is_some()
+    };
+    let text = settled(&m.client.proxy, failed).await;
+    let plain = with(
+        &CLIENT_SOURCE,
+        &[
+            r#"source_principal="unknown""#,
+            r#"destination_service="unknown""#,
+            r#"destination_workload="legacy""#,
+            r#"destination_workload_namespace="legacy""#,
+            r#"response_flags="CONNECT""#,
+            r#"connection_security_policy="unknown""#,
+        ],
+    );
+    let hbone = with(
+        &CLIENT_SOURCE,
+        &[
+            r#"source_principal="spiffe://cluster.local/ns/default/sa/client""#,
+            r#"destination_workload="server""#,
+            r#"response_flags="CONNECT""#,
+            r#"connection_security_policy="mutual_tls""#,
+        ],
+    );
+    for labels in [&plain, &hbone] {
+        for name in [
+            "istio_tcp_connections_closed_total",
+            "istio_tcp_connections_failed_total",
+        ] {
+            assert_eq!(sample(&text, name, labels), Some(1), "{name}\n{text}");
+        }
+        assert_eq!(
+            sample(&text, "istio_tcp_received_bytes_total", labels),
+            None,
+            "{text}"
+        );
+    }
+    // Opened with flag `-`: the flag is only known at close.
+    assert_eq!(
+        sample(
+            &text,
+            "istio_tcp_connections_opened_total",
+            &[r#"response_flags="-""#, r#"destination_workload="legacy""#]
+        ),
+        Some(1),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "istio_tcp_sockets_open", &[r#"reporter="source""#]),
+        Some(0),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn passthrough_is_counted_with_an_unknown_destination_and_no_mtls() {
+    let m = mesh().await;
+    let outside = echo_server(m.addr(50, 0)).await;
+    let back = m.echo_call(outside, b"out").await;
+    // Passthrough that cannot connect: CONNECT, same labels otherwise.
+    m.refused_call(m.addr(51, 7070)).await;
+
+    let done = |t: &str| {
+        sample(
+            t,
+            "istio_tcp_connections_closed_total",
+            &[r#"response_flags="-""#],
+        )
+        .is_some()
+            && sample(t, "istio_tcp_connections_failed_total", &[]).is_some()
+    };
+    let text = settled(&m.client.proxy, done).await;
+    let unknown_dst = with(
+        &CLIENT_SOURCE,
+        &[
+            r#"source_principal="unknown""#,
+            r#"destination_service="unknown""#,
+            r#"destination_service_namespace="unknown""#,
+            r#"destination_service_name="unknown""#,
+            r#"destination_workload="unknown""#,
+            r#"destination_canonical_service="unknown""#,
+            r#"destination_workload_namespace="unknown""#,
+            r#"destination_principal="unknown""#,
+            r#"destination_app="unknown""#,
+            r#"destination_cluster="unknown""#,
+            r#"connection_security_policy="unknown""#,
+        ],
+    );
+    let ok = with(&unknown_dst, &[r#"response_flags="-""#]);
+    assert_eq!(
+        sample(&text, "istio_tcp_connections_opened_total", &unknown_dst),
+        Some(2),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "istio_tcp_connections_closed_total", &ok),
+        Some(1),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "istio_tcp_received_bytes_total", &ok),
+        Some(3),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "istio_tcp_sent_bytes_total", &ok),
+        Some(back),
+        "{text}"
+    );
+    let failed = with(&unknown_dst, &[r#"response_flags="CONNECT""#]);
+    assert_eq!(
+        sample(&text, "istio_tcp_connections_failed_total", &failed),
+        Some(1),
+        "{text}"
+    );
+}
