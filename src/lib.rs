@@ -16,6 +16,7 @@
 //! - [`state`] — workloads, services and policies as an immutable snapshot; ztunnel's local config format.
 //! - [`authz`] — L4 authorization policies with ztunnel's semantics.
 //! - [`netns`] — opening network namespaces and running code inside one.
+//! - [`netsetup`] — named namespaces, veths, addresses, routes over rtnetlink (the sandbox's plumbing).
 //! - [`redirect`] — the in-pod capture rules: nftables through netlink, ip rule and route (agent side).
 //! - [`cni_agent`] — the CNI node agent: plugin events, enrollment, rules, ZDS server.
 //! - [`cni_exec`] — calling a CNI plugin chain exactly as a container runtime does (tests, sandbox, benches).
@@ -38,6 +39,7 @@ pub mod identity;
 pub mod inpod;
 pub mod metrics;
 pub mod netns;
+pub mod netsetup;
 pub mod proto;
 pub mod proxy;
 pub mod readiness;
