@@ -53,7 +53,7 @@ use std::fmt;
 use std::net::SocketAddr;
 
 use ipnet::IpNet;
-use tracing::{debug, info, trace, warn};
+use tracing::{debug, info, trace};
 
 use crate::identity::Identity;
 
@@ -509,7 +509,9 @@ impl PolicySet {
     ) -> Decision {
         for key in workload_policy_keys {
             if !self.by_key.contains_key(key.as_str()) {
-                warn!(target: "authz", policy = %key, "skipping unknown policy");
+                // Per connection, so not a warning: a workload can list a policy a moment before the
+                // policy itself arrives over xDS, and a warn here would flood the log at every connection.
+                debug!(target: "authz", policy = %key, "skipping unknown policy");
             }
         }
         let phase = |p| self.in_phase(p, workload_namespace, workload_policy_keys);

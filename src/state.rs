@@ -251,6 +251,22 @@ impl State {
                 .push(idx);
             st.services.push(Arc::new(svc));
         }
+        // Once per snapshot (not per connection): workloads listing policies the state does not hold. Until
+        // the policy arrives, those keys are skipped, as ztunnel skips them.
+        let mut unknown = st.workloads.iter().flat_map(|w| {
+            w.authorization_policies
+                .iter()
+                .filter(|k| st.policies.get(k).is_none())
+                .map(move |k| (w, k))
+        });
+        if let Some((w, key)) = unknown.next() {
+            tracing::warn!(
+                workload = %w.uid,
+                policy = %key,
+                more = unknown.count(),
+                "workloads list authorization policies this proxy has not received (skipped until they arrive)"
+            );
+        }
         Ok(st)
     }
 
