@@ -8,62 +8,14 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use meshnode::identity::BuiltinCa;
 use meshnode::proxy::Proxy;
+use support::labelled::{labelled_mesh, labelled_mesh_yaml, sample, LabelledMesh};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
-const TTL: Duration = Duration::from_secs(3600);
 /// How long a closed connection may take to be noticed by the test client.
 const CLOSE_WAIT: Duration = Duration::from_secs(5);
-
-/// client (HBONE) at .2, server (HBONE, apps on :8080 and :9090) at .3 behind service VIP .100:80 → 8080,
-/// legacy (plain TCP, outside the mesh) at .4.
-fn mesh_yaml(net: [u8; 2], server_policies: &str) -> String {
-    let ip = |h| ip(net, h);
-    format!(
-        r#"
-workloads:
-- uid: cluster1//v1/Pod/default/client
-  name: client-7d4f
-  namespace: default
-  serviceAccount: client
-  workloadName: client
-  canonicalName: client
-  canonicalRevision: v1
-  workloadIps: ["{c}"]
-  protocol: HBONE
-- uid: cluster1//v1/Pod/default/server
-  name: server-5c9b
-  namespace: default
-  serviceAccount: server
-  workloadName: server
-  canonicalName: server
-  canonicalRevision: v2
-  workloadIps: ["{s}"]
-  protocol: HBONE
-  services:
-    "default/server.default.svc.cluster.local": {{80: 8080}}
-- uid: cluster1//v1/Pod/legacy/legacy
-  name: legacy
-  namespace: legacy
-  workloadIps: ["{t}"]
-  protocol: TCP
-services:
-- name: server
-  namespace: default
-  hostname: server.default.svc.cluster.local
-  vips: ["/{vip}"]
-  ports: {{80: 8080}}
-policies: {server_policies}
-"#,
-        c = ip(2),
-        s = ip(3),
-        t = ip(4),
-        vip = ip(100),
-    )
-}
 
 /// A DENY of port 8080 on the server: closes what goes to 8080, leaves 9090 alone.
 const DENY_8080: &str = r#"
@@ -103,20 +55,11 @@ struct Mesh {
 }
 
 async fn mesh(policies: &str) -> Mesh {
-    let net = loopback_net();
-    let ca = Arc::new(BuiltinCa::ephemeral(TTL).unwrap());
-    let yaml = mesh_yaml(net, policies);
-    let client = start_proxy(
-        ca.clone(),
-        &yaml,
-        "default/client-7d4f/client",
-        ip(net, 2),
-        &[],
-    )
-    .await;
-    let server = start_proxy(ca, &yaml, "default/server-5c9b/server", ip(net, 3), &[]).await;
-    echo_server(SocketAddr::new(ip(net, 3), 8080)).await;
-    echo_server(SocketAddr::new(ip(net, 3), 9090)).await;
+    let LabelledMesh {
+        net,
+        client,
+        server,
+    } = labelled_mesh(policies).await;
     let plaintext =
         capture_plaintext(&server.proxy, ip(net, 3), SocketAddr::new(ip(net, 3), 8080)).await;
     Mesh {
@@ -129,7 +72,8 @@ async fn mesh(policies: &str) -> Mesh {
 
 impl Mesh {
     fn set_policies(&self, policies: &str) {
-        self.server.set_config(&mesh_yaml(self.net, policies));
+        self.server
+            .set_config(&labelled_mesh_yaml(self.net, policies));
     }
 
     /// A connection from the client workload (.2) through both proxies to `dst`, its greeting read.
@@ -301,21 +245,6 @@ async fn scrape(proxy: &Arc<Proxy>) -> String {
         "{out}"
     );
     out
-}
-
-/// The value of the one sample of `name` whose labels contain every `label="value"` in `labels`.
-fn sample(text: &str, name: &str, labels: &[&str]) -> Option<u64> {
-    let found: Vec<u64> = text
-        .lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")))
-        .filter(|l| labels.iter().all(|want| l.contains(want)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
-        .collect();
-    assert!(
-        found.len() <= 1,
-        "several samples of {name} match {labels:?}:\n{text}"
-    );
-    found.first().copied()
 }
 
 #[tokio::test]

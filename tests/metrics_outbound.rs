@@ -8,62 +8,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use meshnode::identity::BuiltinCa;
 use meshnode::proxy::Proxy;
+use support::labelled::{labelled_mesh, sample};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
-const TTL: Duration = Duration::from_secs(3600);
 /// How long a test waits for a connection to end or for the metrics to settle.
 const WAIT: Duration = Duration::from_secs(5);
-
-/// client (HBONE) at .2; server (HBONE, app on :8080) at .3 behind service VIP .100:80 → 8080; legacy
-/// (plain TCP, in the mesh, nothing listening) at .4. Anything else (.50) is outside the mesh.
-fn mesh_yaml(net: [u8; 2]) -> String {
-    let ip = |h| ip(net, h);
-    format!(
-        r#"
-workloads:
-- uid: cluster1//v1/Pod/default/client
-  name: client-7d4f
-  namespace: default
-  serviceAccount: client
-  workloadName: client
-  canonicalName: client
-  canonicalRevision: v1
-  clusterId: cluster1
-  workloadIps: ["{c}"]
-  protocol: HBONE
-- uid: cluster1//v1/Pod/default/server
-  name: server-5c9b
-  namespace: default
-  serviceAccount: server
-  workloadName: server
-  canonicalName: server
-  canonicalRevision: v2
-  workloadIps: ["{s}"]
-  protocol: HBONE
-  services:
-    "default/server.default.svc.cluster.local": {{80: 8080}}
-- uid: cluster1//v1/Pod/legacy/legacy
-  name: legacy
-  namespace: legacy
-  workloadIps: ["{t}"]
-  protocol: TCP
-services:
-- name: server
-  namespace: default
-  hostname: server.default.svc.cluster.local
-  vips: ["/{vip}"]
-  ports: {{80: 8080}}
-"#,
-        c = ip(2),
-        s = ip(3),
-        t = ip(4),
-        vip = ip(100),
-    )
-}
 
 struct Mesh {
     net: [u8; 2],
@@ -71,24 +23,14 @@ struct Mesh {
     _server: TestProxy,
 }
 
+/// The labelled mesh (`support::labelled`): client .2, server .3 behind VIP .100:80, plain-TCP legacy .4
+/// with nothing listening; anything else (.50) is outside the mesh.
 async fn mesh() -> Mesh {
-    let net = loopback_net();
-    let ca = Arc::new(BuiltinCa::ephemeral(TTL).unwrap());
-    let yaml = mesh_yaml(net);
-    let client = start_proxy(
-        ca.clone(),
-        &yaml,
-        "default/client-7d4f/client",
-        ip(net, 2),
-        &[],
-    )
-    .await;
-    let server = start_proxy(ca, &yaml, "default/server-5c9b/server", ip(net, 3), &[]).await;
-    echo_server(SocketAddr::new(ip(net, 3), 8080)).await;
+    let m = labelled_mesh("[]").await;
     Mesh {
-        net,
-        client,
-        _server: server,
+        net: m.net,
+        client: m.client,
+        _server: m.server,
     }
 }
 
@@ -141,21 +83,6 @@ async fn settled(proxy: &Arc<Proxy>, ready: impl Fn(&str) -> bool) -> String {
         assert!(Instant::now() < deadline, "metrics never settled:\n{text}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-/// The value of the one sample of `name` whose labels contain every `label="value"` in `labels`.
-fn sample(text: &str, name: &str, labels: &[&str]) -> Option<u64> {
-    let found: Vec<u64> = text
-        .lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")))
-        .filter(|l| labels.iter().all(|want| l.contains(want)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
-        .collect();
-    assert!(
-        found.len() <= 1,
-        "several samples of {name} match {labels:?}:\n{text}"
-    );
-    found.first().copied()
 }
 
 const CLIENT_SOURCE: [&str; 8] = [

@@ -4,6 +4,7 @@
 
 pub mod cluster;
 pub mod fake_kube;
+pub mod labelled;
 pub mod netns;
 
 use std::collections::HashMap;
