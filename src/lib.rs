@@ -21,11 +21,13 @@
 //! - [`cni_agent`] — the CNI node agent: plugin events, enrollment, rules, ZDS server.
 //! - [`cni_exec`] — calling a CNI plugin chain exactly as a container runtime does (tests, sandbox, benches).
 //! - [`socket`] — listeners, marked upstream sockets, original destinations.
+//! - [`admin_http`] — the bounded one-GET-per-connection HTTP server behind the admin ports.
 //! - [`readiness`] — `:15021/healthz/ready`.
 //! - [`zds`] — the ZDS protocol (SOCK_SEQPACKET + SCM_RIGHTS): agent-side server, proxy-side client.
 //! - [`proto`] — generated wire types of Istio's protocols.
 //! - [`app`] — wiring a role together from its config.
 
+pub mod admin_http;
 pub mod app;
 pub mod authz;
 pub mod cni_agent;

@@ -1,0 +1,188 @@
+//! The tiny HTTP/1.1 server behind the admin ports (readiness :15021 and the agent's :8000, metrics :15020):
+//! one `GET` per connection, answered and closed.
+//!
+//! Input: a bound listener, a shutdown signal, and a handler from (method, path) to an [`Answer`].
+//! Output: the answers. Bounds shared by every admin port, like ztunnel's admin servers: request head at most
+//! 8 KiB, sent within 2 s, the whole exchange within 10 s, at most [`MAX_CONCURRENT`] connections at once
+//! (more wait in the kernel backlog), so a slow or hostile client cannot hold the port or the memory.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
+
+/// Longest request head accepted.
+const MAX_REQUEST: usize = 8 * 1024;
+/// Time allowed to send the request head.
+const READ_TIMEOUT: Duration = Duration::from_secs(2);
+/// Time allowed for the whole exchange (reading, answering, writing).
+const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections served at once: probes and scrapes come one at a time; a few more leave room for humans.
+pub const MAX_CONCURRENT: usize = 8;
+
+/// An answer: status, reason phrase, content type, body.
+pub struct Answer {
+    /// Status code.
+    pub status: u16,
+    /// Reason phrase.
+    pub reason: &'static str,
+    /// `content-type`.
+    pub content_type: &'static str,
+    /// Body.
+    pub body: String,
+}
+
+impl Answer {
+    /// A `text/plain` answer.
+    pub fn text(status: u16, reason: &'static str, body: impl Into<String>) -> Answer {
+        Answer {
+            status,
+            reason,
+            content_type: "text/plain",
+            body: body.into(),
+        }
+    }
+
+    /// `404 not found`.
+    pub fn not_found() -> Answer {
+        Answer::text(404, "Not Found", "not found\n")
+    }
+
+    fn encode(&self) -> String {
+        format!(
+            "HTTP/1.1 {} {}\r\ncontent-type: {}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{}",
+            self.status,
+            self.reason,
+            self.content_type,
+            self.body.len(),
+            self.body
+        )
+    }
+}
+
+/// Serves `handler` on `listener` until `shutdown` turns true (or its sender is gone).
+pub async fn serve<H>(listener: TcpListener, mut shutdown: watch::Receiver<bool>, handler: H)
+where
+    H: Fn(&str, &str) -> Answer + Send + Sync + 'static,
+{
+    let handler = Arc::new(handler);
+    let limit = Arc::new(Semaphore::new(MAX_CONCURRENT));
+    loop {
+        let permit = tokio::select! {
+            p = limit.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+            _ = stopped(&mut shutdown) => return,
+        };
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let handler = handler.clone();
+                    tokio::spawn(async move {
+                        let _ = tokio::time::timeout(EXCHANGE_TIMEOUT, answer(stream, &*handler)).await;
+                        drop(permit);
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin port: accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = stopped(&mut shutdown) => return,
+        }
+    }
+}
+
+/// Resolves once `shutdown` turns true (or its sender is gone). A function of its own so the guard
+/// `wait_for` returns is dropped inside it: held across the `select!` it would make the future `!Send`.
+async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|s| *s).await;
+}
+
+/// Reads one request head and writes the handler's answer (400 for anything that is not a request line).
+async fn answer(
+    mut stream: TcpStream,
+    handler: &(dyn Fn(&str, &str) -> Answer + Send + Sync),
+) -> std::io::Result<()> {
+    let answer = match read_head(&mut stream).await {
+        Some(head) => {
+            let line = head.split(|b| *b == b'\n').next().unwrap_or_default();
+            let line = String::from_utf8_lossy(line);
+            let mut parts = line.split_whitespace();
+            match (parts.next(), parts.next()) {
+                (Some(method), Some(path)) => handler(method, path),
+                _ => Answer::text(400, "Bad Request", "bad request\n"),
+            }
+        }
+        None => Answer::text(400, "Bad Request", "bad request\n"),
+    };
+    stream.write_all(answer.encode().as_bytes()).await?;
+    stream.shutdown().await
+}
+
+/// The request head, or `None` when it is not complete within the time and size bounds.
+async fn read_head(stream: &mut TcpStream) -> Option<Vec<u8>> {
+    let mut buf = Vec::with_capacity(512);
+    let mut chunk = [0u8; 1024];
+    let read = async {
+        loop {
+            let n = stream.read(&mut chunk).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            if buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                return Some(());
+            }
+            if buf.len() > MAX_REQUEST {
+                return None;
+            }
+        }
+    };
+    tokio::time::timeout(READ_TIMEOUT, read).await.ok()??;
+    Some(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn exchange(addr: std::net::SocketAddr, raw: &[u8]) -> String {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let _ = s.write_all(raw).await;
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out).await;
+        out
+    }
+
+    #[tokio::test]
+    async fn requests_reach_the_handler_and_garbage_or_oversized_heads_get_400() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (_stop, shutdown) = watch::channel(false);
+        tokio::spawn(serve(l, shutdown, |m: &str, p: &str| match (m, p) {
+            ("GET", "/x") => Answer::text(200, "OK", "x\n"),
+            _ => Answer::not_found(),
+        }));
+        let ok = exchange(addr, b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n").await;
+        assert!(
+            ok.starts_with("HTTP/1.1 200 OK") && ok.ends_with("\r\n\r\nx\n"),
+            "{ok}"
+        );
+        let missing = exchange(addr, b"GET /y HTTP/1.1\r\n\r\n").await;
+        assert!(missing.starts_with("HTTP/1.1 404"), "{missing}");
+        let garbage = exchange(addr, b"\r\n\r\n").await;
+        assert!(garbage.starts_with("HTTP/1.1 400"), "{garbage}");
+        let mut huge = b"GET /x HTTP/1.1\r\nX: ".to_vec();
+        huge.extend(std::iter::repeat_n(b'a', MAX_REQUEST + 10));
+        let big = exchange(addr, &huge).await;
+        assert!(big.starts_with("HTTP/1.1 400"), "{big}");
+        // Still serving.
+        assert!(exchange(addr, b"GET /x HTTP/1.1\r\n\r\n")
+            .await
+            .starts_with("HTTP/1.1 200"));
+    }
+}
