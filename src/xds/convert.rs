@@ -135,20 +135,6 @@ pub enum ConvertError {
         /// The list.
         field: &'static str,
     },
-    /// A DENY policy holds a match with no field: it would match nothing and silently deny nothing.
-    #[error(
-        "policy {policy}: rules[{rule}][{clause}][{index}]: an empty match in a DENY policy matches nothing, so the rule would silently allow what it means to deny; refused"
-    )]
-    EmptyDenyMatch {
-        /// Policy key.
-        policy: String,
-        /// Rule index.
-        rule: usize,
-        /// Clause index.
-        clause: usize,
-        /// Match index.
-        index: usize,
-    },
     /// A CIDR in a policy is malformed.
     #[error("policy {policy}: rules[{rule}][{clause}][{index}].{field}: {reason}")]
     PolicyCidr {
@@ -458,17 +444,7 @@ pub fn policy(name: &str, a: security::Authorization) -> Result<Policy, ConvertE
                     clause: c,
                     index: i,
                 };
-                let converted = at.convert(m)?;
-                // ztunnel ignores an empty match (it never matches); in a DENY that widens access.
-                if action == Action::Deny && converted.is_empty() {
-                    return Err(ConvertError::EmptyDenyMatch {
-                        policy: key.clone(),
-                        rule: r,
-                        clause: c,
-                        index: i,
-                    });
-                }
-                matches.push(converted);
+                matches.push(at.convert(m)?);
             }
             clauses.push(Clause { matches });
         }
