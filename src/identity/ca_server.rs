@@ -120,39 +120,25 @@ pub trait CsrSigner: Send + Sync + 'static {
     fn roots_pem(&self) -> String;
 }
 
-impl CsrSigner for BuiltinCa {
-    fn sign_csr(&self, csr_pem: &str, id: &Identity, ttl: Duration) -> Result<Vec<String>, Error> {
-        let chain = self.signer().sign_csr(csr_pem, id, ttl)?;
-        Ok(chain.iter().map(|c| signer::to_pem(c)).collect())
-    }
-    fn issue_server(&self, names: &[String], ttl: Duration) -> Result<(String, String), Error> {
-        self.signer().issue_server(names, ttl)
-    }
-    fn roots_pem(&self) -> String {
-        self.signer()
-            .roots()
-            .iter()
-            .map(|c| signer::to_pem(c))
-            .collect()
-    }
+/// Both local CAs sign through their [`signer::Signer`].
+macro_rules! csr_signer_via_signer {
+    ($($ca:ty),*) => {$(
+        impl CsrSigner for $ca {
+            fn sign_csr(&self, csr_pem: &str, id: &Identity, ttl: Duration) -> Result<Vec<String>, Error> {
+                let chain = self.signer().sign_csr(csr_pem, id, ttl)?;
+                Ok(chain.iter().map(|c| signer::to_pem(c)).collect())
+            }
+            fn issue_server(&self, names: &[String], ttl: Duration) -> Result<(String, String), Error> {
+                self.signer().issue_server(names, ttl)
+            }
+            fn roots_pem(&self) -> String {
+                self.signer().roots().iter().map(|c| signer::to_pem(c)).collect()
+            }
+        }
+    )*};
 }
 
-impl CsrSigner for PluginCa {
-    fn sign_csr(&self, csr_pem: &str, id: &Identity, ttl: Duration) -> Result<Vec<String>, Error> {
-        let chain = self.signer().sign_csr(csr_pem, id, ttl)?;
-        Ok(chain.iter().map(|c| signer::to_pem(c)).collect())
-    }
-    fn issue_server(&self, names: &[String], ttl: Duration) -> Result<(String, String), Error> {
-        self.signer().issue_server(names, ttl)
-    }
-    fn roots_pem(&self) -> String {
-        self.signer()
-            .roots()
-            .iter()
-            .map(|c| signer::to_pem(c))
-            .collect()
-    }
-}
+csr_signer_via_signer!(BuiltinCa, PluginCa);
 
 /// The `IstioCertificateService` implementation.
 pub struct CaService {
