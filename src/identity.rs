@@ -36,7 +36,7 @@ mod plugin;
 mod signer;
 
 pub use builtin::BuiltinCa;
-pub use ca_server::{Authenticate, CaService, CsrSigner, Grant, TokenAuthenticator};
+pub use ca_server::{bearer_token, Authenticate, CaService, CsrSigner, Grant, TokenAuthenticator};
 pub use caclient::{CaClient, ResponseProblem};
 pub use cert::{BoxFuture, CertSource, WorkloadCert};
 pub use manager::CertManager;

@@ -179,12 +179,7 @@ pub async fn run(
         if cfg.tokens.is_empty() {
             return Ok(req);
         }
-        let token = req
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        match token {
+        match crate::identity::bearer_token(&req)? {
             Some(t) if cfg.tokens.iter().any(|s| s.token == t) => Ok(req),
             Some(_) => Err(Status::unauthenticated("unknown bearer token")),
             None => Err(Status::unauthenticated("no bearer token")),

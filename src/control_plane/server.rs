@@ -54,11 +54,7 @@ pub enum Error {
 /// A tonic router serving `ads`, with the control plane's HTTP/2 settings. Add more services (the CA) with
 /// `.add_service(..)` before passing it to [`serve`].
 pub fn router(ads: AdsServer) -> Router {
-    Server::builder()
-        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
-        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
-        .tcp_nodelay(true)
-        .add_service(ads.into_service())
+    router_with_auth(ads, Ok)
 }
 
 /// Like [`router`], with `auth` run on every ADS request (e.g. a bearer-token check) before it is served.

@@ -225,8 +225,9 @@ impl IstioCertificateService for CaService {
     }
 }
 
-/// The token of an `authorization: Bearer <token>` header, if there is one.
-fn bearer_token<T>(request: &Request<T>) -> Result<Option<String>, Status> {
+/// The token of an `authorization: Bearer <token>` header, if there is one (the control plane's xDS
+/// check reads it the same way).
+pub fn bearer_token<T>(request: &Request<T>) -> Result<Option<String>, Status> {
     let Some(value) = request.metadata().get("authorization") else {
         return Ok(None);
     };
