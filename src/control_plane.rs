@@ -31,7 +31,7 @@ pub mod server;
 mod tests;
 pub mod translate;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -71,7 +71,22 @@ impl ControlPlane {
         log_loaded(path, &cfg, "mesh config loaded");
         let (cfg_tx, config) = watch::channel(Arc::new(cfg));
         let (snap_tx, snapshots) = watch::channel(Arc::new(snapshot));
-        let watcher = tokio::spawn(watch_file(path.to_path_buf(), poll, bytes, cfg_tx, snap_tx));
+        let shown = path.to_path_buf();
+        let poll_file = crate::file_watch::poll(
+            path.to_path_buf(),
+            poll,
+            bytes,
+            cfg_tx,
+            |bytes| MeshConfig::parse(&String::from_utf8_lossy(bytes)),
+            move |cfg| log_loaded(&shown, cfg, "mesh config reloaded"),
+        );
+        // Snapshots are derived from the config: one new snapshot per good edit.
+        let watcher = tokio::spawn({
+            let cfg_rx = config.clone();
+            async move {
+                tokio::join!(poll_file, derive_snapshots(cfg_rx, snap_tx));
+            }
+        });
         Ok(ControlPlane {
             config,
             snapshots,
@@ -112,51 +127,27 @@ fn log_loaded(path: &Path, cfg: &MeshConfig, what: &str) {
     );
 }
 
-/// Re-reads `path` every `poll`; publishes a new config and snapshot when the content changed and is valid.
-/// A bad edit is logged and the last good config keeps serving. Ends when both receivers are gone.
-async fn watch_file(
-    path: PathBuf,
-    poll: Duration,
-    mut last: Vec<u8>,
-    cfg_tx: watch::Sender<Arc<MeshConfig>>,
-    snap_tx: watch::Sender<Arc<Snapshot>>,
+/// Publishes a new snapshot (next generation) for every config the file poller publishes, until the
+/// snapshots' receivers are gone.
+async fn derive_snapshots(
+    mut config: watch::Receiver<Arc<MeshConfig>>,
+    snapshots: watch::Sender<Arc<Snapshot>>,
 ) {
-    let mut tick = tokio::time::interval(poll);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut generation = 1;
     loop {
         tokio::select! {
-            _ = tick.tick() => {}
-            _ = async { tokio::join!(cfg_tx.closed(), snap_tx.closed()) } => return,
-        }
-        let read = {
-            let path = path.clone();
-            tokio::task::spawn_blocking(move || config::read_bounded(&path)).await
-        };
-        let bytes = match read {
-            Ok(Ok(b)) => b,
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "cannot read the mesh config; keeping the last good one");
-                continue;
+            changed = config.changed() => {
+                if changed.is_err() {
+                    return;
+                }
             }
-            Err(_) => continue,
-        };
-        if bytes == last {
-            continue;
+            _ = snapshots.closed() => return,
         }
-        last = bytes;
-        match MeshConfig::parse(&String::from_utf8_lossy(&last)) {
-            Ok(cfg) => {
-                generation += 1;
-                let snapshot = Snapshot::new(&translate::translate(&cfg), generation);
-                log_loaded(&path, &cfg, "mesh config reloaded");
-                cfg_tx.send_replace(Arc::new(cfg));
-                snap_tx.send_replace(Arc::new(snapshot));
-            }
-            Err(e) => {
-                tracing::error!(path = %path.display(), error = %e,
-                    "mesh config change refused; keeping the last good config");
-            }
-        }
+        generation += 1;
+        let cfg = config.borrow_and_update().clone();
+        snapshots.send_replace(Arc::new(Snapshot::new(
+            &translate::translate(&cfg),
+            generation,
+        )));
     }
 }

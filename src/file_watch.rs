@@ -2,15 +2,36 @@
 //! meshnode follows (the proxy's local config, the agent's enrollment file, the control plane's mesh file).
 //!
 //! Input: a path, a poll interval, the bytes already loaded, a parser. Output: a new value on the `watch`
-//! channel whenever the file's bytes change and parse; an unreadable file or a bad edit is logged and the
-//! last good value keeps serving. Returns when every receiver is gone.
+//! channel whenever the file's bytes change and parse; an unreadable file, one larger than
+//! [`MAX_FILE_BYTES`], or a bad edit is logged and the last good value keeps serving. Returns when every
+//! receiver is gone.
 
 use std::fmt::Display;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
+
+/// Largest config file read: far above any real mesh, low enough that a runaway file cannot exhaust memory.
+pub const MAX_FILE_BYTES: u64 = 16 * 1024 * 1024;
+
+/// Reads `path` up to [`MAX_FILE_BYTES`]; a larger file is an error.
+async fn read_bounded(path: &std::path::Path) -> std::io::Result<Vec<u8>> {
+    let file = tokio::fs::File::open(path).await?;
+    let mut bytes = Vec::new();
+    file.take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .await?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("larger than {MAX_FILE_BYTES} bytes"),
+        ));
+    }
+    Ok(bytes)
+}
 
 /// Polls `path` every `interval`; `parse` turns new bytes into a value, `loaded` logs a published one.
 pub async fn poll<T, E: Display>(
@@ -28,7 +49,7 @@ pub async fn poll<T, E: Display>(
             _ = tick.tick() => {}
             _ = tx.closed() => return,
         }
-        let bytes = match tokio::fs::read(&path).await {
+        let bytes = match read_bounded(&path).await {
             Ok(b) => b,
             Err(e) => {
                 tracing::warn!(path = %path.display(), error = %e, "cannot read config file; keeping the last good version");
@@ -78,5 +99,27 @@ mod tests {
         std::fs::write(&path, "3").unwrap();
         rx.changed().await.unwrap();
         assert_eq!(**rx.borrow_and_update(), 3);
+    }
+
+    #[tokio::test]
+    async fn an_oversized_file_is_not_read_and_the_last_good_value_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("big");
+        std::fs::write(&path, "x").unwrap();
+        let (tx, mut rx) = watch::channel(Arc::new(1usize));
+        tokio::spawn(poll(
+            path.clone(),
+            Duration::from_millis(10),
+            b"x".to_vec(),
+            tx,
+            |b: &[u8]| Ok::<usize, String>(b.len()),
+            |_| {},
+        ));
+        std::fs::write(&path, vec![b'a'; MAX_FILE_BYTES as usize + 1]).unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(**rx.borrow(), 1);
+        std::fs::write(&path, "abc").unwrap();
+        rx.changed().await.unwrap();
+        assert_eq!(**rx.borrow(), 3);
     }
 }

@@ -40,7 +40,7 @@ use crate::identity::Identity;
 pub type Labels = BTreeMap<String, String>;
 
 /// Largest mesh file accepted (a few thousand workloads fit in well under this).
-pub const MAX_FILE_BYTES: u64 = 16 * 1024 * 1024;
+pub use crate::file_watch::MAX_FILE_BYTES;
 
 /// Why a mesh file could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -432,7 +432,7 @@ pub(super) fn check_name(name: &str) -> Result<(), String> {
 }
 
 /// Reads `path`, refusing files over [`MAX_FILE_BYTES`].
-pub(super) fn read_bounded(path: &Path) -> Result<Vec<u8>, Error> {
+fn read_bounded(path: &Path) -> Result<Vec<u8>, Error> {
     use std::io::Read;
     let read_err = |source| Error::Read {
         path: path.to_path_buf(),
