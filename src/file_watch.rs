@@ -115,7 +115,10 @@ mod tests {
             |b: &[u8]| Ok::<usize, String>(b.len()),
             |_| {},
         ));
-        std::fs::write(&path, vec![b'a'; MAX_FILE_BYTES as usize + 1]).unwrap();
+        // Written aside and renamed in, so the poller never sees it half-written.
+        let big = dir.path().join("big.tmp");
+        std::fs::write(&big, vec![b'a'; MAX_FILE_BYTES as usize + 1]).unwrap();
+        std::fs::rename(&big, &path).unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(**rx.borrow(), 1);
         std::fs::write(&path, "abc").unwrap();
