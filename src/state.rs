@@ -182,8 +182,19 @@ impl State {
         services: Vec<Service>,
         policies: PolicySet,
     ) -> Result<State, Error> {
+        State::with_policies(workloads, services, Arc::new(policies))
+    }
+
+    /// [`State::new`] with an already indexed policy set, shared with the previous snapshot when only
+    /// workloads or services changed (so a workload push neither re-indexes every policy nor makes open
+    /// connections look due for re-evaluation: see [`State::same_policies`]).
+    pub fn with_policies(
+        workloads: Vec<Workload>,
+        services: Vec<Service>,
+        policies: Arc<PolicySet>,
+    ) -> Result<State, Error> {
         let mut st = State {
-            policies: Arc::new(policies),
+            policies,
             ..Default::default()
         };
         for w in workloads {
@@ -273,6 +284,17 @@ impl State {
     /// The authorization policies.
     pub fn policies(&self) -> &PolicySet {
         &self.policies
+    }
+
+    /// The authorization policies, shareable with a next snapshot.
+    pub fn policies_shared(&self) -> Arc<PolicySet> {
+        self.policies.clone()
+    }
+
+    /// Whether `other` holds the very same policy set (not merely equal policies): no policy changed
+    /// between the two snapshots.
+    pub fn same_policies(&self, other: &State) -> bool {
+        Arc::ptr_eq(&self.policies, &other.policies)
     }
 
     /// Number of workloads.

@@ -88,6 +88,8 @@ pub(crate) struct Applied {
 pub(crate) struct Cache {
     addresses: HashMap<String, Entry<Address>>,
     policies: HashMap<String, Entry<Policy>>,
+    /// `policies` indexed; rebuilt only when an Authorization response changes them.
+    policy_set: Arc<PolicySet>,
     max_resources: usize,
 }
 
@@ -96,6 +98,7 @@ impl Cache {
         Cache {
             addresses: HashMap::new(),
             policies: HashMap::new(),
+            policy_set: Arc::default(),
             max_resources,
         }
     }
@@ -138,7 +141,7 @@ impl Cache {
                     |name, msg: workload::Address| convert::address(name, msg),
                 );
                 removed = remove(&mut next, &resp.removed_resources);
-                let state = build(&next, &self.policies)?;
+                let state = build(&next, self.policy_set.clone())?;
                 self.addresses = next;
                 Ok(Applied {
                     kind,
@@ -160,8 +163,12 @@ impl Cache {
                     |name, msg: security::Authorization| convert::policy(name, msg),
                 );
                 removed = remove(&mut next, &resp.removed_resources);
-                let state = build(&self.addresses, &next)?;
+                let set = Arc::new(PolicySet::new(
+                    next.values().map(|e| (*e.value).clone()).collect(),
+                )?);
+                let state = build(&self.addresses, set.clone())?;
                 self.policies = next;
+                self.policy_set = set;
                 Ok(Applied {
                     kind,
                     state,
@@ -230,7 +237,7 @@ fn remove<T>(map: &mut HashMap<String, Entry<T>>, names: &[String]) -> usize {
 
 fn build(
     addresses: &HashMap<String, Entry<Address>>,
-    policies: &HashMap<String, Entry<Policy>>,
+    policies: Arc<PolicySet>,
 ) -> Result<State, ResponseError> {
     let mut workloads = Vec::new();
     let mut services = Vec::new();
@@ -240,8 +247,7 @@ fn build(
             Address::Service(s) => services.push(s.clone()),
         }
     }
-    let policies = PolicySet::new(policies.values().map(|e| (*e.value).clone()).collect())?;
-    Ok(State::new(workloads, services, policies)?)
+    Ok(State::with_policies(workloads, services, policies)?)
 }
 
 /// The NACK message: `"<name>: <reason>; ..."`, bounded.

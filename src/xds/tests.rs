@@ -857,3 +857,40 @@ async fn shutdown_stops_a_client_that_never_connected() {
     assert_eq!(proxy.state().workload_count(), 0);
     proxy.stop().await;
 }
+
+#[test]
+fn a_workload_push_keeps_the_policy_set_and_a_policy_push_replaces_it() {
+    use super::cache::Cache;
+    let mut cache = Cache::new(1000);
+    let first = cache
+        .apply(response(
+            AUTHORIZATION_TYPE,
+            "1",
+            vec![policy("default/allow", "v1")],
+            &[],
+        ))
+        .unwrap()
+        .state;
+    let after_workloads = cache
+        .apply(response(
+            ADDRESS_TYPE,
+            "2",
+            vec![workload("a", [10, 0, 0, 1], "v1")],
+            &[],
+        ))
+        .unwrap()
+        .state;
+    // Open connections need no re-evaluation after this push: not one policy changed.
+    assert!(after_workloads.same_policies(&first));
+    assert_eq!(after_workloads.workload_count(), 1);
+    let after_policies = cache
+        .apply(response(
+            AUTHORIZATION_TYPE,
+            "3",
+            vec![policy("default/allow", "v2")],
+            &[],
+        ))
+        .unwrap()
+        .state;
+    assert!(!after_policies.same_policies(&after_workloads));
+}
