@@ -1,5 +1,6 @@
-//! Polling a config file and publishing each good version: the one reload rule every file-driven part of
-//! meshnode follows (the proxy's local config, the agent's enrollment file, the control plane's mesh file).
+//! Config files: polling one and publishing each good version (the one reload rule every file-driven part
+//! of meshnode follows: the proxy's local config, the agent's enrollment file, the control plane's mesh
+//! file), and writing one atomically (the agent's state and hint files, the control plane's root).
 //!
 //! Input: a path, a poll interval, the bytes already loaded, a parser. Output: a new value on the `watch`
 //! channel whenever the file's bytes change and parse; an unreadable file, one larger than
@@ -31,6 +32,14 @@ async fn read_bounded(path: &std::path::Path) -> std::io::Result<Vec<u8>> {
         ));
     }
     Ok(bytes)
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename, so readers (and pollers) never see half
+/// a file.
+pub fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
 }
 
 /// Polls `path` every `interval`; `parse` turns new bytes into a value, `loaded` logs a published one.

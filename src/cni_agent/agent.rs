@@ -22,7 +22,7 @@ use crate::zds::server::{SnapshotEntry, SnapshotSource, ZdsServer};
 use super::cluster::{self, ClusterView, PodInfo, PodKey};
 use super::config::{AgentConfig, ClusterSource};
 use super::plugin_server::{self, Answer, PluginEvent, PluginRequest};
-use super::pods::{self, Enrollment, PodRecord, Pods};
+use super::pods::{Enrollment, PodRecord, Pods};
 use super::selector::Decision;
 use super::{kube, procfs, Error, BYPASS_INBOUND_ANNOTATION, DNS_CAPTURE_ANNOTATION};
 
@@ -785,7 +785,7 @@ impl Agent {
             return;
         }
         let body = serde_json::json!({ "ambientNamespaces": ambient }).to_string();
-        match pods::write_atomically(&self.cfg.hint_file(), body.as_bytes()) {
+        match crate::file_watch::write_atomically(&self.cfg.hint_file(), body.as_bytes()) {
             Ok(()) => self.last_hint = Some(ambient),
             Err(e) => {
                 tracing::error!(file = %self.cfg.hint_file().display(), error = %e, "cannot write the plugin's enrollment hint")

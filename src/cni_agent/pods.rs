@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
@@ -148,19 +148,13 @@ impl Pods {
             version: 1,
             pods: self.records.values().cloned().collect(),
         };
-        if let Err(e) =
-            write_atomically(file, &serde_json::to_vec_pretty(&state).unwrap_or_default())
-        {
+        if let Err(e) = crate::file_watch::write_atomically(
+            file,
+            &serde_json::to_vec_pretty(&state).unwrap_or_default(),
+        ) {
             tracing::error!(file = %file.display(), error = %e, "cannot save the agent's pod state; a restart would lose pods");
         }
     }
-}
-
-/// Writes `bytes` to `path` through a temporary file and a rename, so readers never see half a file.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, path)
 }
 
 #[cfg(test)]

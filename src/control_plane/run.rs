@@ -135,12 +135,12 @@ pub async fn run(
         CaChoice::Plugin(dir) => Arc::new(PluginCa::load(dir, MAX_WORKLOAD_TTL)?),
     };
     if let Some(out) = &opts.root_cert_out {
-        crate::cni_agent::pods::write_atomically(out, ca.roots_pem().as_bytes()).map_err(
-            |source| RunError::Io {
+        crate::file_watch::write_atomically(out, ca.roots_pem().as_bytes()).map_err(|source| {
+            RunError::Io {
                 what: format!("writing the root certificate to {}", out.display()),
                 source,
-            },
-        )?;
+            }
+        })?;
     }
     let tls = match &opts.tls_files {
         Some((cert, key)) => {
