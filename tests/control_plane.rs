@@ -163,8 +163,10 @@ struct Mesh {
     net: [u8; 2],
     dir: tempfile::TempDir,
     cp: ControlPlane,
-    client: Proxy,
-    server: Proxy,
+    /// Kept for its lifetime: dropping a proxy handle stops it.
+    _client: Proxy,
+    /// Likewise.
+    _server: Proxy,
     vip: SocketAddr,
 }
 
@@ -201,8 +203,8 @@ async fn mesh_up(extra: &[(&str, &str)]) -> Mesh {
         net,
         dir,
         cp,
-        client,
-        server,
+        _client: client,
+        _server: server,
         vip,
     }
 }
@@ -237,7 +239,6 @@ async fn workloads_from_the_control_plane_carry_traffic_until_they_are_removed()
             .is_ok_and(|a| a.ends_with("again"))
     })
     .await;
-    let _ = (&m.server, &m.client, &m.cp);
 }
 
 #[tokio::test]

@@ -98,6 +98,27 @@ async fn readiness_waits_for_the_workload_and_its_certificate() {
 }
 
 #[tokio::test]
+async fn a_local_config_and_an_xds_server_at_once_are_refused() {
+    let net = loopback_net();
+    let cfg = Arc::new(config(
+        "default/web/web",
+        &[
+            ("LOCAL_XDS_PATH", "/etc/local.yaml"),
+            ("XDS_ADDRESS", "https://istiod.example:15012"),
+        ],
+    ));
+    let (_stop, shutdown) = watch::channel(false);
+    let err = app::run_proxy(cfg, listeners(ip(net, 1)), None, shutdown)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("LOCAL_XDS_PATH") && err.contains("XDS_ADDRESS"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
 async fn a_bad_local_config_stops_start_up_naming_the_problem() {
     let net = loopback_net();
     let dir = tempfile::tempdir().unwrap();
