@@ -37,8 +37,21 @@ async fn read_bounded(path: &std::path::Path) -> std::io::Result<Vec<u8>> {
 /// Writes `bytes` to `path` through a temporary file and a rename, so readers (and pollers) never see half
 /// a file.
 pub fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    write_atomically_mode(path, bytes, None)
+}
+
+/// [`write_atomically`], the file getting `mode` (e.g. 0o755 for a binary) before it takes the name.
+pub fn write_atomically_mode(
+    path: &std::path::Path,
+    bytes: &[u8],
+    mode: Option<u32>,
+) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, bytes)?;
+    if let Some(mode) = mode {
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
+    }
     std::fs::rename(&tmp, path)
 }
 

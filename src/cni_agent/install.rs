@@ -13,6 +13,8 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Map, Value};
 
+use crate::file_watch::write_atomically_mode;
+
 /// Our entry's `type` (the binary name).
 pub const PLUGIN_TYPE: &str = "meshnode-cni";
 /// istio-cni's type; an entry of it is replaced by ours (one capture plugin per chain).
@@ -170,17 +172,12 @@ fn copy_binary(cfg: &InstallConfig) -> Result<(), Error> {
     if std::fs::read(&dst).ok().as_deref() == Some(&new[..]) {
         return Ok(());
     }
-    let tmp = cfg.bin_dir.join(format!(".{PLUGIN_TYPE}.tmp"));
-    let io = |what, path: &Path| {
-        let path = path.to_path_buf();
-        move |source| Error::Io { what, path, source }
-    };
-    std::fs::write(&tmp, &new).map_err(io("writing", &tmp))?;
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))
-        .map_err(io("chmod", &tmp))?;
     // A rename replaces the file even while a runtime is executing the old one.
-    std::fs::rename(&tmp, &dst).map_err(io("installing", &dst))
+    write_atomically_mode(&dst, &new, Some(0o755)).map_err(|source| Error::Io {
+        what: "installing",
+        path: dst.clone(),
+        source,
+    })
 }
 
 fn write_preserving_mode(old: &Path, new: &Path, bytes: &[u8]) -> Result<(), Error> {
@@ -188,15 +185,11 @@ fn write_preserving_mode(old: &Path, new: &Path, bytes: &[u8]) -> Result<(), Err
     let mode = std::fs::metadata(old)
         .map(|m| m.permissions().mode())
         .unwrap_or(0o644);
-    let tmp = new.with_extension("meshnode-tmp");
-    let io = |what, path: &Path| {
-        let path = path.to_path_buf();
-        move |source| Error::Io { what, path, source }
-    };
-    std::fs::write(&tmp, bytes).map_err(io("writing", &tmp))?;
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
-        .map_err(io("chmod", &tmp))?;
-    std::fs::rename(&tmp, new).map_err(io("replacing", new))
+    write_atomically_mode(new, bytes, Some(mode)).map_err(|source| Error::Io {
+        what: "replacing",
+        path: new.to_path_buf(),
+        source,
+    })
 }
 
 #[cfg(test)]
