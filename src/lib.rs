@@ -46,6 +46,7 @@ pub mod proto;
 pub mod proxy;
 pub mod readiness;
 pub mod redirect;
+pub mod sandbox;
 pub mod socket;
 pub mod state;
 pub mod tls;

@@ -1,0 +1,457 @@
+//! What the sandbox cluster is made of: nodes, namespaces, pods, services and the Istio objects applied,
+//! and how that becomes the files the real components read.
+//!
+//! Input: the built-in bookinfo layout ([`Model::bookinfo`]), changed later by `sandbox apply`. Output: the
+//! control plane's mesh file ([`Model::mesh_yaml`]), each CNI agent's enrollment file ([`Model::agent_yaml`]),
+//! the hosts file `sandbox exec` shows pods ([`Model::hosts_file`]). The model is saved as JSON in the
+//! sandbox directory, so every `sandbox` command works from the same description.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
+
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+/// Labels of a namespace or pod.
+pub type Labels = BTreeMap<String, String>;
+
+/// The label that enrolls a namespace's pods.
+pub const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
+
+/// The port every bookinfo app listens on (bookinfo's).
+pub const APP_PORT: u16 = 9080;
+
+/// The control plane's port (istiod's).
+pub const CONTROL_PLANE_PORT: u16 = 15012;
+
+/// A node: a network namespace with the CNI agent and the node proxy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Node {
+    /// Node name (`node1`).
+    pub name: String,
+    /// Its address on the link between nodes.
+    pub ip: Ipv4Addr,
+    /// Pod addresses come from here; the first host address is the pods' gateway.
+    pub pod_cidr: Ipv4Net,
+}
+
+impl Node {
+    /// The pods' gateway: the node side of every pod's veth (as the `ptp` plugin does it).
+    pub fn gateway(&self) -> Ipv4Addr {
+        nth_host(self.pod_cidr, 1)
+    }
+}
+
+/// A pod.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pod {
+    /// Pod name.
+    pub name: String,
+    /// Namespace.
+    pub namespace: String,
+    /// Service account.
+    pub service_account: String,
+    /// Labels (`app`, `version`).
+    pub labels: Labels,
+    /// The node it runs on.
+    pub node: String,
+    /// Its address, from the node's pod CIDR.
+    pub ip: Ipv4Addr,
+    /// The bookinfo app it runs (`productpage`, `reviews-v2`, ...), none for a client pod.
+    pub app: Option<String>,
+}
+
+impl Pod {
+    /// `namespace/name`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// Its Kubernetes-style uid (stable across commands).
+    pub fn uid(&self, sandbox: &str) -> String {
+        format!("{sandbox}-{}-{}", self.namespace, self.name)
+    }
+}
+
+/// A service with a VIP, selecting pods by label.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Service {
+    /// Name.
+    pub name: String,
+    /// Namespace.
+    pub namespace: String,
+    /// Cluster IP.
+    pub vip: Ipv4Addr,
+    /// Port (the pods' port too).
+    pub port: u16,
+    /// Pods of the namespace carrying all these labels back it.
+    pub selector: Labels,
+}
+
+/// The whole cluster.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Model {
+    /// The sandbox name: prefix of its network namespaces.
+    pub name: String,
+    /// Nodes, joined by one link.
+    pub nodes: Vec<Node>,
+    /// Namespaces and their labels.
+    pub namespaces: BTreeMap<String, Labels>,
+    /// Pods.
+    pub pods: Vec<Pod>,
+    /// Services.
+    pub services: Vec<Service>,
+    /// Istio objects applied (AuthorizationPolicy, PeerAuthentication) as written, in apply order.
+    pub istio: Vec<Value>,
+    /// Each node proxy's CA/xDS token, by node.
+    pub tokens: BTreeMap<String, String>,
+}
+
+fn labels(pairs: &[(&str, &str)]) -> Labels {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn nth_host(net: Ipv4Net, n: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(net.network()) + n)
+}
+
+impl Model {
+    /// The bookinfo layout on two nodes: productpage, details, ratings and the `test/sleep` client on node1;
+    /// reviews v1, v2, v3 on node2, so calls cross nodes both ways. `default` is in the mesh, `test` is not.
+    pub fn bookinfo(name: &str, tokens: BTreeMap<String, String>) -> Model {
+        let node = |n: u8| Node {
+            name: format!("node{n}"),
+            ip: Ipv4Addr::new(172, 18, 0, 1 + n),
+            pod_cidr: Ipv4Net::new(Ipv4Addr::new(10, 244, n, 0), 24).expect("prefix 24 is valid"),
+        };
+        let nodes = vec![node(1), node(2)];
+        let mut next_host: BTreeMap<String, u32> = BTreeMap::new();
+        let mut pod = |name: &str,
+                       ns: &str,
+                       sa: &str,
+                       app: Option<&str>,
+                       version: Option<&str>,
+                       on: &Node| {
+            // .1 is the gateway; pods from .10 up.
+            let n = next_host.entry(on.name.clone()).or_insert(10);
+            let ip = nth_host(on.pod_cidr, *n);
+            *n += 1;
+            let mut l = labels(&[("app", app.map_or(sa, |a| a.split("-v").next().unwrap_or(a)))]);
+            if let Some(v) = version {
+                l.insert("version".into(), v.into());
+            }
+            Pod {
+                name: name.into(),
+                namespace: ns.into(),
+                service_account: sa.into(),
+                labels: l,
+                node: on.name.clone(),
+                ip,
+                app: app.map(str::to_string),
+            }
+        };
+        let pods = vec![
+            pod(
+                "productpage-v1",
+                "default",
+                "productpage",
+                Some("productpage"),
+                Some("v1"),
+                &nodes[0],
+            ),
+            pod(
+                "details-v1",
+                "default",
+                "details",
+                Some("details"),
+                Some("v1"),
+                &nodes[0],
+            ),
+            pod(
+                "ratings-v1",
+                "default",
+                "ratings",
+                Some("ratings"),
+                Some("v1"),
+                &nodes[0],
+            ),
+            pod("sleep", "test", "sleep", None, None, &nodes[0]),
+            pod(
+                "reviews-v1",
+                "default",
+                "reviews",
+                Some("reviews-v1"),
+                Some("v1"),
+                &nodes[1],
+            ),
+            pod(
+                "reviews-v2",
+                "default",
+                "reviews",
+                Some("reviews-v2"),
+                Some("v2"),
+                &nodes[1],
+            ),
+            pod(
+                "reviews-v3",
+                "default",
+                "reviews",
+                Some("reviews-v3"),
+                Some("v3"),
+                &nodes[1],
+            ),
+        ];
+        let service = |name: &str, last: u8| Service {
+            name: name.into(),
+            namespace: "default".into(),
+            vip: Ipv4Addr::new(10, 96, 0, last),
+            port: APP_PORT,
+            selector: labels(&[("app", name)]),
+        };
+        let services = vec![
+            service("productpage", 20),
+            service("details", 21),
+            service("reviews", 22),
+            service("ratings", 23),
+        ];
+        let namespaces = [
+            ("default", labels(&[(DATAPLANE_MODE, "ambient")])),
+            ("test", Labels::new()),
+            ("istio-system", Labels::new()),
+        ]
+        .into_iter()
+        .map(|(n, l)| (n.to_string(), l))
+        .collect();
+        Model {
+            name: name.into(),
+            nodes,
+            namespaces,
+            pods,
+            services,
+            istio: Vec::new(),
+            tokens,
+        }
+    }
+
+    /// Where the control plane listens: the first node's address (it runs there, host-networked).
+    pub fn control_plane_addr(&self) -> std::net::SocketAddr {
+        std::net::SocketAddr::new(IpAddr::V4(self.nodes[0].ip), CONTROL_PLANE_PORT)
+    }
+
+    /// The node named `name`.
+    pub fn node(&self, name: &str) -> Option<&Node> {
+        self.nodes.iter().find(|n| n.name == name)
+    }
+
+    /// The pod a user means by `name`: `namespace/name`, or a pod name, or a prefix of one that is
+    /// unambiguous (`productpage` for `productpage-v1`).
+    pub fn find_pod(&self, name: &str) -> Result<&Pod, String> {
+        let (ns, n) = match name.split_once('/') {
+            Some((ns, n)) => (Some(ns), n),
+            None => (None, name),
+        };
+        let in_ns = |p: &&Pod| ns.is_none_or(|ns| p.namespace == ns);
+        if let Some(p) = self.pods.iter().filter(in_ns).find(|p| p.name == n) {
+            return Ok(p);
+        }
+        let candidates: Vec<&Pod> = self
+            .pods
+            .iter()
+            .filter(in_ns)
+            .filter(|p| p.name.starts_with(n))
+            .collect();
+        match candidates.as_slice() {
+            [one] => Ok(one),
+            [] => Err(format!(
+                "no pod {name:?}; pods: {}",
+                self.pods
+                    .iter()
+                    .map(Pod::key)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+            many => Err(format!(
+                "{name:?} could be {}",
+                many.iter()
+                    .map(|p| p.key())
+                    .collect::<Vec<_>>()
+                    .join(" or ")
+            )),
+        }
+    }
+
+    /// The service `name` (in any namespace; `name.namespace` to choose).
+    pub fn find_service(&self, name: &str) -> Option<&Service> {
+        let (n, ns) = name.split_once('.').unwrap_or((name, ""));
+        self.services
+            .iter()
+            .find(|s| s.name == n && (ns.is_empty() || s.namespace == ns))
+    }
+
+    /// Whether `namespace` is labelled into the mesh.
+    pub fn in_mesh(&self, namespace: &str) -> bool {
+        self.namespaces
+            .get(namespace)
+            .and_then(|l| l.get(DATAPLANE_MODE))
+            .is_some_and(|m| m == "ambient")
+    }
+
+    /// The control plane's mesh file.
+    pub fn mesh_yaml(&self) -> String {
+        let namespaces: serde_json::Map<String, Value> = self
+            .namespaces
+            .iter()
+            .map(|(n, l)| (n.clone(), json!({ "labels": l })))
+            .collect();
+        let workloads: Vec<Value> = self
+            .pods
+            .iter()
+            .map(|p| {
+                json!({
+                    "name": p.name, "namespace": p.namespace, "serviceAccount": p.service_account,
+                    "ips": [p.ip], "node": p.node, "labels": p.labels,
+                })
+            })
+            .collect();
+        let services: Vec<Value> = self
+            .services
+            .iter()
+            .map(|s| {
+                json!({
+                    "name": s.name, "namespace": s.namespace, "vips": [s.vip],
+                    "ports": [{"port": s.port}], "selector": s.selector,
+                })
+            })
+            .collect();
+        let tokens: Vec<Value> = self
+            .tokens
+            .iter()
+            .map(|(node, token)| json!({"token": token, "nodeProxy": true, "node": node}))
+            .collect();
+        to_yaml(&json!({
+            "namespaces": namespaces,
+            "workloads": workloads,
+            "services": services,
+            "tokens": tokens,
+            "istio": self.istio,
+        }))
+    }
+
+    /// The CNI agent's enrollment file for `node`: every namespace, and the node's pods.
+    pub fn agent_yaml(&self, node: &str) -> String {
+        let namespaces: serde_json::Map<String, Value> = self
+            .namespaces
+            .iter()
+            .map(|(n, l)| (n.clone(), json!({ "labels": l })))
+            .collect();
+        let pods: Vec<Value> = self
+            .pods
+            .iter()
+            .filter(|p| p.node == node)
+            .map(|p| {
+                json!({
+                    "name": p.name, "namespace": p.namespace, "uid": p.uid(&self.name),
+                    "serviceAccount": p.service_account, "labels": p.labels,
+                })
+            })
+            .collect();
+        to_yaml(&json!({ "namespaces": namespaces, "pods": pods }))
+    }
+
+    /// `/etc/hosts` as `sandbox exec` shows it: localhost, every service by its short, namespaced and full
+    /// names, every pod by name.
+    pub fn hosts_file(&self) -> String {
+        let mut out = String::from("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n");
+        for s in &self.services {
+            out += &format!(
+                "{}\t{n} {n}.{ns} {n}.{ns}.svc {n}.{ns}.svc.cluster.local\n",
+                s.vip,
+                n = s.name,
+                ns = s.namespace
+            );
+        }
+        for p in &self.pods {
+            out += &format!("{}\t{}.{}\n", p.ip, p.name, p.namespace);
+        }
+        out
+    }
+}
+
+fn to_yaml(v: &Value) -> String {
+    // Serializing a JSON value cannot fail (string keys only).
+    serde_yaml::to_string(v).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control_plane::MeshConfig;
+
+    fn model() -> Model {
+        let tokens = [("node1", "t1"), ("node2", "t2")]
+            .into_iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect();
+        Model::bookinfo("mn", tokens)
+    }
+
+    #[test]
+    fn the_bookinfo_mesh_file_is_one_the_control_plane_accepts() {
+        let m = model();
+        let cfg = MeshConfig::parse(&m.mesh_yaml()).unwrap();
+        assert_eq!(cfg.workloads.len(), 7);
+        assert_eq!(cfg.services.len(), 4);
+        assert_eq!(cfg.tokens.len(), 2);
+        let reviews: Vec<_> = cfg
+            .workloads
+            .iter()
+            .filter(|w| w.labels.get("app").is_some_and(|a| a == "reviews"))
+            .collect();
+        assert_eq!(
+            reviews.len(),
+            3,
+            "all three versions back the reviews service"
+        );
+        assert!(reviews.iter().all(|w| w.node == "node2"));
+    }
+
+    #[test]
+    fn pods_get_distinct_addresses_from_their_node_range() {
+        let m = model();
+        for p in &m.pods {
+            let node = m.node(&p.node).unwrap();
+            assert!(node.pod_cidr.contains(&p.ip), "{} {}", p.name, p.ip);
+            assert_ne!(p.ip, node.gateway());
+        }
+        let mut ips: Vec<_> = m.pods.iter().map(|p| p.ip).collect();
+        ips.sort();
+        ips.dedup();
+        assert_eq!(ips.len(), m.pods.len());
+    }
+
+    #[test]
+    fn a_pod_is_found_by_name_prefix_or_namespace() {
+        let m = model();
+        assert_eq!(m.find_pod("productpage").unwrap().name, "productpage-v1");
+        assert_eq!(m.find_pod("test/sleep").unwrap().name, "sleep");
+        assert!(m.find_pod("reviews").unwrap_err().contains("could be"));
+        assert!(m.find_pod("nope").unwrap_err().contains("pods:"));
+        assert!(m.find_pod("default/sleep").is_err());
+    }
+
+    #[test]
+    fn each_agent_sees_every_namespace_and_only_its_own_pods() {
+        let m = model();
+        let y: Value = serde_yaml::from_str(&m.agent_yaml("node2")).unwrap();
+        assert_eq!(y["pods"].as_array().unwrap().len(), 3);
+        assert_eq!(
+            y["namespaces"]["default"]["labels"][DATAPLANE_MODE],
+            "ambient"
+        );
+        assert!(!m.in_mesh("test"));
+    }
+}
