@@ -147,9 +147,29 @@ impl Runtime {
     /// ADD: runs every plugin in order, each getting the previous one's result as `prevResult`, and returns
     /// the last result.
     pub fn add(&self, conflist: &Value, att: &Attachment) -> Result<Value, Error> {
+        self.add_from(conflist, att, None)
+    }
+
+    /// ADD for a runtime that wired the interface itself (the sandbox): the first plugin of `conflist`
+    /// gets `prev_result` (what that wiring produced) as its `prevResult`, as if an interface plugin had
+    /// run before it; the rest as in [`Runtime::add`].
+    pub fn add_after(
+        &self,
+        conflist: &Value,
+        att: &Attachment,
+        prev_result: Value,
+    ) -> Result<Value, Error> {
+        self.add_from(conflist, att, Some(prev_result))
+    }
+
+    fn add_from(
+        &self,
+        conflist: &Value,
+        att: &Attachment,
+        mut prev: Option<Value>,
+    ) -> Result<Value, Error> {
         let list = parse_list(conflist)?;
         validate(att)?;
-        let mut prev: Option<Value> = None;
         for plugin in &list.plugins {
             let inject = prev.take().map(|p| ("prevResult", p)).into_iter().collect();
             let call = Call {

@@ -57,6 +57,10 @@ enum Command {
         #[arg(long)]
         root_cert_out: Option<std::path::PathBuf>,
     },
+    /// The whole mesh on this machine, no Kubernetes needed: two nodes made of network namespaces, each
+    /// with a CNI agent and a node proxy, the embedded control plane and bookinfo. Without a subcommand it
+    /// runs the Istio ambient tutorial on it and removes it again (needs root).
+    Sandbox(meshnode::sandbox::cli::SandboxArgs),
     /// Print the version.
     Version,
 }
@@ -64,6 +68,10 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Sandbox(args) => {
+            init_logging();
+            std::process::exit(meshnode::sandbox::cli::main(args));
+        }
         Command::Version => {
             println!("meshnode {}", env!("CARGO_PKG_VERSION"));
             Ok(())

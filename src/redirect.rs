@@ -29,6 +29,7 @@ mod netlink;
 mod nft;
 mod route;
 mod rules;
+pub mod services;
 
 #[cfg(test)]
 mod tests;

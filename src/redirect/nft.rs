@@ -59,6 +59,13 @@ const NFTA_LOOKUP_FLAGS: u16 = 5;
 const NFTA_NAT_TYPE: u16 = 1;
 const NFTA_NAT_FAMILY: u16 = 2;
 const NFTA_NAT_REG_ADDR_MIN: u16 = 3;
+const NFTA_NAT_REG_PROTO_MIN: u16 = 5;
+const NFTA_NAT_FLAGS: u16 = 7;
+const NFTA_NG_DREG: u16 = 1;
+const NFTA_NG_MODULUS: u16 = 2;
+const NFTA_NG_TYPE: u16 = 3;
+/// `NFT_NG_RANDOM`: a random number below the modulus per packet.
+const NFT_NG_RANDOM: u32 = 1;
 const NFTA_SET_TABLE: u16 = 1;
 const NFTA_SET_NAME: u16 = 2;
 const NFTA_SET_FLAGS: u16 = 3;
@@ -122,6 +129,10 @@ pub(super) enum Expr {
     Lookup { sreg: u32, set: String },
     /// Source NAT of `family` (`NFPROTO_IPV4`/`IPV6`) to the address held in register `addr_reg`.
     Snat { family: u32, addr_reg: u32 },
+    /// Destination NAT (IPv4) to the address in `addr_reg` and the port in `port_reg`.
+    Dnat { addr_reg: u32, port_reg: u32 },
+    /// A random number in `0..modulus` into `dreg` (`numgen random mod N`).
+    NumgenRandom { dreg: u32, modulus: u32 },
     /// An expression this module does not know (only ever decoded, never built).
     Other(String),
 }
@@ -137,7 +148,8 @@ impl Expr {
             Expr::Redir { .. } => "redir",
             Expr::Ct { .. } | Expr::CtSet { .. } => "ct",
             Expr::Lookup { .. } => "lookup",
-            Expr::Snat { .. } => "nat",
+            Expr::Snat { .. } | Expr::Dnat { .. } => "nat",
+            Expr::NumgenRandom { .. } => "numgen",
             Expr::Other(name) => name,
         }
     }
@@ -221,6 +233,18 @@ impl Expr {
                 w.attr_be32(NFTA_NAT_TYPE, libc::NFT_NAT_SNAT as u32);
                 w.attr_be32(NFTA_NAT_FAMILY, *family);
                 w.attr_be32(NFTA_NAT_REG_ADDR_MIN, *addr_reg);
+            }
+            Expr::Dnat { addr_reg, port_reg } => {
+                w.attr_be32(NFTA_NAT_TYPE, libc::NFT_NAT_DNAT as u32);
+                w.attr_be32(NFTA_NAT_FAMILY, libc::NFPROTO_IPV4 as u32);
+                w.attr_be32(NFTA_NAT_REG_ADDR_MIN, *addr_reg);
+                w.attr_be32(NFTA_NAT_REG_PROTO_MIN, *port_reg);
+                w.attr_be32(NFTA_NAT_FLAGS, NF_NAT_RANGE_PROTO_SPECIFIED);
+            }
+            Expr::NumgenRandom { dreg, modulus } => {
+                w.attr_be32(NFTA_NG_DREG, *dreg);
+                w.attr_be32(NFTA_NG_MODULUS, *modulus);
+                w.attr_be32(NFTA_NG_TYPE, NFT_NG_RANDOM);
             }
             Expr::Other(_) => {}
         }
@@ -319,6 +343,18 @@ impl Expr {
                 Some(Expr::Snat {
                     family: u(NFTA_NAT_FAMILY)?,
                     addr_reg: u(NFTA_NAT_REG_ADDR_MIN)?,
+                })
+            })(),
+            "nat" if u(NFTA_NAT_TYPE) == Some(libc::NFT_NAT_DNAT as u32) => (|| {
+                Some(Expr::Dnat {
+                    addr_reg: u(NFTA_NAT_REG_ADDR_MIN)?,
+                    port_reg: u(NFTA_NAT_REG_PROTO_MIN)?,
+                })
+            })(),
+            "numgen" if u(NFTA_NG_TYPE) == Some(NFT_NG_RANDOM) => (|| {
+                Some(Expr::NumgenRandom {
+                    dreg: u(NFTA_NG_DREG)?,
+                    modulus: u(NFTA_NG_MODULUS)?,
                 })
             })(),
             _ => None,

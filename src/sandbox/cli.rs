@@ -1,0 +1,220 @@
+//! The `meshnode sandbox` command line: parses the subcommand and runs it, turning errors into a message on
+//! stderr and an exit code (0 all well, 1 a tutorial check did not see what it expected or a component is
+//! not healthy, 2 the command could not be done, 130 interrupted).
+//!
+//! Input: the parsed [`SandboxArgs`]. Output: the process exit code.
+
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use clap::{Args, Subcommand};
+
+use super::{apps, Error, Options, DEFAULT_NAME, DEFAULT_ROOT};
+
+/// `meshnode sandbox [--name N] [--keep] [COMMAND]`.
+#[derive(Debug, Args)]
+pub struct SandboxArgs {
+    /// The sandbox's name: prefix of its network namespaces (several sandboxes can coexist).
+    #[arg(long, global = true, env = "MESHNODE_SANDBOX_NAME", default_value = DEFAULT_NAME)]
+    pub name: String,
+    /// Where sandboxes keep their state.
+    #[arg(long, global = true, env = "MESHNODE_SANDBOX_DIR", default_value = DEFAULT_ROOT)]
+    pub dir: PathBuf,
+    /// Without a command: leave the sandbox running after the tutorial.
+    #[arg(long)]
+    pub keep: bool,
+    /// What to do; without one, build the sandbox, run the tutorial and remove it.
+    #[command(subcommand)]
+    pub command: Option<SandboxCommand>,
+}
+
+/// The sandbox's subcommands.
+#[derive(Debug, Subcommand)]
+pub enum SandboxCommand {
+    /// Build the sandbox and leave it running.
+    Up,
+    /// Remove the sandbox: every process, namespace, rule, socket and file it made (also after a crash).
+    Down,
+    /// Show nodes, components, pods (and whether they are captured), services and Istio objects.
+    Status,
+    /// Run a command inside a pod's network namespace, with service names in /etc/hosts
+    /// (e.g. `sandbox exec sleep -- curl -s http://productpage:9080/productpage`).
+    Exec {
+        /// The pod: `name`, `namespace/name`, or an unambiguous prefix (`productpage`).
+        pod: String,
+        /// The command and its arguments (default: /bin/sh).
+        #[arg(last = true)]
+        command: Vec<OsString>,
+    },
+    /// Apply Istio YAML live: AuthorizationPolicy, PeerAuthentication, Namespace labels (like kubectl apply -f).
+    Apply {
+        /// The manifest (`-` for stdin).
+        file: PathBuf,
+    },
+    /// Delete the AuthorizationPolicies and PeerAuthentications a manifest names (like kubectl delete -f).
+    Delete {
+        /// The manifest (`-` for stdin).
+        file: PathBuf,
+    },
+    /// Internal: run COMMAND inside the network namespace NETNS (what the sandbox starts components with).
+    #[command(hide = true)]
+    Enter {
+        /// Path of the namespace.
+        netns: PathBuf,
+        /// The command.
+        #[arg(last = true, required = true)]
+        command: Vec<OsString>,
+    },
+    /// Internal: a bookinfo app (what each sandbox pod runs).
+    #[command(hide = true)]
+    App {
+        /// productpage, details, ratings, reviews-v1, reviews-v2, reviews-v3.
+        app: String,
+        /// Where to listen.
+        #[arg(long)]
+        listen: SocketAddr,
+        /// NAME=IP:PORT of a service the app calls.
+        #[arg(long = "upstream")]
+        upstreams: Vec<String>,
+    },
+}
+
+/// Runs the command; returns the exit code.
+pub fn main(args: SandboxArgs) -> i32 {
+    match run(args) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("meshnode sandbox: {e}");
+            2
+        }
+    }
+}
+
+fn run(args: SandboxArgs) -> Result<i32, Error> {
+    // The internal commands come first: they run inside namespaces and need no options.
+    match args.command {
+        Some(SandboxCommand::Enter { netns, command }) => {
+            return Err(Error::Refused(
+                super::procs::enter(&netns, None, &command).to_string(),
+            ));
+        }
+        Some(SandboxCommand::App {
+            app,
+            listen,
+            upstreams,
+        }) => {
+            let mut map = std::collections::BTreeMap::new();
+            for u in upstreams {
+                let (name, addr) = u
+                    .split_once('=')
+                    .and_then(|(n, a)| Some((n.to_string(), a.parse::<SocketAddr>().ok()?)))
+                    .ok_or_else(|| {
+                        Error::Refused(format!("--upstream {u:?}: expected NAME=IP:PORT"))
+                    })?;
+                map.insert(name, addr);
+            }
+            let app = app
+                .parse::<apps::App>()
+                .map_err(|e| Error::Refused(format!("app {app:?}: {e}")))?;
+            let cfg = apps::AppConfig {
+                app,
+                listen,
+                upstreams: map,
+            };
+            apps::run(cfg).map_err(|e| Error::Refused(e.to_string()))?;
+            return Ok(0);
+        }
+        _ => {}
+    }
+    let opts = Options::new(&args.name, &args.dir)?;
+    let mut out = std::io::stdout();
+    match args.command {
+        None => {
+            let stop = interrupt_flag();
+            let all_ok = super::scenario::run(&opts, args.keep, &mut out, &stop)?;
+            Ok(if stop.load(Ordering::Relaxed) {
+                130
+            } else if all_ok {
+                0
+            } else {
+                1
+            })
+        }
+        Some(SandboxCommand::Up) => {
+            super::up(&opts, &mut out)?;
+            println!(
+                "\nsandbox {:?} is up. Try:\n  meshnode sandbox status\n  meshnode sandbox exec sleep -- curl -s http://productpage:9080/productpage\n  meshnode sandbox apply policy.yaml\n  meshnode sandbox down",
+                opts.name
+            );
+            Ok(0)
+        }
+        Some(SandboxCommand::Down) => {
+            match super::down(&opts, &mut out)? {
+                Some(r) => println!(
+                    "sandbox {:?} removed ({} processes stopped, {} network namespaces deleted)",
+                    opts.name, r.processes, r.namespaces
+                ),
+                None => println!("no sandbox {:?}: nothing to remove", opts.name),
+            }
+            Ok(0)
+        }
+        Some(SandboxCommand::Status) => Ok(if super::status(&opts, &mut out)? {
+            0
+        } else {
+            1
+        }),
+        Some(SandboxCommand::Exec { pod, command }) => {
+            let command = if command.is_empty() {
+                vec![OsString::from("/bin/sh")]
+            } else {
+                command
+            };
+            Err(super::exec(&opts, &pod, &command))
+        }
+        Some(SandboxCommand::Apply { file }) => {
+            super::apply(&opts, &file, super::apply::Verb::Apply, &mut out).map(|()| 0)
+        }
+        Some(SandboxCommand::Delete { file }) => {
+            super::apply(&opts, &file, super::apply::Verb::Delete, &mut out).map(|()| 0)
+        }
+        Some(SandboxCommand::Enter { .. } | SandboxCommand::App { .. }) => {
+            unreachable!("handled above")
+        }
+    }
+}
+
+/// A flag set by SIGINT or SIGTERM (handled on a small runtime thread; the handlers are not inherited by
+/// the components the sandbox starts, which reset them on exec).
+fn interrupt_flag() -> Arc<AtomicBool> {
+    let flag = Arc::new(AtomicBool::new(false));
+    let f = flag.clone();
+    let _ = std::thread::Builder::new()
+        .name("meshnode-signals".into())
+        .spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async {
+                use tokio::signal::unix::{signal, SignalKind};
+                let (Ok(mut term), Ok(mut int)) = (
+                    signal(SignalKind::terminate()),
+                    signal(SignalKind::interrupt()),
+                ) else {
+                    return;
+                };
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+                eprintln!("\ninterrupted: finishing the current check, then removing the sandbox");
+                f.store(true, Ordering::Relaxed);
+            });
+        });
+    flag
+}

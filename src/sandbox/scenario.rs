@@ -1,0 +1,411 @@
+//! The Istio ambient tutorial, run against a sandbox: each step changes the cluster the way a user would
+//! (`sandbox apply` of Istio YAML, a namespace label) and checks what a client pod sees, printing a row per
+//! check as it goes: what was done, what was expected, what happened.
+//!
+//! Input: a sandbox that is up ([`Options`], its [`Model`]). Output: the table on the given writer, and
+//! whether every check saw what it expected. Checks are calls from inside pod namespaces (the apps'
+//! HTTP client) and, for mTLS, the destination proxy's Istio metrics; each waits up to [`SETTLE`] for the
+//! cluster to converge (the agents and the control plane pick up changes within about a second).
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use super::apply::{self, Verb};
+use super::apps::{self, Outcome};
+use super::model::Model;
+use super::{net, save, Error, Options};
+
+/// How long a check waits for the expected outcome.
+const SETTLE: Duration = Duration::from_secs(20);
+/// Per-call timeout.
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// PeerAuthentication STRICT for `default`, as in the tutorial.
+pub const STRICT: &str = "apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata:
+  name: default
+  namespace: default
+spec:
+  mtls:
+    mode: STRICT
+";
+
+/// `kubectl label namespace test istio.io/dataplane-mode=ambient`, as a manifest.
+pub const TEST_INTO_MESH: &str = "apiVersion: v1
+kind: Namespace
+metadata:
+  name: test
+  labels:
+    istio.io/dataplane-mode: ambient
+";
+
+/// Only productpage's identity may reach reviews.
+pub const REVIEWS_ONLY_PRODUCTPAGE: &str = "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: reviews-viewer
+  namespace: default
+spec:
+  selector:
+    matchLabels:
+      app: reviews
+  action: ALLOW
+  rules:
+  - from:
+    - source:
+        principals:
+        - cluster.local/ns/default/sa/productpage
+";
+
+/// What a check expects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expect {
+    /// An HTTP 200.
+    Answered,
+    /// An HTTP 200, and the destination's proxy counted the caller's identity over mutual TLS.
+    AnsweredMtls,
+    /// No answer: reset, or closed without a response (how a denial looks to the caller).
+    Denied,
+}
+
+impl Expect {
+    fn label(self) -> &'static str {
+        match self {
+            Expect::Answered => "answered",
+            Expect::AnsweredMtls => "answered, mTLS",
+            Expect::Denied => "refused",
+        }
+    }
+}
+
+/// The table's column widths.
+const W_STEP: usize = 3;
+const W_ACTION: usize = 52;
+const W_EXPECT: usize = 15;
+
+struct Table<'a> {
+    out: &'a mut dyn Write,
+    passed: usize,
+    failed: usize,
+}
+
+impl Table<'_> {
+    fn header(&mut self) {
+        let _ = writeln!(
+            self.out,
+            "\n{:<W_STEP$} {:<W_ACTION$} {:<W_EXPECT$} OBSERVED",
+            "#", "STEP", "EXPECTED"
+        );
+    }
+
+    fn action(&mut self, n: &str, what: &str, result: &str) {
+        let _ = writeln!(
+            self.out,
+            "{n:<W_STEP$} {what:<W_ACTION$} {:<W_EXPECT$} {result}",
+            ""
+        );
+    }
+
+    fn start(&mut self, n: &str, what: &str, expect: Expect) {
+        let _ = write!(
+            self.out,
+            "{n:<W_STEP$} {what:<W_ACTION$} {:<W_EXPECT$} ",
+            expect.label()
+        );
+        let _ = self.out.flush();
+    }
+
+    fn finish(&mut self, ok: bool, observed: &str, took: Duration) {
+        let verdict = if ok { "ok" } else { "MISMATCH" };
+        let _ = writeln!(
+            self.out,
+            "{observed} ({:.1} s) {verdict}",
+            took.as_secs_f64()
+        );
+        if ok {
+            self.passed += 1;
+        } else {
+            self.failed += 1;
+        }
+    }
+}
+
+/// Runs the tutorial's steps against the sandbox that is up. Returns whether every check matched.
+pub fn steps(opts: &Options, out: &mut dyn Write, stop: &AtomicBool) -> Result<bool, Error> {
+    let mut model = super::require(opts)?;
+    let mut t = Table {
+        out,
+        passed: 0,
+        failed: 0,
+    };
+    t.header();
+    let sleep = "test/sleep";
+    let productpage = ("productpage", "/productpage");
+    let reviews = ("reviews", "/reviews/0");
+
+    t.action("1", "test is not in the mesh; default is (ambient)", "");
+    check(
+        &mut t,
+        &model,
+        "",
+        sleep,
+        productpage,
+        Expect::Answered,
+        stop,
+    )?;
+
+    apply_step(
+        &mut t,
+        opts,
+        &mut model,
+        "2",
+        "apply PeerAuthentication default/default: STRICT",
+        STRICT,
+    )?;
+    check(&mut t, &model, "", sleep, productpage, Expect::Denied, stop)?;
+
+    apply_step(
+        &mut t,
+        opts,
+        &mut model,
+        "3",
+        "label namespace test istio.io/dataplane-mode=ambient",
+        TEST_INTO_MESH,
+    )?;
+    check(
+        &mut t,
+        &model,
+        "",
+        sleep,
+        productpage,
+        Expect::AnsweredMtls,
+        stop,
+    )?;
+
+    apply_step(
+        &mut t,
+        opts,
+        &mut model,
+        "4",
+        "apply AuthorizationPolicy default/reviews-viewer",
+        REVIEWS_ONLY_PRODUCTPAGE,
+    )?;
+    check(
+        &mut t,
+        &model,
+        "",
+        "default/productpage",
+        reviews,
+        Expect::Answered,
+        stop,
+    )?;
+    check(&mut t, &model, "", sleep, reviews, Expect::Denied, stop)?;
+    check(
+        &mut t,
+        &model,
+        "",
+        sleep,
+        productpage,
+        Expect::Answered,
+        stop,
+    )?;
+
+    let _ = writeln!(
+        t.out,
+        "\n{} of {} checks as expected{}",
+        t.passed,
+        t.passed + t.failed,
+        if t.failed == 0 {
+            ""
+        } else {
+            " — see the logs of the components involved"
+        }
+    );
+    Ok(t.failed == 0)
+}
+
+fn apply_step(
+    t: &mut Table<'_>,
+    opts: &Options,
+    model: &mut Model,
+    n: &str,
+    what: &str,
+    manifest: &str,
+) -> Result<(), Error> {
+    let (next, lines) = apply::change(model, manifest, what, Verb::Apply)
+        .map_err(|e| Error::Refused(e.to_string()))?;
+    save(opts, &next)?;
+    *model = next;
+    t.action(n, what, &lines.join("; "));
+    Ok(())
+}
+
+/// Calls `service` from `from` until the outcome matches `expect` or [`SETTLE`] passes; prints the row.
+fn check(
+    t: &mut Table<'_>,
+    model: &Model,
+    n: &str,
+    from: &str,
+    (service, path): (&str, &str),
+    expect: Expect,
+    stop: &AtomicBool,
+) -> Result<(), Error> {
+    let pod = model.find_pod(from).map_err(Error::Refused)?.clone();
+    let svc = model
+        .find_service(service)
+        .ok_or_else(|| Error::Refused(format!("no service {service}")))?;
+    let dst = SocketAddr::new(svc.vip.into(), svc.port);
+    let what = format!("  {} → {service}:{}{path}", pod.key(), svc.port);
+    t.start(n, &what, expect);
+    let ns = net::open(&net::pod_netns(model, &pod))?;
+    let node1 = net::open(&net::node_netns(model, &svc_node(model, service)))?;
+    let principal = format!(
+        "spiffe://cluster.local/ns/{}/sa/{}",
+        pod.namespace, pod.service_account
+    );
+    let started = Instant::now();
+    let baseline = mtls_count(&node1, &principal);
+    let path = path.to_string();
+    loop {
+        let p = path.clone();
+        let outcome = ns
+            .run_on_thread(move || apps::get(dst, &p, CALL_TIMEOUT))
+            .unwrap_or_else(|e| Outcome::Failed(e.to_string()));
+        let (ok, observed) = judge(
+            &outcome,
+            expect,
+            || mtls_count(&node1, &principal) > baseline,
+            &principal,
+        );
+        if ok || started.elapsed() > SETTLE || stop.load(Ordering::Relaxed) {
+            t.finish(ok, &observed, started.elapsed());
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// The node of the first pod backing `service` (where its destination proxy runs).
+fn svc_node(model: &Model, service: &str) -> String {
+    let svc = model.find_service(service).expect("checked by the caller");
+    model
+        .pods
+        .iter()
+        .find(|p| {
+            p.namespace == svc.namespace
+                && svc.selector.iter().all(|(k, v)| p.labels.get(k) == Some(v))
+        })
+        .map_or_else(|| model.nodes[0].name.clone(), |p| p.node.clone())
+}
+
+fn judge(
+    outcome: &Outcome,
+    expect: Expect,
+    mtls_seen: impl FnOnce() -> bool,
+    principal: &str,
+) -> (bool, String) {
+    let answered = matches!(outcome, Outcome::Answered { status: 200, .. });
+    let mut observed = describe(outcome);
+    let ok = match expect {
+        Expect::Answered => answered,
+        Expect::Denied => matches!(outcome, Outcome::Reset | Outcome::Closed),
+        Expect::AnsweredMtls => {
+            let mtls = answered && mtls_seen();
+            if mtls {
+                observed += &format!("; mutual_tls from {principal}");
+            } else if answered {
+                observed += "; no mTLS connection counted";
+            }
+            mtls
+        }
+    };
+    (ok, observed)
+}
+
+/// One line for an outcome; for productpage's page, what it got from its own upstreams.
+fn describe(outcome: &Outcome) -> String {
+    let Outcome::Answered { status, app, body } = outcome else {
+        return outcome.to_string();
+    };
+    let from = app.as_deref().unwrap_or("?");
+    let upstreams: Vec<&str> = body
+        .lines()
+        .filter(|l| l.starts_with("details:") || l.starts_with("reviews:"))
+        .collect();
+    if upstreams.is_empty() {
+        format!("HTTP {status} from {from}")
+    } else {
+        format!("HTTP {status} from {from} ({})", upstreams.join(", "))
+    }
+}
+
+/// Connections the proxy in `node` counted as the destination, over mutual TLS, from `principal`.
+fn mtls_count(node: &std::sync::Arc<crate::netns::Netns>, principal: &str) -> u64 {
+    let want = format!("source_principal=\"{principal}\"");
+    let metrics = node
+        .run_on_thread(|| {
+            let mut s = std::net::TcpStream::connect_timeout(
+                &([127, 0, 0, 1], 15020).into(),
+                CALL_TIMEOUT,
+            )?;
+            s.set_read_timeout(Some(CALL_TIMEOUT))?;
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+            let mut text = String::new();
+            std::io::Read::take(&mut s, 16 * 1024 * 1024).read_to_string(&mut text)?;
+            Ok::<_, std::io::Error>(text)
+        })
+        .ok()
+        .and_then(Result::ok)
+        .unwrap_or_default();
+    metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("istio_tcp_connections_opened_total{")
+                && l.contains("reporter=\"destination\"")
+                && l.contains("connection_security_policy=\"mutual_tls\"")
+                && l.contains(&want)
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+use std::io::Read as _;
+
+/// `meshnode sandbox`: up, the tutorial's steps, down (unless `keep`). Returns whether every check matched.
+pub fn run(
+    opts: &Options,
+    keep: bool,
+    out: &mut dyn Write,
+    stop: &AtomicBool,
+) -> Result<bool, Error> {
+    let _ = writeln!(
+        out,
+        "meshnode sandbox {:?}: two nodes, the embedded control plane and bookinfo, in network namespaces\n",
+        opts.name
+    );
+    let started = Instant::now();
+    super::up(opts, out)?;
+    let _ = writeln!(
+        out,
+        "  cluster up in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let result = if stop.load(Ordering::Relaxed) {
+        Ok(false)
+    } else {
+        steps(opts, out, stop)
+    };
+    if keep {
+        let _ = writeln!(
+            out,
+            "\nleft running (--keep): try `meshnode sandbox exec sleep -- curl -s http://productpage:9080/productpage`; remove with `meshnode sandbox down`"
+        );
+    } else {
+        let _ = writeln!(out, "\nremoving the sandbox");
+        super::down(opts, out)?;
+    }
+    result
+}
