@@ -248,7 +248,7 @@ pub fn preflight(opts: &Options) -> Result<(), Error> {
 
 /// The processes of a sandbox and how many are running, for messages.
 fn describe_existing(opts: &Options, model: &Model) -> String {
-    let running = procs::find(&net::all_netns(model)).len();
+    let running = procs::find(&net::all_netns(model), &opts.dir()).len();
     let since = std::fs::metadata(opts.path("model.json"))
         .and_then(|m| m.modified())
         .ok()
@@ -320,7 +320,7 @@ pub fn up(opts: &Options, progress: &mut dyn Write) -> Result<Model, Error> {
 }
 
 fn step(progress: &mut dyn Write, what: &str) -> Instant {
-    let _ = write!(progress, "  {what:<58}");
+    let _ = write!(progress, "  {what:<64} ");
     let _ = progress.flush();
     Instant::now()
 }
@@ -463,8 +463,16 @@ fn start(
         .map(|(k, v)| (k.to_string(), v.clone()))
         .collect();
     let log = opts.log(component);
-    procs::spawn(&opts.meshnode, netns, &opts.meshnode, args, &env, &log)
-        .map_err(io("starting", &opts.meshnode))
+    procs::spawn(
+        &opts.meshnode,
+        netns,
+        &opts.meshnode,
+        args,
+        &env,
+        &opts.dir(),
+        &log,
+    )
+    .map_err(io("starting", &opts.meshnode))
 }
 
 fn wait(
@@ -534,6 +542,7 @@ pub fn down(opts: &Options, progress: &mut dyn Write) -> Result<Option<Removed>,
         Ok(Some(m)) => m,
         Ok(None) => {
             remove_dir(opts)?;
+            let _ = std::fs::remove_file(opts.root.join(format!("{}.lock", opts.name)));
             return Ok(None);
         }
         // An unreadable model still names the sandbox: rebuild the names from the layout.
@@ -546,7 +555,7 @@ pub fn down(opts: &Options, progress: &mut dyn Write) -> Result<Option<Removed>,
 fn teardown(opts: &Options, model: &Model, progress: &mut dyn Write) -> Result<Removed, Error> {
     let names = net::all_netns(model);
     let t = step(progress, "stopping processes");
-    let processes = procs::stop_all(&names);
+    let processes = procs::stop_all(&names, &opts.dir());
     done(progress, t);
     let t = step(progress, "deleting network namespaces");
     let mut namespaces = 0;
@@ -564,6 +573,8 @@ fn teardown(opts: &Options, model: &Model, progress: &mut dyn Write) -> Result<R
     }
     done(progress, t);
     remove_dir(opts)?;
+    // Unlinking the lock file while holding it: a command waiting on it fails as Busy, then finds nothing.
+    let _ = std::fs::remove_file(opts.root.join(format!("{}.lock", opts.name)));
     Ok(Removed {
         processes,
         namespaces,
@@ -607,7 +618,7 @@ pub fn exec(opts: &Options, pod: &str, command: &[std::ffi::OsString]) -> Error 
 /// `sandbox status`: what runs, where, and whether it is healthy.
 pub fn status(opts: &Options, out: &mut dyn Write) -> Result<bool, Error> {
     let model = require(opts)?;
-    let found = procs::find(&net::all_netns(&model));
+    let found = procs::find(&net::all_netns(&model), &opts.dir());
     let running = |netns: &str, needle: &str| {
         found
             .iter()

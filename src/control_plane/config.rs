@@ -414,7 +414,7 @@ impl MeshConfig {
 }
 
 /// Kubernetes object names: DNS-1123 labels/subdomains, lower case.
-pub(super) fn check_name(name: &str) -> Result<(), String> {
+pub fn check_name(name: &str) -> Result<(), String> {
     let ok = !name.is_empty()
         && name.len() <= 253
         && name

@@ -36,14 +36,19 @@ pub struct Found {
     pub netns: String,
 }
 
-/// Starts `program args` inside the namespace at `netns`, detached, with `env` added and output appended
-/// to `log`. Returns the pid.
+/// Set in every process the sandbox starts, to its state directory: finds them again even if their
+/// namespace is gone.
+pub const MEMBER_ENV: &str = "MESHNODE_SANDBOX_MEMBER";
+
+/// Starts `program args` inside the namespace at `netns`, detached, with `env` added, [`MEMBER_ENV`] set to
+/// `member`, and output appended to `log`. Returns the pid.
 pub fn spawn(
     meshnode: &Path,
     netns: &Path,
     program: &Path,
     args: &[String],
     env: &[(String, String)],
+    member: &Path,
     log: &Path,
 ) -> std::io::Result<u32> {
     let out = File::options().create(true).append(true).open(log)?;
@@ -55,6 +60,7 @@ pub fn spawn(
         .arg(program)
         .args(args)
         .envs(env.iter().map(|(k, v)| (k, v)))
+        .env(MEMBER_ENV, member)
         .stdin(Stdio::null())
         .stdout(out.try_clone()?)
         .stderr(out)
@@ -142,12 +148,17 @@ fn alive(pid: i32) -> bool {
     }
 }
 
-/// Every live process inside one of the namespaces `names`.
-pub fn find(names: &[String]) -> Vec<Found> {
+fn is_member(pid: i32, marker: &[u8]) -> bool {
+    std::fs::read(format!("/proc/{pid}/environ"))
+        .is_ok_and(|env| env.split(|b| *b == 0).any(|kv| kv == marker))
+}
+
+/// Every live process inside one of the namespaces `names`, or started by the sandbox whose state
+/// directory is `member` (see [`MEMBER_ENV`]).
+pub fn find(names: &[String], member: &Path) -> Vec<Found> {
     let inodes = netns_inodes(names);
-    if inodes.is_empty() {
-        return Vec::new();
-    }
+    let mut marker = format!("{MEMBER_ENV}=").into_bytes();
+    marker.extend_from_slice(member.as_os_str().as_bytes());
     let wanted: HashSet<u64> = inodes.iter().map(|(i, _)| *i).collect();
     let me = std::process::id() as i32;
     let Ok(dir) = std::fs::read_dir("/proc") else {
@@ -165,10 +176,8 @@ pub fn find(names: &[String]) -> Vec<Found> {
         if pid == me || !alive(pid) {
             continue;
         }
-        let Some(ino) = netns_inode_of(pid) else {
-            continue;
-        };
-        if wanted.contains(&ino) {
+        let ino = netns_inode_of(pid).unwrap_or(0);
+        if wanted.contains(&ino) || is_member(pid, &marker) {
             let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))
                 .map(|b| {
                     b.split(|c| *c == 0)
@@ -194,10 +203,10 @@ pub fn find(names: &[String]) -> Vec<Found> {
     out
 }
 
-/// Stops every process inside the namespaces `names`: SIGTERM, then SIGKILL after [`STOP_GRACE`].
-/// Returns how many there were.
-pub fn stop_all(names: &[String]) -> usize {
-    let found = find(names);
+/// Stops every process [`find`] finds: SIGTERM, then SIGKILL after [`STOP_GRACE`]. Returns how many
+/// there were.
+pub fn stop_all(names: &[String], member: &Path) -> usize {
+    let found = find(names, member);
     for f in &found {
         let _ = kill(Pid::from_raw(f.pid), Signal::SIGTERM);
     }

@@ -7,7 +7,7 @@
 //! HTTP client) and, for mTLS, the destination proxy's Istio metrics; each waits up to [`SETTLE`] for the
 //! cluster to converge (the agents and the control plane pick up changes within about a second).
 
-use std::io::Write;
+use std::io::{Read as _, Write};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -96,8 +96,8 @@ impl Table<'_> {
     fn header(&mut self) {
         let _ = writeln!(
             self.out,
-            "\n{:<W_STEP$} {:<W_ACTION$} {:<W_EXPECT$} OBSERVED",
-            "#", "STEP", "EXPECTED"
+            "\n{:<W_STEP$} {:<W_ACTION$} {:<W_EXPECT$} {:<8} OBSERVED",
+            "#", "STEP", "EXPECTED", "RESULT"
         );
     }
 
@@ -122,7 +122,7 @@ impl Table<'_> {
         let verdict = if ok { "ok" } else { "MISMATCH" };
         let _ = writeln!(
             self.out,
-            "{observed} ({:.1} s) {verdict}",
+            "{verdict:<8} {observed} ({:.1} s)",
             took.as_secs_f64()
         );
         if ok {
@@ -325,20 +325,34 @@ fn judge(
     (ok, observed)
 }
 
-/// One line for an outcome; for productpage's page, what it got from its own upstreams.
+/// One line for an outcome; for productpage's page, what it got from its own upstreams
+/// (`HTTP 200 from productpage: details ok, reviews-v2 ok`).
 fn describe(outcome: &Outcome) -> String {
     let Outcome::Answered { status, app, body } = outcome else {
         return outcome.to_string();
     };
     let from = app.as_deref().unwrap_or("?");
-    let upstreams: Vec<&str> = body
+    let upstreams: Vec<String> = body
         .lines()
-        .filter(|l| l.starts_with("details:") || l.starts_with("reviews:"))
+        .filter_map(|l| {
+            let (name, rest) = l.split_once(": ")?;
+            if name != "details" && name != "reviews" {
+                return None;
+            }
+            Some(match rest.strip_prefix("ok (") {
+                // `reviews: ok (reviews-v2, ratings: black stars)` names the version that answered.
+                Some(detail) if name == "reviews" => {
+                    format!("{} ok", detail.split([',', ')']).next().unwrap_or(name))
+                }
+                Some(_) => format!("{name} ok"),
+                None => format!("{name} unavailable"),
+            })
+        })
         .collect();
     if upstreams.is_empty() {
         format!("HTTP {status} from {from}")
     } else {
-        format!("HTTP {status} from {from} ({})", upstreams.join(", "))
+        format!("HTTP {status} from {from}: {}", upstreams.join(", "))
     }
 }
 
@@ -371,8 +385,6 @@ fn mtls_count(node: &std::sync::Arc<crate::netns::Netns>, principal: &str) -> u6
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum::<f64>() as u64
 }
-
-use std::io::Read as _;
 
 /// `meshnode sandbox`: up, the tutorial's steps, down (unless `keep`). Returns whether every check matched.
 pub fn run(

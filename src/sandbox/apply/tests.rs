@@ -1,0 +1,115 @@
+use std::collections::BTreeMap;
+
+use super::*;
+
+fn model() -> Model {
+    Model::bookinfo("mn", BTreeMap::from([("node1".into(), "t".into())]))
+}
+
+const STRICT: &str = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: default}\nspec: {mtls: {mode: STRICT}}\n";
+
+fn apply(m: &Model, text: &str) -> Result<(Model, Vec<String>), ApplyError> {
+    change(m, text, "f.yaml", Verb::Apply)
+}
+
+#[test]
+fn a_peer_authentication_is_created_then_unchanged_then_configured_in_place() {
+    let (m1, lines) = apply(&model(), STRICT).unwrap();
+    assert_eq!(
+        lines,
+        ["peerauthentication.security.istio.io/default created"]
+    );
+    assert_eq!(m1.istio.len(), 1);
+    assert!(MeshConfig::parse(&m1.mesh_yaml()).is_ok());
+    let (m2, lines) = apply(&m1, STRICT).unwrap();
+    assert_eq!(
+        lines,
+        ["peerauthentication.security.istio.io/default unchanged"]
+    );
+    assert_eq!(m2, m1);
+    let (m3, lines) = apply(&m2, &STRICT.replace("STRICT", "PERMISSIVE")).unwrap();
+    assert_eq!(
+        lines,
+        ["peerauthentication.security.istio.io/default configured"]
+    );
+    assert_eq!(m3.istio.len(), 1);
+}
+
+#[test]
+fn refusals_name_the_document_and_the_field() {
+    let cases = [
+        // (manifest, what the message must contain)
+        ("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: x, namespace: default}\nspec:\n  rules:\n  - from:\n    - source: {principals: [\"\"]}\n",
+         "document 1 (AuthorizationPolicy default/x): spec.rules[0].from[0].source.principals[0]"),
+        ("apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: d, namespace: default}\nspec: {mtlz: {}}\n",
+         "mtlz"),
+        ("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: r}\nspec: {}\n",
+         "\"VirtualService\" (networking.istio.io/v1) is not supported"),
+        ("apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: r}\n", "supported: AuthorizationPolicy"),
+        ("apiVersion: security.istio.io/v2\nkind: PeerAuthentication\nmetadata: {name: d}\nspec: {}\n", "apiVersion"),
+        ("apiVersion: v1\nkind: Namespace\nmetadata: {name: test, labels: {\"bad key!\": x}}\n", "metadata.labels.bad key!"),
+        ("apiVersion: v1\nkind: Namespace\nmetadata: {name: test, labels: {a: \"-x\"}}\n", "metadata.labels.a"),
+        ("apiVersion: v1\nkind: Namespace\nmetadata: {name: test, owner: me}\n", "metadata.owner"),
+        ("apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: d, namespace: nope}\nspec: {}\n", "metadata.namespace"),
+        ("a: [unclosed\n", "f.yaml"),
+        ("- 1\n- 2\n", "not a YAML mapping"),
+        ("", "no objects"),
+    ];
+    for (text, want) in cases {
+        let err = apply(&model(), text).unwrap_err().to_string();
+        assert!(err.contains(want), "{text}\n→ {err}\n(wanted {want:?})");
+        assert!(err.starts_with("f.yaml"), "{err}");
+    }
+}
+
+#[test]
+fn a_bad_second_document_refuses_the_whole_manifest() {
+    let text = format!("{STRICT}---\napiVersion: v1\nkind: Secret\nmetadata: {{name: s}}\n");
+    let err = apply(&model(), &text).unwrap_err().to_string();
+    assert!(err.contains("document 2"), "{err}");
+}
+
+#[test]
+fn namespace_labels_are_replaced_and_missing_namespaces_default() {
+    let (m, lines) = apply(
+        &model(),
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: test\n  labels: {istio.io/dataplane-mode: ambient}\n",
+    )
+    .unwrap();
+    assert_eq!(lines, ["namespace/test configured"]);
+    assert!(m.in_mesh("test"));
+    let (m, _) = apply(&m, &STRICT.replace(", namespace: default", "")).unwrap();
+    assert_eq!(m.istio[0]["metadata"]["namespace"], "default");
+}
+
+#[test]
+fn delete_removes_what_is_there_and_refuses_what_is_not() {
+    let (m, _) = apply(&model(), STRICT).unwrap();
+    let (m, lines) = change(&m, STRICT, "f.yaml", Verb::Delete).unwrap();
+    assert_eq!(
+        lines,
+        ["peerauthentication.security.istio.io/default deleted"]
+    );
+    assert!(m.istio.is_empty());
+    let err = change(&m, STRICT, "f.yaml", Verb::Delete)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("not found"), "{err}");
+    let ns = "apiVersion: v1\nkind: Namespace\nmetadata: {name: test}\n";
+    assert!(change(&m, ns, "f.yaml", Verb::Delete).is_err());
+}
+
+#[test]
+fn lists_are_read_and_huge_manifests_refused() {
+    let list = format!(
+        "apiVersion: v1\nkind: List\nitems:\n- {}\n",
+        serde_json::to_string(&serde_yaml::from_str::<Value>(STRICT).unwrap()).unwrap()
+    );
+    let (m, _) = apply(&model(), &list).unwrap();
+    assert_eq!(m.istio.len(), 1);
+    let many = STRICT.to_string() + &format!("---\n{STRICT}").repeat(300);
+    assert!(apply(&model(), &many)
+        .unwrap_err()
+        .to_string()
+        .contains("more than"));
+}

@@ -1,0 +1,315 @@
+//! `meshnode sandbox` as a newcomer uses it, through the real binary: the whole tutorial in one command;
+//! `up` / `status` / `exec` / `apply` / `down` on a sandbox left running; refusals (a second `up`, a bad
+//! manifest, not root); and `down` after a crash leaving nothing behind — checked from outside (network
+//! namespaces, processes, files), not from the sandbox's own bookkeeping.
+//!
+//! Needs root (skipped otherwise, except the not-root refusal) and `meshnode-cni` built beside `meshnode`
+//! (`cargo test --workspace`). Each test uses its own sandbox name and state directory, and removes its
+//! sandbox on drop, also when it fails.
+
+mod support;
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// A sandbox name and state directory of this test's own; `down` on drop.
+struct Sandbox {
+    name: String,
+    dir: tempfile::TempDir,
+    /// The test's own files (manifests), apart from the sandbox's directory.
+    files: tempfile::TempDir,
+}
+
+impl Sandbox {
+    fn new() -> Sandbox {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "mnt{}x{}",
+            std::process::id() % 100_000,
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let _ = support::cluster::plugin_binary();
+        Sandbox {
+            name,
+            dir: tempfile::tempdir().unwrap(),
+            files: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_meshnode"));
+        c.arg("sandbox")
+            .args(["--name", &self.name, "--dir"])
+            .arg(self.dir.path())
+            .args(args)
+            .env("RUST_LOG", "warn");
+        c
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().expect("running meshnode sandbox")
+    }
+
+    fn state(&self) -> PathBuf {
+        self.dir.path().join(&self.name)
+    }
+
+    /// Network namespaces named like this sandbox's.
+    fn namespaces(&self) -> Vec<String> {
+        let prefix = format!("{}-", self.name);
+        std::fs::read_dir("/var/run/netns")
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.starts_with(&prefix))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Processes the sandbox started (they carry its state directory in MESHNODE_SANDBOX_MEMBER).
+    fn processes(&self) -> Vec<String> {
+        let marker = format!("MESHNODE_SANDBOX_MEMBER={}", self.state().display());
+        let mut out = Vec::new();
+        for e in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+                .unwrap_or_default();
+            let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+                s.rsplit_once(')')
+                    .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+            });
+            let member = std::fs::read(format!("/proc/{pid}/environ"))
+                .is_ok_and(|e| e.split(|b| *b == 0).any(|kv| kv == marker.as_bytes()));
+            if !zombie && member {
+                out.push(format!("{pid}: {cmdline}"));
+            }
+        }
+        out
+    }
+
+    fn assert_gone(&self) {
+        assert_eq!(
+            self.namespaces(),
+            Vec::<String>::new(),
+            "namespaces left behind"
+        );
+        assert_eq!(
+            self.processes(),
+            Vec::<String>::new(),
+            "processes left behind"
+        );
+        assert!(!self.state().exists(), "state directory left behind");
+        let left: Vec<_> = std::fs::read_dir(self.dir.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        assert!(left.is_empty(), "files left behind: {left:?}");
+    }
+
+    fn logs(&self) -> String {
+        let mut out = String::new();
+        if let Ok(d) = std::fs::read_dir(self.state().join("logs")) {
+            for e in d.flatten() {
+                out += &format!(
+                    "--- {}\n{}\n",
+                    e.path().display(),
+                    std::fs::read_to_string(e.path()).unwrap_or_default()
+                );
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        let _ = self.run(&["down"]);
+    }
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn write(dir: &Path, name: &str, yaml: &str) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, yaml).unwrap();
+    p.to_string_lossy().into_owned()
+}
+
+#[test]
+fn the_sandbox_command_runs_the_ambient_tutorial_and_removes_everything_it_made() {
+    if !support::root_or_skip(
+        "the_sandbox_command_runs_the_ambient_tutorial_and_removes_everything_it_made",
+    ) {
+        return;
+    }
+    let sb = Sandbox::new();
+    let out = sb.run(&[]);
+    let report = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{report}\n{}", sb.logs());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    for expected in [
+        "apply PeerAuthentication default/default: STRICT",
+        "label namespace test istio.io/dataplane-mode=ambient",
+        "mutual_tls from spiffe://cluster.local/ns/test/sa/sleep",
+        "reviews-v",
+        "6 of 6 checks as expected",
+    ] {
+        assert!(
+            stdout.contains(expected),
+            "missing {expected:?} in\n{report}"
+        );
+    }
+    assert!(!stdout.contains("MISMATCH"), "{report}");
+    sb.assert_gone();
+}
+
+#[test]
+fn a_sandbox_left_up_is_used_live_refuses_bad_input_and_down_after_a_crash_leaves_nothing() {
+    if !support::root_or_skip(
+        "a_sandbox_left_up_is_used_live_refuses_bad_input_and_down_after_a_crash_leaves_nothing",
+    ) {
+        return;
+    }
+    let sb = Sandbox::new();
+    let up = sb.run(&["up"]);
+    assert_eq!(up.status.code(), Some(0), "{}\n{}", text(&up), sb.logs());
+
+    // A second `up` is refused, saying what is there and what to do; the first keeps running.
+    let again = sb.run(&["up"]);
+    assert_eq!(again.status.code(), Some(2), "{}", text(&again));
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(
+        err.contains("already up") && err.contains("sandbox down"),
+        "{err}"
+    );
+    let status = sb.run(&["status"]);
+    assert_eq!(
+        status.status.code(),
+        Some(0),
+        "{}\n{}",
+        text(&status),
+        sb.logs()
+    );
+    let s = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        s.contains("default/reviews-v2") && s.contains("captured"),
+        "{s}"
+    );
+
+    // exec: a command inside a pod, with service names resolving as in a cluster.
+    let hosts = sb.run(&["exec", "sleep", "--", "cat", "/etc/hosts"]);
+    assert_eq!(hosts.status.code(), Some(0), "{}", text(&hosts));
+    assert!(
+        String::from_utf8_lossy(&hosts.stdout).contains("productpage.default.svc.cluster.local")
+    );
+    let missing = sb.run(&["exec", "nosuchpod", "--", "true"]);
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("no pod"));
+
+    // apply: a malformed or unsupported resource is refused, naming the field, and nothing changes.
+    let mesh = sb.state().join("mesh.yaml");
+    let before = std::fs::read(&mesh).unwrap();
+    let bad_principal = write(
+        sb.files.path(),
+        "bad.yaml",
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: x, namespace: default}\nspec:\n  rules:\n  - from:\n    - source: {principals: [\"\"]}\n",
+    );
+    let unknown_field = write(
+        sb.files.path(),
+        "typo.yaml",
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: default}\nspec: {mtlz: {mode: STRICT}}\n",
+    );
+    let unsupported = write(
+        sb.files.path(),
+        "vs.yaml",
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: r, namespace: default}\nspec: {}\n",
+    );
+    for (file, names) in [
+        (&bad_principal, "principals[0]"),
+        (&unknown_field, "mtlz"),
+        (&unsupported, "VirtualService"),
+    ] {
+        let o = sb.run(&["apply", file]);
+        assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(names), "{file}: {err}");
+        assert_eq!(
+            std::fs::read(&mesh).unwrap(),
+            before,
+            "{file} changed the mesh"
+        );
+    }
+    // A good one is applied live.
+    let strict = write(
+        sb.files.path(),
+        "strict.yaml",
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: default}\nspec: {mtls: {mode: STRICT}}\n",
+    );
+    let o = sb.run(&["apply", &strict]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(String::from_utf8_lossy(&std::fs::read(&mesh).unwrap()).contains("STRICT"));
+    let s = String::from_utf8_lossy(&sb.run(&["status"]).stdout).into_owned();
+    assert!(s.contains("PeerAuthentication default/default"), "{s}");
+
+    // A crash: every component killed at once. `up` now reports a leftover; `down` removes all of it.
+    assert!(!sb.processes().is_empty());
+    for p in sb.processes() {
+        let pid: i32 = p.split(':').next().unwrap().parse().unwrap();
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let leftover = sb.run(&["up"]);
+    assert_eq!(leftover.status.code(), Some(2), "{}", text(&leftover));
+    assert!(
+        String::from_utf8_lossy(&leftover.stderr).contains("left behind"),
+        "{}",
+        text(&leftover)
+    );
+    let down = sb.run(&["down"]);
+    assert_eq!(down.status.code(), Some(0), "{}", text(&down));
+    sb.assert_gone();
+    let again = sb.run(&["down"]);
+    assert_eq!(
+        again.status.code(),
+        Some(0),
+        "a second down is fine: {}",
+        text(&again)
+    );
+    assert!(String::from_utf8_lossy(&again.stdout).contains("nothing to remove"));
+    sb.assert_gone();
+}
+
+#[test]
+fn the_sandbox_says_it_needs_root() {
+    let sb = Sandbox::new();
+    let mut cmd = sb.cmd(&["up"]);
+    if nix::unistd::geteuid().is_root() {
+        // Run it as nobody.
+        cmd.uid(65534).gid(65534);
+    }
+    let out = cmd.output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("needs root"),
+        "{}",
+        text(&out)
+    );
+    assert!(!sb.state().exists());
+}
