@@ -17,6 +17,7 @@
 //! - [`authz`] — L4 authorization policies with ztunnel's semantics.
 //! - [`netns`] — opening network namespaces and running code inside one.
 //! - [`netsetup`] — named namespaces, veths, addresses, routes over rtnetlink (the sandbox's plumbing).
+//! - [`sandbox`] — `meshnode sandbox`: two nodes, the control plane and bookinfo in network namespaces, the tutorial.
 //! - [`redirect`] — the in-pod capture rules: nftables through netlink, ip rule and route (agent side).
 //! - [`cni_agent`] — the CNI node agent: plugin events, enrollment, rules, ZDS server.
 //! - [`cni_exec`] — calling a CNI plugin chain exactly as a container runtime does (tests, sandbox, benches).
