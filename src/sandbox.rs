@@ -132,6 +132,9 @@ pub enum Error {
     /// A user request that cannot be done (unknown pod, bad manifest).
     #[error("{0}")]
     Refused(String),
+    /// SIGINT or SIGTERM arrived during the tutorial.
+    #[error("interrupted")]
+    Interrupted,
 }
 
 fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Error + 'a {

@@ -236,7 +236,11 @@ pub fn change(
                 (Verb::Delete, Some(i)) => {
                     next.istio.remove(i);
                     origin.remove(i);
-                    lines.push(format!("{resource} deleted"));
+                    // kubectl's wording for a deletion.
+                    lines.push(format!(
+                        "{}.security.istio.io \"{name}\" deleted",
+                        kind.to_lowercase()
+                    ));
                 }
                 (Verb::Delete, None) => {
                     return Err(refuse(&what, "metadata.name", "not found".into()));

@@ -253,6 +253,9 @@ fn check(
     expect: Expect,
     stop: &AtomicBool,
 ) -> Result<(), Error> {
+    if stop.load(Ordering::Relaxed) {
+        return Err(Error::Interrupted);
+    }
     let pod = model.find_pod(from).map_err(Error::Refused)?.clone();
     let svc = model
         .find_service(service)
@@ -280,7 +283,11 @@ fn check(
             || mtls_count(&node1, &principal) > baseline,
             &principal,
         );
-        if ok || started.elapsed() > SETTLE || stop.load(Ordering::Relaxed) {
+        if stop.load(Ordering::Relaxed) {
+            let _ = writeln!(t.out, "interrupted");
+            return Err(Error::Interrupted);
+        }
+        if ok || started.elapsed() > SETTLE {
             t.finish(ok, &observed, started.elapsed());
             return Ok(());
         }
@@ -405,10 +412,9 @@ pub fn run(
         "  cluster up in {:.1} s",
         started.elapsed().as_secs_f64()
     );
-    let result = if stop.load(Ordering::Relaxed) {
-        Ok(false)
-    } else {
-        steps(opts, out, stop)
+    let result = match steps(opts, out, stop) {
+        Err(Error::Interrupted) => Ok(false),
+        other => other,
     };
     if keep {
         let _ = writeln!(

@@ -66,8 +66,36 @@ pub struct Spec {
     pub rules: Option<Vec<RuleSpec>>,
     /// PeerAuthentication: workload-wide mode.
     pub mtls: Option<MtlsSpec>,
-    /// PeerAuthentication: per-port modes (needs a selector).
+    /// PeerAuthentication: per-port modes (needs a selector). Keys may be numbers (`9080:`) or strings
+    /// (`"9080":`, as Kubernetes' JSON and anything that round-trips through JSON writes them).
+    #[serde(default, deserialize_with = "port_keys")]
     pub port_level_mtls: Option<BTreeMap<u32, MtlsSpec>>,
+}
+
+/// A `portLevelMtls` key as written: a number or a numeric string.
+#[derive(Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(untagged)]
+enum PortKey {
+    Number(u32),
+    Text(String),
+}
+
+fn port_keys<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<BTreeMap<u32, MtlsSpec>>, D::Error> {
+    let Some(raw) = Option::<BTreeMap<PortKey, MtlsSpec>>::deserialize(d)? else {
+        return Ok(None);
+    };
+    raw.into_iter()
+        .map(|(k, v)| match k {
+            PortKey::Number(n) => Ok((n, v)),
+            PortKey::Text(t) => t
+                .parse()
+                .map(|n| (n, v))
+                .map_err(|_| serde::de::Error::custom(format!("port {t:?} is not a number"))),
+        })
+        .collect::<Result<_, _>>()
+        .map(Some)
 }
 
 /// `selector: {matchLabels: {...}}`.

@@ -88,7 +88,7 @@ fn delete_removes_what_is_there_and_refuses_what_is_not() {
     let (m, lines) = change(&m, STRICT, "f.yaml", Verb::Delete).unwrap();
     assert_eq!(
         lines,
-        ["peerauthentication.security.istio.io/default deleted"]
+        ["peerauthentication.security.istio.io \"default\" deleted"]
     );
     assert!(m.istio.is_empty());
     let err = change(&m, STRICT, "f.yaml", Verb::Delete)
@@ -112,4 +112,13 @@ fn lists_are_read_and_huge_manifests_refused() {
         .unwrap_err()
         .to_string()
         .contains("more than"));
+}
+
+#[test]
+fn port_level_mtls_survives_the_model_round_trip() {
+    let text = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: pp, namespace: default}\nspec:\n  selector: {matchLabels: {app: productpage}}\n  mtls: {mode: STRICT}\n  portLevelMtls:\n    9080: {mode: PERMISSIVE}\n";
+    let (m, lines) = apply(&model(), text).unwrap();
+    assert_eq!(lines, ["peerauthentication.security.istio.io/pp created"]);
+    let cfg = MeshConfig::parse(&m.mesh_yaml()).unwrap();
+    assert_eq!(cfg.istio.len(), 1);
 }
