@@ -310,6 +310,10 @@ pub fn up(opts: &Options, progress: &mut dyn Write) -> Result<Model, Error> {
         let p = opts.path(rel);
         std::fs::create_dir_all(&p).map_err(io("creating", &p))?;
     }
+    // The mesh file holds the node proxies' CA tokens: root only.
+    let dir = opts.dir();
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .map_err(io("restricting", &dir))?;
     // The model names every namespace: written first, so `down` can always find what this run made.
     save(opts, &model)?;
     match build(opts, &model, progress) {
