@@ -182,13 +182,17 @@ pub fn convert(cfg: &MeshConfig) -> Result<Converted, Error> {
     Ok(out)
 }
 
-fn check_meta(obj: &IstioObject, at: &str) -> Result<(), Error> {
-    if !API_VERSIONS.contains(&obj.api_version.as_str()) {
-        return Err(invalid(
-            format!("{at}.apiVersion"),
-            format!("{:?} is not one of {API_VERSIONS:?}", obj.api_version),
-        ));
+/// Whether `api_version` is one the security objects are written in.
+pub fn check_api_version(api_version: &str) -> Result<(), String> {
+    if API_VERSIONS.contains(&api_version) {
+        Ok(())
+    } else {
+        Err(format!("{api_version:?} is not one of {API_VERSIONS:?}"))
     }
+}
+
+fn check_meta(obj: &IstioObject, at: &str) -> Result<(), Error> {
+    check_api_version(&obj.api_version).map_err(|r| invalid(format!("{at}.apiVersion"), r))?;
     check_name(&obj.metadata.name).map_err(|r| invalid(format!("{at}.metadata.name"), r))?;
     check_name(&obj.metadata.namespace).map_err(|r| invalid(format!("{at}.metadata.namespace"), r))
 }

@@ -12,14 +12,12 @@
 use serde_json::Value;
 
 use super::model::{Labels, Model};
-use crate::control_plane::istio::IstioObject;
+use crate::control_plane::istio::{self, IstioObject, Kind};
 use crate::control_plane::MeshConfig;
 
 /// Largest manifest, and most documents in one.
-const MAX_BYTES: usize = 1024 * 1024;
+pub const MAX_BYTES: usize = 1024 * 1024;
 const MAX_DOCUMENTS: usize = 256;
-const ISTIO_KINDS: [&str; 2] = ["AuthorizationPolicy", "PeerAuthentication"];
-const ISTIO_API_VERSIONS: [&str; 2] = ["security.istio.io/v1", "security.istio.io/v1beta1"];
 const NAMESPACE_META_KEYS: [&str; 7] = [
     "name",
     "labels",
@@ -176,14 +174,10 @@ pub fn change(
         if !doc.value.is_object() {
             return Err(refuse("?", "(document)", "not a YAML mapping".into()));
         }
-        if ISTIO_KINDS.contains(&kind.as_str()) {
-            if !ISTIO_API_VERSIONS.contains(&api.as_str()) {
-                return Err(refuse(
-                    &kind,
-                    "apiVersion",
-                    format!("{api:?}: expected one of {}", ISTIO_API_VERSIONS.join(", ")),
-                ));
-            }
+        // The kinds the control plane's Istio format knows, in the versions it takes.
+        let istio_kind = serde_json::from_value::<Kind>(Value::String(kind.clone())).is_ok();
+        if istio_kind {
+            istio::check_api_version(&api).map_err(|r| refuse(&kind, "apiVersion", r))?;
             let mut value = doc.value.clone();
             // kubectl's default context namespace.
             if str_at(&value, &["metadata", "namespace"]).is_none() {
