@@ -19,7 +19,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -291,11 +291,12 @@ pub fn up(opts: &Options, progress: &mut dyn Write) -> Result<Model, Error> {
     if let Some(existing) = load(opts)? {
         return Err(Error::Exists(describe_existing(opts, &existing)));
     }
-    let tokens: BTreeMap<String, String> = ["node1", "node2"]
+    let mut model = Model::bookinfo(&opts.name, BTreeMap::new());
+    model.tokens = model
+        .nodes
         .iter()
-        .map(|n| (n.to_string(), format!("{:032x}", rand::random::<u128>())))
+        .map(|n| (n.name.clone(), format!("{:032x}", rand::random::<u128>())))
         .collect();
-    let model = Model::bookinfo(&opts.name, tokens);
     // Refuse to adopt namespaces someone else made under our names.
     for name in net::all_netns(&model) {
         if net::netns_path(&name).exists() {
@@ -514,18 +515,14 @@ fn tail(path: &Path) -> String {
 
 /// Whether the node's proxy answers ready on :15021 (in the node's namespace: loopback only).
 fn proxy_ready(node: &Arc<crate::netns::Netns>) -> bool {
-    node.run_on_thread(|| {
-        let Ok(mut s) =
-            TcpStream::connect_timeout(&([127, 0, 0, 1], 15021).into(), Duration::from_secs(1))
-        else {
-            return false;
-        };
-        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-        let _ = s.write_all(b"GET /healthz/ready HTTP/1.1\r\nHost: localhost\r\n\r\n");
-        let mut head = [0u8; 12];
-        s.read_exact(&mut head).is_ok() && head.starts_with(b"HTTP/1.1 200")
-    })
-    .unwrap_or(false)
+    let ready = node.run_on_thread(|| {
+        apps::get(
+            ([127, 0, 0, 1], 15021).into(),
+            "/healthz/ready",
+            Duration::from_secs(2),
+        )
+    });
+    matches!(ready, Ok(apps::Outcome::Answered { status: 200, .. }))
 }
 
 /// What `down` removed.
@@ -734,41 +731,43 @@ pub fn status(opts: &Options, out: &mut dyn Write) -> Result<bool, Error> {
     Ok(healthy.get())
 }
 
-/// Largest manifest `sandbox apply` reads.
-const MAX_MANIFEST_BYTES: u64 = 1024 * 1024;
-
-/// `sandbox apply FILE` / `sandbox delete FILE`: changes the model with the manifest (all of it, or none
-/// if any document is refused) and writes the files the running agents and control plane re-read.
+/// `sandbox apply FILE` / `sandbox delete FILE`: reads the manifest (`-`: stdin) and applies it with
+/// [`apply_text`], printing one line per object.
 pub fn apply(
     opts: &Options,
     file: &Path,
     verb: apply::Verb,
     out: &mut dyn Write,
 ) -> Result<(), Error> {
+    // One byte over the limit is enough for `apply::change` to refuse it as too large.
+    let limit = apply::MAX_BYTES as u64 + 1;
     let mut text = String::new();
     let read = if file == Path::new("-") {
-        std::io::stdin()
-            .take(MAX_MANIFEST_BYTES + 1)
-            .read_to_string(&mut text)
+        std::io::stdin().take(limit).read_to_string(&mut text)
     } else {
-        std::fs::File::open(file)
-            .and_then(|f| f.take(MAX_MANIFEST_BYTES + 1).read_to_string(&mut text))
+        std::fs::File::open(file).and_then(|f| f.take(limit).read_to_string(&mut text))
     };
     read.map_err(io("reading", file))?;
-    if text.len() as u64 > MAX_MANIFEST_BYTES {
-        return Err(Error::Refused(format!(
-            "{}: larger than {MAX_MANIFEST_BYTES} bytes",
-            file.display()
-        )));
-    }
-    let _lock = lock(opts)?;
-    let model = require(opts)?;
-    let source = file.display().to_string();
-    let (next, lines) =
-        apply::change(&model, &text, &source, verb).map_err(|e| Error::Refused(e.to_string()))?;
-    save(opts, &next)?;
+    let (_, lines) = apply_text(opts, &text, &file.display().to_string(), verb)?;
     for l in lines {
         let _ = writeln!(out, "{l}");
     }
     Ok(())
+}
+
+/// Changes the running sandbox with a manifest, all of it or (on any refusal) none: under the sandbox's
+/// lock, the model is changed and the files the agents and the control plane re-read are rewritten.
+/// Returns the new model and kubectl-style lines. What `sandbox apply` and the tutorial both use.
+pub fn apply_text(
+    opts: &Options,
+    text: &str,
+    source: &str,
+    verb: apply::Verb,
+) -> Result<(Model, Vec<String>), Error> {
+    let _lock = lock(opts)?;
+    let model = require(opts)?;
+    let (next, lines) =
+        apply::change(&model, text, source, verb).map_err(|e| Error::Refused(e.to_string()))?;
+    save(opts, &next)?;
+    Ok((next, lines))
 }

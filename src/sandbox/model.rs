@@ -292,6 +292,25 @@ impl Model {
             .find(|s| s.name == n && (ns.is_empty() || s.namespace == ns))
     }
 
+    /// The pods backing `service`: same namespace, carrying every selector label (Kubernetes' rule).
+    pub fn endpoints<'a>(&'a self, service: &'a Service) -> impl Iterator<Item = &'a Pod> + 'a {
+        self.pods.iter().filter(move |p| {
+            p.namespace == service.namespace
+                && service
+                    .selector
+                    .iter()
+                    .all(|(k, v)| p.labels.get(k) == Some(v))
+        })
+    }
+
+    /// Namespaces with their labels, as both the mesh file and the agents' files write them.
+    fn namespaces_value(&self) -> serde_json::Map<String, Value> {
+        self.namespaces
+            .iter()
+            .map(|(n, l)| (n.clone(), json!({ "labels": l })))
+            .collect()
+    }
+
     /// Whether `namespace` is labelled into the mesh.
     pub fn in_mesh(&self, namespace: &str) -> bool {
         self.namespaces
@@ -302,11 +321,6 @@ impl Model {
 
     /// The control plane's mesh file.
     pub fn mesh_yaml(&self) -> String {
-        let namespaces: serde_json::Map<String, Value> = self
-            .namespaces
-            .iter()
-            .map(|(n, l)| (n.clone(), json!({ "labels": l })))
-            .collect();
         let workloads: Vec<Value> = self
             .pods
             .iter()
@@ -333,7 +347,7 @@ impl Model {
             .map(|(node, token)| json!({"token": token, "nodeProxy": true, "node": node}))
             .collect();
         to_yaml(&json!({
-            "namespaces": namespaces,
+            "namespaces": self.namespaces_value(),
             "workloads": workloads,
             "services": services,
             "tokens": tokens,
@@ -343,11 +357,6 @@ impl Model {
 
     /// The CNI agent's enrollment file for `node`: every namespace, and the node's pods.
     pub fn agent_yaml(&self, node: &str) -> String {
-        let namespaces: serde_json::Map<String, Value> = self
-            .namespaces
-            .iter()
-            .map(|(n, l)| (n.clone(), json!({ "labels": l })))
-            .collect();
         let pods: Vec<Value> = self
             .pods
             .iter()
@@ -359,7 +368,7 @@ impl Model {
                 })
             })
             .collect();
-        to_yaml(&json!({ "namespaces": namespaces, "pods": pods }))
+        to_yaml(&json!({ "namespaces": self.namespaces_value(), "pods": pods }))
     }
 
     /// `/etc/hosts` as `sandbox exec` shows it: localhost, every service by its short, namespaced and full

@@ -175,12 +175,7 @@ pub fn install_services(model: &Model) -> Result<(), Error> {
             vip: s.vip,
             port: s.port,
             endpoints: model
-                .pods
-                .iter()
-                .filter(|p| {
-                    p.namespace == s.namespace
-                        && s.selector.iter().all(|(k, v)| p.labels.get(k) == Some(v))
-                })
+                .endpoints(s)
                 .map(|p| SocketAddrV4::new(p.ip, s.port))
                 .collect(),
         })

@@ -7,20 +7,24 @@
 //! HTTP client) and, for mTLS, the destination proxy's Istio metrics; each waits up to [`SETTLE`] for the
 //! cluster to converge (the agents and the control plane pick up changes within about a second).
 
-use std::io::{Read as _, Write};
+use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::apply::{self, Verb};
+use super::apply::Verb;
 use super::apps::{self, Outcome};
 use super::model::Model;
-use super::{net, save, Error, Options};
+use super::{net, Error, Options};
+use crate::netns::Netns;
 
 /// How long a check waits for the expected outcome.
 const SETTLE: Duration = Duration::from_secs(20);
 /// Per-call timeout.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// A node proxy's metrics port, on the node's loopback.
+const METRICS_ADDR: ([u8; 4], u16) = ([127, 0, 0, 1], 15020);
 
 /// PeerAuthentication STRICT for `default`, as in the tutorial.
 pub const STRICT: &str = "apiVersion: security.istio.io/v1
@@ -133,6 +137,84 @@ impl Table<'_> {
     }
 }
 
+/// One step of the tutorial: a change as a user makes it, or a call and what it should see.
+enum Step {
+    /// A heading that changes nothing.
+    Note { n: &'static str, what: &'static str },
+    /// `sandbox apply` of a manifest.
+    Apply {
+        n: &'static str,
+        what: &'static str,
+        manifest: &'static str,
+    },
+    /// A call from a pod to a service path.
+    Check {
+        from: &'static str,
+        service: &'static str,
+        path: &'static str,
+        expect: Expect,
+    },
+}
+
+/// The Istio ambient tutorial's L4 part.
+const TUTORIAL: &[Step] = &[
+    Step::Note {
+        n: "1",
+        what: "test is not in the mesh; default is (ambient)",
+    },
+    Step::Check {
+        from: "test/sleep",
+        service: "productpage",
+        path: "/productpage",
+        expect: Expect::Answered,
+    },
+    Step::Apply {
+        n: "2",
+        what: "apply PeerAuthentication default/default: STRICT",
+        manifest: STRICT,
+    },
+    Step::Check {
+        from: "test/sleep",
+        service: "productpage",
+        path: "/productpage",
+        expect: Expect::Denied,
+    },
+    Step::Apply {
+        n: "3",
+        what: "label namespace test istio.io/dataplane-mode=ambient",
+        manifest: TEST_INTO_MESH,
+    },
+    Step::Check {
+        from: "test/sleep",
+        service: "productpage",
+        path: "/productpage",
+        expect: Expect::AnsweredMtls,
+    },
+    Step::Apply {
+        n: "4",
+        what: "apply AuthorizationPolicy default/reviews-viewer",
+        manifest: REVIEWS_ONLY_PRODUCTPAGE,
+    },
+    Step::Check {
+        from: "default/productpage",
+        service: "reviews",
+        path: "/reviews/0",
+        expect: Expect::Answered,
+    },
+    Step::Check {
+        from: "test/sleep",
+        service: "reviews",
+        path: "/reviews/0",
+        expect: Expect::Denied,
+    },
+    Step::Check {
+        from: "test/sleep",
+        service: "productpage",
+        path: "/productpage",
+        expect: Expect::Answered,
+    },
+];
+
 /// Runs the tutorial's steps against the sandbox that is up. Returns whether every check matched.
 pub fn steps(opts: &Options, out: &mut dyn Write, stop: &AtomicBool) -> Result<bool, Error> {
     let mut model = super::require(opts)?;
@@ -142,77 +224,22 @@ pub fn steps(opts: &Options, out: &mut dyn Write, stop: &AtomicBool) -> Result<b
         failed: 0,
     };
     t.header();
-    let sleep = "test/sleep";
-    let productpage = ("productpage", "/productpage");
-    let reviews = ("reviews", "/reviews/0");
-
-    t.action("1", "test is not in the mesh; default is (ambient)", "");
-    check(
-        &mut t,
-        &model,
-        "",
-        sleep,
-        productpage,
-        Expect::Answered,
-        stop,
-    )?;
-
-    apply_step(
-        &mut t,
-        opts,
-        &mut model,
-        "2",
-        "apply PeerAuthentication default/default: STRICT",
-        STRICT,
-    )?;
-    check(&mut t, &model, "", sleep, productpage, Expect::Denied, stop)?;
-
-    apply_step(
-        &mut t,
-        opts,
-        &mut model,
-        "3",
-        "label namespace test istio.io/dataplane-mode=ambient",
-        TEST_INTO_MESH,
-    )?;
-    check(
-        &mut t,
-        &model,
-        "",
-        sleep,
-        productpage,
-        Expect::AnsweredMtls,
-        stop,
-    )?;
-
-    apply_step(
-        &mut t,
-        opts,
-        &mut model,
-        "4",
-        "apply AuthorizationPolicy default/reviews-viewer",
-        REVIEWS_ONLY_PRODUCTPAGE,
-    )?;
-    check(
-        &mut t,
-        &model,
-        "",
-        "default/productpage",
-        reviews,
-        Expect::Answered,
-        stop,
-    )?;
-    check(&mut t, &model, "", sleep, reviews, Expect::Denied, stop)?;
-    check(
-        &mut t,
-        &model,
-        "",
-        sleep,
-        productpage,
-        Expect::Answered,
-        stop,
-    )?;
-
+    for step in TUTORIAL {
+        match *step {
+            Step::Note { n, what } => t.action(n, what, ""),
+            Step::Apply { n, what, manifest } => {
+                let (next, lines) = super::apply_text(opts, manifest, what, Verb::Apply)?;
+                model = next;
+                t.action(n, what, &lines.join("; "));
+            }
+            Step::Check {
+                from,
+                service,
+                path,
+                expect,
+            } => check(&mut t, &model, from, (service, path), expect, stop)?,
+        }
+    }
     let _ = writeln!(
         t.out,
         "\n{} of {} checks as expected{}",
@@ -227,29 +254,12 @@ pub fn steps(opts: &Options, out: &mut dyn Write, stop: &AtomicBool) -> Result<b
     Ok(t.failed == 0)
 }
 
-fn apply_step(
-    t: &mut Table<'_>,
-    opts: &Options,
-    model: &mut Model,
-    n: &str,
-    what: &str,
-    manifest: &str,
-) -> Result<(), Error> {
-    let (next, lines) = apply::change(model, manifest, what, Verb::Apply)
-        .map_err(|e| Error::Refused(e.to_string()))?;
-    save(opts, &next)?;
-    *model = next;
-    t.action(n, what, &lines.join("; "));
-    Ok(())
-}
-
 /// Calls `service` from `from` until the outcome matches `expect` or [`SETTLE`] passes; prints the row.
 fn check(
     t: &mut Table<'_>,
     model: &Model,
-    n: &str,
     from: &str,
-    (service, path): (&str, &str),
+    (service, path): (&str, &'static str),
     expect: Expect,
     stop: &AtomicBool,
 ) -> Result<(), Error> {
@@ -262,25 +272,28 @@ fn check(
         .ok_or_else(|| Error::Refused(format!("no service {service}")))?;
     let dst = SocketAddr::new(svc.vip.into(), svc.port);
     let what = format!("  {} → {service}:{}{path}", pod.key(), svc.port);
-    t.start(n, &what, expect);
+    t.start("", &what, expect);
     let ns = net::open(&net::pod_netns(model, &pod))?;
-    let node1 = net::open(&net::node_netns(model, &svc_node(model, service)))?;
+    // The destination proxy runs on the node of the service's (first) pod.
+    let dst_node = model
+        .endpoints(svc)
+        .next()
+        .map_or(&model.nodes[0].name, |p| &p.node);
+    let dst_node = net::open(&net::node_netns(model, dst_node))?;
     let principal = format!(
         "spiffe://cluster.local/ns/{}/sa/{}",
         pod.namespace, pod.service_account
     );
     let started = Instant::now();
-    let baseline = mtls_count(&node1, &principal);
-    let path = path.to_string();
+    let baseline = mtls_count(&dst_node, &principal);
     loop {
-        let p = path.clone();
         let outcome = ns
-            .run_on_thread(move || apps::get(dst, &p, CALL_TIMEOUT))
+            .run_on_thread(move || apps::get(dst, path, CALL_TIMEOUT))
             .unwrap_or_else(|e| Outcome::Failed(e.to_string()));
         let (ok, observed) = judge(
             &outcome,
             expect,
-            || mtls_count(&node1, &principal) > baseline,
+            || mtls_count(&dst_node, &principal) > baseline,
             &principal,
         );
         if stop.load(Ordering::Relaxed) {
@@ -293,19 +306,6 @@ fn check(
         }
         std::thread::sleep(Duration::from_millis(250));
     }
-}
-
-/// The node of the first pod backing `service` (where its destination proxy runs).
-fn svc_node(model: &Model, service: &str) -> String {
-    let svc = model.find_service(service).expect("checked by the caller");
-    model
-        .pods
-        .iter()
-        .find(|p| {
-            p.namespace == svc.namespace
-                && svc.selector.iter().all(|(k, v)| p.labels.get(k) == Some(v))
-        })
-        .map_or_else(|| model.nodes[0].name.clone(), |p| p.node.clone())
 }
 
 fn judge(
@@ -363,24 +363,15 @@ fn describe(outcome: &Outcome) -> String {
     }
 }
 
-/// Connections the proxy in `node` counted as the destination, over mutual TLS, from `principal`.
-fn mtls_count(node: &std::sync::Arc<crate::netns::Netns>, principal: &str) -> u64 {
+/// Connections the proxy in `node` counted as the destination, over mutual TLS, from `principal` (read
+/// from its `/metrics` on the node's loopback).
+fn mtls_count(node: &Arc<Netns>, principal: &str) -> u64 {
     let want = format!("source_principal=\"{principal}\"");
-    let metrics = node
-        .run_on_thread(|| {
-            let mut s = std::net::TcpStream::connect_timeout(
-                &([127, 0, 0, 1], 15020).into(),
-                CALL_TIMEOUT,
-            )?;
-            s.set_read_timeout(Some(CALL_TIMEOUT))?;
-            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
-            let mut text = String::new();
-            std::io::Read::take(&mut s, 16 * 1024 * 1024).read_to_string(&mut text)?;
-            Ok::<_, std::io::Error>(text)
-        })
-        .ok()
-        .and_then(Result::ok)
-        .unwrap_or_default();
+    let metrics =
+        match node.run_on_thread(|| apps::get(METRICS_ADDR.into(), "/metrics", CALL_TIMEOUT)) {
+            Ok(Outcome::Answered { body, .. }) => body,
+            _ => return 0,
+        };
     metrics
         .lines()
         .filter(|l| {
