@@ -61,7 +61,7 @@ pub(super) fn l4proto(proto: i32) -> [Expr; 2] {
 }
 
 /// `ip saddr|daddr OP addr` or the `ip6` form, preceded by the `meta nfproto` it depends on.
-fn addr(source: bool, op: u32, addr: IpAddr) -> Vec<Expr> {
+pub(super) fn addr(source: bool, op: u32, addr: IpAddr) -> Vec<Expr> {
     let (v6, bytes, offset) = match addr {
         IpAddr::V4(a) => (false, a.octets().to_vec(), if source { 12 } else { 16 }),
         IpAddr::V6(a) => (true, a.octets().to_vec(), if source { 8 } else { 24 }),
@@ -78,7 +78,7 @@ fn addr(source: bool, op: u32, addr: IpAddr) -> Vec<Expr> {
 }
 
 /// `th sport|dport OP port` (port in network order).
-fn port(source: bool, op: u32, port: u16) -> [Expr; 2] {
+pub(super) fn port(source: bool, op: u32, port: u16) -> [Expr; 2] {
     [
         Expr::Payload {
             dreg: REG1,

@@ -9,15 +9,15 @@
 //! table inet meshnode-services {
 //!     chain prerouting {
 //!         type nat hook prerouting priority dstnat; policy accept;
-//!         meta nfproto ipv4 meta l4proto tcp ip daddr VIP tcp dport PORT numgen random mod 3 0 dnat ip to EP0
-//!         meta nfproto ipv4 meta l4proto tcp ip daddr VIP tcp dport PORT numgen random mod 2 0 dnat ip to EP1
-//!         meta nfproto ipv4 meta l4proto tcp ip daddr VIP tcp dport PORT dnat ip to EP2
+//!         ip daddr VIP tcp dport PORT numgen random mod 3 0 dnat ip to EP0
+//!         ip daddr VIP tcp dport PORT numgen random mod 2 0 dnat ip to EP1
+//!         ip daddr VIP tcp dport PORT dnat ip to EP2
 //!     }
 //! }
 //! ```
 //! (rule i takes 1/(n-i) of what reaches it: each endpoint gets 1/n). Created once, in one batch.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
 
 use super::netlink::NlSocket;
 use super::nft::{Batch, Expr, CMP_EQ, REG1};
@@ -44,22 +44,9 @@ pub struct ServiceVip {
 }
 
 fn rule(svc: &ServiceVip, ep: SocketAddrV4, share: u32) -> Vec<Expr> {
-    let mut r = rules::nfproto(false).to_vec();
-    r.extend(rules::l4proto(libc::IPPROTO_TCP));
-    r.push(Expr::Payload {
-        dreg: REG1,
-        base: libc::NFT_PAYLOAD_NETWORK_HEADER as u32,
-        offset: 16,
-        len: 4,
-    });
-    r.push(rules::cmp(CMP_EQ, &svc.vip.octets()));
-    r.push(Expr::Payload {
-        dreg: REG1,
-        base: libc::NFT_PAYLOAD_TRANSPORT_HEADER as u32,
-        offset: 2,
-        len: 2,
-    });
-    r.push(rules::cmp(CMP_EQ, &svc.port.to_be_bytes()));
+    let mut r = rules::l4proto(libc::IPPROTO_TCP).to_vec();
+    r.extend(rules::addr(false, CMP_EQ, IpAddr::V4(svc.vip)));
+    r.extend(rules::port(false, CMP_EQ, svc.port));
     if share > 1 {
         r.push(Expr::NumgenRandom {
             dreg: REG1,

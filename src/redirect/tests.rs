@@ -700,3 +700,58 @@ fn without_cap_net_admin_install_says_not_permitted() {
         other => panic!("expected NotPermitted, got {other:?}"),
     }
 }
+
+#[test]
+fn service_dnat_and_numgen_expressions_decode_to_what_was_built() {
+    for e in [
+        Expr::Dnat {
+            addr_reg: nft::REG1,
+            port_reg: libc::NFT_REG_2 as u32,
+        },
+        Expr::NumgenRandom {
+            dreg: nft::REG1,
+            modulus: 3,
+        },
+    ] {
+        let mut w = Writer::default();
+        e.encode(&mut w);
+        let (_, elem) = attrs(&w.buf).next().expect("one element");
+        assert_eq!(Expr::decode(elem), e);
+    }
+}
+
+#[test]
+fn service_vips_become_dnat_rules_spread_evenly_and_a_second_install_is_refused() {
+    needs_root!("service_vips_become_dnat_rules_spread_evenly_and_a_second_install_is_refused");
+    use services::{install_services, ServiceVip};
+    let vips = [
+        ServiceVip {
+            vip: "10.96.0.20".parse().unwrap(),
+            port: 9080,
+            endpoints: vec!["10.244.1.10:9080".parse().unwrap()],
+        },
+        ServiceVip {
+            vip: "10.96.0.22".parse().unwrap(),
+            port: 9080,
+            endpoints: ["10.244.2.10:9080", "10.244.2.11:9080", "10.244.2.12:9081"]
+                .iter()
+                .map(|a| a.parse().unwrap())
+                .collect(),
+        },
+    ];
+    in_new_netns(|| {
+        install_services(&vips).expect("install");
+        let ruleset = nft_ruleset();
+        for want in [
+            "type nat hook prerouting priority dstnat; policy accept;",
+            "ip daddr 10.96.0.20 tcp dport 9080 dnat ip to 10.244.1.10:9080",
+            "ip daddr 10.96.0.22 tcp dport 9080 numgen random mod 3 0 dnat ip to 10.244.2.10:9080",
+            "ip daddr 10.96.0.22 tcp dport 9080 numgen random mod 2 0 dnat ip to 10.244.2.11:9080",
+            "ip daddr 10.96.0.22 tcp dport 9080 dnat ip to 10.244.2.12:9081",
+        ] {
+            assert!(ruleset.contains(want), "missing {want:?} in\n{ruleset}");
+        }
+        let again = install_services(&vips).unwrap_err();
+        assert!(again.to_string().contains("meshnode-services"), "{again}");
+    });
+}
