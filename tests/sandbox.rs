@@ -265,6 +265,45 @@ fn a_sandbox_left_up_is_used_live_refuses_bad_input_and_down_after_a_crash_leave
     let s = String::from_utf8_lossy(&sb.run(&["status"]).stdout).into_owned();
     assert!(s.contains("PeerAuthentication default/default"), "{s}");
 
+    // From stdin, as `kubectl apply -f -`: a namespace label.
+    let mut child = sb
+        .cmd(&["apply", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(
+        child.stdin.as_mut().unwrap(),
+        b"apiVersion: v1\nkind: Namespace\nmetadata: {name: test, labels: {istio.io/dataplane-mode: ambient}}\n",
+    )
+    .unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("namespace/test configured"));
+
+    // Refused before anything changes: a manifest over 1 MiB, and a second command while one holds the lock.
+    let applied = std::fs::read(&mesh).unwrap();
+    let huge = write(sb.files.path(), "huge.yaml", &"#".repeat(1024 * 1024 + 10));
+    let o = sb.run(&["apply", &huge]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("larger than"),
+        "{}",
+        text(&o)
+    );
+    let lock = std::fs::File::open(sb.dir.path().join(format!("{}.lock", sb.name))).unwrap();
+    let held = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock).unwrap();
+    let o = sb.run(&["apply", &strict]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("another `meshnode sandbox` command"),
+        "{}",
+        text(&o)
+    );
+    drop(held);
+    assert_eq!(std::fs::read(&mesh).unwrap(), applied);
+
     // A crash: every component killed at once. `up` now reports a leftover; `down` removes all of it.
     assert!(!sb.processes().is_empty());
     for p in sb.processes() {
@@ -294,6 +333,22 @@ fn a_sandbox_left_up_is_used_live_refuses_bad_input_and_down_after_a_crash_leave
     );
     assert!(String::from_utf8_lossy(&again.stdout).contains("nothing to remove"));
     sb.assert_gone();
+}
+
+#[test]
+fn a_sandbox_name_that_cannot_prefix_namespaces_is_refused() {
+    let sb = Sandbox::new();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_meshnode"));
+    cmd.args(["sandbox", "--name", "Not_OK", "--dir"])
+        .arg(sb.dir.path())
+        .arg("status");
+    let out = cmd.output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("invalid sandbox name \"Not_OK\""),
+        "{}",
+        text(&out)
+    );
 }
 
 #[test]
