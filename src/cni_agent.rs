@@ -89,13 +89,20 @@ const INSTALL_CHECK: Duration = Duration::from_secs(5);
 
 async fn keep_installed(cfg: install::InstallConfig, mut shutdown: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(INSTALL_CHECK);
+    let mut verified = Some(install::Verified::default());
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = shutdown.wait_for(|s| *s) => return,
         }
         let c = cfg.clone();
-        match tokio::task::spawn_blocking(move || install::ensure(&c)).await {
+        let mut v = verified.take().unwrap_or_default();
+        let task = tokio::task::spawn_blocking(move || (install::ensure(&c, &mut v), v)).await;
+        let result = task.map(|(result, v)| {
+            verified = Some(v);
+            result
+        });
+        match result {
             Ok(Ok(Some(file))) => {
                 tracing::info!(config = %file.display(), "meshnode-cni installed in the CNI chain")
             }

@@ -64,10 +64,24 @@ pub struct InstallConfig {
     pub pod_namespace: String,
 }
 
+/// Size, modification time and inode of a file: what changes when anyone rewrites or replaces it.
+type Stamp = (u64, std::time::SystemTime, u64);
+
+fn stamp(path: &Path) -> std::io::Result<Stamp> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path)?;
+    Ok((m.len(), m.modified()?, m.ino()))
+}
+
+/// The plugin binary and its installed copy as they were when last found identical, so a periodic check
+/// compares two `stat`s instead of reading both files (about 2 MB) every time.
+#[derive(Debug, Default)]
+pub struct Verified(Option<(Stamp, Stamp)>);
+
 /// Copies the binary if it differs and makes sure the primary config ends with our entry. Returns the
 /// config file it (re)wrote, or `None` when everything was already in place.
-pub fn ensure(cfg: &InstallConfig) -> Result<Option<PathBuf>, Error> {
-    copy_binary(cfg)?;
+pub fn ensure(cfg: &InstallConfig, verified: &mut Verified) -> Result<Option<PathBuf>, Error> {
+    copy_binary(cfg, verified)?;
     let primary = primary_config(&cfg.conf_dir)?;
     let text = std::fs::read_to_string(&primary).map_err(|source| Error::Io {
         what: "reading",
@@ -161,23 +175,28 @@ fn primary_config(dir: &Path) -> Result<PathBuf, Error> {
         .ok_or_else(|| Error::NoPrimary(dir.to_path_buf()))
 }
 
-fn copy_binary(cfg: &InstallConfig) -> Result<(), Error> {
+fn copy_binary(cfg: &InstallConfig, verified: &mut Verified) -> Result<(), Error> {
     let dst = cfg.bin_dir.join(PLUGIN_TYPE);
     let src = &cfg.plugin_binary;
+    let now = || Some((stamp(src).ok()?, stamp(&dst).ok()?));
+    if verified.0.is_some() && now() == verified.0 {
+        return Ok(());
+    }
     let new = std::fs::read(src).map_err(|source| Error::Io {
         what: "reading plugin binary",
         path: src.clone(),
         source,
     })?;
-    if std::fs::read(&dst).ok().as_deref() == Some(&new[..]) {
-        return Ok(());
+    if std::fs::read(&dst).ok().as_deref() != Some(&new[..]) {
+        // A rename replaces the file even while a runtime is executing the old one.
+        write_atomically_mode(&dst, &new, Some(0o755)).map_err(|source| Error::Io {
+            what: "installing",
+            path: dst.clone(),
+            source,
+        })?;
     }
-    // A rename replaces the file even while a runtime is executing the old one.
-    write_atomically_mode(&dst, &new, Some(0o755)).map_err(|source| Error::Io {
-        what: "installing",
-        path: dst.clone(),
-        source,
-    })
+    verified.0 = now();
+    Ok(())
 }
 
 fn write_preserving_mode(old: &Path, new: &Path, bytes: &[u8]) -> Result<(), Error> {
@@ -215,13 +234,32 @@ mod tests {
     }
 
     #[test]
+    fn a_tampered_installed_binary_or_an_upgraded_plugin_is_copied_again() {
+        let (dir, cfg) = setup((
+            "10-ptp.conflist",
+            r#"{"name":"n","cniVersion":"1.0.0","plugins":[]}"#,
+        ));
+        let installed = cfg.bin_dir.join(PLUGIN_TYPE);
+        let mut v = Verified::default();
+        ensure(&cfg, &mut v).unwrap();
+        assert_eq!(std::fs::read(&installed).unwrap(), b"#!/bin/sh\n");
+        assert!(v.0.is_some(), "an identical pair is remembered");
+        std::fs::write(&installed, b"someone else's").unwrap();
+        ensure(&cfg, &mut v).unwrap();
+        assert_eq!(std::fs::read(&installed).unwrap(), b"#!/bin/sh\n");
+        std::fs::write(dir.path().join("plugin"), b"#!/bin/sh\n# v2\n").unwrap();
+        ensure(&cfg, &mut v).unwrap();
+        assert_eq!(std::fs::read(&installed).unwrap(), b"#!/bin/sh\n# v2\n");
+    }
+
+    #[test]
     fn our_entry_is_appended_once_and_replaces_istio_cni() {
         let (dir, cfg) = setup((
             "10-calico.conflist",
             r#"{"name":"k8s-pod-network","cniVersion":"0.3.1","plugins":[{"type":"calico"},{"type":"istio-cni"},{"type":"portmap"}]}"#,
         ));
         std::fs::write(dir.path().join("net.d/99-other.conf"), "{}").unwrap();
-        let written = ensure(&cfg).unwrap().unwrap();
+        let written = ensure(&cfg, &mut Verified::default()).unwrap().unwrap();
         assert_eq!(written, dir.path().join("net.d/10-calico.conflist"));
         let doc: Value = serde_json::from_str(&std::fs::read_to_string(&written).unwrap()).unwrap();
         let types: Vec<&str> = doc["plugins"]
@@ -234,7 +272,7 @@ mod tests {
         assert_eq!(doc["plugins"][2]["cni_agent_run_dir"], "/var/run/istio-cni");
         assert!(dir.path().join("bin/meshnode-cni").exists());
         // Idempotent.
-        assert_eq!(ensure(&cfg).unwrap(), None);
+        assert_eq!(ensure(&cfg, &mut Verified::default()).unwrap(), None);
     }
 
     #[test]
@@ -243,7 +281,7 @@ mod tests {
             "10-bridge.conf",
             r#"{"cniVersion":"1.0.0","name":"bridge","type":"bridge"}"#,
         ));
-        let written = ensure(&cfg).unwrap().unwrap();
+        let written = ensure(&cfg, &mut Verified::default()).unwrap().unwrap();
         assert_eq!(written, dir.path().join("net.d/10-bridge.conflist"));
         assert!(!dir.path().join("net.d/10-bridge.conf").exists());
         let doc: Value = serde_json::from_str(&std::fs::read_to_string(&written).unwrap()).unwrap();
@@ -256,8 +294,14 @@ mod tests {
     #[test]
     fn missing_or_broken_primary_configs_are_reported() {
         let (dir, cfg) = setup(("10-x.conflist", "{not json"));
-        assert!(matches!(ensure(&cfg), Err(Error::BadPrimary { .. })));
+        assert!(matches!(
+            ensure(&cfg, &mut Verified::default()),
+            Err(Error::BadPrimary { .. })
+        ));
         std::fs::remove_file(dir.path().join("net.d/10-x.conflist")).unwrap();
-        assert!(matches!(ensure(&cfg), Err(Error::NoPrimary(_))));
+        assert!(matches!(
+            ensure(&cfg, &mut Verified::default()),
+            Err(Error::NoPrimary(_))
+        ));
     }
 }
