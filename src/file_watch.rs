@@ -25,6 +25,21 @@ async fn read_bounded(path: &std::path::Path) -> std::io::Result<Vec<u8>> {
     file.take(MAX_FILE_BYTES + 1)
         .read_to_end(&mut bytes)
         .await?;
+    within_limit(bytes)
+}
+
+/// [`read_bounded`] for the first, synchronous load of a file that is then polled: the same limit, so a
+/// file refused on reload is refused at start too.
+pub fn read_bounded_sync(path: &std::path::Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)?;
+    within_limit(bytes)
+}
+
+fn within_limit(bytes: Vec<u8>) -> std::io::Result<Vec<u8>> {
     if bytes.len() as u64 > MAX_FILE_BYTES {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
@@ -149,5 +164,22 @@ mod tests {
             .await
             .expect("the small file is published")
             .unwrap();
+    }
+
+    #[test]
+    fn the_first_load_refuses_an_oversized_file_like_the_poller() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("big");
+        std::fs::write(&path, vec![b'a'; MAX_FILE_BYTES as usize + 1]).unwrap();
+        let err = read_bounded_sync(&path).unwrap_err();
+        assert!(err.to_string().contains("larger than"), "{err}");
+        std::fs::write(&path, "ok").unwrap();
+        assert_eq!(read_bounded_sync(&path).unwrap(), b"ok");
+        // And through the loaders that use it.
+        std::fs::write(&path, vec![b'#'; MAX_FILE_BYTES as usize + 1]).unwrap();
+        let agent = crate::cni_agent::local::load(&path).unwrap_err();
+        assert!(agent.to_string().contains("larger than"), "{agent}");
+        let proxy = crate::state::local::load_file(&path).unwrap_err();
+        assert!(proxy.to_string().contains("larger than"), "{proxy}");
     }
 }

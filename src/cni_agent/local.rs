@@ -134,7 +134,7 @@ pub fn parse(path: &Path, text: &str) -> Result<ClusterView, Error> {
 
 /// Reads and parses the file once.
 pub fn load(path: &Path) -> Result<(Vec<u8>, ClusterView), Error> {
-    let bytes = std::fs::read(path).map_err(|source| Error::Read {
+    let bytes = crate::file_watch::read_bounded_sync(path).map_err(|source| Error::Read {
         path: path.to_path_buf(),
         source,
     })?;

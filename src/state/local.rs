@@ -321,7 +321,7 @@ pub fn log_loaded(path: &Path, state: &State, what: &str) {
 
 /// Reads and validates a local config file.
 pub fn load_file(path: &Path) -> Result<(Vec<u8>, State), Error> {
-    let bytes = std::fs::read(path).map_err(|source| Error::Read {
+    let bytes = crate::file_watch::read_bounded_sync(path).map_err(|source| Error::Read {
         path: path.to_path_buf(),
         source,
     })?;
