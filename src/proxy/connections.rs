@@ -55,7 +55,8 @@ pub struct Full {
 }
 
 struct Entry {
-    conn: Tracked,
+    /// Shared so a recheck can copy the list out and decide without holding the registry's lock.
+    conn: Arc<Tracked>,
     close: oneshot::Sender<DenyReason>,
 }
 
@@ -102,7 +103,9 @@ impl ConnectionManager {
     /// Registers an open connection; it stays registered until the [`Registration`] is dropped or a
     /// re-check closes it.
     pub fn register(self: &Arc<Self>, conn: Tracked) -> Result<Registration, Full> {
+        // Built before taking the lock (the oneshot allocates too), so the lock covers only the map.
         let (close, closed) = oneshot::channel();
+        let conn = Arc::new(conn);
         let mut inner = self.inner.lock();
         if inner.conns.len() >= self.capacity {
             return Err(Full {
@@ -124,14 +127,23 @@ impl ConnectionManager {
     /// apply); when it is `None` each connection's workload from registration time is used.
     pub fn recheck(&self, state: &State, workload: Option<&Workload>, network: &str) -> Recheck {
         let policies = state.policies();
+        // The lock is held only to copy the list out and to remove the denied: connections keep opening
+        // and closing while the (possibly long) evaluation runs. One opened meanwhile was authorized
+        // against a state at least as new as the one it would be checked against here.
+        let conns: Vec<(u64, Arc<Tracked>)> = self
+            .inner
+            .lock()
+            .conns
+            .iter()
+            .map(|(id, e)| (*id, e.conn.clone()))
+            .collect();
         let mut denied: Vec<(u64, DenyReason)> = Vec::new();
-        let mut inner = self.inner.lock();
-        for (id, e) in &inner.conns {
-            let w = workload.unwrap_or(&e.conn.workload);
+        for (id, t) in &conns {
+            let w = workload.unwrap_or(&t.workload);
             let conn = Connection {
-                src: e.conn.src,
-                dst: e.conn.dst,
-                src_identity: e.conn.src_identity.as_ref(),
+                src: t.src,
+                dst: t.dst,
+                src_identity: t.src_identity.as_ref(),
                 dst_network: network,
             };
             if let Decision::Deny(reason) =
@@ -140,15 +152,19 @@ impl ConnectionManager {
                 denied.push((*id, reason));
             }
         }
-        let checked = inner.conns.len();
-        let closed = denied.len();
+        let mut closed = 0;
+        let mut inner = self.inner.lock();
         for (id, reason) in denied {
+            // A connection that ended meanwhile is gone: nothing to close.
             if let Some(e) = inner.conns.remove(&id) {
-                // The handler may have finished in the meantime; then there is nothing to close.
+                closed += 1;
                 let _ = e.close.send(reason);
             }
         }
-        Recheck { checked, closed }
+        Recheck {
+            checked: conns.len(),
+            closed,
+        }
     }
 }
 
