@@ -68,38 +68,64 @@ where
     H: Fn(&str, &str) -> Answer + Send + Sync + 'static,
 {
     let handler = Arc::new(handler);
-    let limit = Arc::new(Semaphore::new(MAX_CONCURRENT));
+    let stop = async move {
+        let _ = shutdown.wait_for(|s| *s).await;
+    };
+    accept_bounded(
+        &listener,
+        Arc::new(Semaphore::new(MAX_CONCURRENT)),
+        stop,
+        "admin port",
+        move |stream| {
+            let handler = handler.clone();
+            async move {
+                let _ = tokio::time::timeout(EXCHANGE_TIMEOUT, answer(stream, &*handler)).await;
+            }
+        },
+    )
+    .await;
+}
+
+/// Accepts connections on `listener` until `shutdown` resolves, at most as many at once as `limit` has
+/// permits (more wait in the kernel backlog); each is served by `on_conn` on a task of its own, holding a
+/// permit until it is done. `what` names the server in logs. Every tiny HTTP server here (the admin ports,
+/// the sandbox's apps) accepts this way.
+pub async fn accept_bounded<F, Fut>(
+    listener: &TcpListener,
+    limit: Arc<Semaphore>,
+    shutdown: impl std::future::Future<Output = ()>,
+    what: &'static str,
+    on_conn: F,
+) where
+    F: Fn(TcpStream) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    tokio::pin!(shutdown);
     loop {
         let permit = tokio::select! {
             p = limit.clone().acquire_owned() => match p {
                 Ok(p) => p,
                 Err(_) => return,
             },
-            _ = stopped(&mut shutdown) => return,
+            _ = &mut shutdown => return,
         };
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    let handler = handler.clone();
+                    let served = on_conn(stream);
                     tokio::spawn(async move {
-                        let _ = tokio::time::timeout(EXCHANGE_TIMEOUT, answer(stream, &*handler)).await;
+                        served.await;
                         drop(permit);
                     });
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "admin port: accept failed");
+                    tracing::warn!(server = what, error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             },
-            _ = stopped(&mut shutdown) => return,
+            _ = &mut shutdown => return,
         }
     }
-}
-
-/// Resolves once `shutdown` turns true (or its sender is gone). A function of its own so the guard
-/// `wait_for` returns is dropped inside it: held across the `select!` it would make the future `!Send`.
-async fn stopped(shutdown: &mut watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|s| *s).await;
 }
 
 /// Reads one request head and writes the handler's answer (400 for anything that is not a request line).
@@ -107,8 +133,8 @@ async fn answer(
     mut stream: TcpStream,
     handler: &(dyn Fn(&str, &str) -> Answer + Send + Sync),
 ) -> std::io::Result<()> {
-    let answer = match read_head(&mut stream).await {
-        Some(head) => {
+    let answer = match read_head(&mut stream, MAX_REQUEST, READ_TIMEOUT).await {
+        Head::Complete(head) => {
             let line = head.split(|b| *b == b'\n').next().unwrap_or_default();
             let line = String::from_utf8_lossy(line);
             let mut parts = line.split_whitespace();
@@ -117,33 +143,53 @@ async fn answer(
                 _ => Answer::text(400, "Bad Request", "bad request\n"),
             }
         }
-        None => Answer::text(400, "Bad Request", "bad request\n"),
+        Head::TooLarge | Head::TimedOut | Head::Closed => {
+            Answer::text(400, "Bad Request", "bad request\n")
+        }
     };
     stream.write_all(answer.encode().as_bytes()).await?;
     stream.shutdown().await
 }
 
-/// The request head, or `None` when it is not complete within the time and size bounds.
-async fn read_head(stream: &mut TcpStream) -> Option<Vec<u8>> {
-    let mut buf = Vec::with_capacity(512);
-    let mut chunk = [0u8; 1024];
+/// How reading a request head ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Head {
+    /// The head, without its final blank line.
+    Complete(Vec<u8>),
+    /// Longer than allowed.
+    TooLarge,
+    /// Not complete in time.
+    TimedOut,
+    /// The peer closed (or the read failed) first.
+    Closed,
+}
+
+/// Reads one request head of at most `max` bytes, within `timeout`.
+pub async fn read_head(stream: &mut TcpStream, max: usize, timeout: Duration) -> Head {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 2048];
     let read = async {
         loop {
-            let n = stream.read(&mut chunk).await.ok()?;
-            if n == 0 {
-                return None;
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return Head::Closed,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
             }
-            buf.extend_from_slice(&chunk[..n]);
-            if buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                return Some(());
+            if let Some(end) = buf
+                .windows(4)
+                .position(|w| w == b"\r\n\r\n")
+                .filter(|end| *end <= max)
+            {
+                buf.truncate(end);
+                return Head::Complete(std::mem::take(&mut buf));
             }
-            if buf.len() > MAX_REQUEST {
-                return None;
+            if buf.len() > max {
+                return Head::TooLarge;
             }
         }
     };
-    tokio::time::timeout(READ_TIMEOUT, read).await.ok()??;
-    Some(buf)
+    tokio::time::timeout(timeout, read)
+        .await
+        .unwrap_or(Head::TimedOut)
 }
 
 #[cfg(test)]

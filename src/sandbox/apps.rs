@@ -25,6 +25,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
+use crate::admin_http::{self, read_head, Head};
+
 #[cfg(test)]
 mod tests;
 
@@ -217,32 +219,18 @@ pub async fn serve(
     validate(&cfg)?;
     let cfg = Arc::new(cfg);
     let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    tokio::pin!(shutdown);
-    loop {
-        let permit = tokio::select! {
-            p = limit.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-            _ = &mut shutdown => break,
-        };
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    let cfg = cfg.clone();
-                    tokio::spawn(async move {
-                        exchange(stream, &cfg).await;
-                        drop(permit);
-                    });
-                }
-                Err(e) => {
-                    tracing::warn!(app = %cfg.app, error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            },
-            _ = &mut shutdown => break,
-        }
-    }
+    let served = cfg.clone();
+    admin_http::accept_bounded(
+        &listener,
+        limit.clone(),
+        shutdown,
+        "sandbox app",
+        move |stream| {
+            let cfg = served.clone();
+            async move { exchange(stream, &cfg).await }
+        },
+    )
+    .await;
     // Every permit back means every exchange finished.
     let all = u32::try_from(MAX_CONNECTIONS).unwrap_or(u32::MAX);
     let _ = tokio::time::timeout(DRAIN, limit.acquire_many(all)).await;
@@ -300,17 +288,9 @@ impl Reply {
     }
 }
 
-/// How reading a request head ended.
-enum Head {
-    Complete(Vec<u8>),
-    TooLarge,
-    TimedOut,
-    Closed,
-}
-
 /// One connection: read the head, answer, close.
 async fn exchange(mut stream: TcpStream, cfg: &AppConfig) {
-    let reply = match read_head(&mut stream).await {
+    let reply = match read_head(&mut stream, MAX_HEAD, HEAD_TIMEOUT).await {
         Head::Complete(head) => answer(cfg, &head).await,
         Head::TooLarge => Reply::text(431, "request head larger than 8 KiB\n"),
         Head::TimedOut => Reply::text(408, "request head not received within 10 s\n"),
@@ -335,29 +315,6 @@ async fn exchange(mut stream: TcpStream, cfg: &AppConfig) {
         }
     };
     let _ = tokio::time::timeout(LINGER, drain).await;
-}
-
-async fn read_head(stream: &mut TcpStream) -> Head {
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 2048];
-    let read = async {
-        loop {
-            match stream.read(&mut chunk).await {
-                Ok(0) | Err(_) => return Head::Closed,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
-            if let Some(end) = find(&buf, b"\r\n\r\n").filter(|end| *end <= MAX_HEAD) {
-                buf.truncate(end);
-                return Head::Complete(std::mem::take(&mut buf));
-            }
-            if buf.len() > MAX_HEAD {
-                return Head::TooLarge;
-            }
-        }
-    };
-    tokio::time::timeout(HEAD_TIMEOUT, read)
-        .await
-        .unwrap_or(Head::TimedOut)
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
