@@ -17,6 +17,7 @@ pub mod config;
 pub mod install;
 pub mod kube;
 pub mod local;
+pub mod metrics;
 pub mod plugin_server;
 pub mod pods;
 pub mod procfs;
@@ -70,6 +71,22 @@ pub enum Error {
         pod: PodKey,
         /// Why.
         source: crate::zds::Error,
+    },
+    /// A netlink step in the pod did not finish in time (the loop moved on; nothing was recorded as done).
+    #[error("pod {pod}: {what} did not finish within {after:?}")]
+    Timeout {
+        /// The pod.
+        pod: PodKey,
+        /// The step.
+        what: &'static str,
+        /// The limit.
+        after: Duration,
+    },
+    /// Too many hand-overs to proxies are queued; the pod's rules stay and it is retried.
+    #[error("pod {pod}: too many pods are waiting to be handed to the node proxy; retry")]
+    Busy {
+        /// The pod.
+        pod: PodKey,
     },
     /// The agent could not start.
     #[error("{what}: {source}")]
@@ -173,6 +190,17 @@ pub async fn run(cfg: Arc<AgentConfig>, shutdown: watch::Receiver<bool>) -> Resu
         }
         Err(e) => {
             tracing::warn!(port = HEALTH_PORT, error = %e, "health port unavailable; serving without it")
+        }
+    }
+    match crate::socket::listen(
+        std::net::SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, cfg.monitoring_port)),
+        crate::socket::SocketOpts::default(),
+    ) {
+        Ok(l) => {
+            tokio::spawn(metrics::serve(l, handles.metrics.clone(), shutdown.clone()));
+        }
+        Err(e) => {
+            tracing::warn!(port = cfg.monitoring_port, error = %e, "metrics port unavailable; serving without it")
         }
     }
     let zds = handles.zds.clone();

@@ -36,7 +36,7 @@ use prometheus_client::registry::Registry;
 use crate::identity::Identity;
 use crate::state::{Service, Workload};
 
-pub use serve::serve;
+pub use serve::{serve, serve_encoded};
 
 /// Who reports a connection: the proxy of the client (`source`) or of the server (`destination`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]

@@ -340,43 +340,71 @@ pub(crate) fn base64(bytes: &[u8]) -> String {
     out
 }
 
-/// What the hint file says about a namespace.
+/// What the hint file says about a namespace's pods while the agent cannot be asked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Hint {
-    /// Pods in the namespace are enrolled by namespace label.
-    Listed,
-    /// The namespace is not listed: its pods are not expected to be enrolled.
-    NotListed,
-    /// The file is missing, unreadable or malformed, so nothing can be ruled out.
-    Unusable {
+    /// No pod there can be enrolled: the namespace is excluded, or the agent listed it as one no selector
+    /// reaches, and the hint is still current.
+    PassThrough,
+    /// A pod there may have to be captured (or nothing can be ruled out): fail closed, for this reason.
+    MayEnroll {
         /// Why.
         reason: String,
     },
 }
 
-/// Reads `<run_dir>/meshnode-enrollment.json` (`{"ambientNamespaces": [...]}`) and looks up `namespace`.
-pub(crate) fn read_hint(run_dir: &Path, namespace: &str) -> Hint {
+/// Reads `<run_dir>/meshnode-enrollment.json` and decides for `namespace` at `now` (Unix seconds).
+///
+/// The agent writes `{"version": 2, "validUntil": <unix s>, "excludedNamespaces": [...],
+/// "passThroughNamespaces": [...], "ambientNamespaces": [...]}` and renews it while it runs. The plugin
+/// cannot see pod labels, so only a namespace that no enablement selector can reach (whatever a pod's
+/// labels) passes through, and only until `validUntil`: a namespace labelled while the agent is down is
+/// then not trusted for long. Excluded namespaces pass whatever the age. Anything else, an older
+/// format included, fails closed.
+pub(crate) fn read_hint(run_dir: &Path, namespace: &str, now: u64) -> Hint {
     let path = run_dir.join(HINT_FILE);
-    let unusable = |why: String| Hint::Unusable {
+    let may = |why: String| Hint::MayEnroll {
         reason: format!("hint file {}: {why}", path.display()),
     };
     let mut text = Vec::new();
     let read = std::fs::File::open(&path).and_then(|f| f.take(MAX_HINT + 1).read_to_end(&mut text));
     if let Err(e) = read {
-        return unusable(e.to_string());
+        return may(format!("it cannot be ruled out: {e}"));
     }
     if text.len() as u64 > MAX_HINT {
-        return unusable(format!("larger than {MAX_HINT} bytes"));
+        return may(format!("larger than {MAX_HINT} bytes"));
     }
     #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
     struct HintFile {
-        #[serde(rename = "ambientNamespaces")]
+        version: u32,
+        valid_until: u64,
+        excluded_namespaces: Vec<String>,
+        pass_through_namespaces: Vec<String>,
+        #[serde(default)]
         ambient_namespaces: Vec<String>,
     }
-    match serde_json::from_slice::<HintFile>(&text) {
-        Ok(h) if h.ambient_namespaces.iter().any(|n| n == namespace) => Hint::Listed,
-        Ok(_) => Hint::NotListed,
-        Err(e) => unusable(format!("malformed: {e}")),
+    let h = match serde_json::from_slice::<HintFile>(&text) {
+        Ok(h) if h.version == 2 => h,
+        Ok(h) => return may(format!("version {} is not understood", h.version)),
+        Err(e) => return may(format!("malformed or from an older agent: {e}")),
+    };
+    let listed = |list: &[String]| list.iter().any(|n| n == namespace);
+    if listed(&h.excluded_namespaces) {
+        Hint::PassThrough
+    } else if listed(&h.ambient_namespaces) {
+        may(format!("namespace {namespace} is ambient"))
+    } else if !listed(&h.pass_through_namespaces) {
+        may(format!(
+            "a pod in namespace {namespace} may be enrolled (by its own labels, or the namespace is new)"
+        ))
+    } else if now > h.valid_until {
+        may(format!(
+            "stale: the agent has not renewed it for {} s, so namespace labels may have changed",
+            now - h.valid_until
+        ))
+    } else {
+        Hint::PassThrough
     }
 }
 
@@ -406,6 +434,37 @@ mod tests {
         assert_eq!((a.status, a.body.as_str()), (404, "no such"));
         assert!(parse_answer(b"garbage\r\n\r\n").is_err());
         assert!(parse_answer(b"").is_err());
+    }
+
+    #[test]
+    fn the_hint_lets_pods_pass_only_where_no_selector_reaches_and_only_while_current() {
+        let dir = std::env::temp_dir().join(format!("meshnode-hint-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let write = |v: &Value| std::fs::write(dir.join(HINT_FILE), v.to_string()).unwrap();
+        let hint = json!({
+            "version": 2, "validUntil": 1000,
+            "excludedNamespaces": ["kube-system"],
+            "passThroughNamespaces": ["plain"],
+            "ambientNamespaces": ["mesh"],
+        });
+        write(&hint);
+        let fails = |ns: &str, now: u64, why: &str| match read_hint(&dir, ns, now) {
+            Hint::MayEnroll { reason } => assert!(reason.contains(why), "{ns}: {reason}"),
+            Hint::PassThrough => panic!("{ns} passed at {now}"),
+        };
+        assert_eq!(read_hint(&dir, "plain", 1000), Hint::PassThrough);
+        assert_eq!(read_hint(&dir, "kube-system", 99_999), Hint::PassThrough);
+        fails("plain", 1001, "stale");
+        fails("mesh", 10, "is ambient");
+        fails("unknown", 10, "may be enrolled");
+        let mut v3 = hint.clone();
+        v3["version"] = json!(3);
+        write(&v3);
+        fails("plain", 10, "version 3");
+        write(&json!({ "ambientNamespaces": [] }));
+        fails("plain", 10, "older agent");
+        std::fs::remove_dir_all(&dir).unwrap();
+        fails("plain", 10, "cannot be ruled out");
     }
 
     #[test]

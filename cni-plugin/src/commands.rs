@@ -219,22 +219,20 @@ fn ask_agent(
         }
         Err(cause) => cause,
     };
-    let why_needed = match agent::read_hint(&conf.run_dir, &pod.namespace) {
-        Hint::NotListed => {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let why_needed = match agent::read_hint(&conf.run_dir, &pod.namespace, now) {
+        Hint::PassThrough => {
             log.warn(format_args!(
-                "agent at {} unreachable ({cause}); namespace {} is not ambient per the hint file, \
+                "agent at {} unreachable ({cause}); no pod in namespace {} can be enrolled per the hint file, \
                  so {pod} passes through",
                 agent.socket().display(),
                 pod.namespace
             ));
             return Ok(());
         }
-        Hint::Listed => format!(
-            "namespace {} is listed in {}",
-            pod.namespace,
-            conf.run_dir.join(agent::HINT_FILE).display()
-        ),
-        Hint::Unusable { reason } => format!("it cannot be ruled out: {reason}"),
+        Hint::MayEnroll { reason } => reason,
     };
     Err(Error::AgentUnreachable {
         socket: agent.socket().to_path_buf(),

@@ -181,8 +181,24 @@ impl World {
         self.dir.0.join("netns").display().to_string()
     }
 
-    fn hint(&self, namespaces: &[&str]) {
-        let text = json!({ "ambientNamespaces": namespaces }).to_string();
+    /// Writes the agent's hint as it does: the namespaces no selector reaches, valid for a minute.
+    fn hint(&self, pass_through: &[&str]) {
+        self.hint_valid_for(pass_through, 60);
+    }
+
+    fn hint_valid_for(&self, pass_through: &[&str], seconds: i64) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs() as i64;
+        let text = json!({
+            "version": 2,
+            "validUntil": now + seconds,
+            "excludedNamespaces": ["kube-system"],
+            "passThroughNamespaces": pass_through,
+            "ambientNamespaces": [],
+        })
+        .to_string();
         std::fs::write(self.dir.0.join("meshnode-enrollment.json"), text).expect("hint file");
     }
 
@@ -488,9 +504,9 @@ fn agent_failure_asks_the_runtime_to_try_again_with_the_agents_message() {
 }
 
 #[test]
-fn agent_down_blocks_only_pods_of_namespaces_the_hint_file_lists() {
+fn agent_down_lets_pods_start_only_where_the_hint_file_says_no_pod_can_be_enrolled() {
     let world = World::new();
-    world.hint(&["mesh"]);
+    world.hint(&["plain"]);
     let conf = world.with_prev("1.0.0", prev_1_0_0()).to_string();
 
     let ran = run(&world.env("ADD", "mesh", "web-0"), &conf);
@@ -502,6 +518,38 @@ fn agent_down_blocks_only_pods_of_namespaces_the_hint_file_lists() {
 
     let ran = run(&world.env("ADD", "plain", "web-0"), &conf);
     assert_eq!(assert_success(&ran), Some(prev_1_0_0()));
+
+    // A namespace the agent did not list (created while it was down, or reachable by a pod-label
+    // selector): a pod there may have to be captured, so it does not start uncaptured.
+    let ran = run(&world.env("ADD", "newns", "web-0"), &conf);
+    let err = assert_error(&ran, 11);
+    assert!(
+        err["details"].as_str().is_some_and(|d| d.contains("may be enrolled")),
+        "{err}"
+    );
+    // Excluded namespaces pass whatever the hint's age.
+    world.hint_valid_for(&["plain"], -3600);
+    assert_success(&run(&world.env("ADD", "kube-system", "dns-0"), &conf));
+}
+
+#[test]
+fn agent_down_with_a_stale_or_old_format_hint_fails_closed() {
+    let world = World::new();
+    let conf = world.with_prev("1.0.0", prev_1_0_0()).to_string();
+    // The agent stopped renewing it: namespace labels may have changed since.
+    world.hint_valid_for(&["plain"], -5);
+    let err = assert_error(&run(&world.env("ADD", "plain", "web-0"), &conf), 11);
+    assert!(
+        err["details"].as_str().is_some_and(|d| d.contains("stale")),
+        "{err}"
+    );
+    // The first format listed only namespaces enrolled by namespace label: it cannot rule out pod labels.
+    std::fs::write(
+        world.run_dir().join("meshnode-enrollment.json"),
+        json!({ "ambientNamespaces": ["mesh"] }).to_string(),
+    )
+    .expect("write");
+    assert_error(&run(&world.env("ADD", "plain", "web-0"), &conf), 11);
 }
 
 #[test]
@@ -523,7 +571,7 @@ fn agent_down_without_a_usable_hint_file_fails_closed() {
 #[test]
 fn agent_that_never_answers_times_out_after_five_seconds() {
     let world = World::new();
-    world.hint(&["mesh"]);
+    world.hint(&["plain"]);
     let _agent = FakeAgent::start_with(world.run_dir(), Arc::new(|_| None));
     let ran = run(
         &world.env("ADD", "plain", "web-0"),
@@ -670,9 +718,9 @@ fn check_asks_the_agent() {
         );
     }
     // Agent down: the hint file decides, as for ADD.
-    world.hint(&["other"]);
-    assert_eq!(assert_success(&run(&env, &conf)), None);
     world.hint(&["mesh"]);
+    assert_eq!(assert_success(&run(&env, &conf)), None);
+    world.hint(&["other"]);
     assert_error(&run(&env, &conf), 11);
     // CHECK did not exist before 0.4.0.
     assert_error(&run(&env, &world.conf("0.3.1").to_string()), 1);

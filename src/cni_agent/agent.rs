@@ -5,14 +5,30 @@
 //! Output: pods enrolled (rules programmed through [`crate::redirect`] in their netns, handed to the
 //! newest proxy over ZDS), released, persisted ([`super::pods`]), annotated (Kubernetes), and the plugin's
 //! fail-closed hint file kept current.
+//!
+//! Never failing open:
+//! - A pod that was captured keeps its rules when a re-install fails (the install is one atomic
+//!   nftables batch, so the old rules are still whole); it is retried with backoff.
+//! - Every tick a few captured pods have their rules read back and compared with what they should be;
+//!   drift is repaired and counted ([`super::metrics`]).
+//! - Each pod's settings (its annotations) are kept in its record, so a restart re-programs it as it was
+//!   before the cluster view has synced, and annotation edits on running pods are applied.
+//! - A pod's netns is held open while it is captured, and every open by path is checked against the
+//!   namespace identity recorded at the first open: a reused `/proc/<pid>` never hands out another
+//!   pod's or the host's namespace.
+//!
+//! Bounded steps: netlink work runs on a thread in the pod's netns under [`NETLINK_TIMEOUT`]; ZDS hand-overs
+//! run in order on a worker task ([`zds_worker`]) so a slow proxy never stalls the loop, and the ADD that
+//! waits for one is answered when the proxy acknowledges.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
 
 use crate::netns::Netns;
 use crate::proto::workload::zds::WorkloadInfo as ZdsWorkloadInfo;
@@ -21,42 +37,111 @@ use crate::zds::server::{SnapshotEntry, SnapshotSource, ZdsServer};
 
 use super::cluster::{self, ClusterView, PodInfo, PodKey};
 use super::config::{AgentConfig, ClusterSource};
+use super::metrics::AgentMetrics;
 use super::plugin_server::{self, Answer, PluginEvent, PluginRequest};
-use super::pods::{Enrollment, PodRecord, Pods};
+use super::pods::{Enrollment, NetnsKey, PodRecord, PodSettings, Pods};
 use super::selector::Decision;
 use super::{kube, procfs, Error, BYPASS_INBOUND_ANNOTATION, DNS_CAPTURE_ANNOTATION};
 
-/// How often pods waiting for a proxy are offered again.
-const RETRY_PENDING: Duration = Duration::from_secs(1);
+/// How often pods waiting for a proxy are offered again, and captured pods' rules are checked.
+const TICK: Duration = Duration::from_secs(1);
+/// Captured pods whose rules are read back per tick (round robin): 110 pods are all checked in ~28 s.
+const RULE_CHECKS_PER_TICK: usize = 4;
+/// Longest wait for one netlink step in a pod (install, remove, inspect); the loop moves on after it.
+const NETLINK_TIMEOUT: Duration = Duration::from_secs(5);
+/// First and longest delay between attempts to re-install a captured pod's rules.
+const REPAIR_BACKOFF: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(60));
+/// How long the plugin may trust the hint file after the agent last wrote it, and how often it is renewed.
+const HINT_VALIDITY: Duration = Duration::from_secs(60);
+const HINT_RENEW: Duration = Duration::from_secs(20);
 /// Plugin requests queued for the agent loop; more wait in the plugin server (which is bounded too).
 const JOB_QUEUE: usize = 64;
+/// ZDS hand-overs queued for the worker.
+const ZDS_QUEUE: usize = 1024;
 /// Annotation patches waiting for the API server.
 const ANNOTATION_QUEUE: usize = 1024;
 
-/// The pods the ZDS server sends in its snapshot to each newly connected proxy: every captured pod.
+/// The pods the ZDS server sends in its snapshot to each newly connected proxy: every captured pod, with
+/// the netns handle the agent holds (never re-opened by path).
 #[derive(Default)]
 struct Captured {
-    pods: Mutex<std::collections::BTreeMap<String, (ZdsWorkloadInfo, PathBuf)>>,
+    pods: Mutex<std::collections::BTreeMap<String, (ZdsWorkloadInfo, Arc<Netns>)>>,
 }
 
 impl SnapshotSource for Captured {
     fn snapshot(&self) -> Vec<SnapshotEntry> {
-        let pods = self.pods.lock().clone();
-        pods.into_iter()
-            .filter_map(|(uid, (info, path))| match Netns::open(&path) {
+        let pods = self.pods.lock();
+        pods.iter()
+            .filter_map(|(uid, (info, ns))| match ns.try_clone() {
                 Ok(ns) => Some(SnapshotEntry {
-                    uid,
-                    info,
+                    uid: uid.clone(),
+                    info: info.clone(),
                     netns: Some(ns),
                 }),
                 Err(e) => {
-                    // The pod's sandbox is gone; leaving it out lets the proxy drain it.
-                    tracing::warn!(uid, error = %e, "pod netns gone; left out of the snapshot");
+                    tracing::error!(uid, error = %e, "duplicating a pod's netns handle failed; left out of this snapshot");
                     None
                 }
             })
             .collect()
     }
+}
+
+/// One hand-over for the ZDS worker, in the order the loop decided them.
+enum ZdsOp {
+    Add {
+        uid: String,
+        gen: u64,
+        info: ZdsWorkloadInfo,
+        netns: Netns,
+    },
+    Del {
+        uid: String,
+    },
+}
+
+/// A finished `Add`, reported back to the loop.
+struct ZdsDone {
+    uid: String,
+    gen: u64,
+    result: Result<(), crate::zds::Error>,
+}
+
+/// Hands pods to proxies one at a time, in order (an add followed by a del of the same pod reaches the
+/// proxies in that order), reporting each add's outcome to the loop.
+async fn zds_worker(zds: ZdsServer, mut ops: mpsc::Receiver<ZdsOp>, done: mpsc::Sender<ZdsDone>) {
+    while let Some(op) = ops.recv().await {
+        match op {
+            ZdsOp::Add {
+                uid,
+                gen,
+                info,
+                netns,
+            } => {
+                let result = zds.add(&uid, &info, &netns).await;
+                if done.send(ZdsDone { uid, gen, result }).await.is_err() {
+                    return;
+                }
+            }
+            ZdsOp::Del { uid } => {
+                if let Err(e) = zds.del(&uid).await {
+                    tracing::warn!(uid, error = %e, "telling proxies to drop the pod failed");
+                }
+            }
+        }
+    }
+}
+
+/// A hand-over in flight: its generation and the ADDs waiting for its outcome.
+struct InFlight {
+    gen: u64,
+    waiters: Vec<oneshot::Sender<Answer>>,
+}
+
+/// Re-install attempts of a captured pod whose rules could not be programmed.
+struct Repair {
+    next: Instant,
+    delay: Duration,
 }
 
 /// The agent's state and loop.
@@ -67,10 +152,19 @@ pub struct Agent {
     pods: Pods,
     view: watch::Receiver<Arc<ClusterView>>,
     kubernetes: bool,
-    last_hint: Option<Vec<String>>,
+    last_hint: Option<(Vec<String>, Instant)>,
     annotations: Option<mpsc::Sender<(PodKey, Option<&'static str>)>>,
     /// Kubernetes mode: the node's netns, where kubelet probes to enrolled pods are SNATed.
     host: Option<HostProbes>,
+    metrics: Arc<AgentMetrics>,
+    zds_ops: mpsc::Sender<ZdsOp>,
+    zds_done: Option<mpsc::Receiver<ZdsDone>>,
+    zds_worker: Option<(mpsc::Receiver<ZdsOp>, mpsc::Sender<ZdsDone>)>,
+    in_flight: HashMap<String, InFlight>,
+    next_gen: u64,
+    repairs: HashMap<String, Repair>,
+    /// The last pod whose rules were read back (round robin).
+    check_cursor: Option<String>,
 }
 
 /// The host-side probe rule: where it lives and whether it is installed.
@@ -85,6 +179,8 @@ pub struct AgentHandles {
     pub jobs: mpsc::Sender<plugin_server::Job>,
     /// The ZDS server (shared with the agent).
     pub zds: ZdsServer,
+    /// The agent's counters, for its metrics port.
+    pub metrics: Arc<AgentMetrics>,
 }
 
 impl Agent {
@@ -100,7 +196,10 @@ impl Agent {
             tracing::error!(problem = %p, "starting with no recorded pods");
         }
         let (jobs, rx) = mpsc::channel(JOB_QUEUE);
+        let (ops_tx, ops_rx) = mpsc::channel(ZDS_QUEUE);
+        let (done_tx, done_rx) = mpsc::channel(ZDS_QUEUE);
         let kubernetes = matches!(cfg.source, ClusterSource::Kubernetes { .. });
+        let metrics = Arc::new(AgentMetrics::default());
         let mut agent = Agent {
             cfg,
             zds: zds.clone(),
@@ -111,9 +210,17 @@ impl Agent {
             last_hint: None,
             annotations: None,
             host: None,
+            metrics: metrics.clone(),
+            zds_ops: ops_tx,
+            zds_done: Some(done_rx),
+            zds_worker: Some((ops_rx, done_tx)),
+            in_flight: HashMap::new(),
+            next_gen: 0,
+            repairs: HashMap::new(),
+            check_cursor: None,
         };
         agent.restore();
-        (agent, AgentHandles { jobs, zds }, rx)
+        (agent, AgentHandles { jobs, zds, metrics }, rx)
     }
 
     /// Keeps pods' `ambient.istio.io/redirection` annotation current through `source` (Kubernetes mode).
@@ -235,23 +342,27 @@ impl Agent {
         }
     }
 
-    /// Re-arms the pods recorded by a previous run: those whose netns still exists keep their state and get
-    /// their rules re-programmed (an atomic replace, so a pod never goes uncaptured in between); the others
-    /// are forgotten.
+    /// Re-arms the pods recorded by a previous run: those whose netns is still the one recorded keep their
+    /// state and get their rules re-programmed with their recorded settings (an atomic replace, so a pod
+    /// never goes uncaptured in between); the others are forgotten.
     fn restore(&mut self) {
         for uid in self.pods.uids() {
-            let Some(r) = self.pods.get(&uid).cloned() else {
+            let Some(mut r) = self.pods.get(&uid).cloned() else {
                 continue;
             };
             let path = self.netns_path(&r.netns);
-            if !path.exists() {
-                tracing::info!(uid, pod = %key(&r), "recorded pod's netns is gone; forgetting it");
-                self.pods.remove(&uid);
-                continue;
-            }
-            // A pod found through /proc is recorded by a pid's netns; after a restart that pid may belong to
-            // something else. Keep it only if the namespace still holds one of the pod's IPs (istio-cni's check).
-            if r.netns.starts_with("/proc/") && !r.ips.is_empty() {
+            let ns = match self.open_netns(&r) {
+                Ok(ns) => ns,
+                Err(e) => {
+                    tracing::info!(uid, pod = %key(&r), error = %e, "recorded pod's netns is gone; forgetting it");
+                    self.pods.remove(&uid);
+                    continue;
+                }
+            };
+            // Recorded before netns identities were kept: a pod found through /proc is recorded by a pid's
+            // netns, and after a restart that pid may belong to something else. Keep it only if the
+            // namespace still holds one of the pod's IPs (istio-cni's check).
+            if r.netns_id.is_none() && r.netns.starts_with("/proc/") && !r.ips.is_empty() {
                 let holds = procfs::netns_addresses(&path)
                     .map(|addrs| addrs.iter().any(|a| r.ips.contains(a)))
                     .unwrap_or(false);
@@ -261,11 +372,15 @@ impl Agent {
                     continue;
                 }
             }
+            if r.netns_id.is_none() {
+                r.netns_id = Some(ns.id().into());
+                self.pods.put(r.clone());
+            }
             if r.state.captured() {
                 self.captured
                     .pods
                     .lock()
-                    .insert(uid.clone(), (zds_info(&r), path));
+                    .insert(uid.clone(), (zds_info(&r), Arc::new(ns)));
             }
         }
         tracing::info!(pods = self.pods.uids().len(), "pod state restored");
@@ -279,6 +394,9 @@ impl Agent {
         ready: crate::readiness::Task,
         mut shutdown: watch::Receiver<bool>,
     ) {
+        let (ops, done) = self.zds_worker.take().expect("run is called once");
+        tokio::spawn(zds_worker(self.zds.clone(), ops, done));
+        let mut zds_done = self.zds_done.take().expect("run is called once");
         // Re-program restored pods before answering anything.
         self.reprogram_restored().await;
         self.install_host_probes().await;
@@ -289,16 +407,16 @@ impl Agent {
         if self.view.borrow().synced {
             ready.take();
         }
-        let mut retry = tokio::time::interval(RETRY_PENDING);
-        retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut view_open = true;
         loop {
             tokio::select! {
                 job = jobs.recv() => {
                     let Some((req, answer)) = job else { return };
-                    let a = self.handle(req).await;
-                    let _ = answer.send(a);
+                    self.handle(req, answer).await;
                 }
+                Some(done) = zds_done.recv() => self.zds_finished(done).await,
                 changed = self.view.changed(), if view_open => {
                     if changed.is_err() {
                         // Never spin on a closed channel; keep serving with the last view.
@@ -311,7 +429,12 @@ impl Agent {
                         ready.take();
                     }
                 }
-                _ = retry.tick() => self.retry_pending().await,
+                _ = tick.tick() => {
+                    self.retry_pending().await;
+                    self.repair_due().await;
+                    self.check_some_rules().await;
+                    self.renew_hint();
+                }
                 _ = shutdown.wait_for(|s| *s) => return,
             }
         }
@@ -325,17 +448,29 @@ impl Agent {
             if !r.state.captured() {
                 continue;
             }
-            let settings = self.settings_for(&r);
+            let settings = self.settings_of(&r);
             if let Err(e) = self.program(&r, settings).await {
-                tracing::error!(error = %e, "re-programming a restored pod failed");
+                tracing::error!(error = %e, "re-programming a restored pod failed; its previous rules stay and it is retried");
+                self.schedule_repair(&uid);
             }
         }
     }
 
-    /// Answers one plugin request.
-    pub async fn handle(&mut self, req: PluginRequest) -> Answer {
-        match req {
-            PluginRequest::Add(ev) => self.add(ev).await,
+    /// Answers one plugin request (an ADD that hands the pod to a proxy is answered when the proxy has).
+    async fn handle(&mut self, req: PluginRequest, answer: oneshot::Sender<Answer>) {
+        let a = match req {
+            PluginRequest::Add(ev) => match self.add(ev).await {
+                Ok(a) => a,
+                Err(uid) => {
+                    match self.in_flight.get_mut(&uid) {
+                        Some(f) => f.waiters.push(answer),
+                        None => {
+                            let _ = answer.send(Answer::error(500, "pod enrollment lost track"));
+                        }
+                    }
+                    return;
+                }
+            },
             PluginRequest::Del(ev) => {
                 self.del(&ev).await;
                 Answer::enrolled(false, "removed")
@@ -358,15 +493,17 @@ impl Agent {
                 }
                 Answer::enrolled(false, "gc done")
             }
-        }
+        };
+        let _ = answer.send(a);
     }
 
-    async fn add(&mut self, ev: PluginEvent) -> Answer {
+    /// An ADD: the answer now, or `Err(uid)` when it waits for the proxy's acknowledgement of that pod.
+    async fn add(&mut self, ev: PluginEvent) -> Result<Answer, String> {
         if ev.pod_name.is_empty() || ev.pod_namespace.is_empty() {
-            return Answer::enrolled(false, "not a Kubernetes pod");
+            return Ok(Answer::enrolled(false, "not a Kubernetes pod"));
         }
         if ev.netns.is_empty() {
-            return Answer::error(400, "Netns is empty");
+            return Ok(Answer::error(400, "Netns is empty"));
         }
         let pod_key = PodKey {
             namespace: ev.pod_namespace.clone(),
@@ -375,12 +512,12 @@ impl Agent {
         let info = match self.pod_info(&pod_key).await {
             Some(i) => i,
             None if self.kubernetes => {
-                return Answer::error(
+                return Ok(Answer::error(
                     500,
                     format!(
                         "pod {pod_key} is not (yet) known to the agent's Kubernetes watch; retry"
                     ),
-                )
+                ))
             }
             None => PodInfo {
                 name: ev.pod_name.clone(),
@@ -400,6 +537,7 @@ impl Agent {
                 self.forget(&old.uid).await;
             }
         }
+        let previous = self.pods.get(&uid).cloned();
         let record = PodRecord {
             uid: uid.clone(),
             namespace: info.namespace.clone(),
@@ -408,10 +546,11 @@ impl Agent {
             netns: ev.netns.clone(),
             container_id: ev.container_id.clone(),
             ips: ev.ips(),
-            state: self
-                .pods
-                .get(&uid)
+            state: previous
+                .as_ref()
                 .map_or(Enrollment::NotEnrolled, |r| r.state),
+            netns_id: previous.as_ref().and_then(|r| r.netns_id),
+            settings: PodSettings::from_annotations(&info.annotations),
         };
         let view = self.view.borrow().clone();
         let decision = self
@@ -428,15 +567,15 @@ impl Agent {
                     ..record
                 });
                 tracing::info!(pod = %pod_key, reason, "pod not enrolled");
-                Answer::enrolled(false, reason)
+                Ok(Answer::enrolled(false, reason))
             }
             Decision::Enroll => {
                 self.pods.put(record);
-                match self.enroll(&uid, &info).await {
-                    Ok(()) => Answer::enrolled(true, "enrolled"),
+                match self.enroll(&uid).await {
+                    Ok(()) => Err(uid),
                     Err(e) => {
                         tracing::warn!(error = %e, "pod enrollment failed");
-                        Answer::error(500, e.to_string())
+                        Ok(Answer::error(500, e.to_string()))
                     }
                 }
             }
@@ -458,89 +597,223 @@ impl Agent {
         None
     }
 
-    /// Captures pod `uid`: rules, then the proxy. On a proxy failure the rules stay (pending).
-    async fn enroll(&mut self, uid: &str, info: &PodInfo) -> Result<(), Error> {
+    /// Captures pod `uid` with its recorded settings: rules, then the hand-over to the proxy (queued; its
+    /// outcome arrives in [`Agent::zds_finished`]). If the rules cannot be programmed, a pod captured before
+    /// keeps its old rules and is retried; a new one is left alone and the error returned.
+    async fn enroll(&mut self, uid: &str) -> Result<(), Error> {
         let Some(r) = self.pods.get(uid).cloned() else {
             return Ok(());
         };
-        let settings = self.settings_with(&info.annotations);
+        let settings = self.settings_of(&r);
         let ns = match self.program(&r, settings).await {
             Ok(ns) => ns,
             Err(e) => {
-                if !r.state.captured() {
+                if r.state.captured() {
+                    self.schedule_repair(uid);
+                } else if matches!(e, Error::Netns { .. }) {
                     // Nothing of ours is in the pod; an unusable netns means the sandbox is gone.
-                    if matches!(e, Error::Netns { .. }) {
-                        self.pods.remove(uid);
-                    }
+                    self.pods.remove(uid);
                 }
                 return Err(e);
             }
         };
+        self.repairs.remove(uid);
+        if r.netns_id.is_none() {
+            self.pods.put(PodRecord {
+                netns_id: Some(ns.id().into()),
+                ..r.clone()
+            });
+        }
         self.pods.set_state(uid, Enrollment::Pending);
         self.captured
             .pods
             .lock()
-            .insert(uid.to_string(), (zds_info(&r), self.netns_path(&r.netns)));
-        match self.zds.add(uid, &zds_info(&r), &ns).await {
+            .insert(uid.to_string(), (zds_info(&r), ns));
+        self.hand_over(uid)
+    }
+
+    /// Queues pod `uid`'s hand-over to the newest proxy (once per pod at a time).
+    fn hand_over(&mut self, uid: &str) -> Result<(), Error> {
+        if self.in_flight.contains_key(uid) {
+            return Ok(());
+        }
+        let Some(r) = self.pods.get(uid) else {
+            return Ok(());
+        };
+        let pod = key(r);
+        let info = zds_info(r);
+        let netns = {
+            let captured = self.captured.pods.lock();
+            let Some((_, ns)) = captured.get(uid) else {
+                return Ok(());
+            };
+            ns.try_clone().map_err(|source| Error::Netns {
+                pod: pod.clone(),
+                path: PathBuf::from(&r.netns),
+                source,
+            })?
+        };
+        self.next_gen += 1;
+        let gen = self.next_gen;
+        let op = ZdsOp::Add {
+            uid: uid.to_string(),
+            gen,
+            info,
+            netns,
+        };
+        if self.zds_ops.try_send(op).is_err() {
+            self.annotate(pod.clone(), Some("pending"));
+            return Err(Error::Busy { pod });
+        }
+        self.in_flight.insert(
+            uid.to_string(),
+            InFlight {
+                gen,
+                waiters: Vec::new(),
+            },
+        );
+        Ok(())
+    }
+
+    /// A proxy answered (or did not) a hand-over: the pod becomes enabled, or stays pending.
+    async fn zds_finished(&mut self, done: ZdsDone) {
+        let Some(f) = self.in_flight.get(&done.uid) else {
+            return;
+        };
+        if f.gen != done.gen {
+            return;
+        }
+        let waiters = self
+            .in_flight
+            .remove(&done.uid)
+            .map(|f| f.waiters)
+            .unwrap_or_default();
+        let Some(r) = self
+            .pods
+            .get(&done.uid)
+            .cloned()
+            .filter(|r| r.state.captured())
+        else {
+            for w in waiters {
+                let _ = w.send(Answer::error(
+                    500,
+                    "pod released while it was being enrolled",
+                ));
+            }
+            return;
+        };
+        let answer = match done.result {
             Ok(()) => {
-                self.pods.set_state(uid, Enrollment::Enabled);
-                self.probe_ips(&r.ips, true).await;
-                self.annotate(key(&r), Some("enabled"));
-                tracing::info!(pod = %key(&r), uid, "pod enrolled");
-                Ok(())
+                if r.state != Enrollment::Enabled {
+                    self.pods.set_state(&done.uid, Enrollment::Enabled);
+                    self.probe_ips(&r.ips, true).await;
+                    self.annotate(key(&r), Some("enabled"));
+                    tracing::info!(pod = %key(&r), uid = done.uid, "pod enrolled");
+                }
+                Answer::enrolled(true, "enrolled")
             }
             Err(source) => {
+                self.pods.set_state(&done.uid, Enrollment::Pending);
                 self.annotate(key(&r), Some("pending"));
-                Err(Error::Proxy {
+                let e = Error::Proxy {
                     pod: key(&r),
                     source,
-                })
+                };
+                if !waiters.is_empty() {
+                    tracing::warn!(error = %e, "pod enrollment failed");
+                }
+                Answer::error(500, e.to_string())
             }
+        };
+        for w in waiters {
+            let _ = w.send(answer.clone());
         }
     }
 
-    /// Opens the pod's netns and (re)programs its rules there, atomically.
-    async fn program(&self, r: &PodRecord, settings: RuleSettings) -> Result<Netns, Error> {
+    /// Opens the netns recorded for `r`, refusing a path that now names another namespace.
+    fn open_netns(&self, r: &PodRecord) -> Result<Netns, Error> {
         let path = self.netns_path(&r.netns);
         let ns = Netns::open(&path).map_err(|source| Error::Netns {
             pod: key(r),
             path: path.clone(),
             source,
         })?;
-        let shared = Arc::new(ns.try_clone().map_err(|source| Error::Netns {
-            pod: key(r),
-            path: path.clone(),
-            source,
-        })?);
-        let result = tokio::task::spawn_blocking(move || {
-            shared.run_on_thread(move || {
-                let res = redirect::install(&settings);
-                if res.is_err() {
-                    // The nftables part is one transaction; the route part is undone here so nothing
-                    // half-made stays behind.
-                    let _ = redirect::remove();
-                }
-                res
-            })
-        })
-        .await;
-        match result {
-            Ok(Ok(Ok(()))) => Ok(ns),
-            Ok(Ok(Err(source))) => Err(Error::Rules {
+        match r.netns_id {
+            Some(want) if NetnsKey::from(ns.id()) != want => Err(Error::Netns {
+                pod: key(r),
+                path,
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    format!(
+                        "now names another namespace ({}, the pod's was net:[{}]): the pod's is gone",
+                        ns.id(),
+                        want.ino
+                    ),
+                ),
+            }),
+            _ => Ok(ns),
+        }
+    }
+
+    /// The pod's netns: the handle held while it is captured, else opened (and checked) by path.
+    fn pod_netns(&self, r: &PodRecord) -> Result<Arc<Netns>, Error> {
+        if let Some((_, ns)) = self.captured.pods.lock().get(&r.uid) {
+            return Ok(ns.clone());
+        }
+        self.open_netns(r).map(Arc::new)
+    }
+
+    /// Runs a netlink step in the pod's netns, on a thread of its own, for at most [`NETLINK_TIMEOUT`].
+    async fn in_pod<T: Send + 'static>(
+        r: &PodRecord,
+        ns: Arc<Netns>,
+        what: &'static str,
+        f: impl FnOnce() -> Result<T, redirect::Error> + Send + 'static,
+    ) -> Result<T, Error> {
+        let id = ns.id();
+        let task = tokio::task::spawn_blocking(move || ns.run_on_thread(f));
+        match tokio::time::timeout(NETLINK_TIMEOUT, task).await {
+            Ok(Ok(Ok(Ok(v)))) => Ok(v),
+            Ok(Ok(Ok(Err(source)))) => Err(Error::Rules {
                 pod: key(r),
                 source,
             }),
-            Ok(Err(source)) => Err(Error::Netns {
+            Ok(Ok(Err(source))) => Err(Error::Netns {
                 pod: key(r),
-                path,
+                path: PathBuf::from(&r.netns),
                 source,
             }),
-            Err(join) => Err(Error::Netns {
+            Ok(Err(join)) => Err(Error::Netns {
                 pod: key(r),
-                path,
+                path: PathBuf::from(&r.netns),
                 source: std::io::Error::other(join.to_string()),
             }),
+            Err(_) => {
+                tracing::error!(pod = %key(r), netns = %id, what, after = ?NETLINK_TIMEOUT, "netlink step timed out; moving on");
+                Err(Error::Timeout {
+                    pod: key(r),
+                    what,
+                    after: NETLINK_TIMEOUT,
+                })
+            }
         }
+    }
+
+    /// (Re)programs the pod's rules, atomically. A pod that was not captured has whatever part was made
+    /// undone on failure; a captured one keeps what it had (the nftables part is one transaction, so its
+    /// old rules are whole), because removing them would let its traffic out uncaptured.
+    async fn program(&self, r: &PodRecord, settings: RuleSettings) -> Result<Arc<Netns>, Error> {
+        let ns = self.pod_netns(r)?;
+        let captured = r.state.captured();
+        Self::in_pod(r, ns.clone(), "installing rules", move || {
+            let res = redirect::install(&settings);
+            if res.is_err() && !captured {
+                let _ = redirect::remove();
+            }
+            res
+        })
+        .await?;
+        Ok(ns)
     }
 
     /// Releases pod `uid`: rules out of its netns (if it still exists), every proxy told to drain it.
@@ -548,21 +821,32 @@ impl Agent {
         let Some(r) = self.pods.get(uid).cloned() else {
             return;
         };
-        self.captured.pods.lock().remove(uid);
-        self.probe_ips(&r.ips, false).await;
-        let path = self.netns_path(&r.netns);
-        if let Ok(ns) = Netns::open(&path) {
-            let ns = Arc::new(ns);
-            let res = tokio::task::spawn_blocking(move || ns.run_on_thread(redirect::remove)).await;
-            match res {
-                Ok(Ok(Ok(()))) => {}
-                other => {
-                    tracing::warn!(pod = %key(&r), result = ?other.map(|r| r.map(|r| r.err())), "removing rules failed")
-                }
+        self.repairs.remove(uid);
+        if let Some(f) = self.in_flight.remove(uid) {
+            for w in f.waiters {
+                let _ = w.send(Answer::error(
+                    500,
+                    "pod released while it was being enrolled",
+                ));
             }
         }
-        if let Err(e) = self.zds.del(uid).await {
-            tracing::warn!(pod = %key(&r), error = %e, "telling proxies to drop the pod failed");
+        let ns = self.pod_netns(&r);
+        self.captured.pods.lock().remove(uid);
+        self.probe_ips(&r.ips, false).await;
+        if let Ok(ns) = ns {
+            if let Err(e) = Self::in_pod(&r, ns, "removing rules", redirect::remove).await {
+                tracing::warn!(pod = %key(&r), error = %e, "removing rules failed");
+            }
+        }
+        if self
+            .zds_ops
+            .send(ZdsOp::Del {
+                uid: uid.to_string(),
+            })
+            .await
+            .is_err()
+        {
+            tracing::error!(pod = %key(&r), "ZDS worker gone; proxies not told to drop the pod");
         }
         self.pods.set_state(uid, Enrollment::NotEnrolled);
         self.annotate(key(&r), None);
@@ -598,28 +882,112 @@ impl Agent {
         match r.state {
             Enrollment::NotEnrolled => Answer::enrolled(false, "not enrolled"),
             Enrollment::Pending => Answer::error(500, "pod is waiting for a node proxy"),
-            Enrollment::Enabled => {
-                let settings = self.settings_for(&r);
-                let path = self.netns_path(&r.netns);
-                let inspected = match Netns::open(&path) {
-                    Ok(ns) => {
-                        let ns = Arc::new(ns);
-                        tokio::task::spawn_blocking(move || ns.run_on_thread(redirect::inspect))
-                            .await
-                            .ok()
-                            .and_then(|r| r.ok())
-                            .and_then(|r| r.ok())
-                    }
-                    Err(_) => None,
-                };
-                match inspected {
-                    Some(i) if i.matches(&settings) => Answer::enrolled(true, "rules in place"),
-                    Some(_) => Answer::error(
-                        500,
-                        "the pod's redirection rules differ from what the agent installed",
-                    ),
-                    None => Answer::error(500, "cannot read the pod's redirection rules"),
+            Enrollment::Enabled => match self.rules_in_place(&r).await {
+                Ok(true) => Answer::enrolled(true, "rules in place"),
+                Ok(false) => Answer::error(
+                    500,
+                    "the pod's redirection rules differ from what the agent installed",
+                ),
+                Err(e) => {
+                    Answer::error(500, format!("cannot read the pod's redirection rules: {e}"))
                 }
+            },
+        }
+    }
+
+    /// Whether the pod's rules read back as what its settings program.
+    async fn rules_in_place(&self, r: &PodRecord) -> Result<bool, Error> {
+        let settings = self.settings_of(r);
+        let ns = self.pod_netns(r)?;
+        let installed = Self::in_pod(r, ns, "reading rules back", redirect::inspect).await?;
+        Ok(installed.matches(&settings))
+    }
+
+    fn schedule_repair(&mut self, uid: &str) {
+        let now = Instant::now();
+        let r = self.repairs.entry(uid.to_string()).or_insert(Repair {
+            next: now,
+            delay: REPAIR_BACKOFF.0 / 2,
+        });
+        r.delay = (r.delay * 2).min(REPAIR_BACKOFF.1);
+        r.next = now + r.delay;
+    }
+
+    /// Re-installs the rules of captured pods whose earlier attempt failed, when their backoff is over.
+    async fn repair_due(&mut self) {
+        let now = Instant::now();
+        let due: Vec<String> = self
+            .repairs
+            .iter()
+            .filter(|(_, r)| r.next <= now)
+            .map(|(uid, _)| uid.clone())
+            .collect();
+        for uid in due {
+            self.repair(&uid, "an earlier install failed").await;
+        }
+    }
+
+    /// Reads back the rules of the next few captured pods and repairs any that drifted.
+    async fn check_some_rules(&mut self) {
+        let captured: Vec<String> = self
+            .pods
+            .iter()
+            .filter(|r| r.state.captured() && !self.repairs.contains_key(&r.uid))
+            .map(|r| r.uid.clone())
+            .collect();
+        if captured.is_empty() {
+            return;
+        }
+        let start = match &self.check_cursor {
+            Some(c) => captured.partition_point(|u| u <= c),
+            None => 0,
+        };
+        let batch: Vec<String> = captured
+            .iter()
+            .cycle()
+            .skip(start)
+            .take(RULE_CHECKS_PER_TICK.min(captured.len()))
+            .cloned()
+            .collect();
+        for uid in batch {
+            self.check_cursor = Some(uid.clone());
+            let Some(r) = self.pods.get(&uid).cloned() else {
+                continue;
+            };
+            match self.rules_in_place(&r).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    self.repair(&uid, "rules drifted from what was installed")
+                        .await
+                }
+                Err(Error::Netns { .. }) => {
+                    // The namespace itself is unusable; DEL or the cluster view will retire the pod.
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading a captured pod's rules back failed");
+                    self.repair(&uid, "its rules cannot be read back").await;
+                }
+            }
+        }
+    }
+
+    /// Re-installs a captured pod's rules, counting the outcome.
+    async fn repair(&mut self, uid: &str, why: &'static str) {
+        let Some(r) = self.pods.get(uid).cloned().filter(|r| r.state.captured()) else {
+            self.repairs.remove(uid);
+            return;
+        };
+        let settings = self.settings_of(&r);
+        match self.program(&r, settings).await {
+            Ok(_) => {
+                self.repairs.remove(uid);
+                self.metrics.rules_repaired.inc();
+                tracing::warn!(pod = %key(&r), uid, why, "captured pod's rules repaired");
+            }
+            Err(e) => {
+                self.metrics.rules_repair_failed.inc();
+                tracing::error!(pod = %key(&r), uid, why, error = %e, "repairing a captured pod's rules failed; its previous rules stay, retrying");
+                self.schedule_repair(uid);
             }
         }
     }
@@ -659,6 +1027,24 @@ impl Agent {
                     ..PodInfo::default()
                 },
             };
+            // The pod's settings follow its annotations (the file source has none: keep the recorded ones).
+            if view.pod(&pod_key).is_some() {
+                let settings = PodSettings::from_annotations(&info.annotations);
+                if settings != r.settings {
+                    let r = PodRecord {
+                        settings,
+                        ..r.clone()
+                    };
+                    self.pods.put(r.clone());
+                    if r.state.captured() {
+                        tracing::info!(pod = %pod_key, ?settings, "pod annotations changed its capture settings; re-programming");
+                        if let Err(e) = self.program(&r, self.settings_of(&r)).await {
+                            tracing::error!(error = %e, "re-programming with the new settings failed; the previous rules stay, retrying");
+                            self.schedule_repair(&uid);
+                        }
+                    }
+                }
+            }
             match self
                 .cfg
                 .policy
@@ -666,7 +1052,7 @@ impl Agent {
             {
                 Decision::Enroll if r.state == Enrollment::NotEnrolled => {
                     tracing::info!(pod = %pod_key, "pod now selected for ambient; capturing it live");
-                    if let Err(e) = self.enroll(&uid, &info).await {
+                    if let Err(e) = self.enroll(&uid).await {
                         tracing::warn!(error = %e, "live enrollment failed");
                     }
                 }
@@ -728,6 +1114,14 @@ impl Agent {
                 }
                 _ => path.clone(),
             };
+            // The namespace is pinned by its identity right away: the pid behind the path may go.
+            let netns_id = match Netns::open(&path) {
+                Ok(ns) => Some(ns.id().into()),
+                Err(e) => {
+                    tracing::debug!(pod = %pod_key, error = %e, "running pod's netns vanished; waiting for its CNI ADD");
+                    continue;
+                }
+            };
             tracing::info!(pod = %pod_key, netns = %netns.display(), "capturing a running pod found through /proc");
             self.pods.put(PodRecord {
                 uid: info.uid.clone(),
@@ -738,8 +1132,10 @@ impl Agent {
                 container_id: String::new(),
                 ips: info.ips.clone(),
                 state: Enrollment::NotEnrolled,
+                netns_id,
+                settings: PodSettings::from_annotations(&info.annotations),
             });
-            if let Err(e) = self.enroll(&info.uid, info).await {
+            if let Err(e) = self.enroll(&info.uid).await {
                 tracing::warn!(error = %e, "capturing a running pod failed");
             }
         }
@@ -751,67 +1147,81 @@ impl Agent {
             return;
         }
         for uid in self.pods.uids() {
-            let Some(r) = self.pods.get(&uid).cloned() else {
-                continue;
-            };
-            if r.state != Enrollment::Pending {
-                continue;
-            }
-            let Ok(ns) = Netns::open(&self.netns_path(&r.netns)) else {
-                continue;
-            };
-            match self.zds.add(&uid, &zds_info(&r), &ns).await {
-                Ok(()) => {
-                    self.pods.set_state(&uid, Enrollment::Enabled);
-                    self.probe_ips(&r.ips, true).await;
-                    self.annotate(key(&r), Some("enabled"));
-                    tracing::info!(pod = %key(&r), "pending pod taken by a proxy");
+            if self
+                .pods
+                .get(&uid)
+                .is_some_and(|r| r.state == Enrollment::Pending)
+            {
+                if let Err(e) = self.hand_over(&uid) {
+                    tracing::debug!(uid, error = %e, "pending pod still waiting");
                 }
-                Err(e) => tracing::debug!(pod = %key(&r), error = %e, "pending pod still waiting"),
             }
         }
     }
 
-    /// Writes the namespaces where a pod would be enrolled by namespace label, for the plugin to fail
-    /// closed on when it cannot reach the agent.
+    /// Writes the plugin's fail-closed hint (see `meshnode-cni`'s `agent::read_hint`): the namespaces where
+    /// no pod can be enrolled whatever its labels (the plugin lets pods there start while the agent is
+    /// down, until the hint expires), the namespaces enrolled by label, and the excluded ones.
     fn write_hint(&mut self, view: &ClusterView) {
+        let pass_through: Vec<String> = view
+            .namespaces
+            .iter()
+            .filter(|(name, ns)| !self.cfg.policy.namespace_may_enroll(name, ns))
+            .map(|(name, _)| name.clone())
+            .collect();
+        if self
+            .last_hint
+            .as_ref()
+            .is_some_and(|(p, at)| *p == pass_through && at.elapsed() < HINT_RENEW)
+        {
+            return;
+        }
         let ambient: Vec<String> = view
             .namespaces
             .iter()
             .filter(|(name, ns)| self.cfg.policy.namespace_enrolls(name, ns))
             .map(|(name, _)| name.clone())
             .collect();
-        if self.last_hint.as_ref() == Some(&ambient) {
-            return;
-        }
-        let body = serde_json::json!({ "ambientNamespaces": ambient }).to_string();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let body = serde_json::json!({
+            "version": 2,
+            "validUntil": (now + HINT_VALIDITY).as_secs(),
+            "excludedNamespaces": self.cfg.policy.exclude_namespaces,
+            "passThroughNamespaces": pass_through,
+            "ambientNamespaces": ambient,
+        })
+        .to_string();
         match crate::file_watch::write_atomically(&self.cfg.hint_file(), body.as_bytes()) {
-            Ok(()) => self.last_hint = Some(ambient),
+            Ok(()) => self.last_hint = Some((pass_through, Instant::now())),
             Err(e) => {
                 tracing::error!(file = %self.cfg.hint_file().display(), error = %e, "cannot write the plugin's enrollment hint")
             }
         }
     }
 
-    fn settings_for(&self, r: &PodRecord) -> RuleSettings {
-        let view = self.view.borrow().clone();
-        let empty = cluster::Labels::new();
-        let annotations = view.pod(&key(r)).map_or(&empty, |p| &p.annotations);
-        self.settings_with(annotations)
+    /// Keeps the hint's validity renewed while the agent runs.
+    fn renew_hint(&mut self) {
+        if self
+            .last_hint
+            .as_ref()
+            .is_some_and(|(_, at)| at.elapsed() >= HINT_RENEW)
+        {
+            let view = self.view.borrow().clone();
+            if view.synced {
+                self.write_hint(&view);
+            }
+        }
     }
 
-    fn settings_with(&self, annotations: &cluster::Labels) -> RuleSettings {
+    /// The rules pod `r` gets: the agent's settings adjusted by the pod's recorded ones.
+    fn settings_of(&self, r: &PodRecord) -> RuleSettings {
         let mut s = self.cfg.rules.clone();
-        match annotations.get(DNS_CAPTURE_ANNOTATION).map(String::as_str) {
-            Some("true") => s.dns_capture = true,
-            Some("false") => s.dns_capture = false,
-            _ => {}
+        if let Some(dns) = r.settings.dns_capture {
+            s.dns_capture = dns;
         }
-        if annotations
-            .get(BYPASS_INBOUND_ANNOTATION)
-            .map(String::as_str)
-            == Some("true")
-        {
+        if r.settings.bypass_inbound {
             s.bypass_inbound = true;
         }
         s
@@ -823,6 +1233,30 @@ impl Agent {
         } else {
             self.cfg.host_prefix.join(netns.trim_start_matches('/'))
         }
+    }
+}
+
+impl PodSettings {
+    /// The settings a pod's annotations ask for; values parsed as Go's `strconv.ParseBool`, as Istio does.
+    pub fn from_annotations(annotations: &cluster::Labels) -> PodSettings {
+        PodSettings {
+            dns_capture: annotations
+                .get(DNS_CAPTURE_ANNOTATION)
+                .and_then(|v| parse_bool(v)),
+            bypass_inbound: annotations
+                .get(BYPASS_INBOUND_ANNOTATION)
+                .and_then(|v| parse_bool(v))
+                .unwrap_or(false),
+        }
+    }
+}
+
+/// Go's `strconv.ParseBool`: the forms Istio accepts in annotations; anything else is no value.
+fn parse_bool(v: &str) -> Option<bool> {
+    match v {
+        "1" | "t" | "T" | "TRUE" | "true" | "True" => Some(true),
+        "0" | "f" | "F" | "FALSE" | "false" | "False" => Some(false),
+        _ => None,
     }
 }
 

@@ -47,6 +47,8 @@ pub const MESHNODE_CNI_BIN_DIR: &str = "MESHNODE_CNI_BIN_DIR";
 pub const MESHNODE_CNI_PLUGIN: &str = "MESHNODE_CNI_PLUGIN";
 /// The agent's own namespace.
 pub const POD_NAMESPACE: &str = "POD_NAMESPACE";
+/// istio-cni's metrics port (`GET /metrics`), default 15014.
+pub const MONITORING_PORT: &str = "MONITORING_PORT";
 
 /// Where enrollment data comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,6 +79,8 @@ pub struct AgentConfig {
     pub host_prefix: PathBuf,
     /// Plugin installation on the node (when `MOUNTED_CNI_NET_DIR` is set).
     pub install: Option<InstallConfig>,
+    /// Port of `GET /metrics`.
+    pub monitoring_port: u16,
 }
 
 impl AgentConfig {
@@ -136,8 +140,23 @@ impl AgentConfig {
             Some(v) => v
                 .trim()
                 .parse()
-                .map_err(|_| parsed(PACKET_MARK, &v, "expected a number"))?,
+                .ok()
+                .filter(|m| *m != 0 && *m <= 0xfff)
+                .ok_or_else(|| {
+                    parsed(
+                        PACKET_MARK,
+                        &v,
+                        "expected a number from 1 to 4095 (the capture rules match it under mask 0xfff)",
+                    )
+                })?,
             None => defaults.packet_mark,
+        };
+        let monitoring_port: u16 = match get(MONITORING_PORT) {
+            Some(v) => v
+                .trim()
+                .parse()
+                .map_err(|_| parsed(MONITORING_PORT, &v, "expected a port number"))?,
+            None => super::metrics::MONITORING_PORT,
         };
         let source = match get(MESHNODE_AGENT_CONFIG) {
             Some(path) => ClusterSource::File(path.into()),
@@ -190,6 +209,7 @@ impl AgentConfig {
             source,
             host_prefix: get(MESHNODE_HOST_PREFIX).unwrap_or_default().into(),
             install,
+            monitoring_port,
         })
     }
 
@@ -240,6 +260,9 @@ mod tests {
             (AMBIENT_IPV6, "perhaps"),
             (HOST_PROBE_SNAT_IP, "::1"),
             (PACKET_MARK, "x"),
+            (PACKET_MARK, "4096"),
+            (PACKET_MARK, "0"),
+            (MONITORING_PORT, "70000"),
         ] {
             let env: HashMap<&str, &str> = [(NODE_NAME, "n"), (k, v)].into();
             let err = AgentConfig::from_source(&env).unwrap_err().to_string();

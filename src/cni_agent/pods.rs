@@ -52,6 +52,43 @@ pub struct PodRecord {
     pub ips: Vec<IpAddr>,
     /// Enrollment state.
     pub state: Enrollment,
+    /// The network namespace's identity when the agent first opened it (nsfs device and inode): every
+    /// later open by path must find the same namespace, or the path now names another one (a reused pid).
+    #[serde(default)]
+    pub netns_id: Option<NetnsKey>,
+    /// The pod's own rule settings (from its annotations), so a restart re-programs it as it was.
+    #[serde(default)]
+    pub settings: PodSettings,
+}
+
+/// A network namespace's identity as recorded (see [`crate::netns::NetnsId`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetnsKey {
+    /// nsfs device.
+    pub dev: u64,
+    /// nsfs inode.
+    pub ino: u64,
+}
+
+impl From<crate::netns::NetnsId> for NetnsKey {
+    fn from(id: crate::netns::NetnsId) -> Self {
+        NetnsKey {
+            dev: id.dev,
+            ino: id.ino,
+        }
+    }
+}
+
+/// Per-pod adjustments of the agent's rule settings, from the pod's annotations.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodSettings {
+    /// `ambient.istio.io/dns-capture`: overrides the agent's DNS capture switch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns_capture: Option<bool>,
+    /// `ambient.istio.io/bypass-inbound-capture`.
+    #[serde(default)]
+    pub bypass_inbound: bool,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -171,6 +208,14 @@ mod tests {
             container_id: "c1".into(),
             ips: vec!["10.0.0.1".parse().unwrap()],
             state,
+            netns_id: Some(NetnsKey {
+                dev: 4,
+                ino: 4026532000,
+            }),
+            settings: PodSettings {
+                dns_capture: Some(true),
+                bypass_inbound: false,
+            },
         }
     }
 
@@ -189,6 +234,11 @@ mod tests {
         assert_eq!(again.uids(), vec!["a"]);
         assert_eq!(again.get("a").unwrap().state, Enrollment::Enabled);
         assert!(again.find("default", "pod-a").is_some());
+        assert_eq!(
+            again.get("a"),
+            pods.get("a"),
+            "netns identity and settings survive too"
+        );
 
         std::fs::write(&file, b"{not json").unwrap();
         let (empty, err) = Pods::load(file);

@@ -196,6 +196,18 @@ impl Policy {
         };
         self.decide(Some(ns), &pod) == Decision::Enroll
     }
+
+    /// Whether some pod in namespace `name` (with `ns`'s labels) could be enrolled, whatever labels the pod
+    /// carries: the plugin cannot see pod labels, so only namespaces where this is false may let pods start
+    /// uncaptured while the agent is down. Any selector whose namespace part matches counts (its pod part
+    /// is taken as satisfiable), so the answer errs towards failing closed.
+    pub fn namespace_may_enroll(&self, name: &str, ns: &NamespaceInfo) -> bool {
+        !self.exclude_namespaces.iter().any(|n| n == name)
+            && self
+                .selectors
+                .iter()
+                .any(|s| s.namespace_selector.matches(&ns.labels))
+    }
 }
 
 #[cfg(test)]
@@ -238,6 +250,27 @@ mod tests {
         );
         assert!(p.namespace_enrolls("default", &ns));
         assert!(!p.namespace_enrolls("test", &NamespaceInfo::default()));
+    }
+
+    #[test]
+    fn with_a_pod_label_selector_every_namespace_but_the_excluded_may_enroll_a_pod() {
+        let p = policy();
+        // The default selectors enroll a pod labelled ambient anywhere: no namespace is safe to pass.
+        assert!(p.namespace_may_enroll("test", &NamespaceInfo::default()));
+        assert!(!p.namespace_may_enroll("kube-system", &NamespaceInfo::default()));
+        // Namespace-only selectors: an unlabelled namespace can enroll nobody.
+        let ns_only = Policy {
+            selectors: parse_selectors(
+                "- namespaceSelector: {matchLabels: {istio.io/dataplane-mode: ambient}}",
+            )
+            .unwrap(),
+            exclude_namespaces: vec![],
+        };
+        assert!(!ns_only.namespace_may_enroll("test", &NamespaceInfo::default()));
+        let ambient = NamespaceInfo {
+            labels: labels(&[(DATAPLANE_MODE, "ambient")]),
+        };
+        assert!(ns_only.namespace_may_enroll("test", &ambient));
     }
 
     #[test]

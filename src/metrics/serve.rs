@@ -16,13 +16,22 @@ const CONTENT_TYPE: &str = "application/openmetrics-text;charset=utf-8;version=1
 
 /// Serves `GET /metrics` on `listener` until `shutdown` turns true.
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, shutdown: watch::Receiver<bool>) {
+    serve_encoded(listener, move || metrics.encode(), shutdown).await
+}
+
+/// Serves `GET /metrics` with whatever `encode` renders (any registry as OpenMetrics text).
+pub async fn serve_encoded(
+    listener: TcpListener,
+    encode: impl Fn() -> String + Send + Sync + 'static,
+    shutdown: watch::Receiver<bool>,
+) {
     crate::admin_http::serve(listener, shutdown, move |method, path| {
         if method == "GET" && (path == "/metrics" || path.starts_with("/metrics?")) {
             Answer {
                 status: 200,
                 reason: "OK",
                 content_type: CONTENT_TYPE,
-                body: metrics.encode(),
+                body: encode(),
             }
         } else {
             Answer::not_found()
