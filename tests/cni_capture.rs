@@ -86,7 +86,11 @@ fn check_reports_tampered_rules_and_del_leaves_nothing_behind() {
     if !support::root_or_skip("check_reports_tampered_rules_and_del_leaves_nothing_behind") {
         return;
     }
-    let node = Node::start(AGENT_YAML, "workloads: []\n");
+    let mut node = Node::start(AGENT_YAML, "workloads: []\n");
+    // The agent's own drift repair would put the rules back before CHECK looks: off for this test.
+    node.agent_env
+        .push(("MESHNODE_RULE_CHECK_INTERVAL".into(), "0".into()));
+    node.start_agent();
     let mut client = node.pod("default", "client");
     node.add(&mut client)
         .unwrap_or_else(|e| panic!("ADD: {e}\n{}", node.logs()));
@@ -130,6 +134,98 @@ fn check_reports_tampered_rules_and_del_leaves_nothing_behind() {
     assert!(!state.contains(&client.uid), "{state}");
     // A second DEL (runtimes repeat them) is fine.
     node.del(&client).unwrap();
+}
+
+const REPAIRED: &str = "meshnode_cni_pod_rules_repaired_total";
+const REPAIR_FAILED: &str = "meshnode_cni_pod_rules_repair_failures_total";
+
+#[test]
+fn rules_removed_from_a_captured_pod_behind_the_agents_back_are_put_back() {
+    if !support::root_or_skip("rules_removed_from_a_captured_pod_behind_the_agents_back_are_put_back")
+    {
+        return;
+    }
+    let mut node = Node::start(AGENT_YAML, "workloads: []\n");
+    node.agent_env
+        .push(("MESHNODE_RULE_CHECK_INTERVAL".into(), "1s".into()));
+    node.start_agent();
+    let mut client = node.pod("default", "client");
+    node.add(&mut client)
+        .unwrap_or_else(|e| panic!("ADD: {e}\n{}", node.logs()));
+    assert!(rules(&client).matches(&Default::default()));
+    assert_eq!(node.agent_counter(REPAIRED), 0);
+
+    // Someone (a pod with NET_ADMIN, an operator) deletes the capture tables and the ip rule.
+    for args in [
+        &["delete", "table", "inet", "istio-ambient-nat"][..],
+        &["delete", "table", "inet", "istio-ambient-mangle"][..],
+    ] {
+        assert!(client.netns.exec("nft", args).status.success());
+    }
+    assert!(!rules(&client).matches(&Default::default()));
+    node.wait_for(
+        || rules(&client).matches(&Default::default()),
+        "the agent to put the pod's rules back",
+    );
+    node.wait_for(
+        || node.agent_counter(REPAIRED) >= 1,
+        "the repair to be counted on :15014",
+    );
+    assert_eq!(node.agent_counter(REPAIR_FAILED), 0);
+}
+
+#[test]
+fn a_reinstall_that_fails_part_way_leaves_a_captured_pod_with_its_rules() {
+    if !support::root_or_skip("a_reinstall_that_fails_part_way_leaves_a_captured_pod_with_its_rules")
+    {
+        return;
+    }
+    let mut node = Node::start(AGENT_YAML, "workloads: []\n");
+    let mut client = node.pod("default", "client");
+    let mut server = node.pod("default", "server");
+    for p in [&mut client, &mut server] {
+        node.add(p)
+            .unwrap_or_else(|e| panic!("ADD {}: {e}\n{}", p.name, node.logs()));
+    }
+    node.set_local_config(&workloads(&[&client, &server]));
+    settle();
+    serve_app(&server, 8080);
+    let dst = SocketAddr::new(server.ip.unwrap(), 8080);
+    assert!(call(&client, dst).unwrap().starts_with("app saw"));
+
+    // The pod's loopback is renamed: the nftables part of a re-install still works, the route part (a
+    // local route via `lo`) now fails, so every re-install fails part way. (Taking lo down also drops
+    // the local route of table 100, so the rules read back as drifted too.)
+    let lo = |from: &str, to: &str| {
+        for args in [
+            &["link", "set", from, "down"][..],
+            &["link", "set", from, "name", to],
+            &["link", "set", to, "up"],
+        ] {
+            let out = client.netns.exec("ip", args);
+            assert!(out.status.success(), "ip {args:?}: {out:?}");
+        }
+    };
+    lo("lo", "lo9");
+    // A restarted agent re-installs every captured pod's rules: it fails, and the pod must keep its old
+    // rules (its traffic still goes through the proxy) while the agent retries.
+    node.start_agent();
+    node.wait_for(
+        || node.agent_counter(REPAIR_FAILED) >= 1,
+        "a failed repair attempt to be counted",
+    );
+    assert!(
+        nft_ruleset(&client).contains("istio-ambient-nat"),
+        "a failed re-install removed the pod's capture rules\n{}",
+        node.logs()
+    );
+    // Once the fault is gone the retry succeeds.
+    lo("lo9", "lo");
+    node.wait_for(
+        || node.agent_counter(REPAIRED) >= 1,
+        "the retried install to succeed",
+    );
+    assert!(rules(&client).matches(&Default::default()));
 }
 
 #[test]
@@ -284,7 +380,8 @@ fn without_a_proxy_an_enrolled_pod_fails_closed_and_an_outsider_is_not_blocked()
         .unwrap_or_else(|e| panic!("outsider blocked: {e}\n{}", node.logs()));
     assert!(rules(&outsider).is_empty());
 
-    // Agent down too: the plugin fails closed for the ambient namespace, lets the other one through.
+    // Agent down too: the plugin cannot see pod labels, and the default selectors enroll a pod labelled
+    // ambient in any namespace, so it fails closed everywhere but the excluded namespaces.
     node.agent = None;
     let mut another = node.pod("default", "server");
     let err = node.add(&mut another).unwrap_err().to_string();
@@ -293,6 +390,29 @@ fn without_a_proxy_an_enrolled_pod_fails_closed_and_an_outsider_is_not_blocked()
         "{err}"
     );
     let mut plain = node.pod("test", "plain");
+    let err = node.add(&mut plain).unwrap_err().to_string();
+    assert!(err.contains("may be enrolled"), "{err}");
+    let mut system = node.pod("kube-system", "coredns");
+    node.add(&mut system)
+        .unwrap_or_else(|e| panic!("excluded pod blocked while the agent is down: {e}"));
+
+    // With namespace-only selectors, a namespace no selector reaches is safe: its pods start.
+    node.agent_env.push((
+        "AMBIENT_ENABLEMENT_SELECTOR".into(),
+        "- namespaceSelector: {matchLabels: {istio.io/dataplane-mode: ambient}}".into(),
+    ));
+    node.start_agent();
+    node.wait_for(
+        || {
+            std::fs::read_to_string(node.path("run/meshnode-enrollment.json"))
+                .is_ok_and(|h| h.contains("passThroughNamespaces\":[\"test\"]"))
+        },
+        "the agent's hint to list namespace test as one no selector reaches",
+    );
+    node.agent = None;
+    let mut plain = node.pod("test", "plain2");
     node.add(&mut plain)
-        .unwrap_or_else(|e| panic!("non-ambient pod blocked while the agent is down: {e}"));
+        .unwrap_or_else(|e| panic!("pod of an unreachable namespace blocked: {e}"));
+    let mut another = node.pod("default", "server2");
+    assert!(node.add(&mut another).is_err());
 }

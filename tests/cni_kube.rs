@@ -418,6 +418,56 @@ fn an_add_for_a_pod_the_api_has_not_shown_yet_fails_and_the_retry_succeeds() {
 }
 
 #[test]
+fn a_pods_capture_annotation_survives_an_agent_restart_and_edits_apply_live() {
+    if !support::root_or_skip(
+        "a_pods_capture_annotation_survives_an_agent_restart_and_edits_apply_live",
+    ) {
+        return;
+    }
+    let dns = |on: bool| meshnode::redirect::RuleSettings {
+        dns_capture: on,
+        ..Default::default()
+    };
+    let set_dns = |k: &KubeNode, value: &str| {
+        let value = value.to_string();
+        k.api.modify_pod("default", "client", move |pod| {
+            pod["metadata"]["annotations"]["ambient.istio.io/dns-capture"] =
+                serde_json::Value::String(value);
+        });
+    };
+    let mut k = start(&[("default", AMBIENT)]);
+    let mut client = kube_pod(&k.node, "default", "client");
+    k.schedule(&client);
+    // `T` is one of the forms Go's ParseBool (and so Istio) reads as true.
+    set_dns(&k, "T");
+    k.add(&mut client)
+        .unwrap_or_else(|e| panic!("ADD: {e}\n{}", k.node.logs()));
+    assert!(rules(&client).matches(&dns(true)), "{:?}", rules(&client));
+    k.wait_for_annotation(&client, Some("enabled"));
+
+    // Restarted with the API down, the agent cannot read the annotation: it uses what it recorded.
+    k.node.agent = None;
+    k.api.stop();
+    k.node.start_agent();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        rules(&client).matches(&dns(true)),
+        "restart re-programmed the pod without its annotation: {:?}\n{}",
+        rules(&client),
+        k.node.logs()
+    );
+
+    // The API is back and the annotation is edited on the running pod: the rules follow.
+    k.api.resume();
+    set_dns(&k, "false");
+    k.node.wait_for(
+        || rules(&client).matches(&dns(false)),
+        "the edited annotation to re-program the running pod",
+    );
+    assert!(state_file(&k.node).contains(&client.uid));
+}
+
+#[test]
 fn the_agent_restarted_with_the_api_down_keeps_pods_captured() {
     if !support::root_or_skip("the_agent_restarted_with_the_api_down_keeps_pods_captured") {
         return;

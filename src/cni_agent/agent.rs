@@ -45,7 +45,8 @@ use super::{kube, procfs, Error, BYPASS_INBOUND_ANNOTATION, DNS_CAPTURE_ANNOTATI
 
 /// How often pods waiting for a proxy are offered again, and captured pods' rules are checked.
 const TICK: Duration = Duration::from_secs(1);
-/// Captured pods whose rules are read back per tick (round robin): 110 pods are all checked in ~28 s.
+/// Most captured pods whose rules are read back per tick (those checked longest ago first), so a node
+/// full of pods spreads the checks out instead of holding up plugin requests.
 const RULE_CHECKS_PER_TICK: usize = 4;
 /// Longest wait for one netlink step in a pod (install, remove, inspect); the loop moves on after it.
 const NETLINK_TIMEOUT: Duration = Duration::from_secs(5);
@@ -163,8 +164,8 @@ pub struct Agent {
     in_flight: HashMap<String, InFlight>,
     next_gen: u64,
     repairs: HashMap<String, Repair>,
-    /// The last pod whose rules were read back (round robin).
-    check_cursor: Option<String>,
+    /// When each captured pod's rules were last read back.
+    checked: HashMap<String, Instant>,
 }
 
 /// The host-side probe rule: where it lives and whether it is installed.
@@ -217,7 +218,7 @@ impl Agent {
             in_flight: HashMap::new(),
             next_gen: 0,
             repairs: HashMap::new(),
-            check_cursor: None,
+            checked: HashMap::new(),
         };
         agent.restore();
         (agent, AgentHandles { jobs, zds, metrics }, rx)
@@ -927,39 +928,32 @@ impl Agent {
         }
     }
 
-    /// Reads back the rules of the next few captured pods and repairs any that drifted.
+    /// Reads back the rules of the captured pods due for a check (a few per tick) and repairs any that
+    /// drifted: deleted or changed by someone else, or half gone.
     async fn check_some_rules(&mut self) {
-        let captured: Vec<String> = self
+        let interval = self.cfg.rule_check_interval;
+        if interval.is_zero() {
+            return;
+        }
+        let now = Instant::now();
+        self.checked
+            .retain(|uid, _| self.pods.get(uid).is_some_and(|r| r.state.captured()));
+        let mut due: Vec<(Option<Instant>, String)> = self
             .pods
             .iter()
             .filter(|r| r.state.captured() && !self.repairs.contains_key(&r.uid))
-            .map(|r| r.uid.clone())
+            .map(|r| (self.checked.get(&r.uid).copied(), r.uid.clone()))
+            .filter(|(at, _)| at.is_none_or(|at| now.duration_since(at) >= interval))
             .collect();
-        if captured.is_empty() {
-            return;
-        }
-        let start = match &self.check_cursor {
-            Some(c) => captured.partition_point(|u| u <= c),
-            None => 0,
-        };
-        let batch: Vec<String> = captured
-            .iter()
-            .cycle()
-            .skip(start)
-            .take(RULE_CHECKS_PER_TICK.min(captured.len()))
-            .cloned()
-            .collect();
-        for uid in batch {
-            self.check_cursor = Some(uid.clone());
+        due.sort();
+        for (_, uid) in due.into_iter().take(RULE_CHECKS_PER_TICK) {
+            self.checked.insert(uid.clone(), now);
             let Some(r) = self.pods.get(&uid).cloned() else {
                 continue;
             };
             match self.rules_in_place(&r).await {
                 Ok(true) => {}
-                Ok(false) => {
-                    self.repair(&uid, "rules drifted from what was installed")
-                        .await
-                }
+                Ok(false) => self.repair(&uid, "rules drifted from what was installed").await,
                 Err(Error::Netns { .. }) => {
                     // The namespace itself is unusable; DEL or the cluster view will retire the pod.
                 }
@@ -1061,8 +1055,9 @@ impl Agent {
                     self.unenroll(&uid).await;
                 }
                 _ => {
-                    // The annotation reports actual state; if a patch was lost (API down), set it again.
-                    if self.kubernetes {
+                    // The annotation reports actual state; if a patch was lost (API down), set it again
+                    // (not while a hand-over is under way: its outcome sets it).
+                    if self.kubernetes && !self.in_flight.contains_key(&uid) {
                         let want = match r.state {
                             Enrollment::Enabled => Some("enabled"),
                             Enrollment::Pending => Some("pending"),

@@ -47,6 +47,9 @@ pub const MESHNODE_CNI_BIN_DIR: &str = "MESHNODE_CNI_BIN_DIR";
 pub const MESHNODE_CNI_PLUGIN: &str = "MESHNODE_CNI_PLUGIN";
 /// The agent's own namespace.
 pub const POD_NAMESPACE: &str = "POD_NAMESPACE";
+/// meshnode's own: how often each captured pod's rules are read back and repaired if they drifted
+/// (a Go-style duration; default 30s; `0` turns the check off).
+pub const MESHNODE_RULE_CHECK_INTERVAL: &str = "MESHNODE_RULE_CHECK_INTERVAL";
 /// istio-cni's metrics port (`GET /metrics`), default 15014.
 pub const MONITORING_PORT: &str = "MONITORING_PORT";
 
@@ -81,6 +84,8 @@ pub struct AgentConfig {
     pub install: Option<InstallConfig>,
     /// Port of `GET /metrics`.
     pub monitoring_port: u16,
+    /// How often each captured pod's rules are read back (zero: never).
+    pub rule_check_interval: std::time::Duration,
 }
 
 impl AgentConfig {
@@ -158,6 +163,12 @@ impl AgentConfig {
                 .map_err(|_| parsed(MONITORING_PORT, &v, "expected a port number"))?,
             None => super::metrics::MONITORING_PORT,
         };
+        let rule_check_interval = match get(MESHNODE_RULE_CHECK_INTERVAL) {
+            Some(v) if v.trim() == "0" => std::time::Duration::ZERO,
+            Some(v) => crate::config::duration(&v)
+                .map_err(|reason| parsed(MESHNODE_RULE_CHECK_INTERVAL, &v, &reason))?,
+            None => std::time::Duration::from_secs(30),
+        };
         let source = match get(MESHNODE_AGENT_CONFIG) {
             Some(path) => ClusterSource::File(path.into()),
             None => ClusterSource::Kubernetes {
@@ -210,6 +221,7 @@ impl AgentConfig {
             host_prefix: get(MESHNODE_HOST_PREFIX).unwrap_or_default().into(),
             install,
             monitoring_port,
+            rule_check_interval,
         })
     }
 
@@ -263,6 +275,7 @@ mod tests {
             (PACKET_MARK, "4096"),
             (PACKET_MARK, "0"),
             (MONITORING_PORT, "70000"),
+            (MESHNODE_RULE_CHECK_INTERVAL, "often"),
         ] {
             let env: HashMap<&str, &str> = [(NODE_NAME, "n"), (k, v)].into();
             let err = AgentConfig::from_source(&env).unwrap_err().to_string();

@@ -244,17 +244,28 @@ impl Node {
 
     /// Whether `GET path` on 127.0.0.1:`port` in the node namespace answers 200.
     pub fn http_ok(&self, port: u16, path: &str) -> bool {
+        self.http_get(port, path).is_some()
+    }
+
+    /// The whole answer (head and body) to `GET path` on 127.0.0.1:`port` in the node namespace, if 200.
+    pub fn http_get(&self, port: u16, path: &str) -> Option<String> {
         let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
         self.ns.run(move || {
-            let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
-                return false;
-            };
+            let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
             let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
             let _ = s.write_all(request.as_bytes());
             let mut out = String::new();
             let _ = s.read_to_string(&mut out);
-            out.starts_with("HTTP/1.1 200")
+            out.starts_with("HTTP/1.1 200").then_some(out)
         })
+    }
+
+    /// An unlabelled counter from the agent's metrics port (:15014); 0 when it cannot be read.
+    pub fn agent_counter(&self, name: &str) -> u64 {
+        let text = self.http_get(15014, "/metrics").unwrap_or_default();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            .unwrap_or(0)
     }
 
     /// Waits up to 20 s for `cond`, failing with the node's logs.
