@@ -141,8 +141,9 @@ const REPAIR_FAILED: &str = "meshnode_cni_pod_rules_repair_failures_total";
 
 #[test]
 fn rules_removed_from_a_captured_pod_behind_the_agents_back_are_put_back() {
-    if !support::root_or_skip("rules_removed_from_a_captured_pod_behind_the_agents_back_are_put_back")
-    {
+    if !support::root_or_skip(
+        "rules_removed_from_a_captured_pod_behind_the_agents_back_are_put_back",
+    ) {
         return;
     }
     let mut node = Node::start(AGENT_YAML, "workloads: []\n");
@@ -176,8 +177,9 @@ fn rules_removed_from_a_captured_pod_behind_the_agents_back_are_put_back() {
 
 #[test]
 fn a_reinstall_that_fails_part_way_leaves_a_captured_pod_with_its_rules() {
-    if !support::root_or_skip("a_reinstall_that_fails_part_way_leaves_a_captured_pod_with_its_rules")
-    {
+    if !support::root_or_skip(
+        "a_reinstall_that_fails_part_way_leaves_a_captured_pod_with_its_rules",
+    ) {
         return;
     }
     let mut node = Node::start(AGENT_YAML, "workloads: []\n");
@@ -226,6 +228,67 @@ fn a_reinstall_that_fails_part_way_leaves_a_captured_pod_with_its_rules() {
         "the retried install to succeed",
     );
     assert!(rules(&client).matches(&Default::default()));
+}
+
+#[test]
+fn a_pod_netns_path_that_now_names_another_namespace_is_never_used() {
+    if !support::root_or_skip("a_pod_netns_path_that_now_names_another_namespace_is_never_used") {
+        return;
+    }
+    let mut node = Node::start(AGENT_YAML, "workloads: []\n");
+    let mut client = node.pod("default", "client");
+    node.add(&mut client)
+        .unwrap_or_else(|e| panic!("ADD: {e}\n{}", node.logs()));
+    let name = client.netns.name.clone();
+    let hbone_in = |pod: &support::cluster::Pod| {
+        pod.netns
+            .run(|| std::net::TcpStream::connect(("127.0.0.1", 15008)).is_ok())
+    };
+    node.wait_for(|| hbone_in(&client), "the proxy's :15008 in the pod");
+    // The path the runtime gave now names another namespace (as /proc/<pid>/ns/net does when the pid is
+    // reused): the pod's own lives on, held by the agent and the proxy.
+    let swap = || {
+        for args in [
+            &["netns", "delete", name.as_str()][..],
+            &["netns", "add", name.as_str()],
+            &["-n", name.as_str(), "link", "set", "lo", "up"],
+        ] {
+            let out = std::process::Command::new("ip")
+                .args(args)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "ip {args:?}: {out:?}");
+        }
+    };
+
+    // A proxy that reconnects gets the pod's namespace from the agent's open handle, not by path.
+    node.proxy = None;
+    swap();
+    node.start_proxy();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        !hbone_in(&client),
+        "the proxy was handed the namespace now at the pod's path\n{}",
+        node.logs()
+    );
+
+    // A restarted agent finds the recorded namespace identity differs: it forgets the pod instead of
+    // programming rules into (and handing over) the namespace now at that path.
+    node.agent = None;
+    swap();
+    node.start_agent();
+    node.wait_for(
+        || {
+            !std::fs::read_to_string(node.path("run/meshnode-pods.json"))
+                .unwrap_or_default()
+                .contains(&client.uid)
+        },
+        "the agent to forget the pod whose namespace is gone",
+    );
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(rules(&client).is_empty(), "{:?}", rules(&client));
+    assert!(!hbone_in(&client), "{}", node.logs());
+    assert!(node.logs().contains("another namespace"), "{}", node.logs());
 }
 
 #[test]

@@ -524,7 +524,9 @@ fn agent_down_lets_pods_start_only_where_the_hint_file_says_no_pod_can_be_enroll
     let ran = run(&world.env("ADD", "newns", "web-0"), &conf);
     let err = assert_error(&ran, 11);
     assert!(
-        err["details"].as_str().is_some_and(|d| d.contains("may be enrolled")),
+        err["details"]
+            .as_str()
+            .is_some_and(|d| d.contains("may be enrolled")),
         "{err}"
     );
     // Excluded namespaces pass whatever the hint's age.

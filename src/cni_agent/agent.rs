@@ -953,7 +953,10 @@ impl Agent {
             };
             match self.rules_in_place(&r).await {
                 Ok(true) => {}
-                Ok(false) => self.repair(&uid, "rules drifted from what was installed").await,
+                Ok(false) => {
+                    self.repair(&uid, "rules drifted from what was installed")
+                        .await
+                }
                 Err(Error::Netns { .. }) => {
                     // The namespace itself is unusable; DEL or the cluster view will retire the pod.
                 }
