@@ -292,6 +292,45 @@ fn a_pod_netns_path_that_now_names_another_namespace_is_never_used() {
 }
 
 #[test]
+fn a_stalled_proxy_holds_up_only_the_pods_waiting_for_it() {
+    if !support::root_or_skip("a_stalled_proxy_holds_up_only_the_pods_waiting_for_it") {
+        return;
+    }
+    let node = Node::start(AGENT_YAML, "workloads: []\n");
+    let mut client = node.pod("default", "client");
+    node.add(&mut client)
+        .unwrap_or_else(|e| panic!("ADD: {e}\n{}", node.logs()));
+    // The proxy stops answering (SIGSTOP: connected, never acknowledging).
+    let proxy = nix::unistd::Pid::from_raw(node.proxy.as_ref().unwrap().0.id() as i32);
+    nix::sys::signal::kill(proxy, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    std::thread::scope(|scope| {
+        let waiting = scope.spawn(|| {
+            let mut server = node.pod("default", "server");
+            node.add(&mut server)
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        // While that pod waits for the proxy, the agent still answers everything else at once: a DEL
+        // removes the other pod's rules before the plugin returns, a pod outside the mesh starts.
+        node.del(&client)
+            .unwrap_or_else(|e| panic!("DEL: {e}\n{}", node.logs()));
+        assert!(
+            rules(&client).is_empty(),
+            "DEL returned before the agent removed the rules: {:?}\n{}",
+            rules(&client),
+            node.logs()
+        );
+        let mut outsider = node.pod("test", "outsider");
+        node.add(&mut outsider).unwrap_or_else(|e| {
+            panic!("outsider held up by a stalled proxy: {e}\n{}", node.logs())
+        });
+        assert!(rules(&outsider).is_empty());
+        let waited = waiting.join().unwrap();
+        assert!(waited.is_err(), "a pod no proxy took was reported enrolled");
+    });
+    nix::sys::signal::kill(proxy, nix::sys::signal::Signal::SIGCONT).unwrap();
+}
+
+#[test]
 fn restarting_the_agent_and_the_proxy_keeps_pods_captured() {
     if !support::root_or_skip("restarting_the_agent_and_the_proxy_keeps_pods_captured") {
         return;
