@@ -30,14 +30,14 @@ const AGENT_YAML: &str =
     "namespaces:\n  default: {labels: {istio.io/dataplane-mode: ambient}}\n  test: {}\n";
 
 fn main() {
-    if !nix::unistd::geteuid().is_root() {
-        println!("SKIPPED cni_add bench: needs root (network namespaces)");
-        return;
-    }
-    if !std::path::Path::new(CNI_PLUGINS_DIR).join("ptp").exists() {
-        println!(
-            "SKIPPED cni_add bench: {CNI_PLUGINS_DIR}/ptp missing (containernetworking-plugins)"
-        );
+    let gate = meshnode::test_gate::needs;
+    if !meshnode::test_gate::needs_root("cni_add bench")
+        || !gate(
+            "cni_add bench",
+            std::path::Path::new(CNI_PLUGINS_DIR).join("ptp").exists(),
+            "needs /usr/lib/cni/ptp (containernetworking-plugins)",
+        )
+    {
         return;
     }
     let pods: usize = std::env::var("BENCH_PODS")

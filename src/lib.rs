@@ -27,6 +27,7 @@
 //! - [`zds`] — the ZDS protocol (SOCK_SEQPACKET + SCM_RIGHTS): agent-side server, proxy-side client.
 //! - [`proto`] — generated wire types of Istio's protocols.
 //! - [`app`] — wiring a role together from its config.
+//! - [`test_gate`] — whether a test's requirements (root, binaries) are met, and failing instead of skipping in CI.
 
 pub mod admin_http;
 pub mod app;
@@ -50,6 +51,8 @@ pub mod redirect;
 pub mod sandbox;
 pub mod socket;
 pub mod state;
+#[doc(hidden)]
+pub mod test_gate;
 pub mod tls;
 pub mod xds;
 pub mod zds;

@@ -361,12 +361,14 @@ impl Drop for NamedNetns {
 
 #[test]
 fn ptp_with_host_local_attaches_and_detaches_a_pod_from_a_node_namespace() {
-    if !nix::unistd::geteuid().is_root() {
-        println!("SKIPPED ptp_with_host_local_attaches_and_detaches_a_pod_from_a_node_namespace: needs root");
-        return;
-    }
-    if !Path::new("/usr/lib/cni/ptp").exists() || !Path::new("/usr/lib/cni/host-local").exists() {
-        println!("SKIPPED ptp_with_host_local_attaches_and_detaches_a_pod_from_a_node_namespace: needs /usr/lib/cni/ptp");
+    let test = "ptp_with_host_local_attaches_and_detaches_a_pod_from_a_node_namespace";
+    if !crate::test_gate::needs_root(test)
+        || !crate::test_gate::needs(
+            test,
+            Path::new("/usr/lib/cni/ptp").exists() && Path::new("/usr/lib/cni/host-local").exists(),
+            "needs /usr/lib/cni/ptp and host-local (Debian's containernetworking-plugins)",
+        )
+    {
         return;
     }
     static NEXT: AtomicU32 = AtomicU32::new(0);

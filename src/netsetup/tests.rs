@@ -13,15 +13,7 @@ use super::*;
 /// How long a connection attempt may keep failing (neighbour discovery, link coming up) before the test fails.
 const CONNECT_DEADLINE: Duration = Duration::from_secs(5);
 
-/// Returns early (printing SKIPPED) when not root.
-macro_rules! needs_root {
-    ($name:expr) => {
-        if !nix::unistd::geteuid().is_root() {
-            println!("SKIPPED {}: needs root", $name);
-            return;
-        }
-    };
-}
+use crate::needs_root;
 
 /// A named namespace created for one test, deleted when dropped (also while unwinding).
 struct NamedNetns {

@@ -8,15 +8,7 @@ use super::nft::{self, Expr};
 use super::rules;
 use super::*;
 
-/// Returns early (printing SKIPPED) when not root.
-macro_rules! needs_root {
-    ($name:expr) => {
-        if !nix::unistd::geteuid().is_root() {
-            println!("SKIPPED {}: needs root", $name);
-            return;
-        }
-    };
-}
+use crate::needs_root;
 
 /// Runs `f` on a thread inside a brand-new anonymous network namespace with `lo` up. The namespace
 /// disappears with the thread, also when `f` panics (the panic is re-raised here).
@@ -692,7 +684,23 @@ fn install_takes_over_tables_someone_else_programmed_or_changed() {
 #[test]
 fn without_cap_net_admin_install_says_not_permitted() {
     if nix::unistd::geteuid().is_root() {
-        println!("SKIPPED without_cap_net_admin_install_says_not_permitted: needs a non-root user");
+        // Root runs this very test again in a child process as `nobody` (no capabilities at all).
+        use std::os::unix::process::CommandExt;
+        let out = Command::new(std::env::current_exe().expect("test binary"))
+            .args([
+                "--exact",
+                "redirect::tests::without_cap_net_admin_install_says_not_permitted",
+                "--nocapture",
+            ])
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .expect("re-running the test as nobody");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && text.contains("1 passed"),
+            "as nobody: {out:?}"
+        );
         return;
     }
     match install(&RuleSettings::default()) {

@@ -215,14 +215,8 @@ pub fn connect(authority: &str) -> http::Request<()> {
         .unwrap()
 }
 
-/// True when running as root (network-namespace tests need it); otherwise prints that the test is skipped.
+/// True when running as root (network-namespace tests need it); otherwise the test is skipped, or fails
+/// under `MESHNODE_TEST_STRICT` (CI).
 pub fn root_or_skip(test: &str) -> bool {
-    if nix::unistd::geteuid().is_root() {
-        true
-    } else {
-        eprintln!(
-            "SKIPPED {test}: needs root (network namespaces); run the tests as root to include it"
-        );
-        false
-    }
+    meshnode::test_gate::needs_root(test)
 }

@@ -233,12 +233,7 @@ fn ip(args: &[&str]) {
 }
 
 fn is_root(test: &str) -> bool {
-    if nix::unistd::geteuid().is_root() {
-        true
-    } else {
-        println!("SKIPPED {test}: needs root");
-        false
-    }
+    crate::test_gate::needs_root(test)
 }
 
 /// A netns holding 192.0.2.10 and 2001:db8::10 (documentation ranges) on its loopback, which reaches nothing.

@@ -10,15 +10,7 @@ use super::super::netlink::{attrs, Writer};
 use super::super::tests::{in_new_netns, nft_ruleset, run, NamedNetns};
 use super::*;
 
-/// Returns early (printing SKIPPED) when not root.
-macro_rules! needs_root {
-    ($name:expr) => {
-        if !nix::unistd::geteuid().is_root() {
-            println!("SKIPPED {}: needs root", $name);
-            return;
-        }
-    };
-}
+use crate::needs_root;
 
 fn encoded(e: &Expr) -> Vec<u8> {
     let mut w = Writer::default();
