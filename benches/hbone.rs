@@ -11,7 +11,7 @@
 //! | single-stream throughput | one connection, writes 256 KiB chunks for `BENCH_SECONDS`, half-closes; the app counts and acknowledges at EOF; Gbit/s until the ack arrives |
 //! | request/response latency | one connection held open; 1 KiB written, 1 KiB echoed back, `BENCH_RR_ITERATIONS` times after a warm-up; p50 and p99 |
 //! | new-connection rate | connect, send 1 byte, read 1 byte, close, sequentially for `BENCH_SECONDS`; connections/s. On the mesh path every connection is a new HTTP/2 stream on the *pooled* HBONE connection (no new TLS handshake), as in ztunnel's "connections" bench |
-//! | memory per idle connection | opens `BENCH_IDLE_CONNECTIONS` connections (each proven end to end by a 1-byte echo) and holds them; (VmRSS after − VmRSS before) / connections. Each path runs in a fresh child process (this binary re-executed) so one path's freed heap does not hide the other's growth |
+//! | memory per idle connection | opens `BENCH_IDLE_CONNECTIONS` connections (each proven end to end by a 1-byte echo) and holds them; (VmRSS after − VmRSS before) / connections. Then all of them send one byte at once and every echo is counted (the load check: `BENCH_IDLE_CONNECTIONS=10000` is 10 000 concurrent connections through the proxy pair, nothing may be dropped) and the peak RSS reported. Each path runs in a fresh child process (this binary re-executed) so one path's freed heap does not hide the other's growth |
 //!
 //! Inputs (environment variables; defaults in brackets):
 //! * `BENCH_SECONDS` [3]: duration of the throughput and connection-rate runs, each, per path (in total
@@ -373,13 +373,42 @@ fn memory_child(path: &str, s: &Settings) {
     std::thread::sleep(Duration::from_millis(500));
     let after = rss_kib();
     let pooled = b.proxies[0].proxy.pool().connections();
-    println!("before_kib={before} after_kib={after} connections={n} hbone_connections={pooled}");
+    // Then every held connection sends at once: all must be echoed (nothing dropped under the load).
+    let (held, echoed) = b.run(async move {
+        let mut tasks = tokio::task::JoinSet::new();
+        for mut c in held {
+            tasks.spawn(async move {
+                let ok = tokio::time::timeout(Duration::from_secs(30), async {
+                    c.write_all(b"y").await?;
+                    let mut back = [0u8; 1];
+                    c.read_exact(&mut back).await.map(|_| back == *b"y")
+                })
+                .await;
+                (c, matches!(ok, Ok(Ok(true))))
+            });
+        }
+        let (mut held, mut echoed) = (Vec::new(), 0usize);
+        while let Some(Ok((c, ok))) = tasks.join_next().await {
+            echoed += usize::from(ok);
+            held.push(c);
+        }
+        (held, echoed)
+    });
+    let peak = rss_kib();
+    println!(
+        "before_kib={before} after_kib={after} peak_kib={peak} connections={n} echoed_at_once={echoed} \
+         hbone_connections={pooled}"
+    );
     drop(held);
 }
 
 struct Memory {
     kib_per_conn: f64,
     hbone_connections: usize,
+    /// Held connections that echoed when all sent at once.
+    echoed_at_once: usize,
+    /// RSS after that burst, MiB.
+    peak_mib: f64,
 }
 
 /// Runs `memory_child` for `path` in a fresh copy of this process.
@@ -406,6 +435,8 @@ fn memory(path: &str) -> Memory {
     Memory {
         kib_per_conn: (field("after_kib") - field("before_kib")) / field("connections"),
         hbone_connections: field("hbone_connections") as usize,
+        echoed_at_once: field("echoed_at_once") as usize,
+        peak_mib: field("peak_kib") / 1024.0,
     }
 }
 
@@ -425,7 +456,16 @@ fn machine() -> String {
     format!("{cpu}, {cores} cores available, Linux {kernel}")
 }
 
+/// Raises the soft open-file limit to the hard one (10 000 held connections need ~40 000 fds here).
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+}
+
 fn main() {
+    raise_fd_limit();
     let s = Settings::from_env();
     if let Ok(path) = std::env::var(CHILD_VAR) {
         memory_child(&path, &s);
@@ -528,11 +568,18 @@ fn main() {
     println!();
     println!(
         "Notes: both proxies' own memory per idle connection (mesh − baseline): {:.1} KiB, with {} pooled HBONE \
-         connection(s) carrying the {} streams. The connection-rate run ended with {} pooled HBONE connection(s): \
-         new TCP connections to the client proxy, no new TLS handshakes. Total run time {:.1} s.",
+         connection(s) carrying the {} streams; when all {} sent at once, {} (baseline {}) were echoed and the \
+         mesh process peaked at {:.0} MiB RSS (baseline {:.0}). The connection-rate run ended with {} pooled \
+         HBONE connection(s): new TCP connections to the client proxy, no new TLS handshakes. Total run time \
+         {:.1} s.",
         mem_mesh.kib_per_conn - mem_base.kib_per_conn,
         mem_mesh.hbone_connections,
         s.idle_connections,
+        s.idle_connections,
+        mem_mesh.echoed_at_once,
+        mem_base.echoed_at_once,
+        mem_mesh.peak_mib,
+        mem_base.peak_mib,
         pooled_after_rate,
         started.elapsed().as_secs_f64()
     );
