@@ -38,10 +38,7 @@ impl Match {
     /// A match that every connection passes: source address in `0.0.0.0/0` or `::/0`.
     pub fn every_connection() -> Match {
         Match {
-            source_ips: vec![
-                IpNet::V4(Ipv4Net::default()),
-                IpNet::V6(Ipv6Net::default()),
-            ],
+            source_ips: vec![IpNet::V4(Ipv4Net::default()), IpNet::V6(Ipv6Net::default())],
             ..Match::default()
         }
     }
@@ -84,7 +81,9 @@ impl Match {
     /// service accounts with an empty part) and reports the lists that lost some.
     fn strip_refused(&mut self, position: MatchPosition, lost: &mut Vec<Unusable>) {
         let usable = |s: &StringMatch| match s {
-            StringMatch::Exact(v) | StringMatch::Prefix(v) | StringMatch::Suffix(v) => !v.is_empty(),
+            StringMatch::Exact(v) | StringMatch::Prefix(v) | StringMatch::Suffix(v) => {
+                !v.is_empty()
+            }
             StringMatch::Presence => true,
         };
         let strings = [
@@ -102,7 +101,10 @@ impl Match {
         }
         let accounts = [
             (&mut self.service_accounts, MatchField::ServiceAccounts),
-            (&mut self.not_service_accounts, MatchField::NotServiceAccounts),
+            (
+                &mut self.not_service_accounts,
+                MatchField::NotServiceAccounts,
+            ),
         ];
         for (list, field) in accounts {
             let before = list.len();
@@ -156,3 +158,6 @@ impl Policy {
         self
     }
 }
+
+#[cfg(test)]
+mod tests;
