@@ -155,8 +155,7 @@ policies:
 "#;
     let err = LocalConfig::parse(yaml)
         .and_then(LocalConfig::into_state)
-        .err()
-        .expect("refused")
+        .expect_err("refused")
         .to_string();
     assert!(
         err.contains("server") && err.contains("default/allow-slep"),
@@ -180,8 +179,7 @@ policies:
 "#;
     let err = LocalConfig::parse(yaml)
         .and_then(LocalConfig::into_state)
-        .err()
-        .expect("refused")
+        .expect_err("refused")
         .to_string();
     assert!(err.contains("default/allow-sleep"), "{err}");
 }

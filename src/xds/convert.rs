@@ -12,6 +12,9 @@
 //! access), and a resource name that is not the object's key (`uid` for workloads, `namespace/hostname`
 //! for services, `namespace/name` for policies — what istiod sends, and what removals name).
 //!
+//! A refused policy is still NACKed, but [`fail_safe_policy`] gives what to enforce in its place when no
+//! earlier good version is held: being stricter than ztunnel must not end in enforcing less than ztunnel.
+//!
 //! Accepted but not acted on yet (the state has no place for them): waypoints, network gateways,
 //! application tunnels, locality and routing preferences, host-network mode, service visibility.
 //! They are still validated, so a bad value is refused rather than ignored.

@@ -283,7 +283,7 @@ fn a_refused_update_keeps_the_previous_version_of_the_policy() {
         }],
     );
     let (mut cache, _, _) = cache_with(&["default/allow-sleep"], vec![resource(&good, "1")]);
-    let mut bad = good.clone();
+    let mut bad = good;
     bad.rules[0].clauses[0].matches[0].principals = vec![no_kind()];
     let applied = cache
         .apply(response(
