@@ -16,7 +16,8 @@
 //!   or from a workload the state does not know is refused by the proxy).
 //!
 //! Known gap: a new policy past [`Limits::max_resources`](super::Limits) is refused without a stand-in
-//! (holding one would break the bound); it fails open for workloads that list it, as in ztunnel.
+//! (holding one would break the bound), so it is missing for the workloads that list it (ztunnel has no
+//! such limit).
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
