@@ -42,8 +42,17 @@
 //! part and two policies with the same key. In the YAML, unknown fields inside a match or a
 //! service-account match are refused (ztunnel ignores them, so a misspelt field empties the
 //! match). Leniency: `dryRun` may be omitted (default `false`; ztunnel requires it).
+//!
+//! **A refusal never widens access.** Refusing a policy must not leave the proxy allowing more than it
+//! would with the policy: a missing ALLOW policy turns default-deny off for the workloads it selects, a
+//! missing DENY denies nothing. Where a refused policy has no earlier good version to keep, the xDS layer
+//! enforces its fail-safe form instead ([`Policy::fail_safe`], rules in `authz/fail_safe.rs`): an unusable
+//! match entry can never let an ALLOW match through it (ztunnel drops the entry, which can turn a narrow
+//! match into a match-all), and can only widen a DENY (ztunnel's dropped entry narrows it); a DENY match
+//! left empty matches every connection. The local config refuses the whole file instead.
 
 mod config;
+mod fail_safe;
 mod matching;
 #[cfg(test)]
 mod tests;
@@ -56,6 +65,8 @@ use ipnet::IpNet;
 use tracing::{debug, info, trace};
 
 use crate::identity::Identity;
+
+pub use fail_safe::Unusable;
 
 /// Where a policy applies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -271,15 +282,20 @@ pub enum MatchField {
     DestinationIps,
     /// `notDestinationIps`
     NotDestinationIps,
+    /// `destinationPorts`
+    DestinationPorts,
+    /// `notDestinationPorts`
+    NotDestinationPorts,
     /// `serviceAccounts`
     ServiceAccounts,
     /// `notServiceAccounts`
     NotServiceAccounts,
 }
 
-impl fmt::Display for MatchField {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl MatchField {
+    /// The field's name in the YAML and in error messages.
+    pub fn name(self) -> &'static str {
+        match self {
             MatchField::Namespaces => "namespaces",
             MatchField::NotNamespaces => "notNamespaces",
             MatchField::Principals => "principals",
@@ -288,9 +304,30 @@ impl fmt::Display for MatchField {
             MatchField::NotSourceIps => "notSourceIps",
             MatchField::DestinationIps => "destinationIps",
             MatchField::NotDestinationIps => "notDestinationIps",
+            MatchField::DestinationPorts => "destinationPorts",
+            MatchField::NotDestinationPorts => "notDestinationPorts",
             MatchField::ServiceAccounts => "serviceAccounts",
             MatchField::NotServiceAccounts => "notServiceAccounts",
-        })
+        }
+    }
+
+    /// Whether this is an exclusion list (`not*`): a connection passes it if no entry matches.
+    pub fn is_negative(self) -> bool {
+        matches!(
+            self,
+            MatchField::NotNamespaces
+                | MatchField::NotPrincipals
+                | MatchField::NotSourceIps
+                | MatchField::NotDestinationIps
+                | MatchField::NotDestinationPorts
+                | MatchField::NotServiceAccounts
+        )
+    }
+}
+
+impl fmt::Display for MatchField {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
     }
 }
 

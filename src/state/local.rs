@@ -4,6 +4,10 @@
 //! Input: YAML with top-level `workloads`, `services` and `policies` (camelCase keys, unknown keys refused,
 //! as ztunnel refuses them). Output: a validated [`State`]. A bad file at start-up is a start-up error; a bad
 //! edit later is logged and the last good state keeps serving.
+//!
+//! A refused policy never widens access: one unusable value refuses the whole file (never just that
+//! policy or match), and a workload whose `authorizationPolicies` names a policy the file does not define
+//! is refused too (ztunnel skips the unknown key, leaving the workload without that policy).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -187,6 +191,24 @@ impl LocalConfig {
             .map(service)
             .collect::<Result<Vec<_>, _>>()?;
         let policies = PolicySet::new(self.policies)?;
+        // Over xDS a listed policy may arrive after the workload naming it, so an unknown key is skipped
+        // (as ztunnel skips it). A file arrives whole: an unknown key here is a mistake, and skipping it
+        // would leave the workload without a policy meant for it, i.e. with more access.
+        for w in &workloads {
+            if let Some(key) = w
+                .authorization_policies
+                .iter()
+                .find(|k| policies.get(k).is_none())
+            {
+                return Err(Error::Invalid {
+                    what: "workload",
+                    key: w.uid.clone(),
+                    reason: format!(
+                        "authorizationPolicies names {key:?}, which no policy in the file has"
+                    ),
+                });
+            }
+        }
         State::new(workloads, services, policies)
     }
 }

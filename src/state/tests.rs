@@ -144,6 +144,47 @@ fn bad_local_configs_are_refused_with_the_reason() {
 }
 
 #[test]
+fn a_local_config_workload_naming_a_policy_the_file_lacks_is_refused() {
+    // A misspelt key would otherwise be skipped, and the workload allow everything.
+    let yaml = r#"
+workloads:
+- {uid: server, namespace: default, workloadIps: ["10.0.0.9"], authorizationPolicies: [default/allow-slep]}
+policies:
+- {name: allow-sleep, namespace: default, scope: WorkloadSelector, action: Allow,
+   rules: [[[{principals: [!Exact "cluster.local/ns/default/sa/sleep"]}]]]}
+"#;
+    let err = LocalConfig::parse(yaml)
+        .and_then(LocalConfig::into_state)
+        .expect_err("refused")
+        .to_string();
+    assert!(
+        err.contains("server") && err.contains("default/allow-slep"),
+        "{err}"
+    );
+    let fixed = yaml.replace("allow-slep", "allow-sleep");
+    let st = LocalConfig::parse(&fixed).unwrap().into_state().unwrap();
+    assert_eq!(st.policies().len(), 1);
+}
+
+#[test]
+fn a_local_config_whose_only_allow_policy_is_refused_never_serves_without_it() {
+    // Refused as a whole at start-up (the proxy does not start), and on reload the last good state
+    // (with its ALLOW policy) keeps serving: never a state without the policy.
+    let yaml = r#"
+workloads:
+- {uid: server, namespace: default, workloadIps: ["10.0.0.9"], authorizationPolicies: [default/allow-sleep]}
+policies:
+- {name: allow-sleep, namespace: default, scope: WorkloadSelector, action: Allow,
+   rules: [[[{principals: [!Exact "cluster.local/ns/default/sa/sleep"]}, {sourceIps: ["10.0.0.0/33"]}]]]}
+"#;
+    let err = LocalConfig::parse(yaml)
+        .and_then(LocalConfig::into_state)
+        .expect_err("refused")
+        .to_string();
+    assert!(err.contains("default/allow-sleep"), "{err}");
+}
+
+#[test]
 fn empty_file_is_an_empty_state() {
     let st = LocalConfig::parse("  \n").unwrap().into_state().unwrap();
     assert_eq!(st.workload_count(), 0);

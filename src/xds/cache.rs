@@ -5,12 +5,26 @@
 //! the whole response (nothing changed). Also the name → version maps sent as `initial_resource_versions`
 //! on reconnect. Held values are `Arc`s so that trying a response on a copy of a map (and throwing it away
 //! if the result is inconsistent) costs pointers, not workloads.
+//!
+//! A rejected resource (NACKed by name) never loosens what is enforced:
+//! - if a good version of it is held, that version stays (xDS NACK semantics: keep the last good one);
+//! - a rejected policy with no good version held is replaced by its fail-safe stand-in
+//!   ([`convert::fail_safe_policy`]), so that a workload whose ALLOW policy was refused is not left with
+//!   no ALLOW policy (allow everything), nor a refused DENY simply missing. Stand-ins are not reported in
+//!   `initial_resource_versions`, so the control plane sends the policy again on reconnect; a good
+//!   version or a removal replaces them. Rejected workloads and services are simply not held (traffic to
+//!   or from a workload the state does not know is refused by the proxy).
+//!
+//! Known gap: a new policy past [`Limits::max_resources`](super::Limits) is refused without a stand-in
+//! (holding one would break the bound), so it is missing for the workloads that list it (ztunnel has no
+//! such limit).
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::Arc;
 
 use prost::Message;
+use tracing::warn;
 
 use super::convert::{self, Address};
 use super::{ResourceError, ResponseError, ADDRESS_TYPE, AUTHORIZATION_TYPE};
@@ -50,7 +64,8 @@ impl Kind {
 
 #[derive(Debug)]
 struct Entry<T> {
-    version: String,
+    /// The version received; `None` for a fail-safe stand-in of a rejected resource.
+    version: Option<String>,
     value: Arc<T>,
 }
 
@@ -81,6 +96,8 @@ pub(crate) struct Applied {
     /// Resources added or replaced, and removed.
     pub(crate) updated: usize,
     pub(crate) removed: usize,
+    /// Rejected policies now enforced through a fail-safe stand-in.
+    pub(crate) stand_ins: usize,
 }
 
 /// The held resources.
@@ -107,7 +124,7 @@ impl Cache {
     pub(crate) fn versions(&self, kind: Kind) -> HashMap<String, String> {
         fn of<T>(m: &HashMap<String, Entry<T>>) -> HashMap<String, String> {
             m.iter()
-                .map(|(k, e)| (k.clone(), e.version.clone()))
+                .filter_map(|(k, e)| Some((k.clone(), e.version.clone()?)))
                 .collect()
         }
         match kind {
@@ -127,11 +144,12 @@ impl Cache {
         let max = self.max_resources;
         let mut rejected = Vec::new();
         let updated;
+        let stand_ins;
         let removed;
         match kind {
             Kind::Address => {
                 let mut next = self.addresses.clone();
-                updated = update(
+                Counts { updated, stand_ins } = update(
                     &mut next,
                     resp.resources,
                     kind,
@@ -139,6 +157,7 @@ impl Cache {
                     max,
                     &mut rejected,
                     |name, msg: workload::Address| convert::address(name, msg),
+                    |_, _| None,
                 );
                 removed = remove(&mut next, &resp.removed_resources);
                 let state = build(&next, self.policy_set.clone())?;
@@ -149,11 +168,12 @@ impl Cache {
                     rejected,
                     updated,
                     removed,
+                    stand_ins,
                 })
             }
             Kind::Authorization => {
                 let mut next = self.policies.clone();
-                updated = update(
+                Counts { updated, stand_ins } = update(
                     &mut next,
                     resp.resources,
                     kind,
@@ -161,6 +181,7 @@ impl Cache {
                     max,
                     &mut rejected,
                     |name, msg: security::Authorization| convert::policy(name, msg),
+                    |name, msg| Some(convert::fail_safe_policy(name, msg)),
                 );
                 removed = remove(&mut next, &resp.removed_resources);
                 let set = Arc::new(PolicySet::new(
@@ -175,13 +196,24 @@ impl Cache {
                     rejected,
                     updated,
                     removed,
+                    stand_ins,
                 })
             }
         }
     }
 }
 
-/// Decodes, converts and inserts each resource into `map`; returns how many were inserted.
+/// What [`update`] inserted.
+struct Counts {
+    /// Good versions.
+    updated: usize,
+    /// Fail-safe stand-ins of rejected resources.
+    stand_ins: usize,
+}
+
+/// Decodes, converts and inserts each resource into `map`. A rejected one keeps its held good version;
+/// without one, `stand_in` (given the name and the body, if it decodes) says what to hold instead.
+#[allow(clippy::too_many_arguments)] // One call per type; a struct for these would only be unpacked again.
 fn update<T, M: Message + Default>(
     map: &mut HashMap<String, Entry<T>>,
     resources: Vec<Resource>,
@@ -190,45 +222,80 @@ fn update<T, M: Message + Default>(
     limit: usize,
     rejected: &mut Vec<Rejected>,
     convert: impl Fn(&str, M) -> Result<T, super::ConvertError>,
-) -> usize {
-    let mut inserted = 0;
+    stand_in: impl Fn(&str, Option<M>) -> Option<T>,
+) -> Counts {
+    let mut counts = Counts {
+        updated: 0,
+        stand_ins: 0,
+    };
+    // A name not held yet takes one unit of the budget.
+    let mut admit = |map: &HashMap<String, Entry<T>>, name: &str| {
+        if map.contains_key(name) {
+            return Ok(());
+        }
+        if *budget == 0 {
+            return Err(ResourceError::TooMany { limit });
+        }
+        *budget -= 1;
+        Ok(())
+    };
     for res in resources {
-        let result = (|| {
-            let any = res.resource.as_ref().ok_or(ResourceError::MissingBody)?;
-            if any.type_url != kind.url() {
-                return Err(ResourceError::WrongType {
-                    expected: kind.url(),
-                    got: any.type_url.clone(),
-                });
-            }
-            let msg = M::decode(any.value.as_slice())?;
-            let value = convert(&res.name, msg)?;
-            if !map.contains_key(&res.name) {
-                if *budget == 0 {
-                    return Err(ResourceError::TooMany { limit });
-                }
-                *budget -= 1;
-            }
-            Ok(value)
-        })();
-        match result {
+        let result = decode::<M>(&res, kind)
+            .and_then(|msg| Ok(convert(&res.name, msg)?))
+            .and_then(|value| admit(map, &res.name).map(|()| value));
+        let reason = match result {
             Ok(value) => {
-                inserted += 1;
+                counts.updated += 1;
                 map.insert(
                     res.name,
                     Entry {
-                        version: res.version,
+                        version: Some(res.version),
                         value: Arc::new(value),
                     },
                 );
+                continue;
             }
-            Err(reason) => rejected.push(Rejected {
-                name: res.name,
-                reason,
-            }),
+            Err(reason) => reason,
+        };
+        let keeps_good = map.get(&res.name).is_some_and(|e| e.version.is_some());
+        if !keeps_good && !matches!(reason, ResourceError::TooMany { .. }) {
+            if let Some(value) = stand_in(&res.name, decode::<M>(&res, kind).ok()) {
+                if admit(map, &res.name).is_ok() {
+                    warn!(
+                        name = %res.name,
+                        type_url = kind.url(),
+                        reason = %reason,
+                        "xDS resource rejected; enforcing a fail-safe stand-in until a valid version arrives"
+                    );
+                    counts.stand_ins += 1;
+                    map.insert(
+                        res.name.clone(),
+                        Entry {
+                            version: None,
+                            value: Arc::new(value),
+                        },
+                    );
+                }
+            }
         }
+        rejected.push(Rejected {
+            name: res.name,
+            reason,
+        });
     }
-    inserted
+    counts
+}
+
+/// The body of `res`, decoded as the response's type.
+fn decode<M: Message + Default>(res: &Resource, kind: Kind) -> Result<M, ResourceError> {
+    let any = res.resource.as_ref().ok_or(ResourceError::MissingBody)?;
+    if any.type_url != kind.url() {
+        return Err(ResourceError::WrongType {
+            expected: kind.url(),
+            got: any.type_url.clone(),
+        });
+    }
+    Ok(M::decode(any.value.as_slice())?)
 }
 
 fn remove<T>(map: &mut HashMap<String, Entry<T>>, names: &[String]) -> usize {

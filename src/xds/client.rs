@@ -200,6 +200,7 @@ impl XdsClient {
                     removals,
                     updated = applied.updated,
                     removed = applied.removed,
+                    stand_ins = applied.stand_ins,
                     rejected = applied.rejected.len(),
                     "xDS response applied"
                 );

@@ -12,6 +12,9 @@
 //! access), and a resource name that is not the object's key (`uid` for workloads, `namespace/hostname`
 //! for services, `namespace/name` for policies — what istiod sends, and what removals name).
 //!
+//! A refused policy is still NACKed, but [`fail_safe_policy`] gives what to enforce in its place when no
+//! earlier good version is held: being stricter than ztunnel must not end in enforcing less than ztunnel.
+//!
 //! Accepted but not acted on yet (the state has no place for them): waypoints, network gateways,
 //! application tunnels, locality and routing preferences, host-network mode, service visibility.
 //! They are still validated, so a bad value is refused rather than ignored.
@@ -21,7 +24,10 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
 
-use crate::authz::{self, Action, Clause, Match, Policy, Rule, Scope, ServiceAccountMatch};
+use crate::authz::{
+    self, Action, Clause, Match, MatchField, MatchPosition, Policy, Rule, Scope,
+    ServiceAccountMatch, Unusable,
+};
 use crate::identity::Identity;
 use crate::proto::{security, workload as pb};
 use crate::state::{HealthPolicy, HealthStatus, LbMode, Protocol, Service, Workload};
@@ -411,6 +417,7 @@ fn service(name: &str, s: pb::Service) -> Result<Service, ConvertError> {
 }
 
 /// Converts an `Authorization` sent under resource `name`; validated as local-config policies are.
+/// Any unusable value refuses the policy (see [`fail_safe_policy`] for what is enforced instead).
 pub fn policy(name: &str, a: security::Authorization) -> Result<Policy, ConvertError> {
     if a.name.is_empty() {
         return Err(ConvertError::Missing { field: "name" });
@@ -423,32 +430,12 @@ pub fn policy(name: &str, a: security::Authorization) -> Result<Policy, ConvertE
             key,
         });
     }
-    let scope = match known("scope", a.scope)? {
-        security::Scope::Global => Scope::Global,
-        security::Scope::Namespace => Scope::Namespace,
-        security::Scope::WorkloadSelector => Scope::WorkloadSelector,
-    };
-    let action = match known("action", a.action)? {
-        security::Action::Allow => Action::Allow,
-        security::Action::Deny => Action::Deny,
-    };
-    let mut rules = Vec::with_capacity(a.rules.len());
-    for (r, rule) in a.rules.into_iter().enumerate() {
-        let mut clauses = Vec::with_capacity(rule.clauses.len());
-        for (c, clause) in rule.clauses.into_iter().enumerate() {
-            let mut matches = Vec::with_capacity(clause.matches.len());
-            for (i, m) in clause.matches.into_iter().enumerate() {
-                let at = At {
-                    policy: &key,
-                    rule: r,
-                    clause: c,
-                    index: i,
-                };
-                matches.push(at.convert(m)?);
-            }
-            clauses.push(Clause { matches });
-        }
-        rules.push(Rule { clauses });
+    let scope = scope(a.scope)?;
+    let action = action(a.action)?;
+    let mut problems = Vec::new();
+    let rules = rules(&key, a.rules, &mut problems);
+    if let Some(first) = problems.into_iter().next() {
+        return Err(first.error);
     }
     let policy = Policy {
         name: a.name,
@@ -462,97 +449,212 @@ pub fn policy(name: &str, a: security::Authorization) -> Result<Policy, ConvertE
     Ok(policy)
 }
 
-/// Where a match sits, for error messages.
+/// What to enforce for the policy resource `name` after [`policy`] refused it and no earlier good
+/// version of it is held: a stand-in that never allows more, nor denies less, than the policy as sent
+/// could have. `a` is the decoded body, `None` when there is none or it does not decode.
+///
+/// The stand-in has the key `name` (what workloads list and removals name), split at its first `/`
+/// into namespace and name (no `/`: namespace `""`, which applies like a global policy), whatever the
+/// body says. Its rules are the body's in their fail-safe form ([`Policy::fail_safe`]: an unusable
+/// match entry cannot let an ALLOW match through it, and widens a DENY). Stricter than ztunnel, which
+/// drops such entries (widening an ALLOW match, narrowing a DENY) and skips a policy it refuses:
+/// - an action this proxy does not know is read as DENY: the stand-in denies what the rules match;
+/// - a scope it does not know is read as `Namespace`: the namespace of `name`, plus, as for every
+///   policy, the workloads that list `name`. Istio selects workloads within the policy's namespace
+///   except for root-namespace policies, which are sent as `Global`;
+/// - with no readable body (no body, another type, not protobuf) nothing but the key is known: the
+///   stand-in denies every connection to the namespace of `name` and to the workloads that list it.
+///
+/// A dry-run body gives a dry-run stand-in, which only logs, as the policy would have.
+pub fn fail_safe_policy(name: &str, a: Option<security::Authorization>) -> Policy {
+    let (namespace, short) = name.split_once('/').unwrap_or(("", name));
+    let mut stand_in = Policy {
+        name: short.to_string(),
+        namespace: namespace.to_string(),
+        scope: Scope::Namespace,
+        action: Action::Deny,
+        dry_run: false,
+        rules: vec![Rule {
+            clauses: vec![Clause {
+                matches: vec![Match::every_connection()],
+            }],
+        }],
+    };
+    let Some(a) = a else {
+        return stand_in;
+    };
+    let mut problems = Vec::new();
+    stand_in.rules = rules(name, a.rules, &mut problems);
+    stand_in.scope = scope(a.scope).unwrap_or(Scope::Namespace);
+    stand_in.action = action(a.action).unwrap_or(Action::Deny);
+    stand_in.dry_run = a.dry_run;
+    let unusable: Vec<Unusable> = problems.iter().map(|p| p.at).collect();
+    stand_in.fail_safe(&unusable)
+}
+
+fn scope(value: i32) -> Result<Scope, ConvertError> {
+    Ok(match known("scope", value)? {
+        security::Scope::Global => Scope::Global,
+        security::Scope::Namespace => Scope::Namespace,
+        security::Scope::WorkloadSelector => Scope::WorkloadSelector,
+    })
+}
+
+fn action(value: i32) -> Result<Action, ConvertError> {
+    Ok(match known("action", value)? {
+        security::Action::Allow => Action::Allow,
+        security::Action::Deny => Action::Deny,
+    })
+}
+
+/// An unusable match entry: the list it was left out of, and why.
+struct Problem {
+    at: Unusable,
+    error: ConvertError,
+}
+
+/// Converts the rules of policy `key`, leaving unusable match entries out of their lists and
+/// reporting each in `problems`, in order.
+fn rules(key: &str, rules: Vec<security::Rule>, problems: &mut Vec<Problem>) -> Vec<Rule> {
+    let mut out = Vec::with_capacity(rules.len());
+    for (r, rule) in rules.into_iter().enumerate() {
+        let mut clauses = Vec::with_capacity(rule.clauses.len());
+        for (c, clause) in rule.clauses.into_iter().enumerate() {
+            let mut matches = Vec::with_capacity(clause.matches.len());
+            for (i, m) in clause.matches.into_iter().enumerate() {
+                let mut at = At {
+                    policy: key,
+                    position: MatchPosition {
+                        rule: r,
+                        clause: c,
+                        index: i,
+                    },
+                    problems: &mut *problems,
+                };
+                matches.push(at.convert(m));
+            }
+            clauses.push(Clause { matches });
+        }
+        out.push(Rule { clauses });
+    }
+    out
+}
+
+/// Where a match sits, for error messages, and where its problems go.
 struct At<'a> {
     policy: &'a str,
-    rule: usize,
-    clause: usize,
-    index: usize,
+    position: MatchPosition,
+    problems: &'a mut Vec<Problem>,
 }
 
 impl At<'_> {
-    fn convert(&self, m: security::Match) -> Result<Match, ConvertError> {
-        Ok(Match {
-            namespaces: self.strings("namespaces", m.namespaces)?,
-            not_namespaces: self.strings("notNamespaces", m.not_namespaces)?,
-            principals: self.strings("principals", m.principals)?,
-            not_principals: self.strings("notPrincipals", m.not_principals)?,
-            source_ips: self.cidrs("sourceIps", &m.source_ips)?,
-            not_source_ips: self.cidrs("notSourceIps", &m.not_source_ips)?,
-            destination_ips: self.cidrs("destinationIps", &m.destination_ips)?,
-            not_destination_ips: self.cidrs("notDestinationIps", &m.not_destination_ips)?,
-            destination_ports: self.ports("destinationPorts", &m.destination_ports)?,
-            not_destination_ports: self.ports("notDestinationPorts", &m.not_destination_ports)?,
+    fn convert(&mut self, m: security::Match) -> Match {
+        use MatchField as F;
+        Match {
+            namespaces: self.strings(F::Namespaces, m.namespaces),
+            not_namespaces: self.strings(F::NotNamespaces, m.not_namespaces),
+            principals: self.strings(F::Principals, m.principals),
+            not_principals: self.strings(F::NotPrincipals, m.not_principals),
+            source_ips: self.cidrs(F::SourceIps, &m.source_ips),
+            not_source_ips: self.cidrs(F::NotSourceIps, &m.not_source_ips),
+            destination_ips: self.cidrs(F::DestinationIps, &m.destination_ips),
+            not_destination_ips: self.cidrs(F::NotDestinationIps, &m.not_destination_ips),
+            destination_ports: self.ports(F::DestinationPorts, &m.destination_ports),
+            not_destination_ports: self.ports(F::NotDestinationPorts, &m.not_destination_ports),
             service_accounts: accounts(m.service_accounts),
             not_service_accounts: accounts(m.not_service_accounts),
-        })
+        }
+    }
+
+    fn refuse(&mut self, field: MatchField, error: ConvertError) {
+        self.problems.push(Problem {
+            at: Unusable {
+                position: self.position,
+                field,
+            },
+            error,
+        });
     }
 
     fn strings(
-        &self,
-        field: &'static str,
+        &mut self,
+        field: MatchField,
         list: Vec<security::StringMatch>,
-    ) -> Result<Vec<authz::StringMatch>, ConvertError> {
+    ) -> Vec<authz::StringMatch> {
         use security::string_match::MatchType;
-        list.into_iter()
-            .map(|s| match s.match_type {
-                Some(MatchType::Exact(v)) => Ok(authz::StringMatch::Exact(v)),
-                Some(MatchType::Prefix(v)) => Ok(authz::StringMatch::Prefix(v)),
-                Some(MatchType::Suffix(v)) => Ok(authz::StringMatch::Suffix(v)),
-                Some(MatchType::Presence(())) => Ok(authz::StringMatch::Presence),
-                None => Err(ConvertError::EmptyMatchKind {
-                    policy: self.policy.to_string(),
-                    rule: self.rule,
-                    clause: self.clause,
-                    index: self.index,
+        let mut out = Vec::with_capacity(list.len());
+        for s in list {
+            match s.match_type {
+                Some(MatchType::Exact(v)) => out.push(authz::StringMatch::Exact(v)),
+                Some(MatchType::Prefix(v)) => out.push(authz::StringMatch::Prefix(v)),
+                Some(MatchType::Suffix(v)) => out.push(authz::StringMatch::Suffix(v)),
+                Some(MatchType::Presence(())) => out.push(authz::StringMatch::Presence),
+                None => self.refuse(
                     field,
-                }),
-            })
-            .collect()
+                    ConvertError::EmptyMatchKind {
+                        policy: self.policy.to_string(),
+                        rule: self.position.rule,
+                        clause: self.position.clause,
+                        index: self.position.index,
+                        field: field.name(),
+                    },
+                ),
+            }
+        }
+        out
     }
 
-    fn cidrs(
-        &self,
-        field: &'static str,
-        list: &[security::Address],
-    ) -> Result<Vec<IpNet>, ConvertError> {
-        list.iter()
-            .map(|a| {
-                let net = ip(field, &a.address).and_then(|addr| {
-                    u8::try_from(a.length)
-                        .ok()
-                        .and_then(|len| IpNet::new(addr, len).ok())
-                        .ok_or(ConvertError::PrefixLength {
-                            field,
-                            ip: addr,
-                            length: a.length,
-                        })
-                });
-                net.map_err(|reason| ConvertError::PolicyCidr {
-                    policy: self.policy.to_string(),
-                    rule: self.rule,
-                    clause: self.clause,
-                    index: self.index,
+    fn cidrs(&mut self, field: MatchField, list: &[security::Address]) -> Vec<IpNet> {
+        let name = field.name();
+        let mut out = Vec::with_capacity(list.len());
+        for a in list {
+            let net = ip(name, &a.address).and_then(|addr| {
+                u8::try_from(a.length)
+                    .ok()
+                    .and_then(|len| IpNet::new(addr, len).ok())
+                    .ok_or(ConvertError::PrefixLength {
+                        field: name,
+                        ip: addr,
+                        length: a.length,
+                    })
+            });
+            match net {
+                Ok(net) => out.push(net),
+                Err(reason) => self.refuse(
                     field,
-                    reason: Box::new(reason),
-                })
-            })
-            .collect()
+                    ConvertError::PolicyCidr {
+                        policy: self.policy.to_string(),
+                        rule: self.position.rule,
+                        clause: self.position.clause,
+                        index: self.position.index,
+                        field: name,
+                        reason: Box::new(reason),
+                    },
+                ),
+            }
+        }
+        out
     }
 
-    fn ports(&self, field: &'static str, list: &[u32]) -> Result<Vec<u16>, ConvertError> {
-        list.iter()
-            .map(|&value| {
-                u16::try_from(value).map_err(|_| ConvertError::PolicyPort {
-                    policy: self.policy.to_string(),
-                    rule: self.rule,
-                    clause: self.clause,
-                    index: self.index,
+    fn ports(&mut self, field: MatchField, list: &[u32]) -> Vec<u16> {
+        let mut out = Vec::with_capacity(list.len());
+        for &value in list {
+            match u16::try_from(value) {
+                Ok(port) => out.push(port),
+                Err(_) => self.refuse(
                     field,
-                    value,
-                })
-            })
-            .collect()
+                    ConvertError::PolicyPort {
+                        policy: self.policy.to_string(),
+                        rule: self.position.rule,
+                        clause: self.position.clause,
+                        index: self.position.index,
+                        field: field.name(),
+                        value,
+                    },
+                ),
+            }
+        }
+        out
     }
 }
 

@@ -894,3 +894,5 @@ fn a_workload_push_keeps_the_policy_set_and_a_policy_push_replaces_it() {
         .state;
     assert!(!after_policies.same_policies(&after_workloads));
 }
+
+mod refused_policies;

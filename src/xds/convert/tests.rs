@@ -866,3 +866,51 @@ fn an_empty_match_in_a_deny_policy_is_refused_but_is_harmless_in_an_allow() {
     // In an ALLOW an empty match can only narrow access (it never matches), as in ztunnel.
     assert!(policy("default/allow-sleep", pb_policy(security::Match::default())).is_ok());
 }
+
+#[test]
+fn an_unreadable_policy_stands_in_as_a_deny_all_over_its_key_namespace() {
+    let p = fail_safe_policy("default/broken", None);
+    assert_eq!(p.key(), "default/broken");
+    assert_eq!(
+        (p.scope, p.action, p.dry_run),
+        (Scope::Namespace, Action::Deny, false)
+    );
+    assert_eq!(
+        p.rules[0].clauses[0].matches,
+        vec![Match::every_connection()]
+    );
+    // A name that is not namespace/name keeps its whole text as the name.
+    assert_eq!(fail_safe_policy("broken", None).key(), "/broken");
+}
+
+#[test]
+fn a_refused_policy_stands_in_under_its_resource_name_with_its_own_rules_made_safe() {
+    let m = security::Match {
+        principals: vec![exact("cluster.local/ns/default/sa/sleep")],
+        not_principals: vec![security::StringMatch { match_type: None }],
+        ..Default::default()
+    };
+    // Sent under another name than its own: the stand-in takes the resource name.
+    let p = fail_safe_policy("default/other", Some(pb_policy(m)));
+    assert_eq!(p.key(), "default/other");
+    assert_eq!(
+        (p.scope, p.action, p.dry_run),
+        (Scope::WorkloadSelector, Action::Allow, true)
+    );
+    // An ALLOW whose exclusion is unusable: the match can no longer match.
+    assert_eq!(p.rules[0].clauses[0].matches, vec![Match::default()]);
+    p.validate().unwrap();
+}
+
+#[test]
+fn a_valid_policy_and_its_fail_safe_form_are_the_same() {
+    let m = security::Match {
+        principals: vec![exact("cluster.local/ns/default/sa/sleep")],
+        destination_ports: vec![80],
+        ..Default::default()
+    };
+    assert_eq!(
+        fail_safe_policy("default/allow-sleep", Some(pb_policy(m.clone()))),
+        policy("default/allow-sleep", pb_policy(m)).unwrap()
+    );
+}
