@@ -2,25 +2,33 @@
 //! one `GET` per connection, answered and closed.
 //!
 //! Input: a bound listener, a shutdown signal, and a handler from (method, path) to an [`Answer`].
-//! Output: the answers. Bounds shared by every admin port, like ztunnel's admin servers: request head at most
-//! 8 KiB, sent within 2 s, the whole exchange within 10 s, at most [`MAX_CONCURRENT`] connections at once
-//! (more wait in the kernel backlog), so a slow or hostile client cannot hold the port or the memory.
+//! Output: the answers. Bounds shared by every admin port: request head at most 8 KiB, sent within 1 s,
+//! the whole exchange within 10 s, at most [`MAX_CONCURRENT`] connections held at once.
+//!
+//! What a kubelet probe needs is to be accepted at once and answered within its timeout (1 s by default),
+//! however many idle or slow sockets others hold. So every connection is accepted immediately; when all
+//! slots are taken, the oldest connection still waiting for its request head is closed to make room (or,
+//! if every one has sent its request, the oldest of all: a client that does not read its answer). A
+//! probe's whole exchange takes well under a millisecond, so it is never the oldest one waiting.
 
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{oneshot, watch, Semaphore};
 
 /// Longest request head accepted.
 const MAX_REQUEST: usize = 8 * 1024;
-/// Time allowed to send the request head.
-const READ_TIMEOUT: Duration = Duration::from_secs(2);
+/// Time allowed to send the request head: probes, scrapes and curl send it right after connecting.
+const READ_TIMEOUT: Duration = Duration::from_secs(1);
 /// Time allowed for the whole exchange (reading, answering, writing).
 const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Connections served at once: probes and scrapes come one at a time; a few more leave room for humans.
-pub const MAX_CONCURRENT: usize = 8;
+/// Connections held at once (each at most one head buffer, [`MAX_REQUEST`]): this bounds memory, not who
+/// gets in, since a new connection evicts an idle one when all are taken.
+pub const MAX_CONCURRENT: usize = 32;
 
 /// An answer: status, reason phrase, content type, body.
 pub struct Answer {
@@ -68,22 +76,77 @@ where
     H: Fn(&str, &str) -> Answer + Send + Sync + 'static,
 {
     let handler = Arc::new(handler);
-    let stop = async move {
-        let _ = shutdown.wait_for(|s| *s).await;
-    };
-    accept_bounded(
-        &listener,
-        Arc::new(Semaphore::new(MAX_CONCURRENT)),
-        stop,
-        "admin port",
-        move |stream| {
-            let handler = handler.clone();
-            async move {
-                let _ = tokio::time::timeout(EXCHANGE_TIMEOUT, answer(stream, &*handler)).await;
+    let held = Arc::new(parking_lot::Mutex::new(VecDeque::<Held>::new()));
+    let mut next_id = 0u64;
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = shutdown.wait_for(|s| *s) => return,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::warn!(server = "admin port", error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
             }
-        },
-    )
-    .await;
+        };
+        let id = next_id;
+        next_id += 1;
+        let head_read = Arc::new(AtomicBool::new(false));
+        let (evict, evicted) = oneshot::channel::<()>();
+        {
+            let mut held = held.lock();
+            if held.len() >= MAX_CONCURRENT {
+                let victim = held
+                    .iter()
+                    .position(|h| !h.head_read.load(Ordering::Relaxed))
+                    .unwrap_or(0);
+                // Dropping its sender ends that connection's task, which closes the socket.
+                held.remove(victim);
+            }
+            held.push_back(Held {
+                id,
+                head_read: head_read.clone(),
+                _evict: evict,
+            });
+        }
+        let release = Release {
+            held: held.clone(),
+            id,
+        };
+        let handler = handler.clone();
+        tokio::spawn(async move {
+            let _release = release;
+            let exchange =
+                tokio::time::timeout(EXCHANGE_TIMEOUT, answer(stream, &*handler, &head_read));
+            tokio::select! {
+                _ = exchange => {}
+                _ = evicted => {}
+            }
+        });
+    }
+}
+
+/// One connection being served.
+struct Held {
+    id: u64,
+    /// Set once its request head is in: from then on it is being answered, not idle.
+    head_read: Arc<AtomicBool>,
+    /// Dropped to evict the connection.
+    _evict: oneshot::Sender<()>,
+}
+
+/// Frees a connection's slot when its task ends, however it ends.
+struct Release {
+    held: Arc<parking_lot::Mutex<VecDeque<Held>>>,
+    id: u64,
+}
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        self.held.lock().retain(|h| h.id != self.id);
+    }
 }
 
 /// Accepts connections on `listener` until `shutdown` resolves, at most as many at once as `limit` has
@@ -132,8 +195,11 @@ pub async fn accept_bounded<F, Fut>(
 async fn answer(
     mut stream: TcpStream,
     handler: &(dyn Fn(&str, &str) -> Answer + Send + Sync),
+    head_read: &AtomicBool,
 ) -> std::io::Result<()> {
-    let answer = match read_head(&mut stream, MAX_REQUEST, READ_TIMEOUT).await {
+    let head = read_head(&mut stream, MAX_REQUEST, READ_TIMEOUT).await;
+    head_read.store(true, Ordering::Relaxed);
+    let answer = match head {
         Head::Complete(head) => {
             let line = head.split(|b| *b == b'\n').next().unwrap_or_default();
             let line = String::from_utf8_lossy(line);
@@ -202,6 +268,36 @@ mod tests {
         let mut out = String::new();
         let _ = s.read_to_string(&mut out).await;
         out
+    }
+
+    #[tokio::test]
+    async fn a_probe_is_answered_while_more_idle_sockets_than_slots_are_open() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (_stop, shutdown) = watch::channel(false);
+        tokio::spawn(serve(l, shutdown, |_: &str, p: &str| match p {
+            "/healthz/ready" => Answer::text(200, "OK", "ready\n"),
+            _ => Answer::not_found(),
+        }));
+        // Sockets that connect and never send a request: several times the slots.
+        let mut idle = Vec::new();
+        for _ in 0..MAX_CONCURRENT + 128 {
+            idle.push(TcpStream::connect(addr).await.unwrap());
+        }
+        let probe = tokio::time::timeout(
+            Duration::from_secs(10),
+            exchange(addr, b"GET /healthz/ready HTTP/1.1\r\nHost: a\r\n\r\n"),
+        )
+        .await
+        .expect("the probe is answered while idle sockets hold the port");
+        assert!(probe.starts_with("HTTP/1.1 200 OK"), "{probe}");
+        // The oldest idle socket made room: it was closed without an answer.
+        let mut first = idle.remove(0);
+        let mut rest = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(10), first.read_to_end(&mut rest))
+            .await
+            .expect("the oldest idle socket is closed");
+        assert!(closed.map_or(true, |n| n == 0), "{rest:?}");
     }
 
     #[tokio::test]

@@ -1,6 +1,7 @@
 //! Config files: polling one and publishing each good version (the one reload rule every file-driven part
 //! of meshnode follows: the proxy's local config, the agent's enrollment file, the control plane's mesh
-//! file), and writing one atomically (the agent's state and hint files, the control plane's root).
+//! file), and writing one atomically and durably (the agent's state and hint files, the control plane's
+//! root, installed CNI files).
 //!
 //! Input: a path, a poll interval, the bytes already loaded, a parser. Output: a new value on the `watch`
 //! channel whenever the file's bytes change and parse; an unreadable file, one larger than
@@ -49,25 +50,64 @@ fn within_limit(bytes: Vec<u8>) -> std::io::Result<Vec<u8>> {
     Ok(bytes)
 }
 
-/// Writes `bytes` to `path` through a temporary file and a rename, so readers (and pollers) never see half
-/// a file.
+/// Writes `bytes` to `path` atomically and durably: readers (and pollers) never see half a file, and once
+/// this returns `Ok` a power loss keeps the new contents. See [`write_atomically_mode`].
 pub fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
     write_atomically_mode(path, bytes, None)
 }
 
-/// [`write_atomically`], the file getting `mode` (e.g. 0o755 for a binary) before it takes the name.
+/// [`write_atomically`], the file getting `mode` (e.g. 0o755 for a binary, 0o600 for a secret) before it
+/// takes the name; without a mode it is created 0o666 less the umask.
+///
+/// Steps: a new temporary file next to `path` (a name of its own per call, so concurrent writers never
+/// share one; created with the mode, so a secret is never readable by others), the bytes, `fsync`, rename
+/// over `path`, `fsync` of the directory so the rename itself survives a power loss. On failure the
+/// temporary file is removed; only a crash part way leaves one behind (`.<name>.<pid>.<n>.tmp`).
 pub fn write_atomically_mode(
     path: &std::path::Path,
     bytes: &[u8],
     mode: Option<u32>,
 ) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes)?;
-    if let Some(mode) = mode {
-        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+
+    let name = path.file_name().ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{} names no file", path.display()),
+        )
+    })?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => std::path::Path::new("."),
+    };
+    let tmp = dir.join(format!(
+        ".{}.{}.{}.tmp",
+        name.to_string_lossy(),
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    let written = (|| {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode.unwrap_or(0o666))
+            .open(&tmp)?;
+        if let Some(mode) = mode {
+            // The umask narrowed the mode at open; this sets exactly what was asked.
+            file.set_permissions(std::fs::Permissions::from_mode(mode))?;
+        }
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
     }
-    std::fs::rename(&tmp, path)
+    std::fs::File::open(dir)?.sync_all()
 }
 
 /// Polls `path` every `interval`; `parse` turns new bytes into a value, `loaded` logs a published one.
@@ -164,6 +204,127 @@ mod tests {
             .await
             .expect("the small file is published")
             .unwrap();
+    }
+
+    /// Whether any extent of `path` is still only in memory (FIEMAP flags it delayed-allocation or
+    /// unknown-location until writeback): `None` where the filesystem cannot tell (tmpfs, ...).
+    #[allow(unsafe_code)]
+    fn data_only_in_memory(path: &std::path::Path) -> Option<bool> {
+        use std::os::fd::AsRawFd;
+        const FS_IOC_FIEMAP: libc::c_ulong = 0xC020_660B;
+        const FIEMAP_EXTENT_UNKNOWN: u32 = 0x2;
+        const FIEMAP_EXTENT_DELALLOC: u32 = 0x4;
+        const EXTENTS: usize = 32;
+        #[repr(C)]
+        #[derive(Clone, Copy)]
+        struct Extent {
+            logical: u64,
+            physical: u64,
+            length: u64,
+            reserved64: [u64; 2],
+            flags: u32,
+            reserved: [u32; 3],
+        }
+        #[repr(C)]
+        struct Fiemap {
+            start: u64,
+            length: u64,
+            flags: u32,
+            mapped_extents: u32,
+            extent_count: u32,
+            reserved: u32,
+            extents: [Extent; EXTENTS],
+        }
+        let file = std::fs::File::open(path).unwrap();
+        let mut map = Fiemap {
+            start: 0,
+            length: u64::MAX,
+            flags: 0, // not FIEMAP_FLAG_SYNC: that would write the data back first
+            mapped_extents: 0,
+            extent_count: EXTENTS as u32,
+            reserved: 0,
+            extents: [Extent {
+                logical: 0,
+                physical: 0,
+                length: 0,
+                reserved64: [0; 2],
+                flags: 0,
+                reserved: [0; 3],
+            }; EXTENTS],
+        };
+        // SAFETY: FS_IOC_FIEMAP reads the header and writes at most `extent_count` extents into `map`,
+        // which has room for them; `file` is open for the whole call.
+        if unsafe { libc::ioctl(file.as_raw_fd(), FS_IOC_FIEMAP, &mut map) } != 0 {
+            return None;
+        }
+        let mapped = (map.mapped_extents as usize).min(EXTENTS);
+        Some(
+            map.extents[..mapped]
+                .iter()
+                .any(|e| e.flags & (FIEMAP_EXTENT_DELALLOC | FIEMAP_EXTENT_UNKNOWN) != 0),
+        )
+    }
+
+    #[test]
+    fn a_written_file_is_on_disk_when_write_atomically_returns() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pods.json");
+        // Large enough not to be stored inline in the inode.
+        let bytes = vec![b'p'; 256 * 1024];
+        std::fs::write(dir.path().join("probe"), &bytes).unwrap();
+        if data_only_in_memory(&dir.path().join("probe")) != Some(true) {
+            eprintln!(
+                "SKIPPED: the filesystem of {} does not report unwritten data (FIEMAP)",
+                dir.path().display()
+            );
+            return;
+        }
+        write_atomically(&path, &bytes).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), bytes);
+        assert_eq!(
+            data_only_in_memory(&path),
+            Some(false),
+            "the data is still only in the page cache: a power loss would lose it"
+        );
+        write_atomically_mode(&path, b"secret", Some(0o600)).unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left.len(), 2, "no temporary file left: {left:?}");
+    }
+
+    #[test]
+    fn concurrent_writers_of_one_file_never_fail_or_leave_half_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hint.json");
+        let writers: Vec<_> = [b'a', b'b']
+            .into_iter()
+            .map(|fill| {
+                let path = path.clone();
+                std::thread::spawn(move || {
+                    let bytes = vec![fill; 64 * 1024];
+                    for _ in 0..50 {
+                        write_atomically(&path, &bytes)?;
+                        let seen = std::fs::read(&path)?;
+                        assert!(
+                            seen.len() == bytes.len()
+                                && (seen.iter().all(|b| *b == b'a')
+                                    || seen.iter().all(|b| *b == b'b')),
+                            "half a file seen ({} bytes)",
+                            seen.len()
+                        );
+                    }
+                    std::io::Result::Ok(())
+                })
+            })
+            .collect();
+        for w in writers {
+            w.join().unwrap().expect("every write succeeds");
+        }
     }
 
     #[test]

@@ -204,8 +204,15 @@ fn exchange(
         }
         buf.extend_from_slice(&chunk[..n]);
         if let Some((head_len, Some(len))) = head_info(&buf) {
-            if buf.len() >= head_len + len {
-                break;
+            // The declared length is the agent's word: a sum that overflows, or a body larger than we
+            // would keep, ends the read here and `parse_answer` refuses it.
+            match head_len.checked_add(len) {
+                Some(end) if len <= MAX_ANSWER => {
+                    if buf.len() >= end {
+                        break;
+                    }
+                }
+                _ => break,
             }
         }
     }
@@ -253,6 +260,11 @@ fn parse_answer(buf: &[u8]) -> Result<Answer, TransportError> {
     .ok_or(TransportError::BadAnswer {
         reason: "not an HTTP/1.x status line",
     })?;
+    if content_length.is_some_and(|len| len > MAX_ANSWER) {
+        return Err(TransportError::BadAnswer {
+            reason: "Content-Length larger than the answer limit",
+        });
+    }
     let rest = &buf[head_len..];
     let chunked = header(&head, "transfer-encoding")
         .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
@@ -284,10 +296,11 @@ fn dechunk(mut rest: &[u8]) -> Vec<u8> {
         let data = &rest[line_end + 2..];
         let take = size.min(data.len());
         out.extend_from_slice(&data[..take]);
-        if take < size || data.len() < size + 2 {
-            break;
+        // The size is the agent's word: only step past a chunk (and its CRLF) that is all there.
+        match size.checked_add(2) {
+            Some(next) if next <= data.len() => rest = &data[next..],
+            _ => break,
         }
-        rest = &data[size + 2..];
     }
     out
 }
@@ -434,6 +447,49 @@ mod tests {
         assert_eq!((a.status, a.body.as_str()), (404, "no such"));
         assert!(parse_answer(b"garbage\r\n\r\n").is_err());
         assert!(parse_answer(b"").is_err());
+    }
+
+    /// A one-shot agent on a socket in `dir` that reads the request head and writes `answer`.
+    fn fake_agent(dir: &Path, answer: &'static [u8]) -> std::thread::JoinHandle<()> {
+        let listener = std::os::unix::net::UnixListener::bind(dir.join(SOCKET_NAME)).expect("bind");
+        std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().expect("accept");
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && s.read(&mut byte).unwrap_or(0) == 1 {
+                head.push(byte[0]);
+            }
+            let _ = s.write_all(answer);
+        })
+    }
+
+    #[test]
+    fn an_agent_answer_declaring_u64_max_bytes_is_a_bad_answer_not_a_crash() {
+        let dir =
+            std::env::temp_dir().join(format!("meshnode-cni-u64-answer-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let agent = fake_agent(
+            &dir,
+            b"HTTP/1.1 200 OK\r\nContent-Length: 18446744073709551615\r\n\r\n{}",
+        );
+        let result = Agent::new(&dir).post("/cmdadd", b"{}".to_vec());
+        let _ = std::fs::remove_dir_all(&dir);
+        let err = result.expect_err("an answer that cannot be read whole");
+        assert!(
+            matches!(err, TransportError::BadAnswer { .. }),
+            "expected a bad answer, got: {err}"
+        );
+        agent.join().expect("fake agent");
+        // The same declared length, and a chunk size of 2^64-1, straight into the parser.
+        let declared =
+            parse_answer(b"HTTP/1.1 200 OK\r\nContent-Length: 18446744073709551615\r\n\r\nhi");
+        assert!(declared.is_err());
+        let a = parse_answer(
+            b"HTTP/1.1 500 X\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nab\r\nffffffffffffffff\r\ncd",
+        )
+        .expect("ok");
+        assert_eq!((a.status, a.body.as_str()), (500, "abcd"));
     }
 
     #[test]

@@ -287,10 +287,17 @@ async fn read_request(stream: &mut UnixStream) -> Result<PluginRequest, Answer> 
         ));
     }
     let length = length.ok_or_else(|| Answer::error(400, "Content-Length required"))?;
-    if header_end + length > MAX_REQUEST {
-        return Err(Answer::error(413, "request body too large"));
-    }
-    while buf.len() < header_end + length {
+    // The declared length is the client's word: add it without overflowing before comparing.
+    let end = header_end
+        .checked_add(length)
+        .filter(|end| *end <= MAX_REQUEST)
+        .ok_or_else(|| {
+            Answer::error(
+                413,
+                format!("request body of {length} bytes exceeds the {MAX_REQUEST}-byte limit"),
+            )
+        })?;
+    while buf.len() < end {
         let n = stream
             .read(&mut chunk)
             .await
@@ -303,7 +310,7 @@ async fn read_request(stream: &mut UnixStream) -> Result<PluginRequest, Answer> 
         }
         buf.extend_from_slice(&chunk[..n]);
     }
-    let body = &buf[header_end..header_end + length];
+    let body = &buf[header_end..end];
     let bad = |e: serde_json::Error| {
         Answer::error(400, format!("{path}: body is not a valid event: {e}"))
     };
@@ -330,6 +337,35 @@ mod tests {
         let mut out = String::new();
         s.read_to_string(&mut out).await.unwrap();
         out
+    }
+
+    #[tokio::test]
+    async fn a_content_length_of_u64_max_gets_413_and_the_server_keeps_serving() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("pluginevent.sock");
+        let l = bind(&sock).unwrap();
+        let (tx, mut rx) = mpsc::channel::<Job>(4);
+        let (_stop, shutdown) = watch::channel(false);
+        tokio::spawn(serve(l, tx, shutdown));
+        tokio::spawn(async move {
+            while let Some((_, answer)) = rx.recv().await {
+                let _ = answer.send(Answer::enrolled(false, "test"));
+            }
+        });
+        for length in [u64::MAX, u64::MAX - 2, MAX_REQUEST as u64] {
+            let raw = format!("POST /cmdadd HTTP/1.1\r\nContent-Length: {length}\r\n\r\n{{}}");
+            let out = roundtrip(&sock, raw.as_bytes()).await;
+            assert!(
+                out.starts_with("HTTP/1.1 413 Payload Too Large") && out.contains("limit"),
+                "Content-Length {length} -> {out:?}"
+            );
+        }
+        let ok = roundtrip(
+            &sock,
+            b"POST /cmdadd HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}",
+        )
+        .await;
+        assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
     }
 
     #[tokio::test]

@@ -1,9 +1,10 @@
 //! The agent's record of the pods it has seen, persisted so a restarted agent restores every pod.
 //!
 //! Input: pods from CNI ADD events (name, uid, netns path, IPs) and the enrollment outcome. Output: the
-//! records, and the file `<run_dir>/meshnode-pods.json` rewritten atomically (temp file + rename) after
-//! every change. The run directory is on tmpfs (`/var/run`), so the file lives exactly as long as the
-//! netns paths it names: across agent restarts, not across node reboots.
+//! records, and the file `<run_dir>/meshnode-pods.json` rewritten atomically and durably after every change
+//! ([`crate::file_watch::write_atomically`]: temp file, fsync, rename, fsync of the directory). The run
+//! directory is normally on tmpfs (`/var/run`), so the file lives exactly as long as the netns paths it
+//! names: across agent restarts, not across node reboots; on a disk-backed run dir it survives power loss.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -185,10 +186,15 @@ impl Pods {
             version: 1,
             pods: self.records.values().cloned().collect(),
         };
-        if let Err(e) = crate::file_watch::write_atomically(
-            file,
-            &serde_json::to_vec_pretty(&state).unwrap_or_default(),
-        ) {
+        let bytes = match serde_json::to_vec_pretty(&state) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                // Never replace the last good file with an empty one.
+                tracing::error!(error = %e, "cannot encode the agent's pod state; the file keeps the previous state");
+                return;
+            }
+        };
+        if let Err(e) = crate::file_watch::write_atomically(file, &bytes) {
             tracing::error!(file = %file.display(), error = %e, "cannot save the agent's pod state; a restart would lose pods");
         }
     }

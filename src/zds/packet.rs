@@ -3,7 +3,7 @@
 //! Input: a socket path. Output: [`SeqpacketListener`] (agent side) and [`SeqpacketConn`] (both sides), whose
 //! `send`/`recv` move one whole packet (one protobuf) per call, optionally with SCM_RIGHTS fds.
 //! Sockets are created, bound and accepted through `socket2`'s safe API and driven by tokio's [`AsyncFd`];
-//! `sendmsg`/`recvmsg` go through `nix`. `unsafe` appears twice: [`recv_once`], where fds the kernel
+//! `sendmsg`/`recvmsg` go through `nix`. `unsafe` appears twice: [`take_fds`], where fds the kernel
 //! installed for us via SCM_RIGHTS become [`OwnedFd`]s, and [`register`], tokio's registration of an fd. Timeouts are the caller's business (see `zds::IO_TIMEOUT`).
 
 use std::io::{self, IoSlice, IoSliceMut};
@@ -11,7 +11,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
+use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, MsgFlags};
 use socket2::{Domain, SockAddr, SockRef, Socket, Type};
 use tokio::io::unix::AsyncFd;
 
@@ -20,9 +20,9 @@ use tokio::io::unix::AsyncFd;
 const LISTEN_BACKLOG: i32 = 32;
 
 /// The most fds one message can carry on Linux (`SCM_MAX_FD`). The control buffer has room for all of them
-/// in one SCM_RIGHTS header (the kernel merges several into one on receive), so a misbehaving peer can never
-/// cause MSG_CTRUNC on fds, and every fd it sent reaches us as an [`OwnedFd`] that is closed when dropped
-/// rather than leaking.
+/// in one SCM_RIGHTS header (the kernel merges several into one on receive), so a peer cannot make the
+/// buffer too small. The kernel still cuts the list short (MSG_CTRUNC) when we run out of fd numbers; the
+/// ones it did install are parsed and closed anyway (see [`take_fds`]).
 const SCM_MAX_FD: usize = 253;
 
 /// Mode of the socket file: owner (root) only. Whoever can connect receives pod network namespaces.
@@ -208,46 +208,87 @@ fn register(fd: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
     unsafe { AsyncFd::register(fd) }.map_err(io::Error::from)
 }
 
-/// One `recvmsg` call. Takes ownership of every fd that arrives before looking at anything else, so each one
-/// is closed on any error path.
-#[allow(unsafe_code)]
+/// One `recvmsg` call. Takes ownership of every fd that arrived before looking at anything else, so each one
+/// is closed on any error path; a truncated packet (MSG_TRUNC) or fd list (MSG_CTRUNC) is an `InvalidData`
+/// error, its fds closed.
 fn recv_once(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
-    let mut cmsg_buf = nix::cmsg_space!([RawFd; SCM_MAX_FD]);
+    // Zeroed: `take_fds` relies on the bytes past the last header the kernel wrote being zero.
+    let mut control = nix::cmsg_space!([RawFd; SCM_MAX_FD]);
     let capacity = buf.len();
     let mut iov = [IoSliceMut::new(buf)];
-    let msg = recvmsg::<()>(
-        fd.as_raw_fd(),
-        &mut iov,
-        Some(&mut cmsg_buf),
-        MsgFlags::MSG_CMSG_CLOEXEC,
-    )?;
+    let (bytes, flags) = {
+        let msg = recvmsg::<()>(
+            fd.as_raw_fd(),
+            &mut iov,
+            Some(&mut control),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        )?;
+        (msg.bytes, msg.flags)
+    };
+    let fds = take_fds(&control);
+    if flags.contains(MsgFlags::MSG_TRUNC) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "packet longer than {capacity} bytes (MSG_TRUNC) refused; the {} fds it carried are closed",
+                fds.len()
+            ),
+        ));
+    }
+    if flags.contains(MsgFlags::MSG_CTRUNC) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "packet whose fds did not all arrive (MSG_CTRUNC: out of fd numbers?) refused; the {} that \
+                 did are closed",
+                fds.len()
+            ),
+        ));
+    }
+    Ok((bytes, fds))
+}
+
+/// Takes ownership of the fds in every SCM_RIGHTS header of `control`, a zeroed buffer that `recvmsg` filled.
+///
+/// Parsed here rather than with nix's `cmsgs()`, which refuses to read a buffer flagged MSG_CTRUNC: the
+/// kernel sets that flag when it runs out of fd numbers part way through the list, after installing the
+/// first ones, which would then leak. The layout is the kernel's `struct cmsghdr` (a `size_t` length that
+/// counts the header, then level and type as `int`s, the data right after that rounded up to a `size_t`, the next header at the
+/// length rounded up to a `size_t`); a zero length marks the end of what the kernel wrote.
+#[allow(unsafe_code)]
+fn take_fds(control: &[u8]) -> Vec<OwnedFd> {
+    const WORD: usize = std::mem::size_of::<usize>();
+    const INT: usize = std::mem::size_of::<i32>();
+    // CMSG_LEN(0): the header (length, level, type) rounded up to a size_t.
+    let data_at = (WORD + 2 * INT).div_ceil(WORD) * WORD;
+    let int_at = |bytes: &[u8], at: usize| {
+        let mut raw = [0u8; INT];
+        raw.copy_from_slice(&bytes[at..at + INT]);
+        i32::from_ne_bytes(raw)
+    };
     let mut fds = Vec::new();
-    // `cmsgs()` refuses to parse when MSG_CTRUNC is set; the buffer above holds SCM_MAX_FD fds, so only
-    // control messages we never enable (credentials, security labels) could be cut, and they carry no fds.
-    if let Ok(cmsgs) = msg.cmsgs() {
-        for cmsg in cmsgs {
-            if let ControlMessageOwned::ScmRights(raw) = cmsg {
-                for raw_fd in raw {
-                    // SAFETY: the kernel just installed `raw_fd` in our fd table for this SCM_RIGHTS message
-                    // (with O_CLOEXEC); nothing else knows about it, so this OwnedFd is its only owner.
-                    fds.push(unsafe { OwnedFd::from_raw_fd(raw_fd) });
-                }
+    let mut at = 0usize;
+    while let Some(header) = control.get(at..at.saturating_add(data_at)) {
+        let mut word = [0u8; WORD];
+        word.copy_from_slice(&header[..WORD]);
+        let len = usize::from_ne_bytes(word);
+        if len < data_at {
+            break;
+        }
+        let (level, kind) = (int_at(header, WORD), int_at(header, WORD + INT));
+        let end = at.saturating_add(len).min(control.len());
+        if level == libc::SOL_SOCKET && kind == libc::SCM_RIGHTS {
+            for raw in control[at + data_at..end].chunks_exact(INT) {
+                let raw_fd = int_at(raw, 0);
+                // SAFETY: the kernel just installed `raw_fd` in our fd table for this SCM_RIGHTS message
+                // (with O_CLOEXEC) and wrote its number here; nothing else knows about it, so this
+                // OwnedFd is its only owner.
+                fds.push(unsafe { OwnedFd::from_raw_fd(raw_fd) });
             }
         }
+        at = at.saturating_add(len.div_ceil(WORD).saturating_mul(WORD));
     }
-    if msg.flags.contains(MsgFlags::MSG_TRUNC) {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("message longer than {} bytes (MSG_TRUNC)", capacity),
-        ));
-    }
-    if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "control data truncated (MSG_CTRUNC)",
-        ));
-    }
-    Ok((msg.bytes, fds))
+    fds
 }
 
 fn with_path(e: io::Error, what: &str, path: &Path) -> io::Error {

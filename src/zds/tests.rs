@@ -563,3 +563,119 @@ fn bind_replaces_a_stale_socket_but_not_other_files() {
     assert_eq!(err.kind(), std::io::ErrorKind::AlreadyExists);
     assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
 }
+
+/// This process's open fd numbers.
+fn open_fds() -> Vec<i32> {
+    let mut fds: Vec<i32> = std::fs::read_dir("/proc/self/fd")
+        .expect("/proc/self/fd")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    fds.sort_unstable();
+    fds
+}
+
+/// Sets the soft fd limit so that only about `free` more fds can be opened; returns the previous limits.
+#[allow(unsafe_code)]
+fn limit_free_fds(free: usize) -> libc::rlimit {
+    let open = open_fds();
+    let mut limit = 0;
+    let mut left = free;
+    while left > 0 {
+        if !open.contains(&limit) {
+            left -= 1;
+        }
+        limit += 1;
+    }
+    let mut old = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct it is given.
+    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut old) }, 0);
+    set_fd_limit(libc::rlimit {
+        rlim_cur: limit as libc::rlim_t,
+        rlim_max: old.rlim_max,
+    });
+    old
+}
+
+#[allow(unsafe_code)]
+fn set_fd_limit(limit: libc::rlimit) {
+    // SAFETY: setrlimit only reads the struct it is given.
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) }, 0);
+}
+
+/// Runs the ignored test `name` of this module alone, in a new process of this test binary: for tests that
+/// change the process's fd limit or count its fds, which tests running in parallel would disturb.
+fn run_alone(name: &str) {
+    let module = module_path!().split_once("::").expect("crate::module").1;
+    let test = format!("{module}::{name}");
+    let out = std::process::Command::new(std::env::current_exe().expect("the test binary"))
+        .args([test.as_str(), "--exact", "--ignored", "--test-threads=1"])
+        .output()
+        .expect("run the test binary");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("1 passed"),
+        "{test} in its own process:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_refused_zds_packet_leaves_none_of_its_fds_open_on_either_side() {
+    run_alone("alone_received_fds_never_outlive_a_refused_packet");
+}
+
+#[tokio::test]
+#[ignore = "lowers the fd limit and counts fds: run alone by a_refused_zds_packet_leaves_none_of_its_fds_open_on_either_side"]
+async fn alone_received_fds_never_outlive_a_refused_packet() {
+    const SENT: usize = 32;
+    let agent = Agent::start(FixedSnapshot(vec![]));
+    let (mut client, raw_agent) = client_and_raw_agent().await;
+    let (pipe_r, pipe_w) = nix::unistd::pipe().unwrap();
+    let many: Vec<&dyn AsFd> = std::iter::repeat_n(&pipe_r as &dyn AsFd, SENT).collect();
+    let oversized = vec![0x0a; MAX_MESSAGE + 1];
+    let before = open_fds();
+
+    // Proxy side: an oversized packet with fds, and an AddWorkload with far more than one fd.
+    send_with_fds(&raw_agent, &oversized, &many[..3]);
+    let err = client.recv().await.unwrap_err();
+    assert!(err.to_string().contains("MSG_TRUNC"), "oversized: {err}");
+    client.ack(Some("refused")).await.unwrap();
+    raw_recv(&raw_agent).await;
+    send_with_fds(&raw_agent, &add_request("p", true), &many);
+    expect_protocol_error(&mut client, &raw_agent, "Add with 32 fds").await;
+    // Agent side: a hello that is oversized and carries fds.
+    let proxy = SeqpacketConn::connect(&agent.path).await.unwrap();
+    send_with_fds(&proxy, &oversized, &many);
+    let (bytes, fds) = raw_recv(&proxy).await;
+    assert!(
+        bytes.is_empty() && fds.is_empty(),
+        "agent closes the connection"
+    );
+    drop(proxy);
+    assert_eq!(open_fds(), before, "fds left open by refused packets");
+
+    // Out of fd numbers part way through the list: the kernel installs the first few fds and flags the
+    // packet MSG_CTRUNC. Those few must be closed too.
+    let limits = limit_free_fds(6);
+    send_with_fds(&raw_agent, &add_request("p", true), &many);
+    let err = client.recv().await.unwrap_err();
+    assert!(err.to_string().contains("MSG_CTRUNC"), "cut short: {err}");
+    client.ack(Some("refused")).await.unwrap();
+    raw_recv(&raw_agent).await;
+    let proxy = SeqpacketConn::connect(&agent.path).await.unwrap();
+    send_with_fds(&proxy, &[0x08, 0x01], &many);
+    let (bytes, fds) = raw_recv(&proxy).await;
+    assert!(
+        bytes.is_empty() && fds.is_empty(),
+        "agent closes the connection"
+    );
+    drop(proxy);
+    set_fd_limit(limits);
+    assert_eq!(open_fds(), before, "fds left open by cut-short packets");
+
+    drop(pipe_r);
+    assert_no_reader_left(pipe_w);
+}
