@@ -9,6 +9,8 @@
 //! Server side: a client certificate is required, must lead to our roots and its identity must be in our own
 //! trust domain; otherwise the handshake fails with a TLS alert. [`peer_identity`] then gives the inbound
 //! proxy (authorization) that same identity, read by the same function the verifier used.
+//! Roots: the [`WorkloadCert`]'s roots, i.e. the CA answer's roots plus the configured trust bundle
+//! (`CA_ROOT_CA`) that [`crate::identity::CertManager`] merges in.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::{Arc, OnceLock};
@@ -26,9 +28,7 @@ use rustls::{
     ServerConfig, SignatureScheme,
 };
 
-use tokio::sync::watch;
-
-use crate::identity::{Identity, WorkloadCert};
+use crate::identity::{CertWatch, Identity, WorkloadCert};
 
 /// ALPN protocol of HBONE.
 pub const ALPN_H2: &[u8] = b"h2";
@@ -165,14 +165,19 @@ pub fn dummy_server_name() -> ServerName<'static> {
 
 /// One identity's TLS material, rebuilt when its certificate rotates. Connections already open keep the
 /// material they started with.
+///
+/// Holding one keeps the identity in use: [`crate::identity::CertManager`] releases an identity when the
+/// last [`CertWatch`] for it is dropped.
 pub struct WorkloadTls {
-    rx: watch::Receiver<Arc<WorkloadCert>>,
+    rx: CertWatch,
     current: Mutex<Arc<TlsMaterial>>,
 }
 
 impl WorkloadTls {
-    /// Starts from the certificate currently in `rx`.
-    pub fn new(rx: watch::Receiver<Arc<WorkloadCert>>) -> Result<WorkloadTls, Error> {
+    /// Starts from the certificate currently in `rx` (a [`CertWatch`] from the manager, or a bare
+    /// `watch::Receiver` for a certificate nobody rotates).
+    pub fn new(rx: impl Into<CertWatch>) -> Result<WorkloadTls, Error> {
+        let rx = rx.into();
         let cert = rx.borrow().clone();
         let current = Mutex::new(Arc::new(TlsMaterial::new(cert)?));
         Ok(WorkloadTls { rx, current })
