@@ -28,7 +28,9 @@ pub const XDS_ADDRESS: &str = "XDS_ADDRESS";
 pub const CA_ADDRESS: &str = "CA_ADDRESS";
 /// Roots to verify the xDS server: a file path, `SYSTEM`, or PEM text.
 pub const XDS_ROOT_CA: &str = "XDS_ROOT_CA";
-/// Roots to verify the CA server: a file path, `SYSTEM`, or PEM text.
+/// Roots to verify the CA server: a file path, `SYSTEM`, or PEM text. A file or PEM text is also the mesh's
+/// root bundle, trusted for workload peers together with each CA answer's roots (the file re-read when it
+/// changes; see `identity::TrustBundle`).
 pub const CA_ROOT_CA: &str = "CA_ROOT_CA";
 /// Another name the xDS server's certificate may carry.
 pub const ALT_XDS_HOSTNAME: &str = "ALT_XDS_HOSTNAME";

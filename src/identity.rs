@@ -13,7 +13,9 @@
 //! - [`spiffe`]: the [`Identity`] type (parse/print `spiffe://td/ns/x/sa/y`).
 //! - `cert`: [`WorkloadCert`] and the [`CertSource`] trait.
 //! - `signer`: issuing Istio-compatible leaves from a CA key; PEM/DER loading shared by both CAs.
-//! - `plugin`: [`PluginCa`]. `builtin`: [`BuiltinCa`]. `manager`: [`CertManager`] (rotation).
+//! - `plugin`: [`PluginCa`]. `builtin`: [`BuiltinCa`]. `manager`: [`CertManager`] (rotation, and
+//!   releasing identities no one uses any more) and [`CertWatch`].
+//! - `bundle`: [`TrustBundle`], the configured root bundle (`CA_ROOT_CA`) trusted with each CA answer.
 //! - [`caclient`]: [`CaClient`], a [`CertSource`] asking a remote Istio CA (istiod, or
 //!   `meshnode control-plane`) over gRPC, as ztunnel does.
 //! - [`ca_server`]: [`CaService`], the Istio CA gRPC service of `meshnode control-plane`, signing
@@ -28,6 +30,7 @@ pub mod spiffe;
 pub use spiffe::Identity;
 
 mod builtin;
+mod bundle;
 pub mod ca_server;
 pub mod caclient;
 mod cert;
@@ -36,10 +39,11 @@ mod plugin;
 mod signer;
 
 pub use builtin::BuiltinCa;
+pub use bundle::TrustBundle;
 pub use ca_server::{bearer_token, Authenticate, CaService, CsrSigner, Grant, TokenAuthenticator};
 pub use caclient::{CaClient, ResponseProblem};
 pub use cert::{BoxFuture, CertSource, WorkloadCert};
-pub use manager::CertManager;
+pub use manager::{CertManager, CertWatch};
 pub use plugin::PluginCa;
 pub use signer::CsrProblem;
 

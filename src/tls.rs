@@ -3,9 +3,14 @@
 //! Input: a [`WorkloadCert`] (chain, key, roots) and, on the client side, the identities the peer may have.
 //! Output: rustls server/client configs that speak exactly what ztunnel speaks — TLS 1.3 only, AES-GCM
 //! suites, ALPN `h2`, no SNI, no resumption — and the peer's SPIFFE identity after a handshake.
-//! Client side: the server's chain must lead to our roots and one of its SPIFFE SANs must be expected.
-//! Server side: a client certificate is required, must lead to our roots and carry a SPIFFE SAN in our own
-//! trust domain; otherwise the handshake fails with a TLS alert.
+//! Both sides: the peer's leaf must carry exactly one URI SAN, a SPIFFE workload identity
+//! ([`leaf_identity`]); a certificate with none or several is refused.
+//! Client side: the server's chain must lead to our roots and its identity must be one expected.
+//! Server side: a client certificate is required, must lead to our roots and its identity must be in our own
+//! trust domain; otherwise the handshake fails with a TLS alert. [`peer_identity`] then gives the inbound
+//! proxy (authorization) that same identity, read by the same function the verifier used.
+//! Roots: the [`WorkloadCert`]'s roots, i.e. the CA answer's roots plus the configured trust bundle
+//! (`CA_ROOT_CA`) that [`crate::identity::CertManager`] merges in.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::{Arc, OnceLock};
@@ -22,9 +27,8 @@ use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, RootCertStore,
     ServerConfig, SignatureScheme,
 };
-use tokio::sync::watch;
 
-use crate::identity::{Identity, WorkloadCert};
+use crate::identity::{CertWatch, Identity, WorkloadCert};
 
 /// ALPN protocol of HBONE.
 pub const ALPN_H2: &[u8] = b"h2";
@@ -161,14 +165,19 @@ pub fn dummy_server_name() -> ServerName<'static> {
 
 /// One identity's TLS material, rebuilt when its certificate rotates. Connections already open keep the
 /// material they started with.
+///
+/// Holding one keeps the identity in use: [`crate::identity::CertManager`] releases an identity when the
+/// last [`CertWatch`] for it is dropped.
 pub struct WorkloadTls {
-    rx: watch::Receiver<Arc<WorkloadCert>>,
+    rx: CertWatch,
     current: Mutex<Arc<TlsMaterial>>,
 }
 
 impl WorkloadTls {
-    /// Starts from the certificate currently in `rx`.
-    pub fn new(rx: watch::Receiver<Arc<WorkloadCert>>) -> Result<WorkloadTls, Error> {
+    /// Starts from the certificate currently in `rx` (a [`CertWatch`] from the manager, or a bare
+    /// `watch::Receiver` for a certificate nobody rotates).
+    pub fn new(rx: impl Into<CertWatch>) -> Result<WorkloadTls, Error> {
+        let rx = rx.into();
         let cert = rx.borrow().clone();
         let current = Mutex::new(Arc::new(TlsMaterial::new(cert)?));
         Ok(WorkloadTls { rx, current })
@@ -191,32 +200,86 @@ impl WorkloadTls {
     }
 }
 
-/// The SPIFFE identities in a certificate's URI SANs, in order.
+/// The SPIFFE identities in a certificate's URI SANs, in order (URIs that are not SPIFFE workload
+/// identities are skipped). For diagnostics and tests; peers are judged by [`leaf_identity`].
 pub fn spiffe_ids(cert: &CertificateDer<'_>) -> Vec<Identity> {
-    let Ok((_, parsed)) = x509_parser::parse_x509_certificate(cert.as_ref()) else {
-        return Vec::new();
-    };
-    let Ok(Some(san)) = parsed.subject_alternative_name() else {
-        return Vec::new();
-    };
-    san.value
-        .general_names
+    uri_sans(cert)
+        .unwrap_or_default()
         .iter()
-        .filter_map(|n| match n {
-            x509_parser::extensions::GeneralName::URI(u) => u.parse::<Identity>().ok(),
-            _ => None,
-        })
+        .filter_map(|u| u.parse::<Identity>().ok())
         .collect()
 }
 
-/// The peer's identity: the first SPIFFE SAN of its leaf certificate.
-pub fn peer_identity(certs: Option<&[CertificateDer<'_>]>) -> Option<Identity> {
-    certs?
-        .first()
-        .and_then(|leaf| spiffe_ids(leaf).into_iter().next())
+/// Why a peer's leaf certificate names no usable identity.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PeerIdentityError {
+    /// The leaf, or its subjectAltName extension, does not parse.
+    #[error("the leaf certificate or its subjectAltName does not parse")]
+    Unreadable,
+    /// No URI SAN at all.
+    #[error("the leaf certificate carries no URI SAN")]
+    NoUriSan,
+    /// More than one URI SAN: which one is the peer would be ambiguous.
+    #[error("the leaf certificate carries {} URI SANs ({uris:?}); exactly one is allowed", uris.len())]
+    SeveralUriSans {
+        /// The URI SANs found.
+        uris: Vec<String>,
+    },
+    /// The one URI SAN is not a SPIFFE workload identity.
+    #[error("the URI SAN {uri:?} is not a SPIFFE workload identity")]
+    NotSpiffe {
+        /// The URI SAN.
+        uri: String,
+    },
 }
 
-/// Client-side verifier: chain to our roots (server-auth usage), then the SAN must be expected.
+/// Every URI SAN of `cert`, in order; `None` if the certificate or its SAN extension does not parse.
+fn uri_sans(cert: &CertificateDer<'_>) -> Option<Vec<String>> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    let Some(san) = parsed.subject_alternative_name().ok()? else {
+        return Some(Vec::new());
+    };
+    Some(
+        san.value
+            .general_names
+            .iter()
+            .filter_map(|n| match n {
+                x509_parser::extensions::GeneralName::URI(u) => Some((*u).to_string()),
+                _ => None,
+            })
+            .collect(),
+    )
+}
+
+/// The identity a peer's leaf certificate names: its only URI SAN, which must be a SPIFFE workload
+/// identity (ztunnel's rule for workload certificates). Both verifiers and [`peer_identity`] use this one
+/// function, so the identity checked during the handshake is the identity authorized afterwards.
+pub fn leaf_identity(leaf: &CertificateDer<'_>) -> Result<Identity, PeerIdentityError> {
+    let mut uris = uri_sans(leaf).ok_or(PeerIdentityError::Unreadable)?;
+    match uris.len() {
+        0 => Err(PeerIdentityError::NoUriSan),
+        1 => {
+            let uri = uris.pop().unwrap_or_default();
+            uri.parse::<Identity>()
+                .map_err(|_| PeerIdentityError::NotSpiffe { uri })
+        }
+        _ => Err(PeerIdentityError::SeveralUriSans { uris }),
+    }
+}
+
+/// The peer's identity after a handshake: [`leaf_identity`] of its leaf certificate. The verifiers refuse
+/// every certificate for which this is `None`.
+pub fn peer_identity(certs: Option<&[CertificateDer<'_>]>) -> Option<Identity> {
+    leaf_identity(certs?.first()?).ok()
+}
+
+/// The rustls error for a certificate whose identity is refused (the peer sees `access_denied`).
+fn identity_refused() -> rustls::Error {
+    rustls::Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure)
+}
+
+/// Client-side verifier: chain to our roots (server-auth usage), then the one identity must be expected.
 #[derive(Debug)]
 struct ExpectedIdentities {
     roots: Arc<RootCertStore>,
@@ -241,14 +304,18 @@ impl ServerCertVerifier for ExpectedIdentities {
             now,
             self.provider.signature_verification_algorithms.all,
         )?;
-        let presented = spiffe_ids(end_entity);
-        if presented.iter().any(|id| self.expected.contains(id)) {
-            Ok(ServerCertVerified::assertion())
-        } else {
-            tracing::warn!(?presented, expected = ?self.expected, "peer identity is not one the destination may have");
-            Err(rustls::Error::InvalidCertificate(
-                CertificateError::ApplicationVerificationFailure,
-            ))
+        match leaf_identity(end_entity) {
+            Ok(presented) if self.expected.contains(&presented) => {
+                Ok(ServerCertVerified::assertion())
+            }
+            Ok(presented) => {
+                tracing::warn!(%presented, expected = ?self.expected, "peer identity is not one the destination may have");
+                Err(identity_refused())
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, expected = ?self.expected, "server certificate refused");
+                Err(identity_refused())
+            }
         }
     }
 
@@ -284,7 +351,7 @@ impl ServerCertVerifier for ExpectedIdentities {
     }
 }
 
-/// Server-side verifier: WebPKI client verification against our roots, plus the trust-domain check.
+/// Server-side verifier: WebPKI client verification against our roots, then the one identity's trust domain.
 #[derive(Debug)]
 struct SameTrustDomain {
     inner: Arc<dyn ClientCertVerifier>,
@@ -304,17 +371,18 @@ impl ClientCertVerifier for SameTrustDomain {
     ) -> Result<ClientCertVerified, rustls::Error> {
         self.inner
             .verify_client_cert(end_entity, intermediates, now)?;
-        let presented = spiffe_ids(end_entity);
-        if presented
-            .iter()
-            .any(|id| id.trust_domain() == self.trust_domain)
-        {
-            Ok(ClientCertVerified::assertion())
-        } else {
-            tracing::warn!(?presented, trust_domain = %self.trust_domain, "client certificate is not from our trust domain");
-            Err(rustls::Error::InvalidCertificate(
-                CertificateError::ApplicationVerificationFailure,
-            ))
+        match leaf_identity(end_entity) {
+            Ok(presented) if presented.trust_domain() == self.trust_domain => {
+                Ok(ClientCertVerified::assertion())
+            }
+            Ok(presented) => {
+                tracing::warn!(%presented, trust_domain = %self.trust_domain, "client certificate is not from our trust domain");
+                Err(identity_refused())
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "client certificate refused");
+                Err(identity_refused())
+            }
         }
     }
 
@@ -356,4 +424,4 @@ impl ResolvesClientCert for FixedClientCert {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

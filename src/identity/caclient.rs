@@ -8,10 +8,17 @@
 //! Each fetch generates a key, sends `/istio.v1.auth.IstioCertificateService/CreateCertificate`
 //! with a PEM CSR whose only SAN is the SPIFFE id, `validity_duration` = the TTL in seconds and, in
 //! shared mode, `metadata = {"ImpersonatedIdentity": "<id>"}`, and waits at most
-//! [`REQUEST_TIMEOUT`]. The answer (`cert_chain`: leaf first, root last) is checked before it is
-//! used: every PEM parses, the leaf names exactly `id` and carries our key, it is not expired, and
-//! the chain verifies up to its last certificate for client and server use. Anything wrong is an
+//! [`REQUEST_TIMEOUT`]. The answer (`cert_chain`: leaf first, intermediates, then the roots as its last
+//! element, which may hold several concatenated PEM certificates while a root rotates) is checked before
+//! it is used: every PEM parses, the leaf names exactly `id` and carries our key, it is not expired, and
+//! the chain verifies up to one of those roots for client and server use. Anything wrong is an
 //! [`Error`] naming the CA and the identity. Rotation and retry are [`super::CertManager`]'s job.
+//!
+//! Peers are trusted through the answer's roots together with the configured root bundle (`CA_ROOT_CA`,
+//! a [`TrustBundle`] re-read when its file changes), which [`CertSource::trust_bundle`] hands to the
+//! manager. ztunnel trusts only the answer's roots; meshnode also trusts the bundle so that, during a
+//! root rotation, peers whose certificates come from the other root are not refused for up to a
+//! certificate lifetime.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -24,7 +31,7 @@ use tonic::transport::Channel;
 use x509_parser::extensions::GeneralName;
 
 use super::signer::{self, check_ttl};
-use super::{BoxFuture, CertSource, Error, Identity, WorkloadCert};
+use super::{BoxFuture, CertSource, Error, Identity, TrustBundle, WorkloadCert};
 use crate::config::GrpcTarget;
 use crate::grpc::{self, Credentials};
 use crate::proto::ca::istio_certificate_service_client::IstioCertificateServiceClient;
@@ -110,12 +117,16 @@ pub struct CaClient {
     creds: Credentials,
     ttl: Duration,
     impersonate: bool,
+    /// The configured roots (`CA_ROOT_CA`), trusted for peers with each answer's roots.
+    bundle: Option<TrustBundle>,
 }
 
 impl CaClient {
     /// A client for the CA at `target`, asking for certificates valid for `ttl`. `impersonate`
     /// (shared proxy mode) adds the `ImpersonatedIdentity` metadata to every request. The
-    /// connection is made on the first fetch and re-made by itself after failures.
+    /// connection is made on the first fetch and re-made by itself after failures. `target.root`
+    /// (`CA_ROOT_CA`) also becomes the [`TrustBundle`] trusted for peers (none for `SYSTEM`); a bundle
+    /// that does not parse is an error here.
     pub fn new(
         target: &GrpcTarget,
         creds: Credentials,
@@ -129,12 +140,14 @@ impl CaClient {
         })?;
         let client = IstioCertificateServiceClient::new(channel)
             .max_decoding_message_size(MAX_RESPONSE_BYTES);
+        let bundle = TrustBundle::from_root_ca(&target.root)?;
         Ok(CaClient {
             client,
             address: target.address.clone(),
             creds,
             ttl,
             impersonate,
+            bundle,
         })
     }
 
@@ -219,16 +232,23 @@ impl CertSource for CaClient {
     fn fetch<'a>(&'a self, id: &'a Identity) -> BoxFuture<'a, Result<WorkloadCert, Error>> {
         Box::pin(self.request(id))
     }
+
+    fn trust_bundle(&self) -> Option<TrustBundle> {
+        self.bundle.clone()
+    }
 }
 
 /// Checks a CA answer for `id` (see the module docs) and turns it into a [`WorkloadCert`] with
-/// `chain` = leaf + intermediates and `roots` = the last certificate.
+/// `chain` = leaf + intermediates and `roots` = every certificate of the last element (of the last
+/// certificate when the answer is a single element).
 pub(crate) fn check_answer(
     id: &Identity,
     key: KeyPair,
     cert_chain: &[String],
 ) -> Result<WorkloadCert, ResponseProblem> {
     let mut certs: Vec<CertificateDer<'static>> = Vec::new();
+    // How many certificates the last element holds: the roots.
+    let mut in_last = 0;
     for (index, pem) in cert_chain.iter().enumerate() {
         let before = certs.len();
         for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
@@ -243,6 +263,7 @@ pub(crate) fn check_answer(
         if certs.len() == before {
             return Err(ResponseProblem::NoCertificate { index });
         }
+        in_last = certs.len() - before;
     }
     if certs.is_empty() {
         return Err(ResponseProblem::Empty);
@@ -288,12 +309,14 @@ pub(crate) fn check_answer(
         });
     }
 
-    let root = certs.pop().ok_or(ResponseProblem::NoRoot)?;
+    // A single element holding leaf and root concatenated: its last certificate is the root.
+    let root_count = if cert_chain.len() >= 2 { in_last } else { 1 };
+    let roots = certs.split_off(certs.len() - root_count);
     let cert = WorkloadCert {
         identity: id.clone(),
         chain: certs,
         key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-        roots: vec![root],
+        roots,
         not_before,
         not_after,
     };

@@ -10,7 +10,7 @@ use std::time::SystemTime;
 
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
-use super::{Error, Identity};
+use super::{Error, Identity, TrustBundle};
 
 /// A boxed, sendable future (what [`CertSource::fetch`] returns).
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -19,6 +19,12 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 pub trait CertSource: Send + Sync + 'static {
     /// Mints (or fetches) a fresh certificate for `id`.
     fn fetch<'a>(&'a self, id: &'a Identity) -> BoxFuture<'a, Result<WorkloadCert, Error>>;
+
+    /// Roots to trust for peers besides those of each fetched certificate (the configured
+    /// `CA_ROOT_CA` bundle of a remote CA). None by default: a local CA's roots are complete.
+    fn trust_bundle(&self) -> Option<TrustBundle> {
+        None
+    }
 }
 
 /// A workload certificate with its key and the roots its peers must chain to.

@@ -23,6 +23,8 @@ use crate::proto::ca::istio_certificate_service_server::{
     IstioCertificateService, IstioCertificateServiceServer,
 };
 use crate::proto::ca::IstioCertificateResponse;
+use crate::tls::tests::{handshake, TestRoot};
+use crate::tls::TlsMaterial;
 
 const TD: &str = "cluster.local";
 const NODE_TOKEN: &str = "node-token";
@@ -183,6 +185,10 @@ async fn certificate_from_the_embedded_ca_over_tls_is_usable_for_mtls() {
     );
     let (_tx, rx) = tokio::sync::watch::channel(Arc::new(cert));
     crate::tls::WorkloadTls::new(rx).expect("TLS accepts the certificate");
+    assert!(
+        client.trust_bundle().is_some(),
+        "CA_ROOT_CA given as PEM is trusted for peers too"
+    );
     // Shared mode: the request carried the node's token and the impersonation metadata.
     assert_eq!(
         auth.seen(),
@@ -413,33 +419,27 @@ enum Answer {
     Expired,
     NotVerifying,
     Oversized,
+    /// The last element holds two roots (a root rotation in progress); the leaf is under the first.
+    TwoRoots,
 }
 
 /// A CA that signs the CSR as told by `answer`.
 struct FakeCa {
     answer: Answer,
-    root: rcgen::Certificate,
-    issuer: Issuer<'static, KeyPair>,
-    stranger: Issuer<'static, KeyPair>,
-}
-
-fn new_root() -> (rcgen::Certificate, Issuer<'static, KeyPair>) {
-    let key = KeyPair::generate().unwrap();
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let root = params.self_signed(&key).unwrap();
-    (root, Issuer::new(params, key))
+    root: TestRoot,
+    stranger: TestRoot,
 }
 
 impl FakeCa {
     fn new(answer: Answer) -> Self {
-        let (root, issuer) = new_root();
-        let (_, stranger) = new_root();
+        Self::with_root(answer, TestRoot::new("fake CA root"))
+    }
+
+    fn with_root(answer: Answer, root: TestRoot) -> Self {
         Self {
             answer,
             root,
-            issuer,
-            stranger,
+            stranger: TestRoot::new("stranger root"),
         }
     }
 
@@ -448,13 +448,14 @@ impl FakeCa {
         let now = time::OffsetDateTime::now_utc();
         req.params.not_before = now - time::Duration::minutes(1);
         req.params.not_after = now + time::Duration::hours(1);
-        let mut issuer = &self.issuer;
+        let mut issuer = &self.root.issuer;
+        let root_pem = self.root.cert.pem();
         match self.answer {
             Answer::Empty => return vec![],
             Answer::MalformedPem => {
                 return vec!["-----BEGIN CERTIFICATE-----\n!!!\n-----END CERTIFICATE-----\n".into()]
             }
-            Answer::NotX509 => return vec![signer::to_pem(b"not a certificate"), self.root.pem()],
+            Answer::NotX509 => return vec![signer::to_pem(b"not a certificate"), root_pem],
             Answer::Oversized => return vec!["x".repeat(2 * MAX_RESPONSE_BYTES)],
             Answer::OtherIdentity => {
                 req.params.subject_alt_names = vec![SanType::URI(
@@ -464,19 +465,20 @@ impl FakeCa {
             Answer::OtherKey => {
                 let other_key = KeyPair::generate().unwrap();
                 let leaf = req.params.signed_by(&other_key, issuer).unwrap();
-                return vec![leaf.pem(), self.root.pem()];
+                return vec![leaf.pem(), root_pem];
             }
             Answer::Expired => {
                 req.params.not_before = now - time::Duration::hours(2);
                 req.params.not_after = now - time::Duration::hours(1);
             }
-            Answer::NotVerifying => issuer = &self.stranger,
-            Answer::Good | Answer::LeafOnly => {}
+            Answer::NotVerifying => issuer = &self.stranger.issuer,
+            Answer::Good | Answer::LeafOnly | Answer::TwoRoots => {}
         }
         let leaf = req.signed_by(issuer).unwrap().pem();
         match self.answer {
             Answer::LeafOnly => vec![leaf],
-            _ => vec![leaf, self.root.pem()],
+            Answer::TwoRoots => vec![leaf, format!("{root_pem}{}", self.stranger.cert.pem())],
+            _ => vec![leaf, root_pem],
         }
     }
 }
@@ -493,17 +495,20 @@ impl IstioCertificateService for FakeCa {
 }
 
 async fn ask_fake(answer: Answer) -> Result<WorkloadCert, Error> {
-    let server = serve(
-        IstioCertificateServiceServer::new(FakeCa::new(answer))
-            .max_encoding_message_size(8 * MAX_RESPONSE_BYTES),
-        listener().await,
-        None,
-    )
-    .await;
+    let server = serve_fake(FakeCa::new(answer)).await;
     let client = CaClient::new(&target(server.addr), literal("t"), HOUR, false).unwrap();
     let result = client.fetch(&id("a")).await;
     server.stop().await;
     result
+}
+
+async fn serve_fake(ca: FakeCa) -> Running {
+    serve(
+        IstioCertificateServiceServer::new(ca).max_encoding_message_size(8 * MAX_RESPONSE_BYTES),
+        listener().await,
+        None,
+    )
+    .await
 }
 
 #[tokio::test]
@@ -569,8 +574,145 @@ async fn an_oversized_ca_answer_is_refused_without_buffering_it() {
 
 #[test]
 fn a_chain_longer_than_the_limit_is_refused() {
-    let (root, _) = new_root();
+    let root = TestRoot::new("root").cert;
     let chain = vec![root.pem().repeat(MAX_CHAIN_LEN + 1)];
     let err = check_answer(&id("a"), KeyPair::generate().unwrap(), &chain).unwrap_err();
     assert!(matches!(err, ResponseProblem::TooLong { .. }), "{err}");
+}
+
+// ---- the configured root bundle (CA_ROOT_CA) trusted together with the CA's answer ----
+
+/// A peer workload's TLS material: a leaf under `root` for `sa`, trusting `trusts`.
+fn peer(root: &TestRoot, sa: &str, trusts: Vec<CertificateDer<'static>>) -> TlsMaterial {
+    TlsMaterial::new(Arc::new(root.leaf(&[&id(sa).to_string()], trusts))).unwrap()
+}
+
+/// Whether our certificate from `rx` accepts `peer` as a client (inbound) and as a server (outbound).
+async fn accepts(ours: &crate::tls::WorkloadTls, peer: &TlsMaterial) -> (bool, bool) {
+    let ours = ours.current();
+    let inbound = handshake(&ours, peer, vec![id("a")]).await;
+    let outbound = handshake(peer, &ours, vec![id("peer")]).await;
+    (inbound.server.is_ok(), outbound.client.is_ok())
+}
+
+#[tokio::test]
+async fn peers_under_the_second_root_of_the_configured_bundle_are_accepted() {
+    let first = TestRoot::new("mesh root 1");
+    let second = TestRoot::new("mesh root 2");
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = dir.path().join("root-cert.pem");
+    std::fs::write(
+        &bundle,
+        format!("{}{}", first.cert.pem(), second.cert.pem()),
+    )
+    .unwrap();
+    let trusts_both = vec![first.der(), second.der()];
+    // The CA signs with the first root and its answer names only that one.
+    let server = serve_fake(FakeCa::with_root(Answer::Good, first)).await;
+    let target = GrpcTarget {
+        root: RootCa::File(bundle),
+        ..target(server.addr)
+    };
+    let client = CaClient::new(&target, literal("t"), HOUR, false).unwrap();
+    let manager = CertManager::new(Arc::new(client));
+    let ours = crate::tls::WorkloadTls::new(manager.get(&id("a")).await.unwrap()).unwrap();
+
+    // A peer whose certificate already comes from the second root.
+    let rotated = peer(&second, "peer", trusts_both);
+    assert_eq!(accepts(&ours, &rotated).await, (true, true));
+    // A certificate from a root in neither the answer nor the bundle is still refused.
+    let stranger = TestRoot::new("stranger");
+    let foreign = peer(
+        &stranger,
+        "peer",
+        vec![stranger.der(), ours.current().cert.roots[0].clone()],
+    );
+    assert_eq!(accepts(&ours, &foreign).await, (false, false));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_root_added_to_the_bundle_file_is_trusted_without_a_restart_and_a_removed_one_no_longer()
+{
+    let first = TestRoot::new("mesh root 1");
+    let second = TestRoot::new("mesh root 2");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("root-cert.pem");
+    std::fs::write(&path, first.cert.pem()).unwrap();
+    let first_pem = first.cert.pem();
+    let trusts_both = vec![first.der(), second.der()];
+    let server = serve_fake(FakeCa::with_root(Answer::Good, first)).await;
+    let mut client = CaClient::new(&target(server.addr), literal("t"), HOUR, false).unwrap();
+    client.bundle = Some(TrustBundle::watch_file(path.clone(), Duration::from_millis(50)).unwrap());
+    let manager = CertManager::new(Arc::new(client));
+    let mut rx = manager.get(&id("a")).await.unwrap();
+    rx.borrow_and_update();
+    let ours = crate::tls::WorkloadTls::new(rx.clone()).unwrap();
+    let rotated = peer(&second, "peer", trusts_both);
+    assert_eq!(accepts(&ours, &rotated).await, (false, false));
+
+    std::fs::write(&path, format!("{first_pem}{}", second.cert.pem())).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), rx.changed())
+        .await
+        .expect("the new bundle is published")
+        .unwrap();
+    assert_eq!(accepts(&ours, &rotated).await, (true, true));
+
+    // A broken edit keeps the last good bundle.
+    std::fs::write(&path, "not PEM at all").unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(accepts(&ours, &rotated).await, (true, true));
+
+    // The rotation is over: the second root is removed again.
+    std::fs::write(&path, &first_pem).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), rx.changed())
+        .await
+        .expect("the smaller bundle is published")
+        .unwrap();
+    assert_eq!(accepts(&ours, &rotated).await, (false, false));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_root_bundle_that_does_not_parse_is_a_clear_error_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("root-cert.pem");
+    let addr = listener().await.local_addr().unwrap();
+    for (content, want) in [
+        ("", "no CERTIFICATE"),
+        (
+            "-----BEGIN CERTIFICATE-----\n!!!\n-----END CERTIFICATE-----\n",
+            "not valid PEM",
+        ),
+        (&*signer::to_pem(b"not a certificate"), "not valid X.509"),
+    ] {
+        std::fs::write(&path, content).unwrap();
+        let bad = GrpcTarget {
+            root: RootCa::File(path.clone()),
+            ..target(addr)
+        };
+        let err = CaClient::new(&bad, literal("t"), HOUR, false).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("root-cert.pem") && text.contains(want),
+            "{text}"
+        );
+    }
+    // Not there yet: no error, the file is picked up once it appears.
+    let later = GrpcTarget {
+        root: RootCa::File(dir.path().join("later.pem")),
+        ..target(addr)
+    };
+    let client = CaClient::new(&later, literal("t"), HOUR, false).unwrap();
+    assert!(client.trust_bundle().unwrap().roots().is_empty());
+    // SYSTEM roots (what `target` uses) verify the CA server only, never workload peers.
+    let client = CaClient::new(&target(addr), literal("t"), HOUR, false).unwrap();
+    assert!(client.trust_bundle().is_none());
+}
+
+#[tokio::test]
+async fn a_ca_answer_carrying_two_roots_trusts_both() {
+    let cert = ask_fake(Answer::TwoRoots).await.expect("accepted");
+    assert_eq!(cert.chain.len(), 1, "the roots are not intermediates");
+    assert_eq!(cert.roots.len(), 2);
 }

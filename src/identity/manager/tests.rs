@@ -260,3 +260,128 @@ fn retries_are_never_scheduled_past_expiry() {
     // Already expired: plain backoff.
     assert_eq!(retry_delay(s(8), Duration::ZERO), s(8));
 }
+
+// ---- identities no one uses any more are released ----
+
+/// Waits until `manager` holds exactly `want`.
+async fn held(manager: &CertManager, want: &[Identity]) {
+    tokio::time::timeout(PATIENCE, async {
+        while manager.identities() != want {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("held {:?}, want {want:?}", manager.identities()));
+}
+
+#[tokio::test]
+async fn an_identity_no_one_uses_any_more_is_released_and_no_longer_rotated() {
+    // 200 ms certificates: held ones rotate every 100 ms.
+    let source = Arc::new(FakeSource::new(Duration::from_millis(200)));
+    let manager = CertManager::with_timing(source.clone(), FAST);
+    let rx = manager.get(&id("a")).await.unwrap();
+    assert_eq!(manager.identities(), vec![id("a")]);
+    drop(rx);
+    held(&manager, &[]).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(source.fetches(), 1, "a released identity was rotated");
+}
+
+#[tokio::test]
+async fn pods_sharing_an_identity_keep_it_until_the_last_one_goes() {
+    let source = Arc::new(FakeSource::new(Duration::from_millis(200)));
+    let manager = CertManager::with_timing(source.clone(), FAST);
+    let first_pod = manager.get(&id("a")).await.unwrap();
+    let mut second_pod = manager.get(&id("a")).await.unwrap();
+    let clone_of_first = first_pod.clone();
+    manager.get(&id("b")).await.unwrap(); // used and dropped at once
+    assert_eq!(source.fetches(), 2);
+    held(&manager, &[id("a")]).await;
+
+    drop(first_pod);
+    drop(clone_of_first);
+    // Still held by the second pod, and still rotating for it.
+    second_pod.borrow_and_update();
+    tokio::time::timeout(PATIENCE, second_pod.changed())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(manager.identities(), vec![id("a")]);
+
+    drop(second_pod);
+    held(&manager, &[]).await;
+}
+
+#[tokio::test]
+async fn a_pod_added_again_after_release_gets_a_fresh_certificate() {
+    let source = Arc::new(FakeSource::new(Duration::from_secs(3600)));
+    let manager = CertManager::with_timing(source.clone(), FAST);
+    let rx = manager.get(&id("a")).await.unwrap();
+    let old = rx.borrow().clone();
+    drop(rx);
+    held(&manager, &[]).await;
+
+    let rx = manager.get(&id("a")).await.unwrap();
+    assert_eq!(source.fetches(), 2, "no new fetch for the returning pod");
+    assert!(!Arc::ptr_eq(&rx.borrow(), &old));
+    assert_eq!(manager.identities(), vec![id("a")]);
+}
+
+#[tokio::test]
+async fn a_certificate_still_read_after_release_stays_valid_but_is_no_longer_rotated() {
+    // What a connection in flight holds is its TLS session, built from the material it started with;
+    // the released channel just stops changing.
+    let source = Arc::new(FakeSource::new(Duration::from_millis(200)));
+    let manager = CertManager::with_timing(source.clone(), FAST);
+    let mut rx = manager.get(&id("a")).await.unwrap();
+    let kept = rx.borrow_and_update().clone();
+    manager.forget(&id("a"));
+    assert!(tokio::time::timeout(PATIENCE, rx.changed())
+        .await
+        .unwrap()
+        .is_err());
+    assert!(Arc::ptr_eq(&rx.borrow(), &kept));
+    // The late release of that watch does not touch a newer slot for the same identity.
+    let newer = manager.get(&id("a")).await.unwrap();
+    drop(rx);
+    assert_eq!(manager.identities(), vec![id("a")]);
+    drop(newer);
+    held(&manager, &[]).await;
+}
+
+#[tokio::test]
+async fn the_source_trust_bundle_is_added_to_every_certificate_and_followed() {
+    let fresh_root = || {
+        let ca = BuiltinCa::ephemeral(Duration::from_secs(3600)).unwrap();
+        ca.roots()[0].clone()
+    };
+    let (extra1, extra2) = (fresh_root(), fresh_root());
+    let (tx, bundle_rx) = watch::channel(Arc::new(vec![extra1.clone()]));
+    struct WithBundle(FakeSource, TrustBundle);
+    impl CertSource for WithBundle {
+        fn fetch<'a>(&'a self, id: &'a Identity) -> BoxFuture<'a, Result<WorkloadCert, Error>> {
+            self.0.fetch(id)
+        }
+        fn trust_bundle(&self) -> Option<TrustBundle> {
+            Some(self.1.clone())
+        }
+    }
+    let source = WithBundle(
+        FakeSource::new(Duration::from_secs(3600)),
+        TrustBundle::from_receiver(bundle_rx),
+    );
+    let own = source.0.template.roots.clone();
+    let manager = CertManager::with_timing(Arc::new(source), FAST);
+    let mut rx = manager.get(&id("a")).await.unwrap();
+    let first = rx.borrow_and_update().clone();
+    assert_eq!(first.roots, [own.clone(), vec![extra1.clone()]].concat());
+
+    tx.send_replace(Arc::new(vec![extra2.clone(), own[0].clone()]));
+    tokio::time::timeout(PATIENCE, rx.changed())
+        .await
+        .unwrap()
+        .unwrap();
+    let second = rx.borrow().clone();
+    assert_eq!(second.roots, [own, vec![extra2]].concat());
+    assert_eq!(second.chain, first.chain, "same certificate, new roots");
+}
