@@ -11,6 +11,7 @@
 //! | enrolled | `meshnode-cni` ADD of a pod in an ambient namespace: plugin start, agent round trip, nftables + ip rule + route in the pod, ZDS AddWorkload, proxy binds its three listeners in the pod, ack |
 //! | not enrolled (baseline) | the same plugin for a pod of a namespace outside the mesh: plugin start and the agent round trip only |
 //! | ptp (reference) | the standard `ptp` plugin with host-local IPAM for the same kind of pod: what a primary CNI plugin costs |
+//! | not enrolled, proxy stalled | afterwards, with the proxy stopped (SIGSTOP) while an enrolled pod's ADD waits for it: the baseline path again (`min(BENCH_PODS, 20)` pods), which must not wait for the stalled hand-over |
 //!
 //! Inputs: `BENCH_PODS` [200]. Needs root (network namespaces) and `/usr/lib/cni/ptp`; without them it
 //! says so and exits 0. Output: a Markdown table (p50, p99, max per path, and enrolled / baseline).
@@ -107,6 +108,43 @@ fn main() {
             eprintln!("  {} pods", i + 1);
         }
     }
+    // The proxy stalls (SIGSTOP: connected, never acknowledging) while an enrolled pod waits for it: pods
+    // outside the mesh must still be answered at once (the agent's loop is not held up by the hand-over).
+    let stalled_n = pods.min(20);
+    eprintln!("  {stalled_n} pods not enrolled while the proxy is stalled");
+    let proxy = nix::unistd::Pid::from_raw(node.proxy.as_ref().unwrap().0.id() as i32);
+    nix::sys::signal::kill(proxy, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let waiting = node.pod("default", "waiting");
+    let (env, stdin) = (
+        cni_env("ADD", &waiting),
+        conf(waiting.attachment.netns.to_str().unwrap()),
+    );
+    let plugin_w = plugin.clone();
+    let waiter = std::thread::spawn(move || {
+        // Fails once the agent gives up on the stalled proxy: fine, only its effect on others is measured.
+        let _ = Command::new(&plugin_w)
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .and_then(|mut c| {
+                c.stdin.take().unwrap().write_all(stdin.as_bytes())?;
+                c.wait()
+            });
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let mut stalled = Vec::new();
+    for i in 0..stalled_n {
+        let pod = node.pod("test", &format!("s{i}"));
+        let path = pod.attachment.netns.to_str().unwrap().to_string();
+        let (env, stdin) = (cni_env("ADD", &pod), conf(&path));
+        let plugin2 = plugin.clone();
+        stalled.push(node.ns.run(move || time_plugin(&plugin2, &env, &stdin)));
+    }
+    nix::sys::signal::kill(proxy, nix::sys::signal::Signal::SIGCONT).unwrap();
+    waiter.join().unwrap();
+    let st = stats(&mut stalled);
     let (e, p, r) = (stats(&mut enrolled), stats(&mut plain), stats(&mut ptp));
     println!(
         "machine: {} CPUs; {pods} pods per path",
@@ -118,6 +156,7 @@ fn main() {
     for (name, s) in [
         ("meshnode-cni, enrolled pod (rules + ZDS ack)", e),
         ("meshnode-cni, pod not enrolled (baseline)", p),
+        ("meshnode-cni, pod not enrolled, proxy stalled on another pod", st),
         ("ptp + host-local (reference)", r),
     ] {
         println!(
