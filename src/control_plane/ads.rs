@@ -13,7 +13,8 @@
 //! otherwise ignored). ACKs are logged at debug, NACKs with their `error_detail` at warn; a NACK changes
 //! nothing: later changes are pushed as usual. Unknown type URLs are logged and ignored.
 //!
-//! Bounds: at most [`AdsLimits::max_streams`] streams at once (more get `RESOURCE_EXHAUSTED`), requests up to
+//! Bounds: at most [`AdsLimits::max_streams`] streams at once and [`AdsLimits::max_streams_per_token`] per
+//! caller token (the [`StreamOwner`] the xDS check puts on the request; more get `RESOURCE_EXHAUSTED`), requests up to
 //! [`AdsLimits::max_request_bytes`], a [`AdsLimits::queue_depth`]-deep response queue per stream. Snapshots
 //! are coalesced by the `watch` channel, never queued, so a slow client costs at most one diff in memory. A
 //! client that leaves a response unread for [`AdsLimits::send_timeout`] is dropped: its stream task ends.
@@ -29,6 +30,8 @@ use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
+use super::server::{conn_info, StreamInUse};
+use super::tokens::StreamOwner;
 use super::translate::Resources;
 use crate::proto::discovery::aggregated_discovery_service_server::{
     AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
@@ -54,6 +57,8 @@ const MAX_LOGGED_CHARS: usize = 512;
 pub struct AdsLimits {
     /// Streams served at once.
     pub max_streams: usize,
+    /// Streams served at once to the holders of one token.
+    pub max_streams_per_token: usize,
     /// Responses queued per stream before the stream task waits.
     pub queue_depth: usize,
     /// How long a response may wait for queue room before the client is dropped.
@@ -67,6 +72,8 @@ impl Default for AdsLimits {
         AdsLimits {
             // A node proxy holds one stream; this leaves room for a thousand nodes.
             max_streams: 1024,
+            // A node proxy holds one stream; a reconnect may overlap the old stream until keepalive ends it.
+            max_streams_per_token: 4,
             // One push is one response per type; 16 covers bursts of edits.
             queue_depth: 16,
             send_timeout: Duration::from_secs(30),
@@ -174,6 +181,44 @@ pub struct AdsServer {
     snapshots: watch::Receiver<Arc<Snapshot>>,
     limits: AdsLimits,
     streams: Arc<Semaphore>,
+    per_token: Arc<parking_lot::Mutex<HashMap<StreamOwner, usize>>>,
+}
+
+/// One of a token's stream slots; given back on drop.
+struct TokenSlot {
+    map: Arc<parking_lot::Mutex<HashMap<StreamOwner, usize>>>,
+    owner: StreamOwner,
+}
+
+impl TokenSlot {
+    fn take(
+        map: &Arc<parking_lot::Mutex<HashMap<StreamOwner, usize>>>,
+        owner: StreamOwner,
+        max: usize,
+    ) -> Option<TokenSlot> {
+        let mut m = map.lock();
+        let n = m.entry(owner).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(TokenSlot {
+            map: map.clone(),
+            owner,
+        })
+    }
+}
+
+impl Drop for TokenSlot {
+    fn drop(&mut self) {
+        let mut m = self.map.lock();
+        if let Some(n) = m.get_mut(&self.owner) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.owner);
+            }
+        }
+    }
 }
 
 impl AdsServer {
@@ -184,6 +229,7 @@ impl AdsServer {
             snapshots,
             limits,
             streams,
+            per_token: Arc::default(),
         }
     }
 
@@ -213,9 +259,26 @@ impl AggregatedDiscoveryService for AdsServer {
             );
             Status::resource_exhausted("too many xDS streams")
         })?;
-        let peer = request
-            .remote_addr()
+        let token_slot = match request.extensions().get::<StreamOwner>() {
+            Some(owner) => Some(
+                TokenSlot::take(&self.per_token, *owner, self.limits.max_streams_per_token)
+                    .ok_or_else(|| {
+                        warn!(
+                            token = ?owner.0,
+                            max = self.limits.max_streams_per_token,
+                            "ADS stream refused: too many streams for this token"
+                        );
+                        Status::resource_exhausted("too many xDS streams for this token")
+                    })?,
+            ),
+            None => None,
+        };
+        let conn = conn_info(&request);
+        let peer = conn
+            .map(|c| c.remote)
+            .or_else(|| request.remote_addr())
             .map_or_else(|| "unknown".to_string(), |a| a.to_string());
+        let in_use = conn.map(|c| c.stream_opened());
         let (tx, mut rx) = mpsc::channel(self.limits.queue_depth.max(1));
         let stream = AdsStream {
             peer,
@@ -226,6 +289,8 @@ impl AggregatedDiscoveryService for AdsServer {
             pending: VecDeque::new(),
             next_nonce: 0,
             _permit: permit,
+            _token_slot: token_slot,
+            _in_use: in_use,
         };
         tokio::spawn(stream.run(request.into_inner(), self.snapshots.clone()));
         let out = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
@@ -251,6 +316,8 @@ struct AdsStream {
     pending: VecDeque<(String, &'static str)>,
     next_nonce: u64,
     _permit: OwnedSemaphorePermit,
+    _token_slot: Option<TokenSlot>,
+    _in_use: Option<StreamInUse>,
 }
 
 impl AdsStream {
@@ -469,6 +536,8 @@ mod tests {
             pending: VecDeque::new(),
             next_nonce: 0,
             _permit: Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap(),
+            _token_slot: None,
+            _in_use: None,
         };
         assert!(stream.send(ADDRESS_TYPE, 1, vec![], vec![]).await.is_ok());
         let start = tokio::time::Instant::now();
@@ -493,6 +562,8 @@ mod tests {
                 .collect(),
             next_nonce: 0,
             _permit: Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap(),
+            _token_slot: None,
+            _in_use: None,
         };
         stream.on_ack(
             ADDRESS_TYPE,
