@@ -779,7 +779,11 @@ fn a_token_may_be_kept_as_its_sha256_with_an_expiry() {
         tokens::find(&cfg, "w", now).is_ok(),
         "a clear token still is"
     );
-    let later = time::macros::datetime!(2030-02-01 0:00 UTC);
+    let later = time::OffsetDateTime::parse(
+        "2030-02-01T00:00:00Z",
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap();
     let err = tokens::find(&cfg, "t", later).unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unauthenticated);
     assert!(err.message().contains("expired"), "{err}");
