@@ -40,7 +40,7 @@ tokens:
 struct Plane {
     channel: Channel,
     _stop: tokio::sync::oneshot::Sender<()>,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 async fn start() -> Plane {
@@ -68,7 +68,7 @@ async fn start() -> Plane {
     Plane {
         channel,
         _stop: stop,
-        _dir: dir,
+        dir,
     }
 }
 
@@ -137,16 +137,14 @@ fn code(r: Result<(), tonic::Status>) -> Option<Code> {
 }
 
 /// An xDS stream with `token` that asked for addresses: its first response, or the refusal.
-async fn xds(
-    p: &Plane,
-    token: &str,
-) -> Result<
-    (
-        tokio::sync::mpsc::Sender<DeltaDiscoveryRequest>,
-        DeltaDiscoveryResponse,
-    ),
-    tonic::Status,
-> {
+/// The request sender, the stream and its first response; the stream stays open while both are held.
+type Xds = (
+    tokio::sync::mpsc::Sender<DeltaDiscoveryRequest>,
+    tonic::Streaming<DeltaDiscoveryResponse>,
+    DeltaDiscoveryResponse,
+);
+
+async fn xds(p: &Plane, token: &str) -> Result<Xds, tonic::Status> {
     let (tx, mut rx) = tokio::sync::mpsc::channel(4);
     tx.send(DeltaDiscoveryRequest {
         node: Some(Node {
@@ -170,9 +168,7 @@ async fn xds(
         .await
         .expect("an answer within 10 s")?
         .expect("a response");
-    // Keep the stream open for as long as the caller holds the sender.
-    tokio::spawn(async move { while let Ok(Some(_)) = stream.message().await {} });
-    Ok((tx, first))
+    Ok((tx, stream, first))
 }
 
 #[tokio::test]
@@ -236,7 +232,7 @@ async fn workload_tokens_get_no_xds_stream() {
         xds(&p, "not-a-token").await.unwrap_err().code(),
         Code::Unauthenticated
     );
-    let (_keep, first) = xds(&p, "node-1-token").await.unwrap();
+    let (_keep, _stream, first) = xds(&p, "node-1-token").await.unwrap();
     assert_eq!(first.resources.len(), 2, "both pods");
 }
 
@@ -257,4 +253,44 @@ async fn one_token_holds_a_few_xds_streams_and_other_tokens_are_still_served() {
         assert!(Instant::now() < deadline, "the slot never came back");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+#[tokio::test]
+async fn a_proxy_whose_token_is_removed_from_the_file_loses_its_stream() {
+    let p = start().await;
+    let (_keep, mut stream, _) = xds(&p, "node-1-token").await.unwrap();
+    let (_keep2, mut other, _) = xds(&p, "hashed-token").await.unwrap();
+    let without = mesh().replace(
+        "- {token: node-1-token, nodeProxy: true, node: node-1}\n",
+        "",
+    );
+    assert_ne!(without, mesh());
+    let path = p.dir.path().join("mesh.yaml");
+    std::fs::write(path.with_extension("tmp"), without).unwrap();
+    std::fs::rename(path.with_extension("tmp"), &path).unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => return None,
+                Err(status) => return Some(status),
+            }
+        }
+    })
+    .await
+    .expect("the stream outlived its token");
+    let status = ended.expect("an error status, not a clean end");
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    assert!(status.message().contains("removed"), "{status:?}");
+    // Another token's stream is not ended by the change.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), other.message())
+            .await
+            .map_or(true, |m| m.is_ok()),
+        "another token's stream was ended"
+    );
+    assert_eq!(
+        xds(&p, "node-1-token").await.unwrap_err().code(),
+        Code::Unauthenticated
+    );
 }

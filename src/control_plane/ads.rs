@@ -18,6 +18,8 @@
 //! [`AdsLimits::max_request_bytes`], a [`AdsLimits::queue_depth`]-deep response queue per stream. Snapshots
 //! are coalesced by the `watch` channel, never queued, so a slow client costs at most one diff in memory. A
 //! client that leaves a response unread for [`AdsLimits::send_timeout`] is dropped: its stream task ends.
+//! With [`AdsServer::with_token_check`], a stream whose token goes bad (removed from the mesh file: checked at
+//! every snapshot; expired: checked every [`AdsLimits::token_recheck`]) is ended with the check's status.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::pin::Pin;
@@ -59,6 +61,9 @@ pub struct AdsLimits {
     pub max_streams: usize,
     /// Streams served at once to the holders of one token.
     pub max_streams_per_token: usize,
+    /// How often a stream's token is checked again (it may have expired), besides at every mesh change
+    /// (it may have been removed).
+    pub token_recheck: Duration,
     /// Responses queued per stream before the stream task waits.
     pub queue_depth: usize,
     /// How long a response may wait for queue room before the client is dropped.
@@ -74,6 +79,8 @@ impl Default for AdsLimits {
             max_streams: 1024,
             // A node proxy holds one stream; a reconnect may overlap the old stream until keepalive ends it.
             max_streams_per_token: 4,
+            // Expiry is checked to the half-minute; a removed token is noticed at once.
+            token_recheck: Duration::from_secs(30),
             // One push is one response per type; 16 covers bursts of edits.
             queue_depth: 16,
             send_timeout: Duration::from_secs(30),
@@ -176,13 +183,26 @@ fn version_of(bytes: &[u8]) -> String {
 }
 
 /// The ADS service. Cheap to clone; wrap it with [`AdsServer::into_service`].
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct AdsServer {
     snapshots: watch::Receiver<Arc<Snapshot>>,
     limits: AdsLimits,
     streams: Arc<Semaphore>,
     per_token: Arc<parking_lot::Mutex<HashMap<StreamOwner, usize>>>,
+    token_check: Option<TokenCheck>,
 }
+
+impl std::fmt::Debug for AdsServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdsServer")
+            .field("limits", &self.limits)
+            .field("token_check", &self.token_check.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Whether a stream's token is still good (known, a node proxy's, not expired); `Err` says why not.
+pub type TokenCheck = Arc<dyn Fn(&StreamOwner) -> Result<(), Status> + Send + Sync>;
 
 /// One of a token's stream slots; given back on drop.
 struct TokenSlot {
@@ -230,7 +250,15 @@ impl AdsServer {
             limits,
             streams,
             per_token: Arc::default(),
+            token_check: None,
         }
+    }
+
+    /// Ends a stream (with the check's status) once its token fails `check`: checked at every snapshot and
+    /// every [`AdsLimits::token_recheck`].
+    pub fn with_token_check(mut self, check: TokenCheck) -> AdsServer {
+        self.token_check = Some(check);
+        self
     }
 
     /// The tonic service, with the request size limit applied.
@@ -289,6 +317,10 @@ impl AggregatedDiscoveryService for AdsServer {
             pending: VecDeque::new(),
             next_nonce: 0,
             _permit: permit,
+            token_check: self
+                .token_check
+                .clone()
+                .zip(token_slot.as_ref().map(|slot| slot.owner)),
             _token_slot: token_slot,
             _in_use: in_use,
         };
@@ -316,6 +348,8 @@ struct AdsStream {
     pending: VecDeque<(String, &'static str)>,
     next_nonce: u64,
     _permit: OwnedSemaphorePermit,
+    /// The check and the token it applies to, for streams opened with a token.
+    token_check: Option<(TokenCheck, StreamOwner)>,
     _token_slot: Option<TokenSlot>,
     _in_use: Option<StreamInUse>,
 }
@@ -327,6 +361,9 @@ impl AdsStream {
         mut snapshots: watch::Receiver<Arc<Snapshot>>,
     ) {
         debug!(peer = %self.peer, "ADS stream opened");
+        let mut recheck =
+            tokio::time::interval(self.limits.token_recheck.max(Duration::from_millis(10)));
+        recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let step = tokio::select! {
                 msg = inbound.message() => match msg {
@@ -351,13 +388,36 @@ impl AdsStream {
                         return;
                     }
                     let snap = snapshots.borrow_and_update().clone();
-                    self.push(&snap).await
+                    match self.token_still_good() {
+                        Ok(()) => self.push(&snap).await,
+                        Err(status) => self.end_with(status),
+                    }
+                }
+                _ = recheck.tick(), if self.token_check.is_some() => {
+                    match self.token_still_good() {
+                        Ok(()) => Ok(()),
+                        Err(status) => self.end_with(status),
+                    }
                 }
             };
             if let Err(Stop::ClientGone) = step {
                 return;
             }
         }
+    }
+
+    fn token_still_good(&self) -> Result<(), Status> {
+        match &self.token_check {
+            Some((check, owner)) => check(owner),
+            None => Ok(()),
+        }
+    }
+
+    /// Ends the stream with `status` (the token went bad).
+    fn end_with(&mut self, status: Status) -> Result<(), Stop> {
+        info!(peer = %self.peer, node = %self.node, reason = %status.message(), "ADS stream ended: its token is no longer accepted");
+        let _ = self.tx.try_send(Err(status));
+        Err(Stop::ClientGone)
     }
 
     async fn on_request(
@@ -536,6 +596,7 @@ mod tests {
             pending: VecDeque::new(),
             next_nonce: 0,
             _permit: Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap(),
+            token_check: None,
             _token_slot: None,
             _in_use: None,
         };
@@ -562,6 +623,7 @@ mod tests {
                 .collect(),
             next_nonce: 0,
             _permit: Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap(),
+            token_check: None,
             _token_slot: None,
             _in_use: None,
         };

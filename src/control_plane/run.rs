@@ -149,8 +149,15 @@ pub async fn run(
         CaService::new(ca, auth, MAX_WORKLOAD_TTL).into_server(),
         ca_mark,
     );
-    let router =
-        server::router_with_auth(plane.ads(AdsLimits::default()), xds_auth).add_service(ca_service);
+    // A stream ends when its token leaves the file or expires.
+    let stream_tokens = plane.config();
+    let ads = plane
+        .ads(AdsLimits::default())
+        .with_token_check(Arc::new(move |owner| {
+            let cfg = stream_tokens.borrow().clone();
+            tokens::stream_still_allowed(&cfg, owner, time::OffsetDateTime::now_utc())
+        }));
+    let router = server::router_with_auth(ads, xds_auth).add_service(ca_service);
     let limits = ServeLimits {
         drain_deadline: opts.drain_deadline,
         ..ServeLimits::default()

@@ -280,6 +280,15 @@ async fn start(yaml: &str, limits: AdsLimits) -> Harness {
 }
 
 async fn start_with(yaml: &str, limits: AdsLimits, serve: server::ServeLimits) -> Harness {
+    start_router(yaml, |plane| server::router(plane.ads(limits)), serve).await
+}
+
+/// A harness serving the router `make` builds over the plane.
+async fn start_router(
+    yaml: &str,
+    make: impl FnOnce(&ControlPlane) -> tonic::transport::server::Router,
+    serve: server::ServeLimits,
+) -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("mesh.yaml");
     std::fs::write(&path, yaml).unwrap();
@@ -288,7 +297,7 @@ async fn start_with(yaml: &str, limits: AdsLimits, serve: server::ServeLimits) -
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let router = server::router(plane.ads(limits));
+    let router = make(&plane);
     let tls = cert.tls_config().unwrap();
     tokio::spawn(async move {
         server::serve(listener, tls, router, serve, async {
@@ -897,4 +906,43 @@ async fn connections_beyond_the_cap_are_closed_and_the_others_keep_being_served(
     );
     write(&h.path, SMALL_EDITED);
     c.recv().await;
+}
+
+#[tokio::test]
+async fn a_stream_ends_when_its_token_goes_bad_even_without_a_mesh_change() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let good = std::sync::Arc::new(AtomicBool::new(true));
+    let check_good = good.clone();
+    let check: ads::TokenCheck = std::sync::Arc::new(move |_| {
+        if check_good.load(Ordering::SeqCst) {
+            Ok(())
+        } else {
+            Err(tonic::Status::unauthenticated("the bearer token expired"))
+        }
+    });
+    let limits = AdsLimits {
+        token_recheck: Duration::from_millis(50),
+        ..AdsLimits::default()
+    };
+    let make = move |plane: &ControlPlane| {
+        let owner = tokens::StreamOwner(crate::identity::ca_server::token::TokenDigest::of("t"));
+        server::router_with_auth(
+            plane.ads(limits).with_token_check(check),
+            move |mut req: tonic::Request<()>| {
+                req.extensions_mut().insert(owner);
+                Ok(req)
+            },
+        )
+    };
+    let h = start_router(SMALL, make, server::ServeLimits::default()).await;
+    let mut c = connect(&h.channel).await.unwrap();
+    c.send(subscribe(ADDRESS_TYPE, &BTreeMap::new())).await;
+    c.recv().await;
+    c.nothing_for(Duration::from_millis(200)).await;
+    good.store(false, Ordering::SeqCst);
+    let status = tokio::time::timeout(Duration::from_secs(10), c.rx.message())
+        .await
+        .expect("the stream outlived its token")
+        .expect_err("an error status");
+    assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
 }

@@ -10,7 +10,8 @@
 //! identity (a workload token's identity, or a node proxy token's optional `namespace`/`serviceAccount`);
 //! with it, only a node proxy token bound to a `node` may ask, and only for identities with a pod on that
 //! node. xDS ([`xds_caller`]): node proxy tokens only (the state of the whole mesh is theirs to see); a mesh
-//! file with no tokens at all serves xDS to anyone, as before tokens existed.
+//! file with no tokens at all serves xDS to anyone, as before tokens existed. An open stream lasts only as
+//! long as its token is in the file and unexpired ([`stream_still_allowed`]).
 
 use std::sync::Arc;
 
@@ -149,4 +150,31 @@ pub fn xds_caller(
         ));
     }
     Ok(Some(StreamOwner(spec.digest)))
+}
+
+/// Whether the xDS stream opened with `owner`'s token may go on: the token is still in the file, still a
+/// node proxy's and not expired at `now`.
+pub fn stream_still_allowed(
+    cfg: &MeshConfig,
+    owner: &StreamOwner,
+    now: time::OffsetDateTime,
+) -> Result<(), Status> {
+    let mut found = None;
+    for t in &cfg.tokens {
+        if t.digest.matches(&owner.0) {
+            found = Some(t);
+        }
+    }
+    match found {
+        None => Err(Status::unauthenticated(
+            "the bearer token was removed from the mesh file",
+        )),
+        Some(t) if !t.node_proxy => Err(Status::permission_denied(
+            "the bearer token is no longer a node proxy token",
+        )),
+        Some(t) if t.expires.is_some_and(|at| at <= now) => {
+            Err(Status::unauthenticated("the bearer token expired"))
+        }
+        Some(_) => Ok(()),
+    }
 }
