@@ -7,9 +7,9 @@
 //!
 //! Bounds ([`ServeLimits`]), so that no client, idle or hostile, can take the server from the others: at most
 //! [`ServeLimits::max_connections`] connections at once; TLS handshakes run off the accept loop, at most
-//! [`ServeLimits::max_handshakes`] at once and [`ServeLimits::max_handshakes_per_source`] per source IP, each
-//! within [`ServeLimits::handshake_timeout`]. A connection over any of these is closed at once (the accept
-//! loop never waits for a slot, so idle sockets cannot stall it). HTTP/2 keepalive drops dead peers, and a
+//! [`ServeLimits::max_handshakes`] at once and [`ServeLimits::max_handshakes_per_source`] per source (an IPv4
+//! address or an IPv6 /64), each within [`ServeLimits::handshake_timeout`]. A connection over any of these is
+//! closed at once (the accept loop never waits for a slot, so idle sockets cannot stall it). HTTP/2 keepalive drops dead peers, and a
 //! connection with no open stream and no authorized request for [`ServeLimits::idle_timeout`] is closed.
 //!
 //! Shutdown, as istiod's: the listener is closed at once, connections are told to go away (HTTP/2 GOAWAY)
@@ -58,7 +58,7 @@ pub struct ServeLimits {
     pub max_connections: usize,
     /// TLS handshakes in progress at once.
     pub max_handshakes: usize,
-    /// TLS handshakes in progress at once from one source IP.
+    /// TLS handshakes in progress at once from one source (an IPv4 address or an IPv6 /64).
     pub max_handshakes_per_source: usize,
     /// Time a client has to finish the TLS handshake.
     pub handshake_timeout: Duration,
@@ -299,9 +299,11 @@ async fn accept_loop(
             tracing::debug!(%peer, max = limits.max_handshakes, "control plane: connection refused: too many TLS handshakes in progress");
             continue;
         };
-        let Some(source) =
-            SourceSlot::take(&per_source, peer.ip(), limits.max_handshakes_per_source)
-        else {
+        let Some(source) = SourceSlot::take(
+            &per_source,
+            source_key(peer.ip()),
+            limits.max_handshakes_per_source,
+        ) else {
             tracing::debug!(%peer, max = limits.max_handshakes_per_source, "control plane: connection refused: too many TLS handshakes from this address");
             continue;
         };
@@ -324,6 +326,20 @@ async fn accept_loop(
                 Err(_) => tracing::debug!(%peer, "control plane: TLS handshake timed out"),
             }
         });
+    }
+}
+
+/// The source a connection is counted against: its IPv4 address, or the /64 of an IPv6 one (a single host
+/// commonly holds a whole /64).
+fn source_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(std::net::Ipv6Addr::from(
+                u128::from(v6) & !u128::from(u64::MAX),
+            )),
+        },
+        v4 => v4,
     }
 }
 
@@ -511,5 +527,19 @@ impl AsyncWrite for Conn {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.tls).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_ipv6_host_counts_as_its_slash_64_and_mapped_ipv4_as_ipv4() {
+        let key = |s: &str| source_key(s.parse().unwrap()).to_string();
+        assert_eq!(key("2001:db8:1:2:aaaa::1"), key("2001:db8:1:2:bbbb::9"));
+        assert_ne!(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"));
+        assert_eq!(key("::ffff:10.0.0.1"), "10.0.0.1");
+        assert_eq!(key("10.0.0.1"), "10.0.0.1");
     }
 }
