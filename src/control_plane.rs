@@ -11,15 +11,16 @@
 //!
 //! Layout: `config` (the YAML format and its validation), `istio` (Istio's AuthorizationPolicy and
 //! PeerAuthentication → policies and per-pod policy keys, as istiod), `translate` (config → `Address`/`Authorization`),
-//! `ads` (the delta ADS server), `server` (TLS + tonic serving), `run` (the mesh CA, its serving
-//! certificate and the CA service wired onto the same server: the `meshnode control-plane` command).
+//! `ads` (the delta ADS server), `server` (TLS + tonic serving, its bounds and drain), `tokens` (who may use
+//! the CA and xDS), `run` (the mesh CA, its serving certificate and the CA service wired onto the same
+//! server: the `meshnode control-plane` command).
 //!
 //! Wiring, in short:
 //! ```ignore
 //! let cp = ControlPlane::start(path, POLL_INTERVAL)?;          // refuses a bad file
 //! let router = server::router(cp.ads(AdsLimits::default()))
 //!     .add_service(ca_service);                                  // the CA, from identity
-//! server::serve(listener, tls_config, router, shutdown).await?;
+//! server::serve(listener, tls_config, router, ServeLimits::default(), shutdown).await?;
 //! ```
 
 pub mod ads;
@@ -29,6 +30,7 @@ pub mod run;
 pub mod server;
 #[cfg(test)]
 mod tests;
+pub mod tokens;
 pub mod translate;
 
 use std::path::Path;

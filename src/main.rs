@@ -56,6 +56,10 @@ enum Command {
         /// Where to write the mesh root certificate that proxies trust (their XDS_ROOT_CA and CA_ROOT_CA).
         #[arg(long)]
         root_cert_out: Option<std::path::PathBuf>,
+        /// On SIGTERM/SIGINT: how long connected proxies get before their streams are closed (they reconnect
+        /// to another instance), e.g. 10s, 500ms. A second signal exits at once.
+        #[arg(long, env = "CONTROL_PLANE_DRAIN_DEADLINE", default_value = "10s", value_parser = meshnode::config::duration)]
+        drain_deadline: std::time::Duration,
     },
     /// The whole mesh on this machine, no Kubernetes needed: two nodes made of network namespaces, each
     /// with a CNI agent and a node proxy, the embedded control plane and bookinfo. Without a subcommand it
@@ -117,6 +121,7 @@ fn main() -> anyhow::Result<()> {
             tls_cert,
             tls_key,
             root_cert_out,
+            drain_deadline,
         } => {
             init_logging();
             let rt = tokio::runtime::Builder::new_multi_thread()
@@ -133,14 +138,26 @@ fn main() -> anyhow::Result<()> {
                 },
                 tls_files: tls_cert.zip(tls_key),
                 root_cert_out,
+                drain_deadline,
             };
             rt.block_on(async move {
                 let listener = tokio::net::TcpListener::bind(opts.listen).await?;
+                let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+                let mut signals = Signals::new();
+                tokio::spawn(async move {
+                    signals.next().await;
+                    tracing::info!(deadline = ?drain_deadline, "control plane stopping");
+                    let _ = stop.send(());
+                    // A second signal exits at once.
+                    signals.next().await;
+                    tracing::info!("second signal: exiting now");
+                    std::process::exit(1);
+                });
                 meshnode::control_plane::run(opts, listener, async {
-                    wait_for_signal().await;
-                    tracing::info!("control plane stopping");
+                    let _ = stopped.await;
                 })
                 .await?;
+                tracing::info!("control plane stopped");
                 anyhow::Ok(())
             })
         }
@@ -178,6 +195,29 @@ async fn wait_for_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
+    }
+}
+
+/// SIGTERM and SIGINT, listened for from creation on (so a second signal is never missed).
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> Signals {
+        use tokio::signal::unix::{signal, SignalKind};
+        Signals {
+            term: signal(SignalKind::terminate()).expect("SIGTERM handler"),
+            int: signal(SignalKind::interrupt()).expect("SIGINT handler"),
+        }
+    }
+
+    async fn next(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
     }
 }
 

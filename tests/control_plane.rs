@@ -23,19 +23,20 @@ use tokio::sync::watch;
 const CLIENT_TOKEN: &str = "client-token";
 const SERVER_TOKEN: &str = "server-token";
 
-/// The mesh file: client and server pods in the ambient `default` namespace, the server behind a service
-/// VIP, each with a token for its own identity.
+/// The mesh file: client and server pods in the ambient `default` namespace on one node, the server behind a
+/// service VIP. Each dedicated proxy holds a node proxy token (xDS is for node proxies) naming its workload's
+/// identity as its own (what it gets from the CA without impersonation).
 fn mesh(net: [u8; 2], with_server: bool) -> String {
     let server = if with_server {
         format!(
-            "- {{name: server, namespace: default, serviceAccount: server, ips: [{}], labels: {{app: server}}, authorizationPolicies: [default/only-client]}}\n",
+            "- {{name: server, namespace: default, serviceAccount: server, ips: [{}], node: node-1, labels: {{app: server}}, authorizationPolicies: [default/only-client]}}\n",
             ip(net, 3)
         )
     } else {
         String::new()
     };
     format!(
-        "namespaces:\n  default: {{labels: {{istio.io/dataplane-mode: ambient}}}}\nworkloads:\n- {{name: client, namespace: default, serviceAccount: client, ips: [{client}]}}\n{server}services:\n- {{name: web, namespace: default, vips: [{vip}], ports: [{{port: 80, targetPort: 8080}}], selector: {{app: server}}}}\npolicies:\n- {{name: only-client, namespace: default, scope: WorkloadSelector, action: Allow, rules: [[[{{principals: [!Exact \"cluster.local/ns/default/sa/client\"]}}]]]}}\ntokens:\n- {{token: {CLIENT_TOKEN}, namespace: default, serviceAccount: client}}\n- {{token: {SERVER_TOKEN}, namespace: default, serviceAccount: server}}\n",
+        "namespaces:\n  default: {{labels: {{istio.io/dataplane-mode: ambient}}}}\nworkloads:\n- {{name: client, namespace: default, serviceAccount: client, ips: [{client}], node: node-1}}\n{server}services:\n- {{name: web, namespace: default, vips: [{vip}], ports: [{{port: 80, targetPort: 8080}}], selector: {{app: server}}}}\npolicies:\n- {{name: only-client, namespace: default, scope: WorkloadSelector, action: Allow, rules: [[[{{principals: [!Exact \"cluster.local/ns/default/sa/client\"]}}]]]}}\ntokens:\n- {{token: {CLIENT_TOKEN}, nodeProxy: true, node: node-1, namespace: default, serviceAccount: client}}\n- {{token: {SERVER_TOKEN}, nodeProxy: true, node: node-1, namespace: default, serviceAccount: server}}\n",
         client = ip(net, 1),
         vip = ip(net, 20),
     )
@@ -65,6 +66,7 @@ async fn start_control_plane(dir: &Path, addr: SocketAddr) -> ControlPlane {
         ca: CaChoice::Builtin(dir.join("cp-state")),
         tls_files: None,
         root_cert_out: Some(dir.join("root-cert.pem")),
+        drain_deadline: control_plane::server::DEFAULT_DRAIN_DEADLINE,
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(async move {

@@ -13,10 +13,13 @@
 //! otherwise ignored). ACKs are logged at debug, NACKs with their `error_detail` at warn; a NACK changes
 //! nothing: later changes are pushed as usual. Unknown type URLs are logged and ignored.
 //!
-//! Bounds: at most [`AdsLimits::max_streams`] streams at once (more get `RESOURCE_EXHAUSTED`), requests up to
+//! Bounds: at most [`AdsLimits::max_streams`] streams at once and [`AdsLimits::max_streams_per_token`] per
+//! caller token (the [`StreamOwner`] the xDS check puts on the request; more get `RESOURCE_EXHAUSTED`), requests up to
 //! [`AdsLimits::max_request_bytes`], a [`AdsLimits::queue_depth`]-deep response queue per stream. Snapshots
 //! are coalesced by the `watch` channel, never queued, so a slow client costs at most one diff in memory. A
 //! client that leaves a response unread for [`AdsLimits::send_timeout`] is dropped: its stream task ends.
+//! With [`AdsServer::with_token_check`], a stream whose token goes bad (removed from the mesh file: checked at
+//! every snapshot; expired: checked every [`AdsLimits::token_recheck`]) is ended with the check's status.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::pin::Pin;
@@ -29,6 +32,8 @@ use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
+use super::server::{conn_info, StreamInUse};
+use super::tokens::StreamOwner;
 use super::translate::Resources;
 use crate::proto::discovery::aggregated_discovery_service_server::{
     AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
@@ -54,6 +59,11 @@ const MAX_LOGGED_CHARS: usize = 512;
 pub struct AdsLimits {
     /// Streams served at once.
     pub max_streams: usize,
+    /// Streams served at once to the holders of one token.
+    pub max_streams_per_token: usize,
+    /// How often a stream's token is checked again (it may have expired), besides at every mesh change
+    /// (it may have been removed).
+    pub token_recheck: Duration,
     /// Responses queued per stream before the stream task waits.
     pub queue_depth: usize,
     /// How long a response may wait for queue room before the client is dropped.
@@ -67,6 +77,10 @@ impl Default for AdsLimits {
         AdsLimits {
             // A node proxy holds one stream; this leaves room for a thousand nodes.
             max_streams: 1024,
+            // A node proxy holds one stream; a reconnect may overlap the old stream until keepalive ends it.
+            max_streams_per_token: 4,
+            // Expiry is checked to the half-minute; a removed token is noticed at once.
+            token_recheck: Duration::from_secs(30),
             // One push is one response per type; 16 covers bursts of edits.
             queue_depth: 16,
             send_timeout: Duration::from_secs(30),
@@ -169,11 +183,62 @@ fn version_of(bytes: &[u8]) -> String {
 }
 
 /// The ADS service. Cheap to clone; wrap it with [`AdsServer::into_service`].
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct AdsServer {
     snapshots: watch::Receiver<Arc<Snapshot>>,
     limits: AdsLimits,
     streams: Arc<Semaphore>,
+    per_token: Arc<parking_lot::Mutex<HashMap<StreamOwner, usize>>>,
+    token_check: Option<TokenCheck>,
+}
+
+impl std::fmt::Debug for AdsServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdsServer")
+            .field("limits", &self.limits)
+            .field("token_check", &self.token_check.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Whether a stream's token is still good (known, a node proxy's, not expired); `Err` says why not.
+pub type TokenCheck = Arc<dyn Fn(&StreamOwner) -> Result<(), Status> + Send + Sync>;
+
+/// One of a token's stream slots; given back on drop.
+struct TokenSlot {
+    map: Arc<parking_lot::Mutex<HashMap<StreamOwner, usize>>>,
+    owner: StreamOwner,
+}
+
+impl TokenSlot {
+    fn take(
+        map: &Arc<parking_lot::Mutex<HashMap<StreamOwner, usize>>>,
+        owner: StreamOwner,
+        max: usize,
+    ) -> Option<TokenSlot> {
+        let mut m = map.lock();
+        let n = m.entry(owner).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(TokenSlot {
+            map: map.clone(),
+            owner,
+        })
+    }
+}
+
+impl Drop for TokenSlot {
+    fn drop(&mut self) {
+        let mut m = self.map.lock();
+        if let Some(n) = m.get_mut(&self.owner) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.owner);
+            }
+        }
+    }
 }
 
 impl AdsServer {
@@ -184,7 +249,16 @@ impl AdsServer {
             snapshots,
             limits,
             streams,
+            per_token: Arc::default(),
+            token_check: None,
         }
+    }
+
+    /// Ends a stream (with the check's status) once its token fails `check`: checked at every snapshot and
+    /// every [`AdsLimits::token_recheck`].
+    pub fn with_token_check(mut self, check: TokenCheck) -> AdsServer {
+        self.token_check = Some(check);
+        self
     }
 
     /// The tonic service, with the request size limit applied.
@@ -213,9 +287,26 @@ impl AggregatedDiscoveryService for AdsServer {
             );
             Status::resource_exhausted("too many xDS streams")
         })?;
-        let peer = request
-            .remote_addr()
+        let token_slot = match request.extensions().get::<StreamOwner>() {
+            Some(owner) => Some(
+                TokenSlot::take(&self.per_token, *owner, self.limits.max_streams_per_token)
+                    .ok_or_else(|| {
+                        warn!(
+                            token = ?owner.0,
+                            max = self.limits.max_streams_per_token,
+                            "ADS stream refused: too many streams for this token"
+                        );
+                        Status::resource_exhausted("too many xDS streams for this token")
+                    })?,
+            ),
+            None => None,
+        };
+        let conn = conn_info(&request);
+        let peer = conn
+            .map(|c| c.remote)
+            .or_else(|| request.remote_addr())
             .map_or_else(|| "unknown".to_string(), |a| a.to_string());
+        let in_use = conn.map(|c| c.stream_opened());
         let (tx, mut rx) = mpsc::channel(self.limits.queue_depth.max(1));
         let stream = AdsStream {
             peer,
@@ -226,6 +317,12 @@ impl AggregatedDiscoveryService for AdsServer {
             pending: VecDeque::new(),
             next_nonce: 0,
             _permit: permit,
+            token_check: self
+                .token_check
+                .clone()
+                .zip(token_slot.as_ref().map(|slot| slot.owner)),
+            _token_slot: token_slot,
+            _in_use: in_use,
         };
         tokio::spawn(stream.run(request.into_inner(), self.snapshots.clone()));
         let out = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
@@ -251,6 +348,10 @@ struct AdsStream {
     pending: VecDeque<(String, &'static str)>,
     next_nonce: u64,
     _permit: OwnedSemaphorePermit,
+    /// The check and the token it applies to, for streams opened with a token.
+    token_check: Option<(TokenCheck, StreamOwner)>,
+    _token_slot: Option<TokenSlot>,
+    _in_use: Option<StreamInUse>,
 }
 
 impl AdsStream {
@@ -260,6 +361,9 @@ impl AdsStream {
         mut snapshots: watch::Receiver<Arc<Snapshot>>,
     ) {
         debug!(peer = %self.peer, "ADS stream opened");
+        let mut recheck =
+            tokio::time::interval(self.limits.token_recheck.max(Duration::from_millis(10)));
+        recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let step = tokio::select! {
                 msg = inbound.message() => match msg {
@@ -284,13 +388,36 @@ impl AdsStream {
                         return;
                     }
                     let snap = snapshots.borrow_and_update().clone();
-                    self.push(&snap).await
+                    match self.token_still_good() {
+                        Ok(()) => self.push(&snap).await,
+                        Err(status) => self.end_with(status),
+                    }
+                }
+                _ = recheck.tick(), if self.token_check.is_some() => {
+                    match self.token_still_good() {
+                        Ok(()) => Ok(()),
+                        Err(status) => self.end_with(status),
+                    }
                 }
             };
             if let Err(Stop::ClientGone) = step {
                 return;
             }
         }
+    }
+
+    fn token_still_good(&self) -> Result<(), Status> {
+        match &self.token_check {
+            Some((check, owner)) => check(owner),
+            None => Ok(()),
+        }
+    }
+
+    /// Ends the stream with `status` (the token went bad).
+    fn end_with(&mut self, status: Status) -> Result<(), Stop> {
+        info!(peer = %self.peer, node = %self.node, reason = %status.message(), "ADS stream ended: its token is no longer accepted");
+        let _ = self.tx.try_send(Err(status));
+        Err(Stop::ClientGone)
     }
 
     async fn on_request(
@@ -469,6 +596,9 @@ mod tests {
             pending: VecDeque::new(),
             next_nonce: 0,
             _permit: Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap(),
+            token_check: None,
+            _token_slot: None,
+            _in_use: None,
         };
         assert!(stream.send(ADDRESS_TYPE, 1, vec![], vec![]).await.is_ok());
         let start = tokio::time::Instant::now();
@@ -493,6 +623,9 @@ mod tests {
                 .collect(),
             next_nonce: 0,
             _permit: Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap(),
+            token_check: None,
+            _token_slot: None,
+            _in_use: None,
         };
         stream.on_ack(
             ADDRESS_TYPE,

@@ -21,9 +21,9 @@
 //! policies: []                        # ztunnel's local-config policy format
 //! rootNamespace: istio-system         # optional: istiod's root namespace (mesh-wide Istio policies)
 //! istio: []                           # AuthorizationPolicy / PeerAuthentication objects (see istio.rs)
-//! tokens:                             # who may use the CA
+//! tokens:                             # who may use the CA (and, node proxies only, xDS)
 //! - {token: node-1-secret, nodeProxy: true, node: node-1}
-//! - {token: sleep-secret, namespace: default, serviceAccount: sleep}
+//! - {tokenSha256: 5e88…(64 hex digits), namespace: default, serviceAccount: sleep, expires: 2027-01-31T00:00:00Z}
 //! ```
 
 use std::collections::{BTreeMap, HashMap};
@@ -34,6 +34,7 @@ use serde::Deserialize;
 
 use super::istio::{self, IstioObject};
 use crate::authz::{Policy, PolicySet};
+use crate::identity::ca_server::token::TokenDigest;
 use crate::identity::Identity;
 
 /// Labels of a namespace or pod, and service selectors.
@@ -103,7 +104,7 @@ pub struct MeshConfig {
     /// L4 authorization policies, in ztunnel's local-config format.
     #[serde(default)]
     pub policies: Vec<Policy>,
-    /// Bearer tokens accepted by the CA.
+    /// Bearer tokens accepted by the CA and xDS.
     #[serde(default)]
     pub tokens: Vec<TokenSpec>,
     /// istiod's root namespace: its AuthorizationPolicies without selector are global, its
@@ -211,24 +212,92 @@ impl PortSpec {
     }
 }
 
-/// A bearer token the CA accepts, and what it may ask for.
+/// A bearer token the control plane accepts (for the CA and, for node proxies, xDS), and what it may ask for.
+/// Only the token's SHA-256 is kept: the file may hold the clear `token` or its `tokenSha256`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(try_from = "TokenEntry")]
 pub struct TokenSpec {
-    /// The token, as sent in `authorization: Bearer <token>`.
-    pub token: String,
-    /// A node proxy's token: may ask for other workloads' identities (`ImpersonatedIdentity`).
-    #[serde(default)]
+    /// SHA-256 of the token sent in `authorization: Bearer <token>`.
+    pub digest: TokenDigest,
+    /// A node proxy's token: may hold xDS streams and ask for the identities of pods on its `node`
+    /// (`ImpersonatedIdentity`).
     pub node_proxy: bool,
-    /// For a node proxy: the node whose pods it may ask for (empty: any node).
-    #[serde(default)]
+    /// For a node proxy: the node whose pods it may ask for. Empty: none (xDS only).
     pub node: String,
-    /// For a workload token: the identity's namespace.
-    #[serde(default)]
+    /// The token holder's own identity's namespace (required for a workload token; optional for a
+    /// node proxy, e.g. `istio-system`).
     pub namespace: String,
-    /// For a workload token: the identity's service account.
-    #[serde(default)]
+    /// The token holder's own identity's service account (with `namespace`).
     pub service_account: String,
+    /// When the token stops being accepted (RFC 3339, e.g. `2027-01-31T00:00:00Z`). None: never.
+    pub expires: Option<time::OffsetDateTime>,
+}
+
+impl TokenSpec {
+    /// The identity the holder gets without `ImpersonatedIdentity` metadata, if it has one.
+    pub fn own_identity(&self, trust_domain: &str) -> Option<Identity> {
+        if self.namespace.is_empty() || self.service_account.is_empty() {
+            return None;
+        }
+        Identity::new(trust_domain, &self.namespace, &self.service_account).ok()
+    }
+}
+
+/// A token entry as written in the file.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct TokenEntry {
+    #[serde(default)]
+    token: Option<String>,
+    #[serde(default)]
+    token_sha256: Option<String>,
+    #[serde(default)]
+    node_proxy: bool,
+    #[serde(default)]
+    node: String,
+    #[serde(default)]
+    namespace: String,
+    #[serde(default)]
+    service_account: String,
+    #[serde(default)]
+    expires: Option<String>,
+}
+
+impl TryFrom<TokenEntry> for TokenSpec {
+    type Error = String;
+
+    fn try_from(e: TokenEntry) -> Result<TokenSpec, String> {
+        let digest = match (&e.token, &e.token_sha256) {
+            (Some(_), Some(_)) => return Err("give token or tokenSha256, not both".into()),
+            (None, None) => return Err("needs token (or tokenSha256)".into()),
+            (Some(t), None) if t.is_empty() => return Err("token must not be empty".into()),
+            (Some(t), None) => TokenDigest::of(t),
+            (None, Some(h)) => TokenDigest::from_hex(h).map_err(|r| format!("tokenSha256 {r}"))?,
+        };
+        let expires = e
+            .expires
+            .as_deref()
+            .map(|s| {
+                time::OffsetDateTime::parse(
+                    s.trim(),
+                    &time::format_description::well_known::Rfc3339,
+                )
+                .map_err(|err| {
+                    format!(
+                        "expires {s:?} is not an RFC 3339 time like 2027-01-31T00:00:00Z: {err}"
+                    )
+                })
+            })
+            .transpose()?;
+        Ok(TokenSpec {
+            digest,
+            node_proxy: e.node_proxy,
+            node: e.node,
+            namespace: e.namespace,
+            service_account: e.service_account,
+            expires,
+        })
+    }
 }
 
 impl MeshConfig {
@@ -353,32 +422,31 @@ impl MeshConfig {
                 }
             }
         }
-        let mut tokens = HashMap::new();
+        let mut tokens: Vec<&TokenDigest> = Vec::new();
         for (i, t) in self.tokens.iter().enumerate() {
             let at = |f: &str| format!("tokens[{i}].{f}");
-            if t.token.is_empty() {
-                return Err(invalid(at("token"), "must not be empty".into()));
-            }
-            if let Some(j) = tokens.insert(&t.token, i) {
+            if let Some(j) = tokens.iter().position(|d| d.matches(&t.digest)) {
                 return Err(invalid(at("token"), format!("same token as tokens[{j}]")));
             }
-            if t.node_proxy {
-                if !t.namespace.is_empty() || !t.service_account.is_empty() {
-                    return Err(invalid(
-                        at("nodeProxy"),
-                        "a node proxy token takes no namespace/serviceAccount".into(),
-                    ));
-                }
-            } else {
+            tokens.push(&t.digest);
+            if t.namespace.is_empty() != t.service_account.is_empty() {
+                return Err(invalid(
+                    at("serviceAccount"),
+                    "namespace and serviceAccount go together".into(),
+                ));
+            }
+            if !t.node_proxy {
                 if !t.node.is_empty() {
                     return Err(invalid(at("node"), "only for nodeProxy tokens".into()));
                 }
-                if t.namespace.is_empty() || t.service_account.is_empty() {
+                if t.namespace.is_empty() {
                     return Err(invalid(
                         at("serviceAccount"),
                         "a workload token needs namespace and serviceAccount".into(),
                     ));
                 }
+            }
+            if !t.namespace.is_empty() {
                 Identity::new(&self.trust_domain, &t.namespace, &t.service_account)
                     .map_err(|e| invalid(at("serviceAccount"), e.to_string()))?;
             }

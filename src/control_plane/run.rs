@@ -4,22 +4,21 @@
 //! Input: [`RunOptions`] (mesh file, CA choice, listen address, optional certificate files) and a shutdown
 //! future. Output: the root certificate written where clients expect it (`--root-cert-out`: their
 //! `XDS_ROOT_CA` / `CA_ROOT_CA`), and the gRPC server until shutdown. CA requests are authorized against
-//! the `tokens` of the current mesh file (re-read on change): a node proxy's token may ask for identities
-//! of pods on its node (istiod's `CA_TRUSTED_NODE_ACCOUNTS` rule), a workload token only for its own.
+//! the `tokens` of the current mesh file (re-read on change; rules in `tokens.rs`): a node proxy's token may
+//! ask for identities of pods on its node (istiod's `CA_TRUSTED_NODE_ACCOUNTS` rule), a workload token only
+//! for its own; xDS streams are for node proxy tokens. At shutdown the server drains for
+//! [`RunOptions::drain_deadline`], then closes what is left (see `server.rs`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::watch;
-use tonic::Status;
+use crate::identity::{BuiltinCa, CaService, CsrSigner, PluginCa};
 
-use crate::identity::{
-    Authenticate, BuiltinCa, CaService, CsrSigner, Grant, Identity, PluginCa, TokenAuthenticator,
-};
-
-use super::{server, AdsLimits, ControlPlane, MeshConfig, POLL_INTERVAL, SERVER_NAMES};
+use super::server::ServeLimits;
+use super::tokens::{self, MeshTokens};
+use super::{server, AdsLimits, ControlPlane, POLL_INTERVAL, SERVER_NAMES};
 
 /// Longest workload certificate the CA signs (istiod's `MAX_WORKLOAD_CERT_TTL`: 90 days).
 const MAX_WORKLOAD_TTL: Duration = Duration::from_secs(90 * 24 * 3600);
@@ -48,6 +47,9 @@ pub struct RunOptions {
     pub tls_files: Option<(PathBuf, PathBuf)>,
     /// Where to write the mesh root certificate for clients.
     pub root_cert_out: Option<PathBuf>,
+    /// At shutdown, how long connections get to finish before the rest are closed
+    /// ([`server::DEFAULT_DRAIN_DEADLINE`] unless told otherwise).
+    pub drain_deadline: Duration,
 }
 
 /// Why the control plane could not start.
@@ -71,56 +73,6 @@ pub enum RunError {
         /// Why.
         source: std::io::Error,
     },
-}
-
-/// Authorizes CA requests against the tokens of the current mesh file.
-struct MeshTokens {
-    config: watch::Receiver<Arc<MeshConfig>>,
-}
-
-impl Authenticate for MeshTokens {
-    fn authorize(
-        &self,
-        token: Option<&str>,
-        requested: &Identity,
-        impersonating: bool,
-    ) -> Result<(), Status> {
-        let cfg = self.config.borrow().clone();
-        let grants = cfg.tokens.iter().filter_map(|t| {
-            let grant = if t.node_proxy {
-                Grant::NodeProxy
-            } else {
-                Grant::Identity(
-                    Identity::new(&cfg.trust_domain, &t.namespace, &t.service_account).ok()?,
-                )
-            };
-            Some((t.token.clone(), grant))
-        });
-        TokenAuthenticator::new(cfg.trust_domain.clone(), grants).authorize(
-            token,
-            requested,
-            impersonating,
-        )?;
-        // A node proxy bound to a node may only ask for identities of pods scheduled there.
-        if let Some(spec) = cfg
-            .tokens
-            .iter()
-            .find(|t| Some(t.token.as_str()) == token && t.node_proxy && !t.node.is_empty())
-        {
-            let on_node = cfg.workloads.iter().any(|w| {
-                w.node == spec.node
-                    && w.namespace == requested.namespace()
-                    && w.service_account == requested.service_account()
-            });
-            if !on_node {
-                return Err(Status::permission_denied(format!(
-                    "{requested} has no pod on node {}",
-                    spec.node
-                )));
-            }
-        }
-        Ok(())
-    }
 }
 
 /// Starts the control plane on `listener` and serves until `shutdown` completes.
@@ -165,29 +117,52 @@ pub async fn run(
             server::tls_config(chain.as_bytes(), key.as_bytes())?
         }
     };
-    let auth = Arc::new(MeshTokens {
-        config: plane.config(),
-    });
-    // xDS, like istiod's, is only for holders of a token from the mesh file (any of them); a file with no
-    // tokens serves xDS to anyone (and the CA to no one).
+    let auth = Arc::new(MeshTokens::new(plane.config()));
+    // xDS, like istiod's, is only for holders of a token from the mesh file, and only node proxy tokens; a
+    // file with no tokens serves xDS to anyone (and the CA to no one).
     let tokens = plane.config();
     if tokens.borrow().tokens.is_empty() {
         tracing::warn!("the mesh file lists no tokens: xDS is served without authentication and the CA refuses every request");
     }
-    let xds_auth = move |req: tonic::Request<()>| {
+    let xds_auth = move |mut req: tonic::Request<()>| {
         let cfg = tokens.borrow().clone();
-        if cfg.tokens.is_empty() {
-            return Ok(req);
+        let token = crate::identity::bearer_token(&req)?;
+        let owner = tokens::xds_caller(&cfg, token.as_deref(), time::OffsetDateTime::now_utc())?;
+        if let Some(owner) = owner {
+            req.extensions_mut().insert(owner);
         }
-        match crate::identity::bearer_token(&req)? {
-            Some(t) if cfg.tokens.iter().any(|s| s.token == t) => Ok(req),
-            Some(_) => Err(Status::unauthenticated("unknown bearer token")),
-            None => Err(Status::unauthenticated("no bearer token")),
-        }
+        Ok(req)
     };
-    let router = server::router_with_auth(plane.ads(AdsLimits::default()), xds_auth)
-        .add_service(CaService::new(ca, auth, MAX_WORKLOAD_TTL).into_server());
+    // CA requests are authorized in full by the CA service; a known token here only marks the connection as
+    // in use (so an unauthenticated one goes idle).
+    let ca_tokens = plane.config();
+    let ca_mark = move |req: tonic::Request<()>| {
+        let cfg = ca_tokens.borrow().clone();
+        if let Ok(Some(t)) = crate::identity::bearer_token(&req) {
+            if tokens::find(&cfg, &t, time::OffsetDateTime::now_utc()).is_ok() {
+                server::mark_request(&req);
+            }
+        }
+        Ok(req)
+    };
+    let ca_service = tonic::service::interceptor::InterceptedService::new(
+        CaService::new(ca, auth, MAX_WORKLOAD_TTL).into_server(),
+        ca_mark,
+    );
+    // A stream ends when its token leaves the file or expires.
+    let stream_tokens = plane.config();
+    let ads = plane
+        .ads(AdsLimits::default())
+        .with_token_check(Arc::new(move |owner| {
+            let cfg = stream_tokens.borrow().clone();
+            tokens::stream_still_allowed(&cfg, owner, time::OffsetDateTime::now_utc())
+        }));
+    let router = server::router_with_auth(ads, xds_auth).add_service(ca_service);
+    let limits = ServeLimits {
+        drain_deadline: opts.drain_deadline,
+        ..ServeLimits::default()
+    };
     tracing::info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), config = %opts.config.display(), "control plane serving xDS and CA");
-    server::serve(listener, tls, router, shutdown).await?;
+    server::serve(listener, tls, router, limits, shutdown).await?;
     Ok(())
 }

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use prost::Message;
+use rustls_pki_types::pem::PemObject;
 use tokio::sync::mpsc;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic::Streaming;
@@ -213,6 +214,16 @@ fn bad_files_are_refused_naming_the_field() {
             "services[0].ports[0].port",
         ),
         ("tokens: [{token: t}]", "tokens[0].serviceAccount"),
+        ("tokens: [{tokenSha256: abc, nodeProxy: true}]", "tokenSha256"),
+        (
+            "tokens: [{token: t, nodeProxy: true, expires: next week}]",
+            "expires",
+        ),
+        ("tokens: [{nodeProxy: true, node: n}]", "token"),
+        (
+            "tokens: [{token: t, nodeProxy: true}, {tokenSha256: e3b98a4da31a127d4bde6e43033f66ba274cab0eb7eb1c70ec41402bf6273dd8, nodeProxy: true}]",
+            "tokens[1].token",
+        ),
         ("namespace: {}", "namespace"),
         (
             "namespaces: {a: {}}\nworkloads: [{name: w, namespace: a, ips: [10.0.0.1], authorizationPolicies: [a/nope]}]",
@@ -260,10 +271,24 @@ struct Harness {
     plane: ControlPlane,
     channel: Channel,
     addr: std::net::SocketAddr,
+    root_pem: String,
     _shutdown: tokio::sync::oneshot::Sender<()>,
 }
 
 async fn start(yaml: &str, limits: AdsLimits) -> Harness {
+    start_with(yaml, limits, server::ServeLimits::default()).await
+}
+
+async fn start_with(yaml: &str, limits: AdsLimits, serve: server::ServeLimits) -> Harness {
+    start_router(yaml, |plane| server::router(plane.ads(limits)), serve).await
+}
+
+/// A harness serving the router `make` builds over the plane.
+async fn start_router(
+    yaml: &str,
+    make: impl FnOnce(&ControlPlane) -> tonic::transport::server::Router,
+    serve: server::ServeLimits,
+) -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("mesh.yaml");
     std::fs::write(&path, yaml).unwrap();
@@ -272,10 +297,10 @@ async fn start(yaml: &str, limits: AdsLimits) -> Harness {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let router = server::router(plane.ads(limits));
+    let router = make(&plane);
     let tls = cert.tls_config().unwrap();
     tokio::spawn(async move {
-        server::serve(listener, tls, router, async {
+        server::serve(listener, tls, router, serve, async {
             let _ = rx.await;
         })
         .await
@@ -296,6 +321,7 @@ async fn start(yaml: &str, limits: AdsLimits) -> Harness {
         plane,
         channel,
         addr,
+        root_pem: cert.root_pem.clone(),
         _shutdown: tx,
     }
 }
@@ -749,4 +775,174 @@ async fn a_peer_authentication_added_to_the_file_is_pushed_as_an_authorization()
             other => panic!("{other:?}"),
         }
     }
+}
+
+#[test]
+fn a_token_may_be_kept_as_its_sha256_with_an_expiry() {
+    let yaml = "namespaces: {default: {}}\ntokens:\n- {tokenSha256: E3B98A4DA31A127D4BDE6E43033F66BA274CAB0EB7EB1C70EC41402BF6273DD8, nodeProxy: true, node: n1, expires: 2030-01-31T00:00:00Z}\n- {token: w, namespace: default, serviceAccount: web}\n";
+    let cfg = MeshConfig::parse(yaml).unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    let t = tokens::find(&cfg, "t", now).expect("the hashed token is accepted");
+    assert_eq!(t.node, "n1");
+    assert!(
+        tokens::find(&cfg, "w", now).is_ok(),
+        "a clear token still is"
+    );
+    let later = time::OffsetDateTime::parse(
+        "2030-02-01T00:00:00Z",
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap();
+    let err = tokens::find(&cfg, "t", later).unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    assert!(err.message().contains("expired"), "{err}");
+}
+
+// ---- the bounds of :15012 ----
+
+/// A TLS client that trusts the harness' server, for raw connections.
+fn raw_tls_client(h: &Harness) -> tokio_rustls::TlsConnector {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::CertificateDer::pem_slice_iter(h.root_pem.as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+}
+
+/// A TCP connection to `to` from the loopback address `from`.
+async fn tcp_from(from: [u8; 4], to: std::net::SocketAddr) -> tokio::net::TcpStream {
+    let s = tokio::net::TcpSocket::new_v4().unwrap();
+    s.bind((std::net::Ipv4Addr::from(from), 0).into()).unwrap();
+    s.connect(to).await.unwrap()
+}
+
+/// Whether the server closes `s` (EOF or reset) within `within`.
+async fn closed_by_server<S: tokio::io::AsyncRead + Unpin>(s: &mut S, within: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 64];
+    loop {
+        match tokio::time::timeout(within, s.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => continue,
+        }
+    }
+}
+
+#[tokio::test]
+async fn idle_sockets_from_one_address_do_not_keep_other_proxies_out() {
+    let h = start(SMALL, AdsLimits::default()).await;
+    // More silent sockets than the server has handshake slots, all from one address.
+    let mut idle = Vec::new();
+    for _ in 0..300 {
+        idle.push(tcp_from([127, 0, 0, 2], h.addr).await);
+    }
+    // A proxy elsewhere is served at once, long before the silent ones' handshake timeout (10 s).
+    let served = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut c = connect(&h.channel).await.unwrap();
+        c.send(subscribe(ADDRESS_TYPE, &BTreeMap::new())).await;
+        c.recv().await
+    })
+    .await;
+    assert!(
+        served.is_ok(),
+        "a proxy was kept waiting by idle sockets of another address"
+    );
+    // The sockets beyond the per-source limit were closed at once.
+    let mut closed = 0;
+    for s in idle.iter_mut().rev().take(50) {
+        if closed_by_server(s, Duration::from_secs(2)).await {
+            closed += 1;
+        }
+    }
+    assert_eq!(closed, 50, "sockets over the per-address limit stay open");
+}
+
+#[tokio::test]
+async fn a_connection_that_never_opens_a_stream_is_closed_when_idle_but_an_xds_stream_is_kept() {
+    let serve = server::ServeLimits {
+        idle_timeout: Duration::from_millis(500),
+        ..server::ServeLimits::default()
+    };
+    let h = start_with(SMALL, AdsLimits::default(), serve).await;
+    let mut c = connect(&h.channel).await.unwrap();
+    c.send(subscribe(ADDRESS_TYPE, &BTreeMap::new())).await;
+    c.recv().await;
+
+    let tcp = tcp_from([127, 0, 0, 3], h.addr).await;
+    let name = rustls_pki_types::ServerName::try_from("istiod.istio-system.svc").unwrap();
+    let mut tls = raw_tls_client(&h).connect(name, tcp).await.unwrap();
+    assert!(
+        closed_by_server(&mut tls, Duration::from_secs(20)).await,
+        "an idle connection stays open"
+    );
+    // The stream, idle as well, lived through it and still gets pushes.
+    write(&h.path, SMALL_EDITED);
+    let pushed = c.recv().await;
+    assert!(!pushed.resources.is_empty() || !pushed.removed_resources.is_empty());
+}
+
+#[tokio::test]
+async fn connections_beyond_the_cap_are_closed_and_the_others_keep_being_served() {
+    let serve = server::ServeLimits {
+        max_connections: 1,
+        ..server::ServeLimits::default()
+    };
+    let h = start_with(SMALL, AdsLimits::default(), serve).await;
+    let mut c = connect(&h.channel).await.unwrap();
+    c.send(subscribe(ADDRESS_TYPE, &BTreeMap::new())).await;
+    c.recv().await;
+    let mut extra = tcp_from([127, 0, 0, 4], h.addr).await;
+    assert!(
+        closed_by_server(&mut extra, Duration::from_secs(5)).await,
+        "a connection over the cap was kept"
+    );
+    write(&h.path, SMALL_EDITED);
+    c.recv().await;
+}
+
+#[tokio::test]
+async fn a_stream_ends_when_its_token_goes_bad_even_without_a_mesh_change() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let good = std::sync::Arc::new(AtomicBool::new(true));
+    let check_good = good.clone();
+    let check: ads::TokenCheck = std::sync::Arc::new(move |_| {
+        if check_good.load(Ordering::SeqCst) {
+            Ok(())
+        } else {
+            Err(tonic::Status::unauthenticated("the bearer token expired"))
+        }
+    });
+    let limits = AdsLimits {
+        token_recheck: Duration::from_millis(50),
+        ..AdsLimits::default()
+    };
+    let make = move |plane: &ControlPlane| {
+        let owner = tokens::StreamOwner(crate::identity::ca_server::token::TokenDigest::of("t"));
+        server::router_with_auth(
+            plane.ads(limits).with_token_check(check),
+            move |mut req: tonic::Request<()>| {
+                req.extensions_mut().insert(owner);
+                Ok(req)
+            },
+        )
+    };
+    let h = start_router(SMALL, make, server::ServeLimits::default()).await;
+    let mut c = connect(&h.channel).await.unwrap();
+    c.send(subscribe(ADDRESS_TYPE, &BTreeMap::new())).await;
+    c.recv().await;
+    c.nothing_for(Duration::from_millis(200)).await;
+    good.store(false, Ordering::SeqCst);
+    let status = tokio::time::timeout(Duration::from_secs(10), c.rx.message())
+        .await
+        .expect("the stream outlived its token")
+        .expect_err("an error status");
+    assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
 }

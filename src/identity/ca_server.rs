@@ -11,7 +11,6 @@
 //! Impersonation metadata, when present, must name the same id. The lifetime is the requested
 //! one capped at `max_ttl` (zero or negative: `max_ttl`).
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,6 +20,9 @@ use tonic::{Request, Response, Status};
 use super::caclient::IMPERSONATED_IDENTITY;
 use super::signer::{self, Csr, CsrProblem};
 use super::{BuiltinCa, Error, Identity, PluginCa};
+use token::TokenDigest;
+
+pub mod token;
 use crate::proto::ca::istio_certificate_service_server::{
     IstioCertificateService, IstioCertificateServiceServer,
 };
@@ -48,15 +50,17 @@ pub trait Authenticate: Send + Sync + 'static {
 pub enum Grant {
     /// A workload: only this identity.
     Identity(Identity),
-    /// A node proxy: any identity of the authenticator's trust domain, for itself or on behalf
-    /// of the workloads it serves.
+    /// A node proxy: any identity of the authenticator's trust domain on behalf of the workloads
+    /// it serves, asked for with `ImpersonatedIdentity` metadata (istiod issues the caller's own
+    /// identity when that metadata is absent, and a node proxy token names none here).
     NodeProxy,
 }
 
-/// A fixed table of bearer tokens and what each grants.
+/// A fixed table of bearer tokens (kept as SHA-256 digests, compared in constant time) and what
+/// each grants.
 pub struct TokenAuthenticator {
     trust_domain: String,
-    tokens: HashMap<String, Grant>,
+    tokens: Vec<(TokenDigest, Grant)>,
 }
 
 impl TokenAuthenticator {
@@ -67,7 +71,10 @@ impl TokenAuthenticator {
     ) -> TokenAuthenticator {
         TokenAuthenticator {
             trust_domain: trust_domain.into(),
-            tokens: tokens.into_iter().collect(),
+            tokens: tokens
+                .into_iter()
+                .map(|(t, g)| (TokenDigest::of(&t), g))
+                .collect(),
         }
     }
 }
@@ -87,17 +94,26 @@ impl Authenticate for TokenAuthenticator {
         &self,
         token: Option<&str>,
         requested: &Identity,
-        _impersonating: bool,
+        impersonating: bool,
     ) -> Result<(), Status> {
         let token = token.ok_or_else(|| Status::unauthenticated("no bearer token"))?;
-        let grant = self
-            .tokens
-            .get(token)
-            .ok_or_else(|| Status::unauthenticated("unknown bearer token"))?;
+        let presented = TokenDigest::of(token);
+        // Every entry is compared, so the time taken does not depend on which one matches.
+        let mut grant = None;
+        for (digest, g) in &self.tokens {
+            if digest.matches(&presented) {
+                grant = Some(g);
+            }
+        }
+        let grant = grant.ok_or_else(|| Status::unauthenticated("unknown bearer token"))?;
         match grant {
             Grant::Identity(own) if own == requested => Ok(()),
             Grant::Identity(own) => Err(Status::permission_denied(format!(
                 "a token for {own} may not request {requested}"
+            ))),
+            Grant::NodeProxy if !impersonating => Err(Status::permission_denied(format!(
+                "a node proxy token gets {requested} only on a workload's behalf, with \
+                 {IMPERSONATED_IDENTITY} metadata"
             ))),
             Grant::NodeProxy if requested.trust_domain() == self.trust_domain => Ok(()),
             Grant::NodeProxy => Err(Status::permission_denied(format!(

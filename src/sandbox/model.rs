@@ -344,7 +344,11 @@ impl Model {
         let tokens: Vec<Value> = self
             .tokens
             .iter()
-            .map(|(node, token)| json!({"token": token, "nodeProxy": true, "node": node}))
+            // Only the token's hash goes into the mesh file; the clear token is in each node's token file.
+            .map(|(node, token)| {
+                let sha256 = crate::identity::ca_server::token::TokenDigest::of(token).to_hex();
+                json!({"tokenSha256": sha256, "nodeProxy": true, "node": node})
+            })
             .collect();
         to_yaml(&json!({
             "namespaces": self.namespaces_value(),

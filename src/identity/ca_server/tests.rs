@@ -160,13 +160,42 @@ async fn tokens_decide_which_identities_are_signed() {
         code(call(&svc, Some("wl"), request(&for_id("b"), 0, None)).await),
         Some(Code::PermissionDenied)
     );
+    let on_behalf = |s: &str| Some(string(s));
     assert_eq!(
-        code(call(&svc, Some("node"), request(&for_id("b"), 0, None)).await),
+        code(
+            call(
+                &svc,
+                Some("node"),
+                request(&for_id("b"), 0, on_behalf(&id("b").to_string()))
+            )
+            .await
+        ),
         None
     );
     assert_eq!(
-        code(call(&svc, Some("node"), request(&foreign, 0, None)).await),
+        code(
+            call(
+                &svc,
+                Some("node"),
+                request(&foreign, 0, on_behalf("spiffe://other.td/ns/default/sa/a"))
+            )
+            .await
+        ),
         Some(Code::PermissionDenied)
+    );
+}
+
+#[tokio::test]
+async fn a_node_token_without_impersonation_metadata_gets_no_workload_certificate() {
+    let svc = service(HOUR);
+    let (pem, _) = csr(&[&id("b").to_string()]);
+    let status = call(&svc, Some("node"), request(&pem, 0, None))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    assert!(
+        status.message().contains("ImpersonatedIdentity"),
+        "{status:?}"
     );
 }
 
@@ -175,7 +204,7 @@ async fn lifetime_is_the_requested_one_capped_at_the_maximum() {
     let svc = service(HOUR);
     let (pem, key) = csr(&[&id("a").to_string()]);
     for (requested, expected) in [(600, 600), (0, 3600), (-5, 3600), (i64::MAX, 3600)] {
-        let chain = call(&svc, Some("node"), request(&pem, requested, None))
+        let chain = call(&svc, Some("wl"), request(&pem, requested, None))
             .await
             .unwrap();
         let cert = check_answer(

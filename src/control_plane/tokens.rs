@@ -1,0 +1,180 @@
+//! Who may use the control plane: the `tokens` of the current mesh file, checked for the CA and for xDS.
+//!
+//! Input: the presented bearer token (hashed at once; only SHA-256 digests are compared, in constant time),
+//! the current [`MeshConfig`] and the wall clock (for `expires`). Output: the matching [`TokenSpec`], or a
+//! gRPC status that says why not:
+//! - `Unauthenticated`: no token, an unknown one, or one past its `expires`;
+//! - `PermissionDenied`: a known token asking for what it may not have.
+//!
+//! The CA ([`MeshTokens`], istiod's rules): without `ImpersonatedIdentity` metadata a caller gets only its own
+//! identity (a workload token's identity, or a node proxy token's optional `namespace`/`serviceAccount`);
+//! with it, only a node proxy token bound to a `node` may ask, and only for identities with a pod on that
+//! node. xDS ([`xds_caller`]): node proxy tokens only (the state of the whole mesh is theirs to see); a mesh
+//! file with no tokens at all serves xDS to anyone, as before tokens existed. An open stream lasts only as
+//! long as its token is in the file and unexpired ([`stream_still_allowed`]).
+
+use std::sync::Arc;
+
+use tokio::sync::watch;
+use tonic::Status;
+
+use super::config::{MeshConfig, TokenSpec};
+use crate::identity::ca_server::token::TokenDigest;
+use crate::identity::{Authenticate, Identity};
+
+/// The token of an xDS stream's caller (a request extension the xDS check adds for the ADS server).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct StreamOwner(pub TokenDigest);
+
+/// The entry of `cfg.tokens` matching `presented`, if it has not expired at `now`.
+pub fn find<'a>(
+    cfg: &'a MeshConfig,
+    presented: &str,
+    now: time::OffsetDateTime,
+) -> Result<&'a TokenSpec, Status> {
+    let digest = TokenDigest::of(presented);
+    // Every entry is compared, so the time taken does not depend on which one matches.
+    let mut found = None;
+    for t in &cfg.tokens {
+        if t.digest.matches(&digest) {
+            found = Some(t);
+        }
+    }
+    let spec = found.ok_or_else(|| Status::unauthenticated("unknown bearer token"))?;
+    match spec.expires {
+        Some(at) if at <= now => Err(Status::unauthenticated(format!(
+            "the bearer token expired at {}",
+            at.format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_else(|_| at.to_string())
+        ))),
+        _ => Ok(spec),
+    }
+}
+
+/// Authorizes CA requests against the tokens of the current mesh file.
+pub struct MeshTokens {
+    config: watch::Receiver<Arc<MeshConfig>>,
+}
+
+impl MeshTokens {
+    /// Checks requests against whatever `config` holds at the time of each request.
+    pub fn new(config: watch::Receiver<Arc<MeshConfig>>) -> MeshTokens {
+        MeshTokens { config }
+    }
+}
+
+impl std::fmt::Debug for MeshTokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MeshTokens").finish_non_exhaustive()
+    }
+}
+
+impl Authenticate for MeshTokens {
+    fn authorize(
+        &self,
+        token: Option<&str>,
+        requested: &Identity,
+        impersonating: bool,
+    ) -> Result<(), Status> {
+        let cfg = self.config.borrow().clone();
+        authorize_ca(
+            &cfg,
+            token,
+            requested,
+            impersonating,
+            time::OffsetDateTime::now_utc(),
+        )
+    }
+}
+
+/// The CA rule (see the module header) at time `now`.
+pub fn authorize_ca(
+    cfg: &MeshConfig,
+    token: Option<&str>,
+    requested: &Identity,
+    impersonating: bool,
+    now: time::OffsetDateTime,
+) -> Result<(), Status> {
+    let token = token.ok_or_else(|| Status::unauthenticated("no bearer token"))?;
+    let spec = find(cfg, token, now)?;
+    let own = spec.own_identity(&cfg.trust_domain);
+    if own.as_ref() == Some(requested) {
+        return Ok(());
+    }
+    if !spec.node_proxy {
+        let own = own.map_or_else(|| "no identity".to_string(), |o| o.to_string());
+        return Err(Status::permission_denied(format!(
+            "a token for {own} may not request {requested}"
+        )));
+    }
+    if !impersonating {
+        return Err(Status::permission_denied(format!(
+            "a node proxy token gets {requested} only on a workload's behalf, with ImpersonatedIdentity metadata"
+        )));
+    }
+    if spec.node.is_empty() {
+        return Err(Status::permission_denied(
+            "this node proxy token names no node, so it may ask for no workload's identity \
+             (give it `node:` in the mesh file)",
+        ));
+    }
+    let on_node = requested.trust_domain() == cfg.trust_domain
+        && cfg.workloads.iter().any(|w| {
+            w.node == spec.node
+                && w.namespace == requested.namespace()
+                && w.service_account == requested.service_account()
+        });
+    if !on_node {
+        return Err(Status::permission_denied(format!(
+            "{requested} has no pod on node {}",
+            spec.node
+        )));
+    }
+    Ok(())
+}
+
+/// The xDS rule: who may open a stream. `Ok(None)` when the file lists no tokens (xDS for anyone).
+pub fn xds_caller(
+    cfg: &MeshConfig,
+    token: Option<&str>,
+    now: time::OffsetDateTime,
+) -> Result<Option<StreamOwner>, Status> {
+    if cfg.tokens.is_empty() {
+        return Ok(None);
+    }
+    let token = token.ok_or_else(|| Status::unauthenticated("no bearer token"))?;
+    let spec = find(cfg, token, now)?;
+    if !spec.node_proxy {
+        return Err(Status::permission_denied(
+            "xDS is served to node proxy tokens only; this is a workload token",
+        ));
+    }
+    Ok(Some(StreamOwner(spec.digest)))
+}
+
+/// Whether the xDS stream opened with `owner`'s token may go on: the token is still in the file, still a
+/// node proxy's and not expired at `now`.
+pub fn stream_still_allowed(
+    cfg: &MeshConfig,
+    owner: &StreamOwner,
+    now: time::OffsetDateTime,
+) -> Result<(), Status> {
+    let mut found = None;
+    for t in &cfg.tokens {
+        if t.digest.matches(&owner.0) {
+            found = Some(t);
+        }
+    }
+    match found {
+        None => Err(Status::unauthenticated(
+            "the bearer token was removed from the mesh file",
+        )),
+        Some(t) if !t.node_proxy => Err(Status::permission_denied(
+            "the bearer token is no longer a node proxy token",
+        )),
+        Some(t) if t.expires.is_some_and(|at| at <= now) => {
+            Err(Status::unauthenticated("the bearer token expired"))
+        }
+        Some(_) => Ok(()),
+    }
+}
