@@ -44,7 +44,7 @@ fn mesh_yaml(pods: &[&Pod], test_in_mesh: bool, istio: &str) -> String {
     );
     for p in pods {
         y += &format!(
-            "- {{name: {n}, namespace: {ns}, serviceAccount: {n}, ips: [{ip}], labels: {{app: {n}}}}}\n",
+            "- {{name: {n}, namespace: {ns}, serviceAccount: {n}, ips: [{ip}], labels: {{app: {n}}}, node: node1}}\n",
             n = p.name,
             ns = p.namespace,
             ip = p.ip.unwrap()
@@ -53,7 +53,8 @@ fn mesh_yaml(pods: &[&Pod], test_in_mesh: bool, istio: &str) -> String {
     if pods.is_empty() {
         y = y.replace("workloads:\n", "workloads: []\n");
     }
-    y += &format!("tokens:\n- {{token: {NODE_TOKEN}, nodeProxy: true}}\n");
+    // A node proxy's token is bound to its node: it gets certificates only for pods there.
+    y += &format!("tokens:\n- {{token: {NODE_TOKEN}, nodeProxy: true, node: node1}}\n");
     if !istio.is_empty() {
         y += "istio:\n";
         y += istio;
