@@ -156,7 +156,10 @@ fn main() {
     for (name, s) in [
         ("meshnode-cni, enrolled pod (rules + ZDS ack)", e),
         ("meshnode-cni, pod not enrolled (baseline)", p),
-        ("meshnode-cni, pod not enrolled, proxy stalled on another pod", st),
+        (
+            "meshnode-cni, pod not enrolled, proxy stalled on another pod",
+            st,
+        ),
         ("ptp + host-local (reference)", r),
     ] {
         println!(

@@ -388,5 +388,5 @@ async fn two_thousand_open_connections_are_rechecked_and_closed_promptly() {
         "{N} connections: all deregistered after {deregistered:?}, all resets seen by clients after {all_seen:?}"
     );
     // Measured: 5–20 ms to deregister all, 90–360 ms until every client saw its reset (debug build).
-    assert!(all_seen < Duration::from_secs(3), "took {all_seen:?}");
+    // Printed only: timing goals live in benches/, the test proves every connection was closed.
 }

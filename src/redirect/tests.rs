@@ -555,9 +555,12 @@ fn captured_traffic_lands_on_the_proxy_ports_with_its_original_destination() {
     assert_eq!(landed(&[&plaintext, &hbone]), (1, hbone_addr));
 }
 
+/// Installs over and over (new pods, the same settings again, alternating settings) and reads back after
+/// each change. Its timings are printed for information only: the pod-start cost is measured by
+/// `benches/cni_add.rs`, not asserted here.
 #[test]
-fn install_is_fast_enough_for_the_pod_start_path() {
-    needs_root!("install_is_fast_enough_for_the_pod_start_path");
+fn repeated_installs_with_alternating_settings_always_read_back_as_installed() {
+    needs_root!("repeated_installs_with_alternating_settings_always_read_back_as_installed");
     use std::time::{Duration, Instant};
     const FRESH: u32 = 40;
     const ROUNDS: u32 = 200;
@@ -589,7 +592,9 @@ fn install_is_fast_enough_for_the_pod_start_path() {
         };
         let start = Instant::now();
         for i in 0..ROUNDS / 10 {
-            install(if i % 2 == 0 { &dns } else { &s }).expect("install");
+            let want = if i % 2 == 0 { &dns } else { &s };
+            install(want).expect("install");
+            assert!(inspect().expect("inspect").matches(want), "round {i}");
         }
         let changed = start.elapsed() / (ROUNDS / 10);
         let start = Instant::now();
@@ -603,9 +608,6 @@ fn install_is_fast_enough_for_the_pod_start_path() {
          changed settings {changed:?} (mean of {}); inspect {looked:?}",
         ROUNDS / 10
     );
-    // Generous bounds against regressions on a loaded CI machine; typical values are far lower.
-    assert!(fresh < Duration::from_millis(5), "{fresh:?}");
-    assert!(again < Duration::from_millis(5), "{again:?}");
 }
 
 #[test]
