@@ -331,6 +331,91 @@ fn a_stalled_proxy_holds_up_only_the_pods_waiting_for_it() {
 }
 
 #[test]
+fn the_agent_answers_its_health_port_and_keeps_its_plugin_in_a_rewritten_chain() {
+    if !support::root_or_skip(
+        "the_agent_answers_its_health_port_and_keeps_its_plugin_in_a_rewritten_chain",
+    ) {
+        return;
+    }
+    let mut node = Node::start(AGENT_YAML, "workloads: []\n");
+    // istio-cni's health port, as the DaemonSet's probes call it.
+    node.wait_for(|| node.http_ok(8000, "/healthz"), "GET :8000/healthz");
+    node.wait_for(|| node.http_ok(8000, "/readyz"), "GET :8000/readyz");
+
+    // The node's CNI config directory, as mounted into the agent's container, with a primary plugin's list.
+    let (net_d, bin) = (node.path("net.d"), node.path("bin"));
+    std::fs::create_dir_all(&net_d).unwrap();
+    std::fs::create_dir_all(&bin).unwrap();
+    let primary = r#"{"cniVersion":"1.0.0","name":"k8s-pod-network","plugins":[{"type":"ptp"}]}"#;
+    let conflist = net_d.join("10-ptp.conflist");
+    std::fs::write(&conflist, primary).unwrap();
+    let plugin = support::cluster::plugin_binary();
+    for (k, v) in [
+        ("MOUNTED_CNI_NET_DIR", net_d.to_str().unwrap()),
+        ("MESHNODE_CNI_BIN_DIR", bin.to_str().unwrap()),
+        ("MESHNODE_CNI_PLUGIN", plugin.to_str().unwrap()),
+    ] {
+        node.agent_env.push((k.into(), v.into()));
+    }
+    node.start_agent();
+    let installed = || {
+        std::fs::read_to_string(&conflist).is_ok_and(|t| t.contains("meshnode-cni"))
+            && bin.join("meshnode-cni").exists()
+    };
+    node.wait_for(installed, "the plugin appended to the chain and copied");
+    // The primary CNI rewrites its config (as Calico or Cilium do on restart): the periodic check puts
+    // the plugin back, so pods created afterwards are still captured.
+    std::fs::write(&conflist, primary).unwrap();
+    assert!(!installed());
+    node.wait_for(installed, "the plugin appended again after the rewrite");
+}
+
+#[test]
+fn a_pod_whose_proxy_listeners_cannot_be_bound_waits_and_is_served_once_they_can() {
+    if !support::root_or_skip(
+        "a_pod_whose_proxy_listeners_cannot_be_bound_waits_and_is_served_once_they_can",
+    ) {
+        return;
+    }
+    let node = Node::start(AGENT_YAML, "workloads: []\n");
+    let mut client = node.pod("default", "client");
+    // Something in the pod already holds the proxy's HBONE port (no SO_REUSEPORT): the proxy cannot bind
+    // its listeners there, so it refuses the pod (NACK) and the pod stays captured but unserved.
+    let squatter = client
+        .netns
+        .run(|| std::net::TcpListener::bind(("0.0.0.0", 15008)).expect("bind :15008 in the pod"));
+    let err = node.add(&mut client).unwrap_err().to_string();
+    assert!(err.contains("no node proxy"), "{err}\n{}", node.logs());
+    assert!(
+        rules(&client).matches(&Default::default()),
+        "fail closed while it waits"
+    );
+    // The port is freed: the proxy's retry binds it and the agent's retry hands the pod over.
+    drop(squatter);
+    node.wait_for(
+        || {
+            client
+                .netns
+                .run(|| std::net::TcpStream::connect(("127.0.0.1", 15008)).is_ok())
+        },
+        "the proxy to listen in the pod once the port is free",
+    );
+    // The agent records the proxy's acknowledgement: the pod is served, no longer pending.
+    node.wait_for(
+        || {
+            let state =
+                std::fs::read_to_string(node.path("run/meshnode-pods.json")).unwrap_or_default();
+            let v: serde_json::Value = serde_json::from_str(&state).unwrap_or_default();
+            v["pods"].as_array().is_some_and(|pods| {
+                pods.iter()
+                    .any(|p| p["uid"] == client.uid.as_str() && p["state"] == "enabled")
+            })
+        },
+        "the agent to record the pod as served",
+    );
+}
+
+#[test]
 fn restarting_the_agent_and_the_proxy_keeps_pods_captured() {
     if !support::root_or_skip("restarting_the_agent_and_the_proxy_keeps_pods_captured") {
         return;
