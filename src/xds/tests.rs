@@ -771,6 +771,69 @@ async fn an_oversized_message_ends_the_stream_but_not_the_state() {
 }
 
 #[tokio::test]
+async fn the_default_limit_takes_a_response_just_under_64_mib_and_drops_one_over() {
+    let mut server = FakeServer::plain().await;
+    let mut proxy = Proxy::start(
+        plain_target(server.addr),
+        AuthToken::None,
+        Limits::default(),
+    );
+    let mut s = server.session().await;
+    s.initial().await;
+    sync(&mut s).await;
+    proxy.until(|st| st.workload_count() == 2).await;
+    let big = |name: &str, bytes: usize| {
+        let mut w = workload(name, [10, 0, 0, 9], "1");
+        w.aliases = vec!["x".repeat(bytes)];
+        response(ADDRESS_TYPE, "big", vec![w], &[])
+    };
+    // 63 MiB: within the documented 64 MiB, answered on the same stream (ACK or NACK, not a reconnect).
+    let under = big("under", 63 * 1024 * 1024);
+    assert!(under.encoded_len() < 64 * 1024 * 1024);
+    let reply = tokio::time::timeout(Duration::from_secs(30), s.exchange(under))
+        .await
+        .expect("an answer on the same stream");
+    assert_eq!(reply.type_url, ADDRESS_TYPE);
+    // 65 MiB: the stream ends and the client comes back with the state it had.
+    let over = big("over", 65 * 1024 * 1024);
+    s.send(over).await;
+    let mut s2 = server.session().await;
+    let initial = s2.initial().await;
+    assert!(initial[ADDRESS_TYPE]
+        .initial_resource_versions
+        .contains_key("w1"));
+    assert!(!initial[ADDRESS_TYPE]
+        .initial_resource_versions
+        .contains_key("over"));
+    assert!(proxy.state().workload_count() >= 2);
+    drop(s);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn a_control_plane_that_keeps_failing_is_retried_with_backoff_not_in_a_loop() {
+    // A server that accepts and at once closes every connection: each attempt fails.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let attempts = Arc::new(AtomicUsize::new(0));
+    let counted = attempts.clone();
+    let server = tokio::spawn(async move {
+        while let Ok((conn, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            drop(conn);
+        }
+    });
+    let proxy = Proxy::start(plain_target(addr), AuthToken::None, Limits::default());
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let n = attempts.load(Ordering::SeqCst);
+    // 10 ms doubling: about 8 attempts in 2.5 s (to 2.56 s of waits); a client without backoff makes
+    // hundreds. The bounds are wide for a loaded machine.
+    assert!((3..=16).contains(&n), "{n} attempts in 2.5 s");
+    proxy.stop().await;
+    server.abort();
+}
+
+#[tokio::test]
 async fn resources_past_the_limit_are_nacked() {
     let mut server = FakeServer::plain().await;
     let limits = Limits {
