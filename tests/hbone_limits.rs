@@ -581,3 +581,46 @@ async fn a_peer_that_stops_reading_stalls_the_app_instead_of_growing_the_proxy_b
         "{last} bytes buffered for a peer that stopped reading"
     );
 }
+
+#[tokio::test]
+async fn streams_opened_and_reset_at_once_cannot_pile_up_handlers_beyond_the_stream_limit() {
+    // HTTP/2 "rapid reset": h2 forgets a stream as soon as the peer resets it, but the proxy's handler for
+    // it may still be connecting upstream. Here every upstream connect hangs (a listener whose accept
+    // queue is full drops SYNs) and each stream is reset once its handler has started.
+    let s = Servers::start(&[], false).await;
+    let hole = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    hole.bind(&SocketAddr::new(ip(s.net, 3), 8082).into())
+        .unwrap();
+    hole.listen(0).unwrap();
+    let _queued = TcpStream::connect(SocketAddr::new(ip(s.net, 3), 8082))
+        .await
+        .unwrap();
+    let registry = s.proxies[0].proxy.connections();
+    let (send, _d) = hbone(s.client_cert(), tcp_from(ip(s.net, 9), s.addr(3)).await).await;
+    let mut refused = 0;
+    for _ in 0..260 {
+        let before = registry.len();
+        let mut req = send.clone().ready().await.unwrap();
+        let (resp, mut body) = req
+            .send_request(connect(&format!("{}:8082", ip(s.net, 3))), false)
+            .unwrap();
+        let started = async {
+            while registry.len() == before {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        };
+        tokio::select! {
+            r = resp => {
+                assert!(r.is_err(), "a stream to a black hole was answered: {r:?}");
+                refused += 1;
+            }
+            _ = tokio::time::timeout(PATIENCE, started) => body.send_reset(h2::Reason::CANCEL),
+        }
+    }
+    assert!(
+        registry.len() <= 200,
+        "{} handlers in flight on one connection",
+        registry.len()
+    );
+    assert!(refused >= 60, "only {refused} streams refused");
+}

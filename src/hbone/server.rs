@@ -5,7 +5,9 @@
 //! Output: nothing; the function returns when the connection ends, when the client's HTTP/2 preface does not
 //! arrive by the handshake deadline, or after a GOAWAY (sent when `shutdown` fires or when the connection
 //! has carried no stream for the idle timeout) has let the streams in flight finish. Each stream runs on
-//! its own task, so one slow upstream never holds up the others.
+//! its own task, so one slow upstream never holds up the others; at most as many tasks run at once as the
+//! connection may have streams (a stream the peer has reset keeps its place until its task ends, and
+//! streams beyond that are refused with REFUSED_STREAM).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -127,8 +129,18 @@ where
         tokio::select! {
             _ = &mut pings => return Ok(()),
             next = conn.accept() => match next {
-                Some(Ok((request, respond))) => {
-                    activity.lock().open += 1;
+                Some(Ok((request, mut respond))) => {
+                    let mut a = activity.lock();
+                    // h2 stops counting a stream the peer resets, but its handler may still be connecting
+                    // upstream: without this bound, open-and-reset (HTTP/2 "rapid reset") would start
+                    // handlers, tasks and upstream sockets without limit.
+                    if a.open >= super::SERVER_MAX_CONCURRENT_STREAMS as usize {
+                        drop(a);
+                        respond.send_reset(h2::Reason::REFUSED_STREAM);
+                        continue;
+                    }
+                    a.open += 1;
+                    drop(a);
                     let guard = StreamGuard(activity.clone());
                     let stream = handle(Incoming { request, respond });
                     tokio::spawn(async move {
