@@ -104,7 +104,7 @@ pub const KEEPALIVE_INTERVAL: &str = "KEEPALIVE_INTERVAL";
 pub const KEEPALIVE_RETRIES: &str = "KEEPALIVE_RETRIES";
 /// TCP keepalive on the proxy's sockets at all.
 pub const KEEPALIVE_ENABLED: &str = "KEEPALIVE_ENABLED";
-/// TCP_USER_TIMEOUT = keepalive time + retries × interval, so unacknowledged data cannot hold a socket longer.
+/// TCP_USER_TIMEOUT = keepalive time + retries × interval: unacknowledged data cannot hold a socket longer.
 pub const USER_TIMEOUT_ENABLED: &str = "USER_TIMEOUT_ENABLED";
 
 /// A key → value lookup: the process environment in production, a map in tests.
@@ -610,8 +610,8 @@ impl Config {
                 "HTTP/2 allows 16384..=16777215",
             ));
         }
-        // RFC 9113 §6.5.2 / §6.9.1: windows are at most 2^31-1. A zero stream window would let no data move;
-        // the connection window starts at 65535 and can only grow (§6.9.2), so less cannot be granted.
+        // RFC 9113 §6.5.2 / §6.9.1: windows are at most 2^31-1. A zero stream window would let no data
+        // move; the connection window starts at 65535 and can only grow (§6.9.2), so less cannot be granted.
         for (name, v, min, why) in [
             (
                 HTTP2_STREAM_WINDOW_SIZE,

@@ -1,12 +1,13 @@
 //! Process-wide admission: how many connections the whole process handles at once, and how many handshakes
 //! one source address may have in progress on :15008.
 //!
-//! Input: the two bounds from config (`MESHNODE_MAX_CONNECTIONS_TOTAL`, `MESHNODE_MAX_HANDSHAKES_PER_SOURCE`).
-//! Output: permits. Every accept loop of every proxy in the process takes a [`ConnectionPermit`] before it
-//! accepts (so connections beyond the bound wait in the kernel backlog, as with the per-listener bound),
-//! and the HBONE inbound path holds a [`HandshakePermit`] from accept until TLS and the HTTP/2 preface are
-//! done (a source over its bound is reset at once). One [`Admission`] is shared by every proxy built from
-//! the same `Arc<Config>`.
+//! Input: the two bounds from config (`MESHNODE_MAX_CONNECTIONS_TOTAL`,
+//! `MESHNODE_MAX_HANDSHAKES_PER_SOURCE`). Output: permits. Every accept loop of every proxy in the process
+//! takes a [`ConnectionPermit`] for each connection it accepts, before handling it; while it waits for one,
+//! that listener accepts nothing more, so further connections wait in the kernel backlog (an idle listener
+//! holds no permit). The HBONE inbound path holds a [`HandshakePermit`] from accept until TLS and the
+//! HTTP/2 preface are done; a source over its bound is reset at once. One [`Admission`] is shared by every
+//! proxy built from the same `Arc<Config>`.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
