@@ -257,6 +257,19 @@ pub async fn run_proxy_with_metrics(
     Ok(())
 }
 
+/// Raises the soft limit on open files to the hard limit, as ztunnel does at start. Every proxied
+/// connection takes two descriptors (in shared mode, for every pod of the node), and the usual soft default
+/// (1024) would stop the proxy far below its configured connection bounds. Returns the soft limit before
+/// and after.
+pub fn raise_fd_limit() -> Result<(u64, u64), nix::Error> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+    }
+    Ok((soft, hard))
+}
+
 /// The stats port (`GET /metrics`, :15020) in the current network namespace.
 pub fn bind_metrics(cfg: &Config) -> Result<TcpListener, Error> {
     socket::listen(cfg.wildcard(cfg.ports.metrics), SocketOpts::default()).map_err(Error::Bind)

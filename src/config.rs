@@ -90,6 +90,24 @@ pub const ZTUNNEL_WORKER_THREADS: &str = "ZTUNNEL_WORKER_THREADS";
 pub const MESHNODE_STATE_DIR: &str = "MESHNODE_STATE_DIR";
 /// meshnode's own: most connections handled at once per listener.
 pub const MESHNODE_MAX_CONNECTIONS: &str = "MESHNODE_MAX_CONNECTIONS";
+/// meshnode's own: most connections handled at once by the whole process (every listener of every pod).
+pub const MESHNODE_MAX_CONNECTIONS_TOTAL: &str = "MESHNODE_MAX_CONNECTIONS_TOTAL";
+/// meshnode's own: most connections from one source address still in their handshake on :15008.
+pub const MESHNODE_MAX_HANDSHAKES_PER_SOURCE: &str = "MESHNODE_MAX_HANDSHAKES_PER_SOURCE";
+/// meshnode's own: time allowed from accepting an HBONE connection to its HTTP/2 preface (TLS included).
+pub const MESHNODE_HANDSHAKE_TIMEOUT: &str = "MESHNODE_HANDSHAKE_TIMEOUT";
+/// meshnode's own: an inbound HBONE connection carrying no stream for this long is closed (GOAWAY).
+pub const MESHNODE_HBONE_IDLE_TIMEOUT: &str = "MESHNODE_HBONE_IDLE_TIMEOUT";
+/// TCP keepalive: idle time before the first probe (ztunnel's name and default).
+pub const KEEPALIVE_TIME: &str = "KEEPALIVE_TIME";
+/// TCP keepalive: time between probes.
+pub const KEEPALIVE_INTERVAL: &str = "KEEPALIVE_INTERVAL";
+/// TCP keepalive: unanswered probes before the connection is dropped.
+pub const KEEPALIVE_RETRIES: &str = "KEEPALIVE_RETRIES";
+/// TCP keepalive on the proxy's sockets at all.
+pub const KEEPALIVE_ENABLED: &str = "KEEPALIVE_ENABLED";
+/// TCP_USER_TIMEOUT = keepalive time + retries × interval: unacknowledged data cannot hold a socket longer.
+pub const USER_TIMEOUT_ENABLED: &str = "USER_TIMEOUT_ENABLED";
 
 /// A key → value lookup: the process environment in production, a map in tests.
 pub trait Source {
@@ -287,6 +305,32 @@ pub struct PoolConfig {
     pub unused_release_timeout: Duration,
 }
 
+/// TCP keepalive on the proxy's sockets, read from ztunnel's variables with ztunnel's defaults.
+///
+/// Keepalive is not hop-by-hop: an application's own keepalive only reaches its local proxy, so the proxy
+/// probes on its sockets to keep idle connections from being dropped by middleboxes (ztunnel's reasoning).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keepalive {
+    /// SO_KEEPALIVE on (ztunnel default: on).
+    pub enabled: bool,
+    /// TCP_KEEPIDLE (ztunnel default 180 s: well below the 10-minute idle timeouts of common load balancers).
+    pub time: Duration,
+    /// TCP_KEEPINTVL (ztunnel default 180 s).
+    pub interval: Duration,
+    /// TCP_KEEPCNT (ztunnel default 9, Linux's own default).
+    pub retries: u32,
+    /// TCP_USER_TIMEOUT set to `time + retries × interval` (ztunnel default: off, not yet proven there).
+    pub user_timeout: bool,
+}
+
+impl Keepalive {
+    /// The TCP_USER_TIMEOUT this setting implies, when enabled.
+    pub fn user_timeout(&self) -> Option<Duration> {
+        self.user_timeout
+            .then(|| self.time + self.interval * self.retries)
+    }
+}
+
 /// Listener addresses of the proxy.
 #[derive(Debug, Clone, Copy)]
 pub struct Ports {
@@ -350,10 +394,23 @@ pub struct Config {
     pub connect_timeout: Duration,
     /// TLS + HTTP/2 handshake timeout on inbound connections, so a silent peer cannot hold a slot.
     pub handshake_timeout: Duration,
+    /// An inbound HBONE connection with no stream for this long is closed.
+    pub hbone_idle_timeout: Duration,
     /// Drain deadline at shutdown.
     pub termination_deadline: Duration,
     /// Connections handled at once per listener; further ones wait in the kernel backlog.
     pub max_connections: usize,
+    /// Connections handled at once by the whole process; further ones wait in the kernel backlog.
+    pub max_connections_total: usize,
+    /// Unauthenticated (mid-handshake) connections from one source address at once on :15008; more are reset.
+    pub max_handshakes_per_source: usize,
+    /// TCP keepalive on accepted and outgoing sockets.
+    pub keepalive: Keepalive,
+    /// Not a setting: the process-wide admission counters behind `max_connections_total` and
+    /// `max_handshakes_per_source`. It lives here because the `Arc<Config>` is the one value every proxy
+    /// of the process shares (in shared mode, each pod's proxy gets a clone of the same `Arc`); clones of
+    /// a `Config` share it too.
+    pub admission: std::sync::Arc<crate::proxy::limits::Admission>,
     /// Data-plane worker threads.
     pub worker_threads: usize,
     /// How often the local config file is checked for changes.
@@ -437,6 +494,13 @@ impl Config {
                     .into(),
             ),
         };
+        // One listener's default: in shared mode a node's pods together get what one pod's listener could
+        // take, so many pods cannot multiply the proxy's sockets and memory.
+        let max_connections_total = parse_default(src, MESHNODE_MAX_CONNECTIONS_TOTAL, 65_536)?;
+        // A node's burst of new pooled connections fits; one address cannot take every slot with handshakes
+        // it never finishes.
+        let max_handshakes_per_source =
+            parse_default(src, MESHNODE_MAX_HANDSHAKES_PER_SOURCE, 256)?;
         let cfg = Config {
             proxy_mode,
             workload_info,
@@ -488,13 +552,32 @@ impl Config {
                 frame_size: parse_size(src, HTTP2_FRAME_SIZE, 1 << 20)?,
             },
             connect_timeout: Duration::from_secs(10),
-            handshake_timeout: Duration::from_secs(10),
+            // As long as the connect timeout: a slow peer's handshake is not held to a stricter rule.
+            handshake_timeout: parse_duration(
+                src,
+                MESHNODE_HANDSHAKE_TIMEOUT,
+                Duration::from_secs(10),
+            )?,
+            // Twice ztunnel's pool release time (5 min), so well-behaved clients give up their idle
+            // connections first and the server's close only catches the ones that never do.
+            hbone_idle_timeout: parse_duration(
+                src,
+                MESHNODE_HBONE_IDLE_TIMEOUT,
+                Duration::from_secs(600),
+            )?,
             termination_deadline: parse_duration(
                 src,
                 CONNECTION_TERMINATION_DEADLINE,
                 Duration::from_secs(5),
             )?,
             max_connections: parse_default(src, MESHNODE_MAX_CONNECTIONS, 65_536)?,
+            max_connections_total,
+            max_handshakes_per_source,
+            keepalive: keepalive(src)?,
+            admission: crate::proxy::limits::Admission::new(
+                max_connections_total,
+                max_handshakes_per_source,
+            ),
             worker_threads: match parse_default::<usize>(src, ZTUNNEL_WORKER_THREADS, 2)? {
                 0 => std::thread::available_parallelism()
                     .map(|n| n.get())
@@ -529,9 +612,21 @@ impl Config {
                 "HTTP/2 allows 16384..=16777215",
             ));
         }
-        for (name, v) in [
-            (HTTP2_STREAM_WINDOW_SIZE, self.h2.stream_window),
-            (HTTP2_CONNECTION_WINDOW_SIZE, self.h2.connection_window),
+        // RFC 9113 §6.5.2 / §6.9.1: windows are at most 2^31-1. A zero stream window would let no data
+        // move; the connection window starts at 65535 and can only grow (§6.9.2), so less cannot be granted.
+        for (name, v, min, why) in [
+            (
+                HTTP2_STREAM_WINDOW_SIZE,
+                self.h2.stream_window,
+                1,
+                "a zero window lets no data through",
+            ),
+            (
+                HTTP2_CONNECTION_WINDOW_SIZE,
+                self.h2.connection_window,
+                65_535,
+                "HTTP/2 connection windows start at 65535 and cannot shrink",
+            ),
         ] {
             if v > (1 << 31) - 1 {
                 return Err(invalid(
@@ -540,9 +635,33 @@ impl Config {
                     "HTTP/2 windows are at most 2^31-1",
                 ));
             }
+            if v < min {
+                return Err(invalid(
+                    name,
+                    &v.to_string(),
+                    format!("at least {min}: {why}"),
+                ));
+            }
         }
-        if self.max_connections == 0 {
-            return Err(invalid(MESHNODE_MAX_CONNECTIONS, "0", "must be at least 1"));
+        for (name, v) in [
+            (MESHNODE_MAX_CONNECTIONS, self.max_connections),
+            (MESHNODE_MAX_CONNECTIONS_TOTAL, self.max_connections_total),
+            (
+                MESHNODE_MAX_HANDSHAKES_PER_SOURCE,
+                self.max_handshakes_per_source,
+            ),
+        ] {
+            if v == 0 {
+                return Err(invalid(name, "0", "must be at least 1"));
+            }
+        }
+        for (name, v) in [
+            (MESHNODE_HANDSHAKE_TIMEOUT, self.handshake_timeout),
+            (MESHNODE_HBONE_IDLE_TIMEOUT, self.hbone_idle_timeout),
+        ] {
+            if v.is_zero() {
+                return Err(invalid(name, "0s", "must be longer than zero"));
+            }
         }
         Ok(())
     }
@@ -689,6 +808,10 @@ fn parse_duration(
     }
 }
 
+/// The longest duration accepted: Go's limit (an int64 of nanoseconds, about 292 years), which ztunnel's
+/// parser shares; timers and deadlines built from it stay far from `Instant`'s range.
+const MAX_DURATION: Duration = Duration::from_secs(i64::MAX as u64 / 1_000_000_000);
+
 /// Parses Go-style durations as ztunnel accepts them: `500ms`, `10s`, `5m`, `24h`, `1h30m`.
 pub fn duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
@@ -722,9 +845,49 @@ pub fn duration(s: &str) -> Result<Duration, String> {
             u => return Err(format!("unknown unit {u:?}")),
         };
         rest = &rest[unit_len..];
-        total += Duration::from_secs_f64(value * unit);
+        // A huge number must be refused, not panic in `from_secs_f64` or in the addition.
+        total = Duration::try_from_secs_f64(value * unit)
+            .ok()
+            .and_then(|d| total.checked_add(d))
+            .filter(|d| *d <= MAX_DURATION)
+            .ok_or_else(|| format!("too long (at most {}h)", MAX_DURATION.as_secs() / 3600))?;
     }
     Ok(total)
+}
+
+/// Linux's upper bounds for TCP_KEEPIDLE / TCP_KEEPINTVL (seconds) and TCP_KEEPCNT: larger values are refused
+/// by the kernel, which ztunnel only logs; here they are a start-up error.
+const MAX_KEEPALIVE_SECS: u64 = 32_767;
+const MAX_KEEPALIVE_RETRIES: u32 = 127;
+
+fn keepalive(src: &dyn Source) -> Result<Keepalive, Error> {
+    let ka = Keepalive {
+        enabled: parse_opt_bool(src, KEEPALIVE_ENABLED)?.unwrap_or(true),
+        time: parse_duration(src, KEEPALIVE_TIME, Duration::from_secs(180))?,
+        interval: parse_duration(src, KEEPALIVE_INTERVAL, Duration::from_secs(180))?,
+        retries: parse_default(src, KEEPALIVE_RETRIES, 9)?,
+        user_timeout: parse_opt_bool(src, USER_TIMEOUT_ENABLED)?.unwrap_or(false),
+    };
+    if !ka.enabled && !ka.user_timeout {
+        return Ok(ka);
+    }
+    for (name, d) in [(KEEPALIVE_TIME, ka.time), (KEEPALIVE_INTERVAL, ka.interval)] {
+        if d < Duration::from_secs(1) || d > Duration::from_secs(MAX_KEEPALIVE_SECS) {
+            return Err(invalid(
+                name,
+                &format!("{d:?}"),
+                format!("TCP keepalive times are whole seconds from 1s to {MAX_KEEPALIVE_SECS}s"),
+            ));
+        }
+    }
+    if !(1..=MAX_KEEPALIVE_RETRIES).contains(&ka.retries) {
+        return Err(invalid(
+            KEEPALIVE_RETRIES,
+            &ka.retries.to_string(),
+            format!("from 1 to {MAX_KEEPALIVE_RETRIES}"),
+        ));
+    }
+    Ok(ka)
 }
 
 fn parse_size(src: &dyn Source, name: &'static str, default: u32) -> Result<u32, Error> {
@@ -750,7 +913,9 @@ fn size(s: &str) -> Result<u32, String> {
     let n: u64 = num
         .parse()
         .map_err(|_| "expected a size such as 4194304 or 4Mi".to_string())?;
-    u32::try_from(n * mult).map_err(|_| "too large".to_string())
+    n.checked_mul(mult)
+        .and_then(|b| u32::try_from(b).ok())
+        .ok_or_else(|| format!("too large (at most {} bytes)", u32::MAX))
 }
 
 #[cfg(test)]
@@ -882,6 +1047,159 @@ mod tests {
         assert!(c.xds.is_none());
         assert!(matches!(c.ca, CaSource::Builtin(_)));
         assert!(cfg(&[(PROXY_MODE, "shared"), ("ISTIO_METAJSON_X", "{")]).is_err());
+    }
+
+    /// `cfg` for a dedicated proxy with one more variable.
+    fn with(name: &'static str, value: &str) -> Result<Config, Error> {
+        let map: HashMap<&str, &str> = [
+            (PROXY_MODE, "dedicated"),
+            (PROXY_WORKLOAD_INFO, "a/b/c"),
+            (name, value),
+        ]
+        .into_iter()
+        .collect();
+        Config::from_source(&map)
+    }
+
+    #[test]
+    fn huge_durations_and_sizes_are_config_errors_not_panics() {
+        let huge = format!("1{}s", "0".repeat(400));
+        for (name, value) in [
+            (SECRET_TTL, "100000000000000000000s"),
+            (SECRET_TTL, huge.as_str()),
+            (SECRET_TTL, "18446744073709551615s18446744073709551615s"),
+            (SECRET_TTL, "300000y"),
+            (POOL_UNUSED_RELEASE_TIMEOUT, "9999999999999999h"),
+            (CONNECTION_TERMINATION_DEADLINE, "1e300s"),
+            (HTTP2_STREAM_WINDOW_SIZE, "18446744073709551615Gi"),
+            (HTTP2_CONNECTION_WINDOW_SIZE, "99999999999999999999"),
+            (HTTP2_FRAME_SIZE, "17179869184Gi"),
+        ] {
+            let err = std::panic::catch_unwind(|| with(name, value))
+                .unwrap_or_else(|_| panic!("{name}={value} panicked"))
+                .expect_err(value)
+                .to_string();
+            assert!(err.contains(name), "{err}");
+        }
+    }
+
+    #[test]
+    fn http2_windows_and_frame_sizes_outside_rfc_9113_are_refused() {
+        for (name, value) in [
+            (HTTP2_STREAM_WINDOW_SIZE, "0"),
+            (HTTP2_STREAM_WINDOW_SIZE, "2Gi"),
+            (HTTP2_CONNECTION_WINDOW_SIZE, "0"),
+            (HTTP2_CONNECTION_WINDOW_SIZE, "65534"),
+            (HTTP2_CONNECTION_WINDOW_SIZE, "2147483648"),
+            (HTTP2_FRAME_SIZE, "0"),
+            (HTTP2_FRAME_SIZE, "16383"),
+            (HTTP2_FRAME_SIZE, "16Mi"),
+        ] {
+            let err = with(name, value).expect_err(value).to_string();
+            assert!(err.contains(name), "{err}");
+        }
+        // The edges themselves are fine.
+        let c = with(HTTP2_CONNECTION_WINDOW_SIZE, "65535").unwrap();
+        assert_eq!(c.h2.connection_window, 65_535);
+        assert_eq!(
+            with(HTTP2_STREAM_WINDOW_SIZE, "1")
+                .unwrap()
+                .h2
+                .stream_window,
+            1
+        );
+        assert_eq!(
+            with(HTTP2_STREAM_WINDOW_SIZE, "2147483647")
+                .unwrap()
+                .h2
+                .stream_window,
+            (1 << 31) - 1
+        );
+        assert_eq!(
+            with(HTTP2_FRAME_SIZE, "16777215").unwrap().h2.frame_size,
+            16_777_215
+        );
+    }
+
+    #[test]
+    fn keepalive_reads_ztunnel_variables_and_defaults() {
+        let d = cfg(&[(PROXY_MODE, "dedicated"), (PROXY_WORKLOAD_INFO, "a/b/c")]).unwrap();
+        assert_eq!(
+            d.keepalive,
+            Keepalive {
+                enabled: true,
+                time: Duration::from_secs(180),
+                interval: Duration::from_secs(180),
+                retries: 9,
+                user_timeout: false,
+            }
+        );
+        assert_eq!(d.keepalive.user_timeout(), None);
+        let c = cfg(&[
+            (PROXY_MODE, "dedicated"),
+            (PROXY_WORKLOAD_INFO, "a/b/c"),
+            (KEEPALIVE_TIME, "30s"),
+            (KEEPALIVE_INTERVAL, "5s"),
+            (KEEPALIVE_RETRIES, "3"),
+            (USER_TIMEOUT_ENABLED, "true"),
+        ])
+        .unwrap();
+        assert_eq!(c.keepalive.time, Duration::from_secs(30));
+        assert_eq!(c.keepalive.user_timeout(), Some(Duration::from_secs(45)));
+        assert!(!with(KEEPALIVE_ENABLED, "false").unwrap().keepalive.enabled);
+        for (name, value) in [
+            (KEEPALIVE_TIME, "0s"),
+            (KEEPALIVE_TIME, "500ms"),
+            (KEEPALIVE_INTERVAL, "10h"),
+            (KEEPALIVE_RETRIES, "0"),
+            (KEEPALIVE_RETRIES, "128"),
+            (KEEPALIVE_RETRIES, "-1"),
+            (KEEPALIVE_ENABLED, "sometimes"),
+        ] {
+            let err = with(name, value).expect_err(value).to_string();
+            assert!(err.contains(name), "{err}");
+        }
+        // Unused values are not checked against the kernel's ranges when keepalive is off.
+        let off = cfg(&[
+            (PROXY_MODE, "dedicated"),
+            (PROXY_WORKLOAD_INFO, "a/b/c"),
+            (KEEPALIVE_ENABLED, "false"),
+            (KEEPALIVE_RETRIES, "0"),
+        ]);
+        assert!(off.is_ok());
+    }
+
+    #[test]
+    fn process_limits_and_hbone_timeouts_are_configurable() {
+        let d = cfg(&[(PROXY_MODE, "dedicated"), (PROXY_WORKLOAD_INFO, "a/b/c")]).unwrap();
+        assert_eq!(d.max_connections_total, 65_536);
+        assert_eq!(d.max_handshakes_per_source, 256);
+        assert_eq!(d.handshake_timeout, Duration::from_secs(10));
+        assert_eq!(d.hbone_idle_timeout, Duration::from_secs(600));
+        let c = cfg(&[
+            (PROXY_MODE, "dedicated"),
+            (PROXY_WORKLOAD_INFO, "a/b/c"),
+            (MESHNODE_MAX_CONNECTIONS_TOTAL, "10"),
+            (MESHNODE_MAX_HANDSHAKES_PER_SOURCE, "2"),
+            (MESHNODE_HANDSHAKE_TIMEOUT, "250ms"),
+            (MESHNODE_HBONE_IDLE_TIMEOUT, "1m"),
+        ])
+        .unwrap();
+        assert_eq!(c.max_connections_total, 10);
+        assert_eq!(c.max_handshakes_per_source, 2);
+        assert_eq!(c.handshake_timeout, Duration::from_millis(250));
+        assert_eq!(c.hbone_idle_timeout, Duration::from_secs(60));
+        // Clones share the process's counters.
+        assert!(std::sync::Arc::ptr_eq(&c.admission, &c.clone().admission));
+        for (name, value) in [
+            (MESHNODE_MAX_CONNECTIONS_TOTAL, "0"),
+            (MESHNODE_MAX_HANDSHAKES_PER_SOURCE, "0"),
+            (MESHNODE_HANDSHAKE_TIMEOUT, "0s"),
+            (MESHNODE_HBONE_IDLE_TIMEOUT, "0ms"),
+        ] {
+            let err = with(name, value).expect_err(value).to_string();
+            assert!(err.contains(name), "{err}");
+        }
     }
 
     #[test]

@@ -5,6 +5,13 @@
 //! - [`server`]: the server side's HTTP/2 mechanics — accepting CONNECT streams and answering them; what to
 //!   do with each stream is the inbound proxy's business.
 //! - [`copy`]: moving bytes between a TCP socket and a CONNECT stream, with half-close and flow control.
+//!
+//! Memory a peer that stops reading can make us hold, per stream: towards the peer, at most
+//! `min(peer's window, send buffer)` inside h2 (`SERVER_MAX_SEND_BUFFER`, 400 KiB, on the server; one
+//! stream window on the client), because the copy only hands h2 what `capacity()` grants, plus one read
+//! buffer (at most 256 KiB); towards the application, at most our stream window (4 MiB; our connection
+//! window, 16 MiB, across a connection's streams), because capacity is given back only once the bytes are
+//! written. An HBONE server connection runs at most `SERVER_MAX_CONCURRENT_STREAMS` (200) stream handlers.
 
 pub mod copy;
 pub mod pool;

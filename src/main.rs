@@ -83,6 +83,13 @@ fn main() -> anyhow::Result<()> {
         Command::Proxy => {
             init_logging();
             let cfg = Arc::new(Config::from_source(&ProcessEnv)?);
+            match meshnode::app::raise_fd_limit() {
+                Ok((before, after)) if before < after => {
+                    tracing::info!(before, after, "raised the open files limit")
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "could not raise the open files limit"),
+            }
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(cfg.worker_threads)
                 .thread_name("meshnode-worker")

@@ -3,12 +3,15 @@
 //! Input: [`ProxyInputs`] (config, state, certificates, the workload it acts for, socket options) and three
 //! bound listeners. Output: connections carried — outbound ones ([`outbound`], :15001) into HBONE or plain
 //! TCP, HBONE ones ([`inbound`], :15008) and plaintext ones ([`passthrough`], :15006) to the application.
-//! Each listener admits at most `max_connections` at once; at shutdown it stops accepting and waits for
-//! its connections up to the termination deadline. Inbound connections are registered with
+//! Each listener admits at most `max_connections` at once, and the whole process at most
+//! `max_connections_total` ([`limits`], shared by every proxy built from one config); at shutdown a listener
+//! stops accepting and waits for its connections up to the termination deadline. Accepted and outgoing
+//! sockets carry TCP keepalive as configured. Inbound connections are registered with
 //! [`connections`], which re-checks them when policies change; [`metrics`](crate::metrics) counts them.
 
 pub mod connections;
 pub mod inbound;
+pub mod limits;
 pub mod outbound;
 pub mod passthrough;
 
@@ -147,6 +150,7 @@ impl Proxy {
             cfg.h2,
             inputs.sock,
             inputs.netns.clone(),
+            cfg.keepalive,
             cfg.connect_timeout,
         );
         // Plaintext connections are bounded by one listener's `max_connections`; HBONE streams (many per
@@ -260,6 +264,8 @@ impl Proxy {
         let mut shutdown = self.shutdown.clone();
         // Set when the termination deadline passes: connections still open are dropped (closed) then.
         let (force_close, forced) = watch::channel(false);
+        let admission = self.cfg().admission.clone();
+        let keepalive = self.cfg().keepalive;
         loop {
             let permit = tokio::select! {
                 p = limit.clone().acquire_owned() => p.expect("semaphore never closed"),
@@ -271,7 +277,17 @@ impl Proxy {
             };
             match accepted {
                 Ok((stream, peer)) => {
+                    // Room in the process, taken only once a connection is here (an idle listener must not
+                    // hold a share). While it waits, this listener accepts nothing more: further
+                    // connections wait in the kernel backlog.
+                    let permits = tokio::select! {
+                        p = admission.connection() => (permit, p),
+                        _ = shutdown.wait_for(|s| *s) => break,
+                    };
                     let _ = socket::accepted(&stream);
+                    if let Err(e) = socket::keepalive(&stream, &keepalive) {
+                        tracing::debug!(listener = name, error = %e, "setting TCP keepalive failed");
+                    }
                     let fut = handle(stream, socket::canonical(peer));
                     let mut forced = forced.clone();
                     tokio::spawn(async move {
@@ -279,7 +295,7 @@ impl Proxy {
                             _ = fut => {}
                             _ = forced.wait_for(|f| *f) => {}
                         }
-                        drop(permit);
+                        drop(permits);
                     });
                 }
                 Err(e) => {

@@ -11,6 +11,7 @@ use std::time::Duration;
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
+use crate::config::Keepalive;
 use crate::netns::InpodNetns;
 
 /// Listen backlog: deep enough for connection bursts while the accept loop catches up.
@@ -104,16 +105,19 @@ fn apply_common(socket: &Socket, addr: SocketAddr, opts: SocketOpts) -> io::Resu
 
 /// Opens a TCP connection to `dst` with the proxy's mark, optionally from `src` (which need not be a local
 /// address when `opts.transparent` is set: that is how the client's address is kept towards applications).
-/// With `netns`, the socket is created in that pod's network namespace (in-pod mode).
+/// With `netns`, the socket is created in that pod's network namespace (in-pod mode). `keepalive` is set
+/// on the socket before it connects.
 pub async fn connect(
     netns: Option<&InpodNetns>,
     dst: SocketAddr,
     src: Option<IpAddr>,
     opts: SocketOpts,
+    keepalive: &Keepalive,
     timeout: Duration,
 ) -> io::Result<TcpStream> {
     let socket = new_socket(netns, Domain::for_address(dst))?;
     apply_common(&socket, dst, opts)?;
+    set_keepalive(SockRef::from(&socket), keepalive)?;
     if let Some(src) = src {
         let src = match (src, dst) {
             (IpAddr::V4(v4), SocketAddr::V6(_)) => IpAddr::V6(v4.to_ipv6_mapped()),
@@ -164,6 +168,26 @@ pub fn accepted(stream: &TcpStream) -> io::Result<()> {
     stream.set_nodelay(true)
 }
 
+/// TCP keepalive (and TCP_USER_TIMEOUT when asked for) on an accepted connection, as ztunnel sets them on
+/// the connections its capture listeners accept.
+pub fn keepalive(stream: &TcpStream, keepalive: &Keepalive) -> io::Result<()> {
+    set_keepalive(SockRef::from(stream), keepalive)
+}
+
+fn set_keepalive(sock: SockRef<'_>, ka: &Keepalive) -> io::Result<()> {
+    if ka.enabled {
+        let params = socket2::TcpKeepalive::new()
+            .with_time(ka.time)
+            .with_interval(ka.interval)
+            .with_retries(ka.retries);
+        sock.set_tcp_keepalive(&params)?;
+    }
+    if let Some(t) = ka.user_timeout() {
+        sock.set_tcp_user_timeout(Some(t))?;
+    }
+    Ok(())
+}
+
 /// Makes closing `stream` send a TCP reset instead of a FIN (SO_LINGER with a zero timeout, which does
 /// not block), so a refused client sees "connection reset" at once.
 pub fn reset_on_close(stream: &TcpStream) {
@@ -181,6 +205,65 @@ pub fn can_be_transparent() -> bool {
 mod tests {
     use super::*;
 
+    fn ka() -> Keepalive {
+        Keepalive {
+            enabled: true,
+            time: Duration::from_secs(7),
+            interval: Duration::from_secs(3),
+            retries: 4,
+            user_timeout: true,
+        }
+    }
+
+    #[tokio::test]
+    async fn accepted_and_outgoing_sockets_carry_the_configured_keepalive() {
+        let l = listen("127.0.0.1:0".parse().unwrap(), SocketOpts::default()).unwrap();
+        let c = connect(
+            None,
+            l.local_addr().unwrap(),
+            None,
+            SocketOpts::default(),
+            &ka(),
+            Duration::from_secs(1),
+        )
+        .await
+        .unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        keepalive(&s, &ka()).unwrap();
+        for stream in [&c, &s] {
+            let sock = SockRef::from(stream);
+            assert!(sock.keepalive().unwrap());
+            assert_eq!(sock.tcp_keepalive_time().unwrap(), Duration::from_secs(7));
+            assert_eq!(
+                sock.tcp_keepalive_interval().unwrap(),
+                Duration::from_secs(3)
+            );
+            assert_eq!(sock.tcp_keepalive_retries().unwrap(), 4);
+            // 7 s + 4 × 3 s.
+            assert_eq!(
+                sock.tcp_user_timeout().unwrap(),
+                Some(Duration::from_secs(19))
+            );
+        }
+        // Turned off: nothing set.
+        let off = Keepalive {
+            enabled: false,
+            user_timeout: false,
+            ..ka()
+        };
+        let c = connect(
+            None,
+            l.local_addr().unwrap(),
+            None,
+            SocketOpts::default(),
+            &off,
+            Duration::from_secs(1),
+        )
+        .await
+        .unwrap();
+        assert!(!SockRef::from(&c).keepalive().unwrap());
+    }
+
     #[tokio::test]
     async fn connections_not_redirected_report_their_local_address() {
         let l = listen("127.0.0.1:0".parse().unwrap(), SocketOpts::default()).unwrap();
@@ -190,6 +273,7 @@ mod tests {
             addr,
             None,
             SocketOpts::default(),
+            &ka(),
             Duration::from_secs(1),
         )
         .await
@@ -208,6 +292,7 @@ mod tests {
             SocketAddr::from(([127, 0, 0, 1], port)),
             None,
             SocketOpts::default(),
+            &ka(),
             Duration::from_secs(1),
         )
         .await

@@ -18,7 +18,7 @@ use h2::{RecvStream, SendStream};
 use parking_lot::Mutex;
 use tokio::time::Instant;
 
-use crate::config::{H2Config, PoolConfig};
+use crate::config::{H2Config, Keepalive, PoolConfig};
 use crate::identity::Identity;
 use crate::netns::InpodNetns;
 use crate::socket::{self, SocketOpts};
@@ -125,6 +125,7 @@ struct Inner {
     h2: H2Config,
     sock: SocketOpts,
     netns: Option<Arc<InpodNetns>>,
+    keepalive: Keepalive,
     connect_timeout: Duration,
 }
 
@@ -141,6 +142,7 @@ impl Pool {
         h2: H2Config,
         sock: SocketOpts,
         netns: Option<Arc<InpodNetns>>,
+        keepalive: Keepalive,
         connect_timeout: Duration,
     ) -> Pool {
         let inner = Arc::new(Inner {
@@ -149,6 +151,7 @@ impl Pool {
             h2,
             sock,
             netns,
+            keepalive,
             connect_timeout,
         });
         let weak = Arc::downgrade(&inner);
@@ -246,6 +249,7 @@ impl Pool {
             dst,
             None,
             self.0.sock,
+            &self.0.keepalive,
             self.0.connect_timeout,
         )
         .await

@@ -8,7 +8,10 @@
 //! Accepted streams stay registered with the proxy's [`connections`](super::connections) registry and are
 //! reset if a later policy change denies them. Each stream is counted in [`metrics`](crate::metrics)
 //! (reporter `destination`, `response_flags` `DENY` when authorization refused or closed it).
-//! TLS failures (garbage, plain HTTP, untrusted or foreign certificates) end that connection only.
+//! TLS failures (garbage, plain HTTP, untrusted or foreign certificates) end that connection only. Before a
+//! peer is authenticated it holds one of its address's `max_handshakes_per_source` slots (a connection
+//! beyond them is reset at once); TLS and the HTTP/2 preface must both be done within `handshake_timeout`,
+//! and a connection that carries no stream for `hbone_idle_timeout` is closed with a GOAWAY.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -60,6 +63,17 @@ impl Proxy {
             Ok(a) => socket::canonical(a),
             Err(_) => return,
         };
+        // Held until the peer is authenticated and has spoken HTTP/2: one address cannot fill the process
+        // with handshakes it never finishes.
+        let Some(handshake) = self.cfg().admission.handshake(peer.ip()) else {
+            tracing::info!(
+                target: "access", direction = "inbound", src.addr = %peer, dst.addr = %local,
+                limit = self.cfg().max_handshakes_per_source,
+                "connection refused: too many handshakes in progress from this address"
+            );
+            socket::reset_on_close(&stream);
+            return;
+        };
         let tls = match self.local_workload().await {
             Ok(w) => match self.tls_for(&w.identity).await {
                 Ok(t) => t.current(),
@@ -74,11 +88,10 @@ impl Proxy {
             }
         };
         let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config());
-        let tls_stream = match tokio::time::timeout(
-            self.cfg().handshake_timeout,
-            acceptor.accept(stream),
-        )
-        .await
+        // One deadline for TLS and the HTTP/2 preface after it.
+        let handshake_deadline = tokio::time::Instant::now() + self.cfg().handshake_timeout;
+        let tls_stream = match tokio::time::timeout_at(handshake_deadline, acceptor.accept(stream))
+            .await
         {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
@@ -98,14 +111,32 @@ impl Proxy {
         };
         let me = self.clone();
         let shutdown = self.shutdown.clone();
-        let res = server::serve(tls_stream, &self.cfg().h2, shutdown, move |incoming| {
-            let me = me.clone();
-            let peer_id = peer_id.clone();
-            async move { me.inbound_stream(incoming, peer, local, peer_id).await }
-        })
+        let timeouts = server::Timeouts {
+            handshake_deadline,
+            idle: self.cfg().hbone_idle_timeout,
+        };
+        let h2 = &self.cfg().h2;
+        let res = server::serve(
+            tls_stream,
+            h2,
+            timeouts,
+            handshake,
+            shutdown,
+            move |incoming| {
+                let me = me.clone();
+                let peer_id = peer_id.clone();
+                async move { me.inbound_stream(incoming, peer, local, peer_id).await }
+            },
+        )
         .await;
-        if let Err(e) = res {
-            tracing::debug!(src.addr = %peer, error = %e, "HBONE connection ended with an error");
+        match res {
+            Ok(()) => {}
+            Err(server::Error::HandshakeTimeout) => {
+                tracing::info!(target: "access", direction = "inbound", src.addr = %peer, dst.addr = %local, "HTTP/2 handshake timed out")
+            }
+            Err(e) => {
+                tracing::debug!(src.addr = %peer, error = %e, "HBONE connection ended with an error")
+            }
         }
     }
 
@@ -323,6 +354,7 @@ impl Proxy {
             target,
             src_ip,
             self.upstream_opts(),
+            &self.cfg().keepalive,
             self.cfg().connect_timeout,
         )
         .await

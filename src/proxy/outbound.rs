@@ -174,6 +174,7 @@ impl Proxy {
             dst,
             None,
             self.inputs.sock,
+            &self.cfg().keepalive,
             self.cfg().connect_timeout,
         )
         .await

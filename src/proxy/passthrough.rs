@@ -105,6 +105,7 @@ impl Proxy {
             dst,
             src_ip,
             self.upstream_opts(),
+            &self.cfg().keepalive,
             self.cfg().connect_timeout,
         )
         .await

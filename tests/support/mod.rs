@@ -86,6 +86,19 @@ pub async fn start_proxy(
     extra: &[(&str, &str)],
 ) -> TestProxy {
     let cfg = Arc::new(config(workload, extra));
+    let workload = cfg.workload_info.clone().unwrap();
+    start_proxy_with(cfg, ca, yaml, workload, bind).await
+}
+
+/// [`start_proxy`] with a config of the caller's: proxies started from one `Arc<Config>` share the
+/// process-wide limits, as every pod's proxy does in shared mode.
+pub async fn start_proxy_with(
+    cfg: Arc<Config>,
+    ca: Arc<dyn CertSource>,
+    yaml: &str,
+    workload: meshnode::config::WorkloadInfo,
+    bind: IpAddr,
+) -> TestProxy {
     let st = LocalConfig::parse(yaml).unwrap().into_state().unwrap();
     let (state_tx, state) = StateHandle::new(st);
     let opts = SocketOpts {
@@ -100,10 +113,10 @@ pub async fn start_proxy(
     };
     let (shutdown_tx, shutdown) = watch::channel(false);
     let inputs = ProxyInputs {
-        cfg: cfg.clone(),
+        cfg,
         state,
         certs: CertManager::new(ca),
-        workload: cfg.workload_info.clone().unwrap(),
+        workload,
         sock: SocketOpts::default(),
         orig_src: false,
         netns: None,
