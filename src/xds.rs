@@ -11,8 +11,10 @@
 //! subscriptions, [`ADDRESS_TYPE`] and [`AUTHORIZATION_TYPE`]. Each initial request carries the node and
 //! `initial_resource_versions` (what is held, with versions), so a reconnect resumes rather than restarts.
 //! Every response is answered: ACK `{type_url, response_nonce}`, or NACK with
-//! `error_detail.message = "<name>: <reason>; ..."`. A bad resource is named in the NACK and skipped
-//! (its previous good version, if any, stays); the others in the same response are applied.
+//! `error_detail.message = "<name>: <reason>; ..."`. A bad resource is named in the NACK; its previous
+//! good version, if any, stays; a refused policy with no good version is enforced through a fail-safe
+//! stand-in that can only deny more (never allow more than with the policy); the others in the same
+//! response are applied.
 //!
 //! Parts: [`convert`] (protobuf → state types), `cache` (the resources held, per type, with versions;
 //! applying one response), `client` (the stream, reconnects, ACK/NACK, publishing).

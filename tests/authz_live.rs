@@ -200,18 +200,27 @@ async fn a_policy_change_that_still_allows_leaves_open_connections_alone() {
     })
     .await;
 
+    let rechecks = m.server.proxy.connections().rechecks();
     m.set_policies(ALLOW_BOTH_PORTS);
-    // Give the watcher time to run; nothing may be closed.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The change has been applied (the watcher re-checked the open connections); nothing was closed.
+    eventually("the policy change to be re-checked", || {
+        m.server.proxy.connections().rechecks() > rechecks
+    })
+    .await;
     echo_once(&mut plain, b"after").await;
     echo_once(&mut tunnelled, b"after").await;
     assert_eq!(m.server.proxy.connections().len(), 2);
 
     // And a second change, back to no policy at all.
+    let rechecks = m.server.proxy.connections().rechecks();
     m.set_policies("[]");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    eventually("the second change to be re-checked", || {
+        m.server.proxy.connections().rechecks() > rechecks
+    })
+    .await;
     echo_once(&mut plain, b"again").await;
     echo_once(&mut tunnelled, b"again").await;
+    assert_eq!(m.server.proxy.connections().len(), 2);
 }
 
 #[tokio::test]
@@ -356,7 +365,7 @@ async fn metrics_count_carried_and_denied_connections_with_istio_labels() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_thousand_open_connections_are_rechecked_and_closed_promptly() {
+async fn two_thousand_open_connections_are_rechecked_and_every_one_closed() {
     const N: usize = 2000;
     let m = mesh("[]").await;
     let mut conns = Vec::with_capacity(N);
@@ -369,8 +378,12 @@ async fn two_thousand_open_connections_are_rechecked_and_closed_promptly() {
     .await;
 
     // A change that still allows: every connection is checked, none closed.
+    let rechecks = m.server.proxy.connections().rechecks();
     m.set_policies(ALLOW_BOTH_PORTS);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    eventually("the allowing change to be re-checked", || {
+        m.server.proxy.connections().rechecks() > rechecks
+    })
+    .await;
     assert_eq!(m.server.proxy.connections().len(), N);
 
     let start = Instant::now();

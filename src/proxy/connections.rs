@@ -70,6 +70,8 @@ struct Inner {
 pub struct ConnectionManager {
     capacity: usize,
     inner: Mutex<Inner>,
+    /// Re-checks completed: what a caller waits on to know a policy change has been applied.
+    rechecks: std::sync::atomic::AtomicU64,
 }
 
 /// What one re-check did.
@@ -87,6 +89,7 @@ impl ConnectionManager {
         Arc::new(ConnectionManager {
             capacity,
             inner: Mutex::default(),
+            rechecks: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -98,6 +101,11 @@ impl ConnectionManager {
     /// Whether no connection is registered.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// How many re-checks have completed (each one after a state change that touched policies).
+    pub fn rechecks(&self) -> u64 {
+        self.rechecks.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Registers an open connection; it stays registered until the [`Registration`] is dropped or a
@@ -161,6 +169,8 @@ impl ConnectionManager {
                 let _ = e.close.send(reason);
             }
         }
+        self.rechecks
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
         Recheck {
             checked: conns.len(),
             closed,

