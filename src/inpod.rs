@@ -30,6 +30,8 @@ use crate::zds::client::{Request, ZdsClient};
 const RECONNECT_MIN: Duration = Duration::from_millis(10);
 /// Longest reconnect delay (ztunnel: 15 s).
 const RECONNECT_MAX: Duration = Duration::from_secs(15);
+/// A session with the agent that lasted this long resets the reconnect backoff.
+const SESSION_HEALTHY: Duration = Duration::from_secs(5);
 /// How often pods whose proxy failed to start are retried (ztunnel: 5 s).
 const RETRY_PENDING: Duration = Duration::from_secs(5);
 
@@ -129,12 +131,22 @@ pub async fn run(inputs: InpodInputs, ready: Arc<Readiness>, mut shutdown: watch
             }
         };
         tracing::info!(path = %uds.display(), "connected to the CNI agent");
-        delay = RECONNECT_MIN;
+        let started = tokio::time::Instant::now();
         let ended = tokio::select! {
             e = pods.session(client, &mut snapshot_task) => e,
             _ = shutdown.wait_for(|s| *s) => break,
         };
-        tracing::warn!(reason = %ended, "CNI agent connection ended; pods keep being served, reconnecting");
+        // A session that lasted resets the backoff; one the agent ends at once (crash-looping, refusing
+        // us) backs off like a refused connect, so the proxy never spins on the socket.
+        if started.elapsed() >= SESSION_HEALTHY {
+            delay = RECONNECT_MIN;
+        }
+        tracing::warn!(reason = %ended, retry_in = ?delay, "CNI agent connection ended; pods keep being served, reconnecting");
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.wait_for(|s| *s) => break,
+        }
+        delay = (delay * 2).min(RECONNECT_MAX);
     }
     pods.drain_all().await;
 }

@@ -212,3 +212,95 @@ fn a_pod_whose_netns_vanishes_mid_add_is_refused_and_the_node_serves_the_next() 
     assert!(!state.contains("doomed"), "{state}");
     assert!(state.contains(&ok.uid));
 }
+
+#[test]
+fn a_proxy_out_of_file_descriptors_backs_off_and_serves_again_once_they_free_up() {
+    if !support::root_or_skip(
+        "a_proxy_out_of_file_descriptors_backs_off_and_serves_again_once_they_free_up",
+    ) {
+        return;
+    }
+    // A dedicated proxy in a namespace of its own with a tiny hard open-files limit (so raising the soft
+    // limit at start cannot help), flooded with connections to its plaintext inbound port.
+    let ns = support::netns::Netns::new("nofd");
+    let dir = tempfile::tempdir().unwrap();
+    let log_path = dir.path().join("proxy.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let state = dir.path().join("state");
+    let mut proxy = support::netns::KillOnDrop(ns.spawn(
+        "prlimit",
+        &["--nofile=96:96", env!("CARGO_BIN_EXE_meshnode"), "proxy"],
+        &[
+            ("PROXY_MODE", "dedicated"),
+            ("PROXY_WORKLOAD_INFO", "default/server/server"),
+            ("XDS_ADDRESS", ""),
+            ("LOCAL_XDS", "workloads: []\n"),
+            ("MESHNODE_STATE_DIR", state.to_str().unwrap()),
+            ("RUST_LOG", "warn"),
+        ],
+        log,
+    ));
+    let metrics_ok = || {
+        ns.run(|| {
+            use std::io::{Read, Write};
+            let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", 15020)) else {
+                return false;
+            };
+            let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+            let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+            let mut out = String::new();
+            let _ = s.read_to_string(&mut out);
+            out.starts_with("HTTP/1.1 200")
+        })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !metrics_ok() {
+        assert!(std::time::Instant::now() < deadline, "proxy never served");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // 200 connections held open: far more than the proxy has descriptors for.
+    let flood: Vec<std::net::TcpStream> = ns.run(|| {
+        (0..200)
+            .filter_map(|_| {
+                std::net::TcpStream::connect_timeout(
+                    &"127.0.0.1:15006".parse().unwrap(),
+                    Duration::from_secs(1),
+                )
+                .ok()
+            })
+            .collect()
+    });
+    assert!(flood.len() > 96, "only {} connections made", flood.len());
+    let logged = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !logged().contains("accept failed") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never ran out of fds:\n{}",
+            logged()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        proxy.0.try_wait().unwrap().is_none(),
+        "proxy died:\n{}",
+        logged()
+    );
+    // The flood goes away: the proxy serves again.
+    drop(flood);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !metrics_ok() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "proxy did not recover:\n{}",
+            logged()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        proxy.0.try_wait().unwrap().is_none(),
+        "proxy died:\n{}",
+        logged()
+    );
+}

@@ -204,3 +204,51 @@ fn the_binary_refuses_bad_environment_naming_the_variable() {
         assert!(stderr.contains(var), "stderr for {env:?}: {stderr}");
     }
 }
+
+#[test]
+fn a_cni_agent_that_drops_every_connection_is_retried_with_backoff_not_in_a_loop() {
+    if !root_or_skip(
+        "a_cni_agent_that_drops_every_connection_is_retried_with_backoff_not_in_a_loop",
+    ) {
+        return;
+    }
+    // The proxy in shared mode, in a namespace of its own (its admin ports), against an "agent" whose ZDS
+    // socket accepts and at once closes every connection (a crash-looping or refusing agent).
+    let ns = support::netns::Netns::new("zdsloop");
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("ztunnel.sock");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let listener = rt
+        .block_on(async { meshnode::zds::packet::bind(&sock) })
+        .unwrap();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = accepted.clone();
+    rt.spawn(async move {
+        while let Ok(conn) = listener.accept().await {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            drop(conn);
+        }
+    });
+    let log = std::fs::File::create(dir.path().join("proxy.log")).unwrap();
+    let state = dir.path().join("state");
+    let _proxy = support::netns::KillOnDrop(ns.spawn(
+        env!("CARGO_BIN_EXE_meshnode"),
+        &["proxy"],
+        &[
+            ("PROXY_MODE", "shared"),
+            ("INPOD_UDS", sock.to_str().unwrap()),
+            ("LOCAL_XDS", "workloads: []\n"),
+            ("XDS_ADDRESS", ""),
+            ("MESHNODE_STATE_DIR", state.to_str().unwrap()),
+        ],
+        log,
+    ));
+    std::thread::sleep(Duration::from_millis(2500));
+    let n = accepted.load(std::sync::atomic::Ordering::SeqCst);
+    // 10 ms doubling: about 8 connections in 2.5 s; without backoff after a session ends, thousands.
+    assert!(
+        (2..=16).contains(&n),
+        "{n} connections in 2.5 s\n{}",
+        std::fs::read_to_string(dir.path().join("proxy.log")).unwrap_or_default()
+    );
+}

@@ -513,7 +513,7 @@ mod tests {
         fails("plain", 1001, "stale");
         fails("mesh", 10, "is ambient");
         fails("unknown", 10, "may be enrolled");
-        let mut v3 = hint.clone();
+        let mut v3 = hint;
         v3["version"] = json!(3);
         write(&v3);
         fails("plain", 10, "version 3");
