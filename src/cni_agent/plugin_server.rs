@@ -234,7 +234,7 @@ async fn handle(mut stream: UnixStream, jobs: mpsc::Sender<Job>) {
 }
 
 /// Reads one request and decodes its body; any problem becomes the answer to send.
-async fn read_request(stream: &mut UnixStream) -> Result<PluginRequest, Answer> {
+pub(crate) async fn read_request(stream: &mut UnixStream) -> Result<PluginRequest, Answer> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 4096];
     let header_end = loop {

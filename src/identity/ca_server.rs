@@ -168,7 +168,7 @@ impl CaService {
     }
 
     /// Handles one request (everything but the gRPC plumbing).
-    fn create(
+    pub(crate) fn create(
         &self,
         token: Option<&str>,
         request: &IstioCertificateRequest,
