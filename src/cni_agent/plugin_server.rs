@@ -402,7 +402,7 @@ mod tests {
             let raw = format!("POST /cmdadd HTTP/1.1\r\nContent-Length: {length}\r\n\r\n{{}}");
             client.write_all(raw.as_bytes()).await.unwrap();
             client.shutdown().await.unwrap();
-            let answer = read_request(&mut server).await.err().expect("refused");
+            let answer = read_request(&mut server).await.expect_err("refused");
             assert_eq!(answer.status, 413, "{length}: {}", answer.body);
         }
     }
