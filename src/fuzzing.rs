@@ -1,7 +1,8 @@
 //! Entry points for the fuzz targets in `fuzz/` (not an API: hidden from the docs, may change at any time).
 //!
 //! Input: the raw bytes a fuzzer generates. Output: nothing; each function feeds the bytes to one parser of
-//! untrusted input exactly as the running code does, and only a panic, an abort or a hang counts. Where the
+//! untrusted input exactly as the running code does, and only a panic, an abort or a hang counts. Those
+//! that return `bool` say whether the input was accepted (the seed corpora are checked to be). Where the
 //! real parser reads from a socket, the bytes travel through a real socket of that kind (unix stream pair,
 //! loopback TCP, seqpacket pair, in-memory duplex for HTTP/2), so the code under test is unchanged.
 
@@ -118,28 +119,26 @@ pub fn zds_client(data: &[u8]) {
 }
 
 /// xDS `istio.workload.Address`: `name\n` then the protobuf bytes; converted, then indexed into a state.
-pub fn xds_address(data: &[u8]) {
+pub fn xds_address(data: &[u8]) -> bool {
     let (name, bytes) = split_line(data);
     let Ok(addr) = pb::Address::decode(bytes) else {
-        return;
+        return false;
     };
     let (workloads, services) = match convert::address(name, addr) {
         Ok(convert::Address::Workload(w)) => (vec![w], vec![]),
         Ok(convert::Address::Service(s)) => (vec![], vec![s]),
-        Err(_) => return,
+        Err(_) => return false,
     };
-    let _ = State::new(workloads, services, PolicySet::default());
+    State::new(workloads, services, PolicySet::default()).is_ok()
 }
 
 /// xDS `istio.security.Authorization`: `name\n` then the protobuf bytes; converted, then indexed.
-pub fn xds_authorization(data: &[u8]) {
+pub fn xds_authorization(data: &[u8]) -> bool {
     let (name, bytes) = split_line(data);
     let Ok(auth) = security::Authorization::decode(bytes) else {
-        return;
+        return false;
     };
-    if let Ok(policy) = convert::policy(name, auth) {
-        let _ = PolicySet::new(vec![policy]);
-    }
+    convert::policy(name, auth).is_ok_and(|policy| PolicySet::new(vec![policy]).is_ok())
 }
 
 fn fuzz_key() -> rcgen::KeyPair {
@@ -148,12 +147,12 @@ fn fuzz_key() -> rcgen::KeyPair {
 
 /// The CA client's check of a `CreateCertificate` answer (protobuf `IstioCertificateResponse` bytes),
 /// for [`FUZZ_IDENTITY`] and the key [`FUZZ_KEY_PEM`].
-pub fn ca_answer(data: &[u8]) {
+pub fn ca_answer(data: &[u8]) -> bool {
     let Ok(response) = IstioCertificateResponse::decode(data) else {
-        return;
+        return false;
     };
     let id: Identity = FUZZ_IDENTITY.parse().expect("a valid SPIFFE id");
-    let _ = crate::identity::caclient::check_answer(&id, fuzz_key(), &response.cert_chain);
+    crate::identity::caclient::check_answer(&id, fuzz_key(), &response.cert_chain).is_ok()
 }
 
 struct AllowAll;
@@ -171,7 +170,7 @@ impl Authenticate for AllowAll {
 
 /// The CA server's handling of a `CreateCertificate` request (protobuf `IstioCertificateRequest` bytes):
 /// CSR parsing and verification, identity and metadata checks, signing (every caller authorized).
-pub fn ca_request(data: &[u8]) {
+pub fn ca_request(data: &[u8]) -> bool {
     static CA: OnceLock<CaService> = OnceLock::new();
     let ca = CA.get_or_init(|| {
         let ttl = Duration::from_secs(24 * 3600);
@@ -179,9 +178,9 @@ pub fn ca_request(data: &[u8]) {
         CaService::new(Arc::new(signer), Arc::new(AllowAll), ttl)
     });
     let Ok(request) = IstioCertificateRequest::decode(data) else {
-        return;
+        return false;
     };
-    let _ = ca.create(None, &request);
+    ca.create(None, &request).is_ok()
 }
 
 /// One HBONE connection's HTTP/2 input (after the TLS handshake; the client preface is prepended) served by
@@ -235,32 +234,30 @@ pub fn hbone_connect(data: &[u8]) {
 }
 
 /// ztunnel's local config file (`LOCAL_XDS_PATH`): YAML parsed, validated and indexed.
-pub fn local_config(data: &[u8]) {
+pub fn local_config(data: &[u8]) -> bool {
     let Ok(text) = std::str::from_utf8(data) else {
-        return;
+        return false;
     };
-    if let Ok(cfg) = crate::state::local::LocalConfig::parse(text) {
-        let _ = cfg.into_state();
-    }
+    crate::state::local::LocalConfig::parse(text).is_ok_and(|cfg| cfg.into_state().is_ok())
 }
 
 /// The CNI agent's standalone enrollment file (`MESHNODE_AGENT_CONFIG`).
-pub fn agent_enrollment(data: &[u8]) {
+pub fn agent_enrollment(data: &[u8]) -> bool {
     let Ok(text) = std::str::from_utf8(data) else {
-        return;
+        return false;
     };
-    let _ = crate::cni_agent::local::parse(std::path::Path::new("fuzz.yaml"), text);
+    crate::cni_agent::local::parse(std::path::Path::new("fuzz.yaml"), text).is_ok()
 }
 
 /// The control plane's mesh file: parsed and validated, translated into xDS resources, and every resource
 /// then converted as a proxy receiving it would. A resource the proxy refuses is a bug (the control plane
 /// would serve what its own proxies NACK), so that panics.
-pub fn mesh_config(data: &[u8]) {
+pub fn mesh_config(data: &[u8]) -> bool {
     let Ok(text) = std::str::from_utf8(data) else {
-        return;
+        return false;
     };
     let Ok(cfg) = crate::control_plane::config::MeshConfig::parse(text) else {
-        return;
+        return false;
     };
     let resources = crate::control_plane::translate::translate(&cfg);
     for (name, addr) in resources.addresses {
@@ -273,6 +270,7 @@ pub fn mesh_config(data: &[u8]) {
             panic!("control plane sent policy {name} that the proxy refuses: {e}\n{auth:?}");
         }
     }
+    true
 }
 
 /// The admin ports' HTTP server: one connection over loopback TCP, its head read (`read_head`) and answered.
@@ -312,4 +310,47 @@ pub fn admin_http(data: &[u8]) {
         })
         .await;
     });
+}
+
+#[cfg(test)]
+mod tests {
+    /// The committed seeds of the parsers that can say so are accepted, so the fuzzer starts from inputs that
+    /// reach the code past the first refusal (a seed that no longer parses after a format change fails here:
+    /// regenerate with `cd fuzz && cargo run --bin gen_corpus`).
+    type Accepts = fn(&[u8]) -> bool;
+
+    #[test]
+    fn seed_corpora_are_accepted() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus");
+        let targets: [(&str, Accepts); 7] = [
+            ("xds_address", super::xds_address),
+            ("xds_authorization", super::xds_authorization),
+            ("ca_answer", super::ca_answer),
+            ("ca_request", super::ca_request),
+            ("local_config", super::local_config),
+            ("agent_enrollment", super::agent_enrollment),
+            ("mesh_config", super::mesh_config),
+        ];
+        for (target, accepts) in targets {
+            let mut seeds = 0;
+            for entry in std::fs::read_dir(root.join(target)).unwrap() {
+                let path = entry.unwrap().path();
+                if !path
+                    .file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with("seed-")
+                {
+                    continue;
+                }
+                assert!(
+                    accepts(&std::fs::read(&path).unwrap()),
+                    "{} refused",
+                    path.display()
+                );
+                seeds += 1;
+            }
+            assert!(seeds > 0, "{target}: no seeds");
+        }
+    }
 }
