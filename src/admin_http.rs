@@ -192,7 +192,7 @@ pub async fn accept_bounded<F, Fut>(
 }
 
 /// Reads one request head and writes the handler's answer (400 for anything that is not a request line).
-async fn answer(
+pub(crate) async fn answer(
     mut stream: TcpStream,
     handler: &(dyn Fn(&str, &str) -> Answer + Send + Sync),
     head_read: &AtomicBool,

@@ -37,6 +37,8 @@ pub mod cni_exec;
 pub mod config;
 pub mod control_plane;
 pub mod file_watch;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod grpc;
 pub mod hbone;
 pub mod identity;

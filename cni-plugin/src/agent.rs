@@ -239,7 +239,7 @@ fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
 }
 
 /// Parses an HTTP/1.x answer: status, then a body delimited by Content-Length, chunked encoding or EOF.
-fn parse_answer(buf: &[u8]) -> Result<Answer, TransportError> {
+pub(crate) fn parse_answer(buf: &[u8]) -> Result<Answer, TransportError> {
     if buf.is_empty() {
         return Err(TransportError::BadAnswer {
             reason: "connection closed without an answer",

@@ -234,7 +234,7 @@ async fn handle(mut stream: UnixStream, jobs: mpsc::Sender<Job>) {
 }
 
 /// Reads one request and decodes its body; any problem becomes the answer to send.
-async fn read_request(stream: &mut UnixStream) -> Result<PluginRequest, Answer> {
+pub(crate) async fn read_request(stream: &mut UnixStream) -> Result<PluginRequest, Answer> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 4096];
     let header_end = loop {
@@ -427,5 +427,19 @@ mod tests {
         assert!(out.starts_with("HTTP/1.1 200"), "{out}");
         let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
+    }
+
+    /// Found by the `plugin_request` fuzz target's harness: a Content-Length near `usize::MAX` overflowed the
+    /// size check (a panic with overflow checks, an out-of-range slice without) instead of getting 413.
+    #[tokio::test]
+    async fn a_content_length_near_usize_max_is_too_large_not_a_panic() {
+        for length in [usize::MAX, usize::MAX - 40] {
+            let (mut client, mut server) = UnixStream::pair().unwrap();
+            let raw = format!("POST /cmdadd HTTP/1.1\r\nContent-Length: {length}\r\n\r\n{{}}");
+            client.write_all(raw.as_bytes()).await.unwrap();
+            client.shutdown().await.unwrap();
+            let answer = read_request(&mut server).await.expect_err("refused");
+            assert_eq!(answer.status, 413, "{length}: {}", answer.body);
+        }
     }
 }

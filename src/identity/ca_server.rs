@@ -184,7 +184,7 @@ impl CaService {
     }
 
     /// Handles one request (everything but the gRPC plumbing).
-    fn create(
+    pub(crate) fn create(
         &self,
         token: Option<&str>,
         request: &IstioCertificateRequest,

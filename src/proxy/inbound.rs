@@ -390,7 +390,7 @@ impl Proxy {
 }
 
 /// The client address in a `forwarded: for="ip:port"` header, as meshnode and ztunnel clients send it.
-fn forwarded_for(headers: &http::HeaderMap) -> Option<IpAddr> {
+pub(crate) fn forwarded_for(headers: &http::HeaderMap) -> Option<IpAddr> {
     let value = headers.get(http::header::FORWARDED)?.to_str().ok()?;
     let part = value
         .split([';', ','])
