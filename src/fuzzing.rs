@@ -208,25 +208,36 @@ pub fn hbone_connect(data: &[u8]) {
             frame_size: 1 << 20,
         };
         let (_stop, shutdown) = tokio::sync::watch::channel(false);
-        let serve = server::serve(conn, &cfg, shutdown, |incoming: Incoming| async move {
-            let req = &incoming.request;
-            let authority = req
-                .uri()
-                .authority()
-                .map(|a| a.as_str().to_string())
-                .unwrap_or_default();
-            let target_ok = authority.parse::<SocketAddr>().is_ok()
-                || authority
-                    .rsplit_once(':')
-                    .and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)))
-                    .is_some();
-            let _ = crate::proxy::inbound::forwarded_for(req.headers());
-            if req.method() == http::Method::CONNECT && target_ok {
-                let _ = incoming.accept(http::HeaderMap::new());
-            } else {
-                incoming.refuse(http::StatusCode::BAD_REQUEST);
-            }
-        });
+        let timeouts = server::Timeouts {
+            handshake_deadline: tokio::time::Instant::now() + Duration::from_secs(1),
+            idle: Duration::from_secs(1),
+        };
+        let serve = server::serve(
+            conn,
+            &cfg,
+            timeouts,
+            (),
+            shutdown,
+            |incoming: Incoming| async move {
+                let req = &incoming.request;
+                let authority = req
+                    .uri()
+                    .authority()
+                    .map(|a| a.as_str().to_string())
+                    .unwrap_or_default();
+                let target_ok = authority.parse::<SocketAddr>().is_ok()
+                    || authority
+                        .rsplit_once(':')
+                        .and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)))
+                        .is_some();
+                let _ = crate::proxy::inbound::forwarded_for(req.headers());
+                if req.method() == http::Method::CONNECT && target_ok {
+                    let _ = incoming.accept(http::HeaderMap::new());
+                } else {
+                    incoming.refuse(http::StatusCode::BAD_REQUEST);
+                }
+            },
+        );
         let _ = tokio::time::timeout(Duration::from_secs(2), serve).await;
         let _ = writer.await;
         let _ = tokio::time::timeout(Duration::from_secs(1), reader).await;
@@ -304,7 +315,8 @@ pub fn admin_http(data: &[u8]) {
             ("GET", "/healthz/ready") => Answer::text(200, "OK", "ready\n"),
             _ => Answer::not_found(),
         };
-        let served = crate::admin_http::answer(server, &handler);
+        let head_read = std::sync::atomic::AtomicBool::new(false);
+        let served = crate::admin_http::answer(server, &handler, &head_read);
         let _ = tokio::time::timeout(Duration::from_secs(3), async {
             tokio::join!(exchange, served)
         })
