@@ -210,6 +210,8 @@ impl State {
             for ip in &w.ips {
                 // Several workloads on one IP: prefer HBONE ones, as ztunnel does.
                 match addrs.get(ip) {
+                    // The same workload lists the address twice (not yet in `workloads`).
+                    Some(&old) if old == idx => {}
                     Some(&old) if st.workloads[old].protocol == Protocol::HBONE => {}
                     _ => {
                         addrs.insert(*ip, idx);

@@ -229,3 +229,17 @@ async fn file_watcher_publishes_valid_changes_and_keeps_the_last_good_state() {
     );
     assert!(handle.load().workload_by_addr("", ip("10.1.1.1")).is_some());
 }
+
+#[test]
+fn a_workload_listing_its_address_twice_is_indexed_once_not_a_crash() {
+    // Found by the xds_address fuzz target: the second copy looked up the workload before it was stored.
+    let st = LocalConfig::parse(
+        "workloads:\n- uid: u1\n  name: a\n  namespace: default\n  workloadIps: [\"10.0.0.9\", \"10.0.0.9\"]\n",
+    )
+    .unwrap()
+    .into_state()
+    .unwrap();
+    assert_eq!(st.workload_count(), 1);
+    let w = st.workload_by_addr("", ip("10.0.0.9")).expect("indexed");
+    assert_eq!(w.name, "a");
+}
