@@ -255,7 +255,17 @@ async fn sink_app(addr: SocketAddr) -> SocketAddr {
 async fn echo_app(addr: SocketAddr) -> SocketAddr {
     let l = TcpListener::bind(addr).await.expect("binding the echo app");
     tokio::spawn(async move {
-        while let Ok((s, _)) = l.accept().await {
+        loop {
+            let s = match l.accept().await {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    // A transient error (EMFILE, ECONNABORTED) must not end the app: later connections
+                    // would be reset with the listener.
+                    eprintln!("echo app: accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            };
             let _ = s.set_nodelay(true);
             tokio::spawn(async move {
                 let (mut r, mut w) = s.into_split();
@@ -456,9 +466,18 @@ fn machine() -> String {
     format!("{cpu}, {cores} cores available, Linux {kernel}")
 }
 
-/// Raises the soft open-file limit to the hard one (10 000 held connections need ~40 000 fds here).
+/// Raises the open-file limit: to the kernel's `nr_open` when allowed (root), else the soft one to the hard
+/// one. 10 000 held connections need ~40 000 fds here (client, app and both proxies in one process).
 fn raise_fd_limit() {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if let Some(n) = nr_open {
+        if setrlimit(Resource::RLIMIT_NOFILE, n, n).is_ok() {
+            return;
+        }
+    }
     if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
         let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
     }
