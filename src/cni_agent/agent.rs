@@ -619,13 +619,12 @@ impl Agent {
             }
         };
         self.repairs.remove(uid);
-        if r.netns_id.is_none() {
-            self.pods.put(PodRecord {
-                netns_id: Some(ns.id().into()),
-                ..r.clone()
-            });
-        }
-        self.pods.set_state(uid, Enrollment::Pending);
+        // One durable write for both: the namespace's identity (first open) and the new state.
+        self.pods.put(PodRecord {
+            netns_id: r.netns_id.or(Some(ns.id().into())),
+            state: Enrollment::Pending,
+            ..r.clone()
+        });
         self.captured
             .pods
             .lock()
