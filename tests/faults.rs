@@ -234,20 +234,25 @@ fn a_proxy_out_of_file_descriptors_backs_off_and_serves_again_once_they_free_up(
             ("PROXY_MODE", "dedicated"),
             ("PROXY_WORKLOAD_INFO", "default/server/server"),
             ("XDS_ADDRESS", ""),
-            ("LOCAL_XDS", "workloads: []\n"),
+            (
+                "LOCAL_XDS",
+                "workloads:\n- uid: u1\n  name: server\n  namespace: default\n  serviceAccount: server\n  \
+                 workloadIps: [\"127.0.0.1\"]\n  protocol: HBONE\n",
+            ),
             ("MESHNODE_STATE_DIR", state.to_str().unwrap()),
             ("RUST_LOG", "warn"),
         ],
         log,
     ));
+    // Ready: the workload is known, its certificate issued and the listeners accepting.
     let metrics_ok = || {
         ns.run(|| {
             use std::io::{Read, Write};
-            let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", 15020)) else {
+            let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", 15021)) else {
                 return false;
             };
             let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-            let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+            let _ = s.write_all(b"GET /healthz/ready HTTP/1.1\r\nHost: x\r\n\r\n");
             let mut out = String::new();
             let _ = s.read_to_string(&mut out);
             out.starts_with("HTTP/1.1 200")
