@@ -221,7 +221,8 @@ fn a_proxy_out_of_file_descriptors_backs_off_and_serves_again_once_they_free_up(
         return;
     }
     // A dedicated proxy in a namespace of its own with a tiny hard open-files limit (so raising the soft
-    // limit at start cannot help), flooded with connections to its plaintext inbound port.
+    // limit at start cannot help), flooded with connections to its HBONE port that never start TLS (each
+    // held by the proxy until its handshake deadline).
     let ns = support::netns::Netns::new("nofd");
     let dir = tempfile::tempdir().unwrap();
     let log_path = dir.path().join("proxy.log");
@@ -268,7 +269,7 @@ fn a_proxy_out_of_file_descriptors_backs_off_and_serves_again_once_they_free_up(
         (0..200)
             .filter_map(|_| {
                 std::net::TcpStream::connect_timeout(
-                    &"127.0.0.1:15006".parse().unwrap(),
+                    &"127.0.0.1:15008".parse().unwrap(),
                     Duration::from_secs(1),
                 )
                 .ok()
