@@ -246,21 +246,9 @@ fn a_proxy_out_of_file_descriptors_backs_off_and_serves_again_once_they_free_up(
         log,
     ));
     // Ready: the workload is known, its certificate issued and the listeners accepting.
-    let metrics_ok = || {
-        ns.run(|| {
-            use std::io::{Read, Write};
-            let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", 15021)) else {
-                return false;
-            };
-            let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-            let _ = s.write_all(b"GET /healthz/ready HTTP/1.1\r\nHost: x\r\n\r\n");
-            let mut out = String::new();
-            let _ = s.read_to_string(&mut out);
-            out.starts_with("HTTP/1.1 200")
-        })
-    };
+    let ready = || ns.http_get(15021, "/healthz/ready").is_some();
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while !metrics_ok() {
+    while !ready() {
         assert!(std::time::Instant::now() < deadline, "proxy never served");
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -296,7 +284,7 @@ fn a_proxy_out_of_file_descriptors_backs_off_and_serves_again_once_they_free_up(
     // The flood goes away: the proxy serves again.
     drop(flood);
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while !metrics_ok() {
+    while !ready() {
         assert!(
             std::time::Instant::now() < deadline,
             "proxy did not recover:\n{}",

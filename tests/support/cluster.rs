@@ -249,15 +249,7 @@ impl Node {
 
     /// The whole answer (head and body) to `GET path` on 127.0.0.1:`port` in the node namespace, if 200.
     pub fn http_get(&self, port: u16, path: &str) -> Option<String> {
-        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
-        self.ns.run(move || {
-            let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-            let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-            let _ = s.write_all(request.as_bytes());
-            let mut out = String::new();
-            let _ = s.read_to_string(&mut out);
-            out.starts_with("HTTP/1.1 200").then_some(out)
-        })
+        self.ns.http_get(port, path)
     }
 
     /// An unlabelled counter from the agent's metrics port (:15014); 0 when it cannot be read.

@@ -68,6 +68,20 @@ impl Netns {
             .expect("spawning a process in the namespace")
     }
 
+    /// The whole answer (head and body) to `GET path` on 127.0.0.1:`port` inside the namespace, if it is 200.
+    pub fn http_get(&self, port: u16, path: &str) -> Option<String> {
+        use std::io::{Read, Write};
+        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+        self.run(move || {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+            let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(2)));
+            let _ = s.write_all(request.as_bytes());
+            let mut out = String::new();
+            let _ = s.read_to_string(&mut out);
+            out.starts_with("HTTP/1.1 200").then_some(out)
+        })
+    }
+
     /// Runs `f` on a thread that has entered the namespace; sockets it creates live there.
     pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
         let path = format!("/var/run/netns/{}", self.name);
