@@ -11,6 +11,7 @@
 //! | [`security`] | `istio.security` | xDS `Authorization` resources (L4 policy) |
 //! | [`discovery`] | `envoy.service.discovery.v3` | the delta ADS envelope |
 //! | [`ca`] | `istio.v1.auth` | certificate signing requests to the Istio CA |
+//! | [`waypoint`] | `meshnode.waypoint` | meshnode's own xDS `Waypoint` resources (L7 config of `meshnode waypoint`) |
 //!
 //! Every message implements [`prost::Name`], whose `type_url()` is the xDS
 //! type URL (`type.googleapis.com/<package>.<Message>`). The two gRPC services
@@ -40,6 +41,13 @@ pub mod workload {
 #[allow(missing_docs)]
 pub mod security {
     include!(concat!(env!("OUT_DIR"), "/istio.security.rs"));
+}
+
+/// `meshnode.waypoint`: one waypoint's L7 configuration (xDS type `meshnode.waypoint.Waypoint`), meshnode's
+/// own resource type, served beside the Istio ones.
+#[allow(missing_docs)]
+pub mod waypoint {
+    include!(concat!(env!("OUT_DIR"), "/meshnode.waypoint.rs"));
 }
 
 /// `envoy.service.discovery.v3`: the delta Aggregated Discovery Service envelope.
