@@ -3,6 +3,7 @@
 #![allow(dead_code, unreachable_pub)]
 
 pub mod cluster;
+pub mod dedicated;
 pub mod fake_kube;
 pub mod labelled;
 pub mod netns;
