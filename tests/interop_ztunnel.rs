@@ -58,6 +58,8 @@ fn meshnode_with(ca_src: &Path, dir: &Path) -> System {
     }
 }
 
+/// ztunnel's local config requires `dryRun` on every policy (meshnode defaults it to false).
+///
 /// The server side allows the client's principal and denies it on port 9090: 8080 answers only if the
 /// identity the server saw is exactly `cluster.local/ns/default/sa/sleep`, and 9090 is refused only then.
 const POLICIES: &str = r#"policies:
@@ -65,11 +67,13 @@ const POLICIES: &str = r#"policies:
   namespace: default
   scope: Namespace
   action: Allow
+  dryRun: false
   rules: [[[{principals: [!Exact "cluster.local/ns/default/sa/sleep"]}]]]
 - name: deny-sleep-on-9090
   namespace: default
   scope: Namespace
   action: Deny
+  dryRun: false
   rules: [[[{principals: [!Exact "cluster.local/ns/default/sa/sleep"], destinationPorts: [9090]}]]]
 "#;
 
