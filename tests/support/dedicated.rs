@@ -22,6 +22,21 @@ pub enum System {
     Ztunnel { bin: PathBuf },
 }
 
+/// Where a proxy gets its workloads, policies and certificate.
+#[derive(Debug, Clone, Copy)]
+pub enum Source<'a> {
+    /// ztunnel's local config file (`LOCAL_XDS_PATH`), certificates from the system's own CA.
+    Local(&'a Path),
+    /// xDS and the CA at `address` (`https://ip:port`), trusting `root`, authenticating with `token`;
+    /// `node` is the proxy's `NODE_NAME`.
+    ControlPlane {
+        address: &'a str,
+        root: &'a Path,
+        token: &'a str,
+        node: &'a str,
+    },
+}
+
 /// Starts the node proxy of `workload` (`namespace/name/serviceAccount`) in `ns`, logging to `<dir>/<log>`.
 pub fn start_proxy(
     system: &System,
@@ -31,26 +46,64 @@ pub fn start_proxy(
     dir: &Path,
     log: &str,
 ) -> KillOnDrop {
+    start_proxy_from(system, ns, workload, Source::Local(config), dir, log)
+}
+
+/// [`start_proxy`] with its state from `source`.
+pub fn start_proxy_from(
+    system: &System,
+    ns: &Netns,
+    workload: &str,
+    source: Source<'_>,
+    dir: &Path,
+    log: &str,
+) -> KillOnDrop {
     let log_file = std::fs::File::create(dir.join(log)).unwrap();
     let mut env: Vec<(&str, &str)> = vec![
         ("PROXY_MODE", "dedicated"),
         ("PROXY_WORKLOAD_INFO", workload),
-        ("LOCAL_XDS_PATH", config.to_str().unwrap()),
-        ("XDS_ADDRESS", ""),
         ("PACKET_MARK", "1337"),
         ("ENABLE_ORIG_SRC", "false"),
         ("RUST_LOG", "info"),
     ];
+    let local_ca = match source {
+        Source::Local(config) => {
+            env.extend([
+                ("LOCAL_XDS_PATH", config.to_str().unwrap()),
+                ("XDS_ADDRESS", ""),
+            ]);
+            true
+        }
+        Source::ControlPlane {
+            address,
+            root,
+            token,
+            node,
+        } => {
+            let root = root.to_str().unwrap();
+            env.extend([
+                ("XDS_ADDRESS", address),
+                ("CA_ADDRESS", address),
+                ("XDS_ROOT_CA", root),
+                ("CA_ROOT_CA", root),
+                ("AUTH_TOKEN", token),
+                ("NODE_NAME", node),
+            ]);
+            false
+        }
+    };
     let (program, args): (&Path, &[&str]) = match system {
         System::Meshnode { state_dir, ca_dir } => {
             env.push(("MESHNODE_STATE_DIR", state_dir.to_str().unwrap()));
-            if let Some(ca) = ca_dir {
+            if let (Some(ca), true) = (ca_dir, local_ca) {
                 env.push(("CA_CERTS_DIR", ca.to_str().unwrap()));
             }
             (Path::new(env!("CARGO_BIN_EXE_meshnode")), &["proxy"])
         }
         System::Ztunnel { bin } => {
-            env.push(("FAKE_CA", "true"));
+            if local_ca {
+                env.push(("FAKE_CA", "true"));
+            }
             (bin.as_path(), &[])
         }
     };
