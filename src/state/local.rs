@@ -219,7 +219,8 @@ struct LocalApplicationTunnel {
 }
 
 impl LocalGateway {
-    /// The gateway address, or why not (`invalid` builds the error for the owning object).
+    /// The gateway address, or why not (the reason goes into the owning object's error). `field` names
+    /// the key it was written under.
     fn convert(self, field: &str) -> Result<GatewayAddress, String> {
         let destination = match self.destination {
             LocalGatewayDestination::Text(text) => {
