@@ -300,10 +300,13 @@ impl Endpoints {
         let health = self.outlier.as_ref().map(|_| self.health.lock());
         let up = |i: usize| health.as_ref().is_none_or(|h| !h[i].is_ejected(now));
         let excluded = exclude.and_then(|e| self.index.get(e).copied());
-        let candidate = |i: usize, avoid_excluded: bool| {
-            up(i) && !(avoid_excluded && Some(i) == excluded)
+        let candidate =
+            |i: usize, avoid_excluded: bool| up(i) && !(avoid_excluded && Some(i) == excluded);
+        let count_with = |avoid: bool| {
+            (0..self.keys.len())
+                .filter(|&i| candidate(i, avoid))
+                .count()
         };
-        let count_with = |avoid: bool| (0..self.keys.len()).filter(|&i| candidate(i, avoid)).count();
         let mut avoid = true;
         let mut count = count_with(avoid);
         if count == 0 {
@@ -369,7 +372,8 @@ impl Endpoints {
         let mut eject = false;
         if matches!(status, 502..=504) {
             h.consecutive_gateway += 1;
-            if policy.consecutive_gateway > 0 && h.consecutive_gateway >= policy.consecutive_gateway {
+            if policy.consecutive_gateway > 0 && h.consecutive_gateway >= policy.consecutive_gateway
+            {
                 h.consecutive_gateway = 0;
                 eject = true;
             }

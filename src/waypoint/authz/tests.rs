@@ -371,7 +371,7 @@ fn sources_and_operations_are_ored_and_the_parts_of_a_rule_anded() {
     let mut put = ok.clone();
     put.method = "PUT";
     assert!(put.allowed(&a), "second operation");
-    assert!(!ok.clone().from(None).allowed(&a), "no source matches");
+    assert!(!ok.from(None).allowed(&a), "no source matches");
     assert!(
         !Req::get("/").header("x-a", "1").allowed(&a),
         "second condition fails"

@@ -37,7 +37,12 @@ fn with_lb(mut c: pb::Cluster, simple: pb::load_balancer::Simple) -> pb::Cluster
 }
 
 /// Outlier detection on 5xx (`consecutive_5xx`) with a 30 s base ejection time.
-fn with_outlier(mut c: pb::Cluster, consecutive_5xx: u32, gateway: u32, max_percent: u32) -> pb::Cluster {
+fn with_outlier(
+    mut c: pb::Cluster,
+    consecutive_5xx: u32,
+    gateway: u32,
+    max_percent: u32,
+) -> pb::Cluster {
     c.outlier_detection = Some(pb::OutlierDetection {
         consecutive_5xx_errors: consecutive_5xx,
         consecutive_gateway_errors: gateway,
@@ -100,7 +105,9 @@ fn round_robin_takes_every_endpoint_in_turn() {
     let e = endpoints(&cluster(&["a", "b", "c"]));
     assert_eq!(e.lb(), Lb::RoundRobin);
     let now = Instant::now();
-    let picks: Vec<&str> = (0..6).map(|_| e.pick(now, None).expect("endpoint")).collect();
+    let picks: Vec<&str> = (0..6)
+        .map(|_| e.pick(now, None).expect("endpoint"))
+        .collect();
     assert_eq!(picks[..3], picks[3..], "a cycle of three");
     let mut first = picks[..3].to_vec();
     first.sort_unstable();
@@ -109,13 +116,19 @@ fn round_robin_takes_every_endpoint_in_turn() {
 
 #[test]
 fn passthrough_is_balanced_round_robin() {
-    let e = endpoints(&with_lb(cluster(&["a", "b"]), pb::load_balancer::Simple::Passthrough));
+    let e = endpoints(&with_lb(
+        cluster(&["a", "b"]),
+        pb::load_balancer::Simple::Passthrough,
+    ));
     assert_eq!(e.lb(), Lb::RoundRobin);
 }
 
 #[test]
 fn random_spreads_requests_over_every_endpoint() {
-    let e = endpoints(&with_lb(cluster(&["a", "b", "c"]), pb::load_balancer::Simple::Random));
+    let e = endpoints(&with_lb(
+        cluster(&["a", "b", "c"]),
+        pb::load_balancer::Simple::Random,
+    ));
     let counts = spread(&e, Instant::now(), 3000);
     for k in ["a", "b", "c"] {
         let n = counts.get(k).copied().unwrap_or_default();
@@ -125,7 +138,10 @@ fn random_spreads_requests_over_every_endpoint() {
 
 #[test]
 fn least_request_prefers_the_less_busy_endpoint() {
-    let e = endpoints(&with_lb(cluster(&["busy", "idle"]), pb::load_balancer::Simple::LeastRequest));
+    let e = endpoints(&with_lb(
+        cluster(&["busy", "idle"]),
+        pb::load_balancer::Simple::LeastRequest,
+    ));
     let _held: Vec<Active> = (0..5).map(|_| e.begin("busy").expect("known")).collect();
     let counts = spread(&e, Instant::now(), 1000);
     // Power of two choices: "busy" only when both draws are "busy" (one time in four).
@@ -168,7 +184,10 @@ fn five_consecutive_503s_eject_the_endpoint_for_the_base_time() {
     assert!(e.is_ejected("a", t0));
     assert!((0..10).all(|_| e.pick(t0, None) == Some("b")));
     assert!(e.is_ejected("a", t0 + secs(29)));
-    assert!(!e.is_ejected("a", t0 + secs(30)), "back after base_ejection_time");
+    assert!(
+        !e.is_ejected("a", t0 + secs(30)),
+        "back after base_ejection_time"
+    );
     let back = spread(&e, t0 + secs(30), 10);
     assert_eq!(back.get("a"), Some(&5));
 }
@@ -206,7 +225,10 @@ fn gateway_errors_count_502_503_504_and_connect_failures_but_a_500_restarts_them
     e.record("a", Outcome::Status(500), now);
     e.record("a", Outcome::Status(503), now);
     e.record("a", Outcome::ConnectFailure, now);
-    assert!(!e.is_ejected("a", now), "the 500 restarted the gateway count");
+    assert!(
+        !e.is_ejected("a", now),
+        "the 500 restarted the gateway count"
+    );
     e.record("a", Outcome::Reset, now);
     assert!(e.is_ejected("a", now));
     // With only the gateway threshold set, 500s never eject.

@@ -105,7 +105,7 @@ fn selected<'t>(t: &'t RouteTable, parts: &request::Parts) -> Option<&'t str> {
     t.select(parts).map(Route::name)
 }
 
-fn forwarded<'r>(r: &'r Route, roll: u32) -> &'r str {
+fn forwarded(r: &Route, roll: u32) -> &str {
     match r.action(&get("/"), roll) {
         Action::Forward(c) => c,
         other => panic!("not a forward: {other:?}"),
