@@ -10,6 +10,7 @@
 //! - [`grpc`] — TLS channels and credentials for the control plane (xDS, CA).
 //! - [`xds`] — the delta ADS client: workloads, services and policies from istiod into [`state`].
 //! - [`hbone`] — HTTP/2 CONNECT tunnels: client pool, server mechanics, byte copying.
+//! - [`waypoint`] — `meshnode waypoint`, the L7 proxy: routes, L7 authorization, load balancing.
 //! - [`proxy`] — one workload's proxy: outbound (:15001), inbound HBONE (:15008), plaintext inbound (:15006).
 //! - [`metrics`] — Istio's TCP metrics (prometheus-client) and the `GET /metrics` endpoint.
 //! - [`inpod`] — shared mode: per-pod proxies inside pod network namespaces, driven by ZDS.
@@ -56,5 +57,6 @@ pub mod state;
 #[doc(hidden)]
 pub mod test_gate;
 pub mod tls;
+pub mod waypoint;
 pub mod xds;
 pub mod zds;
