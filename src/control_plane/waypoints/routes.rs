@@ -248,8 +248,7 @@ pub(super) fn sort_http_routes(routes: &mut [PendingRoute]) {
         let (rank, len) = match m.path.as_ref().and_then(|p| p.kind.as_ref()) {
             Some(Kind::Exact(p)) => (3, p.len()),
             Some(Kind::Prefix(p)) => (2, p.len()),
-            // PathPrefix "/" is written as no path match: a prefix of length 1.
-            None => (2, 1),
+            None => (0, 0),
         };
         (
             0,

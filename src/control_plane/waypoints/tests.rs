@@ -656,7 +656,12 @@ fn a_parent_ref_port_limits_the_routes_to_that_port() {
         "{parentRefs: [{kind: Service, group: '', name: ratings}], rules: [{matches: [{method: PUT}], backendRefs: [{name: ratings, port: 9080}]}]}",
     );
     let res = translate(&mesh(&[bookinfo_waypoint(), route, all_ports].concat()));
-    assert_eq!(routes_of(&res, "bookinfo", "ratings", 9080).len(), 2);
+    let routes = routes_of(&res, "bookinfo", "ratings", 9080);
+    assert_eq!(routes.len(), 2);
+    // A match without a path is PathPrefix "/": every path.
+    assert_eq!(routes[0].matches[0].method, "PUT");
+    assert_eq!(routes[0].matches[0].path, prefix("/"));
+    assert!(!routes[0].matches[0].path_segment_prefix);
     assert!(
         routes_of(&res, "bookinfo", "ratings", 3306).is_empty(),
         "a TCP port gets no HTTP routes"

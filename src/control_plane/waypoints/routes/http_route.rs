@@ -404,12 +404,14 @@ fn http_match(m: &HttpRouteMatch, at: &str) -> Result<Vec<wp::RouteMatch>, Error
     match path_type {
         PathMatchType::Exact => out.path = string_match(Kind::Exact(value)),
         PathMatchType::PathPrefix => {
+            // "When specified, a trailing `/` is ignored"; "/" alone is every path (a plain prefix).
             let trimmed = value.trim_end_matches('/');
-            if !trimmed.is_empty() {
+            if trimmed.is_empty() {
+                out.path = string_match(Kind::Prefix("/".into()));
+            } else {
                 out.path = string_match(Kind::Prefix(trimmed.to_string()));
                 out.path_segment_prefix = true;
             }
-            // "/" (or "//"): every path; no path match needed.
         }
         PathMatchType::RegularExpression => {
             return Err(invalid(
