@@ -15,10 +15,9 @@
 //! **Matching** (first route whose any match fits; a route without matches matches every request; a port
 //! without routes gets one catch-all route to its `tcp` backends, else to `default_cluster`):
 //! - path: on the path without query. `exact` is equality; `prefix` is plain string-prefix, as Envoy's
-//!   route `prefix` and VirtualService `uri.prefix` (`/api` matches `/api`, `/api/x` and `/apix`). Gateway
-//!   API `PathPrefix` matches whole segments only: the control plane emits it as two matches, exact `/api`
-//!   OR prefix `/api/` (and, with `ReplacePrefixMatch`, as two routes whose `path_prefix` differ, because a
-//!   rewrite replaces the prefix that matched).
+//!   route `prefix` and VirtualService `uri.prefix` (`/api` matches `/api`, `/api/x` and `/apix`); with
+//!   `path_segment_prefix` (Gateway API `PathPrefix`) whole segments only (`/api`, `/api/x`, not `/apix`),
+//!   and a prefix rewrite or redirect then joins the replacement and the rest with one `/`.
 //! - headers: all values joined with `,`; no value = present. `invert` negates, and an absent header
 //!   compares as empty (Istio sets Envoy's `treat_missing_header_as_empty` for `withoutHeaders`), so an
 //!   inverted value match fits a request without the header. `:authority` (or `host`), `:method`, `:path`
@@ -247,6 +246,8 @@ pub struct Route {
     response_ops: HeaderOps,
     authority: Option<HeaderValue>,
     path_prefix: Option<String>,
+    /// Gateway API `ReplaceFullPath`: the whole path, whatever matched; wins over `path_prefix`.
+    full_path: Option<String>,
     timeout: Option<Duration>,
     retry: RetryPolicy,
 }
@@ -270,6 +271,8 @@ struct Redirect {
     host: Option<String>,
     port: Option<u16>,
     path: Option<String>,
+    /// Gateway API `ReplacePrefixMatch` in a redirect: replaces the prefix that matched; `path` wins.
+    path_prefix: Option<String>,
     status: StatusCode,
 }
 
@@ -286,6 +289,9 @@ struct Match {
 enum Str {
     Exact(String),
     Prefix(String),
+    /// Gateway API `PathPrefix` (`RouteMatch.path_segment_prefix`): whole path segments only, so `/api`
+    /// matches `/api`, `/api/` and `/api/v1` but not `/apiv1`. Stored without a trailing `/`.
+    SegmentPrefix(String),
 }
 
 impl Str {
@@ -301,6 +307,9 @@ impl Str {
         match self {
             Str::Exact(v) => value == v.as_bytes(),
             Str::Prefix(v) => value.starts_with(v.as_bytes()),
+            Str::SegmentPrefix(v) => {
+                value.starts_with(v.as_bytes()) && matches!(value.get(v.len()), None | Some(b'/'))
+            }
         }
     }
 }
@@ -328,6 +337,8 @@ enum RequestPart {
 enum Matched<'r> {
     WholePath,
     Prefix(&'r str),
+    /// A whole-segment prefix (no trailing `/`): the replacement joins the rest with exactly one `/`.
+    Segments(&'r str),
 }
 
 #[derive(Debug, Default)]
@@ -517,7 +528,13 @@ impl Route {
                 // The roll is below the sum of the weights, so the loop stopped at a weighted backend.
                 Action::Forward(chosen)
             }
-            Target::Redirect(r) => r.response(parts),
+            Target::Redirect(r) => {
+                let matched = match (&r.path, &r.path_prefix) {
+                    (None, Some(_)) => self.matched(&View::new(parts)),
+                    _ => None,
+                };
+                r.response(parts, matched)
+            }
             Target::Direct { status, body } => Action::Direct {
                 status: *status,
                 body,
@@ -531,15 +548,19 @@ impl Route {
     pub fn apply_request(&self, parts: &mut request::Parts) {
         // Which match fitted decides the prefix a path rewrite replaces; find it before the header
         // changes can alter what fits.
-        let matched = match &self.path_prefix {
-            Some(_) => self.matched(&View::new(parts)),
-            None => None,
+        let matched = match (&self.full_path, &self.path_prefix) {
+            (Some(_), _) => Some(Matched::WholePath),
+            (None, Some(_)) => self.matched(&View::new(parts)),
+            (None, None) => None,
         };
         self.request_ops.apply(&mut parts.headers);
         if let Some(authority) = &self.authority {
             rewrite_authority(parts, authority);
         }
-        if let (Some(replacement), Some(matched)) = (&self.path_prefix, matched) {
+        if let (Some(replacement), Some(matched)) = (
+            self.full_path.as_ref().or(self.path_prefix.as_ref()),
+            matched,
+        ) {
             rewrite_path(parts, matched, replacement);
         }
     }
@@ -568,6 +589,7 @@ impl Route {
         Some(match &m.path {
             Some(Str::Exact(_)) => Matched::WholePath,
             Some(Str::Prefix(p)) => Matched::Prefix(p),
+            Some(Str::SegmentPrefix(p)) => Matched::Segments(p),
             // Istio gives a route without a path match Envoy's `prefix: "/"`.
             None => Matched::Prefix("/"),
         })
@@ -589,15 +611,28 @@ fn rewrite_authority(parts: &mut request::Parts, authority: &HeaderValue) {
     }
 }
 
-fn rewrite_path(parts: &mut request::Parts, matched: Matched<'_>, replacement: &str) {
-    let path = parts.uri.path();
-    let mut new = match matched {
+/// `path` with the part `matched` replaced by `replacement` (the query is not part of `path`).
+fn replaced_path(path: &str, matched: Matched<'_>, replacement: &str) -> String {
+    match matched {
         Matched::WholePath => replacement.to_owned(),
         Matched::Prefix(prefix) => {
             let rest = path.strip_prefix(prefix).unwrap_or(path);
             format!("{replacement}{rest}")
         }
-    };
+        Matched::Segments(prefix) => {
+            // `rest` is empty or starts with '/': prefix /api, replacement /v2 or /: /api/x → /v2/x or /x.
+            let rest = path.strip_prefix(prefix).unwrap_or(path);
+            match (replacement.trim_end_matches('/'), rest) {
+                ("", "") => "/".to_owned(),
+                (r, "") => r.to_owned(),
+                (r, rest) => format!("{r}{rest}"),
+            }
+        }
+    }
+}
+
+fn rewrite_path(parts: &mut request::Parts, matched: Matched<'_>, replacement: &str) {
+    let mut new = replaced_path(parts.uri.path(), matched, replacement);
     if let Some(q) = parts.uri.query() {
         new.push('?');
         new.push_str(q);
@@ -612,7 +647,7 @@ fn rewrite_path(parts: &mut request::Parts, matched: Matched<'_>, replacement: &
 }
 
 impl Redirect {
-    fn response(&self, parts: &request::Parts) -> Action<'static> {
+    fn response(&self, parts: &request::Parts, matched: Option<Matched<'_>>) -> Action<'static> {
         let request_scheme = scheme(parts);
         let scheme = self.scheme.as_deref().unwrap_or(request_scheme);
         let (request_host, request_port) = split_host_port(authority(parts).unwrap_or_default());
@@ -627,7 +662,11 @@ impl Redirect {
         if let Some(p) = port {
             location.push_str(&format!(":{p}"));
         }
-        match &self.path {
+        let prefixed = match (&self.path_prefix, matched) {
+            (Some(replacement), Some(m)) => Some(replaced_path(parts.uri.path(), m, replacement)),
+            _ => None,
+        };
+        match self.path.as_ref().or(prefixed.as_ref()) {
             Some(path) => {
                 location.push_str(path);
                 if let (false, Some(q)) = (path.contains('?'), parts.uri.query()) {

@@ -71,7 +71,17 @@ impl Compiler {
             })
             .collect::<Result<_, Error>>()?;
         Ok(Match {
-            path: m.path.as_ref().and_then(Str::compile),
+            path: m.path.as_ref().and_then(Str::compile).map(|p| match p {
+                Str::Prefix(v) if m.path_segment_prefix => {
+                    let trimmed = v.trim_end_matches('/');
+                    if trimmed.is_empty() {
+                        Str::Prefix("/".to_owned())
+                    } else {
+                        Str::SegmentPrefix(trimmed.to_owned())
+                    }
+                }
+                other => other,
+            }),
             headers,
             method: Some(m.method.clone()).filter(|m| !m.is_empty()),
             query: m
@@ -213,11 +223,20 @@ impl Compiler {
                 }) {
                     return Err(invalid("redirect.path", r.path.clone()));
                 }
+                let path_prefix = Some(r.path_prefix.clone()).filter(|p| !p.is_empty());
+                if path_prefix.as_ref().is_some_and(|p| {
+                    !p.starts_with('/')
+                        || p.contains(['?', '#'])
+                        || p.parse::<http::uri::PathAndQuery>().is_err()
+                }) {
+                    return Err(invalid("redirect.path_prefix", r.path_prefix.clone()));
+                }
                 Ok(Target::Redirect(Redirect {
                     scheme,
                     host,
                     port,
                     path,
+                    path_prefix,
                     status,
                 }))
             }
@@ -339,6 +358,19 @@ impl Route {
                 });
             }
         }
+        let full_path = Some(rewrite.full_path).filter(|p| !p.is_empty());
+        if let Some(p) = &full_path {
+            if !p.starts_with('/')
+                || p.contains(['?', '#'])
+                || p.parse::<http::uri::PathAndQuery>().is_err()
+            {
+                return Err(Error::InvalidUrlPart {
+                    route: c.route,
+                    field: "rewrite.full_path",
+                    value: p.clone(),
+                });
+            }
+        }
         Ok(Route {
             matches: r
                 .matches
@@ -350,6 +382,7 @@ impl Route {
             response_ops,
             authority,
             path_prefix,
+            full_path,
             timeout: c.duration("timeout", r.timeout.as_ref())?,
             retry: c.retry(r.retries.as_ref())?,
             name: c.route,

@@ -379,6 +379,7 @@ fn the_fields_of_a_match_are_anded_and_matches_ored() {
                     invert: false,
                 }],
                 query_params: vec![],
+                ..Default::default()
             },
             path(exact("/login")),
         ],
@@ -658,7 +659,7 @@ fn the_authority_rewrite_changes_host_for_http1_and_authority_for_http2() {
     let mut r = to("r", vec![]);
     r.rewrite = Some(pb::Rewrite {
         authority: "ratings.default:9080".into(),
-        path_prefix: String::new(),
+        ..Default::default()
     });
     let t = only_route(vec![r]);
     let route = &t.routes()[0];
@@ -690,7 +691,7 @@ fn setting_the_host_header_rewrites_the_authority_and_an_explicit_rewrite_wins()
 
     r.rewrite = Some(pb::Rewrite {
         authority: "from-rewrite".into(),
-        path_prefix: String::new(),
+        ..Default::default()
     });
     let t = only_route(vec![r]);
     let mut parts = get("/");
@@ -709,7 +710,7 @@ fn rewritten(r: pb::Route, uri: &str, headers: &[(&str, &str)]) -> String {
 fn with_rewrite(mut r: pb::Route, path_prefix: &str) -> pb::Route {
     r.rewrite = Some(pb::Rewrite {
         path_prefix: path_prefix.into(),
-        authority: String::new(),
+        ..Default::default()
     });
     r
 }
@@ -777,6 +778,104 @@ fn a_gateway_api_prefix_rewrite_emitted_as_two_routes_keeps_segments() {
         assert_eq!(parts.uri, want, "{from}");
     }
     assert!(t.select(&get("/apix")).is_none());
+}
+
+fn segments(p: &str) -> pb::RouteMatch {
+    pb::RouteMatch {
+        path: prefix(p),
+        path_segment_prefix: true,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn a_segment_prefix_matches_whole_path_segments_only() {
+    let t = only_route(vec![to("api", vec![segments("/api")])]);
+    for hit in ["/api", "/api/", "/api/v1", "/api?x=1"] {
+        assert_eq!(selected(&t, &get(hit)), Some("api"), "{hit}");
+    }
+    for miss in ["/apiv1", "/ap", "/"] {
+        assert_eq!(selected(&t, &get(miss)), None, "{miss}");
+    }
+    // A trailing slash in the prefix is the same segment prefix; `/` matches everything.
+    let t = only_route(vec![to("api", vec![segments("/api/")])]);
+    assert_eq!(selected(&t, &get("/api")), Some("api"));
+    let t = only_route(vec![to("all", vec![segments("/")])]);
+    assert_eq!(selected(&t, &get("/anything")), Some("all"));
+}
+
+#[test]
+fn a_segment_prefix_rewrite_joins_the_rest_with_one_slash() {
+    // Gateway API ReplacePrefixMatch: /api → /v2 and /api → /.
+    let r = with_rewrite(to("r", vec![segments("/api")]), "/v2");
+    for (from, want) in [
+        ("/api", "/v2"),
+        ("/api/x?y=1", "/v2/x?y=1"),
+        ("/api/", "/v2/"),
+    ] {
+        assert_eq!(rewritten(r.clone(), from, &[]), want, "{from}");
+    }
+    let r = with_rewrite(to("r", vec![segments("/api")]), "/");
+    for (from, want) in [("/api", "/"), ("/api/x", "/x"), ("/api/x/", "/x/")] {
+        assert_eq!(rewritten(r.clone(), from, &[]), want, "{from}");
+    }
+}
+
+#[test]
+fn a_full_path_rewrite_replaces_the_whole_path_and_keeps_the_query() {
+    let mut r = to("r", vec![segments("/api")]);
+    r.rewrite = Some(pb::Rewrite {
+        full_path: "/v2/index".into(),
+        path_prefix: "/ignored".into(),
+        ..Default::default()
+    });
+    assert_eq!(rewritten(r, "/api/x/y?q=1", &[]), "/v2/index?q=1");
+}
+
+#[test]
+fn a_redirect_with_a_prefix_replaces_the_matched_segments() {
+    let mut r = route(
+        "r",
+        vec![segments("/old")],
+        Some(PbAction::Redirect(pb::Redirect {
+            path_prefix: "/new".into(),
+            status: 302,
+            ..Default::default()
+        })),
+    );
+    let t = only_route(vec![r.clone()]);
+    assert_eq!(
+        redirect_for(&t, &req("GET", "/old/page?x=1", &[("host", "shop")])),
+        (StatusCode::FOUND, "http://shop/new/page?x=1".into())
+    );
+    // A whole-path redirect wins over the prefix.
+    if let Some(PbAction::Redirect(rd)) = &mut r.action {
+        rd.path = "/elsewhere".into();
+    }
+    let t = only_route(vec![r]);
+    assert_eq!(
+        redirect_for(&t, &req("GET", "/old/page", &[("host", "shop")])),
+        (StatusCode::FOUND, "http://shop/elsewhere".into())
+    );
+}
+
+#[test]
+fn bad_full_path_and_redirect_prefixes_are_refused() {
+    let mut r = to("r", vec![]);
+    r.rewrite = Some(pb::Rewrite {
+        full_path: "no-slash".into(),
+        ..Default::default()
+    });
+    assert!(refused(vec![r]).contains("rewrite.full_path"));
+    let r = route(
+        "r",
+        vec![],
+        Some(PbAction::Redirect(pb::Redirect {
+            path_prefix: "/a?b".into(),
+            ..Default::default()
+        })),
+    );
+    assert!(refused(vec![r]).contains("redirect.path_prefix"));
 }
 
 // ---------------------------------------------------------------------------------------------
