@@ -166,20 +166,54 @@ impl crate::zds::SnapshotSource for FuzzSnapshot {
     }
 }
 
+/// A [`zds_server`] agent: a server accepting on its own socket, started ahead of use.
+struct ZdsAgent {
+    path: std::path::PathBuf,
+    server: crate::zds::ZdsServer,
+    stop: tokio::sync::watch::Sender<bool>,
+    serving: tokio::task::JoinHandle<()>,
+}
+
+/// Agents started ahead: `ZdsServer::serve` opens its first accept on a timer (its 5-a-second accept
+/// pacing), which ends on tokio's next millisecond tick, so a server used at once would cost each input
+/// up to a millisecond of waiting. One started this many inputs earlier accepts at once.
+const ZDS_AGENTS: usize = 16;
+
+/// Binds `path` and starts a server on it (in the fuzz runtime), its accept loop polled once.
+async fn start_zds_agent(path: std::path::PathBuf) -> ZdsAgent {
+    let listener = crate::zds::bind(&path).expect("binding the ZDS socket");
+    let server = crate::zds::ZdsServer::new(Arc::new(FuzzSnapshot));
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let serving = {
+        let server = server.clone();
+        tokio::spawn(async move { server.serve(listener, stopped).await })
+    };
+    tokio::task::yield_now().await;
+    ZdsAgent {
+        path,
+        server,
+        stop,
+        serving,
+    }
+}
+
 /// The agent's ZDS server (`zds::server`), as a proxy talks to it: per input, a fresh server on a real
-/// `SOCK_SEQPACKET` listener and one connection to it. The input is a sequence of proxy messages
-/// `[flags u8][len u16 LE][bytes]` (see [`zds_server_flags`]): the first is sent as the `ZdsHello`, each
-/// next one as the answer (ack) to the next request the agent sends — the snapshot's two pods and
-/// `SnapshotSent`, then an `AddWorkload` or `DelWorkload` the agent is asked to send (`add`/`del`, run
-/// alongside) — or, flagged unasked, at once. Ends when the input does or the agent closes the connection.
+/// `SOCK_SEQPACKET` listener (one of [`ZDS_AGENTS`] started ahead) and one connection to it. The input is
+/// a sequence of proxy messages `[flags u8][len u16 LE][bytes]` (see [`zds_server_flags`]): the first is
+/// sent as the `ZdsHello`, each next one as the answer (ack) to the next request the agent sends — the
+/// snapshot's two pods and `SnapshotSent`, then an `AddWorkload` or `DelWorkload` the agent is asked to
+/// send (`add`/`del`, run alongside) — or, flagged unasked, at once. Ends when the input does or the agent
+/// closes the connection; the server is then shut down and a new one started in its place.
 pub fn zds_server(data: &[u8]) {
     use crate::proto::workload::zds::{workload_request::Payload, WorkloadInfo, WorkloadRequest};
-    use crate::zds::{SeqpacketConn, ZdsServer};
+    use crate::zds::SeqpacketConn;
     use std::os::fd::AsFd;
     use zds_server_flags::{DEL, FD, UNASKED};
     static DIR: OnceLock<std::path::PathBuf> = OnceLock::new();
+    static AGENTS: parking_lot::Mutex<std::collections::VecDeque<ZdsAgent>> =
+        parking_lot::Mutex::new(std::collections::VecDeque::new());
     let dir = DIR.get_or_init(|| {
-        // In memory where there is a tmpfs: a socket file is created and removed per input.
+        // In memory where there is a tmpfs: socket files are created and removed all the time.
         let shm = std::path::Path::new("/dev/shm");
         let base = if shm.is_dir() {
             shm.to_path_buf()
@@ -190,19 +224,18 @@ pub fn zds_server(data: &[u8]) {
         std::fs::create_dir_all(&d).expect("a scratch directory");
         d
     });
-    let path = dir.join("zds.sock");
     let devnull = std::fs::File::open("/dev/null").expect("/dev/null");
     let fd_for = |flags: u8| (flags & FD != 0).then(|| devnull.as_fd());
     rt().block_on(async {
-        let _ = std::fs::remove_file(&path);
-        let listener = crate::zds::bind(&path).expect("binding the ZDS socket");
-        let server = ZdsServer::new(Arc::new(FuzzSnapshot));
-        let (stop, stopped) = tokio::sync::watch::channel(false);
-        let serving = {
-            let server = server.clone();
-            tokio::spawn(async move { server.serve(listener, stopped).await })
-        };
-        let proxy = SeqpacketConn::connect(&path)
+        if AGENTS.lock().is_empty() {
+            for i in 0..ZDS_AGENTS {
+                let agent = start_zds_agent(dir.join(format!("zds-{i}.sock"))).await;
+                AGENTS.lock().push_back(agent);
+            }
+        }
+        let agent = AGENTS.lock().pop_front().expect("an agent started ahead");
+        let server = agent.server.clone();
+        let proxy = SeqpacketConn::connect(&agent.path)
             .await
             .expect("connecting to the ZDS socket");
         let netns = crate::netns::Netns::current().expect("this process's netns");
@@ -263,8 +296,10 @@ pub fn zds_server(data: &[u8]) {
             }
         }
         drop(proxy);
-        let _ = stop.send(true);
-        let _ = serving.await;
+        let _ = agent.stop.send(true);
+        let _ = agent.serving.await;
+        let next = start_zds_agent(agent.path).await;
+        AGENTS.lock().push_back(next);
     });
 }
 
