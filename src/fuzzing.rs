@@ -118,6 +118,30 @@ pub fn zds_client(data: &[u8]) {
     });
 }
 
+/// A scratch directory for this process, `meshnode-fuzz-<tag>-<pid>`, in `/dev/shm` where there is one
+/// (files there are rewritten for every input; a tmpfs keeps that off the disk), else in the temporary
+/// directory. A fuzzer or test process never gets to clean up after itself (libFuzzer exits from inside
+/// the loop), so the directories of processes that no longer run are removed here.
+pub fn scratch_dir(tag: &str) -> std::path::PathBuf {
+    let shm = std::path::Path::new("/dev/shm");
+    let base = if shm.is_dir() {
+        shm.to_path_buf()
+    } else {
+        std::env::temp_dir()
+    };
+    let prefix = format!("meshnode-fuzz-{tag}-");
+    for entry in std::fs::read_dir(&base).into_iter().flatten().flatten() {
+        let name = entry.file_name();
+        let pid = name.to_str().and_then(|n| n.strip_prefix(&prefix));
+        if pid.is_some_and(|pid| !std::path::Path::new("/proc").join(pid).exists()) {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+    let dir = base.join(format!("{prefix}{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("a scratch directory");
+    dir
+}
+
 /// One message of the ZDS targets' input: `[flags u8][len u16 LE][bytes]` (a short tail is cut to what is
 /// there). `None` when fewer than three bytes are left.
 fn next_zds_message<'a>(rest: &mut &'a [u8]) -> Option<(u8, &'a [u8])> {
@@ -212,18 +236,7 @@ pub fn zds_server(data: &[u8]) {
     static DIR: OnceLock<std::path::PathBuf> = OnceLock::new();
     static AGENTS: parking_lot::Mutex<std::collections::VecDeque<ZdsAgent>> =
         parking_lot::Mutex::new(std::collections::VecDeque::new());
-    let dir = DIR.get_or_init(|| {
-        // In memory where there is a tmpfs: socket files are created and removed all the time.
-        let shm = std::path::Path::new("/dev/shm");
-        let base = if shm.is_dir() {
-            shm.to_path_buf()
-        } else {
-            std::env::temp_dir()
-        };
-        let d = base.join(format!("meshnode-fuzz-zds-{}", std::process::id()));
-        std::fs::create_dir_all(&d).expect("a scratch directory");
-        d
-    });
+    let dir = DIR.get_or_init(|| scratch_dir("zds"));
     let devnull = std::fs::File::open("/dev/null").expect("/dev/null");
     let fd_for = |flags: u8| (flags & FD != 0).then(|| devnull.as_fd());
     rt().block_on(async {

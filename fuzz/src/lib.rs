@@ -106,18 +106,7 @@ pub fn cni_agent_answer(data: &[u8]) {
 pub fn plugin_hint(data: &[u8]) {
     use std::sync::OnceLock;
     static DIR: OnceLock<PathBuf> = OnceLock::new();
-    let dir = DIR.get_or_init(|| {
-        // In memory where there is a tmpfs: the file is rewritten per input.
-        let shm = std::path::Path::new("/dev/shm");
-        let base = if shm.is_dir() {
-            shm.to_path_buf()
-        } else {
-            std::env::temp_dir()
-        };
-        let d = base.join(format!("meshnode-fuzz-hint-{}", std::process::id()));
-        std::fs::create_dir_all(&d).expect("a scratch run directory");
-        d
-    });
+    let dir = DIR.get_or_init(|| meshnode::fuzzing::scratch_dir("hint"));
     let mut lines = data.splitn(3, |b| *b == b'\n');
     let namespace = String::from_utf8_lossy(lines.next().unwrap_or_default()).into_owned();
     let now: u64 = std::str::from_utf8(lines.next().unwrap_or_default())
