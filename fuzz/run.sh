@@ -23,7 +23,8 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 TARGETS=(cni_stdin cni_env cni_agent_answer plugin_request zds_client xds_address xds_authorization
-    ca_answer ca_request hbone_connect local_config agent_enrollment mesh_config admin_http)
+    ca_answer ca_request hbone_connect local_config agent_enrollment mesh_config admin_http
+    zds_server plugin_hint check_connect)
 
 mode=time
 seconds=15

@@ -118,6 +118,204 @@ pub fn zds_client(data: &[u8]) {
     });
 }
 
+/// A scratch directory for this process, `meshnode-fuzz-<tag>-<pid>`, in `/dev/shm` where there is one
+/// (files there are rewritten for every input; a tmpfs keeps that off the disk), else in the temporary
+/// directory. A fuzzer or test process never gets to clean up after itself (libFuzzer exits from inside
+/// the loop), so the directories of processes that no longer run are removed here.
+pub fn scratch_dir(tag: &str) -> std::path::PathBuf {
+    let shm = std::path::Path::new("/dev/shm");
+    let base = if shm.is_dir() {
+        shm.to_path_buf()
+    } else {
+        std::env::temp_dir()
+    };
+    let prefix = format!("meshnode-fuzz-{tag}-");
+    for entry in std::fs::read_dir(&base).into_iter().flatten().flatten() {
+        let name = entry.file_name();
+        let pid = name.to_str().and_then(|n| n.strip_prefix(&prefix));
+        if pid.is_some_and(|pid| !std::path::Path::new("/proc").join(pid).exists()) {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+    let dir = base.join(format!("{prefix}{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("a scratch directory");
+    dir
+}
+
+/// One message of the ZDS targets' input: `[flags u8][len u16 LE][bytes]` (a short tail is cut to what is
+/// there). `None` when fewer than three bytes are left.
+fn next_zds_message<'a>(rest: &mut &'a [u8]) -> Option<(u8, &'a [u8])> {
+    if rest.len() < 3 {
+        return None;
+    }
+    let flags = rest[0];
+    let len = usize::from(u16::from_le_bytes([rest[1], rest[2]])).min(rest.len() - 3);
+    let msg = &rest[3..3 + len];
+    *rest = &rest[3 + len..];
+    Some((flags, msg))
+}
+
+/// Flag bits of a [`zds_server`] message.
+pub mod zds_server_flags {
+    /// Attach an fd (of `/dev/null`) to the message.
+    pub const FD: u8 = 1;
+    /// Send it at once, without waiting for a request from the agent (data the agent did not ask for).
+    pub const UNASKED: u8 = 2;
+    /// After the snapshot: the request this message answers is a `DelWorkload` (else an `AddWorkload`).
+    pub const DEL: u8 = 4;
+}
+
+/// The pods the [`zds_server`] target's agent announces: one with a netns (this process's), one kept.
+struct FuzzSnapshot;
+
+impl crate::zds::SnapshotSource for FuzzSnapshot {
+    fn snapshot(&self) -> Vec<crate::zds::SnapshotEntry> {
+        let info = |name: &str| crate::proto::workload::zds::WorkloadInfo {
+            name: name.into(),
+            namespace: "default".into(),
+            service_account: name.into(),
+        };
+        vec![
+            crate::zds::SnapshotEntry {
+                uid: "uid-a".into(),
+                info: info("a"),
+                netns: crate::netns::Netns::current().ok(),
+            },
+            crate::zds::SnapshotEntry {
+                uid: "uid-b".into(),
+                info: info("b"),
+                netns: None,
+            },
+        ]
+    }
+}
+
+/// A [`zds_server`] agent: a server accepting on its own socket, started ahead of use.
+struct ZdsAgent {
+    path: std::path::PathBuf,
+    server: crate::zds::ZdsServer,
+    stop: tokio::sync::watch::Sender<bool>,
+    serving: tokio::task::JoinHandle<()>,
+}
+
+/// Agents started ahead: `ZdsServer::serve` opens its first accept on a timer (its 5-a-second accept
+/// pacing), which ends on tokio's next millisecond tick, so a server used at once would cost each input
+/// up to a millisecond of waiting. One started this many inputs earlier accepts at once.
+const ZDS_AGENTS: usize = 16;
+
+/// Binds `path` and starts a server on it (in the fuzz runtime), its accept loop polled once.
+async fn start_zds_agent(path: std::path::PathBuf) -> ZdsAgent {
+    let listener = crate::zds::bind(&path).expect("binding the ZDS socket");
+    let server = crate::zds::ZdsServer::new(Arc::new(FuzzSnapshot));
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let serving = {
+        let server = server.clone();
+        tokio::spawn(async move { server.serve(listener, stopped).await })
+    };
+    tokio::task::yield_now().await;
+    ZdsAgent {
+        path,
+        server,
+        stop,
+        serving,
+    }
+}
+
+/// The agent's ZDS server (`zds::server`), as a proxy talks to it: per input, a fresh server on a real
+/// `SOCK_SEQPACKET` listener (one of [`ZDS_AGENTS`] started ahead) and one connection to it. The input is
+/// a sequence of proxy messages `[flags u8][len u16 LE][bytes]` (see [`zds_server_flags`]): the first is
+/// sent as the `ZdsHello`, each next one as the answer (ack) to the next request the agent sends — the
+/// snapshot's two pods and `SnapshotSent`, then an `AddWorkload` or `DelWorkload` the agent is asked to
+/// send (`add`/`del`, run alongside) — or, flagged unasked, at once. Ends when the input does or the agent
+/// closes the connection; the server is then shut down and a new one started in its place.
+pub fn zds_server(data: &[u8]) {
+    use crate::proto::workload::zds::{workload_request::Payload, WorkloadInfo, WorkloadRequest};
+    use crate::zds::SeqpacketConn;
+    use std::os::fd::AsFd;
+    use zds_server_flags::{DEL, FD, UNASKED};
+    static DIR: OnceLock<std::path::PathBuf> = OnceLock::new();
+    static AGENTS: parking_lot::Mutex<std::collections::VecDeque<ZdsAgent>> =
+        parking_lot::Mutex::new(std::collections::VecDeque::new());
+    let dir = DIR.get_or_init(|| scratch_dir("zds"));
+    let devnull = std::fs::File::open("/dev/null").expect("/dev/null");
+    let fd_for = |flags: u8| (flags & FD != 0).then(|| devnull.as_fd());
+    rt().block_on(async {
+        if AGENTS.lock().is_empty() {
+            for i in 0..ZDS_AGENTS {
+                let agent = start_zds_agent(dir.join(format!("zds-{i}.sock"))).await;
+                AGENTS.lock().push_back(agent);
+            }
+        }
+        let agent = AGENTS.lock().pop_front().expect("an agent started ahead");
+        let server = agent.server.clone();
+        let proxy = SeqpacketConn::connect(&agent.path)
+            .await
+            .expect("connecting to the ZDS socket");
+        let netns = crate::netns::Netns::current().expect("this process's netns");
+        let info = WorkloadInfo {
+            name: "c".into(),
+            namespace: "default".into(),
+            service_account: "c".into(),
+        };
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut rest = data;
+        let mut snapshot_done = false;
+        // Reads the agent's next request and answers it with `msg`; false once the agent has closed.
+        async fn answer(
+            proxy: &SeqpacketConn,
+            buf: &mut [u8],
+            msg: &[u8],
+            fd: Option<std::os::fd::BorrowedFd<'_>>,
+        ) -> Option<WorkloadRequest> {
+            let request = match proxy.recv(buf).await {
+                Ok((0, fds)) if fds.is_empty() => return None,
+                Ok((n, _)) => WorkloadRequest::decode(&buf[..n])
+                    .unwrap_or_else(|e| panic!("the agent sent an undecodable request: {e}")),
+                Err(_) => return None,
+            };
+            proxy.send(msg, fd).await.ok()?;
+            Some(request)
+        }
+        if let Some((flags, hello)) = next_zds_message(&mut rest) {
+            if proxy.send(hello, fd_for(flags)).await.is_ok() {
+                while let Some((flags, msg)) = next_zds_message(&mut rest) {
+                    if flags & UNASKED != 0 {
+                        if proxy.send(msg, fd_for(flags)).await.is_err() {
+                            break;
+                        }
+                        continue;
+                    }
+                    if !snapshot_done {
+                        let Some(request) = answer(&proxy, &mut buf, msg, fd_for(flags)).await
+                        else {
+                            break;
+                        };
+                        snapshot_done = matches!(request.payload, Some(Payload::SnapshotSent(_)));
+                        continue;
+                    }
+                    let call = async {
+                        if flags & DEL != 0 {
+                            let _ = server.del("uid-a").await;
+                        } else {
+                            let _ = server.add("uid-c", &info, &netns).await;
+                        }
+                    };
+                    let (_, answered) =
+                        tokio::join!(call, answer(&proxy, &mut buf, msg, fd_for(flags)));
+                    if answered.is_none() {
+                        break;
+                    }
+                }
+            }
+        }
+        drop(proxy);
+        let _ = agent.stop.send(true);
+        let _ = agent.serving.await;
+        let next = start_zds_agent(agent.path).await;
+        AGENTS.lock().push_back(next);
+    });
+}
+
 /// xDS `istio.workload.Address`: `name\n` then the protobuf bytes; converted, then indexed into a state.
 pub fn xds_address(data: &[u8]) -> bool {
     let (name, bytes) = split_line(data);
@@ -244,6 +442,211 @@ pub fn hbone_connect(data: &[u8]) {
     });
 }
 
+/// The address the [`check_connect`] target's connections arrive on (its workload's address).
+pub const CHECK_CONNECT_LOCAL: &str = "127.0.0.77:15008";
+/// The peer the [`check_connect`] target's connections come from, unless the input names another identity.
+pub const CHECK_CONNECT_PEER: &str = "127.0.0.88:40000";
+/// The peer's identity by default: the one principal the workload's ALLOW policy admits.
+pub const CHECK_CONNECT_CLIENT: &str = "spiffe://cluster.local/ns/default/sa/client";
+/// The port that the namespace's DENY policy closes to everyone.
+pub const CHECK_CONNECT_DENIED_PORT: u16 = 9090;
+
+/// The fixed mesh of the [`check_connect`] target: the local workload `server` (127.0.0.77) behind two
+/// services (one of them mapping a port onto the proxy's own :15006), an ALLOW-only-`client` policy, a
+/// namespace DENY on port 9090, and the client workload (127.0.0.88). `app` is the port of the test
+/// application that admitted streams reach.
+fn check_connect_mesh(app: u16) -> String {
+    format!(
+        r#"workloads:
+- uid: cluster1//v1/Pod/default/server
+  name: server
+  namespace: default
+  serviceAccount: server
+  workloadIps: ["127.0.0.77"]
+  protocol: HBONE
+  authorizationPolicies: [default/only-client]
+  services:
+    "default/server.default.svc.cluster.local": {{80: {app}}}
+    "default/loop.default.svc.cluster.local": {{81: 15006}}
+- uid: cluster1//v1/Pod/default/client
+  name: client
+  namespace: default
+  serviceAccount: client
+  workloadIps: ["127.0.0.88"]
+  protocol: HBONE
+services:
+- name: server
+  namespace: default
+  hostname: server.default.svc.cluster.local
+  vips: ["/10.96.0.10"]
+  ports: {{80: {app}, 8443: 0}}
+- name: loop
+  namespace: default
+  hostname: loop.default.svc.cluster.local
+  vips: ["/10.96.0.11"]
+  ports: {{81: 15006}}
+policies:
+- name: only-client
+  namespace: default
+  scope: WorkloadSelector
+  action: Allow
+  rules: [[[{{principals: [!Exact "cluster.local/ns/default/sa/client"]}}]]]
+- name: no-admin
+  namespace: default
+  scope: Namespace
+  action: Deny
+  rules: [[[{{destinationPorts: [{CHECK_CONNECT_DENIED_PORT}]}}]]]
+"#
+    )
+}
+
+/// The [`check_connect`] target's proxy (for workload `default/server/server` on [`check_connect_mesh`])
+/// and the port of its application on 127.0.0.77, which accepts every connection and holds the last 64
+/// (the proxy side resets them; one closed at once by the application could reset the proxy's connect).
+fn check_connect_proxy() -> &'static (Arc<crate::proxy::Proxy>, u16) {
+    static PROXY: OnceLock<(Arc<crate::proxy::Proxy>, u16)> = OnceLock::new();
+    PROXY.get_or_init(|| {
+        let app = std::net::TcpListener::bind("127.0.0.77:0").expect("the test application's port");
+        let port = app.local_addr().expect("its address").port();
+        std::thread::spawn(move || {
+            let mut held = std::collections::VecDeque::new();
+            for conn in app.incoming().flatten() {
+                if held.len() == 64 {
+                    held.pop_front();
+                }
+                held.push_back(conn);
+            }
+        });
+        let mut env = std::collections::HashMap::new();
+        env.insert("PROXY_MODE", "dedicated");
+        env.insert("PROXY_WORKLOAD_INFO", "default/server/server");
+        env.insert("XDS_ADDRESS", "");
+        let cfg = crate::config::Config::from_source(&env).expect("the target's config");
+        let workload = cfg.workload_info.clone().expect("a workload");
+        let yaml = check_connect_mesh(port);
+        let state = crate::state::LocalConfig::parse(&yaml)
+            .expect("the target's mesh parses")
+            .into_state()
+            .expect("the target's mesh is consistent");
+        let (state_tx, state) = crate::state::StateHandle::new(state);
+        // The proxy lives as long as the process; so does the sender of its state.
+        std::mem::forget(state_tx);
+        let ca = BuiltinCa::ephemeral(Duration::from_secs(3600)).expect("an in-memory CA");
+        let (_, shutdown) = tokio::sync::watch::channel(false);
+        let proxy = rt().block_on(async {
+            crate::proxy::Proxy::new(
+                crate::proxy::ProxyInputs {
+                    cfg: Arc::new(cfg),
+                    state,
+                    certs: crate::identity::CertManager::new(Arc::new(ca)),
+                    workload,
+                    sock: crate::socket::SocketOpts::default(),
+                    orig_src: false,
+                    netns: None,
+                    metrics: Default::default(),
+                },
+                shutdown,
+            )
+        });
+        (proxy, port)
+    })
+}
+
+/// The inbound CONNECT decision (`Proxy::check_connect`: method, authority, self-call, source workload,
+/// authorization, upstream connect) on a request head made of the input, against
+/// [`check_connect_mesh`]:
+///
+/// ```text
+/// METHOD SP AUTHORITY [SP PEER-IDENTITY]\n
+/// name: value\n        (headers, e.g. `forwarded: for="…"`; a line that is not a valid header is skipped)
+/// ```
+///
+/// The request arrives on [`CHECK_CONNECT_LOCAL`] from [`CHECK_CONNECT_PEER`], whose certificate says
+/// PEER-IDENTITY (default [`CHECK_CONNECT_CLIENT`]). Besides never panicking, the decision must never
+/// admit what the rules refuse: only CONNECT, only to the local address, never to one of the proxy's own
+/// ports or the denied port, only for the allowed principal; and it leaves no connection registered.
+/// Returns whether the stream was admitted.
+pub fn check_connect(data: &[u8]) -> bool {
+    let (proxy, _app) = check_connect_proxy();
+    let (head, headers) = match data.iter().position(|b| *b == b'\n') {
+        Some(i) => (&data[..i], &data[i + 1..]),
+        None => (data, &[][..]),
+    };
+    let mut words = head.splitn(3, |b| *b == b' ');
+    let Ok(method) = http::Method::from_bytes(words.next().unwrap_or_default()) else {
+        return false;
+    };
+    let mut uri = http::uri::Parts::default();
+    match words.next().unwrap_or_default() {
+        [] => uri.path_and_query = Some(http::uri::PathAndQuery::from_static("/")),
+        authority => match http::uri::Authority::try_from(authority) {
+            Ok(a) => uri.authority = Some(a),
+            Err(_) => return false,
+        },
+    }
+    let Ok(uri) = http::Uri::from_parts(uri) else {
+        return false;
+    };
+    let peer_id: Identity = match words.next() {
+        Some(id) => match std::str::from_utf8(id).ok().and_then(|s| s.parse().ok()) {
+            Some(id) => id,
+            None => return false,
+        },
+        None => CHECK_CONNECT_CLIENT.parse().expect("a valid SPIFFE id"),
+    };
+    let mut request = http::Request::new(());
+    *request.method_mut() = method.clone();
+    *request.uri_mut() = uri;
+    for line in headers.split(|b| *b == b'\n') {
+        let Some(colon) = line.iter().position(|b| *b == b':') else {
+            continue;
+        };
+        let name = http::HeaderName::from_bytes(line[..colon].trim_ascii());
+        let value = http::HeaderValue::from_bytes(line[colon + 1..].trim_ascii());
+        if let (Ok(name), Ok(value)) = (name, value) {
+            request.headers_mut().append(name, value);
+        }
+    }
+    let local: SocketAddr = CHECK_CONNECT_LOCAL.parse().expect("an address");
+    let peer: SocketAddr = CHECK_CONNECT_PEER.parse().expect("an address");
+    let decision = rt().block_on(proxy.connect_decision(&request, peer, local, &peer_id));
+    assert!(
+        proxy.connections().is_empty(),
+        "a decided stream stayed registered"
+    );
+    match decision {
+        Ok(target) => {
+            assert_eq!(method, http::Method::CONNECT, "{method} admitted");
+            assert_eq!(target.ip(), local.ip(), "admitted to another address");
+            assert!(
+                !proxy.cfg().ports.illegal().contains(&target.port()),
+                "admitted to the proxy's own port {target}"
+            );
+            assert_ne!(
+                target.port(),
+                CHECK_CONNECT_DENIED_PORT,
+                "the DENY was ignored"
+            );
+            assert_eq!(
+                peer_id.to_string(),
+                CHECK_CONNECT_CLIENT,
+                "a principal the ALLOW does not name was admitted"
+            );
+            true
+        }
+        Err(status) => {
+            if method != http::Method::CONNECT {
+                assert_eq!(
+                    status,
+                    http::StatusCode::BAD_REQUEST,
+                    "{method} answered {status}"
+                );
+            }
+            false
+        }
+    }
+}
+
 /// ztunnel's local config file (`LOCAL_XDS_PATH`): YAML parsed, validated and indexed.
 pub fn local_config(data: &[u8]) -> bool {
     let Ok(text) = std::str::from_utf8(data) else {
@@ -330,6 +733,42 @@ mod tests {
     /// reach the code past the first refusal (a seed that no longer parses after a format change fails here:
     /// regenerate with `cd fuzz && cargo run --bin gen_corpus`).
     type Accepts = fn(&[u8]) -> bool;
+
+    fn seeds(target: &str) -> Vec<(String, Vec<u8>)> {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fuzz/corpus")
+            .join(target);
+        let mut out: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| {
+                let path = e.unwrap().path();
+                let name = path.file_name().unwrap().to_string_lossy().into_owned();
+                (name, std::fs::read(&path).unwrap())
+            })
+            .collect();
+        out.sort();
+        assert!(!out.is_empty(), "{target}: no seeds");
+        out
+    }
+
+    /// The CONNECT seeds are decided as the target's mesh says: admitted only for the allowed principal
+    /// through the service, refused for the rest (so the fuzzer starts from both sides of every check).
+    #[test]
+    fn check_connect_seeds_are_admitted_or_refused_as_the_mesh_says() {
+        for (name, bytes) in seeds("check_connect") {
+            let admitted = super::check_connect(&bytes);
+            let want = matches!(name.as_str(), "seed-service" | "seed-forwarded-other");
+            assert_eq!(admitted, want, "{name}");
+        }
+    }
+
+    /// The agent-side ZDS seeds run through a real server without a panic or a hang.
+    #[test]
+    fn zds_server_seeds_run_to_the_end() {
+        for (_, bytes) in seeds("zds_server") {
+            super::zds_server(&bytes);
+        }
+    }
 
     #[test]
     fn seed_corpora_are_accepted() {

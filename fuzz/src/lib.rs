@@ -93,3 +93,55 @@ pub fn cni_agent_answer(data: &[u8]) {
         let _ = answer.enrollment();
     }
 }
+
+/// The plugin's reading of the agent's hint file (`agent::read_hint`: size bound, JSON, version, lists,
+/// `validUntil`) for one pod. Input: the pod's namespace on the first line, the current time (Unix seconds,
+/// decimal; anything else is 0) on the second, the file's bytes after that. The file is really written
+/// and read back from a scratch run directory, as the plugin reads it.
+///
+/// Besides never panicking, the verdict must fail closed: a pod may pass through only when the file is
+/// a version-2 hint that excludes its namespace, or lists it as one no selector reaches (and not as
+/// ambient) while `validUntil` has not passed. That is checked against an independent reading of the
+/// file with `serde_json::Value`.
+pub fn plugin_hint(data: &[u8]) {
+    use std::sync::OnceLock;
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    let dir = DIR.get_or_init(|| meshnode::fuzzing::scratch_dir("hint"));
+    let mut lines = data.splitn(3, |b| *b == b'\n');
+    let namespace = String::from_utf8_lossy(lines.next().unwrap_or_default()).into_owned();
+    let now: u64 = std::str::from_utf8(lines.next().unwrap_or_default())
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0);
+    let file = lines.next().unwrap_or_default();
+    std::fs::write(dir.join(agent::HINT_FILE), file).expect("writing the hint file");
+    let verdict = agent::read_hint(dir, &namespace, now);
+    if verdict != agent::Hint::PassThrough {
+        return;
+    }
+    // Passing through is allowed only where the file itself says so. Read as lossy UTF-8: serde skips
+    // the fields it does not know without checking their strings' UTF-8 (harmless: the fields the
+    // verdict rests on are checked), where `Value` would refuse the whole file.
+    let text = String::from_utf8_lossy(file);
+    let hint: serde_json::Value =
+        serde_json::from_str(&text).expect("a hint that let a pod through is JSON");
+    let listed = |key: &str| {
+        hint[key]
+            .as_array()
+            .is_some_and(|l| l.iter().any(|n| n.as_str() == Some(namespace.as_str())))
+    };
+    assert_eq!(
+        hint["version"].as_u64(),
+        Some(2),
+        "passed on a hint of another version"
+    );
+    let excluded = listed("excludedNamespaces");
+    let current = hint["validUntil"]
+        .as_u64()
+        .is_some_and(|until| now <= until);
+    let unreachable = listed("passThroughNamespaces") && !listed("ambientNamespaces") && current;
+    assert!(
+        excluded || unreachable,
+        "namespace {namespace:?} passed through at {now}: {hint}"
+    );
+}

@@ -174,7 +174,10 @@ impl Proxy {
             .authority()
             .map(|a| a.as_str().to_string())
             .unwrap_or_default();
-        let admitted = match self.check_connect(&incoming, peer, local, &peer_id).await {
+        let admitted = match self
+            .check_connect(&incoming.request, peer, local, &peer_id)
+            .await
+        {
             Ok(a) => a,
             Err(r) => {
                 let flags = match &r.denied {
@@ -260,15 +263,15 @@ impl Proxy {
         }
     }
 
-    /// The checks of ztunnel's inbound path, in its order; the upstream connection on success.
-    async fn check_connect(
+    /// The checks of ztunnel's inbound path, in its order, on a CONNECT request's head; the upstream
+    /// connection on success.
+    async fn check_connect<B>(
         &self,
-        incoming: &server::Incoming,
+        req: &http::Request<B>,
         peer: SocketAddr,
         local: SocketAddr,
         peer_id: &Identity,
     ) -> Result<Admitted, Refusal> {
-        let req = &incoming.request;
         if req.method() != Method::CONNECT {
             return Err(refuse(
                 StatusCode::BAD_REQUEST,
@@ -460,6 +463,38 @@ impl Proxy {
                 );
                 r.record = Some(record);
                 Err(r)
+            }
+        }
+    }
+
+    /// The fuzz target's way into [`Proxy::check_connect`] (`crate::fuzzing::check_connect`; not an API):
+    /// the status a stream with this request head would be answered with, and where an admitted one
+    /// would go. An admitted stream's upstream connection is reset at once (no TIME_WAIT left behind by
+    /// a long run) and its metrics record closed, as for a refusal.
+    #[doc(hidden)]
+    pub(crate) async fn connect_decision<B>(
+        &self,
+        req: &http::Request<B>,
+        peer: SocketAddr,
+        local: SocketAddr,
+        peer_id: &Identity,
+    ) -> Result<SocketAddr, StatusCode> {
+        match self.check_connect(req, peer, local, peer_id).await {
+            Ok(admitted) => {
+                let _ = socket2::SockRef::from(&admitted.upstream)
+                    .set_linger(Some(std::time::Duration::ZERO));
+                admitted.record.close(ResponseFlags::None, 0, 0);
+                Ok(admitted.target)
+            }
+            Err(r) => {
+                if let Some(record) = r.record {
+                    let flags = match r.denied {
+                        Some(_) => ResponseFlags::Deny,
+                        None => ResponseFlags::Connect,
+                    };
+                    record.close(flags, 0, 0);
+                }
+                Err(r.status)
             }
         }
     }

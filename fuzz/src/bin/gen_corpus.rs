@@ -9,12 +9,13 @@ use std::time::Duration;
 
 use meshnode::control_plane::config::MeshConfig;
 use meshnode::control_plane::translate::translate;
+use meshnode::fuzzing::zds_server_flags::{DEL, FD, UNASKED};
 use meshnode::fuzzing::{FUZZ_IDENTITY, FUZZ_KEY_PEM};
 use meshnode::identity::{BuiltinCa, CsrSigner};
 use meshnode::proto::ca::{IstioCertificateRequest, IstioCertificateResponse};
 use meshnode::proto::workload::zds::{
-    workload_request::Payload, AddWorkload, DelWorkload, KeepWorkload, SnapshotSent, WorkloadInfo,
-    WorkloadRequest,
+    workload_request::Payload, workload_response, Ack, AddWorkload, DelWorkload, KeepWorkload,
+    SnapshotSent, Version, WorkloadInfo, WorkloadRequest, WorkloadResponse, ZdsHello,
 };
 use prost::Message;
 
@@ -156,7 +157,7 @@ fn h2_request(method: &str, authority: &str, extra: &[(&str, &str)], data: &[u8]
 }
 
 /// ZDS target framing: `[flags][len u16 LE][message]`.
-fn zds(flags: u8, req: &WorkloadRequest) -> Vec<u8> {
+fn zds(flags: u8, req: &impl Message) -> Vec<u8> {
     let bytes = req.encode_to_vec();
     let mut out = vec![flags];
     out.extend_from_slice(&(bytes.len() as u16).to_le_bytes());
@@ -428,4 +429,127 @@ fn main() {
         "GET /metrics HTTP/1.1\r\nHost: 10.1.0.5:15020\r\nAccept: text/plain;version=0.0.4\r\n\r\n",
     );
     out.put("admin_http", "post", "POST / HTTP/1.0\r\n\r\n");
+
+    // The agent's side of ZDS: the proxy's hello, then its acks (an empty error) and NACKs.
+    let hello = zds(
+        0,
+        &ZdsHello {
+            version: Version::V1 as i32,
+        },
+    );
+    let ack = |flags: u8, error: &str| {
+        zds(
+            flags,
+            &WorkloadResponse {
+                payload: Some(workload_response::Payload::Ack(Ack {
+                    error: error.into(),
+                })),
+            },
+        )
+    };
+    let nack =
+        "pod uid-a: binding :15008 in netns 4026532291: Address already in use (os error 98)";
+    let seq = |parts: &[Vec<u8>]| parts.concat();
+    // Two snapshot pods and SnapshotSent acked, then an add and a del acked.
+    out.put(
+        "zds_server",
+        "snapshot-add-del",
+        seq(&[
+            hello.clone(),
+            ack(0, ""),
+            ack(0, ""),
+            ack(0, ""),
+            ack(0, ""),
+            ack(DEL, ""),
+        ]),
+    );
+    // A pod refused in the snapshot and later (the connection stays), then a del acked.
+    out.put(
+        "zds_server",
+        "nacks",
+        seq(&[
+            hello.clone(),
+            ack(0, nack),
+            ack(0, ""),
+            ack(0, ""),
+            ack(0, nack),
+            ack(DEL, ""),
+        ]),
+    );
+    // Data the agent did not ask for, while it waits for nothing.
+    out.put(
+        "zds_server",
+        "unasked",
+        seq(&[
+            hello.clone(),
+            ack(0, ""),
+            ack(0, ""),
+            ack(0, ""),
+            ack(UNASKED, ""),
+        ]),
+    );
+    // An ack carrying an fd; a hello of an unknown version.
+    out.put("zds_server", "ack-with-fd", seq(&[hello, ack(FD, "")]));
+    out.put("zds_server", "hello-v0", zds(0, &ZdsHello { version: 0 }));
+
+    // The plugin's hint file: `namespace\nnow\n<file>`.
+    let hint = r#"{"version":2,"validUntil":1767225600,"excludedNamespaces":["kube-system","istio-system"],"passThroughNamespaces":["legacy","monitoring"],"ambientNamespaces":["default","bookinfo"]}"#;
+    out.put(
+        "plugin_hint",
+        "pass-through",
+        format!("legacy\n1767225000\n{hint}"),
+    );
+    out.put(
+        "plugin_hint",
+        "stale",
+        format!("legacy\n1767229999\n{hint}"),
+    );
+    out.put(
+        "plugin_hint",
+        "excluded",
+        format!("kube-system\n1900000000\n{hint}"),
+    );
+    out.put(
+        "plugin_hint",
+        "ambient",
+        format!("bookinfo\n1767225000\n{hint}"),
+    );
+    out.put(
+        "plugin_hint",
+        "unlisted",
+        format!("new-team\n1767225000\n{hint}"),
+    );
+    out.put(
+        "plugin_hint",
+        "version-1",
+        r#"legacy
+1767225000
+{"excludedNamespaces":["kube-system"],"ambientNamespaces":["default"]}"#,
+    );
+
+    // Inbound CONNECT request heads (`METHOD AUTHORITY [PEER]` then headers) against the target's mesh.
+    for (name, head) in [
+        (
+            "service",
+            "CONNECT server.default.svc.cluster.local:80\nforwarded: for=\"127.0.0.88:51234\"\n",
+        ),
+        ("closed-port", "CONNECT 127.0.0.77:8081\n"),
+        ("denied-port", "CONNECT 127.0.0.77:9090\n"),
+        ("self-call", "CONNECT 127.0.0.77:15008\n"),
+        ("self-call-service", "CONNECT loop.default.svc.cluster.local:81\n"),
+        ("no-target-port", "CONNECT server.default.svc.cluster.local:8443\n"),
+        ("other-ip", "CONNECT 10.0.0.9:8080\n"),
+        ("v4-mapped", "CONNECT [::ffff:127.0.0.77]:8081\n"),
+        (
+            "stranger",
+            "CONNECT server.default.svc.cluster.local:80 spiffe://cluster.local/ns/default/sa/intruder\n",
+        ),
+        (
+            "forwarded-other",
+            "CONNECT server.default.svc.cluster.local:80\nforwarded: for=\"[fd00::9]:1\";proto=https\nbaggage: k8s.cluster.name=c1\n",
+        ),
+        ("get", "GET 127.0.0.77:8081\n"),
+    ] {
+        out.put("check_connect", name, head);
+    }
 }

@@ -1,11 +1,17 @@
 //! Tests for `CertManager`: single first fetch, rotation at half-life, retries with backoff
 //! while keeping the old certificate, the expiry cap, and `forget`.
 //!
-//! They run in real time with a fake source handing out short-lived certificates and with the
-//! retry timing shrunk (`FAST`), so each takes at most about a second. Timing assertions only
-//! use lower bounds or generous upper bounds, because the test machine may be busy.
+//! They use a fake source handing out short-lived certificates, the retry timing shrunk (`FAST`), and
+//! tokio's paused clock (`start_paused`): the clock stands still while any task can run and, once all
+//! wait, jumps straight to the next timer. So the time that passes between two fetches is exactly the
+//! wait the manager chose, whatever the load on the machine, and the tests assert those waits exactly
+//! (to tokio's 1 ms timer tick) instead of bounding wall-clock time. The manager reads certificate
+//! times from the wall clock, which barely moves meanwhile; where that matters the tests account for
+//! it with wall-clock readings of their own, never with a constant. Only the test with a real CA at
+//! production timing runs in real time (it asserts nothing about time).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::SystemTime;
 
 use tokio::time::Instant;
 
@@ -19,8 +25,17 @@ const FAST: Timing = Timing {
     min_refresh_delay: Duration::from_millis(20),
 };
 
-/// Bound on waiting for something that should happen well within a second.
+/// Bound on waiting for something that should happen well within a second (paused-clock time: it only
+/// passes once nothing else can happen, so it never runs out on a busy machine).
 const PATIENCE: Duration = Duration::from_secs(10);
+
+/// Resolution of tokio's timers: a sleep ends on the first millisecond tick at or after its deadline.
+const TICK: Duration = Duration::from_millis(1);
+
+/// Fetches after which the fake source stops answering: a manager polling in a loop (which in paused
+/// time would never let the clock move) then stalls, and the test's own timers fail it instead of
+/// hanging.
+const RUNAWAY: usize = 1000;
 
 fn id(sa: &str) -> Identity {
     Identity::new("cluster.local", "default", sa).unwrap()
@@ -35,8 +50,10 @@ struct FakeSource {
     latency: Duration,
     /// The next this many fetches fail.
     failures: AtomicUsize,
-    /// When each fetch started.
+    /// When each fetch started (tokio's clock).
     attempts: parking_lot::Mutex<Vec<Instant>>,
+    /// When each fetch started (the wall clock, which the manager compares certificate times with).
+    wall: parking_lot::Mutex<Vec<SystemTime>>,
 }
 
 impl FakeSource {
@@ -52,6 +69,7 @@ impl FakeSource {
             latency: Duration::ZERO,
             failures: AtomicUsize::new(0),
             attempts: parking_lot::Mutex::new(Vec::new()),
+            wall: parking_lot::Mutex::new(Vec::new()),
         }
     }
 
@@ -69,8 +87,18 @@ impl FakeSource {
 impl CertSource for FakeSource {
     fn fetch<'a>(&'a self, id: &'a Identity) -> BoxFuture<'a, Result<WorkloadCert, Error>> {
         Box::pin(async move {
-            self.attempts.lock().push(Instant::now());
-            tokio::time::sleep(self.latency).await;
+            self.wall.lock().push(SystemTime::now());
+            let n = {
+                let mut attempts = self.attempts.lock();
+                attempts.push(Instant::now());
+                attempts.len()
+            };
+            if n > RUNAWAY {
+                std::future::pending::<()>().await;
+            }
+            if !self.latency.is_zero() {
+                tokio::time::sleep(self.latency).await;
+            }
             let failing = self
                 .failures
                 .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
@@ -90,7 +118,7 @@ impl CertSource for FakeSource {
     }
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn concurrent_first_gets_share_one_fetch() {
     let source = Arc::new(FakeSource {
         latency: Duration::from_millis(100),
@@ -116,30 +144,44 @@ async fn concurrent_first_gets_share_one_fetch() {
     assert_eq!(source.fetches(), 2);
 }
 
-#[tokio::test]
+/// The refresh is scheduled for the published certificate's `refresh_at` (half-way through its life):
+/// the paused clock moves from the first fetch to the second by exactly the wait the manager chose,
+/// which it computed as `refresh_at - now` at some wall-clock instant between the first certificate's
+/// `not_before` and the second fetch.
+#[tokio::test(start_paused = true)]
 async fn publishes_a_new_certificate_at_half_life() {
-    let source = Arc::new(FakeSource::new(Duration::from_secs(2)));
+    let life = Duration::from_secs(2);
+    let source = Arc::new(FakeSource::new(life));
     let manager = CertManager::with_timing(source.clone(), FAST);
-    let start = Instant::now();
     let mut rx = manager.get(&id("a")).await.unwrap();
     let first = rx.borrow_and_update().clone();
+    assert_eq!(first.refresh_at(), first.not_before + life / 2);
 
     tokio::time::timeout(PATIENCE, rx.changed())
         .await
         .unwrap()
         .unwrap();
-    let elapsed = start.elapsed();
+    assert_eq!(source.fetches(), 2);
+    let waited = source.gaps()[0];
+    let second_fetch = source.wall.lock()[1];
+    let latest = first.refresh_at().duration_since(first.not_before).unwrap() + TICK;
+    let earliest = first
+        .refresh_at()
+        .duration_since(second_fetch)
+        .unwrap_or_default();
     assert!(
-        elapsed >= Duration::from_millis(990) && elapsed < Duration::from_millis(1900),
-        "rotated after {elapsed:?}, want about 1 s"
+        (earliest..=latest).contains(&waited),
+        "refreshed {waited:?} after the first fetch; refresh_at was {earliest:?}..{latest:?} away"
     );
     let second = rx.borrow_and_update().clone();
-    assert!(second.not_before + Duration::from_millis(5) >= first.refresh_at());
     assert_eq!(second.identity, id("a"));
-    assert_eq!(source.fetches(), 2);
+    assert!(
+        second.not_before >= first.not_before,
+        "an older certificate"
+    );
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn failing_refresh_keeps_the_old_cert_and_backs_off() {
     let source = Arc::new(FakeSource::new(Duration::from_secs(1)));
     let manager = CertManager::with_timing(source.clone(), FAST);
@@ -153,18 +195,23 @@ async fn failing_refresh_keeps_the_old_cert_and_backs_off() {
         .unwrap();
     // Nothing was published for the three failures: the one change came with the 4th attempt.
     assert_eq!(source.fetches(), 1 + 4);
-    assert!(rx.borrow().not_before > first.not_before);
+    assert!(rx.borrow().not_before >= first.not_before);
+    assert!(!Arc::ptr_eq(&rx.borrow(), &first));
+    // The retries back off from FAST's 20 ms, doubling, each jittered by ±20 % (to the timer tick).
     let gaps = source.gaps();
-    for (gap, base_ms) in gaps[1..].iter().zip([20.0, 40.0, 80.0]) {
-        let ms = gap.as_secs_f64() * 1000.0;
+    for (gap, base) in gaps[1..]
+        .iter()
+        .zip([20, 40, 80].map(Duration::from_millis))
+    {
+        let (low, high) = (base.mul_f64(0.8), base.mul_f64(1.2) + TICK);
         assert!(
-            ms >= base_ms * 0.8 - 1.0,
-            "retry after {ms} ms, want {base_ms} ms -20%"
+            (low..=high).contains(gap),
+            "retry after {gap:?}, want {base:?} ±20 %"
         );
     }
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_source_handing_out_expired_certs_is_not_polled_in_a_loop() {
     let source = Arc::new(FakeSource {
         backdate: Duration::from_secs(20),
@@ -172,16 +219,19 @@ async fn a_source_handing_out_expired_certs_is_not_polled_in_a_loop() {
     });
     let manager = CertManager::with_timing(source.clone(), FAST);
     let _rx = manager.get(&id("a")).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let fetches = source.fetches();
-    assert!((2..=11).contains(&fetches), "{fetches} fetches in 200 ms");
-    assert!(source
-        .gaps()
-        .iter()
-        .all(|gap| *gap >= FAST.min_refresh_delay));
+    // Each certificate is due at once, so the manager waits only its minimum refresh delay: one fetch
+    // every 20 ms, the first one at 0 (190 ms keeps clear of a fetch at the same tick as the test's wake).
+    tokio::time::sleep(Duration::from_millis(190)).await;
+    assert_eq!(source.fetches(), 10, "fetches in 190 ms");
+    for gap in source.gaps() {
+        assert!(
+            (FAST.min_refresh_delay..=FAST.min_refresh_delay + TICK).contains(&gap),
+            "fetched again after {gap:?}"
+        );
+    }
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn forget_stops_rotation_and_closes_the_channel() {
     let source = Arc::new(FakeSource::new(Duration::from_millis(200)));
     let manager = CertManager::with_timing(source.clone(), FAST);
@@ -198,7 +248,7 @@ async fn forget_stops_rotation_and_closes_the_channel() {
     assert_eq!(source.fetches(), 2);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn failed_first_fetch_is_reported_and_retried_by_the_next_get() {
     let source = Arc::new(FakeSource::new(Duration::from_secs(3600)));
     source.failures.store(1, Ordering::SeqCst);
@@ -210,7 +260,7 @@ async fn failed_first_fetch_is_reported_and_retried_by_the_next_get() {
     assert_eq!(source.fetches(), 2);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn dropping_the_manager_stops_rotation() {
     let source = Arc::new(FakeSource::new(Duration::from_millis(200)));
     let manager = CertManager::with_timing(source.clone(), FAST);
@@ -274,7 +324,7 @@ async fn held(manager: &CertManager, want: &[Identity]) {
     .unwrap_or_else(|_| panic!("held {:?}, want {want:?}", manager.identities()));
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn an_identity_no_one_uses_any_more_is_released_and_no_longer_rotated() {
     // 200 ms certificates: held ones rotate every 100 ms.
     let source = Arc::new(FakeSource::new(Duration::from_millis(200)));
@@ -287,7 +337,7 @@ async fn an_identity_no_one_uses_any_more_is_released_and_no_longer_rotated() {
     assert_eq!(source.fetches(), 1, "a released identity was rotated");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn pods_sharing_an_identity_keep_it_until_the_last_one_goes() {
     let source = Arc::new(FakeSource::new(Duration::from_millis(200)));
     let manager = CertManager::with_timing(source.clone(), FAST);
@@ -312,7 +362,7 @@ async fn pods_sharing_an_identity_keep_it_until_the_last_one_goes() {
     held(&manager, &[]).await;
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_pod_added_again_after_release_gets_a_fresh_certificate() {
     let source = Arc::new(FakeSource::new(Duration::from_secs(3600)));
     let manager = CertManager::with_timing(source.clone(), FAST);
@@ -327,7 +377,7 @@ async fn a_pod_added_again_after_release_gets_a_fresh_certificate() {
     assert_eq!(manager.identities(), vec![id("a")]);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_certificate_still_read_after_release_stays_valid_but_is_no_longer_rotated() {
     // What a connection in flight holds is its TLS session, built from the material it started with;
     // the released channel just stops changing.
@@ -349,7 +399,7 @@ async fn a_certificate_still_read_after_release_stays_valid_but_is_no_longer_rot
     held(&manager, &[]).await;
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn the_source_trust_bundle_is_added_to_every_certificate_and_followed() {
     let fresh_root = || {
         let ca = BuiltinCa::ephemeral(Duration::from_secs(3600)).unwrap();

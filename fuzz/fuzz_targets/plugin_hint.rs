@@ -1,0 +1,3 @@
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(init: meshnode_fuzz::init(), |data: &[u8]| meshnode_fuzz::plugin_hint(data));
