@@ -8,17 +8,19 @@
 //! What a kubelet probe needs is to be accepted at once and answered within its timeout (1 s by default),
 //! however many idle or slow sockets others hold. So every connection is accepted immediately; when all
 //! slots are taken, the oldest connection still waiting for its request head is closed to make room (or,
-//! if every one has sent its request, the oldest of all: a client that does not read its answer). A
-//! probe's whole exchange takes well under a millisecond, so it is never the oldest one waiting.
+//! if every one has sent its request, the oldest of all: a client that does not read its answer), through
+//! [`crate::conn_slots`]. A probe's whole exchange takes well under a millisecond, so it is never the oldest
+//! one waiting.
 
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{oneshot, watch, Semaphore};
+use tokio::sync::{watch, Semaphore};
+
+use crate::conn_slots::{Slots, WhenAllBusy};
 
 /// Longest request head accepted.
 const MAX_REQUEST: usize = 8 * 1024;
@@ -76,8 +78,8 @@ where
     H: Fn(&str, &str) -> Answer + Send + Sync + 'static,
 {
     let handler = Arc::new(handler);
-    let held = Arc::new(parking_lot::Mutex::new(VecDeque::<Held>::new()));
-    let mut next_id = 0u64;
+    // A connection is busy once its head is in; if all are, the oldest is a client not reading its answer.
+    let slots = Slots::new(MAX_CONCURRENT, WhenAllBusy::EvictOldest);
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -91,61 +93,19 @@ where
                 continue;
             }
         };
-        let id = next_id;
-        next_id += 1;
-        let head_read = Arc::new(AtomicBool::new(false));
-        let (evict, evicted) = oneshot::channel::<()>();
-        {
-            let mut held = held.lock();
-            if held.len() >= MAX_CONCURRENT {
-                let victim = held
-                    .iter()
-                    .position(|h| !h.head_read.load(Ordering::Relaxed))
-                    .unwrap_or(0);
-                // Dropping its sender ends that connection's task, which closes the socket.
-                held.remove(victim);
-            }
-            held.push_back(Held {
-                id,
-                head_read: head_read.clone(),
-                _evict: evict,
-            });
-        }
-        let release = Release {
-            held: held.clone(),
-            id,
-        };
+        // Never waits: with every slot taken, the oldest connection is evicted (its socket closes).
+        let (slot, evicted) = slots.admit().await;
         let handler = handler.clone();
         tokio::spawn(async move {
-            let _release = release;
-            let exchange =
-                tokio::time::timeout(EXCHANGE_TIMEOUT, answer(stream, &*handler, &head_read));
+            let exchange = tokio::time::timeout(
+                EXCHANGE_TIMEOUT,
+                answer(stream, &*handler, slot.busy_flag()),
+            );
             tokio::select! {
                 _ = exchange => {}
                 _ = evicted => {}
             }
         });
-    }
-}
-
-/// One connection being served.
-struct Held {
-    id: u64,
-    /// Set once its request head is in: from then on it is being answered, not idle.
-    head_read: Arc<AtomicBool>,
-    /// Dropped to evict the connection.
-    _evict: oneshot::Sender<()>,
-}
-
-/// Frees a connection's slot when its task ends, however it ends.
-struct Release {
-    held: Arc<parking_lot::Mutex<VecDeque<Held>>>,
-    id: u64,
-}
-
-impl Drop for Release {
-    fn drop(&mut self) {
-        self.held.lock().retain(|h| h.id != self.id);
     }
 }
 

@@ -1,7 +1,8 @@
 //! Config files: polling one and publishing each good version (the one reload rule every file-driven part
 //! of meshnode follows: the proxy's local config, the agent's enrollment file, the control plane's mesh
 //! file), and writing one atomically and durably (the agent's state and hint files, the control plane's
-//! root, installed CNI files).
+//! root, installed CNI files); durably means `fsync`ed, except where the directory lives in memory (tmpfs,
+//! ramfs: `/var/run` in a cluster), where nothing survives a power loss anyway.
 //!
 //! Input: a path, a poll interval, the bytes already loaded, a parser. Output: a new value on the `watch`
 //! channel whenever the file's bytes change and parse; an unreadable file, one larger than
@@ -51,7 +52,8 @@ fn within_limit(bytes: Vec<u8>) -> std::io::Result<Vec<u8>> {
 }
 
 /// Writes `bytes` to `path` atomically and durably: readers (and pollers) never see half a file, and once
-/// this returns `Ok` a power loss keeps the new contents. See [`write_atomically_mode`].
+/// this returns `Ok` a power loss keeps the new contents (on a filesystem that keeps anything across one).
+/// See [`write_atomically_mode`].
 pub fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
     write_atomically_mode(path, bytes, None)
 }
@@ -61,7 +63,8 @@ pub fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> std::io::Result
 ///
 /// Steps: a new temporary file next to `path` (a name of its own per call, so concurrent writers never
 /// share one; created with the mode, so a secret is never readable by others), the bytes, `fsync`, rename
-/// over `path`, `fsync` of the directory so the rename itself survives a power loss. On failure the
+/// over `path`, `fsync` of the directory so the rename itself survives a power loss. Both `fsync`s are
+/// skipped when the directory is on tmpfs or ramfs ([`in_memory_fs`], asked once per call). On failure the
 /// temporary file is removed; only a crash part way leaves one behind (`.<name>.<pid>.<n>.tmp`).
 pub fn write_atomically_mode(
     path: &std::path::Path,
@@ -83,6 +86,7 @@ pub fn write_atomically_mode(
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => std::path::Path::new("."),
     };
+    let durable = !in_memory_fs(dir);
     let tmp = dir.join(format!(
         ".{}.{}.{}.tmp",
         name.to_string_lossy(),
@@ -100,14 +104,32 @@ pub fn write_atomically_mode(
             file.set_permissions(std::fs::Permissions::from_mode(mode))?;
         }
         file.write_all(bytes)?;
-        file.sync_all()?;
+        if durable {
+            file.sync_all()?;
+        }
         std::fs::rename(&tmp, path)
     })();
     if let Err(e) = written {
         let _ = std::fs::remove_file(&tmp);
         return Err(e);
     }
-    std::fs::File::open(dir)?.sync_all()
+    if durable {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// `RAMFS_MAGIC` from `<linux/magic.h>` (neither `libc` nor `nix` names it).
+const RAMFS_MAGIC: nix::sys::statfs::FsType = nix::sys::statfs::FsType(0x8584_58f6_u32 as _);
+
+/// Whether files in `dir` live only in memory (tmpfs, ramfs), so `fsync` there has nothing to make
+/// durable. A directory whose filesystem cannot be asked counts as on disk.
+pub fn in_memory_fs(dir: &std::path::Path) -> bool {
+    use nix::sys::statfs::{statfs, TMPFS_MAGIC};
+    statfs(dir).is_ok_and(|fs| {
+        let kind = fs.filesystem_type();
+        kind == TMPFS_MAGIC || kind == RAMFS_MAGIC
+    })
 }
 
 /// Polls `path` every `interval`; `parse` turns new bytes into a value, `loaded` logs a published one.
@@ -295,6 +317,87 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(left.len(), 2, "no temporary file left: {left:?}");
+    }
+
+    /// The filesystem type `stat -f` (coreutils) reports for `path`: an outside opinion to check against.
+    fn stat_fs_type(path: &std::path::Path) -> String {
+        let out = std::process::Command::new("stat")
+            .args(["-f", "-c", "%T"])
+            .arg(path)
+            .output()
+            .expect("stat runs");
+        assert!(out.status.success(), "stat -f {}", path.display());
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    #[test]
+    fn files_count_as_in_memory_exactly_where_stat_reports_tmpfs_or_ramfs() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = [
+            std::path::Path::new("/dev/shm"),
+            std::path::Path::new("/"),
+            dir.path(),
+        ];
+        for path in paths {
+            let kind = stat_fs_type(path);
+            assert_eq!(
+                in_memory_fs(path),
+                kind == "tmpfs" || kind == "ramfs",
+                "{} is {kind}",
+                path.display()
+            );
+        }
+        assert!(
+            !in_memory_fs(&dir.path().join("missing")),
+            "unknown counts as on disk"
+        );
+        // Both answers must have been seen for the comparison above to mean something.
+        let shm_is_tmpfs = stat_fs_type(std::path::Path::new("/dev/shm")) == "tmpfs";
+        let disk_seen = paths
+            .iter()
+            .any(|p| !matches!(stat_fs_type(p).as_str(), "tmpfs" | "ramfs"));
+        if crate::test_gate::needs(
+            "files_count_as_in_memory_exactly_where_stat_reports_tmpfs_or_ramfs",
+            shm_is_tmpfs && disk_seen,
+            "needs /dev/shm on tmpfs and / or the temp directory on disk",
+        ) {
+            assert!(in_memory_fs(std::path::Path::new("/dev/shm")));
+        }
+    }
+
+    /// ramfs has no place of its own on this machine: mounted in a private mount namespace, on a thread
+    /// of its own (mount namespaces are per thread once `unshare`d), next to a tmpfs for comparison.
+    #[test]
+    fn a_ramfs_or_tmpfs_mount_counts_as_in_memory_and_writes_still_land() {
+        crate::needs_root!("a_ramfs_or_tmpfs_mount_counts_as_in_memory_and_writes_still_land");
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().to_path_buf();
+        std::thread::spawn(move || {
+            use nix::mount::{mount, MsFlags};
+            use nix::sched::{unshare, CloneFlags};
+            unshare(CloneFlags::CLONE_NEWNS).expect("unshare the mount namespace");
+            mount(
+                None::<&str>,
+                "/",
+                None::<&str>,
+                MsFlags::MS_PRIVATE | MsFlags::MS_REC,
+                None::<&str>,
+            )
+            .expect("make mounts private");
+            assert!(!in_memory_fs(&base), "{} is on disk", base.display());
+            for fs in ["ramfs", "tmpfs"] {
+                let at = base.join(fs);
+                std::fs::create_dir(&at).unwrap();
+                mount(Some(fs), &at, Some(fs), MsFlags::empty(), None::<&str>)
+                    .unwrap_or_else(|e| panic!("mount {fs}: {e}"));
+                assert!(in_memory_fs(&at), "{fs}");
+                write_atomically(&at.join("pods.json"), b"{}").unwrap();
+                assert_eq!(std::fs::read(at.join("pods.json")).unwrap(), b"{}");
+                nix::mount::umount(&at).unwrap();
+            }
+        })
+        .join()
+        .expect("the mount-namespace thread");
     }
 
     #[test]

@@ -24,6 +24,7 @@
 //! - [`cni_exec`] — calling a CNI plugin chain exactly as a container runtime does (tests, sandbox, benches).
 //! - [`socket`] — listeners, marked upstream sockets, original destinations.
 //! - [`admin_http`] — the bounded one-GET-per-connection HTTP server behind the admin ports.
+//! - [`conn_slots`] — connection slots a newcomer takes from an idle holder (admin, plugin and ZDS sockets).
 //! - [`readiness`] — `:15021/healthz/ready`.
 //! - [`zds`] — the ZDS protocol (SOCK_SEQPACKET + SCM_RIGHTS): agent-side server, proxy-side client.
 //! - [`proto`] — generated wire types of Istio's protocols.
@@ -36,6 +37,7 @@ pub mod authz;
 pub mod cni_agent;
 pub mod cni_exec;
 pub mod config;
+pub mod conn_slots;
 pub mod control_plane;
 pub mod file_watch;
 #[doc(hidden)]

@@ -43,6 +43,9 @@ use super::pods::{Enrollment, NetnsKey, PodRecord, PodSettings, Pods};
 use super::selector::Decision;
 use super::{kube, procfs, Error, BYPASS_INBOUND_ANNOTATION, DNS_CAPTURE_ANNOTATION};
 
+#[cfg(test)]
+mod tests;
+
 /// How often pods waiting for a proxy are offered again, and captured pods' rules are checked.
 const TICK: Duration = Duration::from_secs(1);
 /// Most captured pods whose rules are read back per tick (those checked longest ago first), so a node
@@ -190,6 +193,15 @@ impl Agent {
         cfg: Arc<AgentConfig>,
         view: watch::Receiver<Arc<ClusterView>>,
     ) -> (Agent, AgentHandles, mpsc::Receiver<plugin_server::Job>) {
+        Agent::with_zds_queue(cfg, view, ZDS_QUEUE)
+    }
+
+    /// [`Agent::new`] with `zds_queue` hand-overs queued for the ZDS worker (tests fill a short one).
+    fn with_zds_queue(
+        cfg: Arc<AgentConfig>,
+        view: watch::Receiver<Arc<ClusterView>>,
+        zds_queue: usize,
+    ) -> (Agent, AgentHandles, mpsc::Receiver<plugin_server::Job>) {
         let captured = Arc::new(Captured::default());
         let zds = ZdsServer::new(captured.clone());
         let (pods, problem) = Pods::load(cfg.state_file());
@@ -197,7 +209,7 @@ impl Agent {
             tracing::error!(problem = %p, "starting with no recorded pods");
         }
         let (jobs, rx) = mpsc::channel(JOB_QUEUE);
-        let (ops_tx, ops_rx) = mpsc::channel(ZDS_QUEUE);
+        let (ops_tx, ops_rx) = mpsc::channel(zds_queue);
         let (done_tx, done_rx) = mpsc::channel(ZDS_QUEUE);
         let kubernetes = matches!(cfg.source, ClusterSource::Kubernetes { .. });
         let metrics = Arc::new(AgentMetrics::default());

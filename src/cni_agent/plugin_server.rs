@@ -5,24 +5,28 @@
 //! the agent as a [`PluginRequest`] with a channel for its [`Answer`], and the answer written back: 200
 //! with `{"enrolled": bool, "reason": ...}`, or an error status whose body is the message. Garbage gets a
 //! 400 and the connection closes; the server keeps serving. Bounds: 64 KiB per request, 5 s to send it,
-//! 64 requests at once.
+//! 64 connections at once. When all 64 are taken, a new connection evicts the oldest one still sending its
+//! request (answered 503), so sockets that send nothing or dribble cannot keep the plugin out; a connection
+//! whose request is with the agent is never evicted (when all are, newcomers wait in the socket backlog).
 
 use std::net::IpAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{mpsc, oneshot, watch, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::conn_slots::{Evicted, Slot, Slots, WhenAllBusy};
 
 /// Largest request accepted (headers and body).
 const MAX_REQUEST: usize = 64 * 1024;
 /// Time a client has to send its whole request (the plugin's own timeout is 5 s).
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
-/// Requests handled at once; more wait in the socket backlog.
+/// Connections held at once. A newcomer takes the slot of the oldest one still sending its request; when
+/// every one has handed its request to the agent, newcomers wait in the socket backlog.
 const MAX_CONCURRENT: usize = 64;
 
 /// A pod IP as the plugin reports it (Go `net.IPNet`: only `IP` is used).
@@ -163,25 +167,33 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
 pub async fn serve(
     listener: UnixListener,
     jobs: mpsc::Sender<Job>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
-    let limit = Arc::new(Semaphore::new(MAX_CONCURRENT));
+    serve_with(listener, jobs, shutdown, READ_TIMEOUT).await
+}
+
+/// [`serve`], each client having `read_timeout` to send its request (tests lengthen it, so that only an
+/// eviction can free a slot).
+async fn serve_with(
+    listener: UnixListener,
+    jobs: mpsc::Sender<Job>,
+    mut shutdown: watch::Receiver<bool>,
+    read_timeout: Duration,
+) {
+    let slots = Slots::new(MAX_CONCURRENT, WhenAllBusy::Wait);
     loop {
-        let permit = tokio::select! {
-            p = limit.clone().acquire_owned() => p.expect("semaphore never closed"),
-            _ = shutdown.wait_for(|s| *s) => return,
-        };
         let accepted = tokio::select! {
             a = listener.accept() => a,
             _ = shutdown.wait_for(|s| *s) => return,
         };
         match accepted {
             Ok((stream, _)) => {
-                let jobs = jobs.clone();
-                tokio::spawn(async move {
-                    handle(stream, jobs).await;
-                    drop(permit);
-                });
+                // Waits only while every held connection has a request with the agent.
+                let (slot, evicted) = tokio::select! {
+                    admitted = slots.admit() => admitted,
+                    _ = shutdown.wait_for(|s| *s) => return,
+                };
+                tokio::spawn(handle(stream, jobs.clone(), slot, evicted, read_timeout));
             }
             Err(e) => {
                 tracing::warn!(error = %e, "plugin socket accept failed");
@@ -191,9 +203,30 @@ pub async fn serve(
     }
 }
 
-async fn handle(mut stream: UnixStream, jobs: mpsc::Sender<Job>) {
-    let answer = match tokio::time::timeout(READ_TIMEOUT, read_request(&mut stream)).await {
-        Err(_) => Answer::error(408, "request not received within 5s"),
+async fn handle(
+    mut stream: UnixStream,
+    jobs: mpsc::Sender<Job>,
+    slot: Slot,
+    evicted: Evicted,
+    read_timeout: Duration,
+) {
+    let read = tokio::select! {
+        read = tokio::time::timeout(read_timeout, read_request(&mut stream)) => Some(read),
+        _ = evicted => None,
+    };
+    let Some(read) = read else {
+        tracing::debug!("plugin connection evicted: no request yet while every slot was taken");
+        // Best effort and never blocking: the socket goes either way.
+        let _ = stream.try_write(encode(&Answer::error(503, EVICTED)).as_bytes());
+        return;
+    };
+    // From here on the connection is a real request (or its answer): never evicted.
+    slot.set_busy();
+    let answer = match read {
+        Err(_) => Answer::error(
+            408,
+            format!("request not received within {}s", read_timeout.as_secs()),
+        ),
         Ok(Err(a)) => a,
         Ok(Ok(req)) => {
             let (tx, rx) = oneshot::channel();
@@ -208,6 +241,16 @@ async fn handle(mut stream: UnixStream, jobs: mpsc::Sender<Job>) {
     if answer.status >= 400 {
         tracing::warn!(status = answer.status, message = %answer.body, "plugin request refused");
     }
+    let _ = stream.write_all(encode(&answer).as_bytes()).await;
+    let _ = stream.shutdown().await;
+}
+
+/// What an evicted connection is told.
+const EVICTED: &str =
+    "every plugin connection slot was taken and this one had sent no complete request; retry";
+
+/// The HTTP/1.1 response carrying `answer`.
+fn encode(answer: &Answer) -> String {
     let reason = match answer.status {
         200 => "OK",
         400 => "Bad Request",
@@ -218,7 +261,7 @@ async fn handle(mut stream: UnixStream, jobs: mpsc::Sender<Job>) {
         503 => "Service Unavailable",
         _ => "Internal Server Error",
     };
-    let out = format!(
+    format!(
         "HTTP/1.1 {} {reason}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
         answer.status,
         if answer.status == 200 {
@@ -228,9 +271,7 @@ async fn handle(mut stream: UnixStream, jobs: mpsc::Sender<Job>) {
         },
         answer.body.len(),
         answer.body
-    );
-    let _ = stream.write_all(out.as_bytes()).await;
-    let _ = stream.shutdown().await;
+    )
 }
 
 /// Reads one request and decodes its body; any problem becomes the answer to send.
@@ -337,6 +378,93 @@ mod tests {
         let mut out = String::new();
         s.read_to_string(&mut out).await.unwrap();
         out
+    }
+
+    /// Issue 11: 64 sockets that sent nothing held every slot for the 5 s read timeout, again and again, and
+    /// every CNI ADD on the node waited behind them. Now a newcomer evicts the oldest connection still
+    /// sending its request (a dribbling one too). The read timeout is an hour here, so only an eviction can
+    /// have made room for the request.
+    #[tokio::test]
+    async fn a_request_is_answered_while_silent_and_dribbling_sockets_hold_every_slot() {
+        use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("pluginevent.sock");
+        let l = bind(&sock).unwrap();
+        let (tx, mut rx) = mpsc::channel::<Job>(4);
+        let (_stop, shutdown) = watch::channel(false);
+        tokio::spawn(serve_with(l, tx, shutdown, Duration::from_secs(3600)));
+        tokio::spawn(async move {
+            while let Some((_, answer)) = rx.recv().await {
+                let _ = answer.send(Answer::enrolled(true, "served"));
+            }
+        });
+        // Oldest first (connections are accepted in this order): sockets dribbling a header that never
+        // ends, a byte a second, then sockets that send nothing; more of them than slots.
+        const DRIBBLING: usize = 8;
+        let mut held: Vec<(OwnedReadHalf, Option<OwnedWriteHalf>)> = Vec::new();
+        for _ in 0..DRIBBLING {
+            let (read, mut write) = UnixStream::connect(&sock).await.unwrap().into_split();
+            tokio::spawn(async move {
+                let mut next: &[u8] = b"POST /cmdadd HTTP/1.1\r\nX-Slow: ";
+                // Ends when the server closes the socket.
+                while write.write_all(next).await.is_ok() {
+                    next = b"a";
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            });
+            held.push((read, None));
+        }
+        for _ in 0..MAX_CONCURRENT {
+            let (read, write) = UnixStream::connect(&sock).await.unwrap().into_split();
+            held.push((read, Some(write)));
+        }
+        // A generous guard, not a bound: without eviction the request is never read.
+        let ok = tokio::time::timeout(
+            Duration::from_secs(60),
+            roundtrip(
+                &sock,
+                b"POST /cmdadd HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}",
+            ),
+        )
+        .await
+        .expect("the request is answered while other sockets hold every slot");
+        assert!(
+            ok.starts_with("HTTP/1.1 200") && ok.contains("served"),
+            "{ok}"
+        );
+        // One eviction per newcomer, oldest first: every dribbling socket and the oldest silent one were
+        // told why; the newest silent sockets still hold their slots (none timed out).
+        let evicted = held.len() + 1 - MAX_CONCURRENT;
+        assert_eq!(evicted, DRIBBLING + 1);
+        for (i, (read, _)) in held.iter_mut().enumerate() {
+            if i < evicted {
+                let mut out = String::new();
+                tokio::time::timeout(Duration::from_secs(10), read.read_to_string(&mut out))
+                    .await
+                    .expect("an evicted socket is closed")
+                    .unwrap();
+                assert!(
+                    out.starts_with("HTTP/1.1 503") && out.contains("slot"),
+                    "socket {i}: {out:?}"
+                );
+            } else {
+                let mut byte = [0u8; 1];
+                let quiet = read.try_read(&mut byte);
+                assert!(
+                    quiet
+                        .as_ref()
+                        .is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock),
+                    "socket {i} should still be open and unanswered: {quiet:?}"
+                );
+            }
+        }
+        // Still serving.
+        let again = roundtrip(
+            &sock,
+            b"POST /cmdadd HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}",
+        )
+        .await;
+        assert!(again.starts_with("HTTP/1.1 200"), "{again}");
     }
 
     #[tokio::test]

@@ -3,10 +3,11 @@
 //! Input: messages built with [`Writer`] (header, family header, attributes, nests).
 //! Output: the kernel's answers — per-message ACKs/errors of a request or batch ([`NlSocket::transact`]) and
 //! the messages of a dump ([`NlSocket::dump`]). Sockets belong to the network namespace of the thread that
-//! opens them. No `unsafe`: `netlink-sys` owns the fd.
+//! opens them. No `unsafe`: `netlink-sys` owns the fd. Bound: an answer that has not come [`RX_TIMEOUT`]
+//! after the request is an [`Error::Io`] of kind `TimedOut` ("no answer within ..."), never a hang.
 
 use std::io;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use netlink_sys::Socket;
 use nix::errno::Errno;
@@ -22,7 +23,8 @@ const NLA_TYPE_MASK: u16 = !(NLA_F_NESTED | (1 << 14));
 /// Receive buffer: netlink dump datagrams are at most 32 KiB, ACKs are tiny. One buffer per socket, reused.
 const RX_BUFFER: usize = 64 * 1024;
 /// How long to wait for the kernel's answer before giving up (it answers in microseconds; this only guards
-/// against waiting forever on an answer that will never come).
+/// against waiting forever on an answer that will never come). Counted from the request: each receive waits
+/// at most this long (`SO_RCVTIMEO`), and messages that keep arriving without ending the wait do not extend it.
 const RX_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Rounds up to the 4-byte netlink alignment.
@@ -195,6 +197,8 @@ pub(super) struct NlSocket {
     sock: Socket,
     rx: Vec<u8>,
     next_seq: u32,
+    /// [`RX_TIMEOUT`], shorter in tests.
+    timeout: Duration,
 }
 
 const NLMSG_ERROR: u16 = libc::NLMSG_ERROR as u16;
@@ -203,6 +207,15 @@ const NLMSG_DONE: u16 = libc::NLMSG_DONE as u16;
 impl NlSocket {
     /// Opens and binds a socket of `protocol` (`NETLINK_NETFILTER`, `NETLINK_ROUTE`).
     pub(super) fn open(protocol: isize, name: &'static str) -> Result<NlSocket, Error> {
+        NlSocket::open_with_timeout(protocol, name, RX_TIMEOUT)
+    }
+
+    /// [`NlSocket::open`], giving up on an answer after `timeout`.
+    fn open_with_timeout(
+        protocol: isize,
+        name: &'static str,
+        timeout: Duration,
+    ) -> Result<NlSocket, Error> {
         let socket_err = |source: io::Error| {
             let errno = Errno::from_raw(source.raw_os_error().unwrap_or(0));
             match errno {
@@ -222,13 +235,17 @@ impl NlSocket {
         };
         let mut sock = Socket::new(protocol).map_err(socket_err)?;
         sock.bind_auto().map_err(socket_err)?;
-        let timeout = nix::sys::time::TimeVal::new(RX_TIMEOUT.as_secs() as i64, 0);
-        nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::ReceiveTimeout, &timeout)
+        let rcvtimeo = nix::sys::time::TimeVal::new(
+            timeout.as_secs() as libc::time_t,
+            timeout.subsec_micros() as libc::suseconds_t,
+        );
+        nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::ReceiveTimeout, &rcvtimeo)
             .map_err(|e| socket_err(e.into()))?;
         Ok(NlSocket {
             sock,
             rx: Vec::with_capacity(RX_BUFFER),
             next_seq: 1,
+            timeout,
         })
     }
 
@@ -259,17 +276,31 @@ impl NlSocket {
         Ok(())
     }
 
-    /// Receives one datagram into the reusable buffer and hands each message in it to `f`, until `f` says stop.
+    /// Receives datagrams into the reusable buffer and hands each message in them to `f`, until `f` says stop;
+    /// gives up when no answer has ended the wait within the timeout.
     fn recv_until(&mut self, mut f: impl FnMut(Reply<'_>) -> bool) -> Result<(), Error> {
+        let deadline = Instant::now() + self.timeout;
         loop {
             self.rx.clear();
-            let len = self
-                .sock
-                .recv(&mut self.rx, libc::MSG_TRUNC)
-                .map_err(|source| Error::Io {
-                    op: "receiving from netlink",
-                    source,
-                })?;
+            let len = match self.sock.recv(&mut self.rx, libc::MSG_TRUNC) {
+                Ok(len) => len,
+                // SO_RCVTIMEO ran out: the kernel did not answer.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Err(self.no_answer())
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
+                Err(source) => {
+                    return Err(Error::Io {
+                        op: "receiving from netlink",
+                        source,
+                    })
+                }
+            };
             if len > self.rx.len() {
                 return Err(Error::Malformed {
                     what: "netlink reply larger than the receive buffer",
@@ -280,6 +311,19 @@ impl NlSocket {
                     return Ok(());
                 }
             }
+            if Instant::now() >= deadline {
+                return Err(self.no_answer());
+            }
+        }
+    }
+
+    fn no_answer(&self) -> Error {
+        Error::Io {
+            op: "waiting for the kernel's netlink answer",
+            source: io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no answer within {:?}", self.timeout),
+            ),
         }
     }
 
@@ -350,5 +394,46 @@ impl NlSocket {
             Some(errno) => Err(Error::from_errno(target, errno)),
             None => Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `NLMSG_NOOP`: the kernel answers it only when asked to ack (`NLM_F_ACK`).
+    fn noop(seq: u32, ack: bool) -> Vec<u8> {
+        let mut w = Writer::default();
+        let flags = libc::NLM_F_REQUEST | if ack { libc::NLM_F_ACK } else { 0 };
+        let start = w.msg_begin(libc::NLMSG_NOOP as u16, flags as u16, seq);
+        w.msg_end(start);
+        w.buf
+    }
+
+    #[test]
+    fn a_request_the_kernel_never_answers_ends_in_a_timeout_error_not_a_hang() {
+        let timeout = Duration::from_millis(50);
+        let mut sock =
+            NlSocket::open_with_timeout(netlink_sys::protocols::NETLINK_ROUTE, "route", timeout)
+                .unwrap();
+        let seq = sock.seq();
+        let err = sock
+            .transact(&noop(seq, false), &[seq], seq..=seq)
+            .expect_err("no answer comes");
+        match &err {
+            Error::Io { source, .. } => {
+                assert_eq!(source.kind(), io::ErrorKind::TimedOut, "{err}")
+            }
+            other => panic!("expected a timeout, got {other:?}"),
+        }
+        assert_eq!(
+            err.to_string(),
+            "waiting for the kernel's netlink answer: no answer within 50ms"
+        );
+        // The same request asking for an ack is answered on the same socket: the wait above was for an
+        // answer that never came, not a broken socket.
+        let seq = sock.seq();
+        let errors = sock.transact(&noop(seq, true), &[seq], seq..=seq).unwrap();
+        assert!(errors.is_empty(), "{errors:?}");
     }
 }

@@ -4,6 +4,11 @@
 //! calls from the agent's tasks. Output: `WorkloadRequest`s on every connected proxy, and the proxies' acks
 //! as `Result`s to the callers.
 //!
+//! Bounds: [`MAX_CONNECTIONS`] connections, 5 accepts a second, [`HELLO_TIMEOUT`] to send `ZdsHello`. A
+//! connection that has not said hello is idle: when every slot is taken, a newcomer evicts the oldest idle
+//! one ([`crate::conn_slots`]), so sockets that never say hello cannot keep a proxy out; once every slot
+//! holds a proxy, newcomers wait in the socket backlog.
+//!
 //! One task owns each connection. It reads `ZdsHello`, registers the connection as the newest *before*
 //! taking the snapshot (an add racing with the snapshot then reaches this proxy twice at worst, which the
 //! proxy acks idempotently), sends the snapshot and `SnapshotSent` (one ack each), then serves requests
@@ -19,13 +24,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prost::Message;
-use tokio::sync::{mpsc, oneshot, watch, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::packet::{SeqpacketConn, SeqpacketListener};
 use super::{encode, with_deadline, Error, IO_TIMEOUT, MAX_MESSAGE};
+use crate::conn_slots::{Slot, Slots, WhenAllBusy};
 use crate::netns::Netns;
 use crate::proto::workload::zds::{
     workload_request, workload_response, AddWorkload, DelWorkload, KeepWorkload, SnapshotSent,
@@ -39,8 +45,12 @@ const ACCEPT_INTERVAL: Duration = Duration::from_millis(200);
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Connections open at once, including ones that have not said hello yet. Normally one proxy, two during a
-/// rolling update; the rest of the headroom absorbs reconnect storms and stray clients.
-const MAX_CONNECTIONS: usize = 8;
+/// rolling update; the rest of the headroom absorbs reconnect storms and stray clients. A newcomer evicts
+/// the oldest connection that has not said hello when all are taken.
+pub(super) const MAX_CONNECTIONS: usize = 8;
+
+/// Time a new connection has to send `ZdsHello` (istio-cni's read deadline; ztunnel sends it at once).
+const HELLO_TIMEOUT: Duration = IO_TIMEOUT;
 
 /// Requests waiting for one connection's task. A full queue makes callers wait (up to their deadline).
 const REQUEST_QUEUE: usize = 32;
@@ -122,8 +132,19 @@ impl ZdsServer {
 
     /// Accepts proxies until `shutdown` turns true (if its sender is dropped, until this future is dropped),
     /// then closes every connection. At most 5 new connections per second.
-    pub async fn serve(&self, listener: SeqpacketListener, mut shutdown: watch::Receiver<bool>) {
-        let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    pub async fn serve(&self, listener: SeqpacketListener, shutdown: watch::Receiver<bool>) {
+        self.serve_with(listener, shutdown, HELLO_TIMEOUT).await
+    }
+
+    /// [`ZdsServer::serve`], connections having `hello_timeout` to say hello (tests lengthen it, so that only
+    /// an eviction can free a slot).
+    pub(super) async fn serve_with(
+        &self,
+        listener: SeqpacketListener,
+        mut shutdown: watch::Receiver<bool>,
+        hello_timeout: Duration,
+    ) {
+        let slots = Slots::new(MAX_CONNECTIONS, WhenAllBusy::Wait);
         let mut tasks = JoinSet::new();
         let mut next_accept = Instant::now();
         info!(path = %listener.path().display(), "ZDS server listening");
@@ -134,28 +155,35 @@ impl ZdsServer {
                 _ = shutdown_requested(&mut shutdown) => break,
                 accepted = async {
                     tokio::time::sleep_until(next_accept).await;
-                    let slot = slots.clone().acquire_owned().await;
-                    (listener.accept().await, slot)
+                    match listener.accept().await {
+                        // Waits only while every slot holds a proxy that said hello.
+                        Ok(conn) => Ok((conn, slots.admit().await)),
+                        Err(e) => Err(e),
+                    }
                 } => accepted,
             };
             match accepted {
-                (Ok(conn), Ok(slot)) => {
+                Ok((conn, (slot, evicted))) => {
                     next_accept = Instant::now() + ACCEPT_INTERVAL;
                     let inner = self.inner.clone();
                     let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
                     tasks.spawn(async move {
-                        match serve_conn(&inner, &conn, id).await {
-                            Ok(()) => info!(conn = id, "ZDS proxy disconnected"),
-                            Err(e) => warn!(conn = id, error = %e, "closing ZDS connection"),
+                        tokio::select! {
+                            served = serve_conn(&inner, &conn, id, &slot, hello_timeout) => match served {
+                                Ok(()) => info!(conn = id, "ZDS proxy disconnected"),
+                                Err(e) => warn!(conn = id, error = %e, "closing ZDS connection"),
+                            },
+                            _ = evicted => {
+                                warn!(conn = id, "closing a ZDS connection that sent no ZdsHello: every slot was taken")
+                            }
                         }
                         drop(slot);
                     });
                 }
-                (Err(e), _) => {
+                Err(e) => {
                     warn!(error = %e, "ZDS accept failed");
                     tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
                 }
-                (Ok(_), Err(_closed)) => break, // the semaphore is never closed
             }
         }
         info!("ZDS server shutting down");
@@ -304,9 +332,23 @@ impl Drop for Registration {
 }
 
 /// One connection's whole life. `Ok` when the proxy closed it while idle.
-async fn serve_conn(inner: &Arc<Inner>, conn: &SeqpacketConn, id: u64) -> Result<(), Error> {
+async fn serve_conn(
+    inner: &Arc<Inner>,
+    conn: &SeqpacketConn,
+    id: u64,
+    slot: &Slot,
+    hello_timeout: Duration,
+) -> Result<(), Error> {
     let mut buf = [0u8; MAX_MESSAGE];
-    let (len, fds) = with_deadline("waiting for ZdsHello", conn.recv(&mut buf)).await?;
+    let (len, fds) = tokio::time::timeout(hello_timeout, conn.recv(&mut buf))
+        .await
+        .map_err(|_| Error::Timeout {
+            during: "waiting for ZdsHello",
+        })?
+        .map_err(|source| Error::Io {
+            during: "waiting for ZdsHello",
+            source,
+        })?;
     if len == 0 && fds.is_empty() {
         return Err(Error::Closed {
             during: "waiting for ZdsHello",
@@ -327,6 +369,8 @@ async fn serve_conn(inner: &Arc<Inner>, conn: &SeqpacketConn, id: u64) -> Result
         )));
     }
 
+    // A proxy now: never evicted for a newcomer.
+    slot.set_busy();
     let (requests, mut queue) = mpsc::channel(REQUEST_QUEUE);
     let _registration = inner.register(id, requests);
     info!(conn = id, "ZDS proxy connected, sending snapshot");

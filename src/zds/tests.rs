@@ -342,6 +342,93 @@ async fn data_from_an_idle_proxy_closes_its_connection() {
     agent.wait_for_connections(0).await;
 }
 
+/// Whether `conn` is still open with nothing to read (probed without blocking or consuming anything).
+fn open_and_quiet(conn: &SeqpacketConn) -> bool {
+    let mut byte = [0u8; 1];
+    let peeked = nix::sys::socket::recv(
+        conn.as_fd().as_raw_fd(),
+        &mut byte,
+        MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_PEEK,
+    );
+    matches!(peeked, Err(nix::errno::Errno::EAGAIN))
+}
+
+/// Issue 11: sockets that connect and never send `ZdsHello` held the agent's slots, each until its hello
+/// deadline, so a proxy connecting behind them waited (for ever, behind a client that keeps reconnecting).
+/// Now each newcomer evicts the oldest hello-less socket. The hello deadline is an hour here, so only an
+/// eviction can have let the proxy in.
+#[tokio::test]
+async fn a_proxy_gets_its_snapshot_while_hello_less_sockets_hold_every_slot() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ztunnel.sock");
+    let listener = bind(&path).unwrap();
+    let server = ZdsServer::new(Arc::new(FixedSnapshot(vec![("pod-a", true)])));
+    let (_stop, stopped) = watch::channel(false);
+    tokio::spawn({
+        let server = server.clone();
+        async move {
+            server
+                .serve_with(listener, stopped, Duration::from_secs(3600))
+                .await
+        }
+    });
+    // More silent sockets than slots, all queued before the proxy (accepted in this order, 5 a second).
+    const EXTRA: usize = 2;
+    let mut silent = Vec::new();
+    for _ in 0..server::MAX_CONNECTIONS + EXTRA {
+        silent.push(SeqpacketConn::connect(&path).await.unwrap());
+    }
+    // A generous guard, not a bound: without eviction the proxy is never let in.
+    let (mut client, snapshot) = tokio::time::timeout(Duration::from_secs(60), async {
+        let mut client = ZdsClient::connect(&path).await.unwrap();
+        let mut before = Vec::new();
+        loop {
+            let request = client.recv().await.unwrap();
+            client.ack(None).await.unwrap();
+            if matches!(request, Request::SnapshotSent) {
+                return (client, before);
+            }
+            before.push(request);
+        }
+    })
+    .await
+    .expect("the proxy gets its snapshot while hello-less sockets hold every slot");
+    assert!(
+        matches!(&snapshot[..], [Request::Add { uid, .. }] if uid == "pod-a"),
+        "{snapshot:?}"
+    );
+    // One eviction per newcomer, oldest first; the newest silent sockets still hold their slots.
+    let evicted = EXTRA + 1;
+    for (i, conn) in silent.iter().enumerate() {
+        if i < evicted {
+            let (bytes, fds) = raw_recv(conn).await;
+            assert!(
+                bytes.is_empty() && fds.is_empty(),
+                "socket {i}: expected EOF"
+            );
+        } else {
+            assert!(open_and_quiet(conn), "socket {i} was closed");
+        }
+    }
+    // The proxy is served from then on: a live add reaches it.
+    let own = Netns::current().unwrap();
+    let add = tokio::spawn({
+        let server = server.clone();
+        async move { server.add("pod-b", &info("pod-b"), &own).await }
+    });
+    let request = tokio::time::timeout(WAIT, client.recv())
+        .await
+        .expect("the add in time")
+        .unwrap();
+    assert!(
+        matches!(&request, Request::Add { uid, .. } if uid == "pod-b"),
+        "{request:?}"
+    );
+    client.ack(None).await.unwrap();
+    add.await.unwrap().unwrap();
+    assert_eq!(server.connected(), 1);
+}
+
 /// A client on one end of a socket pair, the raw "agent" on the other, hello already checked.
 async fn client_and_raw_agent() -> (ZdsClient, SeqpacketConn) {
     let (ours, theirs) = SeqpacketConn::pair().unwrap();
