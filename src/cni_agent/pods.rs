@@ -2,7 +2,8 @@
 //!
 //! Input: pods from CNI ADD events (name, uid, netns path, IPs) and the enrollment outcome. Output: the
 //! records, and the file `<run_dir>/meshnode-pods.json` rewritten atomically and durably after every change
-//! ([`crate::file_watch::write_atomically`]: temp file, fsync, rename, fsync of the directory). The run
+//! ([`crate::file_watch::write_atomically`]: temp file, fsync, rename, fsync of the directory; no fsync when the run directory is on
+//! tmpfs/ramfs, where it makes nothing durable). The run
 //! directory is normally on tmpfs (`/var/run`), so the file lives exactly as long as the netns paths it
 //! names: across agent restarts, not across node reboots; on a disk-backed run dir it survives power loss.
 
