@@ -6,6 +6,7 @@ pub mod cluster;
 pub mod fake_kube;
 pub mod labelled;
 pub mod netns;
+pub mod waypoint;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};

@@ -1,0 +1,588 @@
+//! The waypoint end to end over loopback, in one process: a client HBONE connection (with the client
+//! workload's certificate) to the waypoint, HTTP/1.1, HTTP/2 and TCP inside CONNECT tunnels addressed to a
+//! service VIP, the waypoint re-originating HBONE to the backend's node proxy (which admits only the
+//! waypoint's identity), and what the waypoint answers to bad input and failures.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use meshnode::identity::{BuiltinCa, Identity, WorkloadCert};
+use meshnode::proto::waypoint as pb;
+use meshnode::waypoint::forward::{CONNECT_FAILURE, NO_HEALTHY_UPSTREAM};
+use meshnode::waypoint::Snapshot;
+use support::waypoint::*;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const TTL: Duration = Duration::from_secs(3600);
+
+fn id(s: &str) -> Identity {
+    s.parse().unwrap()
+}
+
+fn now_plus(secs: i64) -> SystemTime {
+    if secs >= 0 {
+        SystemTime::now() + Duration::from_secs(secs as u64)
+    } else {
+        SystemTime::now() - Duration::from_secs((-secs) as u64)
+    }
+}
+
+/// The backend's node proxy state: the backend at .3 (HBONE), admitting only the waypoint's identity.
+fn node_yaml(net: [u8; 2]) -> String {
+    format!(
+        r#"
+workloads:
+- uid: {uid}
+  name: backend
+  namespace: default
+  serviceAccount: backend
+  workloadIps: ["{b}"]
+  protocol: HBONE
+policies:
+- name: only-the-waypoint
+  namespace: default
+  scope: Namespace
+  action: Allow
+  rules: [[[{{principals: [!Exact "cluster.local/ns/default/sa/waypoint"]}}]]]
+"#,
+        uid = uid("backend"),
+        b = ip(net, 3),
+    )
+}
+
+/// Addresses: client .2, waypoint .10, backend .3 (HBONE, behind a node proxy: HTTP on 8080, HTTP/2 on
+/// 8081, echo on 9090), legacy .4 (plain TCP, HTTP on 8080), gone .5 (HBONE, nothing there).
+/// Services: backend at VIP .100 (80 HTTP, 81 HTTP2, 90 TCP, 91 undeclared), legacy .101:80, down .102:80.
+fn config(net: [u8; 2]) -> Snapshot {
+    let bk = hostname("backend");
+    let key = format!("default/{bk}");
+    let workloads = vec![
+        workload("client", "client", ip(net, 2), true, &[]),
+        workload("waypoint", "waypoint", ip(net, 10), true, &[]),
+        workload(
+            "backend",
+            "backend",
+            ip(net, 3),
+            true,
+            &[
+                (&key, 80, 8080),
+                (&key, 81, 8081),
+                (&key, 90, 9090),
+                (&key, 91, 8080),
+            ],
+        ),
+        workload(
+            "legacy",
+            "legacy",
+            ip(net, 4),
+            false,
+            &[(&format!("default/{}", hostname("legacy")), 80, 8080)],
+        ),
+        workload(
+            "gone",
+            "gone",
+            ip(net, 5),
+            true,
+            &[(&format!("default/{}", hostname("down")), 80, 8080)],
+        ),
+    ];
+    let services = vec![
+        service(
+            "backend",
+            ip(net, 100),
+            &[(80, 8080), (81, 8081), (90, 9090), (91, 8080)],
+        ),
+        service("legacy", ip(net, 101), &[(80, 8080)]),
+        service("down", ip(net, 102), &[(80, 8080)]),
+    ];
+    let wp = waypoint_resource(
+        vec![
+            bound_service(
+                "backend",
+                vec![
+                    port(pb::Protocol::Http, "backend", 80, &["backend"]),
+                    port(pb::Protocol::Http2, "backend", 81, &["backend"]),
+                    port(pb::Protocol::Tcp, "backend", 90, &["backend"]),
+                    port(pb::Protocol::Unspecified, "backend", 91, &["backend"]),
+                ],
+            ),
+            bound_service(
+                "legacy",
+                vec![port(pb::Protocol::Http, "legacy", 80, &["legacy"])],
+            ),
+            bound_service(
+                "down",
+                vec![port(pb::Protocol::Http, "down", 80, &["gone"])],
+            ),
+        ],
+        &["backend"],
+    );
+    Snapshot::build(&workloads, &services, Some(&wp), None).unwrap()
+}
+
+struct Mesh {
+    net: [u8; 2],
+    ca: Arc<BuiltinCa>,
+    node: TestProxy,
+    wp: TestWaypoint,
+    http: Arc<Backend>,
+    http2: Arc<Backend>,
+    legacy: Arc<Backend>,
+}
+
+async fn mesh(extra: &[(&str, &str)]) -> Mesh {
+    let net = loopback_net();
+    let ca = Arc::new(BuiltinCa::ephemeral(TTL).unwrap());
+    let node = start_proxy(
+        ca.clone(),
+        &node_yaml(net),
+        "default/backend/backend",
+        ip(net, 3),
+        &[],
+    )
+    .await;
+    let http = backend("backend", SocketAddr::new(ip(net, 3), 8080)).await;
+    let http2 = backend("backend-h2", SocketAddr::new(ip(net, 3), 8081)).await;
+    let legacy = backend("legacy", SocketAddr::new(ip(net, 4), 8080)).await;
+    echo_server(SocketAddr::new(ip(net, 3), 9090)).await;
+    let wp = start_waypoint(ca.clone(), ip(net, 10), config(net), extra).await;
+    Mesh {
+        net,
+        ca,
+        node,
+        wp,
+        http,
+        http2,
+        legacy,
+    }
+}
+
+impl Mesh {
+    fn cert(&self, sa: &str) -> WorkloadCert {
+        self.ca
+            .issue(
+                &id(&format!("spiffe://cluster.local/ns/default/sa/{sa}")),
+                now_plus(-60),
+                now_plus(3600),
+            )
+            .unwrap()
+    }
+
+    /// An HBONE connection to the waypoint from the client workload's address, with its certificate.
+    async fn client(&self) -> h2::client::SendRequest<Bytes> {
+        hbone_client_from(
+            self.cert("client"),
+            waypoint_id(),
+            ip(self.net, 2),
+            self.wp.addr,
+        )
+        .await
+        .unwrap()
+    }
+
+    fn vip(&self, host: u8, port: u16) -> String {
+        SocketAddr::new(ip(self.net, host), port).to_string()
+    }
+}
+
+async fn get_ok(
+    h: &mut hyper::client::conn::http1::SendRequest<http_body_util::Full<Bytes>>,
+    path: &str,
+) -> (http::StatusCode, String) {
+    let resp = h
+        .send_request(get(path, &hostname("backend")))
+        .await
+        .unwrap();
+    read(resp).await
+}
+
+#[tokio::test]
+async fn http1_requests_reach_the_backend_through_its_node_proxy_as_the_waypoint() {
+    let m = mesh(&[]).await;
+    let c = m.client().await;
+    let mut h = http1(tunnel(&c, &m.vip(100, 80)).await.unwrap()).await;
+    // Keep-alive: three requests on one client tunnel, all answered by the backend.
+    for i in 0..3 {
+        let (status, body) = get_ok(&mut h, &format!("/r/{i}")).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body, "hello from backend");
+    }
+    let seen = m.http.seen.lock().clone();
+    assert_eq!(seen.len(), 3);
+    assert_eq!(seen[2].path, "/r/2");
+    assert_eq!(seen[0].host, hostname("backend"), "the Host header is kept");
+    assert_eq!(seen[0].version, http::Version::HTTP_11);
+    // One upstream HTTP connection, over one HBONE connection to the node proxy.
+    assert_eq!(m.http.connections(), 1);
+    assert_eq!(m.wp.waypoint.upstream_http_connections(), 1);
+    assert_eq!(m.wp.waypoint.hbone_connections(), 1);
+    // The node proxy admits only the waypoint's identity: the client's own is refused there, so the
+    // requests above arrived with the waypoint's certificate.
+    let mut direct = hbone_client(
+        m.cert("client"),
+        id("spiffe://cluster.local/ns/default/sa/backend"),
+        SocketAddr::new(ip(m.net, 3), 15008),
+    )
+    .await
+    .unwrap();
+    let refused = status_of(
+        &mut direct,
+        connect(&SocketAddr::new(ip(m.net, 3), 8080).to_string()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(refused, 401);
+    let metrics = m.node.proxy.metrics().encode();
+    assert!(
+        metrics.contains(r#"source_principal="spiffe://cluster.local/ns/default/sa/waypoint""#),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn concurrent_client_tunnels_share_one_upstream_hbone_connection() {
+    let m = mesh(&[]).await;
+    let c = m.client().await;
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        clients.push(http1(tunnel(&c, &m.vip(100, 80)).await.unwrap()).await);
+    }
+    let answers = futures_util::future::join_all(clients.iter_mut().map(|h| get_ok(h, "/"))).await;
+    for (status, body) in answers {
+        assert_eq!(status, 200, "{body}");
+    }
+    // Each concurrent request had an HTTP/1.1 connection of its own, all multiplexed on one HBONE
+    // connection; sequential requests afterwards reuse them instead of opening more.
+    let opened = m.wp.waypoint.upstream_http_connections();
+    assert!((1..=4).contains(&opened), "{opened}");
+    for h in clients.iter_mut() {
+        assert_eq!(get_ok(h, "/again").await.0, 200);
+    }
+    assert_eq!(m.wp.waypoint.upstream_http_connections(), opened);
+    assert_eq!(m.wp.waypoint.hbone_connections(), 1);
+}
+
+#[tokio::test]
+async fn http2_requests_are_proxied_as_http2_on_one_upstream_connection() {
+    let m = mesh(&[]).await;
+    let c = m.client().await;
+    let mut h = http2(tunnel(&c, &m.vip(100, 81)).await.unwrap()).await;
+    let req = |i: u32| {
+        http::Request::builder()
+            .uri(format!("http://{}/h2/{i}", hostname("backend")))
+            .body(http_body_util::Full::new(Bytes::new()))
+            .unwrap()
+    };
+    let first = read(h.send_request(req(0)).await.unwrap()).await;
+    assert_eq!(
+        first,
+        (http::StatusCode::OK, "hello from backend-h2".to_string())
+    );
+    let many = futures_util::future::join_all((1..6).map(|i| {
+        let mut h = h.clone();
+        async move { read(h.send_request(req(i)).await.unwrap()).await }
+    }))
+    .await;
+    for (status, body) in many {
+        assert_eq!(status, 200, "{body}");
+    }
+    let seen = m.http2.seen.lock().clone();
+    assert_eq!(seen.len(), 6);
+    assert!(
+        seen.iter().all(|s| s.version == http::Version::HTTP_2),
+        "{seen:?}"
+    );
+    assert_eq!(seen[0].host, hostname("backend"));
+    assert_eq!(m.http2.connections(), 1);
+    assert_eq!(m.wp.waypoint.upstream_http_connections(), 1);
+}
+
+#[tokio::test]
+async fn an_undeclared_port_is_sniffed_as_http1_or_http2() {
+    let m = mesh(&[]).await;
+    let c = m.client().await;
+    let mut h1 = http1(tunnel(&c, &m.vip(100, 91)).await.unwrap()).await;
+    assert_eq!(
+        get_ok(&mut h1, "/sniffed").await,
+        (http::StatusCode::OK, "hello from backend".into())
+    );
+    let mut h2c = http2(tunnel(&c, &m.vip(100, 91)).await.unwrap()).await;
+    let resp = h2c
+        .send_request(
+            http::Request::builder()
+                .uri(format!("http://{}/sniffed-h2", hostname("backend")))
+                .body(http_body_util::Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(read(resp).await.0, 200);
+    // Sniffed HTTP goes upstream in the client's version.
+    let seen = m.http.seen.lock().clone();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(seen[0].version, http::Version::HTTP_11);
+    assert_eq!(seen[1].version, http::Version::HTTP_2);
+}
+
+#[tokio::test]
+async fn a_tcp_port_is_copied_both_ways() {
+    let m = mesh(&[]).await;
+    let c = m.client().await;
+    let mut t = tunnel(&c, &m.vip(100, 90)).await.unwrap();
+    t.write_all(b"bytes through the waypoint").await.unwrap();
+    t.shutdown().await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), t.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    let out = String::from_utf8_lossy(&out);
+    assert!(out.starts_with("peer="), "{out}");
+    assert!(out.ends_with("bytes through the waypoint"), "{out}");
+}
+
+#[tokio::test]
+async fn a_workload_without_hbone_is_reached_over_plain_tcp() {
+    let m = mesh(&[]).await;
+    let c = m.client().await;
+    let mut h = http1(tunnel(&c, &m.vip(101, 80)).await.unwrap()).await;
+    let resp = h.send_request(get("/", &hostname("legacy"))).await.unwrap();
+    assert_eq!(
+        read(resp).await,
+        (http::StatusCode::OK, "hello from legacy".into())
+    );
+    assert_eq!(m.legacy.requests(), 1);
+    assert_eq!(m.wp.waypoint.hbone_connections(), 0);
+}
+
+#[tokio::test]
+async fn traffic_to_a_bound_workloads_address_goes_to_that_workload() {
+    let m = mesh(&[]).await;
+    let c = m.client().await;
+    let pod = SocketAddr::new(ip(m.net, 3), 8080).to_string();
+    let mut h = http1(tunnel(&c, &pod).await.unwrap()).await;
+    let resp = h.send_request(get("/direct", &pod)).await.unwrap();
+    assert_eq!(
+        read(resp).await,
+        (http::StatusCode::OK, "hello from backend".into())
+    );
+    assert_eq!(m.http.seen.lock()[0].path, "/direct");
+}
+
+#[tokio::test]
+async fn destinations_the_waypoint_does_not_serve_get_envoys_answers() {
+    let m = mesh(&[]).await;
+    let c = m.client().await;
+    // An address with no bound service or workload: the tunnel itself is refused.
+    assert_eq!(
+        tunnel(&c, &m.vip(150, 80)).await.err(),
+        Some(http::StatusCode::SERVICE_UNAVAILABLE)
+    );
+    // A port the bound service does not declare: no route, 404.
+    let mut h = http1(tunnel(&c, &m.vip(100, 99)).await.unwrap()).await;
+    let (status, _) = get_ok(&mut h, "/").await;
+    assert_eq!(status, 404);
+    // Not CONNECT: 400.
+    let mut raw = c.clone().ready().await.unwrap();
+    let (resp, _) = raw
+        .send_request(
+            http::Request::builder()
+                .method("GET")
+                .uri(format!("http://{}/", m.vip(100, 80)))
+                .body(())
+                .unwrap(),
+            true,
+        )
+        .unwrap();
+    assert_eq!(resp.await.unwrap().status(), 400);
+    assert_eq!(m.http.requests(), 0);
+}
+
+/// Writes `raw` in a fresh tunnel to VIP:80 and returns everything the waypoint answers until it closes.
+async fn raw_exchange(c: &h2::client::SendRequest<Bytes>, authority: &str, raw: &[u8]) -> String {
+    let mut t = tunnel(c, authority).await.unwrap();
+    t.write_all(raw).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), t.read_to_end(&mut out))
+        .await
+        .expect("the waypoint answers and closes")
+        .unwrap();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn malformed_http_gets_400_and_the_next_client_is_served() {
+    let m = mesh(&[]).await;
+    let c = m.client().await;
+    let vip = m.vip(100, 80);
+    let answer = raw_exchange(
+        &c,
+        &vip,
+        b"GET / HTTP/1.1\r\nHost: x\r\nBad Header Line\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    let answer = raw_exchange(&c, &vip, b"NOT HTTP AT ALL\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert_eq!(m.http.requests(), 0);
+    // Same HBONE connection, next tunnel: served.
+    let mut h = http1(tunnel(&c, &vip).await.unwrap()).await;
+    assert_eq!(get_ok(&mut h, "/").await.0, 200);
+}
+
+#[tokio::test]
+async fn request_headers_over_64_kib_get_431() {
+    let m = mesh(&[]).await;
+    let c = m.client().await;
+    let mut raw = b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: ".to_vec();
+    raw.extend(std::iter::repeat_n(b'a', 70 * 1024));
+    raw.extend_from_slice(b"\r\n\r\n");
+    let answer = raw_exchange(&c, &m.vip(100, 80), &raw).await;
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+    assert_eq!(m.http.requests(), 0);
+    let mut h = http1(tunnel(&c, &m.vip(100, 80)).await.unwrap()).await;
+    assert_eq!(get_ok(&mut h, "/").await.0, 200);
+}
+
+#[tokio::test]
+async fn a_client_too_slow_with_its_headers_gets_408_and_others_are_served() {
+    let m = mesh(&[("MESHNODE_WAYPOINT_HEADER_TIMEOUT", "300ms")]).await;
+    let c = m.client().await;
+    let vip = m.vip(100, 80);
+    let slow = raw_exchange(&c, &vip, b"GET / HTTP/1.1\r\nHost: x\r\n");
+    let served = async {
+        let mut h = http1(tunnel(&c, &vip).await.unwrap()).await;
+        get_ok(&mut h, "/").await.0
+    };
+    let (answer, status) = tokio::join!(slow, served);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.ends_with("request timeout"), "{answer}");
+    assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn an_unreachable_endpoint_gets_envoys_503() {
+    let m = mesh(&[]).await;
+    let c = m.client().await;
+    let mut h = http1(tunnel(&c, &m.vip(102, 80)).await.unwrap()).await;
+    let resp = h.send_request(get("/", &hostname("down"))).await.unwrap();
+    let (status, body) = read(resp).await;
+    assert_eq!(status, 503);
+    assert_eq!(body, CONNECT_FAILURE);
+    // A cluster with no endpoint at all.
+    let empty = Snapshot::build(
+        &[],
+        &[service("backend", ip(m.net, 100), &[(80, 8080)])],
+        Some(&waypoint_resource(
+            vec![bound_service(
+                "backend",
+                vec![port(pb::Protocol::Http, "backend", 80, &[])],
+            )],
+            &[],
+        )),
+        None,
+    )
+    .unwrap();
+    m.wp.config.send_replace(Arc::new(empty));
+    let mut h = http1(tunnel(&c, &m.vip(100, 80)).await.unwrap()).await;
+    let (status, body) = get_ok(&mut h, "/").await;
+    assert_eq!((status.as_u16(), body.as_str()), (503, NO_HEALTHY_UPSTREAM));
+}
+
+#[tokio::test]
+async fn a_request_failing_with_503_is_retried_and_the_upstream_sees_both_tries() {
+    let m = mesh(&[]).await;
+    // The route retries on 503 (Istio's default policy does too).
+    let mut wp = waypoint_resource(
+        vec![bound_service(
+            "backend",
+            vec![port(pb::Protocol::Http, "backend", 80, &["backend"])],
+        )],
+        &[],
+    );
+    wp.services[0].ports[0].routes.push(pb::Route {
+        name: "default/backend-retries".into(),
+        action: Some(pb::route::Action::Forward(pb::Forward {
+            backends: vec![pb::WeightedCluster {
+                cluster: "backend-80".into(),
+                weight: 1,
+            }],
+        })),
+        retries: Some(pb::RetryPolicy {
+            attempts: 2,
+            retry_on: vec!["retriable-status-codes".into()],
+            retriable_status_codes: vec![503],
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let key = format!("default/{}", hostname("backend"));
+    let snap = Snapshot::build(
+        &[workload(
+            "backend",
+            "backend",
+            ip(m.net, 3),
+            true,
+            &[(&key, 80, 8080)],
+        )],
+        &[service("backend", ip(m.net, 100), &[(80, 8080)])],
+        Some(&wp),
+        None,
+    )
+    .unwrap();
+    m.wp.config.send_replace(Arc::new(snap));
+    m.http
+        .fail_first
+        .store(1, std::sync::atomic::Ordering::SeqCst);
+    let c = m.client().await;
+    let mut h = http1(tunnel(&c, &m.vip(100, 80)).await.unwrap()).await;
+    let (status, body) = get_ok(&mut h, "/flaky").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(m.http.requests(), 2, "the first try got 503, the retry 200");
+}
+
+#[tokio::test]
+async fn request_metrics_are_reported_as_the_waypoint_with_istios_labels() {
+    let m = mesh(&[]).await;
+    let c = m.client().await;
+    let mut h = http1(tunnel(&c, &m.vip(100, 80)).await.unwrap()).await;
+    assert_eq!(get_ok(&mut h, "/").await.0, 200);
+    let mut h = http1(tunnel(&c, &m.vip(100, 99)).await.unwrap()).await;
+    assert_eq!(get_ok(&mut h, "/").await.0, 404);
+    let text = m.wp.waypoint.metrics().encode();
+    let ok = text
+        .lines()
+        .find(|l| l.starts_with("istio_requests_total{") && l.contains(r#"response_code="200""#))
+        .unwrap_or_else(|| panic!("no 200 counted:\n{text}"));
+    for label in [
+        r#"reporter="waypoint""#,
+        r#"source_workload="client""#,
+        r#"source_principal="spiffe://cluster.local/ns/default/sa/client""#,
+        r#"destination_workload="backend""#,
+        r#"destination_service="backend.default.svc.cluster.local""#,
+        r#"destination_principal="spiffe://cluster.local/ns/default/sa/backend""#,
+        r#"request_protocol="http""#,
+        r#"response_flags="-""#,
+        r#"connection_security_policy="mutual_tls""#,
+    ] {
+        assert!(ok.contains(label), "{label} missing in {ok}");
+    }
+    assert!(ok.ends_with(" 1"), "{ok}");
+    assert!(
+        text.lines().any(|l| l.starts_with("istio_requests_total{")
+            && l.contains(r#"response_code="404""#)
+            && l.contains(r#"response_flags="NR""#)),
+        "{text}"
+    );
+    assert!(
+        text.contains("istio_request_duration_milliseconds_bucket{"),
+        "{text}"
+    );
+    assert!(text.contains("istio_request_bytes_count{"), "{text}");
+    assert!(text.contains("istio_response_bytes_sum{"), "{text}");
+}
