@@ -586,3 +586,76 @@ async fn request_metrics_are_reported_as_the_waypoint_with_istios_labels() {
     assert!(text.contains("istio_request_bytes_count{"), "{text}");
     assert!(text.contains("istio_response_bytes_sum{"), "{text}");
 }
+
+#[test]
+fn the_waypoint_binary_starts_from_its_environment_and_serves_hbone_with_its_certificate() {
+    if !root_or_skip(
+        "the_waypoint_binary_starts_from_its_environment_and_serves_hbone_with_its_certificate",
+    ) {
+        return;
+    }
+    let ns = support::netns::Netns::new("wp");
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let log_path = dir.path().join("waypoint.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let _child = support::netns::KillOnDrop(ns.spawn(
+        env!("CARGO_BIN_EXE_meshnode"),
+        &["waypoint"],
+        &[
+            ("XDS_ADDRESS", ""),
+            ("CA_ADDRESS", ""),
+            ("MESHNODE_STATE_DIR", state.to_str().unwrap()),
+            ("POD_NAMESPACE", "bookinfo"),
+            ("POD_NAME", "waypoint-7c9f-abcde"),
+            ("INSTANCE_IP", "127.0.0.1"),
+            ("TRUST_DOMAIN", "cluster.local"),
+            ("RUST_LOG", "info"),
+        ],
+        log,
+    ));
+    // Ready once its certificate is issued (no xDS to wait for here); the deadline only ends a hung run.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(answer) = ns.http_get(15021, "/healthz/ready") {
+            assert!(answer.ends_with("ready\n"), "{answer}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never ready; log:\n{}",
+            std::fs::read_to_string(&log_path).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The metrics port answers (no request yet, so no sample).
+    let metrics = ns.http_get(15020, "/metrics").expect("metrics answered");
+    assert!(metrics.ends_with("# EOF\n"), "{metrics}");
+    // HBONE on :15008 with the identity `SERVICE_ACCOUNT` defaults to (the waypoint's name), issued by the
+    // local CA; with no configuration every tunnel is refused.
+    let ca = BuiltinCa::load_or_create(&state, TTL).unwrap();
+    let cert = ca
+        .issue(
+            &id("spiffe://cluster.local/ns/bookinfo/sa/productpage"),
+            now_plus(-60),
+            now_plus(3600),
+        )
+        .unwrap();
+    let status = ns.run(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let mut c = hbone_client(
+                cert,
+                id("spiffe://cluster.local/ns/bookinfo/sa/waypoint"),
+                "127.0.0.1:15008".parse().unwrap(),
+            )
+            .await
+            .unwrap();
+            status_of(&mut c, connect("10.96.0.1:80")).await.unwrap()
+        })
+    });
+    assert_eq!(status, 503);
+}

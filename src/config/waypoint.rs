@@ -132,18 +132,18 @@ impl WaypointConfig {
     }
 
     fn validate(&self) -> Result<(), Error> {
-        if let Err(e) = Identity::new(&self.trust_domain, &self.namespace, &self.service_account) {
-            return Err(super::invalid(
-                TRUST_DOMAIN,
-                &self.trust_domain,
-                format!("the waypoint's identity would be invalid: {e}"),
-            ));
-        }
         if self.name.contains('/') {
             return Err(super::invalid(
                 WAYPOINT_NAME,
                 &self.name,
                 "a Gateway name has no '/'",
+            ));
+        }
+        if let Err(e) = Identity::new(&self.trust_domain, &self.namespace, &self.service_account) {
+            return Err(super::invalid(
+                TRUST_DOMAIN,
+                &self.trust_domain,
+                format!("the waypoint's identity would be invalid: {e}"),
             ));
         }
         if self.header_read_timeout.is_zero() {
