@@ -2,6 +2,7 @@
 //! clients, and network namespaces that clean themselves up.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod ads;
 pub mod cluster;
 pub mod fake_kube;
 pub mod labelled;

@@ -33,6 +33,25 @@ pub fn workload(
     hbone: bool,
     services: &[(&str, u32, u32)],
 ) -> Arc<Workload> {
+    match meshnode::xds::convert::address(
+        &uid(name),
+        workload_address(name, sa, ip, hbone, services),
+    )
+    .unwrap()
+    {
+        meshnode::xds::convert::Address::Workload(w) => Arc::new(w),
+        _ => unreachable!(),
+    }
+}
+
+/// The `istio.workload.Address` of [`workload`], as a control plane sends it (resource name: [`uid`]).
+pub fn workload_address(
+    name: &str,
+    sa: &str,
+    ip: IpAddr,
+    hbone: bool,
+    services: &[(&str, u32, u32)],
+) -> wl::Address {
     let mut svc: HashMap<String, wl::PortList> = HashMap::new();
     for (key, port, target) in services {
         svc.entry(key.to_string())
@@ -44,9 +63,8 @@ pub fn workload(
                 ..Default::default()
             });
     }
-    let uid = uid(name);
     let w = wl::Workload {
-        uid: uid.clone(),
+        uid: uid(name),
         name: name.into(),
         namespace: "default".into(),
         service_account: sa.into(),
@@ -62,12 +80,8 @@ pub fn workload(
         workload_name: name.into(),
         ..Default::default()
     };
-    let addr = wl::Address {
+    wl::Address {
         r#type: Some(wl::address::Type::Workload(w)),
-    };
-    match meshnode::xds::convert::address(&uid, addr).unwrap() {
-        meshnode::xds::convert::Address::Workload(w) => Arc::new(w),
-        _ => unreachable!(),
     }
 }
 
@@ -85,6 +99,15 @@ fn octets(ip: IpAddr) -> Vec<u8> {
 
 /// An Address service `name` in `default` with VIP `vip` and `(port, target)` pairs.
 pub fn service(name: &str, vip: IpAddr, ports: &[(u32, u32)]) -> Arc<Service> {
+    let key = format!("default/{}", hostname(name));
+    match meshnode::xds::convert::address(&key, service_address(name, vip, ports)).unwrap() {
+        meshnode::xds::convert::Address::Service(s) => Arc::new(s),
+        _ => unreachable!(),
+    }
+}
+
+/// The `istio.workload.Address` of [`service`] (resource name: `default/<hostname>`).
+pub fn service_address(name: &str, vip: IpAddr, ports: &[(u32, u32)]) -> wl::Address {
     let hostname = hostname(name);
     let s = wl::Service {
         name: name.into(),
@@ -105,12 +128,8 @@ pub fn service(name: &str, vip: IpAddr, ports: &[(u32, u32)]) -> Arc<Service> {
             .collect(),
         ..Default::default()
     };
-    let addr = wl::Address {
+    wl::Address {
         r#type: Some(wl::address::Type::Service(s)),
-    };
-    match meshnode::xds::convert::address(&format!("default/{hostname}"), addr).unwrap() {
-        meshnode::xds::convert::Address::Service(s) => Arc::new(s),
-        _ => unreachable!(),
     }
 }
 
@@ -335,6 +354,8 @@ pub struct Backend {
     pub connections: AtomicU64,
     pub requests: AtomicU64,
     pub fail_first: AtomicU32,
+    /// Milliseconds to wait before answering.
+    pub delay_ms: AtomicU64,
     pub seen: Mutex<Vec<Seen>>,
     /// Woken at every request.
     pub notify: tokio::sync::Notify,
@@ -360,6 +381,7 @@ pub async fn backend(name: &str, addr: SocketAddr) -> Arc<Backend> {
         connections: AtomicU64::new(0),
         requests: AtomicU64::new(0),
         fail_first: AtomicU32::new(0),
+        delay_ms: AtomicU64::new(0),
         seen: Mutex::new(Vec::new()),
         notify: tokio::sync::Notify::new(),
     });
@@ -394,6 +416,10 @@ pub async fn backend(name: &str, addr: SocketAddr) -> Arc<Backend> {
                         });
                         let _ = req.into_body().collect().await;
                         me.requests.fetch_add(1, Ordering::SeqCst);
+                        let delay = me.delay_ms.load(Ordering::SeqCst);
+                        if delay > 0 {
+                            tokio::time::sleep(Duration::from_millis(delay)).await;
+                        }
                         me.notify.notify_waiters();
                         let failing = me
                             .fail_first
