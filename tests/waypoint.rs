@@ -429,7 +429,8 @@ async fn malformed_http_gets_400_and_the_next_client_is_served() {
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     let answer = raw_exchange(&c, &vip, b"NOT HTTP AT ALL\r\n\r\n").await;
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
-    assert_eq!(m.http.requests(), 0);
+    // The waypoint answered: nothing reached the backend.
+    assert_eq!(m.http.connections(), 0);
     // Same HBONE connection, next tunnel: served.
     let mut h = http1(tunnel(&c, &vip).await.unwrap()).await;
     assert_eq!(get_ok(&mut h, "/").await.0, 200);
@@ -444,7 +445,7 @@ async fn request_headers_over_64_kib_get_431() {
     raw.extend_from_slice(b"\r\n\r\n");
     let answer = raw_exchange(&c, &m.vip(100, 80), &raw).await;
     assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
-    assert_eq!(m.http.requests(), 0);
+    assert_eq!(m.http.connections(), 0);
     let mut h = http1(tunnel(&c, &m.vip(100, 80)).await.unwrap()).await;
     assert_eq!(get_ok(&mut h, "/").await.0, 200);
 }
