@@ -467,6 +467,21 @@ async fn a_client_too_slow_with_its_headers_gets_408_and_others_are_served() {
 }
 
 #[tokio::test]
+async fn an_idle_keep_alive_client_outlives_the_header_timeout() {
+    let m = mesh(&[("MESHNODE_WAYPOINT_HEADER_TIMEOUT", "200ms")]).await;
+    let c = m.client().await;
+    let mut h = http1(tunnel(&c, &m.vip(100, 80)).await.unwrap()).await;
+    assert_eq!(get_ok(&mut h, "/first").await.0, 200);
+    // Idle for several header timeouts: the header timeout is about heads in progress, not idle clients.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert!(
+        !h.is_closed(),
+        "the waypoint closed an idle keep-alive tunnel"
+    );
+    assert_eq!(get_ok(&mut h, "/second").await.0, 200);
+}
+
+#[tokio::test]
 async fn an_unreachable_endpoint_gets_envoys_503() {
     let m = mesh(&[]).await;
     let c = m.client().await;

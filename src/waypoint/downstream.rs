@@ -11,12 +11,23 @@
 //!
 //! Bad input never reaches the decisions and never disturbs other streams: a malformed HTTP/1 request is
 //! answered `400` and a head over `max_request_headers` `431` by hyper, after which the stream ends; a head
-//! not complete `header_read_timeout` after its first byte is answered `408` (an idle keep-alive stream is
-//! simply closed). HTTP/2 clients get at most 100 concurrent streams and the same header limit.
+//! not complete `header_read_timeout` after its first byte is answered `408` (Envoy's
+//! `request_headers_timeout`). A keep-alive HTTP/1 tunnel with no request and nothing written for
+//! [`IDLE_TIMEOUT`] is closed (Envoy's connection idle timeout). HTTP/2 clients get at most 100
+//! concurrent streams and the same header limit.
+//!
+//! The two HTTP/1 timeouts are kept apart with a small clock the tunnel's reads and writes drive
+//! ([`Clocked`]): the first byte after a response (or at the start) starts a head; the service taking the
+//! request ends it; writing the answer makes the tunnel idle again. (hyper's own header timeout would also
+//! close every keep-alive tunnel idle for that long, and answers nothing.)
 
 use std::convert::Infallible;
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, Request, Response, StatusCode};
@@ -27,7 +38,8 @@ use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rand::Rng;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::time::Instant;
 
 use super::authz::{self, Decision};
 use super::body::{Replayable, RespBody};
@@ -47,6 +59,108 @@ pub const RBAC_DENIED: &str = "RBAC: access denied";
 pub const REQUEST_TIMEOUT: &str = "request timeout";
 /// Concurrent HTTP/2 requests per client tunnel (Envoy's waypoint allows 100 streams per connection).
 const MAX_CONCURRENT_STREAMS: u32 = 100;
+/// An HTTP/1 tunnel with no request in progress and nothing written for this long is closed (Envoy's
+/// default connection idle timeout).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// Where an HTTP/1 tunnel is between requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// No request in progress.
+    Idle,
+    /// A request's head has started arriving.
+    Head,
+    /// The request is being served.
+    Request,
+}
+
+/// The phase of an HTTP/1 tunnel and when it began.
+struct Clock(parking_lot::Mutex<(Phase, Instant)>);
+
+impl Clock {
+    fn new() -> Clock {
+        Clock(parking_lot::Mutex::new((Phase::Idle, Instant::now())))
+    }
+
+    fn get(&self) -> (Phase, Instant) {
+        *self.0.lock()
+    }
+
+    /// Moves to `to` if in one of `from`.
+    fn step(&self, from: &[Phase], to: Phase) {
+        let mut p = self.0.lock();
+        if from.contains(&p.0) {
+            *p = (to, Instant::now());
+        }
+    }
+}
+
+/// A tunnel whose reads start heads and whose writes end requests, on its [`Clock`].
+struct Clocked<T> {
+    io: T,
+    clock: Arc<Clock>,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Clocked<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let res = Pin::new(&mut self.io).poll_read(cx, buf);
+        if matches!(res, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.clock.step(&[Phase::Idle], Phase::Head);
+        }
+        res
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Clocked<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let res = Pin::new(&mut self.io).poll_write(cx, buf);
+        if matches!(res, Poll::Ready(Ok(n)) if n > 0) {
+            // An answer is going out: the tunnel is idle (and active) until the next head starts.
+            self.clock.step(&[Phase::Request, Phase::Idle], Phase::Idle);
+        }
+        res
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// Which HTTP/1 timeout ran out.
+enum Expired {
+    Head,
+    Idle,
+}
+
+/// Resolves when the tunnel has spent too long in a head or idle.
+async fn watch_clock(clock: &Clock, head_timeout: Duration) -> Expired {
+    loop {
+        let (phase, since) = clock.get();
+        let now = Instant::now();
+        let wake = match phase {
+            Phase::Head if since + head_timeout <= now => return Expired::Head,
+            Phase::Idle if since + IDLE_TIMEOUT <= now => return Expired::Idle,
+            Phase::Head => since + head_timeout,
+            Phase::Idle => (since + IDLE_TIMEOUT).min(now + head_timeout),
+            // A head may start as soon as the answer is written: look again within one head timeout.
+            Phase::Request => now + head_timeout,
+        };
+        tokio::time::sleep_until(wake).await;
+    }
+}
 
 /// The client and destination of one tunnel.
 pub struct StreamInfo {
@@ -61,19 +175,17 @@ pub struct StreamInfo {
 }
 
 /// Serves HTTP on `io` until the client is done (or the stream fails).
-pub async fn serve(
-    wp: Arc<Waypoint>,
-    mut io: Rewind<Tunnel>,
-    detected: Detected,
-    info: StreamInfo,
-) {
+pub async fn serve(wp: Arc<Waypoint>, io: Rewind<Tunnel>, detected: Detected, info: StreamInfo) {
     let info = Arc::new(info);
+    let clock = Arc::new(Clock::new());
     let handler = {
         let wp = wp.clone();
         let info = info.clone();
+        let clock = clock.clone();
         service_fn(move |req: Request<Incoming>| {
             let wp = wp.clone();
             let info = info.clone();
+            clock.step(&[Phase::Idle, Phase::Head], Phase::Request);
             async move { Ok::<_, Infallible>(handle(wp, info, req).await) }
         })
     };
@@ -92,17 +204,35 @@ pub async fn serve(
         }
         return;
     }
-    let res = http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(cfg.header_read_timeout)
-        .max_header_size(cfg.max_request_headers)
-        .max_buf_size(cfg.max_request_headers.max(8192) + 8192)
-        .serve_connection(TokioIo::new(&mut io), handler)
-        .await;
-    match res {
-        Ok(()) => {}
-        // A head started but not finished in time is owed an answer; an idle keep-alive stream is not.
-        Err(e) if e.is_timeout() && io.unanswered() > 0 => {
+    let mut io = Clocked {
+        io,
+        clock: clock.clone(),
+    };
+    let expired = {
+        let conn = http1::Builder::new()
+            .timer(TokioTimer::new())
+            // Our clock keeps time (see the module's header).
+            .header_read_timeout(None)
+            .max_header_size(cfg.max_request_headers)
+            .max_buf_size(cfg.max_request_headers.max(8192) + 8192)
+            .serve_connection(TokioIo::new(&mut io), handler);
+        tokio::select! {
+            res = conn => {
+                if let Err(e) = res {
+                    tracing::debug!(src.addr = %info.peer, error = %e, "HTTP/1 client tunnel ended with an error");
+                }
+                return;
+            }
+            expired = watch_clock(&clock, cfg.header_read_timeout) => expired,
+        }
+    };
+    match expired {
+        Expired::Idle => {
+            tracing::debug!(src.addr = %info.peer, "idle HTTP/1 client tunnel closed");
+            let _ = io.shutdown().await;
+        }
+        // A head started but not finished in time is owed an answer.
+        Expired::Head => {
             let mut log = RequestLog::new(
                 wp.metrics.clone(),
                 info.peer,
@@ -121,9 +251,6 @@ pub async fn serve(
             let _ = io.write_all(answer.as_bytes()).await;
             let _ = io.shutdown().await;
             log.finish();
-        }
-        Err(e) => {
-            tracing::debug!(src.addr = %info.peer, error = %e, "HTTP/1 client tunnel ended with an error");
         }
     }
 }

@@ -36,27 +36,16 @@ pub enum Detected {
     Tcp,
 }
 
-/// A stream with bytes already read put back in front; also counts the bytes read since the last write,
-/// so that a server can tell a request in progress (owed an answer) from an idle connection.
+/// A stream with bytes already read put back in front.
 pub struct Rewind<T> {
     prefix: Bytes,
     inner: T,
-    unanswered: u64,
 }
 
 impl<T> Rewind<T> {
     /// `inner`, with `prefix` read first.
     pub fn new(prefix: Bytes, inner: T) -> Rewind<T> {
-        Rewind {
-            prefix,
-            inner,
-            unanswered: 0,
-        }
-    }
-
-    /// Bytes read since the last write (or since the start).
-    pub fn unanswered(&self) -> u64 {
-        self.unanswered
+        Rewind { prefix, inner }
     }
 
     /// The stream underneath.
@@ -80,15 +69,9 @@ impl<T: AsyncRead + Unpin> AsyncRead for Rewind<T> {
             let n = self.prefix.len().min(buf.remaining());
             buf.put_slice(&self.prefix[..n]);
             self.prefix.advance(n);
-            self.unanswered += n as u64;
             return Poll::Ready(Ok(()));
         }
-        let before = buf.filled().len();
-        let res = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = res {
-            self.unanswered += (buf.filled().len() - before) as u64;
-        }
-        res
+        Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
 
@@ -98,13 +81,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Rewind<T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let res = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = res {
-            if n > 0 {
-                self.unanswered = 0;
-            }
-        }
-        res
+        Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -198,7 +175,6 @@ mod tests {
         let mut all = Vec::new();
         r.read_to_end(&mut all).await.unwrap();
         assert_eq!(all, b"GET / HTTP/1.1\r\n\r\n");
-        assert_eq!(r.unanswered(), all.len() as u64);
     }
 
     #[tokio::test]
