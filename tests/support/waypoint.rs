@@ -108,11 +108,10 @@ pub fn service(name: &str, vip: IpAddr, ports: &[(u32, u32)]) -> Arc<Service> {
 
 /// The `istio.workload.Address` of [`service`] (resource name: `default/<hostname>`).
 pub fn service_address(name: &str, vip: IpAddr, ports: &[(u32, u32)]) -> wl::Address {
-    let hostname = hostname(name);
     let s = wl::Service {
         name: name.into(),
         namespace: "default".into(),
-        hostname: hostname.clone(),
+        hostname: hostname(name),
         addresses: vec![wl::NetworkAddress {
             network: String::new(),
             address: octets(vip),
