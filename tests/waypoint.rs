@@ -344,6 +344,25 @@ async fn a_tcp_port_is_copied_both_ways() {
     let out = String::from_utf8_lossy(&out);
     assert!(out.starts_with("peer="), "{out}");
     assert!(out.ends_with("bytes through the waypoint"), "{out}");
+    // Counted as the waypoint's TCP traffic once the tunnel has closed.
+    drop(t);
+    let counted = |text: &str| {
+        text.lines().any(|l| {
+            l.starts_with(r#"istio_tcp_received_bytes_total{reporter="waypoint""#)
+                && l.contains(r#"destination_workload="backend""#)
+                && l.contains(r#"request_protocol="tcp""#)
+                && l.ends_with(" 26")
+        })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !counted(&m.wp.waypoint.metrics().encode()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            m.wp.waypoint.metrics().encode()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test]

@@ -12,6 +12,8 @@
 //! | `istio_request_duration_milliseconds` | histogram (Istio's buckets, ms) |
 //! | `istio_request_bytes` | histogram (request head + body) |
 //! | `istio_response_bytes` | histogram (response head + body) |
+//! | `istio_tcp_connections_opened_total`, `istio_tcp_connections_closed_total` | counters (TCP ports) |
+//! | `istio_tcp_received_bytes_total`, `istio_tcp_sent_bytes_total` | counters (TCP ports, at close) |
 //!
 //! Labels: Istio's standard set ([`RequestLabels`]); `source_*` from the client's Address workload (found
 //! by its address and mTLS identity), `destination_*` from the endpoint's workload and the service
@@ -101,6 +103,74 @@ pub struct RequestLabels {
     pub connection_security_policy: &'static str,
 }
 
+/// Istio's TCP labels as a waypoint reports them: the request labels without the response code and gRPC
+/// status, `request_protocol="tcp"`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct TcpLabels {
+    reporter: &'static str,
+    source_workload: String,
+    source_canonical_service: String,
+    source_canonical_revision: String,
+    source_workload_namespace: String,
+    source_principal: String,
+    source_app: String,
+    source_version: String,
+    source_cluster: String,
+    destination_service: String,
+    destination_service_namespace: String,
+    destination_service_name: String,
+    destination_workload: String,
+    destination_canonical_service: String,
+    destination_canonical_revision: String,
+    destination_workload_namespace: String,
+    destination_principal: String,
+    destination_app: String,
+    destination_version: String,
+    destination_cluster: String,
+    request_protocol: &'static str,
+    response_flags: String,
+    connection_security_policy: &'static str,
+}
+
+impl From<RequestLabels> for TcpLabels {
+    fn from(l: RequestLabels) -> TcpLabels {
+        TcpLabels {
+            reporter: l.reporter,
+            source_workload: l.source_workload,
+            source_canonical_service: l.source_canonical_service,
+            source_canonical_revision: l.source_canonical_revision,
+            source_workload_namespace: l.source_workload_namespace,
+            source_principal: l.source_principal,
+            source_app: l.source_app,
+            source_version: l.source_version,
+            source_cluster: l.source_cluster,
+            destination_service: l.destination_service,
+            destination_service_namespace: l.destination_service_namespace,
+            destination_service_name: l.destination_service_name,
+            destination_workload: l.destination_workload,
+            destination_canonical_service: l.destination_canonical_service,
+            destination_canonical_revision: l.destination_canonical_revision,
+            destination_workload_namespace: l.destination_workload_namespace,
+            destination_principal: l.destination_principal,
+            destination_app: l.destination_app,
+            destination_version: l.destination_version,
+            destination_cluster: l.destination_cluster,
+            request_protocol: "tcp",
+            response_flags: l.response_flags,
+            connection_security_policy: l.connection_security_policy,
+        }
+    }
+}
+
+/// The TCP families.
+#[derive(Default)]
+struct Tcp {
+    opened: Family<TcpLabels, Counter>,
+    closed: Family<TcpLabels, Counter>,
+    received: Family<TcpLabels, Counter>,
+    sent: Family<TcpLabels, Counter>,
+}
+
 /// The process's request metrics.
 pub struct WaypointMetrics {
     registry: Registry,
@@ -108,6 +178,7 @@ pub struct WaypointMetrics {
     duration: Family<RequestLabels, Histogram, fn() -> Histogram>,
     request_bytes: Family<RequestLabels, Histogram, fn() -> Histogram>,
     response_bytes: Family<RequestLabels, Histogram, fn() -> Histogram>,
+    tcp: Tcp,
 }
 
 impl Default for WaypointMetrics {
@@ -147,12 +218,50 @@ impl WaypointMetrics {
             "Size of responses in bytes",
             response_bytes.clone(),
         );
+        let tcp = Tcp::default();
+        istio.register(
+            "tcp_connections_opened",
+            "The total number of TCP connections opened",
+            tcp.opened.clone(),
+        );
+        istio.register(
+            "tcp_connections_closed",
+            "The total number of TCP connections closed",
+            tcp.closed.clone(),
+        );
+        istio.register(
+            "tcp_received_bytes",
+            "The size of total bytes received during request in case of a TCP connection",
+            tcp.received.clone(),
+        );
+        istio.register(
+            "tcp_sent_bytes",
+            "The size of total bytes sent during response in case of a TCP connection",
+            tcp.sent.clone(),
+        );
         WaypointMetrics {
             registry,
             requests,
             duration,
             request_bytes,
             response_bytes,
+            tcp,
+        }
+    }
+
+    /// Counts a TCP connection as opened towards an endpoint.
+    pub fn tcp_opened(&self, labels: &TcpLabels) {
+        self.tcp.opened.get_or_create(labels).inc();
+    }
+
+    /// Counts its close: `received` bytes from the client, `sent` towards it.
+    pub fn tcp_closed(&self, labels: &TcpLabels, received: u64, sent: u64) {
+        self.tcp.closed.get_or_create(labels).inc();
+        if received > 0 {
+            self.tcp.received.get_or_create(labels).inc_by(received);
+        }
+        if sent > 0 {
+            self.tcp.sent.get_or_create(labels).inc_by(sent);
         }
     }
 
@@ -197,6 +306,47 @@ fn app_name(w: &Workload) -> &str {
         workload_name(w)
     } else {
         &w.canonical_name
+    }
+}
+
+/// The standard labels for a client (`src_identity`, its workload if known), the service addressed and the
+/// endpoint's workload; `request_protocol` `http`, `response_code` `0`, to be filled in.
+pub fn labels(
+    src_identity: &Identity,
+    src: Option<&Workload>,
+    service: Option<&Service>,
+    dst: Option<&Workload>,
+    flags: &str,
+) -> RequestLabels {
+    let s = |f: fn(&Workload) -> &str| val(src.map(f).unwrap_or(""));
+    let d = |f: fn(&Workload) -> &str| val(dst.map(f).unwrap_or(""));
+    let svc = |f: fn(&Service) -> &str| val(service.map(f).unwrap_or(""));
+    RequestLabels {
+        reporter: "waypoint",
+        source_workload: s(|w| workload_name(w)),
+        source_canonical_service: s(|w| &w.canonical_name),
+        source_canonical_revision: s(|w| &w.canonical_revision),
+        source_workload_namespace: s(|w| &w.namespace),
+        source_principal: src_identity.to_string(),
+        source_app: s(|w| app_name(w)),
+        source_version: s(|w| &w.canonical_revision),
+        source_cluster: s(|w| &w.cluster_id),
+        destination_service: svc(|s| &s.hostname),
+        destination_service_namespace: svc(|s| &s.namespace),
+        destination_service_name: svc(|s| &s.name),
+        destination_workload: d(|w| workload_name(w)),
+        destination_canonical_service: d(|w| &w.canonical_name),
+        destination_canonical_revision: d(|w| &w.canonical_revision),
+        destination_workload_namespace: d(|w| &w.namespace),
+        destination_principal: dst.map_or_else(|| val(""), |w| w.identity.to_string()),
+        destination_app: d(|w| app_name(w)),
+        destination_version: d(|w| &w.canonical_revision),
+        destination_cluster: d(|w| &w.cluster_id),
+        request_protocol: "http",
+        response_code: "0".to_string(),
+        grpc_response_status: "-".to_string(),
+        response_flags: flags.to_string(),
+        connection_security_policy: "mutual_tls",
     }
 }
 
@@ -273,38 +423,16 @@ impl RequestLog {
     }
 
     fn labels(&self) -> RequestLabels {
-        let src = self.src_workload.as_deref();
-        let dst = self.endpoint.as_ref().map(|(w, _)| &**w);
-        let s = |f: fn(&Workload) -> &str| val(src.map(f).unwrap_or(""));
-        let d = |f: fn(&Workload) -> &str| val(dst.map(f).unwrap_or(""));
-        let svc = |f: fn(&Service) -> &str| val(self.service.as_deref().map(f).unwrap_or(""));
-        RequestLabels {
-            reporter: "waypoint",
-            source_workload: s(|w| workload_name(w)),
-            source_canonical_service: s(|w| &w.canonical_name),
-            source_canonical_revision: s(|w| &w.canonical_revision),
-            source_workload_namespace: s(|w| &w.namespace),
-            source_principal: self.src_identity.to_string(),
-            source_app: s(|w| app_name(w)),
-            source_version: s(|w| &w.canonical_revision),
-            source_cluster: s(|w| &w.cluster_id),
-            destination_service: svc(|s| &s.hostname),
-            destination_service_namespace: svc(|s| &s.namespace),
-            destination_service_name: svc(|s| &s.name),
-            destination_workload: d(|w| workload_name(w)),
-            destination_canonical_service: d(|w| &w.canonical_name),
-            destination_canonical_revision: d(|w| &w.canonical_revision),
-            destination_workload_namespace: d(|w| &w.namespace),
-            destination_principal: dst.map_or_else(|| val(""), |w| w.identity.to_string()),
-            destination_app: d(|w| app_name(w)),
-            destination_version: d(|w| &w.canonical_revision),
-            destination_cluster: d(|w| &w.cluster_id),
-            request_protocol: self.protocol,
-            response_code: self.status.to_string(),
-            grpc_response_status: "-".to_string(),
-            response_flags: self.flags.to_string(),
-            connection_security_policy: "mutual_tls",
-        }
+        let mut l = labels(
+            &self.src_identity,
+            self.src_workload.as_deref(),
+            self.service.as_deref(),
+            self.endpoint.as_ref().map(|(w, _)| &**w),
+            self.flags,
+        );
+        l.request_protocol = self.protocol;
+        l.response_code = self.status.to_string();
+        l
     }
 
     /// Records the request (metrics and access log). Later calls do nothing.

@@ -6,7 +6,9 @@
 //! only (no method, path or headers); a denial, an unknown port, a cluster with no endpoint or an endpoint
 //! that cannot be reached resets the client's stream, as Envoy closes the connection. The endpoint is picked
 //! from the port's TCP clusters by weight (else its default cluster), and reached like any other
-//! ([`Upstreams::connect`](super::upstream::Upstreams::connect)).
+//! ([`Upstreams::connect`](super::upstream::Upstreams::connect)). Counted in the `istio_tcp_*` families
+//! (reporter `waypoint`) from the moment an endpoint is chosen; `response_flags` `UF` when it could not be
+//! reached.
 
 use std::sync::Arc;
 
@@ -14,6 +16,7 @@ use rand::Rng;
 
 use super::authz::{self, Decision};
 use super::balance::Outcome;
+use super::metrics::{labels, TcpLabels};
 use super::snapshot::{pick_weighted, Destination, Endpoint};
 use super::sniff::Rewind;
 use super::tunnel::Tunnel;
@@ -58,6 +61,7 @@ pub async fn proxy(
         Destination::Service { service, addr, .. } => (*addr, Some(*service)),
         Destination::Workload { addr, .. } => (*addr, None),
     };
+    let service_address = service.and_then(|s| s.address.clone());
     let principal = peer_id.to_string();
     let headers = http::HeaderMap::new();
     let areq = authz::Request {
@@ -107,6 +111,17 @@ pub async fn proxy(
         },
         None => None,
     };
+    let tcp_labels = |flags| -> TcpLabels {
+        labels(
+            peer_id,
+            snap.client(peer.ip(), peer_id).map(|w| &**w),
+            service_address.as_deref(),
+            Some(&ep.workload),
+            flags,
+        )
+        .into()
+    };
+    wp.metrics.tcp_opened(&tcp_labels("-"));
     let upstream = wp.upstreams.connect(&ep).await;
     if let Some((c, uid)) = &cluster {
         let outcome = if upstream.is_ok() {
@@ -118,9 +133,14 @@ pub async fn proxy(
     }
     let mut upstream = match upstream {
         Ok(u) => u,
-        Err(e) => return refuse(&mut io, e.into()),
+        Err(e) => {
+            wp.metrics.tcp_closed(&tcp_labels("UF"), 0, 0);
+            return refuse(&mut io, e.into());
+        }
     };
     tracing::debug!(src.addr = %peer, dst.addr = %ep.addr, "TCP stream joined to endpoint");
     let copied = tokio::io::copy_bidirectional(&mut io, &mut upstream).await;
-    Ok(copied.unwrap_or((io.get_ref().read, io.get_ref().written)))
+    let (received, sent) = copied.unwrap_or((io.get_ref().read, io.get_ref().written));
+    wp.metrics.tcp_closed(&tcp_labels("-"), received, sent);
+    Ok((received, sent))
 }
