@@ -1,19 +1,25 @@
 //! The embedded control plane (`meshnode control-plane --config FILE`): istiod's role for standalone use.
 //!
 //! Job: read one YAML file describing the mesh as a user sees it (namespaces with labels, pods, services,
-//! policies, CA tokens), translate it into the xDS resources istiod sends a ztunnel, and serve them over
-//! delta ADS with TLS; file changes are pushed as deltas. The CA service (`identity::CaService`) is added to
-//! the same gRPC server by the caller (see [`server::router`]).
+//! policies, the Kubernetes objects users write for Istio and ambient L7, CA tokens), translate it into the
+//! xDS resources istiod sends a ztunnel plus meshnode's own `meshnode.waypoint.Waypoint` for its waypoints,
+//! and serve them over delta ADS with TLS; file changes are pushed as deltas. The CA service
+//! (`identity::CaService`) is added to the same gRPC server by the caller (see [`server::router`]).
 //!
 //! Inputs: the file path (polled every [`POLL_INTERVAL`]), a bound listener, a TLS server config, a
 //! shutdown future. Outputs: the current [`MeshConfig`] and [`ads::Snapshot`] through `watch` channels
 //! ([`ControlPlane`]), the gRPC services.
 //!
-//! Layout: `config` (the YAML format and its validation), `istio` (Istio's AuthorizationPolicy and
-//! PeerAuthentication → policies and per-pod policy keys, as istiod), `translate` (config → `Address`/`Authorization`),
-//! `ads` (the delta ADS server), `server` (TLS + tonic serving, its bounds and drain), `tokens` (who may use
-//! the CA and xDS), `run` (the mesh CA, its serving certificate and the CA service wired onto the same
-//! server: the `meshnode control-plane` command).
+//! Layout, lower modules first (none depends on a later one): `objects` (the shapes of the Kubernetes
+//! objects of the `istio:` list), `config` (the mesh file's format and its own fields), `istio` (Istio's
+//! AuthorizationPolicy and PeerAuthentication → policies and per-pod policy keys, as istiod; targetRef
+//! policies in the waypoint's form), `waypoints` (waypoint Gateways, `istio.io/use-waypoint`, HTTPRoute,
+//! VirtualService, DestinationRule → Address `waypoint` fields and Waypoint resources), `validate` (the
+//! entry points `MeshConfig::parse`/`load`/`validate`, running the above), `translate` (config →
+//! `Address`/`Authorization`/`Waypoint`), `tokens` (who may use the CA and xDS, and what a stream may
+//! see), `ads` (the delta ADS server), `server` (TLS + tonic serving, its bounds and drain), `run` (the mesh
+//! CA, its serving certificate and the CA service wired onto the same server: the `meshnode control-plane`
+//! command).
 //!
 //! Wiring, in short:
 //! ```ignore
@@ -26,12 +32,15 @@
 pub mod ads;
 pub mod config;
 pub mod istio;
+pub mod objects;
 pub mod run;
 pub mod server;
 #[cfg(test)]
 mod tests;
 pub mod tokens;
 pub mod translate;
+mod validate;
+pub mod waypoints;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -125,6 +134,7 @@ fn log_loaded(path: &Path, cfg: &MeshConfig, what: &str) {
         workloads = cfg.workloads.len(),
         services = cfg.services.len(),
         policies = cfg.policies.len(),
+        objects = cfg.istio.len(),
         "{what}"
     );
 }

@@ -13,10 +13,13 @@
 //! | `istio_tcp_received_bytes_total` | at close: bytes from the initiator towards the server |
 //! | `istio_tcp_sent_bytes_total` | at close: bytes from the server towards the initiator |
 //! | `istio_tcp_sockets_open` | gauge per `reporter`: connections opened here and not yet closed |
+//! | `meshnode_waypoint_unavailable_total` | an outbound connection that must pass a waypoint is refused because the waypoint is missing, unresolvable or unreachable ([`WaypointLabels`]) |
 //!
 //! Both sides record: inbound (:15008, :15006) with `reporter="destination"`, outbound (:15001) with
 //! `reporter="source"`. Byte directions are the same for both reporters (received = initiator → server),
-//! as Istio defines them.
+//! as Istio defines them. For a connection sent to a waypoint, `destination_service` is the service
+//! the application addressed while the `destination_workload*` and `destination_principal` labels
+//! describe the waypoint, as ztunnel reports them.
 //!
 //! Labels are ztunnel's CommonTrafficLabels ([`TrafficLabels`]) in its order; empty values read
 //! `unknown`. Cost: a label set is built (a few small strings) and looked up in its family once per
@@ -34,7 +37,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 use crate::identity::Identity;
-use crate::state::{Service, Workload};
+use crate::state::{GatewayAddress, GatewayDestination, Service, Workload};
 
 pub use serve::{serve, serve_encoded};
 
@@ -207,6 +210,82 @@ fn app_name(w: &Workload) -> &str {
     }
 }
 
+/// Why a waypoint could not be used (the `reason` label of `meshnode_waypoint_unavailable_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[allow(non_camel_case_types)] // The label values are these names.
+pub enum WaypointFailure {
+    /// No service or workload in the state answers to the waypoint's address or hostname.
+    not_found,
+    /// The waypoint's service has no endpoint able to take the connection.
+    no_endpoint,
+    /// The waypoint workload has no address to dial.
+    no_address,
+    /// The waypoint workload is on another network (double HBONE is not supported).
+    other_network,
+    /// The HBONE connection to the waypoint failed (connect, TLS, identity, CONNECT answer).
+    unreachable,
+}
+
+impl From<&crate::state::WaypointError> for WaypointFailure {
+    fn from(e: &crate::state::WaypointError) -> Self {
+        use crate::state::WaypointError as E;
+        match e {
+            E::NotFound => WaypointFailure::not_found,
+            E::NoEndpoint => WaypointFailure::no_endpoint,
+            E::NoAddress => WaypointFailure::no_address,
+            E::OtherNetwork { .. } => WaypointFailure::other_network,
+        }
+    }
+}
+
+/// Which binding sent the connection to the waypoint (the `binding` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[allow(non_camel_case_types)] // The label values are these names.
+pub enum WaypointBinding {
+    /// The service the application addressed (by VIP) has the waypoint.
+    service,
+    /// The workload the application addressed (by pod IP) has the waypoint.
+    workload,
+}
+
+/// Labels of `meshnode_waypoint_unavailable_total`. ztunnel has no metric for this (it logs the early
+/// deny and counts nothing), so the set is ours, chosen to say what to fix while staying small:
+/// `waypoint` names the broken waypoint (a `namespace/hostname` or `network/ip`: one per waypoint
+/// deployment, so a handful per mesh), `binding` whether a service or a workload named it, `reason`
+/// one of five fixed values. The source and the addressed service are left out — they are in the log
+/// line of each refusal and would multiply the series by every client and service.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct WaypointLabels {
+    /// The waypoint as named in the state (`namespace/hostname` or `network/ip`).
+    pub waypoint: String,
+    /// Service or workload binding.
+    pub binding: WaypointBinding,
+    /// Why it could not be used.
+    pub reason: WaypointFailure,
+}
+
+impl WaypointLabels {
+    /// The labels for waypoint `gw`, bound through `binding`, unusable for `reason`.
+    pub fn new(
+        gw: &GatewayAddress,
+        binding: WaypointBinding,
+        reason: WaypointFailure,
+    ) -> WaypointLabels {
+        let waypoint = match &gw.destination {
+            GatewayDestination::Address { network, ip } => format!("{network}/{ip}"),
+            GatewayDestination::Hostname {
+                namespace,
+                hostname,
+            } => format!("{namespace}/{hostname}"),
+        };
+        WaypointLabels {
+            waypoint,
+            binding,
+            reason,
+        }
+    }
+}
+
 /// The label set of `istio_tcp_sockets_open`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct ReporterLabel {
@@ -229,6 +308,7 @@ struct Tcp {
 pub struct Metrics {
     registry: Registry,
     tcp: Tcp,
+    waypoint_unavailable: Family<WaypointLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -273,7 +353,22 @@ impl Metrics {
             "The current number of open TCP connections (unstable)",
             tcp.sockets_open.clone(),
         );
-        Metrics { registry, tcp }
+        let waypoint_unavailable = Family::<WaypointLabels, Counter>::default();
+        registry.sub_registry_with_prefix("meshnode").register(
+            "waypoint_unavailable",
+            "Outbound connections refused because the waypoint they must pass was missing, unresolvable or unreachable",
+            waypoint_unavailable.clone(),
+        );
+        Metrics {
+            registry,
+            tcp,
+            waypoint_unavailable,
+        }
+    }
+
+    /// Counts a connection refused because its waypoint could not be used.
+    pub fn waypoint_unavailable(&self, labels: &WaypointLabels) {
+        self.waypoint_unavailable.get_or_create(labels).inc();
     }
 
     /// The registry, for encoding.

@@ -2,7 +2,9 @@
 //!
 //! Input: [`ProxyInputs`] (config, state, certificates, the workload it acts for, socket options) and three
 //! bound listeners. Output: connections carried — outbound ones ([`outbound`], :15001) into HBONE or plain
-//! TCP, HBONE ones ([`inbound`], :15008) and plaintext ones ([`passthrough`], :15006) to the application.
+//! TCP, or to the waypoint the destination names; HBONE ones ([`inbound`], :15008) and plaintext ones
+//! ([`passthrough`], :15006) to the application, with a PROXY protocol header ([`proxy_protocol`]) when
+//! the local workload's application tunnel asks for one.
 //! Each listener admits at most `max_connections` at once, and the whole process at most
 //! `max_connections_total` ([`limits`], shared by every proxy built from one config); at shutdown a listener
 //! stops accepting and waits for its connections up to the termination deadline. Accepted and outgoing
@@ -14,6 +16,7 @@ pub mod inbound;
 pub mod limits;
 pub mod outbound;
 pub mod passthrough;
+pub mod proxy_protocol;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -28,10 +31,10 @@ use tokio::sync::{watch, Semaphore};
 use crate::config::{Config, WorkloadInfo};
 use crate::hbone::pool::Pool;
 use crate::identity::{CertManager, Identity};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, WaypointBinding};
 use crate::netns::InpodNetns;
 use crate::socket::{self, SocketOpts};
-use crate::state::{Service, State, StateHandle, Workload};
+use crate::state::{GatewayAddress, Service, State, StateHandle, WaypointError, Workload};
 use crate::tls::WorkloadTls;
 
 /// How long a connection waits for its workload to appear in the state (ztunnel: 5 s).
@@ -63,6 +66,10 @@ pub enum Error {
         /// The service port.
         port: u16,
     },
+    /// Traffic that must pass a waypoint could not be sent to it: refused, never sent direct. Boxed:
+    /// a rare refusal, kept from growing every `Result` of the data path.
+    #[error(transparent)]
+    Waypoint(Box<WaypointRefusal>),
     /// The upstream could not be reached.
     #[error("connecting to {dst}: {source}")]
     Connect {
@@ -83,6 +90,48 @@ pub enum Error {
     /// Copying failed mid-stream.
     #[error("I/O: {0}")]
     Io(#[from] std::io::Error),
+}
+
+/// Why a connection that must pass a waypoint was refused.
+#[derive(Debug, thiserror::Error)]
+#[error("{binding:?} {target} must pass waypoint {waypoint}, which {problem}; connection refused")]
+pub struct WaypointRefusal {
+    /// Whether the service or the workload addressed named the waypoint.
+    pub binding: WaypointBinding,
+    /// The service (`namespace/hostname`) or workload (uid) addressed.
+    pub target: String,
+    /// The waypoint as the state names it.
+    pub waypoint: GatewayAddress,
+    /// What went wrong.
+    pub problem: WaypointProblem,
+}
+
+/// [`WaypointRefusal::problem`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WaypointProblem {
+    /// It could not be resolved to a workload to dial.
+    #[error("{0}")]
+    Unresolved(WaypointError),
+    /// The HBONE tunnel to it could not be opened.
+    #[error("is unreachable at {addr}: {source}")]
+    Unreachable {
+        /// The waypoint workload's HBONE address that was dialled.
+        addr: SocketAddr,
+        /// Why the tunnel failed.
+        source: crate::hbone::pool::Error,
+    },
+}
+
+impl WaypointRefusal {
+    /// The `meshnode_waypoint_unavailable_total` labels of this refusal.
+    pub fn labels(&self) -> crate::metrics::WaypointLabels {
+        let reason = match &self.problem {
+            WaypointProblem::Unresolved(e) => e.into(),
+            WaypointProblem::Unreachable { .. } => crate::metrics::WaypointFailure::unreachable,
+        };
+        crate::metrics::WaypointLabels::new(&self.waypoint, self.binding, reason)
+    }
 }
 
 /// Everything a workload's proxy needs, built once and shared by its connections.

@@ -3,9 +3,11 @@
 //! Input: a [`LocalConfig`](local::LocalConfig) (ztunnel's `LOCAL_XDS_PATH` format; later also xDS).
 //! Output: [`State`], indexed for the lookups the data path makes per connection — workload by address,
 //! service by VIP or hostname, endpoint selection — published through a `watch` channel so readers never
-//! take a lock shared with writers (see [`StateHandle`]).
+//! take a lock shared with writers (see [`StateHandle`]). Waypoints: services and workloads carry the
+//! waypoint istiod (or the local file) names for them, and [`waypoint`] resolves one to the workload to dial.
 
 pub mod local;
+pub mod waypoint;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -19,6 +21,7 @@ use crate::config::WorkloadInfo;
 use crate::identity::Identity;
 
 pub use local::{Error, LocalConfig};
+pub use waypoint::WaypointError;
 
 /// How a workload receives mesh traffic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
@@ -79,6 +82,82 @@ pub struct Workload {
     pub workload_type: String,
     /// Cluster id.
     pub cluster_id: String,
+    /// Hostname, for workloads known by name rather than address (a waypoint may be referenced by it).
+    pub hostname: String,
+    /// The waypoint traffic addressed to this workload's IP must pass (istiod's workload binding).
+    pub waypoint: Option<GatewayAddress>,
+    /// Set on waypoint instances that want the tunnel's metadata: inbound connections go to
+    /// `port` (if set), with a PROXY protocol v2 header when the protocol says so.
+    pub application_tunnel: Option<ApplicationTunnel>,
+}
+
+/// Where a gateway (a waypoint) is: istio's `GatewayAddress`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct GatewayAddress {
+    /// An address, or a hostname to look up.
+    pub destination: GatewayDestination,
+    /// The port its HBONE (mTLS) listener is on; istiod sends 15008.
+    pub hbone_mtls_port: u16,
+}
+
+/// The two forms of [`GatewayAddress::destination`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum GatewayDestination {
+    /// An IP on a network: a workload's address, or the VIP of the waypoint's service.
+    Address {
+        /// Network of the address.
+        network: String,
+        /// The address.
+        ip: IpAddr,
+    },
+    /// A service (or, failing that, a workload) by namespace and hostname; what istiod prefers.
+    Hostname {
+        /// Namespace.
+        namespace: String,
+        /// Hostname (`waypoint.default.svc.cluster.local`).
+        hostname: String,
+    },
+}
+
+impl std::fmt::Display for GatewayAddress {
+    /// ztunnel's local-config spelling: `network/ip` or `namespace/hostname`, then the HBONE port.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.destination {
+            GatewayDestination::Address { network, ip } => write!(f, "{network}/{ip}")?,
+            GatewayDestination::Hostname {
+                namespace,
+                hostname,
+            } => write!(f, "{namespace}/{hostname}")?,
+        }
+        write!(f, " (HBONE port {})", self.hbone_mtls_port)
+    }
+}
+
+/// A candidate waypoint of a service and its share of connections (a canary).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WeightedWaypoint {
+    /// The waypoint.
+    pub destination: GatewayAddress,
+    /// Relative weight; connections are spread proportionally.
+    pub weight: u32,
+}
+
+/// How inbound tunnel metadata reaches a workload that asked for it (istio's `ApplicationTunnel`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ApplicationTunnel {
+    /// Bytes as they are, or preceded by a PROXY v2 header.
+    pub protocol: AppTunnelProtocol,
+    /// Deliver to this port instead of the requested one.
+    pub port: Option<u16>,
+}
+
+/// [`ApplicationTunnel::protocol`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+pub enum AppTunnelProtocol {
+    /// Bytes are passed on unchanged (only the port may change).
+    NONE,
+    /// A PROXY protocol v2 header (source, target, source identity TLV) precedes the bytes.
+    PROXY,
 }
 
 /// How a service picks endpoints when some are unhealthy.
@@ -135,6 +214,11 @@ pub struct Service {
     pub health_policy: HealthPolicy,
     /// Load-balancing mode.
     pub lb_mode: LbMode,
+    /// The waypoint traffic to this service's VIPs must pass (istiod's service binding).
+    pub waypoint: Option<GatewayAddress>,
+    /// When not empty (and some weight is not 0): waypoints to spread connections over, by weight,
+    /// in place of `waypoint`.
+    pub weighted_waypoints: Vec<WeightedWaypoint>,
     /// Filled by [`State::new`] from the workloads' `services` maps; converters leave it empty.
     pub(crate) endpoints: Vec<Endpoint>,
 }
@@ -168,6 +252,8 @@ pub struct State {
     by_addr: HashMap<String, HashMap<IpAddr, usize>>,
     /// namespace → name → workloads (a name can repeat across service accounts).
     by_name: HashMap<String, HashMap<String, Vec<usize>>>,
+    /// hostname → workloads known by that hostname (few: waypoints may be referenced this way).
+    by_workload_host: HashMap<String, Vec<usize>>,
     services: Vec<Arc<Service>>,
     /// network → VIP → services.
     by_vip: HashMap<String, HashMap<IpAddr, Vec<usize>>>,
@@ -224,6 +310,12 @@ impl State {
                 .entry(w.name.clone())
                 .or_default()
                 .push(idx);
+            if !w.hostname.is_empty() {
+                st.by_workload_host
+                    .entry(w.hostname.clone())
+                    .or_default()
+                    .push(idx);
+            }
             st.workloads.push(Arc::new(w));
         }
         // Endpoints, bucketed by service key in one pass over the workloads.
@@ -360,6 +452,17 @@ impl State {
         port: u16,
         family_of: IpAddr,
     ) -> Option<Upstream> {
+        self.pick_endpoint_in(svc, port, family_of, waypoint::Resolution::Standard)
+    }
+
+    /// [`State::pick_endpoint`], with waypoint resolution's rule for endpoints the port does not map.
+    fn pick_endpoint_in(
+        &self,
+        svc: &Arc<Service>,
+        port: u16,
+        family_of: IpAddr,
+        mode: waypoint::Resolution,
+    ) -> Option<Upstream> {
         // Two passes over the endpoints (sum the weights, then pick), so nothing is allocated per connection.
         let eligible = |ep: &Endpoint| -> Option<(u16, IpAddr)> {
             let w = &self.workloads[ep.workload];
@@ -368,12 +471,16 @@ impl State {
             if !healthy || w.capacity == 0 {
                 return None;
             }
-            // The endpoint's own port map wins, then the service's; 0 means "not mapped".
+            // The endpoint's own port map wins, then the service's; 0 means "not mapped". Reaching a
+            // waypoint, an instance with a tunnel port needs no mapping: its proxy delivers to that port.
+            let tunnelled = mode == waypoint::Resolution::Waypoint
+                && w.application_tunnel.is_some_and(|t| t.port.is_some());
             let target = [ep.ports.get(&port), svc.ports.get(&port)]
                 .into_iter()
                 .flatten()
                 .copied()
-                .find(|p| *p != 0)?;
+                .find(|p| *p != 0)
+                .or(tunnelled.then_some(port))?;
             Some((target, pick_ip(&w.ips, family_of)?))
         };
         let total: u64 = svc
@@ -428,8 +535,11 @@ impl State {
     }
 }
 
-/// Prefers an address of the same family as the request; else any.
+/// `like` itself when the workload has it; else an address of the same family; else any.
 fn pick_ip(ips: &[IpAddr], like: IpAddr) -> Option<IpAddr> {
+    if ips.contains(&like) {
+        return Some(like);
+    }
     ips.iter()
         .find(|ip| ip.is_ipv4() == like.is_ipv4())
         .or_else(|| ips.first())

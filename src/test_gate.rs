@@ -27,6 +27,19 @@ pub fn needs(test: &str, available: bool, why: &str) -> bool {
     false
 }
 
+/// `true` when `available`; else prints `SKIPPED <test>: <why>` and returns `false`, also in strict mode.
+///
+/// Only for artifacts a run is *given* rather than a machine requirement: a reference binary built by hand
+/// (`ZTUNNEL_BIN` for the interop test) is not something `.ci/run` can install, so its absence is reported,
+/// not failed.
+pub fn optional(test: &str, available: bool, why: &str) -> bool {
+    if !available {
+        println!("SKIPPED {test}: {why}");
+        eprintln!("SKIPPED {test}: {why}");
+    }
+    available
+}
+
 /// `true` when running as root (network namespaces, nftables, netlink writes need it).
 pub fn needs_root(test: &str) -> bool {
     needs(

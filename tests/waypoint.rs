@@ -14,7 +14,7 @@ use meshnode::identity::{BuiltinCa, Identity, WorkloadCert};
 use meshnode::proto::waypoint as pb;
 use meshnode::waypoint::forward::{CONNECT_FAILURE, NO_HEALTHY_UPSTREAM};
 use meshnode::waypoint::Snapshot;
-use support::waypoint::*;
+use support::l7::*;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

@@ -1,5 +1,6 @@
 //! The delta ADS server (`envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources`),
-//! serving `istio.workload.Address` and `istio.security.Authorization` the way istiod serves a ztunnel.
+//! serving `istio.workload.Address` and `istio.security.Authorization` the way istiod serves a ztunnel, and
+//! meshnode's own `meshnode.waypoint.Waypoint` to waypoints.
 //!
 //! Input: [`Snapshot`]s published through a `watch` channel (the file watcher publishes one per good
 //! change), and each client's requests. Output, per stream and per subscribed type:
@@ -9,9 +10,19 @@
 //!   sent even when empty: the client counts it as its first sync;
 //! - on every later snapshot: only the differences (added, changed, removed), if any.
 //!
-//! Subscriptions are wildcard (ztunnel's default; on-demand `resource_names_subscribe` lists are logged and
-//! otherwise ignored). ACKs are logged at debug, NACKs with their `error_detail` at warn; a NACK changes
-//! nothing: later changes are pushed as usual. Unknown type URLs are logged and ignored.
+//! Subscriptions to the Istio types are wildcard (ztunnel's default; on-demand `resource_names_subscribe`
+//! lists are logged and otherwise ignored). The Waypoint type honours named subscriptions, as a waypoint
+//! subscribes to its own `<namespace>/<name>`: a first request naming resources subscribes to those only
+//! (none, or `*`: wildcard), later requests add (`resource_names_subscribe`) and drop
+//! (`resource_names_unsubscribe`) names; a newly subscribed name that does not exist is answered in
+//! `removed_resources`, so the client knows, and is sent once it appears. ACKs are logged at debug, NACKs
+//! with their `error_detail` at warn; a NACK changes nothing: later changes are pushed as usual. Unknown
+//! type URLs are logged and ignored.
+//!
+//! What a stream may see is the [`XdsAccess`] the xDS check put on its [`StreamOwner`] (everything without
+//! one): a waypoint's identity gets Address and Authorization resources and the Waypoint resources of its
+//! own namespace; a subscription to another namespace's Waypoint ends the stream with `PERMISSION_DENIED`,
+//! and a wildcard one is limited to its namespace.
 //!
 //! Bounds: at most [`AdsLimits::max_streams`] streams at once and [`AdsLimits::max_streams_per_token`] per
 //! caller token (the [`StreamOwner`] the xDS check puts on the request; more get `RESOURCE_EXHAUSTED`), requests up to
@@ -21,7 +32,7 @@
 //! With [`AdsServer::with_token_check`], a stream whose token goes bad (removed from the mesh file: checked at
 //! every snapshot; expired: checked every [`AdsLimits::token_recheck`]) is ended with the check's status.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,8 +44,9 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
 use super::server::{conn_info, StreamInUse};
-use super::tokens::StreamOwner;
+use super::tokens::{StreamOwner, XdsAccess};
 use super::translate::Resources;
+use crate::identity::ca_server::token::TokenDigest;
 use crate::proto::discovery::aggregated_discovery_service_server::{
     AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
 };
@@ -45,9 +57,12 @@ use crate::proto::workload as wl;
 pub const ADDRESS_TYPE: &str = "type.googleapis.com/istio.workload.Address";
 /// xDS type URL of L4 authorization policies.
 pub const AUTHORIZATION_TYPE: &str = "type.googleapis.com/istio.security.Authorization";
+/// xDS type URL of meshnode's waypoint configuration.
+pub const WAYPOINT_TYPE: &str = "type.googleapis.com/meshnode.waypoint.Waypoint";
 
-/// The types served, in the order pushes go out (addresses first, as istiod).
-const TYPES: [&str; 2] = [ADDRESS_TYPE, AUTHORIZATION_TYPE];
+/// The types served, in the order pushes go out (addresses first, as istiod; waypoints last, since they
+/// name workloads by uid).
+const TYPES: [&str; 3] = [ADDRESS_TYPE, AUTHORIZATION_TYPE, WAYPOINT_TYPE];
 /// Responses awaiting an ACK remembered per stream (older ones are forgotten; a late ACK is then logged as
 /// unknown, which is harmless).
 const MAX_PENDING_NONCES: usize = 64;
@@ -134,11 +149,25 @@ impl Snapshot {
                 (name.clone(), Arc::new(entry))
             })
             .collect();
+        let waypoints = resources
+            .waypoints
+            .iter()
+            .map(|(name, w)| {
+                // No map fields: prost's encoding is canonical.
+                let body = w.encode_to_vec();
+                let entry = Entry {
+                    version: version_of(&body),
+                    body,
+                };
+                (name.clone(), Arc::new(entry))
+            })
+            .collect();
         Snapshot {
             generation,
             types: BTreeMap::from([
                 (ADDRESS_TYPE, addresses),
                 (AUTHORIZATION_TYPE, authorizations),
+                (WAYPOINT_TYPE, waypoints),
             ]),
         }
     }
@@ -188,7 +217,7 @@ pub struct AdsServer {
     snapshots: watch::Receiver<Arc<Snapshot>>,
     limits: AdsLimits,
     streams: Arc<Semaphore>,
-    per_token: Arc<parking_lot::Mutex<HashMap<StreamOwner, usize>>>,
+    per_token: Arc<parking_lot::Mutex<HashMap<TokenDigest, usize>>>,
     token_check: Option<TokenCheck>,
 }
 
@@ -201,19 +230,19 @@ impl std::fmt::Debug for AdsServer {
     }
 }
 
-/// Whether a stream's token is still good (known, a node proxy's, not expired); `Err` says why not.
+/// Whether a stream's token is still good (known, not expired, granted the same access); `Err` says why not.
 pub type TokenCheck = Arc<dyn Fn(&StreamOwner) -> Result<(), Status> + Send + Sync>;
 
 /// One of a token's stream slots; given back on drop.
 struct TokenSlot {
-    map: Arc<parking_lot::Mutex<HashMap<StreamOwner, usize>>>,
-    owner: StreamOwner,
+    map: Arc<parking_lot::Mutex<HashMap<TokenDigest, usize>>>,
+    owner: TokenDigest,
 }
 
 impl TokenSlot {
     fn take(
-        map: &Arc<parking_lot::Mutex<HashMap<StreamOwner, usize>>>,
-        owner: StreamOwner,
+        map: &Arc<parking_lot::Mutex<HashMap<TokenDigest, usize>>>,
+        owner: TokenDigest,
         max: usize,
     ) -> Option<TokenSlot> {
         let mut m = map.lock();
@@ -287,20 +316,28 @@ impl AggregatedDiscoveryService for AdsServer {
             );
             Status::resource_exhausted("too many xDS streams")
         })?;
-        let token_slot = match request.extensions().get::<StreamOwner>() {
+        let owner = request.extensions().get::<StreamOwner>().cloned();
+        let token_slot = match &owner {
             Some(owner) => Some(
-                TokenSlot::take(&self.per_token, *owner, self.limits.max_streams_per_token)
-                    .ok_or_else(|| {
-                        warn!(
-                            token = ?owner.0,
-                            max = self.limits.max_streams_per_token,
-                            "ADS stream refused: too many streams for this token"
-                        );
-                        Status::resource_exhausted("too many xDS streams for this token")
-                    })?,
+                TokenSlot::take(
+                    &self.per_token,
+                    owner.token,
+                    self.limits.max_streams_per_token,
+                )
+                .ok_or_else(|| {
+                    warn!(
+                        token = ?owner.token,
+                        max = self.limits.max_streams_per_token,
+                        "ADS stream refused: too many streams for this token"
+                    );
+                    Status::resource_exhausted("too many xDS streams for this token")
+                })?,
             ),
             None => None,
         };
+        let access = owner
+            .as_ref()
+            .map_or(XdsAccess::Everything, |o| o.access.clone());
         let conn = conn_info(&request);
         let peer = conn
             .map(|c| c.remote)
@@ -313,14 +350,12 @@ impl AggregatedDiscoveryService for AdsServer {
             node: String::new(),
             tx,
             limits: self.limits.clone(),
-            have: HashMap::new(),
+            access,
+            subs: HashMap::new(),
             pending: VecDeque::new(),
             next_nonce: 0,
             _permit: permit,
-            token_check: self
-                .token_check
-                .clone()
-                .zip(token_slot.as_ref().map(|slot| slot.owner)),
+            token_check: self.token_check.clone().zip(owner),
             _token_slot: token_slot,
             _in_use: in_use,
         };
@@ -342,8 +377,10 @@ struct AdsStream {
     node: String,
     tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
     limits: AdsLimits,
-    /// Per subscribed type: the resource names and versions the client has (as far as we sent them).
-    have: HashMap<&'static str, BTreeMap<String, String>>,
+    /// What the stream may be sent.
+    access: XdsAccess,
+    /// Per subscribed type: what the client asked for and has.
+    subs: HashMap<&'static str, Subscription>,
     /// Nonces sent and not yet (N)ACKed, oldest first.
     pending: VecDeque<(String, &'static str)>,
     next_nonce: u64,
@@ -436,28 +473,77 @@ impl AdsStream {
                 "ADS request for an unknown type ignored");
             return Ok(());
         };
-        if !req.response_nonce.is_empty() {
+        let ack = !req.response_nonce.is_empty();
+        if ack {
             self.on_ack(type_url, &req);
-            return Ok(());
         }
+        let named = type_url == WAYPOINT_TYPE;
         let explicit = req
             .resource_names_subscribe
             .iter()
             .chain(&req.resource_names_unsubscribe)
             .any(|n| n != "*");
-        if explicit {
+        if explicit && !named {
             debug!(peer = %self.peer, node = %self.node, type_url,
                 "on-demand subscriptions are not supported; serving everything");
         }
-        if self.have.contains_key(type_url) {
-            // A subscription change on a wildcard stream: nothing to do.
+        if named {
+            if let Some(name) = req
+                .resource_names_subscribe
+                .iter()
+                .find(|n| *n != "*" && !may_see(&self.access, type_url, n))
+            {
+                let status = Status::permission_denied(format!(
+                    "this caller may not subscribe to {}: a waypoint gets the waypoints of its own namespace",
+                    truncate(name)
+                ));
+                warn!(peer = %self.peer, node = %self.node, type_url, name = %truncate(name),
+                    "ADS subscription refused: another namespace's waypoint");
+                let _ = self.tx.try_send(Err(status));
+                return Err(Stop::ClientGone);
+            }
+        }
+        let changes =
+            !req.resource_names_subscribe.is_empty() || !req.resource_names_unsubscribe.is_empty();
+        let newly = match self.subs.get_mut(type_url) {
+            Some(sub) if named && changes => sub.change(
+                &req.resource_names_subscribe,
+                &req.resource_names_unsubscribe,
+            ),
+            // A plain ACK, or a subscription change on a wildcard stream of an Istio type: nothing to do.
+            Some(_) => return Ok(()),
+            // An ACK of a type never subscribed to (a confused client): nothing to send.
+            None if ack => return Ok(()),
+            None => {
+                // First request of this type on the stream: the client tells what it already has.
+                let sub = Subscription::first(
+                    named,
+                    &req.resource_names_subscribe,
+                    req.initial_resource_versions,
+                );
+                let newly = sub.names.iter().cloned().collect();
+                self.subs.insert(type_url, sub);
+                newly
+            }
+        };
+        let Some(sub) = self.subs.get_mut(type_url) else {
+            return Ok(());
+        };
+        let first = !sub.first_sent;
+        sub.first_sent = true;
+        let (resources, mut removed) = diff(type_url, sub, snap, &self.access);
+        // Say that newly subscribed names do not exist (yet).
+        for name in newly {
+            let exists = snap.resources(type_url).any(|(n, _)| n == name);
+            if !exists && !removed.contains(&name) {
+                removed.push(name);
+            }
+        }
+        if first && resources.is_empty() && removed.is_empty() {
+            // The first answer is sent even when empty: the client counts it as its first sync.
+        } else if resources.is_empty() && removed.is_empty() {
             return Ok(());
         }
-        // First request of this type on the stream: the client tells what it already has.
-        let mut have: BTreeMap<String, String> =
-            req.initial_resource_versions.into_iter().collect();
-        let (resources, removed) = diff(type_url, &mut have, snap);
-        self.have.insert(type_url, have);
         self.send(type_url, snap.generation, resources, removed)
             .await
     }
@@ -492,10 +578,10 @@ impl AdsStream {
     /// Pushes the differences between what each subscribed type's client has and `snap`.
     async fn push(&mut self, snap: &Snapshot) -> Result<(), Stop> {
         for type_url in TYPES {
-            let Some(have) = self.have.get_mut(type_url) else {
+            let Some(sub) = self.subs.get_mut(type_url) else {
                 continue;
             };
-            let (resources, removed) = diff(type_url, have, snap);
+            let (resources, removed) = diff(type_url, sub, snap, &self.access);
             if resources.is_empty() && removed.is_empty() {
                 continue;
             }
@@ -540,17 +626,98 @@ impl AdsStream {
     }
 }
 
-/// Resources of `type_url` in `snap` that `have` lacks or has at another version, and names in `have` that
-/// `snap` lacks; `have` is updated to match `snap`.
+/// What a client asked for of one type, and what it has.
+#[derive(Debug, Default)]
+struct Subscription {
+    /// Every resource (the stream may see).
+    wildcard: bool,
+    /// Resources asked for by name (besides a wildcard).
+    names: BTreeSet<String>,
+    /// Resource names and versions the client has (as far as we sent them).
+    have: BTreeMap<String, String>,
+    /// Whether the first answer went out.
+    first_sent: bool,
+}
+
+impl Subscription {
+    /// From a type's first request: wildcard for the Istio types; for a named type, the names given (none,
+    /// or `*`: wildcard).
+    fn first(
+        named: bool,
+        subscribe: &[String],
+        initial: std::collections::HashMap<String, String>,
+    ) -> Subscription {
+        let names: BTreeSet<String> = if named {
+            subscribe.iter().filter(|n| *n != "*").cloned().collect()
+        } else {
+            BTreeSet::new()
+        };
+        Subscription {
+            wildcard: !named || names.is_empty() || subscribe.iter().any(|n| n == "*"),
+            names,
+            have: initial.into_iter().collect(),
+            first_sent: false,
+        }
+    }
+
+    /// Applies a later request's changes; returns the names newly subscribed.
+    fn change(&mut self, subscribe: &[String], unsubscribe: &[String]) -> Vec<String> {
+        let mut newly = Vec::new();
+        for n in subscribe {
+            if n == "*" {
+                self.wildcard = true;
+            } else if self.names.insert(n.clone()) {
+                newly.push(n.clone());
+            }
+        }
+        for n in unsubscribe {
+            if n == "*" {
+                self.wildcard = false;
+            } else {
+                self.names.remove(n);
+            }
+        }
+        // What the client no longer asked for is forgotten without telling it (it dropped them itself).
+        let (wildcard, names) = (self.wildcard, &self.names);
+        if !wildcard {
+            self.have.retain(|n, _| names.contains(n));
+        }
+        newly
+    }
+
+    fn wants(&self, name: &str) -> bool {
+        self.wildcard || self.names.contains(name)
+    }
+}
+
+/// Whether a stream with `access` may be sent `name` of `type_url`.
+fn may_see(access: &XdsAccess, type_url: &str, name: &str) -> bool {
+    match access {
+        XdsAccess::Everything => true,
+        XdsAccess::Waypoint { namespace } => {
+            type_url != WAYPOINT_TYPE
+                || name
+                    .split_once('/')
+                    .is_some_and(|(ns, _)| ns == namespace.as_str())
+        }
+    }
+}
+
+/// Resources of `type_url` in `snap` that `sub` wants and the stream may see, which the client lacks or has
+/// at another version, and names the client has that are no longer there; `sub.have` is updated to match.
 fn diff(
     type_url: &'static str,
-    have: &mut BTreeMap<String, String>,
+    sub: &mut Subscription,
     snap: &Snapshot,
+    access: &XdsAccess,
 ) -> (Vec<Resource>, Vec<String>) {
     let mut resources = Vec::new();
     let mut current = BTreeMap::new();
     for (name, entry) in snap.resources(type_url) {
-        if have.get(name) != Some(&entry.version) {
+        if !sub.wants(name) || !may_see(access, type_url, name) {
+            continue;
+        }
+        if sub.have.get(name) != Some(&entry.version) {
             resources.push(Resource {
                 version: entry.version.clone(),
                 resource: Some(prost_types::Any {
@@ -563,12 +730,13 @@ fn diff(
         }
         current.insert(name.to_string(), entry.version.clone());
     }
-    let removed = have
+    let removed = sub
+        .have
         .keys()
         .filter(|n| !current.contains_key(*n))
         .cloned()
         .collect();
-    *have = current;
+    sub.have = current;
     (resources, removed)
 }
 
@@ -592,7 +760,8 @@ mod tests {
                 send_timeout: Duration::from_millis(50),
                 ..AdsLimits::default()
             },
-            have: HashMap::new(),
+            access: XdsAccess::Everything,
+            subs: HashMap::new(),
             pending: VecDeque::new(),
             next_nonce: 0,
             _permit: Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap(),
@@ -617,7 +786,8 @@ mod tests {
             node: String::new(),
             tx,
             limits: AdsLimits::default(),
-            have: HashMap::new(),
+            access: XdsAccess::Everything,
+            subs: HashMap::new(),
             pending: (0..MAX_PENDING_NONCES)
                 .map(|i| (i.to_string(), ADDRESS_TYPE))
                 .collect(),
@@ -636,5 +806,63 @@ mod tests {
             },
         );
         assert_eq!(stream.pending.len(), MAX_PENDING_NONCES - 1);
+    }
+
+    fn waypoints(names: &[&str]) -> Snapshot {
+        let mut res = Resources::default();
+        for n in names {
+            let (ns, name) = n.split_once('/').unwrap();
+            res.waypoints.insert(
+                n.to_string(),
+                crate::proto::waypoint::Waypoint {
+                    namespace: ns.into(),
+                    name: name.into(),
+                    ..Default::default()
+                },
+            );
+        }
+        Snapshot::new(&res, 1)
+    }
+
+    fn sent(r: &[Resource]) -> Vec<&str> {
+        r.iter().map(|r| r.name.as_str()).collect()
+    }
+
+    #[test]
+    fn a_named_waypoint_subscription_gets_only_its_names_and_changes_with_the_client() {
+        let snap = waypoints(&["a/w1", "a/w2", "b/w3"]);
+        let all = XdsAccess::Everything;
+        let mut sub = Subscription::first(true, &["a/w1".into()], Default::default());
+        let (r, removed) = diff(WAYPOINT_TYPE, &mut sub, &snap, &all);
+        assert_eq!(sent(&r), ["a/w1"]);
+        assert!(removed.is_empty());
+        // Dropping a name forgets it without a removal; a new name is sent.
+        let newly = sub.change(&["a/w2".into()], &["a/w1".into()]);
+        assert_eq!(newly, ["a/w2"]);
+        let (r, removed) = diff(WAYPOINT_TYPE, &mut sub, &snap, &all);
+        assert_eq!(sent(&r), ["a/w2"]);
+        assert!(removed.is_empty());
+        // No name, or `*`: wildcard. The Istio types are always wildcard.
+        assert!(Subscription::first(true, &[], Default::default()).wildcard);
+        assert!(
+            Subscription::first(true, &["*".into(), "a/w1".into()], Default::default()).wildcard
+        );
+        assert!(Subscription::first(false, &["x".into()], Default::default()).wildcard);
+    }
+
+    #[test]
+    fn a_waypoint_identity_sees_the_waypoints_of_its_namespace_and_every_address() {
+        let snap = waypoints(&["a/w1", "a/w2", "b/w3"]);
+        let access = XdsAccess::Waypoint {
+            namespace: "a".into(),
+        };
+        let mut sub = Subscription::first(true, &[], Default::default());
+        let (r, _) = diff(WAYPOINT_TYPE, &mut sub, &snap, &access);
+        assert_eq!(sent(&r), ["a/w1", "a/w2"]);
+        assert!(may_see(&access, ADDRESS_TYPE, "Kubernetes//Pod/b/x"));
+        assert!(may_see(&access, AUTHORIZATION_TYPE, "b/policy"));
+        assert!(!may_see(&access, WAYPOINT_TYPE, "b/w3"));
+        assert!(!may_see(&access, WAYPOINT_TYPE, "ab/w3"));
+        assert!(may_see(&XdsAccess::Everything, WAYPOINT_TYPE, "b/w3"));
     }
 }

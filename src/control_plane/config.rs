@@ -1,29 +1,36 @@
-//! The control plane's mesh file: namespaces, workloads (pods), services, policies and CA tokens, written the
-//! way a user thinks of them (labels and selectors, not xDS resources).
+//! The control plane's mesh file: namespaces, workloads (pods), services, policies, Kubernetes objects and CA
+//! tokens, written the way a user thinks of them (labels and selectors, not xDS resources).
 //!
-//! Input: YAML text (camelCase keys, unknown keys refused). Output: a validated [`MeshConfig`], or an
-//! [`Error`] naming the field (`workloads[2].ips[0]`, `services[0].ports[1].port`, ...). Translation into
-//! the resources istiod would send lives in `translate.rs`.
+//! Input: YAML text (camelCase keys, unknown keys refused). Output: a [`MeshConfig`] whose own fields are
+//! checked ([`MeshConfig::check_fields`]), or an [`Error`] naming the field (`workloads[2].ips[0]`,
+//! `services[0].ports[1].port`, ...). This module is the format only: `validate.rs` holds the entry points
+//! (`MeshConfig::parse`, `load`, `validate`), which also run the translation of the `istio:` objects
+//! (`istio.rs`, `waypoints.rs`) so that a bad object refuses the file; `translate.rs` turns it into the
+//! resources istiod would send.
 //!
 //! ```yaml
 //! trustDomain: cluster.local          # optional (default cluster.local)
 //! clusterId: Kubernetes               # optional (default Kubernetes, as istiod's)
 //! clusterDomain: cluster.local        # optional: service hostnames are <name>.<ns>.svc.<clusterDomain>
 //! namespaces:
-//!   default: {labels: {istio.io/dataplane-mode: ambient}}
+//!   default: {labels: {istio.io/dataplane-mode: ambient, istio.io/use-waypoint: waypoint}}
 //!   test: {}
 //! workloads:
 //! - {name: productpage-v1, namespace: default, serviceAccount: productpage, ips: [10.1.0.5], node: node-1,
 //!    labels: {app: productpage, version: v1}}
+//! - {name: waypoint-0, namespace: default, serviceAccount: waypoint, ips: [10.1.0.9], node: node-1,
+//!    labels: {gateway.networking.k8s.io/gateway-name: waypoint}}    # the waypoint Gateway's instance
 //! services:
-//! - {name: productpage, namespace: default, vips: [10.96.0.10], ports: [{port: 9080, targetPort: 9080}],
-//!    selector: {app: productpage}}
+//! - {name: productpage, namespace: default, vips: [10.96.0.10], selector: {app: productpage},
+//!    labels: {istio.io/use-waypoint: none},                          # optional: Service labels
+//!    ports: [{port: 9080, targetPort: 9080, name: http, appProtocol: http}]}   # name, appProtocol optional
 //! policies: []                        # ztunnel's local-config policy format
 //! rootNamespace: istio-system         # optional: istiod's root namespace (mesh-wide Istio policies)
-//! istio: []                           # AuthorizationPolicy / PeerAuthentication objects (see istio.rs)
-//! tokens:                             # who may use the CA (and, node proxies only, xDS)
+//! istio: []                           # Kubernetes objects: Istio security (istio.rs), ambient L7 (waypoints.rs)
+//! tokens:                             # who may use the CA and xDS (tokens.rs)
 //! - {token: node-1-secret, nodeProxy: true, node: node-1}
 //! - {tokenSha256: 5e88…(64 hex digits), namespace: default, serviceAccount: sleep, expires: 2027-01-31T00:00:00Z}
+//! - {token: waypoint-secret, namespace: default, serviceAccount: waypoint}   # a waypoint's: xDS too
 //! ```
 
 use std::collections::{BTreeMap, HashMap};
@@ -32,13 +39,14 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use super::istio::{self, IstioObject};
-use crate::authz::{Policy, PolicySet};
+use super::objects::IstioObject;
+pub use super::objects::Labels;
+use crate::authz::Policy;
 use crate::identity::ca_server::token::TokenDigest;
 use crate::identity::Identity;
 
-/// Labels of a namespace or pod, and service selectors.
-pub type Labels = BTreeMap<String, String>;
+/// istiod's default root namespace (mesh config `rootNamespace`).
+pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
 
 /// Largest mesh file accepted (a few thousand workloads fit in well under this).
 pub use crate::file_watch::MAX_FILE_BYTES;
@@ -111,13 +119,14 @@ pub struct MeshConfig {
     /// PeerAuthentication without selector is mesh-wide.
     #[serde(default = "default_root_namespace")]
     pub root_namespace: String,
-    /// Istio security objects (`AuthorizationPolicy`, `PeerAuthentication`) as users write them.
+    /// Kubernetes objects as users write them: Istio's `AuthorizationPolicy`, `PeerAuthentication`,
+    /// `VirtualService`, `DestinationRule`, Gateway API's `Gateway` (waypoints) and `HTTPRoute`.
     #[serde(default)]
     pub istio: Vec<IstioObject>,
 }
 
 fn default_root_namespace() -> String {
-    super::istio::DEFAULT_ROOT_NAMESPACE.into()
+    DEFAULT_ROOT_NAMESPACE.into()
 }
 
 fn default_trust_domain() -> String {
@@ -192,10 +201,13 @@ pub struct ServiceSpec {
     /// Kubernetes service without selector).
     #[serde(default)]
     pub selector: Labels,
+    /// The Service's own labels (`istio.io/use-waypoint`, `istio.io/use-waypoint-namespace`).
+    #[serde(default)]
+    pub labels: Labels,
 }
 
 /// A service port.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PortSpec {
     /// The service port.
@@ -203,6 +215,12 @@ pub struct PortSpec {
     /// The pod port (default: `port`).
     #[serde(default)]
     pub target_port: Option<u16>,
+    /// Port name: its prefix (`http-web`) names the protocol when `appProtocol` does not.
+    #[serde(default)]
+    pub name: String,
+    /// Kubernetes `appProtocol` (`http`, `http2`, `grpc`, `tcp`, `kubernetes.io/h2c`, ...).
+    #[serde(default)]
+    pub app_protocol: Option<String>,
 }
 
 impl PortSpec {
@@ -210,6 +228,49 @@ impl PortSpec {
     pub fn target(&self) -> u16 {
         self.target_port.unwrap_or(self.port)
     }
+
+    /// The protocol as Istio infers it (`ConvertProtocol`): `appProtocol` if given, else the port name's
+    /// prefix before the first `-`; unknown names leave it unknown (sniffed), except the well-known TCP
+    /// ports (SMTP, DNS, MySQL, MongoDB).
+    pub fn protocol(&self) -> PortProtocol {
+        let name = self.app_protocol.as_deref().unwrap_or(&self.name);
+        match name {
+            "kubernetes.io/h2c" => return PortProtocol::Http2,
+            "kubernetes.io/ws" => return PortProtocol::Http,
+            "kubernetes.io/wss" => return PortProtocol::Tls,
+            _ => {}
+        }
+        if name.len() >= 8 && name[..8].eq_ignore_ascii_case("grpc-web") {
+            return PortProtocol::Http;
+        }
+        let prefix = name.split('-').next().unwrap_or("").to_ascii_lowercase();
+        match prefix.as_str() {
+            "http" => PortProtocol::Http,
+            "http2" => PortProtocol::Http2,
+            "grpc" => PortProtocol::Grpc,
+            "https" | "tls" => PortProtocol::Tls,
+            "tcp" | "mongo" | "redis" | "mysql" => PortProtocol::Tcp,
+            _ if [25, 53, 3306, 27017].contains(&self.port) => PortProtocol::Tcp,
+            _ => PortProtocol::Unknown,
+        }
+    }
+}
+
+/// A service port's protocol, as far as the control plane knows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PortProtocol {
+    /// Not declared: sniffed.
+    Unknown,
+    /// HTTP/1.1 (or WebSocket, gRPC-Web).
+    Http,
+    /// HTTP/2 without TLS.
+    Http2,
+    /// gRPC.
+    Grpc,
+    /// TLS the mesh does not terminate (opaque bytes).
+    Tls,
+    /// Opaque TCP.
+    Tcp,
 }
 
 /// A bearer token the control plane accepts (for the CA and, for node proxies, xDS), and what it may ask for.
@@ -301,32 +362,24 @@ impl TryFrom<TokenEntry> for TokenSpec {
 }
 
 impl MeshConfig {
-    /// Parses and validates YAML text. An empty text is an empty mesh.
-    pub fn parse(yaml: &str) -> Result<MeshConfig, Error> {
-        let cfg: MeshConfig = if yaml.trim().is_empty() {
-            MeshConfig {
+    /// Reads YAML text into a config, checking only what serde checks (the format). An empty text is an
+    /// empty mesh. [`MeshConfig::parse`] is this plus [`MeshConfig::validate`].
+    pub fn from_yaml(yaml: &str) -> Result<MeshConfig, Error> {
+        if yaml.trim().is_empty() {
+            return Ok(MeshConfig {
                 trust_domain: default_trust_domain(),
                 cluster_id: default_cluster_id(),
                 cluster_domain: default_cluster_domain(),
                 root_namespace: default_root_namespace(),
                 ..MeshConfig::default()
-            }
-        } else {
-            serde_yaml::from_str(yaml)?
-        };
-        cfg.validate()?;
-        Ok(cfg)
+            });
+        }
+        Ok(serde_yaml::from_str(yaml)?)
     }
 
-    /// Reads, parses and validates a file.
-    pub fn load(path: &Path) -> Result<(Vec<u8>, MeshConfig), Error> {
-        let bytes = read_bounded(path)?;
-        let cfg = MeshConfig::parse(&String::from_utf8_lossy(&bytes))?;
-        Ok((bytes, cfg))
-    }
-
-    /// Checks what serde cannot: names, references, duplicates, identities, policies.
-    pub fn validate(&self) -> Result<(), Error> {
+    /// Checks this module's own fields: names, references to namespaces, duplicates, identities, tokens.
+    /// The `istio:` objects and the policy keys pods name are checked by [`MeshConfig::validate`].
+    pub fn check_fields(&self) -> Result<(), Error> {
         let invalid = |field: String, reason: String| Error::Invalid { field, reason };
         if self.trust_domain.is_empty() {
             return Err(invalid("trustDomain".into(), "must not be empty".into()));
@@ -341,7 +394,6 @@ impl MeshConfig {
             return Err(invalid("clusterDomain".into(), "must not be empty".into()));
         }
         check_name(&self.root_namespace).map_err(|r| invalid("rootNamespace".into(), r))?;
-        let converted = istio::convert(self)?;
         for name in self.namespaces.keys() {
             check_name(name).map_err(|r| invalid(format!("namespaces.{name}"), r))?;
         }
@@ -367,15 +419,6 @@ impl MeshConfig {
                     return Err(invalid(
                         at(&format!("ips[{k}]")),
                         format!("{ip} is also an IP of workloads[{j}]"),
-                    ));
-                }
-            }
-            for (k, key) in w.authorization_policies.iter().enumerate() {
-                let known = self.policies.iter().chain(&converted.policies);
-                if !known.into_iter().any(|p| &p.key() == key) {
-                    return Err(invalid(
-                        at(&format!("authorizationPolicies[{k}]")),
-                        format!("no policy {key:?} in policies or istio"),
                     ));
                 }
             }
@@ -451,21 +494,6 @@ impl MeshConfig {
                     .map_err(|e| invalid(at("serviceAccount"), e.to_string()))?;
             }
         }
-        for p in &converted.policies {
-            if self.policies.iter().any(|q| q.key() == p.key()) {
-                return Err(invalid(
-                    "policies".into(),
-                    format!("policy {} is also made from the istio objects", p.key()),
-                ));
-            }
-        }
-        PolicySet::new(
-            self.policies
-                .iter()
-                .chain(&converted.policies)
-                .cloned()
-                .collect(),
-        )?;
         Ok(())
     }
 
@@ -478,6 +506,18 @@ impl MeshConfig {
                 reason: format!("namespace {ns:?} is not listed under namespaces"),
             })
         }
+    }
+}
+
+/// istiod's workload uid of a pod (`generatePodUID`), its xDS resource name.
+pub fn pod_uid(cluster_id: &str, namespace: &str, name: &str) -> String {
+    format!("{cluster_id}//Pod/{namespace}/{name}")
+}
+
+impl MeshConfig {
+    /// A service's fully qualified hostname, `<name>.<namespace>.svc.<clusterDomain>`.
+    pub fn service_hostname(&self, namespace: &str, name: &str) -> String {
+        format!("{name}.{namespace}.svc.{}", self.cluster_domain)
     }
 }
 
@@ -500,7 +540,7 @@ pub fn check_name(name: &str) -> Result<(), String> {
 }
 
 /// Reads `path`, refusing files over [`MAX_FILE_BYTES`].
-fn read_bounded(path: &Path) -> Result<Vec<u8>, Error> {
+pub fn read_file(path: &Path) -> Result<Vec<u8>, Error> {
     use std::io::Read;
     let read_err = |source| Error::Read {
         path: path.to_path_buf(),

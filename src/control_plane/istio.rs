@@ -1,6 +1,9 @@
 //! Istio's security resources in the mesh file (`istio:`), translated the way istiod translates them for
 //! ztunnel: `AuthorizationPolicy` and `PeerAuthentication` become L4 [`Policy`]s (`istio.security.Authorization`)
-//! plus, per pod, the policy keys listed in `Workload.authorization_policies`.
+//! plus, per pod, the policy keys listed in `Workload.authorization_policies`. AuthorizationPolicies bound
+//! by `targetRef(s)` are for waypoints only: `istio/l7.rs` converts them ([`TargetedPolicy`]) and
+//! `waypoints.rs` attaches them. Every object of the list (whatever its kind) has its `apiVersion`, name,
+//! namespace and uniqueness checked here.
 //!
 //! Input: the validated rest of a [`MeshConfig`] and its `istio:` list, objects as users write them:
 //!
@@ -34,8 +37,8 @@
 //!   selector policies of its namespace and of the root namespace whose labels it carries.
 //! - L7 attributes (`hosts`, `methods`, `paths`, `requestPrincipals`, `remoteIpBlocks`, their `not` forms and
 //!   non-L4 `when` keys, including `connection.sni`): an ALLOW rule using one is dropped; in a DENY rule they are
-//!   removed; both are logged. AUDIT and CUSTOM policies and policies with `targetRef(s)` (waypoint-bound) are not
-//!   sent, with a warning.
+//!   removed; both are logged. AUDIT and CUSTOM policies are not sent, with a warning. Policies with
+//!   `targetRef(s)` are not sent to node proxies (istiod drops them from its ztunnel resources).
 //! - PeerAuthentication: whenever any exists, the DENY policy `<root>/istio_converted_static_strict`
 //!   (`not_principals: [presence]`, `WORKLOAD_SELECTOR`) is sent, and a pod whose effective mode is STRICT lists
 //!   it. Effective mode: mesh-wide (root namespace, no selector), overridden by namespace-wide, overridden by the
@@ -63,17 +66,23 @@ use ipnet::IpNet;
 
 use self::peer::{peer_authentication, static_strict};
 use super::config::{check_name, Error, Labels, MeshConfig};
+use super::objects::security::{
+    AuthorizationPolicySpec, Condition, MtlsMode, OperationSpec, PolicyAction, RuleSpec, SourceSpec,
+};
+use super::objects::{ObjectKind, Scalar, Spec};
 use crate::authz::{Action, Clause, Match, Policy, Rule, Scope, ServiceAccountMatch, StringMatch};
 
-/// istiod's default root namespace (mesh config `rootNamespace`).
-pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
+pub use self::l7::{PolicyTarget, TargetedPolicy, WAYPOINT_CLASS};
+pub use super::config::DEFAULT_ROOT_NAMESPACE;
+/// The security kinds (`sandbox apply` decides with it which documents are Istio objects).
+pub use super::objects::security::Kind;
+pub use super::objects::IstioObject;
 /// Name of istiod's static STRICT policy (`_` keeps it apart from Kubernetes names).
 pub const STATIC_STRICT_POLICY: &str = "istio_converted_static_strict";
 /// Prefix istiod gives converted PeerAuthentications.
 pub const CONVERTED_PEER_AUTHENTICATION_PREFIX: &str = "converted_peer_authentication_";
 /// Annotation that makes an AuthorizationPolicy dry-run.
 pub const DRY_RUN_ANNOTATION: &str = "istio.io/dry-run";
-const API_VERSIONS: [&str; 2] = ["security.istio.io/v1", "security.istio.io/v1beta1"];
 /// `when` keys istiod keeps for ztunnel.
 const L4_WHEN_KEYS: [&str; 5] = [
     "source.ip",
@@ -98,13 +107,8 @@ const L7_WHEN_PREFIXES: [&str; 3] = [
     "experimental.envoy.filters.",
 ];
 
+mod l7;
 mod peer;
-mod spec;
-
-pub use self::spec::{
-    Condition, FromSpec, IstioObject, Kind, MtlsMode, MtlsSpec, ObjectMeta, OperationSpec,
-    PolicyAction, Provider, RuleSpec, Scalar, Selector, SourceSpec, Spec, TargetRef, ToSpec,
-};
 
 /// The translated Istio objects.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -113,6 +117,8 @@ pub struct Converted {
     pub policies: Vec<Policy>,
     /// What was dropped, widened or skipped, to log.
     pub warnings: Vec<String>,
+    /// AuthorizationPolicies bound by `targetRef(s)`, in the waypoint's form, for `waypoints.rs` to attach.
+    pub targeted: Vec<TargetedPolicy>,
     root: String,
     selector_policies: Vec<SelectorPolicy>,
     peers: Vec<PeerInfo>,
@@ -143,7 +149,8 @@ fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Error {
     }
 }
 
-/// Translates and validates `cfg.istio`.
+/// Translates and validates `cfg.istio`: the security objects here; every object's `apiVersion`, name,
+/// namespace and uniqueness (per kind) too, so that `waypoints.rs` can take them as checked.
 pub fn convert(cfg: &MeshConfig) -> Result<Converted, Error> {
     let mut out = Converted {
         root: cfg.root_namespace.clone(),
@@ -153,29 +160,34 @@ pub fn convert(cfg: &MeshConfig) -> Result<Converted, Error> {
     for (i, obj) in cfg.istio.iter().enumerate() {
         let at = format!("istio[{i}]");
         check_meta(obj, &at)?;
-        if !seen.insert((obj.kind, &obj.metadata.namespace, &obj.metadata.name)) {
+        if !seen.insert((obj.kind(), &obj.metadata.namespace, &obj.metadata.name)) {
             return Err(invalid(
                 format!("{at}.metadata.name"),
                 format!(
-                    "{:?} {}/{} is listed twice",
-                    obj.kind, obj.metadata.namespace, obj.metadata.name
+                    "{} {}/{} is listed twice",
+                    obj.kind(),
+                    obj.metadata.namespace,
+                    obj.metadata.name
                 ),
             ));
         }
-        match obj.kind {
-            Kind::AuthorizationPolicy => {
-                authorization_policy(&cfg.root_namespace, obj, &at, &mut out)?
-            }
-            Kind::PeerAuthentication => {
+        match &obj.spec {
+            Spec::AuthorizationPolicy(spec) => authorization_policy(cfg, obj, spec, &at, &mut out)?,
+            Spec::PeerAuthentication(spec) => {
                 if let Some(p) =
-                    peer_authentication(&cfg.root_namespace, obj, &at, &mut out.warnings)?
+                    peer_authentication(&cfg.root_namespace, obj, spec, &at, &mut out.warnings)?
                 {
                     out.peers.push(p);
                 }
             }
+            _ => {}
         }
     }
-    if cfg.istio.iter().any(|o| o.kind == Kind::PeerAuthentication) {
+    if cfg
+        .istio
+        .iter()
+        .any(|o| o.kind() == ObjectKind::PeerAuthentication)
+    {
         out.policies.push(static_strict(&cfg.root_namespace));
     }
     out.convert_peers();
@@ -184,45 +196,25 @@ pub fn convert(cfg: &MeshConfig) -> Result<Converted, Error> {
 
 /// Whether `api_version` is one the security objects are written in.
 pub fn check_api_version(api_version: &str) -> Result<(), String> {
-    if API_VERSIONS.contains(&api_version) {
-        Ok(())
-    } else {
-        Err(format!("{api_version:?} is not one of {API_VERSIONS:?}"))
-    }
+    ObjectKind::AuthorizationPolicy.check_api_version(api_version)
 }
 
 fn check_meta(obj: &IstioObject, at: &str) -> Result<(), Error> {
-    check_api_version(&obj.api_version).map_err(|r| invalid(format!("{at}.apiVersion"), r))?;
+    obj.kind()
+        .check_api_version(&obj.api_version)
+        .map_err(|r| invalid(format!("{at}.apiVersion"), r))?;
     check_name(&obj.metadata.name).map_err(|r| invalid(format!("{at}.metadata.name"), r))?;
     check_name(&obj.metadata.namespace).map_err(|r| invalid(format!("{at}.metadata.namespace"), r))
 }
 
-/// Refuses fields of the other kind.
-fn refuse_fields(obj: &IstioObject, at: &str, fields: &[(&str, bool)]) -> Result<(), Error> {
-    match fields.iter().find(|(_, present)| *present) {
-        Some((name, _)) => Err(invalid(
-            format!("{at}.spec.{name}"),
-            format!("not a field of {:?}", obj.kind),
-        )),
-        None => Ok(()),
-    }
-}
-
 fn authorization_policy(
-    root: &str,
+    cfg: &MeshConfig,
     obj: &IstioObject,
+    spec: &AuthorizationPolicySpec,
     at: &str,
     out: &mut Converted,
 ) -> Result<(), Error> {
-    let spec = &obj.spec;
-    refuse_fields(
-        obj,
-        at,
-        &[
-            ("mtls", spec.mtls.is_some()),
-            ("portLevelMtls", spec.port_level_mtls.is_some()),
-        ],
-    )?;
+    let root = cfg.root_namespace.as_str();
     let (ns, name) = (&obj.metadata.namespace, &obj.metadata.name);
     let key = format!("{ns}/{name}");
     let action = spec.action.unwrap_or(PolicyAction::Allow);
@@ -241,8 +233,7 @@ fn authorization_policy(
         }
         _ => {}
     }
-    let targeted =
-        spec.target_ref.is_some() || spec.target_refs.as_ref().is_some_and(|t| !t.is_empty());
+    let targeted = spec.targets().next().is_some();
     if spec.target_ref.is_some() && spec.target_refs.is_some() {
         return Err(invalid(
             format!("{at}.spec.targetRefs"),
@@ -283,6 +274,12 @@ fn authorization_policy(
     } else {
         Action::Allow
     };
+    if targeted {
+        // Waypoints only: kept out of the node proxies' resources, as istiod does.
+        out.targeted
+            .push(l7::targeted(cfg, obj, spec, action, dry_run, at)?);
+        return Ok(());
+    }
     let mut rules = Vec::new();
     for (r, rule) in spec.rules.iter().flatten().enumerate() {
         let at = format!("{at}.spec.rules[{r}]");
@@ -303,12 +300,6 @@ fn authorization_policy(
                 l7.join(", ")
             ));
         }
-    }
-    if targeted {
-        out.warnings.push(format!(
-            "AuthorizationPolicy {key}: targetRef(s) bind it to a waypoint; not sent to node proxies"
-        ));
-        return Ok(());
     }
     if matches!(action, PolicyAction::Audit | PolicyAction::Custom) {
         out.warnings.push(format!(

@@ -6,7 +6,7 @@
 //! `XDS_ROOT_CA` / `CA_ROOT_CA`), and the gRPC server until shutdown. CA requests are authorized against
 //! the `tokens` of the current mesh file (re-read on change; rules in `tokens.rs`): a node proxy's token may
 //! ask for identities of pods on its node (istiod's `CA_TRUSTED_NODE_ACCOUNTS` rule), a workload token only
-//! for its own; xDS streams are for node proxy tokens. At shutdown the server drains for
+//! for its own; xDS streams are for node proxy tokens and waypoints' identities (what each may see: `tokens.rs`). At shutdown the server drains for
 //! [`RunOptions::drain_deadline`], then closes what is left (see `server.rs`).
 
 use std::net::SocketAddr;
@@ -118,8 +118,9 @@ pub async fn run(
         }
     };
     let auth = Arc::new(MeshTokens::new(plane.config()));
-    // xDS, like istiod's, is only for holders of a token from the mesh file, and only node proxy tokens; a
-    // file with no tokens serves xDS to anyone (and the CA to no one).
+    // xDS, like istiod's, is only for holders of a token from the mesh file: node proxy tokens, and the
+    // tokens of waypoints' identities (for their own namespace's waypoints); a file with no tokens serves
+    // xDS to anyone (and the CA to no one).
     let tokens = plane.config();
     if tokens.borrow().tokens.is_empty() {
         tracing::warn!("the mesh file lists no tokens: xDS is served without authentication and the CA refuses every request");

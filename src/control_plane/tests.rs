@@ -925,11 +925,14 @@ async fn a_stream_ends_when_its_token_goes_bad_even_without_a_mesh_change() {
         ..AdsLimits::default()
     };
     let make = move |plane: &ControlPlane| {
-        let owner = tokens::StreamOwner(crate::identity::ca_server::token::TokenDigest::of("t"));
+        let owner = tokens::StreamOwner {
+            token: crate::identity::ca_server::token::TokenDigest::of("t"),
+            access: tokens::XdsAccess::Everything,
+        };
         server::router_with_auth(
             plane.ads(limits).with_token_check(check),
             move |mut req: tonic::Request<()>| {
-                req.extensions_mut().insert(owner);
+                req.extensions_mut().insert(owner.clone());
                 Ok(req)
             },
         )

@@ -9,9 +9,15 @@
 //! The CA ([`MeshTokens`], istiod's rules): without `ImpersonatedIdentity` metadata a caller gets only its own
 //! identity (a workload token's identity, or a node proxy token's optional `namespace`/`serviceAccount`);
 //! with it, only a node proxy token bound to a `node` may ask, and only for identities with a pod on that
-//! node. xDS ([`xds_caller`]): node proxy tokens only (the state of the whole mesh is theirs to see); a mesh
-//! file with no tokens at all serves xDS to anyone, as before tokens existed. An open stream lasts only as
-//! long as its token is in the file and unexpired ([`stream_still_allowed`]).
+//! node. xDS ([`xds_caller`], with the [`XdsAccess`] it grants): a node proxy token sees everything (the
+//! state of the whole mesh is its to see); a workload token whose identity is a waypoint's — its namespace
+//! and service account are those of a workload labelled `gateway.networking.k8s.io/gateway-name` with the
+//! name of a waypoint Gateway of that namespace (istioctl's waypoints run as a service account named after
+//! the Gateway) — gets the Address and Authorization resources a waypoint needs to reach and check
+//! endpoints, and the Waypoint resources of its own namespace only; other workload tokens get no stream.
+//! A mesh file with no tokens at all serves everything to anyone, as before tokens existed. An open stream
+//! lasts only as long as its token is in the file, unexpired and granted the same access
+//! ([`stream_still_allowed`]).
 
 use std::sync::Arc;
 
@@ -19,12 +25,32 @@ use tokio::sync::watch;
 use tonic::Status;
 
 use super::config::{MeshConfig, TokenSpec};
+use super::waypoints;
 use crate::identity::ca_server::token::TokenDigest;
 use crate::identity::{Authenticate, Identity};
 
-/// The token of an xDS stream's caller (a request extension the xDS check adds for the ADS server).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct StreamOwner(pub TokenDigest);
+/// The caller of an xDS stream (a request extension the xDS check adds for the ADS server): its token,
+/// which the per-token stream quota counts, and what it may see.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct StreamOwner {
+    /// The token's digest.
+    pub token: TokenDigest,
+    /// What the stream may be sent.
+    pub access: XdsAccess,
+}
+
+/// What an xDS stream may be sent.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum XdsAccess {
+    /// Every resource of every type (node proxies; anyone when the file lists no tokens).
+    Everything,
+    /// A waypoint's identity: Address and Authorization resources, and the Waypoint resources of this
+    /// namespace.
+    Waypoint {
+        /// The waypoint's namespace.
+        namespace: String,
+    },
+}
 
 /// The entry of `cfg.tokens` matching `presented`, if it has not expired at `now`.
 pub fn find<'a>(
@@ -133,7 +159,8 @@ pub fn authorize_ca(
     Ok(())
 }
 
-/// The xDS rule: who may open a stream. `Ok(None)` when the file lists no tokens (xDS for anyone).
+/// The xDS rule: who may open a stream, and what it may see. `Ok(None)` when the file lists no tokens
+/// (xDS for anyone, everything).
 pub fn xds_caller(
     cfg: &MeshConfig,
     token: Option<&str>,
@@ -144,16 +171,34 @@ pub fn xds_caller(
     }
     let token = token.ok_or_else(|| Status::unauthenticated("no bearer token"))?;
     let spec = find(cfg, token, now)?;
-    if !spec.node_proxy {
-        return Err(Status::permission_denied(
-            "xDS is served to node proxy tokens only; this is a workload token",
-        ));
-    }
-    Ok(Some(StreamOwner(spec.digest)))
+    Ok(Some(StreamOwner {
+        token: spec.digest,
+        access: xds_access(cfg, spec)?,
+    }))
 }
 
-/// Whether the xDS stream opened with `owner`'s token may go on: the token is still in the file, still a
-/// node proxy's and not expired at `now`.
+/// What `spec`'s holder may see over xDS (see the module header).
+pub fn xds_access(cfg: &MeshConfig, spec: &TokenSpec) -> Result<XdsAccess, Status> {
+    if spec.node_proxy {
+        return Ok(XdsAccess::Everything);
+    }
+    if waypoints::is_waypoint_identity(cfg, &spec.namespace, &spec.service_account) {
+        return Ok(XdsAccess::Waypoint {
+            namespace: spec.namespace.clone(),
+        });
+    }
+    Err(Status::permission_denied(format!(
+        "xDS is served to node proxy tokens and to waypoints; this is a workload token for {}/{}, which is \
+         the service account of no waypoint instance (a workload labelled {} with the name of a waypoint \
+         Gateway of its namespace)",
+        spec.namespace,
+        spec.service_account,
+        waypoints::GATEWAY_NAME
+    )))
+}
+
+/// Whether the xDS stream opened by `owner` may go on: its token is still in the file, not expired at
+/// `now`, and still granted the same access.
 pub fn stream_still_allowed(
     cfg: &MeshConfig,
     owner: &StreamOwner,
@@ -161,20 +206,28 @@ pub fn stream_still_allowed(
 ) -> Result<(), Status> {
     let mut found = None;
     for t in &cfg.tokens {
-        if t.digest.matches(&owner.0) {
+        if t.digest.matches(&owner.token) {
             found = Some(t);
         }
     }
-    match found {
-        None => Err(Status::unauthenticated(
+    let Some(t) = found else {
+        return Err(Status::unauthenticated(
             "the bearer token was removed from the mesh file",
+        ));
+    };
+    if t.expires.is_some_and(|at| at <= now) {
+        return Err(Status::unauthenticated("the bearer token expired"));
+    }
+    match xds_access(cfg, t) {
+        Ok(access) if access == owner.access => Ok(()),
+        Ok(_) => Err(Status::permission_denied(
+            "the bearer token's xDS access changed; reconnect",
         )),
-        Some(t) if !t.node_proxy => Err(Status::permission_denied(
+        Err(_) if owner.access == XdsAccess::Everything => Err(Status::permission_denied(
             "the bearer token is no longer a node proxy token",
         )),
-        Some(t) if t.expires.is_some_and(|at| at <= now) => {
-            Err(Status::unauthenticated("the bearer token expired"))
-        }
-        Some(_) => Ok(()),
+        Err(_) => Err(Status::permission_denied(
+            "the bearer token's identity no longer runs a waypoint",
+        )),
     }
 }

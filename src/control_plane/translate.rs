@@ -1,10 +1,11 @@
 //! From the mesh file to the xDS resources istiod would send a ztunnel: `istio.workload.Address` (one per
 //! pod, one per service) and `istio.security.Authorization` (one per policy, including those made from the
-//! `istio:` objects by `istio.rs`, whose per-pod keys are appended to `authorization_policies`).
+//! `istio:` objects by `istio.rs`, whose per-pod keys are appended to `authorization_policies`); and
+//! meshnode's own `meshnode.waypoint.Waypoint` (one per waypoint Gateway, from `waypoints.rs`).
 //!
 //! Input: a validated [`MeshConfig`]. Output: [`Resources`], each resource under its xDS name (workload uid
 //! `<cluster>//Pod/<namespace>/<name>` as istiod's `generatePodUID`; service `<namespace>/<hostname>`;
-//! policy `<namespace>/<name>`). istiod's choices mirrored here:
+//! policy `<namespace>/<name>`; waypoint `<namespace>/<name>`). istiod's choices mirrored here:
 //! - a pod is `HBONE` when enrolled by istio-cni's default rule (pod label `istio.io/dataplane-mode=ambient`,
 //!   or the namespace label unless the pod says `none`; never in `kube-system`), else `NONE`;
 //! - `trust_domain` is left empty for `cluster.local` (istiod's `pickTrustDomain`), `cluster_id` is set,
@@ -13,19 +14,24 @@
 //!   `app.kubernetes.io/name|version`, else `app`|`version`, else the pod name|`latest`;
 //! - `services` maps each selecting service (same namespace, selector ⊆ pod labels) to its ports;
 //! - services get hostname `<name>.<ns>.svc.<clusterDomain>`, VIPs on network `""`, `ip_families` from
-//!   the VIPs, no `subject_alt_names` (pods keep their own identities).
+//!   the VIPs, no `subject_alt_names` (pods keep their own identities), each port's `app_protocol` from
+//!   its `appProtocol` or name (istiod's `toAppProtocolFromKube`);
+//! - a Service's or pod's `waypoint` is its waypoint's address when `istio.io/use-waypoint` binds it
+//!   (`waypoints.rs`), and the Services the control plane makes for waypoints are served with the others.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use super::config::{MeshConfig, ServiceSpec, WorkloadSpec};
-use super::istio;
+pub use super::config::pod_uid;
+use super::config::{MeshConfig, PortProtocol, ServiceSpec, WorkloadSpec};
+use super::{istio, waypoints};
 use crate::authz::{self, Policy, StringMatch};
 use crate::cni_agent::cluster::{NamespaceInfo, PodInfo};
 use crate::cni_agent::selector::{self, Decision};
 use crate::proto::security as sec;
+use crate::proto::waypoint as wp;
 use crate::proto::workload as wl;
 
 /// Everything the control plane serves, by xDS resource name.
@@ -35,16 +41,13 @@ pub struct Resources {
     pub addresses: BTreeMap<String, wl::Address>,
     /// `istio.security.Authorization` resources by `namespace/name`.
     pub authorizations: BTreeMap<String, sec::Authorization>,
-}
-
-/// istiod's workload uid of a pod.
-pub fn pod_uid(cluster_id: &str, namespace: &str, name: &str) -> String {
-    format!("{cluster_id}//Pod/{namespace}/{name}")
+    /// `meshnode.waypoint.Waypoint` resources by `namespace/name` of their Gateway.
+    pub waypoints: BTreeMap<String, wp::Waypoint>,
 }
 
 /// A service's fully qualified hostname.
 pub fn service_hostname(cfg: &MeshConfig, svc: &ServiceSpec) -> String {
-    format!("{}.{}.svc.{}", svc.name, svc.namespace, cfg.cluster_domain)
+    cfg.service_hostname(&svc.namespace, &svc.name)
 }
 
 /// The xDS resource name of an Address: the workload uid, or `namespace/hostname` of a service.
@@ -67,12 +70,21 @@ pub fn translate(cfg: &MeshConfig) -> Resources {
     for warning in &istio.warnings {
         tracing::warn!("{warning}");
     }
+    let waypoints = waypoints::convert(cfg, &istio).unwrap_or_else(|e| {
+        tracing::error!(error = %e, "waypoint objects could not be translated");
+        waypoints::Waypoints::default()
+    });
+    for warning in &waypoints.warnings {
+        tracing::warn!("{warning}");
+    }
+    let services: Vec<&ServiceSpec> = cfg.services.iter().chain(&waypoints.services).collect();
     let enrollment = selector::Policy {
         selectors: selector::default_selectors(),
         exclude_namespaces: vec!["kube-system".into()],
     };
     for w in &cfg.workloads {
-        let mut workload = workload(cfg, &enrollment, w);
+        let mut workload = workload(cfg, &enrollment, &services, w);
+        workload.waypoint = waypoints.for_workload(&w.namespace, &w.name);
         for key in istio.keys_for(w) {
             if !workload.authorization_policies.contains(&key) {
                 workload.authorization_policies.push(key);
@@ -85,8 +97,9 @@ pub fn translate(cfg: &MeshConfig) -> Resources {
             },
         );
     }
-    for s in &cfg.services {
-        let service = service(cfg, s);
+    for s in &services {
+        let mut service = service(cfg, s);
+        service.waypoint = waypoints.for_service(&s.namespace, &s.name);
         out.addresses.insert(
             format!("{}/{}", service.namespace, service.hostname),
             wl::Address {
@@ -97,6 +110,7 @@ pub fn translate(cfg: &MeshConfig) -> Resources {
     for p in cfg.policies.iter().chain(&istio.policies) {
         out.authorizations.insert(p.key(), authorization(p));
     }
+    out.waypoints = waypoints.resources;
     out
 }
 
@@ -122,7 +136,12 @@ fn first_label<'a>(w: &'a WorkloadSpec, keys: &[&str]) -> Option<&'a str> {
         .map(String::as_str)
 }
 
-fn workload(cfg: &MeshConfig, enrollment: &selector::Policy, w: &WorkloadSpec) -> wl::Workload {
+fn workload(
+    cfg: &MeshConfig,
+    enrollment: &selector::Policy,
+    all_services: &[&ServiceSpec],
+    w: &WorkloadSpec,
+) -> wl::Workload {
     let tunnel = if enrolled(cfg, enrollment, w) {
         wl::TunnelProtocol::Hbone
     } else {
@@ -149,7 +168,7 @@ fn workload(cfg: &MeshConfig, enrollment: &selector::Policy, w: &WorkloadSpec) -
     .unwrap_or("latest")
     .to_string();
     let mut services = std::collections::HashMap::new();
-    for s in &cfg.services {
+    for s in all_services {
         let selects = s.namespace == w.namespace
             && !s.selector.is_empty()
             && s.selector.iter().all(|(k, v)| w.labels.get(k) == Some(v));
@@ -192,9 +211,21 @@ fn ports(s: &ServiceSpec) -> Vec<wl::Port> {
         .map(|p| wl::Port {
             service_port: u32::from(p.port),
             target_port: u32::from(p.target()),
-            app_protocol: wl::AppProtocol::Unknown as i32,
+            app_protocol: app_protocol(p.protocol()) as i32,
         })
         .collect()
+}
+
+/// istiod's `toAppProtocolFromProtocol`.
+fn app_protocol(p: PortProtocol) -> wl::AppProtocol {
+    match p {
+        PortProtocol::Unknown => wl::AppProtocol::Unknown,
+        PortProtocol::Http => wl::AppProtocol::Http11,
+        PortProtocol::Http2 => wl::AppProtocol::Http2,
+        PortProtocol::Grpc => wl::AppProtocol::Grpc,
+        PortProtocol::Tls => wl::AppProtocol::Tls,
+        PortProtocol::Tcp => wl::AppProtocol::Tcp,
+    }
 }
 
 fn service(cfg: &MeshConfig, s: &ServiceSpec) -> wl::Service {

@@ -86,3 +86,29 @@ fn sockets_open_counts_each_reporters_open_connections_until_they_close() {
     b.close(ResponseFlags::None, 1, 1);
     assert_eq!(gauge(&m, "source"), Some(0));
 }
+
+#[test]
+fn unusable_waypoints_are_counted_by_waypoint_binding_and_reason() {
+    use crate::state::{GatewayAddress, GatewayDestination};
+    let m = Metrics::new();
+    let gw = GatewayAddress {
+        destination: GatewayDestination::Address {
+            network: "net1".into(),
+            ip: "10.0.0.9".parse().unwrap(),
+        },
+        hbone_mtls_port: 15008,
+    };
+    let labels = WaypointLabels::new(&gw, WaypointBinding::workload, WaypointFailure::unreachable);
+    m.waypoint_unavailable(&labels);
+    m.waypoint_unavailable(&labels);
+    let lines = encoded_lines(&m, "meshnode_waypoint_unavailable_total{");
+    assert_eq!(
+        lines,
+        [
+            r#"meshnode_waypoint_unavailable_total{waypoint="net1/10.0.0.9",binding="workload",reason="unreachable"} 2"#
+        ]
+    );
+    assert!(m
+        .encode()
+        .contains("# TYPE meshnode_waypoint_unavailable counter"));
+}

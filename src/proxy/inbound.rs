@@ -2,22 +2,39 @@
 //! connection, checked, authorized and joined to the application.
 //!
 //! Input: an accepted TCP connection. Output: each CONNECT stream answered with ztunnel's statuses —
-//! 400 when the method is not CONNECT, the authority does not parse or names an address other than the one
-//! the connection arrived on; 503 when the local workload is unknown, the port is one of the proxy's own,
-//! or the application cannot be reached; 401 when authorization denies; 200 and bytes both ways otherwise.
-//! Accepted streams stay registered with the proxy's [`connections`](super::connections) registry and are
-//! reset if a later policy change denies them. Each stream is counted in [`metrics`](crate::metrics)
-//! (reporter `destination`, `response_flags` `DENY` when authorization refused or closed it).
-//! TLS failures (garbage, plain HTTP, untrusted or foreign certificates) end that connection only. Before a
-//! peer is authenticated it holds one of its address's `max_handshakes_per_source` slots (a connection
-//! beyond them is reset at once); TLS and the HTTP/2 preface must both be done within `handshake_timeout`,
-//! and a connection that carries no stream for `hbone_idle_timeout` is closed with a GOAWAY.
+//! 400 when the method is not CONNECT, the authority does not parse or fails the destination check
+//! below; 503 when the local workload is unknown, the port is one of the proxy's own, or the application
+//! cannot be reached; 401 when authorization denies; 200 and bytes both ways otherwise. The application
+//! is always reached on the local workload's address, at the authority's port (hostname authorities: the
+//! service's target port). Accepted streams stay registered with the proxy's
+//! [`connections`](super::connections) registry and are reset if a later policy change denies them. Each
+//! stream is counted in [`metrics`](crate::metrics) (reporter `destination`, `response_flags` `DENY` when
+//! authorization refused or closed it). TLS failures (garbage, plain HTTP, untrusted or foreign
+//! certificates) end that connection only. Before a peer is authenticated it holds one of its address's
+//! `max_handshakes_per_source` slots (a connection beyond them is reset at once); TLS and the HTTP/2
+//! preface must both be done within `handshake_timeout`, and a connection that carries no stream for
+//! `hbone_idle_timeout` is closed with a GOAWAY.
+//!
+//! Destination check (ztunnel's `validate_destination`): an `ip:port` authority is accepted when the IP
+//! is the one the connection arrived on, or when the local workload has an application tunnel (a waypoint
+//! taking the target from the PROXY header), or when the IP is a service or workload whose waypoint is
+//! this workload — the "sandwich": a waypoint's own node proxy receiving traffic for what the waypoint
+//! serves. ztunnel looks at a service's primary `waypoint` only; the weighted ones count here too, since
+//! the outbound side sends connections to them. Hostname authorities pass (the service lookup decides).
+//!
+//! Application tunnel (waypoint instances): the connection goes to the tunnel's port when set; with
+//! protocol PROXY it goes to the loopback address from the loopback address (so the tunnel port need not
+//! be reachable from outside the pod: ztunnel's `LOCALHOST_APP_TUNNEL` default, not configurable here)
+//! and, after the 200, starts with a PROXY v2 header ([`proxy_protocol`](super::proxy_protocol)):
+//! source = the HBONE peer's address, destination = the authority (a hostname authority: one of its
+//! service's VIPs, same network and IPv4 first), and the peer's SPIFFE identity as TLV `0xD0`.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
 use http::{Method, StatusCode};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use super::connections::{deciding_policy, Counted, Registration, Tracked};
@@ -27,6 +44,7 @@ use crate::hbone::{copy, server};
 use crate::identity::Identity;
 use crate::metrics::{ConnectionRecord, Reporter, ResponseFlags, TrafficLabels};
 use crate::socket;
+use crate::state::{AppTunnelProtocol, State, Workload};
 
 /// Why a CONNECT stream was refused, and with which status.
 #[derive(Debug)]
@@ -54,6 +72,8 @@ struct Admitted {
     target: SocketAddr,
     registration: Registration,
     record: ConnectionRecord,
+    /// A PROXY v2 header to write to the application before any byte (application tunnel PROXY).
+    proxy_header: Option<Vec<u8>>,
 }
 
 impl Proxy {
@@ -179,6 +199,7 @@ impl Proxy {
             target,
             mut registration,
             record,
+            proxy_header,
         } = admitted;
         let (send, recv) = match incoming.accept(http::HeaderMap::new()) {
             Ok(s) => s,
@@ -188,6 +209,18 @@ impl Proxy {
                 return;
             }
         };
+        // After the 200, before any byte of the stream, as ztunnel sends it.
+        if let Some(header) = proxy_header {
+            if let Err(e) = upstream.write_all(&header).await {
+                record.close(ResponseFlags::Connect, 0, 0);
+                tracing::info!(
+                    target: "access", direction = "inbound",
+                    src.addr = %peer, src.identity = %peer_id, dst.addr = %target, dst.hbone_addr = %authority,
+                    error = %e, "writing the PROXY protocol header failed"
+                );
+                return;
+            }
+        }
         let (r, w) = upstream.split();
         let (mut r, mut w) = (Counted::new(r), Counted::new(w));
         let outcome = tokio::select! {
@@ -248,17 +281,21 @@ impl Proxy {
             .await
             .map_err(|e| refuse(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
         let state = self.inputs.state.load();
+        let network = &self.cfg().network;
         let mut service = None;
+        // The PROXY header's destination: the authority, or a VIP of the service it names.
+        let tunnel_target: Option<SocketAddr>;
         let target: SocketAddr = match authority.parse::<SocketAddr>() {
             Ok(addr) => {
                 let addr = socket::canonical(addr);
-                if addr.ip() != local.ip() {
+                if !destination_is_valid(&state, network, &workload, local.ip(), addr.ip()) {
                     return Err(refuse(
                         StatusCode::BAD_REQUEST,
                         format!("ip mismatch: {} != {}", addr.ip(), local.ip()),
                     ));
                 }
-                addr
+                tunnel_target = Some(addr);
+                SocketAddr::new(local.ip(), addr.port())
             }
             Err(_) => {
                 // `hostname:port`: a service this workload backs, its port mapped to the workload's port.
@@ -289,6 +326,12 @@ impl Proxy {
                             format!("service {host} has no port {port} on this workload"),
                         )
                     })?;
+                // Same network first, then IPv4 first, as ztunnel picks it.
+                tunnel_target = svc
+                    .vips
+                    .iter()
+                    .max_by_key(|(net, ip)| (net == network, ip.is_ipv4()))
+                    .map(|(_, ip)| SocketAddr::new(*ip, port));
                 service = Some(svc.clone());
                 SocketAddr::new(local.ip(), target_port)
             }
@@ -299,8 +342,27 @@ impl Proxy {
                 Error::SelfCall(target).to_string(),
             ));
         }
+        // An application tunnel may move the port, and with PROXY asks for the header (after the checks
+        // on the requested port, as ztunnel orders them).
+        let (target, proxy_to) = match workload.application_tunnel {
+            None => (target, None),
+            Some(tunnel) => {
+                let target = SocketAddr::new(local.ip(), tunnel.port.unwrap_or(target.port()));
+                match tunnel.protocol {
+                    AppTunnelProtocol::NONE => (target, None),
+                    AppTunnelProtocol::PROXY => {
+                        let dst = tunnel_target.ok_or_else(|| {
+                            refuse(
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                format!("service of {authority} has no VIP for the PROXY header"),
+                            )
+                        })?;
+                        (target, Some(dst))
+                    }
+                }
+            }
+        };
         // Counted from here on, as ztunnel counts a connection once it knows both ends.
-        let network = &self.cfg().network;
         let src_ip = forwarded_for(req.headers()).unwrap_or(peer.ip());
         // The source workload only when its identity is the peer's: a header cannot borrow another's name.
         let src_workload = state
@@ -348,12 +410,32 @@ impl Proxy {
                 record: Some(record),
             });
         }
-        let src_ip: Option<IpAddr> = self.inputs.orig_src.then_some(peer.ip());
+        // A PROXY tunnel is reached on loopback, from loopback (the header carries the client); anything
+        // else on the workload's address, keeping the client's address when configured.
+        let (connect_to, src_ip, opts) = match proxy_to {
+            Some(_) => {
+                let lo = if target.is_ipv4() {
+                    IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)
+                } else {
+                    IpAddr::V6(std::net::Ipv6Addr::LOCALHOST)
+                };
+                (
+                    SocketAddr::new(lo, target.port()),
+                    Some(lo),
+                    self.inputs.sock,
+                )
+            }
+            None => (
+                target,
+                self.inputs.orig_src.then_some(peer.ip()),
+                self.upstream_opts(),
+            ),
+        };
         match socket::connect(
             self.inputs.netns.as_deref(),
-            target,
+            connect_to,
             src_ip,
-            self.upstream_opts(),
+            opts,
             &self.cfg().keepalive,
             self.cfg().connect_timeout,
         )
@@ -364,12 +446,14 @@ impl Proxy {
                 target,
                 registration,
                 record,
+                proxy_header: proxy_to
+                    .map(|dst| super::proxy_protocol::encode(peer, dst, Some(peer_id))),
             }),
             Err(e) => {
                 let mut r = refuse(
                     StatusCode::SERVICE_UNAVAILABLE,
                     Error::Connect {
-                        dst: target,
+                        dst: connect_to,
                         source: e,
                     }
                     .to_string(),
@@ -387,6 +471,26 @@ impl Proxy {
             ..self.inputs.sock
         }
     }
+}
+
+/// ztunnel's `validate_destination` for an `ip:port` authority arriving on `local_ip`: the same address,
+/// or a local workload with an application tunnel (it gets the target in the PROXY header and decides), or
+/// the authority is a service or workload whose waypoint is this workload (a sandwiched waypoint).
+fn destination_is_valid(
+    state: &State,
+    network: &str,
+    local: &Workload,
+    local_ip: IpAddr,
+    authority_ip: IpAddr,
+) -> bool {
+    if authority_ip == local_ip || local.application_tunnel.is_some() {
+        return true;
+    }
+    let Some(found) = state.address_at(network, authority_ip) else {
+        return false;
+    };
+    let is_me = |w: &Workload| w.uid == local.uid || w.ips.contains(&local_ip);
+    found.waypoints().any(|gw| state.waypoint_has(gw, is_me))
 }
 
 /// The client address in a `forwarded: for="ip:port"` header, as meshnode and ztunnel clients send it.

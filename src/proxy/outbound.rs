@@ -3,18 +3,32 @@
 //! Input: an accepted TCP connection and its original destination (`SO_ORIGINAL_DST`). Output: the
 //! connection joined to its upstream — through a pooled HBONE tunnel when the destination workload speaks
 //! HBONE, plain TCP when it does not, and plain TCP to the original address when the destination is not in
-//! the mesh (passthrough). Routing follows ztunnel: a service VIP is load-balanced to an endpoint (none
-//! healthy: refused), a workload address goes to that workload.
+//! the mesh (passthrough). Routing follows ztunnel's order:
+//! 1. a service VIP whose service names a waypoint (a weighted pick among `weighted_waypoints`, else
+//!    `waypoint`) goes over HBONE to that waypoint, CONNECT `:authority` = the VIP and port the
+//!    application dialled, the waypoint workload's identity expected; workload waypoints are not
+//!    consulted for service-addressed traffic;
+//! 2. any other service VIP is load-balanced to an endpoint (none healthy: refused; passthrough services
+//!    go to the original destination);
+//! 3. a workload address whose workload names a waypoint goes to that waypoint (`:authority` = the pod
+//!    address and port), unless the connection comes from that very waypoint (its identity, from one of
+//!    its addresses): then, like any other workload address, directly to the workload.
+//!
+//! Fail closed: a waypoint that is missing from the state, unresolvable, without a usable address, or
+//! that cannot be reached over HBONE refuses the connection (closed, a warning naming the service or
+//! workload and the waypoint, `meshnode_waypoint_unavailable_total`); it is never sent direct.
 //!
 //! Each routed connection is counted in [`metrics`](crate::metrics) with `reporter="source"`: the source is
 //! this proxy's workload (its identity as `source_principal`, and `mutual_tls`, only for HBONE, as
-//! ztunnel does), the destination the resolved workload and service (`unknown` for passthrough). The
+//! ztunnel does), the destination the resolved workload and service (`unknown` for passthrough; for a
+//! waypoint hop the waypoint workload with the service the application addressed). The
 //! connection counts as opened once routed; `response_flags` is `CONNECT` when the upstream connection or
 //! the tunnel (certificate, TLS, CONNECT answer) could not be established, `-` otherwise. Bytes are counted
 //! into plain integers by the copy and added at close. Connections refused before routing (self-calls, the
-//! local workload unknown, no healthy endpoint) are logged but not counted, as in ztunnel.
+//! local workload unknown, no healthy endpoint, an unusable waypoint) are logged but not counted there, as
+//! in ztunnel.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -23,12 +37,13 @@ use rand::Rng;
 use tokio::net::TcpStream;
 
 use super::connections::Counted;
-use super::{Error, Proxy};
+use super::{Error, Proxy, WaypointProblem, WaypointRefusal};
 use crate::hbone::copy;
 use crate::hbone::pool::PoolKey;
-use crate::metrics::{Reporter, ResponseFlags, TrafficLabels};
+use crate::identity::Identity;
+use crate::metrics::{Reporter, ResponseFlags, TrafficLabels, WaypointBinding};
 use crate::socket;
-use crate::state::{LbMode, Protocol, Upstream, Workload};
+use crate::state::{GatewayAddress, LbMode, Protocol, Service, State, Upstream, Workload};
 
 /// Where an outbound connection goes.
 #[derive(Debug)]
@@ -39,6 +54,31 @@ enum Route {
     Tcp(Upstream),
     /// Plain TCP to an address outside the mesh.
     Passthrough(SocketAddr),
+    /// HBONE to the waypoint the destination names.
+    Waypoint(WaypointHop),
+}
+
+/// A connection sent to a waypoint.
+#[derive(Debug)]
+struct WaypointHop {
+    /// The waypoint workload; `addr` is its HBONE address.
+    via: Upstream,
+    /// The CONNECT `:authority`: the address the application dialled, untranslated.
+    authority: SocketAddr,
+    /// The service the application addressed, if any (metrics, `forwarded` host).
+    service: Option<Arc<Service>>,
+    /// What named the waypoint, for the refusal if the tunnel fails.
+    binding: WaypointBinding,
+    target: String,
+    waypoint: GatewayAddress,
+}
+
+/// One HBONE tunnel to open: where to dial, whom to expect there, what to ask for.
+struct Tunnel<'a> {
+    dst: SocketAddr,
+    expected: &'a [Identity],
+    authority: SocketAddr,
+    service: Option<&'a Service>,
 }
 
 impl Proxy {
@@ -92,10 +132,19 @@ impl Proxy {
             return Err(Error::SelfCall(dst));
         }
         let src = self.local_workload().await?;
-        let route = self.route(&src, dst)?;
+        let route = match self.route(&src, peer.ip(), dst) {
+            Ok(r) => r,
+            Err(e) => {
+                if let Error::Waypoint(refusal) = &e {
+                    self.metrics().waypoint_unavailable(&refusal.labels());
+                }
+                return Err(e);
+            }
+        };
         let record = self.metrics().open(source_labels(&src, &route));
-        match route {
+        let tunnel = match &route {
             Route::Passthrough(addr) | Route::Tcp(Upstream { addr, .. }) => {
+                let addr = *addr;
                 let up = match self.connect_plain(addr).await {
                     Ok(up) => up,
                     Err(e) => {
@@ -109,44 +158,82 @@ impl Proxy {
                 let (received, sent) = (up.written, up.read);
                 record.close(ResponseFlags::None, received, sent);
                 res?;
-                Ok((addr.to_string(), received, sent))
+                return Ok((addr.to_string(), received, sent));
             }
-            Route::Hbone(up) => {
-                let hbone_dst = SocketAddr::new(up.addr.ip(), self.cfg().ports.inbound);
-                let tunnel: Result<_, Error> = async {
-                    let tls = self.tls_for(&src.identity).await?.current();
-                    let key = PoolKey {
-                        src: src.identity.clone(),
-                        dst_ids: up.expected_identities.clone(),
-                        dst: hbone_dst,
-                    };
-                    let req = connect_request(&src, peer, &up);
-                    Ok(self.pool().connect(&key, &tls, req).await?)
-                }
-                .await;
-                let tunnel = match tunnel {
-                    Ok(t) => t,
-                    Err(e) => {
-                        record.close(ResponseFlags::Connect, 0, 0);
-                        return Err(e);
-                    }
-                };
-                let (r, w) = stream.split();
-                let (mut r, mut w) = (Counted::new(r), Counted::new(w));
-                let res = copy::bidirectional(&mut r, &mut w, tunnel.send, tunnel.recv).await;
-                drop(tunnel.slot);
-                let (received, sent) = (r.read, w.written);
-                record.close(ResponseFlags::None, received, sent);
-                res?;
-                Ok((hbone_dst.to_string(), received, sent))
-            }
+            Route::Hbone(up) => Tunnel {
+                dst: SocketAddr::new(up.addr.ip(), self.cfg().ports.inbound),
+                expected: &up.expected_identities,
+                authority: up.addr,
+                service: up.service.as_deref(),
+            },
+            Route::Waypoint(hop) => Tunnel {
+                dst: hop.via.addr,
+                expected: &hop.via.expected_identities,
+                authority: hop.authority,
+                service: hop.service.as_deref(),
+            },
+        };
+        let hbone_dst = tunnel.dst;
+        let opened: Result<_, Error> = async {
+            let tls = self.tls_for(&src.identity).await?.current();
+            let key = PoolKey {
+                src: src.identity.clone(),
+                dst_ids: tunnel.expected.to_vec(),
+                dst: tunnel.dst,
+            };
+            let req = connect_request(&src, peer, tunnel.authority, tunnel.service);
+            Ok(self.pool().connect(&key, &tls, req).await?)
         }
+        .await;
+        let opened = match opened {
+            Ok(t) => t,
+            Err(e) => {
+                record.close(ResponseFlags::Connect, 0, 0);
+                return Err(match (route, e) {
+                    (Route::Waypoint(hop), Error::Hbone(source)) => {
+                        let refusal = WaypointRefusal {
+                            binding: hop.binding,
+                            target: hop.target,
+                            waypoint: hop.waypoint,
+                            problem: WaypointProblem::Unreachable {
+                                addr: hbone_dst,
+                                source,
+                            },
+                        };
+                        self.metrics().waypoint_unavailable(&refusal.labels());
+                        Error::Waypoint(Box::new(refusal))
+                    }
+                    (_, e) => e,
+                });
+            }
+        };
+        let (r, w) = stream.split();
+        let (mut r, mut w) = (Counted::new(r), Counted::new(w));
+        let res = copy::bidirectional(&mut r, &mut w, opened.send, opened.recv).await;
+        drop(opened.slot);
+        let (received, sent) = (r.read, w.written);
+        record.close(ResponseFlags::None, received, sent);
+        res?;
+        Ok((hbone_dst.to_string(), received, sent))
     }
 
-    fn route(&self, src: &Workload, dst: SocketAddr) -> Result<Route, Error> {
+    /// ztunnel's routing decision for a connection from `src` (at `downstream`) to `dst`.
+    fn route(&self, src: &Workload, downstream: IpAddr, dst: SocketAddr) -> Result<Route, Error> {
         let state = self.inputs.state.load();
         let network = &self.cfg().network;
         if let Some(svc) = state.service_by_vip(network, dst.ip(), &src.namespace) {
+            // A service waypoint comes first, even before passthrough.
+            if let Some(gw) = svc.pick_waypoint() {
+                return waypoint_hop(
+                    &state,
+                    src,
+                    gw,
+                    dst,
+                    Some(svc.clone()),
+                    WaypointBinding::service,
+                    svc.key(),
+                );
+            }
             if svc.lb_mode == LbMode::Passthrough {
                 return Ok(match state.workload_by_addr(network, dst.ip()) {
                     Some(w) => by_protocol(state.upstream(w.clone(), dst, Some(svc.clone()))),
@@ -161,10 +248,23 @@ impl Proxy {
                     port: dst.port(),
                 });
         }
-        Ok(match state.workload_by_addr(network, dst.ip()) {
-            Some(w) => by_protocol(state.upstream(w.clone(), dst, None)),
-            None => Route::Passthrough(dst),
-        })
+        let Some(w) = state.workload_by_addr(network, dst.ip()) else {
+            return Ok(Route::Passthrough(dst));
+        };
+        if let Some(gw) = &w.waypoint {
+            if !from_waypoint(&state, gw, src, downstream) {
+                return waypoint_hop(
+                    &state,
+                    src,
+                    gw,
+                    dst,
+                    None,
+                    WaypointBinding::workload,
+                    w.uid.clone(),
+                );
+            }
+        }
+        Ok(by_protocol(state.upstream(w.clone(), dst, None)))
     }
 
     /// A plain TCP connection to `dst` (a workload without HBONE, or outside the mesh).
@@ -182,20 +282,58 @@ impl Proxy {
     }
 }
 
+/// The route to waypoint `gw` for a connection the application addressed to `dst`, or the refusal.
+fn waypoint_hop(
+    state: &State,
+    src: &Workload,
+    gw: &GatewayAddress,
+    dst: SocketAddr,
+    service: Option<Arc<Service>>,
+    binding: WaypointBinding,
+    target: String,
+) -> Result<Route, Error> {
+    match state.resolve_waypoint(gw, src, dst) {
+        Ok(via) => Ok(Route::Waypoint(WaypointHop {
+            via,
+            authority: dst,
+            service,
+            binding,
+            target,
+            waypoint: gw.clone(),
+        })),
+        Err(reason) => Err(Error::Waypoint(Box::new(WaypointRefusal {
+            binding,
+            target,
+            waypoint: gw.clone(),
+            problem: WaypointProblem::Unresolved(reason),
+        }))),
+    }
+}
+
+/// ztunnel's `check_from_waypoint`: the connection comes from the waypoint `gw` itself — the source has
+/// the identity of a workload behind it and connects from one of that workload's addresses.
+fn from_waypoint(state: &State, gw: &GatewayAddress, src: &Workload, downstream: IpAddr) -> bool {
+    state.waypoint_has(gw, |w| {
+        w.identity == src.identity && w.ips.contains(&downstream)
+    })
+}
+
 /// The `reporter="source"` labels of a connection from `src` taking `route`: the source principal (and
-/// `mutual_tls`) only when the connection is carried over HBONE, with this workload's certificate.
+/// `mutual_tls`) only when the connection is carried over HBONE, with this workload's certificate. A
+/// waypoint hop is labelled with the waypoint workload and the service the application addressed.
 fn source_labels(src: &Workload, route: &Route) -> TrafficLabels {
-    let (identity, up) = match route {
-        Route::Hbone(up) => (Some(&src.identity), Some(up)),
-        Route::Tcp(up) => (None, Some(up)),
-        Route::Passthrough(_) => (None, None),
+    let (identity, dst, service) = match route {
+        Route::Hbone(up) => (Some(&src.identity), Some(up), up.service.as_deref()),
+        Route::Tcp(up) => (None, Some(up), up.service.as_deref()),
+        Route::Passthrough(_) => (None, None, None),
+        Route::Waypoint(hop) => (Some(&src.identity), Some(&hop.via), hop.service.as_deref()),
     };
     TrafficLabels::new(
         Reporter::source,
         Some(src),
         identity,
-        up.map(|u| &*u.workload),
-        up.and_then(|u| u.service.as_deref()),
+        dst.map(|u| &*u.workload),
+        service,
     )
 }
 
@@ -206,12 +344,17 @@ fn by_protocol(up: Upstream) -> Route {
     }
 }
 
-/// The CONNECT request ztunnel sends: `:authority` = upstream `ip:port`, and `forwarded`, `baggage`,
-/// `traceparent` headers.
-pub fn connect_request(src: &Workload, client: SocketAddr, up: &Upstream) -> Request<()> {
-    let authority = up.addr.to_string();
+/// The CONNECT request ztunnel sends: `:authority` = `authority` (`ip:port`), and `forwarded` (with
+/// `host=` the addressed service when known), `baggage`, `traceparent` headers.
+pub fn connect_request(
+    src: &Workload,
+    client: SocketAddr,
+    authority: SocketAddr,
+    service: Option<&Service>,
+) -> Request<()> {
+    let authority = authority.to_string();
     let mut forwarded = format!("for=\"{client}\"");
-    if let Some(svc) = &up.service {
+    if let Some(svc) = service {
         forwarded.push_str(";host=");
         forwarded.push_str(&svc.hostname);
     }
@@ -298,7 +441,12 @@ services:
         let up = st
             .pick_endpoint(&svc, 80, "10.96.0.1".parse().unwrap())
             .unwrap();
-        let req = connect_request(&src, "10.0.0.1:40000".parse().unwrap(), &up);
+        let req = connect_request(
+            &src,
+            "10.0.0.1:40000".parse().unwrap(),
+            up.addr,
+            up.service.as_deref(),
+        );
         assert_eq!(req.method(), Method::CONNECT);
         assert_eq!(req.uri().to_string(), "10.0.0.2:8080");
         assert!(req.uri().scheme().is_none() && req.uri().path_and_query().is_none());
@@ -321,8 +469,31 @@ services:
             .unwrap()
             .clone();
         let up6 = st.upstream(w, "[fd00::2]:8080".parse().unwrap(), None);
-        let req6 = connect_request(&src, "[fd00::1]:1".parse().unwrap(), &up6);
+        let req6 = connect_request(&src, "[fd00::1]:1".parse().unwrap(), up6.addr, None);
         assert_eq!(req6.uri().to_string(), "[fd00::2]:8080");
         assert_eq!(req6.headers()["forwarded"], "for=\"[fd00::1]:1\"");
+    }
+
+    #[test]
+    fn waypoint_refusals_name_the_destination_and_the_waypoint() {
+        use crate::state::{GatewayDestination, WaypointError};
+        let refusal = WaypointRefusal {
+            binding: WaypointBinding::service,
+            target: "default/reviews.default.svc.cluster.local".into(),
+            waypoint: GatewayAddress {
+                destination: GatewayDestination::Hostname {
+                    namespace: "default".into(),
+                    hostname: "waypoint.default.svc.cluster.local".into(),
+                },
+                hbone_mtls_port: 15008,
+            },
+            problem: WaypointProblem::Unresolved(WaypointError::NotFound),
+        };
+        assert_eq!(
+            Error::Waypoint(Box::new(refusal)).to_string(),
+            "service default/reviews.default.svc.cluster.local must pass waypoint \
+             default/waypoint.default.svc.cluster.local (HBONE port 15008), which is not in the state; \
+             connection refused"
+        );
     }
 }

@@ -8,6 +8,11 @@
 //! A refused policy never widens access: one unusable value refuses the whole file (never just that
 //! policy or match), and a workload whose `authorizationPolicies` names a policy the file does not define
 //! is refused too (ztunnel skips the unknown key, leaving the workload without that policy).
+//!
+//! Waypoints are written as ztunnel writes them: `waypoint: {destination: "network/IP" or
+//! "namespace/hostname", hboneMtlsPort: 15008}` (a `{namespace, hostname}` map is accepted for the
+//! hostname too), `weightedWaypoints: [{destination: <waypoint>, weight: N}]` on services, and
+//! `applicationTunnel: {protocol: NONE|PROXY, port: N}` on workloads.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -18,7 +23,10 @@ use std::time::Duration;
 use serde::Deserialize;
 use tokio::sync::watch;
 
-use super::{HealthPolicy, HealthStatus, LbMode, Protocol, Service, State, Workload};
+use super::{
+    AppTunnelProtocol, ApplicationTunnel, GatewayAddress, GatewayDestination, HealthPolicy,
+    HealthStatus, LbMode, Protocol, Service, State, WeightedWaypoint, Workload,
+};
 use crate::authz::{Policy, PolicySet};
 use crate::identity::Identity;
 
@@ -81,7 +89,7 @@ pub struct LocalConfig {
 pub struct LocalWorkload {
     workload_ips: Vec<IpAddr>,
     #[serde(default)]
-    waypoint: Option<serde_yaml::Value>,
+    waypoint: Option<LocalGateway>,
     #[serde(default)]
     network_gateway: Option<serde_yaml::Value>,
     #[serde(default)]
@@ -114,7 +122,7 @@ pub struct LocalWorkload {
     #[serde(default)]
     native_tunnel: bool,
     #[serde(default)]
-    application_tunnel: Option<serde_yaml::Value>,
+    application_tunnel: Option<LocalApplicationTunnel>,
     #[serde(default)]
     authorization_policies: Vec<String>,
     #[serde(default)]
@@ -149,7 +157,9 @@ pub struct LocalService {
     #[serde(default)]
     subject_alt_names: Vec<String>,
     #[serde(default)]
-    waypoint: Option<serde_yaml::Value>,
+    waypoint: Option<LocalGateway>,
+    #[serde(default)]
+    weighted_waypoints: Vec<LocalWeightedWaypoint>,
     #[serde(default)]
     load_balancer: Option<LocalLoadBalancer>,
     #[serde(default)]
@@ -167,6 +177,89 @@ struct LocalLoadBalancer {
     mode: LbMode,
     #[serde(default)]
     health_policy: HealthPolicy,
+}
+
+/// ztunnel's `GatewayAddress` in YAML.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct LocalGateway {
+    destination: LocalGatewayDestination,
+    hbone_mtls_port: u16,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum LocalGatewayDestination {
+    /// ztunnel's spelling: `network/IP`, else `namespace/hostname`.
+    Text(String),
+    /// `{namespace, hostname}`.
+    Hostname(LocalNamespacedHostname),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LocalNamespacedHostname {
+    namespace: String,
+    hostname: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct LocalWeightedWaypoint {
+    destination: LocalGateway,
+    weight: u32,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct LocalApplicationTunnel {
+    protocol: AppTunnelProtocol,
+    #[serde(default)]
+    port: Option<u16>,
+}
+
+impl LocalGateway {
+    /// The gateway address, or why not (the reason goes into the owning object's error). `field` names
+    /// the key it was written under.
+    fn convert(self, field: &str) -> Result<GatewayAddress, String> {
+        let destination = match self.destination {
+            LocalGatewayDestination::Text(text) => {
+                // As ztunnel reads it: an address when what follows the first `/` is an IP.
+                let (first, rest) = text.split_once('/').ok_or_else(|| {
+                    format!("{field}.destination {text:?} is not network/IP or namespace/hostname")
+                })?;
+                match rest.parse::<IpAddr>() {
+                    Ok(ip) => GatewayDestination::Address {
+                        network: first.to_string(),
+                        ip,
+                    },
+                    Err(_) => GatewayDestination::Hostname {
+                        namespace: first.to_string(),
+                        hostname: rest.to_string(),
+                    },
+                }
+            }
+            LocalGatewayDestination::Hostname(h) => GatewayDestination::Hostname {
+                namespace: h.namespace,
+                hostname: h.hostname,
+            },
+        };
+        if let GatewayDestination::Hostname {
+            namespace,
+            hostname,
+        } = &destination
+        {
+            if namespace.is_empty() || hostname.is_empty() {
+                return Err(format!(
+                    "{field}.destination needs both a namespace and a hostname"
+                ));
+            }
+        }
+        Ok(GatewayAddress {
+            destination,
+            hbone_mtls_port: self.hbone_mtls_port,
+        })
+    }
 }
 
 impl LocalConfig {
@@ -224,13 +317,23 @@ fn workload(w: LocalWorkload) -> Result<Workload, Error> {
         key: key.clone(),
         reason,
     };
-    if w.waypoint.is_some() || w.network_gateway.is_some() || w.application_tunnel.is_some() {
-        tracing::warn!(workload = %key, "waypoint, networkGateway and applicationTunnel are not supported yet; ignored");
+    if w.network_gateway.is_some() {
+        tracing::warn!(workload = %key, "networkGateway is not supported yet; ignored");
     }
+    let waypoint = w
+        .waypoint
+        .map(|g| g.convert("waypoint"))
+        .transpose()
+        .map_err(&invalid)?;
+    // Port 0 is "unset", as in the xDS message.
+    let application_tunnel = w.application_tunnel.map(|t| ApplicationTunnel {
+        protocol: t.protocol,
+        port: t.port.filter(|p| *p != 0),
+    });
     if w.network_mode.as_deref().is_some_and(|m| m != "Standard") {
         tracing::warn!(workload = %key, "networkMode other than Standard is not supported yet; ignored");
     }
-    let _ = (&w.hostname, w.native_tunnel, &w.locality);
+    let _ = (w.native_tunnel, &w.locality);
     for svc in w.services.keys() {
         if !svc.contains('/') {
             return Err(invalid(format!(
@@ -274,6 +377,9 @@ fn workload(w: LocalWorkload) -> Result<Workload, Error> {
         } else {
             w.cluster_id
         },
+        hostname: w.hostname,
+        waypoint,
+        application_tunnel,
     })
 }
 
@@ -305,9 +411,25 @@ fn service(s: LocalService) -> Result<Service, Error> {
                 .map_err(|e| invalid(format!("subjectAltNames: {e}")))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    if s.waypoint.is_some() || s.endpoints.is_some() {
-        tracing::warn!(service = %key, "waypoint and inline endpoints are not supported yet; ignored");
+    if s.endpoints.is_some() {
+        tracing::warn!(service = %key, "inline endpoints are not supported yet; ignored");
     }
+    let waypoint = s
+        .waypoint
+        .map(|g| g.convert("waypoint"))
+        .transpose()
+        .map_err(&invalid)?;
+    let weighted_waypoints = s
+        .weighted_waypoints
+        .into_iter()
+        .map(|ww| {
+            Ok(WeightedWaypoint {
+                destination: ww.destination.convert("weightedWaypoints")?,
+                weight: ww.weight,
+            })
+        })
+        .collect::<Result<Vec<_>, String>>()
+        .map_err(&invalid)?;
     let _ = &s.ip_families;
     let (health_policy, lb_mode) = match s.load_balancer {
         Some(lb) => {
@@ -326,6 +448,8 @@ fn service(s: LocalService) -> Result<Service, Error> {
         canonical: s.canonical,
         health_policy,
         lb_mode,
+        waypoint,
+        weighted_waypoints,
         endpoints: Vec::new(),
     })
 }

@@ -15,9 +15,11 @@
 //! A refused policy is still NACKed, but [`fail_safe_policy`] gives what to enforce in its place when no
 //! earlier good version is held: being stricter than ztunnel must not end in enforcing less than ztunnel.
 //!
-//! Accepted but not acted on yet (the state has no place for them): waypoints, network gateways,
-//! application tunnels, locality and routing preferences, host-network mode, service visibility.
-//! They are still validated, so a bad value is refused rather than ignored.
+//! Waypoints (`Service.waypoint`, `Service.weighted_waypoints`, `Workload.waypoint`) and
+//! `Workload.application_tunnel` are carried into the state. Accepted but not acted on yet (the state has
+//! no place for them): network gateways, locality and routing preferences, host-network mode, service
+//! visibility, `ingress_use_waypoint` (for ingress gateways; ztunnel does not read it either). They are
+//! still validated, so a bad value is refused rather than ignored.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -30,7 +32,10 @@ use crate::authz::{
 };
 use crate::identity::Identity;
 use crate::proto::{security, workload as pb};
-use crate::state::{HealthPolicy, HealthStatus, LbMode, Protocol, Service, Workload};
+use crate::state::{
+    AppTunnelProtocol, ApplicationTunnel, GatewayAddress, GatewayDestination, HealthPolicy,
+    HealthStatus, LbMode, Protocol, Service, WeightedWaypoint, Workload,
+};
 
 /// Why a resource could not be converted.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -228,18 +233,29 @@ fn or_default(value: String, default: &str) -> String {
     }
 }
 
-fn gateway(field: &'static str, gw: &Option<pb::GatewayAddress>) -> Result<(), ConvertError> {
-    let Some(gw) = gw else { return Ok(()) };
-    match &gw.destination {
-        None => Err(ConvertError::GatewayWithoutDestination { field }),
-        Some(pb::gateway_address::Destination::Address(a)) => ip(field, &a.address).map(|_| ()),
+fn gateway(
+    field: &'static str,
+    gw: Option<pb::GatewayAddress>,
+) -> Result<Option<GatewayAddress>, ConvertError> {
+    let Some(gw) = gw else { return Ok(None) };
+    let destination = match gw.destination {
+        None => return Err(ConvertError::GatewayWithoutDestination { field }),
+        Some(pb::gateway_address::Destination::Address(a)) => GatewayDestination::Address {
+            ip: ip(field, &a.address)?,
+            network: a.network,
+        },
         Some(pb::gateway_address::Destination::Hostname(h)) if h.hostname.is_empty() => {
-            Err(ConvertError::Missing { field })
+            return Err(ConvertError::Missing { field })
         }
-        Some(pb::gateway_address::Destination::Hostname(_)) => {
-            port(field, gw.hbone_mtls_port).map(|_| ())
-        }
-    }
+        Some(pb::gateway_address::Destination::Hostname(h)) => GatewayDestination::Hostname {
+            namespace: h.namespace,
+            hostname: h.hostname,
+        },
+    };
+    Ok(Some(GatewayAddress {
+        destination,
+        hbone_mtls_port: port(field, gw.hbone_mtls_port)?,
+    }))
 }
 
 fn ports(field: &'static str, list: &[pb::Port]) -> Result<HashMap<u16, u16>, ConvertError> {
@@ -283,13 +299,20 @@ fn workload(name: &str, w: pb::Workload) -> Result<Workload, ConvertError> {
         pb::WorkloadType::Job => "job",
     };
     let _: pb::NetworkMode = known("networkMode", w.network_mode)?;
-    gateway("waypoint", &w.waypoint)?;
-    gateway("networkGateway", &w.network_gateway)?;
-    if let Some(tunnel) = &w.application_tunnel {
-        let _: pb::application_tunnel::Protocol =
-            known("applicationTunnel.protocol", tunnel.protocol)?;
-        port("applicationTunnel.port", tunnel.port)?;
-    }
+    let waypoint = gateway("waypoint", w.waypoint)?;
+    gateway("networkGateway", w.network_gateway)?;
+    let application_tunnel = match &w.application_tunnel {
+        None => None,
+        Some(tunnel) => {
+            let protocol = match known("applicationTunnel.protocol", tunnel.protocol)? {
+                pb::application_tunnel::Protocol::None => AppTunnelProtocol::NONE,
+                pb::application_tunnel::Protocol::Proxy => AppTunnelProtocol::PROXY,
+            };
+            // 0 is proto3's "unset": deliver to the requested port.
+            let port = Some(port("applicationTunnel.port", tunnel.port)?).filter(|p| *p != 0);
+            Some(ApplicationTunnel { protocol, port })
+        }
+    };
     let mut services = HashMap::with_capacity(w.services.len());
     for (key, list) in w.services {
         if !key.contains('/') {
@@ -326,6 +349,9 @@ fn workload(name: &str, w: pb::Workload) -> Result<Workload, ConvertError> {
         workload_name: w.workload_name,
         workload_type: workload_type.to_string(),
         cluster_id: or_default(w.cluster_id, "Kubernetes"),
+        hostname: w.hostname,
+        waypoint,
+        application_tunnel,
     })
 }
 
@@ -368,15 +394,19 @@ fn service(name: &str, s: pb::Service) -> Result<Service, ConvertError> {
                 })
         })
         .collect::<Result<Vec<_>, _>>()?;
-    gateway("waypoint", &s.waypoint)?;
-    for ww in &s.weighted_waypoints {
-        gateway("weightedWaypoints", &ww.destination)?;
-        if ww.destination.is_none() {
-            return Err(ConvertError::GatewayWithoutDestination {
-                field: "weightedWaypoints",
-            });
-        }
-    }
+    let waypoint = gateway("waypoint", s.waypoint)?;
+    let weighted_waypoints = s
+        .weighted_waypoints
+        .into_iter()
+        .map(|ww| {
+            let field = "weightedWaypoints";
+            Ok(WeightedWaypoint {
+                destination: gateway(field, ww.destination)?
+                    .ok_or(ConvertError::GatewayWithoutDestination { field })?,
+                weight: ww.weight,
+            })
+        })
+        .collect::<Result<Vec<_>, ConvertError>>()?;
     let _: pb::IpFamilies = known("ipFamilies", s.ip_families)?;
     // ztunnel reads an unknown visibility as PUBLIC; the state has no visibility yet either way.
     let (health_policy, lb_mode) = match &s.load_balancing {
@@ -412,6 +442,8 @@ fn service(name: &str, s: pb::Service) -> Result<Service, ConvertError> {
         canonical: s.canonical,
         health_policy,
         lb_mode,
+        waypoint,
+        weighted_waypoints,
         endpoints: Vec::new(),
     })
 }

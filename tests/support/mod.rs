@@ -4,7 +4,9 @@
 
 pub mod ads;
 pub mod cluster;
+pub mod dedicated;
 pub mod fake_kube;
+pub mod l7;
 pub mod labelled;
 pub mod netns;
 pub mod waypoint;

@@ -1,457 +1,306 @@
-//! Fixtures for waypoint tests: Address workloads and services built as the xDS client converts them, a
-//! waypoint running in this process on a loopback address, an HBONE client that opens tunnels to it and
-//! speaks HTTP inside them, and an HTTP backend that counts what it sees.
+//! Fixtures for waypoint routing: a fake waypoint (an HBONE terminator with its own workload certificate
+//! that records what each CONNECT asked for and who asked, then echoes), an echo application that counts
+//! its connections, a reader of PROXY protocol v2 headers written independently of the proxy's encoder,
+//! and clients that connect from a chosen source address.
 
-use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use meshnode::config::WaypointConfig;
-use meshnode::identity::{CertManager, CertSource, Identity};
-use meshnode::proto::waypoint as pb;
-use meshnode::proto::workload as wl;
-use meshnode::socket::{self, SocketOpts};
-use meshnode::state::{Service, Workload};
-use meshnode::waypoint::sniff::{self, Detected};
-use meshnode::waypoint::tunnel::Tunnel;
-use meshnode::waypoint::{Snapshot, Waypoint, WaypointInputs, WaypointMetrics};
+use meshnode::identity::{CertSource, Identity, WorkloadCert};
+use meshnode::tls::{dummy_server_name, TlsMaterial};
 use parking_lot::Mutex;
-use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
-/// An Address workload, converted as the xDS client converts it. `services`: `(ns/hostname, port, target)`.
-pub fn workload(
-    name: &str,
-    sa: &str,
-    ip: IpAddr,
-    hbone: bool,
-    services: &[(&str, u32, u32)],
-) -> Arc<Workload> {
-    match meshnode::xds::convert::address(
-        &uid(name),
-        workload_address(name, sa, ip, hbone, services),
-    )
-    .unwrap()
-    {
-        meshnode::xds::convert::Address::Workload(w) => Arc::new(w),
-        _ => unreachable!(),
-    }
+/// One CONNECT the fake waypoint received.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    /// Its `:authority`.
+    pub authority: String,
+    /// The identity in the client's certificate.
+    pub peer: Identity,
+    /// Its `forwarded` header, if any.
+    pub forwarded: Option<String>,
 }
 
-/// The `istio.workload.Address` of [`workload`], as a control plane sends it (resource name: [`uid`]).
-pub fn workload_address(
-    name: &str,
-    sa: &str,
-    ip: IpAddr,
-    hbone: bool,
-    services: &[(&str, u32, u32)],
-) -> wl::Address {
-    let mut svc: HashMap<String, wl::PortList> = HashMap::new();
-    for (key, port, target) in services {
-        svc.entry(key.to_string())
-            .or_default()
-            .ports
-            .push(wl::Port {
-                service_port: *port,
-                target_port: *target,
-                ..Default::default()
-            });
-    }
-    let w = wl::Workload {
-        uid: uid(name),
-        name: name.into(),
-        namespace: "default".into(),
-        service_account: sa.into(),
-        addresses: vec![octets(ip)],
-        tunnel_protocol: if hbone {
-            wl::TunnelProtocol::Hbone as i32
-        } else {
-            wl::TunnelProtocol::None as i32
-        },
-        services: svc,
-        canonical_name: name.into(),
-        canonical_revision: "v1".into(),
-        workload_name: name.into(),
-        ..Default::default()
-    };
-    wl::Address {
-        r#type: Some(wl::address::Type::Workload(w)),
-    }
-}
-
-/// The uid of test workload `name`.
-pub fn uid(name: &str) -> String {
-    format!("Kubernetes//Pod/default/{name}")
-}
-
-fn octets(ip: IpAddr) -> Vec<u8> {
-    match ip {
-        IpAddr::V4(v) => v.octets().to_vec(),
-        IpAddr::V6(v) => v.octets().to_vec(),
-    }
-}
-
-/// An Address service `name` in `default` with VIP `vip` and `(port, target)` pairs.
-pub fn service(name: &str, vip: IpAddr, ports: &[(u32, u32)]) -> Arc<Service> {
-    let key = format!("default/{}", hostname(name));
-    match meshnode::xds::convert::address(&key, service_address(name, vip, ports)).unwrap() {
-        meshnode::xds::convert::Address::Service(s) => Arc::new(s),
-        _ => unreachable!(),
-    }
-}
-
-/// The `istio.workload.Address` of [`service`] (resource name: `default/<hostname>`).
-pub fn service_address(name: &str, vip: IpAddr, ports: &[(u32, u32)]) -> wl::Address {
-    let s = wl::Service {
-        name: name.into(),
-        namespace: "default".into(),
-        hostname: hostname(name),
-        addresses: vec![wl::NetworkAddress {
-            network: String::new(),
-            address: octets(vip),
-            ..Default::default()
-        }],
-        ports: ports
-            .iter()
-            .map(|(p, t)| wl::Port {
-                service_port: *p,
-                target_port: *t,
-                ..Default::default()
-            })
-            .collect(),
-        ..Default::default()
-    };
-    wl::Address {
-        r#type: Some(wl::address::Type::Service(s)),
-    }
-}
-
-/// `name.default.svc.cluster.local`.
-pub fn hostname(name: &str) -> String {
-    format!("{name}.default.svc.cluster.local")
-}
-
-/// A waypoint Service port with one cluster `<name>-<port>` of `endpoints` (workload names).
-pub fn port(
-    protocol: pb::Protocol,
-    svc: &str,
-    port: u32,
-    endpoints: &[&str],
-) -> (pb::Port, pb::Cluster) {
-    let cluster = format!("{svc}-{port}");
-    (
-        pb::Port {
-            port,
-            protocol: protocol as i32,
-            default_cluster: cluster.clone(),
-            ..Default::default()
-        },
-        pb::Cluster {
-            name: cluster,
-            service_hostname: hostname(svc),
-            port,
-            endpoints: endpoints.iter().map(|e| uid(e)).collect(),
-            ..Default::default()
-        },
-    )
-}
-
-/// A waypoint Service `name` in `default` with these ports and clusters.
-pub fn bound_service(name: &str, ports: Vec<(pb::Port, pb::Cluster)>) -> pb::Service {
-    let (ports, clusters) = ports.into_iter().unzip();
-    pb::Service {
-        hostname: hostname(name),
-        namespace: "default".into(),
-        name: name.into(),
-        ports,
-        clusters,
-        ..Default::default()
-    }
-}
-
-/// The Waypoint resource `default/waypoint`.
-pub fn waypoint_resource(services: Vec<pb::Service>, workloads: &[&str]) -> pb::Waypoint {
-    pb::Waypoint {
-        namespace: "default".into(),
-        name: "waypoint".into(),
-        traffic_type: pb::TrafficType::All as i32,
-        services,
-        workloads: workloads.iter().map(|w| uid(w)).collect(),
-        policies: Vec::new(),
-    }
-}
-
-/// A waypoint running in this process.
-pub struct TestWaypoint {
-    pub waypoint: Arc<Waypoint>,
+/// A fake waypoint listening on `addr`.
+pub struct FakeWaypoint {
     pub addr: SocketAddr,
-    pub config: watch::Sender<Arc<Snapshot>>,
-    shutdown: watch::Sender<bool>,
+    seen: Arc<Mutex<Vec<Seen>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
-impl Drop for TestWaypoint {
+impl FakeWaypoint {
+    /// Every CONNECT so far, in order.
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().clone()
+    }
+}
+
+impl Drop for FakeWaypoint {
     fn drop(&mut self) {
-        let _ = self.shutdown.send(true);
         self.task.abort();
     }
 }
 
-/// The waypoint `default/waypoint` (service account `waypoint`) with `extra` variables.
-pub fn waypoint_config(extra: &[(&str, &str)]) -> WaypointConfig {
-    let mut env: HashMap<String, String> = HashMap::new();
-    env.insert("POD_NAMESPACE".into(), "default".into());
-    env.insert("SERVICE_ACCOUNT".into(), "waypoint".into());
-    env.insert("XDS_ADDRESS".into(), String::new());
-    for (k, v) in extra {
-        env.insert(k.to_string(), v.to_string());
-    }
-    WaypointConfig::from_source(&env).unwrap()
-}
-
-/// Starts a waypoint on `bind:15008` serving `snapshot`.
-pub async fn start_waypoint(
-    ca: Arc<dyn CertSource>,
-    bind: IpAddr,
-    snapshot: Snapshot,
-    extra: &[(&str, &str)],
-) -> TestWaypoint {
-    let cfg = Arc::new(waypoint_config(extra));
-    let (config, rx) = watch::channel(Arc::new(snapshot));
-    let (shutdown, shutdown_rx) = watch::channel(false);
-    let waypoint = Waypoint::new(
-        WaypointInputs {
-            cfg: cfg.clone(),
-            config: rx,
-            certs: CertManager::new(ca),
-            metrics: Arc::new(WaypointMetrics::new()),
-        },
-        shutdown_rx,
-    )
-    .await
-    .unwrap();
-    let listener = socket::listen(
-        SocketAddr::new(bind, cfg.ports.hbone),
-        SocketOpts::default(),
-    )
-    .unwrap();
-    let addr = listener.local_addr().unwrap();
-    let task = tokio::spawn(waypoint.clone().serve(listener));
-    TestWaypoint {
-        waypoint,
-        addr,
-        config,
-        shutdown,
-        task,
-    }
-}
-
-/// The identity of the test waypoint.
-pub fn waypoint_id() -> Identity {
-    "spiffe://cluster.local/ns/default/sa/waypoint"
-        .parse()
-        .unwrap()
-}
-
-/// An HBONE connection to `dst` from source address `from`, presenting `cert`, expecting `expected`.
-pub async fn hbone_client_from(
-    cert: meshnode::identity::WorkloadCert,
-    expected: Identity,
-    from: IpAddr,
-    dst: SocketAddr,
-) -> Result<h2::client::SendRequest<Bytes>, String> {
-    let tls = meshnode::tls::TlsMaterial::new(Arc::new(cert)).map_err(|e| e.to_string())?;
-    let sock = tokio::net::TcpSocket::new_v4().map_err(|e| e.to_string())?;
-    sock.bind(SocketAddr::new(from, 0))
-        .map_err(|e| e.to_string())?;
-    let tcp = sock.connect(dst).await.map_err(|e| e.to_string())?;
-    let conn = tokio_rustls::TlsConnector::from(tls.client_config(vec![expected]));
-    let stream = conn
-        .connect(meshnode::tls::dummy_server_name(), tcp)
-        .await
-        .map_err(|e| e.to_string())?;
-    let (send, driver) = h2::client::handshake(stream)
-        .await
-        .map_err(|e| format!("h2: {e}"))?;
-    tokio::spawn(driver);
-    Ok(send)
-}
-
-/// Opens a CONNECT tunnel for `authority` on an HBONE client connection; the status when refused.
-pub async fn tunnel(
-    send: &h2::client::SendRequest<Bytes>,
-    authority: &str,
-) -> Result<Tunnel, http::StatusCode> {
-    let mut s = send.clone().ready().await.expect("HBONE connection usable");
-    let (resp, up) = s
-        .send_request(super::connect(authority), false)
-        .expect("CONNECT sent");
-    let resp = tokio::time::timeout(Duration::from_secs(10), resp)
-        .await
-        .expect("CONNECT answered in time")
-        .expect("CONNECT answered");
-    if resp.status() != http::StatusCode::OK {
-        return Err(resp.status());
-    }
-    Ok(Tunnel::new(up, resp.into_body(), None))
-}
-
-/// An HTTP/1.1 client inside `tunnel`.
-pub async fn http1(tunnel: Tunnel) -> hyper::client::conn::http1::SendRequest<Full<Bytes>> {
-    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tunnel))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    send
-}
-
-/// An HTTP/2 client inside `tunnel`.
-pub async fn http2(tunnel: Tunnel) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
-    let (send, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tunnel))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
-    send
-}
-
-/// A GET request for `uri` with `host`.
-pub fn get(uri: &str, host: &str) -> http::Request<Full<Bytes>> {
-    http::Request::builder()
-        .uri(uri)
-        .header(http::header::HOST, host)
-        .body(Full::new(Bytes::new()))
-        .unwrap()
-}
-
-/// Status and body of a response.
-pub async fn read(resp: http::Response<Incoming>) -> (http::StatusCode, String) {
-    let status = resp.status();
-    let body = resp.into_body().collect().await.unwrap().to_bytes();
-    (status, String::from_utf8_lossy(&body).into_owned())
-}
-
-/// What a backend saw of one request.
-#[derive(Debug, Clone)]
-pub struct Seen {
-    pub method: String,
-    pub path: String,
-    pub host: String,
-    pub version: http::Version,
-}
-
-/// An HTTP backend (HTTP/1.1 or HTTP/2, by the client's preface): answers `200 hello from <name>` (or
-/// `503` for the first `fail_first` requests) and counts connections and requests.
-pub struct Backend {
-    pub name: String,
-    pub connections: AtomicU64,
-    pub requests: AtomicU64,
-    pub fail_first: AtomicU32,
-    /// Milliseconds to wait before answering.
-    pub delay_ms: AtomicU64,
-    pub seen: Mutex<Vec<Seen>>,
-    /// Woken at every request.
-    pub notify: tokio::sync::Notify,
-}
-
-impl Backend {
-    /// Requests seen so far.
-    pub fn requests(&self) -> u64 {
-        self.requests.load(Ordering::SeqCst)
-    }
-
-    /// Connections accepted so far.
-    pub fn connections(&self) -> u64 {
-        self.connections.load(Ordering::SeqCst)
-    }
-}
-
-/// Starts a backend on `addr`.
-pub async fn backend(name: &str, addr: SocketAddr) -> Arc<Backend> {
-    let l = TcpListener::bind(addr).await.unwrap();
-    let b = Arc::new(Backend {
-        name: name.to_string(),
-        connections: AtomicU64::new(0),
-        requests: AtomicU64::new(0),
-        fail_first: AtomicU32::new(0),
-        delay_ms: AtomicU64::new(0),
-        seen: Mutex::new(Vec::new()),
-        notify: tokio::sync::Notify::new(),
-    });
-    let me = b.clone();
-    tokio::spawn(async move {
-        while let Ok((s, _)) = l.accept().await {
-            me.connections.fetch_add(1, Ordering::SeqCst);
-            let me = me.clone();
+/// Starts a fake waypoint on `addr` presenting a certificate for `id` from `ca`. Each CONNECT is recorded
+/// before it is answered 200; the stream then gets `waypoint=<authority>\n` followed by an echo of what
+/// it carries, and ends when the client's side does.
+pub async fn fake_waypoint(ca: &dyn CertSource, id: &Identity, addr: SocketAddr) -> FakeWaypoint {
+    let cert = ca.fetch(id).await.unwrap();
+    let tls = TlsMaterial::new(Arc::new(cert)).unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config());
+    let listener = TcpListener::bind(addr).await.unwrap();
+    let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+    let record = seen.clone();
+    let task = tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            let record = record.clone();
             tokio::spawn(async move {
-                let Ok((detected, io)) = sniff::detect(s, true, Duration::from_secs(10)).await
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let Some(peer) = meshnode::tls::peer_identity(tls.get_ref().1.peer_certificates())
                 else {
                     return;
                 };
-                let svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
-                    let me = me.clone();
-                    async move {
-                        let host = req
-                            .uri()
-                            .authority()
-                            .map(|a| a.to_string())
-                            .or_else(|| {
-                                req.headers()
-                                    .get(http::header::HOST)
-                                    .map(|h| h.to_str().unwrap_or("").to_string())
-                            })
-                            .unwrap_or_default();
-                        me.seen.lock().push(Seen {
-                            method: req.method().to_string(),
-                            path: req.uri().path().to_string(),
-                            host,
-                            version: req.version(),
-                        });
-                        let _ = req.into_body().collect().await;
-                        me.requests.fetch_add(1, Ordering::SeqCst);
-                        let delay = me.delay_ms.load(Ordering::SeqCst);
-                        if delay > 0 {
-                            tokio::time::sleep(Duration::from_millis(delay)).await;
-                        }
-                        me.notify.notify_waiters();
-                        let failing = me
-                            .fail_first
-                            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-                            .is_ok();
-                        let (status, body) = if failing {
-                            (503, "backend failing on purpose".to_string())
-                        } else {
-                            (200, format!("hello from {}", me.name))
-                        };
-                        Ok::<_, std::convert::Infallible>(
-                            http::Response::builder()
-                                .status(status)
-                                .body(Full::new(Bytes::from(body)))
-                                .unwrap(),
-                        )
-                    }
-                });
-                let io = TokioIo::new(io);
-                let _ = match detected {
-                    Detected::Http2 => {
-                        hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                            .serve_connection(io, svc)
-                            .await
-                    }
-                    _ => {
-                        hyper::server::conn::http1::Builder::new()
-                            .serve_connection(io, svc)
-                            .await
-                    }
+                let Ok(mut conn) = h2::server::handshake(tls).await else {
+                    return;
                 };
+                while let Some(Ok((req, mut respond))) = conn.accept().await {
+                    let authority = req
+                        .uri()
+                        .authority()
+                        .map(|a| a.to_string())
+                        .unwrap_or_default();
+                    let forwarded = req
+                        .headers()
+                        .get("forwarded")
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_string);
+                    record.lock().push(Seen {
+                        authority: authority.clone(),
+                        peer: peer.clone(),
+                        forwarded,
+                    });
+                    let ok = http::Response::builder().status(200).body(()).unwrap();
+                    let Ok(send) = respond.send_response(ok, false) else {
+                        continue;
+                    };
+                    tokio::spawn(async move {
+                        // The "application" behind the waypoint: greeting, then echo, over an in-memory pipe.
+                        let (mine, theirs) = tokio::io::duplex(64 * 1024);
+                        tokio::spawn(async move {
+                            let (mut r, mut w) = tokio::io::split(theirs);
+                            let _ = w
+                                .write_all(format!("waypoint={authority}\n").as_bytes())
+                                .await;
+                            let _ = tokio::io::copy(&mut r, &mut w).await;
+                            let _ = w.shutdown().await;
+                        });
+                        let (mut r, mut w) = tokio::io::split(mine);
+                        let _ = meshnode::hbone::copy::bidirectional(
+                            &mut r,
+                            &mut w,
+                            send,
+                            req.into_body(),
+                        )
+                        .await;
+                    });
+                }
             });
         }
     });
-    b
+    FakeWaypoint { addr, seen, task }
+}
+
+/// An echo application like `super::echo_server` that also counts the connections it accepted.
+pub async fn counting_echo(addr: SocketAddr) -> Arc<AtomicUsize> {
+    let l = TcpListener::bind(addr).await.unwrap();
+    let count = Arc::new(AtomicUsize::new(0));
+    let c = count.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, peer)) = l.accept().await {
+            c.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let _ = s.write_all(format!("peer={peer}\n").as_bytes()).await;
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    count
+}
+
+/// [`super::roundtrip`] from the source address `src`.
+pub async fn roundtrip_from(src: IpAddr, dst: SocketAddr, msg: &[u8]) -> std::io::Result<String> {
+    let sock = TcpSocket::new_v4()?;
+    sock.bind(SocketAddr::new(src, 0))?;
+    let mut s = sock.connect(dst).await?;
+    s.write_all(msg).await?;
+    s.shutdown().await?;
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer"))??;
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// A raw HBONE client like [`super::hbone_client`], connecting from `src`; also returns the address it
+/// connected from.
+pub async fn hbone_client_from(
+    cert: WorkloadCert,
+    expected: Identity,
+    src: IpAddr,
+    dst: SocketAddr,
+) -> (h2::client::SendRequest<Bytes>, SocketAddr) {
+    let tls = TlsMaterial::new(Arc::new(cert)).unwrap();
+    let sock = TcpSocket::new_v4().unwrap();
+    sock.bind(SocketAddr::new(src, 0)).unwrap();
+    let tcp = sock.connect(dst).await.unwrap();
+    let from = tcp.local_addr().unwrap();
+    let conn = tokio_rustls::TlsConnector::from(tls.client_config(vec![expected]));
+    let stream = conn.connect(dummy_server_name(), tcp).await.unwrap();
+    let (send, driver) = h2::client::handshake(stream).await.unwrap();
+    tokio::spawn(driver);
+    (send, from)
+}
+
+/// Sends a CONNECT for `authority` on `send`, expects 200, writes `msg`, half-closes, and returns what
+/// came back.
+pub async fn connect_roundtrip(
+    send: &h2::client::SendRequest<Bytes>,
+    authority: &str,
+    msg: &[u8],
+) -> String {
+    let mut s = send.clone().ready().await.unwrap();
+    let (resp, mut body) = s.send_request(super::connect(authority), false).unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(10), resp)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(resp.status(), 200, "CONNECT {authority}");
+    body.send_data(Bytes::copy_from_slice(msg), true).unwrap();
+    let mut recv = resp.into_body();
+    let mut out = Vec::new();
+    while let Some(chunk) = tokio::time::timeout(Duration::from_secs(10), recv.data())
+        .await
+        .unwrap()
+    {
+        let chunk = chunk.unwrap();
+        let _ = recv.flow_control().release_capacity(chunk.len());
+        out.extend_from_slice(&chunk);
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A PROXY protocol v2 header as read by [`proxy_v2_app`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyHeader {
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
+    /// TLVs in order: (type, value).
+    pub tlvs: Vec<(u8, Vec<u8>)>,
+}
+
+/// What a [`proxy_v2_app`] saw on one connection: the header (or why none), and the bytes after it.
+#[derive(Debug, Clone)]
+pub struct ProxiedConnection {
+    pub header: Result<ProxyHeader, String>,
+    pub payload: Vec<u8>,
+}
+
+/// An application that expects a PROXY v2 header on every connection (as a waypoint with
+/// `applicationTunnel: {protocol: PROXY}` does). Binds `addr`; for each connection it reads the header,
+/// answers `proxied\n` if it parsed, reads the rest until EOF, and records both.
+pub async fn proxy_v2_app(addr: SocketAddr) -> (SocketAddr, Arc<Mutex<Vec<ProxiedConnection>>>) {
+    let l = TcpListener::bind(addr).await.unwrap();
+    let bound = l.local_addr().unwrap();
+    let seen: Arc<Mutex<Vec<ProxiedConnection>>> = Arc::default();
+    let record = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let record = record.clone();
+            tokio::spawn(async move {
+                let header = read_proxy_v2(&mut s).await;
+                if header.is_ok() {
+                    let _ = s.write_all(b"proxied\n").await;
+                }
+                let mut payload = Vec::new();
+                let _ = s.read_to_end(&mut payload).await;
+                record.lock().push(ProxiedConnection { header, payload });
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    (bound, seen)
+}
+
+/// Reads one PROXY v2 header (HAProxy's proxy-protocol.txt, section 2.2) for TCP over IPv4 or IPv6.
+async fn read_proxy_v2(s: &mut TcpStream) -> Result<ProxyHeader, String> {
+    let mut fixed = [0u8; 16];
+    s.read_exact(&mut fixed).await.map_err(|e| e.to_string())?;
+    if fixed[..12] != *b"\r\n\r\n\0\r\nQUIT\n" {
+        return Err(format!("no v2 signature: {:?}", &fixed[..12]));
+    }
+    if fixed[12] != 0x21 {
+        return Err(format!("version/command {:#x}, want 0x21", fixed[12]));
+    }
+    let len = u16::from_be_bytes([fixed[14], fixed[15]]) as usize;
+    let mut rest = vec![0u8; len];
+    s.read_exact(&mut rest).await.map_err(|e| e.to_string())?;
+    let (src, dst, tlvs) = match fixed[13] {
+        0x11 if len >= 12 => {
+            let ip = |o: usize| {
+                IpAddr::V4(Ipv4Addr::new(
+                    rest[o],
+                    rest[o + 1],
+                    rest[o + 2],
+                    rest[o + 3],
+                ))
+            };
+            let port = |o: usize| u16::from_be_bytes([rest[o], rest[o + 1]]);
+            (
+                SocketAddr::new(ip(0), port(8)),
+                SocketAddr::new(ip(4), port(10)),
+                &rest[12..],
+            )
+        }
+        0x21 if len >= 36 => {
+            let ip = |o: usize| {
+                let b: [u8; 16] = rest[o..o + 16].try_into().unwrap();
+                IpAddr::V6(Ipv6Addr::from(b))
+            };
+            let port = |o: usize| u16::from_be_bytes([rest[o], rest[o + 1]]);
+            (
+                SocketAddr::new(ip(0), port(32)),
+                SocketAddr::new(ip(16), port(34)),
+                &rest[36..],
+            )
+        }
+        other => return Err(format!("family {other:#x} with length {len}")),
+    };
+    let mut out = Vec::new();
+    let mut t = tlvs;
+    while !t.is_empty() {
+        if t.len() < 3 {
+            return Err(format!("truncated TLV {t:?}"));
+        }
+        let n = u16::from_be_bytes([t[1], t[2]]) as usize;
+        if t.len() < 3 + n {
+            return Err(format!("TLV {:#x} of length {n} overruns the header", t[0]));
+        }
+        out.push((t[0], t[3..3 + n].to_vec()));
+        t = &t[3 + n..];
+    }
+    Ok(ProxyHeader {
+        src: SocketAddr::new(src.ip().to_canonical(), src.port()),
+        dst: SocketAddr::new(dst.ip().to_canonical(), dst.port()),
+        tlvs: out,
+    })
 }

@@ -4,30 +4,20 @@
 use std::collections::{BTreeMap, HashSet};
 
 use super::{
-    invalid, refuse_fields, Converted, IstioObject, MtlsMode, PeerInfo,
-    CONVERTED_PEER_AUTHENTICATION_PREFIX, STATIC_STRICT_POLICY,
+    invalid, Converted, IstioObject, MtlsMode, PeerInfo, CONVERTED_PEER_AUTHENTICATION_PREFIX,
+    STATIC_STRICT_POLICY,
 };
 use crate::authz::{Action, Clause, Match, Policy, Rule, Scope, StringMatch};
 use crate::control_plane::config::{Error, Labels, WorkloadSpec};
+use crate::control_plane::objects::security::PeerAuthenticationSpec;
 
 pub(super) fn peer_authentication(
     root: &str,
     obj: &IstioObject,
+    spec: &PeerAuthenticationSpec,
     at: &str,
     warnings: &mut Vec<String>,
 ) -> Result<Option<PeerInfo>, Error> {
-    let spec = &obj.spec;
-    refuse_fields(
-        obj,
-        at,
-        &[
-            ("action", spec.action.is_some()),
-            ("rules", spec.rules.is_some()),
-            ("provider", spec.provider.is_some()),
-            ("targetRef", spec.target_ref.is_some()),
-            ("targetRefs", spec.target_refs.is_some()),
-        ],
-    )?;
     let (ns, name) = (&obj.metadata.namespace, &obj.metadata.name);
     // As istiod: a selector without labels is namespace-wide.
     let selector = spec

@@ -69,6 +69,8 @@ fn exact(s: &str) -> StringMatch {
 }
 
 const STATIC: &str = "istio-system/istio_converted_static_strict";
+/// A targetRef to the waypoint Gateway `waypoint`.
+const GW: &str = "targetRef: {kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}";
 
 // ---- AuthorizationPolicy ----
 
@@ -316,7 +318,7 @@ fn a_deny_rule_with_http_attributes_is_widened_and_logged() {
 }
 
 #[test]
-fn audit_custom_and_waypoint_bound_policies_are_not_sent() {
+fn audit_custom_and_waypoint_bound_policies_are_not_sent_to_node_proxies() {
     let istio = [
         ap("bookinfo", "audit", "{action: AUDIT}"),
         ap(
@@ -338,9 +340,58 @@ fn audit_custom_and_waypoint_bound_policies_are_not_sent() {
     .concat();
     let c = convert(&mesh(&istio)).unwrap();
     assert!(c.policies.is_empty());
-    assert_eq!(c.warnings.len(), 4, "{:?}", c.warnings);
+    assert_eq!(c.warnings.len(), 2, "{:?}", c.warnings);
     assert!(c.warnings[0].contains("Audit"));
-    assert!(c.warnings[2].contains("waypoint"));
+    // The targeted ones are kept for waypoints (waypoints.rs attaches them), in the waypoint's form.
+    let targeted: Vec<_> = c.targeted.iter().map(|t| t.policy.name.as_str()).collect();
+    assert_eq!(targeted, ["wp", "wp1"]);
+    assert_eq!(
+        c.targeted[0].targets,
+        [(
+            "istio[2].spec.targetRefs[0]".to_string(),
+            PolicyTarget::Service("reviews".into())
+        )]
+    );
+    assert_eq!(
+        c.targeted[1].targets[0].1,
+        PolicyTarget::Gateway("waypoint".into())
+    );
+    // And never reach a node proxy's resources.
+    let res = translate(&mesh(&istio));
+    assert!(res.authorizations.is_empty());
+}
+
+#[test]
+fn waypoint_bound_policies_keep_their_http_fields_in_istio_forms() {
+    let c = convert(&mesh(&ap(
+        "bookinfo",
+        "get-only",
+        "{targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}], action: DENY, rules: [{
+          from: [{source: {principals: [cluster.local/ns/default/sa/sleep], serviceAccounts: [curl], notNamespaces: [legacy], remoteIpBlocks: [10.0.0.0/8]}}],
+          to: [{operation: {methods: [POST], notPaths: [\"/api/data*\"], hosts: [\"*.example.com\"], ports: [9080]}}],
+          when: [{key: \"request.headers[x-user]\", values: [jason]}, {key: source.ip, notValues: [10.1.0.0/16]}]}]}",
+    )))
+    .unwrap();
+    use crate::proto::waypoint as wp;
+    let p = &c.targeted[0].policy;
+    assert_eq!(p.action, wp::Action::Deny as i32);
+    let r = &p.rules[0];
+    assert_eq!(
+        r.from[0].principals,
+        [
+            "cluster.local/ns/default/sa/sleep",
+            "cluster.local/ns/bookinfo/sa/curl"
+        ]
+    );
+    assert_eq!(r.from[0].not_namespaces, ["legacy"]);
+    assert_eq!(r.from[0].remote_ip_blocks, ["10.0.0.0/8"]);
+    assert_eq!(r.to[0].methods, ["POST"]);
+    assert_eq!(r.to[0].not_paths, ["/api/data*"]);
+    assert_eq!(r.to[0].hosts, ["*.example.com"]);
+    assert_eq!(r.to[0].ports, ["9080"]);
+    assert_eq!(r.when[0].key, "request.headers[x-user]");
+    assert_eq!(r.when[0].values, ["jason"]);
+    assert_eq!(r.when[1].not_values, ["10.1.0.0/16"]);
 }
 
 #[test]
@@ -693,8 +744,20 @@ fn bad_istio_objects_are_refused_naming_the_field() {
         (ap("bookinfo", "p", "{selector: {matchLabels: {}}}"), "spec.selector.matchLabels"),
         (ap("bookinfo", "p", "{action: CUSTOM}"), "spec.provider"),
         (ap("bookinfo", "p", "{provider: {name: x}}"), "spec.provider"),
-        (ap("bookinfo", "p", "{mtls: {mode: STRICT}}"), "istio[0].spec.mtls"),
-        (pa("bookinfo", "p", "{action: DENY}"), "istio[0].spec.action"),
+        (ap("bookinfo", "p", "{mtls: {mode: STRICT}}"), "istio[0].spec: unknown field `mtls`"),
+        (pa("bookinfo", "p", "{action: DENY}"), "istio[0].spec: unknown field `action`"),
+        // Bound to a waypoint: what a waypoint cannot enforce is refused, not dropped.
+        (ap("bookinfo", "p", &format!("{{action: CUSTOM, provider: {{name: x}}, {GW}}}")), "istio[0].spec.action"),
+        (ap("bookinfo", "p", &format!("{{action: AUDIT, {GW}}}")), "istio[0].spec.action"),
+        (ap("bookinfo", "p", &format!("{{{GW}, rules: [{{from: [{{source: {{requestPrincipals: ['*']}}}}]}}]}}")), "istio[0].spec.rules[0].from[0].source.requestPrincipals"),
+        (ap("bookinfo", "p", &format!("{{{GW}, rules: [{{when: [{{key: 'request.auth.claims[iss]', values: [a]}}]}}]}}")), "istio[0].spec.rules[0].when[0].key"),
+        (ap("bookinfo", "p", &format!("{{{GW}, rules: [{{when: [{{key: 'request.headers[]', values: [a]}}]}}]}}")), "istio[0].spec.rules[0].when[0].key"),
+        (ap("bookinfo", "p", &format!("{{{GW}, rules: [{{to: [{{operation: {{paths: ['/a*b']}}}}]}}]}}")), "istio[0].spec.rules[0].to[0].operation.paths[0]"),
+        (ap("bookinfo", "p", &format!("{{{GW}, rules: [{{to: [{{operation: {{}}}}]}}]}}")), "istio[0].spec.rules[0].to[0].operation"),
+        (ap("bookinfo", "p", "{targetRefs: [{kind: Pod, group: '', name: x}]}"), "istio[0].spec.targetRefs[0]"),
+        (ap("bookinfo", "p", "{targetRef: {kind: Service, group: '', name: x, namespace: default}}"), "istio[0].spec.targetRef.namespace"),
+        (ap("bookinfo", "p", "{targetRef: {kind: GatewayClass, group: gateway.networking.k8s.io, name: istio-waypoint}}"), "istio[0].spec.targetRef"),
+        (ap("bookinfo", "p", "{targetRef: {kind: Service, group: '', name: x}, targetRefs: []}"), "istio[0].spec.targetRefs"),
         (pa("bookinfo", "p", "{mtls: {mode: STRICTEST}}"), "istio[0].spec.mtls.mode"),
         (pa("bookinfo", "p", "{portLevelMtls: {8080: {mode: PERMISSIVE}}}"), "istio[0].spec.portLevelMtls"),
         (pa("bookinfo", "p", "{selector: {matchLabels: {a: b}}, portLevelMtls: {0: {mode: STRICT}}}"), "istio[0].spec.portLevelMtls.0"),

@@ -253,11 +253,136 @@ fn gateway_addresses_need_a_valid_destination() {
         )),
         hbone_mtls_port: 15008,
     });
-    convert_workload(pb::Workload {
+    let w = convert_workload(pb::Workload {
         waypoint: ok,
         ..pb_workload()
     })
     .unwrap();
+    assert_eq!(
+        w.waypoint,
+        Some(GatewayAddress {
+            destination: GatewayDestination::Hostname {
+                namespace: "default".into(),
+                hostname: "waypoint.default.svc.cluster.local".into(),
+            },
+            hbone_mtls_port: 15008,
+        })
+    );
+}
+
+fn pb_gateway_ip(last: u8, port: u32) -> Option<pb::GatewayAddress> {
+    Some(pb::GatewayAddress {
+        destination: Some(pb::gateway_address::Destination::Address(
+            pb::NetworkAddress {
+                network: "net1".into(),
+                address: vec![10, 0, 0, last],
+                length: None,
+            },
+        )),
+        hbone_mtls_port: port,
+    })
+}
+
+#[test]
+fn waypoints_and_application_tunnels_are_carried_into_the_state() {
+    let w = convert_workload(pb::Workload {
+        waypoint: pb_gateway_ip(9, 15008),
+        application_tunnel: Some(pb::ApplicationTunnel {
+            protocol: pb::application_tunnel::Protocol::Proxy as i32,
+            port: 15088,
+        }),
+        hostname: "vm.example".into(),
+        ..pb_workload()
+    })
+    .unwrap();
+    assert_eq!(
+        w.waypoint,
+        Some(GatewayAddress {
+            destination: GatewayDestination::Address {
+                network: "net1".into(),
+                ip: "10.0.0.9".parse().unwrap(),
+            },
+            hbone_mtls_port: 15008,
+        })
+    );
+    assert_eq!(
+        w.application_tunnel,
+        Some(ApplicationTunnel {
+            protocol: AppTunnelProtocol::PROXY,
+            port: Some(15088),
+        })
+    );
+    assert_eq!(w.hostname, "vm.example");
+    // Port 0 is proto3's "unset".
+    let w = convert_workload(pb::Workload {
+        application_tunnel: Some(pb::ApplicationTunnel {
+            protocol: pb::application_tunnel::Protocol::None as i32,
+            port: 0,
+        }),
+        ..pb_workload()
+    })
+    .unwrap();
+    assert_eq!(
+        w.application_tunnel,
+        Some(ApplicationTunnel {
+            protocol: AppTunnelProtocol::NONE,
+            port: None,
+        })
+    );
+
+    let s = convert_service(pb::Service {
+        waypoint: pb_gateway_ip(9, 15008),
+        weighted_waypoints: vec![
+            pb::WeightedWaypoint {
+                destination: pb_gateway_ip(9, 15008),
+                weight: 80,
+            },
+            pb::WeightedWaypoint {
+                destination: pb_gateway_ip(10, 15008),
+                weight: 20,
+            },
+        ],
+        ..pb_service()
+    })
+    .unwrap();
+    assert_eq!(
+        s.waypoint,
+        s.weighted_waypoints[0].destination.clone().into()
+    );
+    assert_eq!(
+        s.weighted_waypoints
+            .iter()
+            .map(|w| w.weight)
+            .collect::<Vec<_>>(),
+        [80, 20]
+    );
+    // A weighted waypoint without a destination, or a port above 16 bits, is refused.
+    let err = convert_service(pb::Service {
+        weighted_waypoints: vec![pb::WeightedWaypoint {
+            destination: None,
+            weight: 1,
+        }],
+        ..pb_service()
+    })
+    .unwrap_err();
+    assert_eq!(
+        err,
+        ConvertError::GatewayWithoutDestination {
+            field: "weightedWaypoints"
+        }
+    );
+    let err = convert_service(pb::Service {
+        waypoint: pb_gateway_ip(9, 70000),
+        ..pb_service()
+    })
+    .unwrap_err();
+    assert_eq!(
+        err,
+        ConvertError::Port {
+            field: "waypoint",
+            value: 70000
+        }
+    );
 }
 
 #[test]

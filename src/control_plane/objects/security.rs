@@ -1,29 +1,14 @@
-//! The YAML shape of the `istio:` objects: Istio's `AuthorizationPolicy` and `PeerAuthentication` as users
-//! write them (camelCase, unknown fields refused, so serde's error names the path, e.g.
-//! `istio[2].spec.rules[0].from[0].source: unknown field \`principalz\``). Semantics live in `istio.rs`.
+//! The shapes of Istio's security objects: `AuthorizationPolicy` and `PeerAuthentication` specs as users
+//! write them (camelCase, unknown fields refused). Meaning: `istio.rs` (node proxies) and `istio/l7.rs`
+//! (waypoints).
 
 use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
-use crate::control_plane::config::Labels;
+use super::{Labels, Scalar};
 
-/// One Istio object of the `istio:` list.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct IstioObject {
-    /// `security.istio.io/v1` or `security.istio.io/v1beta1`.
-    pub api_version: String,
-    /// What it is.
-    pub kind: Kind,
-    /// Name, namespace, annotations.
-    pub metadata: ObjectMeta,
-    /// The spec of either kind; fields of the other kind are refused.
-    #[serde(default)]
-    pub spec: Spec,
-}
-
-/// The kinds understood.
+/// The security kinds (`security.istio.io`), the ones `sandbox apply` takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
 pub enum Kind {
     /// `security.istio.io` AuthorizationPolicy.
@@ -32,42 +17,43 @@ pub enum Kind {
     PeerAuthentication,
 }
 
-/// Kubernetes object metadata (the parts that matter here).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct ObjectMeta {
-    /// Object name.
-    pub name: String,
-    /// Object namespace (required: there is no kubectl context to default it).
-    pub namespace: String,
-    /// Labels (kept for completeness; unused).
-    #[serde(default)]
-    pub labels: Labels,
-    /// Annotations (`istio.io/dry-run`).
-    #[serde(default)]
-    pub annotations: Labels,
-}
-
-/// The union of both kinds' spec fields.
+/// An AuthorizationPolicy's spec.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct Spec {
+pub struct AuthorizationPolicySpec {
+    /// Pods (by labels) the policy applies to (node proxies only).
+    pub selector: Option<Selector>,
+    /// Waypoint binding (a waypoint Gateway, or a Service bound to one).
+    pub target_ref: Option<TargetRef>,
+    /// Waypoint bindings.
+    pub target_refs: Option<Vec<TargetRef>>,
+    /// ALLOW (default), DENY, AUDIT, CUSTOM.
+    pub action: Option<PolicyAction>,
+    /// The CUSTOM provider.
+    pub provider: Option<Provider>,
+    /// The rules (absent: none, which for ALLOW allows nothing).
+    pub rules: Option<Vec<RuleSpec>>,
+}
+
+impl AuthorizationPolicySpec {
+    /// The target references, from either field.
+    pub fn targets(&self) -> impl Iterator<Item = &TargetRef> {
+        self.target_ref
+            .iter()
+            .chain(self.target_refs.iter().flatten())
+    }
+}
+
+/// A PeerAuthentication's spec.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PeerAuthenticationSpec {
     /// Pods (by labels) the policy applies to.
     pub selector: Option<Selector>,
-    /// AuthorizationPolicy: waypoint binding (not for node proxies).
-    pub target_ref: Option<TargetRef>,
-    /// AuthorizationPolicy: waypoint bindings (not for node proxies).
-    pub target_refs: Option<Vec<TargetRef>>,
-    /// AuthorizationPolicy: ALLOW (default), DENY, AUDIT, CUSTOM.
-    pub action: Option<PolicyAction>,
-    /// AuthorizationPolicy: the CUSTOM provider.
-    pub provider: Option<Provider>,
-    /// AuthorizationPolicy rules.
-    pub rules: Option<Vec<RuleSpec>>,
-    /// PeerAuthentication: workload-wide mode.
+    /// Workload-wide mode.
     pub mtls: Option<MtlsSpec>,
-    /// PeerAuthentication: per-port modes (needs a selector). Keys may be numbers (`9080:`) or strings
-    /// (`"9080":`, as Kubernetes' JSON and anything that round-trips through JSON writes them).
+    /// Per-port modes (needs a selector). Keys may be numbers (`9080:`) or strings (`"9080":`, as
+    /// Kubernetes' JSON and anything that round-trips through JSON writes them).
     #[serde(default, deserialize_with = "port_keys")]
     pub port_level_mtls: Option<BTreeMap<u32, MtlsSpec>>,
 }
@@ -219,25 +205,6 @@ pub struct Condition {
     /// None of these.
     #[serde(default)]
     pub not_values: Vec<Scalar>,
-}
-
-/// A string or a number as written (`ports: [8080]` or `ports: ["8080"]`).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(untagged)]
-pub enum Scalar {
-    /// A number.
-    Number(u64),
-    /// A string.
-    Text(String),
-}
-
-impl Scalar {
-    pub(super) fn text(&self) -> String {
-        match self {
-            Scalar::Number(n) => n.to_string(),
-            Scalar::Text(s) => s.clone(),
-        }
-    }
 }
 
 /// `mtls: {mode: ...}`.

@@ -1,0 +1,240 @@
+//! Waypoints in the state: which waypoint a service names for one connection, resolving a waypoint to
+//! the workload to dial, and whether a workload is (an instance of) a waypoint — ztunnel's
+//! `sample_weighted_waypoint`, `fetch_waypoint` and `check_gateway_address`.
+//!
+//! Input: a [`State`] snapshot and a [`GatewayAddress`]. Output: an [`Upstream`] whose `addr` is the
+//! waypoint's HBONE address (`ip:hbone_mtls_port`, after the waypoint service's port mapping when it is
+//! referenced through one) and whose `expected_identities` are the chosen waypoint workload's identity
+//! plus its service's subject alt names; or a [`WaypointError`] saying why there is nothing to dial.
+//! Callers refuse the connection on an error: traffic that must pass a waypoint never goes direct.
+//!
+//! Resolution, as ztunnel's:
+//! - `network/ip`: the service with that VIP (its endpoints load-balanced on the HBONE port; a workload
+//!   with an application tunnel is accepted even if the service lacks the port), else the workload at
+//!   that address;
+//! - `namespace/hostname`: the service of exactly that namespace and hostname (load-balanced as above, the
+//!   address family following the connection's), else a workload known by that hostname.
+
+use std::net::{IpAddr, SocketAddr};
+
+use rand::Rng;
+
+use super::{GatewayAddress, GatewayDestination, LbMode, Service, State, Upstream, Workload};
+
+/// Why a waypoint could not be resolved to something to dial.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum WaypointError {
+    /// No service or workload in the state answers to the waypoint's address or hostname.
+    #[error("is not in the state")]
+    NotFound,
+    /// The waypoint's service has no endpoint able to take HBONE on the port (none healthy, or none
+    /// mapping the port).
+    #[error("has no healthy endpoint for its HBONE port")]
+    NoEndpoint,
+    /// The waypoint workload has no address to dial (no IP of a usable family, or port 0).
+    #[error("has no usable address")]
+    NoAddress,
+    /// The chosen waypoint workload is on another network: reaching it takes double HBONE through an
+    /// east-west gateway, which this proxy does not do.
+    #[error(
+        "is on network {network:?}, and double HBONE through a network gateway is not supported"
+    )]
+    OtherNetwork {
+        /// The waypoint workload's network.
+        network: String,
+    },
+}
+
+impl WaypointError {
+    /// A short, fixed label value for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            WaypointError::NotFound => "not_found",
+            WaypointError::NoEndpoint => "no_endpoint",
+            WaypointError::NoAddress => "no_address",
+            WaypointError::OtherNetwork { .. } => "other_network",
+        }
+    }
+}
+
+/// How a service's endpoints are filtered (ztunnel's `ServiceResolutionMode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Resolution {
+    /// A connection addressed to the service: the port must be mapped.
+    Standard,
+    /// Reaching a waypoint through its service: a workload with an application tunnel and a tunnel
+    /// port needs no mapping (the tunnel port is where its proxy delivers).
+    Waypoint,
+}
+
+impl Service {
+    /// The waypoint for one connection: a pick by weight among `weighted_waypoints` when there is one
+    /// to pick (some weight above 0), else `waypoint`.
+    pub fn pick_waypoint(&self) -> Option<&GatewayAddress> {
+        let total: u64 = self
+            .weighted_waypoints
+            .iter()
+            .map(|w| u64::from(w.weight))
+            .sum();
+        if total == 0 {
+            return self.waypoint.as_ref();
+        }
+        let mut pick = rand::rng().random_range(0..total);
+        for w in &self.weighted_waypoints {
+            let weight = u64::from(w.weight);
+            if pick < weight {
+                return Some(&w.destination);
+            }
+            pick -= weight;
+        }
+        self.waypoint.as_ref()
+    }
+}
+
+/// A service or a workload found by address or hostname (ztunnel's `Address`).
+#[derive(Debug, Clone, Copy)]
+pub enum Found<'a> {
+    /// A workload.
+    Workload(&'a std::sync::Arc<Workload>),
+    /// A service.
+    Service(&'a std::sync::Arc<Service>),
+}
+
+impl<'a> Found<'a> {
+    /// Every waypoint the found object names: a workload's `waypoint`; a service's `waypoint` and its
+    /// `weighted_waypoints` (any of which may carry a connection to it).
+    pub fn waypoints(&self) -> impl Iterator<Item = &'a GatewayAddress> + 'a {
+        let (primary, weighted) = match *self {
+            Found::Workload(w) => (w.waypoint.as_ref(), &[][..]),
+            Found::Service(s) => (s.waypoint.as_ref(), &s.weighted_waypoints[..]),
+        };
+        primary
+            .into_iter()
+            .chain(weighted.iter().map(|w| &w.destination))
+    }
+}
+
+impl State {
+    /// The service with exactly this namespace and hostname.
+    pub fn service_by_namespaced_host(
+        &self,
+        namespace: &str,
+        hostname: &str,
+    ) -> Option<&std::sync::Arc<Service>> {
+        self.by_host
+            .get(hostname)?
+            .iter()
+            .map(|&i| &self.services[i])
+            .find(|s| s.namespace == namespace)
+    }
+
+    /// A workload known by `hostname` in `namespace`.
+    pub fn workload_by_hostname(
+        &self,
+        namespace: &str,
+        hostname: &str,
+    ) -> Option<&std::sync::Arc<Workload>> {
+        self.by_workload_host
+            .get(hostname)?
+            .iter()
+            .map(|&i| &self.workloads[i])
+            .find(|w| w.namespace == namespace)
+    }
+
+    /// What is at `ip` on `network`: a workload first, then a service VIP (ztunnel's `find_address`,
+    /// with no namespace preference among services sharing the VIP beyond canonical ones).
+    pub fn address_at(&self, network: &str, ip: IpAddr) -> Option<Found<'_>> {
+        self.workload_by_addr(network, ip)
+            .map(Found::Workload)
+            .or_else(|| self.service_by_vip(network, ip, "").map(Found::Service))
+    }
+
+    /// What a gateway address names, without load balancing: for `network/ip` as [`State::address_at`],
+    /// for `namespace/hostname` the service of that name, else a workload of that hostname.
+    pub fn gateway_target(&self, gw: &GatewayAddress) -> Option<Found<'_>> {
+        match &gw.destination {
+            GatewayDestination::Address { network, ip } => self.address_at(network, *ip),
+            GatewayDestination::Hostname {
+                namespace,
+                hostname,
+            } => self
+                .service_by_namespaced_host(namespace, hostname)
+                .map(Found::Service)
+                .or_else(|| {
+                    self.workload_by_hostname(namespace, hostname)
+                        .map(Found::Workload)
+                }),
+        }
+    }
+
+    /// Whether some workload behind `gw` — the workload it names, or any endpoint of the service it
+    /// names — satisfies `pred` (ztunnel's `check_gateway_address`).
+    pub fn waypoint_has(&self, gw: &GatewayAddress, pred: impl Fn(&Workload) -> bool) -> bool {
+        match self.gateway_target(gw) {
+            Some(Found::Workload(w)) => pred(w),
+            Some(Found::Service(s)) => s
+                .endpoints
+                .iter()
+                .any(|ep| pred(&self.workloads[ep.workload])),
+            None => false,
+        }
+    }
+
+    /// The waypoint workload `src` should dial for `gw`, for a connection the app addressed to
+    /// `original_dst` (whose address family a hostname-referenced waypoint follows).
+    pub fn resolve_waypoint(
+        &self,
+        gw: &GatewayAddress,
+        src: &Workload,
+        original_dst: SocketAddr,
+    ) -> Result<Upstream, WaypointError> {
+        let port = gw.hbone_mtls_port;
+        let up = match &gw.destination {
+            GatewayDestination::Address { network, ip } => {
+                if let Some(svc) = self.service_by_vip(network, *ip, &src.namespace) {
+                    // A passthrough service has no endpoint to pick: nothing names a waypoint workload.
+                    if svc.lb_mode == LbMode::Passthrough {
+                        return Err(WaypointError::NotFound);
+                    }
+                    self.pick_endpoint_in(svc, port, *ip, Resolution::Waypoint)
+                        .ok_or(WaypointError::NoEndpoint)?
+                } else if let Some(w) = self.workload_by_addr(network, *ip) {
+                    // Referenced by its address: that address, whatever the connection's family.
+                    self.upstream(w.clone(), SocketAddr::new(*ip, port), None)
+                } else {
+                    return Err(WaypointError::NotFound);
+                }
+            }
+            GatewayDestination::Hostname {
+                namespace,
+                hostname,
+            } => {
+                if let Some(svc) = self.service_by_namespaced_host(namespace, hostname) {
+                    self.pick_endpoint_in(svc, port, original_dst.ip(), Resolution::Waypoint)
+                        .ok_or(WaypointError::NoEndpoint)?
+                } else if let Some(w) = self.workload_by_hostname(namespace, hostname) {
+                    // A workload known only by hostname would need DNS; ztunnel resolves it on demand,
+                    // this proxy does not.
+                    let ip = super::pick_ip(&w.ips, original_dst.ip())
+                        .ok_or(WaypointError::NoAddress)?;
+                    self.upstream(w.clone(), SocketAddr::new(ip, port), None)
+                } else {
+                    return Err(WaypointError::NotFound);
+                }
+            }
+        };
+        if up.addr.port() == 0 || up.addr.ip().is_unspecified() {
+            return Err(WaypointError::NoAddress);
+        }
+        if up.workload.network != src.network {
+            return Err(WaypointError::OtherNetwork {
+                network: up.workload.network.clone(),
+            });
+        }
+        Ok(up)
+    }
+}
+
+#[cfg(test)]
+mod tests;
