@@ -884,7 +884,6 @@ fn with_route(
 }
 
 #[tokio::test]
-#[ignore = "needs i12-l7 authz engine (the placeholder allows everything)"]
 async fn a_request_l7_policy_denies_gets_403_rbac_access_denied() {
     let m = mesh(&[]).await;
     let deny_post = pb::AuthorizationPolicy {
@@ -918,7 +917,6 @@ async fn a_request_l7_policy_denies_gets_403_rbac_access_denied() {
 }
 
 #[tokio::test]
-#[ignore = "needs i12-l7 routes engine (the placeholder has no timeout)"]
 async fn a_route_timeout_gets_504_upstream_request_timeout() {
     let m = mesh(&[]).await;
     let route = pb::Route {
@@ -948,4 +946,68 @@ async fn a_route_timeout_gets_504_upstream_request_timeout() {
         (status.as_u16(), body.as_str()),
         (504, "upstream request timeout")
     );
+}
+
+/// Resolves once `b` has seen `n` requests.
+async fn backend_saw(b: &Backend, n: u64) {
+    loop {
+        let woken = b.notify.notified();
+        if b.requests() >= n {
+            return;
+        }
+        woken.await;
+    }
+}
+
+#[tokio::test]
+async fn a_cluster_at_its_request_limit_answers_503_overflow_until_a_request_ends() {
+    let m = mesh(&[]).await;
+    let mut wp = waypoint_resource(
+        vec![bound_service(
+            "backend",
+            vec![port(pb::Protocol::Http, "backend", 80, &["backend"])],
+        )],
+        &[],
+    );
+    wp.services[0].clusters[0].connection_pool = Some(pb::ConnectionPool {
+        http2_max_requests: 1,
+        ..Default::default()
+    });
+    let key = format!("default/{}", hostname("backend"));
+    let snap = Snapshot::build(
+        &[workload(
+            "backend",
+            "backend",
+            ip(m.net, 3),
+            true,
+            &[(&key, 80, 8080)],
+        )],
+        &[service("backend", ip(m.net, 100), &[(80, 8080)])],
+        Some(&wp),
+        None,
+    )
+    .unwrap();
+    m.wp.config.send_replace(Arc::new(snap));
+    m.http.hold.store(true, std::sync::atomic::Ordering::SeqCst);
+    let c = m.client().await;
+    let mut first = http1(tunnel(&c, &m.vip(100, 80)).await.unwrap()).await;
+    let pending = tokio::spawn(async move { get_ok(&mut first, "/held").await });
+    backend_saw(&m.http, 1).await;
+    // The one request the cluster allows is in flight: the next overflows.
+    let mut second = http1(tunnel(&c, &m.vip(100, 80)).await.unwrap()).await;
+    let (status, body) = tokio::select! {
+        r = get_ok(&mut second, "/over") => r,
+        () = backend_saw(&m.http, 2) => panic!("a request over the cluster's limit reached the backend"),
+    };
+    assert_eq!(
+        (status.as_u16(), body.as_str()),
+        (503, meshnode::waypoint::forward::OVERFLOW)
+    );
+    m.http.release.add_permits(1);
+    assert_eq!(pending.await.unwrap().0, 200);
+    // Its body read to the end, the slot is free again.
+    m.http
+        .hold
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(get_ok(&mut second, "/after").await.0, 200);
 }

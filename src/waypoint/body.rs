@@ -1,8 +1,9 @@
 //! The bodies the waypoint moves: a request body towards an endpoint ([`UpBody`]; kept in memory when small
 //! so a retry can send it again, streamed otherwise) and a response body towards the client ([`RespBody`]:
 //! one of ours, or the endpoint's passed through), which counts its bytes, finishes the request's
-//! [`RequestLog`] when it ends or is dropped, and gives the endpoint connection back to its pool once the
-//! endpoint's body has been read to its end.
+//! [`RequestLog`] when it ends or is dropped, gives the endpoint connection back to its pool once the
+//! endpoint's body has been read to its end, and releases what the request holds of its cluster (request
+//! permit, in-flight count) then too.
 
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
@@ -85,10 +86,15 @@ enum Source {
     },
 }
 
+/// Anything held until the response body is done with (the cluster's request permit, the endpoint's
+/// in-flight count).
+pub type Held = Box<dyn std::any::Any + Send>;
+
 /// A response body towards the client.
 pub struct RespBody {
     source: Source,
     log: Option<Box<RequestLog>>,
+    held: Option<Held>,
 }
 
 impl RespBody {
@@ -98,6 +104,7 @@ impl RespBody {
         RespBody {
             source: Source::Full((!b.is_empty()).then_some(b)),
             log,
+            held: None,
         }
     }
 
@@ -110,6 +117,7 @@ impl RespBody {
         let mut r = RespBody {
             source: Source::Upstream { body, on_end },
             log,
+            held: None,
         };
         if let Source::Upstream { body, on_end } = &mut r.source {
             if body.is_end_stream() {
@@ -121,7 +129,14 @@ impl RespBody {
         r
     }
 
+    /// Keeps `held` until the body has ended (or is dropped).
+    pub fn holding(mut self, held: Held) -> RespBody {
+        self.held = Some(held);
+        self
+    }
+
     fn ended(&mut self) {
+        self.held = None;
         if let Source::Upstream { on_end, .. } = &mut self.source {
             if let Some(f) = on_end.take() {
                 f();

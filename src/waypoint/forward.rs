@@ -13,11 +13,14 @@
 //! | the endpoint reset before the response headers | 503 | `… reset reason: connection termination` | `UC` |
 //! | the route's timeout (or the last try's per-try timeout) | 504 | `upstream request timeout` | `UT` |
 //!
-//! `URX` is added when the tries were used up on a retriable failure. Every try's outcome is recorded with
-//! the cluster's [`Endpoints`](super::balance::Endpoints) (outlier detection); a retry goes to another
-//! endpoint when one is available (`pick` with the previous one excluded), after Envoy's jittered backoff
-//! (25 ms base, doubling, at most 250 ms). A body too long to keep is streamed, and its request is not
-//! retried. Timeouts cover the wait for the response headers (Envoy's also cover the body).
+//! `URX` is added when the tries were used up on a retriable failure. The cluster's
+//! [`Endpoints`](super::balance::Endpoints) admit the request (HTTP/2 upstreams: `admit_multiplexed`;
+//! the permit and the endpoint's in-flight count are held until the response body ends), admit each
+//! retry (`admit_retry`: DestinationRule `maxRetries`; refused, the last answer stands) and get every
+//! try's outcome (outlier detection); a retry goes to another endpoint when one is available (`pick` with
+//! the previous one excluded), after Envoy's jittered backoff (25 ms base, doubling, at most 250 ms). A
+//! body too long to keep is streamed, and its request is not retried. Timeouts cover the wait for the
+//! response headers (Envoy's also cover the body).
 
 use std::time::Duration;
 
@@ -27,8 +30,8 @@ use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, V
 use rand::Rng;
 use tokio::time::Instant;
 
-use super::balance::Outcome;
-use super::body::{Replayable, RespBody, UpBody};
+use super::balance::{Outcome, Permit};
+use super::body::{Held, Replayable, RespBody, UpBody};
 use super::metrics::{headers_size, RequestLog};
 use super::routes::{RetryPolicy, Route};
 use super::snapshot::{Cluster, Endpoint, Snapshot};
@@ -213,6 +216,7 @@ fn request_for(parts: &Parts, body: UpBody, version: UpstreamVersion) -> Request
 fn response_for(
     resp: Response<hyper::body::Incoming>,
     on_end: Option<super::body::OnEnd>,
+    held: Held,
     route: Option<&Route>,
     mut log: Box<RequestLog>,
     flags: &'static str,
@@ -228,7 +232,10 @@ fn response_for(
     log.status = parts.status.as_u16();
     log.flags = flags;
     log.response_bytes += headers_size(&parts.headers);
-    Response::from_parts(parts, RespBody::upstream(body, on_end, Some(log)))
+    Response::from_parts(
+        parts,
+        RespBody::upstream(body, on_end, Some(log)).holding(held),
+    )
 }
 
 /// Envoy's jittered exponential backoff before retry `n` (1-based).
@@ -268,14 +275,22 @@ pub async fn forward(
         .route
         .and_then(|r| r.timeout())
         .map(|t| Instant::now() + t);
-    // Held until the response headers are in: the cluster's request budget.
-    let _permit = match &f.target {
-        Target::Cluster(c) => match c.endpoints.admit() {
-            Some(p) => Some(p),
-            None => return local_reply(StatusCode::SERVICE_UNAVAILABLE, OVERFLOW, "UO", log),
-        },
+    // Held until the response body ends: the cluster's request budget.
+    let permit = match &f.target {
+        Target::Cluster(c) => {
+            let admitted = match f.version {
+                UpstreamVersion::Http2 => c.endpoints.admit_multiplexed(),
+                UpstreamVersion::Http1 => c.endpoints.admit(),
+            };
+            match admitted {
+                Some(p) => Some(p),
+                None => return local_reply(StatusCode::SERVICE_UNAVAILABLE, OVERFLOW, "UO", log),
+            }
+        }
         Target::Workload(_) => None,
     };
+    // The retry budget taken by the try in progress, if it is a retry.
+    let mut retry_permit: Option<Permit> = None;
     let mut exclude: Option<String> = None;
     let mut tries: u32 = 0;
     loop {
@@ -304,6 +319,7 @@ pub async fn forward(
             Target::Workload(ep) => (ep.clone(), None),
         };
         log.endpoint = Some((ep.workload.clone(), ep.addr));
+        let active = cluster.as_ref().and_then(|(c, uid)| c.endpoints.begin(uid));
         let Some(up_body) = body.for_try() else {
             // Unreachable: a streamed body is never retried.
             return Failure::Reset.reply(retried, log);
@@ -328,11 +344,25 @@ pub async fn forward(
             None => sent.await.map_err(classify),
         };
         let now = std::time::Instant::now();
-        let can_retry = |p: Option<&RetryPolicy>| {
-            p.is_some()
+        let mut can_retry = |p: Option<&RetryPolicy>| {
+            let allowed = p.is_some()
                 && tries <= max_retries
                 && body.can_replay()
-                && overall.is_none_or(|o| Instant::now() < o)
+                && overall.is_none_or(|o| Instant::now() < o);
+            if !allowed {
+                return false;
+            }
+            // DestinationRule maxRetries: retries in flight across the cluster.
+            match &cluster {
+                Some((c, _)) => match c.endpoints.admit_retry() {
+                    Some(p) => {
+                        retry_permit = Some(p);
+                        true
+                    }
+                    None => false,
+                },
+                None => true,
+            }
         };
         match result {
             Ok((resp, on_end)) => {
@@ -355,7 +385,8 @@ pub async fn forward(
                     continue;
                 }
                 let flags = if retriable && retried { "URX" } else { "-" };
-                return response_for(resp, on_end, f.route, log, flags);
+                let held: Held = Box::new((permit, active, retry_permit));
+                return response_for(resp, on_end, held, f.route, log, flags);
             }
             Err(failure) => {
                 if let Some((c, uid)) = &cluster {

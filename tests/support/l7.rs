@@ -355,6 +355,9 @@ pub struct Backend {
     pub fail_first: AtomicU32,
     /// Milliseconds to wait before answering.
     pub delay_ms: AtomicU64,
+    /// While set, each request waits for a permit of `release` before it is answered.
+    pub hold: std::sync::atomic::AtomicBool,
+    pub release: tokio::sync::Semaphore,
     pub seen: Mutex<Vec<Seen>>,
     /// Woken at every request.
     pub notify: tokio::sync::Notify,
@@ -381,6 +384,8 @@ pub async fn backend(name: &str, addr: SocketAddr) -> Arc<Backend> {
         requests: AtomicU64::new(0),
         fail_first: AtomicU32::new(0),
         delay_ms: AtomicU64::new(0),
+        hold: std::sync::atomic::AtomicBool::new(false),
+        release: tokio::sync::Semaphore::new(0),
         seen: Mutex::new(Vec::new()),
         notify: tokio::sync::Notify::new(),
     });
@@ -415,11 +420,16 @@ pub async fn backend(name: &str, addr: SocketAddr) -> Arc<Backend> {
                         });
                         let _ = req.into_body().collect().await;
                         me.requests.fetch_add(1, Ordering::SeqCst);
+                        me.notify.notify_waiters();
+                        if me.hold.load(Ordering::SeqCst) {
+                            if let Ok(p) = me.release.acquire().await {
+                                p.forget();
+                            }
+                        }
                         let delay = me.delay_ms.load(Ordering::SeqCst);
                         if delay > 0 {
                             tokio::time::sleep(Duration::from_millis(delay)).await;
                         }
-                        me.notify.notify_waiters();
                         let failing = me
                             .fail_first
                             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
