@@ -1011,3 +1011,191 @@ async fn a_cluster_at_its_request_limit_answers_503_overflow_until_a_request_end
         .store(false, std::sync::atomic::Ordering::SeqCst);
     assert_eq!(get_ok(&mut second, "/after").await.0, 200);
 }
+
+/// The whole chain on loopback, configured only by `meshnode control-plane`'s mesh file: the namespace uses
+/// the waypoint; the client's node proxy sends VIP traffic to it; the waypoint applies an
+/// AuthorizationPolicy bound to its Gateway and re-originates HBONE to the server's node proxy.
+fn e2e_mesh(net: [u8; 2]) -> String {
+    format!(
+        r#"namespaces:
+  default: {{labels: {{istio.io/dataplane-mode: ambient, istio.io/use-waypoint: waypoint}}}}
+workloads:
+- {{name: client, namespace: default, serviceAccount: client, ips: [{c}], node: node-1}}
+- {{name: server, namespace: default, serviceAccount: server, ips: [{s}], node: node-1, labels: {{app: server}}}}
+- {{name: waypoint-0, namespace: default, serviceAccount: waypoint, ips: [{w}], node: node-1, labels: {{gateway.networking.k8s.io/gateway-name: waypoint, istio.io/dataplane-mode: none}}}}
+services:
+- {{name: web, namespace: default, vips: [{vip}], ports: [{{port: 80, targetPort: 8080, name: http}}], selector: {{app: server}}}}
+istio:
+- apiVersion: gateway.networking.k8s.io/v1
+  kind: Gateway
+  metadata: {{name: waypoint, namespace: default}}
+  spec:
+    gatewayClassName: istio-waypoint
+    listeners: [{{name: mesh, port: 15008, protocol: HBONE}}]
+- apiVersion: security.istio.io/v1
+  kind: AuthorizationPolicy
+  metadata: {{name: no-post, namespace: default}}
+  spec:
+    targetRefs: [{{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}}]
+    action: DENY
+    rules: [{{to: [{{operation: {{methods: [POST]}}}}]}}]
+tokens:
+- {{token: client-token, nodeProxy: true, node: node-1, namespace: default, serviceAccount: client}}
+- {{token: server-token, nodeProxy: true, node: node-1, namespace: default, serviceAccount: server}}
+- {{token: waypoint-token, namespace: default, serviceAccount: waypoint}}
+"#,
+        c = ip(net, 1),
+        s = ip(net, 3),
+        w = ip(net, 9),
+        vip = ip(net, 20),
+    )
+}
+
+/// `GET`s (or `POST`s) `path` on a fresh TCP connection to `addr` and returns the raw answer.
+async fn http_request(addr: SocketAddr, method: &str, path: &str) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        format!("{method} {path} HTTP/1.1\r\nHost: web.default.svc.cluster.local\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out).await;
+    out
+}
+
+async fn until_ready(addr: SocketAddr, what: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let answer = match tokio::net::TcpStream::connect(addr).await {
+            Ok(_) => http_get(addr, "/healthz/ready").await,
+            Err(_) => String::new(),
+        };
+        if answer.starts_with("HTTP/1.1 200") {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} never ready: {answer}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_control_planes_waypoint_serves_the_namespaces_http_with_its_policy() {
+    use meshnode::control_plane::{self, CaChoice, RunOptions};
+    use meshnode::proxy::Listeners;
+    let net = loopback_net();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("mesh.yaml"), e2e_mesh(net)).unwrap();
+    let cp_listener = tokio::net::TcpListener::bind(SocketAddr::new(ip(net, 10), 0))
+        .await
+        .unwrap();
+    let cp = cp_listener.local_addr().unwrap();
+    let root = dir.path().join("root-cert.pem");
+    let opts = RunOptions {
+        config: dir.path().join("mesh.yaml"),
+        listen: cp,
+        ca: CaChoice::Builtin(dir.path().join("cp-state")),
+        tls_files: None,
+        root_cert_out: Some(root.clone()),
+        drain_deadline: Duration::from_secs(1),
+    };
+    let (_stop_cp, cp_stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let _ = control_plane::run(opts, cp_listener, async {
+            let _ = cp_stopped.await;
+        })
+        .await;
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !root.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "control plane did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let address = format!("https://{cp}");
+    let env = |token: &'static str| -> Vec<(String, String)> {
+        vec![
+            ("XDS_ADDRESS".into(), address.clone()),
+            ("CA_ADDRESS".into(), address.clone()),
+            ("XDS_ROOT_CA".into(), root.to_str().unwrap().into()),
+            ("CA_ROOT_CA".into(), root.to_str().unwrap().into()),
+            ("AUTH_TOKEN".into(), token.into()),
+        ]
+    };
+    let listen = |a: SocketAddr| meshnode::socket::listen(a, Default::default()).unwrap();
+    let (_stop, shutdown) = tokio::sync::watch::channel(false);
+    // The two node proxies (dedicated mode), configured over xDS.
+    let mut ready = Vec::new();
+    for (workload, token, host, outbound) in [
+        (
+            "default/client/client",
+            "client-token",
+            1,
+            SocketAddr::new(ip(net, 20), 80),
+        ),
+        (
+            "default/server/server",
+            "server-token",
+            3,
+            SocketAddr::new(ip(net, 3), 0),
+        ),
+    ] {
+        let vars = env(token);
+        let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let cfg = Arc::new(support::config(workload, &vars));
+        let bind = ip(net, host);
+        let listeners = Listeners {
+            outbound: listen(outbound),
+            inbound: listen(SocketAddr::new(bind, 15008)),
+            inbound_plaintext: listen(SocketAddr::new(bind, 0)),
+        };
+        let r = listen(SocketAddr::new(bind, 0));
+        ready.push((workload, r.local_addr().unwrap()));
+        tokio::spawn(meshnode::app::run_proxy(
+            cfg,
+            Some(listeners),
+            Some(r),
+            shutdown.clone(),
+        ));
+    }
+    let http = backend("server", SocketAddr::new(ip(net, 3), 8080)).await;
+    // The waypoint, as `meshnode waypoint` starts it.
+    let mut vars = env("waypoint-token");
+    vars.push(("POD_NAME".into(), "waypoint-0".into()));
+    vars.push(("INSTANCE_IP".into(), ip(net, 9).to_string()));
+    let mut map: std::collections::HashMap<String, String> = vars.into_iter().collect();
+    map.insert("POD_NAMESPACE".into(), "default".into());
+    map.insert("SERVICE_ACCOUNT".into(), "waypoint".into());
+    let cfg = Arc::new(meshnode::config::WaypointConfig::from_source(&map).unwrap());
+    let wp_ready = listen(SocketAddr::new(ip(net, 9), 0));
+    let wp_ready_addr = wp_ready.local_addr().unwrap();
+    tokio::spawn(meshnode::app::run_waypoint(
+        cfg,
+        listen(SocketAddr::new(ip(net, 9), 15008)),
+        Some(wp_ready),
+        None,
+        shutdown.clone(),
+    ));
+    for (what, addr) in &ready {
+        until_ready(*addr, what).await;
+    }
+    until_ready(wp_ready_addr, "the waypoint").await;
+
+    // GET through client proxy → waypoint → server proxy → app.
+    let vip = SocketAddr::new(ip(net, 20), 80);
+    let answer = http_request(vip, "GET", "/through-the-waypoint").await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with("hello from server"), "{answer}");
+    assert_eq!(http.seen.lock()[0].path, "/through-the-waypoint");
+    // The AuthorizationPolicy bound to the waypoint's Gateway denies POST, at the waypoint.
+    let answer = http_request(vip, "POST", "/denied").await;
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+    assert!(answer.ends_with("RBAC: access denied"), "{answer}");
+    assert_eq!(http.requests(), 1);
+}
