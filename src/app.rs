@@ -1,22 +1,24 @@
-//! Wiring of the proxy role: from a [`Config`] to running listeners, and back down at shutdown.
+//! Wiring of the proxy and waypoint roles: from a [`Config`] (a [`WaypointConfig`]) to running listeners,
+//! and back down at shutdown.
 //!
 //! Input: the config, the bound listeners and a shutdown signal (all passed in, so tests can run a proxy
 //! on loopback addresses of their choosing). Output: a running proxy; [`run_proxy`] returns once it has
-//! drained. Start-up refuses clearly what it cannot do: a bad local config, an unusable CA, a mode not
-//! built yet.
+//! drained ([`run_waypoint`] likewise for a waypoint). Start-up refuses clearly what it cannot do: a bad
+//! local config, an unusable CA, a mode not built yet.
 
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::config::{CaSource, Config, LocalConfigSource, ProxyMode};
+use crate::config::{CaSource, Config, LocalConfigSource, ProxyMode, WaypointConfig};
 use crate::grpc::Credentials;
 use crate::identity::{BuiltinCa, CaClient, CertManager, CertSource, PluginCa};
 use crate::proxy::{Listeners, Proxy, ProxyInputs};
 use crate::readiness::Readiness;
 use crate::socket::{self, SocketOpts};
 use crate::state::{local, LocalConfig, State, StateHandle};
+use crate::waypoint::{Snapshot, Waypoint, WaypointInputs, WaypointMetrics};
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -113,6 +115,13 @@ fn start_xds(
 
 /// The certificate source `cfg` asks for.
 pub fn cert_source(cfg: &Config) -> Result<Arc<dyn CertSource>, Error> {
+    // In shared mode the node proxy asks for its pods' identities with its own token.
+    cert_source_for(cfg, cfg.proxy_mode == ProxyMode::Shared)
+}
+
+/// The certificate source `cfg` asks for; with `impersonate`, a remote CA is asked for other identities
+/// than the caller's own (`ImpersonatedIdentity`).
+fn cert_source_for(cfg: &Config, impersonate: bool) -> Result<Arc<dyn CertSource>, Error> {
     Ok(match &cfg.ca {
         CaSource::PluginDir(dir) => Arc::new(PluginCa::load(dir, cfg.secret_ttl)?),
         CaSource::Builtin(state_dir) => {
@@ -126,8 +135,7 @@ pub fn cert_source(cfg: &Config) -> Result<Arc<dyn CertSource>, Error> {
                 target.headers.clone(),
             ),
             cfg.secret_ttl,
-            // In shared mode the node proxy asks for its pods' identities with its own token.
-            cfg.proxy_mode == ProxyMode::Shared,
+            impersonate,
         )?),
     })
 }
@@ -291,4 +299,154 @@ pub fn bind(cfg: &Config) -> Result<(Option<Listeners>, TcpListener), Error> {
     };
     let listeners = Listeners::bind(cfg, opts).map_err(Error::Bind)?;
     Ok((Some(listeners), readiness))
+}
+
+/// The waypoint's listeners: HBONE (:15008), readiness (:15021) and metrics (:15020, optional: serving
+/// goes on without it), in the current network namespace.
+pub fn bind_waypoint(
+    cfg: &WaypointConfig,
+) -> Result<(TcpListener, TcpListener, Option<TcpListener>), Error> {
+    let base = &cfg.base;
+    let hbone = socket::listen(base.wildcard(cfg.ports.hbone), SocketOpts::default())
+        .map_err(Error::Bind)?;
+    let readiness = socket::listen(base.wildcard(cfg.ports.readiness), SocketOpts::default())
+        .map_err(Error::Bind)?;
+    let metrics = match socket::listen(base.wildcard(cfg.ports.metrics), SocketOpts::default()) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            tracing::warn!(error = %e, "metrics port unavailable; serving without /metrics");
+            None
+        }
+    };
+    Ok((hbone, readiness, metrics))
+}
+
+/// Starts the waypoint's xDS client on a runtime of its own (as the proxy's): Address and Authorization,
+/// plus this waypoint's `Waypoint` resource. Each new set of resources is built into a [`Snapshot`] on
+/// the xDS thread (so the data path only ever swaps an `Arc`); clusters that did not change keep their
+/// endpoint state. Readiness waits for the first complete set.
+fn start_waypoint_xds(
+    cfg: &WaypointConfig,
+    target: crate::config::GrpcTarget,
+    ready: &Arc<Readiness>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<watch::Receiver<Arc<Snapshot>>, Error> {
+    let base = &cfg.base;
+    let (tx, rx) = watch::channel(Arc::new(Snapshot::default()));
+    let creds = Credentials::new(
+        base.auth_token.clone(),
+        base.cluster_id.clone(),
+        target.headers.clone(),
+    );
+    let node = crate::xds::NodeInfo::waypoint(&base.proxy_meta, base.node_name.as_deref());
+    let name = cfg.resource_name();
+    let publish_name = name.clone();
+    let sub = crate::xds::WaypointSubscription {
+        name,
+        check: Box::new(|w| crate::waypoint::snapshot::check(w).map_err(|e| e.to_string())),
+        publish: Box::new(move |res: crate::xds::WaypointResources| {
+            let previous = tx.borrow().clone();
+            match Snapshot::build(
+                &res.workloads,
+                &res.services,
+                res.waypoint.as_deref(),
+                Some(&previous),
+            ) {
+                Ok(snap) => {
+                    tracing::info!(
+                        waypoint = %publish_name,
+                        configured = res.waypoint.is_some(),
+                        services = res.waypoint.as_ref().map_or(0, |w| w.services.len()),
+                        workloads = res.workloads.len(),
+                        "waypoint configuration applied"
+                    );
+                    tx.send_replace(Arc::new(snap));
+                }
+                Err(e) => tracing::warn!(
+                    waypoint = %publish_name, error = %e,
+                    "waypoint configuration unusable; keeping the previous one"
+                ),
+            }
+        }),
+    };
+    let client = crate::xds::XdsClient::for_waypoint(target.clone(), creds, node, sub);
+    let task = ready.register("xds");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|source| Error::Spawn {
+            what: "the xDS runtime",
+            source,
+        })?;
+    std::thread::Builder::new()
+        .name("meshnode-xds".into())
+        .spawn(move || rt.block_on(client.run(move || task.done(), shutdown)))
+        .map_err(|source| Error::Spawn {
+            what: "the xDS thread",
+            source,
+        })?;
+    tracing::info!(address = %target.address, waypoint = %cfg.resource_name(), "xDS client started");
+    Ok(rx)
+}
+
+/// Runs the waypoint role until `shutdown` turns true and its tunnels have drained: HBONE on `hbone`,
+/// readiness (the first xDS set and the waypoint's certificate) and `GET /metrics` on the other listeners.
+/// Without `XDS_ADDRESS` the waypoint serves nothing (every tunnel is refused) but still starts.
+pub async fn run_waypoint(
+    cfg: Arc<WaypointConfig>,
+    hbone: TcpListener,
+    readiness_listener: Option<TcpListener>,
+    metrics_listener: Option<TcpListener>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), Error> {
+    let metrics = Arc::new(WaypointMetrics::new());
+    if let Some(l) = metrics_listener {
+        let m = metrics.clone();
+        tokio::spawn(crate::metrics::serve_encoded(
+            l,
+            move || m.encode(),
+            shutdown.clone(),
+        ));
+    }
+    let ready = Readiness::new();
+    let config = match &cfg.base.xds {
+        Some(target) => start_waypoint_xds(&cfg, target.clone(), &ready, shutdown.clone())?,
+        None => {
+            tracing::warn!(
+                "XDS_ADDRESS is empty: the waypoint has no configuration and refuses every tunnel"
+            );
+            watch::channel(Arc::new(Snapshot::default())).1
+        }
+    };
+    // The waypoint asks the CA for its own identity: no impersonation.
+    let certs = CertManager::new(cert_source_for(&cfg.base, false)?);
+    if let Some(l) = readiness_listener {
+        tokio::spawn(crate::readiness::serve(l, ready.clone(), shutdown.clone()));
+    }
+    let task = ready.register("certificate");
+    let mut stop = shutdown.clone();
+    let waypoint = loop {
+        let inputs = WaypointInputs {
+            cfg: cfg.clone(),
+            config: config.clone(),
+            certs: certs.clone(),
+            metrics: metrics.clone(),
+        };
+        match Waypoint::new(inputs, shutdown.clone()).await {
+            Ok(w) => break w,
+            Err(e) => tracing::warn!(error = %e, "waiting for the waypoint's certificate"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+            _ = stop.wait_for(|v| *v) => return Ok(()),
+        }
+    };
+    task.done();
+    tracing::info!(
+        identity = %waypoint.identity(),
+        waypoint = %cfg.resource_name(),
+        "waypoint ready"
+    );
+    waypoint.serve(hbone).await;
+    Ok(())
 }

@@ -3,12 +3,16 @@
 //! Input: environment variables with ztunnel's names (so meshnode can replace ztunnel in an Istio install
 //! unchanged), read through the [`Source`] trait so tests can inject a map instead of touching the process
 //! environment. Output: one [`Config`] value; every bad value is refused with the variable's name.
+//! The waypoint role's configuration ([`WaypointConfig`], in [`waypoint`]) is built on the same one.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
+
+pub mod waypoint;
+pub use waypoint::WaypointConfig;
 
 /// `shared` (in-pod, via ZDS) or `dedicated` (one workload, this network namespace).
 pub const PROXY_MODE: &str = "PROXY_MODE";

@@ -10,8 +10,8 @@
 //! - [`grpc`] — TLS channels and credentials for the control plane (xDS, CA).
 //! - [`xds`] — the delta ADS client: workloads, services and policies from istiod into [`state`].
 //! - [`hbone`] — HTTP/2 CONNECT tunnels: client pool, server mechanics, byte copying.
-//! - [`waypoint`] — `meshnode waypoint`, the L7 proxy: routes, L7 authorization, load balancing.
 //! - [`proxy`] — one workload's proxy: outbound (:15001), inbound HBONE (:15008), plaintext inbound (:15006).
+//! - [`waypoint`] — `meshnode waypoint`: a namespace's L7 proxy (HBONE in, routes, L7 policy, HBONE out).
 //! - [`metrics`] — Istio's TCP metrics (prometheus-client) and the `GET /metrics` endpoint.
 //! - [`inpod`] — shared mode: per-pod proxies inside pod network namespaces, driven by ZDS.
 //! - [`state`] — workloads, services and policies as an immutable snapshot; ztunnel's local config format.

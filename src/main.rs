@@ -25,6 +25,12 @@ enum Command {
     /// PROXY_MODE, PROXY_WORKLOAD_INFO, LOCAL_XDS_PATH, XDS_ADDRESS, PACKET_MARK, ENABLE_ORIG_SRC, NODE_NAME,
     /// CA_CERTS_DIR, SECRET_TTL, RUST_LOG, ...
     Proxy,
+    /// Run a waypoint (an L7 proxy for one namespace's waypoint Gateway, Envoy's role in Istio ambient):
+    /// HBONE in on :15008, HTTP routes, L7 authorization and retries, HBONE out to the endpoints' node
+    /// proxies, request metrics on :15020, readiness on :15021. Configured through the node proxy's
+    /// variables (XDS_ADDRESS, CA_ADDRESS, POD_NAMESPACE, SERVICE_ACCOUNT, POD_NAME, INSTANCE_IP, ...) plus
+    /// TRUST_DOMAIN and WAYPOINT_NAME (default: ISTIO_META_WORKLOAD_NAME, else "waypoint").
+    Waypoint,
     /// Run the CNI node agent (istio-cni's node agent role): takes pod events from the meshnode-cni plugin,
     /// programs each enrolled pod's redirection rules and hands its network namespace to the node proxy over
     /// ZDS. Configured through istio-cni's environment variables: CNI_AGENT_RUN_DIR, ZTUNNEL_UDS_ADDRESS,
@@ -96,6 +102,23 @@ fn main() -> anyhow::Result<()> {
                 .enable_all()
                 .build()?;
             rt.block_on(run(cfg))
+        }
+        Command::Waypoint => {
+            init_logging();
+            let cfg = Arc::new(meshnode::config::WaypointConfig::from_source(&ProcessEnv)?);
+            match meshnode::app::raise_fd_limit() {
+                Ok((before, after)) if before < after => {
+                    tracing::info!(before, after, "raised the open files limit")
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "could not raise the open files limit"),
+            }
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(cfg.base.worker_threads)
+                .thread_name("meshnode-worker")
+                .enable_all()
+                .build()?;
+            rt.block_on(run_waypoint(cfg))
         }
         Command::CniAgent => {
             init_logging();
@@ -191,6 +214,27 @@ async fn run(cfg: Arc<Config>) -> anyhow::Result<()> {
         std::process::exit(1);
     });
     meshnode::app::run_proxy_with_metrics(cfg, listeners, Some(readiness), metrics, rx).await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn run_waypoint(cfg: Arc<meshnode::config::WaypointConfig>) -> anyhow::Result<()> {
+    let (hbone, readiness, metrics) = meshnode::app::bind_waypoint(&cfg)?;
+    tracing::info!(
+        waypoint = %cfg.resource_name(),
+        identity = %cfg.identity(),
+        "meshnode waypoint starting"
+    );
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutting down: draining tunnels");
+        let _ = tx.send(true);
+        // A second signal exits at once.
+        wait_for_signal().await;
+        std::process::exit(1);
+    });
+    meshnode::app::run_waypoint(cfg, hbone, Some(readiness), metrics, rx).await?;
     tracing::info!("stopped");
     Ok(())
 }

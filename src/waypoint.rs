@@ -1,8 +1,349 @@
-//! `meshnode waypoint`: the L7 proxy for one namespace (issue 12).
+//! `meshnode waypoint`: the L7 proxy of one namespace's waypoint Gateway, what Istio runs Envoy for.
 //!
-//! Temporary module root of the `i12-l7` branch, which only adds the pure decision engines; the
-//! plumbing branch owns this file and replaces it at merge.
+//! Input: a [`WaypointConfig`], the configuration as a `watch` of [`Snapshot`]s (built from this
+//! waypoint's `meshnode.waypoint.Waypoint` resource and the `istio.workload.Address` workloads and services;
+//! tests publish their own), a [`CertManager`] for the waypoint's own certificate, a bound HBONE listener
+//! and a shutdown signal. Output: every client tunnel served until shutdown, request metrics and access
+//! logs.
+//!
+//! ```text
+//!  client's node proxy ──mTLS+h2 CONNECT :authority=VIP:port──> :15008 (hbone::server, our certificate)
+//!     per stream: destination (bound service VIP/hostname, or bound workload IP) ─ none: CONNECT 503
+//!       └─ protocol (port's declared, else sniffed) ── TCP ──> tcp: authz, cluster by weight, endpoint, copy
+//!                                                    └─ HTTP ─> downstream (hyper h1/h2 server):
+//!          per request: authz → route → action → forward (retries, timeouts) → upstream:
+//!            endpoint HBONE-capable: hbone::pool ──mTLS (our cert, endpoint's identity) CONNECT pod_ip:port──>
+//!                                    endpoint's node proxy :15008; otherwise plain TCP; hyper client pooled
+//! ```
+//!
+//! Layout: [`snapshot`] (configuration, indexed), [`authz`] / [`routes`] / [`balance`] (the decision
+//! engines), [`sniff`] (protocol detection), [`tunnel`] (a CONNECT stream as bytes), [`downstream`] (HTTP
+//! from the client), [`forward`] (retries, timeouts, Envoy's failure answers), [`upstream`] (connections to
+//! endpoints), [`tcp`] (TCP ports), [`body`], [`metrics`] (Istio's request metrics, access log).
+//!
+//! CONNECT streams are handled as the node proxy handles them (same handshake bounds, idle timeout, GOAWAY
+//! at shutdown): not CONNECT → 400; an authority this waypoint serves nothing at → 503 (Envoy accepts the
+//! tunnel and then finds no filter chain: the client's connection is closed either way).
 
 pub mod authz;
 pub mod balance;
+pub mod body;
+pub mod downstream;
+pub mod forward;
+pub mod metrics;
 pub mod routes;
+pub mod snapshot;
+pub mod sniff;
+pub mod tcp;
+pub mod tunnel;
+pub mod upstream;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Method, StatusCode};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+use crate::config::WaypointConfig;
+use crate::hbone::pool::Pool;
+use crate::hbone::server;
+use crate::identity::{CertManager, Identity};
+use crate::socket::{self, SocketOpts};
+use crate::tls::WorkloadTls;
+
+pub use metrics::WaypointMetrics;
+pub use snapshot::Snapshot;
+
+/// Why the waypoint could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Its certificate could not be issued.
+    #[error("certificate for {identity}: {source}")]
+    Certificate {
+        /// The waypoint's identity.
+        identity: Identity,
+        /// Why.
+        source: crate::identity::Error,
+    },
+    /// Its certificate could not be turned into TLS configuration.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::Error),
+}
+
+/// What a waypoint is built from.
+pub struct WaypointInputs {
+    /// The configuration.
+    pub cfg: Arc<WaypointConfig>,
+    /// The latest configuration snapshot.
+    pub config: watch::Receiver<Arc<Snapshot>>,
+    /// Certificates (the waypoint's own identity's).
+    pub certs: Arc<CertManager>,
+    /// Where request metrics go.
+    pub metrics: Arc<WaypointMetrics>,
+}
+
+/// A running waypoint.
+pub struct Waypoint {
+    cfg: Arc<WaypointConfig>,
+    identity: Identity,
+    config: watch::Receiver<Arc<Snapshot>>,
+    tls: Arc<WorkloadTls>,
+    upstreams: upstream::Upstreams,
+    metrics: Arc<WaypointMetrics>,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl Waypoint {
+    /// A waypoint: fetches its certificate (waiting for the CA), sets up its connection pools.
+    pub async fn new(
+        inputs: WaypointInputs,
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<Arc<Waypoint>, Error> {
+        let identity = inputs.cfg.identity();
+        let cert = inputs
+            .certs
+            .get(&identity)
+            .await
+            .map_err(|source| Error::Certificate {
+                identity: identity.clone(),
+                source,
+            })?;
+        let tls = Arc::new(WorkloadTls::new(cert)?);
+        let base = &inputs.cfg.base;
+        // The waypoint's own sockets carry no mark: its pod is not captured (Istio's waypoints are not).
+        let sock = SocketOpts::default();
+        let hbone = Pool::new(
+            base.pool,
+            base.h2,
+            sock,
+            None,
+            base.keepalive,
+            base.connect_timeout,
+        );
+        let upstreams = upstream::Upstreams::new(upstream::UpstreamSettings {
+            hbone,
+            tls: tls.clone(),
+            identity: identity.clone(),
+            sock,
+            keepalive: base.keepalive,
+            connect_timeout: base.connect_timeout,
+            h2: base.h2,
+            idle_timeout: base.pool.unused_release_timeout,
+        });
+        Ok(Arc::new(Waypoint {
+            cfg: inputs.cfg,
+            identity,
+            config: inputs.config,
+            tls,
+            upstreams,
+            metrics: inputs.metrics,
+            shutdown,
+        }))
+    }
+
+    /// The waypoint's identity.
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    /// The current configuration.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.config.borrow().clone()
+    }
+
+    /// HBONE connections open to endpoints' node proxies.
+    pub fn hbone_connections(&self) -> usize {
+        self.upstreams.hbone_connections()
+    }
+
+    /// HTTP connections (HBONE streams or TCP connections) opened to endpoints so far.
+    pub fn upstream_http_connections(&self) -> u64 {
+        self.upstreams.opened()
+    }
+
+    /// The request metrics.
+    pub fn metrics(&self) -> &Arc<WaypointMetrics> {
+        &self.metrics
+    }
+
+    /// Serves HBONE on `listener` until shutdown; then open tunnels get `termination_deadline` to finish.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        let mut shutdown = self.shutdown.clone();
+        let open = Arc::new(());
+        let limit = Arc::new(tokio::sync::Semaphore::new(self.cfg.base.max_connections));
+        loop {
+            let permit = tokio::select! {
+                p = limit.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => return,
+                },
+                _ = shutdown.wait_for(|v| *v) => break,
+            };
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                _ = shutdown.wait_for(|v| *v) => break,
+            };
+            let (stream, peer) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let me = self.clone();
+            let held = open.clone();
+            tokio::spawn(async move {
+                me.connection(stream, socket::canonical(peer)).await;
+                drop(permit);
+                drop(held);
+            });
+        }
+        drop(listener);
+        let deadline = tokio::time::Instant::now() + self.cfg.base.termination_deadline;
+        while Arc::strong_count(&open) > 1 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tracing::info!("waypoint stopped");
+    }
+
+    /// One client HBONE connection: mTLS with the waypoint's certificate, then its CONNECT streams.
+    async fn connection(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
+        let base = &self.cfg.base;
+        let _ = socket::accepted(&stream);
+        let _ = socket::keepalive(&stream, &base.keepalive);
+        let Some(handshake) = base.admission.handshake(peer.ip()) else {
+            tracing::info!(target: "access", reporter = "waypoint", src.addr = %peer, "connection refused: too many handshakes in progress from this address");
+            socket::reset_on_close(&stream);
+            return;
+        };
+        let acceptor = tokio_rustls::TlsAcceptor::from(self.tls.current().server_config());
+        let handshake_deadline = tokio::time::Instant::now() + base.handshake_timeout;
+        let tls = match tokio::time::timeout_at(handshake_deadline, acceptor.accept(stream)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                tracing::info!(target: "access", reporter = "waypoint", src.addr = %peer, error = %e, "TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                tracing::info!(target: "access", reporter = "waypoint", src.addr = %peer, "TLS handshake timed out");
+                return;
+            }
+        };
+        let Some(peer_id) = crate::tls::peer_identity(tls.get_ref().1.peer_certificates()) else {
+            tracing::warn!(src.addr = %peer, "peer certificate has no SPIFFE identity");
+            return;
+        };
+        let timeouts = server::Timeouts {
+            handshake_deadline,
+            idle: base.hbone_idle_timeout,
+        };
+        let me = self.clone();
+        let res = server::serve(
+            tls,
+            &base.h2,
+            timeouts,
+            handshake,
+            self.shutdown.clone(),
+            move |incoming| me.clone().stream(incoming, peer, peer_id.clone()),
+        )
+        .await;
+        if let Err(e) = res {
+            tracing::debug!(src.addr = %peer, error = %e, "HBONE connection ended with an error");
+        }
+    }
+
+    /// One CONNECT stream: where it goes, what it speaks, and the matching handler.
+    async fn stream(
+        self: Arc<Self>,
+        incoming: server::Incoming,
+        peer: SocketAddr,
+        peer_id: Identity,
+    ) {
+        if incoming.request.method() != Method::CONNECT {
+            tracing::info!(target: "access", reporter = "waypoint", src.addr = %peer, src.identity = %peer_id, method = %incoming.request.method(), "stream refused: not CONNECT");
+            incoming.refuse(StatusCode::BAD_REQUEST);
+            return;
+        }
+        let authority = incoming
+            .request
+            .uri()
+            .authority()
+            .map(|a| a.as_str().to_string())
+            .unwrap_or_default();
+        let protocol = {
+            let snap = self.snapshot();
+            match snap.destination(&authority) {
+                Some(snapshot::Destination::Service { service, port, .. }) => {
+                    service.port(port).map(|p| p.protocol)
+                }
+                Some(snapshot::Destination::Workload { .. }) => None,
+                None => {
+                    tracing::info!(
+                        target: "access", reporter = "waypoint", src.addr = %peer, src.identity = %peer_id, dst.hbone_addr = %authority,
+                        waypoint = snap.waypoint_name().unwrap_or("-"),
+                        "stream refused: no service or workload bound to this waypoint there"
+                    );
+                    incoming.refuse(StatusCode::SERVICE_UNAVAILABLE);
+                    return;
+                }
+            }
+        };
+        let (send, recv) = match incoming.accept(http::HeaderMap::new()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(error = %e, "HBONE stream gone before the answer");
+                return;
+            }
+        };
+        let io = tunnel::Tunnel::new(send, recv, None);
+        let timeout = self.cfg.header_read_timeout;
+        let (detected, io) = match protocol {
+            Some(snapshot::PortProtocol::Tcp) => (
+                sniff::Detected::Tcp,
+                sniff::Rewind::new(bytes::Bytes::new(), io),
+            ),
+            Some(snapshot::PortProtocol::Http1 | snapshot::PortProtocol::Http2) => {
+                match sniff::detect(io, true, timeout).await {
+                    Ok(d) => d,
+                    Err(_) => return,
+                }
+            }
+            Some(snapshot::PortProtocol::Unknown) | None => {
+                match sniff::detect(io, false, timeout).await {
+                    Ok(d) => d,
+                    Err(_) => return,
+                }
+            }
+        };
+        match detected {
+            sniff::Detected::Tcp => {
+                let start = std::time::Instant::now();
+                match tcp::proxy(self.clone(), io, peer, &peer_id, &authority).await {
+                    Ok((recv, sent)) => tracing::info!(
+                        target: "access", reporter = "waypoint", src.addr = %peer, src.identity = %peer_id,
+                        dst.hbone_addr = %authority, protocol = "tcp", bytes_recv = recv, bytes_sent = sent,
+                        duration = %format!("{}ms", start.elapsed().as_millis()), "connection complete"
+                    ),
+                    Err(e) => tracing::info!(
+                        target: "access", reporter = "waypoint", src.addr = %peer, src.identity = %peer_id,
+                        dst.hbone_addr = %authority, protocol = "tcp", error = %e, "connection refused"
+                    ),
+                }
+            }
+            d => {
+                let info = downstream::StreamInfo {
+                    peer,
+                    peer_id,
+                    authority,
+                    h2: d == sniff::Detected::Http2,
+                };
+                downstream::serve(self, io, d, info).await;
+            }
+        }
+    }
+}

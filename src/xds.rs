@@ -1,20 +1,26 @@
 //! The xDS client: workloads, services and authorization policies from istiod (or
-//! `meshnode control-plane`) over delta ADS, as ztunnel receives them.
+//! `meshnode control-plane`) over delta ADS, as ztunnel receives them; and, for `meshnode waypoint`, its
+//! own `meshnode.waypoint.Waypoint` resource beside them.
 //!
 //! Input: a [`GrpcTarget`](crate::config::GrpcTarget) (`XDS_ADDRESS`, `XDS_ROOT_CA`, `ALT_XDS_HOSTNAME`,
 //! `XDS_HEADER_*`), [`grpc::Credentials`](crate::grpc::Credentials) (bearer token, `clusterid`) and a
-//! [`NodeInfo`] built from the proxy's own pod. Output: a new [`State`](crate::state::State) snapshot
-//! published on a `watch` channel after each response that changed something, and a one-shot `synced`
+//! [`NodeInfo`] built from the proxy's own pod. Output, for the node proxy: a new
+//! [`State`](crate::state::State) snapshot published on a `watch` channel after each response that
+//! changed something; for a waypoint ([`XdsClient::for_waypoint`]): the [`WaypointResources`] handed to
+//! its [`WaypointSubscription`]'s `publish` after each such response. Either way a one-shot `synced`
 //! callback for readiness.
 //!
 //! Protocol (ztunnel `src/xds/client.rs`): one `DeltaAggregatedResources` stream carrying two wildcard
-//! subscriptions, [`ADDRESS_TYPE`] and [`AUTHORIZATION_TYPE`]. Each initial request carries the node and
+//! subscriptions, [`ADDRESS_TYPE`] and [`AUTHORIZATION_TYPE`]; a waypoint adds a third, [`WAYPOINT_TYPE`],
+//! naming only its own resource (`resource_names_subscribe: ["<namespace>/<gateway name>"]`; resources of
+//! that type under other names are ignored, should a server send them anyway). Each initial request carries the node and
 //! `initial_resource_versions` (what is held, with versions), so a reconnect resumes rather than restarts.
 //! Every response is answered: ACK `{type_url, response_nonce}`, or NACK with
 //! `error_detail.message = "<name>: <reason>; ..."`. A bad resource is named in the NACK; its previous
 //! good version, if any, stays; a refused policy with no good version is enforced through a fail-safe
 //! stand-in that can only deny more (never allow more than with the policy); the others in the same
-//! response are applied.
+//! response are applied. A `Waypoint` is refused when its subscription's `check` (the waypoint's own
+//! compilation of routes and policies) refuses it.
 //!
 //! Parts: [`convert`] (protobuf → state types), `cache` (the resources held, per type, with versions;
 //! applying one response), `client` (the stream, reconnects, ACK/NACK, publishing).
@@ -22,9 +28,9 @@
 //! Differences from ztunnel, on purpose: an unknown type URL is NACKed (ztunnel ACKs it); the versions
 //! sent on reconnect are the real ones (ztunnel sends `""`); a response with some rejected resources still
 //! counts towards readiness once its good resources are applied (ztunnel waits for a clean ACK); no state
-//! is published before both types have arrived once, so the proxy never runs with workloads but without
-//! their policies; stricter conversions (see [`convert`]); bounded message size and resource count
-//! ([`Limits`]).
+//! is published before every subscribed type has arrived once, so the proxy never runs with workloads but
+//! without their policies (nor a waypoint with routes but without workloads); stricter conversions (see
+//! [`convert`]); bounded message size and resource count ([`Limits`]).
 
 mod cache;
 mod client;
@@ -33,17 +39,49 @@ pub mod convert;
 mod tests;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 pub use client::XdsClient;
 pub use convert::ConvertError;
 
 use crate::config::ProxyMeta;
 use crate::proto::discovery;
+use crate::state::{Service, Workload};
 
 /// Type URL of workload and service resources.
 pub const ADDRESS_TYPE: &str = "type.googleapis.com/istio.workload.Address";
 /// Type URL of authorization policy resources.
 pub const AUTHORIZATION_TYPE: &str = "type.googleapis.com/istio.security.Authorization";
+/// Type URL of meshnode's waypoint configuration resources.
+pub const WAYPOINT_TYPE: &str = "type.googleapis.com/meshnode.waypoint.Waypoint";
+
+/// What a waypoint is configured from: every Address workload and service held, and its own `Waypoint`
+/// resource once received.
+#[derive(Debug, Clone, Default)]
+pub struct WaypointResources {
+    /// The workloads.
+    pub workloads: Vec<Arc<Workload>>,
+    /// The services.
+    pub services: Vec<Arc<Service>>,
+    /// This waypoint's configuration (`None` until the control plane has sent it, or after it removed it).
+    pub waypoint: Option<Arc<crate::proto::waypoint::Waypoint>>,
+}
+
+/// Validates a `Waypoint` before it is held: `Err(reason)` NACKs it (the previous good one stays).
+pub type WaypointCheck =
+    Box<dyn Fn(&crate::proto::waypoint::Waypoint) -> Result<(), String> + Send>;
+/// Receives each new set of [`WaypointResources`] (on the xDS thread).
+pub type WaypointPublish = Box<dyn FnMut(WaypointResources) + Send>;
+
+/// A waypoint's subscription: its own resource name, how to validate it, where the results go.
+pub struct WaypointSubscription {
+    /// `<gateway namespace>/<gateway name>`.
+    pub name: String,
+    /// The waypoint's own validation.
+    pub check: WaypointCheck,
+    /// Where every new set goes once all three types have arrived.
+    pub publish: WaypointPublish,
+}
 
 /// ztunnel's node id when `INSTANCE_IP` is unset.
 const DEFAULT_INSTANCE_IP: &str = "1.1.1.1";
@@ -75,7 +113,8 @@ impl Default for Limits {
 /// The xDS `Node` the proxy presents: id and metadata exactly as ztunnel builds them.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NodeInfo {
-    /// `ztunnel~<INSTANCE_IP|1.1.1.1>~<POD_NAME>.<POD_NAMESPACE>~<POD_NAMESPACE>.svc.cluster.local`.
+    /// `ztunnel~<INSTANCE_IP|1.1.1.1>~<POD_NAME>.<POD_NAMESPACE>~<POD_NAMESPACE>.svc.cluster.local`
+    /// (`router~…` for a waypoint).
     pub id: String,
     /// `NAME`, `NAMESPACE`, `INSTANCE_IPS`, `NODE_NAME`, then the proxy metadata (`ISTIO_META_*`,
     /// `ISTIO_METAJSON_*`), which wins on a clash as in ztunnel.
@@ -85,11 +124,21 @@ pub struct NodeInfo {
 impl NodeInfo {
     /// The node for a proxy running as pod `meta` on node `node_name` (`NODE_NAME`).
     pub fn new(meta: &ProxyMeta, node_name: Option<&str>) -> NodeInfo {
+        NodeInfo::of_type("ztunnel", meta, node_name)
+    }
+
+    /// The node for a waypoint: as [`NodeInfo::new`], with Istio's proxy type of waypoints and gateways,
+    /// `router`, in place of `ztunnel` in the id.
+    pub fn waypoint(meta: &ProxyMeta, node_name: Option<&str>) -> NodeInfo {
+        NodeInfo::of_type("router", meta, node_name)
+    }
+
+    fn of_type(kind: &str, meta: &ProxyMeta, node_name: Option<&str>) -> NodeInfo {
         let ip = meta
             .instance_ip
             .map_or_else(|| DEFAULT_INSTANCE_IP.to_string(), |ip| ip.to_string());
         let ns = &meta.pod_namespace;
-        let id = format!("ztunnel~{ip}~{}.{ns}~{ns}.svc.cluster.local", meta.pod_name);
+        let id = format!("{kind}~{ip}~{}.{ns}~{ns}.svc.cluster.local", meta.pod_name);
         let mut metadata = BTreeMap::new();
         let s = |v: &str| serde_json::Value::String(v.to_string());
         metadata.insert("NAME".to_string(), s(&meta.pod_name));
@@ -162,6 +211,9 @@ pub enum ResourceError {
     /// The body decodes but cannot be used.
     #[error(transparent)]
     Convert(#[from] ConvertError),
+    /// The waypoint refused its configuration.
+    #[error("waypoint configuration refused: {0}")]
+    Waypoint(String),
     /// Holding another resource would exceed [`Limits::max_resources`].
     #[error("resource limit reached ({limit} resources held)")]
     TooMany {
@@ -174,7 +226,8 @@ pub enum ResourceError {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ResponseError {
-    /// The response's type URL is neither [`ADDRESS_TYPE`] nor [`AUTHORIZATION_TYPE`].
+    /// The response's type URL is not one subscribed to ([`ADDRESS_TYPE`], [`AUTHORIZATION_TYPE`], and
+    /// [`WAYPOINT_TYPE`] for a waypoint).
     #[error("unknown type URL {type_url:?}")]
     UnknownType {
         /// The type URL.

@@ -15,6 +15,9 @@
 //!   version or a removal replaces them. Rejected workloads and services are simply not held (traffic to
 //!   or from a workload the state does not know is refused by the proxy).
 //!
+//! Waypoint resources (held only by a waypoint's client, and only under its own name) are checked by the
+//! waypoint's own validation; a refused one keeps its previous good version, or is simply not held.
+//!
 //! Known gap: a new policy past [`Limits::max_resources`](super::Limits) is refused without a stand-in
 //! (holding one would break the bound), so it is missing for the workloads that list it (ztunnel has no
 //! such limit).
@@ -27,10 +30,13 @@ use prost::Message;
 use tracing::warn;
 
 use super::convert::{self, Address};
-use super::{ResourceError, ResponseError, ADDRESS_TYPE, AUTHORIZATION_TYPE};
+use super::{
+    ResourceError, ResponseError, WaypointCheck, WaypointResources, ADDRESS_TYPE,
+    AUTHORIZATION_TYPE, WAYPOINT_TYPE,
+};
 use crate::authz::{Policy, PolicySet};
 use crate::proto::discovery::{DeltaDiscoveryResponse, Resource};
-use crate::proto::{security, workload};
+use crate::proto::{security, waypoint, workload};
 use crate::state::State;
 
 /// At most this many rejections are spelled out in a NACK; the rest are counted.
@@ -38,27 +44,29 @@ const MAX_NACK_ENTRIES: usize = 32;
 /// A NACK's `error_detail.message` is cut at this many bytes (istiod logs it whole).
 const MAX_NACK_BYTES: usize = 8 * 1024;
 
-/// The two subscribed types.
+/// The subscribed types.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) enum Kind {
     /// `istio.workload.Address`.
     Address,
     /// `istio.security.Authorization`.
     Authorization,
+    /// `meshnode.waypoint.Waypoint` (a waypoint's client only).
+    Waypoint,
 }
 
 impl Kind {
-    pub(crate) const ALL: [Kind; 2] = [Kind::Address, Kind::Authorization];
+    /// The node proxy's types.
+    pub(crate) const PROXY: [Kind; 2] = [Kind::Address, Kind::Authorization];
+    /// A waypoint's types.
+    pub(crate) const WAYPOINT: [Kind; 3] = [Kind::Address, Kind::Authorization, Kind::Waypoint];
 
     pub(crate) fn url(self) -> &'static str {
         match self {
             Kind::Address => ADDRESS_TYPE,
             Kind::Authorization => AUTHORIZATION_TYPE,
+            Kind::Waypoint => WAYPOINT_TYPE,
         }
-    }
-
-    fn from_url(url: &str) -> Option<Kind> {
-        Kind::ALL.into_iter().find(|k| k.url() == url)
     }
 }
 
@@ -100,6 +108,20 @@ pub(crate) struct Applied {
     pub(crate) stand_ins: usize,
 }
 
+/// A waypoint's own resource: its name and validation.
+pub(crate) struct WaypointFilter {
+    pub(crate) name: String,
+    pub(crate) check: WaypointCheck,
+}
+
+impl std::fmt::Debug for WaypointFilter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WaypointFilter")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
 /// The held resources.
 #[derive(Debug)]
 pub(crate) struct Cache {
@@ -107,6 +129,9 @@ pub(crate) struct Cache {
     policies: HashMap<String, Entry<Policy>>,
     /// `policies` indexed; rebuilt only when an Authorization response changes them.
     policy_set: Arc<PolicySet>,
+    /// A waypoint's own resource (at most one, under `waypoint_filter.name`).
+    waypoints: HashMap<String, Entry<waypoint::Waypoint>>,
+    waypoint_filter: Option<WaypointFilter>,
     max_resources: usize,
 }
 
@@ -116,8 +141,62 @@ impl Cache {
             addresses: HashMap::new(),
             policies: HashMap::new(),
             policy_set: Arc::default(),
+            waypoints: HashMap::new(),
+            waypoint_filter: None,
             max_resources,
         }
+    }
+
+    /// Changes the resource bound (on an empty cache).
+    pub(crate) fn set_max_resources(&mut self, max_resources: usize) {
+        self.max_resources = max_resources;
+    }
+
+    /// A cache that also holds the `Waypoint` named in `filter`.
+    pub(crate) fn for_waypoint(max_resources: usize, filter: WaypointFilter) -> Cache {
+        Cache {
+            waypoint_filter: Some(filter),
+            ..Cache::new(max_resources)
+        }
+    }
+
+    /// The types this cache holds.
+    pub(crate) fn kinds(&self) -> &'static [Kind] {
+        if self.waypoint_filter.is_some() {
+            &Kind::WAYPOINT
+        } else {
+            &Kind::PROXY
+        }
+    }
+
+    /// The resource names subscribed to for `kind`: the waypoint's own for [`Kind::Waypoint`], else none
+    /// (wildcard).
+    pub(crate) fn names(&self, kind: Kind) -> Vec<String> {
+        match (kind, &self.waypoint_filter) {
+            (Kind::Waypoint, Some(f)) => vec![f.name.clone()],
+            _ => Vec::new(),
+        }
+    }
+
+    fn kind_of(&self, url: &str) -> Option<Kind> {
+        self.kinds().iter().copied().find(|k| k.url() == url)
+    }
+
+    /// Every workload and service held, and the waypoint's own resource.
+    pub(crate) fn waypoint_resources(&self) -> WaypointResources {
+        let mut out = WaypointResources::default();
+        for e in self.addresses.values() {
+            match &*e.value {
+                Address::Workload(w) => out.workloads.push(Arc::new(w.clone())),
+                Address::Service(s) => out.services.push(Arc::new(s.clone())),
+            }
+        }
+        out.waypoint = self
+            .waypoint_filter
+            .as_ref()
+            .and_then(|f| self.waypoints.get(&f.name))
+            .map(|e| e.value.clone());
+        out
     }
 
     /// Name → version of what is held of `kind` (`initial_resource_versions`).
@@ -130,16 +209,19 @@ impl Cache {
         match kind {
             Kind::Address => of(&self.addresses),
             Kind::Authorization => of(&self.policies),
+            Kind::Waypoint => of(&self.waypoints),
         }
     }
 
     /// Applies `resp`: updates first, then removals (ztunnel's order). Bad resources are skipped and
     /// reported; if the result is not a consistent state, nothing changes.
     pub(crate) fn apply(&mut self, resp: DeltaDiscoveryResponse) -> Result<Applied, ResponseError> {
-        let kind = Kind::from_url(&resp.type_url).ok_or_else(|| ResponseError::UnknownType {
-            type_url: resp.type_url.clone(),
-        })?;
-        let held = self.addresses.len() + self.policies.len();
+        let kind = self
+            .kind_of(&resp.type_url)
+            .ok_or_else(|| ResponseError::UnknownType {
+                type_url: resp.type_url.clone(),
+            })?;
+        let held = self.addresses.len() + self.policies.len() + self.waypoints.len();
         let mut budget = self.max_resources.saturating_sub(held);
         let max = self.max_resources;
         let mut rejected = Vec::new();
@@ -156,7 +238,7 @@ impl Cache {
                     &mut budget,
                     max,
                     &mut rejected,
-                    |name, msg: workload::Address| convert::address(name, msg),
+                    |name, msg: workload::Address| Ok(convert::address(name, msg)?),
                     |_, _| None,
                 );
                 removed = remove(&mut next, &resp.removed_resources);
@@ -180,7 +262,7 @@ impl Cache {
                     &mut budget,
                     max,
                     &mut rejected,
-                    |name, msg: security::Authorization| convert::policy(name, msg),
+                    |name, msg: security::Authorization| Ok(convert::policy(name, msg)?),
                     |name, msg| Some(convert::fail_safe_policy(name, msg)),
                 );
                 removed = remove(&mut next, &resp.removed_resources);
@@ -199,8 +281,68 @@ impl Cache {
                     stand_ins,
                 })
             }
+            Kind::Waypoint => {
+                let Some(filter) = &self.waypoint_filter else {
+                    return Err(ResponseError::UnknownType {
+                        type_url: resp.type_url,
+                    });
+                };
+                // Only our own name is held; a server that ignores the subscription's names may send others.
+                let (ours, others): (Vec<Resource>, Vec<Resource>) = resp
+                    .resources
+                    .into_iter()
+                    .partition(|r| r.name == filter.name);
+                if !others.is_empty() {
+                    tracing::debug!(
+                        ignored = others.len(),
+                        "xDS sent waypoint resources of other waypoints; ignored"
+                    );
+                }
+                let mut next = self.waypoints.clone();
+                Counts { updated, stand_ins } = update(
+                    &mut next,
+                    ours,
+                    kind,
+                    &mut budget,
+                    max,
+                    &mut rejected,
+                    |name, msg: waypoint::Waypoint| check_waypoint(filter, name, msg),
+                    |_, _| None,
+                );
+                removed = remove(&mut next, &resp.removed_resources);
+                let state = build(&self.addresses, self.policy_set.clone())?;
+                self.waypoints = next;
+                Ok(Applied {
+                    kind,
+                    state,
+                    rejected,
+                    updated,
+                    removed,
+                    stand_ins,
+                })
+            }
         }
     }
+}
+
+/// A `Waypoint` is held when its content names it as it was sent and the waypoint accepts it.
+fn check_waypoint(
+    filter: &WaypointFilter,
+    name: &str,
+    msg: waypoint::Waypoint,
+) -> Result<waypoint::Waypoint, ResourceError> {
+    let key = format!("{}/{}", msg.namespace, msg.name);
+    if key != name {
+        return Err(ResourceError::Convert(
+            convert::ConvertError::NameMismatch {
+                what: "waypoint namespace/name",
+                name: name.to_string(),
+                key,
+            },
+        ));
+    }
+    (filter.check)(&msg).map_err(ResourceError::Waypoint)?;
+    Ok(msg)
 }
 
 /// What [`update`] inserted.
@@ -221,7 +363,7 @@ fn update<T, M: Message + Default>(
     budget: &mut usize,
     limit: usize,
     rejected: &mut Vec<Rejected>,
-    convert: impl Fn(&str, M) -> Result<T, super::ConvertError>,
+    convert: impl Fn(&str, M) -> Result<T, ResourceError>,
     stand_in: impl Fn(&str, Option<M>) -> Option<T>,
 ) -> Counts {
     let mut counts = Counts {
@@ -241,7 +383,7 @@ fn update<T, M: Message + Default>(
     };
     for res in resources {
         let result = decode::<M>(&res, kind)
-            .and_then(|msg| Ok(convert(&res.name, msg)?))
+            .and_then(|msg| convert(&res.name, msg))
             .and_then(|value| admit(map, &res.name).map(|()| value));
         let reason = match result {
             Ok(value) => {

@@ -1,7 +1,8 @@
 //! The delta ADS stream: connect, subscribe, apply and answer each response, publish, reconnect.
 //!
 //! Input: the control-plane target, credentials, node, and a shutdown signal. Output: [`State`]
-//! snapshots on the `watch` sender; the `synced` callback once both types have been applied.
+//! snapshots on the `watch` sender (a waypoint's client: [`WaypointResources`](super::WaypointResources) to its `publish`); the
+//! `synced` callback once every subscribed type has been applied.
 //!
 //! Reconnects follow ztunnel: a failure to connect, or a stream error other than the "routine" ones,
 //! doubles the delay (10 ms up to 15 s); routine endings (gRPC `Unknown`, `Cancelled`, `DeadlineExceeded`,
@@ -16,8 +17,8 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
-use super::cache::{nack_detail, Cache, Kind};
-use super::{Error, Limits, NodeInfo};
+use super::cache::{nack_detail, Cache, WaypointFilter};
+use super::{Error, Limits, NodeInfo, WaypointPublish, WaypointSubscription};
 use crate::config::GrpcTarget;
 use crate::grpc;
 use crate::proto::discovery::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
@@ -28,20 +29,28 @@ use crate::state::State;
 const INITIAL_BACKOFF: Duration = Duration::from_millis(10);
 /// Longest reconnect delay (ztunnel: 15 s).
 const MAX_BACKOFF: Duration = Duration::from_secs(15);
-/// Requests waiting for the transport: the two initial requests plus ACKs; one ACK per response is sent
-/// before the next response is read, so a handful is plenty.
+/// Requests waiting for the transport: the initial requests (two, three for a waypoint) plus ACKs; one ACK
+/// per response is sent before the next response is read, so a handful is plenty.
 const REQUEST_QUEUE: usize = 8;
 
-/// A delta ADS client for workloads, services and policies.
+/// Where applied responses go.
+enum Sink {
+    /// The node proxy's state.
+    State(watch::Sender<Arc<State>>),
+    /// A waypoint's resources.
+    Waypoint(WaypointPublish),
+}
+
+/// A delta ADS client for workloads, services and policies (and a waypoint's own resource).
 pub struct XdsClient {
     target: GrpcTarget,
     creds: grpc::Credentials,
     node: NodeInfo,
-    publish: watch::Sender<Arc<State>>,
+    sink: Sink,
     limits: Limits,
     cache: Cache,
-    /// Types applied at least once; state is published only when both have been.
-    seen: [bool; 2],
+    /// Types applied at least once; nothing is published before every subscribed type has been.
+    seen: [bool; 3],
 }
 
 /// How one stream ended.
@@ -65,22 +74,46 @@ impl XdsClient {
             target,
             creds,
             node,
-            publish,
+            sink: Sink::State(publish),
             limits,
             cache: Cache::new(limits.max_resources),
-            seen: [false; 2],
+            seen: [false; 3],
         }
     }
 
-    /// Replaces the default [`Limits`].
+    /// A client for a waypoint: also subscribes to its own `Waypoint` resource (`sub.name`), validated by
+    /// `sub.check`; every new set of resources goes to `sub.publish`.
+    pub fn for_waypoint(
+        target: GrpcTarget,
+        creds: grpc::Credentials,
+        node: NodeInfo,
+        sub: WaypointSubscription,
+    ) -> XdsClient {
+        let limits = Limits::default();
+        let filter = WaypointFilter {
+            name: sub.name,
+            check: sub.check,
+        };
+        XdsClient {
+            target,
+            creds,
+            node,
+            sink: Sink::Waypoint(sub.publish),
+            limits,
+            cache: Cache::for_waypoint(limits.max_resources, filter),
+            seen: [false; 3],
+        }
+    }
+
+    /// Replaces the default [`Limits`] (before [`XdsClient::run`]; nothing is held yet).
     pub fn with_limits(mut self, limits: Limits) -> XdsClient {
         self.limits = limits;
-        self.cache = Cache::new(limits.max_resources);
+        self.cache.set_max_resources(limits.max_resources);
         self
     }
 
-    /// Runs until `shutdown` turns true (or its sender is dropped). `synced` is called once, when both
-    /// types have been received and applied the first time; before that nothing is published.
+    /// Runs until `shutdown` turns true (or its sender is dropped). `synced` is called once, when every
+    /// subscribed type has been received and applied the first time; before that nothing is published.
     pub async fn run(mut self, synced: impl FnOnce() + Send, mut shutdown: watch::Receiver<bool>) {
         let mut synced = Some(synced);
         let mut backoff = INITIAL_BACKOFF;
@@ -130,19 +163,21 @@ impl XdsClient {
         let channel = grpc::channel(&self.target).map_err(Error::Channel)?;
         let (tx, rx) = mpsc::channel::<DeltaDiscoveryRequest>(REQUEST_QUEUE);
         let node = self.node.to_proto();
-        for kind in Kind::ALL {
+        for &kind in self.cache.kinds() {
             let initial = DeltaDiscoveryRequest {
                 node: Some(node.clone()),
                 type_url: kind.url().to_string(),
                 initial_resource_versions: self.cache.versions(kind),
+                resource_names_subscribe: self.cache.names(kind),
                 ..Default::default()
             };
             debug!(
                 type_url = kind.url(),
                 held = initial.initial_resource_versions.len(),
+                names = ?initial.resource_names_subscribe,
                 "xDS subscribe"
             );
-            // Cannot fail: the queue is empty and longer than two.
+            // Cannot fail: the queue is empty and longer than three.
             tx.try_send(initial).map_err(|_| Error::RequestsClosed)?;
         }
         let outbound = futures_util::stream::unfold(rx, |mut rx| async move {
@@ -205,10 +240,16 @@ impl XdsClient {
                     "xDS response applied"
                 );
                 self.seen[applied.kind as usize] = true;
-                if self.seen.iter().all(|s| *s) {
-                    self.publish.send_replace(Arc::new(applied.state));
+                let all_seen = self.cache.kinds().iter().all(|k| self.seen[*k as usize]);
+                if all_seen {
+                    match &mut self.sink {
+                        Sink::State(tx) => {
+                            tx.send_replace(Arc::new(applied.state));
+                        }
+                        Sink::Waypoint(publish) => publish(self.cache.waypoint_resources()),
+                    }
                     if let Some(f) = synced.take() {
-                        info!("xDS synced: both types received");
+                        info!("xDS synced: every subscribed type received");
                         f();
                     }
                 }

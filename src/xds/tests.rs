@@ -959,3 +959,4 @@ fn a_workload_push_keeps_the_policy_set_and_a_policy_push_replaces_it() {
 }
 
 mod refused_policies;
+mod waypoint;

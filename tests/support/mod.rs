@@ -2,9 +2,11 @@
 //! clients, and network namespaces that clean themselves up.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod ads;
 pub mod cluster;
 pub mod dedicated;
 pub mod fake_kube;
+pub mod l7;
 pub mod labelled;
 pub mod netns;
 pub mod waypoint;

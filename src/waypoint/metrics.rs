@@ -1,0 +1,492 @@
+//! The waypoint's request metrics, with Istio's names and labels (`reporter="waypoint"`), and its access
+//! log line.
+//!
+//! Input: one [`RequestLog`] per HTTP request, filled in as the request goes (client, destination,
+//! endpoint, route, status, flags, bytes) and finished when the response has been sent or abandoned.
+//! Output: the families below in one registry per process, served as OpenMetrics text on `:15020` by
+//! [`crate::metrics::serve_encoded`], and one `access` log line per request (ztunnel-like key=value).
+//!
+//! | name (as scraped) | type |
+//! |---|---|
+//! | `istio_requests_total` | counter |
+//! | `istio_request_duration_milliseconds` | histogram (Istio's buckets, ms) |
+//! | `istio_request_bytes` | histogram (request head + body) |
+//! | `istio_response_bytes` | histogram (response head + body) |
+//! | `istio_tcp_connections_opened_total`, `istio_tcp_connections_closed_total` | counters (TCP ports) |
+//! | `istio_tcp_received_bytes_total`, `istio_tcp_sent_bytes_total` | counters (TCP ports, at close) |
+//!
+//! Labels: Istio's standard set ([`RequestLabels`]); `source_*` from the client's Address workload (found
+//! by its address and mTLS identity), `destination_*` from the endpoint's workload and the service
+//! addressed. Empty values read `unknown`, as ztunnel writes them. Cost: one label set built and looked up
+//! per family at the end of each request; nothing per byte.
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::identity::Identity;
+use crate::state::{Service, Workload};
+
+/// Istio's duration buckets (milliseconds).
+const DURATION_BUCKETS: [f64; 19] = [
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
+    60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
+];
+/// Istio's size buckets (bytes): powers of ten up to 1 GB.
+const SIZE_BUCKETS: [f64; 10] = [1.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9];
+
+fn duration_histogram() -> Histogram {
+    Histogram::new(DURATION_BUCKETS)
+}
+
+fn size_histogram() -> Histogram {
+    Histogram::new(SIZE_BUCKETS)
+}
+
+/// Istio's standard request labels, as a waypoint reports them.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// Always `waypoint`.
+    pub reporter: &'static str,
+    /// Source workload (owner) name.
+    pub source_workload: String,
+    /// Source canonical service.
+    pub source_canonical_service: String,
+    /// Source canonical revision.
+    pub source_canonical_revision: String,
+    /// Source namespace.
+    pub source_workload_namespace: String,
+    /// The client's identity (`spiffe://…`).
+    pub source_principal: String,
+    /// Source app.
+    pub source_app: String,
+    /// Source version.
+    pub source_version: String,
+    /// Source cluster.
+    pub source_cluster: String,
+    /// Destination service FQDN.
+    pub destination_service: String,
+    /// Destination service namespace.
+    pub destination_service_namespace: String,
+    /// Destination service name.
+    pub destination_service_name: String,
+    /// Destination workload (owner) name.
+    pub destination_workload: String,
+    /// Destination canonical service.
+    pub destination_canonical_service: String,
+    /// Destination canonical revision.
+    pub destination_canonical_revision: String,
+    /// Destination namespace.
+    pub destination_workload_namespace: String,
+    /// Destination identity.
+    pub destination_principal: String,
+    /// Destination app.
+    pub destination_app: String,
+    /// Destination version.
+    pub destination_version: String,
+    /// Destination cluster.
+    pub destination_cluster: String,
+    /// `http` or `grpc`.
+    pub request_protocol: &'static str,
+    /// The status sent to the client.
+    pub response_code: String,
+    /// gRPC status, `-` when none.
+    pub grpc_response_status: String,
+    /// Envoy's response flags (`-`, `NR`, `UH`, `UF`, `UO`, `UT`, `URX`, `DPE`…).
+    pub response_flags: String,
+    /// Always `mutual_tls`: clients arrive over HBONE.
+    pub connection_security_policy: &'static str,
+}
+
+/// Istio's TCP labels as a waypoint reports them: the request labels without the response code and gRPC
+/// status, `request_protocol="tcp"`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct TcpLabels {
+    reporter: &'static str,
+    source_workload: String,
+    source_canonical_service: String,
+    source_canonical_revision: String,
+    source_workload_namespace: String,
+    source_principal: String,
+    source_app: String,
+    source_version: String,
+    source_cluster: String,
+    destination_service: String,
+    destination_service_namespace: String,
+    destination_service_name: String,
+    destination_workload: String,
+    destination_canonical_service: String,
+    destination_canonical_revision: String,
+    destination_workload_namespace: String,
+    destination_principal: String,
+    destination_app: String,
+    destination_version: String,
+    destination_cluster: String,
+    request_protocol: &'static str,
+    response_flags: String,
+    connection_security_policy: &'static str,
+}
+
+impl From<RequestLabels> for TcpLabels {
+    fn from(l: RequestLabels) -> TcpLabels {
+        TcpLabels {
+            reporter: l.reporter,
+            source_workload: l.source_workload,
+            source_canonical_service: l.source_canonical_service,
+            source_canonical_revision: l.source_canonical_revision,
+            source_workload_namespace: l.source_workload_namespace,
+            source_principal: l.source_principal,
+            source_app: l.source_app,
+            source_version: l.source_version,
+            source_cluster: l.source_cluster,
+            destination_service: l.destination_service,
+            destination_service_namespace: l.destination_service_namespace,
+            destination_service_name: l.destination_service_name,
+            destination_workload: l.destination_workload,
+            destination_canonical_service: l.destination_canonical_service,
+            destination_canonical_revision: l.destination_canonical_revision,
+            destination_workload_namespace: l.destination_workload_namespace,
+            destination_principal: l.destination_principal,
+            destination_app: l.destination_app,
+            destination_version: l.destination_version,
+            destination_cluster: l.destination_cluster,
+            request_protocol: "tcp",
+            response_flags: l.response_flags,
+            connection_security_policy: l.connection_security_policy,
+        }
+    }
+}
+
+/// The TCP families.
+#[derive(Default)]
+struct Tcp {
+    opened: Family<TcpLabels, Counter>,
+    closed: Family<TcpLabels, Counter>,
+    received: Family<TcpLabels, Counter>,
+    sent: Family<TcpLabels, Counter>,
+}
+
+/// The process's request metrics.
+pub struct WaypointMetrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    duration: Family<RequestLabels, Histogram, fn() -> Histogram>,
+    request_bytes: Family<RequestLabels, Histogram, fn() -> Histogram>,
+    response_bytes: Family<RequestLabels, Histogram, fn() -> Histogram>,
+    tcp: Tcp,
+}
+
+impl Default for WaypointMetrics {
+    fn default() -> Self {
+        WaypointMetrics::new()
+    }
+}
+
+impl std::fmt::Debug for WaypointMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WaypointMetrics").finish_non_exhaustive()
+    }
+}
+
+impl WaypointMetrics {
+    /// A registry with the request families registered.
+    pub fn new() -> WaypointMetrics {
+        let mut registry = Registry::default();
+        let requests = Family::default();
+        let duration = Family::new_with_constructor(duration_histogram as fn() -> Histogram);
+        let request_bytes = Family::new_with_constructor(size_histogram as fn() -> Histogram);
+        let response_bytes = Family::new_with_constructor(size_histogram as fn() -> Histogram);
+        let istio = registry.sub_registry_with_prefix("istio");
+        istio.register("requests", "Total number of requests", requests.clone());
+        istio.register(
+            "request_duration_milliseconds",
+            "Duration of requests in milliseconds",
+            duration.clone(),
+        );
+        istio.register(
+            "request_bytes",
+            "Size of requests in bytes",
+            request_bytes.clone(),
+        );
+        istio.register(
+            "response_bytes",
+            "Size of responses in bytes",
+            response_bytes.clone(),
+        );
+        let tcp = Tcp::default();
+        istio.register(
+            "tcp_connections_opened",
+            "The total number of TCP connections opened",
+            tcp.opened.clone(),
+        );
+        istio.register(
+            "tcp_connections_closed",
+            "The total number of TCP connections closed",
+            tcp.closed.clone(),
+        );
+        istio.register(
+            "tcp_received_bytes",
+            "The size of total bytes received during request in case of a TCP connection",
+            tcp.received.clone(),
+        );
+        istio.register(
+            "tcp_sent_bytes",
+            "The size of total bytes sent during response in case of a TCP connection",
+            tcp.sent.clone(),
+        );
+        WaypointMetrics {
+            registry,
+            requests,
+            duration,
+            request_bytes,
+            response_bytes,
+            tcp,
+        }
+    }
+
+    /// Counts a TCP connection as opened towards an endpoint.
+    pub fn tcp_opened(&self, labels: &TcpLabels) {
+        self.tcp.opened.get_or_create(labels).inc();
+    }
+
+    /// Counts its close: `received` bytes from the client, `sent` towards it.
+    pub fn tcp_closed(&self, labels: &TcpLabels, received: u64, sent: u64) {
+        self.tcp.closed.get_or_create(labels).inc();
+        if received > 0 {
+            self.tcp.received.get_or_create(labels).inc_by(received);
+        }
+        if sent > 0 {
+            self.tcp.sent.get_or_create(labels).inc_by(sent);
+        }
+    }
+
+    /// The registry as OpenMetrics text.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    fn record(&self, labels: &RequestLabels, millis: f64, request: u64, response: u64) {
+        self.requests.get_or_create(labels).inc();
+        self.duration.get_or_create(labels).observe(millis);
+        self.request_bytes
+            .get_or_create(labels)
+            .observe(request as f64);
+        self.response_bytes
+            .get_or_create(labels)
+            .observe(response as f64);
+    }
+}
+
+fn val(s: &str) -> String {
+    if s.is_empty() {
+        "unknown".to_string()
+    } else {
+        s.to_string()
+    }
+}
+
+fn workload_name(w: &Workload) -> &str {
+    if w.workload_name.is_empty() {
+        &w.name
+    } else {
+        &w.workload_name
+    }
+}
+
+fn app_name(w: &Workload) -> &str {
+    if w.canonical_name.is_empty() {
+        workload_name(w)
+    } else {
+        &w.canonical_name
+    }
+}
+
+/// The standard labels for a client (`src_identity`, its workload if known), the service addressed and the
+/// endpoint's workload; `request_protocol` `http`, `response_code` `0`, to be filled in.
+pub fn labels(
+    src_identity: &Identity,
+    src: Option<&Workload>,
+    service: Option<&Service>,
+    dst: Option<&Workload>,
+    flags: &str,
+) -> RequestLabels {
+    let s = |f: fn(&Workload) -> &str| val(src.map(f).unwrap_or(""));
+    let d = |f: fn(&Workload) -> &str| val(dst.map(f).unwrap_or(""));
+    let svc = |f: fn(&Service) -> &str| val(service.map(f).unwrap_or(""));
+    RequestLabels {
+        reporter: "waypoint",
+        source_workload: s(|w| workload_name(w)),
+        source_canonical_service: s(|w| &w.canonical_name),
+        source_canonical_revision: s(|w| &w.canonical_revision),
+        source_workload_namespace: s(|w| &w.namespace),
+        source_principal: src_identity.to_string(),
+        source_app: s(|w| app_name(w)),
+        source_version: s(|w| &w.canonical_revision),
+        source_cluster: s(|w| &w.cluster_id),
+        destination_service: svc(|s| &s.hostname),
+        destination_service_namespace: svc(|s| &s.namespace),
+        destination_service_name: svc(|s| &s.name),
+        destination_workload: d(|w| workload_name(w)),
+        destination_canonical_service: d(|w| &w.canonical_name),
+        destination_canonical_revision: d(|w| &w.canonical_revision),
+        destination_workload_namespace: d(|w| &w.namespace),
+        destination_principal: dst.map_or_else(|| val(""), |w| w.identity.to_string()),
+        destination_app: d(|w| app_name(w)),
+        destination_version: d(|w| &w.canonical_revision),
+        destination_cluster: d(|w| &w.cluster_id),
+        request_protocol: "http",
+        response_code: "0".to_string(),
+        grpc_response_status: "-".to_string(),
+        response_flags: flags.to_string(),
+        connection_security_policy: "mutual_tls",
+    }
+}
+
+/// Everything known about one request, recorded once when it ends (dropped: recorded as it stands).
+pub struct RequestLog {
+    metrics: std::sync::Arc<WaypointMetrics>,
+    start: Instant,
+    /// The client's HBONE address.
+    pub src: SocketAddr,
+    /// The client's identity.
+    pub src_identity: Identity,
+    /// The client's workload, if the Address resources know it.
+    pub src_workload: Option<std::sync::Arc<Workload>>,
+    /// The CONNECT's `:authority`.
+    pub authority: String,
+    /// The service addressed.
+    pub service: Option<std::sync::Arc<Service>>,
+    /// The endpoint chosen (last try).
+    pub endpoint: Option<(std::sync::Arc<Workload>, SocketAddr)>,
+    /// `:method`.
+    pub method: http::Method,
+    /// `:path`.
+    pub path: String,
+    /// The route taken.
+    pub route: Option<String>,
+    /// `http` or `grpc`.
+    pub protocol: &'static str,
+    /// The status sent.
+    pub status: u16,
+    /// Envoy's flags, `-` when none.
+    pub flags: &'static str,
+    /// The deciding policy of a denial.
+    pub policy: Option<String>,
+    /// Tries made upstream.
+    pub tries: u32,
+    /// Request size (head and body).
+    pub request_bytes: u64,
+    /// Response size so far (head and body).
+    pub response_bytes: u64,
+    done: bool,
+}
+
+impl RequestLog {
+    /// A log for a request arriving now.
+    pub fn new(
+        metrics: std::sync::Arc<WaypointMetrics>,
+        src: SocketAddr,
+        src_identity: Identity,
+        authority: String,
+        method: http::Method,
+        path: String,
+    ) -> RequestLog {
+        RequestLog {
+            metrics,
+            start: Instant::now(),
+            src,
+            src_identity,
+            src_workload: None,
+            authority,
+            service: None,
+            endpoint: None,
+            method,
+            path,
+            route: None,
+            protocol: "http",
+            status: 0,
+            flags: "-",
+            policy: None,
+            tries: 0,
+            request_bytes: 0,
+            response_bytes: 0,
+            done: false,
+        }
+    }
+
+    fn labels(&self) -> RequestLabels {
+        let mut l = labels(
+            &self.src_identity,
+            self.src_workload.as_deref(),
+            self.service.as_deref(),
+            self.endpoint.as_ref().map(|(w, _)| &**w),
+            self.flags,
+        );
+        l.request_protocol = self.protocol;
+        l.response_code = self.status.to_string();
+        l
+    }
+
+    /// Records the request (metrics and access log). Later calls do nothing.
+    pub fn finish(&mut self) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        let elapsed = self.start.elapsed();
+        let millis = elapsed.as_secs_f64() * 1000.0;
+        self.metrics.record(
+            &self.labels(),
+            millis,
+            self.request_bytes,
+            self.response_bytes,
+        );
+        let endpoint = self
+            .endpoint
+            .as_ref()
+            .map_or_else(|| "-".to_string(), |(_, a)| a.to_string());
+        tracing::info!(
+            target: "access",
+            reporter = "waypoint",
+            src.addr = %self.src,
+            src.identity = %self.src_identity,
+            dst.hbone_addr = %self.authority,
+            dst.service = self.service.as_deref().map_or("-", |s| s.hostname.as_str()),
+            dst.addr = %endpoint,
+            method = %self.method,
+            path = %self.path,
+            protocol = self.protocol,
+            status = self.status,
+            flags = self.flags,
+            route = self.route.as_deref().unwrap_or("-"),
+            policy = self.policy.as_deref().unwrap_or("-"),
+            tries = self.tries,
+            bytes_recv = self.request_bytes,
+            bytes_sent = self.response_bytes,
+            duration = %format!("{}ms", elapsed.as_millis()),
+            "request complete"
+        );
+    }
+}
+
+impl Drop for RequestLog {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+/// The size of a header block as it goes on the wire in HTTP/1.1 (`name: value\r\n` per header).
+pub fn headers_size(headers: &http::HeaderMap) -> u64 {
+    headers
+        .iter()
+        .map(|(k, v)| (k.as_str().len() + v.len() + 4) as u64)
+        .sum()
+}

@@ -1,0 +1,1201 @@
+//! The waypoint end to end over loopback, in one process: a client HBONE connection (with the client
+//! workload's certificate) to the waypoint, HTTP/1.1, HTTP/2 and TCP inside CONNECT tunnels addressed to a
+//! service VIP, the waypoint re-originating HBONE to the backend's node proxy (which admits only the
+//! waypoint's identity), and what the waypoint answers to bad input and failures.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use meshnode::identity::{BuiltinCa, Identity, WorkloadCert};
+use meshnode::proto::waypoint as pb;
+use meshnode::waypoint::forward::{CONNECT_FAILURE, NO_HEALTHY_UPSTREAM};
+use meshnode::waypoint::Snapshot;
+use support::l7::*;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const TTL: Duration = Duration::from_secs(3600);
+
+fn id(s: &str) -> Identity {
+    s.parse().unwrap()
+}
+
+fn now_plus(secs: i64) -> SystemTime {
+    if secs >= 0 {
+        SystemTime::now() + Duration::from_secs(secs as u64)
+    } else {
+        SystemTime::now() - Duration::from_secs((-secs) as u64)
+    }
+}
+
+/// The backend's node proxy state: the backend at .3 (HBONE), admitting only the waypoint's identity.
+fn node_yaml(net: [u8; 2]) -> String {
+    format!(
+        r#"
+workloads:
+- uid: {uid}
+  name: backend
+  namespace: default
+  serviceAccount: backend
+  workloadIps: ["{b}"]
+  protocol: HBONE
+policies:
+- name: only-the-waypoint
+  namespace: default
+  scope: Namespace
+  action: Allow
+  rules: [[[{{principals: [!Exact "cluster.local/ns/default/sa/waypoint"]}}]]]
+"#,
+        uid = uid("backend"),
+        b = ip(net, 3),
+    )
+}
+
+/// Addresses: client .2, waypoint .10, backend .3 (HBONE, behind a node proxy: HTTP on 8080, HTTP/2 on
+/// 8081, echo on 9090), legacy .4 (plain TCP, HTTP on 8080), gone .5 (HBONE, nothing there).
+/// Services: backend at VIP .100 (80 HTTP, 81 HTTP2, 90 TCP, 91 undeclared), legacy .101:80, down .102:80.
+fn config(net: [u8; 2]) -> Snapshot {
+    let bk = hostname("backend");
+    let key = format!("default/{bk}");
+    let workloads = vec![
+        workload("client", "client", ip(net, 2), true, &[]),
+        workload("waypoint", "waypoint", ip(net, 10), true, &[]),
+        workload(
+            "backend",
+            "backend",
+            ip(net, 3),
+            true,
+            &[
+                (&key, 80, 8080),
+                (&key, 81, 8081),
+                (&key, 90, 9090),
+                (&key, 91, 8080),
+            ],
+        ),
+        workload(
+            "legacy",
+            "legacy",
+            ip(net, 4),
+            false,
+            &[(&format!("default/{}", hostname("legacy")), 80, 8080)],
+        ),
+        workload(
+            "gone",
+            "gone",
+            ip(net, 5),
+            true,
+            &[(&format!("default/{}", hostname("down")), 80, 8080)],
+        ),
+    ];
+    let services = vec![
+        service(
+            "backend",
+            ip(net, 100),
+            &[(80, 8080), (81, 8081), (90, 9090), (91, 8080)],
+        ),
+        service("legacy", ip(net, 101), &[(80, 8080)]),
+        service("down", ip(net, 102), &[(80, 8080)]),
+    ];
+    let wp = waypoint_resource(
+        vec![
+            bound_service(
+                "backend",
+                vec![
+                    port(pb::Protocol::Http, "backend", 80, &["backend"]),
+                    port(pb::Protocol::Http2, "backend", 81, &["backend"]),
+                    port(pb::Protocol::Tcp, "backend", 90, &["backend"]),
+                    port(pb::Protocol::Unspecified, "backend", 91, &["backend"]),
+                ],
+            ),
+            bound_service(
+                "legacy",
+                vec![port(pb::Protocol::Http, "legacy", 80, &["legacy"])],
+            ),
+            bound_service(
+                "down",
+                vec![port(pb::Protocol::Http, "down", 80, &["gone"])],
+            ),
+        ],
+        &["backend"],
+    );
+    Snapshot::build(&workloads, &services, Some(&wp), None).unwrap()
+}
+
+struct Mesh {
+    net: [u8; 2],
+    ca: Arc<BuiltinCa>,
+    node: TestProxy,
+    wp: TestWaypoint,
+    http: Arc<Backend>,
+    http2: Arc<Backend>,
+    legacy: Arc<Backend>,
+}
+
+async fn mesh(extra: &[(&str, &str)]) -> Mesh {
+    let net = loopback_net();
+    let ca = Arc::new(BuiltinCa::ephemeral(TTL).unwrap());
+    let node = start_proxy(
+        ca.clone(),
+        &node_yaml(net),
+        "default/backend/backend",
+        ip(net, 3),
+        &[],
+    )
+    .await;
+    let http = backend("backend", SocketAddr::new(ip(net, 3), 8080)).await;
+    let http2 = backend("backend-h2", SocketAddr::new(ip(net, 3), 8081)).await;
+    let legacy = backend("legacy", SocketAddr::new(ip(net, 4), 8080)).await;
+    echo_server(SocketAddr::new(ip(net, 3), 9090)).await;
+    let wp = start_waypoint(ca.clone(), ip(net, 10), config(net), extra).await;
+    Mesh {
+        net,
+        ca,
+        node,
+        wp,
+        http,
+        http2,
+        legacy,
+    }
+}
+
+impl Mesh {
+    fn cert(&self, sa: &str) -> WorkloadCert {
+        self.ca
+            .issue(
+                &id(&format!("spiffe://cluster.local/ns/default/sa/{sa}")),
+                now_plus(-60),
+                now_plus(3600),
+            )
+            .unwrap()
+    }
+
+    /// An HBONE connection to the waypoint from the client workload's address, with its certificate.
+    async fn client(&self) -> h2::client::SendRequest<Bytes> {
+        hbone_client_from(
+            self.cert("client"),
+            waypoint_id(),
+            ip(self.net, 2),
+            self.wp.addr,
+        )
+        .await
+        .unwrap()
+    }
+
+    fn vip(&self, host: u8, port: u16) -> String {
+        SocketAddr::new(ip(self.net, host), port).to_string()
+    }
+}
+
+async fn get_ok(
+    h: &mut hyper::client::conn::http1::SendRequest<http_body_util::Full<Bytes>>,
+    path: &str,
+) -> (http::StatusCode, String) {
+    let resp = h
+        .send_request(get(path, &hostname("backend")))
+        .await
+        .unwrap();
+    read(resp).await
+}
+
+#[tokio::test]
+async fn http1_requests_reach_the_backend_through_its_node_proxy_as_the_waypoint() {
+    let m = mesh(&[]).await;
+    let c = m.client().await;
+    let mut h = http1(tunnel(&c, &m.vip(100, 80)).await.unwrap()).await;
+    // Keep-alive: three requests on one client tunnel, all answered by the backend.
+    for i in 0..3 {
+        let (status, body) = get_ok(&mut h, &format!("/r/{i}")).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body, "hello from backend");
+    }
+    let seen = m.http.seen.lock().clone();
+    assert_eq!(seen.len(), 3);
+    assert_eq!(seen[2].path, "/r/2");
+    assert_eq!(seen[0].host, hostname("backend"), "the Host header is kept");
+    assert_eq!(seen[0].version, http::Version::HTTP_11);
+    // One upstream HTTP connection, over one HBONE connection to the node proxy.
+    assert_eq!(m.http.connections(), 1);
+    assert_eq!(m.wp.waypoint.upstream_http_connections(), 1);
+    assert_eq!(m.wp.waypoint.hbone_connections(), 1);
+    // The node proxy admits only the waypoint's identity: the client's own is refused there, so the
+    // requests above arrived with the waypoint's certificate.
+    let mut direct = hbone_client(
+        m.cert("client"),
+        id("spiffe://cluster.local/ns/default/sa/backend"),
+        SocketAddr::new(ip(m.net, 3), 15008),
+    )
+    .await
+    .unwrap();
+    let refused = status_of(
+        &mut direct,
+        connect(&SocketAddr::new(ip(m.net, 3), 8080).to_string()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(refused, 401);
+    let metrics = m.node.proxy.metrics().encode();
+    assert!(
+        metrics.contains(r#"source_principal="spiffe://cluster.local/ns/default/sa/waypoint""#),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn concurrent_client_tunnels_share_one_upstream_hbone_connection() {
+    let m = mesh(&[]).await;
+    let c = m.client().await;
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        clients.push(http1(tunnel(&c, &m.vip(100, 80)).await.unwrap()).await);
+    }
+    let answers = futures_util::future::join_all(clients.iter_mut().map(|h| get_ok(h, "/"))).await;
+    for (status, body) in answers {
+        assert_eq!(status, 200, "{body}");
+    }
+    // Each concurrent request had an HTTP/1.1 connection of its own, all multiplexed on one HBONE
+    // connection; sequential requests afterwards reuse them instead of opening more.
+    let opened = m.wp.waypoint.upstream_http_connections();
+    assert!((1..=4).contains(&opened), "{opened}");
+    for h in clients.iter_mut() {
+        assert_eq!(get_ok(h, "/again").await.0, 200);
+    }
+    assert_eq!(m.wp.waypoint.upstream_http_connections(), opened);
+    assert_eq!(m.wp.waypoint.hbone_connections(), 1);
+}
+
+#[tokio::test]
+async fn http2_requests_are_proxied_as_http2_on_one_upstream_connection() {
+    let m = mesh(&[]).await;
+    let c = m.client().await;
+    let mut h = http2(tunnel(&c, &m.vip(100, 81)).await.unwrap()).await;
+    let req = |i: u32| {
+        http::Request::builder()
+            .uri(format!("http://{}/h2/{i}", hostname("backend")))
+            .body(http_body_util::Full::new(Bytes::new()))
+            .unwrap()
+    };
+    let first = read(h.send_request(req(0)).await.unwrap()).await;
+    assert_eq!(
+        first,
+        (http::StatusCode::OK, "hello from backend-h2".to_string())
+    );
+    let many = futures_util::future::join_all((1..6).map(|i| {
+        let mut h = h.clone();
+        async move { read(h.send_request(req(i)).await.unwrap()).await }
+    }))
+    .await;
+    for (status, body) in many {
+        assert_eq!(status, 200, "{body}");
+    }
+    let seen = m.http2.seen.lock().clone();
+    assert_eq!(seen.len(), 6);
+    assert!(
+        seen.iter().all(|s| s.version == http::Version::HTTP_2),
+        "{seen:?}"
+    );
+    assert_eq!(seen[0].host, hostname("backend"));
+    assert_eq!(m.http2.connections(), 1);
+    assert_eq!(m.wp.waypoint.upstream_http_connections(), 1);
+}
+
+#[tokio::test]
+async fn an_undeclared_port_is_sniffed_as_http1_or_http2() {
+    let m = mesh(&[]).await;
+    let c = m.client().await;
+    let mut h1 = http1(tunnel(&c, &m.vip(100, 91)).await.unwrap()).await;
+    assert_eq!(
+        get_ok(&mut h1, "/sniffed").await,
+        (http::StatusCode::OK, "hello from backend".into())
+    );
+    let mut h2c = http2(tunnel(&c, &m.vip(100, 91)).await.unwrap()).await;
+    let resp = h2c
+        .send_request(
+            http::Request::builder()
+                .uri(format!("http://{}/sniffed-h2", hostname("backend")))
+                .body(http_body_util::Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(read(resp).await.0, 200);
+    // Sniffed HTTP goes upstream in the client's version.
+    let seen = m.http.seen.lock().clone();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(seen[0].version, http::Version::HTTP_11);
+    assert_eq!(seen[1].version, http::Version::HTTP_2);
+}
+
+#[tokio::test]
+async fn a_tcp_port_is_copied_both_ways() {
+    let m = mesh(&[]).await;
+    let c = m.client().await;
+    let mut t = tunnel(&c, &m.vip(100, 90)).await.unwrap();
+    t.write_all(b"bytes through the waypoint").await.unwrap();
+    t.shutdown().await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), t.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    let out = String::from_utf8_lossy(&out);
+    assert!(out.starts_with("peer="), "{out}");
+    assert!(out.ends_with("bytes through the waypoint"), "{out}");
+    // Counted as the waypoint's TCP traffic once the tunnel has closed.
+    drop(t);
+    let counted = |text: &str| {
+        text.lines().any(|l| {
+            l.starts_with(r#"istio_tcp_received_bytes_total{reporter="waypoint""#)
+                && l.contains(r#"destination_workload="backend""#)
+                && l.contains(r#"request_protocol="tcp""#)
+                && l.ends_with(" 26")
+        })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !counted(&m.wp.waypoint.metrics().encode()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            m.wp.waypoint.metrics().encode()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_workload_without_hbone_is_reached_over_plain_tcp() {
+    let m = mesh(&[]).await;
+    let c = m.client().await;
+    let mut h = http1(tunnel(&c, &m.vip(101, 80)).await.unwrap()).await;
+    let resp = h.send_request(get("/", &hostname("legacy"))).await.unwrap();
+    assert_eq!(
+        read(resp).await,
+        (http::StatusCode::OK, "hello from legacy".into())
+    );
+    assert_eq!(m.legacy.requests(), 1);
+    assert_eq!(m.wp.waypoint.hbone_connections(), 0);
+}
+
+#[tokio::test]
+async fn traffic_to_a_bound_workloads_address_goes_to_that_workload() {
+    let m = mesh(&[]).await;
+    let c = m.client().await;
+    let pod = SocketAddr::new(ip(m.net, 3), 8080).to_string();
+    let mut h = http1(tunnel(&c, &pod).await.unwrap()).await;
+    let resp = h.send_request(get("/direct", &pod)).await.unwrap();
+    assert_eq!(
+        read(resp).await,
+        (http::StatusCode::OK, "hello from backend".into())
+    );
+    assert_eq!(m.http.seen.lock()[0].path, "/direct");
+}
+
+#[tokio::test]
+async fn destinations_the_waypoint_does_not_serve_get_envoys_answers() {
+    let m = mesh(&[]).await;
+    let c = m.client().await;
+    // An address with no bound service or workload: the tunnel itself is refused.
+    assert_eq!(
+        tunnel(&c, &m.vip(150, 80)).await.err(),
+        Some(http::StatusCode::SERVICE_UNAVAILABLE)
+    );
+    // A port the bound service does not declare: no route, 404.
+    let mut h = http1(tunnel(&c, &m.vip(100, 99)).await.unwrap()).await;
+    let (status, _) = get_ok(&mut h, "/").await;
+    assert_eq!(status, 404);
+    // Not CONNECT: 400.
+    let mut raw = c.clone().ready().await.unwrap();
+    let (resp, _) = raw
+        .send_request(
+            http::Request::builder()
+                .method("GET")
+                .uri(format!("http://{}/", m.vip(100, 80)))
+                .body(())
+                .unwrap(),
+            true,
+        )
+        .unwrap();
+    assert_eq!(resp.await.unwrap().status(), 400);
+    assert_eq!(m.http.requests(), 0);
+}
+
+/// Writes `raw` in a fresh tunnel to VIP:80 and returns everything the waypoint answers until it closes.
+async fn raw_exchange(c: &h2::client::SendRequest<Bytes>, authority: &str, raw: &[u8]) -> String {
+    let mut t = tunnel(c, authority).await.unwrap();
+    t.write_all(raw).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), t.read_to_end(&mut out))
+        .await
+        .expect("the waypoint answers and closes")
+        .unwrap();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn malformed_http_gets_400_and_the_next_client_is_served() {
+    let m = mesh(&[]).await;
+    let c = m.client().await;
+    let vip = m.vip(100, 80);
+    let answer = raw_exchange(
+        &c,
+        &vip,
+        b"GET / HTTP/1.1\r\nHost: x\r\nBad Header Line\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    let answer = raw_exchange(&c, &vip, b"NOT HTTP AT ALL\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    // The waypoint answered: nothing reached the backend.
+    assert_eq!(m.http.connections(), 0);
+    // Same HBONE connection, next tunnel: served.
+    let mut h = http1(tunnel(&c, &vip).await.unwrap()).await;
+    assert_eq!(get_ok(&mut h, "/").await.0, 200);
+}
+
+#[tokio::test]
+async fn request_headers_over_64_kib_get_431() {
+    let m = mesh(&[]).await;
+    let c = m.client().await;
+    let mut raw = b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: ".to_vec();
+    raw.extend(std::iter::repeat_n(b'a', 70 * 1024));
+    raw.extend_from_slice(b"\r\n\r\n");
+    let answer = raw_exchange(&c, &m.vip(100, 80), &raw).await;
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+    assert_eq!(m.http.connections(), 0);
+    let mut h = http1(tunnel(&c, &m.vip(100, 80)).await.unwrap()).await;
+    assert_eq!(get_ok(&mut h, "/").await.0, 200);
+}
+
+#[tokio::test]
+async fn a_client_too_slow_with_its_headers_gets_408_and_others_are_served() {
+    let m = mesh(&[("MESHNODE_WAYPOINT_HEADER_TIMEOUT", "300ms")]).await;
+    let c = m.client().await;
+    let vip = m.vip(100, 80);
+    let slow = raw_exchange(&c, &vip, b"GET / HTTP/1.1\r\nHost: x\r\n");
+    let served = async {
+        let mut h = http1(tunnel(&c, &vip).await.unwrap()).await;
+        get_ok(&mut h, "/").await.0
+    };
+    let (answer, status) = tokio::join!(slow, served);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.ends_with("request timeout"), "{answer}");
+    assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn an_idle_keep_alive_client_outlives_the_header_timeout() {
+    let m = mesh(&[("MESHNODE_WAYPOINT_HEADER_TIMEOUT", "200ms")]).await;
+    let c = m.client().await;
+    let mut h = http1(tunnel(&c, &m.vip(100, 80)).await.unwrap()).await;
+    assert_eq!(get_ok(&mut h, "/first").await.0, 200);
+    // Idle for several header timeouts: the header timeout is about heads in progress, not idle clients.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert!(
+        !h.is_closed(),
+        "the waypoint closed an idle keep-alive tunnel"
+    );
+    assert_eq!(get_ok(&mut h, "/second").await.0, 200);
+}
+
+#[tokio::test]
+async fn an_unreachable_endpoint_gets_envoys_503() {
+    let m = mesh(&[]).await;
+    let c = m.client().await;
+    let mut h = http1(tunnel(&c, &m.vip(102, 80)).await.unwrap()).await;
+    let resp = h.send_request(get("/", &hostname("down"))).await.unwrap();
+    let (status, body) = read(resp).await;
+    assert_eq!(status, 503);
+    assert_eq!(body, CONNECT_FAILURE);
+    // A cluster with no endpoint at all.
+    let empty = Snapshot::build(
+        &[],
+        &[service("backend", ip(m.net, 100), &[(80, 8080)])],
+        Some(&waypoint_resource(
+            vec![bound_service(
+                "backend",
+                vec![port(pb::Protocol::Http, "backend", 80, &[])],
+            )],
+            &[],
+        )),
+        None,
+    )
+    .unwrap();
+    m.wp.config.send_replace(Arc::new(empty));
+    let mut h = http1(tunnel(&c, &m.vip(100, 80)).await.unwrap()).await;
+    let (status, body) = get_ok(&mut h, "/").await;
+    assert_eq!((status.as_u16(), body.as_str()), (503, NO_HEALTHY_UPSTREAM));
+}
+
+#[tokio::test]
+async fn a_request_failing_with_503_is_retried_and_the_upstream_sees_both_tries() {
+    let m = mesh(&[]).await;
+    // The route retries on 503 (Istio's default policy does too).
+    let mut wp = waypoint_resource(
+        vec![bound_service(
+            "backend",
+            vec![port(pb::Protocol::Http, "backend", 80, &["backend"])],
+        )],
+        &[],
+    );
+    wp.services[0].ports[0].routes.push(pb::Route {
+        name: "default/backend-retries".into(),
+        action: Some(pb::route::Action::Forward(pb::Forward {
+            backends: vec![pb::WeightedCluster {
+                cluster: "backend-80".into(),
+                weight: 1,
+            }],
+        })),
+        retries: Some(pb::RetryPolicy {
+            attempts: 2,
+            retry_on: vec!["retriable-status-codes".into()],
+            retriable_status_codes: vec![503],
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let key = format!("default/{}", hostname("backend"));
+    let snap = Snapshot::build(
+        &[workload(
+            "backend",
+            "backend",
+            ip(m.net, 3),
+            true,
+            &[(&key, 80, 8080)],
+        )],
+        &[service("backend", ip(m.net, 100), &[(80, 8080)])],
+        Some(&wp),
+        None,
+    )
+    .unwrap();
+    m.wp.config.send_replace(Arc::new(snap));
+    m.http
+        .fail_first
+        .store(1, std::sync::atomic::Ordering::SeqCst);
+    let c = m.client().await;
+    let mut h = http1(tunnel(&c, &m.vip(100, 80)).await.unwrap()).await;
+    let (status, body) = get_ok(&mut h, "/flaky").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(m.http.requests(), 2, "the first try got 503, the retry 200");
+}
+
+#[tokio::test]
+async fn request_metrics_are_reported_as_the_waypoint_with_istios_labels() {
+    let m = mesh(&[]).await;
+    let c = m.client().await;
+    let mut h = http1(tunnel(&c, &m.vip(100, 80)).await.unwrap()).await;
+    assert_eq!(get_ok(&mut h, "/").await.0, 200);
+    let mut h = http1(tunnel(&c, &m.vip(100, 99)).await.unwrap()).await;
+    assert_eq!(get_ok(&mut h, "/").await.0, 404);
+    let text = m.wp.waypoint.metrics().encode();
+    let ok = text
+        .lines()
+        .find(|l| l.starts_with("istio_requests_total{") && l.contains(r#"response_code="200""#))
+        .unwrap_or_else(|| panic!("no 200 counted:\n{text}"));
+    for label in [
+        r#"reporter="waypoint""#,
+        r#"source_workload="client""#,
+        r#"source_principal="spiffe://cluster.local/ns/default/sa/client""#,
+        r#"destination_workload="backend""#,
+        r#"destination_service="backend.default.svc.cluster.local""#,
+        r#"destination_principal="spiffe://cluster.local/ns/default/sa/backend""#,
+        r#"request_protocol="http""#,
+        r#"response_flags="-""#,
+        r#"connection_security_policy="mutual_tls""#,
+    ] {
+        assert!(ok.contains(label), "{label} missing in {ok}");
+    }
+    assert!(ok.ends_with(" 1"), "{ok}");
+    assert!(
+        text.lines().any(|l| l.starts_with("istio_requests_total{")
+            && l.contains(r#"response_code="404""#)
+            && l.contains(r#"response_flags="NR""#)),
+        "{text}"
+    );
+    assert!(
+        text.contains("istio_request_duration_milliseconds_bucket{"),
+        "{text}"
+    );
+    assert!(text.contains("istio_request_bytes_count{"), "{text}");
+    assert!(text.contains("istio_response_bytes_sum{"), "{text}");
+}
+
+#[test]
+fn the_waypoint_binary_starts_from_its_environment_and_serves_hbone_with_its_certificate() {
+    if !root_or_skip(
+        "the_waypoint_binary_starts_from_its_environment_and_serves_hbone_with_its_certificate",
+    ) {
+        return;
+    }
+    let ns = support::netns::Netns::new("wp");
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let log_path = dir.path().join("waypoint.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let _child = support::netns::KillOnDrop(ns.spawn(
+        env!("CARGO_BIN_EXE_meshnode"),
+        &["waypoint"],
+        &[
+            ("XDS_ADDRESS", ""),
+            ("CA_ADDRESS", ""),
+            ("MESHNODE_STATE_DIR", state.to_str().unwrap()),
+            ("POD_NAMESPACE", "bookinfo"),
+            ("POD_NAME", "waypoint-7c9f-abcde"),
+            ("INSTANCE_IP", "127.0.0.1"),
+            ("TRUST_DOMAIN", "cluster.local"),
+            ("RUST_LOG", "info"),
+        ],
+        log,
+    ));
+    // Ready once its certificate is issued (no xDS to wait for here); the deadline only ends a hung run.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(answer) = ns.http_get(15021, "/healthz/ready") {
+            assert!(answer.ends_with("ready\n"), "{answer}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never ready; log:\n{}",
+            std::fs::read_to_string(&log_path).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The metrics port answers (no request yet, so no sample).
+    let metrics = ns.http_get(15020, "/metrics").expect("metrics answered");
+    assert!(metrics.ends_with("# EOF\n"), "{metrics}");
+    // HBONE on :15008 with the identity `SERVICE_ACCOUNT` defaults to (the waypoint's name), issued by the
+    // local CA; with no configuration every tunnel is refused.
+    let ca = BuiltinCa::load_or_create(&state, TTL).unwrap();
+    let cert = ca
+        .issue(
+            &id("spiffe://cluster.local/ns/bookinfo/sa/productpage"),
+            now_plus(-60),
+            now_plus(3600),
+        )
+        .unwrap();
+    let status = ns.run(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let mut c = hbone_client(
+                cert,
+                id("spiffe://cluster.local/ns/bookinfo/sa/waypoint"),
+                "127.0.0.1:15008".parse().unwrap(),
+            )
+            .await
+            .unwrap();
+            status_of(&mut c, connect("10.96.0.1:80")).await.unwrap()
+        })
+    });
+    assert_eq!(status, 503);
+}
+
+/// The raw answer to `GET path` on `addr`.
+async fn http_get(addr: SocketAddr, path: &str) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+#[tokio::test]
+async fn the_waypoint_configured_over_xds_serves_what_the_control_plane_sends() {
+    use meshnode::xds::{ADDRESS_TYPE, AUTHORIZATION_TYPE, WAYPOINT_TYPE};
+    use support::ads::{resource, start_ads, StaticAds};
+    let net = loopback_net();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    // One local CA for everyone: the waypoint loads it from MESHNODE_STATE_DIR.
+    let ca = Arc::new(BuiltinCa::load_or_create(&state, TTL).unwrap());
+    let _node = start_proxy(
+        ca.clone(),
+        &node_yaml(net),
+        "default/backend/backend",
+        ip(net, 3),
+        &[],
+    )
+    .await;
+    let http = backend("backend", SocketAddr::new(ip(net, 3), 8080)).await;
+    let key = format!("default/{}", hostname("backend"));
+    let mut ads = StaticAds::default();
+    ads.resources.insert(
+        ADDRESS_TYPE.into(),
+        vec![
+            resource(
+                &uid("client"),
+                ADDRESS_TYPE,
+                &workload_address("client", "client", ip(net, 2), true, &[]),
+            ),
+            resource(
+                &uid("backend"),
+                ADDRESS_TYPE,
+                &workload_address("backend", "backend", ip(net, 3), true, &[(&key, 80, 8080)]),
+            ),
+            resource(
+                &key,
+                ADDRESS_TYPE,
+                &service_address("backend", ip(net, 100), &[(80, 8080)]),
+            ),
+        ],
+    );
+    ads.resources.insert(AUTHORIZATION_TYPE.into(), vec![]);
+    let wp = waypoint_resource(
+        vec![bound_service(
+            "backend",
+            vec![port(pb::Protocol::Http, "backend", 80, &["backend"])],
+        )],
+        &[],
+    );
+    let mut other = wp.clone();
+    other.namespace = "elsewhere".into();
+    ads.resources.insert(
+        WAYPOINT_TYPE.into(),
+        vec![
+            resource("default/waypoint", WAYPOINT_TYPE, &wp),
+            resource("elsewhere/waypoint", WAYPOINT_TYPE, &other),
+        ],
+    );
+    let ads = Arc::new(ads);
+    let ads_addr = start_ads(ads.clone(), SocketAddr::new(ip(net, 1), 0)).await;
+
+    let xds = format!("http://{ads_addr}");
+    let cfg = Arc::new(waypoint_config(&[
+        ("XDS_ADDRESS", &xds),
+        ("CA_ADDRESS", ""),
+        ("MESHNODE_STATE_DIR", state.to_str().unwrap()),
+    ]));
+    let listen = |port| {
+        meshnode::socket::listen(SocketAddr::new(ip(net, 10), port), Default::default()).unwrap()
+    };
+    let (hbone, ready, metrics) = (listen(15008), listen(0), listen(0));
+    let (ready_addr, metrics_addr) = (ready.local_addr().unwrap(), metrics.local_addr().unwrap());
+    let (_stop, shutdown) = tokio::sync::watch::channel(false);
+    tokio::spawn(meshnode::app::run_waypoint(
+        cfg,
+        hbone,
+        Some(ready),
+        Some(metrics),
+        shutdown,
+    ));
+    // Ready once the three types have arrived and the certificate is issued.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let answer = http_get(ready_addr, "/healthz/ready").await;
+        if answer.starts_with("HTTP/1.1 200") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never ready: {answer}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let requests = ads.requests.lock().clone();
+    let sub = requests
+        .iter()
+        .find(|r| r.type_url == WAYPOINT_TYPE && r.response_nonce.is_empty())
+        .expect("a waypoint subscription");
+    assert_eq!(sub.resource_names_subscribe, vec!["default/waypoint"]);
+    assert!(
+        requests.iter().all(|r| r.error_detail.is_none()),
+        "{requests:?}"
+    );
+
+    let c = hbone_client_from(
+        {
+            ca.issue(
+                &id("spiffe://cluster.local/ns/default/sa/client"),
+                now_plus(-60),
+                now_plus(3600),
+            )
+            .unwrap()
+        },
+        waypoint_id(),
+        ip(net, 2),
+        SocketAddr::new(ip(net, 10), 15008),
+    )
+    .await
+    .unwrap();
+    let mut h = http1(
+        tunnel(&c, &SocketAddr::new(ip(net, 100), 80).to_string())
+            .await
+            .unwrap(),
+    )
+    .await;
+    let resp = h
+        .send_request(get("/over-xds", &hostname("backend")))
+        .await
+        .unwrap();
+    assert_eq!(
+        read(resp).await,
+        (http::StatusCode::OK, "hello from backend".into())
+    );
+    assert_eq!(http.seen.lock()[0].path, "/over-xds");
+    let scraped = http_get(metrics_addr, "/metrics").await;
+    assert!(
+        scraped.lines().any(
+            |l| l.starts_with(r#"istio_requests_total{reporter="waypoint""#)
+                && l.contains(r#"response_code="200""#)
+        ),
+        "{scraped}"
+    );
+}
+
+/// `m`'s configuration with the backend's port 80 given `route` and the waypoint-wide `policies`.
+fn with_route(
+    m: &Mesh,
+    route: Option<pb::Route>,
+    policies: Vec<pb::AuthorizationPolicy>,
+) -> Snapshot {
+    let mut wp = waypoint_resource(
+        vec![bound_service(
+            "backend",
+            vec![port(pb::Protocol::Http, "backend", 80, &["backend"])],
+        )],
+        &[],
+    );
+    wp.services[0].ports[0].routes.extend(route);
+    wp.policies = policies;
+    let key = format!("default/{}", hostname("backend"));
+    Snapshot::build(
+        &[
+            workload("client", "client", ip(m.net, 2), true, &[]),
+            workload(
+                "backend",
+                "backend",
+                ip(m.net, 3),
+                true,
+                &[(&key, 80, 8080)],
+            ),
+        ],
+        &[service("backend", ip(m.net, 100), &[(80, 8080)])],
+        Some(&wp),
+        None,
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_request_l7_policy_denies_gets_403_rbac_access_denied() {
+    let m = mesh(&[]).await;
+    let deny_post = pb::AuthorizationPolicy {
+        name: "no-post".into(),
+        namespace: "default".into(),
+        action: pb::Action::Deny as i32,
+        rules: vec![pb::Rule {
+            to: vec![pb::Operation {
+                methods: vec!["POST".into()],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    m.wp.config
+        .send_replace(Arc::new(with_route(&m, None, vec![deny_post])));
+    let c = m.client().await;
+    let mut h = http1(tunnel(&c, &m.vip(100, 80)).await.unwrap()).await;
+    let post = http::Request::post("/")
+        .header(http::header::HOST, hostname("backend"))
+        .body(http_body_util::Full::new(Bytes::from_static(b"x")))
+        .unwrap();
+    let (status, body) = read(h.send_request(post).await.unwrap()).await;
+    assert_eq!(
+        (status.as_u16(), body.as_str()),
+        (403, "RBAC: access denied")
+    );
+    assert_eq!(get_ok(&mut h, "/").await.0, 200);
+    assert_eq!(m.http.requests(), 1);
+}
+
+#[tokio::test]
+async fn a_route_timeout_gets_504_upstream_request_timeout() {
+    let m = mesh(&[]).await;
+    let route = pb::Route {
+        name: "default/backend-timeout".into(),
+        action: Some(pb::route::Action::Forward(pb::Forward {
+            backends: vec![pb::WeightedCluster {
+                cluster: "backend-80".into(),
+                weight: 1,
+            }],
+        })),
+        timeout: Some(prost_types::Duration {
+            seconds: 0,
+            nanos: 200_000_000,
+        }),
+        retries: Some(pb::RetryPolicy::default()),
+        ..Default::default()
+    };
+    m.wp.config
+        .send_replace(Arc::new(with_route(&m, Some(route), vec![])));
+    m.http
+        .delay_ms
+        .store(5_000, std::sync::atomic::Ordering::SeqCst);
+    let c = m.client().await;
+    let mut h = http1(tunnel(&c, &m.vip(100, 80)).await.unwrap()).await;
+    let (status, body) = get_ok(&mut h, "/slow").await;
+    assert_eq!(
+        (status.as_u16(), body.as_str()),
+        (504, "upstream request timeout")
+    );
+}
+
+/// Resolves once `b` has seen `n` requests.
+async fn backend_saw(b: &Backend, n: u64) {
+    loop {
+        let woken = b.notify.notified();
+        if b.requests() >= n {
+            return;
+        }
+        woken.await;
+    }
+}
+
+#[tokio::test]
+async fn a_cluster_at_its_request_limit_answers_503_overflow_until_a_request_ends() {
+    let m = mesh(&[]).await;
+    let mut wp = waypoint_resource(
+        vec![bound_service(
+            "backend",
+            vec![port(pb::Protocol::Http, "backend", 80, &["backend"])],
+        )],
+        &[],
+    );
+    wp.services[0].clusters[0].connection_pool = Some(pb::ConnectionPool {
+        http2_max_requests: 1,
+        ..Default::default()
+    });
+    let key = format!("default/{}", hostname("backend"));
+    let snap = Snapshot::build(
+        &[workload(
+            "backend",
+            "backend",
+            ip(m.net, 3),
+            true,
+            &[(&key, 80, 8080)],
+        )],
+        &[service("backend", ip(m.net, 100), &[(80, 8080)])],
+        Some(&wp),
+        None,
+    )
+    .unwrap();
+    m.wp.config.send_replace(Arc::new(snap));
+    m.http.hold.store(true, std::sync::atomic::Ordering::SeqCst);
+    let c = m.client().await;
+    let mut first = http1(tunnel(&c, &m.vip(100, 80)).await.unwrap()).await;
+    let pending = tokio::spawn(async move { get_ok(&mut first, "/held").await });
+    backend_saw(&m.http, 1).await;
+    // The one request the cluster allows is in flight: the next overflows.
+    let mut second = http1(tunnel(&c, &m.vip(100, 80)).await.unwrap()).await;
+    let (status, body) = tokio::select! {
+        r = get_ok(&mut second, "/over") => r,
+        () = backend_saw(&m.http, 2) => panic!("a request over the cluster's limit reached the backend"),
+    };
+    assert_eq!(
+        (status.as_u16(), body.as_str()),
+        (503, meshnode::waypoint::forward::OVERFLOW)
+    );
+    m.http.release.add_permits(1);
+    assert_eq!(pending.await.unwrap().0, 200);
+    // Its body read to the end, the slot is free again.
+    m.http
+        .hold
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(get_ok(&mut second, "/after").await.0, 200);
+}
+
+/// The whole chain on loopback, configured only by `meshnode control-plane`'s mesh file: the namespace uses
+/// the waypoint; the client's node proxy sends VIP traffic to it; the waypoint applies an
+/// AuthorizationPolicy bound to its Gateway and re-originates HBONE to the server's node proxy.
+fn e2e_mesh(net: [u8; 2]) -> String {
+    format!(
+        r#"namespaces:
+  default: {{labels: {{istio.io/dataplane-mode: ambient, istio.io/use-waypoint: waypoint}}}}
+workloads:
+- {{name: client, namespace: default, serviceAccount: client, ips: [{c}], node: node-1}}
+- {{name: server, namespace: default, serviceAccount: server, ips: [{s}], node: node-1, labels: {{app: server}}}}
+- {{name: waypoint-0, namespace: default, serviceAccount: waypoint, ips: [{w}], node: node-1, labels: {{gateway.networking.k8s.io/gateway-name: waypoint, istio.io/dataplane-mode: none}}}}
+services:
+- {{name: web, namespace: default, vips: [{vip}], ports: [{{port: 80, targetPort: 8080, name: http}}], selector: {{app: server}}}}
+istio:
+- apiVersion: gateway.networking.k8s.io/v1
+  kind: Gateway
+  metadata: {{name: waypoint, namespace: default}}
+  spec:
+    gatewayClassName: istio-waypoint
+    listeners: [{{name: mesh, port: 15008, protocol: HBONE}}]
+- apiVersion: security.istio.io/v1
+  kind: AuthorizationPolicy
+  metadata: {{name: no-post, namespace: default}}
+  spec:
+    targetRefs: [{{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}}]
+    action: DENY
+    rules: [{{to: [{{operation: {{methods: [POST]}}}}]}}]
+tokens:
+- {{token: client-token, nodeProxy: true, node: node-1, namespace: default, serviceAccount: client}}
+- {{token: server-token, nodeProxy: true, node: node-1, namespace: default, serviceAccount: server}}
+- {{token: waypoint-token, namespace: default, serviceAccount: waypoint}}
+"#,
+        c = ip(net, 1),
+        s = ip(net, 3),
+        w = ip(net, 9),
+        vip = ip(net, 20),
+    )
+}
+
+/// `GET`s (or `POST`s) `path` on a fresh TCP connection to `addr` and returns the raw answer.
+async fn http_request(addr: SocketAddr, method: &str, path: &str) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        format!("{method} {path} HTTP/1.1\r\nHost: web.default.svc.cluster.local\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out).await;
+    out
+}
+
+async fn until_ready(addr: SocketAddr, what: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let answer = match tokio::net::TcpStream::connect(addr).await {
+            Ok(_) => http_get(addr, "/healthz/ready").await,
+            Err(_) => String::new(),
+        };
+        if answer.starts_with("HTTP/1.1 200") {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} never ready: {answer}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_control_planes_waypoint_serves_the_namespaces_http_with_its_policy() {
+    use meshnode::control_plane::{self, CaChoice, RunOptions};
+    use meshnode::proxy::Listeners;
+    let net = loopback_net();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("mesh.yaml"), e2e_mesh(net)).unwrap();
+    let cp_listener = tokio::net::TcpListener::bind(SocketAddr::new(ip(net, 10), 0))
+        .await
+        .unwrap();
+    let cp = cp_listener.local_addr().unwrap();
+    let root = dir.path().join("root-cert.pem");
+    let opts = RunOptions {
+        config: dir.path().join("mesh.yaml"),
+        listen: cp,
+        ca: CaChoice::Builtin(dir.path().join("cp-state")),
+        tls_files: None,
+        root_cert_out: Some(root.clone()),
+        drain_deadline: Duration::from_secs(1),
+    };
+    let (_stop_cp, cp_stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let _ = control_plane::run(opts, cp_listener, async {
+            let _ = cp_stopped.await;
+        })
+        .await;
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !root.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "control plane did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let address = format!("https://{cp}");
+    let env = |token: &'static str| -> Vec<(String, String)> {
+        vec![
+            ("XDS_ADDRESS".into(), address.clone()),
+            ("CA_ADDRESS".into(), address.clone()),
+            ("XDS_ROOT_CA".into(), root.to_str().unwrap().into()),
+            ("CA_ROOT_CA".into(), root.to_str().unwrap().into()),
+            ("AUTH_TOKEN".into(), token.into()),
+        ]
+    };
+    let listen = |a: SocketAddr| meshnode::socket::listen(a, Default::default()).unwrap();
+    let (_stop, shutdown) = tokio::sync::watch::channel(false);
+    // The two node proxies (dedicated mode), configured over xDS.
+    let mut ready = Vec::new();
+    for (workload, token, host, outbound) in [
+        (
+            "default/client/client",
+            "client-token",
+            1,
+            SocketAddr::new(ip(net, 20), 80),
+        ),
+        (
+            "default/server/server",
+            "server-token",
+            3,
+            SocketAddr::new(ip(net, 3), 0),
+        ),
+    ] {
+        let vars = env(token);
+        let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let cfg = Arc::new(support::config(workload, &vars));
+        let bind = ip(net, host);
+        let listeners = Listeners {
+            outbound: listen(outbound),
+            inbound: listen(SocketAddr::new(bind, 15008)),
+            inbound_plaintext: listen(SocketAddr::new(bind, 0)),
+        };
+        let r = listen(SocketAddr::new(bind, 0));
+        ready.push((workload, r.local_addr().unwrap()));
+        tokio::spawn(meshnode::app::run_proxy(
+            cfg,
+            Some(listeners),
+            Some(r),
+            shutdown.clone(),
+        ));
+    }
+    let http = backend("server", SocketAddr::new(ip(net, 3), 8080)).await;
+    // The waypoint, as `meshnode waypoint` starts it.
+    let mut vars = env("waypoint-token");
+    vars.push(("POD_NAME".into(), "waypoint-0".into()));
+    vars.push(("INSTANCE_IP".into(), ip(net, 9).to_string()));
+    let mut map: std::collections::HashMap<String, String> = vars.into_iter().collect();
+    map.insert("POD_NAMESPACE".into(), "default".into());
+    map.insert("SERVICE_ACCOUNT".into(), "waypoint".into());
+    let cfg = Arc::new(meshnode::config::WaypointConfig::from_source(&map).unwrap());
+    let wp_ready = listen(SocketAddr::new(ip(net, 9), 0));
+    let wp_ready_addr = wp_ready.local_addr().unwrap();
+    tokio::spawn(meshnode::app::run_waypoint(
+        cfg,
+        listen(SocketAddr::new(ip(net, 9), 15008)),
+        Some(wp_ready),
+        None,
+        shutdown.clone(),
+    ));
+    for (what, addr) in &ready {
+        until_ready(*addr, what).await;
+    }
+    until_ready(wp_ready_addr, "the waypoint").await;
+
+    // GET through client proxy → waypoint → server proxy → app.
+    let vip = SocketAddr::new(ip(net, 20), 80);
+    let answer = http_request(vip, "GET", "/through-the-waypoint").await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with("hello from server"), "{answer}");
+    assert_eq!(http.seen.lock()[0].path, "/through-the-waypoint");
+    // The AuthorizationPolicy bound to the waypoint's Gateway denies POST, at the waypoint.
+    let answer = http_request(vip, "POST", "/denied").await;
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+    assert!(answer.ends_with("RBAC: access denied"), "{answer}");
+    assert_eq!(http.requests(), 1);
+}
