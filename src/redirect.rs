@@ -5,7 +5,8 @@
 //! Output: the pod's network namespace programmed as istio-cni's nftables backend does it (reference
 //! istio-cni.md §1.7/§1.9, same table names so a pod programmed by istio-cni is taken over cleanly):
 //! - [`install`] replaces our three tables in ONE nfnetlink batch (all or nothing), then adds the fwmark
-//!   rule and local route (idempotently);
+//!   rule and local route (idempotently), and sets `net.ipv4.tcp_migrate_req` (best effort, see
+//!   [`migrate_queued_connections`]);
 //! - [`remove`] deletes all of it, absent pieces being fine;
 //! - [`inspect`] reads everything back through netlink dumps, and [`Installed::matches`] compares it, rule
 //!   by rule, with what [`install`] would program.
@@ -315,7 +316,29 @@ pub fn install(settings: &RuleSettings) -> Result<(), Error> {
         &mut rt,
         settings.ipv6,
         settings.ipv6 && route::lo_has_ipv6(),
-    )
+    )?;
+    migrate_queued_connections();
+    Ok(())
+}
+
+/// The per-namespace switch that makes the kernel move connections still queued on a closing listener to
+/// another listener of its SO_REUSEPORT group.
+const TCP_MIGRATE_REQ: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
+
+/// Sets `net.ipv4.tcp_migrate_req = 1` in the calling thread's network namespace, so that when a node proxy
+/// hands a pod to a newer one (both bind the pod's ports with SO_REUSEPORT) the connections that completed
+/// their handshake on the old proxy's listener after its last accept move to the new one instead of being
+/// reset (the takeover test saw one reset call in about 16 hand-overs without it; ztunnel and istio-cni do
+/// not set it). Best effort: on kernels before 5.14 the file does not exist, and a failure only costs that
+/// window, so it is logged, never a reason to refuse the pod's capture.
+fn migrate_queued_connections() {
+    match std::fs::write(TCP_MIGRATE_REQ, "1") {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            tracing::warn!(error = %e, "could not set {TCP_MIGRATE_REQ} in the pod's namespace; a proxy hand-over may reset queued connections")
+        }
+    }
 }
 
 /// Sends the batch that makes our tables equal to `plan` whatever is there; on any error nothing changes.

@@ -113,18 +113,18 @@ fn start_second_proxy(node: &Node, ns: &Netns, reuse: &str) -> KillOnDrop {
     b
 }
 
-/// Lets the kernel hand the connections still queued on a closing listener to another listener of its
-/// SO_REUSEPORT group (`net.ipv4.tcp_migrate_req`, per namespace, Linux 5.14+, off by default).
+/// Whether the kernel hands connections still queued on a closing listener to another listener of its
+/// SO_REUSEPORT group in `pod` (`net.ipv4.tcp_migrate_req`, per namespace, Linux 5.14+, off by default).
 ///
-/// meshnode does not set it (nor does ztunnel): without it, a connection that completes its handshake
-/// on the old proxy's listener between the proxy's last accept and its close is reset. With
-/// `TAKEOVER_NO_MIGRATE=1` (this write skipped) 4 of 65 runs of the takeover test reset one call, each
-/// at the moment A stopped; with it, none of 40. The test sets it so that it checks everything else
-/// deterministically; once the agent or the proxy sets it in each captured pod, this goes.
-fn migrate_queued_connections(pod: &Pod) {
+/// The agent sets it in every pod it captures: without it, a connection that completes its handshake on the
+/// old proxy's listener between the proxy's last accept and its close is reset (4 of 65 runs of this test
+/// reset one call, each as A stopped; none of 40 with it).
+fn migrates_queued_connections(pod: &Pod) -> bool {
     pod.netns
-        .run(|| std::fs::write("/proc/sys/net/ipv4/tcp_migrate_req", "1"))
-        .unwrap_or_else(|e| panic!("net.ipv4.tcp_migrate_req in {}: {e}", pod.name));
+        .run(|| std::fs::read_to_string("/proc/sys/net/ipv4/tcp_migrate_req"))
+        .unwrap_or_else(|e| panic!("net.ipv4.tcp_migrate_req in {}: {e}", pod.name))
+        .trim()
+        == "1"
 }
 
 /// Sockets listening on `port` in `pod`'s namespace (one per proxy serving it).
@@ -265,10 +265,15 @@ fn a_second_proxy_takes_over_a_pod_while_the_first_drains_and_no_connection_is_r
         .unwrap_or_else(|e| panic!("connecting through A: {e}\n{}", node.logs()));
     assert_eq!(held.echo("before"), "before\n");
 
-    if std::env::var_os("TAKEOVER_NO_MIGRATE").is_none() {
-        migrate_queued_connections(&client);
-        migrate_queued_connections(&server);
-    }
+    // The agent turned on the migration of queued connections when it captured the pods.
+    assert!(
+        migrates_queued_connections(&client),
+        "tcp_migrate_req in the client pod"
+    );
+    assert!(
+        migrates_queued_connections(&server),
+        "tcp_migrate_req in the server pod"
+    );
 
     // Proxy B connects to the agent, gets both pods in its snapshot and binds beside A in each pod.
     let node_b = Netns::new("nodeb");
