@@ -92,6 +92,21 @@ pub enum SecurityPolicy {
 pub struct TrafficLabels {
     /// `source` or `destination`.
     pub reporter: Reporter,
+    /// Who talked to whom.
+    #[prometheus(flatten)]
+    pub peer: PeerLabels,
+    /// Always `tcp` at L4.
+    pub request_protocol: &'static str,
+    /// Why it failed, `-` if it did not.
+    pub response_flags: ResponseFlags,
+    /// `mutual_tls` or `unknown`.
+    pub connection_security_policy: SecurityPolicy,
+}
+
+/// Istio's standard `source_*` and `destination_*` labels, in ztunnel's encoding order: the part of the label
+/// set the node proxy's TCP families and the waypoint's request families share.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct PeerLabels {
     /// Source workload (owner) name.
     pub source_workload: String,
     /// Source canonical service.
@@ -130,12 +145,6 @@ pub struct TrafficLabels {
     pub destination_version: String,
     /// Destination cluster.
     pub destination_cluster: String,
-    /// Always `tcp` at L4.
-    pub request_protocol: &'static str,
-    /// Why it failed, `-` if it did not.
-    pub response_flags: ResponseFlags,
-    /// `mutual_tls` or `unknown`.
-    pub connection_security_policy: SecurityPolicy,
 }
 
 /// `unknown` for empty values, as ztunnel encodes them.
@@ -147,21 +156,19 @@ fn val(s: &str) -> String {
     }
 }
 
-impl TrafficLabels {
-    /// Labels for a connection seen by `reporter`: the source and destination workloads when the state
-    /// knows them, the peer identity from mTLS (`None` for plaintext), and the service addressed if any.
+impl PeerLabels {
+    /// The source and destination workloads when the state knows them, the peer identity from mTLS
+    /// (`None` for plaintext), and the service addressed if any; empty values read `unknown`.
     pub fn new(
-        reporter: Reporter,
         src: Option<&Workload>,
         src_identity: Option<&Identity>,
         dst: Option<&Workload>,
         dst_service: Option<&Service>,
-    ) -> TrafficLabels {
+    ) -> PeerLabels {
         let s = |f: fn(&Workload) -> &str| val(src.map(f).unwrap_or(""));
         let d = |f: fn(&Workload) -> &str| val(dst.map(f).unwrap_or(""));
         let svc = |f: fn(&Service) -> &str| val(dst_service.map(f).unwrap_or(""));
-        TrafficLabels {
-            reporter,
+        PeerLabels {
             source_workload: s(|w| workload_name(w)),
             source_canonical_service: s(|w| &w.canonical_name),
             source_canonical_revision: s(|w| &w.canonical_revision),
@@ -181,6 +188,22 @@ impl TrafficLabels {
             destination_app: d(|w| app_name(w)),
             destination_version: d(|w| &w.canonical_revision),
             destination_cluster: d(|w| &w.cluster_id),
+        }
+    }
+}
+
+impl TrafficLabels {
+    /// Labels for a connection seen by `reporter` (see [`PeerLabels::new`]).
+    pub fn new(
+        reporter: Reporter,
+        src: Option<&Workload>,
+        src_identity: Option<&Identity>,
+        dst: Option<&Workload>,
+        dst_service: Option<&Service>,
+    ) -> TrafficLabels {
+        TrafficLabels {
+            reporter,
+            peer: PeerLabels::new(src, src_identity, dst, dst_service),
             request_protocol: "tcp",
             response_flags: ResponseFlags::None,
             connection_security_policy: if src_identity.is_some() {

@@ -30,6 +30,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use crate::identity::Identity;
+use crate::metrics::PeerLabels;
 use crate::state::{Service, Workload};
 
 /// Istio's duration buckets (milliseconds).
@@ -53,44 +54,9 @@ fn size_histogram() -> Histogram {
 pub struct RequestLabels {
     /// Always `waypoint`.
     pub reporter: &'static str,
-    /// Source workload (owner) name.
-    pub source_workload: String,
-    /// Source canonical service.
-    pub source_canonical_service: String,
-    /// Source canonical revision.
-    pub source_canonical_revision: String,
-    /// Source namespace.
-    pub source_workload_namespace: String,
-    /// The client's identity (`spiffe://…`).
-    pub source_principal: String,
-    /// Source app.
-    pub source_app: String,
-    /// Source version.
-    pub source_version: String,
-    /// Source cluster.
-    pub source_cluster: String,
-    /// Destination service FQDN.
-    pub destination_service: String,
-    /// Destination service namespace.
-    pub destination_service_namespace: String,
-    /// Destination service name.
-    pub destination_service_name: String,
-    /// Destination workload (owner) name.
-    pub destination_workload: String,
-    /// Destination canonical service.
-    pub destination_canonical_service: String,
-    /// Destination canonical revision.
-    pub destination_canonical_revision: String,
-    /// Destination namespace.
-    pub destination_workload_namespace: String,
-    /// Destination identity.
-    pub destination_principal: String,
-    /// Destination app.
-    pub destination_app: String,
-    /// Destination version.
-    pub destination_version: String,
-    /// Destination cluster.
-    pub destination_cluster: String,
+    /// The client (`source_*`), the service addressed and the endpoint (`destination_*`).
+    #[prometheus(flatten)]
+    pub peer: PeerLabels,
     /// `http` or `grpc`.
     pub request_protocol: &'static str,
     /// The status sent to the client.
@@ -108,25 +74,8 @@ pub struct RequestLabels {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct TcpLabels {
     reporter: &'static str,
-    source_workload: String,
-    source_canonical_service: String,
-    source_canonical_revision: String,
-    source_workload_namespace: String,
-    source_principal: String,
-    source_app: String,
-    source_version: String,
-    source_cluster: String,
-    destination_service: String,
-    destination_service_namespace: String,
-    destination_service_name: String,
-    destination_workload: String,
-    destination_canonical_service: String,
-    destination_canonical_revision: String,
-    destination_workload_namespace: String,
-    destination_principal: String,
-    destination_app: String,
-    destination_version: String,
-    destination_cluster: String,
+    #[prometheus(flatten)]
+    peer: PeerLabels,
     request_protocol: &'static str,
     response_flags: String,
     connection_security_policy: &'static str,
@@ -136,25 +85,7 @@ impl From<RequestLabels> for TcpLabels {
     fn from(l: RequestLabels) -> TcpLabels {
         TcpLabels {
             reporter: l.reporter,
-            source_workload: l.source_workload,
-            source_canonical_service: l.source_canonical_service,
-            source_canonical_revision: l.source_canonical_revision,
-            source_workload_namespace: l.source_workload_namespace,
-            source_principal: l.source_principal,
-            source_app: l.source_app,
-            source_version: l.source_version,
-            source_cluster: l.source_cluster,
-            destination_service: l.destination_service,
-            destination_service_namespace: l.destination_service_namespace,
-            destination_service_name: l.destination_service_name,
-            destination_workload: l.destination_workload,
-            destination_canonical_service: l.destination_canonical_service,
-            destination_canonical_revision: l.destination_canonical_revision,
-            destination_workload_namespace: l.destination_workload_namespace,
-            destination_principal: l.destination_principal,
-            destination_app: l.destination_app,
-            destination_version: l.destination_version,
-            destination_cluster: l.destination_cluster,
+            peer: l.peer,
             request_protocol: "tcp",
             response_flags: l.response_flags,
             connection_security_policy: l.connection_security_policy,
@@ -285,30 +216,6 @@ impl WaypointMetrics {
     }
 }
 
-fn val(s: &str) -> String {
-    if s.is_empty() {
-        "unknown".to_string()
-    } else {
-        s.to_string()
-    }
-}
-
-fn workload_name(w: &Workload) -> &str {
-    if w.workload_name.is_empty() {
-        &w.name
-    } else {
-        &w.workload_name
-    }
-}
-
-fn app_name(w: &Workload) -> &str {
-    if w.canonical_name.is_empty() {
-        workload_name(w)
-    } else {
-        &w.canonical_name
-    }
-}
-
 /// The standard labels for a client (`src_identity`, its workload if known), the service addressed and the
 /// endpoint's workload; `request_protocol` `http`, `response_code` `0`, to be filled in.
 pub fn labels(
@@ -318,30 +225,9 @@ pub fn labels(
     dst: Option<&Workload>,
     flags: &str,
 ) -> RequestLabels {
-    let s = |f: fn(&Workload) -> &str| val(src.map(f).unwrap_or(""));
-    let d = |f: fn(&Workload) -> &str| val(dst.map(f).unwrap_or(""));
-    let svc = |f: fn(&Service) -> &str| val(service.map(f).unwrap_or(""));
     RequestLabels {
         reporter: "waypoint",
-        source_workload: s(|w| workload_name(w)),
-        source_canonical_service: s(|w| &w.canonical_name),
-        source_canonical_revision: s(|w| &w.canonical_revision),
-        source_workload_namespace: s(|w| &w.namespace),
-        source_principal: src_identity.to_string(),
-        source_app: s(|w| app_name(w)),
-        source_version: s(|w| &w.canonical_revision),
-        source_cluster: s(|w| &w.cluster_id),
-        destination_service: svc(|s| &s.hostname),
-        destination_service_namespace: svc(|s| &s.namespace),
-        destination_service_name: svc(|s| &s.name),
-        destination_workload: d(|w| workload_name(w)),
-        destination_canonical_service: d(|w| &w.canonical_name),
-        destination_canonical_revision: d(|w| &w.canonical_revision),
-        destination_workload_namespace: d(|w| &w.namespace),
-        destination_principal: dst.map_or_else(|| val(""), |w| w.identity.to_string()),
-        destination_app: d(|w| app_name(w)),
-        destination_version: d(|w| &w.canonical_revision),
-        destination_cluster: d(|w| &w.cluster_id),
+        peer: PeerLabels::new(src, Some(src_identity), dst, service),
         request_protocol: "http",
         response_code: "0".to_string(),
         grpc_response_status: "-".to_string(),
