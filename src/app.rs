@@ -78,6 +78,31 @@ pub fn load_state(
     }
 }
 
+/// Runs `client` on a current-thread runtime of its own, on a thread named `meshnode-xds`, until `shutdown`;
+/// the readiness task `xds` is done at its first complete sync.
+fn spawn_xds_thread(
+    client: crate::xds::XdsClient,
+    ready: &Arc<Readiness>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), Error> {
+    let task = ready.register("xds");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|source| Error::Spawn {
+            what: "the xDS runtime",
+            source,
+        })?;
+    std::thread::Builder::new()
+        .name("meshnode-xds".into())
+        .spawn(move || rt.block_on(client.run(move || task.done(), shutdown)))
+        .map_err(|source| Error::Spawn {
+            what: "the xDS thread",
+            source,
+        })?;
+    Ok(())
+}
+
 /// Starts the xDS client on a runtime of its own (a single thread named `meshnode-xds`), so control-plane
 /// pushes never compete with the data plane's workers (ztunnel's split). Readiness waits for its first sync.
 fn start_xds(
@@ -94,21 +119,7 @@ fn start_xds(
     );
     let node = crate::xds::NodeInfo::new(&cfg.proxy_meta, cfg.node_name.as_deref());
     let client = crate::xds::XdsClient::new(target.clone(), creds, node, tx);
-    let task = ready.register("xds");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|source| Error::Spawn {
-            what: "the xDS runtime",
-            source,
-        })?;
-    std::thread::Builder::new()
-        .name("meshnode-xds".into())
-        .spawn(move || rt.block_on(client.run(move || task.done(), shutdown)))
-        .map_err(|source| Error::Spawn {
-            what: "the xDS thread",
-            source,
-        })?;
+    spawn_xds_thread(client, ready, shutdown)?;
     tracing::info!(address = %target.address, "xDS client started");
     Ok(handle)
 }
@@ -370,21 +381,7 @@ fn start_waypoint_xds(
         }),
     };
     let client = crate::xds::XdsClient::for_waypoint(target.clone(), creds, node, sub);
-    let task = ready.register("xds");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|source| Error::Spawn {
-            what: "the xDS runtime",
-            source,
-        })?;
-    std::thread::Builder::new()
-        .name("meshnode-xds".into())
-        .spawn(move || rt.block_on(client.run(move || task.done(), shutdown)))
-        .map_err(|source| Error::Spawn {
-            what: "the xDS thread",
-            source,
-        })?;
+    spawn_xds_thread(client, ready, shutdown)?;
     tracing::info!(address = %target.address, waypoint = %cfg.resource_name(), "xDS client started");
     Ok(rx)
 }
