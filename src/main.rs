@@ -130,15 +130,8 @@ fn main() -> anyhow::Result<()> {
                 .enable_all()
                 .build()?;
             rt.block_on(async move {
-                let (tx, rx) = watch::channel(false);
-                tokio::spawn(async move {
-                    wait_for_signal().await;
-                    // Rules stay in place: enrolled pods remain captured until an agent runs again.
-                    tracing::info!("CNI agent stopping; pod rules stay in place");
-                    let _ = tx.send(true);
-                    wait_for_signal().await;
-                    std::process::exit(1);
-                });
+                // Rules stay in place: enrolled pods remain captured until an agent runs again.
+                let rx = stop_on_signal("CNI agent stopping; pod rules stay in place");
                 meshnode::cni_agent::run(cfg, rx).await
             })?;
             Ok(())
@@ -204,15 +197,7 @@ async fn run(cfg: Arc<Config>) -> anyhow::Result<()> {
         }
     };
     tracing::info!(mode = ?cfg.proxy_mode, workload = ?cfg.workload_info, "meshnode proxy starting");
-    let (tx, rx) = watch::channel(false);
-    tokio::spawn(async move {
-        wait_for_signal().await;
-        tracing::info!("shutting down: draining connections");
-        let _ = tx.send(true);
-        // A second signal exits at once.
-        wait_for_signal().await;
-        std::process::exit(1);
-    });
+    let rx = stop_on_signal("shutting down: draining connections");
     meshnode::app::run_proxy_with_metrics(cfg, listeners, Some(readiness), metrics, rx).await?;
     tracing::info!("stopped");
     Ok(())
@@ -225,28 +210,25 @@ async fn run_waypoint(cfg: Arc<meshnode::config::WaypointConfig>) -> anyhow::Res
         identity = %cfg.identity(),
         "meshnode waypoint starting"
     );
-    let (tx, rx) = watch::channel(false);
-    tokio::spawn(async move {
-        wait_for_signal().await;
-        tracing::info!("shutting down: draining tunnels");
-        let _ = tx.send(true);
-        // A second signal exits at once.
-        wait_for_signal().await;
-        std::process::exit(1);
-    });
+    let rx = stop_on_signal("shutting down: draining tunnels");
     meshnode::app::run_waypoint(cfg, hbone, Some(readiness), metrics, rx).await?;
     tracing::info!("stopped");
     Ok(())
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
+/// A shutdown signal that turns true on the first SIGTERM or SIGINT (logging `what`); a second one exits the
+/// process at once. Call it inside the runtime.
+fn stop_on_signal(what: &'static str) -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(false);
+    let mut signals = Signals::new();
+    tokio::spawn(async move {
+        signals.next().await;
+        tracing::info!("{what}");
+        let _ = tx.send(true);
+        signals.next().await;
+        std::process::exit(1);
+    });
+    rx
 }
 
 /// SIGTERM and SIGINT, listened for from creation on (so a second signal is never missed).
