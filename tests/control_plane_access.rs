@@ -3,16 +3,15 @@
 //! SHA-256 hashes and with an expiry, xDS only for node proxy tokens, and each token's stream quota. Driven
 //! through `control_plane::run` on a loopback listener with plain tonic clients.
 
-use std::net::SocketAddr;
-use std::path::Path;
+mod support;
+
 use std::time::{Duration, Instant};
 
-use meshnode::control_plane::{self, CaChoice, RunOptions};
 use meshnode::proto::ca::istio_certificate_service_client::IstioCertificateServiceClient;
 use meshnode::proto::ca::IstioCertificateRequest;
 use meshnode::proto::discovery::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use meshnode::proto::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Node};
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use support::control_plane::Plane;
 use tonic::Code;
 
 const ADDRESS_TYPE: &str = "type.googleapis.com/istio.workload.Address";
@@ -37,57 +36,8 @@ tokens:
     )
 }
 
-struct Plane {
-    channel: Channel,
-    _stop: tokio::sync::oneshot::Sender<()>,
-    dir: tempfile::TempDir,
-}
-
 async fn start() -> Plane {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("mesh.yaml"), mesh()).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let opts = RunOptions {
-        config: dir.path().join("mesh.yaml"),
-        listen: addr,
-        ca: CaChoice::Builtin(dir.path().join("state")),
-        tls_files: None,
-        root_cert_out: Some(dir.path().join("root-cert.pem")),
-        drain_deadline: Duration::from_secs(1),
-    };
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(async move {
-        control_plane::run(opts, listener, async {
-            let _ = stopped.await;
-        })
-        .await
-        .unwrap();
-    });
-    let channel = channel_to(addr, &dir.path().join("root-cert.pem")).await;
-    Plane {
-        channel,
-        _stop: stop,
-        dir,
-    }
-}
-
-async fn channel_to(addr: SocketAddr, root: &Path) -> Channel {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !root.exists() {
-        assert!(Instant::now() < deadline, "control plane did not start");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let pem = std::fs::read(root).unwrap();
-    Endpoint::from_shared(format!("https://{addr}"))
-        .unwrap()
-        .tls_config(
-            ClientTlsConfig::new()
-                .ca_certificate(Certificate::from_pem(pem))
-                .domain_name("istiod.istio-system.svc"),
-        )
-        .unwrap()
-        .connect_lazy()
+    Plane::start(&mesh()).await
 }
 
 fn spiffe(sa: &str) -> String {
@@ -265,9 +215,7 @@ async fn a_proxy_whose_token_is_removed_from_the_file_loses_its_stream() {
         "",
     );
     assert_ne!(without, mesh());
-    let path = p.dir.path().join("mesh.yaml");
-    std::fs::write(path.with_extension("tmp"), without).unwrap();
-    std::fs::rename(path.with_extension("tmp"), &path).unwrap();
+    p.write(&without);
     let ended = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
             match stream.message().await {

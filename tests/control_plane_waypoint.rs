@@ -5,17 +5,16 @@
 //! stops running a waypoint. Driven through `control_plane::run` on a loopback listener with plain tonic
 //! clients over TLS (no root needed).
 
-use std::net::SocketAddr;
-use std::path::Path;
-use std::time::{Duration, Instant};
+mod support;
 
-use meshnode::control_plane::{self, CaChoice, RunOptions};
+use std::time::Duration;
+
 use meshnode::proto::discovery::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use meshnode::proto::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Node};
 use meshnode::proto::waypoint as wp;
 use prost::Message;
+use support::control_plane::Plane;
 use tokio::sync::mpsc;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic::Code;
 
 const WAYPOINT_TYPE: &str = "type.googleapis.com/meshnode.waypoint.Waypoint";
@@ -77,70 +76,6 @@ tokens:
 "#,
         v2_weight = 100 - v1_weight,
     )
-}
-
-struct Plane {
-    channel: Channel,
-    dir: tempfile::TempDir,
-    _stop: tokio::sync::oneshot::Sender<()>,
-}
-
-impl Plane {
-    /// Replaces the mesh file atomically, as editors and ConfigMap mounts do.
-    fn write(&self, yaml: &str) {
-        let path = self.dir.path().join("mesh.yaml");
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, yaml).unwrap();
-        std::fs::rename(&tmp, &path).unwrap();
-    }
-}
-
-async fn start(yaml: &str) -> Plane {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("mesh.yaml"), yaml).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let opts = RunOptions {
-        config: dir.path().join("mesh.yaml"),
-        listen: addr,
-        ca: CaChoice::Builtin(dir.path().join("state")),
-        tls_files: None,
-        root_cert_out: Some(dir.path().join("root-cert.pem")),
-        drain_deadline: Duration::from_secs(1),
-    };
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(async move {
-        control_plane::run(opts, listener, async {
-            let _ = stopped.await;
-        })
-        .await
-        .unwrap();
-    });
-    let channel = channel_to(addr, &dir.path().join("root-cert.pem")).await;
-    Plane {
-        channel,
-        dir,
-        _stop: stop,
-    }
-}
-
-async fn channel_to(addr: SocketAddr, root: &Path) -> Channel {
-    // The root certificate is written once the control plane is up.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !root.exists() {
-        assert!(Instant::now() < deadline, "control plane did not start");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let pem = std::fs::read(root).unwrap();
-    Endpoint::from_shared(format!("https://{addr}"))
-        .unwrap()
-        .tls_config(
-            ClientTlsConfig::new()
-                .ca_certificate(Certificate::from_pem(pem))
-                .domain_name("istiod.istio-system.svc"),
-        )
-        .unwrap()
-        .connect_lazy()
 }
 
 /// An open xDS stream.
@@ -250,7 +185,7 @@ fn split(v1: u32) -> Vec<(String, u32)> {
 
 #[tokio::test]
 async fn a_waypoint_identity_gets_its_waypoint_by_name_and_its_updates() {
-    let p = start(&mesh(80, true)).await;
+    let p = Plane::start(&mesh(80, true)).await;
     let mut s = Stream::open(&p, "waypoint-token").await.unwrap();
     // It needs the Address resources to reach endpoints.
     s.subscribe(ADDRESS_TYPE, &[]).await;
@@ -299,7 +234,7 @@ async fn a_waypoint_identity_gets_its_waypoint_by_name_and_its_updates() {
 
 #[tokio::test]
 async fn a_waypoint_identity_cannot_subscribe_to_another_namespaces_waypoint() {
-    let p = start(&mesh(80, true)).await;
+    let p = Plane::start(&mesh(80, true)).await;
     let mut s = Stream::open(&p, "waypoint-token").await.unwrap();
     s.subscribe(WAYPOINT_TYPE, &["other/other-wp"]).await;
     let err = s.next().await.expect_err("the subscription is refused");
@@ -333,7 +268,7 @@ async fn a_waypoint_identity_cannot_subscribe_to_another_namespaces_waypoint() {
 
 #[tokio::test]
 async fn a_waypoint_stream_ends_when_its_identity_no_longer_runs_a_waypoint() {
-    let p = start(&mesh(80, true)).await;
+    let p = Plane::start(&mesh(80, true)).await;
     let mut s = Stream::open(&p, "waypoint-token").await.unwrap();
     s.subscribe(WAYPOINT_TYPE, &["bookinfo/waypoint"]).await;
     let first = s.recv().await;

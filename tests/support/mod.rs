@@ -4,6 +4,7 @@
 
 pub mod ads;
 pub mod cluster;
+pub mod control_plane;
 pub mod dedicated;
 pub mod fake_kube;
 pub mod l7;
