@@ -533,13 +533,7 @@ async fn an_unreachable_endpoint_gets_envoys_503() {
 async fn a_request_failing_with_503_is_retried_and_the_upstream_sees_both_tries() {
     let m = mesh(&[]).await;
     // The route retries on 503 (Istio's default policy does too).
-    let mut wp = waypoint_resource(
-        vec![bound_service(
-            "backend",
-            vec![port(pb::Protocol::Http, "backend", 80, &["backend"])],
-        )],
-        &[],
-    );
+    let mut wp = backend_waypoint();
     wp.services[0].ports[0].routes.push(pb::Route {
         name: "default/backend-retries".into(),
         action: Some(pb::route::Action::Forward(pb::Forward {
@@ -556,21 +550,7 @@ async fn a_request_failing_with_503_is_retried_and_the_upstream_sees_both_tries(
         }),
         ..Default::default()
     });
-    let key = format!("default/{}", hostname("backend"));
-    let snap = Snapshot::build(
-        &[workload(
-            "backend",
-            "backend",
-            ip(m.net, 3),
-            true,
-            &[(&key, 80, 8080)],
-        )],
-        &[service("backend", ip(m.net, 100), &[(80, 8080)])],
-        Some(&wp),
-        None,
-    )
-    .unwrap();
-    m.wp.config.send_replace(Arc::new(snap));
+    m.wp.config.send_replace(Arc::new(serving_backend(&m, &wp)));
     m.http
         .fail_first
         .store(1, std::sync::atomic::Ordering::SeqCst);
@@ -855,15 +835,25 @@ fn with_route(
     route: Option<pb::Route>,
     policies: Vec<pb::AuthorizationPolicy>,
 ) -> Snapshot {
-    let mut wp = waypoint_resource(
+    let mut wp = backend_waypoint();
+    wp.services[0].ports[0].routes.extend(route);
+    wp.policies = policies;
+    serving_backend(m, &wp)
+}
+
+/// A waypoint serving only the backend's HTTP port 80 (cluster `backend-80`).
+fn backend_waypoint() -> pb::Waypoint {
+    waypoint_resource(
         vec![bound_service(
             "backend",
             vec![port(pb::Protocol::Http, "backend", 80, &["backend"])],
         )],
         &[],
-    );
-    wp.services[0].ports[0].routes.extend(route);
-    wp.policies = policies;
+    )
+}
+
+/// `m`'s configuration with waypoint resource `wp`: the client, the backend and its service.
+fn serving_backend(m: &Mesh, wp: &pb::Waypoint) -> Snapshot {
     let key = format!("default/{}", hostname("backend"));
     Snapshot::build(
         &[
@@ -877,7 +867,7 @@ fn with_route(
             ),
         ],
         &[service("backend", ip(m.net, 100), &[(80, 8080)])],
-        Some(&wp),
+        Some(wp),
         None,
     )
     .unwrap()
@@ -962,32 +952,12 @@ async fn backend_saw(b: &Backend, n: u64) {
 #[tokio::test]
 async fn a_cluster_at_its_request_limit_answers_503_overflow_until_a_request_ends() {
     let m = mesh(&[]).await;
-    let mut wp = waypoint_resource(
-        vec![bound_service(
-            "backend",
-            vec![port(pb::Protocol::Http, "backend", 80, &["backend"])],
-        )],
-        &[],
-    );
+    let mut wp = backend_waypoint();
     wp.services[0].clusters[0].connection_pool = Some(pb::ConnectionPool {
         http2_max_requests: 1,
         ..Default::default()
     });
-    let key = format!("default/{}", hostname("backend"));
-    let snap = Snapshot::build(
-        &[workload(
-            "backend",
-            "backend",
-            ip(m.net, 3),
-            true,
-            &[(&key, 80, 8080)],
-        )],
-        &[service("backend", ip(m.net, 100), &[(80, 8080)])],
-        Some(&wp),
-        None,
-    )
-    .unwrap();
-    m.wp.config.send_replace(Arc::new(snap));
+    m.wp.config.send_replace(Arc::new(serving_backend(&m, &wp)));
     m.http.hold.store(true, std::sync::atomic::Ordering::SeqCst);
     let c = m.client().await;
     let mut first = http1(tunnel(&c, &m.vip(100, 80)).await.unwrap()).await;

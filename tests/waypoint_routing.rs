@@ -221,12 +221,17 @@ fn refused(answer: &std::io::Result<String>) -> bool {
 }
 
 /// The value of `meshnode_waypoint_unavailable_total` for `labels` (as encoded), 0 when absent.
-fn unavailable(metrics: &str, labels: &str) -> u64 {
-    let prefix = format!("meshnode_waypoint_unavailable_total{{{labels}}} ");
-    metrics
+/// `meshnode_waypoint_unavailable_total` counted exactly one refusal for `waypoint` named by `binding`,
+/// for `reason`.
+fn assert_refused_once(metrics: &str, waypoint: &str, binding: &str, reason: &str) {
+    let prefix = format!(
+        "meshnode_waypoint_unavailable_total{{waypoint=\"{waypoint}\",binding=\"{binding}\",reason=\"{reason}\"}} "
+    );
+    let count = metrics
         .lines()
         .find_map(|l| l.strip_prefix(&prefix))
-        .map_or(0, |v| v.trim().parse().unwrap())
+        .map_or(0, |v| v.trim().parse::<u64>().unwrap());
+    assert_eq!(count, 1, "{waypoint} {binding} {reason}:\n{metrics}");
 }
 
 #[tokio::test]
@@ -382,24 +387,17 @@ async fn a_waypoint_missing_from_the_state_refuses_the_connection_and_counts_it(
     assert_eq!(m.db_app.load(Ordering::SeqCst), 0, "sent direct");
     assert!(wp.seen().is_empty());
     let metrics = m.client_metrics();
-    assert_eq!(
-        unavailable(
-            &metrics,
-            "waypoint=\"default/gone.default.svc.cluster.local\",binding=\"service\",reason=\"not_found\""
-        ),
-        1,
-        "{metrics}"
+    assert_refused_once(
+        &metrics,
+        "default/gone.default.svc.cluster.local",
+        "service",
+        "not_found",
     );
-    assert_eq!(
-        unavailable(
-            &metrics,
-            &format!(
-                "waypoint=\"/{}\",binding=\"workload\",reason=\"not_found\"",
-                ip(net, 77)
-            )
-        ),
-        1,
-        "{metrics}"
+    assert_refused_once(
+        &metrics,
+        &format!("/{}", ip(net, 77)),
+        "workload",
+        "not_found",
     );
     // Traffic that needs no waypoint is unaffected.
     let answer = m.call(m.at(103, 8000), b"plain").await.unwrap();
@@ -413,15 +411,11 @@ async fn a_waypoint_that_is_down_refuses_the_connection() {
     assert!(refused(&m.call(m.at(100, 8000), b"anyone?").await));
     assert_eq!(m.server_app.load(Ordering::SeqCst), 0, "sent direct");
     let metrics = m.client_metrics();
-    assert_eq!(
-        unavailable(
-            &metrics,
-            &format!(
-                "waypoint=\"default/{WAYPOINT_HOST}\",binding=\"service\",reason=\"unreachable\""
-            )
-        ),
-        1,
-        "{metrics}"
+    assert_refused_once(
+        &metrics,
+        &format!("default/{WAYPOINT_HOST}"),
+        "service",
+        "unreachable",
     );
 }
 
@@ -433,15 +427,11 @@ async fn a_waypoint_presenting_another_identity_is_refused() {
     assert!(impostor.seen().is_empty(), "data reached an impostor");
     assert_eq!(m.server_app.load(Ordering::SeqCst), 0, "sent direct");
     let metrics = m.client_metrics();
-    assert_eq!(
-        unavailable(
-            &metrics,
-            &format!(
-                "waypoint=\"default/{WAYPOINT_HOST}\",binding=\"service\",reason=\"unreachable\""
-            )
-        ),
-        1,
-        "{metrics}"
+    assert_refused_once(
+        &metrics,
+        &format!("default/{WAYPOINT_HOST}"),
+        "service",
+        "unreachable",
     );
 }
 
