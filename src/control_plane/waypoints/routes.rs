@@ -176,6 +176,18 @@ pub(super) fn string_match(kind: wp::string_match::Kind) -> Option<wp::StringMat
     Some(wp::StringMatch { kind: Some(kind) })
 }
 
+/// Header names to remove (`<at>[k]` in errors), lower-cased.
+pub(super) fn removed_headers(names: &[String], at: &str) -> Result<Vec<String>, Error> {
+    names
+        .iter()
+        .enumerate()
+        .map(|(k, n)| {
+            non_empty(n, &format!("{at}[{k}]"))?;
+            Ok(n.to_ascii_lowercase())
+        })
+        .collect()
+}
+
 pub(super) fn header(name: &str, value: &str, at: &str) -> Result<wp::Header, Error> {
     non_empty(name, at)?;
     if !name.bytes().all(|b| b.is_ascii_graphic() && b != b':') {

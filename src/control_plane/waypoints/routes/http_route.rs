@@ -4,8 +4,8 @@
 
 use super::super::{duration, invalid, non_empty};
 use super::{
-    find_service, header, key, redirect_status, string_match, timeout, Backend, PendingRoute,
-    RouteSet, HTTP_ROUTE_RETRY_ON,
+    find_service, header, key, redirect_status, removed_headers, string_match, timeout, Backend,
+    PendingRoute, RouteSet, HTTP_ROUTE_RETRY_ON,
 };
 use crate::control_plane::config::{Error, MeshConfig};
 use crate::control_plane::objects::gateway::{
@@ -365,15 +365,7 @@ fn header_modifier(m: &HeaderModifier, at: &str) -> Result<wp::HeaderOps, Error>
             .map(|(k, h)| header(&h.name, &h.value, &format!("{at}.{what}[{k}]")))
             .collect::<Result<Vec<_>, Error>>()
     };
-    let remove = m
-        .remove
-        .iter()
-        .enumerate()
-        .map(|(k, n)| {
-            non_empty(n, &format!("{at}.remove[{k}]"))?;
-            Ok(n.to_ascii_lowercase())
-        })
-        .collect::<Result<_, Error>>()?;
+    let remove = removed_headers(&m.remove, &format!("{at}.remove"))?;
     Ok(wp::HeaderOps {
         set: list(&m.set, "set")?,
         add: list(&m.add, "add")?,

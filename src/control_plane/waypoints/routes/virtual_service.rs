@@ -4,8 +4,8 @@
 use super::super::clusters::DestinationRules;
 use super::super::{duration, invalid, non_empty};
 use super::{
-    header, key, redirect_status, resolve_host, retry_on, timeout, Backend, PendingRoute, RouteSet,
-    ServiceKey, DEFAULT_RETRY_ON,
+    header, key, redirect_status, removed_headers, resolve_host, retry_on, timeout, Backend,
+    PendingRoute, RouteSet, ServiceKey, DEFAULT_RETRY_ON,
 };
 use crate::control_plane::config::{Error, MeshConfig, ServiceSpec};
 use crate::control_plane::objects::networking::{
@@ -372,15 +372,7 @@ fn vs_header_ops(ops: &VsHeaderOps, at: &str) -> Result<wp::HeaderOps, Error> {
             .map(|(name, value)| header(name, value, &format!("{at}.{what}.{name}")))
             .collect::<Result<Vec<_>, Error>>()
     };
-    let remove = ops
-        .remove
-        .iter()
-        .enumerate()
-        .map(|(k, n)| {
-            non_empty(n, &format!("{at}.remove[{k}]"))?;
-            Ok(n.to_ascii_lowercase())
-        })
-        .collect::<Result<_, Error>>()?;
+    let remove = removed_headers(&ops.remove, &format!("{at}.remove"))?;
     Ok(wp::HeaderOps {
         set: headers(&ops.set, "set")?,
         add: headers(&ops.add, "add")?,
