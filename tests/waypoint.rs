@@ -175,14 +175,15 @@ impl Mesh {
 
     /// An HBONE connection to the waypoint from the client workload's address, with its certificate.
     async fn client(&self) -> h2::client::SendRequest<Bytes> {
-        hbone_client_from(
+        hbone_client_at(
             self.cert("client"),
             waypoint_id(),
-            ip(self.net, 2),
+            Some(ip(self.net, 2)),
             self.wp.addr,
         )
         .await
         .unwrap()
+        .0
     }
 
     fn vip(&self, host: u8, port: u16) -> String {
@@ -789,17 +790,15 @@ async fn the_waypoint_configured_over_xds_serves_what_the_control_plane_sends() 
         "{requests:?}"
     );
 
-    let c = hbone_client_from(
-        {
-            ca.issue(
-                &id("spiffe://cluster.local/ns/default/sa/client"),
-                now_plus(-60),
-                now_plus(3600),
-            )
-            .unwrap()
-        },
+    let (c, _) = hbone_client_at(
+        ca.issue(
+            &id("spiffe://cluster.local/ns/default/sa/client"),
+            now_plus(-60),
+            now_plus(3600),
+        )
+        .unwrap(),
         waypoint_id(),
-        ip(net, 2),
+        Some(ip(net, 2)),
         SocketAddr::new(ip(net, 10), 15008),
     )
     .await

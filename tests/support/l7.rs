@@ -259,30 +259,6 @@ pub fn waypoint_id() -> Identity {
         .unwrap()
 }
 
-/// An HBONE connection to `dst` from source address `from`, presenting `cert`, expecting `expected`.
-pub async fn hbone_client_from(
-    cert: meshnode::identity::WorkloadCert,
-    expected: Identity,
-    from: IpAddr,
-    dst: SocketAddr,
-) -> Result<h2::client::SendRequest<Bytes>, String> {
-    let tls = meshnode::tls::TlsMaterial::new(Arc::new(cert)).map_err(|e| e.to_string())?;
-    let sock = tokio::net::TcpSocket::new_v4().map_err(|e| e.to_string())?;
-    sock.bind(SocketAddr::new(from, 0))
-        .map_err(|e| e.to_string())?;
-    let tcp = sock.connect(dst).await.map_err(|e| e.to_string())?;
-    let conn = tokio_rustls::TlsConnector::from(tls.client_config(vec![expected]));
-    let stream = conn
-        .connect(meshnode::tls::dummy_server_name(), tcp)
-        .await
-        .map_err(|e| e.to_string())?;
-    let (send, driver) = h2::client::handshake(stream)
-        .await
-        .map_err(|e| format!("h2: {e}"))?;
-    tokio::spawn(driver);
-    Ok(send)
-}
-
 /// Opens a CONNECT tunnel for `authority` on an HBONE client connection; the status when refused.
 pub async fn tunnel(
     send: &h2::client::SendRequest<Bytes>,

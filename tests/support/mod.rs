@@ -14,7 +14,7 @@ pub mod waypoint;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -154,10 +154,22 @@ pub async fn capture(proxy: &Arc<Proxy>, bind: IpAddr, dst: SocketAddr) -> Socke
 /// A test application: answers each connection with `peer=<client address>\n`, then echoes what it reads
 /// until EOF, then closes its side.
 pub async fn echo_server(addr: SocketAddr) -> SocketAddr {
+    serve_echo(addr, Arc::new(AtomicUsize::new(0))).await
+}
+
+/// [`echo_server`], also counting the connections it accepted.
+pub async fn counting_echo(addr: SocketAddr) -> Arc<AtomicUsize> {
+    let count = Arc::new(AtomicUsize::new(0));
+    serve_echo(addr, count.clone()).await;
+    count
+}
+
+async fn serve_echo(addr: SocketAddr, accepted: Arc<AtomicUsize>) -> SocketAddr {
     let l = TcpListener::bind(addr).await.unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((mut s, peer)) = l.accept().await {
+            accepted.fetch_add(1, Ordering::SeqCst);
             tokio::spawn(async move {
                 let _ = s.write_all(format!("peer={peer}\n").as_bytes()).await;
                 let (mut r, mut w) = s.split();
@@ -195,8 +207,31 @@ pub async fn hbone_client(
     expected: Identity,
     dst: SocketAddr,
 ) -> Result<h2::client::SendRequest<Bytes>, String> {
+    hbone_client_at(cert, expected, None, dst)
+        .await
+        .map(|(send, _)| send)
+}
+
+/// [`hbone_client`] from source address `from` (any when `None`); also the address it connected from.
+pub async fn hbone_client_at(
+    cert: WorkloadCert,
+    expected: Identity,
+    from: Option<IpAddr>,
+    dst: SocketAddr,
+) -> Result<(h2::client::SendRequest<Bytes>, SocketAddr), String> {
     let tls = TlsMaterial::new(Arc::new(cert)).map_err(|e| e.to_string())?;
-    let tcp = TcpStream::connect(dst).await.map_err(|e| e.to_string())?;
+    let sock = if dst.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .map_err(|e| e.to_string())?;
+    if let Some(from) = from {
+        sock.bind(SocketAddr::new(from, 0))
+            .map_err(|e| e.to_string())?;
+    }
+    let tcp = sock.connect(dst).await.map_err(|e| e.to_string())?;
+    let local = tcp.local_addr().map_err(|e| e.to_string())?;
     let conn = tokio_rustls::TlsConnector::from(tls.client_config(vec![expected]));
     let stream = conn
         .connect(dummy_server_name(), tcp)
@@ -206,7 +241,7 @@ pub async fn hbone_client(
         .await
         .map_err(|e| format!("h2: {e}"))?;
     tokio::spawn(driver);
-    Ok(send)
+    Ok((send, local))
 }
 
 /// Sends `req` on `send` and returns the response status.

@@ -4,13 +4,12 @@
 //! and clients that connect from a chosen source address.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use meshnode::identity::{CertSource, Identity, WorkloadCert};
-use meshnode::tls::{dummy_server_name, TlsMaterial};
+use meshnode::tls::TlsMaterial;
 use parking_lot::Mutex;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
@@ -118,25 +117,6 @@ pub async fn fake_waypoint(ca: &dyn CertSource, id: &Identity, addr: SocketAddr)
     FakeWaypoint { addr, seen, task }
 }
 
-/// An echo application like `super::echo_server` that also counts the connections it accepted.
-pub async fn counting_echo(addr: SocketAddr) -> Arc<AtomicUsize> {
-    let l = TcpListener::bind(addr).await.unwrap();
-    let count = Arc::new(AtomicUsize::new(0));
-    let c = count.clone();
-    tokio::spawn(async move {
-        while let Ok((mut s, peer)) = l.accept().await {
-            c.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let _ = s.write_all(format!("peer={peer}\n").as_bytes()).await;
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
-            });
-        }
-    });
-    count
-}
-
 /// [`super::roundtrip`] from the source address `src`.
 pub async fn roundtrip_from(src: IpAddr, dst: SocketAddr, msg: &[u8]) -> std::io::Result<String> {
     let sock = TcpSocket::new_v4()?;
@@ -159,16 +139,9 @@ pub async fn hbone_client_from(
     src: IpAddr,
     dst: SocketAddr,
 ) -> (h2::client::SendRequest<Bytes>, SocketAddr) {
-    let tls = TlsMaterial::new(Arc::new(cert)).unwrap();
-    let sock = TcpSocket::new_v4().unwrap();
-    sock.bind(SocketAddr::new(src, 0)).unwrap();
-    let tcp = sock.connect(dst).await.unwrap();
-    let from = tcp.local_addr().unwrap();
-    let conn = tokio_rustls::TlsConnector::from(tls.client_config(vec![expected]));
-    let stream = conn.connect(dummy_server_name(), tcp).await.unwrap();
-    let (send, driver) = h2::client::handshake(stream).await.unwrap();
-    tokio::spawn(driver);
-    (send, from)
+    super::hbone_client_at(cert, expected, Some(src), dst)
+        .await
+        .unwrap()
 }
 
 /// Sends a CONNECT for `authority` on `send`, expects 200, writes `msg`, half-closes, and returns what
