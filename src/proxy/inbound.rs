@@ -174,8 +174,9 @@ impl Proxy {
             .authority()
             .map(|a| a.as_str().to_string())
             .unwrap_or_default();
-        let admitted = match self
-            .check_connect(&incoming.request, peer, local, &peer_id)
+        // Boxed: the checks' state (lookups, the upstream connect) lives on the heap only while they run,
+        // instead of inside every stream's task for as long as it copies.
+        let admitted = match Box::pin(self.check_connect(&incoming.request, peer, local, &peer_id))
             .await
         {
             Ok(a) => a,

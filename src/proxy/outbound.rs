@@ -174,7 +174,9 @@ impl Proxy {
             },
         };
         let hbone_dst = tunnel.dst;
-        let opened: Result<_, Error> = async {
+        // Boxed: the tunnel's set-up state (certificate, TLS handshake, CONNECT) lives on the heap only while
+        // it runs, instead of inside every connection's task for as long as it copies.
+        let opened: Result<_, Error> = Box::pin(async {
             let tls = self.tls_for(&src.identity).await?.current();
             let key = PoolKey {
                 src: src.identity.clone(),
@@ -183,7 +185,7 @@ impl Proxy {
             };
             let req = connect_request(&src, peer, tunnel.authority, tunnel.service);
             Ok(self.pool().connect(&key, &tls, req).await?)
-        }
+        })
         .await;
         let opened = match opened {
             Ok(t) => t,
