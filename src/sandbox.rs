@@ -33,6 +33,7 @@ use crate::file_watch::{write_atomically, write_atomically_mode};
 pub mod apply;
 pub mod apps;
 pub mod cli;
+pub mod l7;
 pub mod model;
 pub mod net;
 pub mod procs;
@@ -272,7 +273,12 @@ fn describe_existing(opts: &Options, model: &Model) -> String {
 }
 
 fn expected_processes(model: &Model) -> usize {
-    1 + 2 * model.nodes.len() + model.pods.iter().filter(|p| p.app.is_some()).count()
+    let pod_processes = model
+        .pods
+        .iter()
+        .filter(|p| p.app.is_some() || p.waypoint.is_some())
+        .count();
+    1 + 2 * model.nodes.len() + pod_processes
 }
 
 fn human(d: Duration) -> String {
@@ -408,49 +414,131 @@ fn build(opts: &Options, model: &Model, progress: &mut dyn Write) -> Result<(), 
         done(progress, t);
     }
 
+    for pod in &model.pods {
+        let what = match (&pod.app, &pod.waypoint) {
+            (Some(app), _) => format!("pod {} on {} ({}, {app})", pod.key(), pod.node, pod.ip),
+            (None, Some(gw)) => format!(
+                "pod {} on {} ({}, waypoint {gw})",
+                pod.key(),
+                pod.node,
+                pod.ip
+            ),
+            (None, None) => format!("pod {} on {} ({})", pod.key(), pod.node, pod.ip),
+        };
+        let t = step(progress, &what);
+        start_pod(opts, model, pod)?;
+        done(progress, t);
+    }
+    Ok(())
+}
+
+/// Wires `pod` as a runtime would (its namespace and veth, then CNI ADD through `meshnode-cni`) and starts
+/// what it runs: its bookinfo app, or `meshnode waypoint` for a waypoint's pod. Returns once that serves.
+fn start_pod(opts: &Options, model: &Model, pod: &model::Pod) -> Result<(), Error> {
     let runtime = Runtime {
         cni_path: vec![opts.plugin.parent().unwrap_or(Path::new("/")).to_path_buf()],
     };
-    for pod in &model.pods {
-        let what = match &pod.app {
-            Some(app) => format!("pod {} on {} ({}, {app})", pod.key(), pod.node, pod.ip),
-            None => format!("pod {} on {} ({})", pod.key(), pod.node, pod.ip),
+    let prev = net::wire_pod(model, pod)?;
+    net::cni_add(
+        model,
+        pod,
+        &runtime,
+        &opts.path(&format!("{}/run", pod.node)),
+        prev,
+    )?;
+    let ns = net::netns_path(&net::pod_netns(model, pod));
+    let component = format!("{}-{}", pod.namespace, pod.name);
+    if let Some(app) = &pod.app {
+        let mut args = vec![
+            "sandbox".to_string(),
+            "app".into(),
+            app.clone(),
+            "--listen".into(),
+            SocketAddr::new(pod.ip.into(), model::APP_PORT).to_string(),
+        ];
+        let needs: &[&str] = match app.parse::<apps::App>() {
+            Ok(a) => a.upstreams(),
+            Err(_) => &[],
         };
-        let t = step(progress, &what);
-        let prev = net::wire_pod(model, pod)?;
-        net::cni_add(
-            model,
-            pod,
-            &runtime,
-            &opts.path(&format!("{}/run", pod.node)),
-            prev,
-        )?;
-        if let Some(app) = &pod.app {
-            let mut args = vec![
-                "sandbox".to_string(),
-                "app".into(),
-                app.clone(),
-                "--listen".into(),
-                SocketAddr::new(pod.ip.into(), model::APP_PORT).to_string(),
-            ];
-            let needs: &[&str] = match app.parse::<apps::App>() {
-                Ok(a) => a.upstreams(),
-                Err(_) => &[],
-            };
-            for up in needs {
-                if let Some(s) = model.find_service(up) {
-                    args.push("--upstream".into());
-                    args.push(format!("{up}={}:{}", s.vip, s.port));
-                }
+        for up in needs {
+            if let Some(s) = model.find_service(up) {
+                args.push("--upstream".into());
+                args.push(format!("{up}={}:{}", s.vip, s.port));
             }
-            let ns = net::netns_path(&net::pod_netns(model, pod));
-            let component = format!("{}-{}", pod.namespace, pod.name);
-            let pid = start(opts, &ns, &args, &[("RUST_LOG", "info".into())], &component)?;
-            wait(opts, &format!("app {app}"), &component, || {
-                procs::listening(pid, model::APP_PORT)
-            })?;
         }
-        done(progress, t);
+        let pid = start(opts, &ns, &args, &[("RUST_LOG", "info".into())], &component)?;
+        wait(opts, &format!("app {app}"), &component, || {
+            procs::listening(pid, model::APP_PORT)
+        })?;
+    } else if let Some(gateway) = &pod.waypoint {
+        start_waypoint(opts, model, pod, gateway, &ns, &component)?;
+    }
+    Ok(())
+}
+
+/// Starts `meshnode waypoint` in its pod as Istio's waypoint Deployment runs its proxy: its identity the
+/// Gateway's service account, configured by the control plane over xDS with a token for that identity.
+fn start_waypoint(
+    opts: &Options,
+    model: &Model,
+    pod: &model::Pod,
+    gateway: &str,
+    netns: &Path,
+    component: &str,
+) -> Result<(), Error> {
+    let key = format!("{}/{gateway}", pod.namespace);
+    let dir = opts.path(&format!("waypoints/{}-{gateway}", pod.namespace));
+    std::fs::create_dir_all(&dir).map_err(io("creating", &dir))?;
+    let token = dir.join("token");
+    let secret = model.waypoint_tokens.get(&key).cloned().unwrap_or_default();
+    write_atomically_mode(&token, secret.as_bytes(), Some(0o600)).map_err(io("writing", &token))?;
+    let cp = format!("https://{}", model.control_plane_addr());
+    let root_cert = path_arg(&opts.path("root-cert.pem"));
+    let env = vec![
+        ("XDS_ADDRESS", cp.clone()),
+        ("CA_ADDRESS", cp),
+        ("XDS_ROOT_CA", root_cert.clone()),
+        ("CA_ROOT_CA", root_cert),
+        ("AUTH_TOKEN", path_arg(&token)),
+        ("WAYPOINT_NAME", gateway.to_string()),
+        ("POD_NAME", pod.name.clone()),
+        ("POD_NAMESPACE", pod.namespace.clone()),
+        ("SERVICE_ACCOUNT", pod.service_account.clone()),
+        ("INSTANCE_IP", pod.ip.to_string()),
+        ("NODE_NAME", pod.node.clone()),
+        ("MESHNODE_STATE_DIR", path_arg(&dir.join("state"))),
+        ("RUST_LOG", "info".into()),
+    ];
+    start(opts, netns, &["waypoint".into()], &env, component)?;
+    let ns = net::open(&net::pod_netns(model, pod))?;
+    let ready = SocketAddr::new(pod.ip.into(), 15021);
+    wait(opts, &format!("waypoint {key}"), component, || {
+        let answer =
+            ns.run_on_thread(move || apps::get(ready, "/healthz/ready", Duration::from_secs(2)));
+        matches!(answer, Ok(apps::Outcome::Answered { status: 200, .. }))
+    })
+}
+
+/// Stops what runs in `pod` and deletes its namespace (its veth and routes go with it).
+fn remove_pod(opts: &Options, model: &Model, pod: &model::Pod) -> Result<(), Error> {
+    let name = net::pod_netns(model, pod);
+    procs::stop(
+        procs::find(std::slice::from_ref(&name), &opts.dir())
+            .into_iter()
+            .filter(|f| f.netns == name)
+            .collect(),
+    );
+    if net::netns_path(&name).exists() {
+        crate::netsetup::delete_named_netns(&name).map_err(|source| {
+            Error::Net(net::Error::Setup {
+                what: format!("deleting {name}"),
+                source,
+            })
+        })?;
+    }
+    if let Some(gateway) = &pod.waypoint {
+        let dir = opts.path(&format!("waypoints/{}-{gateway}", pod.namespace));
+        let _ = std::fs::remove_dir_all(dir);
     }
     Ok(())
 }
@@ -675,15 +763,20 @@ pub fn status(opts: &Options, out: &mut dyn Write) -> Result<bool, Error> {
             .and_then(|n| n.run_on_thread(crate::redirect::inspect).ok())
             .and_then(Result::ok)
             .is_some_and(|i| !i.is_empty());
-        let mesh = match (model.in_mesh(&p.namespace), captured) {
+        let mesh = match (model.captured(p), captured) {
             (true, true) => "captured",
             (false, false) => "-",
             (true, false) => "NOT CAPTURED",
             (false, true) => "STILL CAPTURED",
         };
-        healthy.set(healthy.get() && model.in_mesh(&p.namespace) == captured);
-        let state = match &p.app {
-            Some(_) => match running(&ns, " app ") {
+        healthy.set(healthy.get() && model.captured(p) == captured);
+        let (what, needle) = match (&p.app, &p.waypoint) {
+            (Some(app), _) => (app.clone(), Some(" app ")),
+            (None, Some(_)) => ("(waypoint)".to_string(), Some(" waypoint")),
+            (None, None) => ("(client)".to_string(), None),
+        };
+        let state = match needle {
+            Some(needle) => match running(&ns, needle) {
                 Some(f) => format!("{} (pid {})", mark(true), f.pid),
                 None => mark(false).to_string(),
             },
@@ -696,7 +789,7 @@ pub fn status(opts: &Options, out: &mut dyn Write) -> Result<bool, Error> {
             p.node,
             p.ip,
             mesh,
-            p.app.as_deref().unwrap_or("(client)")
+            what
         );
     }
     let _ = writeln!(out, "\n{:<28} {:<12} PORT", "SERVICE", "VIP");
@@ -727,8 +820,56 @@ pub fn status(opts: &Options, out: &mut dyn Write) -> Result<bool, Error> {
             o["metadata"]["name"].as_str().unwrap_or("?")
         );
     }
+    match l7::view(&model) {
+        Ok(v) => write_l7(out, &v),
+        Err(e) => {
+            healthy.set(false);
+            let _ = writeln!(
+                out,
+                "\nWAYPOINTS\nthe control plane refuses the sandbox's objects: {e}"
+            );
+        }
+    }
     let _ = writeln!(out, "\nlogs: {}", opts.path("logs").display());
     Ok(healthy.get())
+}
+
+/// The waypoints, their routes and the control plane's warnings about them.
+fn write_l7(out: &mut dyn Write, v: &l7::View) {
+    let _ = writeln!(
+        out,
+        "\n{:<24} {:<9} {:<24} SERVICES",
+        "WAYPOINT", "FOR", "POD"
+    );
+    if v.waypoints.is_empty() {
+        let _ = writeln!(out, "(none)");
+    }
+    for w in &v.waypoints {
+        let mut serves = w.services.join(", ");
+        if w.workloads > 0 {
+            serves += &format!(" (+{} pods)", w.workloads);
+        }
+        let _ = writeln!(
+            out,
+            "{:<24} {:<9} {:<24} {}",
+            w.gateway,
+            w.traffic,
+            w.pod.as_deref().unwrap_or("-"),
+            if serves.is_empty() { "-" } else { &serves }
+        );
+        if !w.policies.is_empty() {
+            let _ = writeln!(out, "{:<24} L7 policies: {}", "", w.policies.join(", "));
+        }
+    }
+    if !v.routes.is_empty() {
+        let _ = writeln!(out, "\n{:<24} {:<28} TO", "ROUTE AT WAYPOINT", "NAME");
+        for r in &v.routes {
+            let _ = writeln!(out, "{:<24} {:<28} {}", r.service, r.route, r.to);
+        }
+    }
+    for w in &v.warnings {
+        let _ = writeln!(out, "warning: {w}");
+    }
 }
 
 /// `sandbox apply FILE` / `sandbox delete FILE`: reads the manifest (`-`: stdin) and applies it with
@@ -766,8 +907,24 @@ pub fn apply_text(
 ) -> Result<(Model, Vec<String>), Error> {
     let _lock = lock(opts)?;
     let model = require(opts)?;
-    let (next, lines) =
+    let (next, mut lines) =
         apply::change(&model, text, source, verb).map_err(|e| Error::Refused(e.to_string()))?;
+    // The model first: it names every namespace, so `down` finds whatever happens next.
     save(opts, &next)?;
+    let has = |m: &Model, pod: &model::Pod| m.pods.iter().any(|p| p.key() == pod.key());
+    for gone in model.pods.iter().filter(|p| !has(&next, p)) {
+        remove_pod(opts, &model, gone)?;
+    }
+    for new in next.pods.iter().filter(|p| !has(&model, p)) {
+        if let Err(e) = start_pod(opts, &next, new) {
+            // All or nothing: back to the model before this manifest.
+            let _ = remove_pod(opts, &next, new);
+            save(opts, &model)?;
+            return Err(e);
+        }
+        if let Some(gw) = &new.waypoint {
+            lines.push(format!("waypoint {}/{gw} ready", new.namespace));
+        }
+    }
     Ok((next, lines))
 }

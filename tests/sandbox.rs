@@ -166,7 +166,12 @@ fn the_sandbox_command_runs_the_ambient_tutorial_and_removes_everything_it_made(
         "label namespace test istio.io/dataplane-mode=ambient",
         "mutual_tls from spiffe://cluster.local/ns/test/sa/sleep",
         "reviews-v",
-        "6 of 6 checks as expected",
+        "waypoint default/waypoint ready",
+        "mutual_tls from spiffe://cluster.local/ns/default/sa/waypoint",
+        "HTTP 403 \"RBAC: access denied\"",
+        "httproute.gateway.networking.k8s.io/reviews created",
+        "pod default/waypoint-0 removed",
+        "15 of 15 checks as expected",
     ] {
         assert!(
             stdout.contains(expected),
@@ -235,13 +240,19 @@ fn a_sandbox_left_up_is_used_live_refuses_bad_input_and_down_after_a_crash_leave
     );
     let unsupported = write(
         sb.files.path(),
-        "vs.yaml",
-        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: r, namespace: default}\nspec: {}\n",
+        "se.yaml",
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: r, namespace: default}\nspec: {}\n",
+    );
+    let no_such_backend = write(
+        sb.files.path(),
+        "route.yaml",
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r, namespace: default}\nspec: {parentRefs: [{group: '', kind: Service, name: reviews}], rules: [{backendRefs: [{name: reviews-v9, port: 9080}]}]}\n",
     );
     for (file, names) in [
         (&bad_principal, "principals[0]"),
         (&unknown_field, "mtlz"),
-        (&unsupported, "VirtualService"),
+        (&unsupported, "ServiceEntry"),
+        (&no_such_backend, "reviews-v9"),
     ] {
         let o = sb.run(&["apply", file]);
         assert_eq!(o.status.code(), Some(2), "{}", text(&o));
@@ -303,6 +314,58 @@ fn a_sandbox_left_up_is_used_live_refuses_bad_input_and_down_after_a_crash_leave
     );
     drop(held);
     assert_eq!(std::fs::read(&mesh).unwrap(), applied);
+
+    // A waypoint, as `istioctl waypoint apply --enroll-namespace` makes it: the sandbox starts its pod,
+    // status shows it serving the namespace's services; deleting the Gateway removes the pod again.
+    let waypoint = write(
+        sb.files.path(),
+        "waypoint.yaml",
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: waypoint, namespace: default}\nspec:\n  gatewayClassName: istio-waypoint\n  listeners: [{name: mesh, port: 15008, protocol: HBONE}]\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: default, labels: {istio.io/dataplane-mode: ambient, istio.io/use-waypoint: waypoint}}\n",
+    );
+    let o = sb.run(&["apply", &waypoint]);
+    assert_eq!(o.status.code(), Some(0), "{}\n{}", text(&o), sb.logs());
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("waypoint default/waypoint ready"),
+        "{}",
+        text(&o)
+    );
+    let status = sb.run(&["status"]);
+    let s = String::from_utf8_lossy(&status.stdout).into_owned();
+    assert_eq!(status.status.code(), Some(0), "{s}");
+    let pod_line = s
+        .lines()
+        .find(|l| l.starts_with("default/waypoint-0"))
+        .unwrap_or_else(|| panic!("no waypoint pod in\n{s}"));
+    assert!(
+        pod_line.contains("(waypoint)")
+            && pod_line.contains("running")
+            && !pod_line.contains("captured"),
+        "{pod_line}"
+    );
+    let waypoint_line = s
+        .lines()
+        .find(|l| l.starts_with("default/waypoint "))
+        .unwrap_or_else(|| panic!("no waypoint row in\n{s}"));
+    assert!(waypoint_line.contains("productpage"), "{waypoint_line}");
+    assert!(sb
+        .namespaces()
+        .iter()
+        .any(|n| n.ends_with("-default-waypoint-0")));
+    let gateway_only = write(
+        sb.files.path(),
+        "gateway.yaml",
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: waypoint, namespace: default}\nspec:\n  gatewayClassName: istio-waypoint\n  listeners: [{name: mesh, port: 15008, protocol: HBONE}]\n",
+    );
+    let o = sb.run(&["delete", &gateway_only]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(!sb
+        .namespaces()
+        .iter()
+        .any(|n| n.ends_with("-default-waypoint-0")));
+    assert!(!sb.processes().iter().any(|p| p.contains(" waypoint")));
+    // And again, so that the crash below finds a waypoint among the processes to clean up.
+    let o = sb.run(&["apply", &waypoint]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
 
     // A crash: every component killed at once. `up` now reports a leftover; `down` removes all of it.
     assert!(!sb.processes().is_empty());

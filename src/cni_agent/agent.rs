@@ -522,7 +522,8 @@ impl Agent {
             namespace: ev.pod_namespace.clone(),
             name: ev.pod_name.clone(),
         };
-        let info = match self.pod_info(&pod_key).await {
+        let (info, view) = self.pod_info(&pod_key).await;
+        let info = match info {
             Some(i) => i,
             None if self.kubernetes => {
                 return Ok(Answer::error(
@@ -565,7 +566,6 @@ impl Agent {
             netns_id: previous.as_ref().and_then(|r| r.netns_id),
             settings: PodSettings::from_annotations(&info.annotations),
         };
-        let view = self.view.borrow().clone();
         let decision = self
             .cfg
             .policy
@@ -595,19 +595,31 @@ impl Agent {
         }
     }
 
-    /// The pod as the cluster view knows it. In Kubernetes mode the watch may lag the runtime by a few
-    /// milliseconds, so wait briefly (istio-cni: 10 × 10 ms).
-    async fn pod_info(&mut self, key: &PodKey) -> Option<PodInfo> {
+    /// The pod as the cluster view knows it, and that view. In Kubernetes mode the watch may lag the
+    /// runtime by a few milliseconds, so wait briefly (istio-cni: 10 × 10 ms). In file mode the poll may not
+    /// have read a pod added a moment ago, so on a miss the file is read again now (as istio-cni's plugin
+    /// asks the API server itself): a pod is never decided on without the labels its file gives it.
+    async fn pod_info(&mut self, key: &PodKey) -> (Option<PodInfo>, Arc<ClusterView>) {
         for attempt in 0..10 {
-            if let Some(p) = self.view.borrow().pod(key) {
-                return Some(p.clone());
+            let view = self.view.borrow().clone();
+            if let Some(p) = view.pod(key) {
+                return (Some(p.clone()), view);
             }
             if !self.kubernetes || attempt == 9 {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        None
+        if let ClusterSource::File(path) = &self.cfg.source {
+            match super::local::load(path) {
+                Ok((_, fresh)) => {
+                    let fresh = Arc::new(fresh);
+                    return (fresh.pod(key).cloned(), fresh);
+                }
+                Err(e) => tracing::warn!(error = %e, pod = %key, "re-reading the agent config"),
+            }
+        }
+        (None, self.view.borrow().clone())
     }
 
     /// Captures pod `uid` with its recorded settings: rules, then the hand-over to the proxy (queued; its

@@ -75,7 +75,6 @@ use crate::authz::{Action, Clause, Match, Policy, Rule, Scope, ServiceAccountMat
 pub use self::l7::{PolicyTarget, TargetedPolicy, WAYPOINT_CLASS};
 pub use super::config::DEFAULT_ROOT_NAMESPACE;
 /// The security kinds (`sandbox apply` decides with it which documents are Istio objects).
-pub use super::objects::security::Kind;
 pub use super::objects::IstioObject;
 /// Name of istiod's static STRICT policy (`_` keeps it apart from Kubernetes names).
 pub const STATIC_STRICT_POLICY: &str = "istio_converted_static_strict";
@@ -192,11 +191,6 @@ pub fn convert(cfg: &MeshConfig) -> Result<Converted, Error> {
     }
     out.convert_peers();
     Ok(out)
-}
-
-/// Whether `api_version` is one the security objects are written in.
-pub fn check_api_version(api_version: &str) -> Result<(), String> {
-    ObjectKind::AuthorizationPolicy.check_api_version(api_version)
 }
 
 fn check_meta(obj: &IstioObject, at: &str) -> Result<(), Error> {

@@ -4,15 +4,18 @@
 //! Input: the manifest text (YAML documents separated by `---`, or a `kind: List`), its name for messages,
 //! the current model. Output: the new model and one kubectl-style line per object
 //! (`peerauthentication.security.istio.io/default created`), or an [`ApplyError`] naming the document and
-//! the field in the user's terms. Supported: `security.istio.io` AuthorizationPolicy and PeerAuthentication
-//! (upserted by kind, namespace and name; namespace defaults to `default` as kubectl's context does), and
-//! `v1` Namespace (its labels, e.g. `istio.io/dataplane-mode: ambient`). The new model is validated the way
-//! the control plane validates its mesh file, so whatever is accepted here is accepted there.
+//! the field in the user's terms. Supported: every kind the control plane's mesh file takes in `istio:`
+//! (AuthorizationPolicy, PeerAuthentication, Gateway, HTTPRoute, VirtualService, DestinationRule; upserted
+//! by kind, namespace and name; namespace defaults to `default` as kubectl's context does), and `v1`
+//! Namespace (its labels, e.g. `istio.io/dataplane-mode: ambient`, `istio.io/use-waypoint`). A waypoint
+//! Gateway gets its pod as Istio's gateway controller would make it ([`Model::sync_waypoints`]). The new
+//! model is validated the way the control plane validates its mesh file, so whatever is accepted here is
+//! accepted there.
 
 use serde_json::Value;
 
 use super::model::{Labels, Model};
-use crate::control_plane::istio::{self, IstioObject, Kind};
+use crate::control_plane::objects::{IstioObject, ObjectKind};
 use crate::control_plane::MeshConfig;
 
 /// Largest manifest, and most documents in one.
@@ -174,10 +177,12 @@ pub fn change(
         if !doc.value.is_object() {
             return Err(refuse("?", "(document)", "not a YAML mapping".into()));
         }
-        // The kinds the control plane's Istio format knows, in the versions it takes.
-        let istio_kind = serde_json::from_value::<Kind>(Value::String(kind.clone())).is_ok();
-        if istio_kind {
-            istio::check_api_version(&api).map_err(|r| refuse(&kind, "apiVersion", r))?;
+        // The kinds the control plane's mesh file knows, in the versions it takes.
+        let istio_kind = serde_json::from_value::<ObjectKind>(Value::String(kind.clone())).ok();
+        if let Some(object_kind) = istio_kind {
+            object_kind
+                .check_api_version(&api)
+                .map_err(|r| refuse(&kind, "apiVersion", r))?;
             let mut value = doc.value.clone();
             // kubectl's default context namespace.
             if str_at(&value, &["metadata", "namespace"]).is_none() {
@@ -211,7 +216,9 @@ pub fn change(
                     && str_at(o, &["metadata", "namespace"]) == Some(&ns)
                     && str_at(o, &["metadata", "name"]) == Some(&name)
             };
-            let resource = format!("{}.security.istio.io/{name}", kind.to_lowercase());
+            // kubectl's `<kind>.<group>/<name>`.
+            let group = api.split('/').next().unwrap_or_default();
+            let resource = format!("{}.{group}/{name}", kind.to_lowercase());
             match (verb, next.istio.iter().position(same)) {
                 (Verb::Apply, Some(i)) if next.istio[i] == value => {
                     lines.push(format!("{resource} unchanged"));
@@ -232,7 +239,7 @@ pub fn change(
                     origin.remove(i);
                     // kubectl's wording for a deletion.
                     lines.push(format!(
-                        "{}.security.istio.io \"{name}\" deleted",
+                        "{}.{group} \"{name}\" deleted",
                         kind.to_lowercase()
                     ));
                 }
@@ -261,11 +268,13 @@ pub fn change(
                 &format!("{kind} {name}"),
                 "kind",
                 format!(
-                    "{kind:?} ({api}) is not supported by the sandbox; supported: AuthorizationPolicy and PeerAuthentication (security.istio.io/v1, v1beta1), Namespace (v1, labels)"
+                    "{kind:?} ({api}) is not supported by the sandbox; supported: AuthorizationPolicy and PeerAuthentication (security.istio.io), Gateway of class istio-waypoint and HTTPRoute (gateway.networking.k8s.io), VirtualService and DestinationRule (networking.istio.io), Namespace (v1, labels)"
                 ),
             ));
         }
     }
+    // Istio's gateway controller: a pod for each waypoint Gateway, none for those deleted.
+    lines.extend(next.sync_waypoints());
     // The whole result as the control plane will read it.
     MeshConfig::parse(&next.mesh_yaml()).map_err(|e| locate(e, &origin, source))?;
     Ok((next, lines))

@@ -538,8 +538,13 @@ impl Outcome {
     }
 }
 
-fn request(addr: SocketAddr, path: &str) -> Vec<u8> {
-    format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\nuser-agent: meshnode-sandbox\r\nconnection: close\r\n\r\n")
+fn request(addr: SocketAddr, method: &str, path: &str) -> Vec<u8> {
+    let length = if method == "GET" || method == "HEAD" {
+        ""
+    } else {
+        "content-length: 0\r\n"
+    };
+    format!("{method} {path} HTTP/1.1\r\nhost: {addr}\r\nuser-agent: meshnode-sandbox\r\n{length}connection: close\r\n\r\n")
         .into_bytes()
 }
 
@@ -619,6 +624,11 @@ enum Body {
 
 /// A blocking `GET path` to `addr`, all of it within `timeout`. For threads that entered a pod's netns.
 pub fn get(addr: SocketAddr, path: &str, timeout: Duration) -> Outcome {
+    call_blocking(addr, "GET", path, timeout)
+}
+
+/// A blocking `method path` (no body) to `addr`, all of it within `timeout`.
+pub fn call_blocking(addr: SocketAddr, method: &str, path: &str, timeout: Duration) -> Outcome {
     let deadline = Instant::now() + timeout;
     let left = || {
         deadline
@@ -635,7 +645,7 @@ pub fn get(addr: SocketAddr, path: &str, timeout: Duration) -> Outcome {
     let write = left()
         .ok_or_else(|| io::Error::from(io::ErrorKind::TimedOut))
         .and_then(|d| stream.set_write_timeout(Some(d)))
-        .and_then(|()| stream.write_all(&request(addr, path)));
+        .and_then(|()| stream.write_all(&request(addr, method, path)));
     if let Err(e) = write {
         return Outcome::from_io(&e, timeout);
     }
@@ -668,7 +678,7 @@ async fn get_async(addr: SocketAddr, path: &str, timeout: Duration) -> Outcome {
             .await
             .map_err(|e| Outcome::from_io(&e, timeout))?;
         stream
-            .write_all(&request(addr, path))
+            .write_all(&request(addr, "GET", path))
             .await
             .map_err(|e| Outcome::from_io(&e, timeout))?;
         let mut answer = Collector::default();

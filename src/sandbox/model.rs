@@ -58,8 +58,11 @@ pub struct Pod {
     pub node: String,
     /// Its address, from the node's pod CIDR.
     pub ip: Ipv4Addr,
-    /// The bookinfo app it runs (`productpage`, `reviews-v2`, ...), none for a client pod.
+    /// The bookinfo app it runs (`productpage`, `reviews-v2`, ...), none for a client or waypoint pod.
     pub app: Option<String>,
+    /// The waypoint Gateway (in its namespace) this pod is the instance of: it runs `meshnode waypoint`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waypoint: Option<String>,
 }
 
 impl Pod {
@@ -106,6 +109,9 @@ pub struct Model {
     pub istio: Vec<Value>,
     /// Each node proxy's CA/xDS token, by node.
     pub tokens: BTreeMap<String, String>,
+    /// Each waypoint's CA/xDS token (for its own identity), by its Gateway's `namespace/name`.
+    #[serde(default)]
+    pub waypoint_tokens: BTreeMap<String, String>,
 }
 
 fn labels(pairs: &[(&str, &str)]) -> Labels {
@@ -152,6 +158,7 @@ impl Model {
                 node: on.name.clone(),
                 ip,
                 app: app.map(str::to_string),
+                waypoint: None,
             }
         };
         let pods = vec![
@@ -205,18 +212,23 @@ impl Model {
                 &nodes[1],
             ),
         ];
-        let service = |name: &str, last: u8| Service {
+        let service = |name: &str, last: u8, selector: &[(&str, &str)]| Service {
             name: name.into(),
             namespace: "default".into(),
             vip: Ipv4Addr::new(10, 96, 0, last),
             port: APP_PORT,
-            selector: labels(&[("app", name)]),
+            selector: labels(selector),
         };
         let services = vec![
-            service("productpage", 20),
-            service("details", 21),
-            service("reviews", 22),
-            service("ratings", 23),
+            service("productpage", 20, &[("app", "productpage")]),
+            service("details", 21, &[("app", "details")]),
+            service("reviews", 22, &[("app", "reviews")]),
+            service("ratings", 23, &[("app", "ratings")]),
+            // One Service per reviews version, as Istio's bookinfo-versions.yaml adds them: what
+            // HTTPRoute backendRefs name to split traffic between versions.
+            service("reviews-v1", 24, &[("app", "reviews"), ("version", "v1")]),
+            service("reviews-v2", 25, &[("app", "reviews"), ("version", "v2")]),
+            service("reviews-v3", 26, &[("app", "reviews"), ("version", "v3")]),
         ];
         let namespaces = [
             ("default", labels(&[(DATAPLANE_MODE, "ambient")])),
@@ -234,6 +246,7 @@ impl Model {
             services,
             istio: Vec::new(),
             tokens,
+            waypoint_tokens: BTreeMap::new(),
         }
     }
 
@@ -319,6 +332,109 @@ impl Model {
             .is_some_and(|m| m == "ambient")
     }
 
+    /// Whether `pod` is captured: its namespace is in the mesh and the pod did not opt out
+    /// (`istio.io/dataplane-mode: none`, as waypoint pods do).
+    pub fn captured(&self, pod: &Pod) -> bool {
+        self.in_mesh(&pod.namespace)
+            && pod.labels.get(DATAPLANE_MODE).map(String::as_str) != Some("none")
+    }
+
+    /// The waypoint Gateways among the applied objects (class `istio-waypoint`), as `(namespace, name)`.
+    pub fn waypoint_gateways(&self) -> Vec<(String, String)> {
+        self.istio
+            .iter()
+            .filter(|o| {
+                o["kind"] == "Gateway"
+                    && o["spec"]["gatewayClassName"] == crate::control_plane::istio::WAYPOINT_CLASS
+            })
+            .filter_map(|o| {
+                let meta = &o["metadata"];
+                Some((
+                    meta["namespace"].as_str()?.to_string(),
+                    meta["name"].as_str()?.to_string(),
+                ))
+            })
+            .collect()
+    }
+
+    /// Plays Istio's gateway controller for waypoints: each waypoint Gateway gets one pod (on the first
+    /// node; service account named after the Gateway; labelled `gateway.networking.k8s.io/gateway-name`
+    /// and `istio.io/dataplane-mode: none`, as Istio's waypoint template labels it) and a token for that
+    /// identity; the pods and tokens of Gateways that are gone are removed. Returns one line per change.
+    pub fn sync_waypoints(&mut self) -> Vec<String> {
+        use crate::control_plane::waypoints::GATEWAY_NAME;
+        let wanted = self.waypoint_gateways();
+        let mut lines = Vec::new();
+        self.pods.retain(|p| {
+            let keep = p
+                .waypoint
+                .as_ref()
+                .is_none_or(|gw| wanted.contains(&(p.namespace.clone(), gw.clone())));
+            if !keep {
+                lines.push(format!(
+                    "pod {} removed (its waypoint Gateway is gone)",
+                    p.key()
+                ));
+            }
+            keep
+        });
+        self.waypoint_tokens
+            .retain(|key, _| wanted.iter().any(|(ns, n)| *key == format!("{ns}/{n}")));
+        for (ns, gw) in wanted {
+            let has_pod = self
+                .pods
+                .iter()
+                .any(|p| p.namespace == ns && p.waypoint.as_ref() == Some(&gw));
+            if !has_pod {
+                let node = self.nodes[0].clone();
+                let ip = self.free_ip(&node);
+                let mut name = format!("{gw}-0");
+                let mut n = 0;
+                while self
+                    .pods
+                    .iter()
+                    .any(|p| p.namespace == ns && p.name == name)
+                {
+                    n += 1;
+                    name = format!("{gw}-{n}");
+                }
+                let pod = Pod {
+                    name,
+                    namespace: ns.clone(),
+                    service_account: gw.clone(),
+                    labels: labels(&[(GATEWAY_NAME, &gw), (DATAPLANE_MODE, "none")]),
+                    node: node.name.clone(),
+                    ip,
+                    app: None,
+                    waypoint: Some(gw.clone()),
+                };
+                lines.push(format!(
+                    "pod {} created on {} ({ip}): the waypoint of Gateway {ns}/{gw}",
+                    pod.key(),
+                    node.name
+                ));
+                self.pods.push(pod);
+            }
+            self.waypoint_tokens
+                .entry(format!("{ns}/{gw}"))
+                .or_insert_with(|| format!("{:032x}", rand::random::<u128>()));
+        }
+        lines
+    }
+
+    /// The next pod address on `node` after every one in use (.1 is the gateway).
+    fn free_ip(&self, node: &Node) -> Ipv4Addr {
+        let base = u32::from(node.pod_cidr.network());
+        let last = self
+            .pods
+            .iter()
+            .filter(|p| p.node == node.name)
+            .map(|p| u32::from(p.ip) - base)
+            .max()
+            .unwrap_or(9);
+        nth_host(node.pod_cidr, last + 1)
+    }
+
     /// The control plane's mesh file.
     pub fn mesh_yaml(&self) -> String {
         let workloads: Vec<Value> = self
@@ -349,6 +465,12 @@ impl Model {
                 let sha256 = crate::identity::ca_server::token::TokenDigest::of(token).to_hex();
                 json!({"tokenSha256": sha256, "nodeProxy": true, "node": node})
             })
+            .chain(self.waypoint_tokens.iter().map(|(gateway, token)| {
+                let sha256 = crate::identity::ca_server::token::TokenDigest::of(token).to_hex();
+                // The waypoint's identity: its Gateway's namespace, a service account named after it.
+                let (ns, name) = gateway.split_once('/').unwrap_or(("", gateway));
+                json!({"tokenSha256": sha256, "namespace": ns, "serviceAccount": name})
+            }))
             .collect();
         to_yaml(&json!({
             "namespaces": self.namespaces_value(),
@@ -417,7 +539,11 @@ mod tests {
         let m = model();
         let cfg = MeshConfig::parse(&m.mesh_yaml()).unwrap();
         assert_eq!(cfg.workloads.len(), 7);
-        assert_eq!(cfg.services.len(), 4);
+        assert_eq!(
+            cfg.services.len(),
+            7,
+            "four services and one per reviews version"
+        );
         assert_eq!(cfg.tokens.len(), 2);
         let reviews: Vec<_> = cfg
             .workloads

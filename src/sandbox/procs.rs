@@ -206,7 +206,11 @@ pub fn find(names: &[String], member: &Path) -> Vec<Found> {
 /// Stops every process [`find`] finds: SIGTERM, then SIGKILL after [`STOP_GRACE`]. Returns how many
 /// there were.
 pub fn stop_all(names: &[String], member: &Path) -> usize {
-    let found = find(names, member);
+    stop(find(names, member))
+}
+
+/// Stops the processes `found`: SIGTERM, then SIGKILL after [`STOP_GRACE`]. Returns how many there were.
+pub fn stop(found: Vec<Found>) -> usize {
     for f in &found {
         let _ = kill(Pid::from_raw(f.pid), Signal::SIGTERM);
     }

@@ -64,6 +64,137 @@ spec:
         - cluster.local/ns/default/sa/productpage
 ";
 
+/// `istioctl waypoint apply -n default --enroll-namespace`, as a manifest: the waypoint Gateway, and the
+/// namespace told to use it.
+pub const WAYPOINT: &str = "apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata:
+  name: waypoint
+  namespace: default
+  labels:
+    istio.io/waypoint-for: service
+spec:
+  gatewayClassName: istio-waypoint
+  listeners:
+  - name: mesh
+    port: 15008
+    protocol: HBONE
+---
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: default
+  labels:
+    istio.io/dataplane-mode: ambient
+    istio.io/use-waypoint: waypoint
+";
+
+/// `reviews-viewer` moved to the waypoint: the same rule, now bound to the reviews Service (what Istio's
+/// docs do once a waypoint sees the callers' identities).
+pub const REVIEWS_VIEWER_AT_WAYPOINT: &str = "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: reviews-viewer
+  namespace: default
+spec:
+  targetRefs:
+  - kind: Service
+    group: \"\"
+    name: reviews
+  action: ALLOW
+  rules:
+  - from:
+    - source:
+        principals:
+        - cluster.local/ns/default/sa/productpage
+";
+
+/// An L7 policy at the waypoint: `test/sleep` may GET productpage, nothing else.
+pub const PRODUCTPAGE_VIEWER: &str = "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: productpage-viewer
+  namespace: default
+spec:
+  targetRefs:
+  - kind: Service
+    group: \"\"
+    name: productpage
+  action: ALLOW
+  rules:
+  - from:
+    - source:
+        principals:
+        - cluster.local/ns/test/sa/sleep
+    to:
+    - operation:
+        methods: [\"GET\"]
+";
+
+/// 80 % of reviews' requests to v1, 20 % to v2 (Istio's traffic-management step).
+pub const REVIEWS_80_20: &str = "apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata:
+  name: reviews
+  namespace: default
+spec:
+  parentRefs:
+  - group: \"\"
+    kind: Service
+    name: reviews
+    port: 9080
+  rules:
+  - backendRefs:
+    - name: reviews-v1
+      port: 9080
+      weight: 80
+    - name: reviews-v2
+      port: 9080
+      weight: 20
+";
+
+/// The waypoint Gateway alone (`istioctl waypoint delete -n default waypoint`).
+pub const WAYPOINT_GATEWAY: &str = "apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata:
+  name: waypoint
+  namespace: default
+spec:
+  gatewayClassName: istio-waypoint
+  listeners:
+  - name: mesh
+    port: 15008
+    protocol: HBONE
+";
+
+/// Back to L4 only: `default` without `use-waypoint`, and `reviews-viewer` enforced by reviews' proxy again.
+pub const BACK_TO_L4: &str = "apiVersion: v1
+kind: Namespace
+metadata:
+  name: default
+  labels:
+    istio.io/dataplane-mode: ambient
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: reviews-viewer
+  namespace: default
+spec:
+  selector:
+    matchLabels:
+      app: reviews
+  action: ALLOW
+  rules:
+  - from:
+    - source:
+        principals:
+        - cluster.local/ns/default/sa/productpage
+";
+
+/// The waypoint's identity, as destination proxies count it.
+const WAYPOINT_PRINCIPAL: &str = "spiffe://cluster.local/ns/default/sa/waypoint";
+
 /// What a check expects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Expect {
@@ -73,6 +204,13 @@ enum Expect {
     AnsweredMtls,
     /// No answer: reset, or closed without a response (how a denial looks to the caller).
     Denied,
+    /// An HTTP 200 that went through the waypoint: the destination's proxy counted the waypoint's
+    /// identity over mutual TLS.
+    ViaWaypoint,
+    /// HTTP 403 `RBAC: access denied`: the waypoint's L7 policy refused the request.
+    Forbidden,
+    /// HTTP 503: the waypoint could not reach the destination (here: its proxy refused the waypoint).
+    Unavailable,
 }
 
 impl Expect {
@@ -81,6 +219,9 @@ impl Expect {
             Expect::Answered => "answered",
             Expect::AnsweredMtls => "answered, mTLS",
             Expect::Denied => "refused",
+            Expect::ViaWaypoint => "via waypoint",
+            Expect::Forbidden => "HTTP 403",
+            Expect::Unavailable => "HTTP 503",
         }
     }
 }
@@ -147,13 +288,45 @@ enum Step {
         what: &'static str,
         manifest: &'static str,
     },
+    /// `sandbox delete` of a manifest.
+    Delete {
+        n: &'static str,
+        what: &'static str,
+        manifest: &'static str,
+    },
     /// A call from a pod to a service path.
     Check {
         from: &'static str,
+        method: &'static str,
         service: &'static str,
         path: &'static str,
         expect: Expect,
     },
+    /// `calls` calls from a pod to a service; the apps that answer must be split as `weights` say
+    /// (percent), within what chance allows for that many calls.
+    Split {
+        from: &'static str,
+        service: &'static str,
+        path: &'static str,
+        calls: u32,
+        weights: &'static [(&'static str, u32)],
+    },
+}
+
+/// A GET check.
+const fn get(
+    from: &'static str,
+    service: &'static str,
+    path: &'static str,
+    expect: Expect,
+) -> Step {
+    Step::Check {
+        from,
+        method: "GET",
+        service,
+        path,
+        expect,
+    }
 }
 
 /// The Istio ambient tutorial's L4 part.
@@ -162,57 +335,125 @@ const TUTORIAL: &[Step] = &[
         n: "1",
         what: "test is not in the mesh; default is (ambient)",
     },
-    Step::Check {
-        from: "test/sleep",
-        service: "productpage",
-        path: "/productpage",
-        expect: Expect::Answered,
-    },
+    get(
+        "test/sleep",
+        "productpage",
+        "/productpage",
+        Expect::Answered,
+    ),
     Step::Apply {
         n: "2",
         what: "apply PeerAuthentication default/default: STRICT",
         manifest: STRICT,
     },
-    Step::Check {
-        from: "test/sleep",
-        service: "productpage",
-        path: "/productpage",
-        expect: Expect::Denied,
-    },
+    get("test/sleep", "productpage", "/productpage", Expect::Denied),
     Step::Apply {
         n: "3",
         what: "label namespace test istio.io/dataplane-mode=ambient",
         manifest: TEST_INTO_MESH,
     },
-    Step::Check {
-        from: "test/sleep",
-        service: "productpage",
-        path: "/productpage",
-        expect: Expect::AnsweredMtls,
-    },
+    get(
+        "test/sleep",
+        "productpage",
+        "/productpage",
+        Expect::AnsweredMtls,
+    ),
     Step::Apply {
         n: "4",
         what: "apply AuthorizationPolicy default/reviews-viewer",
         manifest: REVIEWS_ONLY_PRODUCTPAGE,
     },
+    get(
+        "default/productpage",
+        "reviews",
+        "/reviews/0",
+        Expect::Answered,
+    ),
+    get("test/sleep", "reviews", "/reviews/0", Expect::Denied),
+    get(
+        "test/sleep",
+        "productpage",
+        "/productpage",
+        Expect::Answered,
+    ),
+    // The L7 part: a waypoint for `default`.
+    Step::Apply {
+        n: "5",
+        what: "deploy waypoint default/waypoint; default uses it",
+        manifest: WAYPOINT,
+    },
+    get(
+        "test/sleep",
+        "productpage",
+        "/productpage",
+        Expect::ViaWaypoint,
+    ),
+    // reviews-viewer is still L4: reviews' proxy now sees the waypoint's identity, not productpage's.
+    get(
+        "default/productpage",
+        "reviews",
+        "/reviews/0",
+        Expect::Unavailable,
+    ),
+    Step::Apply {
+        n: "6",
+        what: "move reviews-viewer to the waypoint (targetRefs)",
+        manifest: REVIEWS_VIEWER_AT_WAYPOINT,
+    },
+    get(
+        "default/productpage",
+        "reviews",
+        "/reviews/0",
+        Expect::ViaWaypoint,
+    ),
+    get("test/sleep", "reviews", "/reviews/0", Expect::Forbidden),
+    Step::Apply {
+        n: "7",
+        what: "apply L7 AuthorizationPolicy productpage-viewer (GET)",
+        manifest: PRODUCTPAGE_VIEWER,
+    },
+    get(
+        "test/sleep",
+        "productpage",
+        "/productpage",
+        Expect::Answered,
+    ),
     Step::Check {
+        from: "test/sleep",
+        method: "POST",
+        service: "productpage",
+        path: "/productpage",
+        expect: Expect::Forbidden,
+    },
+    Step::Apply {
+        n: "8",
+        what: "apply HTTPRoute reviews: v1 80 %, v2 20 %",
+        manifest: REVIEWS_80_20,
+    },
+    Step::Split {
         from: "default/productpage",
         service: "reviews",
         path: "/reviews/0",
-        expect: Expect::Answered,
+        calls: 200,
+        weights: &[("reviews-v1", 80), ("reviews-v2", 20)],
     },
-    Step::Check {
-        from: "test/sleep",
-        service: "reviews",
-        path: "/reviews/0",
-        expect: Expect::Denied,
+    Step::Apply {
+        n: "9",
+        what: "unlabel use-waypoint; reviews-viewer back to L4",
+        manifest: BACK_TO_L4,
     },
-    Step::Check {
-        from: "test/sleep",
-        service: "productpage",
-        path: "/productpage",
-        expect: Expect::Answered,
+    Step::Delete {
+        n: "",
+        what: "delete waypoint default/waypoint",
+        manifest: WAYPOINT_GATEWAY,
     },
+    get(
+        "default/productpage",
+        "reviews",
+        "/reviews/0",
+        Expect::AnsweredMtls,
+    ),
+    get("test/sleep", "reviews", "/reviews/0", Expect::Denied),
 ];
 
 /// Runs the tutorial's steps against the sandbox that is up. Returns whether every check matched.
@@ -227,17 +468,29 @@ pub fn steps(opts: &Options, out: &mut dyn Write, stop: &AtomicBool) -> Result<b
     for step in TUTORIAL {
         match *step {
             Step::Note { n, what } => t.action(n, what, ""),
-            Step::Apply { n, what, manifest } => {
-                let (next, lines) = super::apply_text(opts, manifest, what, Verb::Apply)?;
+            Step::Apply { n, what, manifest } | Step::Delete { n, what, manifest } => {
+                let verb = match step {
+                    Step::Delete { .. } => Verb::Delete,
+                    _ => Verb::Apply,
+                };
+                let (next, lines) = super::apply_text(opts, manifest, what, verb)?;
                 model = next;
                 t.action(n, what, &lines.join("; "));
             }
             Step::Check {
                 from,
+                method,
                 service,
                 path,
                 expect,
-            } => check(&mut t, &model, from, (service, path), expect, stop)?,
+            } => check(&mut t, &model, from, (method, service, path), expect, stop)?,
+            Step::Split {
+                from,
+                service,
+                path,
+                calls,
+                weights,
+            } => split(&mut t, &model, from, (service, path), calls, weights, stop)?,
         }
     }
     let _ = writeln!(
@@ -259,19 +512,21 @@ fn check(
     t: &mut Table<'_>,
     model: &Model,
     from: &str,
-    (service, path): (&str, &'static str),
+    (method, service, path): (&'static str, &str, &'static str),
     expect: Expect,
     stop: &AtomicBool,
 ) -> Result<(), Error> {
     if stop.load(Ordering::Relaxed) {
         return Err(Error::Interrupted);
     }
-    let pod = model.find_pod(from).map_err(Error::Refused)?.clone();
-    let svc = model
-        .find_service(service)
-        .ok_or_else(|| Error::Refused(format!("no service {service}")))?;
+    let (pod, svc) = caller_and_service(model, from, service)?;
     let dst = SocketAddr::new(svc.vip.into(), svc.port);
-    let what = format!("  {} → {service}:{}{path}", pod.key(), svc.port);
+    let verb = if method == "GET" {
+        String::new()
+    } else {
+        format!("{method} ")
+    };
+    let what = format!("  {} → {verb}{service}:{}{path}", pod.key(), svc.port);
     t.start("", &what, expect);
     let ns = net::open(&net::pod_netns(model, &pod))?;
     // The destination proxy runs on the node of the service's (first) pod.
@@ -280,15 +535,19 @@ fn check(
         .next()
         .map_or(&model.nodes[0].name, |p| &p.node);
     let dst_node = net::open(&net::node_netns(model, dst_node))?;
-    let principal = format!(
-        "spiffe://cluster.local/ns/{}/sa/{}",
-        pod.namespace, pod.service_account
-    );
+    // Who the destination's proxy should see: the caller, or the waypoint in between.
+    let principal = match expect {
+        Expect::ViaWaypoint => WAYPOINT_PRINCIPAL.to_string(),
+        _ => format!(
+            "spiffe://cluster.local/ns/{}/sa/{}",
+            pod.namespace, pod.service_account
+        ),
+    };
     let started = Instant::now();
     let baseline = mtls_count(&dst_node, &principal);
     loop {
         let outcome = ns
-            .run_on_thread(move || apps::get(dst, path, CALL_TIMEOUT))
+            .run_on_thread(move || apps::call_blocking(dst, method, path, CALL_TIMEOUT))
             .unwrap_or_else(|e| Outcome::Failed(e.to_string()));
         let (ok, observed) = judge(
             &outcome,
@@ -308,23 +567,122 @@ fn check(
     }
 }
 
+fn caller_and_service<'a>(
+    model: &'a Model,
+    from: &str,
+    service: &str,
+) -> Result<(super::model::Pod, &'a super::model::Service), Error> {
+    let pod = model.find_pod(from).map_err(Error::Refused)?.clone();
+    let svc = model
+        .find_service(service)
+        .ok_or_else(|| Error::Refused(format!("no service {service}")))?;
+    Ok((pod, svc))
+}
+
+/// Calls `service` `calls` times from `from` and counts which app answered each; matches when every call
+/// was answered by an app of `weights` in about those proportions. Repeats until it matches or [`SETTLE`]
+/// passes (a route takes a moment to reach the waypoint).
+fn split(
+    t: &mut Table<'_>,
+    model: &Model,
+    from: &str,
+    (service, path): (&str, &'static str),
+    calls: u32,
+    weights: &[(&str, u32)],
+    stop: &AtomicBool,
+) -> Result<(), Error> {
+    let (pod, svc) = caller_and_service(model, from, service)?;
+    let dst = SocketAddr::new(svc.vip.into(), svc.port);
+    // `v1 80%, v2 20%` for apps named `reviews-v1`, `reviews-v2`.
+    let prefix = format!("{service}-");
+    let want: Vec<String> = weights
+        .iter()
+        .map(|(a, w)| format!("{} {w}%", a.strip_prefix(&prefix).unwrap_or(a)))
+        .collect();
+    let what = format!("  {} → {service}:{}{path} ×{calls}", pod.key(), svc.port);
+    // Each call stands alone (a new connection), as the tutorial's curl loop does.
+    let _ = write!(
+        t.out,
+        "{:<W_STEP$} {what:<W_ACTION$} {:<W_EXPECT$} ",
+        "",
+        want.join(", ")
+    );
+    let _ = t.out.flush();
+    let ns = net::open(&net::pod_netns(model, &pod))?;
+    let started = Instant::now();
+    loop {
+        let mut answered: std::collections::BTreeMap<String, u32> = Default::default();
+        for _ in 0..calls {
+            if stop.load(Ordering::Relaxed) {
+                let _ = writeln!(t.out, "interrupted");
+                return Err(Error::Interrupted);
+            }
+            let outcome = ns
+                .run_on_thread(move || apps::get(dst, path, CALL_TIMEOUT))
+                .unwrap_or_else(|e| Outcome::Failed(e.to_string()));
+            let key = match outcome {
+                Outcome::Answered {
+                    status: 200,
+                    app: Some(app),
+                    ..
+                } => app,
+                other => other.to_string(),
+            };
+            *answered.entry(key).or_default() += 1;
+        }
+        let ok = split_matches(&answered, calls, weights);
+        if ok || started.elapsed() > SETTLE {
+            let observed: Vec<String> = answered.iter().map(|(a, n)| format!("{a} {n}")).collect();
+            t.finish(ok, &observed.join(", "), started.elapsed());
+            return Ok(());
+        }
+    }
+}
+
+/// Whether counts of `calls` answers fit `weights` (percent): only those apps answered, each within 4.5
+/// standard deviations of its expected count (a true split fails this about once in 100 000 runs; for 200
+/// calls, 80/20 and 50/50 are 10 deviations apart).
+fn split_matches(
+    answered: &std::collections::BTreeMap<String, u32>,
+    calls: u32,
+    weights: &[(&str, u32)],
+) -> bool {
+    let total: u32 = weights.iter().map(|(_, w)| w).sum();
+    let known = answered.keys().all(|a| weights.iter().any(|(w, _)| w == a));
+    known
+        && weights.iter().all(|(app, w)| {
+            let p = f64::from(*w) / f64::from(total);
+            let n = f64::from(calls);
+            let got = f64::from(answered.get(*app).copied().unwrap_or(0));
+            (got - n * p).abs() <= 4.5 * (n * p * (1.0 - p)).sqrt() + 1.0
+        })
+}
+
 fn judge(
     outcome: &Outcome,
     expect: Expect,
     mtls_seen: impl FnOnce() -> bool,
     principal: &str,
 ) -> (bool, String) {
-    let answered = matches!(outcome, Outcome::Answered { status: 200, .. });
+    let status = match outcome {
+        Outcome::Answered { status, .. } => Some(*status),
+        _ => None,
+    };
+    let answered = status == Some(200);
     let mut observed = describe(outcome);
     let ok = match expect {
         Expect::Answered => answered,
         Expect::Denied => matches!(outcome, Outcome::Reset | Outcome::Closed),
-        Expect::AnsweredMtls => {
+        Expect::Forbidden => {
+            matches!(outcome, Outcome::Answered { status: 403, body, .. } if body == "RBAC: access denied")
+        }
+        Expect::Unavailable => status == Some(503),
+        Expect::AnsweredMtls | Expect::ViaWaypoint => {
             let mtls = answered && mtls_seen();
             if mtls {
                 observed += &format!("; mutual_tls from {principal}");
             } else if answered {
-                observed += "; no mTLS connection counted";
+                observed += &format!("; no mTLS connection from {principal} counted");
             }
             mtls
         }
@@ -338,7 +696,15 @@ fn describe(outcome: &Outcome) -> String {
     let Outcome::Answered { status, app, body } = outcome else {
         return outcome.to_string();
     };
-    let from = app.as_deref().unwrap_or("?");
+    let Some(from) = app.as_deref() else {
+        // Not an app's answer: the waypoint's own (403 `RBAC: access denied`, 503 ...).
+        let first = body.lines().next().unwrap_or_default();
+        let mut short: String = first.chars().take(40).collect();
+        if short.len() < first.len() {
+            short.push('…');
+        }
+        return format!("HTTP {status} {short:?}");
+    };
     let upstreams: Vec<String> = body
         .lines()
         .filter_map(|l| {

@@ -228,3 +228,72 @@ async fn a_full_hand_over_queue_leaves_the_pod_pending_and_it_is_enabled_once_th
         _ = scenario => {}
     }
 }
+
+/// A pod written into the agent's file a moment before its CNI ADD, before the poll has read it (what
+/// `sandbox apply` does when it starts a waypoint's pod), is decided with the labels the file gives it:
+/// a waypoint's pod (`istio.io/dataplane-mode: none`) in an ambient namespace is not captured. Decided on
+/// the stale view, it would be captured as an unknown pod of that namespace.
+#[tokio::test]
+async fn a_pod_written_to_the_file_just_before_its_add_is_decided_with_its_labels() {
+    let dir = tempfile::tempdir().unwrap();
+    let run_dir = dir.path().join("run");
+    std::fs::create_dir_all(&run_dir).unwrap();
+    let file = dir.path().join("agent.yaml");
+    std::fs::write(
+        &file,
+        "namespaces:\n  default: {labels: {istio.io/dataplane-mode: ambient}}\npods:\n- {name: waypoint-0, namespace: default, serviceAccount: waypoint, labels: {istio.io/dataplane-mode: none}}\n",
+    )
+    .unwrap();
+    let zds_path = dir.path().join("zds.sock");
+    let env: HashMap<&str, &str> = [
+        (CNI_AGENT_RUN_DIR, run_dir.to_str().unwrap()),
+        (ZTUNNEL_UDS_ADDRESS, zds_path.to_str().unwrap()),
+        (MESHNODE_AGENT_CONFIG, file.to_str().unwrap()),
+        (MESHNODE_RULE_CHECK_INTERVAL, "0"),
+    ]
+    .into();
+    let cfg = Arc::new(AgentConfig::from_source(&env).unwrap());
+    // The view as the last poll read the file: the namespace, not the new pod yet.
+    let stale = ClusterView {
+        namespaces: [(
+            "default".to_string(),
+            NamespaceInfo {
+                labels: [("istio.io/dataplane-mode".to_string(), "ambient".to_string())].into(),
+            },
+        )]
+        .into(),
+        synced: true,
+        ..ClusterView::default()
+    };
+    let (_view_tx, view_rx) = watch::channel(Arc::new(stale));
+    let (agent, handles, jobs_rx) = Agent::new(cfg, view_rx);
+    let (_stop, stopped) = watch::channel(false);
+    let ready = crate::readiness::Readiness::new();
+    let agent_loop = agent.run(jobs_rx, ready.register("agent state"), stopped);
+    let scenario = async {
+        // A netns path that does not exist: were the pod captured, programming it would fail (never touch
+        // a namespace of this machine).
+        let add = PluginRequest::Add(PluginEvent {
+            netns: "/nonexistent/netns/waypoint-0".into(),
+            pod_name: "waypoint-0".into(),
+            pod_namespace: "default".into(),
+            pod_uid: "uid-waypoint-0".into(),
+            container_id: "sandbox-waypoint-0".into(),
+            ifname: "eth0".into(),
+            ips: Vec::new(),
+        });
+        let answer = guarded("the ADD's answer", ask(&handles.jobs, add).await)
+            .await
+            .unwrap();
+        assert_eq!(answer.status, 200, "{}", answer.body);
+        assert!(
+            answer.body.contains(r#""enrolled":false"#),
+            "{}",
+            answer.body
+        );
+    };
+    tokio::select! {
+        _ = agent_loop => panic!("the agent loop ended"),
+        _ = scenario => {}
+    }
+}

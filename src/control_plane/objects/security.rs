@@ -8,15 +8,6 @@ use serde::Deserialize;
 
 use super::{Labels, Scalar};
 
-/// The security kinds (`security.istio.io`), the ones `sandbox apply` takes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
-pub enum Kind {
-    /// `security.istio.io` AuthorizationPolicy.
-    AuthorizationPolicy,
-    /// `security.istio.io` PeerAuthentication.
-    PeerAuthentication,
-}
-
 /// An AuthorizationPolicy's spec.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

@@ -43,8 +43,14 @@ fn refusals_name_the_document_and_the_field() {
          "document 1 (AuthorizationPolicy default/x): spec.rules[0].from[0].source.principals[0]"),
         ("apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: d, namespace: default}\nspec: {mtlz: {}}\n",
          "mtlz"),
-        ("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: r}\nspec: {}\n",
-         "\"VirtualService\" (networking.istio.io/v1) is not supported"),
+        ("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: r}\nspec: {hosts: [reviews], http: [{route: [{destination: {host: reviews}}], mirror: {host: ratings}}]}\n",
+         "document 1 (VirtualService default/r): spec.http[0].mirror"),
+        ("apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r}\nspec: {parentRefs: [{group: '', kind: Service, name: reviews}], rules: [{backendRefs: [{name: nowhere, port: 9080}]}]}\n",
+         "nowhere"),
+        ("apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: r}\nspec: {}\n",
+         "apiVersion"),
+        ("apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: r}\nspec: {}\n",
+         "\"ServiceEntry\" (networking.istio.io/v1) is not supported"),
         ("apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: r}\n", "supported: AuthorizationPolicy"),
         ("apiVersion: security.istio.io/v2\nkind: PeerAuthentication\nmetadata: {name: d}\nspec: {}\n", "apiVersion"),
         ("apiVersion: v1\nkind: Namespace\nmetadata: {name: test, labels: {\"bad key!\": x}}\n", "metadata.labels.bad key!"),
@@ -121,4 +127,82 @@ fn port_level_mtls_survives_the_model_round_trip() {
     assert_eq!(lines, ["peerauthentication.security.istio.io/pp created"]);
     let cfg = MeshConfig::parse(&m.mesh_yaml()).unwrap();
     assert_eq!(cfg.istio.len(), 1);
+}
+
+const WAYPOINT: &str = "apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: waypoint, namespace: default, labels: {istio.io/waypoint-for: service}}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
+";
+
+#[test]
+fn applying_a_waypoint_gateway_makes_its_pod_and_token_and_deleting_it_removes_them() {
+    let (m, lines) = apply(&model(), WAYPOINT).unwrap();
+    assert_eq!(
+        lines[0],
+        "gateway.gateway.networking.k8s.io/waypoint created"
+    );
+    assert!(
+        lines[1].starts_with("pod default/waypoint-0 created on node1"),
+        "{lines:?}"
+    );
+    let pod = m.find_pod("default/waypoint-0").unwrap();
+    assert_eq!(pod.service_account, "waypoint");
+    assert_eq!(pod.waypoint.as_deref(), Some("waypoint"));
+    assert!(!m.captured(pod), "a waypoint's pod is not captured");
+    assert!(m.pods.iter().filter(|p| p.ip == pod.ip).count() == 1);
+    assert!(m.waypoint_tokens.contains_key("default/waypoint"));
+    // The control plane sees a ready waypoint and a token for its identity.
+    let cfg = MeshConfig::parse(&m.mesh_yaml()).unwrap();
+    assert!(cfg
+        .tokens
+        .iter()
+        .any(|t| t.namespace == "default" && t.service_account == "waypoint"));
+    // Applying it again changes nothing, the pod included.
+    let (again, lines) = apply(&m, WAYPOINT).unwrap();
+    assert_eq!(
+        lines,
+        ["gateway.gateway.networking.k8s.io/waypoint unchanged"]
+    );
+    assert_eq!(again, m);
+    let (gone, lines) = change(&m, WAYPOINT, "f.yaml", Verb::Delete).unwrap();
+    assert_eq!(
+        lines,
+        [
+            "gateway.gateway.networking.k8s.io \"waypoint\" deleted",
+            "pod default/waypoint-0 removed (its waypoint Gateway is gone)"
+        ]
+    );
+    assert_eq!(gone.pods, model().pods);
+    assert!(gone.waypoint_tokens.is_empty());
+}
+
+#[test]
+fn routes_and_destination_rules_are_applied_with_their_groups() {
+    let text = "apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: reviews}
+spec:
+  parentRefs: [{group: '', kind: Service, name: reviews, port: 9080}]
+  rules:
+  - backendRefs: [{name: reviews-v1, port: 9080, weight: 80}, {name: reviews-v2, port: 9080, weight: 20}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews}
+spec:
+  host: reviews
+  subsets: [{name: v1, labels: {version: v1}}]
+";
+    let (m, lines) = apply(&model(), text).unwrap();
+    assert_eq!(
+        lines,
+        [
+            "httproute.gateway.networking.k8s.io/reviews created",
+            "destinationrule.networking.istio.io/reviews created"
+        ]
+    );
+    assert_eq!(MeshConfig::parse(&m.mesh_yaml()).unwrap().istio.len(), 2);
 }
