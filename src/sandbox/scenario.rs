@@ -475,7 +475,12 @@ pub fn steps(opts: &Options, out: &mut dyn Write, stop: &AtomicBool) -> Result<b
                 };
                 let (next, lines) = super::apply_text(opts, manifest, what, verb)?;
                 model = next;
-                t.action(n, what, &lines.join("; "));
+                // One row per object changed (kubectl's lines), the first beside the step.
+                let mut lines = lines.iter();
+                t.action(n, what, lines.next().map_or("", String::as_str));
+                for more in lines {
+                    t.action("", "", more);
+                }
             }
             Step::Check {
                 from,
