@@ -1168,3 +1168,177 @@ async fn the_control_planes_waypoint_serves_the_namespaces_http_with_its_policy(
     assert!(answer.ends_with("RBAC: access denied"), "{answer}");
     assert_eq!(http.requests(), 1);
 }
+
+/// DestinationRule `outlierDetection` at work: of the backend service's two endpoints, one answers 503 to
+/// everything. After `consecutive5xxErrors` of them it is ejected, and from then on every request goes to
+/// the healthy endpoint and is answered 200; the ejected one sees no more requests.
+#[tokio::test]
+async fn an_endpoint_answering_5xx_is_ejected_and_requests_go_to_the_healthy_one() {
+    let m = mesh(&[]).await;
+    let key = format!("default/{}", hostname("backend"));
+    let mut wp = backend_waypoint();
+    let cluster = &mut wp.services[0].clusters[0];
+    cluster.endpoints.push(uid("legacy"));
+    cluster.outlier_detection = Some(pb::OutlierDetection {
+        consecutive_5xx_errors: 2,
+        base_ejection_time: Some(prost_types::Duration {
+            seconds: 300,
+            nanos: 0,
+        }),
+        max_ejection_percent: 50,
+        ..Default::default()
+    });
+    let snapshot = Snapshot::build(
+        &[
+            workload("client", "client", ip(m.net, 2), true, &[]),
+            workload(
+                "backend",
+                "backend",
+                ip(m.net, 3),
+                true,
+                &[(&key, 80, 8080)],
+            ),
+            // The second endpoint: plain TCP, the `legacy` app on .4:8080.
+            workload("legacy", "legacy", ip(m.net, 4), false, &[(&key, 80, 8080)]),
+        ],
+        &[service("backend", ip(m.net, 100), &[(80, 8080)])],
+        Some(&wp),
+        None,
+    )
+    .unwrap();
+    m.wp.config.send_replace(Arc::new(snapshot));
+    m.legacy
+        .fail_first
+        .store(u32::MAX, std::sync::atomic::Ordering::SeqCst);
+    let c = m.client().await;
+    let mut h = http1(tunnel(&c, &m.vip(100, 80)).await.unwrap()).await;
+    // Until the failing endpoint has answered 503 twice (round robin alternates, so a few requests).
+    let mut sent = 0;
+    while m.legacy.requests() < 2 {
+        sent += 1;
+        assert!(sent <= 20, "the failing endpoint was never picked");
+        let (status, _) = get_ok(&mut h, "/").await;
+        assert!(status == 200 || status == 503, "{status}");
+    }
+    for i in 0..20 {
+        let (status, body) = get_ok(&mut h, &format!("/after-{i}")).await;
+        assert_eq!(status, 200, "request {i} after the ejection: {body}");
+    }
+    assert_eq!(
+        m.legacy.requests(),
+        2,
+        "the ejected endpoint got requests after its ejection"
+    );
+}
+
+/// HTTP/2 from the client, several streams at once on one connection, each routed and authorized on its
+/// own: a GET forwarded (200, as HTTP/2 upstream), a POST the L7 policy denies (403 `RBAC: access denied`),
+/// a GET the route redirects (301 with `location`, never upstream). The connection outlives the refusals.
+#[tokio::test]
+async fn http2_streams_on_one_connection_are_routed_and_authorized_each_on_its_own() {
+    let m = mesh(&[]).await;
+    let mut wp = waypoint_resource(
+        vec![bound_service(
+            "backend",
+            vec![port(pb::Protocol::Http2, "backend", 81, &["backend"])],
+        )],
+        &[],
+    );
+    wp.services[0].ports[0].routes = vec![
+        pb::Route {
+            name: "default/moved".into(),
+            matches: vec![pb::RouteMatch {
+                path: Some(pb::StringMatch {
+                    kind: Some(pb::string_match::Kind::Prefix("/old".into())),
+                }),
+                ..Default::default()
+            }],
+            action: Some(pb::route::Action::Redirect(pb::Redirect {
+                path: "/new".into(),
+                ..Default::default()
+            })),
+            ..Default::default()
+        },
+        pb::Route {
+            name: "default/rest".into(),
+            action: Some(pb::route::Action::Forward(pb::Forward {
+                backends: vec![pb::WeightedCluster {
+                    cluster: "backend-81".into(),
+                    weight: 1,
+                }],
+            })),
+            ..Default::default()
+        },
+    ];
+    wp.policies = vec![pb::AuthorizationPolicy {
+        name: "no-post".into(),
+        namespace: "default".into(),
+        action: pb::Action::Deny as i32,
+        rules: vec![pb::Rule {
+            to: vec![pb::Operation {
+                methods: vec!["POST".into()],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    }];
+    let key = format!("default/{}", hostname("backend"));
+    let snapshot = Snapshot::build(
+        &[
+            workload("client", "client", ip(m.net, 2), true, &[]),
+            workload(
+                "backend",
+                "backend",
+                ip(m.net, 3),
+                true,
+                &[(&key, 81, 8081)],
+            ),
+        ],
+        &[service("backend", ip(m.net, 100), &[(81, 8081)])],
+        Some(&wp),
+        None,
+    )
+    .unwrap();
+    m.wp.config.send_replace(Arc::new(snapshot));
+    let c = m.client().await;
+    let h = http2(tunnel(&c, &m.vip(100, 81)).await.unwrap()).await;
+    let request = |method: &str, path: &str| {
+        http::Request::builder()
+            .method(method)
+            .uri(format!("http://{}{path}", hostname("backend")))
+            .body(http_body_util::Full::new(Bytes::from_static(b"payload")))
+            .unwrap()
+    };
+    let send = |req: http::Request<http_body_util::Full<Bytes>>| {
+        let mut h = h.clone();
+        async move {
+            let resp = h.send_request(req).await.unwrap();
+            let location = resp
+                .headers()
+                .get(http::header::LOCATION)
+                .map(|v| v.to_str().unwrap().to_string());
+            let (status, body) = read(resp).await;
+            (status.as_u16(), body, location)
+        }
+    };
+    let (get, post, moved) = tokio::join!(
+        send(request("GET", "/ok")),
+        send(request("POST", "/ok")),
+        send(request("GET", "/old/page")),
+    );
+    assert_eq!((get.0, get.1.as_str()), (200, "hello from backend-h2"));
+    assert_eq!((post.0, post.1.as_str()), (403, "RBAC: access denied"));
+    assert_eq!(moved.0, 301);
+    assert!(
+        moved.2.as_deref().is_some_and(|l| l.ends_with("/new")),
+        "{moved:?}"
+    );
+    let again = send(request("GET", "/again")).await;
+    assert_eq!(again.0, 200, "the connection survives the refusals");
+    let seen = m.http2.seen.lock().clone();
+    let paths: Vec<&str> = seen.iter().map(|s| s.path.as_str()).collect();
+    assert_eq!(paths.len(), 2, "{paths:?}");
+    assert!(paths.contains(&"/ok") && paths.contains(&"/again"), "{paths:?}");
+    assert!(seen.iter().all(|s| s.method == "GET" && s.version == http::Version::HTTP_2));
+}
