@@ -1339,6 +1339,150 @@ async fn http2_streams_on_one_connection_are_routed_and_authorized_each_on_its_o
     let seen = m.http2.seen.lock().clone();
     let paths: Vec<&str> = seen.iter().map(|s| s.path.as_str()).collect();
     assert_eq!(paths.len(), 2, "{paths:?}");
-    assert!(paths.contains(&"/ok") && paths.contains(&"/again"), "{paths:?}");
-    assert!(seen.iter().all(|s| s.method == "GET" && s.version == http::Version::HTTP_2));
+    assert!(
+        paths.contains(&"/ok") && paths.contains(&"/again"),
+        "{paths:?}"
+    );
+    assert!(seen
+        .iter()
+        .all(|s| s.method == "GET" && s.version == http::Version::HTTP_2));
+}
+
+/// `m`'s backend on HTTP port 80 with DestinationRule `connectionPool` settings `pool` on its cluster,
+/// `endpoints` (workload name, address) serving it, and `route` if given.
+fn backend_with_pool(
+    m: &Mesh,
+    pool: pb::ConnectionPool,
+    endpoints: &[(&str, u8)],
+    route: Option<pb::Route>,
+) -> Snapshot {
+    let key = format!("default/{}", hostname("backend"));
+    let mut wp = backend_waypoint();
+    wp.services[0].ports[0].routes.extend(route);
+    let cluster = &mut wp.services[0].clusters[0];
+    cluster.endpoints = endpoints.iter().map(|(name, _)| uid(name)).collect();
+    cluster.connection_pool = Some(pool);
+    let mut workloads = vec![workload("client", "client", ip(m.net, 2), true, &[])];
+    for (name, host) in endpoints {
+        workloads.push(workload(
+            name,
+            name,
+            ip(m.net, *host),
+            true,
+            &[(&key, 80, 8080)],
+        ));
+    }
+    Snapshot::build(
+        &workloads,
+        &[service("backend", ip(m.net, 100), &[(80, 8080)])],
+        Some(&wp),
+        None,
+    )
+    .unwrap()
+}
+
+/// `http.maxRequestsPerConnection: 1`: every request to the endpoint gets a connection of its own (by
+/// default one keep-alive connection carries them all).
+#[tokio::test]
+async fn max_requests_per_connection_retires_upstream_connections() {
+    let m = mesh(&[]).await;
+    let pool = pb::ConnectionPool {
+        max_requests_per_connection: 1,
+        ..Default::default()
+    };
+    m.wp.config.send_replace(Arc::new(backend_with_pool(
+        &m,
+        pool,
+        &[("backend", 3)],
+        None,
+    )));
+    let c = m.client().await;
+    let mut h = http1(tunnel(&c, &m.vip(100, 80)).await.unwrap()).await;
+    for i in 0..3 {
+        assert_eq!(get_ok(&mut h, &format!("/{i}")).await.0, 200);
+    }
+    assert_eq!(m.http.requests(), 3);
+    assert_eq!(m.wp.waypoint.upstream_http_connections(), 3);
+}
+
+/// `http.idleTimeout`: an upstream connection idle longer than that is not reused.
+#[tokio::test]
+async fn an_upstream_connection_idle_past_the_clusters_idle_timeout_is_not_reused() {
+    let m = mesh(&[]).await;
+    let pool = pb::ConnectionPool {
+        idle_timeout: Some(prost_types::Duration {
+            seconds: 0,
+            nanos: 100_000_000,
+        }),
+        ..Default::default()
+    };
+    m.wp.config.send_replace(Arc::new(backend_with_pool(
+        &m,
+        pool,
+        &[("backend", 3)],
+        None,
+    )));
+    let c = m.client().await;
+    let mut h = http1(tunnel(&c, &m.vip(100, 80)).await.unwrap()).await;
+    assert_eq!(get_ok(&mut h, "/first").await.0, 200);
+    assert_eq!(get_ok(&mut h, "/soon-after").await.0, 200);
+    assert_eq!(
+        m.wp.waypoint.upstream_http_connections(),
+        1,
+        "reused while fresh"
+    );
+    // Longer than the idle timeout (the waypoint checks the age when it would reuse a connection).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(get_ok(&mut h, "/later").await.0, 200);
+    assert_eq!(m.wp.waypoint.upstream_http_connections(), 2);
+}
+
+/// `tcp.connectTimeout` covers the whole connect to an HBONE endpoint: a node proxy that accepts TCP but
+/// never answers the TLS handshake fails the try after the connect timeout (503, connection failure), well
+/// inside the route's 30 s timeout (which would answer 504).
+#[tokio::test]
+async fn the_clusters_connect_timeout_covers_an_hbone_endpoint_that_never_handshakes() {
+    let m = mesh(&[]).await;
+    // .6 accepts on 15008 and then says nothing.
+    let silent = tokio::net::TcpListener::bind(SocketAddr::new(ip(m.net, 6), 15008))
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            held.push(s);
+        }
+    });
+    let pool = pb::ConnectionPool {
+        connect_timeout: Some(prost_types::Duration {
+            seconds: 0,
+            nanos: 200_000_000,
+        }),
+        ..Default::default()
+    };
+    // A route with a long timeout, so that only the connect timeout can end the request early.
+    let route = pb::Route {
+        name: "default/backend-slow".into(),
+        action: Some(pb::route::Action::Forward(pb::Forward {
+            backends: vec![pb::WeightedCluster {
+                cluster: "backend-80".into(),
+                weight: 1,
+            }],
+        })),
+        timeout: Some(prost_types::Duration {
+            seconds: 30,
+            nanos: 0,
+        }),
+        ..Default::default()
+    };
+    let snapshot = backend_with_pool(&m, pool, &[("silent", 6)], Some(route));
+    m.wp.config.send_replace(Arc::new(snapshot));
+    let c = m.client().await;
+    let mut h = http1(tunnel(&c, &m.vip(100, 80)).await.unwrap()).await;
+    let (status, body) = get_ok(&mut h, "/").await;
+    assert_eq!(
+        (status.as_u16(), body.as_str()),
+        (503, CONNECT_FAILURE),
+        "the connect timeout, not the route's"
+    );
 }

@@ -30,12 +30,12 @@ use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, V
 use rand::Rng;
 use tokio::time::Instant;
 
-use super::balance::{Outcome, Permit};
+use super::balance::{Outcome, Permit, PoolLimits};
 use super::body::{Held, Replayable, RespBody, UpBody};
 use super::metrics::{headers_size, RequestLog};
 use super::routes::{RetryPolicy, Route};
 use super::snapshot::{Cluster, Endpoint, Snapshot};
-use super::upstream::{Error as UpError, UpstreamVersion, Upstreams};
+use super::upstream::{ConnSettings, Error as UpError, UpstreamVersion, Upstreams};
 
 /// Envoy's body for a connection failure.
 pub const CONNECT_FAILURE: &str =
@@ -334,7 +334,11 @@ pub async fn forward(
             (None, Some(b)) => Some((b, false)),
             (None, None) => None,
         };
-        let sent = f.upstreams.request(&ep, f.version, req);
+        let settings = match &cluster {
+            Some((c, _)) => conn_settings(c.endpoints.limits()),
+            None => f.upstreams.defaults(),
+        };
+        let sent = f.upstreams.request(&ep, f.version, req, settings);
         let result = match deadline {
             Some((at, per_try_first)) => match tokio::time::timeout_at(at, sent).await {
                 Ok(r) => r.map_err(classify),
@@ -412,5 +416,14 @@ fn classify(e: UpError) -> Failure {
         }
         UpError::RefusedStream { .. } => Failure::RefusedStream,
         UpError::Reset { .. } => Failure::Reset,
+    }
+}
+
+/// A cluster's DestinationRule `connectionPool` as the upstream connections apply it.
+fn conn_settings(limits: &PoolLimits) -> ConnSettings {
+    ConnSettings {
+        connect_timeout: limits.connect_timeout,
+        idle_timeout: limits.idle_timeout,
+        max_requests_per_connection: limits.max_requests_per_connection,
     }
 }

@@ -122,7 +122,12 @@ pub async fn proxy(
         .into()
     };
     wp.metrics.tcp_opened(&tcp_labels("-"));
-    let upstream = wp.upstreams.connect(&ep).await;
+    let connect_timeout = cluster
+        .as_ref()
+        .map_or(wp.upstreams.defaults().connect_timeout, |(c, _)| {
+            c.endpoints.limits().connect_timeout
+        });
+    let upstream = wp.upstreams.connect(&ep, connect_timeout).await;
     if let Some((c, uid)) = &cluster {
         let outcome = if upstream.is_ok() {
             Outcome::Success

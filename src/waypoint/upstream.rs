@@ -11,8 +11,11 @@
 //! HTTP connections are pooled per (endpoint address, transport, expected identity): HTTP/1.1 connections
 //! are kept idle once a response has been read to its end and reused one request at a time (a request that
 //! a reused connection turns out to have lost before sending is sent again on a fresh one); one HTTP/2
-//! connection per endpoint carries every request. Idle connections are closed after the pool's
-//! `unused_release_timeout` (and at most [`MAX_IDLE_PER_ENDPOINT`] are kept per endpoint).
+//! connection per endpoint carries every request. Each request brings its cluster's [`ConnSettings`]
+//! (DestinationRule `connectionPool`: connect timeout covering TCP, TLS and the HBONE CONNECT; idle timeout;
+//! requests per connection) or the waypoint's defaults ([`Upstreams::defaults`]: the connect timeout, and
+//! the pool's `unused_release_timeout` as idle timeout). At most [`MAX_IDLE_PER_ENDPOINT`] idle HTTP/1.1
+//! connections are kept per endpoint.
 
 use std::collections::HashMap;
 use std::io;
@@ -142,11 +145,40 @@ struct Key {
 struct Idle {
     send: http1::SendRequest<UpBody>,
     since: Instant,
+    /// Requests it has carried.
+    uses: u32,
+    idle_timeout: Duration,
+}
+
+impl Idle {
+    fn usable(&self, now: Instant) -> bool {
+        !self.send.is_closed() && now.duration_since(self.since) < self.idle_timeout
+    }
 }
 
 struct Shared {
     send: http2::SendRequest<UpBody>,
     last_used: Instant,
+    /// Requests it has carried.
+    uses: u32,
+    idle_timeout: Duration,
+}
+
+/// How connections to one cluster's endpoints are made and kept (DestinationRule `connectionPool`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnSettings {
+    /// Connecting: TCP, and for HBONE endpoints TLS and the CONNECT too.
+    pub connect_timeout: Duration,
+    /// An HTTP connection unused this long is closed (and never reused).
+    pub idle_timeout: Duration,
+    /// Requests one HTTP connection carries before it is retired; `None`: no limit.
+    pub max_requests_per_connection: Option<u32>,
+}
+
+impl ConnSettings {
+    fn spent(&self, uses: u32) -> bool {
+        self.max_requests_per_connection.is_some_and(|m| uses >= m)
+    }
 }
 
 struct Inner {
@@ -155,7 +187,7 @@ struct Inner {
     identity: Identity,
     sock: SocketOpts,
     keepalive: Keepalive,
-    connect_timeout: Duration,
+    defaults: ConnSettings,
     h2: H2Config,
     h1_idle: Mutex<HashMap<Key, Vec<Idle>>>,
     h2_conns: Mutex<HashMap<Key, Shared>>,
@@ -198,15 +230,24 @@ impl Upstreams {
             identity: s.identity,
             sock: s.sock,
             keepalive: s.keepalive,
-            connect_timeout: s.connect_timeout,
+            defaults: ConnSettings {
+                connect_timeout: s.connect_timeout,
+                idle_timeout: s.idle_timeout,
+                max_requests_per_connection: None,
+            },
             h2: s.h2,
             h1_idle: Mutex::default(),
             h2_conns: Mutex::default(),
             h2_dialing: Mutex::default(),
             opened: AtomicU64::new(0),
         });
-        tokio::spawn(sweep(Arc::downgrade(&inner), s.idle_timeout));
+        tokio::spawn(sweep(Arc::downgrade(&inner)));
         Upstreams(inner)
+    }
+
+    /// The settings of endpoints outside any cluster (workload addresses), and of clusters that set none.
+    pub fn defaults(&self) -> ConnSettings {
+        self.0.defaults
     }
 
     /// HTTP connections opened to endpoints since start (each is one HBONE stream or TCP connection).
@@ -219,8 +260,18 @@ impl Upstreams {
         self.0.hbone.connections()
     }
 
-    /// A raw connection to `ep` (for TCP proxying).
-    pub async fn connect(&self, ep: &Endpoint) -> Result<Transport, Error> {
+    /// A raw connection to `ep` (for TCP proxying), within `timeout` (TCP, TLS and CONNECT together).
+    pub async fn connect(&self, ep: &Endpoint, timeout: Duration) -> Result<Transport, Error> {
+        match tokio::time::timeout(timeout, self.connect_now(ep, timeout)).await {
+            Ok(r) => r,
+            Err(_) => Err(Error::Connect {
+                addr: ep.addr,
+                reason: format!("not connected within {timeout:?} (connect timeout)"),
+            }),
+        }
+    }
+
+    async fn connect_now(&self, ep: &Endpoint, timeout: Duration) -> Result<Transport, Error> {
         let addr = ep.addr;
         match ep.workload.protocol {
             Protocol::HBONE => {
@@ -247,20 +298,15 @@ impl Upstreams {
                         })?;
                 Ok(Transport::Hbone(Box::new(Tunnel::from_client(stream))))
             }
-            Protocol::TCP => socket::connect(
-                None,
-                addr,
-                None,
-                self.0.sock,
-                &self.0.keepalive,
-                self.0.connect_timeout,
-            )
-            .await
-            .map(Transport::Tcp)
-            .map_err(|e| Error::Connect {
-                addr,
-                reason: e.to_string(),
-            }),
+            Protocol::TCP => {
+                socket::connect(None, addr, None, self.0.sock, &self.0.keepalive, timeout)
+                    .await
+                    .map(Transport::Tcp)
+                    .map_err(|e| Error::Connect {
+                        addr,
+                        reason: e.to_string(),
+                    })
+            }
         }
     }
 
@@ -277,10 +323,11 @@ impl Upstreams {
         ep: &Endpoint,
         version: UpstreamVersion,
         req: Request<UpBody>,
+        settings: ConnSettings,
     ) -> Result<(Response<Incoming>, Option<OnEnd>), Error> {
         match version {
-            UpstreamVersion::Http1 => self.request_h1(ep, req).await,
-            UpstreamVersion::Http2 => self.request_h2(ep, req).await.map(|r| (r, None)),
+            UpstreamVersion::Http1 => self.request_h1(ep, req, settings).await,
+            UpstreamVersion::Http2 => self.request_h2(ep, req, settings).await.map(|r| (r, None)),
         }
     }
 
@@ -288,17 +335,18 @@ impl Upstreams {
         &self,
         ep: &Endpoint,
         req: Request<UpBody>,
+        settings: ConnSettings,
     ) -> Result<(Response<Incoming>, Option<OnEnd>), Error> {
         let key = Self::key(ep);
         let mut req = req;
         // An idle connection, if one is still good.
-        while let Some(mut send) = self.checkout_h1(&key) {
+        while let Some((mut send, uses)) = self.checkout_h1(&key) {
             // Its exchange is over, so it is ready at once unless the endpoint has closed it.
             if send.ready().await.is_err() {
                 continue;
             }
             match send.try_send_request(req).await {
-                Ok(resp) => return Ok((resp, Some(self.give_back(key, send)))),
+                Ok(resp) => return Ok((resp, Some(self.give_back(key, send, uses + 1, settings)))),
                 Err(mut e) => match e.take_message() {
                     // Never sent: the connection was lost while idle. Try the next one.
                     Some(r) => req = r,
@@ -306,7 +354,7 @@ impl Upstreams {
                 },
             }
         }
-        let io = self.connect(ep).await?;
+        let io = self.connect(ep, settings.connect_timeout).await?;
         let (mut send, conn) = http1::Builder::new()
             .handshake::<_, UpBody>(TokioIo::new(io))
             .await
@@ -325,30 +373,39 @@ impl Upstreams {
             .send_request(req)
             .await
             .map_err(|e| reset(ep.addr, e))?;
-        Ok((resp, Some(self.give_back(key, send))))
+        Ok((resp, Some(self.give_back(key, send, 1, settings))))
     }
 
-    fn checkout_h1(&self, key: &Key) -> Option<http1::SendRequest<UpBody>> {
+    /// An idle connection of `key` still within its idle timeout, and how many requests it carried.
+    fn checkout_h1(&self, key: &Key) -> Option<(http1::SendRequest<UpBody>, u32)> {
         let mut idle = self.0.h1_idle.lock();
         let list = idle.get_mut(key)?;
+        let now = Instant::now();
         let found = loop {
             match list.pop() {
-                Some(i) if i.send.is_closed() => continue,
+                Some(i) if !i.usable(now) => continue,
                 other => break other,
             }
         };
         if list.is_empty() {
             idle.remove(key);
         }
-        found.map(|i| i.send)
+        found.map(|i| (i.send, i.uses))
     }
 
-    /// Puts `send` back among the idle connections of `key` (run once the response has been read).
-    fn give_back(&self, key: Key, send: http1::SendRequest<UpBody>) -> OnEnd {
+    /// Puts `send`, which has carried `uses` requests, back among the idle connections of `key` (run
+    /// once the response has been read) — unless it has carried all its cluster allows: then it closes.
+    fn give_back(
+        &self,
+        key: Key,
+        send: http1::SendRequest<UpBody>,
+        uses: u32,
+        settings: ConnSettings,
+    ) -> OnEnd {
         let pool: Weak<Inner> = Arc::downgrade(&self.0);
         Box::new(move || {
             let Some(inner) = pool.upgrade() else { return };
-            if send.is_closed() {
+            if send.is_closed() || settings.spent(uses) {
                 return;
             }
             let mut idle = inner.h1_idle.lock();
@@ -357,16 +414,27 @@ impl Upstreams {
                 list.push(Idle {
                     send,
                     since: Instant::now(),
+                    uses,
+                    idle_timeout: settings.idle_timeout,
                 });
             }
         })
     }
 
-    fn checkout_h2(&self, key: &Key) -> Option<http2::SendRequest<UpBody>> {
+    /// The shared connection of `key`, unless it is closed, idle past its timeout or has carried all the
+    /// requests its cluster allows (then it is retired: its streams finish, new ones go to a new one).
+    fn checkout_h2(&self, key: &Key, settings: ConnSettings) -> Option<http2::SendRequest<UpBody>> {
         let mut conns = self.0.h2_conns.lock();
+        let now = Instant::now();
         match conns.get_mut(key) {
-            Some(c) if !c.send.is_closed() => {
-                c.last_used = Instant::now();
+            Some(c)
+                if !c.send.is_closed()
+                    && now.duration_since(c.last_used) < c.idle_timeout
+                    && !settings.spent(c.uses) =>
+            {
+                c.last_used = now;
+                c.uses += 1;
+                c.idle_timeout = settings.idle_timeout;
                 Some(c.send.clone())
             }
             Some(_) => {
@@ -381,9 +449,10 @@ impl Upstreams {
         &self,
         ep: &Endpoint,
         req: Request<UpBody>,
+        settings: ConnSettings,
     ) -> Result<Response<Incoming>, Error> {
         let key = Self::key(ep);
-        let mut send = match self.checkout_h2(&key) {
+        let mut send = match self.checkout_h2(&key, settings) {
             Some(s) => s,
             None => {
                 let gate = self
@@ -394,9 +463,9 @@ impl Upstreams {
                     .or_default()
                     .clone();
                 let dialing = gate.lock().await;
-                let send = match self.checkout_h2(&key) {
+                let send = match self.checkout_h2(&key, settings) {
                     Some(s) => Ok(s),
-                    None => self.dial_h2(ep, &key).await,
+                    None => self.dial_h2(ep, &key, settings).await,
                 };
                 drop(dialing);
                 let mut gates = self.0.h2_dialing.lock();
@@ -418,8 +487,13 @@ impl Upstreams {
         })
     }
 
-    async fn dial_h2(&self, ep: &Endpoint, key: &Key) -> Result<http2::SendRequest<UpBody>, Error> {
-        let io = self.connect(ep).await?;
+    async fn dial_h2(
+        &self,
+        ep: &Endpoint,
+        key: &Key,
+        settings: ConnSettings,
+    ) -> Result<http2::SendRequest<UpBody>, Error> {
+        let io = self.connect(ep, settings.connect_timeout).await?;
         let (send, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .initial_stream_window_size(self.0.h2.stream_window)
@@ -445,6 +519,8 @@ impl Upstreams {
             Shared {
                 send: send.clone(),
                 last_used: Instant::now(),
+                uses: 1,
+                idle_timeout: settings.idle_timeout,
             },
         );
         Ok(send)
@@ -467,21 +543,23 @@ fn refused_stream(e: &hyper::Error) -> bool {
     false
 }
 
-/// Closes idle connections older than `idle`, and forgets dead ones.
-async fn sweep(pool: Weak<Inner>, idle: Duration) {
-    let period = (idle / 2).clamp(Duration::from_millis(100), Duration::from_secs(30));
-    let mut tick = tokio::time::interval(period);
+/// How often idle connections past their timeout are closed (checkout never reuses one anyway).
+const SWEEP_PERIOD: Duration = Duration::from_secs(1);
+
+/// Closes idle connections past their idle timeout, and forgets dead ones.
+async fn sweep(pool: Weak<Inner>) {
+    let mut tick = tokio::time::interval(SWEEP_PERIOD);
     loop {
         tick.tick().await;
         let Some(inner) = pool.upgrade() else { return };
         let now = Instant::now();
         inner.h1_idle.lock().retain(|_, list| {
-            list.retain(|i| !i.send.is_closed() && now.duration_since(i.since) < idle);
+            list.retain(|i| i.usable(now));
             !list.is_empty()
         });
         inner
             .h2_conns
             .lock()
-            .retain(|_, c| !c.send.is_closed() && now.duration_since(c.last_used) < idle);
+            .retain(|_, c| !c.send.is_closed() && now.duration_since(c.last_used) < c.idle_timeout);
     }
 }
