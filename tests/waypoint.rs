@@ -1486,3 +1486,42 @@ async fn the_clusters_connect_timeout_covers_an_hbone_endpoint_that_never_handsh
         "the connect timeout, not the route's"
     );
 }
+
+/// The headers the app sees: `x-forwarded-proto: http` and an `x-request-id` added; a client's own
+/// `x-forwarded-client-cert` never gets through (it could claim any identity); with the Gateway's
+/// `ambient.istio.io/xfcc-include-client-identity`, the waypoint writes who called.
+#[tokio::test]
+async fn the_app_sees_forwarding_headers_and_only_the_waypoints_own_xfcc() {
+    let m = mesh(&[]).await;
+    let forged = "By=spiffe://cluster.local/ns/default/sa/backend;URI=spiffe://cluster.local/ns/kube-system/sa/admin";
+    let c = m.client().await;
+    let mut sent = 0;
+    for opt_in in [false, true] {
+        let mut wp = backend_waypoint();
+        wp.xfcc_include_client_identity = opt_in;
+        m.wp.config.send_replace(Arc::new(serving_backend(&m, &wp)));
+        let mut h = http1(tunnel(&c, &m.vip(100, 80)).await.unwrap()).await;
+        let req = http::Request::get("/")
+            .header(http::header::HOST, hostname("backend"))
+            .header("x-forwarded-client-cert", forged)
+            .body(http_body_util::Full::new(Bytes::new()))
+            .unwrap();
+        assert_eq!(read(h.send_request(req).await.unwrap()).await.0, 200);
+        sent += 1;
+        let seen = m.http.seen.lock()[sent - 1].headers.clone();
+        assert_eq!(seen["x-forwarded-proto"], "http");
+        assert!(seen.contains_key("x-request-id"));
+        let xfcc: Vec<_> = seen.get_all("x-forwarded-client-cert").iter().collect();
+        if opt_in {
+            assert_eq!(
+                xfcc,
+                ["By=spiffe://cluster.local/ns/default/sa/waypoint;URI=spiffe://cluster.local/ns/default/sa/client"]
+            );
+        } else {
+            assert!(
+                xfcc.is_empty(),
+                "a client's own XFCC reached the app: {xfcc:?}"
+            );
+        }
+    }
+}

@@ -108,7 +108,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use self::binding::{is_gateway_service, Resolver, Target, MANAGED};
-pub use self::binding::{GATEWAY_NAME, USE_WAYPOINT, USE_WAYPOINT_NAMESPACE, WAYPOINT_FOR};
+pub use self::binding::{
+    GATEWAY_NAME, USE_WAYPOINT, USE_WAYPOINT_NAMESPACE, WAYPOINT_FOR, XFCC_INCLUDE_CLIENT_IDENTITY,
+};
 use self::clusters::DestinationRules;
 use self::routes::{find_service, PendingRoute, RouteSet};
 use super::config::{
@@ -254,6 +256,7 @@ pub fn convert(cfg: &MeshConfig, istio: &istio::Converted) -> Result<Waypoints, 
             namespace: g.namespace.to_string(),
             name: g.name.to_string(),
             traffic_type: g.traffic as i32,
+            xfcc_include_client_identity: g.xfcc,
             ..wp::Waypoint::default()
         };
         for s in bound {

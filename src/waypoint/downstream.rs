@@ -46,7 +46,7 @@ use super::body::{Replayable, RespBody};
 use super::forward::{forward, local_reply, Forward, Target};
 use super::metrics::{headers_size, RequestLog};
 use super::routes::Action;
-use super::snapshot::{Destination, PortProtocol};
+use super::snapshot::{Destination, PortProtocol, Snapshot};
 use super::sniff::{Detected, Rewind};
 use super::tunnel::Tunnel;
 use super::upstream::UpstreamVersion;
@@ -281,6 +281,27 @@ async fn replayable(body: Incoming, limit: usize) -> Result<Replayable, hyper::E
     }
 }
 
+/// The headers Envoy's waypoint sets on every request it forwards: `x-forwarded-proto` when the client
+/// sent none (the scheme inside the tunnel is plain HTTP), and `x-forwarded-client-cert` — the client's
+/// own always removed, and `By=<waypoint>;URI=<client>` written when the Gateway opts in.
+fn forwarding_headers(
+    headers: &mut http::HeaderMap,
+    snap: &Snapshot,
+    waypoint: &Identity,
+    client: &Identity,
+) {
+    if !headers.contains_key("x-forwarded-proto") {
+        headers.insert("x-forwarded-proto", http::HeaderValue::from_static("http"));
+    }
+    headers.remove("x-forwarded-client-cert");
+    if snap.xfcc_include_client_identity() {
+        let xfcc = format!("By={waypoint};URI={client}");
+        if let Ok(v) = http::HeaderValue::from_str(&xfcc) {
+            headers.insert("x-forwarded-client-cert", v);
+        }
+    }
+}
+
 fn request_id() -> http::HeaderValue {
     let v: u128 = rand::rng().random();
     let s = format!(
@@ -329,6 +350,7 @@ async fn handle(
     if !parts.headers.contains_key("x-request-id") {
         parts.headers.insert("x-request-id", request_id());
     }
+    forwarding_headers(&mut parts.headers, &snap, &wp.identity, &info.peer_id);
     let Some(dest) = snap.destination(&info.authority) else {
         // The configuration changed since the tunnel opened: nothing here serves it any more.
         return local_reply(StatusCode::NOT_FOUND, "", "NR", log);

@@ -164,6 +164,7 @@ pub struct Snapshot {
     workloads: HashMap<String, Arc<Workload>>,
     by_ip: HashMap<IpAddr, Arc<Workload>>,
     bound_workloads: HashSet<String>,
+    xfcc_include_client_identity: bool,
 }
 
 /// Validates one `Waypoint` resource: every engine accepts its part.
@@ -262,6 +263,7 @@ impl Snapshot {
             })?,
         );
         snap.bound_workloads = wp.workloads.iter().cloned().collect();
+        snap.xfcc_include_client_identity = wp.xfcc_include_client_identity;
         for svc in &wp.services {
             let (authz, ports) = compile_service(svc)?;
             let address = by_key
@@ -304,6 +306,11 @@ impl Snapshot {
             });
         }
         Ok(snap)
+    }
+
+    /// Whether the Gateway asked for `x-forwarded-client-cert` with the client's identity.
+    pub fn xfcc_include_client_identity(&self) -> bool {
+        self.xfcc_include_client_identity
     }
 
     /// `namespace/name` of the Waypoint resource, once received.

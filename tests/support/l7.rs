@@ -184,6 +184,7 @@ pub fn waypoint_resource(services: Vec<pb::Service>, workloads: &[&str]) -> pb::
         services,
         workloads: workloads.iter().map(|w| uid(w)).collect(),
         policies: Vec::new(),
+        xfcc_include_client_identity: false,
     }
 }
 
@@ -320,6 +321,7 @@ pub struct Seen {
     pub path: String,
     pub host: String,
     pub version: http::Version,
+    pub headers: http::HeaderMap,
 }
 
 /// An HTTP backend (HTTP/1.1 or HTTP/2, by the client's preface): answers `200 hello from <name>` (or
@@ -393,6 +395,7 @@ pub async fn backend(name: &str, addr: SocketAddr) -> Arc<Backend> {
                             path: req.uri().path().to_string(),
                             host,
                             version: req.version(),
+                            headers: req.headers().clone(),
                         });
                         let _ = req.into_body().collect().await;
                         me.requests.fetch_add(1, Ordering::SeqCst);

@@ -36,6 +36,8 @@ pub(super) struct Gateway<'a> {
     pub selector: Labels,
     /// Workloads of its namespace labelled with its name: while there is none it is not ready.
     pub instances: Vec<&'a WorkloadSpec>,
+    /// [`XFCC_INCLUDE_CLIENT_IDENTITY`] is set true.
+    pub xfcc: bool,
 }
 
 impl Gateway<'_> {
@@ -188,6 +190,15 @@ fn gateway<'a>(
         .iter()
         .filter(|w| w.namespace == *ns && w.labels.get(GATEWAY_NAME) == Some(name))
         .collect();
+    let xfcc = match obj.metadata.annotations.get(XFCC_INCLUDE_CLIENT_IDENTITY) {
+        None => false,
+        Some(v) => annotation_bool(v).ok_or_else(|| {
+            invalid(
+                format!("{at}.metadata.annotations.{XFCC_INCLUDE_CLIENT_IDENTITY}"),
+                format!("{v:?} is not a boolean (true or false)"),
+            )
+        })?,
+    };
     Ok(Gateway {
         at,
         namespace: ns,
@@ -196,6 +207,7 @@ fn gateway<'a>(
         from,
         selector,
         instances,
+        xfcc,
     })
 }
 
@@ -318,5 +330,17 @@ pub(super) fn traffic_name(t: wp::TrafficType) -> &'static str {
         wp::TrafficType::Workload => "workload",
         wp::TrafficType::All => "all",
         wp::TrafficType::None => "no",
+    }
+}
+
+/// The Gateway annotation asking the waypoint to tell apps who called (`x-forwarded-client-cert`).
+pub const XFCC_INCLUDE_CLIENT_IDENTITY: &str = "ambient.istio.io/xfcc-include-client-identity";
+
+/// A boolean annotation as Go's `strconv.ParseBool` reads it (Istio's parser).
+fn annotation_bool(value: &str) -> Option<bool> {
+    match value {
+        "1" | "t" | "T" | "TRUE" | "true" | "True" => Some(true),
+        "0" | "f" | "F" | "FALSE" | "false" | "False" => Some(false),
+        _ => None,
     }
 }

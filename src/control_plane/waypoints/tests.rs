@@ -1112,3 +1112,39 @@ fn node_proxies_accept_every_address_a_mesh_with_waypoints_makes() {
         }
     }
 }
+
+#[test]
+fn the_xfcc_annotation_on_a_waypoint_gateway_reaches_its_resource_and_bad_values_are_refused() {
+    let annotated = |v: &str| {
+        bookinfo_waypoint().replace(
+            "labels: {}}",
+            &format!("labels: {{}}, annotations: {{ambient.istio.io/xfcc-include-client-identity: {v:?}}}}}"),
+        )
+    };
+    for (value, want) in [
+        ("true", true),
+        ("True", true),
+        ("1", true),
+        ("false", false),
+    ] {
+        let w = waypoints_of(&mesh(&annotated(value)));
+        assert_eq!(
+            w.resources["bookinfo/waypoint"].xfcc_include_client_identity, want,
+            "{value}"
+        );
+    }
+    assert!(
+        !waypoints_of(&mesh(&bookinfo_waypoint())).resources["bookinfo/waypoint"]
+            .xfcc_include_client_identity
+    );
+    let err = try_mesh_with(BASE, &annotated("yes"))
+        .map(|cfg| convert_istio(&cfg).and_then(|c| convert(&cfg, &c)))
+        .map_or_else(
+            |e| e.to_string(),
+            |r| r.map_or_else(|e| e.to_string(), |_| String::new()),
+        );
+    assert!(
+        err.contains("istio[0].metadata.annotations.ambient.istio.io/xfcc-include-client-identity"),
+        "{err}"
+    );
+}
