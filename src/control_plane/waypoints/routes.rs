@@ -16,7 +16,7 @@ mod http_route;
 mod virtual_service;
 
 /// Istio's `retryOn` conditions meshnode's waypoint implements.
-const RETRY_ON: [&str; 8] = [
+const RETRY_ON: [&str; 9] = [
     "connect-failure",
     "refused-stream",
     "unavailable",
@@ -25,6 +25,7 @@ const RETRY_ON: [&str; 8] = [
     "5xx",
     "gateway-error",
     "retriable-status-codes",
+    "retriable-4xx",
 ];
 /// What a VirtualService retry without `retryOn` retries on (Istio's default policy).
 pub(super) const DEFAULT_RETRY_ON: [&str; 5] = [

@@ -684,7 +684,7 @@ fn virtual_service_routes_subsets_rewrites_headers_retries_and_timeouts() {
            rewrite: {uri: /v2/api, authority: reviews-v2},
            headers: {request: {set: {X-Version: v2}, remove: [cookie]}, response: {add: {x-served: waypoint}}},
            timeout: 1.5s,
-           retries: {attempts: 4, perTryTimeout: 500ms, retryOn: "5xx,reset,503"}},
+           retries: {attempts: 4, perTryTimeout: 500ms, retryOn: "5xx,reset,retriable-4xx,503"}},
           {match: [{uri: {exact: /old}}], redirect: {uri: /new, authority: example.com, redirectCode: 308}},
           {match: [{uri: {exact: /teapot}}], directResponse: {status: 418, body: {string: "short and stout"}}},
           {match: [{port: 1234}], route: [{destination: {host: reviews-v1}}]},
@@ -743,7 +743,10 @@ fn virtual_service_routes_subsets_rewrites_headers_retries_and_timeouts() {
     );
     let retries = r.retries.as_ref().unwrap();
     assert_eq!(retries.attempts, 4);
-    assert_eq!(retries.retry_on, ["5xx", "reset", "retriable-status-codes"]);
+    assert_eq!(
+        retries.retry_on,
+        ["5xx", "reset", "retriable-4xx", "retriable-status-codes"]
+    );
     assert_eq!(retries.retriable_status_codes, [503]);
     assert_eq!(
         retries.per_try_timeout,
@@ -999,7 +1002,7 @@ fn unsupported_l7_objects_are_refused_naming_the_field() {
         (vs("{hosts: [ratings], http: [{route: [{destination: {host: reviews}}, {destination: {host: ratings}, weight: 50}]}]}"), "istio[1].spec.http[0].route[0].weight"),
         (vs("{hosts: [reviews], http: [{route: [{destination: {host: reviews}}], redirect: {uri: /x}}]}"), "istio[1].spec.http[0]: route, redirect and directResponse exclude each other"),
         (vs("{hosts: [reviews], http: [{}]}"), "istio[1].spec.http[0]: a route needs one of"),
-        (vs("{hosts: [reviews], http: [{route: [{destination: {host: reviews}}], retries: {attempts: 2, retryOn: retriable-4xx}}]}"), "istio[1].spec.http[0].retries.retryOn"),
+        (vs("{hosts: [reviews], http: [{route: [{destination: {host: reviews}}], retries: {attempts: 2, retryOn: retriable-headers}}]}"), "istio[1].spec.http[0].retries.retryOn"),
         (vs("{hosts: [reviews], http: [{route: [{destination: {host: reviews}}], timeout: soon}]}"), "istio[1].spec.http[0].timeout"),
         (vs("{hosts: [reviews], http: [{route: [{destination: {host: reviews}}], rewrite: {uriRegexRewrite: {match: a, rewrite: b}}}]}"), "istio[1].spec.http[0].rewrite.uriRegexRewrite"),
         (vs("{hosts: [reviews], http: [{directResponse: {status: 200, body: {bytes: aGk=}}}]}"), "istio[1].spec.http[0].directResponse.body.bytes"),
