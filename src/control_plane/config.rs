@@ -123,6 +123,11 @@ pub struct MeshConfig {
     /// `VirtualService`, `DestinationRule`, Gateway API's `Gateway` (waypoints) and `HTTPRoute`.
     #[serde(default)]
     pub istio: Vec<IstioObject>,
+    /// istiod's `PILOT_AUTO_ALLOW_WAYPOINT_POLICY`: each pod bound to a waypoint (its own, or that of a
+    /// Service it backs) also lists a synthetic ALLOW for the waypoint's identities, so that L4 ALLOW
+    /// policies at the pod do not shut the waypoint out. Off by default, as in Istio.
+    #[serde(default)]
+    pub auto_allow_waypoint_policy: bool,
 }
 
 fn default_root_namespace() -> String {

@@ -85,7 +85,12 @@ pub fn translate(cfg: &MeshConfig) -> Resources {
     for w in &cfg.workloads {
         let mut workload = workload(cfg, &enrollment, &services, w);
         workload.waypoint = waypoints.for_workload(&w.namespace, &w.name);
-        for key in istio.keys_for(w) {
+        let backs = services
+            .iter()
+            .filter(|s| selects(s, w))
+            .map(|s| (s.namespace.as_str(), s.name.as_str()));
+        let implicit = waypoints.allow_keys(&w.namespace, &w.name, backs);
+        for key in istio.keys_for(w).into_iter().chain(implicit) {
             if !workload.authorization_policies.contains(&key) {
                 workload.authorization_policies.push(key);
             }
@@ -107,7 +112,12 @@ pub fn translate(cfg: &MeshConfig) -> Resources {
             },
         );
     }
-    for p in cfg.policies.iter().chain(&istio.policies) {
+    for p in cfg
+        .policies
+        .iter()
+        .chain(&istio.policies)
+        .chain(waypoints.allow_policies())
+    {
         out.authorizations.insert(p.key(), authorization(p));
     }
     out.waypoints = waypoints.resources;
@@ -128,6 +138,13 @@ fn enrolled(cfg: &MeshConfig, enrollment: &selector::Policy, w: &WorkloadSpec) -
         ..PodInfo::default()
     };
     enrollment.decide(ns.as_ref(), &pod) == Decision::Enroll
+}
+
+/// Whether Service `s` selects pod `w` (same namespace, selector ⊆ labels).
+fn selects(s: &ServiceSpec, w: &WorkloadSpec) -> bool {
+    s.namespace == w.namespace
+        && !s.selector.is_empty()
+        && s.selector.iter().all(|(k, v)| w.labels.get(k) == Some(v))
 }
 
 fn first_label<'a>(w: &'a WorkloadSpec, keys: &[&str]) -> Option<&'a str> {
@@ -169,10 +186,7 @@ fn workload(
     .to_string();
     let mut services = std::collections::HashMap::new();
     for s in all_services {
-        let selects = s.namespace == w.namespace
-            && !s.selector.is_empty()
-            && s.selector.iter().all(|(k, v)| w.labels.get(k) == Some(v));
-        if selects {
+        if selects(s, w) {
             services.insert(
                 format!("{}/{}", s.namespace, service_hostname(cfg, s)),
                 wl::PortList { ports: ports(s) },

@@ -118,6 +118,7 @@ use super::config::{
 };
 use super::istio::{self, PolicyTarget, WAYPOINT_CLASS};
 use super::objects::{parse_duration, ObjectKind, Spec};
+use crate::authz::Policy;
 use crate::proto::waypoint as wp;
 use crate::proto::workload as wl;
 
@@ -145,6 +146,8 @@ pub struct Waypoints {
     workload_waypoints: HashMap<(String, String), String>,
     /// Waypoint key → its address.
     addresses: HashMap<String, wl::GatewayAddress>,
+    /// Waypoint key → the ALLOW for its identities (`autoAllowWaypointPolicy`).
+    allow: BTreeMap<String, Policy>,
 }
 
 impl Waypoints {
@@ -154,6 +157,34 @@ impl Waypoints {
             .service_waypoints
             .get(&(namespace.to_string(), name.to_string()))?;
         self.addresses.get(key).cloned()
+    }
+
+    /// The synthetic ALLOW policies of `autoAllowWaypointPolicy`, one per ready waypoint.
+    pub fn allow_policies(&self) -> impl Iterator<Item = &Policy> {
+        self.allow.values()
+    }
+
+    /// The keys of the synthetic ALLOW policies pod `namespace/name` lists: its own waypoint's and those
+    /// of the Services (`namespace`, `name`) it backs (istiod's `implicitWaypointPolicies`).
+    pub fn allow_keys<'a>(
+        &self,
+        namespace: &str,
+        name: &str,
+        backs: impl Iterator<Item = (&'a str, &'a str)>,
+    ) -> Vec<String> {
+        let own = self
+            .workload_waypoints
+            .get(&(namespace.to_string(), name.to_string()));
+        let mut keys: Vec<String> = own
+            .into_iter()
+            .chain(backs.filter_map(|(ns, n)| {
+                self.service_waypoints.get(&(ns.to_string(), n.to_string()))
+            }))
+            .filter_map(|wp| self.allow.get(wp).map(Policy::key))
+            .collect();
+        keys.sort();
+        keys.dedup();
+        keys
     }
 
     /// The waypoint of pod `namespace/name`, as the Address Workload's `waypoint`.
@@ -270,6 +301,9 @@ pub fn convert(cfg: &MeshConfig, istio: &istio::Converted) -> Result<Waypoints, 
             .collect();
         uids.sort();
         resource.workloads = uids;
+        if cfg.auto_allow_waypoint_policy && !g.instances.is_empty() {
+            out.allow.insert(key.clone(), allow_waypoint(cfg, g));
+        }
         out.resources.insert(key.clone(), resource);
         out.services.push(waypoint_service(g.namespace, g.name));
         out.addresses.insert(
@@ -287,6 +321,34 @@ pub fn convert(cfg: &MeshConfig, istio: &istio::Converted) -> Result<Waypoints, 
     }
     attach_policies(cfg, istio, &mut out);
     Ok(out)
+}
+
+/// istiod's synthetic `<waypoint ns>/istio_allow_waypoint_<ns>_<name>`: ALLOW from every service account
+/// of the waypoint's instances.
+fn allow_waypoint(cfg: &MeshConfig, g: &binding::Gateway<'_>) -> Policy {
+    use crate::authz::{Action, Clause, Match, Rule, Scope, StringMatch};
+    let mut principals: Vec<String> = g
+        .instances
+        .iter()
+        .map(|w| format!("{}/ns/{}/sa/{}", cfg.trust_domain, w.namespace, w.service_account))
+        .collect();
+    principals.sort();
+    principals.dedup();
+    Policy {
+        name: format!("istio_allow_waypoint_{}_{}", g.namespace, g.name),
+        namespace: g.namespace.to_string(),
+        scope: Scope::WorkloadSelector,
+        action: Action::Allow,
+        dry_run: false,
+        rules: vec![Rule {
+            clauses: vec![Clause {
+                matches: vec![Match {
+                    principals: principals.into_iter().map(StringMatch::Exact).collect(),
+                    ..Match::default()
+                }],
+            }],
+        }],
+    }
 }
 
 /// The Service Istio's gateway controller makes for a waypoint.

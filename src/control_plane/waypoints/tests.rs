@@ -1151,3 +1151,34 @@ fn the_xfcc_annotation_on_a_waypoint_gateway_reaches_its_resource_and_bad_values
         "{err}"
     );
 }
+
+#[test]
+fn auto_allow_waypoint_policy_lets_the_waypoint_through_the_l4_policies_of_the_pods_it_serves() {
+    let istio = bookinfo_waypoint();
+    let off = translate(&mesh(&istio));
+    assert!(wl_workload(&off, "bookinfo", "reviews-v1")
+        .authorization_policies
+        .is_empty());
+    let on = translate(
+        &try_mesh_with(&format!("autoAllowWaypointPolicy: true\n{BASE}"), &istio)
+            .unwrap_or_else(|e| panic!("{e}")),
+    );
+    let key = "bookinfo/istio_allow_waypoint_bookinfo_waypoint";
+    // reviews-v1 backs reviews, which uses the namespace's waypoint.
+    assert_eq!(
+        wl_workload(&on, "bookinfo", "reviews-v1").authorization_policies,
+        [key]
+    );
+    // sleep's namespace has no waypoint; the waypoint's own pod lists nothing.
+    assert!(wl_workload(&on, "default", "sleep")
+        .authorization_policies
+        .is_empty());
+    assert!(wl_workload(&on, "bookinfo", "waypoint-0")
+        .authorization_policies
+        .is_empty());
+    let policy = &on.authorizations[key];
+    assert_eq!(policy.action, crate::proto::security::Action::Allow as i32);
+    assert_eq!(policy.scope, crate::proto::security::Scope::WorkloadSelector as i32);
+    let text = format!("{policy:?}");
+    assert!(text.contains("cluster.local/ns/bookinfo/sa/waypoint"), "{text}");
+}
