@@ -1525,3 +1525,74 @@ async fn the_app_sees_forwarding_headers_and_only_the_waypoints_own_xfcc() {
         }
     }
 }
+
+/// A route's timeout covers the whole response, as Envoy's does: an endpoint that sends its headers and
+/// then stalls in the middle of its body has the client's stream cut when the timeout passes (the
+/// status has already gone out, so the body ends in an error instead of 504), and the waypoint keeps
+/// serving.
+#[tokio::test]
+async fn a_route_timeout_cuts_a_response_body_that_stalls() {
+    let m = mesh(&[]).await;
+    // .7:8080 (plain TCP): promises 100 bytes, sends 3, then nothing.
+    let stall = tokio::net::TcpListener::bind(SocketAddr::new(ip(m.net, 7), 8080))
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((mut s, _)) = stall.accept().await {
+            let mut head = [0u8; 4096];
+            let _ = s.read(&mut head).await;
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nabc")
+                .await;
+            held.push(s);
+        }
+    });
+    let key = format!("default/{}", hostname("backend"));
+    let mut wp = backend_waypoint();
+    wp.services[0].clusters[0].endpoints = vec![uid("stall")];
+    wp.services[0].ports[0].routes.push(pb::Route {
+        name: "default/backend-timeout".into(),
+        action: Some(pb::route::Action::Forward(pb::Forward {
+            backends: vec![pb::WeightedCluster {
+                cluster: "backend-80".into(),
+                weight: 1,
+            }],
+        })),
+        timeout: Some(prost_types::Duration {
+            seconds: 0,
+            nanos: 300_000_000,
+        }),
+        ..Default::default()
+    });
+    let snapshot = Snapshot::build(
+        &[
+            workload("client", "client", ip(m.net, 2), true, &[]),
+            workload("stall", "stall", ip(m.net, 7), false, &[(&key, 80, 8080)]),
+        ],
+        &[service("backend", ip(m.net, 100), &[(80, 8080)])],
+        Some(&wp),
+        None,
+    )
+    .unwrap();
+    m.wp.config.send_replace(Arc::new(snapshot));
+    let c = m.client().await;
+    let mut h = http1(tunnel(&c, &m.vip(100, 80)).await.unwrap()).await;
+    let resp = h
+        .send_request(get("/stalls", &hostname("backend")))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "the headers arrive before the timeout");
+    let body = tokio::time::timeout(
+        Duration::from_secs(30),
+        http_body_util::BodyExt::collect(resp.into_body()),
+    )
+    .await
+    .expect("the stalled body was never cut");
+    assert!(body.is_err(), "a body cut short must not look complete");
+    // The waypoint still serves: a new tunnel, the healthy backend.
+    m.wp.config
+        .send_replace(Arc::new(serving_backend(&m, &backend_waypoint())));
+    let mut h = http1(tunnel(&c, &m.vip(100, 80)).await.unwrap()).await;
+    assert_eq!(get_ok(&mut h, "/after").await.0, 200);
+}

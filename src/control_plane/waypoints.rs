@@ -175,13 +175,13 @@ impl Waypoints {
         let own = self
             .workload_waypoints
             .get(&(namespace.to_string(), name.to_string()));
-        let mut keys: Vec<String> = own
-            .into_iter()
-            .chain(backs.filter_map(|(ns, n)| {
-                self.service_waypoints.get(&(ns.to_string(), n.to_string()))
-            }))
-            .filter_map(|wp| self.allow.get(wp).map(Policy::key))
-            .collect();
+        let mut keys: Vec<String> =
+            own.into_iter()
+                .chain(backs.filter_map(|(ns, n)| {
+                    self.service_waypoints.get(&(ns.to_string(), n.to_string()))
+                }))
+                .filter_map(|wp| self.allow.get(wp).map(Policy::key))
+                .collect();
         keys.sort();
         keys.dedup();
         keys
@@ -330,7 +330,12 @@ fn allow_waypoint(cfg: &MeshConfig, g: &binding::Gateway<'_>) -> Policy {
     let mut principals: Vec<String> = g
         .instances
         .iter()
-        .map(|w| format!("{}/ns/{}/sa/{}", cfg.trust_domain, w.namespace, w.service_account))
+        .map(|w| {
+            format!(
+                "{}/ns/{}/sa/{}",
+                cfg.trust_domain, w.namespace, w.service_account
+            )
+        })
         .collect();
     principals.sort();
     principals.dedup();

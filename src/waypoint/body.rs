@@ -5,6 +5,7 @@
 //! endpoint's body has been read to its end, and releases what the request holds of its cluster (request
 //! permit, in-flight count) then too.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
@@ -95,7 +96,14 @@ pub struct RespBody {
     source: Source,
     log: Option<Box<RequestLog>>,
     held: Option<Held>,
+    /// The route's timeout, which covers the whole response (Envoy's): past it the stream is reset.
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
 }
+
+/// The route's timeout passed while the response body was still arriving.
+#[derive(Debug, thiserror::Error)]
+#[error("upstream request timeout: the response body did not end within the route's timeout")]
+pub struct BodyTimeout;
 
 impl RespBody {
     /// A body of ours (`""`: none).
@@ -105,6 +113,7 @@ impl RespBody {
             source: Source::Full((!b.is_empty()).then_some(b)),
             log,
             held: None,
+            deadline: None,
         }
     }
 
@@ -118,6 +127,7 @@ impl RespBody {
             source: Source::Upstream { body, on_end },
             log,
             held: None,
+            deadline: None,
         };
         if let Source::Upstream { body, on_end } = &mut r.source {
             if body.is_end_stream() {
@@ -127,6 +137,14 @@ impl RespBody {
             }
         }
         r
+    }
+
+    /// Resets the stream if the body has not ended by `at` (the route's timeout).
+    pub fn until(mut self, at: tokio::time::Instant) -> RespBody {
+        if !self.is_end_stream() {
+            self.deadline = Some(Box::pin(tokio::time::sleep_until(at)));
+        }
+        self
     }
 
     /// Keeps `held` until the body has ended (or is dropped).
@@ -150,13 +168,28 @@ impl RespBody {
 
 impl Body for RespBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let me = self.get_mut();
+        if let Some(deadline) = &mut me.deadline {
+            if deadline.as_mut().poll(cx).is_ready() {
+                // The endpoint's stream is dropped unfinished (its connection is not reused), the
+                // permits released, and the client's stream reset: Envoy's `UT` after headers.
+                me.deadline = None;
+                me.source = Source::Full(None);
+                me.held = None;
+                if let Some(log) = &mut me.log {
+                    log.flags = "UT";
+                    log.finish();
+                }
+                me.log = None;
+                return Poll::Ready(Some(Err(Box::new(BodyTimeout))));
+            }
+        }
         let frame = match &mut me.source {
             Source::Full(b) => b.take().map(|b| Ok(Frame::data(b))),
             Source::Upstream { body, .. } => ready!(Pin::new(body).poll_frame(cx)),
@@ -182,7 +215,7 @@ impl Body for RespBody {
             }
             None => me.ended(),
         }
-        Poll::Ready(frame)
+        Poll::Ready(frame.map(|f| f.map_err(Into::into)))
     }
 
     fn is_end_stream(&self) -> bool {

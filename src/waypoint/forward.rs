@@ -390,7 +390,11 @@ pub async fn forward(
                 }
                 let flags = if retriable && retried { "URX" } else { "-" };
                 let held: Held = Box::new((permit, active, retry_permit));
-                return response_for(resp, on_end, held, f.route, log, flags);
+                let resp = response_for(resp, on_end, held, f.route, log, flags);
+                return match overall {
+                    Some(at) => resp.map(|b| b.until(at)),
+                    None => resp,
+                };
             }
             Err(failure) => {
                 if let Some((c, uid)) = &cluster {

@@ -1178,7 +1178,13 @@ fn auto_allow_waypoint_policy_lets_the_waypoint_through_the_l4_policies_of_the_p
         .is_empty());
     let policy = &on.authorizations[key];
     assert_eq!(policy.action, crate::proto::security::Action::Allow as i32);
-    assert_eq!(policy.scope, crate::proto::security::Scope::WorkloadSelector as i32);
+    assert_eq!(
+        policy.scope,
+        crate::proto::security::Scope::WorkloadSelector as i32
+    );
     let text = format!("{policy:?}");
-    assert!(text.contains("cluster.local/ns/bookinfo/sa/waypoint"), "{text}");
+    assert!(
+        text.contains("cluster.local/ns/bookinfo/sa/waypoint"),
+        "{text}"
+    );
 }
