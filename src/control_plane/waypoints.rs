@@ -81,6 +81,8 @@
 //!   else the route's; a redirect's status defaults to 302 (Gateway API) and a new scheme without a port to
 //!   its well-known port. VirtualService: `retries` without `retryOn` retry on istiod's default conditions;
 //!   zero attempts disable retries; a redirect's status defaults to 301.
+//! - VirtualService `tcp[]` routes (match by `port` only): the first that fits a TCP (or undeclared) port
+//!   splits its connections over weighted destinations; without one a TCP port goes to its own service.
 //! - Clusters `outbound|<port>|<subset>|<hostname>`: endpoints are the workload uids the Service selects
 //!   (and the subset's labels); DestinationRule per `clusters.rs`, Envoy's outlier defaults filled in.
 //! - AuthorizationPolicies with `targetRef(s)` (converted in `istio/l7.rs`): a Gateway target goes to that
@@ -101,7 +103,7 @@
 //!
 //! Refused, naming the field: regex matches and rewrites, wildcard hosts, hosts or backends that are not
 //! services of the file, subsets no DestinationRule defines, consumer (cross-namespace) routes, and the
-//! fields meshnode's waypoint does not implement (fault injection, mirroring, CORS, TCP/TLS routes,
+//! fields meshnode's waypoint does not implement (fault injection, mirroring, CORS, TLS routes,
 //! consistent hashing, DestinationRule TLS, port-level settings, ...).
 
 use std::collections::{BTreeMap, HashMap};
@@ -400,12 +402,33 @@ fn service_entry(
         let default_name = default.name.clone();
         clusters.insert(default_name.clone(), default);
         let mut pending: Vec<PendingRoute> = Vec::new();
-        if proto != wp::Protocol::Tcp {
-            for set in sets.iter().filter(|set| {
+        // The VirtualServices for this service that this waypoint applies.
+        let virtual_services = || {
+            sets.iter().filter(|set| {
                 set.kind == ObjectKind::VirtualService
                     && set.parents.iter().any(|(k, _)| *k == key)
                     && (set.namespace == s.namespace || set.namespace == wns)
-            }) {
+            })
+        };
+        // TCP (and not-yet-known) ports: the first `tcp[]` route for the port, else the service itself.
+        let mut tcp = vec![wp::WeightedCluster {
+            cluster: default_name.clone(),
+            weight: 1,
+        }];
+        if matches!(proto, wp::Protocol::Tcp | wp::Protocol::Unspecified) {
+            let first = virtual_services()
+                .flat_map(|set| set.tcp.iter())
+                .find(|r| r.applies_to(p.port));
+            if let Some(r) = first {
+                tcp = r
+                    .backends
+                    .iter()
+                    .map(|b| backend_cluster(cfg, rules, wns, s, p.port, b, &mut clusters))
+                    .collect::<Result<_, _>>()?;
+            }
+        }
+        if proto != wp::Protocol::Tcp {
+            for set in virtual_services() {
                 pending.extend(
                     set.routes
                         .iter()
@@ -442,10 +465,7 @@ fn service_entry(
             port: u32::from(p.port),
             protocol: proto as i32,
             routes: port_routes,
-            tcp: vec![wp::WeightedCluster {
-                cluster: default_name.clone(),
-                weight: 1,
-            }],
+            tcp,
             default_cluster: default_name,
         });
     }
@@ -473,39 +493,53 @@ fn resolve_backends(
     let Some(backends) = pending.backends else {
         return Ok(route);
     };
-    let mut forward = wp::Forward::default();
-    for b in backends {
-        let svc = find_service(cfg, &b.service.0, &b.service.1).ok_or_else(|| {
-            invalid(&b.field, "not a service of the mesh file") // checked when the route was read
-        })?;
-        let same = svc.namespace == routed.namespace && svc.name == routed.name;
-        let chosen = b.port.or_else(|| {
-            if same || svc.ports.iter().any(|p| p.port == port) {
-                Some(port)
-            } else if svc.ports.len() == 1 {
-                Some(svc.ports[0].port)
-            } else {
-                None
-            }
-        });
-        let Some(chosen) = chosen else {
-            return Err(invalid(
-                format!("{}.port", b.field),
-                format!(
-                    "service {}/{} has several ports and none is {port}: say which one",
-                    svc.namespace, svc.name
-                ),
-            ));
-        };
-        let cluster = rules.cluster(cfg, wns, svc, chosen, &b.subset, &b.field)?;
-        forward.backends.push(wp::WeightedCluster {
-            cluster: cluster.name.clone(),
-            weight: b.weight,
-        });
-        clusters.insert(cluster.name.clone(), cluster);
-    }
-    route.action = Some(wp::route::Action::Forward(forward));
+    let backends = backends
+        .iter()
+        .map(|b| backend_cluster(cfg, rules, wns, routed, port, b, clusters))
+        .collect::<Result<_, _>>()?;
+    route.action = Some(wp::route::Action::Forward(wp::Forward { backends }));
     Ok(route)
+}
+
+/// Names one backend of a route to `routed`'s `port` as a cluster (added to `clusters`).
+fn backend_cluster(
+    cfg: &MeshConfig,
+    rules: &DestinationRules,
+    wns: &str,
+    routed: &ServiceSpec,
+    port: u16,
+    b: &routes::Backend,
+    clusters: &mut BTreeMap<String, wp::Cluster>,
+) -> Result<wp::WeightedCluster, Error> {
+    let svc = find_service(cfg, &b.service.0, &b.service.1).ok_or_else(|| {
+        invalid(&b.field, "not a service of the mesh file") // checked when the route was read
+    })?;
+    let same = svc.namespace == routed.namespace && svc.name == routed.name;
+    let chosen = b.port.or_else(|| {
+        if same || svc.ports.iter().any(|p| p.port == port) {
+            Some(port)
+        } else if svc.ports.len() == 1 {
+            Some(svc.ports[0].port)
+        } else {
+            None
+        }
+    });
+    let Some(chosen) = chosen else {
+        return Err(invalid(
+            format!("{}.port", b.field),
+            format!(
+                "service {}/{} has several ports and none is {port}: say which one",
+                svc.namespace, svc.name
+            ),
+        ));
+    };
+    let cluster = rules.cluster(cfg, wns, svc, chosen, &b.subset, &b.field)?;
+    let weighted = wp::WeightedCluster {
+        cluster: cluster.name.clone(),
+        weight: b.weight,
+    };
+    clusters.insert(cluster.name.clone(), cluster);
+    Ok(weighted)
 }
 
 /// Puts each targeted AuthorizationPolicy where its targets say.

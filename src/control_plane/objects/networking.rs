@@ -21,8 +21,9 @@ pub struct VirtualServiceSpec {
     /// HTTP routes, in order.
     #[serde(default)]
     pub http: Vec<VsHttpRoute>,
-    /// Not supported.
-    pub tcp: Option<Unsupported>,
+    /// TCP routes, in order: the first whose match fits the port decides.
+    #[serde(default)]
+    pub tcp: Vec<VsTcpRoute>,
     /// Not supported.
     pub tls: Option<Unsupported>,
     /// Not supported.
@@ -33,9 +34,43 @@ impl VirtualServiceSpec {
     /// The first unsupported field present.
     pub fn unsupported(&self) -> Option<&'static str> {
         first_present(&[
-            ("tcp", self.tcp.is_some()),
             ("tls", self.tls.is_some()),
             ("exportTo", self.export_to.is_some()),
+        ])
+    }
+}
+
+/// One `tcp[]` route: weighted destinations for connections to the matched ports.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[allow(missing_docs)] // Istio's field names; see the Istio reference.
+pub struct VsTcpRoute {
+    #[serde(default, rename = "match")]
+    pub matches: Vec<VsL4Match>,
+    #[serde(default)]
+    pub route: Vec<VsRouteDestination>,
+}
+
+/// One `tcp[].match[]`: the service port only.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[allow(missing_docs)] // Istio's field names; see the Istio reference.
+pub struct VsL4Match {
+    pub port: Option<u16>,
+    pub destination_subnets: Option<Unsupported>,
+    pub source_labels: Option<Unsupported>,
+    pub source_namespace: Option<Unsupported>,
+    pub gateways: Option<Unsupported>,
+}
+
+impl VsL4Match {
+    /// The first unsupported field present.
+    pub fn unsupported(&self) -> Option<&'static str> {
+        first_present(&[
+            ("destinationSubnets", self.destination_subnets.is_some()),
+            ("sourceLabels", self.source_labels.is_some()),
+            ("sourceNamespace", self.source_namespace.is_some()),
+            ("gateways", self.gateways.is_some()),
         ])
     }
 }

@@ -70,6 +70,22 @@ pub(super) struct PendingRoute {
     pub backends: Option<Vec<Backend>>,
 }
 
+/// A VirtualService `tcp[]` route before its backends are named.
+#[derive(Debug, Clone)]
+pub(super) struct PendingTcp {
+    /// The service ports it applies to; empty: every port.
+    pub ports: Vec<u16>,
+    /// The weighted backends (weight-0 ones already dropped).
+    pub backends: Vec<Backend>,
+}
+
+impl PendingTcp {
+    /// Whether it applies to connections to service port `port`.
+    pub(super) fn applies_to(&self, port: u16) -> bool {
+        self.ports.is_empty() || self.ports.contains(&port)
+    }
+}
+
 /// The routes of one object and the services they apply to.
 #[derive(Debug, Clone)]
 pub(super) struct RouteSet {
@@ -80,6 +96,8 @@ pub(super) struct RouteSet {
     /// The services (and, for an HTTPRoute parentRef with `port`, that port only).
     pub parents: Vec<(ServiceKey, Option<u16>)>,
     pub routes: Vec<PendingRoute>,
+    /// VirtualService `tcp[]`, in order.
+    pub tcp: Vec<PendingTcp>,
 }
 
 /// Every VirtualService and HTTPRoute of the file, checked.

@@ -991,7 +991,7 @@ fn unsupported_l7_objects_are_refused_naming_the_field() {
          "istio[1].spec.http[0].fault: not supported"),
         (vs("{hosts: [reviews], http: [{mirror: {host: reviews}, route: [{destination: {host: reviews}}]}]}"),
          "istio[1].spec.http[0].mirror"),
-        (vs("{hosts: [reviews], tcp: [{route: [{destination: {host: reviews}}]}]}"), "istio[1].spec.tcp"),
+        (vs("{hosts: [reviews], tls: [{route: [{destination: {host: reviews}}]}]}"), "istio[1].spec.tls"),
         (vs("{hosts: [reviews], gateways: [my-gateway], http: [{route: [{destination: {host: reviews}}]}]}"),
          "istio[1].spec.gateways[0]"),
         (vs("{hosts: ['*.bookinfo.svc.cluster.local'], http: []}"), "istio[1].spec.hosts[0]"),
@@ -1187,4 +1187,48 @@ fn auto_allow_waypoint_policy_lets_the_waypoint_through_the_l4_policies_of_the_p
         text.contains("cluster.local/ns/bookinfo/sa/waypoint"),
         "{text}"
     );
+}
+
+#[test]
+fn virtual_service_tcp_routes_split_a_tcp_port_by_weight_and_leave_http_ports_alone() {
+    let vs = virtual_service(
+        "bookinfo",
+        "ratings-tcp",
+        "{hosts: [ratings], tcp: [{match: [{port: 3306}], route: [{destination: {host: ratings, subset: a}, weight: 80}, {destination: {host: ratings, subset: b}, weight: 20}]}]}",
+    );
+    let dr = destination_rule(
+        "bookinfo",
+        "ratings",
+        "{host: ratings, subsets: [{name: a, labels: {app: ratings}}, {name: b, labels: {app: ratings}}]}",
+    );
+    let res = translate(&mesh(&[bookinfo_waypoint(), vs, dr].concat()));
+    let ratings = bound(resource(&res, "bookinfo/waypoint"), "bookinfo", "ratings");
+    let tcp: Vec<(String, u32)> = port(ratings, 3306)
+        .tcp
+        .iter()
+        .map(|w| (w.cluster.clone(), w.weight))
+        .collect();
+    assert_eq!(tcp.len(), 2, "{tcp:?}");
+    assert_eq!(cluster(ratings, &tcp[0].0).subset, "a");
+    assert_eq!(cluster(ratings, &tcp[1].0).subset, "b");
+    assert_eq!((tcp[0].1, tcp[1].1), (80, 20));
+    // The HTTP port keeps its own cluster for TCP-level fallbacks and has no route from it.
+    let http = port(ratings, 9080);
+    assert_eq!(http.tcp.len(), 1);
+    assert_eq!(http.tcp[0].cluster, http.default_cluster);
+    // What is not supported, or missing, is refused naming the field.
+    for (spec, field) in [
+        ("{hosts: [ratings], tcp: [{match: [{destinationSubnets: [10.0.0.0/8]}], route: [{destination: {host: ratings}}]}]}", "istio[1].spec.tcp[0].match[0].destinationSubnets"),
+        ("{hosts: [ratings], tcp: [{match: [{port: 3306}]}]}", "istio[1].spec.tcp[0].route"),
+        ("{hosts: [ratings], tcp: [{route: [{destination: {host: nowhere}}]}]}", "istio[1].spec.tcp[0].route[0].destination.host"),
+        ("{hosts: [ratings], tls: [{route: [{destination: {host: ratings}}]}]}", "istio[1].spec.tls"),
+    ] {
+        let err = try_mesh_with(
+            BASE,
+            &[bookinfo_waypoint(), virtual_service("bookinfo", "bad", spec)].concat(),
+        )
+        .map(|cfg| convert_istio(&cfg).and_then(|c| convert(&cfg, &c)).map(|_| ()))
+        .map_or_else(|e| e.to_string(), |r| r.map_or_else(|e| e.to_string(), |()| String::new()));
+        assert!(err.contains(field), "{spec}: {err}");
+    }
 }

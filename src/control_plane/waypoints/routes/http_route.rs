@@ -99,6 +99,7 @@ pub(super) fn route_set(
         namespace: ns.clone(),
         parents,
         routes,
+        tcp: Vec::new(),
     })
 }
 

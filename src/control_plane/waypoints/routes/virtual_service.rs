@@ -5,11 +5,11 @@ use super::super::clusters::DestinationRules;
 use super::super::{duration, invalid, non_empty};
 use super::{
     header, key, redirect_status, removed_headers, resolve_host, retry_on, timeout, Backend,
-    PendingRoute, RouteSet, ServiceKey, DEFAULT_RETRY_ON,
+    PendingRoute, PendingTcp, RouteSet, ServiceKey, DEFAULT_RETRY_ON,
 };
 use crate::control_plane::config::{Error, MeshConfig, ServiceSpec};
 use crate::control_plane::objects::networking::{
-    VirtualServiceSpec, VsHeaderOps, VsHttpRoute, VsMatch, VsStringMatch,
+    VirtualServiceSpec, VsHeaderOps, VsHttpRoute, VsMatch, VsRouteDestination, VsStringMatch,
 };
 use crate::control_plane::objects::{IstioObject, ObjectKind};
 use crate::proto::waypoint as wp;
@@ -55,11 +55,39 @@ pub(super) fn route_set(
         let name = format!("{ns}/{}.{r}", obj.metadata.name);
         routes.push(vs_route(cfg, rules, ns, &parents, http, name, &at)?);
     }
+    let mut tcp = Vec::new();
+    for (r, route) in spec.tcp.iter().enumerate() {
+        let at = format!("{at}.tcp[{r}]");
+        let mut ports = Vec::new();
+        for (m, mat) in route.matches.iter().enumerate() {
+            let mat_at = format!("{at}.match[{m}]");
+            if let Some(f) = mat.unsupported() {
+                return Err(invalid(format!("{mat_at}.{f}"), "not supported"));
+            }
+            match mat.port {
+                Some(p) => ports.push(p),
+                // A match without a port matches every port.
+                None => {
+                    ports.clear();
+                    break;
+                }
+            }
+        }
+        if route.route.is_empty() {
+            return Err(invalid(
+                format!("{at}.route"),
+                "a TCP route needs at least one destination",
+            ));
+        }
+        let backends = destinations(cfg, rules, ns, &parents, &route.route, &at)?;
+        tcp.push(PendingTcp { ports, backends });
+    }
     Ok(RouteSet {
         kind: ObjectKind::VirtualService,
         namespace: ns.clone(),
         parents,
         routes,
+        tcp,
     })
 }
 
@@ -108,62 +136,7 @@ fn vs_route(
     }
     let mut backends = None;
     if !http.route.is_empty() {
-        let several = http.route.len() > 1;
-        let mut list = Vec::new();
-        for (d, dest) in http.route.iter().enumerate() {
-            let dat = format!("{at}.route[{d}]");
-            if dest.headers.is_some() {
-                return Err(invalid(
-                    format!("{dat}.headers"),
-                    "not supported; set headers on the route",
-                ));
-            }
-            let weight = match dest.weight {
-                None if several => {
-                    return Err(invalid(
-                        format!("{dat}.weight"),
-                        "required when a route has several destinations",
-                    ))
-                }
-                None => 1,
-                Some(w) => u32::try_from(w).map_err(|_| {
-                    invalid(
-                        format!("{dat}.weight"),
-                        format!("{w} is not 0-{}", u32::MAX),
-                    )
-                })?,
-            };
-            let field = format!("{dat}.destination");
-            let svc = resolve_host(cfg, &dest.destination.host, ns, &format!("{field}.host"))?;
-            let port = dest.destination.port.map(|p| p.number);
-            check_backend_port(svc, port, hosts, &format!("{field}.port"))?;
-            let subset = dest.destination.subset.clone().unwrap_or_default();
-            if !subset.is_empty() && !rules.any_subset(svc, &subset) {
-                return Err(invalid(
-                    format!("{field}.subset"),
-                    format!(
-                        "no DestinationRule for {} defines subset {subset:?}",
-                        cfg.service_hostname(&svc.namespace, &svc.name)
-                    ),
-                ));
-            }
-            if weight > 0 {
-                list.push(Backend {
-                    service: key(svc),
-                    port,
-                    subset,
-                    weight,
-                    field,
-                });
-            }
-        }
-        if list.is_empty() {
-            return Err(invalid(
-                format!("{at}.route"),
-                "every destination has weight 0",
-            ));
-        }
-        backends = Some(list);
+        backends = Some(destinations(cfg, rules, ns, hosts, &http.route, at)?);
     }
     if let Some(r) = &http.redirect {
         if r.derive_port.is_some() {
@@ -378,4 +351,71 @@ fn vs_header_ops(ops: &VsHeaderOps, at: &str) -> Result<wp::HeaderOps, Error> {
         add: headers(&ops.add, "add")?,
         remove,
     })
+}
+
+/// A route's weighted destinations (`route[]`) as backends, weight-0 ones dropped (none left: refused).
+fn destinations(
+    cfg: &MeshConfig,
+    rules: &DestinationRules,
+    ns: &str,
+    hosts: &[(ServiceKey, Option<u16>)],
+    route: &[VsRouteDestination],
+    at: &str,
+) -> Result<Vec<Backend>, Error> {
+    let several = route.len() > 1;
+    let mut list = Vec::new();
+    for (d, dest) in route.iter().enumerate() {
+        let dat = format!("{at}.route[{d}]");
+        if dest.headers.is_some() {
+            return Err(invalid(
+                format!("{dat}.headers"),
+                "not supported; set headers on the route",
+            ));
+        }
+        let weight = match dest.weight {
+            None if several => {
+                return Err(invalid(
+                    format!("{dat}.weight"),
+                    "required when a route has several destinations",
+                ))
+            }
+            None => 1,
+            Some(w) => u32::try_from(w).map_err(|_| {
+                invalid(
+                    format!("{dat}.weight"),
+                    format!("{w} is not 0-{}", u32::MAX),
+                )
+            })?,
+        };
+        let field = format!("{dat}.destination");
+        let svc = resolve_host(cfg, &dest.destination.host, ns, &format!("{field}.host"))?;
+        let port = dest.destination.port.map(|p| p.number);
+        check_backend_port(svc, port, hosts, &format!("{field}.port"))?;
+        let subset = dest.destination.subset.clone().unwrap_or_default();
+        if !subset.is_empty() && !rules.any_subset(svc, &subset) {
+            return Err(invalid(
+                format!("{field}.subset"),
+                format!(
+                    "no DestinationRule for {} defines subset {subset:?}",
+                    cfg.service_hostname(&svc.namespace, &svc.name)
+                ),
+            ));
+        }
+        if weight > 0 {
+            list.push(Backend {
+                service: key(svc),
+                port,
+                subset,
+                weight,
+                field,
+            });
+        }
+    }
+    if list.is_empty() {
+        return Err(invalid(
+            format!("{at}.route"),
+            "every destination has weight 0",
+        ));
+    }
+    Ok(list)
 }
