@@ -528,14 +528,7 @@ fn remove_pod(opts: &Options, model: &Model, pod: &model::Pod) -> Result<(), Err
             .filter(|f| f.netns == name)
             .collect(),
     );
-    if net::netns_path(&name).exists() {
-        crate::netsetup::delete_named_netns(&name).map_err(|source| {
-            Error::Net(net::Error::Setup {
-                what: format!("deleting {name}"),
-                source,
-            })
-        })?;
-    }
+    net::unwire_pod(model, pod)?;
     if let Some(gateway) = &pod.waypoint {
         let dir = opts.path(&format!("waypoints/{}-{gateway}", pod.namespace));
         let _ = std::fs::remove_dir_all(dir);

@@ -256,6 +256,24 @@ pub fn wire_pod(model: &Model, pod: &Pod) -> Result<Value, Error> {
     }))
 }
 
+/// Undoes [`wire_pod`]: deletes the pod's veth from the node side (which removes both ends and the node's
+/// route to the pod at once: a deleted namespace's interfaces are cleaned up by the kernel later, and the
+/// next pod given the same address needs the name now), then the pod's namespace.
+pub fn unwire_pod(model: &Model, pod: &Pod) -> Result<(), Error> {
+    let node_ns = open(&node_netns(model, &pod.node))?;
+    let host_if = host_ifname(pod);
+    inside(
+        &node_ns,
+        &format!("{}: veth of pod {}", pod.node, pod.key()),
+        move || netsetup::delete_link(&host_if),
+    )?;
+    let name = pod_netns(model, pod);
+    if netns_path(&name).exists() {
+        netsetup::delete_named_netns(&name).map_err(setup(format!("deleting {name}")))?;
+    }
+    Ok(())
+}
+
 fn host_net(ip: Ipv4Addr) -> IpNet {
     IpNet::V4(Ipv4Net::new(ip, 32).expect("32 is a valid prefix"))
 }
