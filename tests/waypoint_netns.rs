@@ -5,6 +5,8 @@
 //!
 //! - a service bound to the namespace's waypoint is reached through it: the waypoint counts the client's
 //!   identity, the server's proxy counts the waypoint's;
+//! - the waypoint takes workload traffic too (`istio.io/waypoint-for: all`): a call to the server's pod IP
+//!   goes through it as well;
 //! - a service that opts out (`istio.io/use-waypoint: none`) is reached directly with the client's identity;
 //! - with the waypoint gone, its service is refused (fail closed), never reached directly, while the
 //!   opted-out service keeps working.
@@ -68,7 +70,7 @@ fn mesh_yaml(pods: &[&Pod]) -> String {
          - {{token: {NODE_TOKEN}, nodeProxy: true, node: node1}}\n\
          - {{token: {WAYPOINT_TOKEN}, namespace: default, serviceAccount: waypoint}}\n\
          istio:\n\
-         - apiVersion: gateway.networking.k8s.io/v1\n  kind: Gateway\n  metadata: {{name: waypoint, namespace: default}}\n  spec:\n    gatewayClassName: istio-waypoint\n    listeners: [{{name: mesh, port: 15008, protocol: HBONE}}]\n"
+         - apiVersion: gateway.networking.k8s.io/v1\n  kind: Gateway\n  metadata: {{name: waypoint, namespace: default, labels: {{istio.io/waypoint-for: all}}}}\n  spec:\n    gatewayClassName: istio-waypoint\n    listeners: [{{name: mesh, port: 15008, protocol: HBONE}}]\n"
     );
     y
 }
@@ -217,6 +219,19 @@ fn captured_traffic_to_a_waypoint_bound_service_goes_through_the_waypoint_and_fa
         "client → via answered through the waypoint",
         || {
             answered(&client, via)
+                && at_waypoint() > before_wp
+                && at_server(waypoint_id) > before_srv
+        },
+    );
+
+    // The server's pod IP: its workload waypoint (the same one, which takes all traffic).
+    let pod_ip = SocketAddr::new(server.ip.unwrap(), 9080);
+    let (before_wp, before_srv) = (at_waypoint(), at_server(waypoint_id));
+    eventually(
+        &node,
+        "client → server pod IP through the waypoint",
+        || {
+            answered(&client, pod_ip)
                 && at_waypoint() > before_wp
                 && at_server(waypoint_id) > before_srv
         },
