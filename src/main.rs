@@ -24,7 +24,12 @@ enum Command {
     /// Run the node proxy (ztunnel's role). Configured through ztunnel's environment variables:
     /// PROXY_MODE, PROXY_WORKLOAD_INFO, LOCAL_XDS_PATH, XDS_ADDRESS, PACKET_MARK, ENABLE_ORIG_SRC, NODE_NAME,
     /// CA_CERTS_DIR, SECRET_TTL, RUST_LOG, ...
-    Proxy,
+    Proxy {
+        /// What Istio's ztunnel chart passes after the role (`args: [proxy, ztunnel]`); ignored, as ztunnel
+        /// ignores it.
+        #[arg(hide = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        _ignored: Vec<String>,
+    },
     /// Run a waypoint (an L7 proxy for one namespace's waypoint Gateway, Envoy's role in Istio ambient):
     /// HBONE in on :15008, HTTP routes, L7 authorization and retries, HBONE out to the endpoints' node
     /// proxies, request metrics on :15020, readiness on :15021. Configured through the node proxy's
@@ -86,7 +91,7 @@ fn main() -> anyhow::Result<()> {
             println!("meshnode {}", env!("CARGO_PKG_VERSION"));
             Ok(())
         }
-        Command::Proxy => {
+        Command::Proxy { .. } => {
             init_logging();
             let cfg = Arc::new(Config::from_source(&ProcessEnv)?);
             match meshnode::app::raise_fd_limit() {

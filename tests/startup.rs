@@ -193,15 +193,18 @@ fn the_binary_refuses_bad_environment_naming_the_variable() {
             "PACKET_MARK",
         ),
     ] {
-        let out = std::process::Command::new(bin)
-            .arg("proxy")
-            .env_clear()
-            .envs(env.iter().copied())
-            .output()
-            .unwrap();
-        assert!(!out.status.success());
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(stderr.contains(var), "stderr for {env:?}: {stderr}");
+        // `proxy ztunnel` is how Istio's ztunnel chart starts it; what follows the role is ignored.
+        for args in [&["proxy"][..], &["proxy", "ztunnel"][..]] {
+            let out = std::process::Command::new(bin)
+                .args(args)
+                .env_clear()
+                .envs(env.iter().copied())
+                .output()
+                .unwrap();
+            assert!(!out.status.success());
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(stderr.contains(var), "stderr for {args:?} {env:?}: {stderr}");
+        }
     }
 }
 
