@@ -13,6 +13,7 @@
 //! | `istio_tcp_received_bytes_total` | at close: bytes from the initiator towards the server |
 //! | `istio_tcp_sent_bytes_total` | at close: bytes from the server towards the initiator |
 //! | `istio_tcp_sockets_open` | gauge per `reporter`: connections opened here and not yet closed |
+//! | `istio_build` | always 1, labelled `component="ztunnel"` and `tag=<version>` (what Istio's dashboards select on) |
 //! | `meshnode_waypoint_unavailable_total` | an outbound connection that must pass a waypoint is refused because the waypoint is missing, unresolvable or unreachable ([`WaypointLabels`]) |
 //!
 //! Both sides record: inbound (:15008, :15006) with `reporter="destination"`, outbound (:15001) with
@@ -340,6 +341,13 @@ impl Default for Metrics {
     }
 }
 
+/// `istio_build`'s labels: the role (ztunnel's name for the node proxy) and the version.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct BuildLabels {
+    component: String,
+    tag: String,
+}
+
 impl Metrics {
     /// A registry with the `istio_tcp_*` families registered.
     pub fn new() -> Metrics {
@@ -376,6 +384,14 @@ impl Metrics {
             "The current number of open TCP connections (unstable)",
             tcp.sockets_open.clone(),
         );
+        let build = Family::<BuildLabels, Gauge>::default();
+        build
+            .get_or_create(&BuildLabels {
+                component: "ztunnel".into(),
+                tag: env!("CARGO_PKG_VERSION").into(),
+            })
+            .set(1);
+        istio.register("build", "Istio component build info", build);
         let waypoint_unavailable = Family::<WaypointLabels, Counter>::default();
         registry.sub_registry_with_prefix("meshnode").register(
             "waypoint_unavailable",

@@ -203,7 +203,10 @@ fn the_binary_refuses_bad_environment_naming_the_variable() {
                 .unwrap();
             assert!(!out.status.success());
             let stderr = String::from_utf8_lossy(&out.stderr);
-            assert!(stderr.contains(var), "stderr for {args:?} {env:?}: {stderr}");
+            assert!(
+                stderr.contains(var),
+                "stderr for {args:?} {env:?}: {stderr}"
+            );
         }
     }
 }

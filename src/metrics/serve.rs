@@ -1,4 +1,5 @@
-//! `GET /metrics` over HTTP/1.1 (ztunnel's `:15020`): the registry as OpenMetrics text, through
+//! `GET /metrics` (and its alias `GET /stats/prometheus`, as ztunnel serves it) over HTTP/1.1 (ztunnel's
+//! `:15020`): the registry as OpenMetrics text, through
 //! [`crate::admin_http`] (its bounds: 8 KiB request heads, 2 s to send them, a few scrapes at once).
 //!
 //! Input: a bound listener, the process's [`Metrics`], a shutdown signal. Output: one answer per connection.
@@ -26,7 +27,8 @@ pub async fn serve_encoded(
     shutdown: watch::Receiver<bool>,
 ) {
     crate::admin_http::serve(listener, shutdown, move |method, path| {
-        if method == "GET" && (path == "/metrics" || path.starts_with("/metrics?")) {
+        let path = path.split('?').next().unwrap_or_default();
+        if method == "GET" && (path == "/metrics" || path == "/stats/prometheus") {
             Answer {
                 status: 200,
                 reason: "OK",

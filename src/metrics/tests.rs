@@ -44,8 +44,18 @@ fn a_record_dropped_without_close_still_counts_the_close() {
 #[test]
 fn every_family_is_exposed_with_its_type_once_used() {
     let m = Arc::new(Metrics::new());
-    // prometheus-client leaves families without samples out, as ztunnel's output does.
-    assert_eq!(m.encode(), "# EOF\n");
+    // prometheus-client leaves families without samples out, as ztunnel's output does: before any
+    // traffic there is only the build information.
+    let fresh = m.encode();
+    let samples: Vec<&str> = fresh.lines().filter(|l| !l.starts_with('#')).collect();
+    assert_eq!(
+        samples,
+        [format!(
+            r#"istio_build{{component="ztunnel",tag="{}"}} 1"#,
+            env!("CARGO_PKG_VERSION")
+        )],
+        "{fresh}"
+    );
     let labels = TrafficLabels::new(Reporter::destination, None, None, None, None);
     m.open(labels).close(ResponseFlags::Deny, 1, 1);
     let text = m.encode();
@@ -111,4 +121,33 @@ fn unusable_waypoints_are_counted_by_waypoint_binding_and_reason() {
     assert!(m
         .encode()
         .contains("# TYPE meshnode_waypoint_unavailable counter"));
+}
+
+#[tokio::test]
+async fn metrics_are_served_on_metrics_and_on_ztunnels_stats_prometheus_alias() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (_stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(serve(listener, Arc::new(Metrics::new()), stopped));
+    for (path, want) in [
+        ("/metrics", "200"),
+        ("/stats/prometheus", "200"),
+        ("/stats/prometheus?format=text", "200"),
+        ("/stats", "404"),
+    ] {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).await.unwrap();
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {want}")),
+            "{path}: {answer}"
+        );
+        if want == "200" {
+            assert!(answer.contains("istio_build{"), "{path}: {answer}");
+        }
+    }
 }
