@@ -10,8 +10,8 @@
 //! | `istio_tcp_connections_opened_total` | a connection is accepted for a workload (before authorization) |
 //! | `istio_tcp_connections_closed_total` | it ends, whatever the reason (`response_flags` says why) |
 //! | `istio_tcp_connections_failed_total` | it ends with `response_flags` other than `-` |
-//! | `istio_tcp_received_bytes_total` | at close: bytes from the initiator towards the server |
-//! | `istio_tcp_sent_bytes_total` | at close: bytes from the server towards the initiator |
+//! | `istio_tcp_received_bytes_total` | as they are copied: bytes from the initiator towards the server |
+//! | `istio_tcp_sent_bytes_total` | as they are copied: bytes from the server towards the initiator |
 //! | `istio_tcp_sockets_open` | gauge per `reporter`: connections opened here and not yet closed |
 //! | `istio_build` | always 1, labelled `component="ztunnel"` and `tag=<version>` (what Istio's dashboards select on) |
 //! | `meshnode_waypoint_unavailable_total` | an outbound connection that must pass a waypoint is refused because the waypoint is missing, unresolvable or unreachable ([`WaypointLabels`]) |
@@ -24,8 +24,10 @@
 //!
 //! Labels are ztunnel's CommonTrafficLabels ([`TrafficLabels`]) in its order; empty values read
 //! `unknown`. Cost: a label set is built (a few small strings) and looked up in its family once per
-//! connection, at open and at close; bytes are counted by the copy into plain integers and added at close,
-//! so nothing here runs per byte or per read.
+//! connection, at open and at close. Bytes are counted while the connection lives, as ztunnel counts them
+//! (a long connection shows its traffic before it ends): the copy holds the two byte counters of its label
+//! set ([`ConnectionRecord::live_bytes`], `Arc` clones taken at open) and adds to them per read or write,
+//! one atomic add, no lookup and no lock; they carry `response_flags="-"`, as ztunnel's do.
 
 mod serve;
 
@@ -439,6 +441,7 @@ impl Metrics {
             metrics: self.clone(),
             labels: Some(labels),
             open,
+            live: false,
         }
     }
 }
@@ -451,10 +454,34 @@ pub struct ConnectionRecord {
     labels: Option<TrafficLabels>,
     /// This reporter's `istio_tcp_sockets_open`, decremented once at close.
     open: Gauge,
+    /// The bytes are counted as they move ([`live_bytes`](Self::live_bytes)), not at close.
+    live: bool,
+}
+
+/// A connection's two byte counters, added to as the bytes are copied.
+#[derive(Debug, Clone)]
+pub struct LiveBytes {
+    /// `istio_tcp_received_bytes_total`: from the initiator towards the server.
+    pub received: Counter,
+    /// `istio_tcp_sent_bytes_total`: from the server towards the initiator.
+    pub sent: Counter,
 }
 
 impl ConnectionRecord {
-    /// Records the end: `received` bytes from the initiator, `sent` towards it, and why it failed.
+    /// The byte counters of this connection's labels, for the copy to add to as bytes move; from then on
+    /// [`close`](Self::close) no longer adds the totals it is given.
+    pub fn live_bytes(&mut self) -> Option<LiveBytes> {
+        let labels = self.labels.as_ref()?;
+        self.live = true;
+        let tcp = &self.metrics.tcp;
+        Some(LiveBytes {
+            received: tcp.received_bytes.get_or_create(labels).clone(),
+            sent: tcp.sent_bytes.get_or_create(labels).clone(),
+        })
+    }
+
+    /// Records the end: `received` bytes from the initiator, `sent` towards it (unless they were counted
+    /// live), and why it failed.
     pub fn close(mut self, flags: ResponseFlags, received: u64, sent: u64) {
         self.record(flags, received, sent);
     }
@@ -469,6 +496,9 @@ impl ConnectionRecord {
         tcp.closed.get_or_create(&labels).inc();
         if flags != ResponseFlags::None {
             tcp.failed.get_or_create(&labels).inc();
+        }
+        if self.live {
+            return;
         }
         if received > 0 {
             tcp.received_bytes.get_or_create(&labels).inc_by(received);

@@ -290,3 +290,86 @@ async fn passthrough_is_counted_with_an_unknown_destination_and_no_mtls() {
         "{text}"
     );
 }
+
+/// Bytes are counted as they move, as ztunnel counts them: a connection still open shows what it carried
+/// on both proxies (a dashboard sees a long-lived connection's traffic before it ends), and its close adds
+/// nothing twice.
+#[tokio::test]
+async fn bytes_of_an_open_connection_are_counted_before_it_closes_on_both_proxies() {
+    let m = labelled_mesh("[]").await;
+    let entry = capture(
+        &m.client.proxy,
+        ip(m.net, 2),
+        SocketAddr::new(ip(m.net, 100), 80),
+    )
+    .await;
+    let sock = TcpSocket::new_v4().unwrap();
+    sock.bind(SocketAddr::new(ip(m.net, 2), 0)).unwrap();
+    let mut s = sock.connect(entry).await.unwrap();
+    let msg = vec![7u8; 100_000];
+    s.write_all(&msg).await.unwrap();
+    // The echo app greets, then echoes: read until all of it is back, keeping the connection open.
+    let mut back = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    while !back.ends_with(&msg[..]) {
+        let n = tokio::time::timeout(WAIT, s.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "the echo ended early");
+        back.extend_from_slice(&buf[..n]);
+    }
+    let back = back.len() as u64;
+    let received = |p: &Arc<Proxy>, reporter: &'static str| {
+        sample(
+            &p.metrics().encode(),
+            "istio_tcp_received_bytes_total",
+            &[reporter],
+        )
+    };
+    let sent = |p: &Arc<Proxy>, reporter: &'static str| {
+        sample(
+            &p.metrics().encode(),
+            "istio_tcp_sent_bytes_total",
+            &[reporter],
+        )
+    };
+    let src = r#"reporter="source""#;
+    let dst = r#"reporter="destination""#;
+    settled(&m.client.proxy, |t| {
+        sample(t, "istio_tcp_sent_bytes_total", &[src]) == Some(back)
+    })
+    .await;
+    settled(&m.server.proxy, |t| {
+        sample(t, "istio_tcp_sent_bytes_total", &[dst]) == Some(back)
+    })
+    .await;
+    assert_eq!(received(&m.client.proxy, src), Some(100_000));
+    assert_eq!(received(&m.server.proxy, dst), Some(100_000));
+    assert!(
+        sample(
+            &m.client.proxy.metrics().encode(),
+            "istio_tcp_connections_closed_total",
+            &[]
+        )
+        .is_none(),
+        "the connection is still open"
+    );
+    // Closed: the totals stay what was counted.
+    s.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut rest)).await;
+    drop(s);
+    settled(&m.client.proxy, |t| {
+        sample(t, "istio_tcp_connections_closed_total", &[]).is_some()
+    })
+    .await;
+    settled(&m.server.proxy, |t| {
+        sample(t, "istio_tcp_connections_closed_total", &[]).is_some()
+    })
+    .await;
+    assert_eq!(received(&m.client.proxy, src), Some(100_000));
+    assert_eq!(sent(&m.client.proxy, src), Some(back));
+    assert_eq!(received(&m.server.proxy, dst), Some(100_000));
+    assert_eq!(sent(&m.server.proxy, dst), Some(back));
+}

@@ -12,6 +12,7 @@
 //! the connections it closes. The registry holds at most its capacity (set from `max_connections`); a
 //! connection that does not fit is refused rather than carried unchecked.
 
+use prometheus_client::metrics::counter::Counter;
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
@@ -261,7 +262,8 @@ pub fn deciding_policy(reason: &DenyReason) -> &str {
 }
 
 /// An I/O object that counts the bytes read from and written to it, so the totals survive a copy that is
-/// cancelled (a connection closed by a policy change). Plain integers: it is owned by one task.
+/// cancelled (a connection closed by a policy change). Plain integers: it is owned by one task. Given the
+/// connection's metric counters, it also adds to them as it goes (one atomic add per read or write).
 #[derive(Debug)]
 pub struct Counted<T> {
     inner: T,
@@ -269,6 +271,8 @@ pub struct Counted<T> {
     pub read: u64,
     /// Bytes written to `inner`.
     pub written: u64,
+    on_read: Option<Counter>,
+    on_write: Option<Counter>,
 }
 
 impl<T> Counted<T> {
@@ -278,7 +282,16 @@ impl<T> Counted<T> {
             inner,
             read: 0,
             written: 0,
+            on_read: None,
+            on_write: None,
         }
+    }
+
+    /// Also adds each read's bytes to `read` and each write's to `write` (live metrics).
+    pub fn live(mut self, read: Option<Counter>, write: Option<Counter>) -> Counted<T> {
+        self.on_read = read;
+        self.on_write = write;
+        self
     }
 }
 
@@ -290,7 +303,13 @@ impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let res = Pin::new(&mut self.inner).poll_read(cx, buf);
-        self.read += (buf.filled().len() - before) as u64;
+        let n = (buf.filled().len() - before) as u64;
+        if n > 0 {
+            self.read += n;
+            if let Some(c) = &self.on_read {
+                c.inc_by(n);
+            }
+        }
         res
     }
 }
@@ -304,6 +323,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
         let res = Pin::new(&mut self.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = res {
             self.written += n as u64;
+            if let Some(c) = &self.on_write {
+                c.inc_by(n as u64);
+            }
         }
         res
     }

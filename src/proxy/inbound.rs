@@ -202,7 +202,7 @@ impl Proxy {
             mut upstream,
             target,
             mut registration,
-            record,
+            mut record,
             proxy_header,
         } = admitted;
         let (send, recv) = match incoming.accept(http::HeaderMap::new()) {
@@ -226,7 +226,15 @@ impl Proxy {
             }
         }
         let (r, w) = upstream.split();
-        let (mut r, mut w) = (Counted::new(r), Counted::new(w));
+        let live = record.live_bytes();
+        let (sent_c, received_c) = (
+            live.as_ref().map(|l| l.sent.clone()),
+            live.map(|l| l.received),
+        );
+        let (mut r, mut w) = (
+            Counted::new(r).live(sent_c, None),
+            Counted::new(w).live(None, received_c),
+        );
         let outcome = tokio::select! {
             res = copy::bidirectional(&mut r, &mut w, send, recv) => Ok(res),
             // Dropping the copy drops the stream's halves: h2 resets the stream (CANCEL).

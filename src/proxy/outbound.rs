@@ -141,7 +141,7 @@ impl Proxy {
                 return Err(e);
             }
         };
-        let record = self.metrics().open(source_labels(&src, &route));
+        let mut record = self.metrics().open(source_labels(&src, &route));
         let tunnel = match &route {
             Route::Passthrough(addr) | Route::Tcp(Upstream { addr, .. }) => {
                 let addr = *addr;
@@ -152,7 +152,12 @@ impl Proxy {
                         return Err(e);
                     }
                 };
-                let mut up = Counted::new(up);
+                // Upstream: written = received from the initiator, read = sent towards it.
+                let live = record.live_bytes();
+                let mut up = Counted::new(up).live(
+                    live.as_ref().map(|l| l.sent.clone()),
+                    live.map(|l| l.received),
+                );
                 let res = tokio::io::copy_bidirectional(&mut stream, &mut up).await;
                 // Received: from the initiator (written upstream); sent: towards it (read from upstream).
                 let (received, sent) = (up.written, up.read);
@@ -210,7 +215,16 @@ impl Proxy {
             }
         };
         let (r, w) = stream.split();
-        let (mut r, mut w) = (Counted::new(r), Counted::new(w));
+        // From the app: received; to the app: sent.
+        let live = record.live_bytes();
+        let (received_c, sent_c) = (
+            live.as_ref().map(|l| l.received.clone()),
+            live.map(|l| l.sent),
+        );
+        let (mut r, mut w) = (
+            Counted::new(r).live(received_c, None),
+            Counted::new(w).live(None, sent_c),
+        );
         let res = copy::bidirectional(&mut r, &mut w, opened.send, opened.recv).await;
         drop(opened.slot);
         let (received, sent) = (r.read, w.written);

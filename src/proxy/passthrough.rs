@@ -69,7 +69,7 @@ impl Proxy {
             Some(&workload),
             super::service_for(&state, &workload, dst.port()).as_deref(),
         );
-        let record = self.metrics().open(labels);
+        let mut record = self.metrics().open(labels);
         // Registered before the check, so a policy change between the two is never missed.
         let mut registration = match self.conns.register(Tracked {
             src: peer,
@@ -116,7 +116,12 @@ impl Proxy {
                 return refused(&stream, &Error::Connect { dst, source }, "-");
             }
         };
-        let mut up = Counted::new(up);
+        // Upstream: written = received from the initiator, read = sent towards it.
+        let live = record.live_bytes();
+        let mut up = Counted::new(up).live(
+            live.as_ref().map(|l| l.sent.clone()),
+            live.map(|l| l.received),
+        );
         let ended = tokio::select! {
             res = tokio::io::copy_bidirectional(&mut stream, &mut up) => Ended::Copied(res),
             reason = registration.closed() => Ended::Closed(reason),
