@@ -185,7 +185,14 @@ pub async fn run_proxy_with_metrics(
     metrics_listener: Option<TcpListener>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), Error> {
-    let metrics = Arc::new(crate::metrics::Metrics::new());
+    let (metrics, workload_manager) = match cfg.proxy_mode {
+        ProxyMode::Shared => {
+            let (m, w) = crate::metrics::Metrics::with_workload_manager();
+            (m, Some(w))
+        }
+        _ => (crate::metrics::Metrics::new(), None),
+    };
+    let metrics = Arc::new(metrics);
     if let Some(l) = metrics_listener {
         tokio::spawn(crate::metrics::serve(l, metrics.clone(), shutdown.clone()));
     }
@@ -226,6 +233,7 @@ pub async fn run_proxy_with_metrics(
                 certs,
                 orig_src,
                 metrics,
+                workload_manager: workload_manager.unwrap_or_default(),
             };
             crate::inpod::run(inputs, ready, shutdown).await;
             return Ok(());

@@ -71,6 +71,8 @@ pub struct InpodInputs {
     pub orig_src: bool,
     /// The process's metrics registry, shared by every pod's proxy.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Its in-pod workload manager families (pods served, pending, started, stopped).
+    pub workload_manager: crate::metrics::WorkloadManagerMetrics,
 }
 
 /// A running pod proxy.
@@ -244,13 +246,23 @@ impl Pods {
             Ok(p) => {
                 tracing::info!(uid, workload = ?info, netns = %netns.id(), "pod enrolled: proxy listening in its namespace");
                 self.running.insert(uid, p);
+                self.inputs.workload_manager.started.inc();
+                self.count();
                 Ok(())
             }
             Err(e) => {
                 self.pending.insert(uid, Pending { info, netns });
+                self.count();
                 Err(e)
             }
         }
+    }
+
+    /// Publishes how many pods are served and pending.
+    fn count(&self) {
+        let w = &self.inputs.workload_manager;
+        w.active.set(self.running.len() as i64);
+        w.pending.set(self.pending.len() as i64);
     }
 
     fn start(&self, uid: &str, info: &WorkloadInfo, netns: &Netns) -> Result<PodProxy, Error> {
@@ -328,7 +340,9 @@ impl Pods {
         if let Some(p) = self.running.remove(uid) {
             tracing::info!(uid, workload = ?p.info, "pod removed: draining its proxy");
             let _ = p.drain.send(true);
+            self.inputs.workload_manager.stopped.inc();
         }
+        self.count();
     }
 
     /// After a snapshot: drain every pod the agent did not name.

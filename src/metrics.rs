@@ -14,6 +14,8 @@
 //! | `istio_tcp_sent_bytes_total` | as they are copied: bytes from the server towards the initiator |
 //! | `istio_tcp_sockets_open` | gauge per `reporter`: connections opened here and not yet closed |
 //! | `istio_build` | always 1, labelled `component="ztunnel"` and `tag=<version>` (what Istio's dashboards select on) |
+//! | `workload_manager_active_proxy_count`, `workload_manager_pending_proxy_count` | shared mode: pods served, pods whose proxy could not start yet ([`WorkloadManagerMetrics`]) |
+//! | `workload_manager_proxies_started_total`, `workload_manager_proxies_stopped_total` | shared mode: pod proxies started, and drained |
 //! | `meshnode_waypoint_unavailable_total` | an outbound connection that must pass a waypoint is refused because the waypoint is missing, unresolvable or unreachable ([`WaypointLabels`]) |
 //!
 //! Both sides record: inbound (:15008, :15006) with `reporter="destination"`, outbound (:15001) with
@@ -343,6 +345,19 @@ impl Default for Metrics {
     }
 }
 
+/// ztunnel's in-pod workload manager families (shared mode only), as its Istio dashboard reads them.
+#[derive(Debug, Clone, Default)]
+pub struct WorkloadManagerMetrics {
+    /// Pods whose proxy is serving.
+    pub active: Gauge,
+    /// Pods handed over whose proxy has not started (retried).
+    pub pending: Gauge,
+    /// Pod proxies started.
+    pub started: Counter,
+    /// Pod proxies drained (pod removed or replaced).
+    pub stopped: Counter,
+}
+
 /// `istio_build`'s labels: the role (ztunnel's name for the node proxy) and the version.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct BuildLabels {
@@ -405,6 +420,34 @@ impl Metrics {
             tcp,
             waypoint_unavailable,
         }
+    }
+
+    /// A registry that also has the in-pod workload manager's families (shared mode), and their handles.
+    pub fn with_workload_manager() -> (Metrics, WorkloadManagerMetrics) {
+        let mut m = Metrics::new();
+        let w = WorkloadManagerMetrics::default();
+        let reg = m.registry.sub_registry_with_prefix("workload_manager");
+        reg.register(
+            "active_proxy_count",
+            "The total number current workloads with active proxies",
+            w.active.clone(),
+        );
+        reg.register(
+            "pending_proxy_count",
+            "The total number current workloads with pending proxies",
+            w.pending.clone(),
+        );
+        reg.register(
+            "proxies_started",
+            "The total number of proxies that were started",
+            w.started.clone(),
+        );
+        reg.register(
+            "proxies_stopped",
+            "The total number of proxies that were stopped",
+            w.stopped.clone(),
+        );
+        (m, w)
     }
 
     /// Counts a connection refused because its waypoint could not be used.

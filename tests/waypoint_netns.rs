@@ -11,6 +11,9 @@
 //! - with the waypoint gone, its service is refused (fail closed), never reached directly, while the
 //!   opted-out service keeps working.
 //!
+//! On the way it checks the node proxy's workload manager families (two captured pods served; the waypoint's
+//! pod is not).
+//!
 //! Needs root, `ip`, `nft`, containernetworking-plugins.
 
 mod support;
@@ -188,6 +191,14 @@ fn captured_traffic_to_a_waypoint_bound_service_goes_through_the_waypoint_and_fa
         support::cluster::rules(&waypoint_pod).is_empty(),
         "a waypoint's pod is not captured"
     );
+    // The node proxy's workload manager serves the two captured pods (ztunnel's families).
+    eventually(&node, "two pod proxies counted as active", || {
+        let m = node.http_get(15020, "/metrics").unwrap_or_default();
+        let has = |line: &str| m.lines().any(|l| l == line);
+        has("workload_manager_active_proxy_count 2")
+            && has("workload_manager_pending_proxy_count 0")
+            && has("workload_manager_proxies_started_total 2")
+    });
     node.set_mesh(&mesh_yaml(&[&client, &server, &waypoint_pod]));
     serve_app(&server, 9080);
     relay_control_plane(&node, &waypoint_pod);
