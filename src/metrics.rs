@@ -16,6 +16,7 @@
 //! | `istio_build` | always 1, labelled `component="ztunnel"` and `tag=<version>` (what Istio's dashboards select on) |
 //! | `workload_manager_active_proxy_count`, `workload_manager_pending_proxy_count` | shared mode: pods served, pods whose proxy could not start yet ([`WorkloadManagerMetrics`]) |
 //! | `workload_manager_proxies_started_total`, `workload_manager_proxies_stopped_total` | shared mode: pod proxies started, and drained |
+//! | `process_open_fds`, `process_max_fds`, `process_resident_memory_bytes`, `process_threads` | read at each scrape ([`ProcessCollector`]) |
 //! | `meshnode_waypoint_unavailable_total` | an outbound connection that must pass a waypoint is refused because the waypoint is missing, unresolvable or unreachable ([`WaypointLabels`]) |
 //!
 //! Both sides record: inbound (:15008, :15006) with `reporter="destination"`, outbound (:15001) with
@@ -31,6 +32,7 @@
 //! set ([`ConnectionRecord::live_bytes`], `Arc` clones taken at open) and adds to them per read or write,
 //! one atomic add, no lookup and no lock; they carry `response_flags="-"`, as ztunnel's do.
 
+mod process;
 mod serve;
 
 use std::sync::Arc;
@@ -44,6 +46,7 @@ use prometheus_client::registry::Registry;
 use crate::identity::Identity;
 use crate::state::{GatewayAddress, GatewayDestination, Service, Workload};
 
+pub use process::ProcessCollector;
 pub use serve::{serve, serve_encoded};
 
 /// Who reports a connection: the proxy of the client (`source`) or of the server (`destination`).
@@ -409,6 +412,7 @@ impl Metrics {
             })
             .set(1);
         istio.register("build", "Istio component build info", build);
+        registry.register_collector(Box::new(ProcessCollector));
         let waypoint_unavailable = Family::<WaypointLabels, Counter>::default();
         registry.sub_registry_with_prefix("meshnode").register(
             "waypoint_unavailable",

@@ -7,6 +7,7 @@
 //! |---|---|
 //! | `meshnode_cni_pod_rules_repaired_total` | a captured pod's rules were found missing or different (or an earlier install had failed) and were programmed again |
 //! | `meshnode_cni_pod_rules_repair_failures_total` | such a repair failed; the pod keeps its previous rules and is retried with backoff |
+//! | `process_open_fds`, `process_max_fds`, `process_resident_memory_bytes`, `process_threads` | read at each scrape |
 
 use std::sync::Arc;
 
@@ -43,6 +44,7 @@ impl Default for AgentMetrics {
             "Failed attempts to program a captured pod's rules again (its previous rules stay)",
             rules_repair_failed.clone(),
         );
+        registry.register_collector(Box::new(crate::metrics::ProcessCollector));
         AgentMetrics {
             registry,
             rules_repaired,

@@ -45,9 +45,12 @@ fn a_record_dropped_without_close_still_counts_the_close() {
 fn every_family_is_exposed_with_its_type_once_used() {
     let m = Arc::new(Metrics::new());
     // prometheus-client leaves families without samples out, as ztunnel's output does: before any
-    // traffic there is only the build information.
+    // traffic there is only the build information (and the process's own figures).
     let fresh = m.encode();
-    let samples: Vec<&str> = fresh.lines().filter(|l| !l.starts_with('#')).collect();
+    let samples: Vec<&str> = fresh
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.starts_with("process_"))
+        .collect();
     assert_eq!(
         samples,
         [format!(
@@ -56,6 +59,24 @@ fn every_family_is_exposed_with_its_type_once_used() {
         )],
         "{fresh}"
     );
+    let value = |name: &str| -> i64 {
+        let line = fresh
+            .lines()
+            .find(|l| l.starts_with(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no {name} in {fresh}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    // This test process has stdin, stdout and stderr at least, and a limit above that.
+    assert!(value("process_open_fds") >= 3, "{fresh}");
+    assert!(
+        value("process_max_fds") > value("process_open_fds"),
+        "{fresh}"
+    );
+    assert!(
+        value("process_resident_memory_bytes") > 1_000_000,
+        "{fresh}"
+    );
+    assert!(value("process_threads") >= 1, "{fresh}");
     let labels = TrafficLabels::new(Reporter::destination, None, None, None, None);
     m.open(labels).close(ResponseFlags::Deny, 1, 1);
     let text = m.encode();
