@@ -108,6 +108,7 @@ fn spawn_xds_thread(
 fn start_xds(
     cfg: &Config,
     target: crate::config::GrpcTarget,
+    xds_metrics: crate::metrics::XdsMetrics,
     ready: &Arc<Readiness>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<StateHandle, Error> {
@@ -118,7 +119,8 @@ fn start_xds(
         target.headers.clone(),
     );
     let node = crate::xds::NodeInfo::new(&cfg.proxy_meta, cfg.node_name.as_deref());
-    let client = crate::xds::XdsClient::new(target.clone(), creds, node, tx);
+    let client =
+        crate::xds::XdsClient::new(target.clone(), creds, node, tx).with_metrics(xds_metrics);
     spawn_xds_thread(client, ready, shutdown)?;
     tracing::info!(address = %target.address, "xDS client started");
     Ok(handle)
@@ -204,7 +206,13 @@ pub async fn run_proxy_with_metrics(
                     "LOCAL_XDS_PATH/LOCAL_XDS and XDS_ADDRESS both set: each replaces the whole state; set XDS_ADDRESS= (empty) to use the local config",
                 ));
             }
-            start_xds(&cfg, target.clone(), &ready, shutdown.clone())?
+            start_xds(
+                &cfg,
+                target.clone(),
+                metrics.xds(),
+                &ready,
+                shutdown.clone(),
+            )?
         }
         None => {
             let (state, watcher) = load_state(&cfg)?;

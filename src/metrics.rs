@@ -17,6 +17,8 @@
 //! | `workload_manager_active_proxy_count`, `workload_manager_pending_proxy_count` | shared mode: pods served, pods whose proxy could not start yet ([`WorkloadManagerMetrics`]) |
 //! | `workload_manager_proxies_started_total`, `workload_manager_proxies_stopped_total` | shared mode: pod proxies started, and drained |
 //! | `process_open_fds`, `process_max_fds`, `process_resident_memory_bytes`, `process_threads` | read at each scrape ([`ProcessCollector`]) |
+//! | `istio_xds_message_total`, `istio_xds_message_bytes_total` | each xDS response received, by `url` (its type URL), and its encoded size ([`XdsMetrics`]) |
+//! | `istio_xds_connection_terminations_total` | each xDS stream's end, by `reason`: `Complete` (the server ended it), `Reconnect` (a routine end), `ConnectionError` (it could not be opened), `Error` |
 //! | `meshnode_waypoint_unavailable_total` | an outbound connection that must pass a waypoint is refused because the waypoint is missing, unresolvable or unreachable ([`WaypointLabels`]) |
 //!
 //! Both sides record: inbound (:15008, :15006) with `reporter="destination"`, outbound (:15001) with
@@ -340,6 +342,7 @@ pub struct Metrics {
     registry: Registry,
     tcp: Tcp,
     waypoint_unavailable: Family<WaypointLabels, Counter>,
+    xds: XdsMetrics,
 }
 
 impl Default for Metrics {
@@ -359,6 +362,61 @@ pub struct WorkloadManagerMetrics {
     pub started: Counter,
     /// Pod proxies drained (pod removed or replaced).
     pub stopped: Counter,
+}
+
+/// `istio_xds_message*`'s label.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct UrlLabel {
+    url: String,
+}
+
+/// `istio_xds_connection_terminations`' label.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+/// Why an xDS stream ended, as ztunnel labels it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XdsTermination {
+    /// The server ended the stream cleanly.
+    Complete,
+    /// A routine end (the server or a proxy closed it; reconnected at once).
+    Reconnect,
+    /// The stream could not be opened.
+    ConnectionError,
+    /// It failed after it was opened.
+    Error,
+}
+
+/// The xDS client's families (ztunnel's `istio_xds_*`); cheap to clone (shared handles).
+#[derive(Debug, Clone, Default)]
+pub struct XdsMetrics {
+    messages: Family<UrlLabel, Counter>,
+    message_bytes: Family<UrlLabel, Counter>,
+    terminations: Family<ReasonLabel, Counter>,
+}
+
+impl XdsMetrics {
+    /// One response of type `url`, `bytes` long once encoded.
+    pub fn message(&self, url: &str, bytes: u64) {
+        let label = UrlLabel { url: url.into() };
+        self.messages.get_or_create(&label).inc();
+        self.message_bytes.get_or_create(&label).inc_by(bytes);
+    }
+
+    /// A stream ended.
+    pub fn terminated(&self, why: XdsTermination) {
+        let reason = match why {
+            XdsTermination::Complete => "Complete",
+            XdsTermination::Reconnect => "Reconnect",
+            XdsTermination::ConnectionError => "ConnectionError",
+            XdsTermination::Error => "Error",
+        };
+        self.terminations
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
 }
 
 /// `istio_build`'s labels: the role (ztunnel's name for the node proxy) and the version.
@@ -412,6 +470,22 @@ impl Metrics {
             })
             .set(1);
         istio.register("build", "Istio component build info", build);
+        let xds = XdsMetrics::default();
+        istio.register(
+            "xds_message",
+            "Total number of messages received",
+            xds.messages.clone(),
+        );
+        istio.register(
+            "xds_message_bytes",
+            "Total number of bytes received",
+            xds.message_bytes.clone(),
+        );
+        istio.register(
+            "xds_connection_terminations",
+            "The total number of completed connections to xds server",
+            xds.terminations.clone(),
+        );
         registry.register_collector(Box::new(ProcessCollector));
         let waypoint_unavailable = Family::<WaypointLabels, Counter>::default();
         registry.sub_registry_with_prefix("meshnode").register(
@@ -423,6 +497,7 @@ impl Metrics {
             registry,
             tcp,
             waypoint_unavailable,
+            xds,
         }
     }
 
@@ -452,6 +527,11 @@ impl Metrics {
             w.stopped.clone(),
         );
         (m, w)
+    }
+
+    /// The xDS client's families.
+    pub fn xds(&self) -> XdsMetrics {
+        self.xds.clone()
     }
 
     /// Counts a connection refused because its waypoint could not be used.

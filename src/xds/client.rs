@@ -51,6 +51,8 @@ pub struct XdsClient {
     cache: Cache,
     /// Types applied at least once; nothing is published before every subscribed type has been.
     seen: [bool; 3],
+    /// ztunnel's `istio_xds_*` families, when the process exposes them.
+    metrics: Option<crate::metrics::XdsMetrics>,
 }
 
 /// How one stream ended.
@@ -78,6 +80,7 @@ impl XdsClient {
             limits,
             cache: Cache::new(limits.max_resources),
             seen: [false; 3],
+            metrics: None,
         }
     }
 
@@ -102,7 +105,14 @@ impl XdsClient {
             limits,
             cache: Cache::for_waypoint(limits.max_resources, filter),
             seen: [false; 3],
+            metrics: None,
         }
+    }
+
+    /// Counts what it receives and how its streams end in `metrics` (ztunnel's `istio_xds_*`).
+    pub fn with_metrics(mut self, metrics: crate::metrics::XdsMetrics) -> XdsClient {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Replaces the default [`Limits`] (before [`XdsClient::run`]; nothing is held yet).
@@ -127,6 +137,21 @@ impl XdsClient {
                 .await;
             if progressed {
                 backoff = INITIAL_BACKOFF;
+            }
+            if let Some(m) = &self.metrics {
+                use crate::metrics::XdsTermination as T;
+                let why = match &result {
+                    Ok(End::Shutdown) => None,
+                    Ok(End::Clean) => Some(T::Complete),
+                    Err(Error::Stream(status)) if routine(status) => Some(T::Reconnect),
+                    Err(Error::Channel(_) | Error::Credentials(_) | Error::Connect { .. }) => {
+                        Some(T::ConnectionError)
+                    }
+                    Err(_) => Some(T::Error),
+                };
+                if let Some(why) = why {
+                    m.terminated(why);
+                }
             }
             let delay = match result {
                 Ok(End::Shutdown) => return,
@@ -210,6 +235,9 @@ impl XdsClient {
                 };
             };
             *progressed = true;
+            if let Some(m) = &self.metrics {
+                m.message(&resp.type_url, prost::Message::encoded_len(&resp) as u64);
+            }
             let answer = self.handle(resp, synced);
             tokio::select! {
                 r = tx.send(answer) => r.map_err(|_| Error::RequestsClosed)?,

@@ -960,3 +960,60 @@ fn a_workload_push_keeps_the_policy_set_and_a_policy_push_replaces_it() {
 
 mod refused_policies;
 mod waypoint;
+
+#[tokio::test]
+async fn responses_and_stream_ends_are_counted_as_ztunnels_xds_metrics() {
+    let mut server = FakeServer::plain().await;
+    let metrics = crate::metrics::Metrics::new();
+    let target = plain_target(server.addr);
+    let (publish, _states) = watch::channel(Arc::new(State::default()));
+    let creds = crate::grpc::Credentials::new(
+        AuthToken::Literal("token-1".into()),
+        "east".into(),
+        target.headers.clone(),
+    );
+    let meta = crate::config::ProxyMeta {
+        pod_name: "ztunnel-abc".into(),
+        pod_namespace: "istio-system".into(),
+        service_account: "ztunnel".into(),
+        instance_ip: Some("10.1.2.3".parse().unwrap()),
+        metadata: BTreeMap::new(),
+    };
+    let client = XdsClient::new(target, creds, NodeInfo::new(&meta, Some("node-1")), publish)
+        .with_metrics(metrics.xds());
+    let (shutdown, rx) = watch::channel(false);
+    let task = tokio::spawn(client.run(|| {}, rx));
+    let mut s = server.session().await;
+    s.initial().await;
+    let resp = response(
+        ADDRESS_TYPE,
+        "a1",
+        vec![workload("w1", [10, 0, 0, 1], "1")],
+        &[],
+    );
+    let bytes = prost::Message::encoded_len(&resp);
+    s.exchange(resp).await;
+    // The server ends the stream; the client counts the end and comes back.
+    drop(s);
+    let mut again = server.session().await;
+    again.initial().await;
+    let text = metrics.encode();
+    let url = r#"{url="type.googleapis.com/istio.workload.Address"}"#;
+    assert!(
+        text.contains(&format!("istio_xds_message_total{url} 1\n")),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("istio_xds_message_bytes_total{url} {bytes}\n")),
+        "{text}"
+    );
+    let ends: u64 = text
+        .lines()
+        .filter(|l| l.starts_with("istio_xds_connection_terminations_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert_eq!(ends, 1, "{text}");
+    shutdown.send_replace(true);
+    drop(again);
+    let _ = tokio::time::timeout(WAIT, task).await;
+}
