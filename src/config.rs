@@ -88,6 +88,9 @@ pub const HTTP2_CONNECTION_WINDOW_SIZE: &str = "HTTP2_CONNECTION_WINDOW_SIZE";
 pub const HTTP2_FRAME_SIZE: &str = "HTTP2_FRAME_SIZE";
 /// How long open connections may finish after shutdown starts.
 pub const CONNECTION_TERMINATION_DEADLINE: &str = "CONNECTION_TERMINATION_DEADLINE";
+/// The pod's `terminationGracePeriodSeconds` (downward API): without an explicit
+/// `CONNECTION_TERMINATION_DEADLINE`, the drain deadline is set a little inside it, as ztunnel does.
+pub const TERMINATION_GRACE_PERIOD_SECONDS: &str = "TERMINATION_GRACE_PERIOD_SECONDS";
 /// Data-plane worker threads (`N`, or `0` for one per CPU).
 pub const ZTUNNEL_WORKER_THREADS: &str = "ZTUNNEL_WORKER_THREADS";
 /// meshnode's own: where the built-in CA keeps its root, shared by every meshnode process on the machine.
@@ -569,11 +572,7 @@ impl Config {
                 MESHNODE_HBONE_IDLE_TIMEOUT,
                 Duration::from_secs(600),
             )?,
-            termination_deadline: parse_duration(
-                src,
-                CONNECTION_TERMINATION_DEADLINE,
-                Duration::from_secs(5),
-            )?,
+            termination_deadline: termination_deadline(src)?,
             max_connections: parse_default(src, MESHNODE_MAX_CONNECTIONS, 65_536)?,
             max_connections_total,
             max_handshakes_per_source,
@@ -771,6 +770,27 @@ where
     v.trim()
         .parse::<T>()
         .map_err(|e| invalid(name, v, e.to_string()))
+}
+
+/// The drain deadline: `CONNECTION_TERMINATION_DEADLINE`, else ztunnel's share of
+/// `TERMINATION_GRACE_PERIOD_SECONDS` (5 s less, or 1 s less for 10 s and under, at least 1 s), so that what
+/// is left is closed cleanly before Kubernetes' SIGKILL; else 5 s.
+fn termination_deadline(src: &dyn Source) -> Result<Duration, Error> {
+    if src
+        .get(CONNECTION_TERMINATION_DEADLINE)
+        .is_some_and(|v| !v.trim().is_empty())
+    {
+        return parse_duration(src, CONNECTION_TERMINATION_DEADLINE, Duration::from_secs(5));
+    }
+    Ok(
+        match parse_opt::<u64>(src, TERMINATION_GRACE_PERIOD_SECONDS)? {
+            Some(secs) => {
+                let margin = if secs > 10 { 5 } else { 1 };
+                Duration::from_secs(secs.saturating_sub(margin).max(1))
+            }
+            None => Duration::from_secs(5),
+        },
+    )
 }
 
 fn parse_opt<T: FromStr>(src: &dyn Source, name: &'static str) -> Result<Option<T>, Error>
@@ -1063,6 +1083,40 @@ mod tests {
         .into_iter()
         .collect();
         Config::from_source(&map)
+    }
+
+    #[test]
+    fn the_drain_deadline_follows_the_pods_grace_period_as_ztunnels_does() {
+        let deadline = |pairs: &[(&'static str, &'static str)]| {
+            cfg(pairs)
+                .map(|c| c.termination_deadline)
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(deadline(&[]), Ok(Duration::from_secs(5)));
+        for (grace, want) in [
+            ("30", 25),
+            ("11", 6),
+            ("10", 9),
+            ("2", 1),
+            ("1", 1),
+            ("0", 1),
+        ] {
+            assert_eq!(
+                deadline(&[(TERMINATION_GRACE_PERIOD_SECONDS, grace)]),
+                Ok(Duration::from_secs(want)),
+                "grace {grace}"
+            );
+        }
+        // An explicit deadline wins.
+        assert_eq!(
+            deadline(&[
+                (TERMINATION_GRACE_PERIOD_SECONDS, "30"),
+                (CONNECTION_TERMINATION_DEADLINE, "2s")
+            ]),
+            Ok(Duration::from_secs(2))
+        );
+        let err = deadline(&[(TERMINATION_GRACE_PERIOD_SECONDS, "soon")]).unwrap_err();
+        assert!(err.contains(TERMINATION_GRACE_PERIOD_SECONDS), "{err}");
     }
 
     #[test]
