@@ -6,6 +6,9 @@
 //! clients and servers for the two services (xDS's AggregatedDiscoveryService
 //! and the Istio CA's IstioCertificateService) by `tonic-prost-build`.
 //! Well-known types map to `prost_types`.
+//!
+//! It also records the git revision being built (`MESHNODE_GIT_REVISION`, read from `.git` without running
+//! git; `unknown` outside a checkout) for `meshnode version`.
 
 use std::error::Error;
 use std::path::{Path, PathBuf};
@@ -32,7 +35,45 @@ fn main() -> Result<(), Box<dyn Error>> {
         .build_client(true)
         .build_server(true)
         .compile_fds_with_config(descriptors, config)?;
+    let revision = git_revision(Path::new(&manifest_dir)).unwrap_or_else(|| "unknown".into());
+    println!("cargo:rustc-env=MESHNODE_GIT_REVISION={revision}");
     Ok(())
+}
+
+/// The commit `HEAD` names in the checkout at `root` (a plain `.git` directory; a worktree's `.git` file
+/// is followed), watching the files it was read from.
+fn git_revision(root: &Path) -> Option<String> {
+    let mut git = root.join(".git");
+    if git.is_file() {
+        let text = fs::read_to_string(&git).ok()?;
+        git = PathBuf::from(text.strip_prefix("gitdir:")?.trim());
+    }
+    let head_path = git.join("HEAD");
+    let head = fs::read_to_string(&head_path).ok()?;
+    println!("cargo:rerun-if-changed={}", head_path.display());
+    let head = head.trim();
+    let Some(reference) = head.strip_prefix("ref:") else {
+        return Some(head.chars().take(12).collect());
+    };
+    let reference = reference.trim();
+    // A worktree keeps its refs in the main repository (`commondir`).
+    let common = fs::read_to_string(git.join("commondir"))
+        .map(|c| git.join(c.trim()))
+        .unwrap_or_else(|_| git.clone());
+    for dir in [&git, &common] {
+        let path = dir.join(reference);
+        if let Ok(id) = fs::read_to_string(&path) {
+            println!("cargo:rerun-if-changed={}", path.display());
+            return Some(id.trim().chars().take(12).collect());
+        }
+    }
+    let packed = common.join("packed-refs");
+    let text = fs::read_to_string(&packed).ok()?;
+    println!("cargo:rerun-if-changed={}", packed.display());
+    text.lines().find_map(|l| {
+        let (id, name) = l.split_once(' ')?;
+        (name == reference).then(|| id.chars().take(12).collect())
+    })
 }
 
 /// The `.proto` files directly in `dir`, sorted.

@@ -88,7 +88,16 @@ fn main() -> anyhow::Result<()> {
             std::process::exit(meshnode::sandbox::cli::main(args));
         }
         Command::Version => {
-            println!("meshnode {}", env!("CARGO_PKG_VERSION"));
+            println!(
+                "meshnode {} (revision {}, {} build)",
+                env!("CARGO_PKG_VERSION"),
+                env!("MESHNODE_GIT_REVISION"),
+                if cfg!(debug_assertions) {
+                    "debug"
+                } else {
+                    "release"
+                }
+            );
             Ok(())
         }
         Command::Proxy { .. } => {

@@ -258,3 +258,31 @@ fn a_cni_agent_that_drops_every_connection_is_retried_with_backoff_not_in_a_loop
         std::fs::read_to_string(dir.path().join("proxy.log")).unwrap_or_default()
     );
 }
+
+#[test]
+fn version_names_the_release_and_the_revision_built() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_meshnode"))
+        .arg("version")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with(&format!(
+            "meshnode {} (revision ",
+            env!("CARGO_PKG_VERSION")
+        )),
+        "{text}"
+    );
+    // A checkout's 12 hex digits, or `unknown` outside one.
+    let revision = text
+        .split("revision ")
+        .nth(1)
+        .and_then(|r| r.split(',').next())
+        .unwrap_or_default();
+    assert!(
+        revision == "unknown"
+            || (revision.len() == 12 && revision.bytes().all(|b| b.is_ascii_hexdigit())),
+        "{text}"
+    );
+}
