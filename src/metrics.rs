@@ -9,7 +9,7 @@
 //! |---|---|
 //! | `istio_tcp_connections_opened_total` | a connection is accepted for a workload (before authorization) |
 //! | `istio_tcp_connections_closed_total` | it ends, whatever the reason (`response_flags` says why) |
-//! | `istio_tcp_connections_failed_total` | it ends with `response_flags` other than `-` |
+//! | `istio_tcp_connections_failed_total` | it ends with `response_flags` other than `-` (`DENY`, `CONNECT`, `TLS_FAILURE`, `H2_HANDSHAKE_FAILURE`, `NETWORK_POLICY`, `IDENTITY_ERROR`) |
 //! | `istio_tcp_received_bytes_total` | as they are copied: bytes from the initiator towards the server |
 //! | `istio_tcp_sent_bytes_total` | as they are copied: bytes from the server towards the initiator |
 //! | `istio_tcp_sockets_open` | gauge per `reporter`: connections opened here and not yet closed |
@@ -71,6 +71,15 @@ pub enum ResponseFlags {
     Deny,
     /// The upstream could not be reached.
     Connect,
+    /// The TLS handshake with the peer proxy failed (`TLS_FAILURE`).
+    TlsFailure,
+    /// The HTTP/2 handshake or the CONNECT exchange failed (`H2_HANDSHAKE_FAILURE`).
+    H2HandshakeFailure,
+    /// Connecting to the peer's HBONE port timed out: most often a NetworkPolicy dropping port 15008
+    /// (`NETWORK_POLICY`, ztunnel's guess too).
+    NetworkPolicy,
+    /// No certificate for the identity to present (`IDENTITY_ERROR`).
+    IdentityError,
 }
 
 impl EncodeLabelValue for ResponseFlags {
@@ -82,6 +91,10 @@ impl EncodeLabelValue for ResponseFlags {
             ResponseFlags::None => "-",
             ResponseFlags::Deny => "DENY",
             ResponseFlags::Connect => "CONNECT",
+            ResponseFlags::TlsFailure => "TLS_FAILURE",
+            ResponseFlags::H2HandshakeFailure => "H2_HANDSHAKE_FAILURE",
+            ResponseFlags::NetworkPolicy => "NETWORK_POLICY",
+            ResponseFlags::IdentityError => "IDENTITY_ERROR",
         };
         EncodeLabelValue::encode(&s, encoder)
     }

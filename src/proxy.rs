@@ -92,6 +92,33 @@ pub enum Error {
     Io(#[from] std::io::Error),
 }
 
+impl Error {
+    /// How an outbound failure to open the connection is flagged in the metrics, as ztunnel flags it.
+    pub fn response_flags(&self) -> crate::metrics::ResponseFlags {
+        use crate::hbone::pool::Error as P;
+        use crate::metrics::ResponseFlags as F;
+        let hbone = match self {
+            Error::Hbone(e) => e,
+            Error::Waypoint(w) => match &w.problem {
+                WaypointProblem::Unreachable { source, .. } => source,
+                _ => return F::Connect,
+            },
+            Error::Certificate { .. } => return F::IdentityError,
+            Error::Denied(_) => return F::Deny,
+            _ => return F::Connect,
+        };
+        match hbone {
+            P::Connect { source, .. } if source.kind() == std::io::ErrorKind::TimedOut => {
+                F::NetworkPolicy
+            }
+            P::Connect { .. } => F::Connect,
+            P::Tls { .. } => F::TlsFailure,
+            P::H2 { .. } | P::Timeout { .. } => F::H2HandshakeFailure,
+            P::Status { .. } => F::Connect,
+        }
+    }
+}
+
 /// Why a connection that must pass a waypoint was refused.
 #[derive(Debug, thiserror::Error)]
 #[error("{binding:?} {target} must pass waypoint {waypoint}, which {problem}; connection refused")]

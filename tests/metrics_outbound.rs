@@ -373,3 +373,55 @@ async fn bytes_of_an_open_connection_are_counted_before_it_closes_on_both_proxie
     assert_eq!(received(&m.server.proxy, dst), Some(100_000));
     assert_eq!(sent(&m.server.proxy, dst), Some(back));
 }
+
+/// A peer proxy that accepts TCP on 15008 and hangs up instead of completing the TLS handshake: the
+/// connection fails with ztunnel's `TLS_FAILURE` flag, not a generic `CONNECT`.
+#[tokio::test]
+async fn a_peer_that_breaks_the_tls_handshake_is_counted_as_tls_failure() {
+    use meshnode::identity::BuiltinCa;
+    use support::labelled::labelled_mesh_yaml;
+    let net = loopback_net();
+    let ca = Arc::new(BuiltinCa::ephemeral(Duration::from_secs(3600)).unwrap());
+    // .6 is an HBONE workload whose "proxy" closes every connection at once.
+    let yaml = labelled_mesh_yaml(net, "[]").replace(
+        "\nservices:\n",
+        &format!(
+            "\n- uid: cluster1//v1/Pod/default/broken\n  name: broken\n  namespace: default\n  serviceAccount: broken\n  workloadIps: [\"{}\"]\n  protocol: HBONE\nservices:\n",
+            ip(net, 6)
+        ),
+    );
+    let broken = tokio::net::TcpListener::bind(SocketAddr::new(ip(net, 6), 15008))
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = broken.accept().await {
+            drop(s);
+        }
+    });
+    let client = start_proxy(ca, &yaml, "default/client-7d4f/client", ip(net, 2), &[]).await;
+    let entry = capture(&client.proxy, ip(net, 2), SocketAddr::new(ip(net, 6), 8080)).await;
+    let sock = TcpSocket::new_v4().unwrap();
+    sock.bind(SocketAddr::new(ip(net, 2), 0)).unwrap();
+    let mut s = sock.connect(entry).await.unwrap();
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(WAIT, s.read(&mut buf)).await.unwrap();
+    assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    let failed = |t: &str| {
+        sample(
+            t,
+            "istio_tcp_connections_failed_total",
+            &[r#"reporter="source""#],
+        )
+        .is_some()
+    };
+    let text = settled(&client.proxy, failed).await;
+    assert_eq!(
+        sample(
+            &text,
+            "istio_tcp_connections_failed_total",
+            &[r#"response_flags="TLS_FAILURE""#]
+        ),
+        Some(1),
+        "{text}"
+    );
+}

@@ -195,7 +195,8 @@ impl Proxy {
         let opened = match opened {
             Ok(t) => t,
             Err(e) => {
-                record.close(ResponseFlags::Connect, 0, 0);
+                // TLS_FAILURE, H2_HANDSHAKE_FAILURE, NETWORK_POLICY, IDENTITY_ERROR or CONNECT.
+                record.close(e.response_flags(), 0, 0);
                 return Err(match (route, e) {
                     (Route::Waypoint(hop), Error::Hbone(source)) => {
                         let refusal = WaypointRefusal {
