@@ -42,6 +42,8 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
+use support::bench::{env_or, runtime};
+
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -72,15 +74,6 @@ struct Settings {
     rounds: usize,
 }
 
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    match std::env::var(name) {
-        Ok(v) => v
-            .parse()
-            .unwrap_or_else(|_| panic!("{name}={v:?} is not a valid value")),
-        Err(_) => default,
-    }
-}
-
 impl Settings {
     fn from_env() -> Settings {
         Settings {
@@ -96,15 +89,6 @@ impl Settings {
     fn duration(&self) -> Duration {
         Duration::from_secs_f64(self.seconds.max(0.01))
     }
-}
-
-fn runtime(name: &str, workers: usize) -> Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
-        .thread_name(name)
-        .enable_all()
-        .build()
-        .expect("building a tokio runtime")
 }
 
 /// Everything both paths need: the runtimes, the apps, and the two proxies.

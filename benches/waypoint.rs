@@ -70,6 +70,8 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
+use support::bench::{env_or, runtime};
+
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -113,15 +115,6 @@ struct Settings {
     rounds: usize,
 }
 
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    match std::env::var(name) {
-        Ok(v) => v
-            .parse()
-            .unwrap_or_else(|_| panic!("{name}={v:?} is not a valid value")),
-        Err(_) => default,
-    }
-}
-
 impl Settings {
     fn from_env() -> Settings {
         Settings {
@@ -139,15 +132,6 @@ impl Settings {
     fn duration(&self) -> Duration {
         Duration::from_secs_f64(self.seconds.max(0.01))
     }
-}
-
-fn runtime(name: &str, workers: usize) -> Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
-        .thread_name(name)
-        .enable_all()
-        .build()
-        .expect("building a tokio runtime")
 }
 
 /// The three ways a request goes (index into the result arrays).

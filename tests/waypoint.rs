@@ -840,6 +840,21 @@ fn with_route(
     serving_backend(m, &wp)
 }
 
+/// A route named `name` forwarding everything to `backend-80` with a whole-request `timeout`.
+fn backend_route(name: &str, timeout: Duration) -> pb::Route {
+    pb::Route {
+        name: name.into(),
+        action: Some(pb::route::Action::Forward(pb::Forward {
+            backends: vec![pb::WeightedCluster {
+                cluster: "backend-80".into(),
+                weight: 1,
+            }],
+        })),
+        timeout: prost_types::Duration::try_from(timeout).ok(),
+        ..Default::default()
+    }
+}
+
 /// A waypoint serving only the backend's HTTP port 80 (cluster `backend-80`).
 fn backend_waypoint() -> pb::Waypoint {
     waypoint_resource(
@@ -909,19 +924,8 @@ async fn a_request_l7_policy_denies_gets_403_rbac_access_denied() {
 async fn a_route_timeout_gets_504_upstream_request_timeout() {
     let m = mesh(&[]).await;
     let route = pb::Route {
-        name: "default/backend-timeout".into(),
-        action: Some(pb::route::Action::Forward(pb::Forward {
-            backends: vec![pb::WeightedCluster {
-                cluster: "backend-80".into(),
-                weight: 1,
-            }],
-        })),
-        timeout: Some(prost_types::Duration {
-            seconds: 0,
-            nanos: 200_000_000,
-        }),
         retries: Some(pb::RetryPolicy::default()),
-        ..Default::default()
+        ..backend_route("default/backend-timeout", Duration::from_millis(200))
     };
     m.wp.config
         .send_replace(Arc::new(with_route(&m, Some(route), vec![])));
@@ -1461,20 +1465,7 @@ async fn the_clusters_connect_timeout_covers_an_hbone_endpoint_that_never_handsh
         ..Default::default()
     };
     // A route with a long timeout, so that only the connect timeout can end the request early.
-    let route = pb::Route {
-        name: "default/backend-slow".into(),
-        action: Some(pb::route::Action::Forward(pb::Forward {
-            backends: vec![pb::WeightedCluster {
-                cluster: "backend-80".into(),
-                weight: 1,
-            }],
-        })),
-        timeout: Some(prost_types::Duration {
-            seconds: 30,
-            nanos: 0,
-        }),
-        ..Default::default()
-    };
+    let route = backend_route("default/backend-slow", Duration::from_secs(30));
     let snapshot = backend_with_pool(&m, pool, &[("silent", 6)], Some(route));
     m.wp.config.send_replace(Arc::new(snapshot));
     let c = m.client().await;
@@ -1551,20 +1542,10 @@ async fn a_route_timeout_cuts_a_response_body_that_stalls() {
     let key = format!("default/{}", hostname("backend"));
     let mut wp = backend_waypoint();
     wp.services[0].clusters[0].endpoints = vec![uid("stall")];
-    wp.services[0].ports[0].routes.push(pb::Route {
-        name: "default/backend-timeout".into(),
-        action: Some(pb::route::Action::Forward(pb::Forward {
-            backends: vec![pb::WeightedCluster {
-                cluster: "backend-80".into(),
-                weight: 1,
-            }],
-        })),
-        timeout: Some(prost_types::Duration {
-            seconds: 0,
-            nanos: 300_000_000,
-        }),
-        ..Default::default()
-    });
+    wp.services[0].ports[0].routes.push(backend_route(
+        "default/backend-timeout",
+        Duration::from_millis(300),
+    ));
     let snapshot = Snapshot::build(
         &[
             workload("client", "client", ip(m.net, 2), true, &[]),

@@ -3,6 +3,7 @@
 #![allow(dead_code, unreachable_pub)]
 
 pub mod ads;
+pub mod bench;
 pub mod cluster;
 pub mod control_plane;
 pub mod dedicated;
