@@ -42,7 +42,7 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use support::bench::{env_or, runtime};
+use support::bench::{env_or, machine, percentile, raise_fd_limit, rss_kib, runtime};
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -314,12 +314,6 @@ async fn latency(target: SocketAddr, iterations: usize) -> Vec<Duration> {
     samples
 }
 
-/// The `p`th percentile of `samples` (nearest rank), in µs.
-fn percentile(samples: &mut [Duration], p: usize) -> f64 {
-    samples.sort_unstable();
-    samples[(samples.len() - 1) * p / 100].as_secs_f64() * 1e6
-}
-
 /// Sequential connect / 1 byte each way / close for `dur`: connections made, and the seconds it took.
 async fn connection_rate(target: SocketAddr, dur: Duration) -> (f64, f64) {
     let start = Instant::now();
@@ -333,16 +327,6 @@ async fn connection_rate(target: SocketAddr, dur: Duration) -> (f64, f64) {
     (n as f64, start.elapsed().as_secs_f64())
 }
 
-/// VmRSS of this process, KiB.
-fn rss_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").expect("reading /proc/self/status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS in /proc/self/status")
-}
-
 /// In a child process: sets up, opens and holds the idle connections on one path, prints the result.
 fn memory_child(path: &str, s: &Settings) {
     let b = Bench::new(s);
@@ -353,7 +337,7 @@ fn memory_child(path: &str, s: &Settings) {
     };
     let n = s.idle_connections;
     std::thread::sleep(Duration::from_millis(200));
-    let before = rss_kib();
+    let before = rss_kib("self");
     let held = b.run(async move {
         let mut held = Vec::with_capacity(n);
         for _ in 0..n {
@@ -365,7 +349,7 @@ fn memory_child(path: &str, s: &Settings) {
     });
     // Let every task the connections started reach its idle state.
     std::thread::sleep(Duration::from_millis(500));
-    let after = rss_kib();
+    let after = rss_kib("self");
     let pooled = b.proxies[0].proxy.pool().connections();
     // Then every held connection sends at once: all must be echoed (nothing dropped under the load).
     let (held, echoed) = b.run(async move {
@@ -388,7 +372,7 @@ fn memory_child(path: &str, s: &Settings) {
         }
         (held, echoed)
     });
-    let peak = rss_kib();
+    let peak = rss_kib("self");
     println!(
         "before_kib={before} after_kib={after} peak_kib={peak} connections={n} echoed_at_once={echoed} \
          hbone_connections={pooled}"
@@ -431,39 +415,6 @@ fn memory(path: &str) -> Memory {
         hbone_connections: field("hbone_connections") as usize,
         echoed_at_once: field("echoed_at_once") as usize,
         peak_mib: field("peak_kib") / 1024.0,
-    }
-}
-
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find_map(|l| l.strip_prefix("model name"))
-                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|k| k.trim().to_string())
-        .unwrap_or_else(|_| "?".into());
-    format!("{cpu}, {cores} cores available, Linux {kernel}")
-}
-
-/// Raises the open-file limit: to the kernel's `nr_open` when allowed (root), else the soft one to the hard
-/// one. 10 000 held connections need ~40 000 fds here (client, app and both proxies in one process).
-fn raise_fd_limit() {
-    use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
-        .ok()
-        .and_then(|v| v.trim().parse::<u64>().ok());
-    if let Some(n) = nr_open {
-        if setrlimit(Resource::RLIMIT_NOFILE, n, n).is_ok() {
-            return;
-        }
-    }
-    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
-        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
     }
 }
 

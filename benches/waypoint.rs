@@ -70,7 +70,7 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use support::bench::{env_or, runtime};
+use support::bench::{env_or, machine, percentile, raise_fd_limit, rss_kib, runtime};
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
@@ -845,23 +845,6 @@ async fn rate(t: Arc<Target>, concurrency: usize, dur: Duration) -> (f64, f64) {
     (total as f64, start.elapsed().as_secs_f64())
 }
 
-/// The `p`th percentile of `samples` (nearest rank), in µs.
-fn percentile(samples: &mut [Duration], p: usize) -> f64 {
-    samples.sort_unstable();
-    samples[(samples.len() - 1) * p / 100].as_secs_f64() * 1e6
-}
-
-/// VmRSS of process `pid`, KiB.
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_else(|e| panic!("reading /proc/{pid}/status: {e}"));
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS in /proc/<pid>/status")
-}
-
 /// Established TCP connections in `pid`'s network namespace: (local port 15008, remote port 15008), i.e.
 /// HBONE connections into the waypoint and out of it to node proxies.
 fn hbone_connections(pid: u32) -> (usize, usize) {
@@ -912,7 +895,7 @@ fn memory_child(waypoint_netns: &str, s: &Settings) {
     let t = b.target(Via::Waypoint, Proto::H1);
     let n = s.waypoint_connections;
     std::thread::sleep(Duration::from_millis(300));
-    let before = rss_kib(pid);
+    let before = rss_kib(&pid.to_string());
     let (before_in, _) = hbone_connections(pid);
     let held = b.run(async move {
         let mut held = Vec::with_capacity(n);
@@ -925,7 +908,7 @@ fn memory_child(waypoint_netns: &str, s: &Settings) {
     });
     // Let every task the connections started reach its idle state.
     std::thread::sleep(Duration::from_millis(500));
-    let after = rss_kib(pid);
+    let after = rss_kib(&pid.to_string());
     let (hbone_in, hbone_up) = hbone_connections(pid);
     // Then every held connection sends one request at once; each answer is checked and counted.
     let t = b.target(Via::Waypoint, Proto::H1);
@@ -945,7 +928,7 @@ fn memory_child(waypoint_netns: &str, s: &Settings) {
         }
         (held, answered)
     });
-    let peak = rss_kib(pid);
+    let peak = rss_kib(&pid.to_string());
     let (_, burst_up) = hbone_connections(pid);
     println!(
         "before_kib={before} after_kib={after} burst_kib={peak} connections={n} answered_at_once={answered} \
@@ -1014,39 +997,6 @@ fn memory() -> Option<Memory> {
         hbone_up: field("hbone_up") as usize,
         hbone_up_burst: field("hbone_up_burst") as usize,
     })
-}
-
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find_map(|l| l.strip_prefix("model name"))
-                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|k| k.trim().to_string())
-        .unwrap_or_else(|_| "?".into());
-    format!("{cpu}, {cores} cores available, Linux {kernel}")
-}
-
-/// Raises the open-file limit: to the kernel's `nr_open` when allowed (root), else the soft one to the hard
-/// one (the memory measurement holds client and client proxy ends of every connection in one process).
-fn raise_fd_limit() {
-    use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
-        .ok()
-        .and_then(|v| v.trim().parse::<u64>().ok());
-    if let Some(n) = nr_open {
-        if setrlimit(Resource::RLIMIT_NOFILE, n, n).is_ok() {
-            return;
-        }
-    }
-    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
-        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
-    }
 }
 
 fn main() {
