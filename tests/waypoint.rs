@@ -537,12 +537,7 @@ async fn a_request_failing_with_503_is_retried_and_the_upstream_sees_both_tries(
     let mut wp = backend_waypoint();
     wp.services[0].ports[0].routes.push(pb::Route {
         name: "default/backend-retries".into(),
-        action: Some(pb::route::Action::Forward(pb::Forward {
-            backends: vec![pb::WeightedCluster {
-                cluster: "backend-80".into(),
-                weight: 1,
-            }],
-        })),
+        action: forward_to("backend-80"),
         retries: Some(pb::RetryPolicy {
             attempts: 2,
             retry_on: vec!["retriable-status-codes".into()],
@@ -840,16 +835,38 @@ fn with_route(
     serving_backend(m, &wp)
 }
 
+/// A route action sending every request to `cluster`.
+fn forward_to(cluster: &str) -> Option<pb::route::Action> {
+    Some(pb::route::Action::Forward(pb::Forward {
+        backends: vec![pb::WeightedCluster {
+            cluster: cluster.into(),
+            weight: 1,
+        }],
+    }))
+}
+
+/// A waypoint-wide DENY for POST requests.
+fn deny_post() -> pb::AuthorizationPolicy {
+    pb::AuthorizationPolicy {
+        name: "no-post".into(),
+        namespace: "default".into(),
+        action: pb::Action::Deny as i32,
+        rules: vec![pb::Rule {
+            to: vec![pb::Operation {
+                methods: vec!["POST".into()],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
 /// A route named `name` forwarding everything to `backend-80` with a whole-request `timeout`.
 fn backend_route(name: &str, timeout: Duration) -> pb::Route {
     pb::Route {
         name: name.into(),
-        action: Some(pb::route::Action::Forward(pb::Forward {
-            backends: vec![pb::WeightedCluster {
-                cluster: "backend-80".into(),
-                weight: 1,
-            }],
-        })),
+        action: forward_to("backend-80"),
         timeout: prost_types::Duration::try_from(timeout).ok(),
         ..Default::default()
     }
@@ -890,21 +907,8 @@ fn serving_backend(m: &Mesh, wp: &pb::Waypoint) -> Snapshot {
 #[tokio::test]
 async fn a_request_l7_policy_denies_gets_403_rbac_access_denied() {
     let m = mesh(&[]).await;
-    let deny_post = pb::AuthorizationPolicy {
-        name: "no-post".into(),
-        namespace: "default".into(),
-        action: pb::Action::Deny as i32,
-        rules: vec![pb::Rule {
-            to: vec![pb::Operation {
-                methods: vec!["POST".into()],
-                ..Default::default()
-            }],
-            ..Default::default()
-        }],
-        ..Default::default()
-    };
     m.wp.config
-        .send_replace(Arc::new(with_route(&m, None, vec![deny_post])));
+        .send_replace(Arc::new(with_route(&m, None, vec![deny_post()])));
     let c = m.client().await;
     let mut h = http1(tunnel(&c, &m.vip(100, 80)).await.unwrap()).await;
     let post = http::Request::post("/")
@@ -1265,28 +1269,11 @@ async fn http2_streams_on_one_connection_are_routed_and_authorized_each_on_its_o
         },
         pb::Route {
             name: "default/rest".into(),
-            action: Some(pb::route::Action::Forward(pb::Forward {
-                backends: vec![pb::WeightedCluster {
-                    cluster: "backend-81".into(),
-                    weight: 1,
-                }],
-            })),
+            action: forward_to("backend-81"),
             ..Default::default()
         },
     ];
-    wp.policies = vec![pb::AuthorizationPolicy {
-        name: "no-post".into(),
-        namespace: "default".into(),
-        action: pb::Action::Deny as i32,
-        rules: vec![pb::Rule {
-            to: vec![pb::Operation {
-                methods: vec!["POST".into()],
-                ..Default::default()
-            }],
-            ..Default::default()
-        }],
-        ..Default::default()
-    }];
+    wp.policies = vec![deny_post()];
     let key = format!("default/{}", hostname("backend"));
     let snapshot = Snapshot::build(
         &[

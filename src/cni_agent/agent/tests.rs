@@ -2,7 +2,7 @@
 //! pods in network namespaces the test creates (root needed).
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,6 +41,37 @@ impl PodNetns {
 impl Drop for PodNetns {
     fn drop(&mut self) {
         let _ = crate::netsetup::delete_named_netns(&self.name);
+    }
+}
+
+/// An agent's configuration with its run directory and ZDS socket under `dir`, its enrollment file `file`,
+/// and no periodic rule check.
+fn agent_config(dir: &Path, file: &Path) -> Arc<AgentConfig> {
+    let run_dir = dir.join("run");
+    std::fs::create_dir_all(&run_dir).unwrap();
+    let zds_path = dir.join("zds.sock");
+    let env: HashMap<&str, &str> = [
+        (CNI_AGENT_RUN_DIR, run_dir.to_str().unwrap()),
+        (ZTUNNEL_UDS_ADDRESS, zds_path.to_str().unwrap()),
+        (MESHNODE_AGENT_CONFIG, file.to_str().unwrap()),
+        (MESHNODE_RULE_CHECK_INTERVAL, "0"),
+    ]
+    .into();
+    Arc::new(AgentConfig::from_source(&env).unwrap())
+}
+
+/// A cluster view with only the `default` namespace, in ambient mode.
+fn ambient_default() -> ClusterView {
+    ClusterView {
+        namespaces: [(
+            "default".to_string(),
+            NamespaceInfo {
+                labels: [("istio.io/dataplane-mode".to_string(), "ambient".to_string())].into(),
+            },
+        )]
+        .into(),
+        synced: true,
+        ..ClusterView::default()
     }
 }
 
@@ -92,30 +123,10 @@ async fn a_full_hand_over_queue_leaves_the_pod_pending_and_it_is_enabled_once_th
         "a_full_hand_over_queue_leaves_the_pod_pending_and_it_is_enabled_once_the_proxy_catches_up"
     );
     let dir = tempfile::tempdir().unwrap();
-    let run_dir = dir.path().join("run");
-    std::fs::create_dir_all(&run_dir).unwrap();
+    // The view is given directly below; the file is never read.
+    let cfg = agent_config(dir.path(), Path::new("/nonexistent/agent.yaml"));
     let zds_path = dir.path().join("zds.sock");
-    let env: HashMap<&str, &str> = [
-        (CNI_AGENT_RUN_DIR, run_dir.to_str().unwrap()),
-        (ZTUNNEL_UDS_ADDRESS, zds_path.to_str().unwrap()),
-        // The view is given directly below; the file is never read.
-        (MESHNODE_AGENT_CONFIG, "/nonexistent/agent.yaml"),
-        (MESHNODE_RULE_CHECK_INTERVAL, "0"),
-    ]
-    .into();
-    let cfg = Arc::new(AgentConfig::from_source(&env).unwrap());
-    let view = ClusterView {
-        namespaces: [(
-            "default".to_string(),
-            NamespaceInfo {
-                labels: [("istio.io/dataplane-mode".to_string(), "ambient".to_string())].into(),
-            },
-        )]
-        .into(),
-        synced: true,
-        ..ClusterView::default()
-    };
-    let (_view_tx, view_rx) = watch::channel(Arc::new(view));
+    let (_view_tx, view_rx) = watch::channel(Arc::new(ambient_default()));
     // One hand-over may wait for the worker: the second one queued while it is busy fills the queue.
     let (mut agent, handles, jobs_rx) = Agent::with_zds_queue(cfg.clone(), view_rx, 1);
     let (annotations_tx, mut annotations) = mpsc::channel(64);
@@ -236,36 +247,15 @@ async fn a_full_hand_over_queue_leaves_the_pod_pending_and_it_is_enabled_once_th
 #[tokio::test]
 async fn a_pod_written_to_the_file_just_before_its_add_is_decided_with_its_labels() {
     let dir = tempfile::tempdir().unwrap();
-    let run_dir = dir.path().join("run");
-    std::fs::create_dir_all(&run_dir).unwrap();
     let file = dir.path().join("agent.yaml");
     std::fs::write(
         &file,
         "namespaces:\n  default: {labels: {istio.io/dataplane-mode: ambient}}\npods:\n- {name: waypoint-0, namespace: default, serviceAccount: waypoint, labels: {istio.io/dataplane-mode: none}}\n",
     )
     .unwrap();
-    let zds_path = dir.path().join("zds.sock");
-    let env: HashMap<&str, &str> = [
-        (CNI_AGENT_RUN_DIR, run_dir.to_str().unwrap()),
-        (ZTUNNEL_UDS_ADDRESS, zds_path.to_str().unwrap()),
-        (MESHNODE_AGENT_CONFIG, file.to_str().unwrap()),
-        (MESHNODE_RULE_CHECK_INTERVAL, "0"),
-    ]
-    .into();
-    let cfg = Arc::new(AgentConfig::from_source(&env).unwrap());
+    let cfg = agent_config(dir.path(), &file);
     // The view as the last poll read the file: the namespace, not the new pod yet.
-    let stale = ClusterView {
-        namespaces: [(
-            "default".to_string(),
-            NamespaceInfo {
-                labels: [("istio.io/dataplane-mode".to_string(), "ambient".to_string())].into(),
-            },
-        )]
-        .into(),
-        synced: true,
-        ..ClusterView::default()
-    };
-    let (_view_tx, view_rx) = watch::channel(Arc::new(stale));
+    let (_view_tx, view_rx) = watch::channel(Arc::new(ambient_default()));
     let (agent, handles, jobs_rx) = Agent::new(cfg, view_rx);
     let (_stop, stopped) = watch::channel(false);
     let ready = crate::readiness::Readiness::new();
