@@ -187,12 +187,10 @@ pub async fn run_proxy_with_metrics(
     metrics_listener: Option<TcpListener>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), Error> {
+    // Shared mode also exposes ztunnel's workload manager families; elsewhere the handles count nothing.
     let (metrics, workload_manager) = match cfg.proxy_mode {
-        ProxyMode::Shared => {
-            let (m, w) = crate::metrics::Metrics::with_workload_manager();
-            (m, Some(w))
-        }
-        _ => (crate::metrics::Metrics::new(), None),
+        ProxyMode::Shared => crate::metrics::Metrics::with_workload_manager(),
+        _ => (crate::metrics::Metrics::new(), Default::default()),
     };
     let metrics = Arc::new(metrics);
     if let Some(l) = metrics_listener {
@@ -241,7 +239,7 @@ pub async fn run_proxy_with_metrics(
                 certs,
                 orig_src,
                 metrics,
-                workload_manager: workload_manager.unwrap_or_default(),
+                workload_manager,
             };
             crate::inpod::run(inputs, ready, shutdown).await;
             return Ok(());

@@ -26,6 +26,48 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// A node proxy's metrics port, on the node's loopback.
 const METRICS_ADDR: ([u8; 4], u16) = ([127, 0, 0, 1], 15020);
 
+/// The L4 `reviews-viewer` (a literal, so that manifests can be put together with `concat!`).
+macro_rules! reviews_only_productpage {
+    () => {
+        "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: reviews-viewer
+  namespace: default
+spec:
+  selector:
+    matchLabels:
+      app: reviews
+  action: ALLOW
+  rules:
+  - from:
+    - source:
+        principals:
+        - cluster.local/ns/default/sa/productpage
+"
+    };
+}
+
+/// The waypoint Gateway `istioctl waypoint apply -n default` writes (a literal, for `concat!`).
+macro_rules! waypoint_gateway {
+    () => {
+        "apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata:
+  name: waypoint
+  namespace: default
+  labels:
+    istio.io/waypoint-for: service
+spec:
+  gatewayClassName: istio-waypoint
+  listeners:
+  - name: mesh
+    port: 15008
+    protocol: HBONE
+"
+    };
+}
+
 /// PeerAuthentication STRICT for `default`, as in the tutorial.
 pub const STRICT: &str = "apiVersion: security.istio.io/v1
 kind: PeerAuthentication
@@ -47,39 +89,13 @@ metadata:
 ";
 
 /// Only productpage's identity may reach reviews.
-pub const REVIEWS_ONLY_PRODUCTPAGE: &str = "apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata:
-  name: reviews-viewer
-  namespace: default
-spec:
-  selector:
-    matchLabels:
-      app: reviews
-  action: ALLOW
-  rules:
-  - from:
-    - source:
-        principals:
-        - cluster.local/ns/default/sa/productpage
-";
+pub const REVIEWS_ONLY_PRODUCTPAGE: &str = reviews_only_productpage!();
 
 /// `istioctl waypoint apply -n default --enroll-namespace`, as a manifest: the waypoint Gateway, and the
 /// namespace told to use it.
-pub const WAYPOINT: &str = "apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata:
-  name: waypoint
-  namespace: default
-  labels:
-    istio.io/waypoint-for: service
-spec:
-  gatewayClassName: istio-waypoint
-  listeners:
-  - name: mesh
-    port: 15008
-    protocol: HBONE
----
+pub const WAYPOINT: &str = concat!(
+    waypoint_gateway!(),
+    "---
 apiVersion: v1
 kind: Namespace
 metadata:
@@ -87,7 +103,8 @@ metadata:
   labels:
     istio.io/dataplane-mode: ambient
     istio.io/use-waypoint: waypoint
-";
+"
+);
 
 /// `reviews-viewer` moved to the waypoint: the same rule, now bound to the reviews Service (what Istio's
 /// docs do once a waypoint sees the callers' identities).
@@ -154,43 +171,20 @@ spec:
 ";
 
 /// The waypoint Gateway alone (`istioctl waypoint delete -n default waypoint`).
-pub const WAYPOINT_GATEWAY: &str = "apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata:
-  name: waypoint
-  namespace: default
-spec:
-  gatewayClassName: istio-waypoint
-  listeners:
-  - name: mesh
-    port: 15008
-    protocol: HBONE
-";
+pub const WAYPOINT_GATEWAY: &str = waypoint_gateway!();
 
 /// Back to L4 only: `default` without `use-waypoint`, and `reviews-viewer` enforced by reviews' proxy again.
-pub const BACK_TO_L4: &str = "apiVersion: v1
+pub const BACK_TO_L4: &str = concat!(
+    "apiVersion: v1
 kind: Namespace
 metadata:
   name: default
   labels:
     istio.io/dataplane-mode: ambient
 ---
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata:
-  name: reviews-viewer
-  namespace: default
-spec:
-  selector:
-    matchLabels:
-      app: reviews
-  action: ALLOW
-  rules:
-  - from:
-    - source:
-        principals:
-        - cluster.local/ns/default/sa/productpage
-";
+",
+    reviews_only_productpage!()
+);
 
 /// The waypoint's identity, as destination proxies count it.
 const WAYPOINT_PRINCIPAL: &str = "spiffe://cluster.local/ns/default/sa/waypoint";
