@@ -12,6 +12,7 @@
 //! - [`hbone`] — HTTP/2 CONNECT tunnels: client pool, server mechanics, byte copying.
 //! - [`proxy`] — one workload's proxy: outbound (:15001), inbound HBONE (:15008), plaintext inbound (:15006).
 //! - [`waypoint`] — `meshnode waypoint`: a namespace's L7 proxy (HBONE in, routes, L7 policy, HBONE out).
+//! - [`logging`] — log output (ztunnel's formats) and its level, changeable at run time.
 //! - [`metrics`] — Istio's TCP metrics (prometheus-client) and the `GET /metrics` endpoint.
 //! - [`inpod`] — shared mode: per-pod proxies inside pod network namespaces, driven by ZDS.
 //! - [`state`] — workloads, services and policies as an immutable snapshot; ztunnel's local config format.
@@ -46,6 +47,7 @@ pub mod grpc;
 pub mod hbone;
 pub mod identity;
 pub mod inpod;
+pub mod logging;
 pub mod metrics;
 pub mod netns;
 pub mod netsetup;

@@ -84,7 +84,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Sandbox(args) => {
-            init_logging();
+            let (_logs, _log_guard) = meshnode::logging::init();
             std::process::exit(meshnode::sandbox::cli::main(args));
         }
         Command::Version => {
@@ -101,7 +101,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Proxy { .. } => {
-            init_logging();
+            let (_logs, _log_guard) = meshnode::logging::init();
             let cfg = Arc::new(Config::from_source(&ProcessEnv)?);
             match meshnode::app::raise_fd_limit() {
                 Ok((before, after)) if before < after => {
@@ -118,7 +118,7 @@ fn main() -> anyhow::Result<()> {
             rt.block_on(run(cfg))
         }
         Command::Waypoint => {
-            init_logging();
+            let (_logs, _log_guard) = meshnode::logging::init();
             let cfg = Arc::new(meshnode::config::WaypointConfig::from_source(&ProcessEnv)?);
             match meshnode::app::raise_fd_limit() {
                 Ok((before, after)) if before < after => {
@@ -135,7 +135,7 @@ fn main() -> anyhow::Result<()> {
             rt.block_on(run_waypoint(cfg))
         }
         Command::CniAgent => {
-            init_logging();
+            let (_logs, _log_guard) = meshnode::logging::init();
             let cfg = Arc::new(meshnode::cni_agent::config::AgentConfig::from_source(
                 &ProcessEnv,
             )?);
@@ -160,7 +160,7 @@ fn main() -> anyhow::Result<()> {
             root_cert_out,
             drain_deadline,
         } => {
-            init_logging();
+            let (_logs, _log_guard) = meshnode::logging::init();
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .thread_name("meshnode-control-plane")
@@ -265,18 +265,5 @@ impl Signals {
             _ = self.term.recv() => {}
             _ = self.int.recv() => {}
         }
-    }
-}
-
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if std::env::var("LOG_FORMAT").as_deref() == Ok("json") {
-        builder.json().init();
-    } else {
-        builder.init();
     }
 }
