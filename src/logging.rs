@@ -47,7 +47,7 @@ enum Inner {
     },
     /// A filter that affects nothing (tests, embedders that install their own subscriber).
     Detached {
-        current: Mutex<Targets>,
+        current: Box<Mutex<Targets>>,
         default: Targets,
     },
 }
@@ -66,7 +66,7 @@ impl LogControl {
         let default = parse(default)?;
         Ok(LogControl {
             inner: Arc::new(Inner::Detached {
-                current: Mutex::new(default.clone()),
+                current: Box::new(Mutex::new(default.clone())),
                 default,
             }),
         })
