@@ -11,110 +11,113 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
+pub mod vars;
 pub mod waypoint;
 pub use waypoint::WaypointConfig;
 
+crate::config::vars::declare! { PROXY_VARS:
 /// `shared` (in-pod, via ZDS) or `dedicated` (one workload, this network namespace).
-pub const PROXY_MODE: &str = "PROXY_MODE";
+PROXY_MODE = "shared";
 /// The CNI agent's ZDS socket (shared mode).
-pub const INPOD_UDS: &str = "INPOD_UDS";
+INPOD_UDS = "/var/run/ztunnel/ztunnel.sock";
 /// SO_REUSEPORT on in-pod listeners, so a new proxy can bind while the old one drains.
-pub const INPOD_PORT_REUSE: &str = "INPOD_PORT_REUSE";
+INPOD_PORT_REUSE = "true";
 /// `namespace/name/service-account` of the workload a dedicated proxy acts for.
-pub const PROXY_WORKLOAD_INFO: &str = "PROXY_WORKLOAD_INFO";
+PROXY_WORKLOAD_INFO = "";
 /// Path of a ztunnel-format local config file (workloads, services, policies).
-pub const LOCAL_XDS_PATH: &str = "LOCAL_XDS_PATH";
+LOCAL_XDS_PATH = "";
 /// The same content inline.
-pub const LOCAL_XDS: &str = "LOCAL_XDS";
+LOCAL_XDS = "";
 /// istiod's xDS address; set to the empty string to run without xDS.
-pub const XDS_ADDRESS: &str = "XDS_ADDRESS";
+XDS_ADDRESS = "https://istiod.istio-system.svc:15012";
 /// The CA's address (istiod's by default; empty: certificates from a local CA).
-pub const CA_ADDRESS: &str = "CA_ADDRESS";
+CA_ADDRESS = "XDS_ADDRESS, or a local CA without xDS";
 /// Roots to verify the xDS server: a file path, `SYSTEM`, or PEM text.
-pub const XDS_ROOT_CA: &str = "XDS_ROOT_CA";
+XDS_ROOT_CA = "./var/run/secrets/istio/root-cert.pem";
 /// Roots to verify the CA server: a file path, `SYSTEM`, or PEM text. A file or PEM text is also the mesh's
 /// root bundle, trusted for workload peers together with each CA answer's roots (the file re-read when it
 /// changes; see `identity::TrustBundle`).
-pub const CA_ROOT_CA: &str = "CA_ROOT_CA";
+CA_ROOT_CA = "./var/run/secrets/istio/root-cert.pem";
 /// Another name the xDS server's certificate may carry.
-pub const ALT_XDS_HOSTNAME: &str = "ALT_XDS_HOSTNAME";
+ALT_XDS_HOSTNAME = "";
 /// Another name the CA server's certificate may carry.
-pub const ALT_CA_HOSTNAME: &str = "ALT_CA_HOSTNAME";
+ALT_CA_HOSTNAME = "";
 /// The bearer token for istiod: a file path (re-read on every request) or a literal token.
-pub const AUTH_TOKEN: &str = "AUTH_TOKEN";
+AUTH_TOKEN = "./var/run/secrets/tokens/istio-token if present";
 /// Cluster id, preferred over `CLUSTER_ID` (Istio's proxy metadata name).
-pub const ISTIO_META_CLUSTER_ID: &str = "ISTIO_META_CLUSTER_ID";
+ISTIO_META_CLUSTER_ID = "";
 /// This proxy's own pod name (xDS node id and metadata).
-pub const POD_NAME: &str = "POD_NAME";
+POD_NAME = "";
 /// This proxy's own namespace.
-pub const POD_NAMESPACE: &str = "POD_NAMESPACE";
+POD_NAMESPACE = "";
 /// This proxy's own service account.
-pub const SERVICE_ACCOUNT: &str = "SERVICE_ACCOUNT";
+SERVICE_ACCOUNT = "";
 /// This proxy's own IP (xDS node id).
-pub const INSTANCE_IP: &str = "INSTANCE_IP";
+INSTANCE_IP = "";
 /// Prefix of proxy metadata variables (`ISTIO_META_FOO=bar` → metadata `FOO: "bar"`).
-pub const ISTIO_META_PREFIX: &str = "ISTIO_META_";
+ISTIO_META_PREFIX as "ISTIO_META_" = "";
 /// Prefix of JSON proxy metadata variables (`ISTIO_METAJSON_FOO={...}` → metadata `FOO: {...}`).
-pub const ISTIO_METAJSON_PREFIX: &str = "ISTIO_METAJSON_";
+ISTIO_METAJSON_PREFIX as "ISTIO_METAJSON_" = "";
 /// Prefix of extra gRPC metadata for xDS requests (`XDS_HEADER_X=v` → `x: v`).
-pub const XDS_HEADER_PREFIX: &str = "XDS_HEADER_";
+XDS_HEADER_PREFIX as "XDS_HEADER_" = "";
 /// Prefix of extra gRPC metadata for CA requests.
-pub const CA_HEADER_PREFIX: &str = "CA_HEADER_";
+CA_HEADER_PREFIX as "CA_HEADER_" = "";
 /// SO_MARK put on every socket the proxy opens, so capture rules skip them.
-pub const PACKET_MARK: &str = "PACKET_MARK";
+PACKET_MARK = "1337";
 /// Keep the client's source address towards the application (`true`/`false`; unset: automatic).
-pub const ENABLE_ORIG_SRC: &str = "ENABLE_ORIG_SRC";
+ENABLE_ORIG_SRC = "on in shared mode";
 /// The Kubernetes node this proxy runs on.
-pub const NODE_NAME: &str = "NODE_NAME";
+NODE_NAME = "";
 /// The local network name (multi-network meshes).
-pub const NETWORK: &str = "NETWORK";
+NETWORK = "";
 /// Cluster id sent to the control plane.
-pub const CLUSTER_ID: &str = "CLUSTER_ID";
+CLUSTER_ID = "Kubernetes";
 /// Directory with an istiod plug-in CA (`ca-cert.pem`, `ca-key.pem`, `root-cert.pem`, `cert-chain.pem`).
-pub const CA_CERTS_DIR: &str = "CA_CERTS_DIR";
+CA_CERTS_DIR = "";
 /// Requested workload certificate lifetime.
-pub const SECRET_TTL: &str = "SECRET_TTL";
+SECRET_TTL = "24h";
 /// Whether to listen on IPv6 too.
-pub const IPV6_ENABLED: &str = "IPV6_ENABLED";
+IPV6_ENABLED = "true";
 /// Most streams multiplexed on one pooled HBONE connection.
-pub const POOL_MAX_STREAMS_PER_CONNECTION: &str = "POOL_MAX_STREAMS_PER_CONNECTION";
+POOL_MAX_STREAMS_PER_CONNECTION = "100";
 /// How long an unused pooled HBONE connection is kept.
-pub const POOL_UNUSED_RELEASE_TIMEOUT: &str = "POOL_UNUSED_RELEASE_TIMEOUT";
+POOL_UNUSED_RELEASE_TIMEOUT = "5m";
 /// HTTP/2 stream flow-control window.
-pub const HTTP2_STREAM_WINDOW_SIZE: &str = "HTTP2_STREAM_WINDOW_SIZE";
+HTTP2_STREAM_WINDOW_SIZE = "4194304";
 /// HTTP/2 connection flow-control window.
-pub const HTTP2_CONNECTION_WINDOW_SIZE: &str = "HTTP2_CONNECTION_WINDOW_SIZE";
+HTTP2_CONNECTION_WINDOW_SIZE = "16777216";
 /// HTTP/2 maximum frame size.
-pub const HTTP2_FRAME_SIZE: &str = "HTTP2_FRAME_SIZE";
+HTTP2_FRAME_SIZE = "1048576";
 /// How long open connections may finish after shutdown starts.
-pub const CONNECTION_TERMINATION_DEADLINE: &str = "CONNECTION_TERMINATION_DEADLINE";
+CONNECTION_TERMINATION_DEADLINE = "5s";
 /// The pod's `terminationGracePeriodSeconds` (downward API): without an explicit
 /// `CONNECTION_TERMINATION_DEADLINE`, the drain deadline is set a little inside it, as ztunnel does.
-pub const TERMINATION_GRACE_PERIOD_SECONDS: &str = "TERMINATION_GRACE_PERIOD_SECONDS";
+TERMINATION_GRACE_PERIOD_SECONDS = "";
 /// Data-plane worker threads (`N`, or `0` for one per CPU).
-pub const ZTUNNEL_WORKER_THREADS: &str = "ZTUNNEL_WORKER_THREADS";
+ZTUNNEL_WORKER_THREADS = "2";
 /// meshnode's own: where the built-in CA keeps its root, shared by every meshnode process on the machine.
-pub const MESHNODE_STATE_DIR: &str = "MESHNODE_STATE_DIR";
+MESHNODE_STATE_DIR = "/var/lib/meshnode";
 /// meshnode's own: most connections handled at once per listener.
-pub const MESHNODE_MAX_CONNECTIONS: &str = "MESHNODE_MAX_CONNECTIONS";
+MESHNODE_MAX_CONNECTIONS = "65536";
 /// meshnode's own: most connections handled at once by the whole process (every listener of every pod).
-pub const MESHNODE_MAX_CONNECTIONS_TOTAL: &str = "MESHNODE_MAX_CONNECTIONS_TOTAL";
+MESHNODE_MAX_CONNECTIONS_TOTAL = "65536";
 /// meshnode's own: most connections from one source address still in their handshake on :15008.
-pub const MESHNODE_MAX_HANDSHAKES_PER_SOURCE: &str = "MESHNODE_MAX_HANDSHAKES_PER_SOURCE";
+MESHNODE_MAX_HANDSHAKES_PER_SOURCE = "256";
 /// meshnode's own: time allowed from accepting an HBONE connection to its HTTP/2 preface (TLS included).
-pub const MESHNODE_HANDSHAKE_TIMEOUT: &str = "MESHNODE_HANDSHAKE_TIMEOUT";
+MESHNODE_HANDSHAKE_TIMEOUT = "10s";
 /// meshnode's own: an inbound HBONE connection carrying no stream for this long is closed (GOAWAY).
-pub const MESHNODE_HBONE_IDLE_TIMEOUT: &str = "MESHNODE_HBONE_IDLE_TIMEOUT";
+MESHNODE_HBONE_IDLE_TIMEOUT = "10m";
 /// TCP keepalive: idle time before the first probe (ztunnel's name and default).
-pub const KEEPALIVE_TIME: &str = "KEEPALIVE_TIME";
+KEEPALIVE_TIME = "180s";
 /// TCP keepalive: time between probes.
-pub const KEEPALIVE_INTERVAL: &str = "KEEPALIVE_INTERVAL";
+KEEPALIVE_INTERVAL = "180s";
 /// TCP keepalive: unanswered probes before the connection is dropped.
-pub const KEEPALIVE_RETRIES: &str = "KEEPALIVE_RETRIES";
+KEEPALIVE_RETRIES = "9";
 /// TCP keepalive on the proxy's sockets at all.
-pub const KEEPALIVE_ENABLED: &str = "KEEPALIVE_ENABLED";
+KEEPALIVE_ENABLED = "true";
 /// TCP_USER_TIMEOUT = keepalive time + retries × interval: unacknowledged data cannot hold a socket longer.
-pub const USER_TIMEOUT_ENABLED: &str = "USER_TIMEOUT_ENABLED";
+USER_TIMEOUT_ENABLED = "false";
+}
 
 /// A key → value lookup: the process environment in production, a map in tests.
 pub trait Source {
@@ -949,6 +952,28 @@ mod tests {
     fn cfg(pairs: &[(&'static str, &'static str)]) -> Result<Config, Error> {
         let map: HashMap<&str, &str> = pairs.iter().copied().collect();
         Config::from_source(&map)
+    }
+
+    #[test]
+    fn proxy_help_names_every_variable_the_proxy_reads_with_its_real_default() {
+        crate::config::vars::testing::check(
+            &[PROXY_VARS],
+            PROXY_VARS,
+            &[
+                &[],
+                &[
+                    (PROXY_MODE, "dedicated"),
+                    (PROXY_WORKLOAD_INFO, "default/client/sleep"),
+                    (LOCAL_XDS_PATH, "/etc/local.yaml"),
+                    (XDS_ADDRESS, ""),
+                    (TERMINATION_GRACE_PERIOD_SECONDS, "30"),
+                ],
+                &[(LOCAL_XDS, "workloads: []"), (CA_ADDRESS, "ca:15012")],
+                &[(XDS_ADDRESS, ""), (CA_CERTS_DIR, "/etc/cacerts")],
+                &[(XDS_ADDRESS, "")],
+            ],
+            |src| format!("{:?}", Config::from_source(src)),
+        );
     }
 
     #[test]

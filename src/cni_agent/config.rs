@@ -13,45 +13,47 @@ use crate::redirect::{RedirectPorts, RuleSettings};
 use super::install::InstallConfig;
 use super::selector::{default_selectors, parse_selectors, Policy};
 
+crate::config::vars::declare! { CNI_AGENT_VARS:
 /// Directory of the plugin socket, the state file and the plugin's fallback hint.
-pub const CNI_AGENT_RUN_DIR: &str = "CNI_AGENT_RUN_DIR";
+CNI_AGENT_RUN_DIR = "/var/run/istio-cni";
 /// Where the ZDS server listens for node proxies.
-pub const ZTUNNEL_UDS_ADDRESS: &str = "ZTUNNEL_UDS_ADDRESS";
+ZTUNNEL_UDS_ADDRESS = "/var/run/ztunnel/ztunnel.sock";
 /// Comma-separated namespaces never enrolled.
-pub const EXCLUDE_NAMESPACES: &str = "EXCLUDE_NAMESPACES";
+EXCLUDE_NAMESPACES = "kube-system";
 /// YAML list of `{podSelector, namespaceSelector}`.
-pub const AMBIENT_ENABLEMENT_SELECTOR: &str = "AMBIENT_ENABLEMENT_SELECTOR";
+AMBIENT_ENABLEMENT_SELECTOR = "namespace label istio.io/dataplane-mode=ambient";
 /// Redirect DNS (UDP/TCP 53) to the proxy's DNS port.
-pub const AMBIENT_DNS_CAPTURE: &str = "AMBIENT_DNS_CAPTURE";
+AMBIENT_DNS_CAPTURE = "false";
 /// Program IPv6 rules too.
-pub const AMBIENT_IPV6: &str = "AMBIENT_IPV6";
+AMBIENT_IPV6 = "true";
 /// Kubelet probe SNAT address (IPv4).
-pub const HOST_PROBE_SNAT_IP: &str = "HOST_PROBE_SNAT_IP";
+HOST_PROBE_SNAT_IP = "169.254.7.127";
 /// Kubelet probe SNAT address (IPv6).
-pub const HOST_PROBE_SNAT_IPV6: &str = "HOST_PROBE_SNAT_IPV6";
+HOST_PROBE_SNAT_IPV6 = "fd16:9254:7127:1337:ffff:ffff:ffff:ffff";
 /// The proxy's packet mark (must equal the proxy's `PACKET_MARK`).
-pub const PACKET_MARK: &str = "PACKET_MARK";
+PACKET_MARK = "1337";
 /// This node's name (Kubernetes mode: only this node's pods are watched).
-pub const NODE_NAME: &str = "NODE_NAME";
+NODE_NAME = "";
 /// meshnode's own: a standalone enrollment file (namespaces, pods); set, the Kubernetes API is not used.
-pub const MESHNODE_AGENT_CONFIG: &str = "MESHNODE_AGENT_CONFIG";
+MESHNODE_AGENT_CONFIG = "";
 /// meshnode's own: prefix for netns paths from the plugin (`/host` when the agent runs in a container
 /// that mounts the host's `/var/run/netns` under `/host`, as istio-cni's DaemonSet does).
-pub const MESHNODE_HOST_PREFIX: &str = "MESHNODE_HOST_PREFIX";
+MESHNODE_HOST_PREFIX = "";
 
 /// The host's CNI conf directory as mounted in the agent's container; set, the agent installs the plugin.
-pub const MOUNTED_CNI_NET_DIR: &str = "MOUNTED_CNI_NET_DIR";
+MOUNTED_CNI_NET_DIR = "";
 /// meshnode's own: the host's CNI bin directory as mounted (default `/host/opt/cni/bin`).
-pub const MESHNODE_CNI_BIN_DIR: &str = "MESHNODE_CNI_BIN_DIR";
+MESHNODE_CNI_BIN_DIR = "/host/opt/cni/bin";
 /// meshnode's own: the plugin binary to install (default: `meshnode-cni` beside the `meshnode` binary).
-pub const MESHNODE_CNI_PLUGIN: &str = "MESHNODE_CNI_PLUGIN";
+MESHNODE_CNI_PLUGIN = "meshnode-cni beside meshnode";
 /// The agent's own namespace.
-pub const POD_NAMESPACE: &str = "POD_NAMESPACE";
+POD_NAMESPACE = "istio-system";
 /// meshnode's own: how often each captured pod's rules are read back and repaired if they drifted
 /// (a Go-style duration; default 30s; `0` turns the check off).
-pub const MESHNODE_RULE_CHECK_INTERVAL: &str = "MESHNODE_RULE_CHECK_INTERVAL";
+MESHNODE_RULE_CHECK_INTERVAL = "30s";
 /// istio-cni's metrics port (`GET /metrics`), default 15014.
-pub const MONITORING_PORT: &str = "MONITORING_PORT";
+MONITORING_PORT = "15014";
+}
 
 /// Where enrollment data comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -245,6 +247,22 @@ impl AgentConfig {
 mod tests {
     use super::*;
     use std::collections::HashMap;
+
+    #[test]
+    fn agent_help_names_every_variable_the_agent_reads_with_its_real_default() {
+        crate::config::vars::testing::check(
+            &[CNI_AGENT_VARS],
+            CNI_AGENT_VARS,
+            &[
+                &[(NODE_NAME, "node-1")],
+                &[
+                    (MESHNODE_AGENT_CONFIG, "/etc/meshnode/agent.yaml"),
+                    (MOUNTED_CNI_NET_DIR, "/host/etc/cni/net.d"),
+                ],
+            ],
+            |src| format!("{:?}", AgentConfig::from_source(src)),
+        );
+    }
 
     #[test]
     fn defaults_follow_istio_cni_except_dns_capture() {

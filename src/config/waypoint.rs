@@ -17,19 +17,21 @@ use std::time::Duration;
 use super::{parse_default, parse_duration, Config, Error, LocalConfigSource, Source};
 use crate::identity::Identity;
 
+crate::config::vars::declare! { WAYPOINT_VARS:
 /// The trust domain of the waypoint's identity (Istio's waypoint template sets it).
-pub const TRUST_DOMAIN: &str = "TRUST_DOMAIN";
+TRUST_DOMAIN = "cluster.local";
 /// The waypoint Gateway's name.
-pub const WAYPOINT_NAME: &str = "WAYPOINT_NAME";
+WAYPOINT_NAME = "ISTIO_META_WORKLOAD_NAME, else waypoint";
 /// Istio's name for the pod's Deployment (the Gateway's name for a waypoint); used when `WAYPOINT_NAME` is unset.
-pub const ISTIO_META_WORKLOAD_NAME: &str = "ISTIO_META_WORKLOAD_NAME";
+ISTIO_META_WORKLOAD_NAME = "";
 /// meshnode's own: time allowed for a request's headers once its first byte has arrived (and for the first
 /// bytes of a stream whose protocol must be sniffed).
-pub const MESHNODE_WAYPOINT_HEADER_TIMEOUT: &str = "MESHNODE_WAYPOINT_HEADER_TIMEOUT";
+MESHNODE_WAYPOINT_HEADER_TIMEOUT = "10s";
 /// meshnode's own: largest request head accepted (request line and headers), in bytes.
-pub const MESHNODE_WAYPOINT_MAX_REQUEST_HEADERS: &str = "MESHNODE_WAYPOINT_MAX_REQUEST_HEADERS";
+MESHNODE_WAYPOINT_MAX_REQUEST_HEADERS = "65536";
 /// meshnode's own: largest request body kept so that the request can be retried.
-pub const MESHNODE_WAYPOINT_RETRY_BUFFER: &str = "MESHNODE_WAYPOINT_RETRY_BUFFER";
+MESHNODE_WAYPOINT_RETRY_BUFFER = "65536";
+}
 
 /// The default waypoint name (`istioctl waypoint apply`'s).
 pub const DEFAULT_WAYPOINT_NAME: &str = "waypoint";
@@ -185,6 +187,16 @@ mod tests {
     fn cfg(pairs: &[(&'static str, &'static str)]) -> Result<WaypointConfig, Error> {
         let map: HashMap<&str, &str> = pairs.iter().copied().collect();
         WaypointConfig::from_source(&map)
+    }
+
+    #[test]
+    fn waypoint_help_names_every_variable_the_waypoint_reads_with_its_real_default() {
+        crate::config::vars::testing::check(
+            &[crate::config::PROXY_VARS, WAYPOINT_VARS],
+            WAYPOINT_VARS,
+            &[&[("POD_NAMESPACE", "bookinfo")]],
+            |src| format!("{:?}", WaypointConfig::from_source(src)),
+        );
     }
 
     #[test]
