@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use tokio::sync::watch;
 
 use meshnode::config::{Config, ProcessEnv};
@@ -21,9 +21,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the node proxy (ztunnel's role). Configured through ztunnel's environment variables:
-    /// PROXY_MODE, PROXY_WORKLOAD_INFO, LOCAL_XDS_PATH, XDS_ADDRESS, PACKET_MARK, ENABLE_ORIG_SRC, NODE_NAME,
-    /// CA_CERTS_DIR, SECRET_TTL, RUST_LOG, ...
+    /// Run the node proxy (ztunnel's role), configured through ztunnel's environment variables (`--help`
+    /// lists every one).
     Proxy {
         /// What Istio's ztunnel chart passes after the role (`args: [proxy, ztunnel]`); ignored, as ztunnel
         /// ignores it.
@@ -33,14 +32,12 @@ enum Command {
     /// Run a waypoint (an L7 proxy for one namespace's waypoint Gateway, Envoy's role in Istio ambient):
     /// HBONE in on :15008, HTTP routes, L7 authorization and retries, HBONE out to the endpoints' node
     /// proxies, request metrics on :15020, readiness on :15021. Configured through the node proxy's
-    /// variables (XDS_ADDRESS, CA_ADDRESS, POD_NAMESPACE, SERVICE_ACCOUNT, POD_NAME, INSTANCE_IP, ...) plus
-    /// TRUST_DOMAIN and WAYPOINT_NAME (default: ISTIO_META_WORKLOAD_NAME, else "waypoint").
+    /// variables plus the waypoint's own (`--help` lists every one).
     Waypoint,
     /// Run the CNI node agent (istio-cni's node agent role): takes pod events from the meshnode-cni plugin,
     /// programs each enrolled pod's redirection rules and hands its network namespace to the node proxy over
-    /// ZDS. Configured through istio-cni's environment variables: CNI_AGENT_RUN_DIR, ZTUNNEL_UDS_ADDRESS,
-    /// EXCLUDE_NAMESPACES, AMBIENT_ENABLEMENT_SELECTOR, AMBIENT_DNS_CAPTURE, AMBIENT_IPV6, NODE_NAME, and
-    /// MESHNODE_AGENT_CONFIG (a local enrollment file, for use without Kubernetes).
+    /// ZDS. Configured through istio-cni's environment variables and MESHNODE_AGENT_CONFIG (a local
+    /// enrollment file, for use without Kubernetes); `--help` lists every one.
     CniAgent,
     /// Run the embedded control plane (istiod's role without Kubernetes): serves delta ADS (workloads,
     /// services, policies) over TLS from one YAML mesh file, pushing changes as deltas.
@@ -80,8 +77,28 @@ enum Command {
     Version,
 }
 
+/// The command line, with each role's environment variables listed in its `--help`.
+fn command() -> clap::Command {
+    use meshnode::config::vars::{logging::LOGGING_VARS, render};
+    use meshnode::config::{waypoint::WAYPOINT_VARS, PROXY_VARS};
+    let proxy = render(&[("Environment", PROXY_VARS), ("Logging", LOGGING_VARS)]);
+    let waypoint = render(&[
+        ("Environment (the waypoint's own)", WAYPOINT_VARS),
+        ("Environment (shared with the node proxy)", PROXY_VARS),
+        ("Logging", LOGGING_VARS),
+    ]);
+    let agent = render(&[
+        ("Environment", meshnode::cni_agent::config::CNI_AGENT_VARS),
+        ("Logging", LOGGING_VARS),
+    ]);
+    Cli::command()
+        .mut_subcommand("proxy", |c| c.after_long_help(proxy))
+        .mut_subcommand("waypoint", |c| c.after_long_help(waypoint))
+        .mut_subcommand("cni-agent", |c| c.after_long_help(agent))
+}
+
 fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    let cli = Cli::from_arg_matches(&command().get_matches()).unwrap_or_else(|e| e.exit());
     match cli.command {
         Command::Sandbox(args) => {
             let (_logs, _log_guard) = meshnode::logging::init();

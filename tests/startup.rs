@@ -286,3 +286,38 @@ fn version_names_the_release_and_the_revision_built() {
         "{text}"
     );
 }
+
+#[test]
+fn each_roles_help_lists_every_variable_it_reads() {
+    use meshnode::config::vars::logging::LOGGING_VARS;
+    let roles: [(&str, Vec<&[meshnode::config::vars::Var]>); 3] = [
+        ("proxy", vec![meshnode::config::PROXY_VARS, LOGGING_VARS]),
+        (
+            "waypoint",
+            vec![
+                meshnode::config::PROXY_VARS,
+                meshnode::config::waypoint::WAYPOINT_VARS,
+                LOGGING_VARS,
+            ],
+        ),
+        (
+            "cni-agent",
+            vec![meshnode::cni_agent::config::CNI_AGENT_VARS, LOGGING_VARS],
+        ),
+    ];
+    for (role, tables) in roles {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_meshnode"))
+            .args([role, "--help"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{role}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        for var in tables.iter().flat_map(|t| t.iter()) {
+            assert!(
+                text.contains(&format!("\n  {}", var.name)),
+                "`meshnode {role} --help` does not list {}:\n{text}",
+                var.name
+            );
+        }
+    }
+}

@@ -85,7 +85,7 @@ pub fn render(tables: &[(&str, &[Var])]) -> String {
             out.push('\n');
             let mut line = String::from("     ");
             for word in v.help.split_whitespace() {
-                if line.len() + word.len() > 100 && line.trim_start().len() > 0 {
+                if line.len() + word.len() > 100 && !line.trim_start().is_empty() {
                     out.push_str(&line);
                     out.push('\n');
                     line = String::from("     ");
@@ -149,7 +149,10 @@ pub(crate) mod testing {
         scenarios: &[&[(&str, &str)]],
         build: impl Fn(&dyn Source) -> String,
     ) {
-        let known: BTreeSet<&str> = tables.iter().flat_map(|t| t.iter().map(|v| v.name)).collect();
+        let known: BTreeSet<&str> = tables
+            .iter()
+            .flat_map(|t| t.iter().map(|v| v.name))
+            .collect();
         let mut asked = BTreeSet::new();
         for scenario in scenarios {
             let map: HashMap<String, String> = scenario
@@ -165,23 +168,39 @@ pub(crate) mod testing {
             asked.extend(rec.asked.into_inner());
         }
         for name in &asked {
-            assert!(known.contains(name.as_str()), "{name} is read but not in the help");
+            assert!(
+                known.contains(name.as_str()),
+                "{name} is read but not in the help"
+            );
         }
         for v in own.iter().filter(|v| !v.name.ends_with('*')) {
-            assert!(asked.contains(v.name), "{} is in the help but never read", v.name);
+            assert!(
+                asked.contains(v.name),
+                "{} is in the help but never read",
+                v.name
+            );
         }
         let base: HashMap<String, String> = scenarios[0]
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         let unset = build(&base);
-        for v in own.iter().filter(|v| !v.default.is_empty() && !v.default.contains(' ')) {
+        for v in own
+            .iter()
+            .filter(|v| !v.default.is_empty() && !v.default.contains(' '))
+        {
             if base.contains_key(v.name) {
                 continue;
             }
             let mut with = base.clone();
             with.insert(v.name.to_string(), v.default.to_string());
-            assert_eq!(build(&with), unset, "{}={} is not what unset means", v.name, v.default);
+            assert_eq!(
+                build(&with),
+                unset,
+                "{}={} is not what unset means",
+                v.name,
+                v.default
+            );
         }
     }
 }
@@ -193,8 +212,14 @@ mod tests {
     #[test]
     fn help_lists_each_variable_with_its_default_and_meaning() {
         let text = render(&[("Logging", logging::LOGGING_VARS)]);
-        assert!(text.starts_with("Logging:\n  RUST_LOG (default info)\n      Log filter:"), "{text}");
-        assert!(text.contains("  LOG_FORMAT (default plain)\n      `json` for one"), "{text}");
+        assert!(
+            text.starts_with("Logging:\n  RUST_LOG (default info)\n      Log filter:"),
+            "{text}"
+        );
+        assert!(
+            text.contains("  LOG_FORMAT (default plain)\n      `json` for one"),
+            "{text}"
+        );
         assert!(text.lines().all(|l| l.len() <= 110), "{text}");
     }
 }
