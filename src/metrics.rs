@@ -28,7 +28,8 @@
 //! describe the waypoint, as ztunnel reports them.
 //!
 //! Labels are ztunnel's CommonTrafficLabels ([`TrafficLabels`]) in its order; empty values read
-//! `unknown`. Cost: a label set is built (a few small strings) and looked up in its family once per
+//! `unknown`; the locality labels (`source_region`, `source_zone`, `destination_region`,
+//! `destination_zone`) come last and only when either workload is known, as ztunnel adds them. Cost: a label set is built (a few small strings) and looked up in its family once per
 //! connection, at open and at close. Bytes are counted while the connection lives, as ztunnel counts them
 //! (a long connection shows its traffic before it ends): the copy holds the two byte counters of its label
 //! set ([`ConnectionRecord::live_bytes`], `Arc` clones taken at open) and adds to them per read or write,
@@ -46,7 +47,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 use crate::identity::Identity;
-use crate::state::{GatewayAddress, GatewayDestination, Service, Workload};
+use crate::state::{GatewayAddress, GatewayDestination, Locality, Service, Workload};
 
 pub use process::ProcessCollector;
 pub use serve::{serve, serve_encoded};
@@ -110,7 +111,7 @@ pub enum SecurityPolicy {
     unknown,
 }
 
-/// ztunnel's CommonTrafficLabels, in its encoding order (locality labels are not modelled).
+/// ztunnel's CommonTrafficLabels, in its encoding order.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct TrafficLabels {
     /// `source` or `destination`.
@@ -124,6 +125,52 @@ pub struct TrafficLabels {
     pub response_flags: ResponseFlags,
     /// `mutual_tls` or `unknown`.
     pub connection_security_policy: SecurityPolicy,
+    /// `source_region`, `source_zone`, `destination_region`, `destination_zone`, last.
+    #[prometheus(flatten)]
+    pub locality: LocalityLabels,
+}
+
+/// ztunnel's locality labels: present (each part `unknown` when empty) once either side's workload is
+/// known, absent from the label set otherwise.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub struct LocalityLabels(Option<LocalityValues>);
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct LocalityValues {
+    source_region: String,
+    source_zone: String,
+    destination_region: String,
+    destination_zone: String,
+}
+
+impl LocalityLabels {
+    /// The labels for a connection from `src` to `dst` (absent when neither is known).
+    pub fn new(src: Option<&Workload>, dst: Option<&Workload>) -> LocalityLabels {
+        if src.is_none() && dst.is_none() {
+            return LocalityLabels(None);
+        }
+        let part = |w: Option<&Workload>, f: fn(&Locality) -> &str| {
+            val(w.and_then(|w| w.locality.as_deref()).map_or("", f))
+        };
+        LocalityLabels(Some(LocalityValues {
+            source_region: part(src, |l| &l.region),
+            source_zone: part(src, |l| &l.zone),
+            destination_region: part(dst, |l| &l.region),
+            destination_zone: part(dst, |l| &l.zone),
+        }))
+    }
+}
+
+impl EncodeLabelSet for LocalityLabels {
+    fn encode(
+        &self,
+        encoder: &mut prometheus_client::encoding::LabelSetEncoder<'_>,
+    ) -> Result<(), std::fmt::Error> {
+        match &self.0 {
+            Some(values) => values.encode(encoder),
+            None => Ok(()),
+        }
+    }
 }
 
 /// Istio's standard `source_*` and `destination_*` labels, in ztunnel's encoding order: the part of the label
@@ -234,6 +281,7 @@ impl TrafficLabels {
             } else {
                 SecurityPolicy::unknown
             },
+            locality: LocalityLabels::new(src, dst),
         }
     }
 }

@@ -89,6 +89,35 @@ pub struct Workload {
     /// Set on waypoint instances that want the tunnel's metadata: inbound connections go to
     /// `port` (if set), with a PROXY protocol v2 header when the protocol says so.
     pub application_tunnel: Option<ApplicationTunnel>,
+    /// Where it runs (region/zone/subzone), when the control plane says; shared between the workloads of
+    /// one zone by whoever builds them.
+    pub locality: Option<Arc<Locality>>,
+}
+
+/// A workload's locality, as Kubernetes topology labels give it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct Locality {
+    /// `topology.kubernetes.io/region`.
+    pub region: String,
+    /// `topology.kubernetes.io/zone`.
+    pub zone: String,
+    /// Istio's `topology.istio.io/subzone`.
+    pub subzone: String,
+}
+
+impl Locality {
+    /// `None` when all three parts are empty (no locality known).
+    pub fn known(region: String, zone: String, subzone: String) -> Option<Arc<Locality>> {
+        if region.is_empty() && zone.is_empty() && subzone.is_empty() {
+            None
+        } else {
+            Some(Arc::new(Locality {
+                region,
+                zone,
+                subzone,
+            }))
+        }
+    }
 }
 
 /// Where a gateway (a waypoint) is: istio's `GatewayAddress`.

@@ -172,3 +172,50 @@ async fn metrics_are_served_on_metrics_and_on_ztunnels_stats_prometheus_alias() 
         }
     }
 }
+
+#[test]
+fn locality_labels_follow_the_workloads_and_are_absent_when_neither_is_known() {
+    let state = crate::state::LocalConfig::parse(
+        r#"
+workloads:
+- {uid: c1, name: client, namespace: default, serviceAccount: sleep, workloadIps: [10.0.0.1], protocol: HBONE,
+   locality: {region: eu-west1, zone: eu-west1-b}}
+- {uid: s1, name: server, namespace: default, serviceAccount: web, workloadIps: [10.0.0.2], protocol: HBONE}
+"#,
+    )
+    .unwrap()
+    .into_state()
+    .unwrap();
+    let client = state.workload_by_addr("", [10, 0, 0, 1].into()).unwrap();
+    let server = state.workload_by_addr("", [10, 0, 0, 2].into()).unwrap();
+    let m = Arc::new(Metrics::new());
+    let id = client.identity.clone();
+    m.open(TrafficLabels::new(
+        Reporter::destination,
+        Some(client),
+        Some(&id),
+        Some(server),
+        None,
+    ))
+    .close(ResponseFlags::None, 1, 1);
+    m.open(TrafficLabels::new(Reporter::source, None, None, None, None))
+        .close(ResponseFlags::None, 1, 1);
+    let opened = encoded_lines(&m, "istio_tcp_connections_opened_total{");
+    assert_eq!(opened.len(), 2, "{opened:?}");
+    let known = opened
+        .iter()
+        .find(|l| l.contains(r#"reporter="destination""#))
+        .unwrap();
+    assert!(
+        known.contains(r#"connection_security_policy="mutual_tls",source_region="eu-west1",source_zone="eu-west1-b",destination_region="unknown",destination_zone="unknown"}"#),
+        "{known}"
+    );
+    let unknown = opened
+        .iter()
+        .find(|l| l.contains(r#"reporter="source""#))
+        .unwrap();
+    assert!(
+        !unknown.contains("_region") && !unknown.contains("_zone"),
+        "{unknown}"
+    );
+}

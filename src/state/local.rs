@@ -130,11 +130,23 @@ pub struct LocalWorkload {
     #[serde(default)]
     cluster_id: String,
     #[serde(default)]
-    locality: Option<serde_yaml::Value>,
+    locality: Option<LocalLocality>,
     #[serde(default)]
     services: HashMap<String, HashMap<u16, u16>>,
     #[serde(default = "one")]
     capacity: u32,
+}
+
+/// ztunnel's `locality: {region, zone, subzone}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LocalLocality {
+    #[serde(default)]
+    region: String,
+    #[serde(default)]
+    zone: String,
+    #[serde(default)]
+    subzone: String,
 }
 
 fn one() -> u32 {
@@ -333,7 +345,7 @@ fn workload(w: LocalWorkload) -> Result<Workload, Error> {
     if w.network_mode.as_deref().is_some_and(|m| m != "Standard") {
         tracing::warn!(workload = %key, "networkMode other than Standard is not supported yet; ignored");
     }
-    let _ = (w.native_tunnel, &w.locality);
+    let _ = w.native_tunnel;
     for svc in w.services.keys() {
         if !svc.contains('/') {
             return Err(invalid(format!(
@@ -380,6 +392,9 @@ fn workload(w: LocalWorkload) -> Result<Workload, Error> {
         hostname: w.hostname,
         waypoint,
         application_tunnel,
+        locality: w
+            .locality
+            .and_then(|l| super::Locality::known(l.region, l.zone, l.subzone)),
     })
 }
 

@@ -34,7 +34,7 @@ use crate::identity::Identity;
 use crate::proto::{security, workload as pb};
 use crate::state::{
     AppTunnelProtocol, ApplicationTunnel, GatewayAddress, GatewayDestination, HealthPolicy,
-    HealthStatus, LbMode, Protocol, Service, WeightedWaypoint, Workload,
+    HealthStatus, LbMode, Locality, Protocol, Service, WeightedWaypoint, Workload,
 };
 
 /// Why a resource could not be converted.
@@ -352,6 +352,9 @@ fn workload(name: &str, w: pb::Workload) -> Result<Workload, ConvertError> {
         hostname: w.hostname,
         waypoint,
         application_tunnel,
+        locality: w
+            .locality
+            .and_then(|l| Locality::known(l.region, l.zone, l.subzone)),
     })
 }
 

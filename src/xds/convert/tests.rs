@@ -116,9 +116,20 @@ fn workload_fields_are_carried_over() {
         workload_name: "productpage-v1".into(),
         authorization_policies: vec!["default/allow-get".into()],
         services,
+        locality: Some(pb::Locality {
+            region: "eu-west1".into(),
+            zone: "eu-west1-b".into(),
+            subzone: String::new(),
+        }),
         ..pb_workload()
     })
     .unwrap();
+    let locality = w.locality.as_deref().unwrap();
+    assert_eq!(
+        (locality.region.as_str(), locality.zone.as_str()),
+        ("eu-west1", "eu-west1-b")
+    );
+    assert!(convert_workload(pb_workload()).unwrap().locality.is_none());
     assert_eq!(
         w.identity.to_string(),
         "spiffe://example.org/ns/default/sa/bookinfo"
