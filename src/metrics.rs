@@ -487,6 +487,19 @@ struct BuildLabels {
     tag: String,
 }
 
+/// Registers `istio_build{component, tag}` = 1 in `istio` (a registry prefixed `istio`): `ztunnel` for the
+/// node proxy, `proxy` for a waypoint (what pilot-agent reports for Istio's Envoy proxies).
+pub fn register_build(istio: &mut Registry, component: &str) {
+    let build = Family::<BuildLabels, Gauge>::default();
+    build
+        .get_or_create(&BuildLabels {
+            component: component.into(),
+            tag: env!("CARGO_PKG_VERSION").into(),
+        })
+        .set(1);
+    istio.register("build", "Istio component build info", build);
+}
+
 impl Metrics {
     /// A registry with the `istio_tcp_*` families registered.
     pub fn new() -> Metrics {
@@ -523,14 +536,7 @@ impl Metrics {
             "The current number of open TCP connections (unstable)",
             tcp.sockets_open.clone(),
         );
-        let build = Family::<BuildLabels, Gauge>::default();
-        build
-            .get_or_create(&BuildLabels {
-                component: "ztunnel".into(),
-                tag: env!("CARGO_PKG_VERSION").into(),
-            })
-            .set(1);
-        istio.register("build", "Istio component build info", build);
+        register_build(istio, "ztunnel");
         let xds = XdsMetrics::default();
         istio.register(
             "xds_message",

@@ -14,6 +14,8 @@
 //! | `istio_response_bytes` | histogram (response head + body) |
 //! | `istio_tcp_connections_opened_total`, `istio_tcp_connections_closed_total` | counters (TCP ports) |
 //! | `istio_tcp_received_bytes_total`, `istio_tcp_sent_bytes_total` | counters (TCP ports, at close) |
+//! | `istio_build` | gauge, 1, `component="proxy"` (pilot-agent's label for Istio's Envoy proxies) and `tag` |
+//! | `process_open_fds`, `process_max_fds`, `process_resident_memory_bytes`, `process_threads` | gauges, read at each scrape |
 //!
 //! Labels: Istio's standard set ([`RequestLabels`]); `source_*` from the client's Address workload (found
 //! by its address and mTLS identity), `destination_*` from the endpoint's workload and the service
@@ -170,6 +172,8 @@ impl WaypointMetrics {
             "The size of total bytes sent during response in case of a TCP connection",
             tcp.sent.clone(),
         );
+        crate::metrics::register_build(istio, "proxy");
+        registry.register_collector(Box::new(crate::metrics::ProcessCollector));
         WaypointMetrics {
             registry,
             requests,
@@ -375,4 +379,22 @@ pub fn headers_size(headers: &http::HeaderMap) -> u64 {
         .iter()
         .map(|(k, v)| (k.as_str().len() + v.len() + 4) as u64)
         .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fresh_waypoint_reports_its_build_and_process_figures() {
+        let text = WaypointMetrics::new().encode();
+        assert!(
+            text.contains(&format!(
+                "istio_build{{component=\"proxy\",tag=\"{}\"}} 1",
+                env!("CARGO_PKG_VERSION")
+            )),
+            "{text}"
+        );
+        assert!(text.contains("\nprocess_open_fds "), "{text}");
+    }
 }
