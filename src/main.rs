@@ -98,7 +98,15 @@ fn command() -> clap::Command {
 }
 
 fn main() -> anyhow::Result<()> {
-    let cli = Cli::from_arg_matches(&command().get_matches()).unwrap_or_else(|e| e.exit());
+    // Istio's istio-cni chart runs `command: [install-cni]` (with its log flags, ignored): the image links
+    // install-cni to meshnode, and under that name meshnode is the CNI agent.
+    let argv0 = std::env::args_os().next().map(std::path::PathBuf::from);
+    let cli = match argv0.as_deref().and_then(std::path::Path::file_name) {
+        Some(name) if name == "install-cni" => Cli {
+            command: Command::CniAgent,
+        },
+        _ => Cli::from_arg_matches(&command().get_matches()).unwrap_or_else(|e| e.exit()),
+    };
     match cli.command {
         Command::Sandbox(args) => {
             let (_logs, _log_guard) = meshnode::logging::init();
