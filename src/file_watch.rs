@@ -4,10 +4,12 @@
 //! root, installed CNI files); durably means `fsync`ed, except where the directory lives in memory (tmpfs,
 //! ramfs: `/var/run` in a cluster), where nothing survives a power loss anyway.
 //!
-//! Input: a path, a poll interval, the bytes already loaded, a parser. Output: a new value on the `watch`
-//! channel whenever the file's bytes change and parse; an unreadable file, one larger than
-//! [`MAX_FILE_BYTES`], or a bad edit is logged and the last good value keeps serving. Returns when every
-//! receiver is gone.
+//! Input: a path, a poll interval, what was already loaded ([`Seen`]: its length and SHA-256, not the bytes,
+//! so a 15 MB config is not held twice), a parser. Output: a new value on the `watch` channel whenever the
+//! file's bytes change and parse; an unreadable file, one larger than [`MAX_FILE_BYTES`], or a bad edit is
+//! logged and the last good value keeps serving. Returns when every receiver is gone. Each poll is one
+//! `stat`: the file is read only when its inode, size, mtime or ctime moved (an atomic rename, a Kubernetes
+//! ConfigMap's symlink swap and an in-place write all move one of them).
 
 use std::fmt::Display;
 use std::path::PathBuf;
@@ -132,22 +134,71 @@ pub fn in_memory_fs(dir: &std::path::Path) -> bool {
     })
 }
 
+/// What a poller remembers of the content it last handled: length and SHA-256.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Seen {
+    len: usize,
+    digest: [u8; 32],
+}
+
+impl Seen {
+    /// The fingerprint of `bytes`.
+    pub fn of(bytes: &[u8]) -> Seen {
+        let mut digest = [0; 32];
+        digest.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref());
+        Seen {
+            len: bytes.len(),
+            digest,
+        }
+    }
+}
+
+/// What `stat` says of a file: when none of it moved, the content has not changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+async fn stamp(path: &std::path::Path) -> Option<Stamp> {
+    use std::os::unix::fs::MetadataExt;
+    let m = tokio::fs::metadata(path).await.ok()?;
+    Some(Stamp {
+        dev: m.dev(),
+        ino: m.ino(),
+        len: m.len(),
+        mtime: (m.mtime(), m.mtime_nsec()),
+        ctime: (m.ctime(), m.ctime_nsec()),
+    })
+}
+
 /// Polls `path` every `interval`; `parse` turns new bytes into a value, `loaded` logs a published one.
 pub async fn poll<T, E: Display>(
     path: PathBuf,
     interval: Duration,
-    mut last: Vec<u8>,
+    mut last: Seen,
     tx: watch::Sender<Arc<T>>,
     parse: impl Fn(&[u8]) -> Result<T, E>,
     loaded: impl Fn(&T),
 ) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Unknown at first: the caller read the file before this started, so the first poll reads it again.
+    let mut stamped: Option<Stamp> = None;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = tx.closed() => return,
         }
+        // Taken before reading: a change during the read moves the stamp, so the next poll reads again.
+        let now = stamp(&path).await;
+        if now.is_some() && now == stamped {
+            continue;
+        }
+        stamped = now;
         let bytes = match read_bounded(&path).await {
             Ok(b) => b,
             Err(e) => {
@@ -155,7 +206,8 @@ pub async fn poll<T, E: Display>(
                 continue;
             }
         };
-        if bytes == last {
+        let seen = Seen::of(&bytes);
+        if seen == last {
             continue;
         }
         match parse(&bytes) {
@@ -167,7 +219,7 @@ pub async fn poll<T, E: Display>(
                 tracing::error!(path = %path.display(), error = %e, "config file change refused; keeping the last good version")
             }
         }
-        last = bytes;
+        last = seen;
     }
 }
 
@@ -184,7 +236,7 @@ mod tests {
         tokio::spawn(poll(
             path.clone(),
             Duration::from_millis(10),
-            b"1".to_vec(),
+            Seen::of(b"1"),
             tx,
             |b: &[u8]| String::from_utf8_lossy(b).trim().parse::<u32>(),
             |_| {},
@@ -209,7 +261,7 @@ mod tests {
         tokio::spawn(poll(
             path.clone(),
             Duration::from_millis(10),
-            b"x".to_vec(),
+            Seen::of(b"x"),
             tx,
             |b: &[u8]| Ok::<usize, String>(b.len()),
             |_| {},

@@ -133,20 +133,20 @@ pub fn parse(path: &Path, text: &str) -> Result<ClusterView, Error> {
 }
 
 /// Reads and parses the file once.
-pub fn load(path: &Path) -> Result<(Vec<u8>, ClusterView), Error> {
+pub fn load(path: &Path) -> Result<(crate::file_watch::Seen, ClusterView), Error> {
     let bytes = crate::file_watch::read_bounded_sync(path).map_err(|source| Error::Read {
         path: path.to_path_buf(),
         source,
     })?;
     let view = parse(path, &String::from_utf8_lossy(&bytes))?;
-    Ok((bytes, view))
+    Ok((crate::file_watch::Seen::of(&bytes), view))
 }
 
 /// Polls the file every `interval` and publishes each good change until every receiver is gone.
 pub async fn watch(
     path: PathBuf,
     interval: Duration,
-    last: Vec<u8>,
+    last: crate::file_watch::Seen,
     tx: watch::Sender<Arc<ClusterView>>,
 ) {
     let shown = path.clone();

@@ -23,10 +23,10 @@ impl MeshConfig {
     }
 
     /// Reads, parses and validates a file (at most [`super::config::MAX_FILE_BYTES`]).
-    pub fn load(path: &Path) -> Result<(Vec<u8>, MeshConfig), Error> {
+    pub fn load(path: &Path) -> Result<(crate::file_watch::Seen, MeshConfig), Error> {
         let bytes = read_file(path)?;
         let cfg = MeshConfig::parse(&String::from_utf8_lossy(&bytes))?;
-        Ok((bytes, cfg))
+        Ok((crate::file_watch::Seen::of(&bytes), cfg))
     }
 
     /// Checks everything: the fields, the Istio and Gateway API objects, and the references between them.

@@ -70,11 +70,11 @@ impl TrustBundle {
         let (bytes, roots) = match crate::file_watch::read_bounded_sync(&path) {
             Ok(bytes) => {
                 let roots = parse(&path, &bytes)?;
-                (bytes, roots)
+                (crate::file_watch::Seen::of(&bytes), roots)
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 tracing::warn!(path = %path.display(), "root bundle file does not exist yet; only the CA answers' roots are trusted until it appears");
-                (Vec::new(), Vec::new())
+                (crate::file_watch::Seen::of(&[]), Vec::new())
             }
             Err(source) => return Err(Error::Read { path, source }),
         };

@@ -481,14 +481,13 @@ pub fn log_loaded(path: &Path, state: &State, what: &str) {
 }
 
 /// Reads and validates a local config file.
-pub fn load_file(path: &Path) -> Result<(Vec<u8>, State), Error> {
+pub fn load_file(path: &Path) -> Result<(crate::file_watch::Seen, State), Error> {
     let bytes = crate::file_watch::read_bounded_sync(path).map_err(|source| Error::Read {
         path: path.to_path_buf(),
         source,
     })?;
-    let text = String::from_utf8_lossy(&bytes);
-    let state = LocalConfig::parse(&text)?.into_state()?;
-    Ok((bytes, state))
+    let state = LocalConfig::parse(&String::from_utf8_lossy(&bytes))?.into_state()?;
+    Ok((crate::file_watch::Seen::of(&bytes), state))
 }
 
 /// Re-reads `path` every `interval` and publishes a new [`State`] when its content changed and is valid.
@@ -497,7 +496,7 @@ pub fn load_file(path: &Path) -> Result<(Vec<u8>, State), Error> {
 pub async fn watch_file(
     path: PathBuf,
     interval: Duration,
-    last: Vec<u8>,
+    last: crate::file_watch::Seen,
     tx: watch::Sender<Arc<State>>,
 ) {
     let shown = path.clone();
