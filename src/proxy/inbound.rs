@@ -76,6 +76,8 @@ struct Ends {
 }
 
 impl Ends {
+    // `&String`, not `&str`: it becomes the line's `&dyn Display`, which an unsized `str` cannot.
+    #[allow(clippy::ptr_arg)]
     fn access<'a>(
         &'a self,
         peer: SocketAddr,
