@@ -1,20 +1,87 @@
-//! The process's log output and its level, changeable while running (the admin port's `/logging`).
+//! The process's log output — ztunnel's text and JSON shapes, on stdout, through a non-blocking writer —
+//! and its level, changeable while running (the admin port's `/logging`).
 //!
 //! Input: `RUST_LOG` (tracing `Targets` directives: `info`, `meshnode::proxy=debug,access=warn`; invalid →
-//! a warning and `info`), `LOG_FORMAT` (`json` or plain). Output: one global subscriber, installed by
-//! [`init`], and a [`LogControl`] that reads and replaces its filter. The filter is a reload layer in
-//! front of the formatter, so a change applies to the next event on every thread, with no restart.
+//! a warning and `info`), `LOG_FORMAT` (`json`, else plain text), `MESHNODE_LOG_BUFFER_LINES` (lines the
+//! writer buffers, default ztunnel's 10 000; invalid → a warning and the default). Output: one global
+//! subscriber, installed by [`init`], writing [`format`]'s shapes to stdout; a [`LogControl`] that reads
+//! and replaces its filter; a [`LogGuard`] that flushes on drop.
+//!
+//! The filter is a reload layer in front of the formatter, so a change applies to the next event on every
+//! thread, with no restart. Lines go to stdout through [`writer`]: the thread that logs (a data-plane
+//! worker, for access lines) only appends to a bounded buffer and never waits on stdout; when stdout does
+//! not keep up and the buffer is full, **lines are dropped and counted** (ztunnel back-pressures instead;
+//! why we do not is in [`writer`]'s header), and a `warn` line says how many once stdout drains. Exit paths
+//! that skip destructors (`std::process::exit`) go through [`exit`], which flushes first (at most
+//! [`FLUSH_DEADLINE`], so a stalled stdout cannot hold an exit).
+
+pub mod format;
+pub mod writer;
 
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
+use tracing::Subscriber;
 use tracing_subscriber::filter::Targets;
+use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::prelude::*;
-use tracing_subscriber::{reload, Registry};
+use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::{reload, Layer, Registry};
 
 /// The level used when `RUST_LOG` is unset or invalid.
 pub const DEFAULT_LEVEL: &str = "info";
+
+/// Lines the writer buffers when `MESHNODE_LOG_BUFFER_LINES` is unset: ztunnel's bound.
+pub const DEFAULT_BUFFER_LINES: usize = 10_000;
+
+/// The variable that sets the writer's buffer, in lines.
+pub const BUFFER_LINES_ENV: &str = "MESHNODE_LOG_BUFFER_LINES";
+
+/// How long [`exit`] and [`LogGuard`]'s drop wait for buffered lines to reach stdout: long enough for any
+/// reader that is reading, short enough that a stalled stdout does not hold up an exit (a second signal's
+/// "exit at once").
+pub const FLUSH_DEADLINE: Duration = Duration::from_secs(2);
+
+/// The process's writer, for the exit paths that cannot reach the [`LogGuard`]. The only static here:
+/// the logging handle, as STYLE.md R7 allows.
+static WRITER: OnceLock<Arc<writer::Shared>> = OnceLock::new();
+
+/// Which shape lines take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// `time<TAB>level<TAB>scope<TAB>message<TAB>key=value …` ([`format::Text`]).
+    Text,
+    /// One flat JSON object per line ([`format::Json`]).
+    Json,
+}
+
+impl Format {
+    /// The shape `LOG_FORMAT` asks for: `json`, else text (as ztunnel reads it).
+    pub fn from_env_value(value: Option<&str>) -> Format {
+        match value {
+            Some("json") => Format::Json,
+            _ => Format::Text,
+        }
+    }
+}
+
+/// The formatting layer: lines in `format` written to `writer`. [`init`] uses it over the non-blocking
+/// stdout writer; tests over a buffer.
+pub fn layer<S, W>(format: Format, writer: W) -> Box<dyn Layer<S> + Send + Sync + 'static>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_ansi(false)
+        .with_writer(writer);
+    match format {
+        Format::Text => Box::new(fmt.event_format(format::Text).fmt_fields(format::Text)),
+        Format::Json => Box::new(fmt.event_format(format::Json).fmt_fields(format::Json)),
+    }
+}
 
 /// Why a level could not be set.
 #[derive(Debug, thiserror::Error)]
@@ -138,11 +205,46 @@ fn parse(directives: &str) -> Result<Targets, Error> {
     })
 }
 
-/// Keeps the log writer alive; dropping it flushes what is buffered. Hold it until the process exits.
+/// Keeps the log writer alive; dropping it writes out what is buffered (up to [`FLUSH_DEADLINE`]) and
+/// stops the writer thread. Hold it until the process exits.
 #[must_use = "dropping the guard stops log output"]
-pub struct LogGuard(());
+pub struct LogGuard {
+    writer: Option<(Arc<writer::Shared>, std::thread::JoinHandle<()>)>,
+}
 
-/// Installs the global subscriber (once per process): filter from `RUST_LOG`, format from `LOG_FORMAT`.
+impl Drop for LogGuard {
+    fn drop(&mut self) {
+        if let Some((shared, thread)) = self.writer.take() {
+            shared.close();
+            // A writer stuck on a stalled stdout is left behind rather than joined: the process is exiting.
+            if shared.flush(Instant::now() + FLUSH_DEADLINE) {
+                let _ = thread.join();
+            }
+        }
+    }
+}
+
+/// Writes out what the process's writer holds, waiting at most [`FLUSH_DEADLINE`]; true when all of it
+/// reached stdout (also when [`init`] never ran).
+pub fn flush() -> bool {
+    WRITER
+        .get()
+        .is_none_or(|w| w.flush(Instant::now() + FLUSH_DEADLINE))
+}
+
+/// [`flush`], then `std::process::exit(code)`: for exit paths that skip destructors (and so the guard).
+pub fn exit(code: i32) -> ! {
+    flush();
+    std::process::exit(code)
+}
+
+/// Lines dropped since start because stdout did not keep up with them.
+pub fn dropped_lines() -> u64 {
+    WRITER.get().map_or(0, |w| w.dropped_total())
+}
+
+/// Installs the global subscriber (once per process): filter from `RUST_LOG`, shape from `LOG_FORMAT`,
+/// stdout through the non-blocking writer sized by `MESHNODE_LOG_BUFFER_LINES`.
 pub fn init() -> (LogControl, LogGuard) {
     let (default, complaint) = match std::env::var("RUST_LOG") {
         Ok(v) if !v.trim().is_empty() => match validate(&v).and_then(|()| parse(&v)) {
@@ -151,23 +253,44 @@ pub fn init() -> (LogControl, LogGuard) {
         },
         _ => (parse(DEFAULT_LEVEL).expect("static level"), None),
     };
+    let format = Format::from_env_value(std::env::var("LOG_FORMAT").ok().as_deref());
+    let buffer = std::env::var(BUFFER_LINES_ENV).ok();
+    let lines = match buffer.as_deref().map(str::parse::<usize>) {
+        None => Ok(DEFAULT_BUFFER_LINES),
+        Some(Ok(n)) if n > 0 => Ok(n),
+        Some(_) => Err(buffer.unwrap_or_default()),
+    };
+    let report: writer::Report = Box::new(|dropped| {
+        tracing::warn!(dropped, "log lines dropped: stdout is not keeping up");
+    });
+    let (shared, thread) = writer::start(
+        std::io::stdout(),
+        lines.clone().unwrap_or(DEFAULT_BUFFER_LINES),
+        report,
+    )
+    .expect("starting the log writer thread");
+    let _ = WRITER.set(shared.clone());
     let (filter, handle) = reload::Layer::new(default.clone());
-    let json = std::env::var("LOG_FORMAT").as_deref() == Ok("json");
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
-    let registry = tracing_subscriber::registry().with(filter);
-    if json {
-        registry.with(fmt.json()).init();
-    } else {
-        registry.with(fmt).init();
-    }
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(layer(format, writer::NonBlocking(shared.clone())))
+        .init();
     if let Some(e) = complaint {
         tracing::warn!(error = %e, "RUST_LOG ignored; logging at {DEFAULT_LEVEL}");
+    }
+    if let Err(value) = lines {
+        tracing::warn!(
+            value,
+            "{BUFFER_LINES_ENV} is not a positive number of lines; buffering {DEFAULT_BUFFER_LINES}"
+        );
     }
     (
         LogControl {
             inner: Arc::new(Inner::Live { handle, default }),
         },
-        LogGuard(()),
+        LogGuard {
+            writer: Some((shared, thread)),
+        },
     )
 }
 
@@ -196,5 +319,143 @@ mod tests {
             assert!(e.to_string().contains("invalid level"), "{bad}: {e}");
             assert_eq!(c.current(), "info", "{bad}");
         }
+    }
+
+    /// A `MakeWriter` that collects lines in memory.
+    #[derive(Clone, Default)]
+    struct Buffer(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Buffer {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl<'a> MakeWriter<'a> for Buffer {
+        type Writer = Buffer;
+        fn make_writer(&'a self) -> Buffer {
+            self.clone()
+        }
+    }
+
+    /// The lines `f` logs in `format`.
+    fn logged(format: Format, f: impl FnOnce()) -> Vec<String> {
+        let buf = Buffer::default();
+        let subscriber = tracing_subscriber::registry().with(layer(format, buf.clone()));
+        tracing::subscriber::with_default(subscriber, f);
+        let text = String::from_utf8(buf.0.lock().clone()).unwrap();
+        assert!(text.ends_with('\n'), "{text:?}");
+        text.lines().map(str::to_string).collect()
+    }
+
+    fn access_line() {
+        let addr: std::net::SocketAddr = "10.0.0.1:41000".parse().unwrap();
+        tracing::event!(
+            target: "access",
+            tracing::Level::INFO,
+            src.addr = %addr,
+            src.workload = "sleep-7d9f",
+            src.identity = Some("spiffe://cluster.local/ns/default/sa/sleep"),
+            dst.service = None::<&str>,
+            direction = "outbound",
+            bytes_sent = 6u64,
+            duration = "3ms".to_string(),
+            "connection complete"
+        );
+    }
+
+    fn is_rfc3339_micros(t: &str) -> bool {
+        t.len() == 27
+            && t.ends_with('Z')
+            && time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
+                .is_ok()
+    }
+
+    #[test]
+    fn text_lines_are_time_level_scope_message_then_key_values_as_ztunnel_prints_them() {
+        let lines = logged(Format::Text, || {
+            access_line();
+            tracing::warn!(error = "a \"quoted\" word", "upstream failed");
+            tracing::info!("no fields");
+            let span = tracing::info_span!("conn", id = 7);
+            let _in = span.enter();
+            tracing::debug!(n = 1, "inside");
+        });
+        assert_eq!(lines.len(), 4, "{lines:#?}");
+        let cols: Vec<&str> = lines[0].split('\t').collect();
+        assert!(is_rfc3339_micros(cols[0]), "{:?}", cols[0]);
+        assert_eq!(
+            cols[1..],
+            [
+                "info",
+                "access",
+                "connection complete",
+                "src.addr=10.0.0.1:41000 src.workload=\"sleep-7d9f\" \
+                 src.identity=\"spiffe://cluster.local/ns/default/sa/sleep\" direction=\"outbound\" \
+                 bytes_sent=6 duration=\"3ms\""
+            ]
+        );
+        // Level lower case, the crate prefix left off the scope, strings quoted and escaped.
+        let rest = |l: &str| l.split_once('\t').unwrap().1.to_string();
+        assert_eq!(
+            rest(&lines[1]),
+            "warn\tlogging::tests\tupstream failed\terror=\"a \\\"quoted\\\" word\""
+        );
+        // The message ends with a tab even when no field follows, as in ztunnel.
+        assert_eq!(rest(&lines[2]), "info\tlogging::tests\tno fields\t");
+        // Spans follow the scope with their fields.
+        assert_eq!(
+            rest(&lines[3]),
+            "debug\tlogging::tests:conn{id=7}\tinside\tn=1"
+        );
+    }
+
+    #[test]
+    fn json_lines_are_flat_objects_with_ztunnels_keys() {
+        let lines = logged(Format::Json, || {
+            access_line();
+            let span = tracing::info_span!("conn", id = 7);
+            let _in = span.enter();
+            tracing::warn!(error = "a \"quoted\"\nword", ok = true, "inside");
+        });
+        assert_eq!(lines.len(), 2, "{lines:#?}");
+        let v: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();
+        let obj = v.as_object().unwrap();
+        assert!(is_rfc3339_micros(obj["time"].as_str().unwrap()), "{v}");
+        let want = serde_json::json!({
+            "level": "info",
+            "time": obj["time"],
+            "scope": "access",
+            "message": "connection complete",
+            "src.addr": "10.0.0.1:41000",
+            "src.workload": "sleep-7d9f",
+            "src.identity": "spiffe://cluster.local/ns/default/sa/sleep",
+            "direction": "outbound",
+            "bytes_sent": 6,
+            "duration": "3ms",
+        });
+        assert_eq!(v, want);
+        // Keys in ztunnel's order: level, time, scope, then the fields as logged.
+        assert!(
+            lines[0].starts_with(r#"{"level":"info","time":""#),
+            "{}",
+            lines[0]
+        );
+        assert!(
+            lines[0].contains(r#"Z","scope":"access","message":"connection complete","src.addr""#),
+            "{}",
+            lines[0]
+        );
+
+        let v: serde_json::Value = serde_json::from_str(&lines[1]).unwrap();
+        assert_eq!(v["level"], "warn");
+        assert_eq!(v["scope"], "meshnode::logging::tests");
+        assert_eq!(v["error"], "a \"quoted\"\nword");
+        assert_eq!(v["ok"], true);
+        assert_eq!(v["conn"], serde_json::json!({"id": 7}));
     }
 }

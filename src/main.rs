@@ -109,8 +109,11 @@ fn main() -> anyhow::Result<()> {
     };
     match cli.command {
         Command::Sandbox(args) => {
-            let (_logs, _log_guard) = meshnode::logging::init();
-            std::process::exit(meshnode::sandbox::cli::main(args));
+            let (_logs, log_guard) = meshnode::logging::init();
+            let code = meshnode::sandbox::cli::main(args);
+            // `exit` skips destructors: the guard writes out the buffered lines first.
+            drop(log_guard);
+            std::process::exit(code);
         }
         Command::Version => {
             println!(
@@ -213,7 +216,7 @@ fn main() -> anyhow::Result<()> {
                     // A second signal exits at once.
                     signals.next().await;
                     tracing::info!("second signal: exiting now");
-                    std::process::exit(1);
+                    meshnode::logging::exit(1);
                 });
                 meshnode::control_plane::run(opts, listener, async {
                     let _ = stopped.await;
@@ -265,7 +268,7 @@ fn stop_on_signal(what: &'static str) -> watch::Receiver<bool> {
         tracing::info!("{what}");
         let _ = tx.send(true);
         signals.next().await;
-        std::process::exit(1);
+        meshnode::logging::exit(1);
     });
     rx
 }

@@ -662,6 +662,11 @@ pub struct LiveBytes {
 }
 
 impl ConnectionRecord {
+    /// The connection's labels until it is closed: what its access line reports (no second lookup).
+    pub fn labels(&self) -> Option<&TrafficLabels> {
+        self.labels.as_ref()
+    }
+
     /// The byte counters of this connection's labels, for the copy to add to as bytes move; from then on
     /// [`close`](Self::close) no longer adds the totals it is given.
     pub fn live_bytes(&mut self) -> Option<LiveBytes> {

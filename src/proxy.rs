@@ -9,8 +9,10 @@
 //! `max_connections_total` ([`limits`], shared by every proxy built from one config); at shutdown a listener
 //! stops accepting and waits for its connections up to the termination deadline. Accepted and outgoing
 //! sockets carry TCP keepalive as configured. Inbound connections are registered with
-//! [`connections`], which re-checks them when policies change; [`metrics`](crate::metrics) counts them.
+//! [`connections`], which re-checks them when policies change; [`metrics`](crate::metrics) counts them,
+//! and `access` writes one access line for each, in ztunnel's shape.
 
+mod access;
 pub mod connections;
 pub mod inbound;
 pub mod limits;

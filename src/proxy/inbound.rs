@@ -37,7 +37,8 @@ use http::{Method, StatusCode};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use super::connections::{deciding_policy, Counted, Registration, Tracked};
+use super::access::{self, Access};
+use super::connections::{Counted, Registration, Tracked};
 use super::{Error, Proxy};
 use crate::authz::{Connection, Decision, DenyReason};
 use crate::hbone::{copy, server};
@@ -53,8 +54,8 @@ struct Refusal {
     reason: String,
     /// The deciding policy when authorization refused.
     denied: Option<DenyReason>,
-    /// The connection's metrics, once it was counted as opened.
-    record: Option<ConnectionRecord>,
+    /// The connection's metrics and its two ends, once it was counted as opened.
+    record: Option<(ConnectionRecord, Ends)>,
 }
 
 fn refuse(status: StatusCode, reason: impl Into<String>) -> Refusal {
@@ -66,12 +67,43 @@ fn refuse(status: StatusCode, reason: impl Into<String>) -> Refusal {
     }
 }
 
+/// The workloads at a stream's two ends, as its metrics labels were built from them (the access line
+/// names them).
+#[derive(Debug, Clone)]
+struct Ends {
+    src: Option<Arc<Workload>>,
+    dst: Arc<Workload>,
+}
+
+impl Ends {
+    // `&String`, not `&str`: it becomes the line's `&dyn Display`, which an unsized `str` cannot.
+    #[allow(clippy::ptr_arg)]
+    fn access<'a>(
+        &'a self,
+        peer: SocketAddr,
+        local: SocketAddr,
+        authority: &'a String,
+        start: Instant,
+    ) -> Access<'a> {
+        Access {
+            reporter: Reporter::destination,
+            src: peer,
+            src_workload: self.src.as_deref(),
+            dst: local,
+            hbone_addr: Some(authority),
+            dst_workload: Some(&self.dst),
+            start,
+        }
+    }
+}
+
 /// An authorized stream, its upstream connected.
 struct Admitted {
     upstream: TcpStream,
     target: SocketAddr,
     registration: Registration,
     record: ConnectionRecord,
+    ends: Ends,
     /// A PROXY v2 header to write to the application before any byte (application tunnel PROXY).
     proxy_header: Option<Vec<u8>>,
 }
@@ -86,10 +118,12 @@ impl Proxy {
         // Held until the peer is authenticated and has spoken HTTP/2: one address cannot fill the process
         // with handshakes it never finishes.
         let Some(handshake) = self.cfg().admission.handshake(peer.ip()) else {
-            tracing::info!(
-                target: "access", direction = "inbound", src.addr = %peer, dst.addr = %local,
-                limit = self.cfg().max_handshakes_per_source,
-                "connection refused: too many handshakes in progress from this address"
+            let limit = self.cfg().max_handshakes_per_source;
+            access::failed(
+                Reporter::destination,
+                peer,
+                Some(local),
+                &format_args!("too many handshakes in progress from this address (limit {limit})"),
             );
             socket::reset_on_close(&stream);
             return;
@@ -110,19 +144,28 @@ impl Proxy {
         let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config());
         // One deadline for TLS and the HTTP/2 preface after it.
         let handshake_deadline = tokio::time::Instant::now() + self.cfg().handshake_timeout;
-        let tls_stream = match tokio::time::timeout_at(handshake_deadline, acceptor.accept(stream))
-            .await
-        {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                tracing::info!(target: "access", direction = "inbound", src.addr = %peer, dst.addr = %local, error = %e, "TLS handshake failed");
-                return;
-            }
-            Err(_) => {
-                tracing::info!(target: "access", direction = "inbound", src.addr = %peer, dst.addr = %local, "TLS handshake timed out");
-                return;
-            }
-        };
+        let tls_stream =
+            match tokio::time::timeout_at(handshake_deadline, acceptor.accept(stream)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    access::failed(
+                        Reporter::destination,
+                        peer,
+                        Some(local),
+                        &format_args!("TLS handshake failed: {e}"),
+                    );
+                    return;
+                }
+                Err(_) => {
+                    access::failed(
+                        Reporter::destination,
+                        peer,
+                        Some(local),
+                        &"TLS handshake timed out",
+                    );
+                    return;
+                }
+            };
         let Some(peer_id) = crate::tls::peer_identity(tls_stream.get_ref().1.peer_certificates())
         else {
             // The verifier only admits certificates with a SPIFFE SAN; this is defence in depth.
@@ -151,9 +194,12 @@ impl Proxy {
         .await;
         match res {
             Ok(()) => {}
-            Err(server::Error::HandshakeTimeout) => {
-                tracing::info!(target: "access", direction = "inbound", src.addr = %peer, dst.addr = %local, "HTTP/2 handshake timed out")
-            }
+            Err(server::Error::HandshakeTimeout) => access::failed(
+                Reporter::destination,
+                peer,
+                Some(local),
+                &"HTTP/2 handshake timed out",
+            ),
             Err(e) => {
                 tracing::debug!(src.addr = %peer, error = %e, "HBONE connection ended with an error")
             }
@@ -176,52 +222,51 @@ impl Proxy {
             .unwrap_or_default();
         // Boxed: the checks' state (lookups, the upstream connect) lives on the heap only while they run,
         // instead of inside every stream's task for as long as it copies.
-        let admitted = match Box::pin(self.check_connect(&incoming.request, peer, local, &peer_id))
-            .await
-        {
-            Ok(a) => a,
-            Err(r) => {
-                let flags = match &r.denied {
-                    Some(_) => ResponseFlags::Deny,
-                    None => ResponseFlags::Connect,
-                };
-                let policy = r.denied.as_ref().map_or("-", deciding_policy);
-                tracing::info!(
-                    target: "access", direction = "inbound",
-                    src.addr = %peer, src.identity = %peer_id, dst.addr = %local, dst.hbone_addr = %authority,
-                    status = r.status.as_u16(), policy, error = %r.reason, "connection refused"
-                );
-                if let Some(record) = r.record {
-                    record.close(flags, 0, 0);
+        let admitted =
+            match Box::pin(self.check_connect(&incoming.request, peer, local, &peer_id)).await {
+                Ok(a) => a,
+                Err(r) => {
+                    let flags = match &r.denied {
+                        Some(_) => ResponseFlags::Deny,
+                        None => ResponseFlags::Connect,
+                    };
+                    let error = format_args!("{} (answered {})", r.reason, r.status.as_u16());
+                    match r.record {
+                        Some((record, ends)) => ends.access(peer, local, &authority, start).close(
+                            record,
+                            flags,
+                            0,
+                            0,
+                            Some(&error),
+                        ),
+                        None => access::failed(Reporter::destination, peer, Some(local), &error),
+                    }
+                    incoming.refuse(r.status);
+                    return;
                 }
-                incoming.refuse(r.status);
-                return;
-            }
-        };
+            };
         let Admitted {
             mut upstream,
-            target,
+            target: _,
             mut registration,
             mut record,
+            ends,
             proxy_header,
         } = admitted;
+        let access = ends.access(peer, local, &authority, start);
         let (send, recv) = match incoming.accept(http::HeaderMap::new()) {
             Ok(s) => s,
             Err(e) => {
-                tracing::debug!(error = %e, "HBONE stream gone before the answer");
-                record.close(ResponseFlags::None, 0, 0);
+                let error = format_args!("HBONE stream gone before the answer: {e}");
+                access.close(record, ResponseFlags::None, 0, 0, Some(&error));
                 return;
             }
         };
         // After the 200, before any byte of the stream, as ztunnel sends it.
         if let Some(header) = proxy_header {
             if let Err(e) = upstream.write_all(&header).await {
-                record.close(ResponseFlags::Connect, 0, 0);
-                tracing::info!(
-                    target: "access", direction = "inbound",
-                    src.addr = %peer, src.identity = %peer_id, dst.addr = %target, dst.hbone_addr = %authority,
-                    error = %e, "writing the PROXY protocol header failed"
-                );
+                let error = format_args!("writing the PROXY protocol header failed: {e}");
+                access.close(record, ResponseFlags::Connect, 0, 0, Some(&error));
                 return;
             }
         }
@@ -241,33 +286,12 @@ impl Proxy {
             reason = registration.closed() => Err(reason),
         };
         let (received, sent) = (w.written, r.read);
-        let duration = format!("{}ms", start.elapsed().as_millis());
         match outcome {
-            Ok(Ok(_)) => {
-                record.close(ResponseFlags::None, received, sent);
-                tracing::info!(
-                    target: "access", direction = "inbound",
-                    src.addr = %peer, src.identity = %peer_id, dst.addr = %target, dst.hbone_addr = %authority,
-                    bytes_sent = sent, bytes_recv = received, duration, "connection complete"
-                )
-            }
-            Ok(Err(e)) => {
-                record.close(ResponseFlags::None, received, sent);
-                tracing::info!(
-                    target: "access", direction = "inbound",
-                    src.addr = %peer, src.identity = %peer_id, dst.addr = %target, dst.hbone_addr = %authority,
-                    bytes_sent = sent, bytes_recv = received, duration, error = %e, "connection ended with an error"
-                )
-            }
+            Ok(Ok(_)) => access.close(record, ResponseFlags::None, received, sent, None),
+            Ok(Err(e)) => access.close(record, ResponseFlags::None, received, sent, Some(&e)),
             Err(reason) => {
-                record.close(ResponseFlags::Deny, received, sent);
-                tracing::info!(
-                    target: "access", direction = "inbound",
-                    src.addr = %peer, src.identity = %peer_id, dst.addr = %target, dst.hbone_addr = %authority,
-                    bytes_sent = sent, bytes_recv = received, duration,
-                    policy = deciding_policy(&reason), reason = %reason,
-                    "connection closed due to policy change"
-                )
+                let error = format_args!("connection closed due to policy change: {reason}");
+                access.close(record, ResponseFlags::Deny, received, sent, Some(&error));
             }
         }
     }
@@ -389,6 +413,10 @@ impl Proxy {
             service.as_deref(),
         );
         let record = self.metrics().open(labels);
+        let ends = Ends {
+            src: src_workload.cloned(),
+            dst: workload.clone(),
+        };
         // Registered before the check, so a policy change between the two is never missed.
         let registration = match self.conns.register(Tracked {
             src: peer,
@@ -399,7 +427,7 @@ impl Proxy {
             Ok(r) => r,
             Err(full) => {
                 let mut r = refuse(StatusCode::SERVICE_UNAVAILABLE, full.to_string());
-                r.record = Some(record);
+                r.record = Some((record, ends));
                 return Err(r);
             }
         };
@@ -419,7 +447,7 @@ impl Proxy {
                 status: StatusCode::UNAUTHORIZED,
                 reason: Error::Denied(reason.clone()).to_string(),
                 denied: Some(reason),
-                record: Some(record),
+                record: Some((record, ends)),
             });
         }
         // A PROXY tunnel is reached on loopback, from loopback (the header carries the client); anything
@@ -458,6 +486,7 @@ impl Proxy {
                 target,
                 registration,
                 record,
+                ends,
                 proxy_header: proxy_to
                     .map(|dst| super::proxy_protocol::encode(peer, dst, Some(peer_id))),
             }),
@@ -470,7 +499,7 @@ impl Proxy {
                     }
                     .to_string(),
                 );
-                r.record = Some(record);
+                r.record = Some((record, ends));
                 Err(r)
             }
         }
@@ -496,7 +525,7 @@ impl Proxy {
                 Ok(admitted.target)
             }
             Err(r) => {
-                if let Some(record) = r.record {
+                if let Some((record, _)) = r.record {
                     let flags = match r.denied {
                         Some(_) => ResponseFlags::Deny,
                         None => ResponseFlags::Connect,

@@ -36,6 +36,7 @@ use http::{HeaderValue, Method, Request, Uri, Version};
 use rand::Rng;
 use tokio::net::TcpStream;
 
+use super::access::{self, Access};
 use super::connections::Counted;
 use super::{Error, Proxy, WaypointProblem, WaypointRefusal};
 use crate::hbone::copy;
@@ -87,7 +88,7 @@ impl Proxy {
         let dst = match socket::original_dst(&stream) {
             Ok(d) => d,
             Err(e) => {
-                tracing::warn!(target: "access", direction = "outbound", src.addr = %peer, error = %Error::OriginalDst(e), "connection failed");
+                access::failed(Reporter::source, peer, None, &Error::OriginalDst(e));
                 return;
             }
         };
@@ -103,31 +104,20 @@ impl Proxy {
         dst: SocketAddr,
     ) {
         let start = Instant::now();
-        match self.outbound_inner(stream, peer, dst).await {
-            Ok((route, sent, recv)) => {
-                tracing::info!(
-                    target: "access", direction = "outbound",
-                    src.addr = %peer,
-                    dst.addr = %route,
-                    dst.hbone_addr = %dst,
-                    bytes_sent = sent,
-                    bytes_recv = recv,
-                    duration = format!("{}ms", start.elapsed().as_millis()),
-                    "connection complete"
-                );
-            }
-            Err(e) => {
-                tracing::warn!(target: "access", direction = "outbound", src.addr = %peer, dst.addr = %dst, error = %e, "connection failed");
-            }
+        if let Err(e) = self.outbound_inner(stream, peer, dst, start).await {
+            access::failed(Reporter::source, peer, Some(dst), &e);
         }
     }
 
+    /// Routes and carries the connection, logging its access line once it was counted; an error is a
+    /// refusal before that (the caller logs it as ztunnel's early deny).
     async fn outbound_inner(
         &self,
         mut stream: TcpStream,
         peer: SocketAddr,
         dst: SocketAddr,
-    ) -> Result<(String, u64, u64), Error> {
+        start: Instant,
+    ) -> Result<(), Error> {
         if dst.ip().is_loopback() && self.cfg().ports.illegal().contains(&dst.port()) {
             return Err(Error::SelfCall(dst));
         }
@@ -142,14 +132,36 @@ impl Proxy {
             }
         };
         let mut record = self.metrics().open(source_labels(&src, &route));
+        // Where this proxy sends it, the tunnel's authority, and the workload there, for the access line.
+        let (sent_to, authority, dst_workload) = match &route {
+            Route::Passthrough(addr) => (*addr, None, None),
+            Route::Tcp(up) => (up.addr, None, Some(&*up.workload)),
+            Route::Hbone(up) => (
+                SocketAddr::new(up.addr.ip(), self.cfg().ports.inbound),
+                Some(up.addr),
+                Some(&*up.workload),
+            ),
+            Route::Waypoint(hop) => (hop.via.addr, Some(hop.authority), Some(&*hop.via.workload)),
+        };
+        let access = Access {
+            reporter: Reporter::source,
+            src: peer,
+            src_workload: Some(&src),
+            dst: sent_to,
+            hbone_addr: authority
+                .as_ref()
+                .map(|a| a as &(dyn std::fmt::Display + Sync)),
+            dst_workload,
+            start,
+        };
         let tunnel = match &route {
             Route::Passthrough(addr) | Route::Tcp(Upstream { addr, .. }) => {
                 let addr = *addr;
                 let up = match self.connect_plain(addr).await {
                     Ok(up) => up,
                     Err(e) => {
-                        record.close(ResponseFlags::Connect, 0, 0);
-                        return Err(e);
+                        access.close(record, ResponseFlags::Connect, 0, 0, Some(&e));
+                        return Ok(());
                     }
                 };
                 // Upstream: written = received from the initiator, read = sent towards it.
@@ -161,12 +173,18 @@ impl Proxy {
                 let res = tokio::io::copy_bidirectional(&mut stream, &mut up).await;
                 // Received: from the initiator (written upstream); sent: towards it (read from upstream).
                 let (received, sent) = (up.written, up.read);
-                record.close(ResponseFlags::None, received, sent);
-                res?;
-                return Ok((addr.to_string(), received, sent));
+                let error = res.err().map(Error::Io);
+                access.close(
+                    record,
+                    ResponseFlags::None,
+                    received,
+                    sent,
+                    error.as_ref().map(|e| e as &dyn std::fmt::Display),
+                );
+                return Ok(());
             }
             Route::Hbone(up) => Tunnel {
-                dst: SocketAddr::new(up.addr.ip(), self.cfg().ports.inbound),
+                dst: sent_to,
                 expected: &up.expected_identities,
                 authority: up.addr,
                 service: up.service.as_deref(),
@@ -196,13 +214,13 @@ impl Proxy {
             Ok(t) => t,
             Err(e) => {
                 // TLS_FAILURE, H2_HANDSHAKE_FAILURE, NETWORK_POLICY, IDENTITY_ERROR or CONNECT.
-                record.close(e.response_flags(), 0, 0);
-                return Err(match (route, e) {
+                let flags = e.response_flags();
+                let e = match (&route, e) {
                     (Route::Waypoint(hop), Error::Hbone(source)) => {
                         let refusal = WaypointRefusal {
                             binding: hop.binding,
-                            target: hop.target,
-                            waypoint: hop.waypoint,
+                            target: hop.target.clone(),
+                            waypoint: hop.waypoint.clone(),
                             problem: WaypointProblem::Unreachable {
                                 addr: hbone_dst,
                                 source,
@@ -212,7 +230,9 @@ impl Proxy {
                         Error::Waypoint(Box::new(refusal))
                     }
                     (_, e) => e,
-                });
+                };
+                access.close(record, flags, 0, 0, Some(&e));
+                return Ok(());
             }
         };
         let (r, w) = stream.split();
@@ -229,9 +249,15 @@ impl Proxy {
         let res = copy::bidirectional(&mut r, &mut w, opened.send, opened.recv).await;
         drop(opened.slot);
         let (received, sent) = (r.read, w.written);
-        record.close(ResponseFlags::None, received, sent);
-        res?;
-        Ok((hbone_dst.to_string(), received, sent))
+        let error = res.err().map(Error::from);
+        access.close(
+            record,
+            ResponseFlags::None,
+            received,
+            sent,
+            error.as_ref().map(|e| e as &dyn std::fmt::Display),
+        );
+        Ok(())
     }
 
     /// ztunnel's routing decision for a connection from `src` (at `downstream`) to `dst`.

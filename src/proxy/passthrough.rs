@@ -13,7 +13,8 @@ use std::time::Instant;
 
 use tokio::net::TcpStream;
 
-use super::connections::{deciding_policy, Counted, Tracked};
+use super::access::{self, Access};
+use super::connections::{Counted, Tracked};
 use super::{Error, Proxy};
 use crate::authz::{Connection, Decision};
 use crate::metrics::{Reporter, ResponseFlags, TrafficLabels};
@@ -34,7 +35,7 @@ impl Proxy {
             Ok(dst) => self.inbound_plaintext_to(stream, peer, dst).await,
             Err(e) => {
                 socket::reset_on_close(&stream);
-                tracing::info!(target: "access", direction = "inbound", src.addr = %peer, error = %Error::OriginalDst(e), "connection refused");
+                access::failed(Reporter::destination, peer, None, &Error::OriginalDst(e));
             }
         }
     }
@@ -48,28 +49,42 @@ impl Proxy {
         dst: SocketAddr,
     ) {
         let start = Instant::now();
-        let refused = |stream: &TcpStream, e: &Error, policy: &str| {
-            // A reset, not a clean close: the client learns at once that it was refused.
+        // A reset, not a clean close: the client learns at once that it was refused.
+        let early = |stream: &TcpStream, e: &Error| {
             socket::reset_on_close(stream);
-            tracing::info!(target: "access", direction = "inbound", src.addr = %peer, dst.addr = %dst, policy, error = %e, "connection refused");
+            access::failed(Reporter::destination, peer, Some(dst), e);
         };
         if self.cfg().ports.illegal().contains(&dst.port()) {
-            return refused(&stream, &Error::SelfCall(dst), "-");
+            return early(&stream, &Error::SelfCall(dst));
         }
         let workload = match self.local_workload().await {
             Ok(w) => w,
-            Err(e) => return refused(&stream, &e, "-"),
+            Err(e) => return early(&stream, &e),
         };
         let network = &self.cfg().network;
         let state = self.inputs.state.load();
+        let src_workload = state.workload_by_addr(network, peer.ip()).cloned();
         let labels = TrafficLabels::new(
             Reporter::destination,
-            state.workload_by_addr(network, peer.ip()).map(|w| &**w),
+            src_workload.as_deref(),
             None,
             Some(&workload),
             super::service_for(&state, &workload, dst.port()).as_deref(),
         );
         let mut record = self.metrics().open(labels);
+        let access = Access {
+            reporter: Reporter::destination,
+            src: peer,
+            src_workload: src_workload.as_deref(),
+            dst,
+            hbone_addr: None,
+            dst_workload: Some(&workload),
+            start,
+        };
+        let refused = |stream: &TcpStream, record, flags, e: &Error| {
+            socket::reset_on_close(stream);
+            access.close(record, flags, 0, 0, Some(e));
+        };
         // Registered before the check, so a policy change between the two is never missed.
         let mut registration = match self.conns.register(Tracked {
             src: peer,
@@ -79,8 +94,8 @@ impl Proxy {
         }) {
             Ok(r) => r,
             Err(full) => {
-                record.close(ResponseFlags::Connect, 0, 0);
-                return refused(&stream, &Error::Io(std::io::Error::other(full)), "-");
+                let e = Error::Io(std::io::Error::other(full));
+                return refused(&stream, record, ResponseFlags::Connect, &e);
             }
         };
         let state = self.inputs.state.load();
@@ -95,9 +110,7 @@ impl Proxy {
                 .policies()
                 .check(&workload.namespace, &workload.authorization_policies, &conn)
         {
-            record.close(ResponseFlags::Deny, 0, 0);
-            let policy = deciding_policy(&reason).to_string();
-            return refused(&stream, &Error::Denied(reason), &policy);
+            return refused(&stream, record, ResponseFlags::Deny, &Error::Denied(reason));
         }
         let src_ip: Option<IpAddr> = self.inputs.orig_src.then_some(peer.ip());
         let up = match socket::connect(
@@ -112,8 +125,8 @@ impl Proxy {
         {
             Ok(up) => up,
             Err(source) => {
-                record.close(ResponseFlags::Connect, 0, 0);
-                return refused(&stream, &Error::Connect { dst, source }, "-");
+                let e = Error::Connect { dst, source };
+                return refused(&stream, record, ResponseFlags::Connect, &e);
             }
         };
         // Upstream: written = received from the initiator, read = sent towards it.
@@ -127,32 +140,15 @@ impl Proxy {
             reason = registration.closed() => Ended::Closed(reason),
         };
         let (received, sent) = (up.written, up.read);
-        let duration = format!("{}ms", start.elapsed().as_millis());
         match ended {
-            Ended::Copied(Ok(_)) => {
-                record.close(ResponseFlags::None, received, sent);
-                tracing::info!(
-                    target: "access", direction = "inbound", src.addr = %peer, dst.addr = %dst,
-                    bytes_sent = sent, bytes_recv = received, duration, "connection complete"
-                )
-            }
+            Ended::Copied(Ok(_)) => access.close(record, ResponseFlags::None, received, sent, None),
             Ended::Copied(Err(e)) => {
-                record.close(ResponseFlags::None, received, sent);
-                tracing::info!(
-                    target: "access", direction = "inbound", src.addr = %peer, dst.addr = %dst,
-                    bytes_sent = sent, bytes_recv = received, duration, error = %e,
-                    "connection ended with an error"
-                )
+                access.close(record, ResponseFlags::None, received, sent, Some(&e))
             }
             Ended::Closed(reason) => {
-                record.close(ResponseFlags::Deny, received, sent);
                 socket::reset_on_close(&stream);
-                tracing::info!(
-                    target: "access", direction = "inbound", src.addr = %peer, dst.addr = %dst,
-                    bytes_sent = sent, bytes_recv = received, duration,
-                    policy = deciding_policy(&reason), reason = %reason,
-                    "connection closed due to policy change"
-                )
+                let error = format_args!("connection closed due to policy change: {reason}");
+                access.close(record, ResponseFlags::Deny, received, sent, Some(&error));
             }
         }
     }

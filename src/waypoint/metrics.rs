@@ -361,7 +361,7 @@ impl RequestLog {
             tries = self.tries,
             bytes_recv = self.request_bytes,
             bytes_sent = self.response_bytes,
-            duration = %format!("{}ms", elapsed.as_millis()),
+            duration = format!("{}ms", elapsed.as_millis()),
             "request complete"
         );
     }
