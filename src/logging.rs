@@ -36,8 +36,19 @@ pub const DEFAULT_LEVEL: &str = "info";
 /// Lines the writer buffers when `MESHNODE_LOG_BUFFER_LINES` is unset: ztunnel's bound.
 pub const DEFAULT_BUFFER_LINES: usize = 10_000;
 
+crate::config::vars::declare! { LOGGING_VARS:
+    /// Log filter: `level` or `target=level` clauses, comma-separated (e.g. `info,access=debug`); also
+    /// changeable at run time on the admin port's `/logging`.
+    RUST_LOG = "info";
+    /// `json` for one flat JSON object per line; anything else for ztunnel's tab-separated text.
+    LOG_FORMAT = "plain";
+    /// meshnode's own: lines buffered for stdout; when stdout does not drain, further lines are dropped
+    /// and counted (the data path never waits on its log).
+    MESHNODE_LOG_BUFFER_LINES = "10000";
+}
+
 /// The variable that sets the writer's buffer, in lines.
-pub const BUFFER_LINES_ENV: &str = "MESHNODE_LOG_BUFFER_LINES";
+pub const BUFFER_LINES_ENV: &str = MESHNODE_LOG_BUFFER_LINES;
 
 /// How long [`exit`] and [`LogGuard`]'s drop wait for buffered lines to reach stdout: long enough for any
 /// reader that is reading, short enough that a stalled stdout does not hold up an exit (a second signal's
@@ -246,14 +257,14 @@ pub fn dropped_lines() -> u64 {
 /// Installs the global subscriber (once per process): filter from `RUST_LOG`, shape from `LOG_FORMAT`,
 /// stdout through the non-blocking writer sized by `MESHNODE_LOG_BUFFER_LINES`.
 pub fn init() -> (LogControl, LogGuard) {
-    let (default, complaint) = match std::env::var("RUST_LOG") {
+    let (default, complaint) = match std::env::var(RUST_LOG) {
         Ok(v) if !v.trim().is_empty() => match validate(&v).and_then(|()| parse(&v)) {
             Ok(t) => (t, None),
             Err(e) => (parse(DEFAULT_LEVEL).expect("static level"), Some(e)),
         },
         _ => (parse(DEFAULT_LEVEL).expect("static level"), None),
     };
-    let format = Format::from_env_value(std::env::var("LOG_FORMAT").ok().as_deref());
+    let format = Format::from_env_value(std::env::var(LOG_FORMAT).ok().as_deref());
     let buffer = std::env::var(BUFFER_LINES_ENV).ok();
     let lines = match buffer.as_deref().map(str::parse::<usize>) {
         None => Ok(DEFAULT_BUFFER_LINES),

@@ -79,8 +79,9 @@ enum Command {
 
 /// The command line, with each role's environment variables listed in its `--help`.
 fn command() -> clap::Command {
-    use meshnode::config::vars::{logging::LOGGING_VARS, render};
+    use meshnode::config::vars::render;
     use meshnode::config::{waypoint::WAYPOINT_VARS, PROXY_VARS};
+    use meshnode::logging::LOGGING_VARS;
     let proxy = render(&[("Environment", PROXY_VARS), ("Logging", LOGGING_VARS)]);
     let waypoint = render(&[
         ("Environment (the waypoint's own)", WAYPOINT_VARS),

@@ -289,7 +289,7 @@ fn version_names_the_release_and_the_revision_built() {
 
 #[test]
 fn each_roles_help_lists_every_variable_it_reads() {
-    use meshnode::config::vars::logging::LOGGING_VARS;
+    use meshnode::logging::LOGGING_VARS;
     let roles: [(&str, Vec<&[meshnode::config::vars::Var]>); 3] = [
         ("proxy", vec![meshnode::config::PROXY_VARS, LOGGING_VARS]),
         (

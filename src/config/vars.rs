@@ -103,17 +103,6 @@ pub fn render(tables: &[(&str, &[Var])]) -> String {
     out
 }
 
-/// The variables of [`crate::logging`], read by every role.
-pub mod logging {
-    super::declare! { LOGGING_VARS:
-        /// Log filter: `level` or `target=level` clauses, comma-separated (e.g. `info,access=debug`); also
-        /// changeable at run time on the admin port's `/logging`.
-        RUST_LOG = "info";
-        /// `json` for one JSON object per line; anything else for ztunnel's tab-separated text.
-        LOG_FORMAT = "plain";
-    }
-}
-
 /// Test support: checks a role's table against what its config code really reads.
 #[cfg(test)]
 pub(crate) mod testing {
@@ -211,7 +200,7 @@ mod tests {
 
     #[test]
     fn help_lists_each_variable_with_its_default_and_meaning() {
-        let text = render(&[("Logging", logging::LOGGING_VARS)]);
+        let text = render(&[("Logging", crate::logging::LOGGING_VARS)]);
         assert!(
             text.starts_with("Logging:\n  RUST_LOG (default info)\n      Log filter:"),
             "{text}"
