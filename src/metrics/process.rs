@@ -1,12 +1,14 @@
 //! The process families Prometheus' standard process collector exposes and the Istio dashboards read
 //! (`process_open_fds`, `process_max_fds`, `process_resident_memory_bytes`, `process_threads`), read from
-//! `/proc/self` at each scrape.
+//! `/proc/self` at each scrape; and `meshnode_log_dropped_lines_total`, the log lines dropped because stdout
+//! did not keep up ([`crate::logging::dropped_lines`]).
 //!
 //! Input: nothing (the running process). Output: a [`Collector`] for a registry; a value that cannot be read
 //! is left out of that scrape rather than reported wrong.
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 
 /// Reads this process's figures on every scrape.
@@ -55,6 +57,13 @@ impl Collector for ProcessCollector {
                 g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)?;
             }
         }
+        let dropped = ConstCounter::new(crate::logging::dropped_lines());
+        dropped.encode(encoder.encode_descriptor(
+            "meshnode_log_dropped_lines",
+            "Log lines dropped because stdout did not keep up.",
+            None,
+            dropped.metric_type(),
+        )?)?;
         Ok(())
     }
 }

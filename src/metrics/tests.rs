@@ -45,11 +45,17 @@ fn a_record_dropped_without_close_still_counts_the_close() {
 fn every_family_is_exposed_with_its_type_once_used() {
     let m = Arc::new(Metrics::new());
     // prometheus-client leaves families without samples out, as ztunnel's output does: before any
-    // traffic there is only the build information (and the process's own figures).
+    // traffic there is only the build information (and the process's own figures, its log's drops).
     let fresh = m.encode();
+    assert!(
+        fresh.contains("\nmeshnode_log_dropped_lines_total 0\n"),
+        "{fresh}"
+    );
     let samples: Vec<&str> = fresh
         .lines()
-        .filter(|l| !l.starts_with('#') && !l.starts_with("process_"))
+        .filter(|l| {
+            !l.starts_with('#') && !l.starts_with("process_") && !l.starts_with("meshnode_log_")
+        })
         .collect();
     assert_eq!(
         samples,
