@@ -177,6 +177,7 @@ POST /logging?reset&level=...       go back, then apply the given levels
 
 impl Admin {
     async fn handle(&self, req: Request) -> Reply {
+        tracing::debug!(method = %req.method, target = %req.target, "admin request");
         let method = req.method.as_str();
         match req.path() {
             "/" => match method {
