@@ -88,10 +88,7 @@ impl Request {
             .filter(|p| !p.is_empty())
             .map(|pair| {
                 let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-                (
-                    percent_decode(k).unwrap_or_default(),
-                    percent_decode(v),
-                )
+                (percent_decode(k).unwrap_or_default(), percent_decode(v))
             })
             .collect()
     }

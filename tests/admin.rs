@@ -146,7 +146,10 @@ async fn config_dump_shows_the_mesh_and_certificate_and_quitquitquit_stops_the_p
             && !leaf["pem"].as_str().unwrap().is_empty(),
         "{cert:#}"
     );
-    assert!(!cert["rootCerts"].as_array().unwrap().is_empty(), "{cert:#}");
+    assert!(
+        !cert["rootCerts"].as_array().unwrap().is_empty(),
+        "{cert:#}"
+    );
 
     // The level changes, and a later read shows it.
     let (status, body) = http(admin_addr, "POST", "/logging?level=debug").await;
@@ -185,8 +188,9 @@ async fn config_dump_shows_the_mesh_and_certificate_and_quitquitquit_stops_the_p
 /// the process exit.
 #[test]
 fn the_binary_logs_debug_only_after_the_level_is_raised_and_exits_on_quitquitquit() {
-    if !root_or_skip("the_binary_logs_debug_only_after_the_level_is_raised_and_exits_on_quitquitquit")
-    {
+    if !root_or_skip(
+        "the_binary_logs_debug_only_after_the_level_is_raised_and_exits_on_quitquitquit",
+    ) {
         return;
     }
     let ns = support::netns::Netns::new("adm");
@@ -228,7 +232,10 @@ fn the_binary_logs_debug_only_after_the_level_is_raised_and_exits_on_quitquitqui
     };
     // Each admin request is logged at debug before it is answered: at info, nothing.
     let (status, body) = admin("GET", "/logging");
-    assert_eq!((status, body.as_str()), (200, "current log level is info\n"));
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "current log level is info\n")
+    );
     assert!(!read_log().contains("admin request"), "{}", read_log());
     let (status, body) = admin("POST", "/logging?level=loud");
     assert_eq!(status, 400, "{body}");

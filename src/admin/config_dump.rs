@@ -196,7 +196,9 @@ fn service(state: &State, s: &Service) -> Value {
 fn policy(p: &Policy) -> Value {
     // The policy's own serialisation is ztunnel's (scope and action as names, rules as lists of lists of
     // matches, string matches as `{"Exact": …}`).
-    serde_json::to_value(p).unwrap_or_else(|e| json!({ "name": p.name, "namespace": p.namespace, "error": e.to_string() }))
+    serde_json::to_value(p).unwrap_or_else(
+        |e| json!({ "name": p.name, "namespace": p.namespace, "error": e.to_string() }),
+    )
 }
 
 fn certificates(id: &Identity, cert: Option<&WorkloadCert>) -> Value {
@@ -260,8 +262,7 @@ fn pem(der: &[u8]) -> String {
 
 /// Standard base64 with padding.
 fn base64(data: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] =
-        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
     for chunk in data.chunks(3) {
         let b = [

@@ -66,7 +66,10 @@ async fn logging_lists_and_changes_the_level_and_reset_restores_it() {
     let logs = &f.admin.inputs.logs;
     for m in ["GET", "POST"] {
         let r = f.admin.handle(req(m, "/logging")).await;
-        assert_eq!((r.status, text(&r)), (200, "current log level is info\n".into()));
+        assert_eq!(
+            (r.status, text(&r)),
+            (200, "current log level is info\n".into())
+        );
     }
     let r = f.admin.handle(req("POST", "/logging?level=debug")).await;
     assert_eq!(r.status, 200, "{}", text(&r));
@@ -78,9 +81,18 @@ async fn logging_lists_and_changes_the_level_and_reset_restores_it() {
         .handle(req("POST", "/logging?level=meshnode%3A%3Aproxy%3Dtrace"))
         .await;
     assert_eq!(r.status, 200, "{}", text(&r));
-    assert!(logs.current().contains("meshnode::proxy=trace"), "{}", logs.current());
+    assert!(
+        logs.current().contains("meshnode::proxy=trace"),
+        "{}",
+        logs.current()
+    );
     let r = f.admin.handle(req("POST", "/logging?reset")).await;
-    assert_eq!((r.status, logs.current()), (200, "info".into()), "{}", text(&r));
+    assert_eq!(
+        (r.status, logs.current()),
+        (200, "info".into()),
+        "{}",
+        text(&r)
+    );
 }
 
 #[tokio::test]
@@ -113,7 +125,12 @@ async fn bad_levels_methods_and_paths_get_4xx_and_change_nothing() {
     // The level refusal says what is wrong and how to ask.
     let r = f.admin.handle(req("POST", "/logging?level=loud")).await;
     let body = text(&r);
-    assert!(body.contains("\"loud\"") && body.contains("unchanged") && body.contains("POST /logging?level="), "{body}");
+    assert!(
+        body.contains("\"loud\"")
+            && body.contains("unchanged")
+            && body.contains("POST /logging?level="),
+        "{body}"
+    );
 }
 
 #[tokio::test]
@@ -125,7 +142,11 @@ async fn quitquitquit_starts_the_shutdown_and_answers_once_stopped() {
         let admin = admin.clone();
         async move { admin.handle(req("POST", "/quitquitquit")).await }
     });
-    request.wait_for(|r| *r).await.unwrap();
+    // Bounded only so that a broken trigger fails instead of hanging.
+    tokio::time::timeout(Duration::from_secs(30), request.wait_for(|r| *r))
+        .await
+        .expect("/quitquitquit starts the shutdown")
+        .unwrap();
     assert!(!quit.is_finished(), "answered before the proxy stopped");
     f.stopped.send_replace(true);
     let r = quit.await.unwrap();
@@ -137,7 +158,10 @@ async fn quitquitquit_starts_the_shutdown_and_answers_once_stopped() {
 async fn the_index_links_every_endpoint_and_profiles_say_what_is_missing() {
     let f = fixture();
     let r = f.admin.handle(req("GET", "/")).await;
-    assert_eq!((r.status, r.content_type), (200, "text/html; charset=utf-8"));
+    assert_eq!(
+        (r.status, r.content_type),
+        (200, "text/html; charset=utf-8")
+    );
     for (path, _) in ENDPOINTS {
         assert!(text(&r).contains(&format!("href=\"/{path}\"")), "{path}");
     }
@@ -147,5 +171,8 @@ async fn the_index_links_every_endpoint_and_profiles_say_what_is_missing() {
     let r = f.admin.handle(req("GET", "/config_dump")).await;
     assert_eq!((r.status, r.content_type), (200, "application/json"));
     let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
-    assert!(v["workloads"].is_array() && v["workloadState"].is_object(), "{v}");
+    assert!(
+        v["workloads"].is_array() && v["workloadState"].is_object(),
+        "{v}"
+    );
 }

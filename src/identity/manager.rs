@@ -231,7 +231,12 @@ impl CertManager {
             .slots
             .lock()
             .iter()
-            .map(|(id, slot)| (id.clone(), slot.rotation.get().map(|r| r.cert.borrow().clone())))
+            .map(|(id, slot)| {
+                (
+                    id.clone(),
+                    slot.rotation.get().map(|r| r.cert.borrow().clone()),
+                )
+            })
             .collect();
         held.sort_by(|a, b| a.0.cmp(&b.0));
         held

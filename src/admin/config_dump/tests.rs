@@ -96,7 +96,10 @@ fn port_map(what: &str, v: &Value) -> Vec<(u16, u64)> {
     map.iter()
         .map(|(k, v)| {
             let port: u16 = k.parse().unwrap_or_else(|_| panic!("{what} key {k}"));
-            (port, v.as_u64().unwrap_or_else(|| panic!("{what}[{k}]: {v}")))
+            (
+                port,
+                v.as_u64().unwrap_or_else(|| panic!("{what}[{k}]: {v}")),
+            )
         })
         .collect()
 }
@@ -178,7 +181,11 @@ async fn every_field_istioctl_reads_is_there_with_its_json_type() {
                 ("authorizationPolicies", Arr),
             ],
         );
-        assert!(w["workloadIps"].as_array().unwrap().iter().all(Value::is_string));
+        assert!(w["workloadIps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(Value::is_string));
     }
     let web = &workloads[1];
     assert_eq!(web["uid"], "Kubernetes//Pod/default/web-1");
@@ -187,9 +194,17 @@ async fn every_field_istioctl_reads_is_there_with_its_json_type() {
     assert_eq!(web["trustDomain"], "cluster.local");
     assert_eq!(web["workloadIps"][0], "10.0.0.1");
     assert_eq!(web["authorizationPolicies"][0], "default/only-clients");
-    has("workload.waypoint", &web["waypoint"], &[("destination", Str)]);
+    has(
+        "workload.waypoint",
+        &web["waypoint"],
+        &[("destination", Str)],
+    );
     let tunnel = &workloads[0]["applicationTunnel"];
-    has("workload.applicationTunnel", tunnel, &[("protocol", Str), ("port", Num)]);
+    has(
+        "workload.applicationTunnel",
+        tunnel,
+        &[("protocol", Str), ("port", Num)],
+    );
 
     let services = d["services"].as_array().unwrap();
     assert_eq!(services.len(), 2);
@@ -214,7 +229,11 @@ async fn every_field_istioctl_reads_is_there_with_its_json_type() {
         has(
             "service.loadBalancer",
             &s["loadBalancer"],
-            &[("mode", Str), ("routingPreferences", Arr), ("healthPolicy", Str)],
+            &[
+                ("mode", Str),
+                ("routingPreferences", Arr),
+                ("healthPolicy", Str),
+            ],
         );
         // istioctl takes the IP after the network: `network/ip`.
         for vip in s["vips"].as_array().unwrap() {
@@ -252,7 +271,10 @@ async fn every_field_istioctl_reads_is_there_with_its_json_type() {
         })
     };
     assert!(names_waypoint(&web["waypoint"]["destination"]), "{web:#}");
-    assert!(names_waypoint(&web_svc["waypoint"]["destination"]), "{web_svc:#}");
+    assert!(
+        names_waypoint(&web_svc["waypoint"]["destination"]),
+        "{web_svc:#}"
+    );
 
     let policies = d["policies"].as_array().unwrap();
     assert_eq!(policies.len(), 1);
@@ -272,7 +294,10 @@ async fn every_field_istioctl_reads_is_there_with_its_json_type() {
     assert_eq!(p["action"], "Allow");
     // rules: [][][]*match
     let first_match = &p["rules"][0][0][0];
-    assert_eq!(first_match["principals"][0]["Exact"], "cluster.local/ns/default/sa/client");
+    assert_eq!(
+        first_match["principals"][0]["Exact"],
+        "cluster.local/ns/default/sa/client"
+    );
     assert_eq!(p["rules"][0][1][0]["destinationPorts"][0], 8080);
 
     let ws = d["workloadState"].as_object().unwrap();
@@ -327,7 +352,10 @@ async fn certificates_show_their_chain_roots_serial_and_validity() {
         );
         // istioctl parses the serial as a base-10 big integer, and both times as RFC 3339.
         let serial = cert["serialNumber"].as_str().unwrap();
-        assert!(!serial.is_empty() && serial.bytes().all(|b| b.is_ascii_digit()), "{serial}");
+        assert!(
+            !serial.is_empty() && serial.bytes().all(|b| b.is_ascii_digit()),
+            "{serial}"
+        );
         let parse = |k: &str| {
             time::OffsetDateTime::parse(
                 cert[k].as_str().unwrap(),
@@ -370,8 +398,7 @@ fn base64_matches_the_standard_vectors() {
 
 /// A plain decoder for the tests (the dump only encodes).
 fn decode_base64(s: &str) -> Vec<u8> {
-    const ALPHABET: &[u8; 64] =
-        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut bits = 0u32;
     let mut n = 0;
     let mut out = Vec::new();
