@@ -1,9 +1,11 @@
-//! The tiny HTTP/1.1 server behind the admin ports (readiness :15021 and the agent's :8000, metrics :15020):
-//! one `GET` per connection, answered and closed.
+//! The tiny HTTP/1.1 server behind the admin ports (readiness :15021 and the agent's :8000, metrics :15020,
+//! the proxy's admin API :15000): one request per connection, answered and closed.
 //!
-//! Input: a bound listener, a shutdown signal, and a handler from (method, path) to an [`Answer`].
-//! Output: the answers. Bounds shared by every admin port: request head at most 8 KiB, sent within 1 s,
-//! the whole exchange within 10 s, at most [`MAX_CONCURRENT`] connections held at once.
+//! Input: a bound listener, a shutdown signal, and a handler: from (method, path) to an [`Answer`]
+//! ([`serve`]), or from a [`Request`] to a future of a [`Reply`] ([`serve_async`], for answers that take
+//! time: a profile, a drain). Output: the answers. Bounds shared by every admin port: request head at most
+//! 8 KiB, sent within 1 s, the whole exchange within 10 s (or the exchange time given to [`serve_async`]),
+//! at most [`MAX_CONCURRENT`] connections held at once. A request body is never read.
 //!
 //! What a kubelet probe needs is to be accepted at once and answered within its timeout (1 s by default),
 //! however many idle or slow sockets others hold. So every connection is accepted immediately; when all
@@ -59,23 +61,129 @@ impl Answer {
     pub fn not_found() -> Answer {
         Answer::text(404, "Not Found", "not found\n")
     }
+}
 
-    fn encode(&self) -> String {
-        format!(
-            "HTTP/1.1 {} {}\r\ncontent-type: {}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{}",
+/// A request as the handler of [`serve_async`] sees it: the request line's method and target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    /// `GET`, `POST`, ...
+    pub method: String,
+    /// The request target as sent: path, then `?query` if any.
+    pub target: String,
+}
+
+impl Request {
+    /// The target's path (without the query).
+    pub fn path(&self) -> &str {
+        self.target.split('?').next().unwrap_or_default()
+    }
+
+    /// The query's `name=value` pairs, percent-decoded (`+` is a space); a name without `=` has an empty
+    /// value. `None` for a pair that is not valid UTF-8 once decoded.
+    pub fn query(&self) -> Vec<(String, Option<String>)> {
+        let Some((_, q)) = self.target.split_once('?') else {
+            return Vec::new();
+        };
+        q.split('&')
+            .filter(|p| !p.is_empty())
+            .map(|pair| {
+                let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+                (percent_decode(k).unwrap_or_default(), percent_decode(v))
+            })
+            .collect()
+    }
+}
+
+/// `%XX` and `+` decoding of a query component; `None` when the result is not UTF-8 or an escape is cut.
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = bytes.get(i + 1..i + 3)?;
+                let hex = std::str::from_utf8(hex).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// An answer of [`serve_async`]'s handler: like [`Answer`], with a body of bytes (a profile is binary).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    /// Status code.
+    pub status: u16,
+    /// Reason phrase.
+    pub reason: &'static str,
+    /// `content-type`.
+    pub content_type: &'static str,
+    /// Body.
+    pub body: Vec<u8>,
+}
+
+impl From<Answer> for Reply {
+    fn from(a: Answer) -> Reply {
+        Reply {
+            status: a.status,
+            reason: a.reason,
+            content_type: a.content_type,
+            body: a.body.into_bytes(),
+        }
+    }
+}
+
+impl Reply {
+    fn encode(&self) -> Vec<u8> {
+        let mut out = format!(
+            "HTTP/1.1 {} {}\r\ncontent-type: {}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
             self.status,
             self.reason,
             self.content_type,
             self.body.len(),
-            self.body
         )
+        .into_bytes();
+        out.extend_from_slice(&self.body);
+        out
     }
 }
 
+/// What [`serve_async`]'s handler returns.
+pub type Replying = std::pin::Pin<Box<dyn std::future::Future<Output = Reply> + Send>>;
+
 /// Serves `handler` on `listener` until `shutdown` turns true (or its sender is gone).
-pub async fn serve<H>(listener: TcpListener, mut shutdown: watch::Receiver<bool>, handler: H)
+pub async fn serve<H>(listener: TcpListener, shutdown: watch::Receiver<bool>, handler: H)
 where
     H: Fn(&str, &str) -> Answer + Send + Sync + 'static,
+{
+    serve_async(listener, shutdown, EXCHANGE_TIMEOUT, move |req: Request| {
+        let reply = Reply::from(handler(&req.method, &req.target));
+        Box::pin(std::future::ready(reply)) as Replying
+    })
+    .await
+}
+
+/// Serves `handler` on `listener` until `shutdown` turns true (or its sender is gone); each exchange
+/// (reading the head, the handler's future, writing the answer) gets `exchange_timeout`. Connections
+/// already answering when `shutdown` turns true finish (within their exchange time).
+pub async fn serve_async<H>(
+    listener: TcpListener,
+    mut shutdown: watch::Receiver<bool>,
+    exchange_timeout: Duration,
+    handler: H,
+) where
+    H: Fn(Request) -> Replying + Send + Sync + 'static,
 {
     let handler = Arc::new(handler);
     // A connection is busy once its head is in; if all are, the oldest is a client not reading its answer.
@@ -98,8 +206,8 @@ where
         let handler = handler.clone();
         tokio::spawn(async move {
             let exchange = tokio::time::timeout(
-                EXCHANGE_TIMEOUT,
-                answer(stream, &*handler, slot.busy_flag()),
+                exchange_timeout,
+                answer_async(stream, &*handler, slot.busy_flag()),
             );
             tokio::select! {
                 _ = exchange => {}
@@ -153,27 +261,45 @@ pub async fn accept_bounded<F, Fut>(
 
 /// Reads one request head and writes the handler's answer (400 for anything that is not a request line).
 pub(crate) async fn answer(
-    mut stream: TcpStream,
+    stream: TcpStream,
     handler: &(dyn Fn(&str, &str) -> Answer + Send + Sync),
+    head_read: &AtomicBool,
+) -> std::io::Result<()> {
+    let handler = |req: Request| {
+        let reply = Reply::from(handler(&req.method, &req.target));
+        Box::pin(std::future::ready(reply)) as Replying
+    };
+    answer_async(stream, &handler, head_read).await
+}
+
+/// [`answer`] with a handler answering through a future.
+async fn answer_async(
+    mut stream: TcpStream,
+    handler: &(dyn Fn(Request) -> Replying + Send + Sync),
     head_read: &AtomicBool,
 ) -> std::io::Result<()> {
     let head = read_head(&mut stream, MAX_REQUEST, READ_TIMEOUT).await;
     head_read.store(true, Ordering::Relaxed);
-    let answer = match head {
+    let bad = || Reply::from(Answer::text(400, "Bad Request", "bad request\n"));
+    let reply = match head {
         Head::Complete(head) => {
             let line = head.split(|b| *b == b'\n').next().unwrap_or_default();
             let line = String::from_utf8_lossy(line);
             let mut parts = line.split_whitespace();
             match (parts.next(), parts.next()) {
-                (Some(method), Some(path)) => handler(method, path),
-                _ => Answer::text(400, "Bad Request", "bad request\n"),
+                (Some(method), Some(target)) => {
+                    handler(Request {
+                        method: method.to_string(),
+                        target: target.to_string(),
+                    })
+                    .await
+                }
+                _ => bad(),
             }
         }
-        Head::TooLarge | Head::TimedOut | Head::Closed => {
-            Answer::text(400, "Bad Request", "bad request\n")
-        }
+        Head::TooLarge | Head::TimedOut | Head::Closed => bad(),
     };
-    stream.write_all(answer.encode().as_bytes()).await?;
+    stream.write_all(&reply.encode()).await?;
     stream.shutdown().await
 }
 
@@ -221,6 +347,30 @@ pub async fn read_head(stream: &mut TcpStream, max: usize, timeout: Duration) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_query_is_split_and_percent_decoded() {
+        let req = Request {
+            method: "POST".into(),
+            target: "/logging?level=meshnode%3A%3Aproxy%3Ddebug,info&reset&x=a+b&bad=%zz".into(),
+        };
+        assert_eq!(req.path(), "/logging");
+        assert_eq!(
+            req.query(),
+            vec![
+                ("level".into(), Some("meshnode::proxy=debug,info".into())),
+                ("reset".into(), Some(String::new())),
+                ("x".into(), Some("a b".into())),
+                ("bad".into(), None),
+            ]
+        );
+        let bare = Request {
+            method: "GET".into(),
+            target: "/".into(),
+        };
+        assert_eq!(bare.path(), "/");
+        assert!(bare.query().is_empty());
+    }
 
     async fn exchange(addr: std::net::SocketAddr, raw: &[u8]) -> String {
         let mut s = TcpStream::connect(addr).await.unwrap();

@@ -187,6 +187,83 @@ pub async fn run_proxy_with_metrics(
     metrics_listener: Option<TcpListener>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), Error> {
+    run_proxy_inner(
+        cfg,
+        listeners,
+        readiness_listener,
+        metrics_listener,
+        None,
+        shutdown,
+    )
+    .await
+}
+
+/// The admin port's listeners (see [`crate::admin::bind`]) and the log filter it changes.
+pub struct AdminPort {
+    /// Bound on localhost.
+    pub listeners: Vec<TcpListener>,
+    /// The process's log filter.
+    pub logs: crate::logging::LogControl,
+}
+
+/// [`run_proxy_with_metrics`], also serving the admin API (ztunnel's localhost:15000) on `admin`. Its
+/// `/quitquitquit` starts the same shutdown as `shutdown` turning true, and is answered once the proxy has
+/// drained (or at the termination deadline), before this returns.
+pub async fn run_proxy_with_admin(
+    cfg: Arc<Config>,
+    listeners: Option<Listeners>,
+    readiness_listener: Option<TcpListener>,
+    metrics_listener: Option<TcpListener>,
+    admin: AdminPort,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), Error> {
+    // One shutdown for the proxy, turned on by the caller's signal or by /quitquitquit.
+    let (request, stop) = watch::channel(false);
+    let request = Arc::new(request);
+    let forward = request.clone();
+    tokio::spawn(async move {
+        if shutdown.wait_for(|s| *s).await.is_ok() {
+            forward.send_replace(true);
+        }
+    });
+    let (stopped_tx, stopped) = watch::channel(false);
+    // The drain itself takes up to the termination deadline; the answer waits a little longer.
+    let answer_by = cfg.termination_deadline + std::time::Duration::from_secs(1);
+    let trigger = crate::admin::ShutdownTrigger::new(request, stopped, answer_by);
+    let (server_tx, server_rx) = tokio::sync::oneshot::channel();
+    let result = run_proxy_inner(
+        cfg,
+        listeners,
+        readiness_listener,
+        metrics_listener,
+        Some((admin, trigger, server_tx)),
+        stop,
+    )
+    .await;
+    stopped_tx.send_replace(true);
+    if let Ok(server) = server_rx.await {
+        // The /quitquitquit answer (if one is waiting) goes out before the process exits.
+        crate::admin::AdminServer::finished(server, std::time::Duration::from_secs(2)).await;
+    }
+    result
+}
+
+/// What starting the admin server needs once the state and certificates exist, and where to hand the
+/// running server back.
+type AdminStart = (
+    AdminPort,
+    crate::admin::ShutdownTrigger,
+    tokio::sync::oneshot::Sender<crate::admin::AdminServer>,
+);
+
+async fn run_proxy_inner(
+    cfg: Arc<Config>,
+    listeners: Option<Listeners>,
+    readiness_listener: Option<TcpListener>,
+    metrics_listener: Option<TcpListener>,
+    admin: Option<AdminStart>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), Error> {
     // Shared mode also exposes ztunnel's workload manager families; elsewhere the handles count nothing.
     let (metrics, workload_manager) = match cfg.proxy_mode {
         ProxyMode::Shared => crate::metrics::Metrics::with_workload_manager(),
@@ -225,6 +302,22 @@ pub async fn run_proxy_with_metrics(
     if let Some(l) = readiness_listener {
         tokio::spawn(crate::readiness::serve(l, ready.clone(), shutdown.clone()));
     }
+    let pods = crate::inpod::PodStates::default();
+    if let Some((port, trigger, hand_back)) = admin {
+        let inputs = crate::admin::AdminInputs {
+            cfg: cfg.clone(),
+            state: state.clone(),
+            certs: certs.clone(),
+            pods: (cfg.proxy_mode == ProxyMode::Shared).then(|| pods.clone()),
+            logs: port.logs,
+            shutdown: trigger,
+        };
+        let _ = hand_back.send(crate::admin::spawn(
+            port.listeners,
+            inputs,
+            shutdown.clone(),
+        ));
+    }
     let workload = match (cfg.proxy_mode, &cfg.workload_info) {
         (ProxyMode::Dedicated, Some(w)) => w.clone(),
         (ProxyMode::Dedicated, None) => {
@@ -240,6 +333,7 @@ pub async fn run_proxy_with_metrics(
                 orig_src,
                 metrics,
                 workload_manager,
+                pods,
             };
             crate::inpod::run(inputs, ready, shutdown).await;
             return Ok(());
@@ -301,6 +395,11 @@ pub fn raise_fd_limit() -> Result<(u64, u64), nix::Error> {
         setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
     }
     Ok((soft, hard))
+}
+
+/// The admin port (:15000) on localhost in the current network namespace (the proxy's own, in shared mode).
+pub fn bind_admin(cfg: &Config) -> Result<Vec<TcpListener>, Error> {
+    crate::admin::bind(cfg).map_err(Error::Bind)
 }
 
 /// The stats port (`GET /metrics`, :15020) in the current network namespace.

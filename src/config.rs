@@ -117,6 +117,9 @@ KEEPALIVE_RETRIES = "9";
 KEEPALIVE_ENABLED = "true";
 /// TCP_USER_TIMEOUT = keepalive time + retries × interval: unacknowledged data cannot hold a socket longer.
 USER_TIMEOUT_ENABLED = "false";
+/// Istio's ProxyConfig (YAML or JSON), as ztunnel reads it: only `proxyAdminPort` (the admin API's port on
+/// localhost, default 15000) is used here.
+PROXY_CONFIG = "";
 }
 
 /// A key → value lookup: the process environment in production, a map in tests.
@@ -354,6 +357,8 @@ pub struct Ports {
     pub readiness: u16,
     /// Prometheus metrics (15020, ztunnel's stats port).
     pub metrics: u16,
+    /// The admin API (15000, on localhost only; `PROXY_CONFIG`'s `proxyAdminPort`, as ztunnel).
+    pub admin: u16,
 }
 
 impl Ports {
@@ -543,6 +548,7 @@ impl Config {
                 inbound: 15008,
                 readiness: 15021,
                 metrics: 15020,
+                admin: admin_port(src)?,
             },
             pool: PoolConfig {
                 max_streams_per_connection: parse_default(
@@ -757,6 +763,22 @@ pub const DEFAULT_PACKET_MARK: u32 = 1337;
 pub const DEFAULT_INPOD_UDS: &str = "/var/run/ztunnel/ztunnel.sock";
 /// Default state directory (built-in CA root).
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/meshnode";
+
+/// The admin port: `proxyAdminPort` of `PROXY_CONFIG` (Istio's ProxyConfig, YAML or JSON; its other fields
+/// are not used), else 15000, ztunnel's default.
+fn admin_port(src: &dyn Source) -> Result<u16, Error> {
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct ProxyConfig {
+        proxy_admin_port: Option<u16>,
+    }
+    let Some(raw) = src.get(PROXY_CONFIG).filter(|v| !v.trim().is_empty()) else {
+        return Ok(15000);
+    };
+    let pc: ProxyConfig =
+        serde_yaml::from_str(&raw).map_err(|e| invalid(PROXY_CONFIG, &raw, e.to_string()))?;
+    Ok(pc.proxy_admin_port.unwrap_or(15000))
+}
 
 fn invalid(name: &'static str, value: &str, reason: impl Into<String>) -> Error {
     Error::Invalid {
@@ -1004,6 +1026,28 @@ mod tests {
         assert_eq!(c.secret_ttl, Duration::from_secs(5400));
         assert_eq!(c.pool.unused_release_timeout, Duration::from_secs(10));
         assert_eq!(c.h2.stream_window, 1 << 20);
+    }
+
+    #[test]
+    fn the_admin_port_is_15000_or_proxy_config_s_proxy_admin_port() {
+        let base = [(PROXY_MODE, "dedicated"), (PROXY_WORKLOAD_INFO, "a/b/c")];
+        assert_eq!(cfg(&base).unwrap().ports.admin, 15000);
+        let with = |pc: &'static str| {
+            let mut pairs = base.to_vec();
+            pairs.push((PROXY_CONFIG, pc));
+            cfg(&pairs)
+        };
+        assert_eq!(with("proxyAdminPort: 15999").unwrap().ports.admin, 15999);
+        assert_eq!(
+            with(r#"{"proxyAdminPort": 15099, "concurrency": 2}"#)
+                .unwrap()
+                .ports
+                .admin,
+            15099
+        );
+        assert_eq!(with("concurrency: 2").unwrap().ports.admin, 15000);
+        let e = with("proxyAdminPort: lots").unwrap_err().to_string();
+        assert!(e.contains(PROXY_CONFIG), "{e}");
     }
 
     #[test]

@@ -10,7 +10,7 @@
 //! snapshot is reconciled: pods not named in it are drained once `SnapshotSent` arrives. A pod whose proxy
 //! cannot start (a port taken) is NACKed and retried every 5 s. Readiness waits for the first snapshot.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -73,6 +73,29 @@ pub struct InpodInputs {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Its in-pod workload manager families (pods served, pending, started, stopped).
     pub workload_manager: crate::metrics::WorkloadManagerMetrics,
+    /// Where the pods handed over are published for the admin port (`/config_dump`'s `workloadState`).
+    pub pods: PodStates,
+}
+
+/// The pods handed over by the CNI agent, by pod uid, as the admin port shows them. Cheap to clone; written
+/// only when a pod is added, started or removed.
+#[derive(Clone, Default)]
+pub struct PodStates(Arc<parking_lot::Mutex<BTreeMap<String, PodState>>>);
+
+/// One pod handed over: its workload and whether its proxy runs (`Up`) or waits to start (`Pending`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodState {
+    /// The pod's workload.
+    pub info: WorkloadInfo,
+    /// Its proxy is serving (else it is pending: its listeners could not be bound yet).
+    pub up: bool,
+}
+
+impl PodStates {
+    /// The pods now, sorted by uid.
+    pub fn snapshot(&self) -> BTreeMap<String, PodState> {
+        self.0.lock().clone()
+    }
 }
 
 /// A running pod proxy.
@@ -258,11 +281,23 @@ impl Pods {
         }
     }
 
-    /// Publishes how many pods are served and pending.
+    /// Publishes how many pods are served and pending, and which (for the admin port).
     fn count(&self) {
         let w = &self.inputs.workload_manager;
         w.active.set(self.running.len() as i64);
         w.pending.set(self.pending.len() as i64);
+        let running = self.running.iter().map(|(uid, p)| (uid, &p.info, true));
+        let pending = self.pending.iter().map(|(uid, p)| (uid, &p.info, false));
+        *self.inputs.pods.0.lock() = running
+            .chain(pending)
+            .map(|(uid, info, up)| {
+                let state = PodState {
+                    info: info.clone(),
+                    up,
+                };
+                (uid.clone(), state)
+            })
+            .collect();
     }
 
     fn start(&self, uid: &str, info: &WorkloadInfo, netns: &Netns) -> Result<PodProxy, Error> {

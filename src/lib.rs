@@ -24,7 +24,8 @@
 //! - [`cni_agent`] — the CNI node agent: plugin events, enrollment, rules, ZDS server.
 //! - [`cni_exec`] — calling a CNI plugin chain exactly as a container runtime does (tests, sandbox, benches).
 //! - [`socket`] — listeners, marked upstream sockets, original destinations.
-//! - [`admin_http`] — the bounded one-GET-per-connection HTTP server behind the admin ports.
+//! - [`admin`] — the proxy's admin API on localhost:15000 (`/config_dump`, `/logging`, `/quitquitquit`).
+//! - [`admin_http`] — the bounded one-request-per-connection HTTP server behind the admin ports.
 //! - [`conn_slots`] — connection slots a newcomer takes from an idle holder (admin, plugin and ZDS sockets).
 //! - [`readiness`] — `:15021/healthz/ready`.
 //! - [`zds`] — the ZDS protocol (SOCK_SEQPACKET + SCM_RIGHTS): agent-side server, proxy-side client.
@@ -32,6 +33,7 @@
 //! - [`app`] — wiring a role together from its config.
 //! - [`test_gate`] — whether a test's requirements (root, binaries) are met, and failing instead of skipping in CI.
 
+pub mod admin;
 pub mod admin_http;
 pub mod app;
 pub mod authz;

@@ -130,7 +130,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Proxy { .. } => {
-            let (_logs, _log_guard) = meshnode::logging::init();
+            let (logs, _log_guard) = meshnode::logging::init();
             let cfg = Arc::new(Config::from_source(&ProcessEnv)?);
             match meshnode::app::raise_fd_limit() {
                 Ok((before, after)) if before < after => {
@@ -144,7 +144,7 @@ fn main() -> anyhow::Result<()> {
                 .thread_name("meshnode-worker")
                 .enable_all()
                 .build()?;
-            rt.block_on(run(cfg))
+            rt.block_on(run(cfg, logs))
         }
         Command::Waypoint => {
             let (_logs, _log_guard) = meshnode::logging::init();
@@ -230,7 +230,7 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-async fn run(cfg: Arc<Config>) -> anyhow::Result<()> {
+async fn run(cfg: Arc<Config>, logs: meshnode::logging::LogControl) -> anyhow::Result<()> {
     let (listeners, readiness) = meshnode::app::bind(&cfg)?;
     let metrics = match meshnode::app::bind_metrics(&cfg) {
         Ok(l) => Some(l),
@@ -239,9 +239,21 @@ async fn run(cfg: Arc<Config>) -> anyhow::Result<()> {
             None
         }
     };
+    let admin = match meshnode::app::bind_admin(&cfg) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(error = %e, port = cfg.ports.admin, "admin port unavailable; serving without it");
+            Vec::new()
+        }
+    };
     tracing::info!(mode = ?cfg.proxy_mode, workload = ?cfg.workload_info, "meshnode proxy starting");
     let rx = stop_on_signal("shutting down: draining connections");
-    meshnode::app::run_proxy_with_metrics(cfg, listeners, Some(readiness), metrics, rx).await?;
+    let admin = meshnode::app::AdminPort {
+        listeners: admin,
+        logs,
+    };
+    meshnode::app::run_proxy_with_admin(cfg, listeners, Some(readiness), metrics, admin, rx)
+        .await?;
     tracing::info!("stopped");
     Ok(())
 }

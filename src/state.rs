@@ -430,6 +430,26 @@ impl State {
         self.services.len()
     }
 
+    /// Every workload, in the order given (read by the admin port's `/config_dump`).
+    pub fn workloads(&self) -> impl Iterator<Item = &Arc<Workload>> {
+        self.workloads.iter()
+    }
+
+    /// Every service, in the order given (read by the admin port's `/config_dump`).
+    pub fn services(&self) -> impl Iterator<Item = &Arc<Service>> {
+        self.services.iter()
+    }
+
+    /// The endpoints of `svc`, a service of this snapshot: each workload with its own port overrides.
+    pub fn endpoints<'a>(
+        &'a self,
+        svc: &'a Service,
+    ) -> impl Iterator<Item = (&'a Arc<Workload>, &'a HashMap<u16, u16>)> + 'a {
+        svc.endpoints
+            .iter()
+            .filter_map(|ep| Some((self.workloads.get(ep.workload)?, &ep.ports)))
+    }
+
     /// The workload a dedicated proxy (or a pod handed over by ZDS) acts for.
     pub fn workload_by_info(&self, info: &WorkloadInfo) -> Option<&Arc<Workload>> {
         self.by_name

@@ -224,6 +224,24 @@ impl CertManager {
         ids
     }
 
+    /// Every identity held and its certificate: `None` while the first fetch is under way. Sorted by
+    /// identity (read by the admin port's `/config_dump`).
+    pub fn certificates(&self) -> Vec<(Identity, Option<Arc<WorkloadCert>>)> {
+        let mut held: Vec<_> = self
+            .slots
+            .lock()
+            .iter()
+            .map(|(id, slot)| {
+                (
+                    id.clone(),
+                    slot.rotation.get().map(|r| r.cert.borrow().clone()),
+                )
+            })
+            .collect();
+        held.sort_by(|a, b| a.0.cmp(&b.0));
+        held
+    }
+
     /// One user of `slot` (for `id`) went; the last one forgets the identity.
     fn release(&self, id: &Identity, slot: &Weak<Slot>) {
         let mut slots = self.slots.lock();
