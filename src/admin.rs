@@ -10,13 +10,14 @@
 //! | `/config_dump` | GET | state, certificates, pods, config, version as JSON ([`config_dump`]) |
 //! | `/logging` | GET, POST | the log filter; `POST ?level=<directives>` adds to it, `?reset` returns to the start-up one |
 //! | `/quitquitquit` | POST | starts the graceful shutdown SIGTERM starts; answers once drained or at the deadline |
-//! | `/debug/pprof/profile` | GET | 501: CPU profiling is not built in |
+//! | `/debug/pprof/profile` | GET | a CPU profile in pprof's format, `?seconds=` (1–300, default 10), `?frequency=` (Hz, 1–1000, default 100) ([`profile`]) |
 //! | `/debug/pprof/heap` | GET | 501: heap profiling needs an allocator that records allocations |
 //!
 //! An unknown path is 404, a known one with another method 405, a bad query 400; nothing changes on a 4xx.
 //! The server stops accepting when the proxy starts shutting down.
 
 pub mod config_dump;
+pub mod profile;
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
@@ -133,7 +134,13 @@ pub fn spawn(
         inputs,
         _guard: guard,
     });
-    let exchange = EXCHANGE_TIMEOUT + admin.inputs.shutdown.deadline;
+    // Room for the longest of /quitquitquit's drain and a CPU profile's sampling.
+    let exchange = EXCHANGE_TIMEOUT
+        + admin
+            .inputs
+            .shutdown
+            .deadline
+            .max(Duration::from_secs(profile::MAX_SECONDS));
     for l in listeners {
         let admin = admin.clone();
         tokio::spawn(crate::admin_http::serve_async(
@@ -161,7 +168,7 @@ const ENDPOINTS: [(&str, &str); 5] = [
     ("config_dump", "workloads, services, policies, certificates and pods as this proxy sees them (JSON)"),
     ("logging", "the log filter; POST ?level=&lt;directives&gt; to change it, POST ?reset to go back to the start-up filter"),
     ("quitquitquit", "POST: drain and stop the proxy, as SIGTERM does"),
-    ("debug/pprof/profile", "CPU profile (not built into this binary: answers 501)"),
+    ("debug/pprof/profile", "CPU profile in pprof's format (go tool pprof); ?seconds= (1-300, default 10), ?frequency= (Hz, 1-1000, default 100)"),
     ("debug/pprof/heap", "heap profile (not built into this binary: answers 501)"),
 ];
 
@@ -194,12 +201,7 @@ impl Admin {
                 _ => not_allowed("POST"),
             },
             "/debug/pprof/profile" => match method {
-                "GET" => Answer::text(
-                    501,
-                    "Not Implemented",
-                    "CPU profiling is not built into this binary\n",
-                )
-                .into(),
+                "GET" => cpu_profile(&req).await,
                 _ => not_allowed("GET"),
             },
             "/debug/pprof/heap" => match method {
@@ -306,6 +308,53 @@ impl Admin {
             )
             .into()
         }
+    }
+}
+
+/// `/debug/pprof/profile?seconds=&frequency=`.
+async fn cpu_profile(req: &Request) -> Reply {
+    let mut seconds = profile::DEFAULT_SECONDS;
+    let mut frequency = profile::DEFAULT_FREQUENCY;
+    let bad =
+        |why: String| -> Reply { Answer::text(400, "Bad Request", format!("{why}\n")).into() };
+    for (name, value) in req.query() {
+        let value = value.unwrap_or_default();
+        match name.as_str() {
+            "seconds" => match value.parse::<u64>() {
+                Ok(s) if (1..=profile::MAX_SECONDS).contains(&s) => seconds = s,
+                _ => {
+                    return bad(format!(
+                        "seconds must be a whole number from 1 to {}, not {value:?}",
+                        profile::MAX_SECONDS
+                    ))
+                }
+            },
+            "frequency" => match value.parse::<u32>() {
+                Ok(f) if (1..=profile::MAX_FREQUENCY).contains(&f) => frequency = f,
+                _ => {
+                    return bad(format!(
+                        "frequency must be a whole number of Hz from 1 to {}, not {value:?}",
+                        profile::MAX_FREQUENCY
+                    ))
+                }
+            },
+            other => return bad(format!("unknown parameter {other:?} (seconds, frequency)")),
+        }
+    }
+    tracing::info!(
+        seconds,
+        frequency,
+        "CPU profile requested through the admin port"
+    );
+    match profile::cpu(Duration::from_secs(seconds), frequency).await {
+        Ok(body) => Reply {
+            status: 200,
+            reason: "OK",
+            content_type: "application/octet-stream",
+            body,
+        },
+        Err(e @ profile::Error::Busy) => Answer::text(409, "Conflict", format!("{e}\n")).into(),
+        Err(e) => Answer::text(500, "Internal Server Error", format!("{e}\n")).into(),
     }
 }
 

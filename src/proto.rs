@@ -12,6 +12,7 @@
 //! | [`discovery`] | `envoy.service.discovery.v3` | the delta ADS envelope |
 //! | [`ca`] | `istio.v1.auth` | certificate signing requests to the Istio CA |
 //! | [`waypoint`] | `meshnode.waypoint` | meshnode's own xDS `Waypoint` resources (L7 config of `meshnode waypoint`) |
+//! | [`profile`] | `perftools.profiles` | the pprof profile format (the admin port's CPU profile) |
 //!
 //! Every message implements [`prost::Name`], whose `type_url()` is the xDS
 //! type URL (`type.googleapis.com/<package>.<Message>`). The two gRPC services
@@ -48,6 +49,12 @@ pub mod security {
 #[allow(missing_docs)]
 pub mod waypoint {
     include!(concat!(env!("OUT_DIR"), "/meshnode.waypoint.rs"));
+}
+
+/// `perftools.profiles`: the pprof profile format, as `go tool pprof` reads it.
+#[allow(missing_docs)]
+pub mod profile {
+    include!(concat!(env!("OUT_DIR"), "/perftools.profiles.rs"));
 }
 
 /// `envoy.service.discovery.v3`: the delta Aggregated Discovery Service envelope.

@@ -115,6 +115,12 @@ async fn bad_levels_methods_and_paths_get_4xx_and_change_nothing() {
         ("POST", "/", 405),
         ("GET", "/nothing/here", 404),
         ("POST", "/quitquitquit/now", 404),
+        ("GET", "/debug/pprof/profile?seconds=0", 400),
+        ("GET", "/debug/pprof/profile?seconds=301", 400),
+        ("GET", "/debug/pprof/profile?seconds=ten", 400),
+        ("GET", "/debug/pprof/profile?frequency=5000", 400),
+        ("GET", "/debug/pprof/profile?rate=1", 400),
+        ("POST", "/debug/pprof/profile", 405),
     ];
     for (m, target, status) in cases {
         let r = f.admin.handle(req(m, target)).await;
@@ -155,7 +161,7 @@ async fn quitquitquit_starts_the_shutdown_and_answers_once_stopped() {
 }
 
 #[tokio::test]
-async fn the_index_links_every_endpoint_and_profiles_say_what_is_missing() {
+async fn the_index_links_every_endpoint_and_the_heap_profile_says_what_is_missing() {
     let f = fixture();
     let r = f.admin.handle(req("GET", "/")).await;
     assert_eq!(
