@@ -78,9 +78,12 @@ pub struct InpodInputs {
 }
 
 /// The pods handed over by the CNI agent, by pod uid, as the admin port shows them. Cheap to clone; written
-/// only when a pod is added, started or removed.
+/// only when a pod is added, started or removed; a snapshot reads each serving pod's open connections.
 #[derive(Clone, Default)]
-pub struct PodStates(Arc<parking_lot::Mutex<BTreeMap<String, PodState>>>);
+pub struct PodStates(Arc<parking_lot::Mutex<BTreeMap<String, PodEntry>>>);
+
+/// A pod's workload, and its proxy once serving.
+type PodEntry = (WorkloadInfo, Option<Arc<Proxy>>);
 
 /// One pod handed over: its workload and whether its proxy runs (`Up`) or waits to start (`Pending`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,12 +92,37 @@ pub struct PodState {
     pub info: WorkloadInfo,
     /// Its proxy is serving (else it is pending: its listeners could not be bound yet).
     pub up: bool,
+    /// A serving pod's open connections, at the time of the snapshot.
+    pub connections: Option<PodConnections>,
+}
+
+/// A pod's open connections (`istioctl ztunnel-config connections`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PodConnections {
+    /// Accepted for the pod (HBONE on :15008, plaintext on :15006).
+    pub inbound: Vec<crate::proxy::connections::Listed>,
+    /// Opened by the pod (captured on :15001).
+    pub outbound: Vec<crate::proxy::connections::Listed>,
 }
 
 impl PodStates {
-    /// The pods now, sorted by uid.
+    /// The pods now, sorted by uid, each serving one with its open connections.
     pub fn snapshot(&self) -> BTreeMap<String, PodState> {
-        self.0.lock().clone()
+        let pods = self.0.lock().clone();
+        pods.into_iter()
+            .map(|(uid, (info, proxy))| {
+                let connections = proxy.as_ref().map(|p| {
+                    let (inbound, outbound) = p.listed_connections();
+                    PodConnections { inbound, outbound }
+                });
+                let state = PodState {
+                    info,
+                    up: proxy.is_some(),
+                    connections,
+                };
+                (uid, state)
+            })
+            .collect()
     }
 }
 
@@ -102,6 +130,7 @@ impl PodStates {
 struct PodProxy {
     netns: NetnsId,
     info: WorkloadInfo,
+    proxy: Arc<Proxy>,
     drain: watch::Sender<bool>,
     task: JoinHandle<()>,
 }
@@ -286,17 +315,14 @@ impl Pods {
         let w = &self.inputs.workload_manager;
         w.active.set(self.running.len() as i64);
         w.pending.set(self.pending.len() as i64);
-        let running = self.running.iter().map(|(uid, p)| (uid, &p.info, true));
-        let pending = self.pending.iter().map(|(uid, p)| (uid, &p.info, false));
+        let running = self
+            .running
+            .iter()
+            .map(|(uid, p)| (uid, &p.info, Some(p.proxy.clone())));
+        let pending = self.pending.iter().map(|(uid, p)| (uid, &p.info, None));
         *self.inputs.pods.0.lock() = running
             .chain(pending)
-            .map(|(uid, info, up)| {
-                let state = PodState {
-                    info: info.clone(),
-                    up,
-                };
-                (uid.clone(), state)
-            })
+            .map(|(uid, info, proxy)| (uid.clone(), (info.clone(), proxy)))
             .collect();
     }
 
@@ -359,10 +385,12 @@ impl Pods {
                 }
             }
         });
-        let task = tokio::spawn(async move { proxy.serve(listeners).await });
+        let serving = proxy.clone();
+        let task = tokio::spawn(async move { serving.serve(listeners).await });
         Ok(PodProxy {
             netns: netns.id(),
             info: info.clone(),
+            proxy,
             drain,
             task,
         })

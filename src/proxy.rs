@@ -190,6 +190,7 @@ pub struct Proxy {
     pool: Pool,
     tls: Mutex<HashMap<Identity, Arc<WorkloadTls>>>,
     conns: Arc<connections::ConnectionManager>,
+    outbound_conns: Arc<connections::OutboundList>,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -239,6 +240,7 @@ impl Proxy {
             pool,
             tls: Mutex::default(),
             conns,
+            outbound_conns: Arc::default(),
             shutdown,
         })
     }
@@ -256,6 +258,11 @@ impl Proxy {
     /// The registry of open inbound connections (tests look at it).
     pub fn connections(&self) -> &connections::ConnectionManager {
         &self.conns
+    }
+
+    /// The open connections, inbound and outbound, as the admin port lists them.
+    pub fn listed_connections(&self) -> (Vec<connections::Listed>, Vec<connections::Listed>) {
+        (self.conns.list(), self.outbound_conns.list())
     }
 
     /// The metrics this proxy records into.

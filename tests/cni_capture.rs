@@ -21,8 +21,10 @@ pods:
 ";
 
 #[test]
-fn enrolled_pods_talk_through_hbone_and_a_pod_labelled_none_stays_out() {
-    if !support::root_or_skip("enrolled_pods_talk_through_hbone_and_a_pod_labelled_none_stays_out")
+fn enrolled_pods_talk_through_hbone_listed_on_the_admin_port_and_a_pod_labelled_none_stays_out() {
+    if !support::root_or_skip(
+        "enrolled_pods_talk_through_hbone_listed_on_the_admin_port_and_a_pod_labelled_none_stays_out",
+    )
     {
         return;
     }
@@ -68,6 +70,50 @@ fn enrolled_pods_talk_through_hbone_and_a_pod_labelled_none_stays_out() {
     assert!(
         reply.starts_with(&format!("app saw {}", client.ip.unwrap())),
         "{reply}"
+    );
+    // A connection held open is listed on the admin port for both pods, as `istioctl ztunnel-config
+    // connections` reads it: the client's outbound (dialled address → the server's HBONE port), the
+    // server's inbound (from the client, to the app).
+    let held = client
+        .netns
+        .run(move || std::net::TcpStream::connect_timeout(&dst, std::time::Duration::from_secs(5)))
+        .unwrap_or_else(|e| panic!("held connection: {e}\n{}", node.logs()));
+    let server_hbone = SocketAddr::new(server.ip.unwrap(), 15008).to_string();
+    let listed = |dump: &serde_json::Value| {
+        let conns = |uid: &str, dir: &str| dump["workloadState"][uid]["connections"][dir].clone();
+        let out = conns(&client.uid, "outbound");
+        let inb = conns(&server.uid, "inbound");
+        let out_ok = out.as_array().is_some_and(|l| {
+            l.iter().any(|c| {
+                c["originalDst"] == dst.to_string()
+                    && c["actualDst"] == server_hbone
+                    && c["protocol"] == "HBONE"
+            })
+        });
+        let in_ok = inb.as_array().is_some_and(|l| {
+            l.iter().any(|c| {
+                c["src"]
+                    .as_str()
+                    .is_some_and(|s| s.starts_with(&format!("{}:", client.ip.unwrap())))
+                    && c["actualDst"] == dst.to_string()
+                    && c["protocol"] == "HBONE"
+            })
+        });
+        out_ok && in_ok
+    };
+    let dump = || -> serde_json::Value {
+        let text = node.http_get(15000, "/config_dump").unwrap_or_default();
+        let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        serde_json::from_str(body).unwrap_or_default()
+    };
+    node.wait_for(
+        || listed(&dump()),
+        "both ends of the held connection on /config_dump",
+    );
+    drop(held);
+    node.wait_for(
+        || !listed(&dump()),
+        "the closed connection gone from /config_dump",
     );
     // legacy is not captured: its plain TCP is captured on the server side (:15006) and refused there,
     // because it carries no identity.

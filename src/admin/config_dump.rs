@@ -6,7 +6,8 @@
 //! (lists, sorted by key), `certificates` (sorted by identity: `state`, `certChain` and `rootCerts`, each
 //! certificate with `pem` — the PEM text, base64-encoded as ztunnel does —, a decimal `serialNumber`,
 //! `validFrom` and `expirationTime` in RFC 3339), `workloadState` (pods by uid: `state` `Up` or `Pending`,
-//! `info`), `config` (the settings an operator looks for, never a token) and `version`.
+//! `info`, and a serving pod's open `connections`, `inbound` and `outbound`, each `src`, `originalDst`,
+//! `actualDst`, `protocol`: what `istioctl ztunnel-config connections` reads), `config` (the settings an operator looks for, never a token) and `version`.
 //!
 //! Field names and JSON types follow ztunnel's serialisation: addresses are `network/ip` strings, a
 //! waypoint is `{destination: "network/ip" | "namespace/hostname", hboneMtlsPort}`, port maps are objects
@@ -292,7 +293,7 @@ fn workload_state(src: &Sources<'_>) -> Value {
                 .workload_by_info(&p.info)
                 .map(|w| w.identity.trust_domain().to_string())
                 .unwrap_or_default();
-            let v = json!({
+            let mut v = json!({
                 "state": if p.up { "Up" } else { "Pending" },
                 "info": {
                     "name": p.info.name,
@@ -301,10 +302,32 @@ fn workload_state(src: &Sources<'_>) -> Value {
                     "trustDomain": trust_domain,
                 },
             });
+            if let Some(c) = &p.connections {
+                v["connections"] = json!({
+                    "inbound": connections(&c.inbound),
+                    "outbound": connections(&c.outbound),
+                });
+            }
             (uid.clone(), v)
         })
         .collect();
     Value::Object(pods)
+}
+
+/// ztunnel's connection entries (`src`, `originalDst`, `actualDst`, `protocol`), sorted for determinism.
+fn connections(list: &[crate::proxy::connections::Listed]) -> Vec<Value> {
+    let mut list: Vec<&crate::proxy::connections::Listed> = list.iter().collect();
+    list.sort_by_key(|c| (c.src, c.actual_dst));
+    list.iter()
+        .map(|c| {
+            json!({
+                "src": c.src.to_string(),
+                "originalDst": c.original_dst.map(|a| a.to_string()).unwrap_or_default(),
+                "actualDst": c.actual_dst.to_string(),
+                "protocol": c.protocol,
+            })
+        })
+        .collect()
 }
 
 fn config(cfg: &Config) -> Value {

@@ -179,6 +179,79 @@ impl ConnectionManager {
     }
 }
 
+/// One open connection as the admin port lists it (`istioctl ztunnel-config connections`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed {
+    /// Who opened it.
+    pub src: SocketAddr,
+    /// The address the application dialled (outbound); `None` inbound.
+    pub original_dst: Option<SocketAddr>,
+    /// Where it goes from here: the peer's HBONE port, a waypoint, the workload (outbound), or the
+    /// application (inbound).
+    pub actual_dst: SocketAddr,
+    /// `HBONE` or `TCP`.
+    pub protocol: &'static str,
+}
+
+impl ConnectionManager {
+    /// The registered inbound connections (a copy, taken under the lock).
+    pub fn list(&self) -> Vec<Listed> {
+        self.inner
+            .lock()
+            .conns
+            .values()
+            .map(|e| Listed {
+                src: e.conn.src,
+                original_dst: None,
+                actual_dst: e.conn.dst,
+                protocol: if e.conn.src_identity.is_some() {
+                    "HBONE"
+                } else {
+                    "TCP"
+                },
+            })
+            .collect()
+    }
+}
+
+/// The proxy's open outbound connections, for listing only: touched when one opens and when it closes,
+/// never while it copies. Bounded by the proxy's connection admission (each entry is an open connection).
+#[derive(Default)]
+pub struct OutboundList {
+    inner: Mutex<(u64, HashMap<u64, Listed>)>,
+}
+
+/// An outbound connection's place in the [`OutboundList`]; dropping it removes the entry.
+pub struct Listing {
+    list: Arc<OutboundList>,
+    id: u64,
+}
+
+impl OutboundList {
+    /// Lists `conn` until the returned [`Listing`] is dropped.
+    pub fn add(self: &Arc<Self>, conn: Listed) -> Listing {
+        let mut inner = self.inner.lock();
+        let id = inner.0;
+        inner.0 += 1;
+        inner.1.insert(id, conn);
+        Listing {
+            list: self.clone(),
+            id,
+        }
+    }
+
+    /// The open outbound connections (a copy).
+    pub fn list(&self) -> Vec<Listed> {
+        self.inner.lock().1.values().cloned().collect()
+    }
+}
+
+impl Drop for Listing {
+    fn drop(&mut self) {
+        self.list.inner.lock().1.remove(&self.id);
+    }
+}
+
 /// A registered connection. Dropping it deregisters the connection.
 pub struct Registration {
     manager: Arc<ConnectionManager>,

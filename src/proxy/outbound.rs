@@ -143,6 +143,12 @@ impl Proxy {
             ),
             Route::Waypoint(hop) => (hop.via.addr, Some(hop.authority), Some(&*hop.via.workload)),
         };
+        let _listing = self.outbound_conns.add(super::connections::Listed {
+            src: peer,
+            original_dst: Some(dst),
+            actual_dst: sent_to,
+            protocol: if authority.is_some() { "HBONE" } else { "TCP" },
+        });
         let access = Access {
             reporter: Reporter::source,
             src: peer,

@@ -125,6 +125,20 @@ async fn dump() -> Value {
                 service_account: "web".into(),
             },
             up: true,
+            connections: Some(crate::inpod::PodConnections {
+                inbound: vec![crate::proxy::connections::Listed {
+                    src: "10.0.0.9:40000".parse().unwrap(),
+                    original_dst: None,
+                    actual_dst: "10.0.0.1:8080".parse().unwrap(),
+                    protocol: "HBONE",
+                }],
+                outbound: vec![crate::proxy::connections::Listed {
+                    src: "10.0.0.1:50000".parse().unwrap(),
+                    original_dst: Some("10.96.0.10:80".parse().unwrap()),
+                    actual_dst: "10.0.0.2:15008".parse().unwrap(),
+                    protocol: "HBONE",
+                }],
+            }),
         },
     )]);
     render(&Sources {
@@ -315,6 +329,28 @@ async fn every_field_istioctl_reads_is_there_with_its_json_type() {
     );
     assert_eq!(pod["state"], "Up");
     assert_eq!(pod["info"]["trustDomain"], "cluster.local");
+    // `istioctl ztunnel-config connections`: WorkloadConnections' inbound/outbound lists.
+    has("workloadState", pod, &[("connections", Obj)]);
+    for dir in ["inbound", "outbound"] {
+        let list = pod["connections"][dir].as_array().unwrap();
+        assert_eq!(list.len(), 1, "{dir}");
+        has(
+            dir,
+            &list[0],
+            &[
+                ("src", Str),
+                ("originalDst", Str),
+                ("actualDst", Str),
+                ("protocol", Str),
+            ],
+        );
+    }
+    let out = &pod["connections"]["outbound"][0];
+    assert_eq!(
+        (out["originalDst"].as_str(), out["actualDst"].as_str()),
+        (Some("10.96.0.10:80"), Some("10.0.0.2:15008"))
+    );
+    assert_eq!(pod["connections"]["inbound"][0]["originalDst"], "");
 }
 
 #[tokio::test]
