@@ -11,12 +11,14 @@
 //! | `/logging` | GET, POST | the log filter; `POST ?level=<directives>` adds to it, `?reset` returns to the start-up one |
 //! | `/quitquitquit` | POST | starts the graceful shutdown SIGTERM starts; answers once drained or at the deadline |
 //! | `/debug/pprof/profile` | GET | a CPU profile in pprof's format, `?seconds=` (1–300, default 10), `?frequency=` (Hz, 1–1000, default 100) ([`profile`]) |
-//! | `/debug/pprof/heap` | GET | 501: heap profiling needs an allocator that records allocations |
+//! | `/debug/pprof/heap` | GET | the live sampled allocations in pprof's format, once activated ([`heap`]) |
+//! | `/debug/pprof/heap/profiling` | GET, POST | whether allocations are sampled; `?activate=true\|false` switches (as ztunnel) |
 //!
 //! An unknown path is 404, a known one with another method 405, a bad query 400; nothing changes on a 4xx.
 //! The server stops accepting when the proxy starts shutting down.
 
 pub mod config_dump;
+pub mod heap;
 pub mod profile;
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -164,12 +166,13 @@ struct Admin {
 }
 
 /// The endpoints and what each does, for the index page.
-const ENDPOINTS: [(&str, &str); 5] = [
+const ENDPOINTS: [(&str, &str); 6] = [
     ("config_dump", "workloads, services, policies, certificates and pods as this proxy sees them (JSON)"),
     ("logging", "the log filter; POST ?level=&lt;directives&gt; to change it, POST ?reset to go back to the start-up filter"),
     ("quitquitquit", "POST: drain and stop the proxy, as SIGTERM does"),
     ("debug/pprof/profile", "CPU profile in pprof's format (go tool pprof); ?seconds= (1-300, default 10), ?frequency= (Hz, 1-1000, default 100)"),
-    ("debug/pprof/heap", "heap profile (not built into this binary: answers 501)"),
+    ("debug/pprof/heap", "heap profile in pprof's format: live allocations sampled since activation"),
+    ("debug/pprof/heap/profiling", "whether allocations are sampled; ?activate=true|false to switch"),
 ];
 
 /// What `/logging` says about itself on a bad request.
@@ -205,13 +208,12 @@ impl Admin {
                 _ => not_allowed("GET"),
             },
             "/debug/pprof/heap" => match method {
-                "GET" => Answer::text(
-                    501,
-                    "Not Implemented",
-                    "heap profiling needs an allocator that records allocations (jemalloc with profiling); this binary uses the system allocator\n",
-                )
-                .into(),
+                "GET" => heap_profile(),
                 _ => not_allowed("GET"),
+            },
+            "/debug/pprof/heap/profiling" => match method {
+                "GET" | "POST" => heap_switch(&req),
+                _ => not_allowed("GET or POST"),
             },
             _ => Answer::not_found().into(),
         }
@@ -354,6 +356,68 @@ async fn cpu_profile(req: &Request) -> Reply {
             body,
         },
         Err(e @ profile::Error::Busy) => Answer::text(409, "Conflict", format!("{e}\n")).into(),
+        Err(e) => Answer::text(500, "Internal Server Error", format!("{e}\n")).into(),
+    }
+}
+
+/// `/debug/pprof/heap`.
+fn heap_profile() -> Reply {
+    match heap::dump() {
+        Ok(body) => Reply {
+            status: 200,
+            reason: "OK",
+            content_type: "application/octet-stream",
+            body,
+        },
+        Err(e @ heap::Error::Unavailable) => {
+            Answer::text(501, "Not Implemented", format!("{e}\n")).into()
+        }
+        Err(e @ heap::Error::Inactive) => Answer::text(409, "Conflict", format!("{e}\n")).into(),
+        Err(e) => Answer::text(500, "Internal Server Error", format!("{e}\n")).into(),
+    }
+}
+
+/// `/debug/pprof/heap/profiling?activate=true|false` (ztunnel takes it on any method; so do we, GET or
+/// POST).
+fn heap_switch(req: &Request) -> Reply {
+    let mut want = None;
+    for (name, value) in req.query() {
+        match (name.as_str(), value.as_deref()) {
+            ("activate", Some("true")) => want = Some(true),
+            ("activate", Some("false")) => want = Some(false),
+            ("activate", v) => {
+                return Answer::text(
+                    400,
+                    "Bad Request",
+                    format!("invalid activate value {v:?}; expected true or false\n"),
+                )
+                .into()
+            }
+            (other, _) => {
+                return Answer::text(
+                    400,
+                    "Bad Request",
+                    format!("unknown parameter {other:?} (activate)\n"),
+                )
+                .into()
+            }
+        }
+    }
+    let now = match want {
+        Some(on) => {
+            tracing::info!(
+                active = on,
+                "heap profiling switched through the admin port"
+            );
+            heap::set_active(on)
+        }
+        None => heap::active(),
+    };
+    match now {
+        Ok(on) => Answer::text(200, "OK", format!("heap profiling active: {on}\n")).into(),
+        Err(e @ heap::Error::Unavailable) => {
+            Answer::text(501, "Not Implemented", format!("{e}\n")).into()
+        }
         Err(e) => Answer::text(500, "Internal Server Error", format!("{e}\n")).into(),
     }
 }

@@ -187,9 +187,9 @@ async fn config_dump_shows_the_mesh_and_certificate_and_quitquitquit_stops_the_p
 /// The real binary: a debug line appears only after `POST /logging?level=debug`, and `/quitquitquit` makes
 /// the process exit.
 #[test]
-fn the_binary_logs_debug_only_after_the_level_is_raised_and_exits_on_quitquitquit() {
+fn the_binary_logs_debug_only_after_the_level_is_raised_profiles_and_exits_on_quitquitquit() {
     if !root_or_skip(
-        "the_binary_logs_debug_only_after_the_level_is_raised_and_exits_on_quitquitquit",
+        "the_binary_logs_debug_only_after_the_level_is_raised_profiles_and_exits_on_quitquitquit",
     ) {
         return;
     }
@@ -211,6 +211,9 @@ fn the_binary_logs_debug_only_after_the_level_is_raised_and_exits_on_quitquitqui
             ("MESHNODE_STATE_DIR", state.to_str().unwrap()),
             ("RUST_LOG", "info"),
             ("IPV6_ENABLED", "false"),
+            // jemalloc reads this after the binary's own options: sample every allocation, so the few
+            // made below are certainly in the heap profile.
+            ("MALLOC_CONF", "lg_prof_sample:0"),
         ],
         log,
     ));
@@ -250,6 +253,51 @@ fn the_binary_logs_debug_only_after_the_level_is_raised_and_exits_on_quitquitqui
         log.contains("admin request") && log.contains("/config_dump"),
         "{log}"
     );
+
+    // Profiles, as `go tool pprof http://localhost:15000/debug/pprof/{profile,heap}` reads them.
+    let admin_bytes = |target: &'static str| -> (u16, Vec<u8>) {
+        ns.run(move || {
+            use std::io::{Read, Write};
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", 15000)).unwrap();
+            write!(s, "GET {target} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+            let mut out = Vec::new();
+            s.read_to_end(&mut out).unwrap();
+            let at = out.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+            let status = String::from_utf8_lossy(&out[9..12]).parse().unwrap();
+            (status, out[at + 4..].to_vec())
+        })
+    };
+    let decode = |body: &[u8]| {
+        use prost::Message;
+        let p = meshnode::proto::profile::Profile::decode(body).unwrap();
+        let name = |i: i64| p.string_table[i as usize].clone();
+        let types: Vec<String> = p.sample_type.iter().map(|t| name(t.r#type)).collect();
+        let functions: Vec<String> = p.function.iter().map(|f| name(f.name)).collect();
+        (types, p.sample.len(), functions)
+    };
+    let (status, body) = admin("GET", "/debug/pprof/heap");
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains("activate=true"), "{body}");
+    let (status, body) = admin("POST", "/debug/pprof/heap/profiling?activate=true");
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "heap profiling active: true\n")
+    );
+    // Allocations that stay live: the new log filter.
+    let (status, body) = admin("POST", "/logging?level=meshnode=debug,access=info");
+    assert_eq!(status, 200, "{body}");
+    let (status, heap) = admin_bytes("/debug/pprof/heap");
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&heap));
+    let (types, samples, functions) = decode(&heap);
+    assert_eq!(types, ["inuse_objects", "inuse_space"]);
+    assert!(samples > 0, "no live sampled allocation");
+    assert!(
+        functions.iter().any(|f| f.contains("meshnode")),
+        "not symbolized: {functions:?}"
+    );
+    let (status, cpu) = admin_bytes("/debug/pprof/profile?seconds=1");
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&cpu));
+    assert_eq!(decode(&cpu).0, ["samples", "cpu"]);
 
     let (status, body) = admin("POST", "/quitquitquit");
     assert_eq!(status, 200, "{body}");

@@ -173,7 +173,12 @@ async fn the_index_links_every_endpoint_and_the_heap_profile_says_what_is_missin
     }
     let r = f.admin.handle(req("GET", "/debug/pprof/heap")).await;
     assert_eq!(r.status, 501);
-    assert!(text(&r).contains("allocator"), "{}", text(&r));
+    assert!(text(&r).contains("not enabled"), "{}", text(&r));
+    let r = f
+        .admin
+        .handle(req("GET", "/debug/pprof/heap/profiling?activate=maybe"))
+        .await;
+    assert_eq!(r.status, 400, "{}", text(&r));
     let r = f.admin.handle(req("GET", "/config_dump")).await;
     assert_eq!((r.status, r.content_type), (200, "application/json"));
     let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
