@@ -27,9 +27,8 @@ use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
-use meshnode::authz::PolicySet;
 use meshnode::proto::workload as pb;
-use meshnode::state::{LocalConfig, State};
+use meshnode::state::{Interner, LocalConfig, State};
 use meshnode::xds::convert::{self, Address};
 
 struct Counting;
@@ -223,9 +222,10 @@ fn main() {
     let msgs = resources(n);
     let before = reset_peak();
     let t0 = Instant::now();
+    let mut interner = Interner::default();
     let mut held = Vec::with_capacity(msgs.len());
     for (name, msg) in &msgs {
-        held.push(convert::address(name, msg.clone()).expect("generated resource"));
+        held.push(convert::address_in(name, msg.clone(), &mut interner).expect("generated resource"));
     }
     let mut workloads = Vec::new();
     let mut services = Vec::new();
@@ -235,7 +235,7 @@ fn main() {
             Address::Service(s) => services.push(s.clone()),
         }
     }
-    let state = State::new(workloads, services, PolicySet::default())
+    let state = State::with_shared(workloads, services, Default::default())
         .expect("generated resources index");
     let ms = t0.elapsed().as_secs_f64() * 1e3;
     let live = current().saturating_sub(before);
@@ -246,7 +246,7 @@ fn main() {
         peak: PEAK.load(Ordering::Relaxed).saturating_sub(before),
         ms,
     });
-    drop(black_box((state, held, msgs)));
+    drop(black_box((state, held, msgs, interner)));
 
     println!("{n} workloads, {} services; local config {bytes} bytes\n", (n / 4).max(1));
     println!("| path | live bytes/workload | peak bytes/workload | build ms |");

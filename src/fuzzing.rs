@@ -327,7 +327,7 @@ pub fn xds_address(data: &[u8]) -> bool {
         Ok(convert::Address::Service(s)) => (vec![], vec![s]),
         Err(_) => return false,
     };
-    State::new(workloads, services, PolicySet::default()).is_ok()
+    State::with_shared(workloads, services, Default::default()).is_ok()
 }
 
 /// xDS `istio.security.Authorization`: `name\n` then the protobuf bytes; converted, then indexed.

@@ -303,7 +303,7 @@ impl Proxy {
                     dst,
                     None,
                     WaypointBinding::workload,
-                    w.uid.clone(),
+                    w.uid.to_string(),
                 );
             }
         }

@@ -39,7 +39,7 @@ pub fn workload(
     )
     .unwrap()
     {
-        meshnode::xds::convert::Address::Workload(w) => Arc::new(w),
+        meshnode::xds::convert::Address::Workload(w) => w,
         _ => unreachable!(),
     }
 }

@@ -28,7 +28,7 @@ fn convert_workload(w: pb::Workload) -> Result<Workload, ConvertError> {
             r#type: Some(pb::address::Type::Workload(w)),
         },
     )? {
-        Address::Workload(w) => Ok(w),
+        Address::Workload(w) => Ok(Arc::unwrap_or_clone(w)),
         Address::Service(_) => panic!("workload became a service"),
     }
 }
