@@ -225,14 +225,16 @@ fn main() {
     let mut interner = Interner::default();
     let mut held = Vec::with_capacity(msgs.len());
     for (name, msg) in &msgs {
-        held.push(convert::address_in(name, msg.clone(), &mut interner).expect("generated resource"));
+        held.push(
+            convert::address_in(name, msg.clone(), &mut interner).expect("generated resource"),
+        );
     }
     let mut workloads = Vec::new();
     let mut services = Vec::new();
     for a in &held {
         match a {
             Address::Workload(w) => workloads.push(w.clone()),
-            Address::Service(s) => services.push(s.clone()),
+            Address::Service(s) => services.push((**s).clone()),
         }
     }
     let state = State::with_shared(workloads, services, Default::default())
@@ -248,7 +250,10 @@ fn main() {
     });
     drop(black_box((state, held, msgs, interner)));
 
-    println!("{n} workloads, {} services; local config {bytes} bytes\n", (n / 4).max(1));
+    println!(
+        "{n} workloads, {} services; local config {bytes} bytes\n",
+        (n / 4).max(1)
+    );
     println!("| path | live bytes/workload | peak bytes/workload | build ms |");
     println!("|---|---|---|---|");
     for r in rows {

@@ -324,7 +324,7 @@ pub fn xds_address(data: &[u8]) -> bool {
     };
     let (workloads, services) = match convert::address(name, addr) {
         Ok(convert::Address::Workload(w)) => (vec![w], vec![]),
-        Ok(convert::Address::Service(s)) => (vec![], vec![s]),
+        Ok(convert::Address::Service(s)) => (vec![], vec![Arc::unwrap_or_clone(s)]),
         Err(_) => return false,
     };
     State::with_shared(workloads, services, Default::default()).is_ok()

@@ -338,9 +338,56 @@ impl Interner {
             return;
         }
         // Identities first: they hold their key strings.
-        self.identities.retain(|_, id| Identity::strong_count(id) > 1);
+        self.identities
+            .retain(|_, id| Identity::strong_count(id) > 1);
         self.ports.retain(|p| Arc::strong_count(&p.0) > 1);
         self.strings.retain(|s| Arc::strong_count(s) > 1);
         self.pruned_at = self.len();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn equal_values_are_one_value_and_unused_ones_are_forgotten() {
+        let mut i = Interner::default();
+        let a = i.str("default");
+        let b = i.string("default".to_string());
+        assert!(Arc::ptr_eq(&a.0, &b.0));
+        let p = i.ports([(80, 8080), (443, 8443)]);
+        let q = i.ports([(443, 8443), (80, 8080)]);
+        assert!(Arc::ptr_eq(&p.0, &q.0));
+        assert_eq!(p.get(&443), Some(&8443));
+        assert_eq!(p.get(&8080), None);
+        let id = i.identity("cluster.local", "default", "sa").unwrap();
+        assert_eq!(id, i.identity("cluster.local", "default", "sa").unwrap());
+        assert_eq!(Identity::strong_count(&id), 2);
+        // Many values nobody holds any more: a prune keeps only those still in use.
+        for n in 0..5000 {
+            i.str(&format!("gone-{n}"));
+        }
+        i.prune();
+        assert!(i.len() < 10, "{}", i.len());
+        assert!(Arc::ptr_eq(&i.str("default").0, &a.0));
+        assert_eq!(i.identity("cluster.local", "default", "sa").unwrap(), id);
+        assert!(Arc::ptr_eq(&i.ports([(80, 8080), (443, 8443)]).0, &p.0));
+    }
+
+    #[test]
+    fn service_ports_read_like_the_map_they_replace() {
+        let sp: ServicePorts = [
+            (SharedStr::from("ns/a"), PortMap::new([(80, 8080)])),
+            (SharedStr::from("ns/b"), PortMap::new([(81, 0)])),
+            (SharedStr::from("ns/a"), PortMap::new([(82, 9090)])),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(sp.len(), 2);
+        assert_eq!(sp["ns/a"].get(&82), Some(&9090));
+        assert_eq!(sp["ns/a"].get(&80), None);
+        assert!(sp.contains_key("ns/b") && !sp.contains_key("ns/c"));
+        assert_eq!(PortMap::new([(1, 2), (1, 3)]).get(&1), Some(&3));
     }
 }

@@ -191,7 +191,7 @@ impl Cache {
         for e in self.addresses.values() {
             match &*e.value {
                 Address::Workload(w) => out.workloads.push(w.clone()),
-                Address::Service(s) => out.services.push(Arc::new(s.clone())),
+                Address::Service(s) => out.services.push(s.clone()),
             }
         }
         out.waypoint = self
@@ -461,7 +461,7 @@ fn build(
     for e in addresses.values() {
         match &*e.value {
             Address::Workload(w) => workloads.push(w.clone()),
-            Address::Service(s) => services.push(s.clone()),
+            Address::Service(s) => services.push((**s).clone()),
         }
     }
     Ok(State::with_shared(workloads, services, policies)?)

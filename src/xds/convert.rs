@@ -192,7 +192,7 @@ pub enum Address {
     /// A workload (shared with the states built from it).
     Workload(Arc<Workload>),
     /// A service (endpoints come later, from the workloads that name it).
-    Service(Service),
+    Service(Arc<Service>),
 }
 
 /// Converts an `Address` sent under resource `name`.
@@ -211,7 +211,7 @@ pub fn address_in(
         Some(pb::address::Type::Workload(w)) => workload(name, w, interner)
             .map(Arc::new)
             .map(Address::Workload),
-        Some(pb::address::Type::Service(s)) => service(name, s).map(Address::Service),
+        Some(pb::address::Type::Service(s)) => service(name, s).map(Arc::new).map(Address::Service),
         None => Err(ConvertError::EmptyAddress),
     }
 }

@@ -60,7 +60,7 @@ fn convert_service(s: pb::Service) -> Result<Service, ConvertError> {
             r#type: Some(pb::address::Type::Service(s)),
         },
     )? {
-        Address::Service(s) => Ok(s),
+        Address::Service(s) => Ok(Arc::unwrap_or_clone(s)),
         Address::Workload(_) => panic!("service became a workload"),
     }
 }
