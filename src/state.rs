@@ -5,6 +5,9 @@
 //! service by VIP or hostname, endpoint selection — published through a `watch` channel so readers never
 //! take a lock shared with writers (see [`StateHandle`]). Waypoints: services and workloads carry the
 //! waypoint istiod (or the local file) names for them, and [`waypoint`] resolves one to the workload to dial.
+//! Every node proxy holds the whole mesh, so a workload is kept small: what workloads have in common
+//! (strings, identities, port maps) is shared through [`intern`], and the indexes point at the workloads'
+//! own strings instead of copying them (`benches/state_scale.rs` measures bytes per workload).
 
 pub mod intern;
 pub mod local;
