@@ -324,10 +324,10 @@ pub fn xds_address(data: &[u8]) -> bool {
     };
     let (workloads, services) = match convert::address(name, addr) {
         Ok(convert::Address::Workload(w)) => (vec![w], vec![]),
-        Ok(convert::Address::Service(s)) => (vec![], vec![s]),
+        Ok(convert::Address::Service(s)) => (vec![], vec![Arc::unwrap_or_clone(s)]),
         Err(_) => return false,
     };
-    State::new(workloads, services, PolicySet::default()).is_ok()
+    State::with_shared(workloads, services, Default::default()).is_ok()
 }
 
 /// xDS `istio.security.Authorization`: `name\n` then the protobuf bytes; converted, then indexed.

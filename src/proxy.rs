@@ -411,7 +411,8 @@ fn service_for(state: &State, workload: &Workload, target_port: u16) -> Option<A
     workload.services.iter().find_map(|(key, ports)| {
         let (ns, host) = key.split_once('/')?;
         let svc = state.service_by_host(host, ns)?;
-        let maps = |m: &HashMap<u16, u16>| m.values().any(|p| *p == target_port);
-        (svc.namespace == ns && (maps(ports) || maps(&svc.ports))).then(|| svc.clone())
+        let maps = ports.iter().any(|(_, p)| *p == target_port)
+            || svc.ports.values().any(|p| *p == target_port);
+        (svc.namespace == ns && maps).then(|| svc.clone())
     })
 }

@@ -5,7 +5,11 @@
 //! service by VIP or hostname, endpoint selection — published through a `watch` channel so readers never
 //! take a lock shared with writers (see [`StateHandle`]). Waypoints: services and workloads carry the
 //! waypoint istiod (or the local file) names for them, and [`waypoint`] resolves one to the workload to dial.
+//! Every node proxy holds the whole mesh, so a workload is kept small: what workloads have in common
+//! (strings, identities, port maps) is shared through [`intern`], and the indexes point at the workloads'
+//! own strings instead of copying them (`benches/state_scale.rs` measures bytes per workload).
 
+pub mod intern;
 pub mod local;
 pub mod waypoint;
 
@@ -20,6 +24,7 @@ use crate::authz::PolicySet;
 use crate::config::WorkloadInfo;
 use crate::identity::Identity;
 
+pub use intern::{Interner, PortMap, ServicePorts, SharedStr};
 pub use local::{Error, LocalConfig};
 pub use waypoint::WaypointError;
 
@@ -47,13 +52,13 @@ pub enum HealthStatus {
 #[derive(Debug, Clone)]
 pub struct Workload {
     /// Primary key (`cluster//v1/Pod/ns/name`).
-    pub uid: String,
+    pub uid: SharedStr,
     /// Pod name.
-    pub name: String,
+    pub name: SharedStr,
     /// Namespace.
-    pub namespace: String,
+    pub namespace: SharedStr,
     /// Service account.
-    pub service_account: String,
+    pub service_account: SharedStr,
     /// Its SPIFFE identity, derived from trust domain, namespace and service account.
     pub identity: Identity,
     /// Addresses.
@@ -61,9 +66,9 @@ pub struct Workload {
     /// How to reach it.
     pub protocol: Protocol,
     /// Node it runs on.
-    pub node: String,
+    pub node: SharedStr,
     /// Network it is on.
-    pub network: String,
+    pub network: SharedStr,
     /// Health.
     pub status: HealthStatus,
     /// Load-balancing weight (default 1).
@@ -71,19 +76,19 @@ pub struct Workload {
     /// Keys (`ns/name`) of WorkloadSelector policies that select it.
     pub authorization_policies: Vec<String>,
     /// Services it backs: `ns/hostname` → service port → target port.
-    pub services: HashMap<String, HashMap<u16, u16>>,
+    pub services: ServicePorts,
     /// Canonical service name (telemetry, baggage).
-    pub canonical_name: String,
+    pub canonical_name: SharedStr,
     /// Canonical revision.
-    pub canonical_revision: String,
+    pub canonical_revision: SharedStr,
     /// Owning workload name (e.g. the Deployment).
-    pub workload_name: String,
+    pub workload_name: SharedStr,
     /// Owning workload kind, lower case.
-    pub workload_type: String,
+    pub workload_type: SharedStr,
     /// Cluster id.
-    pub cluster_id: String,
+    pub cluster_id: SharedStr,
     /// Hostname, for workloads known by name rather than address (a waypoint may be referenced by it).
-    pub hostname: String,
+    pub hostname: SharedStr,
     /// The waypoint traffic addressed to this workload's IP must pass (istiod's workload binding).
     pub waypoint: Option<GatewayAddress>,
     /// Set on waypoint instances that want the tunnel's metadata: inbound connections go to
@@ -218,8 +223,8 @@ pub enum LbMode {
 pub struct Endpoint {
     /// Index into [`State`]'s workload list.
     workload: usize,
-    /// Service port → target port overrides for this workload.
-    ports: HashMap<u16, u16>,
+    /// Service port → target port overrides for this workload (shared with the workload).
+    ports: PortMap,
 }
 
 /// A service: VIPs, ports and endpoints.
@@ -276,13 +281,17 @@ pub struct Upstream {
 #[derive(Debug, Default)]
 pub struct State {
     workloads: Vec<Arc<Workload>>,
-    by_uid: HashMap<String, usize>,
+    /// Keys are the workloads' own (shared) strings, not copies.
+    by_uid: HashMap<SharedStr, usize>,
     /// network → address → workload.
-    by_addr: HashMap<String, HashMap<IpAddr, usize>>,
-    /// namespace → name → workloads (a name can repeat across service accounts).
-    by_name: HashMap<String, HashMap<String, Vec<usize>>>,
+    by_addr: HashMap<SharedStr, HashMap<IpAddr, usize>>,
+    /// name → the first workload of that name; the others follow through `same_name` (a name can repeat
+    /// across namespaces and service accounts).
+    by_name: HashMap<SharedStr, usize>,
+    /// Per workload: the next workload with the same name, or `usize::MAX`.
+    same_name: Vec<usize>,
     /// hostname → workloads known by that hostname (few: waypoints may be referenced this way).
-    by_workload_host: HashMap<String, Vec<usize>>,
+    by_workload_host: HashMap<SharedStr, Vec<usize>>,
     services: Vec<Arc<Service>>,
     /// network → VIP → services.
     by_vip: HashMap<String, HashMap<IpAddr, Vec<usize>>>,
@@ -308,15 +317,31 @@ impl State {
         services: Vec<Service>,
         policies: Arc<PolicySet>,
     ) -> Result<State, Error> {
+        State::with_shared(
+            workloads.into_iter().map(Arc::new).collect(),
+            services,
+            policies,
+        )
+    }
+
+    /// [`State::with_policies`] with workloads the caller keeps too (the xDS client's held resources), so
+    /// a push shares them with the snapshot instead of copying each.
+    pub fn with_shared(
+        workloads: Vec<Arc<Workload>>,
+        services: Vec<Service>,
+        policies: Arc<PolicySet>,
+    ) -> Result<State, Error> {
         let mut st = State {
             policies,
             ..Default::default()
         };
+        st.workloads.reserve_exact(workloads.len());
+        st.by_uid.reserve(workloads.len());
         for w in workloads {
-            if st.by_uid.contains_key(&w.uid) {
+            if st.by_uid.contains_key(w.uid.as_str()) {
                 return Err(Error::Duplicate {
                     kind: "workload uid",
-                    key: w.uid,
+                    key: w.uid.to_string(),
                 });
             }
             let idx = st.workloads.len();
@@ -333,22 +358,23 @@ impl State {
                     }
                 }
             }
-            st.by_name
-                .entry(w.namespace.clone())
-                .or_default()
-                .entry(w.name.clone())
-                .or_default()
-                .push(idx);
             if !w.hostname.is_empty() {
                 st.by_workload_host
                     .entry(w.hostname.clone())
                     .or_default()
                     .push(idx);
             }
-            st.workloads.push(Arc::new(w));
+            st.workloads.push(w);
+        }
+        // Names, walked backwards so that each chain lists its workloads in their order.
+        st.same_name = vec![usize::MAX; st.workloads.len()];
+        for (idx, w) in st.workloads.iter().enumerate().rev() {
+            if let Some(first) = st.by_name.insert(w.name.clone(), idx) {
+                st.same_name[idx] = first;
+            }
         }
         // Endpoints, bucketed by service key in one pass over the workloads.
-        let mut endpoints: HashMap<String, Vec<Endpoint>> = HashMap::new();
+        let mut endpoints: HashMap<SharedStr, Vec<Endpoint>> = HashMap::new();
         for (idx, w) in st.workloads.iter().enumerate() {
             for (key, ports) in &w.services {
                 endpoints.entry(key.clone()).or_default().push(Endpoint {
@@ -369,7 +395,7 @@ impl State {
                     key,
                 });
             }
-            svc.endpoints = endpoints.remove(&key).unwrap_or_default();
+            svc.endpoints = endpoints.remove(key.as_str()).unwrap_or_default();
             let idx = st.services.len();
             for (network, vip) in &svc.vips {
                 st.by_vip
@@ -452,12 +478,15 @@ impl State {
 
     /// The workload a dedicated proxy (or a pod handed over by ZDS) acts for.
     pub fn workload_by_info(&self, info: &WorkloadInfo) -> Option<&Arc<Workload>> {
-        self.by_name
-            .get(info.namespace.as_str())?
-            .get(info.name.as_str())?
-            .iter()
-            .map(|&i| &self.workloads[i])
-            .find(|w| w.service_account == info.service_account)
+        let mut idx = *self.by_name.get(info.name.as_str())?;
+        while idx != usize::MAX {
+            let w = &self.workloads[idx];
+            if w.namespace == info.namespace && w.service_account == info.service_account {
+                return Some(w);
+            }
+            idx = self.same_name[idx];
+        }
+        None
     }
 
     /// The workload owning `ip` on `network`.

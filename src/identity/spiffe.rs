@@ -43,6 +43,11 @@ impl Identity {
         format!("{SCHEME}{trust_domain}/ns/{namespace}/sa/{service_account}").parse()
     }
 
+    /// How many holders share this value (the state's interner forgets identities only it holds).
+    pub(crate) fn strong_count(id: &Identity) -> usize {
+        Arc::strong_count(&id.0)
+    }
+
     /// The trust domain, e.g. `cluster.local`.
     pub fn trust_domain(&self) -> &str {
         &self.0.trust_domain

@@ -309,7 +309,7 @@ impl Proxy {
                     dst,
                     None,
                     WaypointBinding::workload,
-                    w.uid.clone(),
+                    w.uid.to_string(),
                 );
             }
         }

@@ -243,3 +243,58 @@ fn a_workload_listing_its_address_twice_is_indexed_once_not_a_crash() {
     let w = st.workload_by_addr("", ip("10.0.0.9")).expect("indexed");
     assert_eq!(w.name, "a");
 }
+
+#[test]
+fn workloads_of_one_namespace_and_service_account_share_their_common_values() {
+    let st = state();
+    let a = &st.workloads[0];
+    let b = &st.workloads[1];
+    assert_eq!((&*a.name, &*b.name), ("server-a", "server-b"));
+    // One copy of each common string, not one per workload.
+    assert!(std::ptr::eq(a.namespace.as_ptr(), b.namespace.as_ptr()));
+    assert!(std::ptr::eq(
+        a.service_account.as_ptr(),
+        b.service_account.as_ptr()
+    ));
+    assert!(std::ptr::eq(a.cluster_id.as_ptr(), b.cluster_id.as_ptr()));
+    // One identity value for both (held by the two workloads only).
+    assert_eq!(a.identity, b.identity);
+    assert_eq!(Identity::strong_count(&a.identity), 2);
+    // The service key both back is one string, shared with the endpoints' port maps' owners.
+    let (ka, _) = a.services.iter().next().unwrap();
+    let (kb, _) = b.services.iter().next().unwrap();
+    assert!(std::ptr::eq(ka.as_ptr(), kb.as_ptr()));
+    // The index keys are the workloads' own strings, not copies.
+    let (key, _) = st
+        .by_uid
+        .get_key_value("cluster1//v1/Pod/default/server-a")
+        .unwrap();
+    assert!(std::ptr::eq(key.as_ptr(), a.uid.as_ptr()));
+}
+
+#[test]
+fn a_dedicated_proxy_finds_its_workload_among_others_of_the_same_name() {
+    let yaml = r#"
+workloads:
+- {uid: u1, name: app, namespace: a, serviceAccount: x, workloadIps: ["10.0.1.1"]}
+- {uid: u2, name: app, namespace: b, serviceAccount: x, workloadIps: ["10.0.1.2"]}
+- {uid: u3, name: app, namespace: a, serviceAccount: y, workloadIps: ["10.0.1.3"]}
+- {uid: u4, name: other, namespace: a, serviceAccount: x, workloadIps: ["10.0.1.4"]}
+"#;
+    let st = LocalConfig::parse(yaml).unwrap().into_state().unwrap();
+    let find = |ns: &str, name: &str, sa: &str| {
+        st.workload_by_info(&WorkloadInfo {
+            namespace: ns.into(),
+            name: name.into(),
+            service_account: sa.into(),
+        })
+        .map(|w| w.uid.to_string())
+    };
+    assert_eq!(find("a", "app", "x").as_deref(), Some("u1"));
+    assert_eq!(find("b", "app", "x").as_deref(), Some("u2"));
+    assert_eq!(find("a", "app", "y").as_deref(), Some("u3"));
+    assert_eq!(find("a", "other", "x").as_deref(), Some("u4"));
+    assert_eq!(find("b", "app", "y"), None);
+    assert_eq!(find("c", "app", "x"), None);
+    assert_eq!(find("a", "none", "x"), None);
+}

@@ -229,7 +229,7 @@ impl State {
         }
         if up.workload.network != src.network {
             return Err(WaypointError::OtherNetwork {
-                network: up.workload.network.clone(),
+                network: up.workload.network.to_string(),
             });
         }
         Ok(up)

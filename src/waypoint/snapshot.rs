@@ -19,7 +19,7 @@ use super::authz::Authorizer;
 use super::balance::Endpoints;
 use super::routes::RouteTable;
 use crate::proto::waypoint as pb;
-use crate::state::{Service, Workload};
+use crate::state::{PortMap, Service, SharedStr, Workload};
 
 /// Why a snapshot could not be built from a `Waypoint` resource.
 #[derive(Debug, thiserror::Error)]
@@ -161,7 +161,7 @@ pub struct Snapshot {
     by_vip: HashMap<IpAddr, usize>,
     by_host: HashMap<String, usize>,
     clusters: HashMap<String, Arc<Cluster>>,
-    workloads: HashMap<String, Arc<Workload>>,
+    workloads: HashMap<SharedStr, Arc<Workload>>,
     by_ip: HashMap<IpAddr, Arc<Workload>>,
     bound_workloads: HashSet<String>,
     xfcc_include_client_identity: bool,
@@ -337,7 +337,7 @@ impl Snapshot {
             let w = self.by_ip.get(&addr.ip())?;
             return self
                 .bound_workloads
-                .contains(&w.uid)
+                .contains(w.uid.as_str())
                 .then(|| Destination::Workload {
                     workload: w.clone(),
                     addr,
@@ -383,7 +383,7 @@ impl Snapshot {
     /// port from its own port map for the service, else the service's, else the service port itself.
     pub fn endpoint(&self, cluster: &Cluster, uid: &str, like: IpAddr) -> Option<Endpoint> {
         let workload = self.workloads.get(uid)?;
-        let mapped = |m: &HashMap<u16, u16>| m.get(&cluster.port).copied().filter(|p| *p != 0);
+        let mapped = |m: &PortMap| m.get(&cluster.port).copied().filter(|p| *p != 0);
         let own = cluster
             .service_key
             .as_ref()

@@ -37,7 +37,7 @@ use super::{
 use crate::authz::{Policy, PolicySet};
 use crate::proto::discovery::{DeltaDiscoveryResponse, Resource};
 use crate::proto::{security, waypoint, workload};
-use crate::state::State;
+use crate::state::{Interner, State};
 
 /// At most this many rejections are spelled out in a NACK; the rest are counted.
 const MAX_NACK_ENTRIES: usize = 32;
@@ -129,6 +129,8 @@ pub(crate) struct Cache {
     policies: HashMap<String, Entry<Policy>>,
     /// `policies` indexed; rebuilt only when an Authorization response changes them.
     policy_set: Arc<PolicySet>,
+    /// What the held workloads share (strings, identities, port maps), kept across pushes.
+    interner: Interner,
     /// A waypoint's own resource (at most one, under `waypoint_filter.name`).
     waypoints: HashMap<String, Entry<waypoint::Waypoint>>,
     waypoint_filter: Option<WaypointFilter>,
@@ -141,6 +143,7 @@ impl Cache {
             addresses: HashMap::new(),
             policies: HashMap::new(),
             policy_set: Arc::default(),
+            interner: Interner::default(),
             waypoints: HashMap::new(),
             waypoint_filter: None,
             max_resources,
@@ -187,8 +190,8 @@ impl Cache {
         let mut out = WaypointResources::default();
         for e in self.addresses.values() {
             match &*e.value {
-                Address::Workload(w) => out.workloads.push(Arc::new(w.clone())),
-                Address::Service(s) => out.services.push(Arc::new(s.clone())),
+                Address::Workload(w) => out.workloads.push(w.clone()),
+                Address::Service(s) => out.services.push(s.clone()),
             }
         }
         out.waypoint = self
@@ -231,6 +234,7 @@ impl Cache {
         match kind {
             Kind::Address => {
                 let mut next = self.addresses.clone();
+                let interner = std::cell::RefCell::new(&mut self.interner);
                 Counts { updated, stand_ins } = update(
                     &mut next,
                     resp.resources,
@@ -238,12 +242,16 @@ impl Cache {
                     &mut budget,
                     max,
                     &mut rejected,
-                    |name, msg: workload::Address| Ok(convert::address(name, msg)?),
+                    |name, msg: workload::Address| {
+                        Ok(convert::address_in(name, msg, &mut interner.borrow_mut())?)
+                    },
                     |_, _| None,
                 );
                 removed = remove(&mut next, &resp.removed_resources);
                 let state = build(&next, self.policy_set.clone())?;
                 self.addresses = next;
+                // Only now are replaced and removed workloads gone from every holder but the interner.
+                self.interner.prune();
                 Ok(Applied {
                     kind,
                     state,
@@ -453,10 +461,10 @@ fn build(
     for e in addresses.values() {
         match &*e.value {
             Address::Workload(w) => workloads.push(w.clone()),
-            Address::Service(s) => services.push(s.clone()),
+            Address::Service(s) => services.push((**s).clone()),
         }
     }
-    Ok(State::with_policies(workloads, services, policies)?)
+    Ok(State::with_shared(workloads, services, policies)?)
 }
 
 /// The NACK message: `"<name>: <reason>; ..."`, bounded.

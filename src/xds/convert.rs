@@ -23,6 +23,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
 
 use ipnet::IpNet;
 
@@ -34,7 +35,7 @@ use crate::identity::Identity;
 use crate::proto::{security, workload as pb};
 use crate::state::{
     AppTunnelProtocol, ApplicationTunnel, GatewayAddress, GatewayDestination, HealthPolicy,
-    HealthStatus, LbMode, Locality, Protocol, Service, WeightedWaypoint, Workload,
+    HealthStatus, Interner, LbMode, Locality, Protocol, Service, WeightedWaypoint, Workload,
 };
 
 /// Why a resource could not be converted.
@@ -188,17 +189,29 @@ pub enum ConvertError {
 /// A converted `istio.workload.Address`.
 #[derive(Debug, Clone)]
 pub enum Address {
-    /// A workload.
-    Workload(Workload),
+    /// A workload (shared with the states built from it).
+    Workload(Arc<Workload>),
     /// A service (endpoints come later, from the workloads that name it).
-    Service(Service),
+    Service(Arc<Service>),
 }
 
 /// Converts an `Address` sent under resource `name`.
 pub fn address(name: &str, addr: pb::Address) -> Result<Address, ConvertError> {
+    address_in(name, addr, &mut Interner::default())
+}
+
+/// [`address`], sharing what workloads have in common through `interner` (the client keeps one for
+/// its life, so that every push shares the values of the ones before).
+pub fn address_in(
+    name: &str,
+    addr: pb::Address,
+    interner: &mut Interner,
+) -> Result<Address, ConvertError> {
     match addr.r#type {
-        Some(pb::address::Type::Workload(w)) => workload(name, w).map(Address::Workload),
-        Some(pb::address::Type::Service(s)) => service(name, s).map(Address::Service),
+        Some(pb::address::Type::Workload(w)) => workload(name, w, interner)
+            .map(Arc::new)
+            .map(Address::Workload),
+        Some(pb::address::Type::Service(s)) => service(name, s).map(Arc::new).map(Address::Service),
         None => Err(ConvertError::EmptyAddress),
     }
 }
@@ -264,7 +277,11 @@ fn ports(field: &'static str, list: &[pb::Port]) -> Result<HashMap<u16, u16>, Co
         .collect()
 }
 
-fn workload(name: &str, w: pb::Workload) -> Result<Workload, ConvertError> {
+fn workload(
+    name: &str,
+    w: pb::Workload,
+    interner: &mut Interner,
+) -> Result<Workload, ConvertError> {
     if w.uid.is_empty() {
         return Err(ConvertError::Missing { field: "uid" });
     }
@@ -313,43 +330,42 @@ fn workload(name: &str, w: pb::Workload) -> Result<Workload, ConvertError> {
             Some(ApplicationTunnel { protocol, port })
         }
     };
-    let mut services = HashMap::with_capacity(w.services.len());
+    let mut services = Vec::with_capacity(w.services.len());
     for (key, list) in w.services {
         if !key.contains('/') {
             return Err(ConvertError::ServiceKey { key });
         }
         let map = ports("services", &list.ports)?;
-        services.insert(key, map);
+        services.push((interner.string(key), interner.ports(map)));
     }
     let trust_domain = or_default(w.trust_domain, "cluster.local");
     let service_account = or_default(w.service_account, "default");
-    let identity =
-        Identity::new(&trust_domain, &w.namespace, &service_account).map_err(|source| {
-            ConvertError::Identity {
-                field: "identity",
-                source,
-            }
+    let identity = interner
+        .identity(&trust_domain, &w.namespace, &service_account)
+        .map_err(|source| ConvertError::Identity {
+            field: "identity",
+            source,
         })?;
     Ok(Workload {
-        uid: w.uid,
-        name: w.name,
-        namespace: w.namespace,
-        service_account,
+        uid: w.uid.into(),
+        name: w.name.into(),
+        namespace: interner.string(w.namespace),
+        service_account: interner.string(service_account),
         identity,
         ips,
         protocol,
-        node: w.node,
-        network: w.network,
+        node: interner.string(w.node),
+        network: interner.string(w.network),
         status,
         capacity: w.capacity.unwrap_or(1),
         authorization_policies: w.authorization_policies,
-        services,
-        canonical_name: w.canonical_name,
-        canonical_revision: w.canonical_revision,
-        workload_name: w.workload_name,
-        workload_type: workload_type.to_string(),
-        cluster_id: or_default(w.cluster_id, "Kubernetes"),
-        hostname: w.hostname,
+        services: services.into_iter().collect(),
+        canonical_name: interner.string(w.canonical_name),
+        canonical_revision: interner.string(w.canonical_revision),
+        workload_name: interner.string(w.workload_name),
+        workload_type: interner.str(workload_type),
+        cluster_id: interner.string(or_default(w.cluster_id, "Kubernetes")),
+        hostname: interner.string(w.hostname),
         waypoint,
         application_tunnel,
         locality: w

@@ -39,7 +39,7 @@ pub fn workload(
     )
     .unwrap()
     {
-        meshnode::xds::convert::Address::Workload(w) => Arc::new(w),
+        meshnode::xds::convert::Address::Workload(w) => w,
         _ => unreachable!(),
     }
 }
@@ -101,7 +101,7 @@ fn octets(ip: IpAddr) -> Vec<u8> {
 pub fn service(name: &str, vip: IpAddr, ports: &[(u32, u32)]) -> Arc<Service> {
     let key = format!("default/{}", hostname(name));
     match meshnode::xds::convert::address(&key, service_address(name, vip, ports)).unwrap() {
-        meshnode::xds::convert::Address::Service(s) => Arc::new(s),
+        meshnode::xds::convert::Address::Service(s) => s,
         _ => unreachable!(),
     }
 }

@@ -28,7 +28,7 @@ fn convert_workload(w: pb::Workload) -> Result<Workload, ConvertError> {
             r#type: Some(pb::address::Type::Workload(w)),
         },
     )? {
-        Address::Workload(w) => Ok(w),
+        Address::Workload(w) => Ok(Arc::unwrap_or_clone(w)),
         Address::Service(_) => panic!("workload became a service"),
     }
 }
@@ -60,7 +60,7 @@ fn convert_service(s: pb::Service) -> Result<Service, ConvertError> {
             r#type: Some(pb::address::Type::Service(s)),
         },
     )? {
-        Address::Service(s) => Ok(s),
+        Address::Service(s) => Ok(Arc::unwrap_or_clone(s)),
         Address::Workload(_) => panic!("service became a workload"),
     }
 }
