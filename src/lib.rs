@@ -25,6 +25,7 @@
 //! - [`cni_exec`] — calling a CNI plugin chain exactly as a container runtime does (tests, sandbox, benches).
 //! - [`socket`] — listeners, marked upstream sockets, original destinations.
 //! - [`admin`] — the proxy's admin API on localhost:15000 (`/config_dump`, `/logging`, `/quitquitquit`).
+//! - [`allocator`] — handing freed memory back to the system after a large load (jemalloc).
 //! - [`admin_http`] — the bounded one-request-per-connection HTTP server behind the admin ports.
 //! - [`conn_slots`] — connection slots a newcomer takes from an idle holder (admin, plugin and ZDS sockets).
 //! - [`readiness`] — `:15021/healthz/ready`.
@@ -35,6 +36,7 @@
 
 pub mod admin;
 pub mod admin_http;
+pub mod allocator;
 pub mod app;
 pub mod authz;
 pub mod cni_agent;

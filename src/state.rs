@@ -470,7 +470,7 @@ impl State {
     pub fn endpoints<'a>(
         &'a self,
         svc: &'a Service,
-    ) -> impl Iterator<Item = (&'a Arc<Workload>, &'a HashMap<u16, u16>)> + 'a {
+    ) -> impl Iterator<Item = (&'a Arc<Workload>, &'a PortMap)> + 'a {
         svc.endpoints
             .iter()
             .filter_map(|ep| Some((self.workloads.get(ep.workload)?, &ep.ports)))

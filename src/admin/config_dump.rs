@@ -75,8 +75,8 @@ fn gateway(g: &GatewayAddress) -> Value {
 }
 
 /// A port map as JSON wants it: keys are strings, sorted.
-fn ports(map: &std::collections::HashMap<u16, u16>) -> Value {
-    let sorted: BTreeMap<u16, u16> = map.iter().map(|(k, v)| (*k, *v)).collect();
+fn ports<'a>(map: impl IntoIterator<Item = (&'a u16, &'a u16)>) -> Value {
+    let sorted: BTreeMap<u16, u16> = map.into_iter().map(|(k, v)| (*k, *v)).collect();
     Value::Object(
         sorted
             .into_iter()
@@ -86,7 +86,7 @@ fn ports(map: &std::collections::HashMap<u16, u16>) -> Value {
 }
 
 fn workload(w: &Workload) -> Value {
-    let mut services: Vec<&String> = w.services.keys().collect();
+    let mut services: Vec<&str> = w.services.keys().map(|k| k.as_str()).collect();
     services.sort();
     let mut out = json!({
         "uid": w.uid,
@@ -130,17 +130,17 @@ fn workload(w: &Workload) -> Value {
 
 fn service(state: &State, s: &Service) -> Value {
     let key = s.key();
-    let mut endpoints: Vec<(&String, Value)> = state
+    let mut endpoints: Vec<(&str, Value)> = state
         .endpoints(s)
         .map(|(w, port)| {
-            let ep = json!({ "workloadUid": w.uid, "service": key, "port": ports(port) });
-            (&w.uid, ep)
+            let ep = json!({ "workloadUid": w.uid, "service": key, "port": ports(port.iter()) });
+            (w.uid.as_str(), ep)
         })
         .collect();
     endpoints.sort_by(|a, b| a.0.cmp(b.0));
     let endpoints: Map<String, Value> = endpoints
         .into_iter()
-        .map(|(uid, ep)| (uid.clone(), ep))
+        .map(|(uid, ep)| (uid.to_string(), ep))
         .collect();
     let mut out = json!({
         "name": s.name,

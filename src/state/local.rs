@@ -497,22 +497,8 @@ pub fn load_file(path: &Path) -> Result<(crate::file_watch::Seen, State), Error>
     let state = LocalConfig::parse(&String::from_utf8_lossy(&bytes))?.into_state()?;
     let seen = crate::file_watch::Seen::of(&bytes);
     drop(bytes);
-    release_freed_heap();
+    crate::allocator::release_freed();
     Ok((seen, state))
-}
-
-/// Returns to the system the heap pages a load used and freed. Parsing peaks at several times the
-/// file (the YAML parser's event list alone is ~17× it) and glibc keeps freed pages mapped, so without
-/// this the proxy's RSS stays nearer the load's peak than the state it holds. Once per load or reload,
-/// never on the connection path.
-fn release_freed_heap() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    #[allow(unsafe_code)]
-    // Safety: malloc_trim takes no pointers; it only releases free memory of glibc's own arenas, under
-    // their locks, and may be called from any thread at any time.
-    unsafe {
-        libc::malloc_trim(0);
-    }
 }
 
 /// Re-reads `path` every `interval` and publishes a new [`State`] when its content changed and is valid.
@@ -534,7 +520,7 @@ pub async fn watch_file(
             LocalConfig::parse(&String::from_utf8_lossy(bytes)).and_then(LocalConfig::into_state)
         },
         |state| {
-            release_freed_heap();
+            crate::allocator::release_freed();
             log_loaded(&shown, state, "local config reloaded")
         },
     )
