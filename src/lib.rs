@@ -24,7 +24,7 @@
 //! - [`cni_agent`] — the CNI node agent: plugin events, enrollment, rules, ZDS server.
 //! - [`cni_exec`] — calling a CNI plugin chain exactly as a container runtime does (tests, sandbox, benches).
 //! - [`socket`] — listeners, marked upstream sockets, original destinations.
-//! - [`admin`] — the proxy's admin API on localhost:15000 (`/config_dump`, `/logging`, `/quitquitquit`).
+//! - [`admin`] — the proxy's admin API on localhost:15000 (`/config_dump`, `/logging`, `/quitquitquit`, profiles).
 //! - [`allocator`] — handing freed memory back to the system after a large load (jemalloc).
 //! - [`admin_http`] — the bounded one-request-per-connection HTTP server behind the admin ports.
 //! - [`conn_slots`] — connection slots a newcomer takes from an idle holder (admin, plugin and ZDS sockets).
