@@ -19,6 +19,7 @@
 
 pub mod config_dump;
 pub mod heap;
+mod pprof;
 pub mod profile;
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};

@@ -17,6 +17,7 @@ use std::ffi::CString;
 
 use prost::Message;
 
+use super::pprof::{Builder, Frame};
 use crate::proto::profile as pb;
 
 /// Why there is no heap profile.
@@ -180,10 +181,10 @@ fn parse(text: &str) -> Result<Parsed, Error> {
 }
 
 /// A resolved frame: function name, file, line.
-type Frame = (String, String, i64);
+type Resolved = (String, String, i64);
 
 /// The functions at return address `addr` (inlined ones first), resolved in this process.
-fn symbolize(addr: u64) -> Vec<Frame> {
+fn symbolize(addr: u64) -> Vec<Resolved> {
     let mut out = Vec::new();
     // A return address points after the call; the call's own line is one byte before.
     let pc = addr.saturating_sub(1) as usize as *mut std::ffi::c_void;
@@ -204,89 +205,40 @@ fn symbolize(addr: u64) -> Vec<Frame> {
     out
 }
 
-fn encode(p: &Parsed, resolve: impl Fn(u64) -> Vec<Frame>) -> pb::Profile {
-    let mut strings: Vec<String> = vec![String::new()];
-    let mut index: HashMap<String, i64> = HashMap::from([(String::new(), 0)]);
-    let mut id = |s: &str| -> i64 {
-        if let Some(&i) = index.get(s) {
-            return i;
-        }
-        let i = strings.len() as i64;
-        strings.push(s.to_string());
-        index.insert(s.to_string(), i);
-        i
-    };
-    let mut functions: HashMap<(i64, i64), u64> = HashMap::new();
-    let mut function_list = Vec::new();
-    let mut locations: HashMap<u64, u64> = HashMap::new();
-    let mut location_list = Vec::new();
-    let mut samples = Vec::with_capacity(p.stacks.len());
+fn encode(p: &Parsed, resolve: impl Fn(u64) -> Vec<Resolved>) -> pb::Profile {
+    let mut b = Builder::new();
+    let mut by_address: HashMap<u64, u64> = HashMap::new();
     for stack in &p.stacks {
-        let mut location_ids = Vec::with_capacity(stack.addrs.len());
-        for &addr in &stack.addrs {
-            if let Some(&l) = locations.get(&addr) {
-                location_ids.push(l);
-                continue;
-            }
-            let lines = resolve(addr)
-                .into_iter()
-                .map(|(name, file, line)| {
-                    let key = (id(&name), id(&file));
-                    let next = function_list.len() as u64 + 1;
-                    let function_id = *functions.entry(key).or_insert_with(|| {
-                        function_list.push(pb::Function {
-                            id: next,
-                            name: key.0,
-                            system_name: key.0,
-                            filename: key.1,
-                        });
-                        next
-                    });
-                    pb::Line { function_id, line }
-                })
-                .collect();
-            let l = location_list.len() as u64 + 1;
-            location_list.push(pb::Location {
-                id: l,
-                address: addr,
-                line: lines,
-            });
-            locations.insert(addr, l);
-            location_ids.push(l);
-        }
-        samples.push(pb::Sample {
-            location_id: location_ids,
-            value: vec![stack.objects, stack.bytes],
-            label: Vec::new(),
-        });
+        let ids = stack
+            .addrs
+            .iter()
+            .map(|&addr| {
+                if let Some(&id) = by_address.get(&addr) {
+                    return id;
+                }
+                let frames = resolve(addr);
+                let id = b.location(
+                    addr,
+                    frames.iter().map(|(name, file, line)| Frame {
+                        name,
+                        system_name: name,
+                        file,
+                        line: *line,
+                    }),
+                );
+                by_address.insert(addr, id);
+                id
+            })
+            .collect();
+        b.sample(ids, vec![stack.objects, stack.bytes], &[]);
     }
-    let sample_type = vec![
-        pb::ValueType {
-            r#type: id("inuse_objects"),
-            unit: id("count"),
-        },
-        pb::ValueType {
-            r#type: id("inuse_space"),
-            unit: id("bytes"),
-        },
-    ];
-    let period_type = Some(pb::ValueType {
-        r#type: id("space"),
-        unit: id("bytes"),
-    });
-    pb::Profile {
-        sample_type,
-        sample: samples,
-        location: location_list,
-        function: function_list,
-        string_table: strings,
-        time_nanos: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as i64),
-        duration_nanos: 0,
-        period_type,
-        period: p.period as i64,
-    }
+    b.finish(
+        &[("inuse_objects", "count"), ("inuse_space", "bytes")],
+        ("space", "bytes"),
+        p.period as i64,
+        std::time::SystemTime::now(),
+        0,
+    )
 }
 
 #[cfg(test)]

@@ -9,12 +9,12 @@
 //! a second request meanwhile is refused, not queued. Sampling runs on a blocking thread, never on a
 //! data-plane worker.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::Duration;
 
 use prost::Message;
 
+use super::pprof::{Builder, Frame};
 use crate::proto::profile as pb;
 
 /// Default sampling time.
@@ -74,121 +74,61 @@ pub async fn cpu(duration: Duration, frequency: u32) -> Result<Vec<u8>, Error> {
     .map_err(|e| Error::Profiler(e.to_string()))?
 }
 
-/// Strings by index, index 0 the empty string, as the format wants.
-#[derive(Default)]
-struct Strings {
-    index: HashMap<String, i64>,
-    table: Vec<String>,
-}
-
-impl Strings {
-    fn new() -> Strings {
-        let mut s = Strings::default();
-        s.id("");
-        s
-    }
-
-    fn id(&mut self, s: &str) -> i64 {
-        if let Some(&i) = self.index.get(s) {
-            return i;
-        }
-        let i = self.table.len() as i64;
-        self.table.push(s.to_string());
-        self.index.insert(s.to_string(), i);
-        i
-    }
-}
-
 /// The report in pprof's format.
 fn encode(report: &pprof::Report) -> pb::Profile {
-    let mut strings = Strings::new();
-    let mut functions: HashMap<(i64, i64, i64), u64> = HashMap::new();
-    let mut function_list = Vec::new();
-    let mut locations: HashMap<Vec<(u64, i64)>, u64> = HashMap::new();
-    let mut location_list = Vec::new();
+    let mut b = Builder::new();
     let period = 1_000_000_000 / i64::from(report.timing.frequency.max(1));
-    let thread = strings.id("thread");
-    let mut samples = Vec::with_capacity(report.data.len());
     for (frames, &count) in &report.data {
-        let mut location_ids = Vec::with_capacity(frames.frames.len());
-        for symbols in &frames.frames {
-            let lines: Vec<(u64, i64)> = symbols
-                .iter()
-                .map(|s| {
-                    let key = (
-                        strings.id(&s.name()),
-                        strings.id(&s.sys_name()),
-                        strings.id(&s.filename()),
-                    );
-                    let next = function_list.len() as u64 + 1;
-                    let id = *functions.entry(key).or_insert_with(|| {
-                        function_list.push(pb::Function {
-                            id: next,
-                            name: key.0,
-                            system_name: key.1,
-                            filename: key.2,
-                        });
-                        next
-                    });
-                    (id, i64::from(s.lineno()))
-                })
-                .collect();
-            let address = symbols
-                .first()
-                .and_then(|s| s.addr)
-                .map_or(0, |a| a as usize as u64);
-            let next = location_list.len() as u64 + 1;
-            let id = *locations.entry(lines.clone()).or_insert_with(|| {
-                location_list.push(pb::Location {
-                    id: next,
+        let stack = frames
+            .frames
+            .iter()
+            .map(|symbols| {
+                let names: Vec<_> = symbols
+                    .iter()
+                    .map(|s| {
+                        (
+                            s.name(),
+                            s.sys_name().into_owned(),
+                            s.filename().into_owned(),
+                            s.lineno(),
+                        )
+                    })
+                    .collect();
+                let address = symbols
+                    .first()
+                    .and_then(|s| s.addr)
+                    .map_or(0, |a| a as usize as u64);
+                b.location(
                     address,
-                    line: lines
-                        .iter()
-                        .map(|&(function_id, line)| pb::Line { function_id, line })
-                        .collect(),
-                });
-                next
-            });
-            location_ids.push(id);
-        }
+                    names.iter().map(|(name, system_name, file, line)| Frame {
+                        name,
+                        system_name,
+                        file,
+                        line: i64::from(*line),
+                    }),
+                )
+            })
+            .collect();
         let count = count as i64;
-        samples.push(pb::Sample {
-            location_id: location_ids,
-            value: vec![count, count * period],
-            label: vec![pb::Label {
-                key: thread,
-                str: strings.id(&frames.thread_name_or_id()),
-            }],
-        });
+        b.sample(
+            stack,
+            vec![count, count * period],
+            &[("thread", &frames.thread_name_or_id())],
+        );
     }
-    let value_type = |strings: &mut Strings, t: &str, u: &str| pb::ValueType {
-        r#type: strings.id(t),
-        unit: strings.id(u),
-    };
-    let sample_type = vec![
-        value_type(&mut strings, "samples", "count"),
-        value_type(&mut strings, "cpu", "nanoseconds"),
-    ];
-    let period_type = Some(value_type(&mut strings, "cpu", "nanoseconds"));
-    pb::Profile {
-        sample_type,
-        sample: samples,
-        location: location_list,
-        function: function_list,
-        time_nanos: report
-            .timing
-            .start_time
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as i64),
-        duration_nanos: report.timing.duration.as_nanos() as i64,
-        period_type,
+    b.finish(
+        &[("samples", "count"), ("cpu", "nanoseconds")],
+        ("cpu", "nanoseconds"),
         period,
-        string_table: strings.table,
-    }
+        report.timing.start_time,
+        report.timing.duration.as_nanos() as i64,
+    )
 }
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
     use super::*;
 
     /// Keeps a core busy in a named function until told to stop.
