@@ -114,6 +114,20 @@ impl Access<'_> {
         record.close(flags, received, sent);
     }
 
+    /// [`close`](Self::close) for a connection whose copy ended with `copied`: no flag, the copy's
+    /// error if it had one.
+    pub(super) fn copied<T, E: Display>(
+        &self,
+        record: ConnectionRecord,
+        received: u64,
+        sent: u64,
+        copied: Result<T, E>,
+    ) {
+        let error = copied.err();
+        let error = error.as_ref().map(|e| e as &dyn Display);
+        self.close(record, ResponseFlags::None, received, sent, error);
+    }
+
     fn log(
         &self,
         labels: Option<&TrafficLabels>,

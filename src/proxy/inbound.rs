@@ -287,8 +287,7 @@ impl Proxy {
         };
         let (received, sent) = (w.written, r.read);
         match outcome {
-            Ok(Ok(_)) => access.close(record, ResponseFlags::None, received, sent, None),
-            Ok(Err(e)) => access.close(record, ResponseFlags::None, received, sent, Some(&e)),
+            Ok(res) => access.copied(record, received, sent, res),
             Err(reason) => {
                 let error = format_args!("connection closed due to policy change: {reason}");
                 access.close(record, ResponseFlags::Deny, received, sent, Some(&error));

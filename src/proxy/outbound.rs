@@ -178,15 +178,7 @@ impl Proxy {
                 );
                 let res = tokio::io::copy_bidirectional(&mut stream, &mut up).await;
                 // Received: from the initiator (written upstream); sent: towards it (read from upstream).
-                let (received, sent) = (up.written, up.read);
-                let error = res.err().map(Error::Io);
-                access.close(
-                    record,
-                    ResponseFlags::None,
-                    received,
-                    sent,
-                    error.as_ref().map(|e| e as &dyn std::fmt::Display),
-                );
+                access.copied(record, up.written, up.read, res.map_err(Error::Io));
                 return Ok(());
             }
             Route::Hbone(up) => Tunnel {
@@ -254,15 +246,7 @@ impl Proxy {
         );
         let res = copy::bidirectional(&mut r, &mut w, opened.send, opened.recv).await;
         drop(opened.slot);
-        let (received, sent) = (r.read, w.written);
-        let error = res.err().map(Error::from);
-        access.close(
-            record,
-            ResponseFlags::None,
-            received,
-            sent,
-            error.as_ref().map(|e| e as &dyn std::fmt::Display),
-        );
+        access.copied(record, r.read, w.written, res.map_err(Error::from));
         Ok(())
     }
 

@@ -141,10 +141,7 @@ impl Proxy {
         };
         let (received, sent) = (up.written, up.read);
         match ended {
-            Ended::Copied(Ok(_)) => access.close(record, ResponseFlags::None, received, sent, None),
-            Ended::Copied(Err(e)) => {
-                access.close(record, ResponseFlags::None, received, sent, Some(&e))
-            }
+            Ended::Copied(res) => access.copied(record, received, sent, res),
             Ended::Closed(reason) => {
                 socket::reset_on_close(&stream);
                 let error = format_args!("connection closed due to policy change: {reason}");
