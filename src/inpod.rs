@@ -90,10 +90,16 @@ type PodEntry = (WorkloadInfo, Option<Arc<Proxy>>);
 pub struct PodState {
     /// The pod's workload.
     pub info: WorkloadInfo,
-    /// Its proxy is serving (else it is pending: its listeners could not be bound yet).
-    pub up: bool,
-    /// A serving pod's open connections, at the time of the snapshot.
+    /// A serving pod's open connections, at the time of the snapshot; `None` while it is pending (its
+    /// listeners could not be bound yet).
     pub connections: Option<PodConnections>,
+}
+
+impl PodState {
+    /// Its proxy is serving.
+    pub fn up(&self) -> bool {
+        self.connections.is_some()
+    }
 }
 
 /// A pod's open connections (`istioctl ztunnel-config connections`).
@@ -115,11 +121,7 @@ impl PodStates {
                     let (inbound, outbound) = p.listed_connections();
                     PodConnections { inbound, outbound }
                 });
-                let state = PodState {
-                    info,
-                    up: proxy.is_some(),
-                    connections,
-                };
+                let state = PodState { info, connections };
                 (uid, state)
             })
             .collect()

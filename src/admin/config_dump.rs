@@ -272,7 +272,7 @@ fn workload_state(src: &Sources<'_>) -> Value {
                 .map(|w| w.identity.trust_domain().to_string())
                 .unwrap_or_default();
             let mut v = json!({
-                "state": if p.up { "Up" } else { "Pending" },
+                "state": if p.up() { "Up" } else { "Pending" },
                 "info": {
                     "name": p.info.name,
                     "namespace": p.info.namespace,

@@ -124,7 +124,6 @@ async fn dump() -> Value {
                 name: "web-1".into(),
                 service_account: "web".into(),
             },
-            up: true,
             connections: Some(crate::inpod::PodConnections {
                 inbound: vec![crate::proxy::connections::Listed {
                     src: "10.0.0.9:40000".parse().unwrap(),
