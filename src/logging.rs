@@ -47,9 +47,6 @@ crate::config::vars::declare! { LOGGING_VARS:
     MESHNODE_LOG_BUFFER_LINES = "10000";
 }
 
-/// The variable that sets the writer's buffer, in lines.
-pub const BUFFER_LINES_ENV: &str = MESHNODE_LOG_BUFFER_LINES;
-
 /// How long [`exit`] and [`LogGuard`]'s drop wait for buffered lines to reach stdout: long enough for any
 /// reader that is reading, short enough that a stalled stdout does not hold up an exit (a second signal's
 /// "exit at once").
@@ -254,23 +251,35 @@ pub fn dropped_lines() -> u64 {
     WRITER.get().map_or(0, |w| w.dropped_total())
 }
 
+/// The start-up filter from `RUST_LOG`: unset or blank is [`DEFAULT_LEVEL`]; a value that does not validate
+/// is [`DEFAULT_LEVEL`] too, with the reason to warn about.
+fn start_filter(rust_log: Option<&str>) -> (Targets, Option<Error>) {
+    let default = || parse(DEFAULT_LEVEL).expect("static level");
+    match rust_log {
+        Some(v) if !v.trim().is_empty() => match validate(v).and_then(|()| parse(v)) {
+            Ok(t) => (t, None),
+            Err(e) => (default(), Some(e)),
+        },
+        _ => (default(), None),
+    }
+}
+
+/// The writer's buffer from `MESHNODE_LOG_BUFFER_LINES`: unset is [`DEFAULT_BUFFER_LINES`]; anything but a
+/// positive number is refused (the caller warns and uses the default).
+fn buffer_lines(value: Option<&str>) -> Result<usize, String> {
+    match value.map(|v| (v, v.parse::<usize>())) {
+        None => Ok(DEFAULT_BUFFER_LINES),
+        Some((_, Ok(n))) if n > 0 => Ok(n),
+        Some((v, _)) => Err(v.to_string()),
+    }
+}
+
 /// Installs the global subscriber (once per process): filter from `RUST_LOG`, shape from `LOG_FORMAT`,
 /// stdout through the non-blocking writer sized by `MESHNODE_LOG_BUFFER_LINES`.
 pub fn init() -> (LogControl, LogGuard) {
-    let (default, complaint) = match std::env::var(RUST_LOG) {
-        Ok(v) if !v.trim().is_empty() => match validate(&v).and_then(|()| parse(&v)) {
-            Ok(t) => (t, None),
-            Err(e) => (parse(DEFAULT_LEVEL).expect("static level"), Some(e)),
-        },
-        _ => (parse(DEFAULT_LEVEL).expect("static level"), None),
-    };
+    let (default, complaint) = start_filter(std::env::var(RUST_LOG).ok().as_deref());
     let format = Format::from_env_value(std::env::var(LOG_FORMAT).ok().as_deref());
-    let buffer = std::env::var(BUFFER_LINES_ENV).ok();
-    let lines = match buffer.as_deref().map(str::parse::<usize>) {
-        None => Ok(DEFAULT_BUFFER_LINES),
-        Some(Ok(n)) if n > 0 => Ok(n),
-        Some(_) => Err(buffer.unwrap_or_default()),
-    };
+    let lines = buffer_lines(std::env::var(MESHNODE_LOG_BUFFER_LINES).ok().as_deref());
     let report: writer::Report = Box::new(|dropped| {
         tracing::warn!(dropped, "log lines dropped: stdout is not keeping up");
     });
@@ -292,7 +301,7 @@ pub fn init() -> (LogControl, LogGuard) {
     if let Err(value) = lines {
         tracing::warn!(
             value,
-            "{BUFFER_LINES_ENV} is not a positive number of lines; buffering {DEFAULT_BUFFER_LINES}"
+            "{MESHNODE_LOG_BUFFER_LINES} is not a positive number of lines; buffering {DEFAULT_BUFFER_LINES}"
         );
     }
     (
@@ -320,6 +329,24 @@ mod tests {
         );
         assert_eq!(c.set(true, "").unwrap(), "info");
         assert_eq!(c.set(true, "warn").unwrap(), "warn");
+    }
+
+    #[test]
+    fn a_bad_rust_log_or_buffer_size_falls_back_to_the_default_and_says_why() {
+        let (t, complaint) = start_filter(Some("access=debug,info"));
+        assert!(complaint.is_none());
+        assert!(t.to_string().contains("access=debug"), "{t}");
+        assert_eq!(start_filter(None).0.to_string(), "info");
+        assert!(start_filter(Some("  ")).1.is_none());
+        let (t, complaint) = start_filter(Some("loud"));
+        assert_eq!(t.to_string(), "info");
+        assert!(complaint.unwrap().to_string().contains("\"loud\""));
+
+        assert_eq!(buffer_lines(None), Ok(DEFAULT_BUFFER_LINES));
+        assert_eq!(buffer_lines(Some("64")), Ok(64));
+        for bad in ["0", "-1", "lots", ""] {
+            assert_eq!(buffer_lines(Some(bad)), Err(bad.to_string()));
+        }
     }
 
     #[test]
