@@ -5,22 +5,34 @@
 //! frame with END_STREAM, END_STREAM becomes a TCP FIN (`shutdown(SHUT_WR)`). A peer reset with NO_ERROR or
 //! CANCEL reads as a clean end, as in ztunnel.
 //!
-//! Buffer policy: reads go straight into a `BytesMut` whose filled part is handed to h2 without copying
-//! (`split().freeze()`); once h2 has written the frame, the buffer's memory is reused by the next
-//! `reserve`. The read size starts small so idle connections cost little, and doubles (up to
-//! [`MAX_READ`]) while reads keep filling it, so bulk transfers get large frames and TLS records.
+//! Buffer policy: an idle connection holds no read buffer. While reads are small (request/response
+//! traffic) they go into a per-thread scratch buffer and only the bytes read are copied out, into a chunk
+//! of exactly their size that h2 then owns. A read that fills the scratch buffer switches the connection to
+//! bulk mode: reads go straight into a `BytesMut` of its own whose filled part is handed to h2 without
+//! copying (`split().freeze()`), the read size doubling (up to [`MAX_READ`]) while reads keep filling it,
+//! so bulk transfers get large frames and TLS records. The first read that finds nothing to read drops that
+//! buffer and returns to small reads.
 
+use std::cell::RefCell;
 use std::future::poll_fn;
 use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
 
 use bytes::{Bytes, BytesMut};
 use h2::{Reason, RecvStream, SendStream};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
-/// First read size: one TLS record's worth of payload, enough for request/response traffic.
-const INITIAL_READ: usize = 16 * 1024;
+/// Small-read size, the per-thread scratch buffer's: one TLS record's worth of payload, enough for
+/// request/response traffic.
+const SMALL_READ: usize = 16 * 1024;
 /// Largest read size: a few TLS records per frame, where the per-frame overhead stops mattering.
 const MAX_READ: usize = 256 * 1024;
+
+thread_local! {
+    /// Where small reads land before their bytes are copied out (one per runtime thread).
+    static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; SMALL_READ].into_boxed_slice());
+}
 
 /// Bytes moved each way.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -61,21 +73,15 @@ async fn tcp_to_h2<R: AsyncRead + Unpin>(
     r: &mut R,
     send: &mut SendStream<Bytes>,
 ) -> io::Result<u64> {
-    let mut buf = BytesMut::new();
-    let mut read_size = INITIAL_READ;
+    let mut reader = Reader::default();
     let mut total = 0u64;
     loop {
-        buf.reserve(read_size);
-        let n = r.read_buf(&mut buf).await?;
-        if n == 0 {
+        let mut chunk = poll_fn(|cx| reader.poll_chunk(cx, r)).await?;
+        if chunk.is_empty() {
             send.send_data(Bytes::new(), true).map_err(h2_io)?;
             return Ok(total);
         }
-        total += n as u64;
-        if n >= read_size && read_size < MAX_READ {
-            read_size *= 2;
-        }
-        let mut chunk = buf.split().freeze();
+        total += chunk.len() as u64;
         while !chunk.is_empty() {
             send.reserve_capacity(chunk.len());
             let cap = loop {
@@ -97,6 +103,49 @@ async fn tcp_to_h2<R: AsyncRead + Unpin>(
             let part = chunk.split_to(cap.min(chunk.len()));
             send.send_data(part, false).map_err(h2_io)?;
         }
+    }
+}
+
+/// Reads chunks from a socket without holding a buffer while it is idle (see the module's buffer policy).
+#[derive(Debug, Default)]
+struct Reader {
+    /// Bulk mode: the connection's own buffer and the next read's size. `None`: small reads.
+    bulk: Option<(BytesMut, usize)>,
+}
+
+impl Reader {
+    /// The next chunk read; empty at end of stream.
+    fn poll_chunk<R: AsyncRead + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: &mut R,
+    ) -> Poll<io::Result<Bytes>> {
+        if let Some((buf, size)) = &mut self.bulk {
+            buf.reserve(*size);
+            return match tokio_util::io::poll_read_buf(Pin::new(r), cx, buf) {
+                Poll::Pending => {
+                    // Drained: the buffer goes (h2 still owns what it was given) until data flows again.
+                    self.bulk = None;
+                    Poll::Pending
+                }
+                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                Poll::Ready(Ok(n)) => {
+                    if n >= *size && *size < MAX_READ {
+                        *size *= 2;
+                    }
+                    Poll::Ready(Ok(buf.split().freeze()))
+                }
+            };
+        }
+        SCRATCH.with_borrow_mut(|scratch| {
+            let mut rb = ReadBuf::new(scratch);
+            ready!(Pin::new(r).poll_read(cx, &mut rb))?;
+            let filled = rb.filled();
+            if filled.len() == SMALL_READ {
+                self.bulk = Some((BytesMut::new(), 2 * SMALL_READ));
+            }
+            Poll::Ready(Ok(Bytes::copy_from_slice(filled)))
+        })
     }
 }
 
@@ -131,5 +180,58 @@ pub fn h2_io(e: h2::Error) -> io::Error {
             .unwrap_or_else(|| io::Error::other("h2 I/O error"))
     } else {
         io::Error::other(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    fn poll_once<R: AsyncRead + Unpin>(reader: &mut Reader, r: &mut R) -> Poll<io::Result<Bytes>> {
+        reader.poll_chunk(&mut Context::from_waker(std::task::Waker::noop()), r)
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_holds_no_read_buffer() {
+        let (mut app, mut sock) = tokio::io::duplex(1 << 20);
+        let mut reader = Reader::default();
+        assert!(poll_once(&mut reader, &mut sock).is_pending());
+
+        // A small message is copied out at its own size; nothing stays behind.
+        app.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        let Poll::Ready(Ok(chunk)) = poll_once(&mut reader, &mut sock) else {
+            panic!("a written message must be readable")
+        };
+        assert_eq!(&chunk[..], b"GET / HTTP/1.1\r\n\r\n");
+        assert!(reader.bulk.is_none());
+
+        // A full scratch buffer means bulk: the next reads go into the connection's own growing buffer.
+        app.write_all(&vec![7u8; 300 * 1024]).await.unwrap();
+        let mut sizes = Vec::new();
+        let mut got = 0;
+        while got < 300 * 1024 {
+            let Poll::Ready(Ok(chunk)) = poll_once(&mut reader, &mut sock) else {
+                panic!("bulk data must be readable")
+            };
+            assert!(chunk.iter().all(|&b| b == 7));
+            got += chunk.len();
+            sizes.push(chunk.len());
+        }
+        assert_eq!(got, 300 * 1024);
+        assert_eq!(sizes[..3], [SMALL_READ, 2 * SMALL_READ, 4 * SMALL_READ]);
+        assert!(sizes.iter().all(|&n| n <= MAX_READ));
+        assert!(reader.bulk.is_some());
+
+        // Drained: the buffer is released.
+        assert!(poll_once(&mut reader, &mut sock).is_pending());
+        assert!(reader.bulk.is_none());
+
+        // End of stream is an empty chunk.
+        drop(app);
+        let Poll::Ready(Ok(end)) = poll_once(&mut reader, &mut sock) else {
+            panic!("end of stream must be reported")
+        };
+        assert!(end.is_empty());
     }
 }
