@@ -4,8 +4,9 @@
 #                            meshnode, which runs `meshnode cni-agent` under that name); it copies
 #                            /usr/local/bin/meshnode-cni, the CNI plugin, onto the node
 #   meshnode waypoint        a namespace's waypoint (daemonset/waypoint)
-# Build: docker build -t ghcr.io/meshnode/meshnode:dev .   (the build stage runs the same cargo command as
-# CI's release build; no Docker engine runs where this was written, so the image itself is untested there.)
+# Build: docker build -t ghcr.io/meshnode/meshnode:dev .   (the build stage runs CI's release build command
+# with the `dist` profile: release plus whole-program LTO, as ztunnel's release builds; no Docker engine runs
+# where this was written, so the image itself is untested there.)
 
 # The toolchain CI uses (the crates need 1.85 or later).
 FROM docker.io/library/rust:1.95-bookworm AS build
@@ -13,9 +14,9 @@ WORKDIR /src
 # The whole context (.dockerignore keeps target/ and git objects out; .git's HEAD and refs stay so
 # `meshnode version` names the revision).
 COPY . .
-RUN cargo build --release --locked --workspace \
+RUN cargo build --profile dist --locked --workspace \
  && mkdir -p /out/usr/local/bin \
- && cp target/release/meshnode target/release/meshnode-cni /out/usr/local/bin/ \
+ && cp target/dist/meshnode target/dist/meshnode-cni /out/usr/local/bin/ \
  && ln -s meshnode /out/usr/local/bin/install-cni
 
 # glibc and libgcc only (what the binaries link), no shell, no package manager.

@@ -62,6 +62,7 @@ pub mod redirect;
 pub mod sandbox;
 pub mod socket;
 pub mod state;
+pub mod task;
 #[doc(hidden)]
 pub mod test_gate;
 pub mod tls;

@@ -348,7 +348,7 @@ impl Proxy {
         let limit = Arc::new(Semaphore::new(max));
         let mut shutdown = self.shutdown.clone();
         // Set when the termination deadline passes: connections still open are dropped (closed) then.
-        let (force_close, forced) = watch::channel(false);
+        let force_close = crate::task::CancellationToken::new();
         let admission = self.cfg().admission.clone();
         let keepalive = self.cfg().keepalive;
         loop {
@@ -374,14 +374,7 @@ impl Proxy {
                         tracing::debug!(listener = name, error = %e, "setting TCP keepalive failed");
                     }
                     let fut = handle(stream, socket::canonical(peer));
-                    let mut forced = forced.clone();
-                    tokio::spawn(async move {
-                        tokio::select! {
-                            _ = fut => {}
-                            _ = forced.wait_for(|f| *f) => {}
-                        }
-                        drop(permits);
-                    });
+                    crate::task::spawn_guarded(fut, permits, Some(&force_close));
                 }
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
@@ -401,7 +394,7 @@ impl Proxy {
                 listener = name,
                 "connections still open at the termination deadline; closing them"
             );
-            let _ = force_close.send(true);
+            force_close.cancel();
         }
     }
 }

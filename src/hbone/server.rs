@@ -143,10 +143,7 @@ where
                     drop(a);
                     let guard = StreamGuard(activity.clone());
                     let stream = handle(Incoming { request, respond });
-                    tokio::spawn(async move {
-                        stream.await;
-                        drop(guard);
-                    });
+                    crate::task::spawn_guarded(stream, guard, None);
                 }
                 Some(Err(e)) => return if is_benign(&e) { Ok(()) } else { Err(e.into()) },
                 None => return Ok(()),
