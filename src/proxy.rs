@@ -305,15 +305,13 @@ impl Proxy {
         let out = {
             let p = self.clone();
             self.accept_loop(listeners.outbound, "outbound", move |s, peer| {
-                let p = p.clone();
-                async move { p.outbound(s, peer).await }
+                p.clone().outbound(s, peer)
             })
         };
         let inb = {
             let p = self.clone();
             self.accept_loop(listeners.inbound, "inbound", move |s, peer| {
-                let p = p.clone();
-                async move { p.inbound(s, peer).await }
+                p.clone().inbound(s, peer)
             })
         };
         let plain = {
@@ -321,10 +319,7 @@ impl Proxy {
             self.accept_loop(
                 listeners.inbound_plaintext,
                 "inbound_plaintext",
-                move |s, peer| {
-                    let p = p.clone();
-                    async move { p.inbound_plaintext(s, peer).await }
-                },
+                move |s, peer| p.clone().inbound_plaintext(s, peer),
             )
         };
         // The watcher lives as long as the listeners and their drain.

@@ -108,6 +108,81 @@ struct Admitted {
     proxy_header: Option<Vec<u8>>,
 }
 
+/// A stream answered 200, its upstream connected: what the copy phase needs, and nothing more.
+struct OpenStream {
+    upstream: TcpStream,
+    registration: Registration,
+    record: ConnectionRecord,
+    ends: Ends,
+    authority: String,
+    /// Taken by the copy.
+    send: Option<h2::SendStream<bytes::Bytes>>,
+    /// Taken by the copy.
+    recv: Option<h2::RecvStream>,
+}
+
+/// How a stream's copy ended: the bytes each way, and the copy's result or the policy change that closed it.
+struct Carried {
+    received: u64,
+    sent: u64,
+    outcome: Result<std::io::Result<copy::Transferred>, DenyReason>,
+}
+
+impl OpenStream {
+    /// Copies both ways until both ends finish, or a policy change denies the stream. Borrows the stream
+    /// (held once, by the caller) rather than taking it: an `async fn`'s arguments stay in its future, and a
+    /// moved-in stream would be held twice.
+    async fn carry(&mut self) -> Carried {
+        let (r, w) = self.upstream.split();
+        let live = self.record.live_bytes();
+        let (sent_c, received_c) = (
+            live.as_ref().map(|l| l.sent.clone()),
+            live.map(|l| l.received),
+        );
+        let (mut r, mut w) = (
+            Counted::new(r).live(sent_c, None),
+            Counted::new(w).live(None, received_c),
+        );
+        let (send, recv) = (self.send.take(), self.recv.take());
+        let outcome = match (send, recv) {
+            (Some(send), Some(recv)) => tokio::select! {
+                res = copy::bidirectional(&mut r, &mut w, send, recv) => Ok(res),
+                // Dropping the copy drops the stream's halves: h2 resets the stream (CANCEL).
+                reason = self.registration.closed() => Err(reason),
+            },
+            _ => Ok(Err(std::io::Error::other("HBONE stream already carried"))),
+        };
+        Carried {
+            received: w.written,
+            sent: r.read,
+            outcome,
+        }
+    }
+
+    /// Logs the access line and records the close.
+    fn close(self, carried: Carried, peer: SocketAddr, local: SocketAddr, start: Instant) {
+        let access = self.ends.access(peer, local, &self.authority, start);
+        let Carried {
+            received,
+            sent,
+            outcome,
+        } = carried;
+        match outcome {
+            Ok(res) => access.copied(self.record, received, sent, res),
+            Err(reason) => {
+                let error = format_args!("connection closed due to policy change: {reason}");
+                access.close(
+                    self.record,
+                    ResponseFlags::Deny,
+                    received,
+                    sent,
+                    Some(&error),
+                );
+            }
+        }
+    }
+}
+
 impl Proxy {
     /// Handles one connection accepted on :15008.
     pub(super) async fn inbound(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
@@ -185,10 +260,10 @@ impl Proxy {
             timeouts,
             handshake,
             shutdown,
+            // The stream's future itself, not an async block awaiting it (which would hold it twice).
             move |incoming| {
-                let me = me.clone();
-                let peer_id = peer_id.clone();
-                async move { me.inbound_stream(incoming, peer, local, peer_id).await }
+                me.clone()
+                    .inbound_stream(incoming, peer, local, peer_id.clone())
             },
         )
         .await;
@@ -206,50 +281,73 @@ impl Proxy {
         }
     }
 
-    async fn inbound_stream(
+    /// One CONNECT stream: its set-up (checks, upstream connect, the 200) as a boxed future that lives on the
+    /// heap only while it runs, then the copy. Not an `async fn`: its arguments would stay in the stream's
+    /// task for as long as it copies.
+    fn inbound_stream(
         self: Arc<Self>,
         incoming: server::Incoming,
         peer: SocketAddr,
         local: SocketAddr,
         peer_id: Identity,
-    ) {
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
         let start = Instant::now();
+        let opening = Box::pin(self.open_stream(incoming, peer, local, peer_id, start));
+        async move {
+            let Some(mut open) = opening.await else {
+                return;
+            };
+            let carried = open.carry().await;
+            open.close(carried, peer, local, start);
+        }
+    }
+
+    /// Checks a CONNECT stream, connects its upstream and answers 200; `None` when it was refused or ended
+    /// (and logged).
+    async fn open_stream(
+        self: Arc<Self>,
+        incoming: server::Incoming,
+        peer: SocketAddr,
+        local: SocketAddr,
+        peer_id: Identity,
+        start: Instant,
+    ) -> Option<OpenStream> {
         let authority = incoming
             .request
             .uri()
             .authority()
             .map(|a| a.as_str().to_string())
             .unwrap_or_default();
-        // Boxed: the checks' state (lookups, the upstream connect) lives on the heap only while they run,
-        // instead of inside every stream's task for as long as it copies.
-        let admitted =
-            match Box::pin(self.check_connect(&incoming.request, peer, local, &peer_id)).await {
-                Ok(a) => a,
-                Err(r) => {
-                    let flags = match &r.denied {
-                        Some(_) => ResponseFlags::Deny,
-                        None => ResponseFlags::Connect,
-                    };
-                    let error = format_args!("{} (answered {})", r.reason, r.status.as_u16());
-                    match r.record {
-                        Some((record, ends)) => ends.access(peer, local, &authority, start).close(
-                            record,
-                            flags,
-                            0,
-                            0,
-                            Some(&error),
-                        ),
-                        None => access::failed(Reporter::destination, peer, Some(local), &error),
-                    }
-                    incoming.refuse(r.status);
-                    return;
+        let admitted = match self
+            .check_connect(&incoming.request, peer, local, &peer_id)
+            .await
+        {
+            Ok(a) => a,
+            Err(r) => {
+                let flags = match &r.denied {
+                    Some(_) => ResponseFlags::Deny,
+                    None => ResponseFlags::Connect,
+                };
+                let error = format_args!("{} (answered {})", r.reason, r.status.as_u16());
+                match r.record {
+                    Some((record, ends)) => ends.access(peer, local, &authority, start).close(
+                        record,
+                        flags,
+                        0,
+                        0,
+                        Some(&error),
+                    ),
+                    None => access::failed(Reporter::destination, peer, Some(local), &error),
                 }
-            };
+                incoming.refuse(r.status);
+                return None;
+            }
+        };
         let Admitted {
             mut upstream,
             target: _,
-            mut registration,
-            mut record,
+            registration,
+            record,
             ends,
             proxy_header,
         } = admitted;
@@ -259,7 +357,7 @@ impl Proxy {
             Err(e) => {
                 let error = format_args!("HBONE stream gone before the answer: {e}");
                 access.close(record, ResponseFlags::None, 0, 0, Some(&error));
-                return;
+                return None;
             }
         };
         // After the 200, before any byte of the stream, as ztunnel sends it.
@@ -267,34 +365,19 @@ impl Proxy {
             if let Err(e) = upstream.write_all(&header).await {
                 let error = format_args!("writing the PROXY protocol header failed: {e}");
                 access.close(record, ResponseFlags::Connect, 0, 0, Some(&error));
-                return;
+                return None;
             }
         }
-        let (r, w) = upstream.split();
-        let live = record.live_bytes();
-        let (sent_c, received_c) = (
-            live.as_ref().map(|l| l.sent.clone()),
-            live.map(|l| l.received),
-        );
-        let (mut r, mut w) = (
-            Counted::new(r).live(sent_c, None),
-            Counted::new(w).live(None, received_c),
-        );
-        let outcome = tokio::select! {
-            res = copy::bidirectional(&mut r, &mut w, send, recv) => Ok(res),
-            // Dropping the copy drops the stream's halves: h2 resets the stream (CANCEL).
-            reason = registration.closed() => Err(reason),
-        };
-        let (received, sent) = (w.written, r.read);
-        match outcome {
-            Ok(res) => access.copied(record, received, sent, res),
-            Err(reason) => {
-                let error = format_args!("connection closed due to policy change: {reason}");
-                access.close(record, ResponseFlags::Deny, received, sent, Some(&error));
-            }
-        }
+        Some(OpenStream {
+            upstream,
+            registration,
+            record,
+            ends,
+            authority,
+            send: Some(send),
+            recv: Some(recv),
+        })
     }
-
     /// The checks of ztunnel's inbound path, in its order, on a CONNECT request's head; the upstream
     /// connection on success.
     async fn check_connect<B>(
