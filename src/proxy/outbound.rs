@@ -28,6 +28,7 @@
 //! local workload unknown, no healthy endpoint, an unusable waypoint) are logged but not counted there, as
 //! in ztunnel.
 
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
@@ -37,12 +38,12 @@ use rand::Rng;
 use tokio::net::TcpStream;
 
 use super::access::{self, Access};
-use super::connections::Counted;
+use super::connections::{Counted, Listing};
 use super::{Error, Proxy, WaypointProblem, WaypointRefusal};
 use crate::hbone::copy;
-use crate::hbone::pool::PoolKey;
+use crate::hbone::pool::{self, PoolKey};
 use crate::identity::Identity;
-use crate::metrics::{Reporter, ResponseFlags, TrafficLabels, WaypointBinding};
+use crate::metrics::{ConnectionRecord, Reporter, ResponseFlags, TrafficLabels, WaypointBinding};
 use crate::socket;
 use crate::state::{GatewayAddress, LbMode, Protocol, Service, State, Upstream, Workload};
 
@@ -82,42 +83,187 @@ struct Tunnel<'a> {
     service: Option<&'a Service>,
 }
 
+/// An outbound connection whose upstream is open: what the copy and the access line need, held once.
+struct OpenOutbound {
+    stream: TcpStream,
+    peer: SocketAddr,
+    src: Arc<Workload>,
+    dst_workload: Option<Arc<Workload>>,
+    sent_to: SocketAddr,
+    /// The tunnel's `:authority` (HBONE only).
+    authority: Option<SocketAddr>,
+    start: Instant,
+    /// Taken when the access line is logged.
+    record: Option<ConnectionRecord>,
+    /// Listed in the admin dump while it lives.
+    _listing: Listing,
+    up: Up,
+}
+
+/// The upstream side of an [`OpenOutbound`].
+enum Up {
+    /// Not connected yet.
+    Opening,
+    /// Plain TCP (TCP workloads, passthrough).
+    Plain(TcpStream),
+    /// An HBONE stream; taken by the copy.
+    Hbone(Option<pool::Stream>),
+}
+
+/// How a connection's copy ended.
+struct Carried {
+    /// From the application (initiator).
+    received: u64,
+    /// To the application.
+    sent: u64,
+    result: Result<(), Error>,
+}
+
+impl OpenOutbound {
+    fn access(&self) -> Access<'_> {
+        Access {
+            reporter: Reporter::source,
+            src: self.peer,
+            src_workload: Some(&*self.src),
+            dst: self.sent_to,
+            hbone_addr: self
+                .authority
+                .as_ref()
+                .map(|a| a as &(dyn std::fmt::Display + Sync)),
+            dst_workload: self.dst_workload.as_deref(),
+            start: self.start,
+        }
+    }
+
+    /// Logs the access line of a connection whose upstream could not be opened.
+    fn fail(&mut self, flags: ResponseFlags, error: &Error) {
+        if let Some(record) = self.record.take() {
+            self.access().close(record, flags, 0, 0, Some(error));
+        }
+    }
+
+    /// Copies both ways until both ends finish. Borrows the connection (held once, by the caller).
+    async fn carry(&mut self) -> Carried {
+        let live = self.record.as_mut().and_then(|r| r.live_bytes());
+        match &mut self.up {
+            Up::Plain(up) => {
+                // Upstream: written = received from the initiator, read = sent towards it.
+                let mut up = Counted::new(up).live(
+                    live.as_ref().map(|l| l.sent.clone()),
+                    live.map(|l| l.received),
+                );
+                let res = tokio::io::copy_bidirectional(&mut self.stream, &mut up).await;
+                Carried {
+                    received: up.written,
+                    sent: up.read,
+                    result: res.map(|_| ()).map_err(Error::Io),
+                }
+            }
+            Up::Hbone(tunnel) => {
+                let Some(tunnel) = tunnel.take() else {
+                    return Carried {
+                        received: 0,
+                        sent: 0,
+                        result: Ok(()),
+                    };
+                };
+                let (r, w) = self.stream.split();
+                // From the app: received; to the app: sent.
+                let (received_c, sent_c) = (
+                    live.as_ref().map(|l| l.received.clone()),
+                    live.map(|l| l.sent),
+                );
+                let (mut r, mut w) = (
+                    Counted::new(r).live(received_c, None),
+                    Counted::new(w).live(None, sent_c),
+                );
+                let res = copy::bidirectional(&mut r, &mut w, tunnel.send, tunnel.recv).await;
+                drop(tunnel.slot);
+                Carried {
+                    received: r.read,
+                    sent: w.written,
+                    result: res.map(|_| ()).map_err(Error::from),
+                }
+            }
+            Up::Opening => Carried {
+                received: 0,
+                sent: 0,
+                result: Ok(()),
+            },
+        }
+    }
+
+    /// Logs the access line and records the close.
+    fn close(mut self, carried: Carried) {
+        if let Some(record) = self.record.take() {
+            self.access()
+                .copied(record, carried.received, carried.sent, carried.result);
+        }
+    }
+}
+
 impl Proxy {
     /// Handles one connection accepted on :15001.
-    pub(super) async fn outbound(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
-        let dst = match socket::original_dst(&stream) {
-            Ok(d) => d,
-            Err(e) => {
-                access::failed(Reporter::source, peer, None, &Error::OriginalDst(e));
-                return;
-            }
-        };
-        self.outbound_to(stream, peer, dst).await;
+    pub(super) fn outbound(
+        self: Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        let dst = socket::original_dst(&stream).map_err(Error::OriginalDst);
+        self.carry(stream, peer, dst)
     }
 
     /// Carries `stream` from `peer` to its original destination `dst`. Public so that embedders and tests
     /// can hand over connections they captured some other way.
-    pub async fn outbound_to(
+    pub fn outbound_to(
         self: Arc<Self>,
         stream: TcpStream,
         peer: SocketAddr,
         dst: SocketAddr,
-    ) {
+    ) -> impl Future<Output = ()> + Send + 'static {
+        self.carry(stream, peer, Ok(dst))
+    }
+
+    /// The set-up (routing, the upstream or tunnel) as a boxed future that lives on the heap only while it
+    /// runs, then the copy, which holds only what it needs. Not an `async fn` (nor are the two above): an
+    /// `async fn`'s arguments stay in its future, so each layer would hold the socket and addresses again
+    /// for as long as the connection copies.
+    fn carry(
+        self: Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        dst: Result<SocketAddr, Error>,
+    ) -> impl Future<Output = ()> + Send + 'static {
         let start = Instant::now();
-        if let Err(e) = self.outbound_inner(stream, peer, dst, start).await {
-            access::failed(Reporter::source, peer, Some(dst), &e);
+        let opening = Box::pin(async move {
+            let dst = dst.map_err(|e| (e, None))?;
+            self.open_outbound(stream, peer, dst, start)
+                .await
+                .map_err(|e| (e, Some(dst)))
+        });
+        async move {
+            // Bound in a statement of its own, so the set-up's result is not held while copying.
+            let open = match opening.await {
+                Ok(Some(open)) => open,
+                Ok(None) => return,
+                Err((e, dst)) => return access::failed(Reporter::source, peer, dst, &e),
+            };
+            let mut open = open;
+            let carried = open.carry().await;
+            open.close(carried);
         }
     }
 
-    /// Routes and carries the connection, logging its access line once it was counted; an error is a
-    /// refusal before that (the caller logs it as ztunnel's early deny).
-    async fn outbound_inner(
-        &self,
-        mut stream: TcpStream,
+    /// Routes the connection and opens its upstream (plain TCP or an HBONE tunnel). `Ok(None)`: it failed
+    /// after it was counted (its access line logged); an error is a refusal before that (the caller logs it as
+    /// ztunnel's early deny).
+    async fn open_outbound(
+        self: Arc<Self>,
+        stream: TcpStream,
         peer: SocketAddr,
         dst: SocketAddr,
         start: Instant,
-    ) -> Result<(), Error> {
+    ) -> Result<Option<OpenOutbound>, Error> {
         if dst.ip().is_loopback() && self.cfg().ports.illegal().contains(&dst.port()) {
             return Err(Error::SelfCall(dst));
         }
@@ -131,55 +277,47 @@ impl Proxy {
                 return Err(e);
             }
         };
-        let mut record = self.metrics().open(source_labels(&src, &route));
+        let record = self.metrics().open(source_labels(&src, &route));
         // Where this proxy sends it, the tunnel's authority, and the workload there, for the access line.
         let (sent_to, authority, dst_workload) = match &route {
             Route::Passthrough(addr) => (*addr, None, None),
-            Route::Tcp(up) => (up.addr, None, Some(&*up.workload)),
+            Route::Tcp(up) => (up.addr, None, Some(up.workload.clone())),
             Route::Hbone(up) => (
                 SocketAddr::new(up.addr.ip(), self.cfg().ports.inbound),
                 Some(up.addr),
-                Some(&*up.workload),
+                Some(up.workload.clone()),
             ),
-            Route::Waypoint(hop) => (hop.via.addr, Some(hop.authority), Some(&*hop.via.workload)),
+            Route::Waypoint(hop) => (
+                hop.via.addr,
+                Some(hop.authority),
+                Some(hop.via.workload.clone()),
+            ),
         };
-        let _listing = self.outbound_conns.add(super::connections::Listed {
+        let listing = self.outbound_conns.add(super::connections::Listed {
             src: peer,
             original_dst: Some(dst),
             actual_dst: sent_to,
             protocol: if authority.is_some() { "HBONE" } else { "TCP" },
         });
-        let access = Access {
-            reporter: Reporter::source,
-            src: peer,
-            src_workload: Some(&src),
-            dst: sent_to,
-            hbone_addr: authority
-                .as_ref()
-                .map(|a| a as &(dyn std::fmt::Display + Sync)),
+        let mut open = OpenOutbound {
+            stream,
+            peer,
+            src,
             dst_workload,
+            sent_to,
+            authority,
             start,
+            record: Some(record),
+            _listing: listing,
+            up: Up::Opening,
         };
         let tunnel = match &route {
             Route::Passthrough(addr) | Route::Tcp(Upstream { addr, .. }) => {
-                let addr = *addr;
-                let up = match self.connect_plain(addr).await {
-                    Ok(up) => up,
-                    Err(e) => {
-                        access.close(record, ResponseFlags::Connect, 0, 0, Some(&e));
-                        return Ok(());
-                    }
-                };
-                // Upstream: written = received from the initiator, read = sent towards it.
-                let live = record.live_bytes();
-                let mut up = Counted::new(up).live(
-                    live.as_ref().map(|l| l.sent.clone()),
-                    live.map(|l| l.received),
-                );
-                let res = tokio::io::copy_bidirectional(&mut stream, &mut up).await;
-                // Received: from the initiator (written upstream); sent: towards it (read from upstream).
-                access.copied(record, up.written, up.read, res.map_err(Error::Io));
-                return Ok(());
+                match self.connect_plain(*addr).await {
+                    Ok(up) => open.up = Up::Plain(up),
+                    Err(e) => open.fail(ResponseFlags::Connect, &e),
+                }
+                return Ok(open.record.is_some().then_some(open));
             }
             Route::Hbone(up) => Tunnel {
                 dst: sent_to,
@@ -195,21 +333,19 @@ impl Proxy {
             },
         };
         let hbone_dst = tunnel.dst;
-        // Boxed: the tunnel's set-up state (certificate, TLS handshake, CONNECT) lives on the heap only while
-        // it runs, instead of inside every connection's task for as long as it copies.
-        let opened: Result<_, Error> = Box::pin(async {
-            let tls = self.tls_for(&src.identity).await?.current();
+        let opened: Result<_, Error> = async {
+            let tls = self.tls_for(&open.src.identity).await?.current();
             let key = PoolKey {
-                src: src.identity.clone(),
+                src: open.src.identity.clone(),
                 dst_ids: tunnel.expected.to_vec(),
                 dst: tunnel.dst,
             };
-            let req = connect_request(&src, peer, tunnel.authority, tunnel.service);
+            let req = connect_request(&open.src, peer, tunnel.authority, tunnel.service);
             Ok(self.pool().connect(&key, &tls, req).await?)
-        })
+        }
         .await;
-        let opened = match opened {
-            Ok(t) => t,
+        match opened {
+            Ok(t) => open.up = Up::Hbone(Some(t)),
             Err(e) => {
                 // TLS_FAILURE, H2_HANDSHAKE_FAILURE, NETWORK_POLICY, IDENTITY_ERROR or CONNECT.
                 let flags = e.response_flags();
@@ -229,25 +365,11 @@ impl Proxy {
                     }
                     (_, e) => e,
                 };
-                access.close(record, flags, 0, 0, Some(&e));
-                return Ok(());
+                open.fail(flags, &e);
+                return Ok(None);
             }
-        };
-        let (r, w) = stream.split();
-        // From the app: received; to the app: sent.
-        let live = record.live_bytes();
-        let (received_c, sent_c) = (
-            live.as_ref().map(|l| l.received.clone()),
-            live.map(|l| l.sent),
-        );
-        let (mut r, mut w) = (
-            Counted::new(r).live(received_c, None),
-            Counted::new(w).live(None, sent_c),
-        );
-        let res = copy::bidirectional(&mut r, &mut w, opened.send, opened.recv).await;
-        drop(opened.slot);
-        access.copied(record, r.read, w.written, res.map_err(Error::from));
-        Ok(())
+        }
+        Ok(Some(open))
     }
 
     /// ztunnel's routing decision for a connection from `src` (at `downstream`) to `dst`.
