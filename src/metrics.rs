@@ -47,7 +47,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 use crate::identity::Identity;
-use crate::state::{GatewayAddress, GatewayDestination, Locality, Service, Workload};
+use crate::state::{GatewayAddress, GatewayDestination, Locality, Service, SharedStr, Workload};
 
 pub use process::ProcessCollector;
 pub use serve::{serve, serve_encoded};
@@ -137,10 +137,10 @@ pub struct LocalityLabels(Option<LocalityValues>);
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct LocalityValues {
-    source_region: String,
-    source_zone: String,
-    destination_region: String,
-    destination_zone: String,
+    source_region: SharedStr,
+    source_zone: SharedStr,
+    destination_region: SharedStr,
+    destination_zone: SharedStr,
 }
 
 impl LocalityLabels {
@@ -150,7 +150,7 @@ impl LocalityLabels {
             return LocalityLabels(None);
         }
         let part = |w: Option<&Workload>, f: fn(&Locality) -> &str| {
-            val(w.and_then(|w| w.locality.as_deref()).map_or("", f))
+            val_str(w.and_then(|w| w.locality.as_deref()).map_or("", f))
         };
         LocalityLabels(Some(LocalityValues {
             source_region: part(src, |l| &l.region),
@@ -178,51 +178,74 @@ impl EncodeLabelSet for LocalityLabels {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct PeerLabels {
     /// Source workload (owner) name.
-    pub source_workload: String,
+    pub source_workload: SharedStr,
     /// Source canonical service.
-    pub source_canonical_service: String,
+    pub source_canonical_service: SharedStr,
     /// Source canonical revision.
-    pub source_canonical_revision: String,
+    pub source_canonical_revision: SharedStr,
     /// Source namespace.
-    pub source_workload_namespace: String,
+    pub source_workload_namespace: SharedStr,
     /// Source identity (`spiffe://…`), only from mTLS.
-    pub source_principal: String,
+    pub source_principal: SharedStr,
     /// Source app (canonical name).
-    pub source_app: String,
+    pub source_app: SharedStr,
     /// Source version (canonical revision).
-    pub source_version: String,
+    pub source_version: SharedStr,
     /// Source cluster.
-    pub source_cluster: String,
+    pub source_cluster: SharedStr,
     /// Destination service hostname.
-    pub destination_service: String,
+    pub destination_service: SharedStr,
     /// Destination service namespace.
-    pub destination_service_namespace: String,
+    pub destination_service_namespace: SharedStr,
     /// Destination service name.
-    pub destination_service_name: String,
+    pub destination_service_name: SharedStr,
     /// Destination workload (owner) name.
-    pub destination_workload: String,
+    pub destination_workload: SharedStr,
     /// Destination canonical service.
-    pub destination_canonical_service: String,
+    pub destination_canonical_service: SharedStr,
     /// Destination canonical revision.
-    pub destination_canonical_revision: String,
+    pub destination_canonical_revision: SharedStr,
     /// Destination namespace.
-    pub destination_workload_namespace: String,
+    pub destination_workload_namespace: SharedStr,
     /// Destination identity.
-    pub destination_principal: String,
+    pub destination_principal: SharedStr,
     /// Destination app.
-    pub destination_app: String,
+    pub destination_app: SharedStr,
     /// Destination version.
-    pub destination_version: String,
+    pub destination_version: SharedStr,
     /// Destination cluster.
-    pub destination_cluster: String,
+    pub destination_cluster: SharedStr,
 }
 
-/// `unknown` for empty values, as ztunnel encodes them.
-fn val(s: &str) -> String {
+/// `unknown`, shared.
+static UNKNOWN: std::sync::LazyLock<SharedStr> =
+    std::sync::LazyLock::new(|| SharedStr::from("unknown"));
+
+/// `unknown` for empty values, as ztunnel encodes them; a state string is shared, not copied.
+fn val(s: &SharedStr) -> SharedStr {
     if s.is_empty() {
-        "unknown".to_string()
+        UNKNOWN.clone()
     } else {
-        s.to_string()
+        s.clone()
+    }
+}
+
+/// [`val`] for a string the state does not share (service names, locality parts).
+fn val_str(s: &str) -> SharedStr {
+    if s.is_empty() {
+        UNKNOWN.clone()
+    } else {
+        SharedStr::from(s)
+    }
+}
+
+/// Label values are written as the strings they hold.
+impl EncodeLabelValue for SharedStr {
+    fn encode(
+        &self,
+        encoder: &mut prometheus_client::encoding::LabelValueEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        EncodeLabelValue::encode(&self.as_str(), encoder)
     }
 }
 
@@ -235,15 +258,16 @@ impl PeerLabels {
         dst: Option<&Workload>,
         dst_service: Option<&Service>,
     ) -> PeerLabels {
-        let s = |f: fn(&Workload) -> &str| val(src.map(f).unwrap_or(""));
-        let d = |f: fn(&Workload) -> &str| val(dst.map(f).unwrap_or(""));
-        let svc = |f: fn(&Service) -> &str| val(dst_service.map(f).unwrap_or(""));
+        let s = |f: fn(&Workload) -> &SharedStr| src.map_or_else(|| UNKNOWN.clone(), |w| val(f(w)));
+        let d = |f: fn(&Workload) -> &SharedStr| dst.map_or_else(|| UNKNOWN.clone(), |w| val(f(w)));
+        let svc = |f: fn(&Service) -> &str| val_str(dst_service.map(f).unwrap_or(""));
         PeerLabels {
             source_workload: s(|w| workload_name(w)),
             source_canonical_service: s(|w| &w.canonical_name),
             source_canonical_revision: s(|w| &w.canonical_revision),
             source_workload_namespace: s(|w| &w.namespace),
-            source_principal: src_identity.map_or_else(|| val(""), |i| i.to_string()),
+            source_principal: src_identity
+                .map_or_else(|| UNKNOWN.clone(), |i| i.to_string().into()),
             source_app: s(|w| app_name(w)),
             source_version: s(|w| &w.canonical_revision),
             source_cluster: s(|w| &w.cluster_id),
@@ -254,7 +278,8 @@ impl PeerLabels {
             destination_canonical_service: d(|w| &w.canonical_name),
             destination_canonical_revision: d(|w| &w.canonical_revision),
             destination_workload_namespace: d(|w| &w.namespace),
-            destination_principal: dst.map_or_else(|| val(""), |w| w.identity.to_string()),
+            destination_principal: dst
+                .map_or_else(|| UNKNOWN.clone(), |w| w.identity.to_string().into()),
             destination_app: d(|w| app_name(w)),
             destination_version: d(|w| &w.canonical_revision),
             destination_cluster: d(|w| &w.cluster_id),
@@ -287,7 +312,7 @@ impl TrafficLabels {
 }
 
 /// The owner's name when known, else the pod's.
-fn workload_name(w: &Workload) -> &str {
+fn workload_name(w: &Workload) -> &SharedStr {
     if w.workload_name.is_empty() {
         &w.name
     } else {
@@ -296,7 +321,7 @@ fn workload_name(w: &Workload) -> &str {
 }
 
 /// The canonical name when known, else the workload name (ztunnel's `source_app`).
-fn app_name(w: &Workload) -> &str {
+fn app_name(w: &Workload) -> &SharedStr {
     if w.canonical_name.is_empty() {
         workload_name(w)
     } else {
