@@ -28,6 +28,7 @@
 //! - [`allocator`] — handing freed memory back to the system after a large load (jemalloc).
 //! - [`admin_http`] — the bounded one-request-per-connection HTTP server behind the admin ports.
 //! - [`conn_slots`] — connection slots a newcomer takes from an idle holder (admin, plugin and ZDS sockets).
+//! - [`task`] — spawning a per-connection task whose future is stored once, with its guard and cancellation.
 //! - [`readiness`] — `:15021/healthz/ready`.
 //! - [`zds`] — the ZDS protocol (SOCK_SEQPACKET + SCM_RIGHTS): agent-side server, proxy-side client.
 //! - [`proto`] — generated wire types of Istio's protocols.
