@@ -13,6 +13,8 @@
 //! connection that does not fit is refused rather than carried unchecked.
 
 use prometheus_client::metrics::counter::Counter;
+
+use crate::metrics::LiveBytes;
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
@@ -334,6 +336,15 @@ pub fn deciding_policy(reason: &DenyReason) -> &str {
     }
 }
 
+/// Which end of a connection a [`Counted`] socket faces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The application that opened the connection.
+    Initiator,
+    /// The application it was opened to.
+    Server,
+}
+
 /// An I/O object that counts the bytes read from and written to it, so the totals survive a copy that is
 /// cancelled (a connection closed by a policy change). Plain integers: it is owned by one task. Given the
 /// connection's metric counters, it also adds to them as it goes (one atomic add per read or write).
@@ -360,11 +371,20 @@ impl<T> Counted<T> {
         }
     }
 
-    /// Also adds each read's bytes to `read` and each write's to `write` (live metrics).
-    pub fn live(mut self, read: Option<Counter>, write: Option<Counter>) -> Counted<T> {
-        self.on_read = read;
-        self.on_write = write;
-        self
+    /// Wraps `inner`, a socket (or half of one) facing `side` of the connection, also adding its bytes to the
+    /// connection's live metrics: what is read from the initiator was received and what is written to it
+    /// was sent; towards the server, the other way round.
+    pub fn facing(inner: T, side: Side, live: Option<&LiveBytes>) -> Counted<T> {
+        let (on_read, on_write) = match (live, side) {
+            (None, _) => (None, None),
+            (Some(l), Side::Initiator) => (Some(l.received.clone()), Some(l.sent.clone())),
+            (Some(l), Side::Server) => (Some(l.sent.clone()), Some(l.received.clone())),
+        };
+        Counted {
+            on_read,
+            on_write,
+            ..Counted::new(inner)
+        }
     }
 }
 

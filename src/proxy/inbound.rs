@@ -38,7 +38,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use super::access::{self, Access};
-use super::connections::{Counted, Registration, Tracked};
+use super::connections::{Counted, Registration, Side, Tracked};
 use super::{Error, Proxy};
 use crate::authz::{Connection, Decision, DenyReason};
 use crate::hbone::{copy, server};
@@ -135,13 +135,9 @@ impl OpenStream {
     async fn carry(&mut self) -> Carried {
         let (r, w) = self.upstream.split();
         let live = self.record.live_bytes();
-        let (sent_c, received_c) = (
-            live.as_ref().map(|l| l.sent.clone()),
-            live.map(|l| l.received),
-        );
         let (mut r, mut w) = (
-            Counted::new(r).live(sent_c, None),
-            Counted::new(w).live(None, received_c),
+            Counted::facing(r, Side::Server, live.as_ref()),
+            Counted::facing(w, Side::Server, live.as_ref()),
         );
         let (send, recv) = (self.send.take(), self.recv.take());
         let outcome = match (send, recv) {

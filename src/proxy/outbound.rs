@@ -38,7 +38,7 @@ use rand::Rng;
 use tokio::net::TcpStream;
 
 use super::access::{self, Access};
-use super::connections::{Counted, Listing};
+use super::connections::{Counted, Listing, Side};
 use super::{Error, Proxy, WaypointProblem, WaypointRefusal};
 use crate::hbone::copy;
 use crate::hbone::pool::{self, PoolKey};
@@ -106,8 +106,8 @@ enum Up {
     Opening,
     /// Plain TCP (TCP workloads, passthrough).
     Plain(TcpStream),
-    /// An HBONE stream; taken by the copy.
-    Hbone(Option<pool::Stream>),
+    /// An HBONE stream.
+    Hbone(pool::Stream),
 }
 
 /// How a connection's copy ended.
@@ -145,13 +145,10 @@ impl OpenOutbound {
     /// Copies both ways until both ends finish. Borrows the connection (held once, by the caller).
     async fn carry(&mut self) -> Carried {
         let live = self.record.as_mut().and_then(|r| r.live_bytes());
-        match &mut self.up {
+        // Taken: the copy owns the upstream from here on.
+        match std::mem::replace(&mut self.up, Up::Opening) {
             Up::Plain(up) => {
-                // Upstream: written = received from the initiator, read = sent towards it.
-                let mut up = Counted::new(up).live(
-                    live.as_ref().map(|l| l.sent.clone()),
-                    live.map(|l| l.received),
-                );
+                let mut up = Counted::facing(up, Side::Server, live.as_ref());
                 let res = tokio::io::copy_bidirectional(&mut self.stream, &mut up).await;
                 Carried {
                     received: up.written,
@@ -160,22 +157,10 @@ impl OpenOutbound {
                 }
             }
             Up::Hbone(tunnel) => {
-                let Some(tunnel) = tunnel.take() else {
-                    return Carried {
-                        received: 0,
-                        sent: 0,
-                        result: Ok(()),
-                    };
-                };
                 let (r, w) = self.stream.split();
-                // From the app: received; to the app: sent.
-                let (received_c, sent_c) = (
-                    live.as_ref().map(|l| l.received.clone()),
-                    live.map(|l| l.sent),
-                );
                 let (mut r, mut w) = (
-                    Counted::new(r).live(received_c, None),
-                    Counted::new(w).live(None, sent_c),
+                    Counted::facing(r, Side::Initiator, live.as_ref()),
+                    Counted::facing(w, Side::Initiator, live.as_ref()),
                 );
                 let res = copy::bidirectional(&mut r, &mut w, tunnel.send, tunnel.recv).await;
                 drop(tunnel.slot);
@@ -345,7 +330,7 @@ impl Proxy {
         }
         .await;
         match opened {
-            Ok(t) => open.up = Up::Hbone(Some(t)),
+            Ok(t) => open.up = Up::Hbone(t),
             Err(e) => {
                 // TLS_FAILURE, H2_HANDSHAKE_FAILURE, NETWORK_POLICY, IDENTITY_ERROR or CONNECT.
                 let flags = e.response_flags();

@@ -14,7 +14,7 @@ use std::time::Instant;
 use tokio::net::TcpStream;
 
 use super::access::{self, Access};
-use super::connections::{Counted, Tracked};
+use super::connections::{Counted, Side, Tracked};
 use super::{Error, Proxy};
 use crate::authz::{Connection, Decision};
 use crate::metrics::{Reporter, ResponseFlags, TrafficLabels};
@@ -129,12 +129,8 @@ impl Proxy {
                 return refused(&stream, record, ResponseFlags::Connect, &e);
             }
         };
-        // Upstream: written = received from the initiator, read = sent towards it.
         let live = record.live_bytes();
-        let mut up = Counted::new(up).live(
-            live.as_ref().map(|l| l.sent.clone()),
-            live.map(|l| l.received),
-        );
+        let mut up = Counted::facing(up, Side::Server, live.as_ref());
         let ended = tokio::select! {
             res = tokio::io::copy_bidirectional(&mut stream, &mut up) => Ended::Copied(res),
             reason = registration.closed() => Ended::Closed(reason),
