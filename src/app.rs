@@ -17,7 +17,7 @@ use crate::identity::{BuiltinCa, CaClient, CertManager, CertSource, PluginCa};
 use crate::proxy::{Listeners, Proxy, ProxyInputs};
 use crate::readiness::Readiness;
 use crate::socket::{self, SocketOpts};
-use crate::state::{local, LocalConfig, State, StateHandle};
+use crate::state::{local, State, StateHandle};
 use crate::waypoint::{Snapshot, Waypoint, WaypointInputs, WaypointMetrics};
 
 /// Why the proxy could not start.
@@ -66,7 +66,7 @@ pub fn load_state(
             ))
         }
         LocalConfigSource::Inline(yaml) => {
-            let state = LocalConfig::parse(yaml)?.into_state()?;
+            let state = local::state_from_text(yaml)?;
             // Inline config never changes: the sender goes, readers keep the last (only) value.
             let (_, handle) = StateHandle::new(state);
             Ok((handle, None))

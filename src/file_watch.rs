@@ -36,10 +36,14 @@ async fn read_bounded(path: &std::path::Path) -> std::io::Result<Vec<u8>> {
 /// file refused on reload is refused at start too.
 pub fn read_bounded_sync(path: &std::path::Path) -> std::io::Result<Vec<u8>> {
     use std::io::Read;
-    let mut bytes = Vec::new();
-    std::fs::File::open(path)?
-        .take(MAX_FILE_BYTES + 1)
-        .read_to_end(&mut bytes)?;
+    let file = std::fs::File::open(path)?;
+    // Sized from the file's length (within the limit) up front: a large file is read without regrowing.
+    let len = file
+        .metadata()
+        .map_or(0, |m| m.len())
+        .min(MAX_FILE_BYTES + 1);
+    let mut bytes = Vec::with_capacity(len as usize + 1);
+    file.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes)?;
     within_limit(bytes)
 }
 

@@ -647,12 +647,39 @@ pub fn check_connect(data: &[u8]) -> bool {
     }
 }
 
-/// ztunnel's local config file (`LOCAL_XDS_PATH`): YAML parsed, validated and indexed.
+/// ztunnel's local config file (`LOCAL_XDS_PATH`): YAML parsed, validated and indexed. The same text cut
+/// into pieces (as a large file is, to be parsed on several threads) must load to the same state or the
+/// same error; a difference panics.
 pub fn local_config(data: &[u8]) -> bool {
+    use crate::state::local;
     let Ok(text) = std::str::from_utf8(data) else {
         return false;
     };
-    crate::state::local::LocalConfig::parse(text).is_ok_and(|cfg| cfg.into_state().is_ok())
+    let whole = local::LocalConfig::parse(text).and_then(local::LocalConfig::into_state);
+    let pieces = local::state_in_small_pieces(text);
+    let show = |st: &Result<crate::state::State, local::Error>| match st {
+        Ok(st) => Ok(comparable(st)),
+        Err(e) => Err(e.to_string()),
+    };
+    assert_eq!(show(&pieces), show(&whole), "loaded in pieces vs whole");
+    whole.is_ok()
+}
+
+/// A state's workloads, services (ports in order) and policies, as text.
+fn comparable(st: &crate::state::State) -> String {
+    let services: Vec<_> = st
+        .services()
+        .map(|s| {
+            let mut ports: Vec<_> = s.ports.iter().collect();
+            ports.sort_unstable();
+            let mut s = (**s).clone();
+            s.ports.clear();
+            format!("{s:?} {ports:?}")
+        })
+        .collect();
+    let workloads: Vec<_> = st.workloads().collect();
+    let policies: Vec<_> = st.policies().iter().collect();
+    format!("{workloads:?}\n{services:?}\n{policies:?}")
 }
 
 /// The CNI agent's standalone enrollment file (`MESHNODE_AGENT_CONFIG`).

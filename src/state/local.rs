@@ -14,7 +14,7 @@
 //! hostname too), `weightedWaypoints: [{destination: <waypoint>, weight: N}]` on services, and
 //! `applicationTunnel: {protocol: NONE|PROXY, port: N}` on workloads.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -22,6 +22,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use tokio::sync::watch;
+
+mod chunks;
 
 use super::{
     AppTunnelProtocol, ApplicationTunnel, GatewayAddress, GatewayDestination, HealthPolicy,
@@ -132,7 +134,7 @@ pub struct LocalWorkload {
     #[serde(default)]
     locality: Option<LocalLocality>,
     #[serde(default)]
-    services: HashMap<String, HashMap<u16, u16>>,
+    services: BTreeMap<String, BTreeMap<u16, u16>>,
     #[serde(default = "one")]
     capacity: u32,
 }
@@ -163,7 +165,7 @@ pub struct LocalService {
     #[serde(default)]
     vips: Vec<String>,
     #[serde(default)]
-    ports: HashMap<u16, u16>,
+    ports: BTreeMap<u16, u16>,
     #[serde(default)]
     endpoints: Option<serde_yaml::Value>,
     #[serde(default)]
@@ -275,7 +277,7 @@ impl LocalGateway {
 }
 
 impl LocalConfig {
-    /// Parses YAML text.
+    /// Parses YAML text, whole (see [`state_from_text`] for large files).
     pub fn parse(yaml: &str) -> Result<LocalConfig, Error> {
         if yaml.trim().is_empty() {
             return Ok(LocalConfig::default());
@@ -286,18 +288,115 @@ impl LocalConfig {
     /// Validates and indexes into a [`State`].
     pub fn into_state(self) -> Result<State, Error> {
         // One interner per load: what workloads have in common is held once.
-        let mut interner = Interner::default();
-        let workloads = self
-            .workloads
-            .into_iter()
-            .map(|w| workload(w, &mut interner))
-            .collect::<Result<Vec<_>, _>>()?;
-        let services = self
-            .services
-            .into_iter()
-            .map(service)
-            .collect::<Result<Vec<_>, _>>()?;
-        let policies = PolicySet::new(self.policies)?;
+        self.convert(&mut Interner::default())?.into_state()
+    }
+
+    /// Converts workloads, then services (errors come in that order).
+    fn convert(self, interner: &mut Interner) -> Result<Converted, Error> {
+        Ok(Converted {
+            workloads: self
+                .workloads
+                .into_iter()
+                .map(|w| workload(w, interner))
+                .collect::<Result<_, _>>()?,
+            services: self
+                .services
+                .into_iter()
+                .map(service)
+                .collect::<Result<_, _>>()?,
+            policies: self.policies,
+        })
+    }
+}
+
+/// Validates and indexes a file's text into a [`State`]. A large file is parsed and converted in pieces
+/// on this machine's cores ([`chunks`]; most of a proxy's time to ready is this parse); any other file,
+/// and any file with a piece that does not parse or convert on its own, whole (so the result, and the
+/// first error with its line, are those of the whole file).
+pub fn state_from_text(yaml: &str) -> Result<State, Error> {
+    state_with(yaml, chunks::Limits::here())
+}
+
+/// [`state_from_text`] with every list cut into pieces of two items on three threads, whatever the file's
+/// size: for the fuzz target, which compares it with the whole load.
+pub(crate) fn state_in_small_pieces(yaml: &str) -> Result<State, Error> {
+    let limits = chunks::Limits {
+        threads: 3,
+        min_bytes: 0,
+        piece_items: 2,
+    };
+    state_with(yaml, limits)
+}
+
+fn state_with(yaml: &str, limits: chunks::Limits) -> Result<State, Error> {
+    let in_pieces = chunks::pieces(yaml, limits).and_then(|pieces| {
+        // One interner per thread: a value common to the pieces is held once per thread, not once.
+        chunks::run_all(
+            &pieces,
+            limits.threads,
+            Interner::default,
+            |interner, piece| convert_piece(*piece, interner).ok(),
+        )
+    });
+    match in_pieces {
+        Some(parts) => Converted::concat(parts).into_state(),
+        None => LocalConfig::parse(yaml)?.into_state(),
+    }
+}
+
+fn convert_piece(piece: chunks::Piece<'_>, interner: &mut Interner) -> Result<Converted, Error> {
+    let mut out = Converted::default();
+    match piece.kind {
+        chunks::Kind::Workloads => {
+            out.workloads = serde_yaml::from_str::<Vec<LocalWorkload>>(piece.text)?
+                .into_iter()
+                .map(|w| workload(w, interner))
+                .collect::<Result<_, _>>()?;
+        }
+        chunks::Kind::Services => {
+            out.services = serde_yaml::from_str::<Vec<LocalService>>(piece.text)?
+                .into_iter()
+                .map(service)
+                .collect::<Result<_, _>>()?;
+        }
+        chunks::Kind::Policies => out.policies = serde_yaml::from_str(piece.text)?,
+        chunks::Kind::Whole => out = LocalConfig::parse(piece.text)?.convert(interner)?,
+    }
+    Ok(out)
+}
+
+/// Converted objects, not yet checked against each other nor indexed.
+#[derive(Default)]
+struct Converted {
+    workloads: Vec<Workload>,
+    services: Vec<Service>,
+    policies: Vec<Policy>,
+}
+
+impl Converted {
+    /// The parts one after the other.
+    fn concat(parts: Vec<Converted>) -> Converted {
+        let mut all = Converted {
+            workloads: Vec::with_capacity(parts.iter().map(|p| p.workloads.len()).sum()),
+            services: Vec::with_capacity(parts.iter().map(|p| p.services.len()).sum()),
+            policies: Vec::with_capacity(parts.iter().map(|p| p.policies.len()).sum()),
+        };
+        for p in parts {
+            all.workloads.extend(p.workloads);
+            all.services.extend(p.services);
+            all.policies.extend(p.policies);
+        }
+        all
+    }
+
+    /// Checks the policy references and indexes.
+    fn into_state(self) -> Result<State, Error> {
+        let Converted {
+            workloads,
+            services,
+            policies,
+        } = self;
+        let policies = PolicySet::new(policies)?;
         // Over xDS a listed policy may arrive after the workload naming it, so an unknown key is skipped
         // (as ztunnel skips it). A file arrives whole: an unknown key here is a mistake, and skipping it
         // would leave the workload without a policy meant for it, i.e. with more access.
@@ -466,7 +565,7 @@ fn service(s: LocalService) -> Result<Service, Error> {
         namespace: s.namespace,
         hostname: s.hostname,
         vips,
-        ports: s.ports,
+        ports: s.ports.into_iter().collect(),
         subject_alt_names,
         canonical: s.canonical,
         health_policy,
@@ -494,7 +593,7 @@ pub fn load_file(path: &Path) -> Result<(crate::file_watch::Seen, State), Error>
         path: path.to_path_buf(),
         source,
     })?;
-    let state = LocalConfig::parse(&String::from_utf8_lossy(&bytes))?.into_state()?;
+    let state = state_from_text(&String::from_utf8_lossy(&bytes))?;
     let seen = crate::file_watch::Seen::of(&bytes);
     drop(bytes);
     crate::allocator::release_freed();
@@ -516,9 +615,7 @@ pub async fn watch_file(
         interval,
         last,
         tx,
-        |bytes| {
-            LocalConfig::parse(&String::from_utf8_lossy(bytes)).and_then(LocalConfig::into_state)
-        },
+        |bytes| state_from_text(&String::from_utf8_lossy(bytes)),
         |state| {
             crate::allocator::release_freed();
             log_loaded(&shown, state, "local config reloaded")
