@@ -89,8 +89,9 @@ pub struct Workload {
     pub cluster_id: SharedStr,
     /// Hostname, for workloads known by name rather than address (a waypoint may be referenced by it).
     pub hostname: SharedStr,
-    /// The waypoint traffic addressed to this workload's IP must pass (istiod's workload binding).
-    pub waypoint: Option<GatewayAddress>,
+    /// The waypoint traffic addressed to this workload's IP must pass (istiod's workload binding); boxed,
+    /// as most workloads have none and the record is held once per workload of the cluster.
+    pub waypoint: Option<Box<GatewayAddress>>,
     /// Set on waypoint instances that want the tunnel's metadata: inbound connections go to
     /// `port` (if set), with a PROXY protocol v2 header when the protocol says so.
     pub application_tunnel: Option<ApplicationTunnel>,
@@ -248,8 +249,9 @@ pub struct Service {
     pub health_policy: HealthPolicy,
     /// Load-balancing mode.
     pub lb_mode: LbMode,
-    /// The waypoint traffic to this service's VIPs must pass (istiod's service binding).
-    pub waypoint: Option<GatewayAddress>,
+    /// The waypoint traffic to this service's VIPs must pass (istiod's service binding); boxed, as
+    /// most services have none.
+    pub waypoint: Option<Box<GatewayAddress>>,
     /// When not empty (and some weight is not 0): waypoints to spread connections over, by weight,
     /// in place of `waypoint`.
     pub weighted_waypoints: Vec<WeightedWaypoint>,

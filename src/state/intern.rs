@@ -1,7 +1,7 @@
 //! Shared values for the state: strings, identities and port maps that thousands of workloads have in
 //! common (namespace, service account, node, network, cluster id, …) are held once and pointed to.
 //!
-//! Input: the strings and port lists of converted workloads. Output: [`SharedStr`] (an `Arc<str>` that
+//! Input: the strings and port lists of converted workloads. Output: [`SharedStr`] (a shared `str` that
 //! reads like a `&str`), interned [`Identity`] values and [`PortMap`]s, from one [`Interner`] per build
 //! (the local config makes one per load; the xDS client keeps one for its life, so every push shares the
 //! values the previous ones made, and [`Interner::prune`] drops those no workload uses any more).
@@ -12,12 +12,14 @@ use std::fmt;
 use std::ops::Deref;
 use std::sync::Arc;
 
+use arcstr::ArcStr;
+
 use crate::identity::{spiffe::ParseError, Identity};
 
-/// An immutable string shared by `Arc`: 16 bytes, cloned by a reference count, compared and printed as
-/// the `str` it holds.
+/// An immutable string shared by reference count: one thin pointer (8 bytes; the length lives with the
+/// text), cloned by a count, compared, hashed and printed as the `str` it holds.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct SharedStr(Arc<str>);
+pub struct SharedStr(ArcStr);
 
 impl SharedStr {
     /// The text.
@@ -28,7 +30,7 @@ impl SharedStr {
 
 impl Default for SharedStr {
     fn default() -> SharedStr {
-        SharedStr(Arc::from(""))
+        SharedStr(ArcStr::new())
     }
 }
 
@@ -71,19 +73,19 @@ impl fmt::Debug for SharedStr {
 
 impl From<&str> for SharedStr {
     fn from(s: &str) -> SharedStr {
-        SharedStr(Arc::from(s))
+        SharedStr(ArcStr::from(s))
     }
 }
 
 impl From<String> for SharedStr {
     fn from(s: String) -> SharedStr {
-        SharedStr(Arc::from(s))
+        SharedStr(ArcStr::from(s))
     }
 }
 
 impl From<&String> for SharedStr {
     fn from(s: &String) -> SharedStr {
-        SharedStr(Arc::from(s.as_str()))
+        SharedStr(ArcStr::from(s.as_str()))
     }
 }
 
@@ -280,7 +282,7 @@ impl FromIterator<(SharedStr, PortMap)> for ServicePorts {
 /// One set of shared values. Not thread-safe by itself: one owner builds with it.
 #[derive(Debug, Default)]
 pub struct Interner {
-    strings: HashSet<Arc<str>>,
+    strings: HashSet<ArcStr>,
     identities: HashMap<(SharedStr, SharedStr, SharedStr), Identity>,
     ports: HashSet<PortMap>,
     /// Size after the last prune (or start): [`Interner::prune`] does work only once this doubled.
@@ -293,7 +295,7 @@ impl Interner {
         if let Some(a) = self.strings.get(s) {
             return SharedStr(a.clone());
         }
-        let a: Arc<str> = Arc::from(s);
+        let a = ArcStr::from(s);
         self.strings.insert(a.clone());
         SharedStr(a)
     }
@@ -347,7 +349,9 @@ impl Interner {
         self.identities
             .retain(|_, id| Identity::strong_count(id) > 1);
         self.ports.retain(|p| Arc::strong_count(&p.0) > 1);
-        self.strings.retain(|s| Arc::strong_count(s) > 1);
+        // (A literal, such as the empty string, has no count and costs nothing to keep.)
+        self.strings
+            .retain(|s| ArcStr::strong_count(s).is_none_or(|n| n > 1));
         self.pruned_at = self.len();
     }
 }
@@ -361,7 +365,7 @@ mod tests {
         let mut i = Interner::default();
         let a = i.str("default");
         let b = i.string("default".to_string());
-        assert!(Arc::ptr_eq(&a.0, &b.0));
+        assert!(ArcStr::ptr_eq(&a.0, &b.0));
         let p = i.ports([(80, 8080), (443, 8443)]);
         let q = i.ports([(443, 8443), (80, 8080)]);
         assert!(Arc::ptr_eq(&p.0, &q.0));
@@ -376,7 +380,7 @@ mod tests {
         }
         i.prune();
         assert!(i.len() < 10, "{}", i.len());
-        assert!(Arc::ptr_eq(&i.str("default").0, &a.0));
+        assert!(ArcStr::ptr_eq(&i.str("default").0, &a.0));
         assert_eq!(i.identity("cluster.local", "default", "sa").unwrap(), id);
         assert!(Arc::ptr_eq(&i.ports([(80, 8080), (443, 8443)]).0, &p.0));
     }

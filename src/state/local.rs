@@ -497,7 +497,7 @@ fn workload(w: LocalWorkload, interner: &mut Interner) -> Result<Workload, Error
             &w.cluster_id
         }),
         hostname: interner.str(&w.hostname),
-        waypoint,
+        waypoint: waypoint.map(Box::new),
         application_tunnel,
         locality: w
             .locality
@@ -570,7 +570,7 @@ fn service(s: LocalService) -> Result<Service, Error> {
         canonical: s.canonical,
         health_policy,
         lb_mode,
-        waypoint,
+        waypoint: waypoint.map(Box::new),
         weighted_waypoints,
         endpoints: Vec::new(),
     })

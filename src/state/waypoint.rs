@@ -78,7 +78,7 @@ impl Service {
             .map(|w| u64::from(w.weight))
             .sum();
         if total == 0 {
-            return self.waypoint.as_ref();
+            return self.waypoint.as_deref();
         }
         let mut pick = rand::rng().random_range(0..total);
         for w in &self.weighted_waypoints {
@@ -88,7 +88,7 @@ impl Service {
             }
             pick -= weight;
         }
-        self.waypoint.as_ref()
+        self.waypoint.as_deref()
     }
 }
 
@@ -106,8 +106,8 @@ impl<'a> Found<'a> {
     /// `weighted_waypoints` (any of which may carry a connection to it).
     pub fn waypoints(&self) -> impl Iterator<Item = &'a GatewayAddress> + 'a {
         let (primary, weighted) = match *self {
-            Found::Workload(w) => (w.waypoint.as_ref(), &[][..]),
-            Found::Service(s) => (s.waypoint.as_ref(), &s.weighted_waypoints[..]),
+            Found::Workload(w) => (w.waypoint.as_deref(), &[][..]),
+            Found::Service(s) => (s.waypoint.as_deref(), &s.weighted_waypoints[..]),
         };
         primary
             .into_iter()

@@ -366,7 +366,7 @@ fn workload(
         workload_type: interner.str(workload_type),
         cluster_id: interner.string(or_default(w.cluster_id, "Kubernetes")),
         hostname: interner.string(w.hostname),
-        waypoint,
+        waypoint: waypoint.map(Box::new),
         application_tunnel,
         locality: w
             .locality
@@ -461,7 +461,7 @@ fn service(name: &str, s: pb::Service) -> Result<Service, ConvertError> {
         canonical: s.canonical,
         health_policy,
         lb_mode,
-        waypoint,
+        waypoint: waypoint.map(Box::new),
         weighted_waypoints,
         endpoints: Vec::new(),
     })

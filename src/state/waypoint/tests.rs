@@ -134,14 +134,14 @@ fn gw(destination: GatewayDestination) -> GatewayAddress {
 fn ztunnels_waypoint_spellings_load_into_the_state() {
     let st = state();
     assert_eq!(
-        service(&st, "10.96.0.10").waypoint,
+        service(&st, "10.96.0.10").waypoint.as_deref().cloned(),
         Some(gw(GatewayDestination::Hostname {
             namespace: "default".into(),
             hostname: "waypoint.default.svc.cluster.local".into(),
         }))
     );
     assert_eq!(
-        service(&st, "10.96.0.11").waypoint,
+        service(&st, "10.96.0.11").waypoint.as_deref().cloned(),
         Some(gw(GatewayDestination::Hostname {
             namespace: "default".into(),
             hostname: "vm-waypoint.example".into(),
@@ -149,7 +149,7 @@ fn ztunnels_waypoint_spellings_load_into_the_state() {
     );
     let db = st.workload_by_addr("", ip("10.0.0.2")).unwrap();
     assert_eq!(
-        db.waypoint,
+        db.waypoint.as_deref().cloned(),
         Some(gw(GatewayDestination::Address {
             network: "".into(),
             ip: ip("10.0.1.1"),
@@ -353,10 +353,10 @@ fn weighted_waypoints_are_picked_by_weight_and_zero_weights_fall_back() {
     for w in &mut all_zero.weighted_waypoints {
         w.weight = 0;
     }
-    assert_eq!(all_zero.pick_waypoint(), all_zero.waypoint.as_ref());
+    assert_eq!(all_zero.pick_waypoint(), all_zero.waypoint.as_deref());
     assert_eq!(
         service(&st, "10.96.0.11").pick_waypoint(),
-        service(&st, "10.96.0.11").waypoint.as_ref()
+        service(&st, "10.96.0.11").waypoint.as_deref()
     );
 }
 

@@ -270,8 +270,8 @@ fn gateway_addresses_need_a_valid_destination() {
     })
     .unwrap();
     assert_eq!(
-        w.waypoint,
-        Some(GatewayAddress {
+        w.waypoint.as_deref(),
+        Some(&GatewayAddress {
             destination: GatewayDestination::Hostname {
                 namespace: "default".into(),
                 hostname: "waypoint.default.svc.cluster.local".into(),
@@ -307,8 +307,8 @@ fn waypoints_and_application_tunnels_are_carried_into_the_state() {
     })
     .unwrap();
     assert_eq!(
-        w.waypoint,
-        Some(GatewayAddress {
+        w.waypoint.as_deref(),
+        Some(&GatewayAddress {
             destination: GatewayDestination::Address {
                 network: "net1".into(),
                 ip: "10.0.0.9".parse().unwrap(),
@@ -357,8 +357,8 @@ fn waypoints_and_application_tunnels_are_carried_into_the_state() {
     })
     .unwrap();
     assert_eq!(
-        s.waypoint,
-        s.weighted_waypoints[0].destination.clone().into()
+        s.waypoint.as_deref(),
+        Some(&s.weighted_waypoints[0].destination)
     );
     assert_eq!(
         s.weighted_waypoints
