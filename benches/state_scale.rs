@@ -4,8 +4,9 @@
 //! Job: generate the mesh of `../shared/bench/genscale.py` (N workloads in 200 namespaces, 500 service
 //! accounts, 100 nodes, each backing one of N/4 services with port 80 → 8080; plus the proxy's own
 //! workload) and load it two ways:
-//! - local config: YAML text → [`LocalConfig::parse`] → [`LocalConfig::into_state`] (the YAML text is
-//!   dropped before "live" is read, as the proxy drops it);
+//! - local config: YAML text → [`LocalConfig::parse`] → [`LocalConfig::into_state`] (whole, on one thread),
+//!   and → `state::local::state_from_text` (in pieces on every core, as the proxy loads it); the YAML text
+//!   is dropped before "live" is read, as the proxy drops it;
 //! - xDS: one protobuf `Address` per workload and service → [`convert::address`] (with one interner for
 //!   the whole push, as the client's cache keeps one) → [`State::with_shared`]; "live" counts the converted
 //!   resources the client holds as well as the state built from them.
@@ -199,24 +200,30 @@ fn main() {
         .unwrap_or(50_000);
     let mut rows = Vec::new();
 
-    // Local config.
-    let text = yaml(n);
-    let bytes = text.len();
-    let before = reset_peak() - bytes;
-    let t0 = Instant::now();
-    let state = LocalConfig::parse(&text)
-        .and_then(LocalConfig::into_state)
+    // Local config: whole (one thread, one event list), then as the proxy loads it (in pieces, on every
+    // core).
+    for (path, in_pieces) in [("local config, whole", false), ("local config, in pieces", true)] {
+        let text = yaml(n);
+        let bytes = text.len();
+        let before = reset_peak() - bytes;
+        let t0 = Instant::now();
+        let state = if in_pieces {
+            meshnode::state::local::state_from_text(&text)
+        } else {
+            LocalConfig::parse(&text).and_then(LocalConfig::into_state)
+        }
         .expect("generated config loads");
-    let ms = t0.elapsed().as_secs_f64() * 1e3;
-    drop(text);
-    assert_eq!(state.workload_count(), n + 1);
-    rows.push(Row {
-        path: "local config",
-        live: current() - before,
-        peak: PEAK.load(Ordering::Relaxed) - before,
-        ms,
-    });
-    drop(black_box(state));
+        let ms = t0.elapsed().as_secs_f64() * 1e3;
+        drop(text);
+        assert_eq!(state.workload_count(), n + 1);
+        rows.push(Row {
+            path,
+            live: current() - before,
+            peak: PEAK.load(Ordering::Relaxed) - before,
+            ms,
+        });
+        drop(black_box(state));
+    }
 
     // xDS.
     let msgs = resources(n);
@@ -251,8 +258,9 @@ fn main() {
     drop(black_box((state, held, msgs, interner)));
 
     println!(
-        "{n} workloads, {} services; local config {bytes} bytes\n",
-        (n / 4).max(1)
+        "{n} workloads, {} services; local config {} bytes\n",
+        (n / 4).max(1),
+        yaml(n).len()
     );
     println!("| path | live bytes/workload | peak bytes/workload | build ms |");
     println!("|---|---|---|---|");
