@@ -202,7 +202,10 @@ fn main() {
 
     // Local config: whole (one thread, one event list), then as the proxy loads it (in pieces, on every
     // core).
-    for (path, in_pieces) in [("local config, whole", false), ("local config, in pieces", true)] {
+    for (path, in_pieces) in [
+        ("local config, whole", false),
+        ("local config, in pieces", true),
+    ] {
         let text = yaml(n);
         let bytes = text.len();
         let before = reset_peak() - bytes;
