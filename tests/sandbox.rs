@@ -292,6 +292,26 @@ fn a_sandbox_left_up_is_used_live_refuses_bad_input_and_down_after_a_crash_leave
     let o = child.wait_with_output().unwrap();
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     assert!(String::from_utf8_lossy(&o.stdout).contains("namespace/test configured"));
+    // As with `kubectl label`, the capture follows asynchronously (the node's agent re-reads its file):
+    // the pod already running in the namespace is captured within a few poll intervals.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let status = sb.run(&["status"]);
+        let s = String::from_utf8_lossy(&status.stdout).into_owned();
+        let sleep = s
+            .lines()
+            .find(|l| l.starts_with("test/sleep"))
+            .unwrap_or("");
+        if sleep.contains(" captured ") && status.status.code() == Some(0) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "test/sleep not captured 30 s after its namespace was labelled:\n{s}\n{}",
+            sb.logs()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
 
     // Refused before anything changes: a manifest over 1 MiB, and a second command while one holds the lock.
     let applied = std::fs::read(&mesh).unwrap();
@@ -331,7 +351,7 @@ fn a_sandbox_left_up_is_used_live_refuses_bad_input_and_down_after_a_crash_leave
     );
     let status = sb.run(&["status"]);
     let s = String::from_utf8_lossy(&status.stdout).into_owned();
-    assert_eq!(status.status.code(), Some(0), "{s}");
+    assert_eq!(status.status.code(), Some(0), "{s}\n{}", sb.logs());
     let pod_line = s
         .lines()
         .find(|l| l.starts_with("default/waypoint-0"))
