@@ -44,19 +44,19 @@ pub struct Transferred {
 }
 
 /// Runs both directions until each has ended. On an error in either direction the stream is reset and the
-/// error returned.
+/// error returned. The stream's halves are borrowed: the caller holds them (once) and drops them after.
 pub async fn bidirectional<R, W>(
     tcp_read: &mut R,
     tcp_write: &mut W,
-    mut send: SendStream<Bytes>,
-    mut recv: RecvStream,
+    send: &mut SendStream<Bytes>,
+    recv: &mut RecvStream,
 ) -> io::Result<Transferred>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let up = tcp_to_h2(tcp_read, &mut send);
-    let down = h2_to_tcp(&mut recv, tcp_write);
+    let up = tcp_to_h2(tcp_read, send);
+    let down = h2_to_tcp(recv, tcp_write);
     match tokio::try_join!(up, down) {
         Ok((tcp_to_hbone, hbone_to_tcp)) => Ok(Transferred {
             tcp_to_hbone,
@@ -233,5 +233,50 @@ mod tests {
             panic!("end of stream must be reported")
         };
         assert!(end.is_empty());
+    }
+
+    /// A socket that gives what it is told, in order: bytes, or an error.
+    struct Scripted(std::collections::VecDeque<io::Result<Vec<u8>>>);
+
+    impl AsyncRead for Scripted {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            match self.0.pop_front() {
+                Some(Ok(bytes)) => {
+                    buf.put_slice(&bytes);
+                    Poll::Ready(Ok(()))
+                }
+                Some(Err(e)) => Poll::Ready(Err(e)),
+                None => Poll::Pending,
+            }
+        }
+    }
+
+    #[test]
+    fn a_read_error_reaches_the_copy_in_small_and_bulk_mode() {
+        let reset = || io::Error::from(io::ErrorKind::ConnectionReset);
+        // Small reads: the error comes out as it was.
+        let mut reader = Reader::default();
+        let mut sock = Scripted([Ok(b"hi".to_vec()), Err(reset())].into());
+        assert!(matches!(poll_once(&mut reader, &mut sock), Poll::Ready(Ok(c)) if &c[..] == b"hi"));
+        let Poll::Ready(Err(e)) = poll_once(&mut reader, &mut sock) else {
+            panic!("the read error must be reported")
+        };
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionReset);
+
+        // Bulk: a full scratch read switches mode, and the next read's error still comes out.
+        let mut reader = Reader::default();
+        let mut sock = Scripted([Ok(vec![1; SMALL_READ]), Err(reset())].into());
+        assert!(
+            matches!(poll_once(&mut reader, &mut sock), Poll::Ready(Ok(c)) if c.len() == SMALL_READ)
+        );
+        assert!(reader.bulk.is_some());
+        let Poll::Ready(Err(e)) = poll_once(&mut reader, &mut sock) else {
+            panic!("the read error must be reported in bulk mode")
+        };
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionReset);
     }
 }

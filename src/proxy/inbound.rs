@@ -115,10 +115,8 @@ struct OpenStream {
     record: ConnectionRecord,
     ends: Ends,
     authority: String,
-    /// Taken by the copy.
-    send: Option<h2::SendStream<bytes::Bytes>>,
-    /// Taken by the copy.
-    recv: Option<h2::RecvStream>,
+    send: h2::SendStream<bytes::Bytes>,
+    recv: h2::RecvStream,
 }
 
 /// How a stream's copy ended: the bytes each way, and the copy's result or the policy change that closed it.
@@ -139,15 +137,14 @@ impl OpenStream {
             Counted::facing(r, Side::Server, live.as_ref()),
             Counted::facing(w, Side::Server, live.as_ref()),
         );
-        let (send, recv) = (self.send.take(), self.recv.take());
-        let outcome = match (send, recv) {
-            (Some(send), Some(recv)) => tokio::select! {
-                res = copy::bidirectional(&mut r, &mut w, send, recv) => Ok(res),
-                // Dropping the copy drops the stream's halves: h2 resets the stream (CANCEL).
-                reason = self.registration.closed() => Err(reason),
-            },
-            _ => Ok(Err(std::io::Error::other("HBONE stream already carried"))),
+        let outcome = tokio::select! {
+            res = copy::bidirectional(&mut r, &mut w, &mut self.send, &mut self.recv) => Ok(res),
+            reason = self.registration.closed() => Err(reason),
         };
+        if outcome.is_err() {
+            // Closed by a policy change mid-copy: the peer sees the stream reset (CANCEL).
+            self.send.send_reset(h2::Reason::CANCEL);
+        }
         Carried {
             received: w.written,
             sent: r.read,
@@ -370,8 +367,8 @@ impl Proxy {
             record,
             ends,
             authority,
-            send: Some(send),
-            recv: Some(recv),
+            send,
+            recv,
         })
     }
     /// The checks of ztunnel's inbound path, in its order, on a CONNECT request's head; the upstream

@@ -162,8 +162,9 @@ impl OpenOutbound {
                     Counted::facing(r, Side::Initiator, live.as_ref()),
                     Counted::facing(w, Side::Initiator, live.as_ref()),
                 );
-                let res = copy::bidirectional(&mut r, &mut w, tunnel.send, tunnel.recv).await;
-                drop(tunnel.slot);
+                let (mut send, mut recv) = (tunnel.send, tunnel.recv);
+                let res = copy::bidirectional(&mut r, &mut w, &mut send, &mut recv).await;
+                drop((send, recv, tunnel.slot));
                 Carried {
                     received: r.read,
                     sent: w.written,

@@ -102,11 +102,9 @@ pub async fn fake_waypoint(ca: &dyn CertSource, id: &Identity, addr: SocketAddr)
                             let _ = w.shutdown().await;
                         });
                         let (mut r, mut w) = tokio::io::split(mine);
+                        let (mut send, mut recv) = (send, req.into_body());
                         let _ = meshnode::hbone::copy::bidirectional(
-                            &mut r,
-                            &mut w,
-                            send,
-                            req.into_body(),
+                            &mut r, &mut w, &mut send, &mut recv,
                         )
                         .await;
                     });
