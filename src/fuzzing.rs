@@ -665,19 +665,10 @@ pub fn local_config(data: &[u8]) -> bool {
     whole.is_ok()
 }
 
-/// A state's workloads, services (ports in order) and policies, as text.
+/// A state's workloads, services and policies, as text.
 fn comparable(st: &crate::state::State) -> String {
-    let services: Vec<_> = st
-        .services()
-        .map(|s| {
-            let mut ports: Vec<_> = s.ports.iter().collect();
-            ports.sort_unstable();
-            let mut s = (**s).clone();
-            s.ports.clear();
-            format!("{s:?} {ports:?}")
-        })
-        .collect();
     let workloads: Vec<_> = st.workloads().collect();
+    let services: Vec<_> = st.services().collect();
     let policies: Vec<_> = st.policies().iter().collect();
     format!("{workloads:?}\n{services:?}\n{policies:?}")
 }

@@ -400,7 +400,7 @@ fn service_for(state: &State, workload: &Workload, target_port: u16) -> Option<A
         let (ns, host) = key.split_once('/')?;
         let svc = state.service_by_host(host, ns)?;
         let maps = ports.iter().any(|(_, p)| *p == target_port)
-            || svc.ports.values().any(|p| *p == target_port);
+            || svc.ports.iter().any(|(_, p)| *p == target_port);
         (svc.namespace == ns && maps).then(|| svc.clone())
     })
 }

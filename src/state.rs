@@ -232,15 +232,15 @@ pub struct Endpoint {
 #[derive(Debug, Clone)]
 pub struct Service {
     /// Name.
-    pub name: String,
+    pub name: SharedStr,
     /// Namespace.
-    pub namespace: String,
+    pub namespace: SharedStr,
     /// Hostname (`reviews.default.svc.cluster.local`).
-    pub hostname: String,
+    pub hostname: SharedStr,
     /// VIPs with their network.
-    pub vips: Vec<(String, IpAddr)>,
+    pub vips: Vec<(SharedStr, IpAddr)>,
     /// Service port → target port (0: the endpoint must say).
-    pub ports: HashMap<u16, u16>,
+    pub ports: PortMap,
     /// Extra identities accepted for this service's endpoints.
     pub subject_alt_names: Vec<Identity>,
     /// Preferred among services sharing a hostname.
@@ -296,8 +296,9 @@ pub struct State {
     by_workload_host: HashMap<SharedStr, Vec<usize>>,
     services: Vec<Arc<Service>>,
     /// network → VIP → services.
-    by_vip: HashMap<String, HashMap<IpAddr, Vec<usize>>>,
-    by_host: HashMap<String, Vec<usize>>,
+    by_vip: HashMap<SharedStr, HashMap<IpAddr, Vec<usize>>>,
+    /// Keys are the services' own (shared) hostnames.
+    by_host: HashMap<SharedStr, Vec<usize>>,
     policies: Arc<PolicySet>,
 }
 
@@ -389,7 +390,7 @@ impl State {
             let key = svc.key();
             if st
                 .by_host
-                .get(&svc.hostname)
+                .get(svc.hostname.as_str())
                 .is_some_and(|v| v.iter().any(|&i| st.services[i].namespace == svc.namespace))
             {
                 return Err(Error::Duplicate {

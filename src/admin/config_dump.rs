@@ -147,7 +147,7 @@ fn service(state: &State, s: &Service) -> Value {
         "namespace": s.namespace,
         "hostname": s.hostname,
         "vips": s.vips.iter().map(|(n, ip)| network_address(n, *ip)).collect::<Vec<_>>(),
-        "ports": ports(&s.ports),
+        "ports": ports(s.ports.iter()),
         "endpoints": endpoints,
         "subjectAltNames": s.subject_alt_names.iter().map(|i| i.to_string()).collect::<Vec<_>>(),
         "loadBalancer": {

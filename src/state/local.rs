@@ -302,7 +302,7 @@ impl LocalConfig {
             services: self
                 .services
                 .into_iter()
-                .map(service)
+                .map(|s| service(s, interner))
                 .collect::<Result<_, _>>()?,
             policies: self.policies,
         })
@@ -356,7 +356,7 @@ fn convert_piece(piece: chunks::Piece<'_>, interner: &mut Interner) -> Result<Co
         chunks::Kind::Services => {
             out.services = serde_yaml::from_str::<Vec<LocalService>>(piece.text)?
                 .into_iter()
-                .map(service)
+                .map(|s| service(s, interner))
                 .collect::<Result<_, _>>()?;
         }
         chunks::Kind::Policies => out.policies = serde_yaml::from_str(piece.text)?,
@@ -505,7 +505,7 @@ fn workload(w: LocalWorkload, interner: &mut Interner) -> Result<Workload, Error
     })
 }
 
-fn service(s: LocalService) -> Result<Service, Error> {
+fn service(s: LocalService, interner: &mut Interner) -> Result<Service, Error> {
     let key = format!("{}/{}", s.namespace, s.hostname);
     let invalid = |reason: String| Error::Invalid {
         what: "service",
@@ -522,7 +522,7 @@ fn service(s: LocalService) -> Result<Service, Error> {
             let ip: IpAddr = ip
                 .parse()
                 .map_err(|_| invalid(format!("VIP {v:?} has no valid IP")))?;
-            Ok((net.to_string(), ip))
+            Ok((interner.str(net), ip))
         })
         .collect::<Result<Vec<_>, Error>>()?;
     let subject_alt_names = s
@@ -561,11 +561,11 @@ fn service(s: LocalService) -> Result<Service, Error> {
         None => (HealthPolicy::default(), LbMode::default()),
     };
     Ok(Service {
-        name: s.name,
-        namespace: s.namespace,
-        hostname: s.hostname,
+        name: s.name.into(),
+        namespace: interner.str(&s.namespace),
+        hostname: s.hostname.into(),
         vips,
-        ports: s.ports.into_iter().collect(),
+        ports: interner.ports(s.ports),
         subject_alt_names,
         canonical: s.canonical,
         health_policy,

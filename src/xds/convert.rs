@@ -398,7 +398,7 @@ fn service(name: &str, s: pb::Service) -> Result<Service, ConvertError> {
                     ip: addr,
                     length: len,
                 }),
-                _ => Ok((a.network.clone(), addr)),
+                _ => Ok((a.network.as_str().into(), addr)),
             }
         })
         .collect::<Result<Vec<_>, _>>()?;
@@ -452,10 +452,10 @@ fn service(name: &str, s: pb::Service) -> Result<Service, ConvertError> {
         }
     };
     Ok(Service {
-        ports: ports("ports", &s.ports)?,
-        name: s.name,
-        namespace: s.namespace,
-        hostname: s.hostname,
+        ports: ports("ports", &s.ports)?.into(),
+        name: s.name.into(),
+        namespace: s.namespace.into(),
+        hostname: s.hostname.into(),
         vips,
         subject_alt_names,
         canonical: s.canonical,

@@ -467,10 +467,7 @@ fn service_fields_are_carried_over() {
     })
     .unwrap();
     assert_eq!(s.key(), "default/reviews.default.svc.cluster.local");
-    assert_eq!(
-        s.vips,
-        vec![("".to_string(), "10.96.0.10".parse().unwrap())]
-    );
+    assert_eq!(s.vips, vec![("".into(), "10.96.0.10".parse().unwrap())]);
     assert_eq!(s.ports, HashMap::from([(80, 9080)]));
     assert_eq!(
         s.subject_alt_names[0].to_string(),
