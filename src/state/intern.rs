@@ -203,10 +203,11 @@ impl PartialEq<HashMap<u16, u16>> for PortMap {
     }
 }
 
-/// The services a workload backs: `namespace/hostname` → its port map. Few per workload, so a boxed slice
-/// searched in order.
-#[derive(Clone, Default, PartialEq, Eq)]
-pub struct ServicePorts(Box<[(SharedStr, PortMap)]>);
+/// The services a workload backs: `namespace/hostname` → its port map. Few per workload, so a slice
+/// searched in order; shared (and interned) between the workloads that back the same services with the
+/// same ports, as the pods of one deployment do.
+#[derive(Clone, Default, PartialEq, Eq, Hash)]
+pub struct ServicePorts(Arc<[(SharedStr, PortMap)]>);
 
 impl ServicePorts {
     /// The port map of service `key` (`namespace/hostname`).
@@ -268,15 +269,20 @@ impl fmt::Debug for ServicePorts {
 impl FromIterator<(SharedStr, PortMap)> for ServicePorts {
     /// A repeated key keeps its last map, as a map insert would.
     fn from_iter<I: IntoIterator<Item = (SharedStr, PortMap)>>(iter: I) -> ServicePorts {
-        let mut v: Vec<(SharedStr, PortMap)> = Vec::new();
-        for (k, p) in iter {
-            match v.iter_mut().find(|(old, _)| *old == k) {
-                Some(e) => e.1 = p,
-                None => v.push((k, p)),
-            }
-        }
-        ServicePorts(v.into_boxed_slice())
+        ServicePorts(last_per_key(iter).into())
     }
+}
+
+/// The pairs, a repeated key keeping its last map.
+fn last_per_key(iter: impl IntoIterator<Item = (SharedStr, PortMap)>) -> Vec<(SharedStr, PortMap)> {
+    let mut v: Vec<(SharedStr, PortMap)> = Vec::new();
+    for (k, p) in iter {
+        match v.iter_mut().find(|(old, _)| *old == k) {
+            Some(e) => e.1 = p,
+            None => v.push((k, p)),
+        }
+    }
+    v
 }
 
 /// One set of shared values. Not thread-safe by itself: one owner builds with it.
@@ -285,6 +291,7 @@ pub struct Interner {
     strings: HashSet<ArcStr>,
     identities: HashMap<(SharedStr, SharedStr, SharedStr), Identity>,
     ports: HashSet<PortMap>,
+    service_ports: HashSet<ServicePorts>,
     /// Size after the last prune (or start): [`Interner::prune`] does work only once this doubled.
     pruned_at: usize,
 }
@@ -335,8 +342,24 @@ impl Interner {
         map
     }
 
+    /// The shared copy of a workload's service list (in key order, so that lists given in any order
+    /// share: xDS sends them as a map).
+    pub fn service_ports(
+        &mut self,
+        list: impl IntoIterator<Item = (SharedStr, PortMap)>,
+    ) -> ServicePorts {
+        let mut v = last_per_key(list);
+        v.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let sp = ServicePorts(v.into());
+        if let Some(old) = self.service_ports.get(&sp) {
+            return old.clone();
+        }
+        self.service_ports.insert(sp.clone());
+        sp
+    }
+
     fn len(&self) -> usize {
-        self.strings.len() + self.identities.len() + self.ports.len()
+        self.strings.len() + self.identities.len() + self.ports.len() + self.service_ports.len()
     }
 
     /// Forgets values nobody but the interner holds, once it has doubled since the last time (so a
@@ -345,7 +368,8 @@ impl Interner {
         if self.len() < 2 * self.pruned_at.max(1024) {
             return;
         }
-        // Identities first: they hold their key strings.
+        // Identities and service lists first: they hold strings and port maps.
+        self.service_ports.retain(|sp| Arc::strong_count(&sp.0) > 1);
         self.identities
             .retain(|_, id| Identity::strong_count(id) > 1);
         self.ports.retain(|p| Arc::strong_count(&p.0) > 1);
@@ -374,12 +398,20 @@ mod tests {
         let id = i.identity("cluster.local", "default", "sa").unwrap();
         assert_eq!(id, i.identity("cluster.local", "default", "sa").unwrap());
         assert_eq!(Identity::strong_count(&id), 2);
+        // Two workloads backing the same services, listed in another order: one shared list.
+        let (r, d) = (i.str("default/reviews"), i.str("default/details"));
+        let s = i.service_ports([(r.clone(), p.clone()), (d.clone(), q.clone())]);
+        let t = i.service_ports([(d.clone(), q), (r.clone(), p.clone())]);
+        assert!(Arc::ptr_eq(&s.0, &t.0));
+        assert_eq!(s.get("default/reviews"), Some(&p));
+        drop((s, t, r, d));
         // Many values nobody holds any more: a prune keeps only those still in use.
         for n in 0..5000 {
             i.str(&format!("gone-{n}"));
         }
         i.prune();
         assert!(i.len() < 10, "{}", i.len());
+        assert!(i.service_ports.is_empty());
         assert!(ArcStr::ptr_eq(&i.str("default").0, &a.0));
         assert_eq!(i.identity("cluster.local", "default", "sa").unwrap(), id);
         assert!(Arc::ptr_eq(&i.ports([(80, 8080), (443, 8443)]).0, &p.0));

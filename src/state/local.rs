@@ -468,11 +468,12 @@ fn workload(w: LocalWorkload, interner: &mut Interner) -> Result<Workload, Error
     let identity = interner
         .identity(trust_domain, &w.namespace, service_account)
         .map_err(|e| invalid(format!("no valid identity: {e}")))?;
-    let services = w
+    let services: Vec<_> = w
         .services
         .into_iter()
         .map(|(k, ports)| (interner.string(k), interner.ports(ports)))
         .collect();
+    let services = interner.service_ports(services);
     Ok(Workload {
         uid: key.into(),
         name: w.name.into(),

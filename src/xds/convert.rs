@@ -359,7 +359,7 @@ fn workload(
         status,
         capacity: w.capacity.unwrap_or(1),
         authorization_policies: w.authorization_policies,
-        services: services.into_iter().collect(),
+        services: interner.service_ports(services),
         canonical_name: interner.string(w.canonical_name),
         canonical_revision: interner.string(w.canonical_revision),
         workload_name: interner.string(w.workload_name),
