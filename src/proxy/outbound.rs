@@ -83,9 +83,8 @@ struct Tunnel<'a> {
     service: Option<&'a Service>,
 }
 
-/// An outbound connection whose upstream is open: what the copy and the access line need, held once.
-struct OpenOutbound {
-    stream: TcpStream,
+/// Who and where an outbound connection is between, for its access line.
+struct Ends {
     peer: SocketAddr,
     src: Arc<Workload>,
     dst_workload: Option<Arc<Workload>>,
@@ -93,8 +92,30 @@ struct OpenOutbound {
     /// The tunnel's `:authority` (HBONE only).
     authority: Option<SocketAddr>,
     start: Instant,
-    /// Taken when the access line is logged.
-    record: Option<ConnectionRecord>,
+}
+
+impl Ends {
+    fn access(&self) -> Access<'_> {
+        Access {
+            reporter: Reporter::source,
+            src: self.peer,
+            src_workload: Some(&*self.src),
+            dst: self.sent_to,
+            hbone_addr: self
+                .authority
+                .as_ref()
+                .map(|a| a as &(dyn std::fmt::Display + Sync)),
+            dst_workload: self.dst_workload.as_deref(),
+            start: self.start,
+        }
+    }
+}
+
+/// An outbound connection whose upstream is open: what the copy and the access line need, held once.
+struct OpenOutbound {
+    stream: TcpStream,
+    ends: Ends,
+    record: ConnectionRecord,
     /// Listed in the admin dump while it lives.
     _listing: Listing,
     up: Up,
@@ -102,8 +123,6 @@ struct OpenOutbound {
 
 /// The upstream side of an [`OpenOutbound`].
 enum Up {
-    /// Not connected yet.
-    Opening,
     /// Plain TCP (TCP workloads, passthrough).
     Plain(TcpStream),
     /// An HBONE stream.
@@ -120,33 +139,10 @@ struct Carried {
 }
 
 impl OpenOutbound {
-    fn access(&self) -> Access<'_> {
-        Access {
-            reporter: Reporter::source,
-            src: self.peer,
-            src_workload: Some(&*self.src),
-            dst: self.sent_to,
-            hbone_addr: self
-                .authority
-                .as_ref()
-                .map(|a| a as &(dyn std::fmt::Display + Sync)),
-            dst_workload: self.dst_workload.as_deref(),
-            start: self.start,
-        }
-    }
-
-    /// Logs the access line of a connection whose upstream could not be opened.
-    fn fail(&mut self, flags: ResponseFlags, error: &Error) {
-        if let Some(record) = self.record.take() {
-            self.access().close(record, flags, 0, 0, Some(error));
-        }
-    }
-
     /// Copies both ways until both ends finish. Borrows the connection (held once, by the caller).
     async fn carry(&mut self) -> Carried {
-        let live = self.record.as_mut().and_then(|r| r.live_bytes());
-        // Taken: the copy owns the upstream from here on.
-        match std::mem::replace(&mut self.up, Up::Opening) {
+        let live = self.record.live_bytes();
+        match &mut self.up {
             Up::Plain(up) => {
                 let mut up = Counted::facing(up, Side::Server, live.as_ref());
                 let res = tokio::io::copy_bidirectional(&mut self.stream, &mut up).await;
@@ -162,29 +158,22 @@ impl OpenOutbound {
                     Counted::facing(r, Side::Initiator, live.as_ref()),
                     Counted::facing(w, Side::Initiator, live.as_ref()),
                 );
-                let (mut send, mut recv) = (tunnel.send, tunnel.recv);
-                let res = copy::bidirectional(&mut r, &mut w, &mut send, &mut recv).await;
-                drop((send, recv, tunnel.slot));
+                let res =
+                    copy::bidirectional(&mut r, &mut w, &mut tunnel.send, &mut tunnel.recv).await;
                 Carried {
                     received: r.read,
                     sent: w.written,
                     result: res.map(|_| ()).map_err(Error::from),
                 }
             }
-            Up::Opening => Carried {
-                received: 0,
-                sent: 0,
-                result: Ok(()),
-            },
         }
     }
 
-    /// Logs the access line and records the close.
-    fn close(mut self, carried: Carried) {
-        if let Some(record) = self.record.take() {
-            self.access()
-                .copied(record, carried.received, carried.sent, carried.result);
-        }
+    /// Logs the access line and records the close (the upstream and its pool slot go with `self`).
+    fn close(self, carried: Carried) {
+        self.ends
+            .access()
+            .copied(self.record, carried.received, carried.sent, carried.result);
     }
 }
 
@@ -285,77 +274,93 @@ impl Proxy {
             actual_dst: sent_to,
             protocol: if authority.is_some() { "HBONE" } else { "TCP" },
         });
-        let mut open = OpenOutbound {
-            stream,
+        let ends = Ends {
             peer,
             src,
             dst_workload,
             sent_to,
             authority,
             start,
-            record: Some(record),
-            _listing: listing,
-            up: Up::Opening,
         };
-        let tunnel = match &route {
-            Route::Passthrough(addr) | Route::Tcp(Upstream { addr, .. }) => {
-                match self.connect_plain(*addr).await {
-                    Ok(up) => open.up = Up::Plain(up),
-                    Err(e) => open.fail(ResponseFlags::Connect, &e),
-                }
-                return Ok(open.record.is_some().then_some(open));
+        // The upstream, or why it could not be opened (the access line's flags and error).
+        let up = match &route {
+            Route::Passthrough(addr) | Route::Tcp(Upstream { addr, .. }) => self
+                .connect_plain(*addr)
+                .await
+                .map(Up::Plain)
+                .map_err(|e| (ResponseFlags::Connect, e)),
+            Route::Hbone(up) => {
+                let tunnel = Tunnel {
+                    dst: sent_to,
+                    expected: &up.expected_identities,
+                    authority: up.addr,
+                    service: up.service.as_deref(),
+                };
+                self.open_tunnel(&ends.src, peer, tunnel)
+                    .await
+                    .map(Up::Hbone)
+                    .map_err(|e| (e.response_flags(), e))
             }
-            Route::Hbone(up) => Tunnel {
-                dst: sent_to,
-                expected: &up.expected_identities,
-                authority: up.addr,
-                service: up.service.as_deref(),
-            },
-            Route::Waypoint(hop) => Tunnel {
-                dst: hop.via.addr,
-                expected: &hop.via.expected_identities,
-                authority: hop.authority,
-                service: hop.service.as_deref(),
-            },
-        };
-        let hbone_dst = tunnel.dst;
-        let opened: Result<_, Error> = async {
-            let tls = self.tls_for(&open.src.identity).await?.current();
-            let key = PoolKey {
-                src: open.src.identity.clone(),
-                dst_ids: tunnel.expected.to_vec(),
-                dst: tunnel.dst,
-            };
-            let req = connect_request(&open.src, peer, tunnel.authority, tunnel.service);
-            Ok(self.pool().connect(&key, &tls, req).await?)
-        }
-        .await;
-        match opened {
-            Ok(t) => open.up = Up::Hbone(t),
-            Err(e) => {
-                // TLS_FAILURE, H2_HANDSHAKE_FAILURE, NETWORK_POLICY, IDENTITY_ERROR or CONNECT.
-                let flags = e.response_flags();
-                let e = match (&route, e) {
-                    (Route::Waypoint(hop), Error::Hbone(source)) => {
+            Route::Waypoint(hop) => {
+                let tunnel = Tunnel {
+                    dst: hop.via.addr,
+                    expected: &hop.via.expected_identities,
+                    authority: hop.authority,
+                    service: hop.service.as_deref(),
+                };
+                self.open_tunnel(&ends.src, peer, tunnel)
+                    .await
+                    .map(Up::Hbone)
+                    .map_err(|e| {
+                        let flags = e.response_flags();
+                        let Error::Hbone(source) = e else {
+                            return (flags, e);
+                        };
                         let refusal = WaypointRefusal {
                             binding: hop.binding,
                             target: hop.target.clone(),
                             waypoint: hop.waypoint.clone(),
                             problem: WaypointProblem::Unreachable {
-                                addr: hbone_dst,
+                                addr: hop.via.addr,
                                 source,
                             },
                         };
                         self.metrics().waypoint_unavailable(&refusal.labels());
-                        Error::Waypoint(Box::new(refusal))
-                    }
-                    (_, e) => e,
-                };
-                open.fail(flags, &e);
-                return Ok(None);
+                        (flags, Error::Waypoint(Box::new(refusal)))
+                    })
+            }
+        };
+        match up {
+            Ok(up) => Ok(Some(OpenOutbound {
+                stream,
+                ends,
+                record,
+                _listing: listing,
+                up,
+            })),
+            Err((flags, e)) => {
+                // TLS_FAILURE, H2_HANDSHAKE_FAILURE, NETWORK_POLICY, IDENTITY_ERROR or CONNECT.
+                ends.access().close(record, flags, 0, 0, Some(&e));
+                Ok(None)
             }
         }
-        Ok(Some(open))
+    }
+
+    /// Opens an HBONE stream from `src` (at `peer`) through the pool.
+    async fn open_tunnel(
+        &self,
+        src: &Workload,
+        peer: SocketAddr,
+        tunnel: Tunnel<'_>,
+    ) -> Result<pool::Stream, Error> {
+        let tls = self.tls_for(&src.identity).await?.current();
+        let key = PoolKey {
+            src: src.identity.clone(),
+            dst_ids: tunnel.expected.to_vec(),
+            dst: tunnel.dst,
+        };
+        let req = connect_request(src, peer, tunnel.authority, tunnel.service);
+        Ok(self.pool().connect(&key, &tls, req).await?)
     }
 
     /// ztunnel's routing decision for a connection from `src` (at `downstream`) to `dst`.
