@@ -307,7 +307,7 @@ impl Interner {
         SharedStr(a)
     }
 
-    /// The shared copy of `s`, reusing its buffer when `s` is new.
+    /// The shared copy of `s` (an owned string, as converters have them).
     pub fn string(&mut self, s: String) -> SharedStr {
         self.str(&s)
     }

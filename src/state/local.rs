@@ -320,12 +320,7 @@ pub fn state_from_text(yaml: &str) -> Result<State, Error> {
 /// [`state_from_text`] with every list cut into pieces of two items on three threads, whatever the file's
 /// size: for the fuzz target, which compares it with the whole load.
 pub(crate) fn state_in_small_pieces(yaml: &str) -> Result<State, Error> {
-    let limits = chunks::Limits {
-        threads: 3,
-        min_bytes: 0,
-        piece_items: 2,
-    };
-    state_with(yaml, limits)
+    state_with(yaml, chunks::Limits::tiny())
 }
 
 fn state_with(yaml: &str, limits: chunks::Limits) -> Result<State, Error> {

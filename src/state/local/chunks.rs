@@ -37,6 +37,16 @@ impl Limits {
             piece_items: 512,
         }
     }
+
+    /// Every list cut into pieces of two items on three threads, whatever the file's size: for tests and
+    /// the fuzz target, which compare the result with the whole load.
+    pub(super) fn tiny() -> Limits {
+        Limits {
+            threads: 3,
+            min_bytes: 0,
+            piece_items: 2,
+        }
+    }
 }
 
 /// A run of text that parses on its own.
@@ -130,7 +140,7 @@ pub(super) fn run_all<J: Sync, C, R: Send>(
 /// indentation, nothing less indented than the items inside a list.
 fn split(text: &str, limits: Limits) -> Option<Vec<Piece<'_>>> {
     // (key, start of the key line, start of its body) for each top-level key, in order.
-    let mut keys: Vec<(&str, usize, usize)> = Vec::new();
+    let mut keys: Vec<(Kind, usize, usize)> = Vec::new();
     let mut pos = 0;
     for line in text.split_inclusive('\n') {
         let start = pos;
@@ -142,11 +152,11 @@ fn split(text: &str, limits: Limits) -> Option<Vec<Piece<'_>>> {
             _ => {}
         }
         let (key, rest) = l.split_once(':')?;
-        if !key.bytes().all(|b| b.is_ascii_alphabetic()) || keys.iter().any(|(k, _, _)| *k == key) {
+        // The three keys of the format, each once (anything else is refused by the whole parse).
+        let key = Kind::of(key)?;
+        if keys.iter().any(|(k, _, _)| *k == key) {
             return None;
         }
-        // The three keys of the format (anything else is refused by the whole parse).
-        Kind::of(key)?;
         let rest = rest.trim_start_matches([' ', '\t']);
         if !(rest.is_empty() || rest.starts_with('#')) {
             // An inline value (`policies: []`): the section is parsed whole.
@@ -159,7 +169,7 @@ fn split(text: &str, limits: Limits) -> Option<Vec<Piece<'_>>> {
         return None;
     }
     let mut pieces = Vec::new();
-    for (n, &(key, start, body)) in keys.iter().enumerate() {
+    for (n, &(kind, start, body)) in keys.iter().enumerate() {
         let end = keys.get(n + 1).map_or(text.len(), |k| k.1);
         let whole = Piece {
             kind: Kind::Whole,
@@ -169,7 +179,6 @@ fn split(text: &str, limits: Limits) -> Option<Vec<Piece<'_>>> {
             pieces.push(whole);
             continue;
         }
-        let kind = Kind::of(key)?;
         match items(&text[body..end], limits)? {
             Some(runs) => pieces.extend(runs.into_iter().map(|text| Piece { kind, text })),
             None => pieces.push(whole),
@@ -178,8 +187,8 @@ fn split(text: &str, limits: Limits) -> Option<Vec<Piece<'_>>> {
     Some(pieces)
 }
 
-/// Cuts a list's body into runs of `piece_items` whole items (the last one may be shorter); `Some(None)` when the body is empty or short (parse it whole), `None` when it is not
-/// a plain list.
+/// Cuts a list's body into runs of `piece_items` whole items (the last one may be shorter); `Some(None)`
+/// when the body is empty or short (parse it whole), `None` when it is not a plain list.
 fn items(body: &str, limits: Limits) -> Option<Option<Vec<&str>>> {
     // Where each item starts, and the items' indentation (that of the first).
     let mut starts = Vec::new();

@@ -1,13 +1,6 @@
 use super::*;
 use crate::state::local::LocalConfig;
 
-/// Cuts even small files, into pieces of two items, on three threads.
-const SMALL: Limits = Limits {
-    threads: 3,
-    min_bytes: 0,
-    piece_items: 2,
-};
-
 /// A file of `n` workloads and `n / 2` services in the shapes people write: comments between and
 /// inside items, quoted values holding `- ` and `: `, both waypoint spellings, a free-form value with a
 /// block scalar, the services list indented under its key, and an inline `policies: []`.
@@ -91,16 +84,16 @@ fn kinds(text: &str, limits: Limits) -> Vec<Kind> {
 #[test]
 fn a_large_file_loaded_in_pieces_equals_the_whole_file_load() {
     let text = varied(400);
-    let cut = pieces(&text, SMALL).expect("plain shape");
+    let cut = pieces(&text, Limits::tiny()).expect("plain shape");
     assert!(cut.len() > 20, "{} pieces", cut.len());
     assert_eq!(
-        kinds(&text, SMALL),
+        kinds(&text, Limits::tiny()),
         [Kind::Workloads, Kind::Services, Kind::Whole]
     );
-    let st = crate::state::local::state_with(&text, SMALL).unwrap();
+    let st = crate::state::local::state_with(&text, Limits::tiny()).unwrap();
     assert_eq!(st.workload_count(), 400);
     assert_eq!(st.service_count(), 200);
-    assert_eq!(in_pieces(&text, SMALL), whole(&text));
+    assert_eq!(in_pieces(&text, Limits::tiny()), whole(&text));
     // And the load the proxy uses gives the same.
     assert_eq!(
         dump(crate::state::local::state_from_text(&text)),
@@ -113,7 +106,7 @@ fn windows_line_endings_and_one_thread_give_the_same_result() {
     let text = varied(60).replace('\n', "\r\n");
     let one = Limits {
         threads: 1,
-        ..SMALL
+        ..Limits::tiny()
     };
     assert!(pieces(&text, one).is_some_and(|p| p.len() > 5));
     assert_eq!(in_pieces(&text, one), whole(&text));
@@ -130,19 +123,19 @@ fn policies_listed_in_pieces_keep_their_order() {
         ));
     }
     assert_eq!(
-        kinds(&text, SMALL),
+        kinds(&text, Limits::tiny()),
         [Kind::Workloads, Kind::Services, Kind::Policies]
     );
-    let st = crate::state::local::state_with(&text, SMALL).unwrap();
+    let st = crate::state::local::state_with(&text, Limits::tiny()).unwrap();
     assert_eq!(st.policies().iter().nth(7).unwrap().name, "p7");
-    assert_eq!(in_pieces(&text, SMALL), whole(&text));
+    assert_eq!(in_pieces(&text, Limits::tiny()), whole(&text));
 }
 
 /// Texts the cut must not be trusted with: each is loaded whole, with the whole load's result or error.
 #[test]
 fn files_of_another_shape_are_loaded_whole_with_the_same_result_or_error() {
     let base = varied(30);
-    let cut = |text: &str| pieces(text, SMALL).is_some();
+    let cut = |text: &str| pieces(text, Limits::tiny()).is_some();
     let cases: Vec<(&str, String, bool)> = vec![
         (
             "an unknown top-level key",
@@ -200,14 +193,14 @@ fn files_of_another_shape_are_loaded_whole_with_the_same_result_or_error() {
     for (what, text, plain) in cases {
         // Whether the text is cut at all; where it is, a piece fails and the whole load decides.
         assert_eq!(cut(&text), plain, "{what}: cut");
-        assert_eq!(in_pieces(&text, SMALL), whole(&text), "{what}");
+        assert_eq!(in_pieces(&text, Limits::tiny()), whole(&text), "{what}");
     }
 }
 
 #[test]
 fn an_error_in_a_large_file_names_its_line_in_the_whole_file() {
     let text = varied(400).replacen("  node: node3\n", "  node: [node3\n", 1);
-    let err = in_pieces(&text, SMALL).unwrap_err();
+    let err = in_pieces(&text, Limits::tiny()).unwrap_err();
     let line = text
         .lines()
         .position(|l| l == "  node: [node3")
@@ -223,8 +216,8 @@ fn an_error_in_a_large_file_names_its_line_in_the_whole_file() {
 #[test]
 fn small_or_empty_lists_are_loaded_whole() {
     let text = "workloads:\nservices:\n# nothing\npolicies:\n";
-    assert_eq!(kinds(text, SMALL), [Kind::Whole]);
-    assert_eq!(in_pieces(text, SMALL), whole(text));
+    assert_eq!(kinds(text, Limits::tiny()), [Kind::Whole]);
+    assert_eq!(in_pieces(text, Limits::tiny()), whole(text));
     // Below the size limit nothing is cut.
     assert!(pieces(&varied(30), Limits::here()).is_none());
 }
