@@ -33,9 +33,12 @@ async fn read_bounded(path: &std::path::Path) -> std::io::Result<Vec<u8>> {
 }
 
 /// [`read_bounded`] for the first, synchronous load of a file that is then polled: the same limit, so a
-/// file refused on reload is refused at start too.
-pub fn read_bounded_sync(path: &std::path::Path) -> std::io::Result<Vec<u8>> {
+/// file refused on reload is refused at start too. Also returns what the poller needs to know of it,
+/// stamped before the read, so that the first poll only reads the file again if it changed meanwhile (a
+/// 15 MB config is not read, hashed and freed a second time just after start).
+pub fn read_bounded_sync(path: &std::path::Path) -> std::io::Result<(Vec<u8>, Seen)> {
     use std::io::Read;
+    let stamp = std::fs::metadata(path).ok().map(|m| Stamp::of(&m));
     let file = std::fs::File::open(path)?;
     // Sized from the file's length (within the limit) up front: a large file is read without regrowing.
     let len = file
@@ -44,7 +47,12 @@ pub fn read_bounded_sync(path: &std::path::Path) -> std::io::Result<Vec<u8>> {
         .min(MAX_FILE_BYTES + 1);
     let mut bytes = Vec::with_capacity(len as usize + 1);
     file.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes)?;
-    within_limit(bytes)
+    let bytes = within_limit(bytes)?;
+    let seen = Seen {
+        stamp,
+        ..Seen::of(&bytes)
+    };
+    Ok((bytes, seen))
 }
 
 fn within_limit(bytes: Vec<u8>) -> std::io::Result<Vec<u8>> {
@@ -138,22 +146,29 @@ pub fn in_memory_fs(dir: &std::path::Path) -> bool {
     })
 }
 
-/// What a poller remembers of the content it last handled: length and SHA-256.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// What a poller remembers of the content it last handled: length and SHA-256, and the file's [`Stamp`]
+/// when it was read (none when unknown: the first poll then reads the file again).
+#[derive(Debug, Clone, Copy, Default)]
 pub struct Seen {
     len: usize,
     digest: [u8; 32],
+    stamp: Option<Stamp>,
 }
 
 impl Seen {
-    /// The fingerprint of `bytes`.
+    /// The fingerprint of `bytes`, with no stamp.
     pub fn of(bytes: &[u8]) -> Seen {
         let mut digest = [0; 32];
         digest.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref());
         Seen {
             len: bytes.len(),
             digest,
+            stamp: None,
         }
+    }
+
+    fn same_content(&self, other: &Seen) -> bool {
+        self.len == other.len && self.digest == other.digest
     }
 }
 
@@ -167,16 +182,21 @@ struct Stamp {
     ctime: (i64, i64),
 }
 
+impl Stamp {
+    fn of(m: &std::fs::Metadata) -> Stamp {
+        use std::os::unix::fs::MetadataExt;
+        Stamp {
+            dev: m.dev(),
+            ino: m.ino(),
+            len: m.len(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        }
+    }
+}
+
 async fn stamp(path: &std::path::Path) -> Option<Stamp> {
-    use std::os::unix::fs::MetadataExt;
-    let m = tokio::fs::metadata(path).await.ok()?;
-    Some(Stamp {
-        dev: m.dev(),
-        ino: m.ino(),
-        len: m.len(),
-        mtime: (m.mtime(), m.mtime_nsec()),
-        ctime: (m.ctime(), m.ctime_nsec()),
-    })
+    Some(Stamp::of(&tokio::fs::metadata(path).await.ok()?))
 }
 
 /// Polls `path` every `interval`; `parse` turns new bytes into a value, `loaded` logs a published one.
@@ -190,8 +210,9 @@ pub async fn poll<T, E: Display>(
 ) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // Unknown at first: the caller read the file before this started, so the first poll reads it again.
-    let mut stamped: Option<Stamp> = None;
+    // As the caller's first read found it (stamped before reading: a change during that read makes the
+    // first poll read again); unknown when the caller had no stamp, and then the first poll reads again.
+    let mut stamped: Option<Stamp> = last.stamp;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -211,7 +232,7 @@ pub async fn poll<T, E: Display>(
             }
         };
         let seen = Seen::of(&bytes);
-        if seen == last {
+        if seen.same_content(&last) {
             continue;
         }
         match parse(&bytes) {
@@ -254,6 +275,35 @@ mod tests {
         std::fs::write(&path, "3").unwrap();
         rx.changed().await.unwrap();
         assert_eq!(**rx.borrow_and_update(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_change_right_after_the_first_load_is_picked_up_and_an_unchanged_file_is_not_reparsed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("n.txt");
+        std::fs::write(&path, "1").unwrap();
+        let (bytes, seen) = read_bounded_sync(&path).unwrap();
+        assert_eq!(bytes, b"1");
+        let parsed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (tx, mut rx) = watch::channel(Arc::new(1u32));
+        let count = parsed.clone();
+        tokio::spawn(poll(
+            path.clone(),
+            Duration::from_millis(10),
+            seen,
+            tx,
+            move |b: &[u8]| {
+                count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                String::from_utf8_lossy(b).trim().parse::<u32>()
+            },
+            |_| {},
+        ));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(parsed.load(std::sync::atomic::Ordering::Relaxed), 0);
+        std::fs::write(&path, "22").unwrap();
+        rx.changed().await.unwrap();
+        assert_eq!(**rx.borrow(), 22);
+        assert_eq!(parsed.load(std::sync::atomic::Ordering::Relaxed), 1);
     }
 
     #[tokio::test]
@@ -494,7 +544,7 @@ mod tests {
         let err = read_bounded_sync(&path).unwrap_err();
         assert!(err.to_string().contains("larger than"), "{err}");
         std::fs::write(&path, "ok").unwrap();
-        assert_eq!(read_bounded_sync(&path).unwrap(), b"ok");
+        assert_eq!(read_bounded_sync(&path).unwrap().0, b"ok");
         // And through the loaders that use it.
         std::fs::write(&path, vec![b'#'; MAX_FILE_BYTES as usize + 1]).unwrap();
         let agent = crate::cni_agent::local::load(&path).unwrap_err();

@@ -134,12 +134,13 @@ pub fn parse(path: &Path, text: &str) -> Result<ClusterView, Error> {
 
 /// Reads and parses the file once.
 pub fn load(path: &Path) -> Result<(crate::file_watch::Seen, ClusterView), Error> {
-    let bytes = crate::file_watch::read_bounded_sync(path).map_err(|source| Error::Read {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let (bytes, seen) =
+        crate::file_watch::read_bounded_sync(path).map_err(|source| Error::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
     let view = parse(path, &String::from_utf8_lossy(&bytes))?;
-    Ok((crate::file_watch::Seen::of(&bytes), view))
+    Ok((seen, view))
 }
 
 /// Polls the file every `interval` and publishes each good change until every receiver is gone.

@@ -68,10 +68,7 @@ impl TrustBundle {
     /// A bundle read from `path` now and re-read every `interval`.
     pub fn watch_file(path: PathBuf, interval: Duration) -> Result<TrustBundle, Error> {
         let (bytes, roots) = match crate::file_watch::read_bounded_sync(&path) {
-            Ok(bytes) => {
-                let roots = parse(&path, &bytes)?;
-                (crate::file_watch::Seen::of(&bytes), roots)
-            }
+            Ok((bytes, seen)) => (seen, parse(&path, &bytes)?),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 tracing::warn!(path = %path.display(), "root bundle file does not exist yet; only the CA answers' roots are trusted until it appears");
                 (crate::file_watch::Seen::of(&[]), Vec::new())

@@ -585,12 +585,12 @@ pub fn log_loaded(path: &Path, state: &State, what: &str) {
 
 /// Reads and validates a local config file.
 pub fn load_file(path: &Path) -> Result<(crate::file_watch::Seen, State), Error> {
-    let bytes = crate::file_watch::read_bounded_sync(path).map_err(|source| Error::Read {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let (bytes, seen) =
+        crate::file_watch::read_bounded_sync(path).map_err(|source| Error::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
     let state = state_from_text(&String::from_utf8_lossy(&bytes))?;
-    let seen = crate::file_watch::Seen::of(&bytes);
     drop(bytes);
     crate::allocator::release_freed();
     Ok((seen, state))
