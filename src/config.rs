@@ -120,6 +120,14 @@ USER_TIMEOUT_ENABLED = "false";
 /// Istio's ProxyConfig (YAML or JSON), as ztunnel reads it: only `proxyAdminPort` (the admin API's port on
 /// localhost, default 15000) is used here.
 PROXY_CONFIG = "";
+/// The cluster's DNS domain (service hostnames are `<name>.<namespace>.svc.<domain>`), for the DNS proxy.
+CLUSTER_DOMAIN = "cluster.local";
+/// The DNS proxy's choice among services of one hostname in several namespaces, after the client's own
+/// namespace (ztunnel's spelling).
+PREFERED_SERVICE_NAMESPACE = "";
+/// meshnode's own: the resolv.conf whose name servers get the DNS queries the mesh does not answer
+/// (ztunnel reads its own `/etc/resolv.conf`; in a cluster, kube-dns).
+MESHNODE_DNS_RESOLV_CONF = "/etc/resolv.conf";
 }
 
 /// A key → value lookup: the process environment in production, a map in tests.
@@ -434,6 +442,82 @@ pub struct Config {
     pub inpod_uds: PathBuf,
     /// SO_REUSEPORT on in-pod listeners.
     pub inpod_port_reuse: bool,
+    /// The DNS proxy.
+    pub dns: DnsConfig,
+}
+
+/// The DNS proxy each pod gets (ztunnel's): on unless the proxy metadata `DNS_CAPTURE`
+/// (`ISTIO_META_DNS_CAPTURE`) says otherwise; pods send it DNS only when their capture rules redirect
+/// port 53 (the CNI agent's `AMBIENT_DNS_CAPTURE`, or the pod's annotation).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsConfig {
+    /// Serve DNS at all.
+    pub enabled: bool,
+    /// Where, inside each pod (`ISTIO_META_DNS_PROXY_ADDR`: `localhost:PORT` or `IP:PORT`).
+    pub bind: DnsBind,
+    /// `CLUSTER_DOMAIN`.
+    pub cluster_domain: String,
+    /// `PREFERED_SERVICE_NAMESPACE`.
+    pub preferred_namespace: Option<String>,
+    /// `MESHNODE_DNS_RESOLV_CONF`.
+    pub resolv_conf: PathBuf,
+}
+
+/// [`DnsConfig::bind`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DnsBind {
+    /// 127.0.0.1 and, when IPv6 is on and the pod has it, ::1 (ztunnel's default, port 15053).
+    Localhost(u16),
+    /// One address.
+    Addr(SocketAddr),
+}
+
+/// ztunnel's DNS proxy port.
+pub const DEFAULT_DNS_PORT: u16 = 15053;
+
+fn dns_config(src: &dyn Source, meta: &ProxyMeta) -> Result<DnsConfig, Error> {
+    let text = |key: &str| match meta.metadata.get(key) {
+        Some(serde_json::Value::String(s)) => Some(s.clone()),
+        Some(other) => Some(other.to_string()),
+        None => None,
+    };
+    let bind = match text("DNS_PROXY_ADDR") {
+        None => DnsBind::Localhost(DEFAULT_DNS_PORT),
+        Some(a) => match a.strip_prefix("localhost:") {
+            Some(port) => DnsBind::Localhost(port.parse().map_err(|_| {
+                invalid(
+                    "ISTIO_META_DNS_PROXY_ADDR",
+                    &a,
+                    "expected localhost:PORT or IP:PORT",
+                )
+            })?),
+            None => DnsBind::Addr(a.parse().map_err(|_| {
+                invalid(
+                    "ISTIO_META_DNS_PROXY_ADDR",
+                    &a,
+                    "expected localhost:PORT or IP:PORT",
+                )
+            })?),
+        },
+    };
+    Ok(DnsConfig {
+        // On unless set to something other than true (ztunnel's rule).
+        enabled: text("DNS_CAPTURE").is_none_or(|v| v.eq_ignore_ascii_case("true")),
+        bind,
+        cluster_domain: src
+            .get(CLUSTER_DOMAIN)
+            .filter(|s| !s.trim().is_empty())
+            .map(|s| s.trim().trim_end_matches('.').to_ascii_lowercase())
+            .unwrap_or_else(|| "cluster.local".into()),
+        preferred_namespace: src
+            .get(PREFERED_SERVICE_NAMESPACE)
+            .filter(|s| !s.is_empty()),
+        resolv_conf: src
+            .get(MESHNODE_DNS_RESOLV_CONF)
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "/etc/resolv.conf".into())
+            .into(),
+    })
 }
 
 impl Config {
@@ -516,6 +600,7 @@ impl Config {
         // it never finishes.
         let max_handshakes_per_source =
             parse_default(src, MESHNODE_MAX_HANDSHAKES_PER_SOURCE, 256)?;
+        let proxy_meta = proxy_meta(src)?;
         let cfg = Config {
             proxy_mode,
             workload_info,
@@ -529,7 +614,8 @@ impl Config {
                 }
                 None => AuthToken::None,
             },
-            proxy_meta: proxy_meta(src)?,
+            dns: dns_config(src, &proxy_meta)?,
+            proxy_meta,
             packet_mark,
             enable_orig_src: parse_opt_bool(src, ENABLE_ORIG_SRC)?,
             node_name: src.get(NODE_NAME).filter(|s| !s.is_empty()),

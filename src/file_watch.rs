@@ -278,7 +278,8 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_change_right_after_the_first_load_is_picked_up_and_an_unchanged_file_is_not_reparsed() {
+    async fn a_change_right_after_the_first_load_is_picked_up_and_an_unchanged_file_is_not_reparsed(
+    ) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("n.txt");
         std::fs::write(&path, "1").unwrap();

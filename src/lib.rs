@@ -45,6 +45,7 @@ pub mod cni_exec;
 pub mod config;
 pub mod conn_slots;
 pub mod control_plane;
+pub mod dns;
 pub mod file_watch;
 #[doc(hidden)]
 pub mod fuzzing;

@@ -19,6 +19,8 @@
 //! | `process_open_fds`, `process_max_fds`, `process_resident_memory_bytes`, `process_threads` | read at each scrape ([`ProcessCollector`]) |
 //! | `istio_xds_message_total`, `istio_xds_message_bytes_total` | each xDS response received, by `url` (its type URL), and its encoded size ([`XdsMetrics`]) |
 //! | `istio_xds_connection_terminations_total` | each xDS stream's end, by `reason`: `Complete` (the server ended it), `Reconnect` (a routine end), `ConnectionError` (it could not be opened), `Error` |
+//! | `istio_dns_requests_total` | a DNS query the pod's DNS proxy answers itself (a mesh name), or from a client it cannot identify ([`DnsMetrics`]) |
+//! | `istio_dns_upstream_requests_total`, `istio_dns_upstream_failures_total`, `istio_dns_upstream_request_duration_seconds` | a query forwarded to the upstream resolvers; those that got no answer; how long the answer took |
 //! | `meshnode_waypoint_unavailable_total` | an outbound connection that must pass a waypoint is refused because the waypoint is missing, unresolvable or unreachable ([`WaypointLabels`]) |
 //!
 //! Both sides record: inbound (:15008, :15006) with `reporter="destination"`, outbound (:15001) with
@@ -44,6 +46,7 @@ use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use crate::identity::Identity;
@@ -429,6 +432,7 @@ pub struct Metrics {
     tcp: Tcp,
     waypoint_unavailable: Family<WaypointLabels, Counter>,
     xds: XdsMetrics,
+    dns: DnsMetrics,
 }
 
 impl Default for Metrics {
@@ -505,6 +509,77 @@ impl XdsMetrics {
     }
 }
 
+/// The DNS families' labels (ztunnel's): the query type in lower case (`a`, `aaaa`, `mx`, …), `udp` or
+/// `tcp`, and the client workload's canonical service and revision (`unknown` when not known).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct DnsLabels {
+    request_query_type: String,
+    request_protocol: &'static str,
+    source_canonical_service: SharedStr,
+    source_canonical_revision: SharedStr,
+}
+
+impl DnsLabels {
+    /// Labels for a query of `query_type` (its mnemonic; empty: unknown) over `protocol`, from `client`.
+    pub fn new(query_type: &str, protocol: &'static str, client: Option<&Workload>) -> DnsLabels {
+        let or_unknown = |s: Option<&SharedStr>| match s {
+            Some(s) if !s.is_empty() => s.clone(),
+            _ => SharedStr::from("unknown"),
+        };
+        DnsLabels {
+            request_query_type: if query_type.is_empty() {
+                "unknown".into()
+            } else {
+                query_type.to_ascii_lowercase()
+            },
+            request_protocol: protocol,
+            source_canonical_service: or_unknown(client.map(|w| &w.canonical_name)),
+            source_canonical_revision: or_unknown(client.map(|w| &w.canonical_revision)),
+        }
+    }
+}
+
+/// The DNS proxy's families (ztunnel's `istio_dns_*`); cheap to clone (shared handles).
+#[derive(Debug, Clone)]
+pub struct DnsMetrics {
+    requests: Family<DnsLabels, Counter>,
+    upstream_requests: Family<DnsLabels, Counter>,
+    upstream_failures: Family<DnsLabels, Counter>,
+    upstream_duration: Family<DnsLabels, Histogram>,
+}
+
+impl Default for DnsMetrics {
+    fn default() -> Self {
+        DnsMetrics {
+            requests: Family::default(),
+            upstream_requests: Family::default(),
+            upstream_failures: Family::default(),
+            upstream_duration: Family::new_with_constructor(|| {
+                Histogram::new([0.0005, 0.001, 0.01, 0.1, 1.0, 5.0])
+            }),
+        }
+    }
+}
+
+impl DnsMetrics {
+    /// A query answered by the proxy itself.
+    pub fn answered(&self, labels: &DnsLabels) {
+        self.requests.get_or_create(labels).inc();
+    }
+
+    /// A query forwarded upstream: how long it took, and whether it got an answer.
+    pub fn forwarded(&self, labels: &DnsLabels, took: std::time::Duration, ok: bool) {
+        self.upstream_requests.get_or_create(labels).inc();
+        if ok {
+            self.upstream_duration
+                .get_or_create(labels)
+                .observe(took.as_secs_f64());
+        } else {
+            self.upstream_failures.get_or_create(labels).inc();
+        }
+    }
+}
+
 /// `istio_build`'s labels: the role (ztunnel's name for the node proxy) and the version.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct BuildLabels {
@@ -578,6 +653,28 @@ impl Metrics {
             "The total number of completed connections to xds server",
             xds.terminations.clone(),
         );
+        let dns = DnsMetrics::default();
+        istio.register(
+            "dns_requests",
+            "DNS queries the proxy answered itself",
+            dns.requests.clone(),
+        );
+        istio.register(
+            "dns_upstream_requests",
+            "DNS queries forwarded to the upstream resolvers",
+            dns.upstream_requests.clone(),
+        );
+        istio.register(
+            "dns_upstream_failures",
+            "DNS queries the upstream resolvers did not answer",
+            dns.upstream_failures.clone(),
+        );
+        istio.register_with_unit(
+            "dns_upstream_request_duration",
+            "Time the upstream resolvers took to answer a forwarded DNS query",
+            prometheus_client::registry::Unit::Seconds,
+            dns.upstream_duration.clone(),
+        );
         registry.register_collector(Box::new(ProcessCollector));
         let waypoint_unavailable = Family::<WaypointLabels, Counter>::default();
         registry.sub_registry_with_prefix("meshnode").register(
@@ -590,6 +687,7 @@ impl Metrics {
             tcp,
             waypoint_unavailable,
             xds,
+            dns,
         }
     }
 
@@ -624,6 +722,11 @@ impl Metrics {
     /// The xDS client's families.
     pub fn xds(&self) -> XdsMetrics {
         self.xds.clone()
+    }
+
+    /// The DNS proxy's families.
+    pub fn dns(&self) -> &DnsMetrics {
+        &self.dns
     }
 
     /// Counts a connection refused because its waypoint could not be used.

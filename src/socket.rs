@@ -50,11 +50,51 @@ pub fn listen_in(
 /// A new non-blocking TCP socket, created inside `netns` when given (a socket belongs to the namespace it
 /// was created in; binding and connecting afterwards need no further switching).
 fn new_socket(netns: Option<&InpodNetns>, domain: Domain) -> io::Result<Socket> {
-    let make = || Socket::new(domain, Type::STREAM.nonblocking(), Some(Protocol::TCP));
+    new_socket_of(netns, domain, Type::STREAM, Protocol::TCP)
+}
+
+fn new_socket_of(
+    netns: Option<&InpodNetns>,
+    domain: Domain,
+    ty: Type,
+    proto: Protocol,
+) -> io::Result<Socket> {
+    let make = || Socket::new(domain, ty.nonblocking(), Some(proto));
     match netns {
         None => make(),
         Some(ns) => ns.run(make)?,
     }
+}
+
+/// Binds a UDP socket at `addr` in a pod's network namespace (or the current one).
+pub fn udp_bind_in(
+    netns: Option<&InpodNetns>,
+    addr: SocketAddr,
+    opts: SocketOpts,
+) -> io::Result<tokio::net::UdpSocket> {
+    let socket = new_socket_of(netns, Domain::for_address(addr), Type::DGRAM, Protocol::UDP)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    if opts.reuse_port {
+        socket.set_reuse_port(true)?;
+    }
+    apply_common(&socket, addr, opts)?;
+    socket.bind(&addr.into())?;
+    tokio::net::UdpSocket::from_std(socket.into())
+}
+
+/// A UDP socket on a random local port, connected to `dst` (so only `dst`'s datagrams are received), with
+/// the proxy's mark, created in a pod's network namespace when given.
+pub fn udp_connected(
+    netns: Option<&InpodNetns>,
+    dst: SocketAddr,
+    opts: SocketOpts,
+) -> io::Result<tokio::net::UdpSocket> {
+    let socket = new_socket_of(netns, Domain::for_address(dst), Type::DGRAM, Protocol::UDP)?;
+    apply_common(&socket, dst, opts)?;
+    socket.connect(&dst.into())?;
+    tokio::net::UdpSocket::from_std(socket.into())
 }
 
 fn is_no_ipv6(e: &io::Error) -> bool {

@@ -517,6 +517,18 @@ impl State {
         self.best(candidates, client_ns)
     }
 
+    /// Every service named `hostname` (several namespaces may define the same host).
+    pub fn services_by_host<'a>(
+        &'a self,
+        hostname: &str,
+    ) -> impl Iterator<Item = &'a Arc<Service>> + 'a {
+        self.by_host
+            .get(hostname)
+            .into_iter()
+            .flatten()
+            .map(|&i| &self.services[i])
+    }
+
     fn best(&self, candidates: &[usize], ns: &str) -> Option<&Arc<Service>> {
         let svcs = || candidates.iter().map(|&i| &self.services[i]);
         svcs()
