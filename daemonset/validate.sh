@@ -126,8 +126,8 @@ def only(where, got, allowed):
 def check_cni(where, cni):
     only(where, cni, CNI)
     only(f"{where}.ambient", cni.get("ambient", {}), CNI_AMBIENT)
-    if cni.get("ambient", {}).get("dnsCapture") is not False:
-        errors.append(f"{where}.ambient.dnsCapture: must be false (meshnode has no DNS proxy yet)")
+    if not isinstance(cni.get("ambient", {}).get("dnsCapture", True), bool):
+        errors.append(f"{where}.ambient.dnsCapture: must be true or false")
     env = cni.get("env", {})
     for k, v in env.items():
         if not isinstance(v, str):

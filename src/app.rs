@@ -327,6 +327,7 @@ async fn run_proxy_inner(
         }
         (ProxyMode::Shared, _) => {
             let inputs = crate::inpod::InpodInputs {
+                dns: crate::dns::Resolver::new(&cfg, state.clone(), metrics.clone()),
                 cfg: cfg.clone(),
                 state,
                 certs,
@@ -347,6 +348,21 @@ async fn run_proxy_inner(
         transparent: false,
         reuse_port: false,
     };
+    // Dedicated mode: DNS in the proxy's own namespace. A port already taken there (several dedicated
+    // proxies sharing one namespace) costs only DNS, which this mode's capture does not redirect anyway.
+    if let Some(resolver) = crate::dns::Resolver::new(&cfg, state.clone(), metrics.clone()) {
+        match crate::dns::Sockets::bind(cfg.dns.bind, cfg.ipv6_enabled, None, false) {
+            Ok(sockets) => {
+                let pod = crate::dns::PodDns {
+                    resolver,
+                    workload: workload.clone(),
+                    netns: None,
+                };
+                tokio::spawn(crate::dns::serve(pod, sockets, shutdown.clone()));
+            }
+            Err(e) => tracing::warn!(error = %e, "DNS proxy not started"),
+        }
+    }
     let proxy = Proxy::new(
         ProxyInputs {
             cfg: cfg.clone(),

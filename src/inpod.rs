@@ -75,6 +75,8 @@ pub struct InpodInputs {
     pub workload_manager: crate::metrics::WorkloadManagerMetrics,
     /// Where the pods handed over are published for the admin port (`/config_dump`'s `workloadState`).
     pub pods: PodStates,
+    /// The DNS proxy every pod gets on its loopback (:15053), when on.
+    pub dns: Option<Arc<crate::dns::Resolver>>,
 }
 
 /// The pods handed over by the CNI agent, by pod uid, as the admin port shows them. Cheap to clone; written
@@ -359,7 +361,38 @@ impl Pods {
             inbound: bind(cfg.ports.inbound)?,
             inbound_plaintext: bind(cfg.ports.inbound_plaintext)?,
         };
+        // Bound before anything starts, like the listeners: a pod whose capture may send DNS here is
+        // served whole or not at all (then retried).
+        let dns = match &self.inputs.dns {
+            Some(resolver) => {
+                let sockets = crate::dns::Sockets::bind(
+                    cfg.dns.bind,
+                    cfg.ipv6_enabled,
+                    Some(&inpod),
+                    cfg.inpod_port_reuse,
+                )
+                .map_err(|source| Error::Bind {
+                    uid: uid.to_string(),
+                    port: match cfg.dns.bind {
+                        crate::config::DnsBind::Localhost(p) => p,
+                        crate::config::DnsBind::Addr(a) => a.port(),
+                    },
+                    netns: netns.id(),
+                    source,
+                })?;
+                let pod = crate::dns::PodDns {
+                    resolver: resolver.clone(),
+                    workload: info.clone(),
+                    netns: Some(inpod.clone()),
+                };
+                Some((pod, sockets))
+            }
+            None => None,
+        };
         let (drain, drained) = watch::channel(false);
+        if let Some((pod, sockets)) = dns {
+            tokio::spawn(crate::dns::serve(pod, sockets, drained.clone()));
+        }
         let proxy = Proxy::new(
             ProxyInputs {
                 cfg: cfg.clone(),

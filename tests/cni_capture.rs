@@ -8,7 +8,9 @@ mod support;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use support::cluster::{call, ip_rules, nft_ruleset, rules, serve_app, settle, workloads, Node};
+use support::cluster::{
+    agent_default_rules, call, ip_rules, nft_ruleset, rules, serve_app, settle, workloads, Node,
+};
 
 const AGENT_YAML: &str = "namespaces:
   default: {labels: {istio.io/dataplane-mode: ambient}}
@@ -47,7 +49,7 @@ fn enrolled_pods_talk_through_hbone_listed_on_the_admin_port_and_a_pod_labelled_
     );
 
     // Rules are in the enrolled pods, read back through netlink and seen by nft; none in the opted-out pod.
-    let settings = meshnode::redirect::RuleSettings::default();
+    let settings = agent_default_rules();
     for p in [&client, &server] {
         let got = rules(p);
         assert!(got.matches(&settings), "{}: {got:?}", p.name);
@@ -199,7 +201,7 @@ fn rules_removed_from_a_captured_pod_behind_the_agents_back_are_put_back() {
     let mut client = node.pod("default", "client");
     node.add(&mut client)
         .unwrap_or_else(|e| panic!("ADD: {e}\n{}", node.logs()));
-    assert!(rules(&client).matches(&Default::default()));
+    assert!(rules(&client).matches(&agent_default_rules()));
     assert_eq!(node.agent_counter(REPAIRED), 0);
 
     // Someone (a pod with NET_ADMIN, an operator) deletes the capture tables and the ip rule.
@@ -209,9 +211,9 @@ fn rules_removed_from_a_captured_pod_behind_the_agents_back_are_put_back() {
     ] {
         assert!(client.netns.exec("nft", args).status.success());
     }
-    assert!(!rules(&client).matches(&Default::default()));
+    assert!(!rules(&client).matches(&agent_default_rules()));
     node.wait_for(
-        || rules(&client).matches(&Default::default()),
+        || rules(&client).matches(&agent_default_rules()),
         "the agent to put the pod's rules back",
     );
     node.wait_for(
@@ -273,7 +275,7 @@ fn a_reinstall_that_fails_part_way_leaves_a_captured_pod_with_its_rules() {
         || node.agent_counter(REPAIRED) >= 1,
         "the retried install to succeed",
     );
-    assert!(rules(&client).matches(&Default::default()));
+    assert!(rules(&client).matches(&agent_default_rules()));
 }
 
 #[test]
@@ -433,7 +435,7 @@ fn a_pod_whose_proxy_listeners_cannot_be_bound_waits_and_is_served_once_they_can
     let err = node.add(&mut client).unwrap_err().to_string();
     assert!(err.contains("no node proxy"), "{err}\n{}", node.logs());
     assert!(
-        rules(&client).matches(&Default::default()),
+        rules(&client).matches(&agent_default_rules()),
         "fail closed while it waits"
     );
     // The port is freed: the proxy's retry binds it and the agent's retry hands the pod over.
@@ -487,7 +489,7 @@ fn restarting_the_agent_and_the_proxy_keeps_pods_captured() {
         node.logs()
     );
     node.start_agent();
-    assert!(rules(&client).matches(&Default::default()));
+    assert!(rules(&client).matches(&agent_default_rules()));
     assert!(
         call(&client, dst).unwrap().starts_with("app saw"),
         "{}",
@@ -589,7 +591,7 @@ fn bad_input_is_refused_and_the_agent_keeps_serving() {
     let mut client = node.pod("default", "client");
     node.add(&mut client)
         .unwrap_or_else(|e| panic!("ADD after bad input: {e}\n{}", node.logs()));
-    assert!(rules(&client).matches(&Default::default()));
+    assert!(rules(&client).matches(&agent_default_rules()));
     assert!(node.ready());
 }
 

@@ -139,7 +139,7 @@ impl KubeNode {
 }
 
 fn captured(pod: &Pod) -> bool {
-    rules(pod).matches(&meshnode::redirect::RuleSettings::default())
+    rules(pod).matches(&support::cluster::agent_default_rules())
 }
 
 #[test]

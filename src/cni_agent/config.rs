@@ -22,8 +22,9 @@ ZTUNNEL_UDS_ADDRESS = "/var/run/ztunnel/ztunnel.sock";
 EXCLUDE_NAMESPACES = "kube-system";
 /// YAML list of `{podSelector, namespaceSelector}`.
 AMBIENT_ENABLEMENT_SELECTOR = "namespace label istio.io/dataplane-mode=ambient";
-/// Redirect DNS (UDP/TCP 53) to the proxy's DNS port.
-AMBIENT_DNS_CAPTURE = "false";
+/// Redirect DNS (UDP/TCP 53) to the proxy's DNS proxy (:15053 in each pod); a pod's
+/// `ambient.istio.io/dns-capture` annotation overrides it.
+AMBIENT_DNS_CAPTURE = "true";
 /// Program IPv6 rules too.
 AMBIENT_IPV6 = "true";
 /// Kubelet probe SNAT address (IPv4).
@@ -211,9 +212,8 @@ impl AgentConfig {
             rules: RuleSettings {
                 packet_mark,
                 ipv6: bool_var(AMBIENT_IPV6, true)?,
-                // Deliberately off by default (istio-cni: on): meshnode's proxy has no DNS proxy on :15053 yet,
-                // so capturing DNS would break name resolution in every enrolled pod.
-                dns_capture: bool_var(AMBIENT_DNS_CAPTURE, false)?,
+                // On by default, as istio-cni: the node proxy answers on :15053 in every pod.
+                dns_capture: bool_var(AMBIENT_DNS_CAPTURE, true)?,
                 bypass_inbound: false,
                 probe_snat_v4,
                 probe_snat_v6,
@@ -265,7 +265,7 @@ mod tests {
     }
 
     #[test]
-    fn defaults_follow_istio_cni_except_dns_capture() {
+    fn defaults_follow_istio_cni() {
         let env: HashMap<&str, &str> = [(NODE_NAME, "node-1")].into();
         let c = AgentConfig::from_source(&env).unwrap();
         assert_eq!(c.run_dir, PathBuf::from("/var/run/istio-cni"));
@@ -273,7 +273,7 @@ mod tests {
         assert_eq!(c.policy.exclude_namespaces, vec!["kube-system"]);
         assert_eq!(c.policy.selectors.len(), 2);
         assert!(c.rules.ipv6);
-        assert!(!c.rules.dns_capture);
+        assert!(c.rules.dns_capture);
         assert_eq!(c.rules.packet_mark, 1337);
         assert_eq!(
             c.source,

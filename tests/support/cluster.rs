@@ -404,6 +404,14 @@ pub fn call(pod: &Pod, dst: SocketAddr) -> std::io::Result<String> {
     })
 }
 
+/// The rules the agent installs by default: Istio's, DNS capture included.
+pub fn agent_default_rules() -> meshnode::redirect::RuleSettings {
+    meshnode::redirect::RuleSettings {
+        dns_capture: true,
+        ..Default::default()
+    }
+}
+
 /// The redirection rules in `pod`'s namespace, read back through netlink.
 pub fn rules(pod: &Pod) -> meshnode::redirect::Installed {
     pod.netns
