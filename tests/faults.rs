@@ -140,7 +140,7 @@ fn killing_the_agent_and_the_proxy_mid_traffic_never_lets_a_captured_pod_out_unc
             node.logs()
         );
         assert!(
-            rules(c).matches(&Default::default()),
+            rules(c).matches(&support::cluster::agent_default_rules()),
             "{}: {:?}",
             c.name,
             rules(c)
