@@ -130,17 +130,27 @@ async fn serve_udp(pod: Arc<PodDns>, sock: Arc<UdpSocket>, in_flight: Arc<Semaph
                 continue;
             }
         };
+        // Answered here when the answer needs no waiting (mesh names, refusals); a task only to forward.
+        let (msg, labels) = match pod.local(&buf[..n], Transport::Udp) {
+            Local::Drop => continue,
+            Local::Answer(answer) => {
+                if let Err(e) = sock.send_to(&answer, peer).await {
+                    tracing::debug!(%peer, error = %e, "sending a DNS answer failed");
+                }
+                continue;
+            }
+            Local::Forward { msg, labels } => (msg, labels),
+        };
         let Ok(permit) = in_flight.clone().try_acquire_owned() else {
-            tracing::debug!(%peer, "DNS query dropped: too many in flight");
+            tracing::debug!(%peer, "DNS query dropped: too many being forwarded");
             continue;
         };
         let query = buf[..n].to_vec();
         let (pod, sock) = (pod.clone(), sock.clone());
         tokio::spawn(async move {
-            if let Some(answer) = pod.answer(&query, Transport::Udp).await {
-                if let Err(e) = sock.send_to(&answer, peer).await {
-                    tracing::debug!(%peer, error = %e, "sending a DNS answer failed");
-                }
+            let answer = pod.forward(&query, &msg, &labels, Transport::Udp).await;
+            if let Err(e) = sock.send_to(&answer, peer).await {
+                tracing::debug!(%peer, error = %e, "sending a DNS answer failed");
             }
             drop(permit);
         });
@@ -208,12 +218,33 @@ async fn tcp_client(pod: &PodDns, mut stream: TcpStream, in_flight: &Semaphore) 
     }
 }
 
+/// What [`PodDns::local`] decided.
+enum Local {
+    /// Nothing to send back.
+    Drop,
+    /// This answer.
+    Answer(Vec<u8>),
+    /// Not a mesh name (or not an A/AAAA question): ask the upstreams.
+    Forward { msg: Message, labels: DnsLabels },
+}
+
 impl PodDns {
     /// The answer to `query` (wire bytes), or `None` when it deserves none (shorter than a header, or
     /// itself a response).
     pub async fn answer(&self, query: &[u8], transport: Transport) -> Option<Vec<u8>> {
+        match self.local(query, transport) {
+            Local::Drop => None,
+            Local::Answer(a) => Some(a),
+            Local::Forward { msg, labels } => {
+                Some(self.forward(query, &msg, &labels, transport).await)
+            }
+        }
+    }
+
+    /// Everything but forwarding, without waiting: refusals, and mesh names from the state.
+    fn local(&self, query: &[u8], transport: Transport) -> Local {
         if query.len() < 12 || query[2] & 0x80 != 0 || query.len() > MAX_QUERY_BYTES {
-            return None;
+            return Local::Drop;
         }
         let protocol = match transport {
             Transport::Udp => "udp",
@@ -223,26 +254,26 @@ impl PodDns {
             Ok(m) => m,
             Err(e) => {
                 tracing::debug!(error = %e, "unparsable DNS query");
-                return Some(header_only(query, ResponseCode::FormErr));
+                return Local::Answer(header_only(query, ResponseCode::FormErr));
             }
         };
         if msg.message_type() != MessageType::Query || msg.op_code() != OpCode::Query {
-            return Some(header_only(query, ResponseCode::NotImp));
+            return Local::Answer(header_only(query, ResponseCode::NotImp));
         }
         let [question] = msg.queries() else {
-            return Some(header_only(query, ResponseCode::FormErr));
+            return Local::Answer(header_only(query, ResponseCode::FormErr));
         };
         let qtype = question.query_type();
         let r = &self.resolver;
         let state = r.state.load();
-        let Some(client) = state.workload_by_info(&self.workload).cloned() else {
+        let Some(client) = state.workload_by_info(&self.workload) else {
             tracing::debug!(workload = ?self.workload, "DNS query from a pod not in the state");
             r.metrics
                 .dns()
                 .answered(&DnsLabels::new(&qtype.to_string(), protocol, None));
-            return Some(reply(&msg, ResponseCode::ServFail, Vec::new(), transport));
+            return Local::Answer(reply(&msg, ResponseCode::ServFail, Vec::new(), transport));
         };
-        let labels = DnsLabels::new(&qtype.to_string(), protocol, Some(&client));
+        let labels = DnsLabels::new(&qtype.to_string(), protocol, Some(client));
         let family = match (qtype, question.query_class()) {
             (RecordType::A, DNSClass::IN) => Some(Family::V4),
             (RecordType::AAAA, DNSClass::IN) => Some(Family::V6),
@@ -251,18 +282,25 @@ impl PodDns {
         if let Some(family) = family {
             let asked = question.name();
             let key = host_key(asked);
-            if let Some(found) = r.names.lookup(&state, &client, &key, family) {
+            if let Some(found) = r.names.lookup(&state, client, &key, family) {
                 r.metrics.dns().answered(&labels);
                 tracing::debug!(name = %asked, host = %found.host, addrs = found.addrs.len(), "DNS answered from the mesh");
-                return Some(reply(
-                    &msg,
-                    ResponseCode::NoError,
-                    records(asked, found),
-                    transport,
-                ));
+                let records = records(asked, found);
+                return Local::Answer(reply(&msg, ResponseCode::NoError, records, transport));
             }
         }
-        drop(state);
+        Local::Forward { msg, labels }
+    }
+
+    /// The upstreams' answer to `query`, or SERVFAIL.
+    async fn forward(
+        &self,
+        query: &[u8],
+        msg: &Message,
+        labels: &DnsLabels,
+        transport: Transport,
+    ) -> Vec<u8> {
+        let r = &self.resolver;
         let started = Instant::now();
         let forwarded = upstream::forward(
             &r.upstreams,
@@ -278,14 +316,11 @@ impl PodDns {
         .await;
         r.metrics
             .dns()
-            .forwarded(&labels, started.elapsed(), forwarded.is_ok());
-        match forwarded {
-            Ok(answer) => Some(answer),
-            Err(e) => {
-                tracing::debug!(name = %question.name(), error = %e, "DNS forwarding failed");
-                Some(reply(&msg, ResponseCode::ServFail, Vec::new(), transport))
-            }
-        }
+            .forwarded(labels, started.elapsed(), forwarded.is_ok());
+        forwarded.unwrap_or_else(|e| {
+            tracing::debug!(name = ?msg.queries().first().map(|q| q.name()), error = %e, "DNS forwarding failed");
+            reply(msg, ResponseCode::ServFail, Vec::new(), transport)
+        })
     }
 }
 
