@@ -225,7 +225,10 @@ enum Local {
     /// This answer.
     Answer(Vec<u8>),
     /// Not a mesh name (or not an A/AAAA question): ask the upstreams.
-    Forward { msg: Message, labels: DnsLabels },
+    Forward {
+        msg: Box<Message>,
+        labels: DnsLabels,
+    },
 }
 
 impl PodDns {
@@ -289,7 +292,10 @@ impl PodDns {
                 return Local::Answer(reply(&msg, ResponseCode::NoError, records, transport));
             }
         }
-        Local::Forward { msg, labels }
+        Local::Forward {
+            msg: Box::new(msg),
+            labels,
+        }
     }
 
     /// The upstreams' answer to `query`, or SERVFAIL.
