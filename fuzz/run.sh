@@ -24,7 +24,7 @@ cd "$(dirname "$0")"
 
 TARGETS=(cni_stdin cni_env cni_agent_answer plugin_request zds_client xds_address xds_authorization
     ca_answer ca_request hbone_connect local_config agent_enrollment mesh_config admin_http
-    zds_server plugin_hint check_connect)
+    zds_server plugin_hint check_connect dns_query)
 
 mode=time
 seconds=15

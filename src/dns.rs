@@ -48,6 +48,23 @@ pub struct Resolver {
 }
 
 impl Resolver {
+    /// A resolver from its parts (tests and the fuzz target): no mark, upstreams from resolv.conf `text`.
+    #[doc(hidden)]
+    pub fn from_parts(
+        names: names::Names,
+        resolv_conf_text: &str,
+        state: StateHandle,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Resolver> {
+        Arc::new(Resolver {
+            names,
+            upstreams: upstream::Upstreams::parse(resolv_conf_text),
+            state,
+            metrics,
+            mark: None,
+        })
+    }
+
     /// The process's resolver, or `None` when the DNS proxy is off. Reads the upstreams' resolv.conf now.
     pub fn new(cfg: &Config, state: StateHandle, metrics: Arc<Metrics>) -> Option<Arc<Resolver>> {
         if !cfg.dns.enabled {

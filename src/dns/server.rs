@@ -244,6 +244,16 @@ impl PodDns {
         }
     }
 
+    /// The answer given without asking the upstreams (refusals and mesh names); `None` when the query
+    /// would be dropped or forwarded. For the fuzz target.
+    #[doc(hidden)]
+    pub fn answer_here(&self, query: &[u8], transport: Transport) -> Option<Vec<u8>> {
+        match self.local(query, transport) {
+            Local::Answer(a) => Some(a),
+            Local::Drop | Local::Forward { .. } => None,
+        }
+    }
+
     /// Everything but forwarding, without waiting: refusals, and mesh names from the state.
     fn local(&self, query: &[u8], transport: Transport) -> Local {
         if query.len() < 12 || query[2] & 0x80 != 0 || query.len() > MAX_QUERY_BYTES {

@@ -165,6 +165,23 @@ fn zds(flags: u8, req: &impl Message) -> Vec<u8> {
     out
 }
 
+/// A DNS query: id 0x1234, RD, one question `name` of type `qtype`, class IN; with an EDNS OPT record
+/// (1232-byte payload) when `edns`.
+fn dns_query(name: &str, qtype: u16, edns: bool) -> Vec<u8> {
+    let mut q = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, u8::from(edns)];
+    for label in name.split('.').filter(|l| !l.is_empty()) {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.push(0);
+    q.extend_from_slice(&qtype.to_be_bytes());
+    q.extend_from_slice(&1u16.to_be_bytes());
+    if edns {
+        q.extend_from_slice(&[0, 0, 41, 0x04, 0xd0, 0, 0, 0, 0, 0, 0]);
+    }
+    q
+}
+
 fn main() {
     let root = std::env::args()
         .nth(1)
@@ -551,5 +568,24 @@ fn main() {
         ("get", "GET 127.0.0.77:8081\n"),
     ] {
         out.put("check_connect", name, head);
+    }
+
+    // DNS queries as a pod's resolver sends them: mesh names (short, full, a wildcard host, a headless
+    // service too large for UDP, a search-domain expansion), AAAA, a type that is forwarded.
+    for (name, qname, qtype, edns) in [
+        ("a-short", "reviews", 1u16, false),
+        ("a-full-edns", "reviews.default.svc.cluster.local", 1, true),
+        ("aaaa", "reviews.default", 28, false),
+        ("wildcard", "www.example.com", 1, false),
+        ("headless-large", "db", 1, false),
+        (
+            "search-expanded",
+            "www.example.com.default.svc.cluster.local",
+            1,
+            true,
+        ),
+        ("mx-forwarded", "reviews", 15, false),
+    ] {
+        out.put("dns_query", name, dns_query(qname, qtype, edns));
     }
 }
