@@ -745,6 +745,62 @@ pub fn admin_http(data: &[u8]) {
     });
 }
 
+/// One DNS query, as a pod's DNS proxy receives it over UDP (and then over TCP), against a small mesh:
+/// whatever the proxy answers without asking upstream must be a DNS response carrying the query's id, and
+/// over UDP no larger than 1232 bytes. Returns whether the query was answered here.
+pub fn dns_query(data: &[u8]) -> bool {
+    use crate::dns::upstream::Transport;
+    static POD: OnceLock<crate::dns::PodDns> = OnceLock::new();
+    let pod = POD.get_or_init(|| {
+        let mut yaml = String::from(
+            "workloads:\n- {uid: c//v1/Pod/default/client, name: client, namespace: default, workloadIps: [10.0.0.1]}\n",
+        );
+        for i in 0..200 {
+            yaml.push_str(&format!(
+                "- {{uid: c//v1/Pod/default/db-{i}, name: db-{i}, namespace: default, workloadIps: [\"10.1.0.{}\", \"fd00::{i:x}\"], services: {{\"default/db.default.svc.cluster.local\": {{}}}}}}\n",
+                i + 1
+            ));
+        }
+        yaml.push_str("services:\n- {name: db, namespace: default, hostname: db.default.svc.cluster.local}\n- {name: reviews, namespace: default, hostname: reviews.default.svc.cluster.local, vips: [/10.96.0.10, /fd00:96::10]}\n- {name: any, namespace: default, hostname: \"*.example.com\", vips: [/240.240.0.1]}\n");
+        let state = crate::state::LocalConfig::parse(&yaml)
+            .and_then(crate::state::LocalConfig::into_state)
+            .expect("the fuzz mesh loads");
+        let (tx, handle) = crate::state::StateHandle::new(state);
+        std::mem::forget(tx);
+        crate::dns::PodDns {
+            resolver: crate::dns::Resolver::from_parts(
+                crate::dns::names::Names::new("cluster.local", None, true),
+                "",
+                handle,
+                Arc::new(crate::metrics::Metrics::new()),
+            ),
+            workload: crate::config::WorkloadInfo {
+                namespace: "default".into(),
+                name: "client".into(),
+                service_account: "default".into(),
+            },
+            netns: None,
+        }
+    });
+    let mut answered = false;
+    for (transport, limit) in [
+        (Transport::Udp, 1232),
+        (Transport::Tcp, usize::from(u16::MAX)),
+    ] {
+        if let Some(a) = pod.answer_here(data, transport) {
+            assert!(
+                a.len() >= 12 && a.len() <= limit,
+                "answer of {} bytes",
+                a.len()
+            );
+            assert_eq!(a[..2], data[..2], "the answer carries the query's id");
+            assert!(a[2] & 0x80 != 0, "the answer is a response");
+            answered = true;
+        }
+    }
+    answered
+}
+
 #[cfg(test)]
 mod tests {
     /// The committed seeds of the parsers that can say so are accepted, so the fuzzer starts from inputs that
@@ -822,60 +878,4 @@ mod tests {
             assert!(seeds > 0, "{target}: no seeds");
         }
     }
-}
-
-/// One DNS query, as a pod's DNS proxy receives it over UDP (and then over TCP), against a small mesh:
-/// whatever the proxy answers without asking upstream must be a DNS response carrying the query's id, and
-/// over UDP no larger than 1232 bytes. Returns whether the query was answered here.
-pub fn dns_query(data: &[u8]) -> bool {
-    use crate::dns::upstream::Transport;
-    static POD: OnceLock<crate::dns::PodDns> = OnceLock::new();
-    let pod = POD.get_or_init(|| {
-        let mut yaml = String::from(
-            "workloads:\n- {uid: c//v1/Pod/default/client, name: client, namespace: default, workloadIps: [10.0.0.1]}\n",
-        );
-        for i in 0..200 {
-            yaml.push_str(&format!(
-                "- {{uid: c//v1/Pod/default/db-{i}, name: db-{i}, namespace: default, workloadIps: [\"10.1.0.{}\", \"fd00::{i:x}\"], services: {{\"default/db.default.svc.cluster.local\": {{}}}}}}\n",
-                i + 1
-            ));
-        }
-        yaml.push_str("services:\n- {name: db, namespace: default, hostname: db.default.svc.cluster.local}\n- {name: reviews, namespace: default, hostname: reviews.default.svc.cluster.local, vips: [/10.96.0.10, /fd00:96::10]}\n- {name: any, namespace: default, hostname: \"*.example.com\", vips: [/240.240.0.1]}\n");
-        let state = crate::state::LocalConfig::parse(&yaml)
-            .and_then(crate::state::LocalConfig::into_state)
-            .expect("the fuzz mesh loads");
-        let (tx, handle) = crate::state::StateHandle::new(state);
-        std::mem::forget(tx);
-        crate::dns::PodDns {
-            resolver: crate::dns::Resolver::from_parts(
-                crate::dns::names::Names::new("cluster.local", None, true),
-                "",
-                handle,
-                Arc::new(crate::metrics::Metrics::new()),
-            ),
-            workload: crate::config::WorkloadInfo {
-                namespace: "default".into(),
-                name: "client".into(),
-                service_account: "default".into(),
-            },
-            netns: None,
-        }
-    });
-    let mut answered = false;
-    for (transport, limit) in [
-        (Transport::Udp, 1232),
-        (Transport::Tcp, usize::from(u16::MAX)),
-    ] {
-        if let Some(a) = pod.answer_here(data, transport) {
-            assert!(
-                a.len() >= 12 && a.len() <= limit,
-                "answer of {} bytes",
-                a.len()
-            );
-            assert_eq!(a[..2], data[..2], "the answer carries the query's id");
-            assert!(a[2] & 0x80 != 0, "the answer is a response");
-            answered = true;
-        }
-    }
-    answered
 }
