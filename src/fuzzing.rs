@@ -836,6 +836,14 @@ mod tests {
         }
     }
 
+    /// The DNS seeds for mesh names are answered by the proxy itself; the MX one is left to forwarding.
+    #[test]
+    fn dns_seeds_for_mesh_names_are_answered_here_and_other_types_are_not() {
+        for (name, bytes) in seeds("dns_query") {
+            assert_eq!(super::dns_query(&bytes), name != "seed-mx-forwarded", "{name}");
+        }
+    }
+
     /// The agent-side ZDS seeds run through a real server without a panic or a hang.
     #[test]
     fn zds_server_seeds_run_to_the_end() {
