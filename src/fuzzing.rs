@@ -840,7 +840,11 @@ mod tests {
     #[test]
     fn dns_seeds_for_mesh_names_are_answered_here_and_other_types_are_not() {
         for (name, bytes) in seeds("dns_query") {
-            assert_eq!(super::dns_query(&bytes), name != "seed-mx-forwarded", "{name}");
+            assert_eq!(
+                super::dns_query(&bytes),
+                name != "seed-mx-forwarded",
+                "{name}"
+            );
         }
     }
 

@@ -205,15 +205,66 @@ pub enum HealthPolicy {
     AllowAll,
 }
 
+/// A locality scope a service prefers its endpoints to share with the client (`routingPreference`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+pub enum Scope {
+    /// Same region.
+    Region,
+    /// Same zone.
+    Zone,
+    /// Same subzone.
+    Subzone,
+    /// Same node.
+    Node,
+    /// Same cluster.
+    Cluster,
+    /// Same network.
+    Network,
+}
+
+impl Scope {
+    /// Whether endpoint `ep` shares this scope with client `src`, compared as ztunnel compares them (an
+    /// unknown locality part is empty, and two empty parts match).
+    fn shared(self, src: &Workload, ep: &Workload) -> bool {
+        fn of(w: &Workload, f: fn(&Locality) -> &str) -> &str {
+            w.locality.as_deref().map_or("", f)
+        }
+        let part = |f: fn(&Locality) -> &str| of(src, f) == of(ep, f);
+        match self {
+            Scope::Region => part(|l| &l.region),
+            Scope::Zone => part(|l| &l.zone),
+            Scope::Subzone => part(|l| &l.subzone),
+            Scope::Node => src.node == ep.node,
+            Scope::Cluster => src.cluster_id == ep.cluster_id,
+            Scope::Network => src.network == ep.network,
+        }
+    }
+}
+
+/// Which address families a service has (`ipFamilies`); DNS answers only those.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IpFamilies {
+    /// As its addresses say.
+    #[default]
+    Automatic,
+    /// IPv4 only.
+    V4,
+    /// IPv6 only.
+    V6,
+    /// Both.
+    Dual,
+}
+
 /// Load-balancing mode of a service.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
 pub enum LbMode {
     /// Pick any endpoint.
     #[default]
     Standard,
-    /// Only endpoints matching every routing preference (locality is not modelled yet: same as Standard).
+    /// Only endpoints sharing every scope of the routing preference with the client.
     Strict,
-    /// Prefer matching endpoints (locality is not modelled yet: same as Standard).
+    /// The endpoints sharing the longest prefix of the routing preference with the client (so the
+    /// nearest healthy ones; farther ones when no nearer one can take the connection).
     Failover,
     /// No endpoint selection: go to the original destination.
     Passthrough,
@@ -249,6 +300,13 @@ pub struct Service {
     pub health_policy: HealthPolicy,
     /// Load-balancing mode.
     pub lb_mode: LbMode,
+    /// Scopes, in order, an endpoint should share with the client (`Strict`: must share all;
+    /// `Failover`: the endpoints sharing the longest prefix of them are used).
+    pub routing_preference: Box<[Scope]>,
+    /// Address families (DNS answers only these).
+    pub ip_families: IpFamilies,
+    /// Visible only to its own namespace (`exportTo: .`).
+    pub namespace_only: bool,
     /// The waypoint traffic to this service's VIPs must pass (istiod's service binding); boxed, as
     /// most services have none.
     pub waypoint: Option<Box<GatewayAddress>>,
@@ -260,6 +318,11 @@ pub struct Service {
 }
 
 impl Service {
+    /// Whether a client in `namespace` may see this service (VIP, hostname and DNS lookups).
+    pub fn visible_to(&self, namespace: &str) -> bool {
+        !self.namespace_only || self.namespace == namespace
+    }
+
     /// `namespace/hostname`, the key workloads use to name the services they back.
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.hostname)
@@ -530,7 +593,12 @@ impl State {
     }
 
     fn best(&self, candidates: &[usize], ns: &str) -> Option<&Arc<Service>> {
-        let svcs = || candidates.iter().map(|&i| &self.services[i]);
+        let svcs = || {
+            candidates
+                .iter()
+                .map(|&i| &self.services[i])
+                .filter(|s| s.visible_to(ns))
+        };
         svcs()
             .find(|s| s.namespace == ns)
             .or_else(|| svcs().find(|s| s.canonical))
@@ -544,8 +612,9 @@ impl State {
         svc: &Arc<Service>,
         port: u16,
         family_of: IpAddr,
+        src: Option<&Workload>,
     ) -> Option<Upstream> {
-        self.pick_endpoint_in(svc, port, family_of, waypoint::Resolution::Standard)
+        self.pick_endpoint_in(svc, port, family_of, src, waypoint::Resolution::Standard)
     }
 
     /// [`State::pick_endpoint`], with waypoint resolution's rule for endpoints the port does not map.
@@ -554,10 +623,43 @@ impl State {
         svc: &Arc<Service>,
         port: u16,
         family_of: IpAddr,
+        src: Option<&Workload>,
         mode: waypoint::Resolution,
     ) -> Option<Upstream> {
-        // Two passes over the endpoints (sum the weights, then pick), so nothing is allocated per connection.
-        let eligible = |ep: &Endpoint| -> Option<(u16, IpAddr)> {
+        // ztunnel's ranking: how many of the routing preference's scopes, in order, an endpoint shares with
+        // the client; only the endpoints of the highest rank present are used, and in Strict mode only
+        // those sharing every scope. When the preference starts with Network, an endpoint on the client's
+        // network outranks every other, and the others are still ranked by the remaining scopes. Standard
+        // mode (or no client) ranks every endpoint alike.
+        let prefs = &svc.routing_preference;
+        let ranked = matches!(svc.lb_mode, LbMode::Strict | LbMode::Failover);
+        let network_first = prefs.first() == Some(&Scope::Network);
+        let rank = |w: &Workload| -> Option<usize> {
+            let Some(src) = src.filter(|_| ranked) else {
+                return Some(0);
+            };
+            let (mut r, mut adjust) = (0, 0);
+            for scope in prefs.iter() {
+                let shared = scope.shared(src, w);
+                if *scope == Scope::Network && network_first {
+                    if !shared {
+                        continue;
+                    }
+                    adjust = prefs.len() - 1;
+                }
+                if !shared {
+                    break;
+                }
+                r += 1;
+            }
+            if svc.lb_mode == LbMode::Strict && r != prefs.len() {
+                return None;
+            }
+            Some(r + adjust)
+        };
+        // Passes over the endpoints (best rank, sum the weights, then pick), so nothing is allocated per
+        // connection.
+        let usable = |ep: &Endpoint| -> Option<(u16, IpAddr, usize)> {
             let w = &self.workloads[ep.workload];
             let healthy =
                 w.status == HealthStatus::Healthy || svc.health_policy == HealthPolicy::AllowAll;
@@ -574,7 +676,17 @@ impl State {
                 .copied()
                 .find(|p| *p != 0)
                 .or(tunnelled.then_some(port))?;
-            Some((target, pick_ip(&w.ips, family_of)?))
+            let r = rank(w)?;
+            Some((target, pick_ip(&w.ips, family_of)?, r))
+        };
+        let best = svc
+            .endpoints
+            .iter()
+            .filter_map(|ep| usable(ep).map(|(_, _, r)| r))
+            .max()?;
+        let eligible = |ep: &Endpoint| -> Option<(u16, IpAddr)> {
+            let (port, ip, r) = usable(ep)?;
+            (r == best).then_some((port, ip))
         };
         let total: u64 = svc
             .endpoints

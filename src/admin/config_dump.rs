@@ -24,8 +24,8 @@ use crate::config::{Config, ProxyMode};
 use crate::identity::{Identity, WorkloadCert};
 use crate::inpod::PodState;
 use crate::state::{
-    GatewayAddress, GatewayDestination, HealthPolicy, HealthStatus, LbMode, Protocol, Service,
-    State, Workload,
+    GatewayAddress, GatewayDestination, HealthPolicy, HealthStatus, IpFamilies, LbMode, Protocol,
+    Service, State, Workload,
 };
 
 /// Everything one dump is made of, read once per request.
@@ -157,25 +157,25 @@ fn service(state: &State, s: &Service) -> Value {
                 LbMode::Failover => "Failover",
                 LbMode::Passthrough => "Passthrough",
             },
-            "routingPreferences": [],
+            "routingPreferences": s.routing_preference.iter().map(|p| format!("{p:?}")).collect::<Vec<_>>(),
             "healthPolicy": match s.health_policy {
                 HealthPolicy::OnlyHealthy => "OnlyHealthy",
                 HealthPolicy::AllowAll => "AllowAll",
             },
         },
         "canonical": s.canonical,
-        "visibility": "Public",
+        "visibility": if s.namespace_only { "Namespace" } else { "Public" },
     });
     let obj = out.as_object_mut().expect("an object");
     let (v4, v6) = (
         s.vips.iter().any(|(_, ip)| ip.is_ipv4()),
         s.vips.iter().any(|(_, ip)| ip.is_ipv6()),
     );
-    let families = match (v4, v6) {
-        (true, true) => Some("Dual"),
-        (true, false) => Some("IPv4"),
-        (false, true) => Some("IPv6"),
-        (false, false) => None,
+    let families = match (s.ip_families, v4, v6) {
+        (IpFamilies::Dual, ..) | (IpFamilies::Automatic, true, true) => Some("Dual"),
+        (IpFamilies::V4, ..) | (IpFamilies::Automatic, true, false) => Some("IPv4"),
+        (IpFamilies::V6, ..) | (IpFamilies::Automatic, false, true) => Some("IPv6"),
+        (IpFamilies::Automatic, false, false) => None,
     };
     if let Some(f) = families {
         obj.insert("ipFamilies".into(), json!(f));

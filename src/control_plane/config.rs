@@ -209,6 +209,31 @@ pub struct ServiceSpec {
     /// The Service's own labels (`istio.io/use-waypoint`, `istio.io/use-waypoint-namespace`).
     #[serde(default)]
     pub labels: Labels,
+    /// Kubernetes `internalTrafficPolicy`: `Local` keeps traffic on the client's node.
+    #[serde(default)]
+    pub internal_traffic_policy: Option<InternalTrafficPolicy>,
+    /// Kubernetes `trafficDistribution`: `PreferClose` (or its newer name `PreferSameZone`) prefers
+    /// endpoints near the client, failing over outward.
+    #[serde(default)]
+    pub traffic_distribution: Option<TrafficDistribution>,
+}
+
+/// [`ServiceSpec::internal_traffic_policy`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum InternalTrafficPolicy {
+    /// Any endpoint (Kubernetes' default).
+    Cluster,
+    /// Only endpoints on the client's node.
+    Local,
+}
+
+/// [`ServiceSpec::traffic_distribution`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum TrafficDistribution {
+    /// The nearest endpoints by network, region, zone and subzone.
+    PreferClose,
+    /// Kubernetes 1.34's name for `PreferClose`.
+    PreferSameZone,
 }
 
 /// A service port.

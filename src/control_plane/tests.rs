@@ -949,3 +949,37 @@ async fn a_stream_ends_when_its_token_goes_bad_even_without_a_mesh_change() {
         .expect_err("an error status");
     assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
 }
+
+#[test]
+fn internal_traffic_policy_and_traffic_distribution_become_istiods_load_balancing() {
+    let yaml = MESH.replace(
+        "- {name: external,",
+        "- {name: local, namespace: default, vips: [10.96.0.12], internalTrafficPolicy: Local, trafficDistribution: PreferClose}\n- {name: close, namespace: default, vips: [10.96.0.13], trafficDistribution: PreferSameZone}\n- {name: external,",
+    );
+    let res = translate(&MeshConfig::parse(&yaml).unwrap());
+    let lb = |name: &str| {
+        service(&res, &format!("default/{name}.default.svc.cluster.local"))
+            .load_balancing
+            .clone()
+    };
+    use wl::load_balancing::{Mode, Scope};
+    let local = lb("local").unwrap();
+    assert_eq!(local.routing_preference, vec![Scope::Node as i32]);
+    assert_eq!(local.mode, Mode::Strict as i32);
+    let close = lb("close").unwrap();
+    assert_eq!(
+        close.routing_preference,
+        [Scope::Network, Scope::Region, Scope::Zone, Scope::Subzone].map(|s| s as i32)
+    );
+    assert_eq!(close.mode, Mode::Failover as i32);
+    assert_eq!(lb("productpage"), None);
+    let bad = MESH.replace(
+        "- {name: external,",
+        "- {name: x, namespace: default, internalTrafficPolicy: Nearby}\n- {name: external,",
+    );
+    let err = MeshConfig::parse(&bad).unwrap_err().to_string();
+    assert!(
+        err.contains("Nearby") || err.contains("internalTrafficPolicy"),
+        "{err}"
+    );
+}

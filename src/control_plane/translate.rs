@@ -266,7 +266,35 @@ fn service(cfg: &MeshConfig, s: &ServiceSpec) -> wl::Service {
             .collect(),
         ports: ports(s),
         ip_families: ip_families as i32,
+        load_balancing: load_balancing(s),
         ..wl::Service::default()
+    }
+}
+
+/// istiod's load balancing for a Service: `internalTrafficPolicy: Local` keeps connections on the client's
+/// node (Strict), and wins over `trafficDistribution: PreferClose`, which prefers the nearest endpoints by
+/// network, region, zone and subzone and fails over outward.
+fn load_balancing(s: &ServiceSpec) -> Option<wl::LoadBalancing> {
+    use super::config::{InternalTrafficPolicy, TrafficDistribution};
+    use wl::load_balancing::{Mode, Scope};
+    if s.internal_traffic_policy == Some(InternalTrafficPolicy::Local) {
+        return Some(wl::LoadBalancing {
+            routing_preference: vec![Scope::Node as i32],
+            mode: Mode::Strict as i32,
+            ..Default::default()
+        });
+    }
+    match s.traffic_distribution {
+        Some(TrafficDistribution::PreferClose | TrafficDistribution::PreferSameZone) => {
+            Some(wl::LoadBalancing {
+                routing_preference: [Scope::Network, Scope::Region, Scope::Zone, Scope::Subzone]
+                    .map(|s| s as i32)
+                    .to_vec(),
+                mode: Mode::Failover as i32,
+                ..Default::default()
+            })
+        }
+        None => None,
     }
 }
 

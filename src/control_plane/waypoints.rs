@@ -372,6 +372,9 @@ fn waypoint_service(namespace: &str, name: &str) -> ServiceSpec {
         }],
         selector: Labels::from([(GATEWAY_NAME.to_string(), name.to_string())]),
         labels: Labels::from([(MANAGED.0.to_string(), MANAGED.1.to_string())]),
+        internal_traffic_policy: None,
+        // istiod routes to a waypoint's instances by locality, as for PreferClose.
+        traffic_distribution: Some(super::config::TrafficDistribution::PreferClose),
     }
 }
 

@@ -6,13 +6,14 @@
 //!
 //! Input: the state snapshot, the client workload, a lower-case name without its trailing dot, the record
 //! type (A or AAAA), the cluster domain. Output: [`Found`] (the service's addresses of that family on the
-//! client's network, or its endpoints' when headless, and the stripped name to alias when a search domain
-//! was removed), or `None`: the name is not the mesh's, and the query is forwarded.
+//! client's network, or its endpoints' when headless — none for a family outside the service's
+//! `ipFamilies` — and the stripped name to alias when a search domain was removed), or `None`: the name is
+//! not the mesh's (or its service is not visible to the client's namespace), and the query is forwarded.
 
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use crate::state::{Service, State, Workload};
+use crate::state::{IpFamilies, Service, State, Workload};
 
 /// The address family a query asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,7 +118,9 @@ impl Names {
     /// client's namespace first, then the preferred namespace, then a canonical one, then any.
     fn best<'s>(&self, state: &'s State, host: &str, client_ns: &str) -> Option<&'s Arc<Service>> {
         let svc_suffix = format!(".{}", self.svc_domain);
-        let usable = |s: &&Arc<Service>| !s.vips.is_empty() || s.hostname.ends_with(&svc_suffix);
+        let usable = |s: &&Arc<Service>| {
+            (!s.vips.is_empty() || s.hostname.ends_with(&svc_suffix)) && s.visible_to(client_ns)
+        };
         let all = || state.services_by_host(host).filter(usable);
         all()
             .find(|s| s.namespace == client_ns)
@@ -136,7 +139,12 @@ impl Names {
         svc: &Service,
         family: Family,
     ) -> Vec<IpAddr> {
-        if family == Family::V6 && !self.ipv6 {
+        let allowed = match (svc.ip_families, family) {
+            (_, Family::V6) if !self.ipv6 => false,
+            (IpFamilies::V4, Family::V6) | (IpFamilies::V6, Family::V4) => false,
+            _ => true,
+        };
+        if !allowed {
             return Vec::new();
         }
         if svc.vips.is_empty() {

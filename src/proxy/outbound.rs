@@ -387,7 +387,7 @@ impl Proxy {
                 });
             }
             return state
-                .pick_endpoint(svc, dst.port(), dst.ip())
+                .pick_endpoint(svc, dst.port(), dst.ip(), Some(src))
                 .map(by_protocol)
                 .ok_or_else(|| Error::NoHealthyUpstream {
                     service: svc.key(),
@@ -585,7 +585,7 @@ services:
             .unwrap()
             .clone();
         let up = st
-            .pick_endpoint(&svc, 80, "10.96.0.1".parse().unwrap())
+            .pick_endpoint(&svc, 80, "10.96.0.1".parse().unwrap(), None)
             .unwrap();
         let req = connect_request(
             &src,

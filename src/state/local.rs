@@ -27,7 +27,8 @@ mod chunks;
 
 use super::{
     AppTunnelProtocol, ApplicationTunnel, GatewayAddress, GatewayDestination, HealthPolicy,
-    HealthStatus, Interner, LbMode, Protocol, Service, State, WeightedWaypoint, Workload,
+    HealthStatus, Interner, IpFamilies, LbMode, Protocol, Scope, Service, State, WeightedWaypoint,
+    Workload,
 };
 use crate::authz::{Policy, PolicySet};
 use crate::identity::Identity;
@@ -180,13 +181,16 @@ pub struct LocalService {
     ip_families: Option<String>,
     #[serde(default)]
     canonical: bool,
+    /// meshnode's own: visible only to its namespace (istiod's `visibility: NAMESPACE`, from `exportTo: .`).
+    #[serde(default)]
+    namespace_only: bool,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct LocalLoadBalancer {
     #[serde(default)]
-    routing_preferences: Vec<String>,
+    routing_preferences: Vec<Scope>,
     #[serde(default)]
     mode: LbMode,
     #[serde(default)]
@@ -548,13 +552,20 @@ fn service(s: LocalService, interner: &mut Interner) -> Result<Service, Error> {
         })
         .collect::<Result<Vec<_>, String>>()
         .map_err(&invalid)?;
-    let _ = &s.ip_families;
-    let (health_policy, lb_mode) = match s.load_balancer {
-        Some(lb) => {
-            let _ = lb.routing_preferences;
-            (lb.health_policy, lb.mode)
+    let ip_families = match s.ip_families.as_deref() {
+        None | Some("Automatic" | "AUTOMATIC") => IpFamilies::Automatic,
+        Some("IPv4" | "IPV4_ONLY") => IpFamilies::V4,
+        Some("IPv6" | "IPV6_ONLY") => IpFamilies::V6,
+        Some("Dual" | "DUAL") => IpFamilies::Dual,
+        Some(other) => {
+            return Err(invalid(format!(
+                "ipFamilies {other:?}: expected IPv4, IPv6, Dual or Automatic"
+            )))
         }
-        None => (HealthPolicy::default(), LbMode::default()),
+    };
+    let (health_policy, lb_mode, routing_preference) = match s.load_balancer {
+        Some(lb) => (lb.health_policy, lb.mode, lb.routing_preferences),
+        None => (HealthPolicy::default(), LbMode::default(), Vec::new()),
     };
     Ok(Service {
         name: s.name.into(),
@@ -566,6 +577,9 @@ fn service(s: LocalService, interner: &mut Interner) -> Result<Service, Error> {
         canonical: s.canonical,
         health_policy,
         lb_mode,
+        routing_preference: routing_preference.into(),
+        ip_families,
+        namespace_only: s.namespace_only,
         waypoint: waypoint.map(Box::new),
         weighted_waypoints,
         endpoints: Vec::new(),

@@ -91,7 +91,7 @@ fn service_vip_balances_over_healthy_endpoints_by_capacity() {
         .clone();
     let mut hits: HashMap<SocketAddr, u32> = HashMap::new();
     for _ in 0..4000 {
-        let up = st.pick_endpoint(&svc, 80, ip("10.96.0.10")).unwrap();
+        let up = st.pick_endpoint(&svc, 80, ip("10.96.0.10"), None).unwrap();
         *hits.entry(up.addr).or_default() += 1;
         assert!(up
             .expected_identities
@@ -112,7 +112,9 @@ fn service_port_that_no_endpoint_serves_has_no_upstream() {
         .service_by_vip("", ip("10.96.0.10"), "default")
         .unwrap()
         .clone();
-    assert!(st.pick_endpoint(&svc, 443, ip("10.96.0.10")).is_none());
+    assert!(st
+        .pick_endpoint(&svc, 443, ip("10.96.0.10"), None)
+        .is_none());
 }
 
 #[test]
@@ -297,4 +299,98 @@ workloads:
     assert_eq!(find("b", "app", "y"), None);
     assert_eq!(find("c", "app", "x"), None);
     assert_eq!(find("a", "none", "x"), None);
+}
+
+/// A client on node-1 in r1/z1, and endpoints ever farther: `a` on its node, `b` in its zone, `c` in its
+/// region, `d` in another region; `e` on another network. `unhealthy` lists the ones marked Unhealthy.
+fn locality_mesh(lb: &str, unhealthy: &[&str]) -> State {
+    let status = |n: &str| {
+        if unhealthy.contains(&n) {
+            "Unhealthy"
+        } else {
+            "Healthy"
+        }
+    };
+    let mut y = String::from(
+        "workloads:\n- {uid: the-client, name: client, namespace: default, node: node-1, workloadIps: [10.0.0.1], locality: {region: r1, zone: z1}}\n",
+    );
+    for (name, node, region, zone, ip, network) in [
+        ("a", "node-1", "r1", "z1", "10.0.1.1", ""),
+        ("b", "node-2", "r1", "z1", "10.0.1.2", ""),
+        ("c", "node-3", "r1", "z2", "10.0.1.3", ""),
+        ("d", "node-4", "r2", "z9", "10.0.1.4", ""),
+        ("e", "node-5", "r1", "z1", "10.0.1.5", "net2"),
+    ] {
+        y += &format!(
+            "- {{uid: {name}, name: {name}, namespace: default, node: {node}, network: \"{network}\", workloadIps: [{ip}], status: {}, locality: {{region: {region}, zone: {zone}}}, services: {{\"default/svc.default.svc.cluster.local\": {{80: 8080}}}}}}\n",
+            status(name)
+        );
+    }
+    y += &format!("services:\n- {{name: svc, namespace: default, hostname: svc.default.svc.cluster.local, vips: [/10.96.0.1], {lb}}}\n");
+    LocalConfig::parse(&y).unwrap().into_state().unwrap()
+}
+
+/// The endpoints picked for the client over many connections.
+fn picked(st: &State) -> std::collections::BTreeSet<String> {
+    let client = st.workload_by_addr("", ip("10.0.0.1")).unwrap().clone();
+    let svc = st
+        .service_by_vip("", ip("10.96.0.1"), "default")
+        .unwrap()
+        .clone();
+    (0..300)
+        .filter_map(|_| st.pick_endpoint(&svc, 80, ip("10.96.0.1"), Some(&client)))
+        .map(|u| u.workload.name.to_string())
+        .collect()
+}
+
+fn names(list: &[&str]) -> std::collections::BTreeSet<String> {
+    list.iter().map(|s| s.to_string()).collect()
+}
+
+#[test]
+fn internal_traffic_policy_local_keeps_connections_on_the_clients_node_or_refuses_them() {
+    // What istiod sends for `internalTrafficPolicy: Local`.
+    let lb = "loadBalancer: {routingPreferences: [Node], mode: Strict}";
+    assert_eq!(picked(&locality_mesh(lb, &[])), names(&["a"]));
+    assert!(
+        picked(&locality_mesh(lb, &["a"])).is_empty(),
+        "never another node"
+    );
+}
+
+#[test]
+fn prefer_close_uses_the_nearest_healthy_endpoints_and_fails_over_outward() {
+    // What istiod sends for `trafficDistribution: PreferClose`.
+    let lb = "loadBalancer: {routingPreferences: [Network, Region, Zone, Subzone], mode: Failover}";
+    assert_eq!(picked(&locality_mesh(lb, &[])), names(&["a", "b"]));
+    assert_eq!(picked(&locality_mesh(lb, &["a", "b"])), names(&["c"]));
+    assert_eq!(picked(&locality_mesh(lb, &["a", "b", "c"])), names(&["d"]));
+    // Another network comes last, even in the client's zone.
+    assert_eq!(
+        picked(&locality_mesh(lb, &["a", "b", "c", "d"])),
+        names(&["e"])
+    );
+    // Standard mode ignores the preference.
+    let standard = "loadBalancer: {routingPreferences: [Node], mode: Standard}";
+    assert_eq!(
+        picked(&locality_mesh(standard, &[])),
+        names(&["a", "b", "c", "d", "e"])
+    );
+}
+
+#[test]
+fn a_namespace_only_service_is_invisible_to_other_namespaces() {
+    let yaml = r#"
+services:
+- {name: db, namespace: team, hostname: db.team.svc.cluster.local, vips: [/10.96.7.7], namespaceOnly: true}
+"#;
+    let st = LocalConfig::parse(yaml).unwrap().into_state().unwrap();
+    assert!(st.service_by_vip("", ip("10.96.7.7"), "team").is_some());
+    assert!(st
+        .service_by_host("db.team.svc.cluster.local", "team")
+        .is_some());
+    assert!(st.service_by_vip("", ip("10.96.7.7"), "default").is_none());
+    assert!(st
+        .service_by_host("db.team.svc.cluster.local", "default")
+        .is_none());
 }

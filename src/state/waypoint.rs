@@ -197,7 +197,7 @@ impl State {
                     if svc.lb_mode == LbMode::Passthrough {
                         return Err(WaypointError::NotFound);
                     }
-                    self.pick_endpoint_in(svc, port, *ip, Resolution::Waypoint)
+                    self.pick_endpoint_in(svc, port, *ip, Some(src), Resolution::Waypoint)
                         .ok_or(WaypointError::NoEndpoint)?
                 } else if let Some(w) = self.workload_by_addr(network, *ip) {
                     // Referenced by its address: that address, whatever the connection's family.
@@ -211,8 +211,14 @@ impl State {
                 hostname,
             } => {
                 if let Some(svc) = self.service_by_namespaced_host(namespace, hostname) {
-                    self.pick_endpoint_in(svc, port, original_dst.ip(), Resolution::Waypoint)
-                        .ok_or(WaypointError::NoEndpoint)?
+                    self.pick_endpoint_in(
+                        svc,
+                        port,
+                        original_dst.ip(),
+                        Some(src),
+                        Resolution::Waypoint,
+                    )
+                    .ok_or(WaypointError::NoEndpoint)?
                 } else if let Some(w) = self.workload_by_hostname(namespace, hostname) {
                     // A workload known only by hostname would need DNS; ztunnel resolves it on demand,
                     // this proxy does not.

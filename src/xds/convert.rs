@@ -35,7 +35,8 @@ use crate::identity::Identity;
 use crate::proto::{security, workload as pb};
 use crate::state::{
     AppTunnelProtocol, ApplicationTunnel, GatewayAddress, GatewayDestination, HealthPolicy,
-    HealthStatus, Interner, LbMode, Locality, Protocol, Service, WeightedWaypoint, Workload,
+    HealthStatus, Interner, IpFamilies, LbMode, Locality, Protocol, Scope as LocalityScope,
+    Service, WeightedWaypoint, Workload,
 };
 
 /// Why a resource could not be converted.
@@ -426,17 +427,31 @@ fn service(name: &str, s: pb::Service) -> Result<Service, ConvertError> {
             })
         })
         .collect::<Result<Vec<_>, ConvertError>>()?;
-    let _: pb::IpFamilies = known("ipFamilies", s.ip_families)?;
-    // ztunnel reads an unknown visibility as PUBLIC; the state has no visibility yet either way.
+    let ip_families = match known("ipFamilies", s.ip_families)? {
+        pb::IpFamilies::Automatic => IpFamilies::Automatic,
+        pb::IpFamilies::Ipv4Only => IpFamilies::V4,
+        pb::IpFamilies::Ipv6Only => IpFamilies::V6,
+        pb::IpFamilies::Dual => IpFamilies::Dual,
+    };
+    // ztunnel reads an unknown visibility as PUBLIC.
+    let namespace_only = s.visibility == pb::service::Visibility::Namespace as i32;
+    let mut routing_preference = Vec::new();
     let (health_policy, lb_mode) = match &s.load_balancing {
         None => (HealthPolicy::default(), LbMode::default()),
         Some(lb) => {
+            use pb::load_balancing::Scope as S;
             for &scope in &lb.routing_preference {
-                if known::<pb::load_balancing::Scope>("loadBalancing.routingPreference", scope)?
-                    == pb::load_balancing::Scope::UnspecifiedScope
-                {
-                    return Err(ConvertError::UnspecifiedScope);
-                }
+                routing_preference.push(
+                    match known::<S>("loadBalancing.routingPreference", scope)? {
+                        S::UnspecifiedScope => return Err(ConvertError::UnspecifiedScope),
+                        S::Region => LocalityScope::Region,
+                        S::Zone => LocalityScope::Zone,
+                        S::Subzone => LocalityScope::Subzone,
+                        S::Node => LocalityScope::Node,
+                        S::Cluster => LocalityScope::Cluster,
+                        S::Network => LocalityScope::Network,
+                    },
+                );
             }
             let mode = match known("loadBalancing.mode", lb.mode)? {
                 pb::load_balancing::Mode::UnspecifiedMode => LbMode::Standard,
@@ -461,6 +476,9 @@ fn service(name: &str, s: pb::Service) -> Result<Service, ConvertError> {
         canonical: s.canonical,
         health_policy,
         lb_mode,
+        routing_preference: routing_preference.into(),
+        ip_families,
+        namespace_only,
         waypoint: waypoint.map(Box::new),
         weighted_waypoints,
         endpoints: Vec::new(),

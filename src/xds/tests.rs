@@ -489,7 +489,7 @@ async fn initial_sync_publishes_everything_at_once_and_fires_synced_once() {
         .service_by_vip("", ip("10.96.0.10"), "default")
         .unwrap()
         .clone();
-    let up = st.pick_endpoint(&svc, 80, ip("10.0.0.1")).unwrap();
+    let up = st.pick_endpoint(&svc, 80, ip("10.0.0.1"), None).unwrap();
     assert_eq!(up.addr, "10.0.0.1:9080".parse().unwrap());
     assert_eq!(proxy.synced.load(Ordering::SeqCst), 1);
     // Later pushes publish but do not fire synced again.

@@ -232,3 +232,29 @@ fn expansions_follow_kubernetes_name_forms() {
     assert_eq!(wildcards("a.b.c"), ["a.b.c", "*.b.c", "*.c"]);
     assert_eq!(wildcards("c"), ["c"]);
 }
+
+#[test]
+fn a_services_ip_families_limit_the_answers_and_a_namespace_only_service_is_not_a_mesh_name_elsewhere(
+) {
+    let yaml = r#"
+workloads:
+- {uid: c, name: client, namespace: default, workloadIps: [10.0.0.1]}
+- {uid: p, name: pod, namespace: default, workloadIps: [10.0.2.1, "fd00::2:1"], services: {"default/hl.default.svc.cluster.local": {}}}
+services:
+- {name: hl, namespace: default, hostname: hl.default.svc.cluster.local, ipFamilies: IPv4}
+- {name: db, namespace: team, hostname: db.team.svc.cluster.local, vips: [/10.96.7.7], namespaceOnly: true}
+"#;
+    let st = LocalConfig::parse(yaml).unwrap().into_state().unwrap();
+    let n = names();
+    // Headless, single-stack IPv4, over dual-stack pods: no AAAA (the name exists: empty).
+    assert_eq!(
+        answer(&n, &st, "10.0.0.1", "hl", Family::V4).unwrap().2,
+        ips(&["10.0.2.1"])
+    );
+    assert!(answer(&n, &st, "10.0.0.1", "hl", Family::V6)
+        .unwrap()
+        .2
+        .is_empty());
+    // Not visible from `default`: forwarded, as if outside the mesh.
+    assert_eq!(answer(&n, &st, "10.0.0.1", "db.team", Family::V4), None);
+}

@@ -459,13 +459,24 @@ fn service_fields_are_carried_over() {
         subject_alt_names: vec!["spiffe://cluster.local/ns/default/sa/reviews".into()],
         canonical: true,
         load_balancing: Some(pb::LoadBalancing {
-            routing_preference: vec![pb::load_balancing::Scope::Network as i32],
+            routing_preference: vec![
+                pb::load_balancing::Scope::Network as i32,
+                pb::load_balancing::Scope::Zone as i32,
+            ],
             mode: pb::load_balancing::Mode::Failover as i32,
             health_policy: pb::load_balancing::HealthPolicy::AllowAll as i32,
         }),
+        ip_families: pb::IpFamilies::Ipv4Only as i32,
+        visibility: pb::service::Visibility::Namespace as i32,
         ..pb_service()
     })
     .unwrap();
+    assert_eq!(
+        &*s.routing_preference,
+        &[crate::state::Scope::Network, crate::state::Scope::Zone]
+    );
+    assert_eq!(s.ip_families, crate::state::IpFamilies::V4);
+    assert!(s.namespace_only && s.visible_to("default") && !s.visible_to("other"));
     assert_eq!(s.key(), "default/reviews.default.svc.cluster.local");
     assert_eq!(s.vips, vec![("".into(), "10.96.0.10".parse().unwrap())]);
     assert_eq!(s.ports, HashMap::from([(80, 9080)]));
@@ -479,6 +490,8 @@ fn service_fields_are_carried_over() {
     let plain = convert_service(pb_service()).unwrap();
     assert_eq!(plain.lb_mode, LbMode::Standard);
     assert_eq!(plain.health_policy, HealthPolicy::OnlyHealthy);
+    assert!(plain.routing_preference.is_empty() && !plain.namespace_only);
+    assert_eq!(plain.ip_families, crate::state::IpFamilies::Automatic);
 }
 
 #[test]
