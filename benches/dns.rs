@@ -133,7 +133,7 @@ fn main() {
         let state = LocalConfig::parse(MESH).unwrap().into_state().unwrap();
         let (tx, handle) = StateHandle::new(state);
         std::mem::forget(tx);
-        let resolver = Resolver::new(&cfg, handle, Arc::new(Metrics::new())).expect("DNS proxy on");
+        let resolver = Resolver::new(&cfg, handle, Arc::new(Metrics::new()));
         let sockets = Sockets::bind(
             DnsBind::Addr("127.0.0.1:0".parse().unwrap()),
             false,

@@ -175,6 +175,7 @@ fn start(
         orig_src: false,
         netns: None,
         metrics: Default::default(),
+        resolver: None,
     };
     let proxy = Proxy::new(inputs, shutdown);
     let p = proxy.clone();

@@ -328,6 +328,7 @@ async fn run_proxy_inner(
         (ProxyMode::Shared, _) => {
             let inputs = crate::inpod::InpodInputs {
                 dns: crate::dns::Resolver::new(&cfg, state.clone(), metrics.clone()),
+                dns_serve: cfg.dns.enabled,
                 cfg: cfg.clone(),
                 state,
                 certs,
@@ -350,11 +351,12 @@ async fn run_proxy_inner(
     };
     // Dedicated mode: DNS in the proxy's own namespace. A port already taken there (several dedicated
     // proxies sharing one namespace) costs only DNS, which this mode's capture does not redirect anyway.
-    if let Some(resolver) = crate::dns::Resolver::new(&cfg, state.clone(), metrics.clone()) {
+    let resolver = crate::dns::Resolver::new(&cfg, state.clone(), metrics.clone());
+    if cfg.dns.enabled {
         match crate::dns::Sockets::bind(cfg.dns.bind, cfg.ipv6_enabled, None, false) {
             Ok(sockets) => {
                 let pod = crate::dns::PodDns {
-                    resolver,
+                    resolver: resolver.clone(),
                     workload: workload.clone(),
                     netns: None,
                 };
@@ -374,6 +376,7 @@ async fn run_proxy_inner(
             netns: None,
             // Not served yet: app.rs creates the process registry and serves it on :15020 (issue 5 wiring).
             metrics,
+            resolver: Some(resolver),
         },
         shutdown,
     );

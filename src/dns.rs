@@ -8,13 +8,15 @@
 //! it is, its network namespace and its bound [`Sockets`]. Output: answers. [`names`] decides what a name
 //! means; [`upstream`] forwards; [`server`] reads queries, bounds them (at most [`MAX_IN_FLIGHT`] queries
 //! and [`MAX_TCP_CONNECTIONS`] TCP connections per pod; queries over [`MAX_QUERY_BYTES`] refused) and
-//! writes answers.
+//! writes answers. [`lookup`] resolves, on demand and cached, the hostnames of workloads that have no
+//! address (ServiceEntry `resolution: DNS` endpoints) when a connection is routed to one.
 //!
 //! Answers the proxy gives itself are authoritative with a 30 s TTL, as ztunnel's. A query the proxy
 //! cannot parse gets FORMERR; a query from a pod not (yet) in the state gets SERVFAIL; an upstream that
 //! does not answer gives SERVFAIL. The proxy never answers for a name it does not know: that would hide
 //! the name from the pod.
 
+pub mod lookup;
 pub mod names;
 mod server;
 pub mod upstream;
@@ -45,9 +47,27 @@ pub struct Resolver {
     state: StateHandle,
     metrics: Arc<Metrics>,
     mark: Option<u32>,
+    lookups: lookup::Lookups,
 }
 
 impl Resolver {
+    /// The addresses of `host` of `like`'s family, for a connection routed to a workload known only by
+    /// hostname (cached for the answer's TTL).
+    pub async fn resolve_host(
+        &self,
+        host: &str,
+        like: std::net::IpAddr,
+    ) -> Result<Vec<std::net::IpAddr>, lookup::Error> {
+        let opts = crate::socket::SocketOpts {
+            mark: self.mark,
+            transparent: false,
+            reuse_port: false,
+        };
+        self.lookups
+            .resolve(&self.upstreams, opts, host, like)
+            .await
+    }
+
     /// A resolver from its parts (tests and the fuzz target): no mark, upstreams from resolv.conf `text`.
     #[doc(hidden)]
     pub fn from_parts(
@@ -62,15 +82,14 @@ impl Resolver {
             state,
             metrics,
             mark: None,
+            lookups: lookup::Lookups::default(),
         })
     }
 
-    /// The process's resolver, or `None` when the DNS proxy is off. Reads the upstreams' resolv.conf now.
-    pub fn new(cfg: &Config, state: StateHandle, metrics: Arc<Metrics>) -> Option<Arc<Resolver>> {
-        if !cfg.dns.enabled {
-            return None;
-        }
-        Some(Arc::new(Resolver {
+    /// The process's resolver (also when the DNS proxy is off: routing resolves hostnames with it). Reads
+    /// the upstreams' resolv.conf now.
+    pub fn new(cfg: &Config, state: StateHandle, metrics: Arc<Metrics>) -> Arc<Resolver> {
+        Arc::new(Resolver {
             names: names::Names::new(
                 &cfg.dns.cluster_domain,
                 cfg.dns.preferred_namespace.clone(),
@@ -80,7 +99,8 @@ impl Resolver {
             state,
             metrics,
             mark: cfg.packet_mark,
-        }))
+            lookups: lookup::Lookups::default(),
+        })
     }
 }
 

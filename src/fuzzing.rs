@@ -544,6 +544,7 @@ fn check_connect_proxy() -> &'static (Arc<crate::proxy::Proxy>, u16) {
                     orig_src: false,
                     netns: None,
                     metrics: Default::default(),
+                    resolver: None,
                 },
                 shutdown,
             )

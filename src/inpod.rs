@@ -75,8 +75,11 @@ pub struct InpodInputs {
     pub workload_manager: crate::metrics::WorkloadManagerMetrics,
     /// Where the pods handed over are published for the admin port (`/config_dump`'s `workloadState`).
     pub pods: PodStates,
-    /// The DNS proxy every pod gets on its loopback (:15053), when on.
-    pub dns: Option<Arc<crate::dns::Resolver>>,
+    /// The process's resolver: the DNS proxy every pod gets on its loopback (:15053) when `dns_serve`, and
+    /// hostname lookups for routing.
+    pub dns: Arc<crate::dns::Resolver>,
+    /// Serve DNS in every pod (`ISTIO_META_DNS_CAPTURE`).
+    pub dns_serve: bool,
 }
 
 /// The pods handed over by the CNI agent, by pod uid, as the admin port shows them. Cheap to clone; written
@@ -363,7 +366,7 @@ impl Pods {
         };
         // Bound before anything starts, like the listeners: a pod whose capture may send DNS here is
         // served whole or not at all (then retried).
-        let dns = match &self.inputs.dns {
+        let dns = match self.inputs.dns_serve.then_some(&self.inputs.dns) {
             Some(resolver) => {
                 let sockets = crate::dns::Sockets::bind(
                     cfg.dns.bind,
@@ -408,6 +411,7 @@ impl Pods {
                 netns: Some(inpod),
                 // Per-pod proxies must share the process registry (InpodInputs gets it; issue 5 wiring).
                 metrics: self.inputs.metrics.clone(),
+                resolver: Some(self.inputs.dns.clone()),
             },
             drained,
         );

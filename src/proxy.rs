@@ -83,6 +83,14 @@ pub enum Error {
     /// The HBONE tunnel could not be opened.
     #[error(transparent)]
     Hbone(#[from] crate::hbone::pool::Error),
+    /// A workload known only by hostname could not be resolved.
+    #[error("resolving {host}: {reason}")]
+    Resolve {
+        /// The hostname.
+        host: String,
+        /// Why.
+        reason: String,
+    },
     /// The original destination could not be read.
     #[error("reading original destination: {0}")]
     OriginalDst(std::io::Error),
@@ -182,6 +190,9 @@ pub struct ProxyInputs {
     pub netns: Option<Arc<InpodNetns>>,
     /// The process's metrics, shared by every proxy (one registry per process).
     pub metrics: Arc<Metrics>,
+    /// Resolves the hostnames of workloads that have no address when a connection is routed to one;
+    /// `None`: such workloads cannot be reached.
+    pub resolver: Option<Arc<crate::dns::Resolver>>,
 }
 
 /// One workload's proxy.

@@ -342,6 +342,16 @@ pub struct Upstream {
     pub service: Option<Arc<Service>>,
 }
 
+impl Upstream {
+    /// Whether the address is still to be resolved from the workload's hostname (it has no address of
+    /// its own).
+    pub fn needs_resolution(&self) -> bool {
+        self.addr.ip().is_unspecified()
+            && self.workload.ips.is_empty()
+            && !self.workload.hostname.is_empty()
+    }
+}
+
 /// An immutable, indexed snapshot of mesh state.
 #[derive(Debug, Default)]
 pub struct State {
@@ -677,7 +687,17 @@ impl State {
                 .find(|p| *p != 0)
                 .or(tunnelled.then_some(port))?;
             let r = rank(w)?;
-            Some((target, pick_ip(&w.ips, family_of)?, r))
+            let ip = if w.ips.is_empty() && !w.hostname.is_empty() {
+                // Known only by hostname (a DNS ServiceEntry's endpoint): resolved when connecting; the
+                // unspecified address of the client's family marks it (`Upstream::needs_resolution`).
+                match family_of {
+                    IpAddr::V4(_) => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+                    IpAddr::V6(_) => IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+                }
+            } else {
+                pick_ip(&w.ips, family_of)?
+            };
+            Some((target, ip, r))
         };
         let best = svc
             .endpoints

@@ -96,6 +96,7 @@ async fn start_pod(certs: &Arc<CertManager>, net: [u8; 2], workload: &str, host:
             orig_src: false,
             netns: None,
             metrics: Default::default(),
+            resolver: None,
         },
         drained,
     );

@@ -34,6 +34,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use http::{HeaderValue, Method, Request, Uri, Version};
+use rand::seq::IndexedRandom;
 use rand::Rng;
 use tokio::net::TcpStream;
 
@@ -252,6 +253,7 @@ impl Proxy {
                 return Err(e);
             }
         };
+        let route = self.resolved(route, dst).await?;
         let record = self.metrics().open(source_labels(&src, &route));
         // Where this proxy sends it, the tunnel's authority, and the workload there, for the access line.
         let (sent_to, authority, dst_workload) = match &route {
@@ -344,6 +346,32 @@ impl Proxy {
                 Ok(None)
             }
         }
+    }
+
+    /// `route` with the address of a workload known only by hostname resolved (one of the host's
+    /// addresses of the family the client dialled, picked at random, as ztunnel's on-demand DNS does).
+    async fn resolved(&self, mut route: Route, dst: SocketAddr) -> Result<Route, Error> {
+        let up = match &mut route {
+            Route::Tcp(up) | Route::Hbone(up) if up.needs_resolution() => up,
+            _ => return Ok(route),
+        };
+        let host = up.workload.hostname.to_string();
+        let resolve_error = |reason: String| Error::Resolve {
+            host: host.clone(),
+            reason,
+        };
+        let Some(resolver) = &self.inputs.resolver else {
+            return Err(resolve_error("this proxy has no resolver".into()));
+        };
+        let addrs = resolver
+            .resolve_host(&host, dst.ip())
+            .await
+            .map_err(|e| resolve_error(e.to_string()))?;
+        let ip = *addrs
+            .choose(&mut rand::rng())
+            .ok_or_else(|| resolve_error("no address".into()))?;
+        up.addr = SocketAddr::new(ip, up.addr.port());
+        Ok(route)
     }
 
     /// Opens an HBONE stream from `src` (at `peer`) through the pool.

@@ -394,3 +394,26 @@ services:
         .service_by_host("db.team.svc.cluster.local", "default")
         .is_none());
 }
+
+#[test]
+fn an_endpoint_known_only_by_hostname_is_picked_for_resolution_at_connect() {
+    let yaml = r#"
+workloads:
+- {uid: c, name: client, namespace: default, workloadIps: [10.0.0.1]}
+- {uid: se, name: ext, namespace: default, hostname: api.example.org, workloadIps: [], protocol: TCP, services: {"default/api.example.org": {443: 8443}}}
+services:
+- {name: ext, namespace: default, hostname: api.example.org, vips: [/240.240.0.1]}
+"#;
+    let st = LocalConfig::parse(yaml).unwrap().into_state().unwrap();
+    let svc = st
+        .service_by_vip("", ip("240.240.0.1"), "default")
+        .unwrap()
+        .clone();
+    let up = st
+        .pick_endpoint(&svc, 443, ip("240.240.0.1"), None)
+        .unwrap();
+    assert!(up.needs_resolution());
+    assert_eq!(up.addr, "0.0.0.0:8443".parse::<SocketAddr>().unwrap());
+    let v6 = st.pick_endpoint(&svc, 443, ip("fd00::1"), None).unwrap();
+    assert_eq!(v6.addr, "[::]:8443".parse::<SocketAddr>().unwrap());
+}

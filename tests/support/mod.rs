@@ -118,6 +118,9 @@ pub async fn start_proxy_with(
         inbound_plaintext: socket::listen(SocketAddr::new(bind, 0), opts).unwrap(),
     };
     let (shutdown_tx, shutdown) = watch::channel(false);
+    // Hostname lookups go to the config's resolv.conf (`MESHNODE_DNS_RESOLV_CONF`), only when a test routes
+    // to a workload known by hostname.
+    let resolver = meshnode::dns::Resolver::new(&cfg, state.clone(), Default::default());
     let inputs = ProxyInputs {
         cfg,
         state,
@@ -127,6 +130,7 @@ pub async fn start_proxy_with(
         orig_src: false,
         netns: None,
         metrics: Default::default(),
+        resolver: Some(resolver),
     };
     let proxy = Proxy::new(inputs, shutdown);
     let p = proxy.clone();

@@ -53,6 +53,7 @@ fn pod_dns(yaml: &str, upstream: &str, workload: &str) -> (PodDns, Arc<Metrics>)
         state: handle,
         metrics: metrics.clone(),
         mark: None,
+        lookups: Default::default(),
     });
     (
         PodDns {
