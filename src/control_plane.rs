@@ -35,6 +35,7 @@ pub mod istio;
 pub mod objects;
 pub mod run;
 pub mod server;
+pub mod service_entries;
 #[cfg(test)]
 mod tests;
 pub mod tokens;

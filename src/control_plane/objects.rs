@@ -1,6 +1,7 @@
 //! The Kubernetes objects of the mesh file's `istio:` list, in the shapes users write them for kubectl:
-//! Istio's `AuthorizationPolicy` and `PeerAuthentication` ([`security`]), `VirtualService` and
-//! `DestinationRule` ([`networking`]), and Gateway API's `Gateway` and `HTTPRoute` ([`gateway`]).
+//! Istio's `AuthorizationPolicy` and `PeerAuthentication` ([`security`]), `VirtualService`,
+//! `DestinationRule`, `ServiceEntry` and `WorkloadEntry` ([`networking`]), and Gateway API's `Gateway` and
+//! `HTTPRoute` ([`gateway`]).
 //!
 //! Input: YAML (or JSON) values. Output: [`IstioObject`]s, or serde's error naming the path and line
 //! (`istio[2].spec.rules[0].from[0].source: unknown field \`principalz\``). An object is read by its
@@ -58,6 +59,10 @@ pub enum ObjectKind {
     VirtualService,
     /// `networking.istio.io` DestinationRule.
     DestinationRule,
+    /// `networking.istio.io` ServiceEntry.
+    ServiceEntry,
+    /// `networking.istio.io` WorkloadEntry.
+    WorkloadEntry,
 }
 
 impl ObjectKind {
@@ -71,7 +76,10 @@ impl ObjectKind {
                 "gateway.networking.k8s.io/v1",
                 "gateway.networking.k8s.io/v1beta1",
             ],
-            ObjectKind::VirtualService | ObjectKind::DestinationRule => &[
+            ObjectKind::VirtualService
+            | ObjectKind::DestinationRule
+            | ObjectKind::ServiceEntry
+            | ObjectKind::WorkloadEntry => &[
                 "networking.istio.io/v1",
                 "networking.istio.io/v1beta1",
                 "networking.istio.io/v1alpha3",
@@ -101,6 +109,8 @@ impl ObjectKind {
             ObjectKind::HttpRoute => "HTTPRoute",
             ObjectKind::VirtualService => "VirtualService",
             ObjectKind::DestinationRule => "DestinationRule",
+            ObjectKind::ServiceEntry => "ServiceEntry",
+            ObjectKind::WorkloadEntry => "WorkloadEntry",
         }
     }
 }
@@ -137,6 +147,8 @@ pub enum Spec {
     HttpRoute(gateway::HttpRouteSpec),
     VirtualService(networking::VirtualServiceSpec),
     DestinationRule(networking::DestinationRuleSpec),
+    ServiceEntry(networking::ServiceEntrySpec),
+    WorkloadEntry(networking::WorkloadEntrySpec),
 }
 
 impl Spec {
@@ -149,6 +161,8 @@ impl Spec {
             Spec::HttpRoute(_) => ObjectKind::HttpRoute,
             Spec::VirtualService(_) => ObjectKind::VirtualService,
             Spec::DestinationRule(_) => ObjectKind::DestinationRule,
+            Spec::ServiceEntry(_) => ObjectKind::ServiceEntry,
+            Spec::WorkloadEntry(_) => ObjectKind::WorkloadEntry,
         }
     }
 
@@ -161,6 +175,8 @@ impl Spec {
             ObjectKind::HttpRoute => Spec::HttpRoute(Default::default()),
             ObjectKind::VirtualService => Spec::VirtualService(Default::default()),
             ObjectKind::DestinationRule => Spec::DestinationRule(Default::default()),
+            ObjectKind::ServiceEntry => Spec::ServiceEntry(Default::default()),
+            ObjectKind::WorkloadEntry => Spec::WorkloadEntry(Default::default()),
         }
     }
 }
@@ -238,6 +254,8 @@ impl<'de> DeserializeSeed<'de> for SpecSeed {
             ObjectKind::HttpRoute => Spec::HttpRoute(Deserialize::deserialize(d)?),
             ObjectKind::VirtualService => Spec::VirtualService(Deserialize::deserialize(d)?),
             ObjectKind::DestinationRule => Spec::DestinationRule(Deserialize::deserialize(d)?),
+            ObjectKind::ServiceEntry => Spec::ServiceEntry(Deserialize::deserialize(d)?),
+            ObjectKind::WorkloadEntry => Spec::WorkloadEntry(Deserialize::deserialize(d)?),
         })
     }
 }

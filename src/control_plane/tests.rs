@@ -983,3 +983,142 @@ fn internal_traffic_policy_and_traffic_distribution_become_istiods_load_balancin
         "{err}"
     );
 }
+
+const ENTRIES: &str = r#"
+- apiVersion: networking.istio.io/v1
+  kind: ServiceEntry
+  metadata: {name: api, namespace: default}
+  spec:
+    hosts: [api.example.org]
+    addresses: [240.240.0.1]
+    ports: [{number: 443, name: https, protocol: TLS}]
+    resolution: DNS
+    location: MESH_EXTERNAL
+- apiVersion: networking.istio.io/v1
+  kind: ServiceEntry
+  metadata: {name: legacy-db, namespace: default}
+  spec:
+    hosts: [db.legacy.internal]
+    addresses: [240.240.0.2]
+    ports: [{number: 5432, name: tcp-pg}]
+    resolution: STATIC
+    exportTo: ["."]
+    endpoints:
+    - {address: 10.2.0.5, ports: {tcp-pg: 15432}, labels: {app: pg}, locality: r1/z1}
+- apiVersion: networking.istio.io/v1
+  kind: ServiceEntry
+  metadata: {name: vms, namespace: default}
+  spec:
+    hosts: [vm.example.internal]
+    addresses: [240.240.0.3]
+    ports: [{number: 80, name: http, targetPort: 8080}]
+    workloadSelector: {labels: {app: productpage}}
+- apiVersion: networking.istio.io/v1
+  kind: WorkloadEntry
+  metadata: {name: vm-1, namespace: default}
+  spec: {address: 10.3.0.1, labels: {app: productpage}, serviceAccount: vm}
+"#;
+
+fn with_entries(objects: &str) -> String {
+    MESH.replace("tokens:\n", &format!("istio:{objects}tokens:\n"))
+}
+
+#[test]
+fn service_entries_and_workload_entries_become_services_and_workloads_as_istiod_sends_them() {
+    let cfg = MeshConfig::parse(&with_entries(ENTRIES)).unwrap();
+    let res = translate(&cfg);
+    // DNS, no endpoints: the host itself, resolved by the proxy.
+    let api = service(&res, "default/api.example.org");
+    assert_eq!(api.name, "api");
+    assert_eq!(api.addresses[0].address, vec![240, 240, 0, 1]);
+    assert_eq!(
+        (api.ports[0].service_port, api.ports[0].target_port),
+        (443, 443)
+    );
+    let dns = workload(
+        &res,
+        "Kubernetes/networking.istio.io/ServiceEntry/default/api/api.example.org",
+    );
+    assert_eq!(dns.hostname, "api.example.org");
+    assert!(dns.addresses.is_empty());
+    assert_eq!(dns.tunnel_protocol, wl::TunnelProtocol::None as i32);
+    assert!(dns.services.contains_key("default/api.example.org"));
+    // STATIC endpoints, with the endpoint's own port and locality; visible to its namespace only.
+    let db = service(&res, "default/db.legacy.internal");
+    assert_eq!(db.visibility, wl::service::Visibility::Namespace as i32);
+    let pg = workload(
+        &res,
+        "Kubernetes/networking.istio.io/ServiceEntry/default/legacy-db/10.2.0.5",
+    );
+    assert_eq!(pg.addresses[0], vec![10, 2, 0, 5]);
+    assert_eq!(
+        pg.services["default/db.legacy.internal"].ports[0].target_port,
+        15432
+    );
+    assert_eq!(pg.locality.as_ref().unwrap().zone, "z1");
+    // A workloadSelector picks the pods and WorkloadEntries of its namespace.
+    let pp = workload(&res, &uid("default", "productpage-v1"));
+    assert_eq!(
+        pp.services["default/vm.example.internal"].ports[0].target_port,
+        8080
+    );
+    let vm = workload(
+        &res,
+        "Kubernetes/networking.istio.io/WorkloadEntry/default/vm-1",
+    );
+    assert_eq!(vm.addresses[0], vec![10, 3, 0, 1]);
+    assert_eq!(vm.service_account, "vm");
+    assert!(vm.services.contains_key("default/vm.example.internal"));
+
+    // The proxy's state built from them routes the DNS host for resolution at connect.
+    let mut workloads = Vec::new();
+    let mut services = Vec::new();
+    for (name, a) in &res.addresses {
+        match crate::xds::convert::address(name, a.clone()).unwrap() {
+            crate::xds::convert::Address::Workload(w) => workloads.push((*w).clone()),
+            crate::xds::convert::Address::Service(s) => services.push((*s).clone()),
+        }
+    }
+    let st = crate::state::State::new(workloads, services, Default::default()).unwrap();
+    let svc = st
+        .service_by_vip("", "240.240.0.1".parse().unwrap(), "default")
+        .unwrap()
+        .clone();
+    let up = st
+        .pick_endpoint(&svc, 443, "240.240.0.1".parse().unwrap(), None)
+        .unwrap();
+    assert!(up.needs_resolution(), "{up:?}");
+    assert!(
+        st.service_by_vip("", "240.240.0.2".parse().unwrap(), "test")
+            .is_none(),
+        "exportTo: . hides it from other namespaces"
+    );
+}
+
+#[test]
+fn service_entries_istio_would_refuse_or_meshnode_cannot_serve_are_refused_by_field() {
+    let refused = |spec: &str| {
+        let objects = format!(
+            "\n- apiVersion: networking.istio.io/v1\n  kind: ServiceEntry\n  metadata: {{name: x, namespace: default}}\n  spec: {spec}\n"
+        );
+        MeshConfig::parse(&with_entries(&objects))
+            .unwrap_err()
+            .to_string()
+    };
+    let e = refused("{hosts: [a.example.org], addresses: [10.0.0.0/8]}");
+    assert!(e.contains("addresses[0]") && e.contains("CIDR"), "{e}");
+    let e = refused("{hosts: [\"*.example.org\"], resolution: DNS}");
+    assert!(e.contains("hosts[0]"), "{e}");
+    let e = refused(
+        "{hosts: [a.example.org], resolution: STATIC, endpoints: [{address: db.example.org}]}",
+    );
+    assert!(e.contains("endpoints[0].address"), "{e}");
+    let e = refused("{hosts: [a.example.org], resolution: DNZ}");
+    assert!(e.contains("resolution"), "{e}");
+    let e = refused("{hosts: [a.example.org], exportTo: [other]}");
+    assert!(e.contains("exportTo"), "{e}");
+    let e = refused("{hosts: [a.example.org], endpoints: [{address: 10.0.0.1}], workloadSelector: {labels: {a: b}}}");
+    assert!(e.contains("workloadSelector"), "{e}");
+    let e = refused("{hosts: [productpage.default.svc.cluster.local]}");
+    assert!(e.contains("also a Service"), "{e}");
+}

@@ -77,6 +77,10 @@ pub fn translate(cfg: &MeshConfig) -> Resources {
     for warning in &waypoints.warnings {
         tracing::warn!("{warning}");
     }
+    let entries = super::service_entries::convert(cfg).unwrap_or_else(|e| {
+        tracing::error!(error = %e, "ServiceEntry objects could not be translated");
+        super::service_entries::Entries::default()
+    });
     let services: Vec<&ServiceSpec> = cfg.services.iter().chain(&waypoints.services).collect();
     let enrollment = selector::Policy {
         selectors: selector::default_selectors(),
@@ -85,6 +89,9 @@ pub fn translate(cfg: &MeshConfig) -> Resources {
     for w in &cfg.workloads {
         let mut workload = workload(cfg, &enrollment, &services, w);
         workload.waypoint = waypoints.for_workload(&w.namespace, &w.name);
+        for (key, ports) in entries.services_for(&w.namespace, &w.labels) {
+            workload.services.insert(key, ports);
+        }
         let backs = services
             .iter()
             .filter(|s| selects(s, w))
@@ -109,6 +116,22 @@ pub fn translate(cfg: &MeshConfig) -> Resources {
             format!("{}/{}", service.namespace, service.hostname),
             wl::Address {
                 r#type: Some(wl::address::Type::Service(service)),
+            },
+        );
+    }
+    for w in entries.workloads {
+        out.addresses.insert(
+            w.uid.clone(),
+            wl::Address {
+                r#type: Some(wl::address::Type::Workload(w)),
+            },
+        );
+    }
+    for s in entries.services {
+        out.addresses.insert(
+            format!("{}/{}", s.namespace, s.hostname),
+            wl::Address {
+                r#type: Some(wl::address::Type::Service(s)),
             },
         );
     }

@@ -34,6 +34,21 @@ impl MeshConfig {
         self.check_fields()?;
         let converted = istio::convert(self)?;
         waypoints::convert(self, &converted)?;
+        let entries = super::service_entries::convert(self)?;
+        for s in &entries.services {
+            if self.services.iter().any(|k| {
+                k.namespace == s.namespace
+                    && self.service_hostname(&k.namespace, &k.name) == s.hostname
+            }) {
+                return Err(Error::Invalid {
+                    field: "istio".into(),
+                    reason: format!(
+                        "ServiceEntry host {} in {} is also a Service's hostname there",
+                        s.hostname, s.namespace
+                    ),
+                });
+            }
+        }
         let invalid = |field: String, reason: String| Error::Invalid { field, reason };
         for (i, w) in self.workloads.iter().enumerate() {
             for (k, key) in w.authorization_policies.iter().enumerate() {

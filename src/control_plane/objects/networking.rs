@@ -467,3 +467,73 @@ impl OutlierDetectionSettings {
         ])
     }
 }
+
+/// A ServiceEntry's spec: hosts outside (or inside) the mesh that pods may address by name.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[allow(missing_docs)] // Istio's field names; see the Istio reference.
+pub struct ServiceEntrySpec {
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    /// VIPs (single addresses; CIDRs are not supported yet).
+    #[serde(default)]
+    pub addresses: Vec<String>,
+    #[serde(default)]
+    pub ports: Vec<SePort>,
+    /// `MESH_EXTERNAL` (default) or `MESH_INTERNAL`.
+    pub location: Option<String>,
+    /// `NONE` (default), `STATIC`, `DNS` or `DNS_ROUND_ROBIN`.
+    pub resolution: Option<String>,
+    #[serde(default)]
+    pub endpoints: Vec<WorkloadEntrySpec>,
+    pub workload_selector: Option<SeWorkloadSelector>,
+    /// `.` (this namespace only) or `*` (the default).
+    #[serde(default)]
+    pub export_to: Vec<String>,
+    #[serde(default)]
+    pub subject_alt_names: Vec<String>,
+}
+
+/// `ports[]` of a ServiceEntry.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[allow(missing_docs)] // Istio's field names; see the Istio reference.
+pub struct SePort {
+    pub number: u16,
+    #[serde(default)]
+    pub protocol: String,
+    #[serde(default)]
+    pub name: String,
+    pub target_port: Option<u16>,
+}
+
+/// `workloadSelector` of a ServiceEntry.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[allow(missing_docs)] // Istio's field names; see the Istio reference.
+pub struct SeWorkloadSelector {
+    #[serde(default)]
+    pub labels: Labels,
+}
+
+/// A WorkloadEntry's spec (also a ServiceEntry's `endpoints[]`): a workload outside Kubernetes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[allow(missing_docs)] // Istio's field names; see the Istio reference.
+pub struct WorkloadEntrySpec {
+    /// An IP address, or a hostname (resolved by the proxy when the ServiceEntry says `DNS`).
+    #[serde(default)]
+    pub address: String,
+    /// Port name → port on this endpoint.
+    #[serde(default)]
+    pub ports: BTreeMap<String, u16>,
+    #[serde(default)]
+    pub labels: Labels,
+    #[serde(default)]
+    pub network: String,
+    #[serde(default)]
+    pub locality: String,
+    pub weight: Option<u32>,
+    #[serde(default)]
+    pub service_account: String,
+}
