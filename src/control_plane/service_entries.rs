@@ -28,10 +28,13 @@ pub struct Entries {
     pub services: Vec<wl::Service>,
     /// Endpoints, WorkloadEntries and DNS hosts.
     pub workloads: Vec<wl::Workload>,
-    /// Per ServiceEntry with a `workloadSelector`: its namespace, the labels, and the services (key and
-    /// ports) a matching pod backs.
-    selectors: Vec<(String, Labels, Vec<(String, wl::PortList)>)>,
+    /// One per ServiceEntry with a `workloadSelector`.
+    selectors: Vec<Selecting>,
 }
+
+/// A ServiceEntry's `workloadSelector`: its namespace, the labels, and the services (key and ports) a
+/// matching pod backs.
+type Selecting = (String, Labels, Vec<(String, wl::PortList)>);
 
 impl Entries {
     /// The ServiceEntry hosts (`namespace/host` and ports) a pod of `namespace` with `labels` backs.

@@ -268,7 +268,7 @@ pub fn change(
                 &format!("{kind} {name}"),
                 "kind",
                 format!(
-                    "{kind:?} ({api}) is not supported by the sandbox; supported: AuthorizationPolicy and PeerAuthentication (security.istio.io), Gateway of class istio-waypoint and HTTPRoute (gateway.networking.k8s.io), VirtualService and DestinationRule (networking.istio.io), Namespace (v1, labels)"
+                    "{kind:?} ({api}) is not supported by the sandbox; supported: AuthorizationPolicy and PeerAuthentication (security.istio.io), Gateway of class istio-waypoint and HTTPRoute (gateway.networking.k8s.io), VirtualService, DestinationRule, ServiceEntry and WorkloadEntry (networking.istio.io), Namespace (v1, labels)"
                 ),
             ));
         }
