@@ -216,8 +216,6 @@ fn service_entry(
     }
     let keys: Vec<String> = spec.hosts.iter().map(|h| format!("{ns}/{h}")).collect();
     for host in &spec.hosts {
-        let v4 = vips.iter().any(IpAddr::is_ipv4);
-        let v6 = vips.iter().any(IpAddr::is_ipv6);
         out.services.push(wl::Service {
             name: name.clone(),
             namespace: ns.clone(),
@@ -232,12 +230,7 @@ fn service_entry(
                 .collect(),
             ports: service_ports(&BTreeMap::new()).ports,
             subject_alt_names: spec.subject_alt_names.clone(),
-            ip_families: match (v4, v6) {
-                (true, true) => wl::IpFamilies::Dual,
-                (true, false) => wl::IpFamilies::Ipv4Only,
-                (false, true) => wl::IpFamilies::Ipv6Only,
-                (false, false) => wl::IpFamilies::Automatic,
-            } as i32,
+            ip_families: ip_families(&vips) as i32,
             visibility: if namespace_only {
                 wl::service::Visibility::Namespace
             } else {
@@ -343,7 +336,20 @@ fn endpoint_workload(
     }
 }
 
-fn ip_bytes(ip: &IpAddr) -> Vec<u8> {
+/// The IP families of a service with these VIPs, as istiod infers them.
+pub(super) fn ip_families(vips: &[IpAddr]) -> wl::IpFamilies {
+    let v4 = vips.iter().any(IpAddr::is_ipv4);
+    let v6 = vips.iter().any(IpAddr::is_ipv6);
+    match (v4, v6) {
+        (true, true) => wl::IpFamilies::Dual,
+        (true, false) => wl::IpFamilies::Ipv4Only,
+        (false, true) => wl::IpFamilies::Ipv6Only,
+        (false, false) => wl::IpFamilies::Automatic,
+    }
+}
+
+/// An address as the workload API carries it.
+pub(super) fn ip_bytes(ip: &IpAddr) -> Vec<u8> {
     match ip {
         IpAddr::V4(v4) => v4.octets().to_vec(),
         IpAddr::V6(v6) => v6.octets().to_vec(),

@@ -20,12 +20,12 @@
 //!   (`waypoints.rs`), and the Services the control plane makes for waypoints are served with the others.
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
 
 use ipnet::IpNet;
 
 pub use super::config::pod_uid;
 use super::config::{MeshConfig, PortProtocol, ServiceSpec, WorkloadSpec};
+use super::service_entries::{ip_bytes, ip_families};
 use super::{istio, waypoints};
 use crate::authz::{self, Policy, StringMatch};
 use crate::cni_agent::cluster::{NamespaceInfo, PodInfo};
@@ -266,14 +266,7 @@ fn app_protocol(p: PortProtocol) -> wl::AppProtocol {
 }
 
 fn service(cfg: &MeshConfig, s: &ServiceSpec) -> wl::Service {
-    let v4 = s.vips.iter().any(IpAddr::is_ipv4);
-    let v6 = s.vips.iter().any(IpAddr::is_ipv6);
-    let ip_families = match (v4, v6) {
-        (true, true) => wl::IpFamilies::Dual,
-        (true, false) => wl::IpFamilies::Ipv4Only,
-        (false, true) => wl::IpFamilies::Ipv6Only,
-        (false, false) => wl::IpFamilies::Automatic,
-    };
+    let ip_families = ip_families(&s.vips);
     wl::Service {
         name: s.name.clone(),
         namespace: s.namespace.clone(),
@@ -318,13 +311,6 @@ fn load_balancing(s: &ServiceSpec) -> Option<wl::LoadBalancing> {
             })
         }
         None => None,
-    }
-}
-
-fn ip_bytes(ip: &IpAddr) -> Vec<u8> {
-    match ip {
-        IpAddr::V4(v4) => v4.octets().to_vec(),
-        IpAddr::V6(v6) => v6.octets().to_vec(),
     }
 }
 
