@@ -290,6 +290,9 @@ pub struct Service {
     pub hostname: SharedStr,
     /// VIPs with their network.
     pub vips: Vec<(SharedStr, IpAddr)>,
+    /// CIDR VIPs with their network (a ServiceEntry's address ranges): an address in one reaches the
+    /// service when no single VIP is that address.
+    pub vip_cidrs: Vec<(SharedStr, ipnet::IpNet)>,
     /// Service port → target port (0: the endpoint must say).
     pub ports: PortMap,
     /// Extra identities accepted for this service's endpoints.
@@ -370,6 +373,8 @@ pub struct State {
     services: Vec<Arc<Service>>,
     /// network → VIP → services.
     by_vip: HashMap<SharedStr, HashMap<IpAddr, Vec<usize>>>,
+    /// Services with CIDR VIPs (few), scanned when no single VIP matches.
+    with_cidrs: Vec<usize>,
     /// Keys are the services' own (shared) hostnames.
     by_host: HashMap<SharedStr, Vec<usize>>,
     policies: Arc<PolicySet>,
@@ -481,6 +486,9 @@ impl State {
                     .or_default()
                     .push(idx);
             }
+            if !svc.vip_cidrs.is_empty() {
+                st.with_cidrs.push(idx);
+            }
             st.by_host
                 .entry(svc.hostname.clone())
                 .or_default()
@@ -573,15 +581,41 @@ impl State {
             .map(|&i| &self.workloads[i])
     }
 
-    /// The service with VIP `ip` on `network`, preferring the client's namespace, then canonical ones.
+    /// The service with VIP `ip` on `network`, preferring the client's namespace, then canonical ones;
+    /// failing a single VIP, the service with a CIDR VIP holding `ip`, ranked as ztunnel ranks them: the
+    /// client's namespace, then the longest prefix, then canonical.
     pub fn service_by_vip(
         &self,
         network: &str,
         ip: IpAddr,
         client_ns: &str,
     ) -> Option<&Arc<Service>> {
-        let candidates = self.by_vip.get(network)?.get(&ip)?;
-        self.best(candidates, client_ns)
+        let exact = self
+            .by_vip
+            .get(network)
+            .and_then(|m| m.get(&ip))
+            .and_then(|candidates| self.best(candidates, client_ns));
+        if exact.is_some() || self.with_cidrs.is_empty() {
+            return exact;
+        }
+        // (in the client's namespace, prefix length, canonical): higher is better.
+        type Rank = (bool, u8, bool);
+        let mut best: Option<(Rank, &Arc<Service>)> = None;
+        for svc in self.with_cidrs.iter().map(|&i| &self.services[i]) {
+            if !svc.visible_to(client_ns) {
+                continue;
+            }
+            for (net, cidr) in &svc.vip_cidrs {
+                if net.as_str() != network || !cidr.contains(&ip) {
+                    continue;
+                }
+                let rank = (svc.namespace == client_ns, cidr.prefix_len(), svc.canonical);
+                if best.as_ref().is_none_or(|(r, _)| rank > *r) {
+                    best = Some((rank, svc));
+                }
+            }
+        }
+        best.map(|(_, svc)| svc)
     }
 
     /// The service named `hostname`, preferring the client's namespace, then canonical ones.

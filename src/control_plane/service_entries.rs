@@ -5,11 +5,12 @@
 //! when there are no endpoints, becomes a workload known only by hostname, which the node proxy resolves
 //! when a connection is routed to it. `workloadSelector` makes the pods and WorkloadEntries of the
 //! entry's namespace whose labels match back its hosts. `exportTo: ["."]` makes the hosts visible to the
-//! entry's namespace only.
+//! entry's namespace only. `addresses` may be single addresses or CIDR ranges; `resolution: NONE` sends
+//! connections to the address dialled (istiod's PASSTHROUGH load balancing).
 //!
 //! Input: the mesh file (its pods and `istio:` objects). Output: [`Entries`] (services, workloads, and
 //! [`Entries::services_for`] for the pods the selectors pick), or [`Error::Invalid`] naming the field.
-//! Refused, with the field named: CIDR addresses, a wildcard host with DNS resolution, an endpoint that is
+//! Refused, with the field named: a wildcard host with DNS resolution, an endpoint that is
 //! not an IP under STATIC or NONE, endpoints together with a `workloadSelector`, an `exportTo` other than
 //! `.`, `*` or the entry's own namespace, unknown `location` or `resolution` values.
 
@@ -157,21 +158,22 @@ fn service_entry(
             ));
         }
     }
-    let mut vips = Vec::new();
+    // Single addresses and CIDR ranges (sent with their prefix length, as istiod sends them).
+    let mut vips: Vec<(IpAddr, Option<u32>)> = Vec::new();
     for (a, addr) in spec.addresses.iter().enumerate() {
-        if addr.contains('/') {
-            return Err(invalid(
-                format!("{at}.addresses[{a}]"),
-                "CIDR addresses are not supported yet; give single addresses",
-            ));
-        }
-        let ip: IpAddr = addr.parse().map_err(|_| {
+        let bad = || {
             invalid(
                 format!("{at}.addresses[{a}]"),
-                format!("{addr:?} is not an IP address"),
+                format!("{addr:?} is not an IP address or a CIDR range"),
             )
-        })?;
-        vips.push(ip);
+        };
+        match addr.split_once('/') {
+            Some(_) => {
+                let net: ipnet::IpNet = addr.parse().map_err(|_| bad())?;
+                vips.push((net.network(), Some(net.prefix_len().into())));
+            }
+            None => vips.push((addr.parse().map_err(|_| bad())?, None)),
+        }
     }
     let namespace_only = match spec.export_to.as_slice() {
         [] => false,
@@ -222,15 +224,21 @@ fn service_entry(
             hostname: host.clone(),
             addresses: vips
                 .iter()
-                .map(|ip| wl::NetworkAddress {
+                .map(|(ip, length)| wl::NetworkAddress {
                     network: String::new(),
                     address: ip_bytes(ip),
-                    length: None,
+                    length: *length,
                 })
                 .collect(),
             ports: service_ports(&BTreeMap::new()).ports,
             subject_alt_names: spec.subject_alt_names.clone(),
-            ip_families: ip_families(&vips) as i32,
+            ip_families: ip_families(&vips.iter().map(|(ip, _)| *ip).collect::<Vec<_>>()) as i32,
+            // Resolution NONE: connections go to the address dialled (istiod's PASSTHROUGH).
+            load_balancing: (!dns && resolution == "NONE").then(|| wl::LoadBalancing {
+                mode: wl::load_balancing::Mode::Passthrough as i32,
+                health_policy: wl::load_balancing::HealthPolicy::AllowAll as i32,
+                ..Default::default()
+            }),
             visibility: if namespace_only {
                 wl::service::Visibility::Namespace
             } else {

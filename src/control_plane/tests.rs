@@ -1096,6 +1096,35 @@ fn service_entries_and_workload_entries_become_services_and_workloads_as_istiod_
 }
 
 #[test]
+fn a_cidr_service_entry_with_resolution_none_passes_connections_through_to_the_address_dialled() {
+    let objects = "\n- apiVersion: networking.istio.io/v1\n  kind: ServiceEntry\n  metadata: {name: corp, namespace: default}\n  spec: {hosts: [corp.internal], addresses: [10.50.0.0/16], ports: [{number: 443, name: tls}], resolution: NONE}\n";
+    let res = translate(&MeshConfig::parse(&with_entries(objects)).unwrap());
+    let corp = service(&res, "default/corp.internal");
+    assert_eq!(corp.addresses[0].length, Some(16));
+    let lb = corp.load_balancing.clone().unwrap();
+    assert_eq!(lb.mode, wl::load_balancing::Mode::Passthrough as i32);
+    let (name, a) = res
+        .addresses
+        .iter()
+        .find(|(n, _)| n.as_str() == "default/corp.internal")
+        .unwrap();
+    let crate::xds::convert::Address::Service(s) =
+        crate::xds::convert::address(name, a.clone()).unwrap()
+    else {
+        panic!("a service")
+    };
+    let st = crate::state::State::new(Vec::new(), vec![(*s).clone()], Default::default()).unwrap();
+    let found = st
+        .service_by_vip("", "10.50.3.4".parse().unwrap(), "default")
+        .expect("an address in the range reaches the service");
+    assert_eq!(found.hostname.as_str(), "corp.internal");
+    assert_eq!(found.lb_mode, crate::state::LbMode::Passthrough);
+    assert!(st
+        .service_by_vip("", "10.51.0.1".parse().unwrap(), "default")
+        .is_none());
+}
+
+#[test]
 fn service_entries_istio_would_refuse_or_meshnode_cannot_serve_are_refused_by_field() {
     let refused = |spec: &str| {
         let objects = format!(
@@ -1105,8 +1134,8 @@ fn service_entries_istio_would_refuse_or_meshnode_cannot_serve_are_refused_by_fi
             .unwrap_err()
             .to_string()
     };
-    let e = refused("{hosts: [a.example.org], addresses: [10.0.0.0/8]}");
-    assert!(e.contains("addresses[0]") && e.contains("CIDR"), "{e}");
+    let e = refused("{hosts: [a.example.org], addresses: [10.0.0.0/33]}");
+    assert!(e.contains("addresses[0]"), "{e}");
     let e = refused("{hosts: [\"*.example.org\"], resolution: DNS}");
     assert!(e.contains("hosts[0]"), "{e}");
     let e = refused(

@@ -572,6 +572,7 @@ fn service(s: LocalService, interner: &mut Interner) -> Result<Service, Error> {
         namespace: interner.str(&s.namespace),
         hostname: s.hostname.into(),
         vips,
+        vip_cidrs: Vec::new(),
         ports: interner.ports(s.ports),
         subject_alt_names,
         canonical: s.canonical,

@@ -36,7 +36,7 @@ use crate::proto::{security, workload as pb};
 use crate::state::{
     AppTunnelProtocol, ApplicationTunnel, GatewayAddress, GatewayDestination, HealthPolicy,
     HealthStatus, Interner, IpFamilies, LbMode, Locality, Protocol, Scope as LocalityScope,
-    Service, WeightedWaypoint, Workload,
+    Service, SharedStr, WeightedWaypoint, Workload,
 };
 
 /// Why a resource could not be converted.
@@ -73,16 +73,6 @@ pub enum ConvertError {
     /// A prefix length is longer than the address.
     #[error("{field}: prefix length {length} is too long for {ip}")]
     PrefixLength {
-        /// The field.
-        field: &'static str,
-        /// The address.
-        ip: IpAddr,
-        /// The prefix length.
-        length: u32,
-    },
-    /// A service VIP is a CIDR range; the state indexes single addresses only.
-    #[error("{field}: CIDR VIP {ip}/{length} is not supported")]
-    CidrVip {
         /// The field.
         field: &'static str,
         /// The address.
@@ -387,22 +377,28 @@ fn service(name: &str, s: pb::Service) -> Result<Service, ConvertError> {
             key,
         });
     }
-    let vips = s
-        .addresses
-        .iter()
-        .map(|a| {
-            let addr = ip("addresses", &a.address)?;
-            let host_len = if addr.is_ipv4() { 32 } else { 128 };
-            match a.length {
-                Some(len) if len != host_len => Err(ConvertError::CidrVip {
-                    field: "addresses",
-                    ip: addr,
-                    length: len,
-                }),
-                _ => Ok((a.network.as_str().into(), addr)),
+    // Single addresses are VIPs; shorter prefixes are CIDR VIPs (a ServiceEntry's `addresses` range),
+    // as ztunnel splits them.
+    let mut vips = Vec::new();
+    let mut vip_cidrs = Vec::new();
+    for a in &s.addresses {
+        let addr = ip("addresses", &a.address)?;
+        let host_len: u8 = if addr.is_ipv4() { 32 } else { 128 };
+        match a.length {
+            Some(len) if len != u32::from(host_len) => {
+                let net = u8::try_from(len)
+                    .ok()
+                    .and_then(|l| IpNet::new(addr, l).ok())
+                    .ok_or(ConvertError::PrefixLength {
+                        field: "addresses",
+                        ip: addr,
+                        length: len,
+                    })?;
+                vip_cidrs.push((SharedStr::from(a.network.as_str()), net.trunc()));
             }
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+            _ => vips.push((SharedStr::from(a.network.as_str()), addr)),
+        }
+    }
     let subject_alt_names = s
         .subject_alt_names
         .iter()
@@ -472,6 +468,7 @@ fn service(name: &str, s: pb::Service) -> Result<Service, ConvertError> {
         namespace: s.namespace.into(),
         hostname: s.hostname.into(),
         vips,
+        vip_cidrs,
         subject_alt_names,
         canonical: s.canonical,
         health_policy,

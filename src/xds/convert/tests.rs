@@ -495,23 +495,32 @@ fn service_fields_are_carried_over() {
 }
 
 #[test]
-fn service_vips_are_single_addresses() {
+fn single_address_vips_and_cidr_vips_are_told_apart() {
     let vip = |len| pb::NetworkAddress {
         network: "".into(),
         address: vec![10, 96, 0, 0],
         length: len,
     };
-    convert_service(pb::Service {
+    let one = convert_service(pb::Service {
         addresses: vec![vip(Some(32))],
         ..pb_service()
     })
     .unwrap();
+    assert_eq!(one.vips.len(), 1);
+    assert!(one.vip_cidrs.is_empty());
+    let range = convert_service(pb::Service {
+        addresses: vec![vip(Some(16))],
+        ..pb_service()
+    })
+    .unwrap();
+    assert!(range.vips.is_empty());
+    assert_eq!(range.vip_cidrs[0].1.to_string(), "10.96.0.0/16");
     assert!(matches!(
         convert_service(pb::Service {
-            addresses: vec![vip(Some(16))],
+            addresses: vec![vip(Some(33))],
             ..pb_service()
         }),
-        Err(ConvertError::CidrVip { length: 16, .. })
+        Err(ConvertError::PrefixLength { length: 33, .. })
     ));
 }
 
