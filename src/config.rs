@@ -1424,4 +1424,30 @@ mod tests {
         assert!(duration("5d").is_err());
         assert!(duration("").is_err());
     }
+
+    #[test]
+    fn the_dns_proxy_follows_istios_metadata_and_refuses_a_bad_address() {
+        let on = cfg(&[]).unwrap();
+        assert!(on.dns.enabled);
+        assert_eq!(on.dns.bind, DnsBind::Localhost(DEFAULT_DNS_PORT));
+        assert_eq!(on.dns.cluster_domain, "cluster.local");
+        let off = cfg(&[("ISTIO_META_DNS_CAPTURE", "False")]).unwrap();
+        assert!(!off.dns.enabled);
+        let moved = cfg(&[
+            ("ISTIO_META_DNS_PROXY_ADDR", "127.0.0.1:5353"),
+            ("CLUSTER_DOMAIN", "Corp.Example."),
+        ])
+        .unwrap();
+        assert_eq!(
+            moved.dns.bind,
+            DnsBind::Addr("127.0.0.1:5353".parse().unwrap())
+        );
+        assert_eq!(moved.dns.cluster_domain, "corp.example");
+        for bad in ["localhost:dns", "somewhere:53", "127.0.0.1"] {
+            let err = cfg(&[("ISTIO_META_DNS_PROXY_ADDR", bad)])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("ISTIO_META_DNS_PROXY_ADDR"), "{bad}: {err}");
+        }
+    }
 }

@@ -52,6 +52,8 @@ pub struct Found {
 pub struct Names {
     /// `svc.<cluster domain>`.
     svc_domain: String,
+    /// `.svc.<cluster domain>`: the suffix of Kubernetes service hostnames, built once.
+    svc_suffix: String,
     /// The cluster domain (`cluster.local`).
     domain: String,
     /// Preferred namespace among services sharing a hostname, after the client's own
@@ -74,6 +76,7 @@ impl Names {
         let domain = cluster_domain.trim_end_matches('.').to_ascii_lowercase();
         Names {
             svc_domain: format!("svc.{domain}"),
+            svc_suffix: format!(".svc.{domain}"),
             domain,
             preferred_namespace,
             ipv6,
@@ -117,9 +120,9 @@ impl Names {
     /// Kubernetes headless services (the rest are forwarded, as DNS outside the mesh knows them); the
     /// client's namespace first, then the preferred namespace, then a canonical one, then any.
     fn best<'s>(&self, state: &'s State, host: &str, client_ns: &str) -> Option<&'s Arc<Service>> {
-        let svc_suffix = format!(".{}", self.svc_domain);
         let usable = |s: &&Arc<Service>| {
-            (!s.vips.is_empty() || s.hostname.ends_with(&svc_suffix)) && s.visible_to(client_ns)
+            (!s.vips.is_empty() || s.hostname.ends_with(&self.svc_suffix))
+                && s.visible_to(client_ns)
         };
         let all = || state.services_by_host(host).filter(usable);
         all()
