@@ -1,5 +1,5 @@
-//! Wiring of the proxy and waypoint roles: from a [`Config`] (a [`WaypointConfig`]) to running listeners,
-//! and back down at shutdown.
+//! Wiring of the proxy, waypoint and east-west gateway roles: from a [`Config`] (a [`WaypointConfig`], a
+//! [`GatewayConfig`]) to running listeners, and back down at shutdown.
 //!
 //! Input: the config, the bound listeners and a shutdown signal (all passed in, so tests can run a proxy
 //! on loopback addresses of their choosing). Output: a running proxy; [`run_proxy`] returns once it has
@@ -11,7 +11,9 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::config::{CaSource, Config, LocalConfigSource, ProxyMode, WaypointConfig};
+use crate::config::{
+    CaSource, Config, GatewayConfig, LocalConfigSource, ProxyMode, WaypointConfig,
+};
 use crate::grpc::Credentials;
 use crate::identity::{BuiltinCa, CaClient, CertManager, CertSource, PluginCa};
 use crate::proxy::{Listeners, Proxy, ProxyInputs};
@@ -577,5 +579,93 @@ pub async fn run_waypoint(
         "waypoint ready"
     );
     waypoint.serve(hbone).await;
+    Ok(())
+}
+
+/// The gateway's listeners: HBONE (`MESHNODE_GATEWAY_PORT`, 15008), readiness (:15021) and metrics
+/// (:15020, optional), in the current network namespace.
+pub fn bind_gateway(
+    cfg: &GatewayConfig,
+) -> Result<(TcpListener, TcpListener, Option<TcpListener>), Error> {
+    let base = &cfg.base;
+    let hbone = socket::listen(base.wildcard(cfg.ports.hbone), SocketOpts::default())
+        .map_err(Error::Bind)?;
+    let readiness = socket::listen(base.wildcard(cfg.ports.readiness), SocketOpts::default())
+        .map_err(Error::Bind)?;
+    let metrics = match socket::listen(base.wildcard(cfg.ports.metrics), SocketOpts::default()) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            tracing::warn!(error = %e, "metrics port unavailable; serving without /metrics");
+            None
+        }
+    };
+    Ok((hbone, readiness, metrics))
+}
+
+/// Runs the east-west gateway until `shutdown` turns true and its tunnels have drained: HBONE on
+/// `hbone`, readiness (the state's first sync and the gateway's certificate) and `GET /metrics` (the
+/// xDS client's families) on the other listeners. State from xDS, or from the local config file.
+pub async fn run_gateway(
+    cfg: Arc<GatewayConfig>,
+    hbone: TcpListener,
+    readiness_listener: Option<TcpListener>,
+    metrics_listener: Option<TcpListener>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), Error> {
+    let base = &cfg.base;
+    let metrics = Arc::new(crate::metrics::Metrics::new());
+    if let Some(l) = metrics_listener {
+        tokio::spawn(crate::metrics::serve(l, metrics.clone(), shutdown.clone()));
+    }
+    let ready = Readiness::new();
+    let state = match &base.xds {
+        Some(target) => {
+            if base.local_config != LocalConfigSource::None {
+                return Err(Error::Unsupported(
+                    "LOCAL_XDS_PATH/LOCAL_XDS and XDS_ADDRESS both set: each replaces the whole state; set XDS_ADDRESS= (empty) to use the local config",
+                ));
+            }
+            start_xds(
+                base,
+                target.clone(),
+                metrics.xds(),
+                &ready,
+                shutdown.clone(),
+            )?
+        }
+        None => {
+            let (state, watcher) = load_state(base)?;
+            if let Some(w) = watcher {
+                tokio::spawn(w);
+            }
+            state
+        }
+    };
+    // The gateway asks the CA for its own identity: no impersonation.
+    let certs = CertManager::new(cert_source_for(base, false)?);
+    if let Some(l) = readiness_listener {
+        tokio::spawn(crate::readiness::serve(l, ready.clone(), shutdown.clone()));
+    }
+    let task = ready.register("certificate");
+    let mut stop = shutdown.clone();
+    let gateway = loop {
+        match crate::gateway::Gateway::new(cfg.clone(), state.clone(), &certs, shutdown.clone())
+            .await
+        {
+            Ok(g) => break g,
+            Err(e) => tracing::warn!(error = %e, "waiting for the gateway's certificate"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+            _ = stop.wait_for(|v| *v) => return Ok(()),
+        }
+    };
+    task.done();
+    tracing::info!(
+        identity = %gateway.identity(),
+        network = %base.network,
+        "east-west gateway ready"
+    );
+    gateway.serve(hbone).await;
     Ok(())
 }

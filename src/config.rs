@@ -3,7 +3,8 @@
 //! Input: environment variables with ztunnel's names (so meshnode can replace ztunnel in an Istio install
 //! unchanged), read through the [`Source`] trait so tests can inject a map instead of touching the process
 //! environment. Output: one [`Config`] value; every bad value is refused with the variable's name.
-//! The waypoint role's configuration ([`WaypointConfig`], in [`waypoint`]) is built on the same one.
+//! The waypoint role's configuration ([`WaypointConfig`], in [`waypoint`]) and the east-west gateway's
+//! ([`GatewayConfig`], in [`gateway`]) are built on the same one.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -11,8 +12,10 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
+pub mod gateway;
 pub mod vars;
 pub mod waypoint;
+pub use gateway::GatewayConfig;
 pub use waypoint::WaypointConfig;
 
 crate::config::vars::declare! { PROXY_VARS:

@@ -11,11 +11,13 @@
 //! ([`ControlPlane`]), the gRPC services.
 //!
 //! Layout, lower modules first (none depends on a later one): `objects` (the shapes of the Kubernetes
-//! objects of the `istio:` list), `config` (the mesh file's format and its own fields), `istio` (Istio's
-//! AuthorizationPolicy and PeerAuthentication → policies and per-pod policy keys, as istiod; targetRef
-//! policies in the waypoint's form), `waypoints` (waypoint Gateways, `istio.io/use-waypoint`, HTTPRoute,
-//! VirtualService, DestinationRule → Address `waypoint` fields and Waypoint resources), `validate` (the
-//! entry points `MeshConfig::parse`/`load`/`validate`, running the above), `translate` (config →
+//! objects of the `istio:` list), `config` (the mesh file's format and its own fields), `topology` (each
+//! pod's network and locality, each network's east-west gateway, the networks VIPs go on), `istio`
+//! (Istio's AuthorizationPolicy and PeerAuthentication → policies and per-pod policy keys, as istiod;
+//! targetRef policies in the waypoint's form), `waypoints` (waypoint Gateways, `istio.io/use-waypoint`,
+//! HTTPRoute, VirtualService, DestinationRule → Address `waypoint` fields and Waypoint resources),
+//! `service_entries` (ServiceEntry and WorkloadEntry → services and workloads), `validate` (the entry
+//! points `MeshConfig::parse`/`load`/`validate`, running the above), `translate` (config →
 //! `Address`/`Authorization`/`Waypoint`), `tokens` (who may use the CA and xDS, and what a stream may
 //! see), `ads` (the delta ADS server), `server` (TLS + tonic serving, its bounds and drain), `run` (the mesh
 //! CA, its serving certificate and the CA service wired onto the same server: the `meshnode control-plane`
@@ -39,6 +41,7 @@ pub mod service_entries;
 #[cfg(test)]
 mod tests;
 pub mod tokens;
+pub mod topology;
 pub mod translate;
 mod validate;
 pub mod waypoints;

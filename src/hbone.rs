@@ -5,6 +5,9 @@
 //! - [`server`]: the server side's HTTP/2 mechanics — accepting CONNECT streams and answering them; what to
 //!   do with each stream is the inbound proxy's business.
 //! - [`copy`]: moving bytes between a TCP socket and a CONNECT stream, with half-close and flow control.
+//! - [`tunnel`]: one CONNECT stream read and written as bytes (`AsyncRead` + `AsyncWrite`), for a protocol
+//!   run inside it (a waypoint's HTTP, double HBONE's inner TLS).
+//! - [`double`]: double HBONE, an HBONE tunnel inside another, through a network's east-west gateway.
 //!
 //! Memory a peer that stops reading can make us hold, per stream: towards the peer, at most
 //! `min(peer's window, send buffer)` inside h2 (`SERVER_MAX_SEND_BUFFER`, 400 KiB, on the server; one
@@ -14,8 +17,10 @@
 //! written. An HBONE server connection runs at most `SERVER_MAX_CONCURRENT_STREAMS` (200) stream handlers.
 
 pub mod copy;
+pub mod double;
 pub mod pool;
 pub mod server;
+pub mod tunnel;
 
 use std::time::Duration;
 

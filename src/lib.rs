@@ -12,6 +12,7 @@
 //! - [`hbone`] — HTTP/2 CONNECT tunnels: client pool, server mechanics, byte copying.
 //! - [`proxy`] — one workload's proxy: outbound (:15001), inbound HBONE (:15008), plaintext inbound (:15006).
 //! - [`waypoint`] — `meshnode waypoint`: a namespace's L7 proxy (HBONE in, routes, L7 policy, HBONE out).
+//! - [`gateway`] — `meshnode gateway`: a network's east-west gateway (double HBONE's middle hop).
 //! - [`logging`] — log output (ztunnel's formats) and its level, changeable at run time.
 //! - [`metrics`] — Istio's TCP metrics (prometheus-client) and the `GET /metrics` endpoint.
 //! - [`inpod`] — shared mode: per-pod proxies inside pod network namespaces, driven by ZDS.
@@ -49,6 +50,7 @@ pub mod dns;
 pub mod file_watch;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod gateway;
 pub mod grpc;
 pub mod hbone;
 pub mod identity;

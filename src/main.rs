@@ -50,6 +50,11 @@ enum Command {
     /// proxies, request metrics on :15020, readiness on :15021. Configured through the node proxy's
     /// variables plus the waypoint's own (`--help` lists every one).
     Waypoint,
+    /// Run a network's east-west gateway (Istio's `istio-east-west` Gateway): terminates the outer HBONE
+    /// tunnel of double HBONE from other networks with its own identity on :15008 and forwards the inner
+    /// one, unopened, to the service's endpoint (or waypoint) on its network. Configured through the node
+    /// proxy's variables (`NETWORK` required) plus its own (`--help` lists every one).
+    Gateway,
     /// Run the CNI node agent (istio-cni's node agent role): takes pod events from the meshnode-cni plugin,
     /// programs each enrolled pod's redirection rules and hands its network namespace to the node proxy over
     /// ZDS. Configured through istio-cni's environment variables and MESHNODE_AGENT_CONFIG (a local
@@ -96,11 +101,16 @@ enum Command {
 /// The command line, with each role's environment variables listed in its `--help`.
 fn command() -> clap::Command {
     use meshnode::config::vars::render;
-    use meshnode::config::{waypoint::WAYPOINT_VARS, PROXY_VARS};
+    use meshnode::config::{gateway::GATEWAY_VARS, waypoint::WAYPOINT_VARS, PROXY_VARS};
     use meshnode::logging::LOGGING_VARS;
     let proxy = render(&[("Environment", PROXY_VARS), ("Logging", LOGGING_VARS)]);
     let waypoint = render(&[
         ("Environment (the waypoint's own)", WAYPOINT_VARS),
+        ("Environment (shared with the node proxy)", PROXY_VARS),
+        ("Logging", LOGGING_VARS),
+    ]);
+    let gateway = render(&[
+        ("Environment (the gateway's own)", GATEWAY_VARS),
         ("Environment (shared with the node proxy)", PROXY_VARS),
         ("Logging", LOGGING_VARS),
     ]);
@@ -111,6 +121,7 @@ fn command() -> clap::Command {
     Cli::command()
         .mut_subcommand("proxy", |c| c.after_long_help(proxy))
         .mut_subcommand("waypoint", |c| c.after_long_help(waypoint))
+        .mut_subcommand("gateway", |c| c.after_long_help(gateway))
         .mut_subcommand("cni-agent", |c| c.after_long_help(agent))
 }
 
@@ -148,13 +159,7 @@ fn main() -> anyhow::Result<()> {
         Command::Proxy { .. } => {
             let (logs, _log_guard) = meshnode::logging::init();
             let cfg = Arc::new(Config::from_source(&ProcessEnv)?);
-            match meshnode::app::raise_fd_limit() {
-                Ok((before, after)) if before < after => {
-                    tracing::info!(before, after, "raised the open files limit")
-                }
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "could not raise the open files limit"),
-            }
+            raise_fd_limit();
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(cfg.worker_threads)
                 .thread_name("meshnode-worker")
@@ -165,19 +170,24 @@ fn main() -> anyhow::Result<()> {
         Command::Waypoint => {
             let (_logs, _log_guard) = meshnode::logging::init();
             let cfg = Arc::new(meshnode::config::WaypointConfig::from_source(&ProcessEnv)?);
-            match meshnode::app::raise_fd_limit() {
-                Ok((before, after)) if before < after => {
-                    tracing::info!(before, after, "raised the open files limit")
-                }
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "could not raise the open files limit"),
-            }
+            raise_fd_limit();
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(cfg.base.worker_threads)
                 .thread_name("meshnode-worker")
                 .enable_all()
                 .build()?;
             rt.block_on(run_waypoint(cfg))
+        }
+        Command::Gateway => {
+            let (_logs, _log_guard) = meshnode::logging::init();
+            let cfg = Arc::new(meshnode::config::GatewayConfig::from_source(&ProcessEnv)?);
+            raise_fd_limit();
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(cfg.base.worker_threads)
+                .thread_name("meshnode-worker")
+                .enable_all()
+                .build()?;
+            rt.block_on(run_gateway(cfg))
         }
         Command::CniAgent => {
             let (_logs, _log_guard) = meshnode::logging::init();
@@ -283,6 +293,30 @@ async fn run_waypoint(cfg: Arc<meshnode::config::WaypointConfig>) -> anyhow::Res
     );
     let rx = stop_on_signal("shutting down: draining tunnels");
     meshnode::app::run_waypoint(cfg, hbone, Some(readiness), metrics, rx).await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Raises the open-files limit as ztunnel does at start, saying so.
+fn raise_fd_limit() {
+    match meshnode::app::raise_fd_limit() {
+        Ok((before, after)) if before < after => {
+            tracing::info!(before, after, "raised the open files limit")
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "could not raise the open files limit"),
+    }
+}
+
+async fn run_gateway(cfg: Arc<meshnode::config::GatewayConfig>) -> anyhow::Result<()> {
+    let (hbone, readiness, metrics) = meshnode::app::bind_gateway(&cfg)?;
+    tracing::info!(
+        identity = %cfg.identity(),
+        network = %cfg.base.network,
+        "meshnode gateway starting"
+    );
+    let rx = stop_on_signal("shutting down: draining tunnels");
+    meshnode::app::run_gateway(cfg, hbone, Some(readiness), metrics, rx).await?;
     tracing::info!("stopped");
     Ok(())
 }

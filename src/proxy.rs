@@ -72,6 +72,30 @@ pub enum Error {
     /// a rare refusal, kept from growing every `Result` of the data path.
     #[error(transparent)]
     Waypoint(Box<WaypointRefusal>),
+    /// The destination is on another network that has no east-west gateway: it is never dialled
+    /// directly.
+    #[error(
+        "{workload} is on network {network:?}, which has no network gateway to reach it through"
+    )]
+    NoNetworkGateway {
+        /// The destination workload (uid).
+        workload: String,
+        /// Its network.
+        network: String,
+    },
+    /// The east-west gateway of the destination's network could not be resolved to something to dial.
+    #[error("network gateway {gateway} of network {network:?} {reason}")]
+    NetworkGateway {
+        /// The destination's network.
+        network: String,
+        /// The gateway as the state names it.
+        gateway: GatewayAddress,
+        /// Why.
+        reason: WaypointError,
+    },
+    /// A CONNECT authority HTTP cannot carry (a service hostname that is no valid URI authority).
+    #[error("{0:?} cannot be a CONNECT authority")]
+    BadAuthority(String),
     /// The upstream could not be reached.
     #[error("connecting to {dst}: {source}")]
     Connect {
@@ -117,6 +141,10 @@ impl Error {
             Error::Denied(_) => return F::Deny,
             _ => return F::Connect,
         };
+        let mut hbone = hbone;
+        while let P::Inner(inner) = hbone {
+            hbone = inner;
+        }
         match hbone {
             P::Connect { source, .. } if source.kind() == std::io::ErrorKind::TimedOut => {
                 F::NetworkPolicy
@@ -124,7 +152,7 @@ impl Error {
             P::Connect { .. } => F::Connect,
             P::Tls { .. } => F::TlsFailure,
             P::H2 { .. } | P::Timeout { .. } => F::H2HandshakeFailure,
-            P::Status { .. } => F::Connect,
+            P::Status { .. } | P::Inner(_) => F::Connect,
         }
     }
 }

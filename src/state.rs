@@ -92,6 +92,9 @@ pub struct Workload {
     /// The waypoint traffic addressed to this workload's IP must pass (istiod's workload binding); boxed,
     /// as most workloads have none and the record is held once per workload of the cluster.
     pub waypoint: Option<Box<GatewayAddress>>,
+    /// The east-west gateway of its network: how a client on another network reaches it (double
+    /// HBONE). A workload on another network without one is never dialled.
+    pub network_gateway: Option<Box<GatewayAddress>>,
     /// Set on waypoint instances that want the tunnel's metadata: inbound connections go to
     /// `port` (if set), with a PROXY protocol v2 header when the protocol says so.
     pub application_tunnel: Option<ApplicationTunnel>,
@@ -658,7 +661,33 @@ impl State {
         family_of: IpAddr,
         src: Option<&Workload>,
     ) -> Option<Upstream> {
-        self.pick_endpoint_in(svc, port, family_of, src, waypoint::Resolution::Standard)
+        self.pick_endpoint_in(
+            svc,
+            port,
+            family_of,
+            src,
+            waypoint::Resolution::Standard,
+            &|_| true,
+        )
+    }
+
+    /// [`State::pick_endpoint`] for no client in particular, among the endpoints `accept` admits (an
+    /// east-west gateway: those on its own network that take HBONE).
+    pub fn pick_endpoint_where(
+        &self,
+        svc: &Arc<Service>,
+        port: u16,
+        family_of: IpAddr,
+        accept: &dyn Fn(&Workload) -> bool,
+    ) -> Option<Upstream> {
+        self.pick_endpoint_in(
+            svc,
+            port,
+            family_of,
+            None,
+            waypoint::Resolution::Standard,
+            accept,
+        )
     }
 
     /// [`State::pick_endpoint`], with waypoint resolution's rule for endpoints the port does not map.
@@ -669,6 +698,7 @@ impl State {
         family_of: IpAddr,
         src: Option<&Workload>,
         mode: waypoint::Resolution,
+        accept: &dyn Fn(&Workload) -> bool,
     ) -> Option<Upstream> {
         // ztunnel's ranking: how many of the routing preference's scopes, in order, an endpoint shares with
         // the client; only the endpoints of the highest rank present are used, and in Strict mode only
@@ -707,7 +737,7 @@ impl State {
             let w = &self.workloads[ep.workload];
             let healthy =
                 w.status == HealthStatus::Healthy || svc.health_policy == HealthPolicy::AllowAll;
-            if !healthy || w.capacity == 0 {
+            if !healthy || w.capacity == 0 || !accept(w) {
                 return None;
             }
             // The endpoint's own port map wins, then the service's; 0 means "not mapped". Reaching a
@@ -721,13 +751,18 @@ impl State {
                 .find(|p| *p != 0)
                 .or(tunnelled.then_some(port))?;
             let r = rank(w)?;
-            let ip = if w.ips.is_empty() && !w.hostname.is_empty() {
+            // Another network's endpoint is reached only through its network's gateway, never dialled:
+            // without a gateway it is no candidate; with one, its address (if any) is not used.
+            let remote = src.is_some_and(|s| s.network != w.network);
+            if remote && w.network_gateway.is_none() {
+                return None;
+            }
+            let ip = if remote {
+                pick_ip(&w.ips, family_of).unwrap_or(unspecified_like(family_of))
+            } else if w.ips.is_empty() && !w.hostname.is_empty() {
                 // Known only by hostname (a DNS ServiceEntry's endpoint): resolved when connecting; the
                 // unspecified address of the client's family marks it (`Upstream::needs_resolution`).
-                match family_of {
-                    IpAddr::V4(_) => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
-                    IpAddr::V6(_) => IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
-                }
+                unspecified_like(family_of)
             } else {
                 pick_ip(&w.ips, family_of)?
             };
@@ -791,6 +826,32 @@ impl State {
             expected_identities,
             service,
         }
+    }
+
+    /// Who may end the inner tunnel of double HBONE to `svc` on `network`: the gateway there picks the
+    /// endpoint, so any of them. The service's subject alt names when it has some (ztunnel checks only
+    /// these, and so refuses every inner tunnel to a service without them); else the identities of the
+    /// service's endpoints on that network.
+    pub fn far_identities(&self, svc: &Service, network: &str) -> Vec<Identity> {
+        if !svc.subject_alt_names.is_empty() {
+            return svc.subject_alt_names.to_vec();
+        }
+        let mut ids: Vec<Identity> = Vec::new();
+        for ep in svc.endpoints.iter() {
+            let w = &self.workloads[ep.workload];
+            if w.network == network && !ids.contains(&w.identity) {
+                ids.push(w.identity.clone());
+            }
+        }
+        ids
+    }
+}
+
+/// The unspecified address of `like`'s family.
+fn unspecified_like(like: IpAddr) -> IpAddr {
+    match like {
+        IpAddr::V4(_) => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+        IpAddr::V6(_) => IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
     }
 }
 

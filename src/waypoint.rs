@@ -17,7 +17,7 @@
 //! ```
 //!
 //! Layout: [`snapshot`] (configuration, indexed), [`authz`] / [`routes`] / [`balance`] (the decision
-//! engines), [`sniff`] (protocol detection), [`tunnel`] (a CONNECT stream as bytes), [`downstream`] (HTTP
+//! engines), [`sniff`] (protocol detection), [`downstream`] (HTTP
 //! from the client), [`forward`] (retries, timeouts, Envoy's failure answers), [`upstream`] (connections to
 //! endpoints), [`tcp`] (TCP ports), [`body`], [`metrics`] (Istio's request metrics, access log).
 //!
@@ -35,7 +35,6 @@ pub mod routes;
 pub mod snapshot;
 pub mod sniff;
 pub mod tcp;
-pub mod tunnel;
 pub mod upstream;
 
 use std::net::SocketAddr;
@@ -300,7 +299,7 @@ impl Waypoint {
                 return;
             }
         };
-        let io = tunnel::Tunnel::new(send, recv, None);
+        let io = crate::hbone::tunnel::Tunnel::new(send, recv, None);
         let timeout = self.cfg.header_read_timeout;
         let (detected, io) = match protocol {
             Some(snapshot::PortProtocol::Tcp) => (

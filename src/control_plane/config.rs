@@ -5,28 +5,45 @@
 //! checked ([`MeshConfig::check_fields`]), or an [`Error`] naming the field (`workloads[2].ips[0]`,
 //! `services[0].ports[1].port`, ...). This module is the format only: `validate.rs` holds the entry points
 //! (`MeshConfig::parse`, `load`, `validate`), which also run the translation of the `istio:` objects
-//! (`istio.rs`, `waypoints.rs`) so that a bad object refuses the file; `translate.rs` turns it into the
-//! resources istiod would send.
+//! (`istio.rs`, `topology.rs`, `waypoints.rs`, `service_entries.rs`) so that a bad object refuses the
+//! file; `translate.rs` turns it into the resources istiod would send.
 //!
 //! ```yaml
 //! trustDomain: cluster.local          # optional (default cluster.local)
 //! clusterId: Kubernetes               # optional (default Kubernetes, as istiod's)
 //! clusterDomain: cluster.local        # optional: service hostnames are <name>.<ns>.svc.<clusterDomain>
+//! nodes:                              # optional: node labels give the locality of their pods (topology.rs)
+//!   node-1: {labels: {topology.kubernetes.io/region: r1, topology.kubernetes.io/zone: z1,
+//!                     topology.istio.io/subzone: s1}}
 //! namespaces:
 //!   default: {labels: {istio.io/dataplane-mode: ambient, istio.io/use-waypoint: waypoint}}
-//!   test: {}
+//!   test: {labels: {topology.istio.io/network: network2}}   # optional: its pods' network (topology.rs)
+//!   istio-system: {}
 //! workloads:
 //! - {name: productpage-v1, namespace: default, serviceAccount: productpage, ips: [10.1.0.5], node: node-1,
 //!    labels: {app: productpage, version: v1}}
 //! - {name: waypoint-0, namespace: default, serviceAccount: waypoint, ips: [10.1.0.9], node: node-1,
 //!    labels: {gateway.networking.k8s.io/gateway-name: waypoint}}    # the waypoint Gateway's instance
+//! - {name: ratings-v1, namespace: default, ips: [10.2.0.5], node: node-2, network: network2}  # or the
+//!                                     # label topology.istio.io/network; default: its namespace's, else ""
+//! - {name: eastwest-0, namespace: istio-system, serviceAccount: istio-eastwestgateway, ips: [10.2.0.100],
+//!    node: node-2, labels: {gateway.networking.k8s.io/gateway-name: istio-eastwestgateway,
+//!    istio.io/dataplane-mode: none}}  # the east-west Gateway's instance (on its Gateway's network)
 //! services:
 //! - {name: productpage, namespace: default, vips: [10.96.0.10], selector: {app: productpage},
 //!    labels: {istio.io/use-waypoint: none},                          # optional: Service labels
 //!    ports: [{port: 9080, targetPort: 9080, name: http, appProtocol: http}]}   # name, appProtocol optional
 //! policies: []                        # ztunnel's local-config policy format
-//! rootNamespace: istio-system         # optional: istiod's root namespace (mesh-wide Istio policies)
-//! istio: []                           # Kubernetes objects: Istio security (istio.rs), ambient L7 (waypoints.rs)
+//! rootNamespace: istio-system         # optional: istiod's root namespace (mesh-wide Istio policies; its
+//!                                     # topology.istio.io/network label is the default network)
+//! istio:                              # Kubernetes objects: Istio security (istio.rs), ambient L7
+//! - apiVersion: gateway.networking.k8s.io/v1   # (waypoints.rs), ServiceEntry (service_entries.rs), and
+//!   kind: Gateway                              # each network's east-west gateway (topology.rs)
+//!   metadata: {name: istio-eastwestgateway, namespace: istio-system, labels: {topology.istio.io/network: network2}}
+//!   spec:
+//!     gatewayClassName: istio-east-west
+//!     listeners: [{name: mesh, port: 15008, protocol: HBONE,
+//!                  tls: {mode: Terminate, options: {gateway.istio.io/tls-terminate-mode: ISTIO_MUTUAL}}}]
 //! tokens:                             # who may use the CA and xDS (tokens.rs)
 //! - {token: node-1-secret, nodeProxy: true, node: node-1}
 //! - {tokenSha256: 5e88…(64 hex digits), namespace: default, serviceAccount: sleep, expires: 2027-01-31T00:00:00Z}
@@ -103,6 +120,9 @@ pub struct MeshConfig {
     /// Namespaces by name. Workloads and services must be in a listed namespace.
     #[serde(default)]
     pub namespaces: BTreeMap<String, NamespaceSpec>,
+    /// Kubernetes nodes by name: their labels give the locality of the pods on them.
+    #[serde(default)]
+    pub nodes: BTreeMap<String, NodeSpec>,
     /// Pods.
     #[serde(default)]
     pub workloads: Vec<WorkloadSpec>,
@@ -157,6 +177,16 @@ pub struct NamespaceSpec {
     pub labels: Labels,
 }
 
+/// A Kubernetes node.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NodeSpec {
+    /// Its labels: `topology.kubernetes.io/region`, `topology.kubernetes.io/zone` and
+    /// `topology.istio.io/subzone` are the locality of its pods.
+    #[serde(default)]
+    pub labels: Labels,
+}
+
 /// A pod.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -170,10 +200,11 @@ pub struct WorkloadSpec {
     pub service_account: String,
     /// Pod IPs.
     pub ips: Vec<IpAddr>,
-    /// The node the pod runs on.
+    /// The node the pod runs on (its labels in `nodes` give the pod's locality).
     #[serde(default)]
     pub node: String,
-    /// Network (default: the default network, `""`).
+    /// Network. Empty: the pod label `topology.istio.io/network`, else (an east-west gateway's instance)
+    /// its Gateway's, else its namespace's label, else the root namespace's, else `""` (`topology.rs`).
     #[serde(default)]
     pub network: String,
     /// Pod labels: enrollment, service selection, canonical name and revision.
@@ -408,7 +439,8 @@ impl MeshConfig {
     }
 
     /// Checks this module's own fields: names, references to namespaces, duplicates, identities, tokens.
-    /// The `istio:` objects and the policy keys pods name are checked by [`MeshConfig::validate`].
+    /// The `istio:` objects, the policy keys pods name and pod IPs (unique per network, which the
+    /// `istio:` objects may decide: `topology.rs`) are checked by [`MeshConfig::validate`].
     pub fn check_fields(&self) -> Result<(), Error> {
         let invalid = |field: String, reason: String| Error::Invalid { field, reason };
         if self.trust_domain.is_empty() {
@@ -427,8 +459,10 @@ impl MeshConfig {
         for name in self.namespaces.keys() {
             check_name(name).map_err(|r| invalid(format!("namespaces.{name}"), r))?;
         }
+        for name in self.nodes.keys() {
+            check_name(name).map_err(|r| invalid(format!("nodes.{name}"), r))?;
+        }
         let mut pods = HashMap::new();
-        let mut ips: HashMap<(String, IpAddr), usize> = HashMap::new();
         for (i, w) in self.workloads.iter().enumerate() {
             let at = |f: &str| format!("workloads[{i}].{f}");
             check_name(&w.name).map_err(|r| invalid(at("name"), r))?;
@@ -443,14 +477,6 @@ impl MeshConfig {
                     at("name"),
                     format!("pod {}/{} is also workloads[{j}]", w.namespace, w.name),
                 ));
-            }
-            for (k, ip) in w.ips.iter().enumerate() {
-                if let Some(j) = ips.insert((w.network.clone(), *ip), i) {
-                    return Err(invalid(
-                        at(&format!("ips[{k}]")),
-                        format!("{ip} is also an IP of workloads[{j}]"),
-                    ));
-                }
             }
         }
         let mut services = HashMap::new();

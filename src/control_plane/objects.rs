@@ -8,8 +8,8 @@
 //! `kind`, and its `spec` with that kind's fields only, unknown fields refused. Fields Istio or Gateway API
 //! define but meshnode does not implement are read as [`Unsupported`] (so the message is not "unknown
 //! field") and refused by the translation, which names them. Shapes only: what the objects mean is in
-//! `istio.rs` (security) and `waypoints.rs` (ambient L7); this module depends on nothing else of the
-//! control plane.
+//! `istio.rs` (security), `waypoints.rs` (ambient L7), `topology.rs` (east-west Gateways) and
+//! `service_entries.rs`; this module depends on nothing else of the control plane.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -50,7 +50,7 @@ pub enum ObjectKind {
     AuthorizationPolicy,
     /// `security.istio.io` PeerAuthentication.
     PeerAuthentication,
-    /// `gateway.networking.k8s.io` Gateway (class `istio-waypoint` only).
+    /// `gateway.networking.k8s.io` Gateway (classes `istio-waypoint` and `istio-east-west`).
     Gateway,
     /// `gateway.networking.k8s.io` HTTPRoute.
     #[serde(rename = "HTTPRoute")]

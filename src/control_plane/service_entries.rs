@@ -13,6 +13,10 @@
 //! Refused, with the field named: a wildcard host with DNS resolution, an endpoint that is
 //! not an IP under STATIC or NONE, endpoints together with a `workloadSelector`, an `exportTo` other than
 //! `.`, `*` or the entry's own namespace, unknown `location` or `resolution` values.
+//!
+//! Networks: an endpoint's or WorkloadEntry's `network`, else its label `topology.istio.io/network`, else
+//! its namespace's (`topology.rs`); `translate.rs` adds the network's east-west gateway
+//! (`network_gateway`) and sends the VIPs on every network in use, as for Kubernetes Services.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -20,6 +24,7 @@ use std::net::IpAddr;
 use super::config::{Error, MeshConfig};
 use super::objects::networking::{SePort, ServiceEntrySpec, WorkloadEntrySpec};
 use super::objects::{IstioObject, Labels, Spec};
+use super::topology::endpoint_network;
 use crate::proto::workload as wl;
 
 /// What the ServiceEntries and WorkloadEntries of a mesh file make.
@@ -317,7 +322,7 @@ fn endpoint_workload(
         uid: uid.to_string(),
         name: name.to_string(),
         namespace: ns.to_string(),
-        network: ep.network.clone(),
+        network: endpoint_network(cfg, ns, &ep.network, &ep.labels).to_string(),
         tunnel_protocol: wl::TunnelProtocol::None as i32,
         trust_domain: if cfg.trust_domain == "cluster.local" {
             String::new()

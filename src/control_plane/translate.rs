@@ -9,13 +9,23 @@
 //! - a pod is `HBONE` when enrolled by istio-cni's default rule (pod label `istio.io/dataplane-mode=ambient`,
 //!   or the namespace label unless the pod says `none`; never in `kube-system`), else `NONE`;
 //! - `trust_domain` is left empty for `cluster.local` (istiod's `pickTrustDomain`), `cluster_id` is set,
-//!   `network` is the pod's (default `""`), `workload_type` `POD` with the pod name as `workload_name`;
+//!   `workload_type` `POD` with the pod name as `workload_name`;
+//! - `network` is the pod's as `topology.rs` resolves it (its field, its label, its east-west Gateway's,
+//!   its namespace's, the root namespace's, else `""`); `network_gateway` is that network's east-west
+//!   gateway `{address: {network, gateway IP}, hbone_mtls_port}` for every workload on a non-empty network
+//!   that has one (ServiceEntry and WorkloadEntry workloads too), except the gateways' own instances; a
+//!   gateway whose address is no instance's IP is also sent as istiod's workload
+//!   `NetworkGateway/<network>/<ip>/<port>`; `locality` comes from the pod's node's labels (`nodes:`);
 //! - canonical name/revision from `service.istio.io/canonical-name|revision`, else
 //!   `app.kubernetes.io/name|version`, else `app`|`version`, else the pod name|`latest`;
 //! - `services` maps each selecting service (same namespace, selector ⊆ pod labels) to its ports;
-//! - services get hostname `<name>.<ns>.svc.<clusterDomain>`, VIPs on network `""`, `ip_families` from
-//!   the VIPs, no `subject_alt_names` (pods keep their own identities), each port's `app_protocol` from
-//!   its `appProtocol` or name (istiod's `toAppProtocolFromKube`);
+//! - services get hostname `<name>.<ns>.svc.<clusterDomain>`, `ip_families` from the VIPs, no
+//!   `subject_alt_names` (pods keep their own identities), each port's `app_protocol` from its
+//!   `appProtocol` or name (istiod's `toAppProtocolFromKube`), and their VIPs once on each network in use
+//!   (each distinct network of the pods, `""` without pods), since a node proxy looks a VIP up on its own
+//!   network; ServiceEntry VIPs alike. A one-network file sends each VIP once, on that network;
+//! - `trafficDistribution: PreferClose` ranks endpoints by network, region, zone and subzone, compared
+//!   with the workloads' `network` and `locality`;
 //! - a Service's or pod's `waypoint` is its waypoint's address when `istio.io/use-waypoint` binds it
 //!   (`waypoints.rs`), and the Services the control plane makes for waypoints are served with the others.
 
@@ -26,6 +36,7 @@ use ipnet::IpNet;
 pub use super::config::pod_uid;
 use super::config::{MeshConfig, PortProtocol, ServiceSpec, WorkloadSpec};
 use super::service_entries::{ip_bytes, ip_families};
+use super::topology::{self, Topology};
 use super::{istio, waypoints};
 use crate::authz::{self, Policy, StringMatch};
 use crate::cni_agent::cluster::{NamespaceInfo, PodInfo};
@@ -81,13 +92,25 @@ pub fn translate(cfg: &MeshConfig) -> Resources {
         tracing::error!(error = %e, "ServiceEntry objects could not be translated");
         super::service_entries::Entries::default()
     });
+    let topology = Topology::convert(cfg).unwrap_or_else(|e| {
+        tracing::error!(error = %e, "networks and east-west gateways could not be translated");
+        Topology::default()
+    });
+    for warning in &topology.warnings {
+        tracing::warn!("{warning}");
+    }
     let services: Vec<&ServiceSpec> = cfg.services.iter().chain(&waypoints.services).collect();
     let enrollment = selector::Policy {
         selectors: selector::default_selectors(),
         exclude_namespaces: vec!["kube-system".into()],
     };
-    for w in &cfg.workloads {
+    for (i, w) in cfg.workloads.iter().enumerate() {
         let mut workload = workload(cfg, &enrollment, &services, w);
+        workload.network = topology.network(i).to_string();
+        if !topology.is_gateway_instance(i) {
+            workload.network_gateway = network_gateway(&topology, &workload.network);
+        }
+        workload.locality = topology::locality(cfg, &w.node);
         workload.waypoint = waypoints.for_workload(&w.namespace, &w.name);
         for (key, ports) in entries.services_for(&w.namespace, &w.labels) {
             workload.services.insert(key, ports);
@@ -110,7 +133,7 @@ pub fn translate(cfg: &MeshConfig) -> Resources {
         );
     }
     for s in &services {
-        let mut service = service(cfg, s);
+        let mut service = service(cfg, s, topology.networks_in_use());
         service.waypoint = waypoints.for_service(&s.namespace, &s.name);
         out.addresses.insert(
             format!("{}/{}", service.namespace, service.hostname),
@@ -119,7 +142,8 @@ pub fn translate(cfg: &MeshConfig) -> Resources {
             },
         );
     }
-    for w in entries.workloads {
+    for mut w in entries.workloads {
+        w.network_gateway = network_gateway(&topology, &w.network);
         out.addresses.insert(
             w.uid.clone(),
             wl::Address {
@@ -127,11 +151,21 @@ pub fn translate(cfg: &MeshConfig) -> Resources {
             },
         );
     }
-    for s in entries.services {
+    for mut s in entries.services {
+        s.addresses = on_networks(&s.addresses, topology.networks_in_use());
         out.addresses.insert(
             format!("{}/{}", s.namespace, s.hostname),
             wl::Address {
                 r#type: Some(wl::address::Type::Service(s)),
+            },
+        );
+    }
+    for gw in topology.gateways().filter(|g| !g.address_is_instance) {
+        let w = gateway_workload(cfg, gw);
+        out.addresses.insert(
+            w.uid.clone(),
+            wl::Address {
+                r#type: Some(wl::address::Type::Workload(w)),
             },
         );
     }
@@ -221,13 +255,8 @@ fn workload(
         name: w.name.clone(),
         namespace: w.namespace.clone(),
         addresses: w.ips.iter().map(ip_bytes).collect(),
-        network: w.network.clone(),
         tunnel_protocol: tunnel as i32,
-        trust_domain: if cfg.trust_domain == "cluster.local" {
-            String::new()
-        } else {
-            cfg.trust_domain.clone()
-        },
+        trust_domain: sent_trust_domain(cfg),
         service_account: w.service_account.clone(),
         node: w.node.clone(),
         canonical_name,
@@ -265,21 +294,81 @@ fn app_protocol(p: PortProtocol) -> wl::AppProtocol {
     }
 }
 
-fn service(cfg: &MeshConfig, s: &ServiceSpec) -> wl::Service {
+/// istiod's `pickTrustDomain`: empty for `cluster.local`.
+fn sent_trust_domain(cfg: &MeshConfig) -> String {
+    if cfg.trust_domain == "cluster.local" {
+        String::new()
+    } else {
+        cfg.trust_domain.clone()
+    }
+}
+
+/// The `network_gateway` of a workload on `network`: its east-west gateway's address (none on `""`).
+fn network_gateway(topology: &Topology, network: &str) -> Option<wl::GatewayAddress> {
+    if network.is_empty() {
+        return None;
+    }
+    let gw = topology.gateway(network)?;
+    Some(wl::GatewayAddress {
+        destination: Some(wl::gateway_address::Destination::Address(
+            wl::NetworkAddress {
+                network: gw.network.clone(),
+                address: ip_bytes(&gw.address),
+                length: None,
+            },
+        )),
+        hbone_mtls_port: u32::from(gw.hbone_port),
+    })
+}
+
+/// istiod's workload for a network gateway whose address is no pod's (`convertGateway`): what the node
+/// proxy dials and whose identity it expects.
+fn gateway_workload(cfg: &MeshConfig, gw: &topology::EastWestGateway) -> wl::Workload {
+    let uid = format!(
+        "NetworkGateway/{}/{}/{}",
+        gw.network, gw.address, gw.hbone_port
+    );
+    wl::Workload {
+        name: uid.clone(),
+        uid,
+        namespace: gw.namespace.clone(),
+        service_account: gw.service_account.clone(),
+        network: gw.network.clone(),
+        addresses: vec![ip_bytes(&gw.address)],
+        trust_domain: sent_trust_domain(cfg),
+        ..wl::Workload::default()
+    }
+}
+
+/// `addresses` (on network `""`) once on each of `networks`, network by network.
+fn on_networks(addresses: &[wl::NetworkAddress], networks: &[String]) -> Vec<wl::NetworkAddress> {
+    networks
+        .iter()
+        .flat_map(|n| {
+            addresses.iter().map(move |a| wl::NetworkAddress {
+                network: n.clone(),
+                ..a.clone()
+            })
+        })
+        .collect()
+}
+
+fn service(cfg: &MeshConfig, s: &ServiceSpec, networks: &[String]) -> wl::Service {
     let ip_families = ip_families(&s.vips);
+    let vips: Vec<wl::NetworkAddress> = s
+        .vips
+        .iter()
+        .map(|ip| wl::NetworkAddress {
+            network: String::new(),
+            address: ip_bytes(ip),
+            length: None,
+        })
+        .collect();
     wl::Service {
         name: s.name.clone(),
         namespace: s.namespace.clone(),
         hostname: service_hostname(cfg, s),
-        addresses: s
-            .vips
-            .iter()
-            .map(|ip| wl::NetworkAddress {
-                network: String::new(),
-                address: ip_bytes(ip),
-                length: None,
-            })
-            .collect(),
+        addresses: on_networks(&vips, networks),
         ports: ports(s),
         ip_families: ip_families as i32,
         load_balancing: load_balancing(s),

@@ -3,14 +3,17 @@
 //! Input: YAML text or a file. Output: a [`MeshConfig`] the control plane can serve, or the first
 //! [`Error`] naming the field. Validation is the format (`config.rs`, serde), the file's own fields
 //! ([`MeshConfig::check_fields`]), then the translation of the `istio:` objects for node proxies
-//! (`istio.rs`) and for waypoints (`waypoints.rs`), which refuse bad objects by name, then what joins
-//! them: the policy keys pods name must exist, and `policies` and the Istio objects may not make the same
-//! policy. This module sits above `config`, `istio` and `waypoints` so that none of them depends on
+//! (`istio.rs`), of the networks and their east-west gateways (`topology.rs`, which also checks that pod
+//! IPs are unique per network), for waypoints (`waypoints.rs`) and of ServiceEntries
+//! (`service_entries.rs`), which refuse bad objects by name, then what joins them: the policy keys pods
+//! name must exist, and `policies` and the Istio objects may not make the same policy. This module sits
+//! above `config`, `topology`, `istio`, `waypoints` and `service_entries` so that none of them depends on
 //! another in a circle.
 
 use std::path::Path;
 
 use super::config::{read_file, Error, MeshConfig};
+use super::topology::Topology;
 use super::{istio, waypoints};
 use crate::authz::PolicySet;
 
@@ -33,6 +36,7 @@ impl MeshConfig {
     pub fn validate(&self) -> Result<(), Error> {
         self.check_fields()?;
         let converted = istio::convert(self)?;
+        Topology::convert(self)?;
         waypoints::convert(self, &converted)?;
         let entries = super::service_entries::convert(self)?;
         for s in &entries.services {

@@ -66,8 +66,8 @@
 //!   same labels on its namespace; `none` opts out. A named waypoint that is missing, not ready, does not
 //!   allow the namespace or does not take that traffic type gives no waypoint (no fallback to the
 //!   namespace's), with a warning — except a pod inheriting a service-only waypoint, which istiod accepts
-//!   silently. A waypoint's own instances and its Service (or any labelled `gateway.istio.io/managed`)
-//!   never get one.
+//!   silently. A waypoint's own instances and its Service (or any labelled `gateway.istio.io/managed`), and
+//!   the instances of east-west gateways (`topology.rs`), never get one.
 //! - The Address field is `GatewayAddress {hostname: {namespace, <name>.<ns>.svc.<clusterDomain>},
 //!   hbone_mtls_port: 15008}`, istiod's form for a Gateway whose status has a Hostname address.
 //! - Routes for a service port: the VirtualServices for its host that live in its namespace or the
@@ -258,12 +258,12 @@ pub fn convert(cfg: &MeshConfig, istio: &istio::Converted) -> Result<Waypoints, 
             services[i].push(s);
         }
     }
+    let east_west = super::topology::east_west_gateways(cfg);
     let mut workloads: Vec<Vec<&WorkloadSpec>> = vec![Vec::new(); gateways.len()];
     for w in &cfg.workloads {
         let instance = w.labels.get(GATEWAY_NAME).is_some_and(|gw| {
-            resolver
-                .index
-                .contains_key(&(w.namespace.as_str(), gw.as_str()))
+            let key = (w.namespace.as_str(), gw.as_str());
+            resolver.index.contains_key(&key) || east_west.contains(&key)
         });
         if instance {
             continue;

@@ -66,6 +66,9 @@ pub enum Error {
         /// The peer.
         dst: SocketAddr,
     },
+    /// The inner tunnel of double HBONE (carried through the gateway at `dst`) failed.
+    #[error("inner tunnel through the gateway: {0}")]
+    Inner(Box<Error>),
 }
 
 /// What a pooled connection is for: ztunnel's key.
@@ -92,12 +95,21 @@ pub struct Stream {
 }
 
 /// A stream's place on a pooled connection, given back when dropped.
-pub struct Slot(Arc<ConnState>);
+pub struct Slot(Option<Arc<ConnState>>);
+
+impl Slot {
+    /// The slot of a stream on a connection of its own, outside any pool (double HBONE's inner one).
+    pub fn unpooled() -> Slot {
+        Slot(None)
+    }
+}
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.0.streams.fetch_sub(1, Ordering::AcqRel);
-        *self.0.last_used.lock() = Instant::now();
+        if let Some(conn) = &self.0 {
+            conn.streams.fetch_sub(1, Ordering::AcqRel);
+            *conn.last_used.lock() = Instant::now();
+        }
     }
 }
 
@@ -295,7 +307,7 @@ impl Pool {
         conn: Conn,
         req: http::Request<()>,
     ) -> Result<Stream, Error> {
-        let slot = Slot(conn.state.clone());
+        let slot = Slot(Some(conn.state.clone()));
         let mut sender = conn.send.clone();
         let res = async {
             sender = sender.ready().await?;

@@ -15,6 +15,10 @@
 //! preface must both be done within `handshake_timeout`, and a connection that carries no stream for
 //! `hbone_idle_timeout` is closed with a GOAWAY.
 //!
+//! A CONNECT with an `x-forwarded-network` header naming another network came through that network's
+//! east-west gateway (the inner tunnel of double HBONE): its source workload is not looked up by address
+//! (the address is the gateway's); the peer's identity is still the client's, from the inner TLS.
+//!
 //! Destination check (ztunnel's `validate_destination`): an `ip:port` authority is accepted when the IP
 //! is the one the connection arrived on, or when the local workload has an application tunnel (a waypoint
 //! taking the target from the PROXY header), or when the IP is a service or workload whose waypoint is
@@ -476,9 +480,16 @@ impl Proxy {
         // Counted from here on, as ztunnel counts a connection once it knows both ends.
         let src_ip = forwarded_for(req.headers()).unwrap_or(peer.ip());
         // The source workload only when its identity is the peer's: a header cannot borrow another's name.
+        // Through an east-west gateway from another network (double HBONE): the address is the gateway's,
+        // and the client's own address means nothing here, so no source workload (ztunnel).
+        let from_gateway = req
+            .headers()
+            .get(super::outbound::X_FORWARDED_NETWORK)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|n| !n.eq_ignore_ascii_case(network));
         let src_workload = state
             .workload_by_addr(network, src_ip)
-            .filter(|w| w.identity == *peer_id);
+            .filter(|w| !from_gateway && w.identity == *peer_id);
         let service = service.or_else(|| super::service_for(&state, &workload, target.port()));
         let labels = TrafficLabels::new(
             Reporter::destination,

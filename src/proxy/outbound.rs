@@ -46,13 +46,20 @@ use crate::hbone::pool::{self, PoolKey};
 use crate::identity::Identity;
 use crate::metrics::{ConnectionRecord, Reporter, ResponseFlags, TrafficLabels, WaypointBinding};
 use crate::socket;
-use crate::state::{GatewayAddress, LbMode, Protocol, Service, State, Upstream, Workload};
+use crate::state::{
+    GatewayAddress, LbMode, Protocol, Service, State, Upstream, WaypointError, Workload,
+};
+
+/// The header naming the client's network on double HBONE's inner CONNECT (ztunnel's name).
+pub const X_FORWARDED_NETWORK: &str = "x-forwarded-network";
 
 /// Where an outbound connection goes.
 #[derive(Debug)]
 enum Route {
     /// HBONE to the upstream's proxy.
     Hbone(Upstream),
+    /// Double HBONE through the east-west gateway of the destination's network.
+    Double(DoubleHop),
     /// Plain TCP to a mesh workload that does not speak HBONE.
     Tcp(Upstream),
     /// Plain TCP to an address outside the mesh.
@@ -76,11 +83,49 @@ struct WaypointHop {
     waypoint: GatewayAddress,
 }
 
+/// A connection to a service on another network, through that network's east-west gateway (ztunnel's
+/// `build_request_through_gateway`).
+#[derive(Debug)]
+struct DoubleHop {
+    /// The gateway workload; `addr` is its HBONE address, `expected_identities` its identity and its
+    /// service's alt names (the outer tunnel's check).
+    gateway: Upstream,
+    /// What the application addressed: the service hostname and port, both tunnels' `:authority`.
+    authority: Authority,
+    /// Who may end the inner tunnel (its own check, made through the gateway).
+    inner_expected: Vec<Identity>,
+}
+
+/// A CONNECT `:authority`: an address, or (double HBONE) a service hostname and port.
+#[derive(Debug, Clone)]
+enum Authority {
+    Addr(SocketAddr),
+    Host(Arc<Service>, u16),
+}
+
+impl std::fmt::Display for Authority {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Authority::Addr(a) => a.fmt(f),
+            Authority::Host(svc, port) => write!(f, "{}:{port}", svc.hostname),
+        }
+    }
+}
+
+impl Authority {
+    fn service(&self) -> Option<&Service> {
+        match self {
+            Authority::Addr(_) => None,
+            Authority::Host(svc, _) => Some(svc),
+        }
+    }
+}
+
 /// One HBONE tunnel to open: where to dial, whom to expect there, what to ask for.
 struct Tunnel<'a> {
     dst: SocketAddr,
     expected: &'a [Identity],
-    authority: SocketAddr,
+    authority: &'a (dyn std::fmt::Display + Sync),
     service: Option<&'a Service>,
 }
 
@@ -91,7 +136,7 @@ struct Ends {
     dst_workload: Option<Arc<Workload>>,
     sent_to: SocketAddr,
     /// The tunnel's `:authority` (HBONE only).
-    authority: Option<SocketAddr>,
+    authority: Option<Authority>,
     start: Instant,
 }
 
@@ -261,20 +306,30 @@ impl Proxy {
             Route::Tcp(up) => (up.addr, None, Some(up.workload.clone())),
             Route::Hbone(up) => (
                 SocketAddr::new(up.addr.ip(), self.cfg().ports.inbound),
-                Some(up.addr),
+                Some(Authority::Addr(up.addr)),
                 Some(up.workload.clone()),
             ),
             Route::Waypoint(hop) => (
                 hop.via.addr,
-                Some(hop.authority),
+                Some(Authority::Addr(hop.authority)),
                 Some(hop.via.workload.clone()),
+            ),
+            // ztunnel names the gateway as the destination workload.
+            Route::Double(hop) => (
+                hop.gateway.addr,
+                Some(hop.authority.clone()),
+                Some(hop.gateway.workload.clone()),
             ),
         };
         let listing = self.outbound_conns.add(super::connections::Listed {
             src: peer,
             original_dst: Some(dst),
             actual_dst: sent_to,
-            protocol: if authority.is_some() { "HBONE" } else { "TCP" },
+            protocol: match &route {
+                Route::Double(_) => "DOUBLEHBONE",
+                _ if authority.is_some() => "HBONE",
+                _ => "TCP",
+            },
         });
         let ends = Ends {
             peer,
@@ -295,7 +350,7 @@ impl Proxy {
                 let tunnel = Tunnel {
                     dst: sent_to,
                     expected: &up.expected_identities,
-                    authority: up.addr,
+                    authority: &up.addr,
                     service: up.service.as_deref(),
                 };
                 self.open_tunnel(&ends.src, peer, tunnel)
@@ -307,7 +362,7 @@ impl Proxy {
                 let tunnel = Tunnel {
                     dst: hop.via.addr,
                     expected: &hop.via.expected_identities,
-                    authority: hop.authority,
+                    authority: &hop.authority,
                     service: hop.service.as_deref(),
                 };
                 self.open_tunnel(&ends.src, peer, tunnel)
@@ -331,6 +386,11 @@ impl Proxy {
                         (flags, Error::Waypoint(Box::new(refusal)))
                     })
             }
+            Route::Double(hop) => self
+                .open_double(&ends.src, peer, hop)
+                .await
+                .map(Up::Hbone)
+                .map_err(|e| (e.response_flags(), e)),
         };
         match up {
             Ok(up) => Ok(Some(OpenOutbound {
@@ -374,6 +434,39 @@ impl Proxy {
         Ok(route)
     }
 
+    /// Opens double HBONE from `src` (at `peer`): the outer tunnel to the gateway through the pool, then
+    /// the inner one inside it, with `x-forwarded-network` naming this proxy's network, as ztunnel sends.
+    async fn open_double(
+        &self,
+        src: &Workload,
+        peer: SocketAddr,
+        hop: &DoubleHop,
+    ) -> Result<pool::Stream, Error> {
+        let outer = Tunnel {
+            dst: hop.gateway.addr,
+            expected: &hop.gateway.expected_identities,
+            authority: &hop.authority,
+            service: hop.authority.service(),
+        };
+        let outer = self.open_tunnel(src, peer, outer).await?;
+        let tls = self.tls_for(&src.identity).await?.current();
+        let mut req = connect_request(src, peer, &hop.authority, hop.authority.service())?;
+        if let Ok(network) = HeaderValue::from_str(&self.cfg().network) {
+            req.headers_mut().insert(X_FORWARDED_NETWORK, network);
+        }
+        let cfg = self.cfg();
+        Ok(crate::hbone::double::connect(
+            outer,
+            hop.gateway.addr,
+            &tls,
+            hop.inner_expected.clone(),
+            &cfg.h2,
+            cfg.connect_timeout,
+            req,
+        )
+        .await?)
+    }
+
     /// Opens an HBONE stream from `src` (at `peer`) through the pool.
     async fn open_tunnel(
         &self,
@@ -387,7 +480,7 @@ impl Proxy {
             dst_ids: tunnel.expected.to_vec(),
             dst: tunnel.dst,
         };
-        let req = connect_request(src, peer, tunnel.authority, tunnel.service);
+        let req = connect_request(src, peer, tunnel.authority, tunnel.service)?;
         Ok(self.pool().connect(&key, &tls, req).await?)
     }
 
@@ -398,7 +491,7 @@ impl Proxy {
         if let Some(svc) = state.service_by_vip(network, dst.ip(), &src.namespace) {
             // A service waypoint comes first, even before passthrough.
             if let Some(gw) = svc.pick_waypoint() {
-                return waypoint_hop(
+                let route = waypoint_hop(
                     &state,
                     src,
                     gw,
@@ -406,7 +499,19 @@ impl Proxy {
                     Some(svc.clone()),
                     WaypointBinding::service,
                     svc.key(),
-                );
+                )?;
+                // A waypoint on another network: through its network's gateway, the waypoint's own
+                // service's names expected inside (ztunnel), the service still the authority.
+                return match route {
+                    Route::Waypoint(hop) if hop.via.workload.network != src.network => {
+                        let inner = match &hop.via.service {
+                            Some(wp) => state.far_identities(wp, &hop.via.workload.network),
+                            None => vec![hop.via.workload.identity.clone()],
+                        };
+                        through_gateway(&state, &hop.via, svc, dst, inner)
+                    }
+                    route => Ok(route),
+                };
             }
             if svc.lb_mode == LbMode::Passthrough {
                 return Ok(match state.workload_by_addr(network, dst.ip()) {
@@ -414,20 +519,24 @@ impl Proxy {
                     None => Route::Passthrough(dst),
                 });
             }
-            return state
+            let up = state
                 .pick_endpoint(svc, dst.port(), dst.ip(), Some(src))
-                .map(by_protocol)
                 .ok_or_else(|| Error::NoHealthyUpstream {
                     service: svc.key(),
                     port: dst.port(),
-                });
+                })?;
+            if up.workload.network != src.network {
+                let inner = state.far_identities(svc, &up.workload.network);
+                return through_gateway(&state, &up, svc, dst, inner);
+            }
+            return Ok(by_protocol(up));
         }
         let Some(w) = state.workload_by_addr(network, dst.ip()) else {
             return Ok(Route::Passthrough(dst));
         };
         if let Some(gw) = &w.waypoint {
             if !from_waypoint(&state, gw, src, downstream) {
-                return waypoint_hop(
+                let route = waypoint_hop(
                     &state,
                     src,
                     gw,
@@ -435,7 +544,21 @@ impl Proxy {
                     None,
                     WaypointBinding::workload,
                     w.uid.to_string(),
-                );
+                )?;
+                // Crossing networks takes a service for the authority; a workload's waypoint has none.
+                if let Route::Waypoint(hop) = &route {
+                    if hop.via.workload.network != src.network {
+                        return Err(Error::Waypoint(Box::new(WaypointRefusal {
+                            binding: WaypointBinding::workload,
+                            target: w.uid.to_string(),
+                            waypoint: (**gw).clone(),
+                            problem: WaypointProblem::Unresolved(WaypointError::OtherNetwork {
+                                network: hop.via.workload.network.to_string(),
+                            }),
+                        })));
+                    }
+                }
+                return Ok(route);
             }
         }
         Ok(by_protocol(state.upstream(w.clone(), dst, None)))
@@ -484,6 +607,37 @@ fn waypoint_hop(
     }
 }
 
+/// The route to `target` (a workload on another network, reached as `svc`) through the east-west
+/// gateway of its network; refused when that network has none or it cannot be resolved. Never direct.
+fn through_gateway(
+    state: &State,
+    target: &Upstream,
+    svc: &Arc<Service>,
+    dst: SocketAddr,
+    inner_expected: Vec<Identity>,
+) -> Result<Route, Error> {
+    let network = target.workload.network.to_string();
+    let Some(gw) = target.workload.network_gateway.as_deref() else {
+        return Err(Error::NoNetworkGateway {
+            workload: target.workload.uid.to_string(),
+            network,
+        });
+    };
+    let gateway =
+        state
+            .resolve_gateway_address(gw, dst)
+            .map_err(|reason| Error::NetworkGateway {
+                network,
+                gateway: gw.clone(),
+                reason,
+            })?;
+    Ok(Route::Double(DoubleHop {
+        gateway,
+        authority: Authority::Host(svc.clone(), dst.port()),
+        inner_expected,
+    }))
+}
+
 /// ztunnel's `check_from_waypoint`: the connection comes from the waypoint `gw` itself — the source has
 /// the identity of a workload behind it and connects from one of that workload's addresses.
 fn from_waypoint(state: &State, gw: &GatewayAddress, src: &Workload, downstream: IpAddr) -> bool {
@@ -501,6 +655,11 @@ fn source_labels(src: &Workload, route: &Route) -> TrafficLabels {
         Route::Tcp(up) => (None, Some(up), up.service.as_deref()),
         Route::Passthrough(_) => (None, None, None),
         Route::Waypoint(hop) => (Some(&src.identity), Some(&hop.via), hop.service.as_deref()),
+        Route::Double(hop) => (
+            Some(&src.identity),
+            Some(&hop.gateway),
+            hop.authority.service(),
+        ),
     };
     TrafficLabels::new(
         Reporter::source,
@@ -518,15 +677,18 @@ fn by_protocol(up: Upstream) -> Route {
     }
 }
 
-/// The CONNECT request ztunnel sends: `:authority` = `authority` (`ip:port`), and `forwarded` (with
-/// `host=` the addressed service when known), `baggage`, `traceparent` headers.
+/// The CONNECT request ztunnel sends: `:authority` = `authority` (`ip:port`, or `hostname:port` for
+/// double HBONE), and `forwarded` (with `host=` the addressed service when known), `baggage`,
+/// `traceparent` headers. Refused when the authority is not one (a hostname HTTP cannot carry).
 pub fn connect_request(
     src: &Workload,
     client: SocketAddr,
-    authority: SocketAddr,
+    authority: impl std::fmt::Display,
     service: Option<&Service>,
-) -> Request<()> {
+) -> Result<Request<()>, Error> {
     let authority = authority.to_string();
+    let uri =
+        Uri::try_from(authority.as_str()).map_err(|_| Error::BadAuthority(authority.clone()))?;
     let mut forwarded = format!("for=\"{client}\"");
     if let Some(svc) = service {
         forwarded.push_str(";host=");
@@ -540,7 +702,7 @@ pub fn connect_request(
     );
     let mut req = Request::builder()
         .method(Method::CONNECT)
-        .uri(Uri::try_from(authority.as_str()).expect("a socket address is a valid authority"))
+        .uri(uri)
         .version(Version::HTTP_2)
         .body(())
         .expect("CONNECT request is valid");
@@ -554,7 +716,7 @@ pub fn connect_request(
     if let Ok(v) = HeaderValue::from_str(&traceparent) {
         h.insert("traceparent", v);
     }
-    req
+    Ok(req)
 }
 
 /// ztunnel's baggage header for a workload (empty fields omitted).
@@ -620,7 +782,8 @@ services:
             "10.0.0.1:40000".parse().unwrap(),
             up.addr,
             up.service.as_deref(),
-        );
+        )
+        .unwrap();
         assert_eq!(req.method(), Method::CONNECT);
         assert_eq!(req.uri().to_string(), "10.0.0.2:8080");
         assert!(req.uri().scheme().is_none() && req.uri().path_and_query().is_none());
@@ -643,7 +806,7 @@ services:
             .unwrap()
             .clone();
         let up6 = st.upstream(w, "[fd00::2]:8080".parse().unwrap(), None);
-        let req6 = connect_request(&src, "[fd00::1]:1".parse().unwrap(), up6.addr, None);
+        let req6 = connect_request(&src, "[fd00::1]:1".parse().unwrap(), up6.addr, None).unwrap();
         assert_eq!(req6.uri().to_string(), "[fd00::2]:8080");
         assert_eq!(req6.headers()["forwarded"], "for=\"[fd00::1]:1\"");
     }

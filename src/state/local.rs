@@ -12,7 +12,8 @@
 //! Waypoints are written as ztunnel writes them: `waypoint: {destination: "network/IP" or
 //! "namespace/hostname", hboneMtlsPort: 15008}` (a `{namespace, hostname}` map is accepted for the
 //! hostname too), `weightedWaypoints: [{destination: <waypoint>, weight: N}]` on services, and
-//! `applicationTunnel: {protocol: NONE|PROXY, port: N}` on workloads.
+//! `applicationTunnel: {protocol: NONE|PROXY, port: N}` on workloads. A workload's `networkGateway` (its
+//! network's east-west gateway) is written as a waypoint is.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -94,7 +95,7 @@ pub struct LocalWorkload {
     #[serde(default)]
     waypoint: Option<LocalGateway>,
     #[serde(default)]
-    network_gateway: Option<serde_yaml::Value>,
+    network_gateway: Option<LocalGateway>,
     #[serde(default)]
     protocol: Protocol,
     #[serde(default)]
@@ -429,9 +430,11 @@ fn workload(w: LocalWorkload, interner: &mut Interner) -> Result<Workload, Error
         key: key.clone(),
         reason,
     };
-    if w.network_gateway.is_some() {
-        tracing::warn!(workload = %key, "networkGateway is not supported yet; ignored");
-    }
+    let network_gateway = w
+        .network_gateway
+        .map(|g| g.convert("networkGateway"))
+        .transpose()
+        .map_err(&invalid)?;
     let waypoint = w
         .waypoint
         .map(|g| g.convert("waypoint"))
@@ -498,6 +501,7 @@ fn workload(w: LocalWorkload, interner: &mut Interner) -> Result<Workload, Error
         }),
         hostname: interner.str(&w.hostname),
         waypoint: waypoint.map(Box::new),
+        network_gateway: network_gateway.map(Box::new),
         application_tunnel,
         locality: w
             .locality

@@ -321,8 +321,14 @@ fn locality_mesh(lb: &str, unhealthy: &[&str]) -> State {
         ("d", "node-4", "r2", "z9", "10.0.1.4", ""),
         ("e", "node-5", "r1", "z1", "10.0.1.5", "net2"),
     ] {
+        // Another network's endpoint is a candidate only behind its network's gateway.
+        let gateway = if network.is_empty() {
+            String::new()
+        } else {
+            format!(", networkGateway: {{destination: \"{network}/192.0.2.1\", hboneMtlsPort: 15008}}")
+        };
         y += &format!(
-            "- {{uid: {name}, name: {name}, namespace: default, node: {node}, network: \"{network}\", workloadIps: [{ip}], status: {}, locality: {{region: {region}, zone: {zone}}}, services: {{\"default/svc.default.svc.cluster.local\": {{80: 8080}}}}}}\n",
+            "- {{uid: {name}, name: {name}, namespace: default, node: {node}, network: \"{network}\", workloadIps: [{ip}], status: {}, locality: {{region: {region}, zone: {zone}}}, services: {{\"default/svc.default.svc.cluster.local\": {{80: 8080}}}}{gateway}}}\n",
             status(name)
         );
     }
@@ -416,4 +422,70 @@ services:
     assert_eq!(up.addr, "0.0.0.0:8443".parse::<SocketAddr>().unwrap());
     let v6 = st.pick_endpoint(&svc, 443, ip("fd00::1"), None).unwrap();
     assert_eq!(v6.addr, "[::]:8443".parse::<SocketAddr>().unwrap());
+}
+
+#[test]
+fn another_networks_endpoints_are_reached_only_through_their_gateway_never_dialled() {
+    let yaml = r#"
+workloads:
+- {uid: c, name: client, namespace: default, network: net1, workloadIps: [10.0.0.1]}
+- {uid: gw, name: ew-gateway, namespace: istio-system, serviceAccount: istio-eastwestgateway, network: net2, workloadIps: [192.0.2.1]}
+- {uid: far, name: far, namespace: default, serviceAccount: far, network: net2, workloadIps: [10.2.0.1],
+   networkGateway: {destination: "net2/192.0.2.1", hboneMtlsPort: 15008},
+   services: {"default/svc.default.svc.cluster.local": {80: 8080}}}
+- {uid: nowhere, name: nowhere, namespace: default, network: net3, workloadIps: [10.3.0.1],
+   services: {"default/svc.default.svc.cluster.local": {80: 8080}, "default/lost.default.svc.cluster.local": {80: 8080}}}
+- {uid: ghost, name: ghost, namespace: default, serviceAccount: ghost, network: net2, workloadIps: [],
+   networkGateway: {destination: "net2/192.0.2.1", hboneMtlsPort: 15008},
+   services: {"default/lost.default.svc.cluster.local": {80: 8080}}}
+services:
+- {name: svc, namespace: default, hostname: svc.default.svc.cluster.local, vips: [net1/10.96.0.1], ports: {80: 8080}}
+- {name: lost, namespace: default, hostname: lost.default.svc.cluster.local, vips: [net1/10.96.0.2], ports: {80: 8080}}
+"#;
+    let st = LocalConfig::parse(yaml).unwrap().into_state().unwrap();
+    let client = st.workload_by_addr("net1", ip("10.0.0.1")).unwrap().clone();
+    let svc = st
+        .service_by_vip("net1", ip("10.96.0.1"), "default")
+        .unwrap()
+        .clone();
+    // `nowhere` (net3, no gateway) is never a candidate for a client on net1.
+    let picks: std::collections::BTreeSet<String> = (0..100)
+        .filter_map(|_| st.pick_endpoint(&svc, 80, ip("10.96.0.1"), Some(&client)))
+        .map(|u| u.workload.name.to_string())
+        .collect();
+    assert_eq!(picks, names(&["far"]));
+    // Without a client (no network to compare), every endpoint is one, as before.
+    assert!((0..100)
+        .filter_map(|_| st.pick_endpoint(&svc, 80, ip("10.96.0.1"), None))
+        .any(|u| u.workload.name.as_str() == "nowhere"));
+    // A remote endpoint without an address is still one (the gateway finds it); its address is not
+    // for dialling.
+    let lost = st
+        .service_by_vip("net1", ip("10.96.0.2"), "default")
+        .unwrap()
+        .clone();
+    let up = st
+        .pick_endpoint(&lost, 80, ip("10.96.0.2"), Some(&client))
+        .unwrap();
+    assert_eq!(up.workload.name.as_str(), "ghost");
+    assert!(up.addr.ip().is_unspecified() && !up.needs_resolution());
+    // The gateway resolves to its workload, whose identity the outer tunnel expects.
+    let gw = st
+        .resolve_gateway_address(
+            up.workload.network_gateway.as_deref().unwrap(),
+            "10.96.0.2:80".parse().unwrap(),
+        )
+        .unwrap();
+    assert_eq!(gw.addr, "192.0.2.1:15008".parse::<SocketAddr>().unwrap());
+    assert_eq!(
+        gw.expected_identities[0].to_string(),
+        "spiffe://cluster.local/ns/istio-system/sa/istio-eastwestgateway"
+    );
+    // Inside, any endpoint of the service on that network may answer (no SANs on the service).
+    let ids: Vec<String> = st
+        .far_identities(&svc, "net2")
+        .iter()
+        .map(|i| i.to_string())
+        .collect();
+    assert_eq!(ids, ["spiffe://cluster.local/ns/default/sa/far"]);
 }

@@ -35,11 +35,9 @@ pub enum WaypointError {
     /// The waypoint workload has no address to dial (no IP of a usable family, or port 0).
     #[error("has no usable address")]
     NoAddress,
-    /// The chosen waypoint workload is on another network: reaching it takes double HBONE through an
-    /// east-west gateway, which this proxy does not do.
-    #[error(
-        "is on network {network:?}, and double HBONE through a network gateway is not supported"
-    )]
+    /// The chosen waypoint workload is on another network, which has no east-west gateway to reach it
+    /// through (it is never dialled directly).
+    #[error("is on network {network:?}, which has no network gateway to reach it through")]
     OtherNetwork {
         /// The waypoint workload's network.
         network: String,
@@ -182,22 +180,59 @@ impl State {
     }
 
     /// The waypoint workload `src` should dial for `gw`, for a connection the app addressed to
-    /// `original_dst` (whose address family a hostname-referenced waypoint follows).
+    /// `original_dst` (whose address family a hostname-referenced waypoint follows). A waypoint workload
+    /// on another network is returned only when its network has a gateway (the caller then goes through
+    /// it, double HBONE); its address is not for dialling.
     pub fn resolve_waypoint(
         &self,
         gw: &GatewayAddress,
         src: &Workload,
         original_dst: SocketAddr,
     ) -> Result<Upstream, WaypointError> {
+        let up = self.resolve_gateway(gw, Some(src), original_dst, Resolution::Waypoint)?;
+        if up.workload.network != src.network {
+            if up.workload.network_gateway.is_none() {
+                return Err(WaypointError::OtherNetwork {
+                    network: up.workload.network.to_string(),
+                });
+            }
+            return Ok(up);
+        }
+        usable(up)
+    }
+
+    /// The workload to dial for gateway address `gw`, for no client in particular: a network's
+    /// east-west gateway (ztunnel's `fetch_network_gateway`), or a waypoint as that gateway sees it. By
+    /// address, the workload (or a service's endpoint) there; by hostname, an endpoint of that service,
+    /// the address family following `original_dst`'s. No network rule applies (a network gateway sits on
+    /// the far network by definition); it must have an address.
+    pub fn resolve_gateway_address(
+        &self,
+        gw: &GatewayAddress,
+        original_dst: SocketAddr,
+    ) -> Result<Upstream, WaypointError> {
+        usable(self.resolve_gateway(gw, None, original_dst, Resolution::Standard)?)
+    }
+
+    /// What `gw` resolves to, load-balanced for `client` (ranking, and the network rule for endpoints)
+    /// when given. No check of the result's address or network.
+    fn resolve_gateway(
+        &self,
+        gw: &GatewayAddress,
+        client: Option<&Workload>,
+        original_dst: SocketAddr,
+        mode: Resolution,
+    ) -> Result<Upstream, WaypointError> {
         let port = gw.hbone_mtls_port;
-        let up = match &gw.destination {
+        let namespace = client.map_or("", |c| c.namespace.as_str());
+        Ok(match &gw.destination {
             GatewayDestination::Address { network, ip } => {
-                if let Some(svc) = self.service_by_vip(network, *ip, &src.namespace) {
+                if let Some(svc) = self.service_by_vip(network, *ip, namespace) {
                     // A passthrough service has no endpoint to pick: nothing names a waypoint workload.
                     if svc.lb_mode == LbMode::Passthrough {
                         return Err(WaypointError::NotFound);
                     }
-                    self.pick_endpoint_in(svc, port, *ip, Some(src), Resolution::Waypoint)
+                    self.pick_endpoint_in(svc, port, *ip, client, mode, &|_| true)
                         .ok_or(WaypointError::NoEndpoint)?
                 } else if let Some(w) = self.workload_by_addr(network, *ip) {
                     // Referenced by its address: that address, whatever the connection's family.
@@ -211,14 +246,8 @@ impl State {
                 hostname,
             } => {
                 if let Some(svc) = self.service_by_namespaced_host(namespace, hostname) {
-                    self.pick_endpoint_in(
-                        svc,
-                        port,
-                        original_dst.ip(),
-                        Some(src),
-                        Resolution::Waypoint,
-                    )
-                    .ok_or(WaypointError::NoEndpoint)?
+                    self.pick_endpoint_in(svc, port, original_dst.ip(), client, mode, &|_| true)
+                        .ok_or(WaypointError::NoEndpoint)?
                 } else if let Some(w) = self.workload_by_hostname(namespace, hostname) {
                     // A workload known only by hostname would need DNS; ztunnel resolves it on demand,
                     // this proxy does not.
@@ -229,17 +258,16 @@ impl State {
                     return Err(WaypointError::NotFound);
                 }
             }
-        };
-        if up.addr.port() == 0 || up.addr.ip().is_unspecified() {
-            return Err(WaypointError::NoAddress);
-        }
-        if up.workload.network != src.network {
-            return Err(WaypointError::OtherNetwork {
-                network: up.workload.network.to_string(),
-            });
-        }
-        Ok(up)
+        })
     }
+}
+
+/// `up` when its address can be dialled.
+fn usable(up: Upstream) -> Result<Upstream, WaypointError> {
+    if up.addr.port() == 0 || up.addr.ip().is_unspecified() {
+        return Err(WaypointError::NoAddress);
+    }
+    Ok(up)
 }
 
 #[cfg(test)]

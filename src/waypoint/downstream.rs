@@ -48,9 +48,9 @@ use super::metrics::{headers_size, RequestLog};
 use super::routes::Action;
 use super::snapshot::{Destination, PortProtocol, Snapshot};
 use super::sniff::{Detected, Rewind};
-use super::tunnel::Tunnel;
 use super::upstream::UpstreamVersion;
 use super::Waypoint;
+use crate::hbone::tunnel::Tunnel;
 use crate::identity::Identity;
 
 /// Envoy's body for an RBAC denial.

@@ -19,8 +19,8 @@ use super::balance::Outcome;
 use super::metrics::{labels, TcpLabels};
 use super::snapshot::{pick_weighted, Destination, Endpoint};
 use super::sniff::Rewind;
-use super::tunnel::Tunnel;
 use super::Waypoint;
+use crate::hbone::tunnel::Tunnel;
 use crate::identity::Identity;
 
 /// Why a TCP stream was not joined to an endpoint.

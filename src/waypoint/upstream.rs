@@ -37,9 +37,9 @@ use tokio::time::Instant;
 
 use super::body::{OnEnd, UpBody};
 use super::snapshot::Endpoint;
-use super::tunnel::Tunnel;
 use crate::config::{H2Config, Keepalive};
 use crate::hbone::pool::{Pool, PoolKey};
+use crate::hbone::tunnel::Tunnel;
 use crate::identity::Identity;
 use crate::socket::{self, SocketOpts};
 use crate::state::Protocol;

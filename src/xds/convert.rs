@@ -15,11 +15,11 @@
 //! A refused policy is still NACKed, but [`fail_safe_policy`] gives what to enforce in its place when no
 //! earlier good version is held: being stricter than ztunnel must not end in enforcing less than ztunnel.
 //!
-//! Waypoints (`Service.waypoint`, `Service.weighted_waypoints`, `Workload.waypoint`) and
-//! `Workload.application_tunnel` are carried into the state. Accepted but not acted on yet (the state has
-//! no place for them): network gateways, locality and routing preferences, host-network mode, service
-//! visibility, `ingress_use_waypoint` (for ingress gateways; ztunnel does not read it either). They are
-//! still validated, so a bad value is refused rather than ignored.
+//! Waypoints (`Service.waypoint`, `Service.weighted_waypoints`, `Workload.waypoint`), network gateways
+//! (`Workload.network_gateway`), locality, routing preferences, IP families, service visibility and
+//! `Workload.application_tunnel` are carried into the state. Accepted but not acted on: host-network
+//! mode, `ingress_use_waypoint` (for ingress gateways; ztunnel does not read it either). They are still
+//! validated, so a bad value is refused rather than ignored.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -308,7 +308,7 @@ fn workload(
     };
     let _: pb::NetworkMode = known("networkMode", w.network_mode)?;
     let waypoint = gateway("waypoint", w.waypoint)?;
-    gateway("networkGateway", w.network_gateway)?;
+    let network_gateway = gateway("networkGateway", w.network_gateway)?;
     let application_tunnel = match &w.application_tunnel {
         None => None,
         Some(tunnel) => {
@@ -358,6 +358,7 @@ fn workload(
         cluster_id: interner.string(or_default(w.cluster_id, "Kubernetes")),
         hostname: interner.string(w.hostname),
         waypoint: waypoint.map(Box::new),
+        network_gateway: network_gateway.map(Box::new),
         application_tunnel,
         locality: w
             .locality

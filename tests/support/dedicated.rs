@@ -49,6 +49,19 @@ pub fn start_proxy(
     start_proxy_from(system, ns, workload, Source::Local(config), dir, log)
 }
 
+/// [`start_proxy`] with more environment (`NETWORK`, say).
+pub fn start_proxy_with(
+    system: &System,
+    ns: &Netns,
+    workload: &str,
+    config: &Path,
+    dir: &Path,
+    log: &str,
+    extra: &[(&str, String)],
+) -> KillOnDrop {
+    spawn_proxy(system, ns, workload, Source::Local(config), dir, log, extra)
+}
+
 /// [`start_proxy`] with its state from `source`.
 pub fn start_proxy_from(
     system: &System,
@@ -57,6 +70,18 @@ pub fn start_proxy_from(
     source: Source<'_>,
     dir: &Path,
     log: &str,
+) -> KillOnDrop {
+    spawn_proxy(system, ns, workload, source, dir, log, &[])
+}
+
+fn spawn_proxy(
+    system: &System,
+    ns: &Netns,
+    workload: &str,
+    source: Source<'_>,
+    dir: &Path,
+    log: &str,
+    extra: &[(&str, String)],
 ) -> KillOnDrop {
     let log_file = std::fs::File::create(dir.join(log)).unwrap();
     let mut env: Vec<(&str, &str)> = vec![
@@ -107,6 +132,7 @@ pub fn start_proxy_from(
             (bin.as_path(), &[])
         }
     };
+    env.extend(extra.iter().map(|(k, v)| (*k, v.as_str())));
     KillOnDrop(ns.spawn(program.to_str().unwrap(), args, &env, log_file))
 }
 

@@ -1,22 +1,29 @@
-//! The shapes of Gateway API's `Gateway` (as `istioctl waypoint apply` writes a waypoint) and `HTTPRoute`
-//! (`gateway.networking.k8s.io/v1`), camelCase, unknown fields refused. Meaning: `waypoints.rs`.
+//! The shapes of Gateway API's `Gateway` (as `istioctl waypoint apply` writes a waypoint, and as Istio's
+//! multi-network docs write an east-west gateway) and `HTTPRoute` (`gateway.networking.k8s.io/v1`),
+//! camelCase, unknown fields refused. Meaning: `waypoints.rs` (class `istio-waypoint`) and `topology.rs`
+//! (class `istio-east-west`).
 
 use serde::Deserialize;
 
 use super::{first_present, Labels, Unsupported};
 
+/// The pod label naming the Gateway the pod is an instance of (set by Istio's gateway controller on the
+/// pods it deploys for a Gateway).
+pub const GATEWAY_NAME: &str = "gateway.networking.k8s.io/gateway-name";
+
 /// A Gateway's spec.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct GatewaySpec {
-    /// `istio-waypoint` for a waypoint (the only class meshnode serves).
+    /// `istio-waypoint` for a waypoint, `istio-east-west` for a network's east-west gateway (the classes
+    /// meshnode serves).
     #[serde(default)]
     pub gateway_class_name: String,
-    /// Listeners (a waypoint has one: `mesh`, 15008, HBONE).
+    /// Listeners (a waypoint has one: `mesh`, 15008, HBONE; an east-west gateway an HBONE one).
     #[serde(default)]
     pub listeners: Vec<Listener>,
-    /// Not supported.
-    pub addresses: Option<Unsupported>,
+    /// The addresses asked for (an east-west gateway's first is its address; not supported on waypoints).
+    pub addresses: Option<Vec<GatewaySpecAddress>>,
     /// Not supported.
     pub infrastructure: Option<Unsupported>,
     /// Not supported.
@@ -25,14 +32,24 @@ pub struct GatewaySpec {
 }
 
 impl GatewaySpec {
-    /// The first unsupported field present.
+    /// The first field present that no Gateway class meshnode serves supports (`addresses` is
+    /// supported by east-west gateways only, so their users check it).
     pub fn unsupported(&self) -> Option<&'static str> {
         first_present(&[
-            ("addresses", self.addresses.is_some()),
             ("infrastructure", self.infrastructure.is_some()),
             ("backendTLS", self.backend_tls.is_some()),
         ])
     }
+}
+
+/// A `spec.addresses` entry.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GatewaySpecAddress {
+    /// `IPAddress` (Gateway API's default), `Hostname`, or an implementation-specific type.
+    pub r#type: Option<String>,
+    /// The address.
+    pub value: String,
 }
 
 /// A Gateway listener.
@@ -49,8 +66,31 @@ pub struct Listener {
     pub allowed_routes: Option<AllowedRoutes>,
     /// Not supported.
     pub hostname: Option<Unsupported>,
+    /// TLS (an east-west gateway's HBONE listener terminates mesh mTLS; not supported on waypoints).
+    pub tls: Option<ListenerTls>,
+}
+
+/// A listener's `tls`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ListenerTls {
+    /// Terminate (Gateway API's default) or Passthrough.
+    pub mode: Option<TlsMode>,
+    /// Implementation options (`gateway.istio.io/tls-terminate-mode: ISTIO_MUTUAL`).
+    #[serde(default)]
+    pub options: Labels,
     /// Not supported.
-    pub tls: Option<Unsupported>,
+    pub certificate_refs: Option<Unsupported>,
+    /// Not supported.
+    pub frontend_validation: Option<Unsupported>,
+}
+
+/// Gateway API TLS modes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[allow(missing_docs)] // Gateway API's names.
+pub enum TlsMode {
+    Terminate,
+    Passthrough,
 }
 
 /// `allowedRoutes`.

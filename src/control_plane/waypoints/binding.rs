@@ -1,14 +1,16 @@
 //! Waypoint Gateways and who binds to them: the `Gateway` objects of class `istio-waypoint`, their
 //! instances among the file's workloads, and istiod's `istio.io/use-waypoint` resolution for services and
-//! workloads (see `waypoints.rs` for the rules).
+//! workloads (see `waypoints.rs` for the rules). Gateways of class `istio-east-west` are `topology.rs`'s.
 
 use std::collections::HashMap;
 
 use super::{invalid, WAYPOINT_PORT};
 use crate::control_plane::config::{Error, Labels, MeshConfig, WorkloadSpec};
 use crate::control_plane::istio::WAYPOINT_CLASS;
+pub use crate::control_plane::objects::gateway::GATEWAY_NAME;
 use crate::control_plane::objects::gateway::{FromNamespaces, GatewaySpec};
 use crate::control_plane::objects::{IstioObject, Spec};
+use crate::control_plane::topology::EAST_WEST_CLASS;
 use crate::proto::waypoint as wp;
 
 /// The label that names a waypoint for a namespace, Service or pod.
@@ -17,8 +19,6 @@ pub const USE_WAYPOINT: &str = "istio.io/use-waypoint";
 pub const USE_WAYPOINT_NAMESPACE: &str = "istio.io/use-waypoint-namespace";
 /// The Gateway label saying what may bind to it.
 pub const WAYPOINT_FOR: &str = "istio.io/waypoint-for";
-/// The pod label naming the Gateway the pod is an instance of.
-pub const GATEWAY_NAME: &str = "gateway.networking.k8s.io/gateway-name";
 /// The label (and value) Istio's gateway controller puts on a waypoint's Service and pods.
 pub(super) const MANAGED: (&str, &str) = ("gateway.istio.io/managed", "istio.io-mesh-controller");
 /// The label Istio's east-west gateways carry (never bound to a waypoint either).
@@ -70,6 +70,9 @@ pub(super) fn gateways(cfg: &MeshConfig) -> Result<Vec<Gateway<'_>>, Error> {
         let Spec::Gateway(spec) = &obj.spec else {
             continue;
         };
+        if spec.gateway_class_name == EAST_WEST_CLASS {
+            continue; // a network's east-west gateway (topology.rs)
+        }
         let at = format!("istio[{i}]");
         out.push(gateway(cfg, obj, spec, at)?);
     }
@@ -108,10 +111,14 @@ fn gateway<'a>(
         return Err(invalid(
             format!("{at}.spec.gatewayClassName"),
             format!(
-                "{:?}: only waypoints ({WAYPOINT_CLASS}) are served; meshnode has no ingress gateway",
+                "{:?}: only waypoints ({WAYPOINT_CLASS}) and east-west gateways ({EAST_WEST_CLASS}) are \
+                 served; meshnode has no ingress gateway",
                 spec.gateway_class_name
             ),
         ));
+    }
+    if spec.addresses.is_some() {
+        return Err(invalid(format!("{at}.spec.addresses"), "not supported"));
     }
     if let Some(f) = spec.unsupported() {
         return Err(invalid(format!("{at}.spec.{f}"), "not supported"));

@@ -31,7 +31,7 @@ fn varied(n: usize) -> String {
             );
         }
         if i % 11 == 3 {
-            f.push_str("  networkGateway: |\n    - uid: not an item\n    services:\n  locality: {region: r, zone: z}\n");
+            f.push_str("  canonicalRevision: |\n    - uid: not an item\n    services:\n  locality: {region: r, zone: z}\n");
         }
     }
     f.push_str("services:\n");

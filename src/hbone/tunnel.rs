@@ -16,8 +16,8 @@ use bytes::{Buf, Bytes};
 use h2::{Reason, RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::hbone::copy::h2_io;
-use crate::hbone::pool::Slot;
+use super::copy::h2_io;
+use super::pool::Slot;
 
 /// A CONNECT stream read and written as bytes.
 pub struct Tunnel {
@@ -58,6 +58,22 @@ impl Tunnel {
     /// Resets the stream (CANCEL): the peer sees the tunnel fail rather than end.
     pub fn reset(&mut self) {
         self.send.send_reset(Reason::CANCEL);
+    }
+
+    /// Whether this side has ended its half of the stream (END_STREAM sent).
+    pub fn is_shut(&self) -> bool {
+        self.shut
+    }
+
+    /// Reads and discards what the peer still sends until it ends its half, so that a tunnel finished with
+    /// after a clean shutdown ends with END_STREAM both ways rather than a reset.
+    pub async fn drain(mut self) {
+        if self.eof {
+            return;
+        }
+        while let Some(Ok(chunk)) = self.recv.data().await {
+            let _ = self.recv.flow_control().release_capacity(chunk.len());
+        }
     }
 
     /// The two h2 halves, for a byte copy that bypasses the `AsyncRead`/`AsyncWrite` layer. Bytes received

@@ -1,0 +1,157 @@
+//! Double HBONE: an HBONE tunnel carried inside another, for destinations on another network.
+//!
+//! Input: an open outer CONNECT stream (to the destination network's east-west gateway, from the
+//! [`pool`](super::pool)), the source identity's [`TlsMaterial`], the identities the far end may present
+//! and the inner CONNECT request. Output: the inner stream, its `200` received, as a [`Stream`] like any
+//! other. The inner tunnel is its own mutual TLS 1.3 session (our certificate again, the destination's
+//! identity checked) and its own HTTP/2 connection, run over the outer stream's bytes, so the gateway
+//! in between forwards it without being able to read or alter it. As ztunnel does, the inner connection
+//! is never pooled: one inner connection per application connection, so that the gateway's choice of
+//! endpoint is made per connection. It ends when its stream does, and releases the outer stream then.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use super::pool::{Error, Slot, Stream};
+use super::tunnel::Tunnel;
+use crate::config::H2Config;
+use crate::identity::Identity;
+use crate::tls::{dummy_server_name, TlsMaterial};
+
+/// Opens the inner tunnel over `outer` (dialled to `via`, the gateway) and sends `req` on it. Errors are
+/// the inner tunnel's, wrapped in [`Error::Inner`]; they name `via`, the only address this side knows.
+pub async fn connect(
+    outer: Stream,
+    via: SocketAddr,
+    tls: &TlsMaterial,
+    expected: Vec<Identity>,
+    h2: &H2Config,
+    timeout: Duration,
+    req: http::Request<()>,
+) -> Result<Stream, Error> {
+    inner(outer, via, tls, expected, h2, timeout, req)
+        .await
+        .map_err(|e| Error::Inner(Box::new(e)))
+}
+
+async fn inner(
+    outer: Stream,
+    via: SocketAddr,
+    tls: &TlsMaterial,
+    expected: Vec<Identity>,
+    h2: &H2Config,
+    timeout: Duration,
+    req: http::Request<()>,
+) -> Result<Stream, Error> {
+    let dst = via;
+    let io = Outer(Some(Tunnel::from_client(outer)));
+    let connector = tokio_rustls::TlsConnector::from(tls.client_config(expected));
+    let tls_stream = tokio::time::timeout(timeout, connector.connect(dummy_server_name(), io))
+        .await
+        .map_err(|_| Error::Timeout { dst })?
+        .map_err(|source| Error::Tls { dst, source })?;
+    // One stream only: the connection exists for this application connection.
+    let (send_request, connection) = tokio::time::timeout(
+        timeout,
+        super::client_builder(h2, 1).handshake::<_, Bytes>(tls_stream),
+    )
+    .await
+    .map_err(|_| Error::Timeout { dst })?
+    .map_err(|source| Error::H2 { dst, source })?;
+    let mut connection = connection;
+    let pings = super::keepalive(connection.ping_pong());
+    // The connection's driver owns the inner TLS session and, through it, the outer stream: once the
+    // inner stream and the request handle are gone, h2 closes the connection and the outer slot is freed.
+    tokio::spawn(async move {
+        tokio::select! {
+            r = &mut connection => if let Err(e) = r {
+                tracing::debug!(%dst, error = %e, "inner HBONE connection ended");
+            },
+            _ = pings => {}
+        }
+    });
+    let (response, send) = send_request
+        .ready()
+        .await
+        .and_then(|mut s| s.send_request(req, false))
+        .map_err(|source| Error::H2 { dst, source })?;
+    let response = tokio::time::timeout(super::RESPONSE_TIMEOUT, response)
+        .await
+        .map_err(|_| Error::Timeout { dst })?
+        .map_err(|source| Error::H2 { dst, source })?;
+    let (parts, recv) = response.into_parts();
+    if parts.status != http::StatusCode::OK {
+        return Err(Error::Status {
+            dst,
+            status: parts.status,
+        });
+    }
+    Ok(Stream {
+        send,
+        recv,
+        headers: parts.headers,
+        slot: Slot::unpooled(),
+    })
+}
+
+/// How long a finished outer stream waits for the gateway's END_STREAM before it is reset.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The outer stream under the inner TLS session. h2 drops it as soon as the inner connection has shut
+/// down (close_notify, then END_STREAM); the gateway's own END_STREAM is still on its way, so a clean
+/// end is waited for (bounded) instead of resetting the stream under it.
+struct Outer(Option<Tunnel>);
+
+impl Outer {
+    fn tunnel(&mut self) -> &mut Tunnel {
+        self.0.as_mut().expect("present until dropped")
+    }
+}
+
+impl Drop for Outer {
+    fn drop(&mut self) {
+        let Some(tunnel) = self.0.take() else { return };
+        if !tunnel.is_shut() {
+            return;
+        }
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let _ = tokio::time::timeout(DRAIN_TIMEOUT, tunnel.drain()).await;
+            });
+        }
+    }
+}
+
+impl AsyncRead for Outer {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(self.tunnel()).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Outer {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(self.tunnel()).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(self.tunnel()).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(self.tunnel()).poll_shutdown(cx)
+    }
+}
