@@ -486,6 +486,7 @@ fn start_waypoint_xds(
     let node = crate::xds::NodeInfo::waypoint(&base.proxy_meta, base.node_name.as_deref());
     let name = cfg.resource_name();
     let publish_name = name.clone();
+    let network = base.network.clone();
     let sub = crate::xds::WaypointSubscription {
         name,
         check: Box::new(|w| crate::waypoint::snapshot::check(w).map_err(|e| e.to_string())),
@@ -498,6 +499,7 @@ fn start_waypoint_xds(
                 Some(&previous),
             ) {
                 Ok(snap) => {
+                    let snap = snap.for_network(&network);
                     tracing::info!(
                         waypoint = %publish_name,
                         configured = res.waypoint.is_some(),

@@ -26,6 +26,8 @@ use std::time::Duration;
 
 use crate::config::H2Config;
 
+/// The header naming the client's network on double HBONE's inner CONNECT (ztunnel's name).
+pub const X_FORWARDED_NETWORK: &str = "x-forwarded-network";
 /// Header list limit on requests we send (ztunnel: 16 KiB).
 const CLIENT_MAX_HEADER_LIST: u32 = 16 * 1024;
 /// Header list limit on requests we accept (ztunnel: 64 KiB).

@@ -131,6 +131,7 @@ impl Waypoint {
             connect_timeout: base.connect_timeout,
             h2: base.h2,
             idle_timeout: base.pool.unused_release_timeout,
+            network: base.network.clone(),
         });
         Ok(Arc::new(Waypoint {
             cfg: inputs.cfg,

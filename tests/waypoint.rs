@@ -5,7 +5,7 @@
 
 mod support;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -1563,4 +1563,107 @@ async fn a_route_timeout_cuts_a_response_body_that_stalls() {
         .send_replace(Arc::new(serving_backend(&m, &backend_waypoint())));
     let mut h = http1(tunnel(&c, &m.vip(100, 80)).await.unwrap()).await;
     assert_eq!(get_ok(&mut h, "/after").await.0, 200);
+}
+
+/// A workload on `network` (behind the gateway at `gateway` on it, if any), as a control plane sends it.
+fn on_network(
+    name: &str,
+    sa: &str,
+    addr: IpAddr,
+    network: &str,
+    gateway: Option<IpAddr>,
+    services: &[(&str, u32, u32)],
+) -> Arc<meshnode::state::Workload> {
+    use meshnode::proto::workload as wl;
+    let mut a = workload_address(name, sa, addr, true, services);
+    if let Some(wl::address::Type::Workload(w)) = &mut a.r#type {
+        w.network = network.into();
+        w.network_gateway = gateway.map(|g| wl::GatewayAddress {
+            destination: Some(wl::gateway_address::Destination::Address(
+                wl::NetworkAddress {
+                    network: network.into(),
+                    address: match g {
+                        IpAddr::V4(v) => v.octets().to_vec(),
+                        IpAddr::V6(v) => v.octets().to_vec(),
+                    },
+                    ..Default::default()
+                },
+            )),
+            hbone_mtls_port: 15008,
+        });
+    }
+    match meshnode::xds::convert::address(&uid(name), a).unwrap() {
+        meshnode::xds::convert::Address::Workload(w) => w,
+        _ => unreachable!(),
+    }
+}
+
+#[test]
+fn the_waypoint_reaches_an_endpoint_on_another_network_only_through_its_gateway() {
+    let net = [10, 77];
+    let key = format!("default/{}", hostname("backend"));
+    let serves = [(key.as_str(), 80, 8080)];
+    let workloads = vec![
+        on_network("near", "backend", ip(net, 3), "net1", None, &serves),
+        on_network(
+            "far",
+            "far",
+            ip(net, 20),
+            "net2",
+            Some(ip(net, 30)),
+            &serves,
+        ),
+        on_network(
+            "ew-gateway",
+            "istio-eastwestgateway",
+            ip(net, 30),
+            "net2",
+            None,
+            &[],
+        ),
+        on_network("lost", "backend", ip(net, 40), "net3", None, &serves),
+    ];
+    let services = vec![service("backend", ip(net, 100), &[(80, 8080)])];
+    let wp = waypoint_resource(
+        vec![bound_service(
+            "backend",
+            vec![port(
+                pb::Protocol::Http,
+                "backend",
+                80,
+                &["near", "far", "lost"],
+            )],
+        )],
+        &[],
+    );
+    let snap = Snapshot::build(&workloads, &services, Some(&wp), None)
+        .unwrap()
+        .for_network("net1");
+    let cluster = snap.cluster("backend-80").unwrap().clone();
+    let like = ip(net, 100);
+    let near = snap.endpoint(&cluster, &uid("near"), like).unwrap();
+    assert!(near.crossing.is_none(), "same network: dialled directly");
+    let far = snap.endpoint(&cluster, &uid("far"), like).unwrap();
+    let crossing = far
+        .crossing
+        .as_ref()
+        .expect("another network: through its gateway");
+    assert_eq!(crossing.gateway, SocketAddr::new(ip(net, 30), 15008));
+    assert_eq!(
+        crossing.gateway_ids,
+        [id(
+            "spiffe://cluster.local/ns/default/sa/istio-eastwestgateway"
+        )]
+    );
+    assert_eq!(
+        crossing.authority.to_string(),
+        "backend.default.svc.cluster.local:80"
+    );
+    // The gateway picks among the service's endpoints on its network: only `far` is there.
+    assert_eq!(
+        crossing.inner_ids,
+        [id("spiffe://cluster.local/ns/default/sa/far")]
+    );
+    // No gateway on its network: no endpoint at all, never dialled.
+    assert!(snap.endpoint(&cluster, &uid("lost"), like).is_none());
 }

@@ -484,7 +484,7 @@ impl Proxy {
         // and the client's own address means nothing here, so no source workload (ztunnel).
         let from_gateway = req
             .headers()
-            .get(super::outbound::X_FORWARDED_NETWORK)
+            .get(crate::hbone::X_FORWARDED_NETWORK)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|n| !n.eq_ignore_ascii_case(network));
         let src_workload = state

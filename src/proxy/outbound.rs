@@ -50,9 +50,6 @@ use crate::state::{
     GatewayAddress, LbMode, Protocol, Service, State, Upstream, WaypointError, Workload,
 };
 
-/// The header naming the client's network on double HBONE's inner CONNECT (ztunnel's name).
-pub const X_FORWARDED_NETWORK: &str = "x-forwarded-network";
-
 /// Where an outbound connection goes.
 #[derive(Debug)]
 enum Route {
@@ -452,7 +449,8 @@ impl Proxy {
         let tls = self.tls_for(&src.identity).await?.current();
         let mut req = connect_request(src, peer, &hop.authority, hop.authority.service())?;
         if let Ok(network) = HeaderValue::from_str(&self.cfg().network) {
-            req.headers_mut().insert(X_FORWARDED_NETWORK, network);
+            req.headers_mut()
+                .insert(crate::hbone::X_FORWARDED_NETWORK, network);
         }
         let cfg = self.cfg();
         Ok(crate::hbone::double::connect(

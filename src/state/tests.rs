@@ -325,7 +325,9 @@ fn locality_mesh(lb: &str, unhealthy: &[&str]) -> State {
         let gateway = if network.is_empty() {
             String::new()
         } else {
-            format!(", networkGateway: {{destination: \"{network}/192.0.2.1\", hboneMtlsPort: 15008}}")
+            format!(
+                ", networkGateway: {{destination: \"{network}/192.0.2.1\", hboneMtlsPort: 15008}}"
+            )
         };
         y += &format!(
             "- {{uid: {name}, name: {name}, namespace: default, node: {node}, network: \"{network}\", workloadIps: [{ip}], status: {}, locality: {{region: {region}, zone: {zone}}}, services: {{\"default/svc.default.svc.cluster.local\": {{80: 8080}}}}{gateway}}}\n",

@@ -404,7 +404,11 @@ async fn handle(
             let f = Forward {
                 upstreams: &upstreams,
                 snapshot: &snap,
-                target: Target::Workload(super::snapshot::Endpoint { workload, addr }),
+                target: Target::Workload(super::snapshot::Endpoint {
+                    workload,
+                    addr,
+                    crossing: None,
+                }),
                 route: None,
                 version: downstream,
                 like: addr.ip(),

@@ -7,6 +7,10 @@
 //! a service port, a cluster's endpoints, an endpoint's address and identity, the client's workload — with
 //! the decision engines ([`Authorizer`], [`RouteTable`], [`Endpoints`]) compiled once per snapshot.
 //!
+//! An endpoint on another network than the waypoint's ([`Snapshot::for_network`]) is reached only through
+//! its network's east-west gateway ([`Crossing`]: double HBONE, as the node proxy does it); one whose
+//! network has no gateway (or one the snapshot cannot resolve) is no endpoint at all.
+//!
 //! A cluster whose definition did not change keeps its [`Endpoints`] (and so its load-balancing position,
 //! request budget and outlier state) from the previous snapshot. Building fails, naming the part, when an
 //! engine refuses its input; [`check`] is the same validation for one resource, for the xDS client's NACK.
@@ -18,8 +22,9 @@ use std::sync::Arc;
 use super::authz::Authorizer;
 use super::balance::Endpoints;
 use super::routes::RouteTable;
+use crate::identity::Identity;
 use crate::proto::waypoint as pb;
-use crate::state::{PortMap, Service, SharedStr, Workload};
+use crate::state::{GatewayDestination, PortMap, Service, SharedStr, Workload};
 
 /// Why a snapshot could not be built from a `Waypoint` resource.
 #[derive(Debug, thiserror::Error)]
@@ -149,6 +154,22 @@ pub struct Endpoint {
     pub workload: Arc<Workload>,
     /// `pod_ip:target_port`.
     pub addr: SocketAddr,
+    /// On another network: how to get there (its address is then not dialled).
+    pub crossing: Option<Arc<Crossing>>,
+}
+
+/// Double HBONE to an endpoint on another network, through that network's east-west gateway.
+#[derive(Debug)]
+pub struct Crossing {
+    /// The gateway's HBONE address.
+    pub gateway: SocketAddr,
+    /// The identities the gateway may present (the outer tunnel's check).
+    pub gateway_ids: Vec<Identity>,
+    /// Both tunnels' `:authority`: the service hostname and port.
+    pub authority: http::Uri,
+    /// Who may end the inner tunnel: the service's alt names, else its endpoints' identities on that
+    /// network (the gateway picks among them).
+    pub inner_ids: Vec<Identity>,
 }
 
 /// One immutable version of the waypoint's configuration.
@@ -165,6 +186,11 @@ pub struct Snapshot {
     by_ip: HashMap<IpAddr, Arc<Workload>>,
     bound_workloads: HashSet<String>,
     xfcc_include_client_identity: bool,
+    /// The waypoint's own network.
+    network: String,
+    /// East-west gateway workloads, by the address workloads name them with (their network compared
+    /// on lookup).
+    gateways: HashMap<IpAddr, Vec<Arc<Workload>>>,
 }
 
 /// Validates one `Waypoint` resource: every engine accepts its part.
@@ -359,6 +385,31 @@ impl Snapshot {
         })
     }
 
+    /// The snapshot as seen from `network` (the waypoint's `NETWORK`): endpoints elsewhere are reached
+    /// through their network's gateway.
+    pub fn for_network(mut self, network: &str) -> Snapshot {
+        self.network = network.to_string();
+        // The addresses gateways are named by, then one pass for the workloads there.
+        let named: HashSet<IpAddr> = self
+            .workloads
+            .values()
+            .filter_map(
+                |w| match w.network_gateway.as_deref().map(|g| &g.destination) {
+                    Some(GatewayDestination::Address { ip, .. }) => Some(*ip),
+                    _ => None,
+                },
+            )
+            .collect();
+        let mut gateways: HashMap<IpAddr, Vec<Arc<Workload>>> = HashMap::new();
+        for w in self.workloads.values() {
+            for ip in w.ips.iter().filter(|ip| named.contains(ip)) {
+                gateways.entry(*ip).or_default().push(w.clone());
+            }
+        }
+        self.gateways = gateways;
+        self
+    }
+
     /// The cluster `name`.
     pub fn cluster(&self, name: &str) -> Option<&Arc<Cluster>> {
         self.clusters.get(name)
@@ -403,10 +454,57 @@ impl Snapshot {
             .ips
             .iter()
             .find(|ip| ip.is_ipv4() == like.is_ipv4())
-            .or_else(|| workload.ips.first())?;
+            .or_else(|| workload.ips.first());
+        let crossing = if workload.network != self.network.as_str() {
+            Some(Arc::new(self.crossing(cluster, workload)?))
+        } else {
+            None
+        };
+        let ip = match (ip, &crossing) {
+            (Some(ip), _) => *ip,
+            // Known on its network only by the gateway: nothing of its own to dial, nor needed.
+            (None, Some(_)) => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+            (None, None) => return None,
+        };
         Some(Endpoint {
             workload: workload.clone(),
-            addr: SocketAddr::new(*ip, target),
+            addr: SocketAddr::new(ip, target),
+            crossing,
+        })
+    }
+
+    /// How to reach `workload`, on another network, as an endpoint of `cluster`: `None` when its network
+    /// has no gateway this snapshot knows, or the cluster has no service to name in the authority.
+    fn crossing(&self, cluster: &Cluster, workload: &Workload) -> Option<Crossing> {
+        let gw = workload.network_gateway.as_deref()?;
+        let GatewayDestination::Address { network, ip } = &gw.destination else {
+            tracing::debug!(gateway = %gw, "a gateway named by hostname is not resolved by the waypoint");
+            return None;
+        };
+        let gateway = self
+            .gateways
+            .get(ip)?
+            .iter()
+            .find(|g| g.network == network.as_str())?;
+        let svc = cluster.service.as_ref()?;
+        let inner_ids = if svc.subject_alt_names.is_empty() {
+            let mut ids: Vec<Identity> = Vec::new();
+            for uid in cluster.endpoints.keys() {
+                if let Some(w) = self.workloads.get(uid) {
+                    if w.network == workload.network && !ids.contains(&w.identity) {
+                        ids.push(w.identity.clone());
+                    }
+                }
+            }
+            ids
+        } else {
+            svc.subject_alt_names.to_vec()
+        };
+        Some(Crossing {
+            gateway: SocketAddr::new(*ip, gw.hbone_mtls_port),
+            gateway_ids: vec![gateway.identity.clone()],
+            authority: http::Uri::try_from(format!("{}:{}", svc.hostname, cluster.port)).ok()?,
+            inner_ids,
         })
     }
 }

@@ -83,7 +83,14 @@ pub async fn proxy(
         return refuse(&mut io, Refused::Denied(policy));
     }
     let (ep, cluster) = match dest {
-        Destination::Workload { workload, addr } => (Endpoint { workload, addr }, None),
+        Destination::Workload { workload, addr } => (
+            Endpoint {
+                workload,
+                addr,
+                crossing: None,
+            },
+            None,
+        ),
         Destination::Service { service, port, .. } => {
             let Some(bound) = service.port(port) else {
                 return refuse(&mut io, Refused::NoRoute(authority.to_string()));

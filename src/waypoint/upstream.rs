@@ -36,7 +36,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::body::{OnEnd, UpBody};
-use super::snapshot::Endpoint;
+use super::snapshot::{Crossing, Endpoint};
 use crate::config::{H2Config, Keepalive};
 use crate::hbone::pool::{Pool, PoolKey};
 use crate::hbone::tunnel::Tunnel;
@@ -189,6 +189,7 @@ struct Inner {
     keepalive: Keepalive,
     defaults: ConnSettings,
     h2: H2Config,
+    network: String,
     h1_idle: Mutex<HashMap<Key, Vec<Idle>>>,
     h2_conns: Mutex<HashMap<Key, Shared>>,
     /// One HTTP/2 dial per endpoint at a time: concurrent first requests share the connection.
@@ -219,6 +220,8 @@ pub struct UpstreamSettings {
     pub h2: H2Config,
     /// Idle HTTP connections are closed after this long.
     pub idle_timeout: Duration,
+    /// The waypoint's network (`x-forwarded-network` on double HBONE).
+    pub network: String,
 }
 
 impl Upstreams {
@@ -236,6 +239,7 @@ impl Upstreams {
                 max_requests_per_connection: None,
             },
             h2: s.h2,
+            network: s.network,
             h1_idle: Mutex::default(),
             h2_conns: Mutex::default(),
             h2_dialing: Mutex::default(),
@@ -273,6 +277,16 @@ impl Upstreams {
 
     async fn connect_now(&self, ep: &Endpoint, timeout: Duration) -> Result<Transport, Error> {
         let addr = ep.addr;
+        if let Some(crossing) = &ep.crossing {
+            return self
+                .connect_through(crossing, timeout)
+                .await
+                .map(|t| Transport::Hbone(Box::new(t)))
+                .map_err(|e| Error::Connect {
+                    addr: crossing.gateway,
+                    reason: format!("through the gateway to {}: {e}", crossing.authority),
+                });
+        }
         match ep.workload.protocol {
             Protocol::HBONE => {
                 let key = PoolKey {
@@ -308,6 +322,47 @@ impl Upstreams {
                     })
             }
         }
+    }
+
+    /// Double HBONE through another network's gateway: the outer tunnel pooled, the inner one
+    /// (the waypoint's own certificate again, the far endpoint's identity checked) per connection.
+    async fn connect_through(
+        &self,
+        crossing: &Crossing,
+        timeout: Duration,
+    ) -> Result<Tunnel, crate::hbone::pool::Error> {
+        let key = PoolKey {
+            src: self.0.identity.clone(),
+            dst_ids: crossing.gateway_ids.clone(),
+            dst: crossing.gateway,
+        };
+        let request = || {
+            Request::builder()
+                .method(Method::CONNECT)
+                .uri(crossing.authority.clone())
+                .version(Version::HTTP_2)
+                .body(())
+                .expect("CONNECT to a valid authority is a valid request")
+        };
+        let tls = self.0.tls.current();
+        let outer = self.0.hbone.connect(&key, &tls, request()).await?;
+        let mut inner = request();
+        if let Ok(v) = http::HeaderValue::from_str(&self.0.network) {
+            inner
+                .headers_mut()
+                .insert(crate::hbone::X_FORWARDED_NETWORK, v);
+        }
+        let stream = crate::hbone::double::connect(
+            outer,
+            crossing.gateway,
+            &tls,
+            crossing.inner_ids.clone(),
+            &self.0.h2,
+            timeout,
+            inner,
+        )
+        .await?;
+        Ok(Tunnel::from_client(stream))
     }
 
     fn key(ep: &Endpoint) -> Key {
