@@ -152,6 +152,7 @@ impl Gateway {
     /// One client connection: mTLS with the gateway's certificate, then its CONNECT streams.
     async fn connection(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
         let base = &self.cfg.base;
+        let _ = socket::accepted(&stream);
         let _ = socket::keepalive(&stream, &base.keepalive);
         let local = match stream.local_addr() {
             Ok(a) => socket::canonical(a),
