@@ -31,18 +31,17 @@ use std::time::{Duration, Instant};
 use meshnode::config::GatewayConfig;
 use meshnode::gateway::Gateway;
 use meshnode::identity::{BuiltinCa, CertManager, CertSource};
-use meshnode::proxy::Proxy;
 use meshnode::state::{LocalConfig, StateHandle};
-use support::bench::{env_or, machine, percentile, raise_fd_limit, runtime};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use support::bench::{
+    capture, connect, connection_rate, echo_app, env_or, latency, machine, percentile, ping,
+    raise_fd_limit, runtime, sink_app, throughput, MESSAGE,
+};
+use tokio::net::TcpListener;
 use tokio::runtime::Runtime;
 use tokio::sync::watch;
 
 const SINK_PORT: u16 = 9000;
 const ECHO_PORT: u16 = 9001;
-const CHUNK: usize = 256 * 1024;
-const MESSAGE: usize = 1024;
 const ECHO_VIP: &str = "240.0.0.1";
 const SINK_VIP: &str = "240.0.0.2";
 const PATHS: [&str; 3] = [
@@ -92,10 +91,10 @@ impl Bench {
         let load_rt = runtime("load", load_threads);
         let net = support::loopback_net();
         let server_ip = support::ip(net, 3);
-        let (echo_app, sink_app) = load_rt.block_on(async {
+        let (echo_at, sink_at) = load_rt.block_on(async {
             (
-                echo(SocketAddr::new(server_ip, ECHO_PORT)).await,
-                sink(SocketAddr::new(server_ip, SINK_PORT)).await,
+                echo_app(SocketAddr::new(server_ip, ECHO_PORT)).await,
+                sink_app(SocketAddr::new(server_ip, SINK_PORT)).await,
             )
         });
         let yaml = mesh_yaml(net);
@@ -121,8 +120,8 @@ impl Bench {
             )
             .await;
             let gateway = start_gateway(ca, &yaml, support::ip(net, 4)).await;
-            let mut echo = [echo_app; 3];
-            let mut sink = [sink_app; 3];
+            let mut echo = [echo_at; 3];
+            let mut sink = [sink_at; 3];
             for (i, (p, ip)) in [(&near, near_ip), (&far, far_ip)].into_iter().enumerate() {
                 echo[i + 1] = capture(&p.proxy, ip, vip(ECHO_VIP, ECHO_PORT)).await;
                 sink[i + 1] = capture(&p.proxy, ip, vip(SINK_VIP, SINK_PORT)).await;
@@ -189,121 +188,6 @@ async fn start_gateway(
         .expect("binding the gateway");
     tokio::spawn(gw.serve(l));
     (stop_tx, state_tx)
-}
-
-/// Hands connections accepted on a listener of `bind` to `proxy`, carried to `dst`.
-async fn capture(proxy: &Arc<Proxy>, bind: IpAddr, dst: SocketAddr) -> SocketAddr {
-    let l = TcpListener::bind(SocketAddr::new(bind, 0)).await.unwrap();
-    let addr = l.local_addr().unwrap();
-    let proxy = proxy.clone();
-    tokio::spawn(async move {
-        while let Ok((s, peer)) = l.accept().await {
-            let _ = meshnode::socket::accepted(&s);
-            tokio::spawn(proxy.clone().outbound_to(s, peer, dst));
-        }
-    });
-    addr
-}
-
-async fn sink(addr: SocketAddr) -> SocketAddr {
-    let l = TcpListener::bind(addr).await.expect("binding the sink app");
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; CHUNK];
-                let mut total = 0u64;
-                loop {
-                    match s.read(&mut buf).await {
-                        Ok(0) => break,
-                        Ok(n) => total += n as u64,
-                        Err(_) => return,
-                    }
-                }
-                let _ = s.write_all(&total.to_le_bytes()).await;
-                let _ = s.shutdown().await;
-            });
-        }
-    });
-    addr
-}
-
-async fn echo(addr: SocketAddr) -> SocketAddr {
-    let l = TcpListener::bind(addr).await.expect("binding the echo app");
-    tokio::spawn(async move {
-        while let Ok((s, _)) = l.accept().await {
-            let _ = s.set_nodelay(true);
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.into_split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
-            });
-        }
-    });
-    addr
-}
-
-async fn connect(addr: SocketAddr) -> TcpStream {
-    let s = TcpStream::connect(addr)
-        .await
-        .unwrap_or_else(|e| panic!("connecting to {addr}: {e}"));
-    s.set_nodelay(true).unwrap();
-    s
-}
-
-async fn ping(s: &mut TcpStream, msg: &[u8]) {
-    s.write_all(msg).await.expect("writing a request");
-    let mut back = vec![0u8; msg.len()];
-    s.read_exact(&mut back).await.expect("reading the echo");
-}
-
-async fn throughput(target: SocketAddr, dur: Duration) -> (f64, f64) {
-    let mut s = connect(target).await;
-    let chunk = vec![0xa5u8; CHUNK];
-    let start = Instant::now();
-    let mut sent = 0u64;
-    while start.elapsed() < dur {
-        s.write_all(&chunk).await.expect("writing bulk data");
-        sent += CHUNK as u64;
-    }
-    s.shutdown().await.expect("half-closing");
-    let mut ack = [0u8; 8];
-    s.read_exact(&mut ack)
-        .await
-        .expect("reading the sink's ack");
-    assert_eq!(
-        u64::from_le_bytes(ack),
-        sent,
-        "the sink received a different byte count"
-    );
-    (sent as f64, start.elapsed().as_secs_f64())
-}
-
-async fn latency(target: SocketAddr, iterations: usize) -> Vec<Duration> {
-    let mut s = connect(target).await;
-    let msg = vec![0x5au8; MESSAGE];
-    let mut back = vec![0u8; MESSAGE];
-    let mut samples = Vec::with_capacity(iterations);
-    for i in 0..iterations + iterations / 10 {
-        let t = Instant::now();
-        s.write_all(&msg).await.expect("writing a request");
-        s.read_exact(&mut back).await.expect("reading the echo");
-        if i >= iterations / 10 {
-            samples.push(t.elapsed());
-        }
-    }
-    samples
-}
-
-async fn connection_rate(target: SocketAddr, dur: Duration) -> (f64, f64) {
-    let start = Instant::now();
-    let mut n = 0u64;
-    while start.elapsed() < dur {
-        let mut s = connect(target).await;
-        ping(&mut s, b"x").await;
-        drop(s);
-        n += 1;
-    }
-    (n as f64, start.elapsed().as_secs_f64())
 }
 
 fn main() {

@@ -128,6 +128,33 @@ fn start_xds(
     Ok(handle)
 }
 
+/// The state for `cfg`: from xDS (readiness waiting for its first sync), or from the local config (its
+/// watcher spawned); refused when both are set.
+fn start_state(
+    cfg: &Config,
+    xds_metrics: crate::metrics::XdsMetrics,
+    ready: &Arc<Readiness>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<StateHandle, Error> {
+    match &cfg.xds {
+        Some(target) => {
+            if cfg.local_config != LocalConfigSource::None {
+                return Err(Error::Unsupported(
+                    "LOCAL_XDS_PATH/LOCAL_XDS and XDS_ADDRESS both set: each replaces the whole state; set XDS_ADDRESS= (empty) to use the local config",
+                ));
+            }
+            start_xds(cfg, target.clone(), xds_metrics, ready, shutdown)
+        }
+        None => {
+            let (state, watcher) = load_state(cfg)?;
+            if let Some(w) = watcher {
+                tokio::spawn(w);
+            }
+            Ok(state)
+        }
+    }
+}
+
 /// The certificate source `cfg` asks for.
 pub fn cert_source(cfg: &Config) -> Result<Arc<dyn CertSource>, Error> {
     // In shared mode the node proxy asks for its pods' identities with its own token.
@@ -276,29 +303,7 @@ async fn run_proxy_inner(
         tokio::spawn(crate::metrics::serve(l, metrics.clone(), shutdown.clone()));
     }
     let ready = Readiness::new();
-    let state = match &cfg.xds {
-        Some(target) => {
-            if cfg.local_config != LocalConfigSource::None {
-                return Err(Error::Unsupported(
-                    "LOCAL_XDS_PATH/LOCAL_XDS and XDS_ADDRESS both set: each replaces the whole state; set XDS_ADDRESS= (empty) to use the local config",
-                ));
-            }
-            start_xds(
-                &cfg,
-                target.clone(),
-                metrics.xds(),
-                &ready,
-                shutdown.clone(),
-            )?
-        }
-        None => {
-            let (state, watcher) = load_state(&cfg)?;
-            if let Some(w) = watcher {
-                tokio::spawn(w);
-            }
-            state
-        }
-    };
+    let state = start_state(&cfg, metrics.xds(), &ready, shutdown.clone())?;
     let certs = CertManager::new(cert_source(&cfg)?);
     let orig_src = orig_src(&cfg)?;
     if let Some(l) = readiness_listener {
@@ -451,12 +456,25 @@ pub fn bind(cfg: &Config) -> Result<(Option<Listeners>, TcpListener), Error> {
 pub fn bind_waypoint(
     cfg: &WaypointConfig,
 ) -> Result<(TcpListener, TcpListener, Option<TcpListener>), Error> {
-    let base = &cfg.base;
-    let hbone = socket::listen(base.wildcard(cfg.ports.hbone), SocketOpts::default())
-        .map_err(Error::Bind)?;
-    let readiness = socket::listen(base.wildcard(cfg.ports.readiness), SocketOpts::default())
-        .map_err(Error::Bind)?;
-    let metrics = match socket::listen(base.wildcard(cfg.ports.metrics), SocketOpts::default()) {
+    bind_role(
+        &cfg.base,
+        cfg.ports.hbone,
+        cfg.ports.readiness,
+        cfg.ports.metrics,
+    )
+}
+
+/// A role's HBONE, readiness and (optional: serving goes on without it) metrics listeners.
+fn bind_role(
+    base: &Config,
+    hbone: u16,
+    readiness: u16,
+    metrics: u16,
+) -> Result<(TcpListener, TcpListener, Option<TcpListener>), Error> {
+    let hbone = socket::listen(base.wildcard(hbone), SocketOpts::default()).map_err(Error::Bind)?;
+    let readiness =
+        socket::listen(base.wildcard(readiness), SocketOpts::default()).map_err(Error::Bind)?;
+    let metrics = match socket::listen(base.wildcard(metrics), SocketOpts::default()) {
         Ok(l) => Some(l),
         Err(e) => {
             tracing::warn!(error = %e, "metrics port unavailable; serving without /metrics");
@@ -589,19 +607,12 @@ pub async fn run_waypoint(
 pub fn bind_gateway(
     cfg: &GatewayConfig,
 ) -> Result<(TcpListener, TcpListener, Option<TcpListener>), Error> {
-    let base = &cfg.base;
-    let hbone = socket::listen(base.wildcard(cfg.ports.hbone), SocketOpts::default())
-        .map_err(Error::Bind)?;
-    let readiness = socket::listen(base.wildcard(cfg.ports.readiness), SocketOpts::default())
-        .map_err(Error::Bind)?;
-    let metrics = match socket::listen(base.wildcard(cfg.ports.metrics), SocketOpts::default()) {
-        Ok(l) => Some(l),
-        Err(e) => {
-            tracing::warn!(error = %e, "metrics port unavailable; serving without /metrics");
-            None
-        }
-    };
-    Ok((hbone, readiness, metrics))
+    bind_role(
+        &cfg.base,
+        cfg.ports.hbone,
+        cfg.ports.readiness,
+        cfg.ports.metrics,
+    )
 }
 
 /// Runs the east-west gateway until `shutdown` turns true and its tunnels have drained: HBONE on
@@ -620,29 +631,7 @@ pub async fn run_gateway(
         tokio::spawn(crate::metrics::serve(l, metrics.clone(), shutdown.clone()));
     }
     let ready = Readiness::new();
-    let state = match &base.xds {
-        Some(target) => {
-            if base.local_config != LocalConfigSource::None {
-                return Err(Error::Unsupported(
-                    "LOCAL_XDS_PATH/LOCAL_XDS and XDS_ADDRESS both set: each replaces the whole state; set XDS_ADDRESS= (empty) to use the local config",
-                ));
-            }
-            start_xds(
-                base,
-                target.clone(),
-                metrics.xds(),
-                &ready,
-                shutdown.clone(),
-            )?
-        }
-        None => {
-            let (state, watcher) = load_state(base)?;
-            if let Some(w) = watcher {
-                tokio::spawn(w);
-            }
-            state
-        }
-    };
+    let state = start_state(base, metrics.xds(), &ready, shutdown.clone())?;
     // The gateway asks the CA for its own identity: no impersonation.
     let certs = CertManager::new(cert_source_for(base, false)?);
     if let Some(l) = readiness_listener {

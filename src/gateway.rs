@@ -9,8 +9,9 @@
 //! ```text
 //!  client's node proxy (network A) ──mTLS (the gateway's certificate) + h2 CONNECT svc-host:port──> :15008
 //!     per stream: the service by hostname (as the client's namespace sees it)
-//!       ├─ service has a waypoint ── its instance on this network ──┐
-//!       └─ else an endpoint on this network that takes HBONE ───────┴─ TCP to <ip>:15008, 200, bytes copied
+//!       ├─ service has a waypoint (and the client is not it) ── its instance on this network ──┐
+//!       └─ else an endpoint on this network that takes HBONE ─────────────────────────────────┴─ TCP to
+//!                                                                     <ip>:15008, 200, bytes copied
 //!  inside the stream: the client's own mTLS + h2 CONNECT (x-forwarded-network: A), ended by the
 //!  destination's node proxy (or waypoint) with the destination's certificate: never opened here.
 //! ```
@@ -25,16 +26,17 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use http::{Method, StatusCode};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use crate::config::GatewayConfig;
-use crate::hbone::{copy, server};
+use crate::hbone::{copy, listener, server};
 use crate::identity::{CertManager, Identity};
 use crate::socket::{self, SocketOpts};
+use crate::state::waypoint::Found;
 use crate::state::{Protocol, StateHandle, Upstream};
 use crate::tls::WorkloadTls;
 
@@ -110,93 +112,34 @@ impl Gateway {
 
     /// Serves HBONE on `listener` until shutdown; then open tunnels get the termination deadline.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
-        let mut shutdown = self.shutdown.clone();
-        let open = Arc::new(());
-        let limit = Arc::new(tokio::sync::Semaphore::new(self.cfg.base.max_connections));
-        loop {
-            let permit = tokio::select! {
-                p = limit.clone().acquire_owned() => match p {
-                    Ok(p) => p,
-                    Err(_) => return,
-                },
-                _ = shutdown.wait_for(|v| *v) => break,
-            };
-            let accepted = tokio::select! {
-                a = listener.accept() => a,
-                _ = shutdown.wait_for(|v| *v) => break,
-            };
-            let (stream, peer) = match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            let me = self.clone();
-            let held = open.clone();
-            tokio::spawn(async move {
-                me.connection(stream, socket::canonical(peer)).await;
-                drop(permit);
-                drop(held);
-            });
-        }
-        drop(listener);
-        let deadline = tokio::time::Instant::now() + self.cfg.base.termination_deadline;
-        while Arc::strong_count(&open) > 1 && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let me = self.clone();
+        listener::accept_loop(
+            listener,
+            &self.cfg.base,
+            self.shutdown.clone(),
+            move |stream, peer| me.clone().connection(stream, peer),
+        )
+        .await;
         tracing::info!("gateway stopped");
     }
 
     /// One client connection: mTLS with the gateway's certificate, then its CONNECT streams.
     async fn connection(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
-        let base = &self.cfg.base;
-        let _ = socket::accepted(&stream);
-        let _ = socket::keepalive(&stream, &base.keepalive);
         let local = match stream.local_addr() {
             Ok(a) => socket::canonical(a),
             Err(_) => return,
         };
-        let Some(handshake) = base.admission.handshake(peer.ip()) else {
-            tracing::info!(target: "access", reporter = "gateway", src.addr = %peer, "connection refused: too many handshakes in progress from this address");
-            socket::reset_on_close(&stream);
-            return;
-        };
-        let acceptor = tokio_rustls::TlsAcceptor::from(self.tls.current().server_config());
-        let handshake_deadline = tokio::time::Instant::now() + base.handshake_timeout;
-        let tls = match tokio::time::timeout_at(handshake_deadline, acceptor.accept(stream)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                tracing::info!(target: "access", reporter = "gateway", src.addr = %peer, error = %e, "TLS handshake failed");
-                return;
-            }
-            Err(_) => {
-                tracing::info!(target: "access", reporter = "gateway", src.addr = %peer, "TLS handshake timed out");
-                return;
-            }
-        };
-        let Some(peer_id) = crate::tls::peer_identity(tls.get_ref().1.peer_certificates()) else {
-            tracing::warn!(src.addr = %peer, "peer certificate has no SPIFFE identity");
-            return;
-        };
-        let timeouts = server::Timeouts {
-            handshake_deadline,
-            idle: base.hbone_idle_timeout,
-        };
         let me = self.clone();
-        let res = server::serve(
-            tls,
-            &base.h2,
-            timeouts,
-            handshake,
+        listener::terminate(
+            stream,
+            peer,
+            &self.cfg.base,
+            self.tls.current().server_config(),
+            "gateway",
             self.shutdown.clone(),
-            move |incoming| me.clone().stream(incoming, peer, local, peer_id.clone()),
+            move |incoming, peer_id| me.clone().stream(incoming, peer, local, peer_id),
         )
         .await;
-        if let Err(e) = res {
-            tracing::debug!(src.addr = %peer, error = %e, "HBONE connection ended with an error");
-        }
     }
 
     /// One CONNECT stream: the next hop on this network, connected, then the bytes both ways.
@@ -280,15 +223,12 @@ impl Gateway {
                 "a gateway routes by service hostname, not to an address",
             ));
         }
-        let (host, port) = authority
-            .rsplit_once(':')
-            .and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)))
-            .ok_or_else(|| {
-                refuse(
-                    StatusCode::BAD_REQUEST,
-                    format!("authority {authority:?} is not hostname:port"),
-                )
-            })?;
+        let (host, port) = crate::hbone::host_port(authority).ok_or_else(|| {
+            refuse(
+                StatusCode::BAD_REQUEST,
+                format!("authority {authority:?} is not hostname:port"),
+            )
+        })?;
         let state = self.state.load();
         let network = self.cfg.base.network.as_str();
         let svc = state
@@ -303,7 +243,11 @@ impl Gateway {
                 )
             })?;
         let hbone_port = self.cfg.base.ports.inbound;
-        if let Some(wp) = svc.pick_waypoint() {
+        // From the service's waypoint itself (its identity): on to an endpoint, as a node proxy does.
+        let from_waypoint = Found::Service(svc)
+            .waypoints()
+            .any(|wp| state.waypoint_has(wp, |w| w.identity == *peer_id));
+        if let Some(wp) = svc.pick_waypoint().filter(|_| !from_waypoint) {
             // As the client decided: traffic for a service with a waypoint goes to the waypoint.
             let up = state
                 .resolve_gateway_address(wp, SocketAddr::new(local.ip(), port))

@@ -4,6 +4,8 @@
 //!   CONNECT request on top.
 //! - [`server`]: the server side's HTTP/2 mechanics — accepting CONNECT streams and answering them; what to
 //!   do with each stream is the inbound proxy's business.
+//! - [`listener`]: terminating HBONE on a listener of its own (the waypoint's, the gateway's), with the node
+//!   proxy's bounds.
 //! - [`copy`]: moving bytes between a TCP socket and a CONNECT stream, with half-close and flow control.
 //! - [`tunnel`]: one CONNECT stream read and written as bytes (`AsyncRead` + `AsyncWrite`), for a protocol
 //!   run inside it (a waypoint's HTTP, double HBONE's inner TLS).
@@ -18,6 +20,7 @@
 
 pub mod copy;
 pub mod double;
+pub mod listener;
 pub mod pool;
 pub mod server;
 pub mod tunnel;
@@ -42,6 +45,12 @@ pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 /// A PING unanswered for this long closes the connection (ztunnel: 20 s).
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A `hostname:port` CONNECT authority split in two; `None` when it is not one.
+pub fn host_port(authority: &str) -> Option<(&str, u16)> {
+    let (host, port) = authority.rsplit_once(':')?;
+    Some((host, port.parse().ok()?))
+}
 
 /// Pings the peer every [`KEEPALIVE_INTERVAL`]; returns when a ping goes unanswered for
 /// [`KEEPALIVE_TIMEOUT`] or the connection is gone. Without a `PingPong` it never returns.

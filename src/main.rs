@@ -160,33 +160,21 @@ fn main() -> anyhow::Result<()> {
             let (logs, _log_guard) = meshnode::logging::init();
             let cfg = Arc::new(Config::from_source(&ProcessEnv)?);
             raise_fd_limit();
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(cfg.worker_threads)
-                .thread_name("meshnode-worker")
-                .enable_all()
-                .build()?;
+            let rt = worker_runtime(cfg.worker_threads)?;
             rt.block_on(run(cfg, logs))
         }
         Command::Waypoint => {
             let (_logs, _log_guard) = meshnode::logging::init();
             let cfg = Arc::new(meshnode::config::WaypointConfig::from_source(&ProcessEnv)?);
             raise_fd_limit();
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(cfg.base.worker_threads)
-                .thread_name("meshnode-worker")
-                .enable_all()
-                .build()?;
+            let rt = worker_runtime(cfg.base.worker_threads)?;
             rt.block_on(run_waypoint(cfg))
         }
         Command::Gateway => {
             let (_logs, _log_guard) = meshnode::logging::init();
             let cfg = Arc::new(meshnode::config::GatewayConfig::from_source(&ProcessEnv)?);
             raise_fd_limit();
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(cfg.base.worker_threads)
-                .thread_name("meshnode-worker")
-                .enable_all()
-                .build()?;
+            let rt = worker_runtime(cfg.base.worker_threads)?;
             rt.block_on(run_gateway(cfg))
         }
         Command::CniAgent => {
@@ -295,6 +283,15 @@ async fn run_waypoint(cfg: Arc<meshnode::config::WaypointConfig>) -> anyhow::Res
     meshnode::app::run_waypoint(cfg, hbone, Some(readiness), metrics, rx).await?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The data plane's multi-threaded runtime.
+fn worker_runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .thread_name("meshnode-worker")
+        .enable_all()
+        .build()
 }
 
 /// Raises the open-files limit as ztunnel does at start, saying so.

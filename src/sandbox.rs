@@ -16,6 +16,25 @@
 //!    10.244.1.0/24: productpage, details,         10.244.2.0/24: reviews v1, v2, v3
 //!                   ratings, test/sleep
 //! ```
+//!
+//! With `--multi-network` ([`Layout::TwoNetworks`]) each node is a network of its own, joined only
+//! through the networks' east-west gateways (`meshnode gateway`, one pod each in `istio-system`); calls
+//! between the networks are double HBONE through the destination network's gateway:
+//!
+//! ```text
+//!   network1                                           network2
+//!   node1 (netns)  172.18.0.2 ── eth0 ══ eth0 ── 172.18.0.3  node2 (netns)
+//!    control plane :15012, cni-agent, proxy       cni-agent, proxy
+//!    10.244.1.0/24: productpage, details,         10.244.2.0/24: reviews v1, v2, v3,
+//!                   ratings, test/sleep,                         istio-system/eastwest-network2-0
+//!                   istio-system/eastwest-network1-0
+//!    routes to node2: eastwest-network2-0/32      routes to node1: eastwest-network1-0/32
+//!    (+ node2's pods, from eastwest-network1-0    (+ node1's pods, from eastwest-network2-0
+//!       only: its answers)                           only: its answers)
+//!
+//!   productpage ══ HBONE to eastwest-network2-0 ( HBONE to reviews:9080 ) ══> reviews' proxy
+//!   reviews     ══ HBONE to eastwest-network1-0 ( HBONE to ratings:9080 ) ══> ratings' proxy
+//! ```
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -26,6 +45,7 @@ use std::time::{Duration, Instant};
 
 use nix::fcntl::{Flock, FlockArg};
 
+pub use self::model::Layout;
 use self::model::Model;
 use crate::cni_exec::Runtime;
 use crate::file_watch::{write_atomically, write_atomically_mode};
@@ -276,7 +296,7 @@ fn expected_processes(model: &Model) -> usize {
     let pod_processes = model
         .pods
         .iter()
-        .filter(|p| p.app.is_some() || p.waypoint.is_some())
+        .filter(|p| p.app.is_some() || p.waypoint.is_some() || p.east_west.is_some())
         .count();
     1 + 2 * model.nodes.len() + pod_processes
 }
@@ -289,15 +309,15 @@ fn human(d: Duration) -> String {
     }
 }
 
-/// `sandbox up`: builds the cluster and leaves it running. Refused when a sandbox of this name exists.
-/// On failure everything created so far is removed again.
-pub fn up(opts: &Options, progress: &mut dyn Write) -> Result<Model, Error> {
+/// `sandbox up`: builds the cluster in `layout` and leaves it running. Refused when a sandbox of this name
+/// exists. On failure everything created so far is removed again.
+pub fn up(opts: &Options, layout: Layout, progress: &mut dyn Write) -> Result<Model, Error> {
     preflight(opts)?;
     let _lock = lock(opts)?;
     if let Some(existing) = load(opts)? {
         return Err(Error::Exists(describe_existing(opts, &existing)));
     }
-    let mut model = Model::bookinfo(&opts.name, BTreeMap::new());
+    let mut model = Model::bookinfo_in(&opts.name, BTreeMap::new(), layout);
     model.tokens = model
         .nodes
         .iter()
@@ -344,10 +364,12 @@ fn done(progress: &mut dyn Write, started: Instant) {
 }
 
 fn build(opts: &Options, model: &Model, progress: &mut dyn Write) -> Result<(), Error> {
-    let t = step(
-        progress,
-        "nodes node1, node2 (namespaces, link, routes, service VIPs)",
-    );
+    let nodes = if model.multi_network() {
+        "nodes node1, node2 on network1, network2 (namespaces, link, gateway routes, VIPs)"
+    } else {
+        "nodes node1, node2 (namespaces, link, routes, service VIPs)"
+    };
+    let t = step(progress, nodes);
     net::create_nodes(model)?;
     net::install_services(model)?;
     done(progress, t);
@@ -395,7 +417,7 @@ fn build(opts: &Options, model: &Model, progress: &mut dyn Write) -> Result<(), 
         let socket = dir.join("run/pluginevent.sock");
         wait(opts, "the CNI agent", &component, || socket.exists())?;
         let xds = format!("https://{cp}");
-        let proxy_env = vec![
+        let mut proxy_env = vec![
             ("PROXY_MODE", "shared".to_string()),
             ("INPOD_UDS", path_arg(&dir.join("zds.sock"))),
             ("XDS_ADDRESS", xds.clone()),
@@ -407,6 +429,9 @@ fn build(opts: &Options, model: &Model, progress: &mut dyn Write) -> Result<(), 
             ("MESHNODE_STATE_DIR", path_arg(&dir.join("proxy-state"))),
             ("RUST_LOG", "info".into()),
         ];
+        if let Some(network) = &node.network {
+            proxy_env.push(("NETWORK", network.clone()));
+        }
         let component = format!("{}-proxy", node.name);
         start(opts, &ns, &["proxy".into()], &proxy_env, &component)?;
         let node_ns = net::open(&net::node_netns(model, &node.name))?;
@@ -415,15 +440,21 @@ fn build(opts: &Options, model: &Model, progress: &mut dyn Write) -> Result<(), 
     }
 
     for pod in &model.pods {
-        let what = match (&pod.app, &pod.waypoint) {
-            (Some(app), _) => format!("pod {} on {} ({}, {app})", pod.key(), pod.node, pod.ip),
-            (None, Some(gw)) => format!(
+        let what = match (&pod.app, &pod.waypoint, &pod.east_west) {
+            (Some(app), _, _) => format!("pod {} on {} ({}, {app})", pod.key(), pod.node, pod.ip),
+            (None, Some(gw), _) => format!(
                 "pod {} on {} ({}, waypoint {gw})",
                 pod.key(),
                 pod.node,
                 pod.ip
             ),
-            (None, None) => format!("pod {} on {} ({})", pod.key(), pod.node, pod.ip),
+            (None, None, Some(_)) => format!(
+                "pod {} on {} ({}, east-west gateway)",
+                pod.key(),
+                pod.node,
+                pod.ip
+            ),
+            (None, None, None) => format!("pod {} on {} ({})", pod.key(), pod.node, pod.ip),
         };
         let t = step(progress, &what);
         start_pod(opts, model, pod)?;
@@ -472,8 +503,54 @@ fn start_pod(opts: &Options, model: &Model, pod: &model::Pod) -> Result<(), Erro
         })?;
     } else if let Some(gateway) = &pod.waypoint {
         start_waypoint(opts, model, pod, gateway, &ns, &component)?;
+    } else if let Some(gateway) = &pod.east_west {
+        start_gateway(opts, model, pod, gateway, &ns, &component)?;
     }
     Ok(())
+}
+
+/// Starts `meshnode gateway` in its pod as Istio runs an east-west gateway's proxy: its identity its
+/// service account's, `NETWORK` its node's, its certificate and state from the control plane over the
+/// node link with a token for that identity. Returns once it answers ready on :15021.
+fn start_gateway(
+    opts: &Options,
+    model: &Model,
+    pod: &model::Pod,
+    gateway: &str,
+    netns: &Path,
+    component: &str,
+) -> Result<(), Error> {
+    let key = format!("{}/{gateway}", pod.namespace);
+    let dir = opts.path(&format!("gateways/{}-{gateway}", pod.namespace));
+    std::fs::create_dir_all(&dir).map_err(io("creating", &dir))?;
+    let token = dir.join("token");
+    let secret = model.gateway_tokens.get(&key).cloned().unwrap_or_default();
+    write_atomically_mode(&token, secret.as_bytes(), Some(0o600)).map_err(io("writing", &token))?;
+    let cp = format!("https://{}", model.control_plane_addr());
+    let root_cert = path_arg(&opts.path("root-cert.pem"));
+    let env = vec![
+        ("XDS_ADDRESS", cp.clone()),
+        ("CA_ADDRESS", cp),
+        ("XDS_ROOT_CA", root_cert.clone()),
+        ("CA_ROOT_CA", root_cert),
+        ("AUTH_TOKEN", path_arg(&token)),
+        ("NETWORK", model.network_of(&pod.node).to_string()),
+        ("POD_NAME", pod.name.clone()),
+        ("POD_NAMESPACE", pod.namespace.clone()),
+        ("SERVICE_ACCOUNT", pod.service_account.clone()),
+        ("INSTANCE_IP", pod.ip.to_string()),
+        ("NODE_NAME", pod.node.clone()),
+        ("MESHNODE_STATE_DIR", path_arg(&dir.join("state"))),
+        ("RUST_LOG", "info".into()),
+    ];
+    start(opts, netns, &["gateway".into()], &env, component)?;
+    let ns = net::open(&net::pod_netns(model, pod))?;
+    let ready = SocketAddr::new(pod.ip.into(), 15021);
+    wait(opts, &format!("east-west gateway {key}"), component, || {
+        let answer =
+            ns.run_on_thread(move || apps::get(ready, "/healthz/ready", Duration::from_secs(2)));
+        matches!(answer, Ok(apps::Outcome::Answered { status: 200, .. }))
+    })
 }
 
 /// Starts `meshnode waypoint` in its pod as Istio's waypoint Deployment runs its proxy: its identity the
@@ -494,7 +571,7 @@ fn start_waypoint(
     write_atomically_mode(&token, secret.as_bytes(), Some(0o600)).map_err(io("writing", &token))?;
     let cp = format!("https://{}", model.control_plane_addr());
     let root_cert = path_arg(&opts.path("root-cert.pem"));
-    let env = vec![
+    let mut env = vec![
         ("XDS_ADDRESS", cp.clone()),
         ("CA_ADDRESS", cp),
         ("XDS_ROOT_CA", root_cert.clone()),
@@ -509,6 +586,10 @@ fn start_waypoint(
         ("MESHNODE_STATE_DIR", path_arg(&dir.join("state"))),
         ("RUST_LOG", "info".into()),
     ];
+    // With two networks, the waypoint is on its node's: it crosses to the other through its gateway.
+    if let Some(network) = model.node(&pod.node).and_then(|n| n.network.clone()) {
+        env.push(("NETWORK", network));
+    }
     start(opts, netns, &["waypoint".into()], &env, component)?;
     let ns = net::open(&net::pod_netns(model, pod))?;
     let ready = SocketAddr::new(pod.ip.into(), 15021);
@@ -531,6 +612,10 @@ fn remove_pod(opts: &Options, model: &Model, pod: &model::Pod) -> Result<(), Err
     net::unwire_pod(model, pod)?;
     if let Some(gateway) = &pod.waypoint {
         let dir = opts.path(&format!("waypoints/{}-{gateway}", pod.namespace));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    if let Some(gateway) = &pod.east_west {
+        let dir = opts.path(&format!("gateways/{}-{gateway}", pod.namespace));
         let _ = std::fs::remove_dir_all(dir);
     }
     Ok(())
@@ -630,8 +715,11 @@ pub fn down(opts: &Options, progress: &mut dyn Write) -> Result<Option<Removed>,
             let _ = std::fs::remove_file(opts.root.join(format!("{}.lock", opts.name)));
             return Ok(None);
         }
-        // An unreadable model still names the sandbox: rebuild the names from the layout.
-        Err(Error::BadState { .. }) => Model::bookinfo(&opts.name, BTreeMap::new()),
+        // An unreadable model still names the sandbox: rebuild the names from the layout (the two-network
+        // one names every namespace the one-network one does, and the gateways'; absent ones are skipped).
+        Err(Error::BadState { .. }) => {
+            Model::bookinfo_in(&opts.name, BTreeMap::new(), Layout::TwoNetworks)
+        }
         Err(e) => return Err(e),
     };
     teardown(opts, &model, progress).map(Some)
@@ -744,9 +832,17 @@ pub fn status(opts: &Options, out: &mut dyn Write) -> Result<bool, Error> {
             let _ = writeln!(out, "{:<8} {:<14} {:<22} {state}", n.name, n.ip, what);
         }
     }
+    // Wide enough for the longest pod (`istio-system/eastwest-network1-0`); 28 for bookinfo's.
+    let w_pod = model
+        .pods
+        .iter()
+        .map(|p| p.key().len() + 1)
+        .max()
+        .unwrap_or(0)
+        .max(28);
     let _ = writeln!(
         out,
-        "\n{:<28} {:<7} {:<12} {:<11} {:<16} STATE",
+        "\n{:<w_pod$} {:<7} {:<12} {:<11} {:<16} STATE",
         "POD", "NODE", "IP", "MESH", "APP"
     );
     for p in &model.pods {
@@ -763,10 +859,11 @@ pub fn status(opts: &Options, out: &mut dyn Write) -> Result<bool, Error> {
             (false, true) => "STILL CAPTURED",
         };
         healthy.set(healthy.get() && model.captured(p) == captured);
-        let (what, needle) = match (&p.app, &p.waypoint) {
-            (Some(app), _) => (app.clone(), Some(" app ")),
-            (None, Some(_)) => ("(waypoint)".to_string(), Some(" waypoint")),
-            (None, None) => ("(client)".to_string(), None),
+        let (what, needle) = match (&p.app, &p.waypoint, &p.east_west) {
+            (Some(app), _, _) => (app.clone(), Some(" app ")),
+            (None, Some(_), _) => ("(waypoint)".to_string(), Some(" waypoint")),
+            (None, None, Some(_)) => ("(east-west gw)".to_string(), Some(" gateway")),
+            (None, None, None) => ("(client)".to_string(), None),
         };
         let state = match needle {
             Some(needle) => match running(&ns, needle) {
@@ -777,13 +874,16 @@ pub fn status(opts: &Options, out: &mut dyn Write) -> Result<bool, Error> {
         };
         let _ = writeln!(
             out,
-            "{:<28} {:<7} {:<12} {:<11} {:<16} {state}",
+            "{:<w_pod$} {:<7} {:<12} {:<11} {:<16} {state}",
             p.key(),
             p.node,
             p.ip,
             mesh,
             what
         );
+    }
+    if model.multi_network() && !write_networks(out, &model) {
+        healthy.set(false);
     }
     let _ = writeln!(out, "\n{:<28} {:<12} PORT", "SERVICE", "VIP");
     for s in &model.services {
@@ -825,6 +925,73 @@ pub fn status(opts: &Options, out: &mut dyn Write) -> Result<bool, Error> {
     }
     let _ = writeln!(out, "\nlogs: {}", opts.path("logs").display());
     Ok(healthy.get())
+}
+
+/// The networks: each one's nodes and east-west gateway as the control plane sees them (its own
+/// topology of the mesh file), and its warnings. False when a network has no usable gateway.
+fn write_networks(out: &mut dyn Write, model: &Model) -> bool {
+    use crate::control_plane::topology::Topology;
+    let topology = crate::control_plane::MeshConfig::parse(&model.mesh_yaml())
+        .map_err(|e| e.to_string())
+        .and_then(|cfg| Topology::convert(&cfg).map_err(|e| e.to_string()));
+    let _ = writeln!(
+        out,
+        "\n{:<10} {:<7} {:<32} {:<18} INSTANCE",
+        "NETWORK", "NODES", "EAST-WEST GATEWAY", "ADDRESS"
+    );
+    let topology = match topology {
+        Ok(t) => t,
+        Err(e) => {
+            let _ = writeln!(out, "the control plane refuses the sandbox's networks: {e}");
+            return false;
+        }
+    };
+    let mut networks: Vec<&str> = model
+        .nodes
+        .iter()
+        .filter_map(|n| n.network.as_deref())
+        .collect();
+    networks.sort_unstable();
+    networks.dedup();
+    let mut ok = true;
+    for network in networks {
+        let nodes: Vec<&str> = model
+            .nodes
+            .iter()
+            .filter(|n| n.network.as_deref() == Some(network))
+            .map(|n| n.name.as_str())
+            .collect();
+        let (gateway, address, instance) = match topology.gateway(network) {
+            Some(g) => {
+                let instance = model
+                    .pods
+                    .iter()
+                    .find(|p| {
+                        p.namespace == g.namespace
+                            && p.east_west.as_deref() == Some(g.name.as_str())
+                    })
+                    .map_or("-".to_string(), |p| p.key());
+                (
+                    format!("{}/{}", g.namespace, g.name),
+                    format!("{}:{}", g.address, g.hbone_port),
+                    instance,
+                )
+            }
+            None => {
+                ok = false;
+                ("NONE".to_string(), "-".to_string(), "-".to_string())
+            }
+        };
+        let _ = writeln!(
+            out,
+            "{network:<10} {:<7} {gateway:<32} {address:<18} {instance}",
+            nodes.join(",")
+        );
+    }
+    for w in &topology.warnings {
+        let _ = writeln!(out, "warning: {w}");
+    }
+    ok
 }
 
 /// The waypoints, their routes and the control plane's warnings about them.

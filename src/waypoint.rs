@@ -39,7 +39,6 @@ pub mod upstream;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use http::{Method, StatusCode};
 use tokio::net::{TcpListener, TcpStream};
@@ -49,7 +48,7 @@ use crate::config::WaypointConfig;
 use crate::hbone::pool::Pool;
 use crate::hbone::server;
 use crate::identity::{CertManager, Identity};
-use crate::socket::{self, SocketOpts};
+use crate::socket::SocketOpts;
 use crate::tls::WorkloadTls;
 
 pub use metrics::WaypointMetrics;
@@ -171,90 +170,30 @@ impl Waypoint {
 
     /// Serves HBONE on `listener` until shutdown; then open tunnels get `termination_deadline` to finish.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
-        let mut shutdown = self.shutdown.clone();
-        let open = Arc::new(());
-        let limit = Arc::new(tokio::sync::Semaphore::new(self.cfg.base.max_connections));
-        loop {
-            let permit = tokio::select! {
-                p = limit.clone().acquire_owned() => match p {
-                    Ok(p) => p,
-                    Err(_) => return,
-                },
-                _ = shutdown.wait_for(|v| *v) => break,
-            };
-            let accepted = tokio::select! {
-                a = listener.accept() => a,
-                _ = shutdown.wait_for(|v| *v) => break,
-            };
-            let (stream, peer) = match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Out of descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            let me = self.clone();
-            let held = open.clone();
-            tokio::spawn(async move {
-                me.connection(stream, socket::canonical(peer)).await;
-                drop(permit);
-                drop(held);
-            });
-        }
-        drop(listener);
-        let deadline = tokio::time::Instant::now() + self.cfg.base.termination_deadline;
-        while Arc::strong_count(&open) > 1 && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let me = self.clone();
+        crate::hbone::listener::accept_loop(
+            listener,
+            &self.cfg.base,
+            self.shutdown.clone(),
+            move |stream, peer| me.clone().connection(stream, peer),
+        )
+        .await;
         tracing::info!("waypoint stopped");
     }
 
     /// One client HBONE connection: mTLS with the waypoint's certificate, then its CONNECT streams.
     async fn connection(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
-        let base = &self.cfg.base;
-        let _ = socket::accepted(&stream);
-        let _ = socket::keepalive(&stream, &base.keepalive);
-        let Some(handshake) = base.admission.handshake(peer.ip()) else {
-            tracing::info!(target: "access", reporter = "waypoint", src.addr = %peer, "connection refused: too many handshakes in progress from this address");
-            socket::reset_on_close(&stream);
-            return;
-        };
-        let acceptor = tokio_rustls::TlsAcceptor::from(self.tls.current().server_config());
-        let handshake_deadline = tokio::time::Instant::now() + base.handshake_timeout;
-        let tls = match tokio::time::timeout_at(handshake_deadline, acceptor.accept(stream)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                tracing::info!(target: "access", reporter = "waypoint", src.addr = %peer, error = %e, "TLS handshake failed");
-                return;
-            }
-            Err(_) => {
-                tracing::info!(target: "access", reporter = "waypoint", src.addr = %peer, "TLS handshake timed out");
-                return;
-            }
-        };
-        let Some(peer_id) = crate::tls::peer_identity(tls.get_ref().1.peer_certificates()) else {
-            tracing::warn!(src.addr = %peer, "peer certificate has no SPIFFE identity");
-            return;
-        };
-        let timeouts = server::Timeouts {
-            handshake_deadline,
-            idle: base.hbone_idle_timeout,
-        };
         let me = self.clone();
-        let res = server::serve(
-            tls,
-            &base.h2,
-            timeouts,
-            handshake,
+        crate::hbone::listener::terminate(
+            stream,
+            peer,
+            &self.cfg.base,
+            self.tls.current().server_config(),
+            "waypoint",
             self.shutdown.clone(),
-            move |incoming| me.clone().stream(incoming, peer, peer_id.clone()),
+            move |incoming, peer_id| me.clone().stream(incoming, peer, peer_id),
         )
         .await;
-        if let Err(e) = res {
-            tracing::debug!(src.addr = %peer, error = %e, "HBONE connection ended with an error");
-        }
     }
 
     /// One CONNECT stream: where it goes, what it speaks, and the matching handler.

@@ -1,7 +1,8 @@
 //! `meshnode sandbox` as a newcomer uses it, through the real binary: the whole tutorial in one command;
 //! `up` / `status` / `exec` / `apply` / `down` on a sandbox left running; refusals (a second `up`, a bad
-//! manifest, not root); and `down` after a crash leaving nothing behind — checked from outside (network
-//! namespaces, processes, files), not from the sandbox's own bookkeeping.
+//! manifest, not root); `down` after a crash leaving nothing behind; and `up --multi-network`, whose
+//! calls between the networks cross only through the east-west gateways — checked from outside (network
+//! namespaces, processes, files, the gateways' access logs), not from the sandbox's own bookkeeping.
 //!
 //! Needs root (skipped otherwise, except the not-root refusal) and `meshnode-cni` built beside `meshnode`
 //! (`cargo test --workspace`). Each test uses its own sandbox name and state directory, and removes its
@@ -415,6 +416,162 @@ fn a_sandbox_left_up_is_used_live_refuses_bad_input_and_down_after_a_crash_leave
         text(&again)
     );
     assert!(String::from_utf8_lossy(&again.stdout).contains("nothing to remove"));
+    sb.assert_gone();
+}
+
+/// Runs `f` on a thread inside the sandbox's pod `namespace/name`.
+fn in_pod<T: Send + 'static>(sb: &Sandbox, pod: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = Path::new("/var/run/netns").join(format!("{}-{}", sb.name, pod.replace('/', "-")));
+    let ns = std::sync::Arc::new(meshnode::netns::Netns::open(&path).unwrap());
+    ns.run_on_thread(f).unwrap()
+}
+
+/// The lines of a component's log (`logs/<component>.log`) that contain every one of `needles`.
+fn log_lines(sb: &Sandbox, component: &str, needles: &[&str]) -> Vec<String> {
+    let log = sb.state().join(format!("logs/{component}.log"));
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| needles.iter().all(|n| l.contains(n)))
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn a_multi_network_sandbox_crosses_between_its_networks_only_through_the_east_west_gateways() {
+    if !support::root_or_skip(
+        "a_multi_network_sandbox_crosses_between_its_networks_only_through_the_east_west_gateways",
+    ) {
+        return;
+    }
+    use meshnode::sandbox::apps::{call_blocking, Outcome};
+    use std::net::SocketAddr;
+    use std::time::{Duration, Instant};
+    let sb = Sandbox::new();
+    let up = sb.run(&["up", "--multi-network"]);
+    assert_eq!(up.status.code(), Some(0), "{}\n{}", text(&up), sb.logs());
+    // The choice is made at `up`: the other commands work on the sandbox as it was built.
+    let refused = sb.run(&["--multi-network", "status"]);
+    assert_eq!(refused.status.code(), Some(2), "{}", text(&refused));
+
+    let status = sb.run(&["status"]);
+    let s = String::from_utf8_lossy(&status.stdout).into_owned();
+    assert_eq!(status.status.code(), Some(0), "{s}\n{}", sb.logs());
+    for (network, node, gateway) in [
+        ("network1", "node1", "istio-system/eastwest-network1"),
+        ("network2", "node2", "istio-system/eastwest-network2"),
+    ] {
+        let row = s
+            .lines()
+            .find(|l| l.starts_with(network))
+            .unwrap_or_else(|| panic!("no row for {network} in\n{s}"));
+        assert!(
+            row.contains(node) && row.contains(gateway) && row.contains(":15008"),
+            "{row}"
+        );
+        let pod = s
+            .lines()
+            .find(|l| l.starts_with(&format!("{gateway}-0 ")))
+            .unwrap_or_else(|| panic!("no pod {gateway}-0 in\n{s}"));
+        assert!(
+            pod.contains("(east-west gw)") && pod.contains("running") && !pod.contains("captured"),
+            "{pod}"
+        );
+    }
+
+    // productpage (node1, network1) → reviews (node2, network2), until a version that calls ratings
+    // (node1) answers: both directions cross, each through the destination network's gateway.
+    let reviews: SocketAddr = "10.96.0.22:9080".parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut seen = Vec::new();
+    loop {
+        let outcome = in_pod(&sb, "default/productpage-v1", move || {
+            call_blocking(reviews, "GET", "/reviews/0", Duration::from_secs(5))
+        });
+        if let Outcome::Answered {
+            status: 200,
+            app: Some(app),
+            body,
+        } = &outcome
+        {
+            if app != "reviews-v1" && body.contains("\"stars\"") {
+                break;
+            }
+        }
+        seen.push(outcome.to_string());
+        assert!(
+            Instant::now() < deadline,
+            "no answer with ratings from reviews v2/v3 within 20 s: {seen:?}\n{}",
+            sb.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The gateways' access lines say who crossed, to which service (logged when the stream ends).
+    let productpage = "src.identity=spiffe://cluster.local/ns/default/sa/productpage";
+    let reviews_sa = "src.identity=spiffe://cluster.local/ns/default/sa/reviews";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let to_reviews = log_lines(
+            &sb,
+            "istio-system-eastwest-network2-0",
+            &[
+                "reporter=\"gateway\"",
+                productpage,
+                "dst.hbone_addr=reviews.default.svc.cluster.local:9080",
+                "connection complete",
+            ],
+        );
+        let to_ratings = log_lines(
+            &sb,
+            "istio-system-eastwest-network1-0",
+            &[
+                "reporter=\"gateway\"",
+                reviews_sa,
+                "dst.hbone_addr=ratings.default.svc.cluster.local:9080",
+                "connection complete",
+            ],
+        );
+        if !to_reviews.is_empty() && !to_ratings.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no access line of the gateways for productpage → reviews ({}) or reviews → ratings ({})\n{}",
+            to_reviews.len(),
+            to_ratings.len(),
+            sb.logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // The networks are separate: from a pod outside the mesh on network1, a reviews pod cannot be
+    // reached at all, and network2's gateway only on its HBONE port.
+    let outcome = in_pod(&sb, "test/sleep", || {
+        call_blocking(
+            "10.244.2.10:9080".parse().unwrap(),
+            "GET",
+            "/reviews/0",
+            Duration::from_secs(3),
+        )
+    });
+    assert!(
+        !matches!(outcome, Outcome::Answered { .. }),
+        "reviews' pod answered across networks: {outcome}"
+    );
+    let connect = |port: u16| {
+        in_pod(&sb, "test/sleep", move || {
+            let to = SocketAddr::from(([10, 244, 2, 13], port));
+            std::net::TcpStream::connect_timeout(&to, Duration::from_secs(3)).map(drop)
+        })
+    };
+    connect(15008).expect("network2's gateway is reachable on its HBONE port");
+    assert!(
+        connect(15021).is_err(),
+        "network2's gateway answered on another port than HBONE"
+    );
+
+    let down = sb.run(&["down"]);
+    assert_eq!(down.status.code(), Some(0), "{}", text(&down));
     sb.assert_gone();
 }
 

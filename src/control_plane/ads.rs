@@ -22,7 +22,8 @@
 //! What a stream may see is the [`XdsAccess`] the xDS check put on its [`StreamOwner`] (everything without
 //! one): a waypoint's identity gets Address and Authorization resources and the Waypoint resources of its
 //! own namespace; a subscription to another namespace's Waypoint ends the stream with `PERMISSION_DENIED`,
-//! and a wildcard one is limited to its namespace.
+//! and a wildcard one is limited to its namespace. An east-west gateway's identity gets Address and
+//! Authorization resources only.
 //!
 //! Bounds: at most [`AdsLimits::max_streams`] streams at once and [`AdsLimits::max_streams_per_token`] per
 //! caller token (the [`StreamOwner`] the xDS check puts on the request; more get `RESOURCE_EXHAUSTED`), requests up to
@@ -694,6 +695,7 @@ impl Subscription {
 fn may_see(access: &XdsAccess, type_url: &str, name: &str) -> bool {
     match access {
         XdsAccess::Everything => true,
+        XdsAccess::EastWestGateway => type_url != WAYPOINT_TYPE,
         XdsAccess::Waypoint { namespace } => {
             type_url != WAYPOINT_TYPE
                 || name
@@ -864,5 +866,17 @@ mod tests {
         assert!(!may_see(&access, WAYPOINT_TYPE, "b/w3"));
         assert!(!may_see(&access, WAYPOINT_TYPE, "ab/w3"));
         assert!(may_see(&XdsAccess::Everything, WAYPOINT_TYPE, "b/w3"));
+    }
+
+    #[test]
+    fn an_east_west_gateway_identity_sees_every_address_and_policy_and_no_waypoint() {
+        let snap = waypoints(&["a/w1", "istio-system/w2"]);
+        let access = XdsAccess::EastWestGateway;
+        let mut sub = Subscription::first(true, &[], Default::default());
+        let (r, _) = diff(WAYPOINT_TYPE, &mut sub, &snap, &access);
+        assert!(r.is_empty(), "{:?}", sent(&r));
+        assert!(may_see(&access, ADDRESS_TYPE, "Kubernetes//Pod/b/x"));
+        assert!(may_see(&access, AUTHORIZATION_TYPE, "b/policy"));
+        assert!(!may_see(&access, WAYPOINT_TYPE, "istio-system/w2"));
     }
 }

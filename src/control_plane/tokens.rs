@@ -14,7 +14,11 @@
 //! and service account are those of a workload labelled `gateway.networking.k8s.io/gateway-name` with the
 //! name of a waypoint Gateway of that namespace (istioctl's waypoints run as a service account named after
 //! the Gateway) — gets the Address and Authorization resources a waypoint needs to reach and check
-//! endpoints, and the Waypoint resources of its own namespace only; other workload tokens get no stream.
+//! endpoints, and the Waypoint resources of its own namespace only; a workload token whose identity is an
+//! east-west gateway's — its namespace and service account are those of a workload labelled
+//! `gateway.networking.k8s.io/gateway-name` with the name of a Gateway of class `istio-east-west` of that
+//! namespace — gets the Address and Authorization resources a node proxy gets (what the gateway routes
+//! by), nothing else; other workload tokens get no stream.
 //! A mesh file with no tokens at all serves everything to anyone, as before tokens existed. An open stream
 //! lasts only as long as its token is in the file, unexpired and granted the same access
 //! ([`stream_still_allowed`]).
@@ -25,7 +29,7 @@ use tokio::sync::watch;
 use tonic::Status;
 
 use super::config::{MeshConfig, TokenSpec};
-use super::waypoints;
+use super::{istio, topology, waypoints};
 use crate::identity::ca_server::token::TokenDigest;
 use crate::identity::{Authenticate, Identity};
 
@@ -50,6 +54,8 @@ pub enum XdsAccess {
         /// The waypoint's namespace.
         namespace: String,
     },
+    /// An east-west gateway's identity: Address and Authorization resources only.
+    EastWestGateway,
 }
 
 /// The entry of `cfg.tokens` matching `presented`, if it has not expired at `now`.
@@ -187,14 +193,33 @@ pub fn xds_access(cfg: &MeshConfig, spec: &TokenSpec) -> Result<XdsAccess, Statu
             namespace: spec.namespace.clone(),
         });
     }
+    if is_east_west_gateway_identity(cfg, &spec.namespace, &spec.service_account) {
+        return Ok(XdsAccess::EastWestGateway);
+    }
     Err(Status::permission_denied(format!(
-        "xDS is served to node proxy tokens and to waypoints; this is a workload token for {}/{}, which is \
-         the service account of no waypoint instance (a workload labelled {} with the name of a waypoint \
-         Gateway of its namespace)",
+        "xDS is served to node proxy tokens, to waypoints and to east-west gateways; this is a workload \
+         token for {}/{}, which is the service account of no waypoint or east-west gateway instance (a \
+         workload labelled {} with the name of a Gateway of class {} or {} of its namespace)",
         spec.namespace,
         spec.service_account,
-        waypoints::GATEWAY_NAME
+        waypoints::GATEWAY_NAME,
+        istio::WAYPOINT_CLASS,
+        topology::EAST_WEST_CLASS
     )))
+}
+
+/// Whether `namespace`/`sa` is the identity of an east-west gateway's instance: a workload of that
+/// namespace and service account labelled `gateway.networking.k8s.io/gateway-name` with the name of a
+/// Gateway of class `istio-east-west` in the same namespace.
+pub fn is_east_west_gateway_identity(cfg: &MeshConfig, namespace: &str, sa: &str) -> bool {
+    let gateways = topology::east_west_gateways(cfg);
+    cfg.workloads.iter().any(|w| {
+        w.namespace == namespace
+            && w.service_account == sa
+            && w.labels
+                .get(waypoints::GATEWAY_NAME)
+                .is_some_and(|gw| gateways.contains(&(namespace, gw.as_str())))
+    })
 }
 
 /// Whether the xDS stream opened by `owner` may go on: its token is still in the file, not expired at
@@ -226,8 +251,136 @@ pub fn stream_still_allowed(
         Err(_) if owner.access == XdsAccess::Everything => Err(Status::permission_denied(
             "the bearer token is no longer a node proxy token",
         )),
+        Err(_) if owner.access == XdsAccess::EastWestGateway => Err(Status::permission_denied(
+            "the bearer token's identity no longer runs an east-west gateway",
+        )),
         Err(_) => Err(Status::permission_denied(
             "the bearer token's identity no longer runs a waypoint",
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two networks' east-west gateways in `istio-system` (instances running as `istio-eastwestgateway`),
+    /// a waypoint in `default`, and tokens for each identity, for a node and for a plain workload.
+    const MESH: &str = "namespaces: {default: {labels: {istio.io/dataplane-mode: ambient}}, istio-system: {}}
+workloads:
+- {name: ew1-0, namespace: istio-system, serviceAccount: istio-eastwestgateway, ips: [10.1.0.9], node: n1,
+   labels: {gateway.networking.k8s.io/gateway-name: ew1, istio.io/dataplane-mode: none, topology.istio.io/network: net1}}
+- {name: ew2-0, namespace: istio-system, serviceAccount: istio-eastwestgateway, ips: [10.2.0.9], node: n2,
+   labels: {gateway.networking.k8s.io/gateway-name: ew2, istio.io/dataplane-mode: none, topology.istio.io/network: net2}}
+- {name: impostor, namespace: istio-system, serviceAccount: lookalike, ips: [10.1.0.8], node: n1,
+   labels: {gateway.networking.k8s.io/gateway-name: not-a-gateway, topology.istio.io/network: net1}}
+- {name: waypoint-0, namespace: default, serviceAccount: waypoint, ips: [10.1.0.7], node: n1,
+   labels: {gateway.networking.k8s.io/gateway-name: waypoint, istio.io/dataplane-mode: none, topology.istio.io/network: net1}}
+- {name: web, namespace: default, serviceAccount: web, ips: [10.2.0.5], node: n2,
+   labels: {app: web, topology.istio.io/network: net2}}
+tokens:
+- {token: node, nodeProxy: true, node: n1}
+- {token: ew1, namespace: istio-system, serviceAccount: istio-eastwestgateway}
+- {token: ew2, namespace: istio-system, serviceAccount: istio-eastwestgateway}
+- {token: lookalike, namespace: istio-system, serviceAccount: lookalike}
+- {token: waypoint, namespace: default, serviceAccount: waypoint}
+- {token: web, namespace: default, serviceAccount: web}
+istio:
+- apiVersion: gateway.networking.k8s.io/v1
+  kind: Gateway
+  metadata: {name: ew1, namespace: istio-system, labels: {topology.istio.io/network: net1}}
+  spec:
+    gatewayClassName: istio-east-west
+    listeners: [{name: mesh, port: 15008, protocol: HBONE, tls: {mode: Terminate}}]
+- apiVersion: gateway.networking.k8s.io/v1
+  kind: Gateway
+  metadata: {name: ew2, namespace: istio-system, labels: {topology.istio.io/network: net2}}
+  spec:
+    gatewayClassName: istio-east-west
+    listeners: [{name: mesh, port: 15008, protocol: HBONE, tls: {mode: Terminate}}]
+- apiVersion: gateway.networking.k8s.io/v1
+  kind: Gateway
+  metadata: {name: waypoint, namespace: default}
+  spec:
+    gatewayClassName: istio-waypoint
+    listeners: [{name: mesh, port: 15008, protocol: HBONE}]
+";
+
+    fn now() -> time::OffsetDateTime {
+        time::OffsetDateTime::now_utc()
+    }
+
+    fn access(cfg: &MeshConfig, token: &str) -> Result<XdsAccess, Status> {
+        xds_caller(cfg, Some(token), now()).map(|o| o.expect("the file has tokens").access)
+    }
+
+    #[test]
+    fn an_east_west_gateways_identity_gets_an_xds_stream_of_addresses_and_policies_only() {
+        let cfg = MeshConfig::parse(MESH).unwrap();
+        // Each network's gateway has a token of its own, for the same identity.
+        assert_eq!(access(&cfg, "ew1").unwrap(), XdsAccess::EastWestGateway);
+        assert_eq!(access(&cfg, "ew2").unwrap(), XdsAccess::EastWestGateway);
+        assert!(is_east_west_gateway_identity(
+            &cfg,
+            "istio-system",
+            "istio-eastwestgateway"
+        ));
+        // What the others get is unchanged.
+        assert_eq!(access(&cfg, "node").unwrap(), XdsAccess::Everything);
+        assert_eq!(
+            access(&cfg, "waypoint").unwrap(),
+            XdsAccess::Waypoint {
+                namespace: "default".into()
+            }
+        );
+        // Its certificate: its own identity, nothing else.
+        let own = Identity::new("cluster.local", "istio-system", "istio-eastwestgateway").unwrap();
+        let web = Identity::new("cluster.local", "default", "web").unwrap();
+        assert!(authorize_ca(&cfg, Some("ew1"), &own, false, now()).is_ok());
+        let e = authorize_ca(&cfg, Some("ew1"), &web, false, now()).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied);
+    }
+
+    #[test]
+    fn a_workload_that_is_no_east_west_gateways_instance_gets_no_stream() {
+        let cfg = MeshConfig::parse(MESH).unwrap();
+        // A plain workload, and one labelled with the name of a Gateway that does not exist.
+        for token in ["web", "lookalike"] {
+            let e = access(&cfg, token).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::PermissionDenied, "{token}: {e}");
+            assert!(e.message().contains("east-west gateway"), "{e}");
+        }
+        // The same identity in another namespace is not the gateway's.
+        assert!(!is_east_west_gateway_identity(
+            &cfg,
+            "default",
+            "istio-eastwestgateway"
+        ));
+        // A waypoint Gateway's instance is not an east-west gateway's.
+        assert!(!is_east_west_gateway_identity(&cfg, "default", "waypoint"));
+    }
+
+    #[test]
+    fn a_gateways_stream_ends_when_its_gateway_is_gone() {
+        let cfg = MeshConfig::parse(MESH).unwrap();
+        let owner = xds_caller(&cfg, Some("ew2"), now()).unwrap().unwrap();
+        assert!(stream_still_allowed(&cfg, &owner, now()).is_ok());
+        // Both east-west Gateways deleted: their instances' identity is an ordinary workload's now.
+        let without: String = MESH
+            .split("- apiVersion")
+            .enumerate()
+            .filter(|(i, part)| *i == 0 || part.contains("istio-waypoint"))
+            .map(|(i, part)| {
+                if i == 0 {
+                    part.to_string()
+                } else {
+                    format!("- apiVersion{part}")
+                }
+            })
+            .collect();
+        let gone = MeshConfig::parse(&without).unwrap();
+        let e = stream_still_allowed(&gone, &owner, now()).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied);
+        assert!(e.message().contains("east-west gateway"), "{e}");
     }
 }

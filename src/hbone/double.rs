@@ -81,21 +81,11 @@ async fn inner(
         .await
         .and_then(|mut s| s.send_request(req, false))
         .map_err(|source| Error::H2 { dst, source })?;
-    let response = tokio::time::timeout(super::RESPONSE_TIMEOUT, response)
-        .await
-        .map_err(|_| Error::Timeout { dst })?
-        .map_err(|source| Error::H2 { dst, source })?;
-    let (parts, recv) = response.into_parts();
-    if parts.status != http::StatusCode::OK {
-        return Err(Error::Status {
-            dst,
-            status: parts.status,
-        });
-    }
+    let (headers, recv) = super::pool::answered(dst, response).await?;
     Ok(Stream {
         send,
         recv,
-        headers: parts.headers,
+        headers,
         slot: Slot::unpooled(),
     })
 }

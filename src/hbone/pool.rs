@@ -321,24 +321,33 @@ impl Pool {
                 return Err(Error::H2 { dst, source });
             }
         };
-        let response = tokio::time::timeout(super::RESPONSE_TIMEOUT, response)
-            .await
-            .map_err(|_| Error::Timeout { dst })?
-            .map_err(|source| Error::H2 { dst, source })?;
-        let (parts, recv) = response.into_parts();
-        if parts.status != http::StatusCode::OK {
-            return Err(Error::Status {
-                dst,
-                status: parts.status,
-            });
-        }
+        let (headers, recv) = answered(dst, response).await?;
         Ok(Stream {
             send,
             recv,
-            headers: parts.headers,
+            headers,
             slot,
         })
     }
+}
+
+/// The answer to a CONNECT sent to `dst`: its headers and body when it is a 200, in time.
+pub(super) async fn answered(
+    dst: SocketAddr,
+    response: h2::client::ResponseFuture,
+) -> Result<(http::HeaderMap, RecvStream), Error> {
+    let response = tokio::time::timeout(super::RESPONSE_TIMEOUT, response)
+        .await
+        .map_err(|_| Error::Timeout { dst })?
+        .map_err(|source| Error::H2 { dst, source })?;
+    let (parts, recv) = response.into_parts();
+    if parts.status != http::StatusCode::OK {
+        return Err(Error::Status {
+            dst,
+            status: parts.status,
+        });
+    }
+    Ok((parts.headers, recv))
 }
 
 fn clone_request(r: &http::Request<()>) -> http::Request<()> {

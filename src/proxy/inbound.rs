@@ -414,15 +414,12 @@ impl Proxy {
             }
             Err(_) => {
                 // `hostname:port`: a service this workload backs, its port mapped to the workload's port.
-                let (host, port) = authority
-                    .rsplit_once(':')
-                    .and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)))
-                    .ok_or_else(|| {
-                        refuse(
-                            StatusCode::BAD_REQUEST,
-                            format!("authority {authority:?} is not ip:port or host:port"),
-                        )
-                    })?;
+                let (host, port) = crate::hbone::host_port(authority).ok_or_else(|| {
+                    refuse(
+                        StatusCode::BAD_REQUEST,
+                        format!("authority {authority:?} is not ip:port or host:port"),
+                    )
+                })?;
                 let svc = state
                     .service_by_host(host, &workload.namespace)
                     .ok_or_else(|| {

@@ -216,6 +216,24 @@ pub fn change(
                     && str_at(o, &["metadata", "namespace"]) == Some(&ns)
                     && str_at(o, &["metadata", "name"]) == Some(&name)
             };
+            // The east-west gateways are the sandbox's layout (`--multi-network`): their pods, routes
+            // and tokens are made with the nodes, not by a manifest.
+            let east_west = |o: &Value| {
+                str_at(o, &["kind"]) == Some("Gateway")
+                    && str_at(o, &["spec", "gatewayClassName"])
+                        == Some(crate::control_plane::topology::EAST_WEST_CLASS)
+            };
+            if east_west(&value) || next.istio.iter().any(|o| same(o) && east_west(o)) {
+                return Err(refuse(
+                    &what,
+                    "spec.gatewayClassName",
+                    format!(
+                        "{} Gateways are part of the sandbox's layout: build it with `sandbox up --multi-network` \
+                         for one per network",
+                        crate::control_plane::topology::EAST_WEST_CLASS
+                    ),
+                ));
+            }
             // kubectl's `<kind>.<group>/<name>`.
             let group = api.split('/').next().unwrap_or_default();
             let resource = format!("{}.{group}/{name}", kind.to_lowercase());

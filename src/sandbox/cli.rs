@@ -12,9 +12,9 @@ use std::sync::Arc;
 
 use clap::{Args, Subcommand};
 
-use super::{apps, Error, Options, DEFAULT_NAME, DEFAULT_ROOT};
+use super::{apps, Error, Layout, Options, DEFAULT_NAME, DEFAULT_ROOT};
 
-/// `meshnode sandbox [--name N] [--keep] [COMMAND]`.
+/// `meshnode sandbox [--name N] [--keep] [--multi-network] [COMMAND]`.
 #[derive(Debug, Args)]
 pub struct SandboxArgs {
     /// The sandbox's name: prefix of its network namespaces (several sandboxes can coexist).
@@ -26,6 +26,10 @@ pub struct SandboxArgs {
     /// Without a command: leave the sandbox running after the tutorial.
     #[arg(long)]
     pub keep: bool,
+    /// Without a command (or with `up`): node1 on network1 and node2 on network2, joined only through
+    /// an east-west gateway per network (Istio ambient multi-network).
+    #[arg(long)]
+    pub multi_network: bool,
     /// What to do; without one, build the sandbox, run the tutorial and remove it.
     #[command(subcommand)]
     pub command: Option<SandboxCommand>,
@@ -35,7 +39,12 @@ pub struct SandboxArgs {
 #[derive(Debug, Subcommand)]
 pub enum SandboxCommand {
     /// Build the sandbox and leave it running.
-    Up,
+    Up {
+        /// node1 on network1 and node2 on network2, joined only through an east-west gateway per
+        /// network (Istio ambient multi-network).
+        #[arg(long)]
+        multi_network: bool,
+    },
     /// Remove the sandbox: every process, namespace, rule, socket and file it made (also after a crash).
     Down,
     /// Show nodes, components, pods (and whether they are captured), services and Istio objects.
@@ -129,12 +138,26 @@ fn run(args: SandboxArgs) -> Result<i32, Error> {
         }
         _ => {}
     }
+    if args.multi_network && !matches!(args.command, None | Some(SandboxCommand::Up { .. })) {
+        return Err(Error::Refused(
+            "--multi-network is chosen when the sandbox is built (`sandbox --multi-network` or `sandbox up \
+             --multi-network`); the other commands work on the sandbox as it was built"
+                .into(),
+        ));
+    }
     let opts = Options::new(&args.name, &args.dir)?;
     let mut out = std::io::stdout();
+    let layout = |also: bool| {
+        if args.multi_network || also {
+            Layout::TwoNetworks
+        } else {
+            Layout::OneNetwork
+        }
+    };
     match args.command {
         None => {
             let stop = interrupt_flag();
-            let all_ok = super::scenario::run(&opts, args.keep, &mut out, &stop)?;
+            let all_ok = super::scenario::run(&opts, args.keep, layout(false), &mut out, &stop)?;
             Ok(if stop.load(Ordering::Relaxed) {
                 130
             } else if all_ok {
@@ -143,8 +166,8 @@ fn run(args: SandboxArgs) -> Result<i32, Error> {
                 1
             })
         }
-        Some(SandboxCommand::Up) => {
-            super::up(&opts, &mut out)?;
+        Some(SandboxCommand::Up { multi_network }) => {
+            super::up(&opts, layout(multi_network), &mut out)?;
             println!(
                 "\nsandbox {:?} is up. Try:\n  meshnode sandbox status\n  meshnode sandbox exec sleep -- curl -s http://productpage:9080/productpage\n  meshnode sandbox apply policy.yaml\n  meshnode sandbox down",
                 opts.name

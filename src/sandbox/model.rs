@@ -13,6 +13,8 @@ use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use crate::control_plane::topology::NETWORK_LABEL;
+
 /// Labels of a namespace or pod.
 pub type Labels = BTreeMap<String, String>;
 
@@ -25,6 +27,23 @@ pub const APP_PORT: u16 = 9080;
 /// The control plane's port (istiod's).
 pub const CONTROL_PLANE_PORT: u16 = 15012;
 
+/// The namespace of the east-west gateways (Istio's `istio-system`).
+pub const EAST_WEST_NAMESPACE: &str = "istio-system";
+
+/// The east-west gateways' HBONE port (their Gateway's listener, `meshnode gateway`'s default).
+pub const GATEWAY_HBONE_PORT: u16 = 15008;
+
+/// How the cluster's networks are laid out.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Layout {
+    /// Both nodes on one network (no `NETWORK`): pods reach each other directly.
+    #[default]
+    OneNetwork,
+    /// node1's pods on `network1`, node2's on `network2`, each network with its east-west gateway pod;
+    /// the nodes route to each other's gateway only.
+    TwoNetworks,
+}
+
 /// A node: a network namespace with the CNI agent and the node proxy.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Node {
@@ -34,6 +53,9 @@ pub struct Node {
     pub ip: Ipv4Addr,
     /// Pod addresses come from here; the first host address is the pods' gateway.
     pub pod_cidr: Ipv4Net,
+    /// The network of its pods and its proxy (`NETWORK`); none in a one-network sandbox.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
 }
 
 impl Node {
@@ -63,6 +85,9 @@ pub struct Pod {
     /// The waypoint Gateway (in its namespace) this pod is the instance of: it runs `meshnode waypoint`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub waypoint: Option<String>,
+    /// The east-west Gateway (in its namespace) this pod is the instance of: it runs `meshnode gateway`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub east_west: Option<String>,
 }
 
 impl Pod {
@@ -112,6 +137,9 @@ pub struct Model {
     /// Each waypoint's CA/xDS token (for its own identity), by its Gateway's `namespace/name`.
     #[serde(default)]
     pub waypoint_tokens: BTreeMap<String, String>,
+    /// Each east-west gateway's CA/xDS token (for its own identity), by its Gateway's `namespace/name`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub gateway_tokens: BTreeMap<String, String>,
 }
 
 fn labels(pairs: &[(&str, &str)]) -> Labels {
@@ -133,6 +161,7 @@ impl Model {
             name: format!("node{n}"),
             ip: Ipv4Addr::new(172, 18, 0, 1 + n),
             pod_cidr: Ipv4Net::new(Ipv4Addr::new(10, 244, n, 0), 24).expect("prefix 24 is valid"),
+            network: None,
         };
         let nodes = vec![node(1), node(2)];
         let mut next_host: BTreeMap<String, u32> = BTreeMap::new();
@@ -159,6 +188,7 @@ impl Model {
                 ip,
                 app: app.map(str::to_string),
                 waypoint: None,
+                east_west: None,
             }
         };
         let pods = vec![
@@ -247,7 +277,102 @@ impl Model {
             istio: Vec::new(),
             tokens,
             waypoint_tokens: BTreeMap::new(),
+            gateway_tokens: BTreeMap::new(),
         }
+    }
+
+    /// The bookinfo layout of [`Model::bookinfo`] in `layout`. With [`Layout::TwoNetworks`], node1's pods
+    /// are on `network1` and node2's on `network2` (the pod label `topology.istio.io/network`, as istiod
+    /// reads it), and each network gets an east-west gateway as Istio's multi-network docs deploy one: a
+    /// Gateway `istio-system/eastwest-<network>` of class `istio-east-west` labelled with its network, and
+    /// its instance pod on that network's node (service account `istio-eastwestgateway`, labelled
+    /// `gateway.networking.k8s.io/gateway-name` and `istio.io/dataplane-mode: none`) with a token for that
+    /// identity. The bookinfo pods keep their addresses; the gateways take the next ones.
+    pub fn bookinfo_in(name: &str, tokens: BTreeMap<String, String>, layout: Layout) -> Model {
+        let mut m = Model::bookinfo(name, tokens);
+        if layout == Layout::OneNetwork {
+            return m;
+        }
+        use crate::control_plane::waypoints::GATEWAY_NAME;
+        for (i, n) in m.nodes.iter_mut().enumerate() {
+            n.network = Some(format!("network{}", i + 1));
+        }
+        let networks: BTreeMap<String, String> = m
+            .nodes
+            .iter()
+            .filter_map(|n| Some((n.name.clone(), n.network.clone()?)))
+            .collect();
+        for p in &mut m.pods {
+            if let Some(net) = networks.get(&p.node) {
+                p.labels.insert(NETWORK_LABEL.into(), net.clone());
+            }
+        }
+        for node in m.nodes.clone() {
+            let Some(network) = node.network.clone() else {
+                continue;
+            };
+            let gateway = format!("eastwest-{network}");
+            let ip = m.free_ip(&node);
+            m.pods.push(Pod {
+                name: format!("{gateway}-0"),
+                namespace: EAST_WEST_NAMESPACE.into(),
+                service_account: crate::config::gateway::DEFAULT_GATEWAY_SERVICE_ACCOUNT.into(),
+                labels: labels(&[
+                    (GATEWAY_NAME, &gateway),
+                    (DATAPLANE_MODE, "none"),
+                    (NETWORK_LABEL, &network),
+                ]),
+                node: node.name.clone(),
+                ip,
+                app: None,
+                waypoint: None,
+                east_west: Some(gateway.clone()),
+            });
+            // As Istio's ambient multi-network docs write it (there one `istio-eastwestgateway` per
+            // cluster; here both networks share one control plane, so each is named after its network).
+            m.istio.push(json!({
+                "apiVersion": "gateway.networking.k8s.io/v1",
+                "kind": "Gateway",
+                "metadata": {
+                    "name": gateway,
+                    "namespace": EAST_WEST_NAMESPACE,
+                    "labels": {NETWORK_LABEL: network},
+                },
+                "spec": {
+                    "gatewayClassName": crate::control_plane::topology::EAST_WEST_CLASS,
+                    "listeners": [{
+                        "name": "mesh", "port": GATEWAY_HBONE_PORT, "protocol": "HBONE",
+                        "tls": {"mode": "Terminate", "options": {
+                            crate::control_plane::topology::TLS_TERMINATE_MODE: "ISTIO_MUTUAL"}},
+                    }],
+                },
+            }));
+            m.gateway_tokens.insert(
+                format!("{EAST_WEST_NAMESPACE}/{gateway}"),
+                format!("{:032x}", rand::random::<u128>()),
+            );
+        }
+        m
+    }
+
+    /// Whether the nodes are on networks of their own ([`Layout::TwoNetworks`]).
+    pub fn multi_network(&self) -> bool {
+        self.nodes.iter().any(|n| n.network.is_some())
+    }
+
+    /// The network of `node` (`""` in a one-network sandbox), as its proxy's `NETWORK` says it.
+    pub fn network_of(&self, node: &str) -> &str {
+        self.node(node)
+            .and_then(|n| n.network.as_deref())
+            .unwrap_or("")
+    }
+
+    /// The east-west gateway pod on `node`'s network, if it has one.
+    pub fn east_west_gateway_of(&self, node: &str) -> Option<&Pod> {
+        let network = self.node(node)?.network.as_deref()?;
+        self.pods
+            .iter()
+            .find(|p| p.east_west.is_some() && self.network_of(&p.node) == network)
     }
 
     /// Where the control plane listens: the first node's address (it runs there, host-networked).
@@ -398,15 +523,20 @@ impl Model {
                     n += 1;
                     name = format!("{gw}-{n}");
                 }
+                let mut pod_labels = labels(&[(GATEWAY_NAME, &gw), (DATAPLANE_MODE, "none")]);
+                if let Some(net) = &node.network {
+                    pod_labels.insert(NETWORK_LABEL.into(), net.clone());
+                }
                 let pod = Pod {
                     name,
                     namespace: ns.clone(),
                     service_account: gw.clone(),
-                    labels: labels(&[(GATEWAY_NAME, &gw), (DATAPLANE_MODE, "none")]),
+                    labels: pod_labels,
                     node: node.name.clone(),
                     ip,
                     app: None,
                     waypoint: Some(gw.clone()),
+                    east_west: None,
                 };
                 lines.push(format!(
                     "pod {} created on {} ({ip}): the waypoint of Gateway {ns}/{gw}",
@@ -470,6 +600,20 @@ impl Model {
                 // The waypoint's identity: its Gateway's namespace, a service account named after it.
                 let (ns, name) = gateway.split_once('/').unwrap_or(("", gateway));
                 json!({"tokenSha256": sha256, "namespace": ns, "serviceAccount": name})
+            }))
+            .chain(self.gateway_tokens.iter().map(|(gateway, token)| {
+                let sha256 = crate::identity::ca_server::token::TokenDigest::of(token).to_hex();
+                // The east-west gateway's identity: its instance's service account.
+                let (ns, name) = gateway.split_once('/').unwrap_or(("", gateway));
+                let sa = self
+                    .pods
+                    .iter()
+                    .find(|p| p.namespace == ns && p.east_west.as_deref() == Some(name))
+                    .map_or(
+                        crate::config::gateway::DEFAULT_GATEWAY_SERVICE_ACCOUNT,
+                        |p| &p.service_account,
+                    );
+                json!({"tokenSha256": sha256, "namespace": ns, "serviceAccount": sa})
             }))
             .collect();
         to_yaml(&json!({
@@ -580,6 +724,65 @@ mod tests {
         assert!(m.find_pod("reviews").unwrap_err().contains("could be"));
         assert!(m.find_pod("nope").unwrap_err().contains("pods:"));
         assert!(m.find_pod("default/sleep").is_err());
+    }
+
+    #[test]
+    fn two_networks_put_each_nodes_pods_on_its_network_with_a_gateway_the_control_plane_takes() {
+        use crate::control_plane::topology::Topology;
+        let one = model();
+        let m = Model::bookinfo_in("mn", one.tokens.clone(), Layout::TwoNetworks);
+        assert!(m.multi_network() && !one.multi_network());
+        // The bookinfo pods keep their addresses; each node gets a gateway pod on its network.
+        for p in &one.pods {
+            let q = m.find_pod(&p.key()).unwrap();
+            assert_eq!((q.ip, &q.node), (p.ip, &p.node));
+            assert_eq!(
+                q.labels.get(NETWORK_LABEL).map(String::as_str),
+                Some(m.network_of(&p.node))
+            );
+        }
+        let cfg = MeshConfig::parse(&m.mesh_yaml()).unwrap();
+        let topology = Topology::convert(&cfg).unwrap();
+        assert!(topology.warnings.is_empty(), "{:?}", topology.warnings);
+        for (node, network) in [("node1", "network1"), ("node2", "network2")] {
+            assert_eq!(m.network_of(node), network);
+            let pod = m.east_west_gateway_of(node).unwrap();
+            assert_eq!(pod.node, node);
+            assert_eq!(pod.namespace, EAST_WEST_NAMESPACE);
+            assert!(!m.captured(pod));
+            let g = topology.gateway(network).unwrap();
+            assert_eq!(
+                (g.address, g.hbone_port, g.address_is_instance),
+                (IpAddr::V4(pod.ip), 15008, true)
+            );
+            assert_eq!(g.service_account, "istio-eastwestgateway");
+        }
+        // Each gateway's token is for its identity, which may hold an xDS stream.
+        assert_eq!(m.gateway_tokens.len(), 2);
+        for token in m.gateway_tokens.values() {
+            let access = crate::control_plane::tokens::xds_caller(
+                &cfg,
+                Some(token),
+                time::OffsetDateTime::now_utc(),
+            )
+            .unwrap()
+            .unwrap()
+            .access;
+            assert_eq!(
+                access,
+                crate::control_plane::tokens::XdsAccess::EastWestGateway
+            );
+        }
+        // The model round-trips (what `down`, `status`, `apply` and `exec` read).
+        let back: Model = serde_json::from_str(&serde_json::to_string(&m).unwrap()).unwrap();
+        assert_eq!(back, m);
+        // One network: nothing of this, and the model file as before.
+        assert!(one.gateway_tokens.is_empty() && one.pods.iter().all(|p| p.east_west.is_none()));
+        let json = serde_json::to_string(&one).unwrap();
+        assert!(
+            !json.contains("network") && !json.contains("east_west"),
+            "{json}"
+        );
     }
 
     #[test]

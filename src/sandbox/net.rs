@@ -2,10 +2,18 @@
 //! cluster network plugin sets up real nodes), and pods wired the way the `ptp` plugin wires them, then
 //! handed to `meshnode-cni` exactly as a container runtime would.
 //!
+//! With two networks ([`super::model::Layout::TwoNetworks`]) the nodes do not route to each other's pod
+//! ranges: each routes only the other network's east-west gateway pod (a /32), and its own gateway's
+//! answers from its HBONE port (`ip rule from <gateway> ipproto tcp sport 15008 lookup 200`, table 200
+//! holding the other pod range), so that the gateway can answer the other network's clients but open
+//! nothing there. A pod reaches the other network only through a gateway; the control plane on node1
+//! stays reachable over the link (node addresses are on it).
+//!
 //! Input: the [`Model`] and the names of namespaces to create. Output: kernel state through rtnetlink and
 //! syscalls ([`crate::netsetup`]) — no `ip`, `iptables` or `nft` binary — and, per pod, the CNI result
 //! `meshnode-cni` returned. Failures name the object and the step.
 
+use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -23,6 +31,10 @@ use crate::redirect::services::ServiceVip;
 const NODE_IFNAME: &str = "eth0";
 /// The pod side of its veth, as Kubernetes names it.
 const POD_IFNAME: &str = "eth0";
+/// Two networks: the routing table of the local east-west gateway's own packets to the other network.
+const GATEWAY_TABLE: u8 = 200;
+/// Two networks: the preference of the rule sending them there (before `main`, 32766).
+const GATEWAY_RULE_PRIORITY: u32 = 1000;
 
 /// Why a network step failed.
 #[derive(Debug, thiserror::Error)]
@@ -117,9 +129,32 @@ fn setup(what: impl Into<String>) -> impl FnOnce(netsetup::Error) -> Error {
     move |source| Error::Setup { what, source }
 }
 
+/// What a node routes to the other node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reach {
+    /// The other node's whole pod range (one network).
+    PodRange,
+    /// Two networks: the other network's gateway pod only, and the other pod range for the answers of
+    /// this network's gateway pod alone (from its HBONE port; either may be missing).
+    Gateways {
+        remote: Option<Ipv4Addr>,
+        local: Option<Ipv4Addr>,
+    },
+}
+
+fn reach(model: &Model, this: &Node, other: &Node) -> Reach {
+    if !model.multi_network() {
+        return Reach::PodRange;
+    }
+    Reach::Gateways {
+        remote: model.east_west_gateway_of(&other.name).map(|p| p.ip),
+        local: model.east_west_gateway_of(&this.name).map(|p| p.ip),
+    }
+}
+
 /// Creates the node namespaces (already named in the sandbox state) and joins them: a veth between the two
 /// (the "wire"), addresses from 172.18.0.0/24, forwarding on, and on each node a route to the other's pod
-/// range through it.
+/// range through it (with two networks: to the other network's gateway only, see the module header).
 pub fn create_nodes(model: &Model) -> Result<(), Error> {
     for n in &model.nodes {
         let name = node_netns(model, &n.name);
@@ -140,17 +175,18 @@ pub fn create_nodes(model: &Model) -> Result<(), Error> {
         netsetup::create_veth(NODE_IFNAME, NODE_IFNAME, &peer)
     })?;
     for (this, other, ns) in [(a, b, &na), (b, a, &nb)] {
+        let reach = reach(model, this, other);
         let (this, other) = (this.clone(), other.clone());
         inside(
             ns,
             &format!("{}: addresses and routes", this.name),
-            move || configure_node(&this, &other),
+            move || configure_node(&this, &other, reach),
         )?;
     }
     Ok(())
 }
 
-fn configure_node(this: &Node, other: &Node) -> Result<(), netsetup::Error> {
+fn configure_node(this: &Node, other: &Node, reach: Reach) -> Result<(), netsetup::Error> {
     netsetup::set_forwarding(true, false)?;
     netsetup::disable_dad(NODE_IFNAME)?;
     netsetup::add_address(
@@ -158,34 +194,186 @@ fn configure_node(this: &Node, other: &Node) -> Result<(), netsetup::Error> {
         IpNet::V4(Ipv4Net::new(this.ip, 24).expect("24")),
     )?;
     netsetup::set_up(NODE_IFNAME)?;
-    netsetup::add_route(
-        IpNet::V4(other.pod_cidr),
-        Some(IpAddr::V4(other.ip)),
-        NODE_IFNAME,
-        false,
+    let via = Some(IpAddr::V4(other.ip));
+    match reach {
+        Reach::PodRange => netsetup::add_route(IpNet::V4(other.pod_cidr), via, NODE_IFNAME, false),
+        Reach::Gateways { remote, local } => {
+            if let Some(remote) = remote {
+                netsetup::add_route(host_net(remote), via, NODE_IFNAME, false)?;
+            }
+            if let Some(local) = local {
+                add_table_route(other.pod_cidr, other.ip, NODE_IFNAME, GATEWAY_TABLE)?;
+                add_source_rule(
+                    local,
+                    super::model::GATEWAY_HBONE_PORT,
+                    GATEWAY_TABLE,
+                    GATEWAY_RULE_PRIORITY,
+                )?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// `ip rule add from SRC/32 ipproto tcp sport SPORT lookup TABLE pref PRIORITY`, in the calling thread's
+/// namespace.
+fn add_source_rule(
+    src: Ipv4Addr,
+    sport: u16,
+    table: u8,
+    priority: u32,
+) -> Result<(), netsetup::Error> {
+    use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleMessage, RulePortRange};
+    let mut msg = RuleMessage::default();
+    msg.header.family = netlink_packet_route::AddressFamily::Inet;
+    msg.header.src_len = 32;
+    msg.header.table = table;
+    msg.header.action = RuleAction::ToTable;
+    msg.attributes.extend([
+        RuleAttribute::Source(IpAddr::V4(src)),
+        RuleAttribute::IpProtocol(netlink_packet_route::IpProtocol::Tcp),
+        RuleAttribute::SourcePortRange(RulePortRange {
+            start: sport,
+            end: sport,
+        }),
+        RuleAttribute::Priority(priority),
+        RuleAttribute::Table(u32::from(table)),
+    ]);
+    rtnetlink(
+        "adding rule",
+        &format!("from {src} ipproto tcp sport {sport} lookup {table}"),
+        netlink_packet_route::RouteNetlinkMessage::NewRule(msg),
     )
 }
 
-/// Programs each node's service VIPs for pods outside the mesh (kube-proxy's part of a real cluster).
+/// `ip route replace DST via VIA dev DEV table TABLE`, in the calling thread's namespace.
+fn add_table_route(
+    dst: Ipv4Net,
+    via: Ipv4Addr,
+    dev: &str,
+    table: u8,
+) -> Result<(), netsetup::Error> {
+    use netlink_packet_route::route::{
+        RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope, RouteType,
+    };
+    const OP: &str = "adding route";
+    let object = format!("{dst} via {via} dev {dev} table {table}");
+    let index = nix::net::if_::if_nametoindex(dev)
+        .map_err(|e| netsetup::Error::from_errno(OP, object.clone(), e))?;
+    let mut msg = RouteMessage::default();
+    msg.header.address_family = netlink_packet_route::AddressFamily::Inet;
+    msg.header.destination_prefix_length = dst.prefix_len();
+    msg.header.table = table;
+    msg.header.protocol = RouteProtocol::Boot;
+    msg.header.scope = RouteScope::Universe;
+    msg.header.kind = RouteType::Unicast;
+    msg.attributes.extend([
+        RouteAttribute::Destination(RouteAddress::Inet(dst.network())),
+        RouteAttribute::Gateway(RouteAddress::Inet(via)),
+        RouteAttribute::Oif(index),
+        RouteAttribute::Table(u32::from(table)),
+    ]);
+    rtnetlink(
+        OP,
+        &object,
+        netlink_packet_route::RouteNetlinkMessage::NewRoute(msg),
+    )
+}
+
+/// Sends one rtnetlink request (create or replace) and waits for its acknowledgement.
+fn rtnetlink(
+    op: &'static str,
+    object: &str,
+    msg: netlink_packet_route::RouteNetlinkMessage,
+) -> Result<(), netsetup::Error> {
+    use netlink_packet_core::{
+        NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_REPLACE,
+        NLM_F_REQUEST,
+    };
+    use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
+    const SEQ: u32 = 1;
+    let failed = |e: io::Error| match e.raw_os_error() {
+        Some(raw) => netsetup::Error::from_errno(op, object, nix::errno::Errno::from_raw(raw)),
+        None => netsetup::Error::Protocol {
+            op,
+            object: object.into(),
+            reason: e.to_string(),
+        },
+    };
+    let protocol = |reason: String| netsetup::Error::Protocol {
+        op,
+        object: object.into(),
+        reason,
+    };
+    let mut socket = Socket::new(NETLINK_ROUTE).map_err(failed)?;
+    socket.bind_auto().map_err(failed)?;
+    socket.connect(&SocketAddr::new(0, 0)).map_err(failed)?;
+    let mut header = NetlinkHeader::default();
+    header.flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE;
+    header.sequence_number = SEQ;
+    let mut request = NetlinkMessage::new(header, NetlinkPayload::from(msg));
+    request.finalize();
+    let mut out = vec![0; request.buffer_len()];
+    request.serialize(&mut out);
+    socket.send(&out, 0).map_err(failed)?;
+    let mut buf = vec![0u8; 32 * 1024];
+    // A fresh unicast socket gets only the answer; bounded all the same.
+    for _ in 0..64 {
+        let size = socket.recv(&mut &mut buf[..], 0).map_err(failed)?;
+        if size == 0 {
+            return Err(protocol("rtnetlink socket closed before the ack".into()));
+        }
+        let mut offset = 0;
+        while offset < size {
+            let reply = NetlinkMessage::<netlink_packet_route::RouteNetlinkMessage>::deserialize(
+                &buf[offset..size],
+            )
+            .map_err(|e| protocol(format!("undecodable reply: {e}")))?;
+            let len = reply.header.length as usize;
+            if reply.header.sequence_number == SEQ {
+                if let NetlinkPayload::Error(e) = reply.payload {
+                    return match e.code {
+                        None => Ok(()),
+                        Some(code) => Err(netsetup::Error::from_errno(
+                            op,
+                            object,
+                            nix::errno::Errno::from_raw(-code.get()),
+                        )),
+                    };
+                }
+            }
+            if len == 0 {
+                return Err(protocol("zero-length netlink message".into()));
+            }
+            offset += (len + 3) & !3;
+        }
+    }
+    Err(protocol("no acknowledgement".into()))
+}
+
+/// Programs each node's service VIPs for pods outside the mesh (kube-proxy's part of a real cluster). With
+/// two networks, a node's VIPs lead to the endpoints of its own network only (its kube-proxy knows no
+/// other: a pod outside the mesh cannot cross networks).
 pub fn install_services(model: &Model) -> Result<(), Error> {
-    let vips: Vec<ServiceVip> = model
-        .services
-        .iter()
-        .map(|s| ServiceVip {
-            vip: s.vip,
-            port: s.port,
-            endpoints: model
-                .endpoints(s)
-                .map(|p| SocketAddrV4::new(p.ip, s.port))
-                .collect(),
-        })
-        .filter(|v| !v.endpoints.is_empty())
-        .collect();
     for n in &model.nodes {
+        let network = model.network_of(&n.name);
+        let vips: Vec<ServiceVip> = model
+            .services
+            .iter()
+            .map(|s| ServiceVip {
+                vip: s.vip,
+                port: s.port,
+                endpoints: model
+                    .endpoints(s)
+                    .filter(|p| model.network_of(&p.node) == network)
+                    .map(|p| SocketAddrV4::new(p.ip, s.port))
+                    .collect(),
+            })
+            .filter(|v| !v.endpoints.is_empty())
+            .collect();
         let ns = open(&node_netns(model, &n.name))?;
-        let v = vips.clone();
         let what = format!("{}: service VIPs", n.name);
-        ns.run_on_thread(move || install_services_here(&v))
+        ns.run_on_thread(move || install_services_here(&vips))
             .map_err(|source| Error::Netns {
                 what: what.clone(),
                 source,

@@ -6,6 +6,10 @@
 //! whether every check saw what it expected. Checks are calls from inside pod namespaces (the apps'
 //! HTTP client) and, for mTLS, the destination proxy's Istio metrics; each waits up to [`SETTLE`] for the
 //! cluster to converge (the agents and the control plane pick up changes within about a second).
+//!
+//! With two networks (`--multi-network`) the same steps run unchanged (calls between productpage, ratings
+//! and the waypoint on network1 and reviews on network2 cross through the east-west gateways); the output
+//! first says which network each node is on.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -749,25 +753,57 @@ fn mtls_count(node: &Arc<Netns>, principal: &str) -> u64 {
         .sum::<f64>() as u64
 }
 
-/// `meshnode sandbox`: up, the tutorial's steps, down (unless `keep`). Returns whether every check matched.
+/// Which network each node is on and where its east-west gateway is (nothing with one network).
+fn write_networks(out: &mut dyn Write, model: &Model) {
+    if !model.multi_network() {
+        return;
+    }
+    for n in &model.nodes {
+        let gateway = match model.east_west_gateway_of(&n.name) {
+            Some(p) => format!(
+                "east-west gateway {} at {}:{}",
+                p.key(),
+                p.ip,
+                super::model::GATEWAY_HBONE_PORT
+            ),
+            None => "no east-west gateway".to_string(),
+        };
+        let _ = writeln!(
+            out,
+            "  {}: network {} ({}), {gateway}",
+            n.name,
+            n.network.as_deref().unwrap_or(""),
+            n.pod_cidr
+        );
+    }
+}
+
+/// `meshnode sandbox`: up (in `layout`), the tutorial's steps, down (unless `keep`). Returns whether every
+/// check matched.
 pub fn run(
     opts: &Options,
     keep: bool,
+    layout: super::Layout,
     out: &mut dyn Write,
     stop: &AtomicBool,
 ) -> Result<bool, Error> {
+    let nodes = match layout {
+        super::Layout::OneNetwork => "two nodes",
+        super::Layout::TwoNetworks => "two nodes on two networks (an east-west gateway each)",
+    };
     let _ = writeln!(
         out,
-        "meshnode sandbox {:?}: two nodes, the embedded control plane and bookinfo, in network namespaces\n",
+        "meshnode sandbox {:?}: {nodes}, the embedded control plane and bookinfo, in network namespaces\n",
         opts.name
     );
     let started = Instant::now();
-    super::up(opts, out)?;
+    let model = super::up(opts, layout, out)?;
     let _ = writeln!(
         out,
         "  cluster up in {:.1} s",
         started.elapsed().as_secs_f64()
     );
+    write_networks(out, &model);
     let result = match steps(opts, out, stop) {
         Err(Error::Interrupted) => Ok(false),
         other => other,

@@ -208,3 +208,32 @@ spec:
     );
     assert_eq!(MeshConfig::parse(&m.mesh_yaml()).unwrap().istio.len(), 2);
 }
+
+#[test]
+fn in_two_networks_a_waypoint_is_on_its_nodes_network_and_east_west_gateways_are_not_applied() {
+    let m = Model::bookinfo_in(
+        "mn",
+        BTreeMap::from([("node1".into(), "t".into())]),
+        crate::sandbox::Layout::TwoNetworks,
+    );
+    let (with_waypoint, _) = apply(&m, WAYPOINT).unwrap();
+    let pod = with_waypoint.find_pod("default/waypoint-0").unwrap();
+    assert_eq!(
+        pod.labels
+            .get(crate::control_plane::topology::NETWORK_LABEL)
+            .map(String::as_str),
+        Some("network1")
+    );
+    let ew = "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: eastwest-network1, namespace: istio-system, labels: {topology.istio.io/network: network1}}\nspec:\n  gatewayClassName: istio-east-west\n  listeners: [{name: mesh, port: 15009, protocol: HBONE, tls: {mode: Terminate}}]\n";
+    for (verb, model) in [
+        (Verb::Apply, &m),
+        (Verb::Delete, &m),
+        (Verb::Apply, &model()),
+    ] {
+        let e = change(model, ew, "f.yaml", verb).unwrap_err().to_string();
+        assert!(
+            e.contains("gatewayClassName") && e.contains("--multi-network"),
+            "{e}"
+        );
+    }
+}
