@@ -298,7 +298,7 @@ fn expected_processes(model: &Model) -> usize {
         .iter()
         .filter(|p| p.app.is_some() || p.waypoint.is_some() || p.east_west.is_some())
         .count();
-    1 + 2 * model.nodes.len() + pod_processes
+    1 + 2 * model.nodes.len() + pod_processes + usize::from(model.outside.is_some())
 }
 
 fn human(d: Duration) -> String {
@@ -436,6 +436,33 @@ fn build(opts: &Options, model: &Model, progress: &mut dyn Write) -> Result<(), 
         start(opts, &ns, &["proxy".into()], &proxy_env, &component)?;
         let node_ns = net::open(&net::node_netns(model, &node.name))?;
         wait(opts, "the node proxy", &component, || proxy_ready(&node_ns))?;
+        done(progress, t);
+    }
+
+    if let (Some(outside), Some(name)) = (&model.outside, net::outside_netns(model)) {
+        let t = step(
+            progress,
+            &format!(
+                "outside world {} ({}:{}, off {})",
+                model::OUTSIDE_HOST,
+                outside.ip,
+                model::OUTSIDE_PORT,
+                outside.node
+            ),
+        );
+        net::create_outside(model)?;
+        let args = [
+            "sandbox".to_string(),
+            "app".into(),
+            "external".into(),
+            "--listen".into(),
+            SocketAddr::new(outside.ip.into(), model::OUTSIDE_PORT).to_string(),
+        ];
+        let ns = net::netns_path(&name);
+        let pid = start(opts, &ns, &args, &[("RUST_LOG", "info".into())], "outside")?;
+        wait(opts, "the outside world's server", "outside", || {
+            procs::listening(pid, model::OUTSIDE_PORT)
+        })?;
         done(progress, t);
     }
 
@@ -831,6 +858,20 @@ pub fn status(opts: &Options, out: &mut dyn Write) -> Result<bool, Error> {
             };
             let _ = writeln!(out, "{:<8} {:<14} {:<22} {state}", n.name, n.ip, what);
         }
+    }
+    // The outside world: not a node, listed with them as where its server runs.
+    if let (Some(outside), Some(ns)) = (&model.outside, net::outside_netns(&model)) {
+        let state = match running(&ns, " external") {
+            Some(p) => format!("{} (pid {})", mark(true), p.pid),
+            None => mark(false).to_string(),
+        };
+        let _ = writeln!(
+            out,
+            "{:<8} {:<14} {:<22} {state}",
+            "outside",
+            outside.ip,
+            model::OUTSIDE_HOST
+        );
     }
     // Wide enough for the longest pod (`istio-system/eastwest-network1-0`); 28 for bookinfo's.
     let w_pod = model

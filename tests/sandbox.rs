@@ -172,7 +172,9 @@ fn the_sandbox_command_runs_the_ambient_tutorial_and_removes_everything_it_made(
         "HTTP 403 \"RBAC: access denied\"",
         "httproute.gateway.networking.k8s.io/reviews created",
         "pod default/waypoint-0 removed",
-        "15 of 15 checks as expected",
+        "serviceentry.networking.istio.io/api-example created",
+        "HTTP 200 \"hello from api.example.test\"",
+        "17 of 17 checks as expected",
     ] {
         assert!(
             stdout.contains(expected),

@@ -66,6 +66,9 @@ pub enum App {
     Reviews(u8),
     /// Star ratings.
     Ratings,
+    /// Not bookinfo: the outside world's server, standing in for an external API
+    /// ([`super::model::OUTSIDE_HOST`]); answers every GET with its name and the client address it saw.
+    External,
 }
 
 impl App {
@@ -90,6 +93,7 @@ impl FromStr for App {
             "reviews-v2" => Ok(App::Reviews(2)),
             "reviews-v3" => Ok(App::Reviews(3)),
             "ratings" => Ok(App::Ratings),
+            "external" => Ok(App::External),
             _ => Err(AppError::UnknownApp {
                 name: s.to_string(),
             }),
@@ -104,6 +108,7 @@ impl fmt::Display for App {
             App::Details => f.write_str("details"),
             App::Reviews(v) => write!(f, "reviews-v{v}"),
             App::Ratings => f.write_str("ratings"),
+            App::External => f.write_str("external"),
         }
     }
 }
@@ -124,7 +129,7 @@ pub struct AppConfig {
 #[non_exhaustive]
 pub enum AppError {
     /// The name is none of bookinfo's apps (or a reviews version outside 1..=3).
-    #[error("unknown app {name:?}: expected productpage, details, reviews-v1, reviews-v2, reviews-v3 or ratings")]
+    #[error("unknown app {name:?}: expected productpage, details, reviews-v1, reviews-v2, reviews-v3, ratings or external")]
     UnknownApp {
         /// The name given.
         name: String,
@@ -291,7 +296,7 @@ impl Reply {
 /// One connection: read the head, answer, close.
 async fn exchange(mut stream: TcpStream, cfg: &AppConfig) {
     let reply = match read_head(&mut stream, MAX_HEAD, HEAD_TIMEOUT).await {
-        Head::Complete(head) => answer(cfg, &head).await,
+        Head::Complete(head) => answer(cfg, &head, stream.peer_addr().ok()).await,
         Head::TooLarge => Reply::text(431, "request head larger than 8 KiB\n"),
         Head::TimedOut => Reply::text(408, "request head not received within 10 s\n"),
         Head::Closed => return,
@@ -322,7 +327,7 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 }
 
 /// Routes one request head (without its final blank line).
-async fn answer(cfg: &AppConfig, head: &[u8]) -> Reply {
+async fn answer(cfg: &AppConfig, head: &[u8], peer: Option<SocketAddr>) -> Reply {
     let line = head.split(|b| *b == b'\n').next().unwrap_or_default();
     let line = String::from_utf8_lossy(line);
     let parts: Vec<&str> = line.split_whitespace().collect();
@@ -340,6 +345,14 @@ async fn answer(cfg: &AppConfig, head: &[u8]) -> Reply {
     let id = |prefix: &str| path.strip_prefix(prefix).map(str::parse::<u32>);
     match cfg.app {
         App::Productpage if path == "/" || path == "/productpage" => productpage(cfg).await,
+        App::External => Reply::text(
+            200,
+            format!(
+                "hello from {}\nclient {}\n",
+                super::model::OUTSIDE_HOST,
+                peer.map_or_else(|| "unknown".to_string(), |p| p.ip().to_string())
+            ),
+        ),
         App::Details => match id("/details/") {
             Some(Ok(id)) => Reply::json(details(id)),
             Some(Err(_)) => Reply::text(400, "product id must be a number\n"),

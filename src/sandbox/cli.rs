@@ -77,10 +77,10 @@ pub enum SandboxCommand {
         #[arg(last = true, required = true)]
         command: Vec<OsString>,
     },
-    /// Internal: a bookinfo app (what each sandbox pod runs).
+    /// Internal: a bookinfo app (what each sandbox pod runs), or the outside world's server.
     #[command(hide = true)]
     App {
-        /// productpage, details, ratings, reviews-v1, reviews-v2, reviews-v3.
+        /// productpage, details, ratings, reviews-v1, reviews-v2, reviews-v3, or external (the outside world).
         app: String,
         /// Where to listen.
         #[arg(long)]

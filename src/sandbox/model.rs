@@ -33,6 +33,27 @@ pub const EAST_WEST_NAMESPACE: &str = "istio-system";
 /// The east-west gateways' HBONE port (their Gateway's listener, `meshnode gateway`'s default).
 pub const GATEWAY_HBONE_PORT: u16 = 15008;
 
+/// The host the outside world's server stands in for (an external API).
+pub const OUTSIDE_HOST: &str = "api.example.test";
+
+/// The outside world's server port (plain HTTP).
+pub const OUTSIDE_PORT: u16 = 80;
+
+/// The outside world: a network namespace of its own (not a node, not a pod, not in the mesh) linked to
+/// one node as the nodes are linked to each other, with an HTTP server standing in for an external API.
+/// Its addresses are TEST-NET-1 (192.0.2.0/24), outside the pod and service ranges.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Outside {
+    /// The node its link goes to (the others route to it through that node).
+    pub node: String,
+    /// The link's range.
+    pub net: Ipv4Net,
+    /// The node's address on the link: the outside world's default gateway.
+    pub node_ip: Ipv4Addr,
+    /// The server's address.
+    pub ip: Ipv4Addr,
+}
+
 /// How the cluster's networks are laid out.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Layout {
@@ -140,6 +161,9 @@ pub struct Model {
     /// Each east-west gateway's CA/xDS token (for its own identity), by its Gateway's `namespace/name`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub gateway_tokens: BTreeMap<String, String>,
+    /// The outside world, if this sandbox has one (a model saved before it existed has none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outside: Option<Outside>,
 }
 
 fn labels(pairs: &[(&str, &str)]) -> Labels {
@@ -156,6 +180,7 @@ fn nth_host(net: Ipv4Net, n: u32) -> Ipv4Addr {
 impl Model {
     /// The bookinfo layout on two nodes: productpage, details, ratings and the `test/sleep` client on node1;
     /// reviews v1, v2, v3 on node2, so calls cross nodes both ways. `default` is in the mesh, `test` is not.
+    /// The outside world ([`Outside`]) hangs off node1 at 192.0.2.10.
     pub fn bookinfo(name: &str, tokens: BTreeMap<String, String>) -> Model {
         let node = |n: u8| Node {
             name: format!("node{n}"),
@@ -278,6 +303,12 @@ impl Model {
             tokens,
             waypoint_tokens: BTreeMap::new(),
             gateway_tokens: BTreeMap::new(),
+            outside: Some(Outside {
+                node: "node1".into(),
+                net: Ipv4Net::new(Ipv4Addr::new(192, 0, 2, 0), 24).expect("prefix 24 is valid"),
+                node_ip: Ipv4Addr::new(192, 0, 2, 1),
+                ip: Ipv4Addr::new(192, 0, 2, 10),
+            }),
         }
     }
 

@@ -29,6 +29,10 @@ use crate::redirect::services::ServiceVip;
 
 /// The node side of the link between nodes (every node names its end the same).
 const NODE_IFNAME: &str = "eth0";
+/// The node side of the link to the outside world.
+const OUTSIDE_LINK_IFNAME: &str = "outside0";
+/// The outside world's side of that link.
+const OUTSIDE_IFNAME: &str = "eth0";
 /// The pod side of its veth, as Kubernetes names it.
 const POD_IFNAME: &str = "eth0";
 /// Two networks: the routing table of the local east-west gateway's own packets to the other network.
@@ -84,10 +88,19 @@ pub fn pod_netns(model: &Model, pod: &Pod) -> String {
     format!("{}-{}-{}", model.name, pod.namespace, pod.name)
 }
 
-/// Every namespace the sandbox creates, nodes first.
+/// The name of the outside world's network namespace, if the sandbox has one.
+pub fn outside_netns(model: &Model) -> Option<String> {
+    model
+        .outside
+        .as_ref()
+        .map(|_| format!("{}-outside", model.name))
+}
+
+/// Every namespace the sandbox creates, nodes first, then the outside world, then pods.
 pub fn all_netns(model: &Model) -> Vec<String> {
     let nodes = model.nodes.iter().map(|n| node_netns(model, &n.name));
     nodes
+        .chain(outside_netns(model))
         .chain(model.pods.iter().map(|p| pod_netns(model, p)))
         .collect()
 }
@@ -181,6 +194,66 @@ pub fn create_nodes(model: &Model) -> Result<(), Error> {
             ns,
             &format!("{}: addresses and routes", this.name),
             move || configure_node(&this, &other, reach),
+        )?;
+    }
+    Ok(())
+}
+
+/// Creates the outside world's namespace (already named in the sandbox state) and links it to its node as
+/// the nodes are linked: a veth, the node's address on it, and in the outside world its server's address
+/// and a default route back through the node. Every other node routes the outside range through that
+/// node (over the node link). Nothing of the mesh runs there: it is reached as any host off the cluster.
+pub fn create_outside(model: &Model) -> Result<(), Error> {
+    let (Some(outside), Some(name)) = (model.outside.clone(), outside_netns(model)) else {
+        return Ok(());
+    };
+    let via = model
+        .node(&outside.node)
+        .map(|n| n.ip)
+        .expect("the outside world hangs off a known node");
+    netsetup::create_named_netns(&name).map_err(setup(format!("creating {name}")))?;
+    let out_ns = open(&name)?;
+    let node_ns = open(&node_netns(model, &outside.node))?;
+    let peer = out_ns.try_clone().map_err(|source| Error::Netns {
+        what: format!("opening {name}"),
+        source,
+    })?;
+    let prefix = outside.net.prefix_len();
+    let (node_ip, ip) = (outside.node_ip, outside.ip);
+    inside(
+        &node_ns,
+        &format!("{}: link to the outside world", outside.node),
+        move || {
+            netsetup::create_veth(OUTSIDE_LINK_IFNAME, OUTSIDE_IFNAME, &peer)?;
+            netsetup::disable_dad(OUTSIDE_LINK_IFNAME)?;
+            netsetup::add_address(
+                OUTSIDE_LINK_IFNAME,
+                IpNet::V4(Ipv4Net::new(node_ip, prefix).expect("valid prefix")),
+            )?;
+            netsetup::set_up(OUTSIDE_LINK_IFNAME)
+        },
+    )?;
+    inside(&out_ns, "outside world: address and route", move || {
+        netsetup::disable_dad(OUTSIDE_IFNAME)?;
+        netsetup::add_address(
+            OUTSIDE_IFNAME,
+            IpNet::V4(Ipv4Net::new(ip, prefix).expect("valid prefix")),
+        )?;
+        netsetup::set_up(OUTSIDE_IFNAME)?;
+        netsetup::add_route(
+            "0.0.0.0/0".parse().expect("valid"),
+            Some(node_ip.into()),
+            OUTSIDE_IFNAME,
+            false,
+        )
+    })?;
+    for n in model.nodes.iter().filter(|n| n.name != outside.node) {
+        let ns = open(&node_netns(model, &n.name))?;
+        let net = outside.net;
+        inside(
+            &ns,
+            &format!("{}: route to the outside world {net}", n.name),
+            move || netsetup::add_route(IpNet::V4(net), Some(via.into()), NODE_IFNAME, false),
         )?;
     }
     Ok(())

@@ -7,7 +7,13 @@
 //! HTTP client) and, for mTLS, the destination proxy's Istio metrics; each waits up to [`SETTLE`] for the
 //! cluster to converge (the agents and the control plane pick up changes within about a second).
 //!
-//! With two networks (`--multi-network`) the same steps run unchanged (calls between productpage, ratings
+//! The last step is egress: the outside world's server (`api.example.test`, a namespace of its own off
+//! node1) is called at a ServiceEntry's address from a pod in the mesh, first before the entry (the address
+//! means nothing: no answer), then after it (the server's answer, and the caller's node proxy counting the
+//! connection to that host as the source).
+//!
+//! With two networks (`--multi-network`) the same steps run unchanged (but for the ServiceEntry, whose
+//! endpoint then names its network, `network1`; calls between productpage, ratings
 //! and the waypoint on network1 and reviews on network2 cross through the east-west gateways); the output
 //! first says which network each node is on.
 
@@ -190,6 +196,56 @@ metadata:
     reviews_only_productpage!()
 );
 
+/// The address the ServiceEntry gives `api.example.test` (from 240.240.0.0/16, where Istio allocates
+/// ServiceEntry addresses itself): before the entry it means nothing.
+const EGRESS_VIP: [u8; 4] = [240, 240, 0, 10];
+
+/// `api.example.test` as an Istio user declares an external API: a VIP, port 80, its one endpoint the
+/// outside world's server (192.0.2.10, [`super::model::Outside`]).
+pub const API_SERVICE_ENTRY: &str = "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: api-example
+  namespace: default
+spec:
+  hosts:
+  - api.example.test
+  addresses:
+  - 240.240.0.10
+  ports:
+  - number: 80
+    name: http
+    protocol: HTTP
+  location: MESH_EXTERNAL
+  resolution: STATIC
+  endpoints:
+  - address: 192.0.2.10
+";
+
+/// [`API_SERVICE_ENTRY`] in a multi-network mesh: the endpoint names the network it is reached from
+/// (the outside world hangs off node1, on `network1`), as Istio's multi-network ServiceEntries do; without
+/// it the endpoint would be on no network and the node proxy would look for a gateway to it.
+pub const API_SERVICE_ENTRY_NETWORK1: &str = "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: api-example
+  namespace: default
+spec:
+  hosts:
+  - api.example.test
+  addresses:
+  - 240.240.0.10
+  ports:
+  - number: 80
+    name: http
+    protocol: HTTP
+  location: MESH_EXTERNAL
+  resolution: STATIC
+  endpoints:
+  - address: 192.0.2.10
+    network: network1
+";
+
 /// The waypoint's identity, as destination proxies count it.
 const WAYPOINT_PRINCIPAL: &str = "spiffe://cluster.local/ns/default/sa/waypoint";
 
@@ -209,6 +265,11 @@ enum Expect {
     Forbidden,
     /// HTTP 503: the waypoint could not reach the destination (here: its proxy refused the waypoint).
     Unavailable,
+    /// No HTTP answer at all (the address leads nowhere).
+    Unanswered,
+    /// An HTTP 200 from the outside world's server, and the caller's node proxy counted the connection
+    /// to its host as the source (`reporter="source"`, `destination_service`).
+    FromOutside,
 }
 
 impl Expect {
@@ -220,6 +281,8 @@ impl Expect {
             Expect::ViaWaypoint => "via waypoint",
             Expect::Forbidden => "HTTP 403",
             Expect::Unavailable => "HTTP 503",
+            Expect::Unanswered => "not answered",
+            Expect::FromOutside => "outside world",
         }
     }
 }
@@ -286,6 +349,13 @@ enum Step {
         what: &'static str,
         manifest: &'static str,
     },
+    /// `sandbox apply` of the manifest for the sandbox's layout (one network, or two).
+    ApplyPerLayout {
+        n: &'static str,
+        what: &'static str,
+        one_network: &'static str,
+        two_networks: &'static str,
+    },
     /// `sandbox delete` of a manifest.
     Delete {
         n: &'static str,
@@ -300,6 +370,8 @@ enum Step {
         path: &'static str,
         expect: Expect,
     },
+    /// A GET of `/` from a pod to the ServiceEntry's address ([`EGRESS_VIP`]), port 80.
+    Egress { from: &'static str, expect: Expect },
     /// `calls` calls from a pod to a service; the apps that answer must be split as `weights` say
     /// (percent), within what chance allows for that many calls.
     Split {
@@ -452,6 +524,25 @@ const TUTORIAL: &[Step] = &[
         Expect::AnsweredMtls,
     ),
     get("test/sleep", "reviews", "/reviews/0", Expect::Denied),
+    // Egress: an external API declared by a ServiceEntry, served by the outside world's server.
+    Step::Note {
+        n: "10",
+        what: "egress: api.example.test (outside, 192.0.2.10)",
+    },
+    Step::Egress {
+        from: "test/sleep",
+        expect: Expect::Unanswered,
+    },
+    Step::ApplyPerLayout {
+        n: "",
+        what: "apply ServiceEntry default/api-example (VIP)",
+        one_network: API_SERVICE_ENTRY,
+        two_networks: API_SERVICE_ENTRY_NETWORK1,
+    },
+    Step::Egress {
+        from: "test/sleep",
+        expect: Expect::FromOutside,
+    },
 ];
 
 /// Runs the tutorial's steps against the sandbox that is up. Returns whether every check matched.
@@ -466,10 +557,23 @@ pub fn steps(opts: &Options, out: &mut dyn Write, stop: &AtomicBool) -> Result<b
     for step in TUTORIAL {
         match *step {
             Step::Note { n, what } => t.action(n, what, ""),
-            Step::Apply { n, what, manifest } | Step::Delete { n, what, manifest } => {
+            Step::Apply { n, what, manifest }
+            | Step::Delete { n, what, manifest }
+            | Step::ApplyPerLayout {
+                n,
+                what,
+                one_network: manifest,
+                ..
+            } => {
                 let verb = match step {
                     Step::Delete { .. } => Verb::Delete,
                     _ => Verb::Apply,
+                };
+                let manifest = match step {
+                    Step::ApplyPerLayout { two_networks, .. } if model.multi_network() => {
+                        two_networks
+                    }
+                    _ => manifest,
                 };
                 let (next, lines) = super::apply_text(opts, manifest, what, verb)?;
                 model = next;
@@ -494,6 +598,7 @@ pub fn steps(opts: &Options, out: &mut dyn Write, stop: &AtomicBool) -> Result<b
                 calls,
                 weights,
             } => split(&mut t, &model, from, (service, path), calls, weights, stop)?,
+            Step::Egress { from, expect } => egress(&mut t, &model, from, expect, stop)?,
         }
     }
     let _ = writeln!(
@@ -568,6 +673,87 @@ fn check(
         }
         std::thread::sleep(Duration::from_millis(250));
     }
+}
+
+/// Calls the ServiceEntry's address from `from` until the outcome matches `expect` or [`SETTLE`] passes;
+/// prints the row.
+fn egress(
+    t: &mut Table<'_>,
+    model: &Model,
+    from: &str,
+    expect: Expect,
+    stop: &AtomicBool,
+) -> Result<(), Error> {
+    if stop.load(Ordering::Relaxed) {
+        return Err(Error::Interrupted);
+    }
+    let pod = model.find_pod(from).map_err(Error::Refused)?.clone();
+    let dst = SocketAddr::from((EGRESS_VIP, super::model::OUTSIDE_PORT));
+    t.start("", &format!("  {} → {dst}/", pod.key()), expect);
+    let ns = net::open(&net::pod_netns(model, &pod))?;
+    let src_node = net::open(&net::node_netns(model, &pod.node))?;
+    let host = super::model::OUTSIDE_HOST;
+    let started = Instant::now();
+    let baseline = source_count(&src_node, host);
+    loop {
+        let outcome = ns
+            .run_on_thread(move || apps::get(dst, "/", CALL_TIMEOUT))
+            .unwrap_or_else(|e| Outcome::Failed(e.to_string()));
+        let (ok, observed) = match (&outcome, expect) {
+            (Outcome::Answered { .. }, Expect::Unanswered) => (false, describe(&outcome)),
+            (_, Expect::Unanswered) => (true, outcome.to_string()),
+            (
+                Outcome::Answered {
+                    status: 200,
+                    app: Some(app),
+                    body,
+                },
+                _,
+            ) if app == "external" => {
+                let mut lines = body.lines();
+                let hello = lines.next().unwrap_or_default();
+                let client = lines.next().unwrap_or_default();
+                let counted = source_count(&src_node, host).saturating_sub(baseline);
+                let ok = hello == format!("hello from {host}") && counted > 0;
+                (
+                    ok,
+                    format!(
+                        "HTTP 200 {hello:?} ({client}); {} counted {counted} to {host}",
+                        pod.node
+                    ),
+                )
+            }
+            _ => (false, describe(&outcome)),
+        };
+        if stop.load(Ordering::Relaxed) {
+            let _ = writeln!(t.out, "interrupted");
+            return Err(Error::Interrupted);
+        }
+        if ok || started.elapsed() > SETTLE {
+            t.finish(ok, &observed, started.elapsed());
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// Connections the proxy in `node` counted as the source to the service `host` (its `/metrics`).
+fn source_count(node: &Arc<Netns>, host: &str) -> u64 {
+    let want = format!("destination_service=\"{host}\"");
+    let metrics =
+        match node.run_on_thread(|| apps::get(METRICS_ADDR.into(), "/metrics", CALL_TIMEOUT)) {
+            Ok(Outcome::Answered { body, .. }) => body,
+            _ => return 0,
+        };
+    metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("istio_tcp_connections_opened_total{")
+                && l.contains("reporter=\"source\"")
+                && l.contains(&want)
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
 }
 
 fn caller_and_service<'a>(
@@ -680,6 +866,8 @@ fn judge(
             matches!(outcome, Outcome::Answered { status: 403, body, .. } if body == "RBAC: access denied")
         }
         Expect::Unavailable => status == Some(503),
+        Expect::Unanswered => !matches!(outcome, Outcome::Answered { .. }),
+        Expect::FromOutside => answered && outcome_app(outcome) == Some("external"),
         Expect::AnsweredMtls | Expect::ViaWaypoint => {
             let mtls = answered && mtls_seen();
             if mtls {
@@ -691,6 +879,13 @@ fn judge(
         }
     };
     (ok, observed)
+}
+
+fn outcome_app(outcome: &Outcome) -> Option<&str> {
+    match outcome {
+        Outcome::Answered { app, .. } => app.as_deref(),
+        _ => None,
+    }
 }
 
 /// One line for an outcome; for productpage's page, what it got from its own upstreams
