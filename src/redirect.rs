@@ -25,6 +25,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use ipnet::IpNet;
 use nix::errno::Errno;
 
+pub mod branch_eni;
 pub mod host;
 mod netlink;
 mod nft;
