@@ -39,6 +39,9 @@ use self::config::{AgentConfig, ClusterSource};
 pub const DNS_CAPTURE_ANNOTATION: &str = "ambient.istio.io/dns-capture";
 /// Pod annotation: capture outbound only.
 pub const BYPASS_INBOUND_ANNOTATION: &str = "ambient.istio.io/bypass-inbound-capture";
+/// Pod annotation: comma-separated virtual interfaces (KubeVirt, Docker in Docker) whose incoming TCP is
+/// the pod's outbound traffic.
+pub const REROUTE_VIRTUAL_INTERFACES_ANNOTATION: &str = "istio.io/reroute-virtual-interfaces";
 /// istio-cni's health port: `GET /readyz` (ready), `GET /healthz` (alive).
 const HEALTH_PORT: u16 = 8000;
 
@@ -162,10 +165,12 @@ pub async fn run(cfg: Arc<AgentConfig>, shutdown: watch::Receiver<bool>) -> Resu
             tokio::spawn(source.run(tx));
         }
     }
+    let ready = crate::readiness::Readiness::new();
+    let agent_ready = ready.register("agent state");
     let (mut agent, handles, jobs) = Agent::new(cfg.clone(), view);
     if let Some(a) = annotator {
         agent.annotate_with(a);
-        agent.use_host_probes();
+        agent.use_host_probes(ready.register("kubelet probe SNAT"));
     }
     let zds_listener = crate::zds::packet::bind(&cfg.zds_path).map_err(|source| Error::Start {
         what: format!("binding the ZDS socket {}", cfg.zds_path.display()),
@@ -179,8 +184,6 @@ pub async fn run(cfg: Arc<AgentConfig>, shutdown: watch::Receiver<bool>) -> Resu
             ),
             source,
         })?;
-    let ready = crate::readiness::Readiness::new();
-    let agent_ready = ready.register("agent state");
     match crate::socket::listen(
         std::net::SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, HEALTH_PORT)),
         crate::socket::SocketOpts::default(),

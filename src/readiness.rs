@@ -4,7 +4,7 @@
 //! Input: start-up tasks registered by name and marked done by whoever owns them; HTTP/1.1 requests.
 //! Output: the answers, through [`crate::admin_http`] (its bounds: 8 KiB, 2 s, a few connections at once).
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -13,10 +13,10 @@ use tokio::sync::watch;
 
 use crate::admin_http::Answer;
 
-/// The set of start-up tasks still pending.
+/// The start-up tasks still pending, each with what it is waiting for, if it has said.
 #[derive(Default)]
 pub struct Readiness {
-    pending: Mutex<BTreeSet<&'static str>>,
+    pending: Mutex<BTreeMap<&'static str, Option<String>>>,
 }
 
 /// A pending task; marks itself done when dropped or when [`Task::done`] is called.
@@ -28,6 +28,13 @@ pub struct Task {
 impl Task {
     /// Marks the task done.
     pub fn done(self) {}
+
+    /// Says why the task is not done yet; the not-ready answer shows it after the task's name.
+    pub fn waiting_for(&self, why: impl Into<String>) {
+        if let Some(slot) = self.ready.pending.lock().get_mut(self.name) {
+            *slot = Some(why.into());
+        }
+    }
 }
 
 impl Drop for Task {
@@ -44,16 +51,23 @@ impl Readiness {
 
     /// Registers a pending task.
     pub fn register(self: &Arc<Self>, name: &'static str) -> Task {
-        self.pending.lock().insert(name);
+        self.pending.lock().insert(name, None);
         Task {
             ready: self.clone(),
             name,
         }
     }
 
-    /// Names of pending tasks; empty when ready.
-    pub fn pending(&self) -> Vec<&'static str> {
-        self.pending.lock().iter().copied().collect()
+    /// Pending tasks, each as its name or `name (why)`; empty when ready.
+    pub fn pending(&self) -> Vec<String> {
+        self.pending
+            .lock()
+            .iter()
+            .map(|(name, why)| match why {
+                Some(why) => format!("{name} ({why})"),
+                None => (*name).to_owned(),
+            })
+            .collect()
     }
 }
 

@@ -42,6 +42,7 @@ pub use host::{
     add_probe_ips, inspect_host, install_host, remove_host, remove_probe_ips, HostInstalled,
     HostProbeSettings, SetState,
 };
+pub use rules::valid_interface_name;
 
 /// The ports of the in-pod proxy listeners the rules redirect to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,6 +79,10 @@ pub struct RuleSettings {
     pub dns_capture: bool,
     /// Annotation `ambient.istio.io/bypass-inbound-capture`: no inbound probe accept and no 15006 redirect.
     pub bypass_inbound: bool,
+    /// Annotation `istio.io/reroute-virtual-interfaces`: the pod's virtual interfaces (KubeVirt, Docker in
+    /// Docker) whose incoming TCP is the pod's outbound traffic (to the outbound port, not inbound). Names
+    /// that cannot be interface names ([`valid_interface_name`]) are left out.
+    pub reroute_interfaces: Vec<String>,
     /// Source address the node agent SNATs kubelet probes to (Istio 169.254.7.127).
     pub probe_snat_v4: Ipv4Addr,
     /// IPv6 probe SNAT address (Istio fd16:9254:7127:1337:ffff:ffff:ffff:ffff).
@@ -94,6 +99,7 @@ impl Default for RuleSettings {
             ipv6: true,
             dns_capture: false,
             bypass_inbound: false,
+            reroute_interfaces: Vec::new(),
             probe_snat_v4: Ipv4Addr::new(169, 254, 7, 127),
             probe_snat_v6: Ipv6Addr::new(
                 0xfd16, 0x9254, 0x7127, 0x1337, 0xffff, 0xffff, 0xffff, 0xffff,
@@ -153,6 +159,14 @@ pub enum Target {
         /// IPv6 (else IPv4).
         ipv6: bool,
     },
+    /// An ip rule of the AWS branch-ENI probe path in the node's netns ([`branch_eni`]).
+    BranchEniRule {
+        /// IPv6 (else IPv4).
+        ipv6: bool,
+        /// The forward rule (`to <pod IP> lookup <table> pref 512`), else the return rule
+        /// (`iif <veth> lookup local`).
+        forward: bool,
+    },
     /// Reading nftables state back.
     NftDump {
         /// What was being read (tables, chains, rules).
@@ -198,6 +212,22 @@ impl std::fmt::Display for Target {
                     route::TABLE
                 )
             }
+            Target::BranchEniRule {
+                ipv6,
+                forward: true,
+            } => write!(
+                f,
+                "{} branch-ENI ip rule to <pod IP> pref 512 lookup <its table>",
+                fam(*ipv6)
+            ),
+            Target::BranchEniRule {
+                ipv6,
+                forward: false,
+            } => write!(
+                f,
+                "{} branch-ENI ip rule iif <veth> lookup local",
+                fam(*ipv6)
+            ),
             Target::NftDump { what } | Target::RouteDump { what } => {
                 write!(f, "reading back {what}")
             }
@@ -271,7 +301,10 @@ impl Error {
             Errno::EAFNOSUPPORT | Errno::EPROTONOSUPPORT | Errno::EOPNOTSUPP
                 if !matches!(
                     target,
-                    Target::IpRule { .. } | Target::LocalRoute { .. } | Target::RouteDump { .. }
+                    Target::IpRule { .. }
+                        | Target::LocalRoute { .. }
+                        | Target::RouteDump { .. }
+                        | Target::BranchEniRule { .. }
                 ) =>
             {
                 Error::NfTablesUnavailable { target, errno }

@@ -36,12 +36,16 @@ use crate::redirect::{self, RuleSettings};
 use crate::zds::server::{SnapshotEntry, SnapshotSource, ZdsServer};
 
 use super::cluster::{self, ClusterView, PodInfo, PodKey};
+use super::config::parse_bool;
 use super::config::{AgentConfig, ClusterSource};
 use super::metrics::AgentMetrics;
 use super::plugin_server::{self, Answer, PluginEvent, PluginRequest};
 use super::pods::{Enrollment, NetnsKey, PodRecord, PodSettings, Pods};
 use super::selector::Decision;
-use super::{kube, procfs, Error, BYPASS_INBOUND_ANNOTATION, DNS_CAPTURE_ANNOTATION};
+use super::{
+    kube, procfs, Error, BYPASS_INBOUND_ANNOTATION, DNS_CAPTURE_ANNOTATION,
+    REROUTE_VIRTUAL_INTERFACES_ANNOTATION,
+};
 
 #[cfg(test)]
 mod tests;
@@ -171,11 +175,25 @@ pub struct Agent {
     checked: HashMap<String, Instant>,
 }
 
-/// The host-side probe rule: where it lives and whether it is installed.
+/// The host-side probe rule: where it lives, whether it is installed, and, until it is, the readiness
+/// task it holds back and when it is tried again.
 struct HostProbes {
-    netns: Arc<Netns>,
+    /// The node's netns; `None` when it could not be opened (the agent then never becomes ready).
+    netns: Option<Arc<Netns>>,
     settings: Option<redirect::HostProbeSettings>,
+    /// Held (the agent is not ready) until the rule is installed.
+    pending: Option<crate::readiness::Task>,
+    /// Failed attempts so far.
+    attempts: u32,
+    next_try: Instant,
 }
+
+/// Attempts at installing the kubelet probe SNAT, [`HOST_PROBE_RETRY`] apart, before the agent says
+/// loudly that it will not become ready (istio-cni: 10 tries 2 s apart, then it exits); after them it
+/// keeps trying every [`HOST_PROBE_SLOW_RETRY`], so a kubelet that starts late still gets its probes.
+const HOST_PROBE_TRIES: u32 = 10;
+const HOST_PROBE_RETRY: Duration = Duration::from_secs(2);
+const HOST_PROBE_SLOW_RETRY: Duration = Duration::from_secs(30);
 
 /// Handles given to the agent's servers.
 pub struct AgentHandles {
@@ -268,82 +286,154 @@ impl Agent {
     /// Kubernetes mode: SNATs kubelet's probes to enrolled pods to the probe address in the node's netns,
     /// so the pods' rules let them past the proxy (else STRICT mTLS would refuse every probe). The node's
     /// netns is `<host prefix>/proc/1/ns/net`, or the agent's own when it runs in the host network.
-    pub fn use_host_probes(&mut self) {
+    /// `pending` keeps the agent not ready until the rule is installed: without it, every enrolled pod's
+    /// kubelet probes would fail, and the agent says so instead of running half-working.
+    pub fn use_host_probes(&mut self, pending: crate::readiness::Task) {
         let path = if self.cfg.host_prefix.as_os_str().is_empty() {
             PathBuf::from("/proc/thread-self/ns/net")
         } else {
             self.netns_path("/proc/1/ns/net")
         };
-        match Netns::open(&path) {
-            Ok(ns) => {
-                self.host = Some(HostProbes {
-                    netns: Arc::new(ns),
-                    settings: None,
-                })
-            }
+        let netns = match Netns::open(&path) {
+            Ok(ns) => Some(Arc::new(ns)),
             Err(e) => {
-                tracing::warn!(error = %e, "node netns unavailable; kubelet probes of enrolled pods will go through the proxy")
+                let why = format!("node netns {} unavailable: {e}", path.display());
+                tracing::error!(
+                    error = %why,
+                    "kubelet probes of enrolled pods cannot be SNATed; the agent will not become ready"
+                );
+                pending.waiting_for(why);
+                None
             }
-        }
+        };
+        self.host = Some(HostProbes {
+            netns,
+            settings: None,
+            pending: Some(pending),
+            attempts: 0,
+            next_try: Instant::now(),
+        });
     }
 
-    /// Installs the host probe rule with every captured pod's IPs (idempotent; re-run at start).
+    /// Installs the host probe rule with every captured pod's IPs (idempotent; re-run at start), when
+    /// it is not installed yet and its next try is due. Each failure is counted; after
+    /// [`HOST_PROBE_TRIES`] the readiness answer and an error log say why the agent is not ready.
     async fn install_host_probes(&mut self) {
         let Some(host) = &mut self.host else { return };
+        let Some(netns) = host.netns.clone() else {
+            return;
+        };
+        if host.settings.is_some() || host.next_try > Instant::now() {
+            return;
+        }
         let proc_root = if self.cfg.host_prefix.as_os_str().is_empty() {
             PathBuf::from("/proc")
         } else {
             self.cfg.host_prefix.join("proc")
         };
-        let Some(uid) = procfs::find_kubelet_uid(&proc_root) else {
-            tracing::warn!(proc = %proc_root.display(), "no kubelet process found; kubelet probe SNAT not installed");
-            return;
+        let result = match procfs::find_kubelet_uid(&proc_root) {
+            None => Err(format!(
+                "no kubelet process (kubelet, kubelite, k3s) found under {}",
+                proc_root.display()
+            )),
+            Some(uid) => {
+                let settings = redirect::HostProbeSettings::for_pods(uid, &self.cfg.rules);
+                let entries: Vec<(std::net::IpAddr, String)> = self
+                    .pods
+                    .iter()
+                    .filter(|r| r.state.captured())
+                    .flat_map(|r| r.ips.iter().map(|ip| (*ip, r.uid.clone())))
+                    .collect();
+                let s = settings.clone();
+                let res = tokio::task::spawn_blocking(move || {
+                    netns.run_on_thread(move || {
+                        let entries: Vec<(std::net::IpAddr, &str)> = entries
+                            .iter()
+                            .map(|(ip, uid)| (*ip, uid.as_str()))
+                            .collect();
+                        redirect::install_host(&s, &entries)
+                    })
+                })
+                .await;
+                match res {
+                    Ok(Ok(Ok(()))) => Ok((uid, settings)),
+                    Ok(Ok(Err(e))) => Err(format!("programming the node's SNAT rule: {e}")),
+                    Ok(Err(e)) => Err(format!("entering the node netns: {e}")),
+                    Err(e) => Err(format!("installing the node's SNAT rule: {e}")),
+                }
+            }
         };
-        let settings = redirect::HostProbeSettings::for_pods(uid, &self.cfg.rules);
-        let ips: Vec<std::net::IpAddr> = self
-            .pods
-            .iter()
-            .filter(|r| r.state.captured())
-            .flat_map(|r| r.ips.clone())
-            .collect();
-        let (ns, s) = (host.netns.clone(), settings.clone());
-        let res = tokio::task::spawn_blocking(move || {
-            ns.run_on_thread(move || redirect::install_host(&s, &ips))
-        })
-        .await;
-        match res {
-            Ok(Ok(Ok(()))) => {
+        match result {
+            Ok((uid, settings)) => {
                 tracing::info!(
                     kubelet_uid = uid,
                     "kubelet probe SNAT installed in the node netns"
                 );
                 host.settings = Some(settings);
+                host.pending.take();
             }
-            other => {
-                tracing::error!(result = ?other.map(|r| r.map(|r| r.err())), "installing the kubelet probe SNAT failed")
+            Err(why) => {
+                host.attempts += 1;
+                let retry = if host.attempts < HOST_PROBE_TRIES {
+                    tracing::warn!(attempt = host.attempts, error = %why, "kubelet probe SNAT not installed yet; retrying");
+                    HOST_PROBE_RETRY
+                } else {
+                    if host.attempts == HOST_PROBE_TRIES {
+                        tracing::error!(
+                            attempts = host.attempts,
+                            error = %why,
+                            "kubelet probe SNAT could not be installed; the agent stays NOT READY, since \
+                             kubelet probes of enrolled pods would reach the proxy and be refused under STRICT \
+                             mTLS; still retrying every 30 s"
+                        );
+                    }
+                    HOST_PROBE_SLOW_RETRY
+                };
+                if let Some(task) = &host.pending {
+                    task.waiting_for(format!(
+                        "kubelet probe SNAT not installed after {} attempts: {why}",
+                        host.attempts
+                    ));
+                }
+                host.next_try = Instant::now() + retry;
             }
         }
     }
 
-    /// Adds (or removes) pod IPs to the host's probe sets.
-    async fn probe_ips(&self, ips: &[std::net::IpAddr], add: bool) {
-        let Some(host) = &self.host else { return };
-        if host.settings.is_none() || ips.is_empty() {
+    /// Puts a pod's IPs in the host's probe sets as belonging to it (`add`), or takes out those it still
+    /// owns.
+    async fn probe_ips(&self, r: &PodRecord, add: bool) {
+        let Some(HostProbes {
+            netns: Some(ns),
+            settings: Some(_),
+            ..
+        }) = &self.host
+        else {
+            return;
+        };
+        if r.ips.is_empty() {
             return;
         }
-        let (ns, ips) = (host.netns.clone(), ips.to_vec());
+        let (ns, ips, uid) = (ns.clone(), r.ips.clone(), r.uid.clone());
         let res = tokio::task::spawn_blocking(move || {
             ns.run_on_thread(move || {
                 if add {
-                    redirect::add_probe_ips(&ips)
+                    redirect::add_probe_ips(&uid, &ips).map(|()| Vec::new())
                 } else {
-                    redirect::remove_probe_ips(&ips)
+                    redirect::remove_probe_ips(&uid, &ips)
                 }
             })
         })
         .await;
-        if !matches!(res, Ok(Ok(Ok(())))) {
-            tracing::warn!(add, result = ?res.map(|r| r.map(|r| r.err())), "updating the kubelet probe set failed");
+        match res {
+            Ok(Ok(Ok(kept))) => {
+                for (ip, owner) in kept {
+                    tracing::info!(pod = %key(r), uid = r.uid, %ip, owner, "probe set entry now belongs to another pod; left in place");
+                }
+            }
+            other => {
+                tracing::warn!(add, pod = %key(r), result = ?other.map(|r| r.map(|r| r.err())), "updating the kubelet probe set failed")
+            }
         }
     }
 
@@ -443,6 +533,7 @@ impl Agent {
                     }
                 }
                 _ = tick.tick() => {
+                    self.install_host_probes().await;
                     self.retry_pending().await;
                     self.repair_due().await;
                     self.check_some_rules().await;
@@ -730,7 +821,7 @@ impl Agent {
             Ok(()) => {
                 if r.state != Enrollment::Enabled {
                     self.pods.set_state(&done.uid, Enrollment::Enabled);
-                    self.probe_ips(&r.ips, true).await;
+                    self.probe_ips(&r, true).await;
                     self.annotate(key(&r), Some("enabled"));
                     tracing::info!(pod = %key(&r), uid = done.uid, "pod enrolled");
                 }
@@ -856,7 +947,7 @@ impl Agent {
         }
         let ns = self.pod_netns(&r);
         self.captured.pods.lock().remove(uid);
-        self.probe_ips(&r.ips, false).await;
+        self.probe_ips(&r, false).await;
         if let Ok(ns) = ns {
             if let Err(e) = Self::in_pod(&r, ns, "removing rules", redirect::remove).await {
                 tracing::warn!(pod = %key(&r), error = %e, "removing rules failed");
@@ -1057,7 +1148,7 @@ impl Agent {
                     };
                     self.pods.put(r.clone());
                     if r.state.captured() {
-                        tracing::info!(pod = %pod_key, ?settings, "pod annotations changed its capture settings; re-programming");
+                        tracing::info!(pod = %pod_key, settings = ?r.settings, "pod annotations changed its capture settings; re-programming");
                         if let Err(e) = self.program(&r, self.settings_of(&r)).await {
                             tracing::error!(error = %e, "re-programming with the new settings failed; the previous rules stay, retrying");
                             self.schedule_repair(&uid);
@@ -1245,6 +1336,8 @@ impl Agent {
         if r.settings.bypass_inbound {
             s.bypass_inbound = true;
         }
+        s.reroute_interfaces
+            .clone_from(&r.settings.reroute_interfaces);
         s
     }
 
@@ -1258,26 +1351,48 @@ impl Agent {
 }
 
 impl PodSettings {
-    /// The settings a pod's annotations ask for; values parsed as Go's `strconv.ParseBool`, as Istio does.
+    /// The settings a pod's annotations ask for, read as istio-cni reads them: booleans as Go's
+    /// `strconv.ParseBool` (any other value is ignored with a warning), the interface list split on
+    /// commas with blanks dropped (names that cannot be interface names are ignored with a warning).
     pub fn from_annotations(annotations: &cluster::Labels) -> PodSettings {
+        let boolean = |name: &str| {
+            let v = annotations.get(name)?;
+            let parsed = parse_bool(v);
+            if parsed.is_none() {
+                tracing::warn!(
+                    annotation = name,
+                    value = %v,
+                    "annotation ignored: only boolean values (1, t, T, TRUE, true, True, 0, f, F, FALSE, false, False) are supported"
+                );
+            }
+            parsed
+        };
+        let reroute_interfaces = annotations
+            .get(REROUTE_VIRTUAL_INTERFACES_ANNOTATION)
+            .map(|v| {
+                v.split(',')
+                    .map(str::trim)
+                    .filter(|n| !n.is_empty())
+                    .filter(|n| {
+                        let ok = redirect::valid_interface_name(n);
+                        if !ok {
+                            tracing::warn!(
+                                annotation = REROUTE_VIRTUAL_INTERFACES_ANNOTATION,
+                                interface = %n,
+                                "not an interface name; ignored"
+                            );
+                        }
+                        ok
+                    })
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default();
         PodSettings {
-            dns_capture: annotations
-                .get(DNS_CAPTURE_ANNOTATION)
-                .and_then(|v| parse_bool(v)),
-            bypass_inbound: annotations
-                .get(BYPASS_INBOUND_ANNOTATION)
-                .and_then(|v| parse_bool(v))
-                .unwrap_or(false),
+            dns_capture: boolean(DNS_CAPTURE_ANNOTATION),
+            bypass_inbound: boolean(BYPASS_INBOUND_ANNOTATION).unwrap_or(false),
+            reroute_interfaces,
         }
-    }
-}
-
-/// Go's `strconv.ParseBool`: the forms Istio accepts in annotations; anything else is no value.
-fn parse_bool(v: &str) -> Option<bool> {
-    match v {
-        "1" | "t" | "T" | "TRUE" | "true" | "True" => Some(true),
-        "0" | "f" | "F" | "FALSE" | "false" | "False" => Some(false),
-        _ => None,
     }
 }
 

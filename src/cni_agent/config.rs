@@ -115,12 +115,10 @@ impl AgentConfig {
         let bool_var = |name: &'static str, default: bool| -> Result<bool, Error> {
             match get(name).as_deref().map(str::trim) {
                 None => Ok(default),
-                Some(v) if v.eq_ignore_ascii_case("true") || v == "1" => Ok(true),
-                Some(v) if v.eq_ignore_ascii_case("false") || v == "0" => Ok(false),
-                Some(v) => Err(Error::Invalid {
+                Some(v) => parse_bool(v).ok_or_else(|| Error::Invalid {
                     name,
                     value: v.to_string(),
-                    reason: "expected true or false".into(),
+                    reason: "expected a boolean (true, false, 1, 0, t, f, ...)".into(),
                 }),
             }
         };
@@ -215,6 +213,7 @@ impl AgentConfig {
                 // On by default, as istio-cni: the node proxy answers on :15053 in every pod.
                 dns_capture: bool_var(AMBIENT_DNS_CAPTURE, true)?,
                 bypass_inbound: false,
+                reroute_interfaces: Vec::new(),
                 probe_snat_v4,
                 probe_snat_v6,
                 ports: RedirectPorts::default(),
@@ -240,6 +239,16 @@ impl AgentConfig {
     /// The hint the plugin reads when the agent is unreachable.
     pub fn hint_file(&self) -> PathBuf {
         self.run_dir.join("meshnode-enrollment.json")
+    }
+}
+
+/// Go's `strconv.ParseBool`, as istio-cni reads its boolean variables and pod annotations:
+/// `1 t T TRUE true True` and `0 f F FALSE false False`; anything else is no value.
+pub(super) fn parse_bool(v: &str) -> Option<bool> {
+    match v {
+        "1" | "t" | "T" | "TRUE" | "true" | "True" => Some(true),
+        "0" | "f" | "F" | "FALSE" | "false" | "False" => Some(false),
+        _ => None,
     }
 }
 

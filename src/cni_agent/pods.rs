@@ -82,7 +82,7 @@ impl From<crate::netns::NetnsId> for NetnsKey {
 }
 
 /// Per-pod adjustments of the agent's rule settings, from the pod's annotations.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PodSettings {
     /// `ambient.istio.io/dns-capture`: overrides the agent's DNS capture switch.
@@ -91,6 +91,9 @@ pub struct PodSettings {
     /// `ambient.istio.io/bypass-inbound-capture`.
     #[serde(default)]
     pub bypass_inbound: bool,
+    /// `istio.io/reroute-virtual-interfaces`: interfaces whose incoming TCP is the pod's outbound.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reroute_interfaces: Vec<String>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -222,6 +225,7 @@ mod tests {
             settings: PodSettings {
                 dns_capture: Some(true),
                 bypass_inbound: false,
+                reroute_interfaces: vec!["k6t-eth0".into()],
             },
         }
     }

@@ -15,8 +15,8 @@
 //!     set istio-inpod-probes-v6 { type ipv6_addr }
 //!     chain postrouting {
 //!         type nat hook postrouting priority srcnat; policy accept;
-//!         meta l4proto tcp meta skuid <kubelet uid> ip daddr @istio-inpod-probes-v4 snat ip to 169.254.7.127
-//!         meta l4proto tcp meta skuid <kubelet uid> ip6 daddr @istio-inpod-probes-v6 snat ip6 to <v6 addr>
+//!         meta l4proto tcp meta skuid <kubelet uid> ip daddr @istio-inpod-probes-v4 counter snat ip to 169.254.7.127
+//!         meta l4proto tcp meta skuid <kubelet uid> ip6 daddr @istio-inpod-probes-v6 counter snat ip6 to <v6 addr>
 //!     }
 //! }
 //! ```
@@ -25,7 +25,7 @@
 //! [`install_host`] leaves a table that is already right alone and only syncs the set elements, so an
 //! agent restart does not open a window in which probes are not SNATed.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use nix::errno::Errno;
@@ -48,6 +48,8 @@ const TYPE_IPADDR: u32 = 7;
 const TYPE_IP6ADDR: u32 = 8;
 /// `priority srcnat`.
 const SRCNAT: i32 = 100;
+/// The probe sets' comment (istio-cni's); each element's comment is the UID of the pod it belongs to.
+const SET_COMMENT: &str = "UUID of the pods that are part of ambient mesh";
 
 /// What the host rule matches and rewrites to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,6 +98,8 @@ pub struct HostInstalled {
     pub sets: Vec<SetState>,
     /// Elements of both probe sets, sorted (v4 first).
     pub probe_ips: Vec<IpAddr>,
+    /// The same elements with the UID of the pod each belongs to (the element's comment), if any.
+    pub probe_owners: Vec<(IpAddr, Option<String>)>,
 }
 
 impl HostInstalled {
@@ -118,7 +122,7 @@ const SETS: [(&str, u32, u32); 2] = [
     (PROBE_SET_V6, TYPE_IP6ADDR, 16),
 ];
 
-/// `meta l4proto tcp meta skuid <uid> ip[6] daddr @<set> snat ip[6] to <addr>`, as `nft` builds it.
+/// `meta l4proto tcp meta skuid <uid> ip[6] daddr @<set> counter snat ip[6] to <addr>`, as `nft` builds it.
 fn probe_rule(uid: u32, snat: IpAddr) -> Vec<Expr> {
     let (v6, set, offset, octets, family) = match snat {
         IpAddr::V4(a) => (
@@ -150,6 +154,7 @@ fn probe_rule(uid: u32, snat: IpAddr) -> Vec<Expr> {
         sreg: REG1,
         set: set.to_owned(),
     });
+    r.extend(rules::counter());
     r.push(Expr::Immediate {
         dreg: REG1,
         data: octets,
@@ -191,69 +196,100 @@ fn sets_match(sets: &[SetState]) -> bool {
         })
 }
 
-/// Pod IPs split by family, sorted and de-duplicated.
-#[derive(Debug, Default, PartialEq, Eq)]
-struct Elements {
-    v4: BTreeSet<Ipv4Addr>,
-    v6: BTreeSet<Ipv6Addr>,
-}
+/// Probe-set entries: pod IPs (sorted, de-duplicated) and the UID of the pod each belongs to, kept as
+/// the element's comment, as istio-cni keeps it. `None`: an entry without an owner (written by an
+/// earlier version), which any pod may remove.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct Elements(BTreeMap<IpAddr, Option<String>>);
 
 impl Elements {
-    fn of(ips: &[IpAddr]) -> Elements {
-        let mut e = Elements::default();
-        for ip in ips {
-            match ip {
-                IpAddr::V4(a) => e.v4.insert(*a),
-                IpAddr::V6(a) => e.v6.insert(*a),
-            };
-        }
-        e
+    fn owned(ips: &[IpAddr], owner: &str) -> Elements {
+        Elements(ips.iter().map(|ip| (*ip, Some(owner.to_owned()))).collect())
+    }
+
+    fn of(entries: &[(IpAddr, &str)]) -> Elements {
+        Elements(
+            entries
+                .iter()
+                .map(|(ip, owner)| (*ip, Some((*owner).to_owned())))
+                .collect(),
+        )
     }
 
     fn is_empty(&self) -> bool {
-        self.v4.is_empty() && self.v6.is_empty()
+        self.0.is_empty()
     }
 
-    /// Elements of `self` not in `other`.
+    /// Entries of `self` that `other` lacks or gives another owner.
     fn minus(&self, other: &Elements) -> Elements {
-        Elements {
-            v4: self.v4.difference(&other.v4).copied().collect(),
-            v6: self.v6.difference(&other.v6).copied().collect(),
-        }
+        Elements(
+            self.0
+                .iter()
+                .filter(|(ip, owner)| other.0.get(ip) != Some(owner))
+                .map(|(ip, owner)| (*ip, owner.clone()))
+                .collect(),
+        )
     }
 
-    fn keys(&self) -> [(&'static str, Vec<Vec<u8>>); 2] {
+    /// Entries of `self` whose IP `other` lacks.
+    fn ips_not_in(&self, other: &Elements) -> Elements {
+        Elements(
+            self.0
+                .iter()
+                .filter(|(ip, _)| !other.0.contains_key(ip))
+                .map(|(ip, owner)| (*ip, owner.clone()))
+                .collect(),
+        )
+    }
+
+    /// The elements per set.
+    fn per_set(&self) -> [(&'static str, Vec<nft::Elem>); 2] {
+        let elem = |ip: &IpAddr, owner: &Option<String>| nft::Elem {
+            key: match ip {
+                IpAddr::V4(a) => a.octets().to_vec(),
+                IpAddr::V6(a) => a.octets().to_vec(),
+            },
+            comment: owner.clone(),
+        };
+        let (v4, v6): (Vec<_>, Vec<_>) = self.0.iter().partition(|(ip, _)| ip.is_ipv4());
         [
             (
                 PROBE_SET_V4,
-                self.v4.iter().map(|a| a.octets().to_vec()).collect(),
+                v4.into_iter().map(|(i, o)| elem(i, o)).collect(),
             ),
             (
                 PROBE_SET_V6,
-                self.v6.iter().map(|a| a.octets().to_vec()).collect(),
+                v6.into_iter().map(|(i, o)| elem(i, o)).collect(),
             ),
         ]
     }
 
-    /// NEWSETELEM for these elements (existing ones are fine).
+    /// NEWSETELEM for these entries, for IPs not yet in the sets.
     fn add_to(&self, b: &mut Batch) {
-        for (set, keys) in self.keys().iter().filter(|(_, k)| !k.is_empty()) {
-            b.set_elems(true, HOST_TABLE, set, keys);
+        for (set, elems) in self.per_set().iter().filter(|(_, e)| !e.is_empty()) {
+            b.set_elems(true, HOST_TABLE, set, elems);
         }
     }
 
-    /// NEWSETELEM then DELSETELEM for these elements: adding first makes deleting an absent element
-    /// succeed (the same trick as NEWTABLE before DELTABLE), with no kernel-version dependence.
+    /// NEWSETELEM then DELSETELEM for these IPs: adding first makes deleting an absent element succeed
+    /// (the same trick as NEWTABLE before DELTABLE), with no kernel-version dependence.
     fn remove_from(&self, b: &mut Batch) {
         self.add_to(b);
-        for (set, keys) in self.keys().iter().filter(|(_, k)| !k.is_empty()) {
-            b.set_elems(false, HOST_TABLE, set, keys);
+        for (set, elems) in self.per_set().iter().filter(|(_, e)| !e.is_empty()) {
+            b.set_elems(false, HOST_TABLE, set, elems);
         }
     }
 
-    fn into_ips(self) -> Vec<IpAddr> {
-        let v4 = self.v4.into_iter().map(IpAddr::V4);
-        v4.chain(self.v6.into_iter().map(IpAddr::V6)).collect()
+    /// These entries, replacing whatever the sets hold for their IPs: a NEWSETELEM does not change an
+    /// element already there, so remove, then add, within the one batch (no packet sees the set
+    /// without the IP).
+    fn upsert_into(&self, b: &mut Batch) {
+        self.remove_from(b);
+        self.add_to(b);
+    }
+
+    fn ips(&self) -> Vec<IpAddr> {
+        self.0.keys().copied().collect()
     }
 }
 
@@ -261,7 +297,14 @@ impl Elements {
 fn create_table(b: &mut Batch, plan: &TablePlan, elements: &Elements, exclusive: bool) {
     b.new_table(HOST_TABLE, exclusive);
     for (id, (name, key_type, key_len)) in SETS.iter().enumerate() {
-        b.new_set(HOST_TABLE, name, *key_type, *key_len, id as u32 + 1);
+        b.new_set(
+            HOST_TABLE,
+            name,
+            *key_type,
+            *key_len,
+            id as u32 + 1,
+            Some(SET_COMMENT),
+        );
     }
     for chain in &plan.chains {
         b.new_chain(HOST_TABLE, chain);
@@ -279,15 +322,16 @@ fn netfilter_socket() -> Result<NlSocket, Error> {
 }
 
 /// Programs the host probe rule for `settings` in the calling thread's network namespace and makes the
-/// probe sets hold exactly `pod_ips`. Idempotent; every change is one atomic batch:
+/// probe sets hold exactly `entries` (pod IP, UID of its pod). Idempotent; every change is one atomic
+/// batch:
 /// - no host table: creations only (table with `NLM_F_EXCL`, sets, chain, rule, elements);
-/// - the table exactly as wanted (agent restart): only the element differences (nothing if none), so the
-///   elements are never flushed;
+/// - the table exactly as wanted (agent restart): only the element differences (nothing if none; an
+///   entry whose owner changed is replaced), so the elements are never flushed;
 /// - anything else (other uid, other addresses, foreign chains or sets): NEWTABLE + DELTABLE + the whole
-///   table with `pod_ips` re-added, in one batch.
-pub fn install_host(settings: &HostProbeSettings, pod_ips: &[IpAddr]) -> Result<(), Error> {
+///   table with `entries` re-added, in one batch.
+pub fn install_host(settings: &HostProbeSettings, entries: &[(IpAddr, &str)]) -> Result<(), Error> {
     let plan = plan(settings);
-    let want = Elements::of(pod_ips);
+    let want = Elements::of(entries);
     let mut sock = netfilter_socket()?;
     if read_table(&mut sock, false)?.is_none() {
         let mut b = Batch::begin(sock.seq());
@@ -304,13 +348,13 @@ pub fn install_host(settings: &HostProbeSettings, pod_ips: &[IpAddr]) -> Result<
         let table: Vec<TableState> = read_table(&mut sock, true)?.into_iter().collect();
         if super::tables_match(&table, &vec![plan.clone()]) && sets_match(&read_sets(&mut sock)?) {
             let have = read_elements(&mut sock)?;
-            let (add, del) = (want.minus(&have), have.minus(&want));
-            if add.is_empty() && del.is_empty() {
+            let (put, stale) = (want.minus(&have), have.ips_not_in(&want));
+            if put.is_empty() && stale.is_empty() {
                 return Ok(());
             }
             let mut b = Batch::begin(sock.seq());
-            add.add_to(&mut b);
-            del.remove_from(&mut b);
+            stale.remove_from(&mut b);
+            put.upsert_into(&mut b);
             return super::send_batch(&mut sock, b.end());
         }
     }
@@ -321,35 +365,53 @@ pub fn install_host(settings: &HostProbeSettings, pod_ips: &[IpAddr]) -> Result<
     super::send_batch(&mut sock, b.end())
 }
 
-/// Adds `ips` to the probe sets in one batch; IPs already there are fine. Needs [`install_host`] first
-/// (else the kernel answers ENOENT: [`Error::Rejected`] for [`Target::SetElements`]).
-pub fn add_probe_ips(ips: &[IpAddr]) -> Result<(), Error> {
-    let elements = Elements::of(ips);
+/// Puts `ips` in the probe sets as belonging to the pod `owner` (its UID), in one batch: an IP already
+/// there changes owner (the newest pod with an IP owns it, as in istio-cni). Needs [`install_host`]
+/// first (else the kernel answers ENOENT: [`Error::Rejected`] for [`Target::SetElements`]).
+pub fn add_probe_ips(owner: &str, ips: &[IpAddr]) -> Result<(), Error> {
+    let elements = Elements::owned(ips, owner);
     if elements.is_empty() {
         return Ok(());
     }
     let mut sock = netfilter_socket()?;
     let mut b = Batch::begin(sock.seq());
-    elements.add_to(&mut b);
+    elements.upsert_into(&mut b);
     super::send_batch(&mut sock, b.end())
 }
 
-/// Removes `ips` from the probe sets in one batch; IPs not there, and a missing table, are fine.
-pub fn remove_probe_ips(ips: &[IpAddr]) -> Result<(), Error> {
-    let elements = Elements::of(ips);
-    if elements.is_empty() {
-        return Ok(());
+/// Removes those of `ips` that belong to the pod `owner` (or to no pod) from the probe sets, in one
+/// batch. An IP that another pod now owns stays: a pod deleted after its IP went to a new pod must not
+/// take the new pod's probes with it. Returns the IPs left for other owners, with those owners. IPs
+/// not there, and a missing table, are fine.
+pub fn remove_probe_ips(owner: &str, ips: &[IpAddr]) -> Result<Vec<(IpAddr, String)>, Error> {
+    if ips.is_empty() {
+        return Ok(Vec::new());
     }
     let mut sock = netfilter_socket()?;
+    let have = read_elements(&mut sock)?;
+    let mut gone = Elements::default();
+    let mut kept = Vec::new();
+    for ip in ips {
+        match have.0.get(ip) {
+            None => {}
+            Some(Some(other)) if other != owner => kept.push((*ip, other.clone())),
+            Some(current) => {
+                gone.0.insert(*ip, current.clone());
+            }
+        }
+    }
+    if gone.is_empty() {
+        return Ok(kept);
+    }
     let mut b = Batch::begin(sock.seq());
-    elements.remove_from(&mut b);
+    gone.remove_from(&mut b);
     match super::send_batch(&mut sock, b.end()) {
         // Adding first makes absent elements fine, so ENOENT means no table or set: nothing to remove.
         Err(Error::Rejected {
             target: Target::SetElements { .. },
             errno: Errno::ENOENT,
-        }) => Ok(()),
-        other => other,
+        }) => Ok(kept),
+        other => other.map(|()| kept),
     }
 }
 
@@ -369,11 +431,12 @@ pub fn inspect_host() -> Result<HostInstalled, Error> {
         return Ok(HostInstalled::default());
     };
     let sets = read_sets(&mut sock)?;
-    let probe_ips = read_elements(&mut sock)?.into_ips();
+    let elements = read_elements(&mut sock)?;
     Ok(HostInstalled {
         table: Some(table),
         sets,
-        probe_ips,
+        probe_ips: elements.ips(),
+        probe_owners: elements.0.into_iter().collect(),
     })
 }
 
@@ -412,20 +475,25 @@ fn read_elements(sock: &mut NlSocket) -> Result<Elements, Error> {
         let target = Target::NftDump {
             what: "set elements",
         };
-        let mut keys = Vec::new();
-        match sock.dump(&req, seq, target, |r| keys.extend(nft::parse_set_elems(&r))) {
+        let mut elems = Vec::new();
+        match sock.dump(&req, seq, target, |r| {
+            elems.extend(nft::parse_set_elems(&r))
+        }) {
             Err(Error::Rejected {
                 errno: Errno::ENOENT,
                 ..
             }) => continue,
             other => other?,
         }
-        for key in keys {
-            if let Ok(a) = <[u8; 4]>::try_from(key.as_slice()) {
-                e.v4.insert(Ipv4Addr::from(a));
+        for nft::Elem { key, comment } in elems {
+            let ip = if let Ok(a) = <[u8; 4]>::try_from(key.as_slice()) {
+                IpAddr::from(a)
             } else if let Ok(a) = <[u8; 16]>::try_from(key.as_slice()) {
-                e.v6.insert(Ipv6Addr::from(a));
-            }
+                IpAddr::from(a)
+            } else {
+                continue;
+            };
+            e.0.insert(ip, comment);
         }
     }
     Ok(e)

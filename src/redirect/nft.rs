@@ -77,12 +77,51 @@ const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
 const NFTA_SET_ELEM_LIST_SET: u16 = 2;
 const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
 const NFTA_SET_ELEM_KEY: u16 = 1;
+const NFTA_SET_ELEM_USERDATA: u16 = 6;
 /// The set's user data as `nft` writes it: TLV `NFTNL_UDATA_SET_KEYBYTEORDER` (0), length 4, value
 /// `BYTEORDER_BIG_ENDIAN` (2, host-endian u32), so `nft list` prints addresses the right way round.
 const SET_USERDATA_BIG_ENDIAN_KEY: [u8; 6] = [0, 4, 2, 0, 0, 0];
+/// `NFTNL_UDATA_SET_COMMENT`, a set's comment in its user data.
+const UDATA_SET_COMMENT: u8 = 7;
+/// `NFTNL_UDATA_SET_ELEM_COMMENT`, an element's comment in its user data.
+const UDATA_SET_ELEM_COMMENT: u8 = 0;
+/// Longest element comment written, in bytes (pod UIDs take 36): keeps [`ELEMS_PER_MSG`] elements in
+/// one message.
+pub(super) const MAX_ELEM_COMMENT: usize = 64;
 /// Most elements in one NEWSETELEM/DELSETELEM message: the element list is one attribute, whose length
-/// field is a u16 (64 KiB), and an IPv6 element takes 28 bytes.
-pub(super) const ELEMS_PER_MSG: usize = 1024;
+/// field is a u16 (64 KiB), and an IPv6 element with the longest comment takes about 110 bytes.
+pub(super) const ELEMS_PER_MSG: usize = 512;
+
+/// An element to add or delete: its key and, when adding, its comment (at most [`MAX_ELEM_COMMENT`]
+/// bytes are written).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Elem {
+    pub(super) key: Vec<u8>,
+    pub(super) comment: Option<String>,
+}
+
+/// A `\0`-terminated string TLV in libnftnl's user-data format (type, length, value).
+fn udata_str(out: &mut Vec<u8>, ty: u8, value: &str) {
+    out.push(ty);
+    out.push(value.len() as u8 + 1);
+    out.extend_from_slice(value.as_bytes());
+    out.push(0);
+}
+
+/// The string of TLV `ty` in user data `data`, if present and well formed.
+fn udata_find_str(data: &[u8], ty: u8) -> Option<String> {
+    let mut rest = data;
+    while let [t, len, tail @ ..] = rest {
+        let len = *len as usize;
+        let value = tail.get(..len)?;
+        if *t == ty {
+            let value = value.strip_suffix(&[0]).unwrap_or(value);
+            return std::str::from_utf8(value).ok().map(str::to_owned);
+        }
+        rest = &tail[len..];
+    }
+    None
+}
 /// `NF_NAT_RANGE_PROTO_SPECIFIED`: the redirect carries a port.
 const NF_NAT_RANGE_PROTO_SPECIFIED: u32 = 1 << 1;
 
@@ -133,6 +172,9 @@ pub(super) enum Expr {
     Dnat { addr_reg: u32, port_reg: u32 },
     /// A random number in `0..modulus` into `dreg` (`numgen random mod N`).
     NumgenRandom { dreg: u32, modulus: u32 },
+    /// `counter`: packets and bytes the rule matched. Built at zero; the kernel's counts are not kept on
+    /// decode, so a rule that has counted reads back equal to the one built.
+    Counter,
     /// An expression this module does not know (only ever decoded, never built).
     Other(String),
 }
@@ -150,6 +192,7 @@ impl Expr {
             Expr::Lookup { .. } => "lookup",
             Expr::Snat { .. } | Expr::Dnat { .. } => "nat",
             Expr::NumgenRandom { .. } => "numgen",
+            Expr::Counter => "counter",
             Expr::Other(name) => name,
         }
     }
@@ -246,7 +289,8 @@ impl Expr {
                 w.attr_be32(NFTA_NG_MODULUS, *modulus);
                 w.attr_be32(NFTA_NG_TYPE, NFT_NG_RANDOM);
             }
-            Expr::Other(_) => {}
+            // As `nft` sends it: no attributes, so the kernel starts the counts at zero.
+            Expr::Counter | Expr::Other(_) => {}
         }
         w.nest_end(data);
         w.nest_end(elem);
@@ -357,6 +401,7 @@ impl Expr {
                     modulus: u(NFTA_NG_MODULUS)?,
                 })
             })(),
+            "counter" => Some(Expr::Counter),
             _ => None,
         };
         decoded.unwrap_or(Expr::Other(name))
@@ -484,8 +529,9 @@ impl Batch {
         self.w.msg_end(m);
     }
 
-    /// NEWSET: a plain (hash) set of `key_len`-byte keys of nft data type `key_type`, named `set`. `id`
-    /// is the batch-local set id (any value unique within the batch).
+    /// NEWSET: a plain (hash) set of `key_len`-byte keys of nft data type `key_type`, named `set`, with
+    /// an optional `comment` (under 250 bytes). `id` is the batch-local set id (any value unique within
+    /// the batch).
     pub(super) fn new_set(
         &mut self,
         table: &'static str,
@@ -493,6 +539,7 @@ impl Batch {
         key_type: u32,
         key_len: u32,
         id: u32,
+        comment: Option<&str>,
     ) {
         let m = self.msg(libc::NFT_MSG_NEWSET, CREATE, Target::Set { table, set });
         self.w.attr_str(NFTA_SET_TABLE, table);
@@ -501,7 +548,11 @@ impl Batch {
         self.w.attr_be32(NFTA_SET_KEY_TYPE, key_type);
         self.w.attr_be32(NFTA_SET_KEY_LEN, key_len);
         self.w.attr_be32(NFTA_SET_ID, id);
-        self.w.attr(NFTA_SET_USERDATA, &SET_USERDATA_BIG_ENDIAN_KEY);
+        let mut udata = SET_USERDATA_BIG_ENDIAN_KEY.to_vec();
+        if let Some(comment) = comment {
+            udata_str(&mut udata, UDATA_SET_COMMENT, comment);
+        }
+        self.w.attr(NFTA_SET_USERDATA, &udata);
         self.w.msg_end(m);
     }
 
@@ -512,21 +563,30 @@ impl Batch {
         add: bool,
         table: &'static str,
         set: &'static str,
-        keys: &[Vec<u8>],
+        elems: &[Elem],
     ) {
         let (msg, flags) = if add {
             (libc::NFT_MSG_NEWSETELEM, CREATE)
         } else {
             (libc::NFT_MSG_DELSETELEM, 0)
         };
-        for chunk in keys.chunks(ELEMS_PER_MSG) {
+        for chunk in elems.chunks(ELEMS_PER_MSG) {
             let m = self.msg(msg, flags, Target::SetElements { table, set });
             self.w.attr_str(NFTA_SET_ELEM_LIST_TABLE, table);
             self.w.attr_str(NFTA_SET_ELEM_LIST_SET, set);
             let list = self.w.nest_begin(NFTA_SET_ELEM_LIST_ELEMENTS);
-            for key in chunk {
+            for e in chunk {
                 let elem = self.w.nest_begin(NFTA_LIST_ELEM);
-                value(&mut self.w, NFTA_SET_ELEM_KEY, key);
+                value(&mut self.w, NFTA_SET_ELEM_KEY, &e.key);
+                if let Some(comment) = e.comment.as_deref().filter(|_| add) {
+                    let mut end = comment.len().min(MAX_ELEM_COMMENT);
+                    while !comment.is_char_boundary(end) {
+                        end -= 1;
+                    }
+                    let mut udata = Vec::with_capacity(end + 2);
+                    udata_str(&mut udata, UDATA_SET_ELEM_COMMENT, &comment[..end]);
+                    self.w.attr(NFTA_SET_ELEM_USERDATA, &udata);
+                }
                 self.w.nest_end(elem);
             }
             self.w.nest_end(list);
@@ -722,8 +782,9 @@ pub(super) fn parse_set(reply: &Reply<'_>) -> DumpedSet {
     d
 }
 
-/// The keys in a NEWSETELEM dump message (elements without a key value are skipped).
-pub(super) fn parse_set_elems(reply: &Reply<'_>) -> Vec<Vec<u8>> {
+/// The elements (keys and comments) in a NEWSETELEM dump message; elements without a key value are
+/// skipped.
+pub(super) fn parse_set_elems(reply: &Reply<'_>) -> Vec<Elem> {
     nft_attrs(reply)
         .filter(|(ty, _)| *ty == NFTA_SET_ELEM_LIST_ELEMENTS)
         .flat_map(|(_, list)| attrs(list))
@@ -731,7 +792,13 @@ pub(super) fn parse_set_elems(reply: &Reply<'_>) -> Vec<Vec<u8>> {
         .filter_map(|(_, elem)| {
             let (_, key) = attrs(elem).find(|(ty, _)| *ty == NFTA_SET_ELEM_KEY)?;
             let (_, v) = attrs(key).find(|(ty, _)| *ty == NFTA_DATA_VALUE)?;
-            Some(v.to_vec())
+            let comment = attrs(elem)
+                .find(|(ty, _)| *ty == NFTA_SET_ELEM_USERDATA)
+                .and_then(|(_, u)| udata_find_str(u, UDATA_SET_ELEM_COMMENT));
+            Some(Elem {
+                key: v.to_vec(),
+                comment,
+            })
         })
         .collect()
 }

@@ -109,11 +109,44 @@ fn mark(op: u32, value: u32) -> [Expr; 3] {
     ]
 }
 
-/// `oifname OP "lo"` (the name is compared as the full 16-byte, NUL-padded IFNAMSIZ buffer).
+/// `oifname OP "lo"`.
 fn oif_lo(op: u32) -> [Expr; 2] {
-    let mut name = [0u8; libc::IFNAMSIZ];
-    name[..2].copy_from_slice(b"lo");
-    [meta(libc::NFT_META_OIFNAME), cmp(op, &name)]
+    [meta(libc::NFT_META_OIFNAME), cmp(op, &ifname_bytes("lo"))]
+}
+
+/// `iifname "<name>"`: a virtual interface of the pod whose traffic counts as outbound.
+fn iif(name: &str) -> [Expr; 2] {
+    [
+        meta(libc::NFT_META_IIFNAME),
+        cmp(CMP_EQ, &ifname_bytes(name)),
+    ]
+}
+
+/// An interface name as `nft` compares it: the full 16-byte, NUL-padded IFNAMSIZ buffer, or for a
+/// wildcard `name*` only the bytes before the `*` (a prefix match). Names are checked by
+/// [`valid_interface_name`] first, so they fit.
+fn ifname_bytes(name: &str) -> Vec<u8> {
+    match name.strip_suffix('*') {
+        Some(prefix) => prefix.as_bytes().to_vec(),
+        None => {
+            let mut buf = vec![0u8; libc::IFNAMSIZ];
+            buf[..name.len()].copy_from_slice(name.as_bytes());
+            buf
+        }
+    }
+}
+
+/// Whether `name` can name a Linux interface (1 to 15 bytes, no `/`, `:`, whitespace or control
+/// characters, not `.` or `..`), optionally with a trailing `*` wildcard as `nft` accepts it.
+pub fn valid_interface_name(name: &str) -> bool {
+    let base = name.strip_suffix('*').unwrap_or(name);
+    !base.is_empty()
+        && base.len() < libc::IFNAMSIZ
+        && base != "."
+        && base != ".."
+        && !base.bytes().any(|b| {
+            b == b'/' || b == b':' || b == b'*' || b.is_ascii_whitespace() || b.is_ascii_control()
+        })
 }
 
 fn accept() -> Expr {
@@ -128,6 +161,18 @@ fn jump(chain: &str) -> Expr {
         code: libc::NFT_JUMP,
         chain: Some(chain.to_owned()),
     }
+}
+
+fn ret() -> Expr {
+    Expr::Verdict {
+        code: libc::NFT_RETURN,
+        chain: None,
+    }
+}
+
+/// `counter`: every rule but the jumps counts its hits, as istio-cni's do (`nft list ruleset` shows them).
+pub(super) fn counter() -> [Expr; 1] {
+    [Expr::Counter]
 }
 
 /// `redirect to :port`: the port goes into register 1 in network order.
@@ -213,7 +258,24 @@ macro_rules! rule {
     }};
 }
 
-/// The rule set of Istio's in-pod redirection (reference §1.7/§1.9) for `s`.
+/// A base chain `name` of `kind` at `hooknum`/`priority` whose one rule jumps to the regular chain
+/// `target`, as istio-cni lays out each of its tables.
+fn entry(
+    name: &'static str,
+    kind: &'static str,
+    hooknum: i32,
+    priority: i32,
+    target: &str,
+) -> ChainPlan {
+    let mut chain = base(name, kind, hooknum, priority);
+    chain.rules.push(vec![jump(target)]);
+    chain
+}
+
+/// The rule set of Istio's in-pod redirection (reference §1.7/§1.9) for `s`: per table, base chains
+/// `prerouting` and `output` jumping to regular chains `istio-prerouting` and `istio-output`, which hold
+/// the rules, each with a `counter`, in istio-cni's order and expression for expression as `nft` builds
+/// them from istio-cni's rule text.
 pub(super) fn plan(s: &RuleSettings) -> Plan {
     let tcp = libc::IPPROTO_TCP;
     let udp = libc::IPPROTO_UDP;
@@ -229,17 +291,31 @@ pub(super) fn plan(s: &RuleSettings) -> Plan {
         ));
     }
 
-    let mut prerouting = base(PREROUTING, "nat", libc::NF_INET_PRE_ROUTING, -100);
-    prerouting.rules.push(vec![jump(ISTIO_PREROUTING)]);
-    let mut output = base(OUTPUT, "nat", libc::NF_INET_LOCAL_OUT, -100);
-    output.rules.push(vec![jump(ISTIO_OUTPUT)]);
-
     let mut prert = regular(ISTIO_PREROUTING);
+    // Virtual interfaces (KubeVirt, Docker-in-Docker): TCP arriving from them is the pod's outbound.
+    for name in s
+        .reroute_interfaces
+        .iter()
+        .filter(|n| valid_interface_name(n))
+    {
+        prert.rules.push(rule![
+            iif(name),
+            l4proto(tcp),
+            counter(),
+            redirect(p.outbound)
+        ]);
+        prert
+            .rules
+            .push(rule![iif(name), l4proto(tcp), counter(), [ret()]]);
+    }
     if !s.bypass_inbound {
         for (_, probe) in &families {
-            prert
-                .rules
-                .push(rule![l4proto(tcp), addr(true, CMP_EQ, *probe), [accept()]]);
+            prert.rules.push(rule![
+                l4proto(tcp),
+                addr(true, CMP_EQ, *probe),
+                counter(),
+                [accept()]
+            ]);
         }
         for (lo, _) in &families {
             prert.rules.push(rule![
@@ -247,6 +323,7 @@ pub(super) fn plan(s: &RuleSettings) -> Plan {
                 l4proto(tcp),
                 port(false, CMP_NEQ, p.inbound),
                 mark(CMP_NEQ, pmark),
+                counter(),
                 redirect(p.inbound_plaintext),
             ]);
         }
@@ -254,15 +331,20 @@ pub(super) fn plan(s: &RuleSettings) -> Plan {
 
     let mut out = regular(ISTIO_OUTPUT);
     for (_, probe) in &families {
-        out.rules
-            .push(rule![l4proto(tcp), addr(false, CMP_EQ, *probe), [accept()]]);
+        out.rules.push(rule![
+            l4proto(tcp),
+            addr(false, CMP_EQ, *probe),
+            counter(),
+            [accept()]
+        ]);
     }
     if s.dns_capture {
         out.rules.push(rule![
             oif_lo(CMP_NEQ),
-            l4proto(udp),
             mark(CMP_NEQ, pmark),
+            l4proto(udp),
             port(false, CMP_EQ, 53),
+            counter(),
             redirect(p.dns),
         ]);
         for (lo, _) in &families {
@@ -271,29 +353,40 @@ pub(super) fn plan(s: &RuleSettings) -> Plan {
                 l4proto(tcp),
                 port(false, CMP_EQ, 53),
                 mark(CMP_NEQ, pmark),
+                counter(),
                 redirect(p.dns),
             ]);
         }
     }
-    out.rules
-        .push(rule![l4proto(tcp), mark(CMP_EQ, CONN_MARK), [accept()]]);
+    out.rules.push(rule![
+        l4proto(tcp),
+        mark(CMP_EQ, CONN_MARK),
+        counter(),
+        [accept()]
+    ]);
     for (lo, _) in &families {
-        out.rules
-            .push(rule![oif_lo(CMP_EQ), addr(false, CMP_NEQ, *lo), [accept()]]);
+        out.rules.push(rule![
+            oif_lo(CMP_EQ),
+            addr(false, CMP_NEQ, *lo),
+            counter(),
+            [accept()]
+        ]);
     }
     for (lo, _) in &families {
         out.rules.push(rule![
             l4proto(tcp),
             addr(false, CMP_NEQ, *lo),
             mark(CMP_NEQ, pmark),
+            counter(),
             redirect(p.outbound),
         ]);
     }
 
     let ct_mark = libc::NFT_CT_MARK as u32;
-    let mut mangle_pre = base(PREROUTING, "filter", libc::NF_INET_PRE_ROUTING, -150);
+    let mut mangle_pre = regular(ISTIO_PREROUTING);
     mangle_pre.rules.push(rule![
         mark(CMP_EQ, pmark),
+        counter(),
         [
             Expr::Ct {
                 key: ct_mark,
@@ -311,55 +404,78 @@ pub(super) fn plan(s: &RuleSettings) -> Plan {
             },
         ],
     ]);
-    let mut mangle_out = base(OUTPUT, "route", libc::NF_INET_LOCAL_OUT, -150);
-    mangle_out.rules.push(rule![[
-        Expr::Ct {
-            key: ct_mark,
-            dreg: REG1
-        },
-        and(MARK_MASK),
-        cmp(CMP_EQ, &CONN_MARK.to_ne_bytes()),
-        Expr::Ct {
-            key: ct_mark,
-            dreg: REG1
-        },
-        Expr::MetaSet {
-            key: libc::NFT_META_MARK as u32,
-            sreg: REG1
-        },
-    ],]);
+    let mut mangle_out = regular(ISTIO_OUTPUT);
+    mangle_out.rules.push(rule![
+        [
+            Expr::Ct {
+                key: ct_mark,
+                dreg: REG1
+            },
+            and(MARK_MASK),
+            cmp(CMP_EQ, &CONN_MARK.to_ne_bytes()),
+        ],
+        counter(),
+        [
+            Expr::Ct {
+                key: ct_mark,
+                dreg: REG1
+            },
+            Expr::MetaSet {
+                key: libc::NFT_META_MARK as u32,
+                sreg: REG1
+            },
+        ],
+    ]);
 
-    let mut raw_pre = base(PREROUTING, "filter", libc::NF_INET_PRE_ROUTING, -300);
+    let mut raw_pre = regular(ISTIO_PREROUTING);
     raw_pre.rules.push(rule![
         l4proto(udp),
         port(true, CMP_EQ, 53),
         mark(CMP_NEQ, pmark),
+        counter(),
         ct_zone_1(),
     ]);
-    let mut raw_out = base(OUTPUT, "filter", libc::NF_INET_LOCAL_OUT, -300);
+    let mut raw_out = regular(ISTIO_OUTPUT);
     raw_out.rules.push(rule![
         l4proto(udp),
         port(false, CMP_EQ, 53),
         mark(CMP_EQ, pmark),
+        counter(),
         ct_zone_1(),
     ]);
 
+    let (pre, out_hook) = (libc::NF_INET_PRE_ROUTING, libc::NF_INET_LOCAL_OUT);
     vec![
         TablePlan {
             name: NAT,
             present: true,
-            chains: vec![prert, out, prerouting, output],
+            chains: vec![
+                prert,
+                out,
+                entry(PREROUTING, "nat", pre, -100, ISTIO_PREROUTING),
+                entry(OUTPUT, "nat", out_hook, -100, ISTIO_OUTPUT),
+            ],
         },
         TablePlan {
             name: MANGLE,
             present: true,
-            chains: vec![mangle_pre, mangle_out],
+            chains: vec![
+                mangle_pre,
+                mangle_out,
+                entry(PREROUTING, "filter", pre, -150, ISTIO_PREROUTING),
+                entry(OUTPUT, "route", out_hook, -150, ISTIO_OUTPUT),
+            ],
         },
         TablePlan {
             name: RAW,
             present: s.dns_capture,
             chains: if s.dns_capture {
-                vec![raw_pre, raw_out]
+                vec![
+                    raw_pre,
+                    raw_out,
+                    entry(PREROUTING, "filter", pre, -300, ISTIO_PREROUTING),
+                    entry(OUTPUT, "filter", out_hook, -300, ISTIO_OUTPUT),
+                ]
             } else {
                 Vec::new()
             },

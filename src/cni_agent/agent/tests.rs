@@ -287,3 +287,35 @@ async fn a_pod_written_to_the_file_just_before_its_add_is_decided_with_its_label
         _ = scenario => {}
     }
 }
+
+#[test]
+fn pod_annotations_are_read_as_istio_cni_reads_them() {
+    let settings = |pairs: &[(&str, &str)]| {
+        let labels: cluster::Labels = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        PodSettings::from_annotations(&labels)
+    };
+    // Go's strconv.ParseBool forms, each way.
+    for yes in ["1", "t", "T", "TRUE", "true", "True"] {
+        let s = settings(&[(DNS_CAPTURE_ANNOTATION, yes), (BYPASS_INBOUND_ANNOTATION, yes)]);
+        assert_eq!((s.dns_capture, s.bypass_inbound), (Some(true), true), "{yes}");
+    }
+    for no in ["0", "f", "F", "FALSE", "false", "False"] {
+        let s = settings(&[(DNS_CAPTURE_ANNOTATION, no), (BYPASS_INBOUND_ANNOTATION, no)]);
+        assert_eq!((s.dns_capture, s.bypass_inbound), (Some(false), false), "{no}");
+    }
+    // Anything else is ignored, as if the annotation were absent (istio-cni warns and ignores it).
+    for other in ["yes", "on", "tRuE", " true", "", "2"] {
+        let s = settings(&[(DNS_CAPTURE_ANNOTATION, other), (BYPASS_INBOUND_ANNOTATION, other)]);
+        assert_eq!((s.dns_capture, s.bypass_inbound), (None, false), "{other:?}");
+    }
+    // The virtual interfaces: split on commas, blanks trimmed and dropped, impossible names left out.
+    let s = settings(&[(
+        REROUTE_VIRTUAL_INTERFACES_ANNOTATION,
+        " k6t-eth0, ,tap0,,a-name-far-too-long-for-linux,bad/name,veth* ",
+    )]);
+    assert_eq!(s.reroute_interfaces, ["k6t-eth0", "tap0", "veth*"]);
+    assert!(settings(&[]).reroute_interfaces.is_empty());
+}

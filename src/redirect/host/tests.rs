@@ -27,7 +27,7 @@ fn decoded(bytes: &[u8]) -> Expr {
 #[test]
 fn the_probe_rule_is_the_expression_list_nft_builds() {
     // `nft --debug=netlink`: meta load l4proto; cmp eq 6; meta load skuid; cmp eq 0; meta load nfproto;
-    // cmp eq 2; payload load 4b @ network header + 16; lookup reg 1 set s; immediate 0x04030201;
+    // cmp eq 2; payload load 4b @ network header + 16; lookup reg 1 set s; counter; immediate 0x04030201;
     // nat snat ip addr_min reg 1.
     let rule = probe_rule(0, IpAddr::V4(Ipv4Addr::new(1, 2, 3, 4)));
     let names: Vec<String> = rule
@@ -53,6 +53,7 @@ fn the_probe_rule_is_the_expression_list_nft_builds() {
             "cmp [2]",
             "payload 4b +16",
             "lookup istio-inpod-probes-v4",
+            "Counter",
             "immediate [1, 2, 3, 4]",
             "snat 2",
         ]
@@ -209,7 +210,15 @@ fn snat_to_an_address_in_a_register_encodes_like_nft() {
 #[test]
 fn set_elements_are_sent_like_nft_in_bounded_messages() {
     let mut b = Batch::default();
-    b.set_elems(true, "t", "s", &[vec![10, 1, 2, 3]]);
+    b.set_elems(
+        true,
+        "t",
+        "s",
+        &[nft::Elem {
+            key: vec![10, 1, 2, 3],
+            comment: None,
+        }],
+    );
     // After nlmsghdr + nfgenmsg: TABLE "t", SET "s", then ELEMENTS{ ELEM{ KEY{ VALUE 10.1.2.3 } } } —
     // nft's NEWSETELEM for `add element inet t s { 10.1.2.3 }`, less its SET_ID.
     #[rustfmt::skip]
@@ -226,14 +235,22 @@ fn set_elements_are_sent_like_nft_in_bounded_messages() {
         (10 << 8) | libc::NFT_MSG_NEWSETELEM as u16
     );
 
-    // 2500 IPv6 elements: three messages, none near the 64 KiB attribute limit.
-    let keys: Vec<Vec<u8>> = (0..2500u32)
-        .map(|i| Ipv6Addr::from(u128::from(i)).octets().to_vec())
+    // 2500 IPv6 elements with the longest comments: five messages, none near the 64 KiB attribute limit.
+    let elems: Vec<nft::Elem> = (0..2500u32)
+        .map(|i| nft::Elem {
+            key: Ipv6Addr::from(u128::from(i)).octets().to_vec(),
+            comment: Some("x".repeat(300)),
+        })
         .collect();
     let mut b = Batch::default();
-    b.set_elems(false, "t", "s", &keys);
-    assert_eq!(b.acked.len(), 3);
-    assert!(b.w.buf.len() < 3 * 65535);
+    b.set_elems(true, "t", "s", &elems);
+    assert_eq!(b.acked.len(), 5);
+    let mut at = 0;
+    while at < b.w.buf.len() {
+        let len = u32::from_ne_bytes(b.w.buf[at..at + 4].try_into().unwrap()) as usize;
+        assert!(len < 65535, "a message of {len} bytes");
+        at += len;
+    }
 }
 
 // ---- root tests -------------------------------------------------------------------------------------
@@ -375,18 +392,39 @@ fn kubelet_probes_to_an_enrolled_pod_arrive_from_the_probe_snat_address() {
     let s = settings(0); // the test runs as root, so its sockets are "kubelet's"
     let snat_v4 = IpAddr::V4(s.probe_snat_v4);
     let snat_v6 = IpAddr::V6(s.probe_snat_v6);
-    p.node.run(|| install_host(&s, &[]).expect("install_host"));
+    p.node
+        .run(|| install_host(&s, &owned(&[])).expect("install_host"));
 
     // Not enrolled yet: the pod sees the node's address.
     assert_eq!(probe_peer(&p, p.pod_ip, None), p.node_ip);
 
     p.node
-        .run(|| add_probe_ips(&[p.pod_ip, p.pod_ip6]).expect("add"));
+        .run(|| add_probe_ips(UID, &[p.pod_ip, p.pod_ip6]).expect("add"));
     assert_eq!(probe_peer(&p, p.pod_ip, None), snat_v4);
     assert_eq!(probe_peer(&p, p.pod_ip6, None), snat_v6);
 
+    // The pod's IPs go to a new pod before the old pod's removal arrives: the late removal leaves the
+    // new pod's entries, and its probes, alone.
+    let new_pod = "0f9e8d7c-6b5a-4938-8271-605f4e3d2c1b";
     p.node
-        .run(|| remove_probe_ips(&[p.pod_ip, p.pod_ip6]).expect("remove"));
+        .run(|| add_probe_ips(new_pod, &[p.pod_ip, p.pod_ip6]).expect("add for the new pod"));
+    let kept = p
+        .node
+        .run(|| remove_probe_ips(UID, &[p.pod_ip, p.pod_ip6]).expect("late remove"));
+    assert_eq!(
+        kept,
+        vec![
+            (p.pod_ip, new_pod.to_owned()),
+            (p.pod_ip6, new_pod.to_owned())
+        ]
+    );
+    assert_eq!(probe_peer(&p, p.pod_ip, None), snat_v4);
+    assert_eq!(probe_peer(&p, p.pod_ip6, None), snat_v6);
+
+    let kept = p
+        .node
+        .run(|| remove_probe_ips(new_pod, &[p.pod_ip, p.pod_ip6]).expect("remove"));
+    assert!(kept.is_empty());
     assert_eq!(probe_peer(&p, p.pod_ip, None), p.node_ip);
     assert_eq!(probe_peer(&p, p.pod_ip6, None), p.node_ip6);
 }
@@ -397,7 +435,7 @@ fn only_connections_of_the_kubelet_uid_are_snated() {
     let p = NodeAndPod::new();
     let s = settings(4242);
     p.node
-        .run(|| install_host(&s, &[p.pod_ip, p.pod_ip6]).expect("install_host"));
+        .run(|| install_host(&s, &owned(&[p.pod_ip, p.pod_ip6])).expect("install_host"));
     // Root's connections are not kubelet's: no SNAT.
     assert_eq!(probe_peer(&p, p.pod_ip, None), p.node_ip);
     assert_eq!(probe_peer(&p, p.pod_ip6, None), p.node_ip6);
@@ -418,6 +456,13 @@ fn ip(s: &str) -> IpAddr {
     s.parse().expect("ip")
 }
 
+/// The pod UID most tests give their probe-set entries.
+const UID: &str = "8d3c4e2a-0b1f-4c5d-9e6f-7a8b9c0d1e2f";
+
+fn owned(ips: &[IpAddr]) -> Vec<(IpAddr, &'static str)> {
+    ips.iter().map(|ip| (*ip, UID)).collect()
+}
+
 /// `nft -a list table inet istio-ambient-nat`: with object handles, which change if the table is
 /// recreated.
 fn host_table_with_handles() -> String {
@@ -435,7 +480,7 @@ fn install_host_programs_istios_host_table_and_inspect_lists_the_pod_ips() {
             ip("10.80.0.5"),
             ip("10.80.0.9"),
         ];
-        install_host(&s, &ips).expect("install_host");
+        install_host(&s, &owned(&ips)).expect("install_host");
         let got = inspect_host().expect("inspect_host");
         assert!(got.matches(&s), "{got:#?}");
         assert!(!got.matches(&settings(1)));
@@ -449,11 +494,13 @@ fn install_host_programs_istios_host_table_and_inspect_lists_the_pod_ips() {
             "set istio-inpod-probes-v4 {",
             "type ipv4_addr",
             "type ipv6_addr",
-            "elements = { 10.80.0.5, 10.80.0.9 }",
-            "elements = { fd00:80::9 }",
+            "comment \"UUID of the pods that are part of ambient mesh\"",
+            "elements = { 10.80.0.5 comment \"8d3c4e2a-0b1f-4c5d-9e6f-7a8b9c0d1e2f\",",
+            "10.80.0.9 comment \"8d3c4e2a-0b1f-4c5d-9e6f-7a8b9c0d1e2f\" }",
+            "elements = { fd00:80::9 comment \"8d3c4e2a-0b1f-4c5d-9e6f-7a8b9c0d1e2f\" }",
             "type nat hook postrouting priority srcnat; policy accept;",
-            "meta l4proto tcp meta skuid 0 ip daddr @istio-inpod-probes-v4 snat ip to 169.254.7.127",
-            "meta l4proto tcp meta skuid 0 ip6 daddr @istio-inpod-probes-v6 snat ip6 to fd16:9254:7127:1337:ffff:ffff:ffff:ffff",
+            "meta l4proto tcp meta skuid 0 ip daddr @istio-inpod-probes-v4 counter snat ip to 169.254.7.127",
+            "meta l4proto tcp meta skuid 0 ip6 daddr @istio-inpod-probes-v6 counter snat ip6 to fd16:9254:7127:1337:ffff:ffff:ffff:ffff",
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }
@@ -466,16 +513,16 @@ fn reinstalling_keeps_the_table_and_only_syncs_elements() {
     in_new_netns(|| {
         let s = settings(0);
         let (a, b, c) = (ip("10.81.0.1"), ip("10.81.0.2"), ip("fd00:81::3"));
-        install_host(&s, &[a, b]).expect("install_host");
-        add_probe_ips(&[c, a]).expect("add, one already there");
+        install_host(&s, &owned(&[a, b])).expect("install_host");
+        add_probe_ips(UID, &[c, a]).expect("add, one already there");
         let before = host_table_with_handles();
 
         // Agent restart with the same pods: nothing changes, not even a handle.
-        install_host(&s, &[a, b, c]).expect("reinstall");
+        install_host(&s, &owned(&[a, b, c])).expect("reinstall");
         assert_eq!(host_table_with_handles(), before);
 
         // Agent restart with a different pod list: elements synced, table and rule kept (same handles).
-        install_host(&s, &[b, c, ip("10.81.0.4")]).expect("reinstall, other pods");
+        install_host(&s, &owned(&[b, c, ip("10.81.0.4")])).expect("reinstall, other pods");
         let got = inspect_host().expect("inspect");
         assert_eq!(got.probe_ips, vec![b, ip("10.81.0.4"), c]);
         let strip_elems = |t: &str| -> String {
@@ -491,13 +538,13 @@ fn reinstalling_keeps_the_table_and_only_syncs_elements() {
 
         // Another kubelet uid: the table is replaced atomically and the given pods re-added.
         let other = settings(4242);
-        install_host(&other, &[a]).expect("install, new uid");
+        install_host(&other, &owned(&[a])).expect("install, new uid");
         let got = inspect_host().expect("inspect");
         assert!(got.matches(&other));
         assert_eq!(got.probe_ips, vec![a]);
 
         // Removing absent elements (and present ones) is fine.
-        remove_probe_ips(&[a, b, c]).expect("remove");
+        remove_probe_ips(UID, &[a, b, c]).expect("remove");
         assert!(inspect_host().expect("inspect").probe_ips.is_empty());
     });
 }
@@ -507,10 +554,10 @@ fn a_foreign_chain_in_the_host_table_is_replaced() {
     needs_root!("a_foreign_chain_in_the_host_table_is_replaced");
     in_new_netns(|| {
         let s = settings(0);
-        install_host(&s, &[ip("10.82.0.1")]).expect("install_host");
+        install_host(&s, &owned(&[ip("10.82.0.1")])).expect("install_host");
         run("nft", &["add", "chain", "inet", HOST_TABLE, "stray"]);
         assert!(!inspect_host().expect("inspect").matches(&s));
-        install_host(&s, &[ip("10.82.0.1")]).expect("reinstall");
+        install_host(&s, &owned(&[ip("10.82.0.1")])).expect("reinstall");
         let got = inspect_host().expect("inspect");
         assert!(got.matches(&s), "{got:#?}");
         assert_eq!(got.probe_ips, vec![ip("10.82.0.1")]);
@@ -525,13 +572,13 @@ fn ipv6_off_leaves_out_the_v6_rule_but_keeps_both_sets() {
             ipv6: false,
             ..settings(0)
         };
-        install_host(&s, &[]).expect("install_host");
+        install_host(&s, &owned(&[])).expect("install_host");
         let got = inspect_host().expect("inspect");
         assert!(got.matches(&s));
         assert_eq!(got.table.as_ref().map(|t| t.chains[0].rules), Some(1));
         assert_eq!(got.sets.len(), 2);
         // A v6 pod IP is still accepted (it just is never matched).
-        add_probe_ips(&[ip("fd00:82::1")]).expect("add v6");
+        add_probe_ips(UID, &[ip("fd00:82::1")]).expect("add v6");
     });
 }
 
@@ -539,19 +586,145 @@ fn ipv6_off_leaves_out_the_v6_rule_but_keeps_both_sets() {
 fn remove_host_leaves_an_empty_ruleset_and_can_run_twice() {
     needs_root!("remove_host_leaves_an_empty_ruleset_and_can_run_twice");
     in_new_netns(|| {
-        install_host(&settings(0), &[ip("10.83.0.1")]).expect("install_host");
+        install_host(&settings(0), &owned(&[ip("10.83.0.1")])).expect("install_host");
         remove_host().expect("remove");
         assert_eq!(nft_ruleset().trim(), "");
         assert!(inspect_host().expect("inspect").is_empty());
         remove_host().expect("remove again");
         // With no table, removing pod IPs is a no-op; adding them says why it cannot.
-        remove_probe_ips(&[ip("10.83.0.1")]).expect("remove ips without table");
+        remove_probe_ips(UID, &[ip("10.83.0.1")]).expect("remove ips without table");
         assert!(matches!(
-            add_probe_ips(&[ip("10.83.0.1")]),
+            add_probe_ips(UID, &[ip("10.83.0.1")]),
             Err(Error::Rejected {
                 target: Target::SetElements { .. },
                 errno: Errno::ENOENT,
             })
         ));
+    });
+}
+
+#[test]
+fn probe_set_entries_belong_to_their_pod_and_only_it_removes_them() {
+    needs_root!("probe_set_entries_belong_to_their_pod_and_only_it_removes_them");
+    in_new_netns(|| {
+        let s = settings(0);
+        let (a, legacy) = (ip("10.84.0.7"), ip("10.84.0.8"));
+        install_host(&s, &[]).expect("install_host");
+        let owners = || inspect_host().expect("inspect").probe_owners;
+
+        add_probe_ips("old-pod", &[a]).expect("add");
+        assert_eq!(owners(), vec![(a, Some("old-pod".to_owned()))]);
+        // The IP is reused by a new pod: the entry changes owner (the element is replaced).
+        add_probe_ips("new-pod", &[a]).expect("add for the new owner");
+        assert_eq!(owners(), vec![(a, Some("new-pod".to_owned()))]);
+        assert!(nft_ruleset().contains("10.84.0.7 comment \"new-pod\""));
+        // The old pod's late removal leaves it and says whose it is.
+        let kept = remove_probe_ips("old-pod", &[a]).expect("late remove");
+        assert_eq!(kept, vec![(a, "new-pod".to_owned())]);
+        assert_eq!(owners(), vec![(a, Some("new-pod".to_owned()))]);
+
+        // An entry written without an owner (an earlier version) goes with whichever pod removes it.
+        run(
+            "nft",
+            &[
+                "add",
+                "element",
+                "inet",
+                HOST_TABLE,
+                PROBE_SET_V4,
+                "{ 10.84.0.8 }",
+            ],
+        );
+        assert_eq!(
+            owners(),
+            vec![(a, Some("new-pod".to_owned())), (legacy, None)]
+        );
+        assert!(remove_probe_ips("any-pod", &[legacy])
+            .expect("remove")
+            .is_empty());
+
+        // An agent restart moves entries to the pods that own them now, leaving the table in place.
+        add_probe_ips("old-pod", &[a]).expect("add");
+        let before = host_table_with_handles();
+        install_host(&s, &[(a, "new-pod")]).expect("reinstall");
+        assert_eq!(owners(), vec![(a, Some("new-pod".to_owned()))]);
+        let chain_handles = |t: &str| -> Vec<String> {
+            t.lines()
+                .filter(|l| l.contains("chain") || l.contains("snat"))
+                .map(str::to_owned)
+                .collect()
+        };
+        assert_eq!(
+            chain_handles(&host_table_with_handles()),
+            chain_handles(&before)
+        );
+
+        // The pod's own removal takes it out.
+        assert!(remove_probe_ips("new-pod", &[a])
+            .expect("remove")
+            .is_empty());
+        assert!(owners().is_empty());
+    });
+}
+
+#[test]
+fn element_comments_are_read_back_as_nft_writes_them() {
+    needs_root!("element_comments_are_read_back_as_nft_writes_them");
+    in_new_netns(|| {
+        install_host(&settings(0), &[]).expect("install_host");
+        run(
+            "nft",
+            &[
+                "add",
+                "element",
+                "inet",
+                HOST_TABLE,
+                PROBE_SET_V6,
+                "{ fd00:84::1 comment \"pod-from-nft\" }",
+            ],
+        );
+        assert_eq!(
+            inspect_host().expect("inspect").probe_owners,
+            vec![(ip("fd00:84::1"), Some("pod-from-nft".to_owned()))]
+        );
+    });
+}
+
+#[test]
+fn the_host_rule_is_what_nft_builds_from_istio_cnis_rule_text() {
+    needs_root!("the_host_rule_is_what_nft_builds_from_istio_cnis_rule_text");
+    in_new_netns(|| {
+        // istio-cni's host table (istio-cni.md §1.9 "Host rule"), handed to `nft` itself.
+        let s = settings(1000);
+        let t = format!("inet {HOST_TABLE}");
+        let script = [
+            format!("add table {t}"),
+            format!("add set {t} {PROBE_SET_V4} {{ type ipv4_addr ; comment \"{SET_COMMENT}\" ; }}"),
+            format!("add set {t} {PROBE_SET_V6} {{ type ipv6_addr ; comment \"{SET_COMMENT}\" ; }}"),
+            format!("add chain {t} postrouting {{ type nat hook postrouting priority 100 ; }}"),
+            format!("add rule {t} postrouting meta l4proto tcp skuid 1000 ip daddr @{PROBE_SET_V4} counter snat to {}", s.probe_snat_v4),
+            format!("add rule {t} postrouting meta l4proto tcp skuid 1000 ip6 daddr @{PROBE_SET_V6} counter snat to {}", s.probe_snat_v6),
+            String::new(),
+        ]
+        .join("\n");
+        let path =
+            std::env::temp_dir().join(format!("meshnode-istio-host-{}.nft", std::process::id()));
+        std::fs::write(&path, &script).expect("write script");
+        let out = std::process::Command::new("nft")
+            .arg("-f")
+            .arg(&path)
+            .output()
+            .expect("nft");
+        let _ = std::fs::remove_file(&path);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let got = inspect_host().expect("inspect");
+        assert!(
+            got.matches(&s),
+            "istio-cni's host table reads back differently from ours: {got:#?}"
+        );
     });
 }
