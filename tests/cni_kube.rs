@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use support::cluster::{call, rules, serve_app, settle, workloads, Node, Pod};
-use support::fake_kube::{pod_object, FakeKube};
+use support::fake_kube::{pod_object, FakeKube, FakeKubelet};
 
 /// The node the agent serves; only pods scheduled here are watched.
 const NODE_NAME: &str = "kube-node-1";
@@ -33,7 +33,13 @@ struct KubeNode {
 /// Starts the API with `namespaces` in it, then the agent (Kubernetes mode) and the proxy, and waits for
 /// the agent to have synced (it writes the plugin's hint file after its first complete view).
 fn start(namespaces: &[(&str, &[(&str, &str)])]) -> KubeNode {
+    start_with(namespaces, |_| {})
+}
+
+/// [`start`], with `prepare` run on the node before the agent starts.
+fn start_with(namespaces: &[(&str, &[(&str, &str)])], prepare: impl FnOnce(&Node)) -> KubeNode {
     let mut node = Node::bare("workloads: []\n");
+    prepare(&node);
     let api = FakeKube::start(&node.ns);
     for (name, labels) in namespaces {
         api.put_namespace(name, labels);
@@ -550,26 +556,6 @@ fn a_redirection_annotation_the_api_refused_is_written_once_it_accepts_patches()
     k.wait_for_annotation(&client, Some("enabled"));
 }
 
-/// A stand-in kubelet: `sleep` copied to a file named `kubelet`, so the agent finds "kubelet" in /proc (as
-/// root, like a real kubelet). Killed on drop.
-struct FakeKubelet {
-    _process: support::netns::KillOnDrop,
-    _dir: tempfile::TempDir,
-}
-
-impl FakeKubelet {
-    fn start() -> FakeKubelet {
-        let dir = tempfile::tempdir().unwrap();
-        let bin = dir.path().join("kubelet");
-        std::fs::copy("/bin/sleep", &bin).unwrap();
-        let child = std::process::Command::new(&bin).arg("120").spawn().unwrap();
-        FakeKubelet {
-            _process: support::netns::KillOnDrop(child),
-            _dir: dir,
-        }
-    }
-}
-
 #[test]
 fn kubelet_probes_reach_an_enrolled_pod_past_its_policy_and_other_callers_do_not() {
     if !support::root_or_skip(
@@ -631,4 +617,79 @@ fn kubelet_probes_reach_an_enrolled_pod_past_its_policy_and_other_callers_do_not
         },
         "the deleted pod's IP to leave the probe set",
     );
+}
+
+/// `ip rule` (IPv4) in the node's namespace.
+fn node_ip_rules(node: &Node) -> String {
+    String::from_utf8_lossy(&node.ns.ip(&["rule"]).stdout).into_owned()
+}
+
+#[test]
+fn branch_eni_pods_get_istio_cnis_probe_rules_on_nodes_set_up_for_security_groups_for_pods() {
+    if !support::root_or_skip(
+        "branch_eni_pods_get_istio_cnis_probe_rules_on_nodes_set_up_for_security_groups_for_pods",
+    ) {
+        return;
+    }
+    let _kubelet = FakeKubelet::start();
+    // AWS asks nodes running security groups for pods to turn TCP early demux off; that is the agent's cue.
+    let mut k = start_with(&[("default", AMBIENT)], |node| {
+        let out = node
+            .ns
+            .exec("sysctl", &["-w", "net.ipv4.tcp_early_demux=0"]);
+        assert!(out.status.success(), "{out:?}");
+    });
+    let mut pod = kube_pod(&k.node, "default", "sgp");
+    k.schedule(&pod);
+    k.add(&mut pod)
+        .unwrap_or_else(|e| panic!("ADD: {e}\n{}", k.node.logs()));
+    k.wait_for_annotation(&pod, Some("enabled"));
+    let ip = pod.ip.unwrap().to_string();
+    // A plain veth pod: nothing added.
+    assert!(!node_ip_rules(&k.node).contains(&format!("to {ip} lookup")));
+
+    // aws-vpc-cni turns it into a branch-ENI pod: its host route in a table of its own, looked up for
+    // traffic from its veth.
+    let route = String::from_utf8_lossy(&k.node.ns.ip(&["route", "get", &ip]).stdout).into_owned();
+    let veth = route
+        .split_whitespace()
+        .skip_while(|w| *w != "dev")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no device in {route:?}"))
+        .to_owned();
+    for args in [
+        vec!["route", "add", &ip, "dev", &veth, "table", "101"],
+        vec!["rule", "add", "iif", &veth, "lookup", "101", "pref", "10"],
+    ] {
+        let out = k.node.ns.ip(&args);
+        assert!(out.status.success(), "{args:?}: {out:?}");
+    }
+    // The agent restarts (an upgrade) and re-syncs its probe entries: the pod gets the two rules.
+    k.node.agent = None;
+    k.node.start_agent();
+    let forward = format!("512:\tfrom all to {ip} lookup 101");
+    let back = format!("9:\tfrom all iif {veth} lookup local");
+    k.node.wait_for(
+        || {
+            let rules = node_ip_rules(&k.node);
+            rules.contains(&forward) && rules.contains(&back)
+        },
+        "the branch-ENI probe rules",
+    );
+    assert!(
+        state_file(&k.node).contains("branchEni"),
+        "{}",
+        state_file(&k.node)
+    );
+
+    // The pod leaves: its rules go, aws-vpc-cni's stay.
+    k.api.delete_pod(&pod.namespace, &pod.name);
+    k.node.wait_for(
+        || {
+            let rules = node_ip_rules(&k.node);
+            !rules.contains(&forward) && !rules.contains(&back)
+        },
+        "the deleted pod's branch-ENI probe rules to go",
+    );
+    assert!(node_ip_rules(&k.node).contains(&format!("10:\tfrom all iif {veth} lookup 101")));
 }

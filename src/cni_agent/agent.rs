@@ -32,7 +32,7 @@ use tokio::time::Instant;
 
 use crate::netns::Netns;
 use crate::proto::workload::zds::WorkloadInfo as ZdsWorkloadInfo;
-use crate::redirect::{self, RuleSettings};
+use crate::redirect::{self, branch_eni, RuleSettings};
 use crate::zds::server::{SnapshotEntry, SnapshotSource, ZdsServer};
 
 use super::cluster::{self, ClusterView, PodInfo, PodKey};
@@ -186,6 +186,9 @@ struct HostProbes {
     /// Failed attempts so far.
     attempts: u32,
     next_try: Instant,
+    /// Add AWS branch-ENI probe rules (configured on, and the node is set up for security groups for
+    /// pods: `net.ipv4.tcp_early_demux=0`).
+    branch_eni: bool,
 }
 
 /// Attempts at installing the kubelet probe SNAT, [`HOST_PROBE_RETRY`] apart, before the agent says
@@ -306,12 +309,18 @@ impl Agent {
                 None
             }
         };
+        let demux = self.proc_root().join("sys/net/ipv4/tcp_early_demux");
+        let branch_eni = self.cfg.aws_branch_eni && branch_eni::early_demux_disabled(&demux);
+        if branch_eni {
+            tracing::info!("net.ipv4.tcp_early_demux=0: adding AWS branch-ENI probe rules for pods that need them");
+        }
         self.host = Some(HostProbes {
             netns,
             settings: None,
             pending: Some(pending),
             attempts: 0,
             next_try: Instant::now(),
+            branch_eni,
         });
     }
 
@@ -319,18 +328,15 @@ impl Agent {
     /// it is not installed yet and its next try is due. Each failure is counted; after
     /// [`HOST_PROBE_TRIES`] the readiness answer and an error log say why the agent is not ready.
     async fn install_host_probes(&mut self) {
-        let Some(host) = &mut self.host else { return };
+        let Some(host) = &self.host else { return };
         let Some(netns) = host.netns.clone() else {
             return;
         };
         if host.settings.is_some() || host.next_try > Instant::now() {
             return;
         }
-        let proc_root = if self.cfg.host_prefix.as_os_str().is_empty() {
-            PathBuf::from("/proc")
-        } else {
-            self.cfg.host_prefix.join("proc")
-        };
+        let eni_on = host.branch_eni;
+        let proc_root = self.proc_root();
         let result = match procfs::find_kubelet_uid(&proc_root) {
             None => Err(format!(
                 "no kubelet process (kubelet, kubelite, k3s) found under {}",
@@ -347,22 +353,37 @@ impl Agent {
                 let s = settings.clone();
                 let res = tokio::task::spawn_blocking(move || {
                     netns.run_on_thread(move || {
-                        let entries: Vec<(std::net::IpAddr, &str)> = entries
+                        let pairs: Vec<(std::net::IpAddr, &str)> = entries
                             .iter()
                             .map(|(ip, uid)| (*ip, uid.as_str()))
                             .collect();
-                        redirect::install_host(&s, &entries)
+                        redirect::install_host(&s, &pairs)?;
+                        let mut enis: HashMap<String, Vec<BranchEniRule>> = HashMap::new();
+                        if eni_on {
+                            for (ip, uid) in &entries {
+                                enis.entry(uid.clone())
+                                    .or_default()
+                                    .extend(add_branch_eni(&[*ip]));
+                            }
+                        }
+                        Ok::<_, redirect::Error>(enis)
                     })
                 })
                 .await;
                 match res {
-                    Ok(Ok(Ok(()))) => Ok((uid, settings)),
+                    Ok(Ok(Ok(enis))) => {
+                        for (uid, rules) in enis {
+                            self.record_branch_eni(&uid, rules);
+                        }
+                        Ok((uid, settings))
+                    }
                     Ok(Ok(Err(e))) => Err(format!("programming the node's SNAT rule: {e}")),
                     Ok(Err(e)) => Err(format!("entering the node netns: {e}")),
                     Err(e) => Err(format!("installing the node's SNAT rule: {e}")),
                 }
             }
         };
+        let Some(host) = &mut self.host else { return };
         match result {
             Ok((uid, settings)) => {
                 tracing::info!(
@@ -401,11 +422,13 @@ impl Agent {
     }
 
     /// Puts a pod's IPs in the host's probe sets as belonging to it (`add`), or takes out those it still
-    /// owns.
-    async fn probe_ips(&self, r: &PodRecord, add: bool) {
+    /// owns; with them, the pod's AWS branch-ENI probe rules (added where [`branch_eni::detect`] finds
+    /// them needed and recorded with the pod; removed from the record).
+    async fn probe_ips(&mut self, r: &PodRecord, add: bool) {
         let Some(HostProbes {
             netns: Some(ns),
             settings: Some(_),
+            branch_eni: eni_on,
             ..
         }) = &self.host
         else {
@@ -414,26 +437,68 @@ impl Agent {
         if r.ips.is_empty() {
             return;
         }
-        let (ns, ips, uid) = (ns.clone(), r.ips.clone(), r.uid.clone());
+        let (ns, ips, uid, eni_on) = (ns.clone(), r.ips.clone(), r.uid.clone(), *eni_on);
+        let recorded = r.branch_eni.clone();
         let res = tokio::task::spawn_blocking(move || {
             ns.run_on_thread(move || {
                 if add {
-                    redirect::add_probe_ips(&uid, &ips).map(|()| Vec::new())
+                    redirect::add_probe_ips(&uid, &ips)?;
+                    let enis = if eni_on {
+                        add_branch_eni(&ips)
+                    } else {
+                        Vec::new()
+                    };
+                    Ok((Vec::new(), enis))
                 } else {
-                    redirect::remove_probe_ips(&uid, &ips)
+                    let kept = redirect::remove_probe_ips(&uid, &ips)?;
+                    for (ip, eni) in &recorded {
+                        // An IP another pod owns now keeps its rules (that pod needs the same ones).
+                        if kept.iter().any(|(k, _)| k == ip) {
+                            continue;
+                        }
+                        if let Err(e) = branch_eni::remove(*ip, eni) {
+                            tracing::warn!(%ip, error = %e, "removing AWS branch-ENI probe rules failed");
+                        }
+                    }
+                    Ok::<_, redirect::Error>((kept, Vec::new()))
                 }
             })
         })
         .await;
         match res {
-            Ok(Ok(Ok(kept))) => {
+            Ok(Ok(Ok((kept, enis)))) => {
                 for (ip, owner) in kept {
                     tracing::info!(pod = %key(r), uid = r.uid, %ip, owner, "probe set entry now belongs to another pod; left in place");
+                }
+                if add || !r.branch_eni.is_empty() {
+                    self.record_branch_eni(&r.uid, enis);
                 }
             }
             other => {
                 tracing::warn!(add, pod = %key(r), result = ?other.map(|r| r.map(|r| r.err())), "updating the kubelet probe set failed")
             }
+        }
+    }
+
+    /// Keeps `rules` as the pod's branch-ENI probe rules in its record (if it still has one).
+    fn record_branch_eni(&mut self, uid: &str, rules: Vec<BranchEniRule>) {
+        if let Some(r) = self.pods.get(uid) {
+            if r.branch_eni != rules {
+                let r = PodRecord {
+                    branch_eni: rules,
+                    ..r.clone()
+                };
+                self.pods.put(r);
+            }
+        }
+    }
+
+    /// `<host prefix>/proc`: the node's procfs.
+    fn proc_root(&self) -> PathBuf {
+        if self.cfg.host_prefix.as_os_str().is_empty() {
+            PathBuf::from("/proc")
+        } else {
+            self.cfg.host_prefix.join("proc")
         }
     }
 
@@ -656,6 +721,7 @@ impl Agent {
                 .map_or(Enrollment::NotEnrolled, |r| r.state),
             netns_id: previous.as_ref().and_then(|r| r.netns_id),
             settings: PodSettings::from_annotations(&info.annotations),
+            branch_eni: previous.map(|r| r.branch_eni).unwrap_or_default(),
         };
         let decision = self
             .cfg
@@ -1246,6 +1312,7 @@ impl Agent {
                 state: Enrollment::NotEnrolled,
                 netns_id,
                 settings: PodSettings::from_annotations(&info.annotations),
+                branch_eni: Vec::new(),
             });
             if let Err(e) = self.enroll(&info.uid).await {
                 tracing::warn!(error = %e, "capturing a running pod failed");
@@ -1394,6 +1461,32 @@ impl PodSettings {
             reroute_interfaces,
         }
     }
+}
+
+/// A pod IP and the branch-ENI probe rules added for it.
+type BranchEniRule = (std::net::IpAddr, branch_eni::BranchEni);
+
+/// In the node's netns: adds the AWS branch-ENI probe rules for those of `ips` that are branch-ENI pod
+/// IPs; returns the rules added (or already there). Failures are logged: the pod's probes then fail, as
+/// they would without the rules, and nothing else is affected.
+fn add_branch_eni(ips: &[std::net::IpAddr]) -> Vec<BranchEniRule> {
+    let mut added = Vec::new();
+    for ip in ips {
+        match branch_eni::detect(*ip) {
+            Ok(None) => {}
+            Ok(Some(eni)) => match branch_eni::add(*ip, &eni) {
+                Ok(()) => {
+                    tracing::info!(%ip, table = eni.table, veth = %eni.veth, "AWS branch-ENI probe rules added");
+                    added.push((*ip, eni));
+                }
+                Err(e) => {
+                    tracing::error!(%ip, error = %e, "adding AWS branch-ENI probe rules failed; kubelet probes of this pod will fail")
+                }
+            },
+            Err(e) => tracing::warn!(%ip, error = %e, "looking for an AWS branch ENI failed"),
+        }
+    }
+    added
 }
 
 fn key(r: &PodRecord) -> PodKey {

@@ -54,6 +54,9 @@ POD_NAMESPACE = "istio-system";
 MESHNODE_RULE_CHECK_INTERVAL = "30s";
 /// istio-cni's metrics port (`GET /metrics`), default 15014.
 MONITORING_PORT = "15014";
+/// On nodes set up for AWS security groups for pods (`net.ipv4.tcp_early_demux=0`), route kubelet
+/// probes of branch-ENI pods through their veth (two host ip rules per pod IP), as istio-cni does.
+AMBIENT_ENABLE_AWS_BRANCH_ENI_PROBE = "true";
 }
 
 /// Where enrollment data comes from.
@@ -89,6 +92,8 @@ pub struct AgentConfig {
     pub monitoring_port: u16,
     /// How often each captured pod's rules are read back (zero: never).
     pub rule_check_interval: std::time::Duration,
+    /// Add the AWS branch-ENI probe rules for pods that need them ([`crate::redirect::branch_eni`]).
+    pub aws_branch_eni: bool,
 }
 
 impl AgentConfig {
@@ -223,6 +228,7 @@ impl AgentConfig {
             install,
             monitoring_port,
             rule_check_interval,
+            aws_branch_eni: bool_var(AMBIENT_ENABLE_AWS_BRANCH_ENI_PROBE, true)?,
         })
     }
 

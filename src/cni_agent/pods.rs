@@ -61,6 +61,10 @@ pub struct PodRecord {
     /// The pod's own rule settings (from its annotations), so a restart re-programs it as it was.
     #[serde(default)]
     pub settings: PodSettings,
+    /// The AWS branch-ENI probe rules added in the node's netns for this pod's IPs, kept so they can be
+    /// taken out after the pod's veth and aws-vpc-cni's rules are gone.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub branch_eni: Vec<(IpAddr, crate::redirect::branch_eni::BranchEni)>,
 }
 
 /// A network namespace's identity as recorded (see [`crate::netns::NetnsId`]).
@@ -227,6 +231,14 @@ mod tests {
                 bypass_inbound: false,
                 reroute_interfaces: vec!["k6t-eth0".into()],
             },
+            branch_eni: vec![(
+                "10.0.0.1".parse().unwrap(),
+                crate::redirect::branch_eni::BranchEni {
+                    table: 101,
+                    veth: "vlan7a1b2c3d4e5".into(),
+                    iif_priority: 10,
+                },
+            )],
         }
     }
 

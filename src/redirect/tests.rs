@@ -770,6 +770,66 @@ fn captured_traffic_lands_on_the_proxy_ports_with_its_original_destination() {
     assert_eq!(landed(&[&plaintext, &hbone]), (1, hbone_addr));
 }
 
+#[test]
+fn tcp_from_a_listed_virtual_interface_is_captured_as_the_pods_outbound() {
+    needs_root!("tcp_from_a_listed_virtual_interface_is_captured_as_the_pods_outbound");
+    // A pod with its own network (vpod, from the client's side) and a VM inside it (KubeVirt's tap,
+    // here a veth `vm0` to a "vm" namespace) whose traffic leaves through the pod.
+    let pod = NamedNetns::new("vpod");
+    let client = NamedNetns::new("vcli");
+    let vm = NamedNetns::new("vvm");
+    pod.ip(&[
+        "link",
+        "add",
+        "vpod",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "vcli",
+        "netns",
+        &client.name,
+    ]);
+    pod.ip(&["addr", "add", "10.252.0.2/24", "dev", "vpod"]);
+    pod.ip(&["link", "set", "vpod", "up"]);
+    client.ip(&["addr", "add", "10.252.0.1/24", "dev", "vcli"]);
+    client.ip(&["link", "set", "vcli", "up"]);
+    pod.ip(&[
+        "link", "add", "vm0", "type", "veth", "peer", "name", "vmnic", "netns", &vm.name,
+    ]);
+    pod.ip(&["addr", "add", "10.253.0.1/24", "dev", "vm0"]);
+    pod.ip(&["link", "set", "vm0", "up"]);
+    vm.ip(&["addr", "add", "10.253.0.2/24", "dev", "vmnic"]);
+    vm.ip(&["link", "set", "vmnic", "up"]);
+    vm.ip(&["route", "add", "default", "via", "10.253.0.1"]);
+
+    let (outbound, plaintext) = pod.run(|| (listen(15001), listen(15006)));
+    let remote: std::net::SocketAddr = "10.252.0.1:80".parse().expect("addr");
+    let app_port: std::net::SocketAddr = "10.252.0.2:8080".parse().expect("addr");
+
+    // Without the annotation the VM's call is, to the pod's rules, inbound plaintext.
+    pod.run(|| install(&RuleSettings::default()).expect("install"));
+    let _c = vm.run(|| dial(remote, None));
+    assert_eq!(landed(&[&outbound, &plaintext]), (1, remote));
+
+    // Listed (by name, and by a wildcard as nft reads one): the pod's outbound, to where the VM meant.
+    for listed in ["vm0", "vm*"] {
+        let s = RuleSettings {
+            reroute_interfaces: vec!["tap9".into(), listed.into()],
+            ..RuleSettings::default()
+        };
+        pod.run(|| {
+            install(&s).expect("install");
+            assert!(inspect().expect("inspect").matches(&s));
+        });
+        let _c = vm.run(|| dial(remote, None));
+        assert_eq!(landed(&[&outbound, &plaintext]), (0, remote), "{listed}");
+        // Traffic from other interfaces is unchanged: inbound to the pod is still inbound.
+        let _c = client.run(|| dial(app_port, None));
+        assert_eq!(landed(&[&outbound, &plaintext]), (1, app_port), "{listed}");
+    }
+}
+
 /// Installs over and over (new pods, the same settings again, alternating settings) and reads back after
 /// each change. Its timings are printed for information only: the pod-start cost is measured by
 /// `benches/cni_add.rs`, not asserted here.

@@ -719,3 +719,24 @@ fn percent_decode(s: &str) -> String {
     }
     String::from_utf8_lossy(&out).into_owned()
 }
+
+/// A stand-in kubelet: `sleep` copied to a file named `kubelet`, so the agent finds "kubelet" in /proc (as
+/// root, like a real kubelet). Killed on drop.
+pub struct FakeKubelet {
+    _process: super::netns::KillOnDrop,
+    _dir: tempfile::TempDir,
+}
+
+impl FakeKubelet {
+    /// Starts it (for two minutes at most).
+    pub fn start() -> FakeKubelet {
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("kubelet");
+        std::fs::copy("/bin/sleep", &bin).unwrap();
+        let child = std::process::Command::new(&bin).arg("120").spawn().unwrap();
+        FakeKubelet {
+            _process: super::netns::KillOnDrop(child),
+            _dir: dir,
+        }
+    }
+}

@@ -70,6 +70,13 @@ impl Netns {
 
     /// The whole answer (head and body) to `GET path` on 127.0.0.1:`port` inside the namespace, if it is 200.
     pub fn http_get(&self, port: u16, path: &str) -> Option<String> {
+        self.http_answer(port, path)
+            .filter(|out| out.starts_with("HTTP/1.1 200"))
+    }
+
+    /// The whole answer (head and body) to `GET path` on 127.0.0.1:`port` in this namespace, whatever
+    /// its status; `None` when nothing answers.
+    pub fn http_answer(&self, port: u16, path: &str) -> Option<String> {
         use std::io::{Read, Write};
         let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
         self.run(move || {
@@ -78,7 +85,7 @@ impl Netns {
             let _ = s.write_all(request.as_bytes());
             let mut out = String::new();
             let _ = s.read_to_string(&mut out);
-            out.starts_with("HTTP/1.1 200").then_some(out)
+            Some(out)
         })
     }
 

@@ -299,17 +299,38 @@ fn pod_annotations_are_read_as_istio_cni_reads_them() {
     };
     // Go's strconv.ParseBool forms, each way.
     for yes in ["1", "t", "T", "TRUE", "true", "True"] {
-        let s = settings(&[(DNS_CAPTURE_ANNOTATION, yes), (BYPASS_INBOUND_ANNOTATION, yes)]);
-        assert_eq!((s.dns_capture, s.bypass_inbound), (Some(true), true), "{yes}");
+        let s = settings(&[
+            (DNS_CAPTURE_ANNOTATION, yes),
+            (BYPASS_INBOUND_ANNOTATION, yes),
+        ]);
+        assert_eq!(
+            (s.dns_capture, s.bypass_inbound),
+            (Some(true), true),
+            "{yes}"
+        );
     }
     for no in ["0", "f", "F", "FALSE", "false", "False"] {
-        let s = settings(&[(DNS_CAPTURE_ANNOTATION, no), (BYPASS_INBOUND_ANNOTATION, no)]);
-        assert_eq!((s.dns_capture, s.bypass_inbound), (Some(false), false), "{no}");
+        let s = settings(&[
+            (DNS_CAPTURE_ANNOTATION, no),
+            (BYPASS_INBOUND_ANNOTATION, no),
+        ]);
+        assert_eq!(
+            (s.dns_capture, s.bypass_inbound),
+            (Some(false), false),
+            "{no}"
+        );
     }
     // Anything else is ignored, as if the annotation were absent (istio-cni warns and ignores it).
     for other in ["yes", "on", "tRuE", " true", "", "2"] {
-        let s = settings(&[(DNS_CAPTURE_ANNOTATION, other), (BYPASS_INBOUND_ANNOTATION, other)]);
-        assert_eq!((s.dns_capture, s.bypass_inbound), (None, false), "{other:?}");
+        let s = settings(&[
+            (DNS_CAPTURE_ANNOTATION, other),
+            (BYPASS_INBOUND_ANNOTATION, other),
+        ]);
+        assert_eq!(
+            (s.dns_capture, s.bypass_inbound),
+            (None, false),
+            "{other:?}"
+        );
     }
     // The virtual interfaces: split on commas, blanks trimmed and dropped, impossible names left out.
     let s = settings(&[(
