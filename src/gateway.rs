@@ -36,7 +36,7 @@ use crate::config::GatewayConfig;
 use crate::hbone::{copy, listener, server};
 use crate::identity::{CertManager, Identity};
 use crate::socket::{self, SocketOpts};
-use crate::state::waypoint::Found;
+use crate::state::waypoint::{Found, SourceAddr};
 use crate::state::{Protocol, StateHandle, Upstream};
 use crate::tls::WorkloadTls;
 
@@ -243,10 +243,13 @@ impl Gateway {
                 )
             })?;
         let hbone_port = self.cfg.base.ports.inbound;
-        // From the service's waypoint itself (its identity): on to an endpoint, as a node proxy does.
-        let from_waypoint = Found::Service(svc)
-            .waypoints()
-            .any(|wp| state.waypoint_has(wp, |w| w.identity == *peer_id));
+        // From the service's waypoint itself: on to an endpoint, as a node proxy does. Its identity only:
+        // it comes from another network, whose addresses mean nothing here.
+        let from_waypoint = state.from_waypoint(
+            Found::Service(svc).waypoints(),
+            peer_id,
+            SourceAddr::OtherNetwork,
+        );
         if let Some(wp) = svc.pick_waypoint().filter(|_| !from_waypoint) {
             // As the client decided: traffic for a service with a waypoint goes to the waypoint.
             let up = state

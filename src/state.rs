@@ -333,6 +333,28 @@ impl Service {
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.hostname)
     }
+
+    /// Who may end the inner tunnel of double HBONE to this service on `network`, given its `endpoints`
+    /// as the caller knows them (a node proxy: the state's; a waypoint: its cluster's). The gateway there
+    /// picks the endpoint, so any of them may answer. The service's subject alt names when it has some
+    /// (ztunnel checks only these, and so refuses every inner tunnel to a service without them); else
+    /// the identities of the endpoints on that network, each once.
+    pub fn far_identities<'a>(
+        &self,
+        network: &str,
+        endpoints: impl IntoIterator<Item = &'a Workload>,
+    ) -> Vec<Identity> {
+        if !self.subject_alt_names.is_empty() {
+            return self.subject_alt_names.to_vec();
+        }
+        let mut ids: Vec<Identity> = Vec::new();
+        for w in endpoints {
+            if w.network == network && !ids.contains(&w.identity) {
+                ids.push(w.identity.clone());
+            }
+        }
+        ids
+    }
 }
 
 /// Where a connection to a service or workload goes.
@@ -828,22 +850,12 @@ impl State {
         }
     }
 
-    /// Who may end the inner tunnel of double HBONE to `svc` on `network`: the gateway there picks the
-    /// endpoint, so any of them. The service's subject alt names when it has some (ztunnel checks only
-    /// these, and so refuses every inner tunnel to a service without them); else the identities of the
-    /// service's endpoints on that network.
+    /// [`Service::far_identities`] of `svc` on `network`, among its endpoints in this state.
     pub fn far_identities(&self, svc: &Service, network: &str) -> Vec<Identity> {
-        if !svc.subject_alt_names.is_empty() {
-            return svc.subject_alt_names.to_vec();
-        }
-        let mut ids: Vec<Identity> = Vec::new();
-        for ep in svc.endpoints.iter() {
-            let w = &self.workloads[ep.workload];
-            if w.network == network && !ids.contains(&w.identity) {
-                ids.push(w.identity.clone());
-            }
-        }
-        ids
+        svc.far_identities(
+            network,
+            svc.endpoints.iter().map(|ep| &*self.workloads[ep.workload]),
+        )
     }
 }
 

@@ -239,7 +239,8 @@ impl Waypoint {
                 return;
             }
         };
-        let io = crate::hbone::tunnel::Tunnel::new(send, recv, None);
+        let io =
+            crate::hbone::tunnel::Tunnel::new(send, recv, crate::hbone::pool::Slot::unpooled());
         let timeout = self.cfg.header_read_timeout;
         let (detected, io) = match protocol {
             Some(snapshot::PortProtocol::Tcp) => (

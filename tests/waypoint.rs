@@ -1598,6 +1598,28 @@ fn on_network(
     }
 }
 
+/// A waypoint on `net1` serving `backend` (VIP .100, HTTP on 80) from `endpoints` among `workloads`: its
+/// snapshot, and the port's cluster.
+fn backend_on_net1(
+    net: [u8; 2],
+    workloads: &[Arc<meshnode::state::Workload>],
+    endpoints: &[&str],
+) -> (Snapshot, Arc<meshnode::waypoint::snapshot::Cluster>) {
+    let services = vec![service("backend", ip(net, 100), &[(80, 8080)])];
+    let wp = waypoint_resource(
+        vec![bound_service(
+            "backend",
+            vec![port(pb::Protocol::Http, "backend", 80, endpoints)],
+        )],
+        &[],
+    );
+    let snap = Snapshot::build(workloads, &services, Some(&wp), None)
+        .unwrap()
+        .for_network("net1");
+    let cluster = snap.cluster("backend-80").unwrap().clone();
+    (snap, cluster)
+}
+
 #[test]
 fn the_waypoint_reaches_an_endpoint_on_another_network_only_through_its_gateway() {
     let net = [10, 77];
@@ -1623,23 +1645,7 @@ fn the_waypoint_reaches_an_endpoint_on_another_network_only_through_its_gateway(
         ),
         on_network("lost", "backend", ip(net, 40), "net3", None, &serves),
     ];
-    let services = vec![service("backend", ip(net, 100), &[(80, 8080)])];
-    let wp = waypoint_resource(
-        vec![bound_service(
-            "backend",
-            vec![port(
-                pb::Protocol::Http,
-                "backend",
-                80,
-                &["near", "far", "lost"],
-            )],
-        )],
-        &[],
-    );
-    let snap = Snapshot::build(&workloads, &services, Some(&wp), None)
-        .unwrap()
-        .for_network("net1");
-    let cluster = snap.cluster("backend-80").unwrap().clone();
+    let (snap, cluster) = backend_on_net1(net, &workloads, &["near", "far", "lost"]);
     let like = ip(net, 100);
     let near = snap.endpoint(&cluster, &uid("near"), like).unwrap();
     assert!(near.crossing.is_none(), "same network: dialled directly");
@@ -1649,6 +1655,9 @@ fn the_waypoint_reaches_an_endpoint_on_another_network_only_through_its_gateway(
         .as_ref()
         .expect("another network: through its gateway");
     assert_eq!(crossing.gateway, SocketAddr::new(ip(net, 30), 15008));
+    // Worked out once per snapshot: every pick of the endpoint shares that one crossing.
+    let again = snap.endpoint(&cluster, &uid("far"), like).unwrap();
+    assert!(Arc::ptr_eq(crossing, again.crossing.as_ref().unwrap()));
     assert_eq!(
         crossing.gateway_ids,
         [id(
@@ -1666,4 +1675,44 @@ fn the_waypoint_reaches_an_endpoint_on_another_network_only_through_its_gateway(
     );
     // No gateway on its network: no endpoint at all, never dialled.
     assert!(snap.endpoint(&cluster, &uid("lost"), like).is_none());
+}
+
+#[test]
+fn an_endpoint_whose_network_gateway_is_named_by_hostname_is_refused_by_name() {
+    use meshnode::state::{GatewayAddress, GatewayDestination};
+    use meshnode::waypoint::snapshot::Unreachable;
+    let net = [10, 78];
+    let key = format!("default/{}", hostname("backend"));
+    let serves = [(key.as_str(), 80, 8080)];
+    let by_hostname = GatewayAddress {
+        destination: GatewayDestination::Hostname {
+            namespace: "istio-system".into(),
+            hostname: "eastwest.istio-system.svc.cluster.local".into(),
+        },
+        hbone_mtls_port: 15008,
+    };
+    let mut far = (*on_network("far", "far", ip(net, 20), "net2", None, &serves)).clone();
+    far.network_gateway = Some(Box::new(by_hostname.clone()));
+    let workloads = vec![
+        on_network("near", "backend", ip(net, 3), "net1", None, &serves),
+        Arc::new(far),
+    ];
+    let (snap, cluster) = backend_on_net1(net, &workloads, &["near", "far"]);
+    let like = ip(net, 100);
+    // The waypoint does not resolve a gateway hostname: the far endpoint is no endpoint, and why is named.
+    assert!(snap.endpoint(&cluster, &uid("far"), like).is_none());
+    let why = cluster
+        .crossing(snap.workload(&uid("far")).unwrap())
+        .expect("worked out for the far endpoint")
+        .unwrap_err();
+    assert_eq!(
+        *why,
+        Unreachable::GatewayHostname {
+            gateway: by_hostname
+        }
+    );
+    assert!(why.to_string().contains("named by hostname"), "{why}");
+    // The endpoint on the waypoint's own network is untouched.
+    let near = snap.endpoint(&cluster, &uid("near"), like).unwrap();
+    assert!(near.crossing.is_none());
 }

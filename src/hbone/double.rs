@@ -24,6 +24,15 @@ use crate::config::H2Config;
 use crate::identity::Identity;
 use crate::tls::{dummy_server_name, TlsMaterial};
 
+/// Names the client's `network` on `req`, the inner CONNECT (`x-forwarded-network`, as ztunnel sends it):
+/// the destination then knows that the source address it sees is not the client's own. A network name
+/// that cannot be a header value is left out.
+pub fn forward_network(req: &mut http::Request<()>, network: &str) {
+    if let Ok(v) = http::HeaderValue::from_str(network) {
+        req.headers_mut().insert(super::X_FORWARDED_NETWORK, v);
+    }
+}
+
 /// Opens the inner tunnel over `outer` (dialled to `via`, the gateway) and sends `req` on it. Errors are
 /// the inner tunnel's, wrapped in [`Error::Inner`]; they name `via`, the only address this side knows.
 pub async fn connect(
@@ -143,5 +152,108 @@ impl AsyncWrite for Outer {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(self.tunnel()).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::poll_fn;
+
+    use h2::server::SendResponse;
+    use h2::RecvStream;
+    use tokio::io::AsyncWriteExt;
+
+    use super::*;
+    use crate::hbone::pool::Slot;
+
+    /// What the gateway holds of the outer stream: its answer's send half and the client's bytes.
+    struct GatewaySide {
+        send: h2::SendStream<Bytes>,
+        recv: RecvStream,
+    }
+
+    /// An outer stream over an in-memory HTTP/2 connection, answered 200 by a stand-in gateway.
+    async fn outer_stream() -> (Outer, GatewaySide) {
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        let (accepted_tx, accepted_rx) =
+            tokio::sync::oneshot::channel::<(http::Request<RecvStream>, SendResponse<Bytes>)>();
+        tokio::spawn(async move {
+            let mut conn = h2::server::handshake(server_io).await.unwrap();
+            if let Some(Ok(stream)) = conn.accept().await {
+                let _ = accepted_tx.send(stream);
+            }
+            // Keeps driving the connection.
+            while conn.accept().await.is_some() {}
+        });
+        let (send_request, conn) = h2::client::handshake(client_io).await.unwrap();
+        tokio::spawn(conn);
+        let req = http::Request::builder()
+            .method(http::Method::CONNECT)
+            .uri("echo.default.svc.cluster.local:80")
+            .version(http::Version::HTTP_2)
+            .body(())
+            .unwrap();
+        let (response, send) = send_request
+            .ready()
+            .await
+            .unwrap()
+            .send_request(req, false)
+            .unwrap();
+        let (req, mut respond) = accepted_rx.await.unwrap();
+        let ok = http::Response::builder().status(200).body(()).unwrap();
+        let gateway_send = respond.send_response(ok, false).unwrap();
+        let recv = response.await.unwrap().into_body();
+        let outer = Outer(Some(Tunnel::new(send, recv, Slot::unpooled())));
+        let gateway = GatewaySide {
+            send: gateway_send,
+            recv: req.into_body(),
+        };
+        (outer, gateway)
+    }
+
+    /// Whether the client resets the stream within `wait`, and with what.
+    async fn reset_within(send: &mut h2::SendStream<Bytes>, wait: Duration) -> Option<h2::Reason> {
+        tokio::time::timeout(wait, poll_fn(|cx| send.poll_reset(cx)))
+            .await
+            .ok()
+            .and_then(Result::ok)
+    }
+
+    #[tokio::test]
+    async fn an_outer_stream_ended_cleanly_waits_for_the_gateways_end_instead_of_resetting() {
+        let (mut outer, mut gw) = outer_stream().await;
+        outer.write_all(b"inner bytes").await.unwrap();
+        // The inner connection has shut down: END_STREAM on the outer stream, then h2 drops it.
+        outer.shutdown().await.unwrap();
+        drop(outer);
+        // The client's half ends with END_STREAM (no error on the way).
+        let mut got = Vec::new();
+        while let Some(chunk) = gw.recv.data().await {
+            got.extend_from_slice(&chunk.expect("no reset from the client"));
+        }
+        assert_eq!(got, b"inner bytes");
+        // The gateway's own end is still on its way: the stream must not be reset meanwhile.
+        assert_eq!(
+            reset_within(&mut gw.send, Duration::from_millis(300)).await,
+            None
+        );
+        gw.send
+            .send_data(Bytes::from_static(b"last words"), true)
+            .expect("the gateway ends its half cleanly");
+        assert_eq!(
+            reset_within(&mut gw.send, Duration::from_millis(300)).await,
+            None,
+            "no reset after the gateway's END_STREAM either"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_outer_stream_dropped_before_it_ended_is_reset() {
+        let (outer, mut gw) = outer_stream().await;
+        drop(outer);
+        assert_eq!(
+            reset_within(&mut gw.send, Duration::from_secs(2)).await,
+            Some(h2::Reason::CANCEL)
+        );
     }
 }

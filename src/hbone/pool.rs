@@ -98,7 +98,8 @@ pub struct Stream {
 pub struct Slot(Option<Arc<ConnState>>);
 
 impl Slot {
-    /// The slot of a stream on a connection of its own, outside any pool (double HBONE's inner one).
+    /// The slot of a stream outside any pool: on a connection of its own (double HBONE's inner one), or
+    /// accepted by a server.
     pub fn unpooled() -> Slot {
         Slot(None)
     }

@@ -25,8 +25,9 @@ pub struct Tunnel {
     recv: RecvStream,
     /// Received but not yet read.
     pending: Bytes,
-    /// The stream's place on a pooled client connection (none on the server side).
-    _slot: Option<Slot>,
+    /// The stream's place on a pooled client connection ([`Slot::unpooled`] on the server side, or for a
+    /// connection of its own).
+    _slot: Slot,
     eof: bool,
     shut: bool,
     /// Bytes read by the caller.
@@ -37,7 +38,7 @@ pub struct Tunnel {
 
 impl Tunnel {
     /// The tunnel over `send`/`recv`; `slot` is kept until the tunnel is dropped.
-    pub fn new(send: SendStream<Bytes>, recv: RecvStream, slot: Option<Slot>) -> Tunnel {
+    pub fn new(send: SendStream<Bytes>, recv: RecvStream, slot: Slot) -> Tunnel {
         Tunnel {
             send,
             recv,
@@ -52,7 +53,7 @@ impl Tunnel {
 
     /// An open HBONE client stream as a tunnel.
     pub fn from_client(stream: crate::hbone::pool::Stream) -> Tunnel {
-        Tunnel::new(stream.send, stream.recv, Some(stream.slot))
+        Tunnel::new(stream.send, stream.recv, stream.slot)
     }
 
     /// Resets the stream (CANCEL): the peer sees the tunnel fail rather than end.

@@ -46,6 +46,7 @@ use crate::hbone::pool::{self, PoolKey};
 use crate::identity::Identity;
 use crate::metrics::{ConnectionRecord, Reporter, ResponseFlags, TrafficLabels, WaypointBinding};
 use crate::socket;
+use crate::state::waypoint::SourceAddr;
 use crate::state::{
     GatewayAddress, LbMode, Protocol, Service, State, Upstream, WaypointError, Workload,
 };
@@ -448,11 +449,8 @@ impl Proxy {
         let outer = self.open_tunnel(src, peer, outer).await?;
         let tls = self.tls_for(&src.identity).await?.current();
         let mut req = connect_request(src, peer, &hop.authority, hop.authority.service())?;
-        if let Ok(network) = HeaderValue::from_str(&self.cfg().network) {
-            req.headers_mut()
-                .insert(crate::hbone::X_FORWARDED_NETWORK, network);
-        }
         let cfg = self.cfg();
+        crate::hbone::double::forward_network(&mut req, &cfg.network);
         Ok(crate::hbone::double::connect(
             outer,
             hop.gateway.addr,
@@ -533,7 +531,7 @@ impl Proxy {
             return Ok(Route::Passthrough(dst));
         };
         if let Some(gw) = &w.waypoint {
-            if !from_waypoint(&state, gw, src, downstream) {
+            if !state.from_waypoint([&**gw], &src.identity, SourceAddr::Known(downstream)) {
                 let route = waypoint_hop(
                     &state,
                     src,
@@ -634,14 +632,6 @@ fn through_gateway(
         authority: Authority::Host(svc.clone(), dst.port()),
         inner_expected,
     }))
-}
-
-/// ztunnel's `check_from_waypoint`: the connection comes from the waypoint `gw` itself — the source has
-/// the identity of a workload behind it and connects from one of that workload's addresses.
-fn from_waypoint(state: &State, gw: &GatewayAddress, src: &Workload, downstream: IpAddr) -> bool {
-    state.waypoint_has(gw, |w| {
-        w.identity == src.identity && w.ips.contains(&downstream)
-    })
 }
 
 /// The `reporter="source"` labels of a connection from `src` taking `route`: the source principal (and

@@ -1,6 +1,7 @@
 //! Waypoints in the state: which waypoint a service names for one connection, resolving a waypoint to
-//! the workload to dial, and whether a workload is (an instance of) a waypoint — ztunnel's
-//! `sample_weighted_waypoint`, `fetch_waypoint` and `check_gateway_address`.
+//! the workload to dial, whether a workload is (an instance of) a waypoint, and whether a connection
+//! comes from the waypoint itself — ztunnel's `sample_weighted_waypoint`, `fetch_waypoint`,
+//! `check_gateway_address` and `check_from_waypoint`.
 //!
 //! Input: a [`State`] snapshot and a [`GatewayAddress`]. Output: an [`Upstream`] whose `addr` is the
 //! waypoint's HBONE address (`ip:hbone_mtls_port`, after the waypoint service's port mapping when it is
@@ -54,6 +55,17 @@ impl WaypointError {
             WaypointError::OtherNetwork { .. } => "other_network",
         }
     }
+}
+
+/// What the hop checking [`State::from_waypoint`] knows of where a connection comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceAddr {
+    /// The connection's source address, on this hop's network: a node proxy's client.
+    Known(IpAddr),
+    /// The connection came from another network, through double HBONE's outer tunnel (at the east-west
+    /// gateway): its source address is a remote one (or the NAT's in front of it), not an address this
+    /// network's state can name, so only the identity its certificate proves can be checked.
+    OtherNetwork,
 }
 
 /// How a service's endpoints are filtered (ztunnel's `ServiceResolutionMode`).
@@ -177,6 +189,28 @@ impl State {
                 .any(|ep| pred(&self.workloads[ep.workload])),
             None => false,
         }
+    }
+
+    /// ztunnel's `check_from_waypoint`: whether a connection from `identity` (at `source`) comes from
+    /// one of `waypoints` itself — a workload behind one of them (see [`State::waypoint_has`]) with that
+    /// identity and, when the source address is known, that address among its own. A node proxy checks
+    /// both; the east-west gateway only the identity ([`SourceAddr::OtherNetwork`]).
+    pub fn from_waypoint<'a>(
+        &self,
+        waypoints: impl IntoIterator<Item = &'a GatewayAddress>,
+        identity: &crate::identity::Identity,
+        source: SourceAddr,
+    ) -> bool {
+        let is_source = |w: &Workload| {
+            w.identity == *identity
+                && match source {
+                    SourceAddr::Known(ip) => w.ips.contains(&ip),
+                    SourceAddr::OtherNetwork => true,
+                }
+        };
+        waypoints
+            .into_iter()
+            .any(|gw| self.waypoint_has(gw, is_source))
     }
 
     /// The waypoint workload `src` should dial for `gw`, for a connection the app addressed to

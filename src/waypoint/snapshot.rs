@@ -8,8 +8,9 @@
 //! the decision engines ([`Authorizer`], [`RouteTable`], [`Endpoints`]) compiled once per snapshot.
 //!
 //! An endpoint on another network than the waypoint's ([`Snapshot::for_network`]) is reached only through
-//! its network's east-west gateway ([`Crossing`]: double HBONE, as the node proxy does it); one whose
-//! network has no gateway (or one the snapshot cannot resolve) is no endpoint at all.
+//! its network's east-west gateway ([`Crossing`]: double HBONE, as the node proxy does it), worked out
+//! once per cluster and network when the snapshot is built; one whose network has no gateway, or one
+//! the snapshot cannot resolve (named by hostname, unknown: [`Unreachable`]), is no endpoint at all.
 //!
 //! A cluster whose definition did not change keeps its [`Endpoints`] (and so its load-balancing position,
 //! request budget and outlier state) from the previous snapshot. Building fails, naming the part, when an
@@ -24,7 +25,7 @@ use super::balance::Endpoints;
 use super::routes::RouteTable;
 use crate::identity::Identity;
 use crate::proto::waypoint as pb;
-use crate::state::{GatewayDestination, PortMap, Service, SharedStr, Workload};
+use crate::state::{GatewayAddress, GatewayDestination, PortMap, Service, SharedStr, Workload};
 
 /// Why a snapshot could not be built from a `Waypoint` resource.
 #[derive(Debug, thiserror::Error)]
@@ -112,6 +113,7 @@ impl BoundService {
 }
 
 /// A cluster: endpoints of one service port (or subset) and their policy.
+#[derive(Clone)]
 pub struct Cluster {
     /// Its name.
     pub name: String,
@@ -123,7 +125,68 @@ pub struct Cluster {
     pub endpoints: Arc<Endpoints>,
     /// `namespace/hostname` of `service`: the key workloads' port maps use.
     service_key: Option<String>,
+    /// How its endpoints on other networks are reached, one entry per (network, gateway) they name;
+    /// worked out once per snapshot ([`Snapshot::for_network`]), so a request only clones an `Arc`.
+    remote: Vec<Remote>,
     proto: pb::Cluster,
+}
+
+impl Cluster {
+    /// How this cluster reaches `workload`, one of its endpoints on another network: through its
+    /// network's gateway, or why not. `None` when the snapshot has worked out nothing for it (it is on
+    /// the waypoint's network, or not an endpoint of this cluster).
+    pub fn crossing(&self, workload: &Workload) -> Option<Result<&Arc<Crossing>, &Unreachable>> {
+        let via = workload.network_gateway.as_deref();
+        self.remote
+            .iter()
+            .find(|r| r.network == workload.network && r.via.as_ref() == via)
+            .map(|r| r.crossing.as_ref())
+    }
+}
+
+/// A cluster's way to its endpoints on one other network, as they name their gateway.
+#[derive(Clone)]
+struct Remote {
+    network: SharedStr,
+    via: Option<GatewayAddress>,
+    crossing: Result<Arc<Crossing>, Unreachable>,
+}
+
+/// Why a cluster's endpoints on another network cannot be reached: they are then no endpoints at all.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Unreachable {
+    /// Their network has no east-west gateway: never dialled directly.
+    #[error("network {network:?} has no network gateway")]
+    NoGateway {
+        /// The endpoints' network.
+        network: String,
+    },
+    /// Their gateway is named by hostname. Node proxies resolve one
+    /// ([`State::resolve_gateway_address`](crate::state::State::resolve_gateway_address), load-balanced
+    /// per connection); the waypoint works out each crossing once per snapshot from the gateway's
+    /// address, and has no such resolution.
+    #[error("network gateway {gateway} is named by hostname, which the waypoint does not resolve")]
+    GatewayHostname {
+        /// The gateway as the endpoints name it.
+        gateway: GatewayAddress,
+    },
+    /// No workload of the gateway's network is at the gateway's address (whose identity the outer
+    /// tunnel would expect).
+    #[error("network gateway {gateway} is no workload the waypoint knows")]
+    UnknownGateway {
+        /// The gateway as the endpoints name it.
+        gateway: GatewayAddress,
+    },
+    /// The cluster's service is not known, so there is no hostname for the tunnels' authority.
+    #[error("the cluster's service is unknown: no hostname to cross networks with")]
+    NoService,
+    /// The service's hostname and port make no valid CONNECT authority.
+    #[error("{authority:?} cannot be a CONNECT authority")]
+    BadAuthority {
+        /// What it would have been.
+        authority: String,
+    },
 }
 
 /// What a CONNECT's `:authority` names.
@@ -320,6 +383,7 @@ impl Snapshot {
                         service_key: service.as_ref().map(|s| s.key()),
                         service,
                         endpoints,
+                        remote: Vec::new(),
                         proto: c.clone(),
                     }),
                 );
@@ -407,7 +471,50 @@ impl Snapshot {
             }
         }
         self.gateways = gateways;
+        let clusters = std::mem::take(&mut self.clusters);
+        self.clusters = clusters
+            .into_iter()
+            .map(|(name, cluster)| {
+                // Built by `build` just before, so held by nothing else: no copy.
+                let mut cluster = Arc::try_unwrap(cluster).unwrap_or_else(|c| (*c).clone());
+                cluster.remote = self.remote(&cluster);
+                (name, Arc::new(cluster))
+            })
+            .collect();
         self
+    }
+
+    /// How `cluster` reaches its endpoints on other networks: one [`Remote`] per (network, gateway)
+    /// they name. Those that cannot be reached are logged once here, not per request.
+    fn remote(&self, cluster: &Cluster) -> Vec<Remote> {
+        let mut remote: Vec<Remote> = Vec::new();
+        for w in cluster
+            .endpoints
+            .keys()
+            .filter_map(|uid| self.workloads.get(uid))
+        {
+            let via = w.network_gateway.as_deref();
+            if w.network == self.network.as_str()
+                || remote
+                    .iter()
+                    .any(|r| r.network == w.network && r.via.as_ref() == via)
+            {
+                continue;
+            }
+            let crossing = self.crossing(cluster, w).map(Arc::new);
+            if let Err(e) = &crossing {
+                tracing::warn!(
+                    cluster = %cluster.name, network = %w.network, error = %e,
+                    "endpoints on another network are unreachable; not load-balanced to"
+                );
+            }
+            remote.push(Remote {
+                network: w.network.clone(),
+                via: via.cloned(),
+                crossing,
+            });
+        }
+        remote
     }
 
     /// The cluster `name`.
@@ -456,7 +563,7 @@ impl Snapshot {
             .find(|ip| ip.is_ipv4() == like.is_ipv4())
             .or_else(|| workload.ips.first());
         let crossing = if workload.network != self.network.as_str() {
-            Some(Arc::new(self.crossing(cluster, workload)?))
+            Some(cluster.crossing(workload)?.ok()?.clone())
         } else {
             None
         };
@@ -473,37 +580,41 @@ impl Snapshot {
         })
     }
 
-    /// How to reach `workload`, on another network, as an endpoint of `cluster`: `None` when its network
-    /// has no gateway this snapshot knows, or the cluster has no service to name in the authority.
-    fn crossing(&self, cluster: &Cluster, workload: &Workload) -> Option<Crossing> {
-        let gw = workload.network_gateway.as_deref()?;
+    /// How to reach `workload`, on another network, as an endpoint of `cluster`, or why it cannot be.
+    fn crossing(&self, cluster: &Cluster, workload: &Workload) -> Result<Crossing, Unreachable> {
+        let gw = workload
+            .network_gateway
+            .as_deref()
+            .ok_or_else(|| Unreachable::NoGateway {
+                network: workload.network.to_string(),
+            })?;
         let GatewayDestination::Address { network, ip } = &gw.destination else {
-            tracing::debug!(gateway = %gw, "a gateway named by hostname is not resolved by the waypoint");
-            return None;
+            return Err(Unreachable::GatewayHostname {
+                gateway: gw.clone(),
+            });
         };
         let gateway = self
             .gateways
-            .get(ip)?
-            .iter()
-            .find(|g| g.network == network.as_str())?;
-        let svc = cluster.service.as_ref()?;
-        let inner_ids = if svc.subject_alt_names.is_empty() {
-            let mut ids: Vec<Identity> = Vec::new();
-            for uid in cluster.endpoints.keys() {
-                if let Some(w) = self.workloads.get(uid) {
-                    if w.network == workload.network && !ids.contains(&w.identity) {
-                        ids.push(w.identity.clone());
-                    }
-                }
-            }
-            ids
-        } else {
-            svc.subject_alt_names.to_vec()
-        };
-        Some(Crossing {
+            .get(ip)
+            .and_then(|gws| gws.iter().find(|g| g.network == network.as_str()))
+            .ok_or_else(|| Unreachable::UnknownGateway {
+                gateway: gw.clone(),
+            })?;
+        let svc = cluster.service.as_ref().ok_or(Unreachable::NoService)?;
+        let authority = format!("{}:{}", svc.hostname, cluster.port);
+        let inner_ids = svc.far_identities(
+            &workload.network,
+            cluster
+                .endpoints
+                .keys()
+                .filter_map(|uid| self.workloads.get(uid))
+                .map(|w| &**w),
+        );
+        Ok(Crossing {
             gateway: SocketAddr::new(*ip, gw.hbone_mtls_port),
             gateway_ids: vec![gateway.identity.clone()],
-            authority: http::Uri::try_from(format!("{}:{}", svc.hostname, cluster.port)).ok()?,
+            authority: http::Uri::try_from(authority.as_str())
+                .map_err(|_| Unreachable::BadAuthority { authority })?,
             inner_ids,
         })
     }

@@ -347,11 +347,7 @@ impl Upstreams {
         let tls = self.0.tls.current();
         let outer = self.0.hbone.connect(&key, &tls, request()).await?;
         let mut inner = request();
-        if let Ok(v) = http::HeaderValue::from_str(&self.0.network) {
-            inner
-                .headers_mut()
-                .insert(crate::hbone::X_FORWARDED_NETWORK, v);
-        }
+        crate::hbone::double::forward_network(&mut inner, &self.0.network);
         let stream = crate::hbone::double::connect(
             outer,
             crossing.gateway,

@@ -13,6 +13,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use meshnode::config::WaypointConfig;
+use meshnode::hbone::pool::Slot;
 use meshnode::hbone::tunnel::Tunnel;
 use meshnode::identity::{CertManager, CertSource, Identity};
 use meshnode::proto::waypoint as pb;
@@ -276,7 +277,7 @@ pub async fn tunnel(
     if resp.status() != http::StatusCode::OK {
         return Err(resp.status());
     }
-    Ok(Tunnel::new(up, resp.into_body(), None))
+    Ok(Tunnel::new(up, resp.into_body(), Slot::unpooled()))
 }
 
 /// An HTTP/1.1 client inside `tunnel`.

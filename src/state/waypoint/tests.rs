@@ -384,3 +384,24 @@ fn waypoint_membership_covers_the_named_workload_and_every_endpoint_of_the_named
         Some(Found::Workload(_))
     ));
 }
+
+#[test]
+fn traffic_from_the_waypoint_itself_needs_its_identity_and_at_a_node_proxy_its_address() {
+    let st = state();
+    let reviews = service(&st, "10.96.0.10");
+    let waypoints = || Found::Service(reviews).waypoints();
+    let wp_id: crate::identity::Identity = "spiffe://cluster.local/ns/default/sa/waypoint"
+        .parse()
+        .unwrap();
+    let client_id: crate::identity::Identity = "spiffe://cluster.local/ns/default/sa/client"
+        .parse()
+        .unwrap();
+    // A node proxy sees the source address: identity and address must both be a waypoint instance's.
+    let at = |a: &str| SourceAddr::Known(ip(a));
+    assert!(st.from_waypoint(waypoints(), &wp_id, at("10.0.1.2")));
+    assert!(!st.from_waypoint(waypoints(), &wp_id, at("10.0.0.1")));
+    assert!(!st.from_waypoint(waypoints(), &client_id, at("10.0.1.1")));
+    // The east-west gateway sees another network's address: the identity decides alone.
+    assert!(st.from_waypoint(waypoints(), &wp_id, SourceAddr::OtherNetwork));
+    assert!(!st.from_waypoint(waypoints(), &client_id, SourceAddr::OtherNetwork));
+}
