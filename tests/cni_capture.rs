@@ -651,3 +651,67 @@ fn without_a_proxy_an_enrolled_pod_fails_closed_and_an_outsider_is_not_blocked()
     let mut another = node.pod("default", "server2");
     assert!(node.add(&mut another).is_err());
 }
+
+#[test]
+fn a_vm_behind_a_listed_virtual_interface_reaches_the_mesh_as_its_pod() {
+    if !support::root_or_skip("a_vm_behind_a_listed_virtual_interface_reaches_the_mesh_as_its_pod")
+    {
+        return;
+    }
+    let node = Node::start(AGENT_YAML, "workloads: []\n");
+    let mut client = node.pod("default", "client");
+    let mut server = node.pod("default", "server");
+    for p in [&mut client, &mut server] {
+        node.add(p)
+            .unwrap_or_else(|e| panic!("ADD {}: {e}\n{}", p.name, node.logs()));
+    }
+    node.set_local_config(&workloads(&[&client, &server]));
+    settle();
+    serve_app(&server, 8080);
+    let dst = SocketAddr::new(server.ip.unwrap(), 8080);
+
+    // A VM inside the client pod (KubeVirt's layout: its NIC bridged to an interface of the pod's netns),
+    // sending through the pod.
+    let vm = support::netns::Netns::new("vm");
+    let (vm_if, _) = support::netns::veth(&client.netns, "10.253.0.1/24", &vm, "10.253.0.2/24");
+    let out = vm.ip(&["route", "add", "default", "via", "10.253.0.1"]);
+    assert!(out.status.success(), "{out:?}");
+
+    // The pod's annotation names the VM's interface; the agent re-programs the running pod.
+    let annotated = AGENT_YAML.replace(
+        "- {name: client, namespace: default, serviceAccount: client}",
+        &format!(
+            "- {{name: client, namespace: default, serviceAccount: client, annotations: \
+             {{istio.io/reroute-virtual-interfaces: \"{vm_if}\"}}}}"
+        ),
+    );
+    node.set_agent_config(&annotated);
+    node.wait_for(
+        || nft_ruleset(&client).contains(&format!("iifname \"{vm_if}\"")),
+        "the virtual interface's rules in the client pod",
+    );
+
+    // The VM's call is the pod's outbound: through HBONE with the pod's identity, which the server's
+    // policy (only the client's identity) admits.
+    let reply = vm
+        .run(move || {
+            use std::io::{Read, Write};
+            let mut s = std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(5))?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            s.write_all(b"hello\n")?;
+            let mut reply = String::new();
+            s.read_to_string(&mut reply)?;
+            Ok::<_, std::io::Error>(reply)
+        })
+        .unwrap_or_else(|e| panic!("VM call: {e}\n{}", node.logs()));
+    assert!(reply.starts_with("app saw "), "{reply}\n{}", node.logs());
+    let metrics = node.http_get(15020, "/metrics").unwrap_or_default();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("istio_tcp_connections_opened_total")
+                && l.contains("reporter=\"source\"")
+                && l.contains("source_principal=\"spiffe://cluster.local/ns/default/sa/client\"")),
+        "{metrics}"
+    );
+}
