@@ -768,6 +768,26 @@ fn captured_traffic_lands_on_the_proxy_ports_with_its_original_destination() {
     let hbone_addr: std::net::SocketAddr = "10.250.0.2:15008".parse().expect("addr");
     let _c = client.run(|| dial(hbone_addr, None));
     assert_eq!(landed(&[&plaintext, &hbone]), (1, hbone_addr));
+
+    // Each rule counts its hits, as istio-cni's do: one captured outbound connection (its SYN) and one
+    // inbound, read with `nft list`. A re-install with the same settings (an agent restart) keeps them.
+    let hits = || {
+        pod.run(|| run("nft", &["list", "table", "inet", rules::NAT]))
+            .lines()
+            .filter(|l| l.contains("ip daddr != 127.0.0.1") && l.contains("redirect to :150"))
+            .map(|l| l.trim().to_owned())
+            .collect::<Vec<_>>()
+    };
+    let before = hits();
+    assert_eq!(before.len(), 2, "{before:?}");
+    assert!(
+        before
+            .iter()
+            .all(|l| l.contains("counter packets 1 bytes ")),
+        "{before:?}"
+    );
+    pod.run(|| install(&s).expect("re-install"));
+    assert_eq!(hits(), before);
 }
 
 #[test]
