@@ -384,8 +384,9 @@ impl Proxy {
                         (flags, Error::Waypoint(Box::new(refusal)))
                     })
             }
-            Route::Double(hop) => self
-                .open_double(&ends.src, peer, hop)
+            // Boxed: the inner handshake's state is large, and unboxed it would size every connection's
+            // task, double HBONE or not, for the connection's whole life.
+            Route::Double(hop) => Box::pin(self.open_double(&ends.src, peer, hop))
                 .await
                 .map(Up::Hbone)
                 .map_err(|e| (e.response_flags(), e)),

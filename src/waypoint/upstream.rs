@@ -278,8 +278,8 @@ impl Upstreams {
     async fn connect_now(&self, ep: &Endpoint, timeout: Duration) -> Result<Transport, Error> {
         let addr = ep.addr;
         if let Some(crossing) = &ep.crossing {
-            return self
-                .connect_through(crossing, timeout)
+            // Boxed, so the inner handshake's state does not size every connect (see proxy::outbound).
+            return Box::pin(self.connect_through(crossing, timeout))
                 .await
                 .map(|t| Transport::Hbone(Box::new(t)))
                 .map_err(|e| Error::Connect {
