@@ -70,6 +70,7 @@ pub mod task;
 #[doc(hidden)]
 pub mod test_gate;
 pub mod tls;
+pub mod upgrade;
 pub mod waypoint;
 pub mod xds;
 pub mod zds;
