@@ -32,6 +32,8 @@
 //! - [`task`] — spawning a per-connection task whose future is stored once, with its guard and cancellation.
 //! - [`readiness`] — `:15021/healthz/ready`.
 //! - [`zds`] — the ZDS protocol (SOCK_SEQPACKET + SCM_RIGHTS): agent-side server, proxy-side client.
+//! - [`upgrade`] — keeping open connections across an upgrade: handing app-facing sockets, with what each
+//!   connection needs to carry on, to the new process (issue 17; not wired into the proxy yet).
 //! - [`proto`] — generated wire types of Istio's protocols.
 //! - [`app`] — wiring a role together from its config.
 //! - [`test_gate`] — whether a test's requirements (root, binaries) are met, and failing instead of skipping in CI.

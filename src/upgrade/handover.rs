@@ -1,0 +1,414 @@
+//! Handing app-facing sockets, with what each connection needs to continue, from the old proxy process to
+//! the new one.
+//!
+//! **Job.** The new process ([`Receiver`]) listens on a unix socket path; the old one ([`send`]) connects
+//! and hands over its connections in batches, each batch one `SOCK_SEQPACKET` packet carrying the
+//! connections' records and, in one SCM_RIGHTS control message, their sockets. Every batch is
+//! acknowledged, so the old process knows exactly which connections the new one took and keeps serving
+//! the rest itself.
+//!
+//! **Inputs.** Sender: the path and a list of `(`[`Handed`]`, OwnedFd)`, the fd being the connection's
+//! app-facing TCP socket. The caller has stopped reading and writing those sockets, and they are
+//! registered with no epoll (tokio: `TcpStream::into_std` deregisters): the file stays open in the sender
+//! until the batch is acknowledged, and an epoll registration lives as long as the file, so a forgotten
+//! one would keep waking the old process. Receiver: the path.
+//!
+//! **Outputs.** [`send`] returns a [`SendReport`]: the ids taken, and every connection *not* taken with
+//! its fd (`kept`), on success and on error alike. [`Receiver::accept_all`] returns a [`Received`]: the
+//! connections taken, on success and on error alike. Each fd arrives close-on-exec and is the same open
+//! file the sender had (O_NONBLOCK and socket options come with it); the receiver registers it wherever it
+//! likes.
+//!
+//! **Conversation** (`S` = sender/old, `R` = receiver/new; one protobuf `Packet` per packet, see `wire`):
+//!
+//! ```text
+//! S → R  Hello{version, connections}       R → S  Hello{version}   (R refuses another version after replying)
+//! S → R  Batch{seq, records} + fds         R → S  Ack{seq, accepted} | Refuse{reason}
+//! ...                                      (S sends the next batch only after reading the previous ack)
+//! S → R  End                               (after the last ack)
+//! S → R  Abort{reason}                     (instead, when S gave up on the ack of the batch it last sent)
+//! ```
+//!
+//! **Who owns a connection when something fails** (the rule that keeps every connection served exactly
+//! once). The sender counts a connection as taken only once it has *read* the ack of the packet holding the
+//! connection's last record; until then it keeps its own fd, and everything not taken comes back in
+//! `kept`. The receiver keeps every connection of every batch whose ack it *wrote*, except the last such
+//! batch when the sender's next message is `Abort`: a sender that fails waiting for an ack sends `Abort`
+//! (best effort) and keeps the batch. Other failures agree on their own: an ack the receiver wrote is in
+//! the sender's socket buffer and readable even after the receiver closes; the receiver waits twice
+//! [`IO_TIMEOUT`] for the sender's next message, so a live sender always gives up (and says `Abort`) first;
+//! a sender that dies takes its own fds with it, so the receiver's copies are the only ones left. Batches
+//! that fail (refused, truncated, timed out) are acknowledged by nobody: the receiver closes its fds, the
+//! sender keeps its own. Cancelling either future drops the connections it holds; drive them to completion
+//! (every step has a timeout).
+//!
+//! **Wire format.** prost messages written by hand (`wire`), no .proto: prost is already built here;
+//! the buffered bytes travel as raw `bytes` (JSON would inflate them three- to four-fold as number
+//! arrays); the packer needs an exact `encoded_len` to fill packets to the bound; and field tags let a
+//! later version add fields (the tunnel side's resumption) that this one skips.
+//!
+//! **Bounds.** A packet is at most [`MAX_PACKET`] (64 KiB; both sides set SO_SNDBUF so the kernel takes
+//! that much in one message) and carries at most [`MAX_FDS_PER_PACKET`] fds (the kernel's SCM_MAX_FD). A
+//! connection carries at most [`MAX_BUFFERED`] bytes each way, [`MAX_RESUME`] bytes of resumption state,
+//! and [`MAX_NAME`] bytes of pod uid and of peer identity; a hand-over announces at most
+//! [`MAX_CONNECTIONS`]. A connection's bytes travel in records of at most 16 KiB, so a large one spans
+//! several records (the first carries the metadata and the fd, the rest continue it) and possibly several
+//! packets; it is taken when its last record is acknowledged. Every read and write has an [`IO_TIMEOUT`]
+//! deadline (the receiver's wait for the sender's next message, twice that). Anything else (a version
+//! other than [`PROTOCOL_VERSION`], fds that do not match the records, MSG_TRUNC, MSG_CTRUNC, an oversize
+//! value, a message out of order) ends the hand-over with a named [`Error`], the fds of the refused
+//! packet closed on the receiver's side and kept on the sender's.
+//!
+//! Transport: `socket` (AF_UNIX SOCK_SEQPACKET on tokio, with many fds per packet).
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{BorrowedFd, OwnedFd};
+use std::path::Path;
+use std::time::Duration;
+
+use prost::Message;
+use tokio::time::timeout;
+
+use socket::Conn;
+use wire::{Body, Packet};
+
+mod receiver;
+mod sender;
+mod socket;
+mod wire;
+
+#[cfg(test)]
+mod tests;
+
+/// The protocol version this build speaks; a peer with another is refused.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Deadline for each read and write on the hand-over socket.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Largest packet either side sends or accepts, in bytes. Below the kernel's limit for one unix datagram
+/// (the send buffer, which both sides raise to twice this), and room for 253 records of idle connections
+/// with typical names (about 200 bytes each); records with longer names or buffered bytes fill more
+/// packets.
+pub const MAX_PACKET: usize = 64 * 1024;
+
+/// Most fds in one packet: the kernel's `SCM_MAX_FD`, above which `sendmsg` fails with EINVAL.
+pub const MAX_FDS_PER_PACKET: usize = 253;
+
+/// Most bytes a connection may carry in each direction (`to_app`, `to_peer`).
+pub const MAX_BUFFERED: usize = 64 * 1024;
+
+/// Most bytes of tunnel-resumption state (`resume`) a connection may carry.
+pub const MAX_RESUME: usize = 16 * 1024;
+
+/// Longest pod uid and peer identity, in bytes (a SPIFFE ID is at most 2048).
+pub const MAX_NAME: usize = 2048;
+
+/// Most connections one hand-over may announce: more than any fd limit allows, so only a sanity bound.
+pub const MAX_CONNECTIONS: u64 = 1 << 20;
+
+/// One connection being handed over: what the new process needs to carry on with it. Its app-facing
+/// socket travels beside it as an fd.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Handed {
+    /// The sender's id for the connection; opaque here, returned in [`SendReport::taken`].
+    pub id: u64,
+    /// The workload uid of the pod whose connection this is.
+    pub pod: String,
+    /// Which way the connection was made.
+    pub direction: Direction,
+    /// The destination the connection was for: the app's original destination (outbound), or the address
+    /// the peer asked for (inbound).
+    pub original_dst: SocketAddr,
+    /// The far side of the tunnel: the upstream the proxy connected to (outbound), or the downstream peer
+    /// (inbound).
+    pub peer: SocketAddr,
+    /// The peer's identity (SPIFFE ID), empty when it had none (plain TCP).
+    pub peer_identity: String,
+    /// Bytes received from the peer and not yet written to the app (at most [`MAX_BUFFERED`]).
+    pub to_app: Vec<u8>,
+    /// Bytes read from the app and not yet sent to the peer (at most [`MAX_BUFFERED`]).
+    pub to_peer: Vec<u8>,
+    /// Opaque state for resuming the tunnel side (at most [`MAX_RESUME`]); its format is the tunnel's.
+    pub resume: Vec<u8>,
+}
+
+/// Which way a handed connection was made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// From the pod's app out through the proxy (:15001).
+    Outbound,
+    /// From a peer into the pod's app (:15008 or :15006).
+    Inbound,
+}
+
+impl Handed {
+    /// Whether every value is within its bound, as the receiver checks it. [`send`] refuses the whole
+    /// hand-over when one connection is not; call this first to keep such a connection out of it.
+    pub fn check(&self) -> Result<(), Error> {
+        let bounds = [
+            ("pod", self.pod.len(), MAX_NAME),
+            ("peer_identity", self.peer_identity.len(), MAX_NAME),
+            ("to_app", self.to_app.len(), MAX_BUFFERED),
+            ("to_peer", self.to_peer.len(), MAX_BUFFERED),
+            ("resume", self.resume.len(), MAX_RESUME),
+        ];
+        match bounds.into_iter().find(|(_, len, max)| len > max) {
+            Some((field, len, max)) => Err(Error::TooLarge {
+                id: self.id,
+                field,
+                len,
+                max,
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
+/// What [`send`] did. Whatever happened, every connection is either in `taken` (the receiver has it; our
+/// fd is closed) or in `kept` (ours to keep serving).
+#[derive(Debug)]
+#[must_use = "the connections in `kept` are still the caller's to serve"]
+pub struct SendReport {
+    /// Ids of the connections the receiver acknowledged, in the order given.
+    pub taken: Vec<u64>,
+    /// The connections not taken, with their fds, in the order given.
+    pub kept: Vec<(Handed, OwnedFd)>,
+    /// Batches sent (acknowledged or not).
+    pub packets: usize,
+    /// Why the hand-over stopped early, if it did.
+    pub error: Option<Error>,
+}
+
+/// What [`Receiver::accept_all`] took. Whatever happened, `conns` are the receiver's to serve: the sender
+/// no longer does.
+#[derive(Debug)]
+#[must_use = "the connections in `conns` are the caller's to serve"]
+pub struct Received {
+    /// The connections taken, with their fds, in the sender's order.
+    pub conns: Vec<(Handed, OwnedFd)>,
+    /// Batches acknowledged.
+    pub packets: usize,
+    /// Why the hand-over stopped early, if it did.
+    pub error: Option<Error>,
+}
+
+/// Hands `conns` to the receiver listening at `path`. Returns when every connection is taken or the
+/// hand-over failed; see [`SendReport`]. Do not cancel it: the connections not yet taken would be
+/// dropped with it.
+pub async fn send(path: &Path, conns: Vec<(Handed, OwnedFd)>) -> SendReport {
+    sender::send(path, conns, IO_TIMEOUT).await
+}
+
+/// The new process's end: a listening socket that one sender at a time hands its connections to. Dropping
+/// it removes the socket file (if it is still the one it created).
+#[derive(Debug)]
+pub struct Receiver {
+    listener: socket::Listener,
+    io_timeout: Duration,
+}
+
+impl Receiver {
+    /// Listens at `path` (mode 0600), replacing a stale socket file there; its directory must exist.
+    pub fn bind(path: &Path) -> Result<Receiver, Error> {
+        let listener = socket::Listener::bind(path).map_err(|source| Error::Io {
+            during: "binding the hand-over socket",
+            source,
+        })?;
+        Ok(Receiver {
+            listener,
+            io_timeout: IO_TIMEOUT,
+        })
+    }
+
+    /// The socket file's path.
+    pub fn path(&self) -> &Path {
+        self.listener.path()
+    }
+
+    /// Waits for a sender and takes every connection it hands over. The wait for a sender to connect may
+    /// be cancelled (wrap it in a timeout); once one is connected, drive this to completion: every step
+    /// has its own deadline, and cancelling would drop the connections taken so far.
+    pub async fn accept_all(&self) -> Received {
+        match self.listener.accept().await {
+            Ok(conn) => receiver::receive(&conn, self.io_timeout).await,
+            Err(source) => Received {
+                conns: Vec::new(),
+                packets: 0,
+                error: Some(Error::Io {
+                    during: "accepting the sender",
+                    source,
+                }),
+            },
+        }
+    }
+}
+
+/// Why a hand-over stopped. The connections are never in here: see [`SendReport`] and [`Received`].
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The peer speaks another version of the protocol.
+    #[error("hand-over protocol version {theirs} refused: this side speaks version {ours}")]
+    Version {
+        /// [`PROTOCOL_VERSION`].
+        ours: u32,
+        /// The peer's.
+        theirs: u32,
+    },
+    /// A read or write did not finish within its deadline.
+    #[error("timed out {during}")]
+    Timeout {
+        /// The step that timed out.
+        during: &'static str,
+    },
+    /// A socket call failed.
+    #[error("{during}: {source}")]
+    Io {
+        /// The step that failed.
+        during: &'static str,
+        /// The underlying error.
+        source: io::Error,
+    },
+    /// The peer closed the hand-over socket.
+    #[error("hand-over socket closed by the peer {during}")]
+    Closed {
+        /// The step during which the close was noticed.
+        during: &'static str,
+    },
+    /// A packet was longer than the reader's buffer (MSG_TRUNC); its fds were closed.
+    #[error(
+        "packet longer than {max} bytes refused (MSG_TRUNC); the {fds} fds it carried are closed"
+    )]
+    Truncated {
+        /// The buffer's size.
+        max: usize,
+        /// Fds that came with it (closed).
+        fds: usize,
+    },
+    /// Not every fd of a packet arrived (MSG_CTRUNC: the receiver is out of fd numbers); the ones that did
+    /// were closed.
+    #[error("packet whose fds did not all arrive refused (MSG_CTRUNC: out of fd numbers?); the {received} that did are closed")]
+    ControlTruncated {
+        /// Fds that did arrive (closed).
+        received: usize,
+    },
+    /// A packet carried a different number of fds from the connections its records start.
+    #[error("packet with {got} fds for {expected} new connections refused")]
+    FdCount {
+        /// Connections started in the packet (0 for a packet that is not a batch).
+        expected: usize,
+        /// Fds it carried.
+        got: usize,
+    },
+    /// A packet was not a protobuf `Packet`.
+    #[error("undecodable hand-over packet: {0}")]
+    Decode(#[from] prost::DecodeError),
+    /// A message came where the conversation has no place for it.
+    #[error("expected {expected}, got {got}")]
+    Unexpected {
+        /// What the conversation waited for.
+        expected: &'static str,
+        /// What came.
+        got: &'static str,
+    },
+    /// A connection's value is larger than its bound.
+    #[error("connection {id}: {field} of {len} bytes exceeds the {max}-byte limit")]
+    TooLarge {
+        /// The connection's id.
+        id: u64,
+        /// The field.
+        field: &'static str,
+        /// Its length (so far, for bytes spread over several records).
+        len: usize,
+        /// Its bound.
+        max: usize,
+    },
+    /// The sender announced more connections than [`MAX_CONNECTIONS`].
+    #[error("{announced} connections announced, more than the {max} a hand-over takes")]
+    TooMany {
+        /// The announced count.
+        announced: u64,
+        /// [`MAX_CONNECTIONS`].
+        max: u64,
+    },
+    /// A record or batch broke the protocol otherwise (order, continuation, address, counts).
+    #[error("malformed hand-over: {0}")]
+    Malformed(String),
+    /// The receiver acknowledged a batch with the wrong sequence number or count.
+    #[error("batch {seq} completed {expected} connections; the receiver acknowledged batch {got_seq} with {got}")]
+    BadAck {
+        /// The batch sent.
+        seq: u64,
+        /// Connections completed in it.
+        expected: u64,
+        /// The ack's sequence number.
+        got_seq: u64,
+        /// The ack's count.
+        got: u64,
+    },
+    /// The receiver refused the hand-over (its reason).
+    #[error("receiver refused the hand-over: {0}")]
+    Refused(String),
+    /// The sender gave up waiting for the last ack (its reason); that batch stays with it.
+    #[error("sender aborted the hand-over: {0}")]
+    Aborted(String),
+}
+
+/// Sends one packet, within `t`.
+async fn write(
+    conn: &Conn,
+    bytes: Vec<u8>,
+    fds: &[BorrowedFd<'_>],
+    t: Duration,
+    during: &'static str,
+) -> Result<(), Error> {
+    match timeout(t, conn.send(&bytes, fds)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(source)) => Err(Error::Io { during, source }),
+        Err(_) => Err(Error::Timeout { during }),
+    }
+}
+
+/// Reads one packet and its fds within `t`, refusing truncation (its fds closed), an empty packet or a
+/// close, and anything that is not a `Packet` with a message.
+async fn read_with_fds(
+    conn: &Conn,
+    buf: &mut [u8],
+    t: Duration,
+    during: &'static str,
+) -> Result<(Body, Vec<OwnedFd>), Error> {
+    let incoming = match timeout(t, conn.recv(buf)).await {
+        Ok(Ok(incoming)) => incoming,
+        Ok(Err(source)) => return Err(Error::Io { during, source }),
+        Err(_) => return Err(Error::Timeout { during }),
+    };
+    if incoming.truncated {
+        return Err(Error::Truncated {
+            max: buf.len(),
+            fds: incoming.fds.len(),
+        });
+    }
+    if incoming.fds_truncated {
+        return Err(Error::ControlTruncated {
+            received: incoming.fds.len(),
+        });
+    }
+    if incoming.len == 0 && incoming.fds.is_empty() {
+        return Err(Error::Closed { during });
+    }
+    let packet = Packet::decode(&buf[..incoming.len])?;
+    match packet.body {
+        Some(body) => Ok((body, incoming.fds)),
+        None => Err(Error::Malformed("packet without a message".into())),
+    }
+}
+
+/// `got` where the conversation expected something else.
+fn unexpected(expected: &'static str, got: &Body) -> Error {
+    Error::Unexpected {
+        expected,
+        got: got.name(),
+    }
+}

@@ -1,0 +1,174 @@
+//! The old process's side: connect, hello, then one batch at a time until every connection is taken.
+//!
+//! Input: the receiver's path and the connections. Output: a [`SendReport`]. The connections wait in a
+//! queue; an acknowledged batch pops the connections it completed off its front (closing our fds at once,
+//! so the two processes together hold each socket about once), and whatever is still queued when the
+//! hand-over ends, well or not, is `kept`.
+
+use std::collections::VecDeque;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::Path;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::socket::Conn;
+use super::wire::{Body, End, Hello, Packer, Reason};
+use super::{read_with_fds, unexpected, write, Error, Handed, SendReport, PROTOCOL_VERSION};
+
+/// The receiver's messages are small (a hello, an ack, a reason of at most 512 bytes).
+const REPLY_BUFFER: usize = 1024;
+
+/// How long to retry connecting while the receiver's accept queue is full.
+const CONNECT_RETRY: Duration = Duration::from_millis(10);
+
+/// The hand-over's state: what is still ours, and what was taken.
+struct Sending {
+    queue: VecDeque<(Handed, OwnedFd)>,
+    taken: Vec<u64>,
+    packets: usize,
+}
+
+/// [`super::send`], with its deadline as a parameter (tests shorten it).
+pub(super) async fn send(
+    path: &Path,
+    conns: Vec<(Handed, OwnedFd)>,
+    io_timeout: Duration,
+) -> SendReport {
+    let mut sending = Sending {
+        taken: Vec::with_capacity(conns.len()),
+        queue: conns.into(),
+        packets: 0,
+    };
+    let error = run(path, &mut sending, io_timeout).await.err();
+    SendReport {
+        taken: sending.taken,
+        kept: sending.queue.into(),
+        packets: sending.packets,
+        error,
+    }
+}
+
+async fn run(path: &Path, sending: &mut Sending, t: Duration) -> Result<(), Error> {
+    for (handed, _) in &sending.queue {
+        handed.check()?;
+    }
+    let conn = connect(path, t).await?;
+    let hello = Hello {
+        version: PROTOCOL_VERSION,
+        connections: sending.queue.len() as u64,
+    };
+    write(
+        &conn,
+        Body::Hello(hello).into_packet(),
+        &[],
+        t,
+        "sending hello",
+    )
+    .await?;
+    let mut buf = vec![0u8; REPLY_BUFFER];
+    match read(&conn, &mut buf, t, "waiting for the receiver's hello").await? {
+        Body::Hello(h) if h.version == PROTOCOL_VERSION => {}
+        Body::Hello(h) => {
+            return Err(Error::Version {
+                ours: PROTOCOL_VERSION,
+                theirs: h.version,
+            })
+        }
+        Body::Refuse(r) => return Err(Error::Refused(r.reason)),
+        other => return Err(unexpected("the receiver's hello", &other)),
+    }
+    let mut packer = Packer::default();
+    while let Some(packed) = packer.next(&sending.queue) {
+        let fds: Vec<BorrowedFd<'_>> = packed
+            .fds
+            .iter()
+            .map(|&i| sending.queue[i].1.as_fd())
+            .collect();
+        // A failed or timed-out write sent nothing (a packet goes whole or not at all): no abort needed.
+        write(&conn, packed.bytes, &fds, t, "sending a batch").await?;
+        sending.packets += 1;
+        if let Err(e) = await_ack(&conn, &mut buf, t, packed.seq, packed.completed).await {
+            // The receiver may yet write the ack; `Abort` tells it we keep this batch.
+            let _ = write(
+                &conn,
+                Body::Abort(Reason::of(&e)).into_packet(),
+                &[],
+                t,
+                "aborting",
+            )
+            .await;
+            return Err(e);
+        }
+        for (handed, fd) in sending.queue.drain(..packed.completed) {
+            sending.taken.push(handed.id);
+            drop(fd);
+        }
+        packer.taken(packed.completed);
+    }
+    write(
+        &conn,
+        Body::End(End {}).into_packet(),
+        &[],
+        t,
+        "sending end",
+    )
+    .await
+}
+
+/// Connects, retrying while the receiver's accept queue is full, for at most `t`.
+async fn connect(path: &Path, t: Duration) -> Result<Conn, Error> {
+    let deadline = Instant::now() + t;
+    loop {
+        match Conn::connect(path) {
+            Ok(conn) => return Ok(conn),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                tokio::time::sleep(CONNECT_RETRY).await
+            }
+            Err(source) => {
+                return Err(Error::Io {
+                    during: "connecting to the receiver",
+                    source,
+                })
+            }
+        }
+    }
+}
+
+/// Reads the ack of batch `seq`, which completed `completed` connections.
+async fn await_ack(
+    conn: &Conn,
+    buf: &mut [u8],
+    t: Duration,
+    seq: u64,
+    completed: usize,
+) -> Result<(), Error> {
+    match read(conn, buf, t, "waiting for an ack").await? {
+        Body::Ack(ack) if ack.seq == seq && ack.accepted == completed as u64 => Ok(()),
+        Body::Ack(ack) => Err(Error::BadAck {
+            seq,
+            expected: completed as u64,
+            got_seq: ack.seq,
+            got: ack.accepted,
+        }),
+        Body::Refuse(r) => Err(Error::Refused(r.reason)),
+        other => Err(unexpected("an ack", &other)),
+    }
+}
+
+/// Reads one packet that must carry no fds, within `t`.
+async fn read(
+    conn: &Conn,
+    buf: &mut [u8],
+    t: Duration,
+    during: &'static str,
+) -> Result<Body, Error> {
+    let (body, fds) = read_with_fds(conn, buf, t, during).await?;
+    if !fds.is_empty() {
+        return Err(Error::FdCount {
+            expected: 0,
+            got: fds.len(),
+        });
+    }
+    Ok(body)
+}
