@@ -202,7 +202,7 @@ impl AsFd for SeqpacketConn {
 /// Hands a socket to tokio's reactor. (`AsyncFd::new` is deprecated since tokio 1.52 because it accepts any
 /// `AsRawFd`; `register` is its `unsafe` replacement.)
 #[allow(unsafe_code)]
-fn register(fd: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
+pub(crate) fn register(fd: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
     // SAFETY: an OwnedFd is an open fd that only it closes, and its `as_raw_fd` always returns that same fd;
     // the AsyncFd owns it from here until it is dropped.
     unsafe { AsyncFd::register(fd) }.map_err(io::Error::from)
@@ -256,7 +256,7 @@ fn recv_once(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, Vec<Owned
 /// counts the header, then level and type as `int`s, the data right after that rounded up to a `size_t`, the next header at the
 /// length rounded up to a `size_t`); a zero length marks the end of what the kernel wrote.
 #[allow(unsafe_code)]
-fn take_fds(control: &[u8]) -> Vec<OwnedFd> {
+pub(crate) fn take_fds(control: &[u8]) -> Vec<OwnedFd> {
     const WORD: usize = std::mem::size_of::<usize>();
     const INT: usize = std::mem::size_of::<i32>();
     // CMSG_LEN(0): the header (length, level, type) rounded up to a size_t.

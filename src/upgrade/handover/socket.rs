@@ -5,17 +5,20 @@
 //! `send`/`recv` move one whole packet per call with up to [`SCM_MAX_FD`] fds. The mechanics are
 //! `zds::packet`'s (socket2 to set sockets up, nix for `sendmsg`/`recvmsg`, tokio's `AsyncFd` for
 //! readiness), which carries one fd per packet and reports truncation as an `io::Error`; this one sends a
-//! list and hands the truncation flags to the protocol, which names them. `unsafe` twice, as there:
-//! [`take_fds`] (fds the kernel installed become `OwnedFd`s) and [`register`]. Timeouts are the caller's.
+//! list and hands the truncation flags to the protocol, which names them. Its fd parser (`take_fds`) and
+//! reactor registration (`register`), the two `unsafe` steps, are `zds::packet`'s own. Timeouts are the
+//! caller's.
 
 use std::io::{self, IoSlice, IoSliceMut};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, MsgFlags};
 use socket2::{Domain, SockAddr, SockRef, Socket, Type};
 use tokio::io::unix::AsyncFd;
+
+use crate::zds::packet::{register, take_fds};
 
 /// The most fds one message can carry on Linux (`SCM_MAX_FD`). The control buffer has room for all of them,
 /// so only running out of fd numbers can cut a list short (MSG_CTRUNC).
@@ -177,15 +180,6 @@ impl Conn {
     }
 }
 
-/// Hands a socket to tokio's reactor (`AsyncFd::register`, the `unsafe` successor of the deprecated
-/// `AsyncFd::new`).
-#[allow(unsafe_code)]
-fn register(fd: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
-    // SAFETY: an OwnedFd is an open fd that only it closes, and its `as_raw_fd` always returns that same fd;
-    // the AsyncFd owns it from here until it is dropped.
-    unsafe { AsyncFd::register(fd) }.map_err(io::Error::from)
-}
-
 /// One `recvmsg` call. Takes ownership of every fd that arrived before looking at anything else, so each
 /// one is closed whatever the caller makes of the packet.
 fn recv_once(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Incoming> {
@@ -209,43 +203,3 @@ fn recv_once(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Incoming> {
     })
 }
 
-/// Takes ownership of the fds in every SCM_RIGHTS header of `control`, a zeroed buffer that `recvmsg`
-/// filled. The same parser as `zds::packet::take_fds` (see there why not nix's `cmsgs()`: it refuses a
-/// buffer flagged MSG_CTRUNC, whose installed fds would then leak). The layout is the kernel's `struct
-/// cmsghdr`: a `size_t` length counting the header, level and type as `int`s, the data at the header's
-/// size rounded up to a `size_t`, the next header at the length rounded up the same way; a zero length
-/// marks the end of what the kernel wrote.
-#[allow(unsafe_code)]
-fn take_fds(control: &[u8]) -> Vec<OwnedFd> {
-    const WORD: usize = std::mem::size_of::<usize>();
-    const INT: usize = std::mem::size_of::<i32>();
-    let data_at = (WORD + 2 * INT).div_ceil(WORD) * WORD;
-    let int_at = |bytes: &[u8], at: usize| {
-        let mut raw = [0u8; INT];
-        raw.copy_from_slice(&bytes[at..at + INT]);
-        i32::from_ne_bytes(raw)
-    };
-    let mut fds = Vec::new();
-    let mut at = 0usize;
-    while let Some(header) = control.get(at..at.saturating_add(data_at)) {
-        let mut word = [0u8; WORD];
-        word.copy_from_slice(&header[..WORD]);
-        let len = usize::from_ne_bytes(word);
-        if len < data_at {
-            break;
-        }
-        let (level, kind) = (int_at(header, WORD), int_at(header, WORD + INT));
-        let end = at.saturating_add(len).min(control.len());
-        if level == libc::SOL_SOCKET && kind == libc::SCM_RIGHTS {
-            for raw in control[at + data_at..end].chunks_exact(INT) {
-                let raw_fd = int_at(raw, 0);
-                // SAFETY: the kernel just installed `raw_fd` in our fd table for this SCM_RIGHTS message
-                // (with O_CLOEXEC) and wrote its number here; nothing else knows about it, so this
-                // OwnedFd is its only owner.
-                fds.push(unsafe { OwnedFd::from_raw_fd(raw_fd) });
-            }
-        }
-        at = at.saturating_add(len.div_ceil(WORD).saturating_mul(WORD));
-    }
-    fds
-}
