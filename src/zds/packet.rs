@@ -143,40 +143,8 @@ impl SeqpacketConn {
 
     /// Sends `msg` as one packet, with `fd` as a single SCM_RIGHTS fd when given.
     pub async fn send(&self, msg: &[u8], fd: Option<BorrowedFd<'_>>) -> io::Result<()> {
-        let fds: Option<[RawFd; 1]> = fd.map(|f| [f.as_raw_fd()]);
-        loop {
-            let mut guard = self.fd.writable().await?;
-            let sent = guard.try_io(|sock| {
-                let iov = [IoSlice::new(msg)];
-                let rights;
-                let cmsgs: &[ControlMessage<'_>] = match &fds {
-                    Some(raw) => {
-                        rights = [ControlMessage::ScmRights(raw)];
-                        &rights
-                    }
-                    None => &[],
-                };
-                sendmsg::<()>(
-                    sock.get_ref().as_raw_fd(),
-                    &iov,
-                    cmsgs,
-                    MsgFlags::MSG_NOSIGNAL,
-                    None,
-                )
-                .map_err(io::Error::from)
-            });
-            match sent {
-                Ok(Ok(n)) if n == msg.len() => return Ok(()),
-                Ok(Ok(n)) => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::WriteZero,
-                        format!("sent {n} of {} bytes", msg.len()),
-                    ))
-                }
-                Ok(Err(e)) => return Err(e),
-                Err(_would_block) => continue,
-            }
-        }
+        let fds: Vec<RawFd> = fd.map(|f| f.as_raw_fd()).into_iter().collect();
+        send_packet(&self.fd, msg, &fds).await
     }
 
     /// Receives one packet into `buf`, with any fds it carried (close-on-exec). `Ok((0, []))` means the peer
@@ -196,6 +164,43 @@ impl SeqpacketConn {
 impl AsFd for SeqpacketConn {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.fd.get_ref().as_fd()
+    }
+}
+
+/// Sends `msg` as one packet on `sock`, with `fds` (none, or at most `SCM_MAX_FD`) in one SCM_RIGHTS
+/// header; waits for the socket to be writable. A partial send is an error (a seqpacket send is whole or
+/// nothing, so it means the kernel cut the packet).
+pub(crate) async fn send_packet(
+    sock: &AsyncFd<OwnedFd>,
+    msg: &[u8],
+    fds: &[RawFd],
+) -> io::Result<()> {
+    loop {
+        let mut guard = sock.writable().await?;
+        let sent = guard.try_io(|sock| {
+            let iov = [IoSlice::new(msg)];
+            let rights = [ControlMessage::ScmRights(fds)];
+            let cmsgs: &[ControlMessage<'_>] = if fds.is_empty() { &[] } else { &rights };
+            sendmsg::<()>(
+                sock.get_ref().as_raw_fd(),
+                &iov,
+                cmsgs,
+                MsgFlags::MSG_NOSIGNAL,
+                None,
+            )
+            .map_err(io::Error::from)
+        });
+        match sent {
+            Ok(Ok(n)) if n == msg.len() => return Ok(()),
+            Ok(Ok(n)) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    format!("sent {n} of {} bytes", msg.len()),
+                ))
+            }
+            Ok(Err(e)) => return Err(e),
+            Err(_would_block) => continue,
+        }
     }
 }
 

@@ -9,16 +9,16 @@
 //! reactor registration (`register`), the two `unsafe` steps, are `zds::packet`'s own. Timeouts are the
 //! caller's.
 
-use std::io::{self, IoSlice, IoSliceMut};
+use std::io::{self, IoSliceMut};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, MsgFlags};
+use nix::sys::socket::{recvmsg, MsgFlags};
 use socket2::{Domain, SockAddr, SockRef, Socket, Type};
 use tokio::io::unix::AsyncFd;
 
-use crate::zds::packet::{register, take_fds};
+use crate::zds::packet::{register, send_packet, take_fds};
 
 /// The most fds one message can carry on Linux (`SCM_MAX_FD`). The control buffer has room for all of them,
 /// so only running out of fd numbers can cut a list short (MSG_CTRUNC).
@@ -139,33 +139,7 @@ impl Conn {
     /// Sends `msg` as one packet with `fds` (at most [`SCM_MAX_FD`]) in one SCM_RIGHTS message.
     pub(super) async fn send(&self, msg: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
         let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
-        loop {
-            let mut guard = self.fd.writable().await?;
-            let sent = guard.try_io(|sock| {
-                let iov = [IoSlice::new(msg)];
-                let rights = [ControlMessage::ScmRights(&raw)];
-                let cmsgs: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &rights };
-                sendmsg::<()>(
-                    sock.get_ref().as_raw_fd(),
-                    &iov,
-                    cmsgs,
-                    MsgFlags::MSG_NOSIGNAL,
-                    None,
-                )
-                .map_err(io::Error::from)
-            });
-            match sent {
-                Ok(Ok(n)) if n == msg.len() => return Ok(()),
-                Ok(Ok(n)) => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::WriteZero,
-                        format!("sent {n} of {} bytes", msg.len()),
-                    ))
-                }
-                Ok(Err(e)) => return Err(e),
-                Err(_would_block) => continue,
-            }
-        }
+        send_packet(&self.fd, msg, &raw).await
     }
 
     /// Receives one packet into `buf`, with every fd it carried.
@@ -202,4 +176,3 @@ fn recv_once(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Incoming> {
         fds_truncated: flags.contains(MsgFlags::MSG_CTRUNC),
     })
 }
-
