@@ -17,8 +17,10 @@
 //! The node side of the same scheme, the kubelet probe SNAT rule and its per-pod address sets in the HOST
 //! network namespace, is [`host`].
 //!
-//! Layout: `rules` (the rule set as data), `nft` (expressions, batch encoding, dump decoding), `netlink`
-//! (TLV encoder, socket, ACKs and dumps), `route` (ip rule / route), [`host`] (host probe rule).
+//! Layout: `rules` (the rule set as data), `nft` (expressions and the plan types, batch encoding, dump
+//! decoding), `netlink` (TLV encoder, socket, ACKs and dumps), `route` (ip rule / route), [`host`] (host
+//! probe rule), [`branch_eni`] (AWS branch-ENI probe ip rules), [`services`] (kube-proxy-style VIP DNAT
+//! for the sandbox).
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
@@ -376,14 +378,14 @@ fn migrate_queued_connections() {
 }
 
 /// Sends the batch that makes our tables equal to `plan` whatever is there; on any error nothing changes.
-fn replace(sock: &mut NlSocket, plan: &rules::Plan) -> Result<(), Error> {
+fn replace(sock: &mut NlSocket, plan: &nft::Plan) -> Result<(), Error> {
     let batch = nft::replace_batch(plan, sock.seq());
     send_batch(sock, batch)
 }
 
 /// [`replace`] on a socket of its own.
 #[cfg(test)]
-fn apply_nft(plan: &rules::Plan) -> Result<(), Error> {
+fn apply_nft(plan: &nft::Plan) -> Result<(), Error> {
     let mut sock = NlSocket::open(netlink_sys::protocols::NETLINK_NETFILTER, "netfilter")?;
     replace(&mut sock, plan)
 }
@@ -409,7 +411,7 @@ fn send_batch(sock: &mut NlSocket, batch: nft::Batch) -> Result<(), Error> {
 /// are already gone are fine.
 pub fn remove() -> Result<(), Error> {
     let mut sock = NlSocket::open(netlink_sys::protocols::NETLINK_NETFILTER, "netfilter")?;
-    let batch = nft::remove_batch(sock.seq());
+    let batch = nft::remove_batch(&rules::TABLES, sock.seq());
     send_batch(&mut sock, batch)?;
     let mut rt = NlSocket::open(netlink_sys::protocols::NETLINK_ROUTE, "route")?;
     route::remove(&mut rt)
@@ -542,8 +544,8 @@ fn read_tables(sock: &mut NlSocket, deep: bool) -> Result<Vec<TableState>, Error
 
 /// Our tables are exactly the plan's: same tables (active, no flags), chains (hook, type, priority,
 /// policy accept) and rules, expression by expression.
-fn tables_match(tables: &[TableState], plan: &rules::Plan) -> bool {
-    let wanted: Vec<&rules::TablePlan> = plan.iter().filter(|t| t.present).collect();
+fn tables_match(tables: &[TableState], plan: &nft::Plan) -> bool {
+    let wanted: Vec<&nft::TablePlan> = plan.iter().filter(|t| t.present).collect();
     if tables.len() != wanted.len() {
         return false;
     }

@@ -31,8 +31,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use nix::errno::Errno;
 
 use super::netlink::NlSocket;
-use super::nft::{self, Batch, Expr, REG1};
-use super::rules::{self, ChainPlan, Hook, TablePlan};
+use super::nft::{self, Batch, ChainPlan, Expr, Hook, TablePlan, REG1};
+use super::rules;
 use super::{Error, RuleSettings, TableState, Target};
 
 /// The host table: the same name as the in-pod nat table, in another namespace (as Istio names it).

@@ -1,13 +1,14 @@
 //! nf_tables over nfnetlink for [`super`]: expressions, their encoding into one batch, and the decoding of
 //! table/chain/rule dumps back into the same data.
 //!
-//! Input: a [`Plan`] (tables → chains → rules of [`Expr`], built in `rules`). Output: the batch bytes that
-//! create or replace our tables atomically, and tables/chains/rules decoded from the kernel's dumps. Only
-//! the handful of expressions Istio's in-pod rules and the host probe rule need are supported (meta, cmp,
-//! payload, bitwise, immediate, redir, ct, lookup, snat), plus named sets and their elements.
+//! Input: a [`Plan`] (tables → chains → rules of [`Expr`]; the types are here, the rule sets that fill them
+//! in `rules`, `host` and `services`, which depend on this module and not the other way round). Output: the
+//! batch bytes that create or replace our tables atomically, and tables/chains/rules decoded from the
+//! kernel's dumps. Only the handful of expressions Istio's in-pod rules and the host probe rule need are
+//! supported (meta, cmp, payload, bitwise, immediate, redir, ct, lookup, nat, numgen, counter), plus named
+//! sets and their elements (with comments).
 
 use super::netlink::{attrs, be32, string, Reply, Writer};
-use super::rules::{ChainPlan, Plan, TablePlan, TABLES};
 use super::Target;
 
 // nf_tables attribute numbers (linux/netfilter/nf_tables.h); libc has the message types but not these.
@@ -606,6 +607,38 @@ impl Batch {
     }
 }
 
+// What to create: tables, chains and rules as data (the rule sets in `rules`, `host` and `services` are
+// built of these).
+
+/// A base chain's hook.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Hook {
+    /// `nat`, `filter` or `route`.
+    pub(super) kind: &'static str,
+    /// `NF_INET_*`.
+    pub(super) hooknum: u32,
+    pub(super) priority: i32,
+}
+
+/// One chain to create, with its rules in order.
+#[derive(Debug, Clone)]
+pub(super) struct ChainPlan {
+    pub(super) name: &'static str,
+    pub(super) hook: Option<Hook>,
+    pub(super) rules: Vec<Vec<Expr>>,
+}
+
+/// One of our tables: either it should exist with these chains, or it should not exist.
+#[derive(Debug, Clone)]
+pub(super) struct TablePlan {
+    pub(super) name: &'static str,
+    pub(super) present: bool,
+    pub(super) chains: Vec<ChainPlan>,
+}
+
+/// The whole nftables side of the rule set.
+pub(super) type Plan = Vec<TablePlan>;
+
 /// Appends NEWTABLE + chains + rules of `table`.
 fn create_table(b: &mut Batch, table: &TablePlan, exclusive: bool) {
     b.new_table(table.name, exclusive);
@@ -645,10 +678,10 @@ pub(super) fn create_batch(plan: &Plan, seq: u32) -> Batch {
     b.end()
 }
 
-/// The batch that removes all our tables (absent ones included: NEWTABLE first makes DELTABLE safe).
-pub(super) fn remove_batch(seq: u32) -> Batch {
+/// The batch that removes `tables` (absent ones included: NEWTABLE first makes DELTABLE safe).
+pub(super) fn remove_batch(tables: &[&'static str], seq: u32) -> Batch {
     let mut b = Batch::begin(seq);
-    for table in TABLES {
+    for &table in tables {
         b.new_table(table, false);
         b.del_table(table);
     }

@@ -6,7 +6,7 @@
 
 use std::net::IpAddr;
 
-use super::nft::{Expr, CMP_EQ, CMP_NEQ, REG1};
+use super::nft::{ChainPlan, Expr, Hook, Plan, TablePlan, CMP_EQ, CMP_NEQ, REG1};
 use super::RuleSettings;
 
 /// Mask for the packet and connection marks (Istio's `0xfff`).
@@ -199,35 +199,6 @@ fn ct_zone_1() -> [Expr; 2] {
         },
     ]
 }
-
-/// A base chain's hook.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct Hook {
-    /// `nat`, `filter` or `route`.
-    pub(super) kind: &'static str,
-    /// `NF_INET_*`.
-    pub(super) hooknum: u32,
-    pub(super) priority: i32,
-}
-
-/// One chain to create, with its rules in order.
-#[derive(Debug, Clone)]
-pub(super) struct ChainPlan {
-    pub(super) name: &'static str,
-    pub(super) hook: Option<Hook>,
-    pub(super) rules: Vec<Vec<Expr>>,
-}
-
-/// One of our tables: either it should exist with these chains, or it should not exist.
-#[derive(Debug, Clone)]
-pub(super) struct TablePlan {
-    pub(super) name: &'static str,
-    pub(super) present: bool,
-    pub(super) chains: Vec<ChainPlan>,
-}
-
-/// The whole nftables side of the rule set.
-pub(super) type Plan = Vec<TablePlan>;
 
 fn base(name: &'static str, kind: &'static str, hooknum: i32, priority: i32) -> ChainPlan {
     ChainPlan {

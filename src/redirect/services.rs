@@ -20,8 +20,8 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
 
 use super::netlink::NlSocket;
-use super::nft::{Batch, Expr, CMP_EQ, REG1};
-use super::rules::{self, ChainPlan, Hook};
+use super::nft::{Batch, ChainPlan, Expr, Hook, CMP_EQ, REG1};
+use super::rules;
 use super::Error;
 
 /// The table's name.

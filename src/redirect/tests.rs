@@ -61,6 +61,30 @@ pub(super) fn nft_ruleset() -> String {
     out
 }
 
+/// Hands `script` to `nft -f -` in the calling thread's namespace (test-only tool); a refusal fails the
+/// test with nft's complaint and the script.
+pub(super) fn nft_load(script: &str) {
+    use std::io::Write;
+    let mut child = Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run nft");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(script.as_bytes())
+        .expect("write the script");
+    let out = child.wait_with_output().expect("nft");
+    assert!(
+        out.status.success(),
+        "nft -f: {}\n{script}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// istio-cni's in-pod rules for `s`, in the rule language its nftables backend hands to `nft`
 /// (istio-cni.md §1.9; written here from that description), so `nft` itself builds the expressions.
 fn istio_cni_script(s: &RuleSettings) -> String {
@@ -226,21 +250,7 @@ fn rules_are_expression_for_expression_what_nft_builds_from_istio_cnis_rule_text
     ];
     for (name, s) in variants {
         in_new_netns(|| {
-            let script = istio_cni_script(&s);
-            let path = std::env::temp_dir()
-                .join(format!("meshnode-istio-rules-{}.nft", std::process::id()));
-            std::fs::write(&path, &script).expect("write script");
-            let loaded = Command::new("nft")
-                .arg("-f")
-                .arg(&path)
-                .output()
-                .expect("run nft");
-            let _ = std::fs::remove_file(&path);
-            assert!(
-                loaded.status.success(),
-                "{name}: nft -f: {}\n{script}",
-                String::from_utf8_lossy(&loaded.stderr)
-            );
+            nft_load(&istio_cni_script(&s));
             let got = inspect().expect("inspect");
             assert!(
                 tables_match(&got.tables, &rules::plan(&s)),

@@ -7,7 +7,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use super::super::netlink::{attrs, Writer};
-use super::super::tests::{in_new_netns, nft_ruleset, run, NamedNetns};
+use super::super::tests::{in_new_netns, nft_load, nft_ruleset, run, NamedNetns};
 use super::*;
 
 use crate::needs_root;
@@ -707,20 +707,7 @@ fn the_host_rule_is_what_nft_builds_from_istio_cnis_rule_text() {
             String::new(),
         ]
         .join("\n");
-        let path =
-            std::env::temp_dir().join(format!("meshnode-istio-host-{}.nft", std::process::id()));
-        std::fs::write(&path, &script).expect("write script");
-        let out = std::process::Command::new("nft")
-            .arg("-f")
-            .arg(&path)
-            .output()
-            .expect("nft");
-        let _ = std::fs::remove_file(&path);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        nft_load(&script);
         let got = inspect_host().expect("inspect");
         assert!(
             got.matches(&s),
