@@ -633,11 +633,11 @@ fn branch_eni_pods_get_istio_cnis_probe_rules_on_nodes_set_up_for_security_group
     }
     let _kubelet = FakeKubelet::start();
     // AWS asks nodes running security groups for pods to turn TCP early demux off; that is the agent's cue.
+    // (A per-namespace sysctl: written from a thread inside the node's namespace.)
     let mut k = start_with(&[("default", AMBIENT)], |node| {
-        let out = node
-            .ns
-            .exec("sysctl", &["-w", "net.ipv4.tcp_early_demux=0"]);
-        assert!(out.status.success(), "{out:?}");
+        node.ns
+            .run(|| std::fs::write("/proc/sys/net/ipv4/tcp_early_demux", "0"))
+            .expect("net.ipv4.tcp_early_demux=0 in the node's namespace");
     });
     let mut pod = kube_pod(&k.node, "default", "sgp");
     k.schedule(&pod);
