@@ -95,3 +95,28 @@ pub async fn serve(listener: TcpListener, ready: Arc<Readiness>, shutdown: watch
     })
     .await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pending_task_shows_why_it_waits_until_it_is_done() {
+        let ready = Readiness::new();
+        let state = ready.register("agent state");
+        let snat = ready.register("kubelet probe SNAT");
+        assert_eq!(ready.pending(), ["agent state", "kubelet probe SNAT"]);
+        snat.waiting_for("no kubelet process");
+        snat.waiting_for("no kubelet process after 2 attempts");
+        assert_eq!(
+            ready.pending(),
+            [
+                "agent state",
+                "kubelet probe SNAT (no kubelet process after 2 attempts)"
+            ]
+        );
+        state.done();
+        drop(snat);
+        assert!(ready.pending().is_empty());
+    }
+}

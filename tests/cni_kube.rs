@@ -578,7 +578,7 @@ fn kubelet_probes_reach_an_enrolled_pod_past_its_policy_and_other_callers_do_not
         .node
         .ns
         .run(|| meshnode::redirect::inspect_host().expect("reading the node's probe rule"));
-    assert_eq!(host.probe_ips, vec![server.ip.unwrap()], "{host:?}");
+    assert_eq!(host.probe_ips(), vec![server.ip.unwrap()], "{host:?}");
 
     k.node.set_local_config(&workloads(&[&server]));
     settle();
@@ -612,7 +612,7 @@ fn kubelet_probes_reach_an_enrolled_pod_past_its_policy_and_other_callers_do_not
         || {
             k.node
                 .ns
-                .run(|| meshnode::redirect::inspect_host().map(|h| h.probe_ips.is_empty()))
+                .run(|| meshnode::redirect::inspect_host().map(|h| h.probe_ips().is_empty()))
                 .unwrap_or(false)
         },
         "the deleted pod's IP to leave the probe set",

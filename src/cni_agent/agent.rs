@@ -309,7 +309,9 @@ impl Agent {
                 None
             }
         };
-        let demux = self.proc_root().join("sys/net/ipv4/tcp_early_demux");
+        let demux = self
+            .netns_path("/proc")
+            .join("sys/net/ipv4/tcp_early_demux");
         let branch_eni = self.cfg.aws_branch_eni && branch_eni::early_demux_disabled(&demux);
         if branch_eni {
             tracing::info!("net.ipv4.tcp_early_demux=0: adding AWS branch-ENI probe rules for pods that need them");
@@ -336,7 +338,7 @@ impl Agent {
             return;
         }
         let eni_on = host.branch_eni;
-        let proc_root = self.proc_root();
+        let proc_root = self.netns_path("/proc");
         let result = match procfs::find_kubelet_uid(&proc_root) {
             None => Err(format!(
                 "no kubelet process (kubelet, kubelite, k3s) found under {}",
@@ -490,15 +492,6 @@ impl Agent {
                 };
                 self.pods.put(r);
             }
-        }
-    }
-
-    /// `<host prefix>/proc`: the node's procfs.
-    fn proc_root(&self) -> PathBuf {
-        if self.cfg.host_prefix.as_os_str().is_empty() {
-            PathBuf::from("/proc")
-        } else {
-            self.cfg.host_prefix.join("proc")
         }
     }
 

@@ -96,20 +96,24 @@ pub struct HostInstalled {
     pub table: Option<TableState>,
     /// The table's sets.
     pub sets: Vec<SetState>,
-    /// Elements of both probe sets, sorted (v4 first).
-    pub probe_ips: Vec<IpAddr>,
-    /// The same elements with the UID of the pod each belongs to (the element's comment), if any.
+    /// Elements of both probe sets, sorted (v4 first), with the UID of the pod each belongs to (the
+    /// element's comment), if any.
     pub probe_owners: Vec<(IpAddr, Option<String>)>,
 }
 
 impl HostInstalled {
+    /// The probe sets' addresses, sorted (v4 first).
+    pub fn probe_ips(&self) -> Vec<IpAddr> {
+        self.probe_owners.iter().map(|(ip, _)| *ip).collect()
+    }
+
     /// No host table.
     pub fn is_empty(&self) -> bool {
         self.table.is_none()
     }
 
     /// Table, chain, rule and sets are exactly as [`install_host`] programs them for `s` (elements are
-    /// not compared; see [`HostInstalled::probe_ips`]).
+    /// not compared; see [`HostInstalled::probe_owners`]).
     pub fn matches(&self, s: &HostProbeSettings) -> bool {
         let tables: Vec<TableState> = self.table.iter().cloned().collect();
         super::tables_match(&tables, &vec![plan(s)]) && sets_match(&self.sets)
@@ -202,16 +206,18 @@ fn sets_match(sets: &[SetState]) -> bool {
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 struct Elements(BTreeMap<IpAddr, Option<String>>);
 
-impl Elements {
-    fn owned(ips: &[IpAddr], owner: &str) -> Elements {
-        Elements(ips.iter().map(|ip| (*ip, Some(owner.to_owned()))).collect())
-    }
+/// An owner as the sets keep it: element comments are cut to [`nft::MAX_ELEM_COMMENT`] bytes, so owners are
+/// compared in that form (else a longer UID would never match its own entries).
+fn owner_tag(owner: &str) -> String {
+    nft::truncated(owner, nft::MAX_ELEM_COMMENT).to_owned()
+}
 
-    fn of(entries: &[(IpAddr, &str)]) -> Elements {
+impl Elements {
+    fn of<'a>(entries: impl IntoIterator<Item = (IpAddr, &'a str)>) -> Elements {
         Elements(
             entries
-                .iter()
-                .map(|(ip, owner)| (*ip, Some((*owner).to_owned())))
+                .into_iter()
+                .map(|(ip, owner)| (ip, Some(owner_tag(owner))))
                 .collect(),
         )
     }
@@ -287,10 +293,6 @@ impl Elements {
         self.remove_from(b);
         self.add_to(b);
     }
-
-    fn ips(&self) -> Vec<IpAddr> {
-        self.0.keys().copied().collect()
-    }
 }
 
 /// Appends the whole table (sets, chain, rules, then `elements`) to `b`.
@@ -331,7 +333,7 @@ fn netfilter_socket() -> Result<NlSocket, Error> {
 ///   table with `entries` re-added, in one batch.
 pub fn install_host(settings: &HostProbeSettings, entries: &[(IpAddr, &str)]) -> Result<(), Error> {
     let plan = plan(settings);
-    let want = Elements::of(entries);
+    let want = Elements::of(entries.iter().copied());
     let mut sock = netfilter_socket()?;
     if read_table(&mut sock, false)?.is_none() {
         let mut b = Batch::begin(sock.seq());
@@ -369,7 +371,7 @@ pub fn install_host(settings: &HostProbeSettings, entries: &[(IpAddr, &str)]) ->
 /// there changes owner (the newest pod with an IP owns it, as in istio-cni). Needs [`install_host`]
 /// first (else the kernel answers ENOENT: [`Error::Rejected`] for [`Target::SetElements`]).
 pub fn add_probe_ips(owner: &str, ips: &[IpAddr]) -> Result<(), Error> {
-    let elements = Elements::owned(ips, owner);
+    let elements = Elements::of(ips.iter().map(|ip| (*ip, owner)));
     if elements.is_empty() {
         return Ok(());
     }
@@ -387,6 +389,7 @@ pub fn remove_probe_ips(owner: &str, ips: &[IpAddr]) -> Result<Vec<(IpAddr, Stri
     if ips.is_empty() {
         return Ok(Vec::new());
     }
+    let owner = owner_tag(owner);
     let mut sock = netfilter_socket()?;
     let have = read_elements(&mut sock)?;
     let mut gone = Elements::default();
@@ -394,7 +397,7 @@ pub fn remove_probe_ips(owner: &str, ips: &[IpAddr]) -> Result<Vec<(IpAddr, Stri
     for ip in ips {
         match have.0.get(ip) {
             None => {}
-            Some(Some(other)) if other != owner => kept.push((*ip, other.clone())),
+            Some(Some(other)) if *other != owner => kept.push((*ip, other.clone())),
             Some(current) => {
                 gone.0.insert(*ip, current.clone());
             }
@@ -435,7 +438,6 @@ pub fn inspect_host() -> Result<HostInstalled, Error> {
     Ok(HostInstalled {
         table: Some(table),
         sets,
-        probe_ips: elements.ips(),
         probe_owners: elements.0.into_iter().collect(),
     })
 }

@@ -101,8 +101,19 @@ pub(super) struct Elem {
     pub(super) comment: Option<String>,
 }
 
-/// A `\0`-terminated string TLV in libnftnl's user-data format (type, length, value).
+/// `value` cut to at most `max` bytes, at a character boundary.
+pub(super) fn truncated(value: &str, max: usize) -> &str {
+    let mut end = value.len().min(max);
+    while !value.is_char_boundary(end) {
+        end -= 1;
+    }
+    &value[..end]
+}
+
+/// A `\0`-terminated string TLV in libnftnl's user-data format (type, length, value); a value longer
+/// than the one-byte length allows is cut.
 fn udata_str(out: &mut Vec<u8>, ty: u8, value: &str) {
+    let value = truncated(value, u8::MAX as usize - 1);
     out.push(ty);
     out.push(value.len() as u8 + 1);
     out.extend_from_slice(value.as_bytes());
@@ -580,12 +591,9 @@ impl Batch {
                 let elem = self.w.nest_begin(NFTA_LIST_ELEM);
                 value(&mut self.w, NFTA_SET_ELEM_KEY, &e.key);
                 if let Some(comment) = e.comment.as_deref().filter(|_| add) {
-                    let mut end = comment.len().min(MAX_ELEM_COMMENT);
-                    while !comment.is_char_boundary(end) {
-                        end -= 1;
-                    }
-                    let mut udata = Vec::with_capacity(end + 2);
-                    udata_str(&mut udata, UDATA_SET_ELEM_COMMENT, &comment[..end]);
+                    let mut udata = Vec::new();
+                    let comment = truncated(comment, MAX_ELEM_COMMENT);
+                    udata_str(&mut udata, UDATA_SET_ELEM_COMMENT, comment);
                     self.w.attr(NFTA_SET_ELEM_USERDATA, &udata);
                 }
                 self.w.nest_end(elem);

@@ -485,7 +485,7 @@ fn install_host_programs_istios_host_table_and_inspect_lists_the_pod_ips() {
         assert!(got.matches(&s), "{got:#?}");
         assert!(!got.matches(&settings(1)));
         assert_eq!(
-            got.probe_ips,
+            got.probe_ips(),
             vec![ip("10.80.0.5"), ip("10.80.0.9"), ip("fd00:80::9")]
         );
         let text = nft_ruleset();
@@ -524,7 +524,7 @@ fn reinstalling_keeps_the_table_and_only_syncs_elements() {
         // Agent restart with a different pod list: elements synced, table and rule kept (same handles).
         install_host(&s, &owned(&[b, c, ip("10.81.0.4")])).expect("reinstall, other pods");
         let got = inspect_host().expect("inspect");
-        assert_eq!(got.probe_ips, vec![b, ip("10.81.0.4"), c]);
+        assert_eq!(got.probe_ips(), vec![b, ip("10.81.0.4"), c]);
         let strip_elems = |t: &str| -> String {
             t.lines()
                 .filter(|l| !l.contains("elements"))
@@ -541,11 +541,11 @@ fn reinstalling_keeps_the_table_and_only_syncs_elements() {
         install_host(&other, &owned(&[a])).expect("install, new uid");
         let got = inspect_host().expect("inspect");
         assert!(got.matches(&other));
-        assert_eq!(got.probe_ips, vec![a]);
+        assert_eq!(got.probe_ips(), vec![a]);
 
         // Removing absent elements (and present ones) is fine.
         remove_probe_ips(UID, &[a, b, c]).expect("remove");
-        assert!(inspect_host().expect("inspect").probe_ips.is_empty());
+        assert!(inspect_host().expect("inspect").probe_ips().is_empty());
     });
 }
 
@@ -560,7 +560,7 @@ fn a_foreign_chain_in_the_host_table_is_replaced() {
         install_host(&s, &owned(&[ip("10.82.0.1")])).expect("reinstall");
         let got = inspect_host().expect("inspect");
         assert!(got.matches(&s), "{got:#?}");
-        assert_eq!(got.probe_ips, vec![ip("10.82.0.1")]);
+        assert_eq!(got.probe_ips(), vec![ip("10.82.0.1")]);
     });
 }
 
@@ -658,6 +658,14 @@ fn probe_set_entries_belong_to_their_pod_and_only_it_removes_them() {
             chain_handles(&host_table_with_handles()),
             chain_handles(&before)
         );
+
+        // An owner longer than a comment can hold is kept cut, and still removes its own entries.
+        let long = "p".repeat(100);
+        add_probe_ips(&long, &[legacy]).expect("add, long owner");
+        assert!(remove_probe_ips(&long, &[legacy])
+            .expect("remove")
+            .is_empty());
+        assert_eq!(owners(), vec![(a, Some("new-pod".to_owned()))]);
 
         // The pod's own removal takes it out.
         assert!(remove_probe_ips("new-pod", &[a])
