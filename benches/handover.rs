@@ -36,7 +36,7 @@ const COUNT: &str = "MESHNODE_HANDOVER_BENCH_N";
 const SOCKET: &str = "MESHNODE_HANDOVER_BENCH_SOCKET";
 
 fn main() {
-    let _ = meshnode::app::raise_fd_limit();
+    let fd_limit = meshnode::app::raise_fd_limit();
     match std::env::var(ROLE).as_deref() {
         Ok("apps") => return apps(),
         Ok("receiver") => return receiver(),
@@ -52,8 +52,7 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(3)
         .max(1);
-    let (_, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
-        .expect("getrlimit");
+    let (_, hard) = fd_limit.expect("raise the fd limit");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -60,6 +60,36 @@ macro_rules! needs_root {
     };
 }
 
+/// Runs the ignored unit test `name` of the module `module` (its `module_path!()`) alone, in a new process
+/// of this test binary, and fails unless it passed there: for tests that change the process's fd limit,
+/// count its fds or need most of them, which tests running in parallel would disturb. A skip in there is
+/// printed here too.
+#[cfg(test)]
+pub(crate) fn run_alone(module: &str, name: &str) {
+    let module = module.split_once("::").expect("crate::module").1;
+    let test = format!("{module}::{name}");
+    let out = std::process::Command::new(std::env::current_exe().expect("the test binary"))
+        .args([
+            test.as_str(),
+            "--exact",
+            "--ignored",
+            "--test-threads=1",
+            "--nocapture",
+        ])
+        .output()
+        .expect("run the test binary");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("1 passed"),
+        "{test} in its own process:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for line in stdout.lines().filter(|l| l.starts_with("SKIPPED")) {
+        println!("{line}");
+        eprintln!("{line}");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

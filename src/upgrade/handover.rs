@@ -59,7 +59,9 @@
 //! value, a message out of order) ends the hand-over with a named [`Error`], the fds of the refused
 //! packet closed on the receiver's side and kept on the sender's.
 //!
-//! Transport: `socket` (AF_UNIX SOCK_SEQPACKET on tokio, with many fds per packet).
+//! Transport: `zds::packet` (AF_UNIX SOCK_SEQPACKET on tokio), its listener and connections as ZDS uses
+//! them, with many fds per packet (`send_fds`) and truncation reported as flags (`recv_raw`) that
+//! `read_with_fds` names; on both ends the send buffer is raised to `SEND_BUFFER` (SO_SNDBUF).
 
 use std::io;
 use std::net::SocketAddr;
@@ -68,14 +70,14 @@ use std::path::Path;
 use std::time::Duration;
 
 use prost::Message;
+use socket2::SockRef;
 use tokio::time::timeout;
 
-use socket::Conn;
+use crate::zds::packet::{self, SeqpacketConn, SeqpacketListener};
 use wire::{Body, Packet};
 
 mod receiver;
 mod sender;
-mod socket;
 mod wire;
 
 #[cfg(test)]
@@ -93,8 +95,16 @@ pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
 /// packets.
 pub const MAX_PACKET: usize = 64 * 1024;
 
-/// Most fds in one packet: the kernel's `SCM_MAX_FD`, above which `sendmsg` fails with EINVAL.
-pub const MAX_FDS_PER_PACKET: usize = 253;
+/// Most fds in one packet: the kernel's `SCM_MAX_FD` (253), above which `sendmsg` fails with EINVAL.
+pub const MAX_FDS_PER_PACKET: usize = packet::SCM_MAX_FD;
+
+/// SO_SNDBUF asked for on both ends. A unix datagram must fit in the sender's buffer (less a little), and
+/// the default (`net.core.wmem_default`) may be smaller than a packet on some machines; the kernel doubles
+/// the value, capped by `wmem_max`, which is never below this.
+const SEND_BUFFER: usize = 2 * MAX_PACKET;
+
+// The receiver takes one sender at a time; the listener's accept queue must hold at least that one.
+const _: () = assert!(packet::LISTEN_BACKLOG >= 1);
 
 /// Most bytes a connection may carry in each direction (`to_app`, `to_peer`).
 pub const MAX_BUFFERED: usize = 64 * 1024;
@@ -205,34 +215,26 @@ pub async fn send(path: &Path, conns: Vec<(Handed, OwnedFd)>) -> SendReport {
 /// it removes the socket file (if it is still the one it created).
 #[derive(Debug)]
 pub struct Receiver {
-    listener: socket::Listener,
-    io_timeout: Duration,
+    listener: SeqpacketListener,
 }
 
 impl Receiver {
-    /// Listens at `path` (mode 0600), replacing a stale socket file there; its directory must exist.
+    /// Listens at `path` (socket file mode 0600), replacing a stale socket file there and refusing to
+    /// remove anything else; missing parent directories are created (mode 0755).
     pub fn bind(path: &Path) -> Result<Receiver, Error> {
-        let listener = socket::Listener::bind(path).map_err(|source| Error::Io {
+        let listener = packet::bind(path).map_err(|source| Error::Io {
             during: "binding the hand-over socket",
             source,
         })?;
-        Ok(Receiver {
-            listener,
-            io_timeout: IO_TIMEOUT,
-        })
-    }
-
-    /// The socket file's path.
-    pub fn path(&self) -> &Path {
-        self.listener.path()
+        Ok(Receiver { listener })
     }
 
     /// Waits for a sender and takes every connection it hands over. The wait for a sender to connect may
     /// be cancelled (wrap it in a timeout); once one is connected, drive this to completion: every step
     /// has its own deadline, and cancelling would drop the connections taken so far.
     pub async fn accept_all(&self) -> Received {
-        match self.listener.accept().await {
-            Ok(conn) => receiver::receive(&conn, self.io_timeout).await,
+        match self.listener.accept().await.map(with_send_buffer) {
+            Ok(conn) => receiver::receive(&conn, IO_TIMEOUT).await,
             Err(source) => Received {
                 conns: Vec::new(),
                 packets: 0,
@@ -356,15 +358,22 @@ pub enum Error {
     Aborted(String),
 }
 
+/// `conn`, its send buffer raised to [`SEND_BUFFER`]. Best effort: a smaller buffer only matters if a
+/// packet turns out not to fit (EMSGSIZE).
+fn with_send_buffer(conn: SeqpacketConn) -> SeqpacketConn {
+    let _ = SockRef::from(&conn).set_send_buffer_size(SEND_BUFFER);
+    conn
+}
+
 /// Sends one packet, within `t`.
 async fn write(
-    conn: &Conn,
+    conn: &SeqpacketConn,
     bytes: Vec<u8>,
     fds: &[BorrowedFd<'_>],
     t: Duration,
     during: &'static str,
 ) -> Result<(), Error> {
-    match timeout(t, conn.send(&bytes, fds)).await {
+    match timeout(t, conn.send_fds(&bytes, fds)).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(source)) => Err(Error::Io { during, source }),
         Err(_) => Err(Error::Timeout { during }),
@@ -374,12 +383,12 @@ async fn write(
 /// Reads one packet and its fds within `t`, refusing truncation (its fds closed), an empty packet or a
 /// close, and anything that is not a `Packet` with a message.
 async fn read_with_fds(
-    conn: &Conn,
+    conn: &SeqpacketConn,
     buf: &mut [u8],
     t: Duration,
     during: &'static str,
 ) -> Result<(Body, Vec<OwnedFd>), Error> {
-    let incoming = match timeout(t, conn.recv(buf)).await {
+    let incoming = match timeout(t, conn.recv_raw(buf)).await {
         Ok(Ok(incoming)) => incoming,
         Ok(Err(source)) => return Err(Error::Io { during, source }),
         Err(_) => return Err(Error::Timeout { during }),

@@ -1,10 +1,13 @@
-//! Async AF_UNIX SOCK_SEQPACKET sockets that carry file descriptors: the transport under ZDS.
+//! Async AF_UNIX SOCK_SEQPACKET sockets that carry file descriptors: the transport under ZDS and under the
+//! connection hand-over (`upgrade::handover`).
 //!
 //! Input: a socket path. Output: [`SeqpacketListener`] (agent side) and [`SeqpacketConn`] (both sides), whose
-//! `send`/`recv` move one whole packet (one protobuf) per call, optionally with SCM_RIGHTS fds.
+//! `send`/`recv` move one whole packet (one protobuf) per call, optionally with one SCM_RIGHTS fd (ZDS).
+//! The hand-over sends up to `SCM_MAX_FD` fds per packet (`send_fds`) and reads packets as `recvmsg` left
+//! them (`Incoming`, through `recv_raw`), naming truncation in its own errors.
 //! Sockets are created, bound and accepted through `socket2`'s safe API and driven by tokio's [`AsyncFd`];
-//! `sendmsg`/`recvmsg` go through `nix`. `unsafe` appears twice: [`take_fds`], where fds the kernel
-//! installed for us via SCM_RIGHTS become [`OwnedFd`]s, and [`register`], tokio's registration of an fd. Timeouts are the caller's business (see `zds::IO_TIMEOUT`).
+//! `sendmsg`/`recvmsg` go through `nix`. `unsafe` appears twice: `take_fds`, where fds the kernel
+//! installed for us via SCM_RIGHTS become [`OwnedFd`]s, and `register`, tokio's registration of an fd. Timeouts are the caller's business (see `zds::IO_TIMEOUT`).
 
 use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -15,15 +18,16 @@ use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, MsgFlags};
 use socket2::{Domain, SockAddr, SockRef, Socket, Type};
 use tokio::io::unix::AsyncFd;
 
-/// Pending connections the kernel queues for us. The accept loop is rate limited (5/s, as istio-cni), and
-/// at most two proxies connect at a time (rolling update), so a short queue is plenty.
-const LISTEN_BACKLOG: i32 = 32;
+/// Pending connections the kernel queues for us. The ZDS accept loop is rate limited (5/s, as istio-cni),
+/// and at most two proxies connect at a time (rolling update), so a short queue is plenty. The hand-over's
+/// receiver needs room for one (a sender at a time); it checks this at compile time.
+pub(crate) const LISTEN_BACKLOG: i32 = 32;
 
 /// The most fds one message can carry on Linux (`SCM_MAX_FD`). The control buffer has room for all of them
 /// in one SCM_RIGHTS header (the kernel merges several into one on receive), so a peer cannot make the
 /// buffer too small. The kernel still cuts the list short (MSG_CTRUNC) when we run out of fd numbers; the
 /// ones it did install are parsed and closed anyway (see [`take_fds`]).
-const SCM_MAX_FD: usize = 253;
+pub(crate) const SCM_MAX_FD: usize = 253;
 
 /// Mode of the socket file: owner (root) only. Whoever can connect receives pod network namespaces.
 const SOCKET_MODE: u32 = 0o600;
@@ -143,22 +147,67 @@ impl SeqpacketConn {
 
     /// Sends `msg` as one packet, with `fd` as a single SCM_RIGHTS fd when given.
     pub async fn send(&self, msg: &[u8], fd: Option<BorrowedFd<'_>>) -> io::Result<()> {
-        let fds: Vec<RawFd> = fd.map(|f| f.as_raw_fd()).into_iter().collect();
-        send_packet(&self.fd, msg, &fds).await
+        let raw = fd.map(|f| f.as_raw_fd());
+        send_packet(&self.fd, msg, raw.as_slice()).await
+    }
+
+    /// Sends `msg` as one packet with `fds` (none, or at most [`SCM_MAX_FD`]) in one SCM_RIGHTS message.
+    pub(crate) async fn send_fds(&self, msg: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+        let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+        send_packet(&self.fd, msg, &raw).await
     }
 
     /// Receives one packet into `buf`, with any fds it carried (close-on-exec). `Ok((0, []))` means the peer
     /// closed. A packet longer than `buf` (MSG_TRUNC) or with truncated control data (MSG_CTRUNC) is an
     /// `InvalidData` error; fds received with it are closed.
     pub async fn recv(&self, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
+        let capacity = buf.len();
+        let incoming = self.recv_raw(buf).await?;
+        if incoming.truncated {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "packet longer than {capacity} bytes (MSG_TRUNC) refused; the {} fds it carried are closed",
+                    incoming.fds.len()
+                ),
+            ));
+        }
+        if incoming.fds_truncated {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "packet whose fds did not all arrive (MSG_CTRUNC: out of fd numbers?) refused; the {} that \
+                     did are closed",
+                    incoming.fds.len()
+                ),
+            ));
+        }
+        Ok((incoming.len, incoming.fds))
+    }
+
+    /// Receives one packet into `buf` as `recvmsg` left it: the caller decides what truncation means.
+    pub(crate) async fn recv_raw(&self, buf: &mut [u8]) -> io::Result<Incoming> {
         loop {
             let mut guard = self.fd.readable().await?;
-            match guard.try_io(|sock| recv_once(sock.get_ref().as_fd(), buf)) {
+            match guard.try_io(|sock| recv_raw(sock.get_ref().as_fd(), buf)) {
                 Ok(result) => return result,
                 Err(_would_block) => continue,
             }
         }
     }
+}
+
+/// One packet as `recvmsg` left it: the caller decides what the flags mean. The fds are ours either way.
+#[derive(Debug)]
+pub(crate) struct Incoming {
+    /// Bytes received (0 with no fds: the peer closed).
+    pub(crate) len: usize,
+    /// Every fd that arrived, close-on-exec.
+    pub(crate) fds: Vec<OwnedFd>,
+    /// MSG_TRUNC: the packet was longer than the buffer.
+    pub(crate) truncated: bool,
+    /// MSG_CTRUNC: not every fd arrived.
+    pub(crate) fds_truncated: bool,
 }
 
 impl AsFd for SeqpacketConn {
@@ -170,11 +219,7 @@ impl AsFd for SeqpacketConn {
 /// Sends `msg` as one packet on `sock`, with `fds` (none, or at most `SCM_MAX_FD`) in one SCM_RIGHTS
 /// header; waits for the socket to be writable. A partial send is an error (a seqpacket send is whole or
 /// nothing, so it means the kernel cut the packet).
-pub(crate) async fn send_packet(
-    sock: &AsyncFd<OwnedFd>,
-    msg: &[u8],
-    fds: &[RawFd],
-) -> io::Result<()> {
+async fn send_packet(sock: &AsyncFd<OwnedFd>, msg: &[u8], fds: &[RawFd]) -> io::Result<()> {
     loop {
         let mut guard = sock.writable().await?;
         let sent = guard.try_io(|sock| {
@@ -207,21 +252,19 @@ pub(crate) async fn send_packet(
 /// Hands a socket to tokio's reactor. (`AsyncFd::new` is deprecated since tokio 1.52 because it accepts any
 /// `AsRawFd`; `register` is its `unsafe` replacement.)
 #[allow(unsafe_code)]
-pub(crate) fn register(fd: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
+fn register(fd: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
     // SAFETY: an OwnedFd is an open fd that only it closes, and its `as_raw_fd` always returns that same fd;
     // the AsyncFd owns it from here until it is dropped.
     unsafe { AsyncFd::register(fd) }.map_err(io::Error::from)
 }
 
 /// One `recvmsg` call. Takes ownership of every fd that arrived before looking at anything else, so each one
-/// is closed on any error path; a truncated packet (MSG_TRUNC) or fd list (MSG_CTRUNC) is an `InvalidData`
-/// error, its fds closed.
-fn recv_once(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
+/// is closed whatever the caller makes of the packet (a truncated one included).
+fn recv_raw(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Incoming> {
     // Zeroed: `take_fds` relies on the bytes past the last header the kernel wrote being zero.
     let mut control = nix::cmsg_space!([RawFd; SCM_MAX_FD]);
-    let capacity = buf.len();
     let mut iov = [IoSliceMut::new(buf)];
-    let (bytes, flags) = {
+    let (len, flags) = {
         let msg = recvmsg::<()>(
             fd.as_raw_fd(),
             &mut iov,
@@ -230,27 +273,12 @@ fn recv_once(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, Vec<Owned
         )?;
         (msg.bytes, msg.flags)
     };
-    let fds = take_fds(&control);
-    if flags.contains(MsgFlags::MSG_TRUNC) {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!(
-                "packet longer than {capacity} bytes (MSG_TRUNC) refused; the {} fds it carried are closed",
-                fds.len()
-            ),
-        ));
-    }
-    if flags.contains(MsgFlags::MSG_CTRUNC) {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!(
-                "packet whose fds did not all arrive (MSG_CTRUNC: out of fd numbers?) refused; the {} that \
-                 did are closed",
-                fds.len()
-            ),
-        ));
-    }
-    Ok((bytes, fds))
+    Ok(Incoming {
+        len,
+        fds: take_fds(&control),
+        truncated: flags.contains(MsgFlags::MSG_TRUNC),
+        fds_truncated: flags.contains(MsgFlags::MSG_CTRUNC),
+    })
 }
 
 /// Takes ownership of the fds in every SCM_RIGHTS header of `control`, a zeroed buffer that `recvmsg` filled.
@@ -261,7 +289,7 @@ fn recv_once(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, Vec<Owned
 /// counts the header, then level and type as `int`s, the data right after that rounded up to a `size_t`, the next header at the
 /// length rounded up to a `size_t`); a zero length marks the end of what the kernel wrote.
 #[allow(unsafe_code)]
-pub(crate) fn take_fds(control: &[u8]) -> Vec<OwnedFd> {
+fn take_fds(control: &[u8]) -> Vec<OwnedFd> {
     const WORD: usize = std::mem::size_of::<usize>();
     const INT: usize = std::mem::size_of::<i32>();
     // CMSG_LEN(0): the header (length, level, type) rounded up to a size_t.

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use nix::sys::resource::{getrlimit, setrlimit, Resource};
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 use prost::Message;
 use tokio::sync::{mpsc, watch};
@@ -661,9 +662,9 @@ fn open_fds() -> Vec<i32> {
     fds
 }
 
-/// Sets the soft fd limit so that only about `free` more fds can be opened; returns the previous limits.
-#[allow(unsafe_code)]
-fn limit_free_fds(free: usize) -> libc::rlimit {
+/// Sets the soft fd limit so that only about `free` more fds can be opened; returns the previous limits
+/// (soft, hard).
+fn limit_free_fds(free: usize) -> (u64, u64) {
     let open = open_fds();
     let mut limit = 0;
     let mut left = free;
@@ -673,45 +674,22 @@ fn limit_free_fds(free: usize) -> libc::rlimit {
         }
         limit += 1;
     }
-    let mut old = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit only writes the struct it is given.
-    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut old) }, 0);
-    set_fd_limit(libc::rlimit {
-        rlim_cur: limit as libc::rlim_t,
-        rlim_max: old.rlim_max,
-    });
+    let old = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    set_fd_limit((limit as u64, old.1));
     old
 }
 
-#[allow(unsafe_code)]
-fn set_fd_limit(limit: libc::rlimit) {
-    // SAFETY: setrlimit only reads the struct it is given.
-    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) }, 0);
-}
-
-/// Runs the ignored test `name` of this module alone, in a new process of this test binary: for tests that
-/// change the process's fd limit or count its fds, which tests running in parallel would disturb.
-fn run_alone(name: &str) {
-    let module = module_path!().split_once("::").expect("crate::module").1;
-    let test = format!("{module}::{name}");
-    let out = std::process::Command::new(std::env::current_exe().expect("the test binary"))
-        .args([test.as_str(), "--exact", "--ignored", "--test-threads=1"])
-        .output()
-        .expect("run the test binary");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && stdout.contains("1 passed"),
-        "{test} in its own process:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+/// Sets the fd limit to (soft, hard).
+fn set_fd_limit((soft, hard): (u64, u64)) {
+    setrlimit(Resource::RLIMIT_NOFILE, soft, hard).unwrap();
 }
 
 #[test]
 fn a_refused_zds_packet_leaves_none_of_its_fds_open_on_either_side() {
-    run_alone("alone_received_fds_never_outlive_a_refused_packet");
+    crate::test_gate::run_alone(
+        module_path!(),
+        "alone_received_fds_never_outlive_a_refused_packet",
+    );
 }
 
 #[tokio::test]

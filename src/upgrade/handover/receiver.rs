@@ -8,7 +8,8 @@
 use std::os::fd::OwnedFd;
 use std::time::Duration;
 
-use super::socket::Conn;
+use crate::zds::packet::SeqpacketConn;
+
 use super::wire::{Ack, Assembler, Body, Hello, Reason};
 use super::{
     read_with_fds as read, unexpected, write, Error, Handed, Received, MAX_PACKET, PROTOCOL_VERSION,
@@ -25,7 +26,7 @@ struct Receiving {
 }
 
 /// Takes every connection the sender on `conn` hands over.
-pub(super) async fn receive(conn: &Conn, io_timeout: Duration) -> Received {
+pub(super) async fn receive(conn: &SeqpacketConn, io_timeout: Duration) -> Received {
     let mut receiving = Receiving::default();
     let error = run(conn, &mut receiving, io_timeout).await.err();
     if let Some(e) = &error {
@@ -45,7 +46,7 @@ pub(super) async fn receive(conn: &Conn, io_timeout: Duration) -> Received {
     }
 }
 
-async fn run(conn: &Conn, receiving: &mut Receiving, t: Duration) -> Result<(), Error> {
+async fn run(conn: &SeqpacketConn, receiving: &mut Receiving, t: Duration) -> Result<(), Error> {
     let mut buf = vec![0u8; MAX_PACKET];
     let hello = match read(conn, &mut buf, t, "waiting for the sender's hello").await? {
         (Body::Hello(hello), fds) if fds.is_empty() => hello,

@@ -12,9 +12,12 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::socket::Conn;
+use crate::zds::packet::SeqpacketConn;
+
 use super::wire::{Body, End, Hello, Packer, Reason};
-use super::{read_with_fds, unexpected, write, Error, Handed, SendReport, PROTOCOL_VERSION};
+use super::{
+    read_with_fds, unexpected, with_send_buffer, write, Error, Handed, SendReport, PROTOCOL_VERSION,
+};
 
 /// The receiver's messages are small (a hello, an ack, a reason of at most 512 bytes).
 const REPLY_BUFFER: usize = 1024;
@@ -117,11 +120,11 @@ async fn run(path: &Path, sending: &mut Sending, t: Duration) -> Result<(), Erro
 }
 
 /// Connects, retrying while the receiver's accept queue is full, for at most `t`.
-async fn connect(path: &Path, t: Duration) -> Result<Conn, Error> {
+async fn connect(path: &Path, t: Duration) -> Result<SeqpacketConn, Error> {
     let deadline = Instant::now() + t;
     loop {
-        match Conn::connect(path) {
-            Ok(conn) => return Ok(conn),
+        match SeqpacketConn::connect(path).await {
+            Ok(conn) => return Ok(with_send_buffer(conn)),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
                 tokio::time::sleep(CONNECT_RETRY).await
             }
@@ -137,7 +140,7 @@ async fn connect(path: &Path, t: Duration) -> Result<Conn, Error> {
 
 /// Reads the ack of batch `seq`, which completed `completed` connections.
 async fn await_ack(
-    conn: &Conn,
+    conn: &SeqpacketConn,
     buf: &mut [u8],
     t: Duration,
     seq: u64,
@@ -158,7 +161,7 @@ async fn await_ack(
 
 /// Reads one packet that must carry no fds, within `t`.
 async fn read(
-    conn: &Conn,
+    conn: &SeqpacketConn,
     buf: &mut [u8],
     t: Duration,
     during: &'static str,

@@ -9,9 +9,9 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use nix::sys::resource::{getrlimit, setrlimit, Resource};
 use prost::Message;
 
-use super::socket::{Conn, Listener};
 use super::wire::{Ack, Assembler, Batch, Body, End, Hello, Packer, Packet, Reason, Record};
 use super::*;
 
@@ -116,6 +116,13 @@ fn still_works(app: &mut TcpStream, proxy: BorrowedFd<'_>, id: u64) {
     );
 }
 
+/// Every connection of `conns` still carries bytes both ways to its app end, `apps[id]`.
+fn all_still_work(apps: &mut [TcpStream], conns: &[(Handed, OwnedFd)]) {
+    for (handed, fd) in conns {
+        still_works(&mut apps[handed.id as usize], fd.as_fd(), handed.id);
+    }
+}
+
 /// Sends `conns` to a [`Receiver`] in the same process over a real unix socket.
 fn hand_over(conns: Vec<(Handed, OwnedFd)>) -> (SendReport, Received) {
     runtime().block_on(async {
@@ -129,13 +136,23 @@ fn ids(conns: &[(Handed, OwnedFd)]) -> Vec<u64> {
     conns.iter().map(|(h, _)| h.id).collect()
 }
 
-async fn put(conn: &Conn, body: Body, fds: &[BorrowedFd<'_>]) {
+/// Connects to the receiver at `path` as the sender does.
+async fn connect(path: &Path) -> SeqpacketConn {
+    with_send_buffer(SeqpacketConn::connect(path).await.unwrap())
+}
+
+/// Accepts a sender as the receiver does.
+async fn accept(listener: &SeqpacketListener) -> SeqpacketConn {
+    with_send_buffer(listener.accept().await.unwrap())
+}
+
+async fn put(conn: &SeqpacketConn, body: Body, fds: &[BorrowedFd<'_>]) {
     write(conn, body.into_packet(), fds, T, "test")
         .await
         .unwrap();
 }
 
-async fn get(conn: &Conn) -> (Body, Vec<OwnedFd>) {
+async fn get(conn: &SeqpacketConn) -> (Body, Vec<OwnedFd>) {
     let mut buf = vec![0u8; MAX_PACKET];
     read_with_fds(conn, &mut buf, T, "test").await.unwrap()
 }
@@ -167,8 +184,11 @@ fn batch(seq: u64, records: Vec<Record>) -> Body {
 
 /// A receiver written with the protocol's pieces that acknowledges the first `acks` batches and then
 /// closes the socket on the next one (as if killed). Returns what it took.
-async fn receiver_that_dies_after(listener: Listener, acks: usize) -> Vec<(Handed, OwnedFd)> {
-    let conn = listener.accept().await.unwrap();
+async fn receiver_that_dies_after(
+    listener: SeqpacketListener,
+    acks: usize,
+) -> Vec<(Handed, OwnedFd)> {
+    let conn = accept(&listener).await;
     let Body::Hello(h) = get(&conn).await.0 else {
         panic!("hello first")
     };
@@ -311,7 +331,7 @@ fn a_receiver_that_dies_mid_way_leaves_the_sender_every_unacknowledged_connectio
     let (mut apps, conns) = idle(520);
     let (report, taken) = runtime().block_on(async {
         let (_dir, path) = socket_path();
-        let listener = Listener::bind(&path).unwrap();
+        let listener = packet::bind(&path).unwrap();
         tokio::join!(send(&path, conns), receiver_that_dies_after(listener, 1))
     });
     assert!(
@@ -326,33 +346,44 @@ fn a_receiver_that_dies_mid_way_leaves_the_sender_every_unacknowledged_connectio
         "the receiver has what it acknowledged"
     );
     assert_eq!(ids(&report.kept), (253..520).collect::<Vec<_>>());
-    for (handed, fd) in taken.iter().chain(&report.kept) {
-        still_works(&mut apps[handed.id as usize], fd.as_fd(), handed.id);
-    }
+    all_still_work(&mut apps, &taken);
+    all_still_work(&mut apps, &report.kept);
+}
+
+/// Hands 3 idle connections, with deadline `t`, to a fake receiver that says hello, reads batch 0 (all
+/// 3 of them) and answers it with `ack`, or not at all. Checks that the sender says `Abort` next and keeps
+/// every connection, each still working; returns its report.
+fn sender_given_ack(ack: Option<Ack>, t: Duration) -> SendReport {
+    let (mut apps, conns) = idle(3);
+    let (report, after) = runtime().block_on(async {
+        let (_dir, path) = socket_path();
+        let listener = packet::bind(&path).unwrap();
+        let receiver = async {
+            let conn = accept(&listener).await;
+            get(&conn).await;
+            put(&conn, hello(PROTOCOL_VERSION, 0), &[]).await;
+            let (Body::Batch(b), fds) = get(&conn).await else {
+                panic!("a batch")
+            };
+            assert_eq!((b.seq, fds.len()), (0, 3));
+            if let Some(ack) = ack {
+                put(&conn, Body::Ack(ack), &[]).await;
+            }
+            // The next thing the sender says must withdraw the batch.
+            get(&conn).await.0
+        };
+        tokio::join!(sender::send(&path, conns, t), receiver)
+    });
+    assert!(matches!(after, Body::Abort(_)), "got {}", after.name());
+    assert!(report.taken.is_empty());
+    assert_eq!(ids(&report.kept), [0, 1, 2]);
+    all_still_work(&mut apps, &report.kept);
+    report
 }
 
 #[test]
 fn a_receiver_that_stops_answering_leaves_the_sender_its_batch_and_hears_abort() {
-    let (mut apps, conns) = idle(3);
-    let (report, after) = runtime().block_on(async {
-        let (_dir, path) = socket_path();
-        let listener = Listener::bind(&path).unwrap();
-        let silent = async {
-            let conn = listener.accept().await.unwrap();
-            get(&conn).await;
-            put(&conn, hello(PROTOCOL_VERSION, 0), &[]).await;
-            let (Body::Batch(_), fds) = get(&conn).await else {
-                panic!("a batch")
-            };
-            assert_eq!(fds.len(), 3);
-            // No ack: the next thing the sender says must withdraw the batch.
-            get(&conn).await.0
-        };
-        tokio::join!(
-            sender::send(&path, conns, Duration::from_millis(200)),
-            silent
-        )
-    });
+    let report = sender_given_ack(None, Duration::from_millis(200));
     assert!(
         matches!(
             report.error,
@@ -363,11 +394,26 @@ fn a_receiver_that_stops_answering_leaves_the_sender_its_batch_and_hears_abort()
         "{:?}",
         report.error
     );
-    assert!(matches!(after, Body::Abort(_)), "got {}", after.name());
-    assert!(report.taken.is_empty());
-    assert_eq!(ids(&report.kept), [0, 1, 2]);
-    for (handed, fd) in &report.kept {
-        still_works(&mut apps[handed.id as usize], fd.as_fd(), handed.id);
+}
+
+#[test]
+fn an_ack_for_another_batch_or_count_fails_the_sender_which_keeps_the_batch_and_says_abort() {
+    // (seq, accepted) of the ack, for a batch 0 that completed 3 connections.
+    for (seq, accepted) in [(1, 3), (0, 2)] {
+        let report = sender_given_ack(Some(Ack { seq, accepted }), IO_TIMEOUT);
+        assert!(
+            matches!(
+                report.error,
+                Some(Error::BadAck {
+                    seq: 0,
+                    expected: 3,
+                    got_seq,
+                    got,
+                }) if (got_seq, got) == (seq, accepted)
+            ),
+            "{:?}",
+            report.error
+        );
     }
 }
 
@@ -378,7 +424,7 @@ fn a_sender_that_dies_after_an_ack_leaves_the_receiver_what_it_acknowledged() {
         let (_dir, path) = socket_path();
         let receiver = Receiver::bind(&path).unwrap();
         let dying = async {
-            let conn = Conn::connect(&path).unwrap();
+            let conn = connect(&path).await;
             put(&conn, hello(PROTOCOL_VERSION, 3), &[]).await;
             get(&conn).await;
             let fds = [conns[0].1.as_fd(), conns[1].1.as_fd()];
@@ -399,9 +445,7 @@ fn a_sender_that_dies_after_an_ack_leaves_the_receiver_what_it_acknowledged() {
         received.error
     );
     assert_eq!(ids(&received.conns), [0, 1]);
-    for (handed, fd) in &received.conns {
-        still_works(&mut apps[handed.id as usize], fd.as_fd(), handed.id);
-    }
+    all_still_work(&mut apps, &received.conns);
 }
 
 #[test]
@@ -411,7 +455,7 @@ fn an_aborting_sender_takes_back_the_batch_it_had_no_ack_for() {
         let (_dir, path) = socket_path();
         let receiver = Receiver::bind(&path).unwrap();
         let aborting = async {
-            let conn = Conn::connect(&path).unwrap();
+            let conn = connect(&path).await;
             put(&conn, hello(PROTOCOL_VERSION, 4), &[]).await;
             get(&conn).await;
             for seq in 0..2u64 {
@@ -445,9 +489,9 @@ fn a_receiver_of_another_version_is_refused_and_the_sender_keeps_everything() {
     let (mut apps, conns) = idle(2);
     let report = runtime().block_on(async {
         let (_dir, path) = socket_path();
-        let listener = Listener::bind(&path).unwrap();
+        let listener = packet::bind(&path).unwrap();
         let newer = async {
-            let conn = listener.accept().await.unwrap();
+            let conn = accept(&listener).await;
             get(&conn).await;
             put(&conn, hello(PROTOCOL_VERSION + 1, 0), &[]).await;
             let _ = read_with_fds(&conn, &mut [0u8; 64], T, "test").await;
@@ -460,9 +504,7 @@ fn a_receiver_of_another_version_is_refused_and_the_sender_keeps_everything() {
         report.error
     );
     assert_eq!((report.packets, ids(&report.kept)), (0, vec![0, 1]));
-    for (handed, fd) in &report.kept {
-        still_works(&mut apps[handed.id as usize], fd.as_fd(), handed.id);
-    }
+    all_still_work(&mut apps, &report.kept);
 }
 
 #[test]
@@ -471,7 +513,7 @@ fn a_sender_of_another_version_is_refused_by_the_receiver() {
         let (_dir, path) = socket_path();
         let receiver = Receiver::bind(&path).unwrap();
         let older = async {
-            let conn = Conn::connect(&path).unwrap();
+            let conn = connect(&path).await;
             put(&conn, hello(99, 1), &[]).await;
             (get(&conn).await.0, get(&conn).await.0)
         };
@@ -499,7 +541,7 @@ fn receiver_given(announced: u64, packet: Vec<u8>, fds: &[BorrowedFd<'_>]) -> (R
         let (_dir, path) = socket_path();
         let receiver = Receiver::bind(&path).unwrap();
         let sender = async {
-            let conn = Conn::connect(&path).unwrap();
+            let conn = connect(&path).await;
             put(&conn, hello(PROTOCOL_VERSION, announced), &[]).await;
             get(&conn).await;
             write(&conn, packet, fds, T, "test").await.unwrap();
@@ -541,6 +583,32 @@ fn a_batch_whose_fds_do_not_match_its_records_is_refused() {
         ),
         "fds with a message that takes none: {:?}",
         received.error
+    );
+}
+
+#[test]
+fn an_ack_from_the_sender_where_a_batch_belongs_is_refused_as_unexpected() {
+    let ack = Body::Ack(Ack {
+        seq: 0,
+        accepted: 0,
+    });
+    let (received, answer) = receiver_given(1, ack.into_packet(), &[]);
+    assert!(
+        matches!(
+            received.error,
+            Some(Error::Unexpected {
+                expected: "a batch or end",
+                got: "ack"
+            })
+        ),
+        "{:?}",
+        received.error
+    );
+    assert!(received.conns.is_empty());
+    assert!(
+        matches!(&answer, Body::Refuse(r) if r.reason == "expected a batch or end, got ack"),
+        "got {}",
+        answer.name()
     );
 }
 
@@ -592,13 +660,34 @@ fn a_connection_over_its_bounds_is_refused_before_anything_is_sent() {
 }
 
 #[test]
+fn a_sender_with_no_receiver_at_the_path_fails_to_connect_and_keeps_everything() {
+    let (mut apps, conns) = idle(2);
+    let (_dir, path) = socket_path();
+    let report = runtime().block_on(send(&path, conns));
+    assert!(
+        matches!(
+            &report.error,
+            Some(Error::Io {
+                during: "connecting to the receiver",
+                source,
+            }) if source.kind() == std::io::ErrorKind::NotFound
+        ),
+        "{:?}",
+        report.error
+    );
+    assert!(report.taken.is_empty());
+    assert_eq!((report.packets, ids(&report.kept)), (0, vec![0, 1]));
+    all_still_work(&mut apps, &report.kept);
+}
+
+#[test]
 fn a_continuation_that_grows_a_buffer_past_its_bound_is_refused() {
     let (_apps, conns) = idle(1);
     let received = runtime().block_on(async {
         let (_dir, path) = socket_path();
         let receiver = Receiver::bind(&path).unwrap();
         let sender = async {
-            let conn = Conn::connect(&path).unwrap();
+            let conn = connect(&path).await;
             put(&conn, hello(PROTOCOL_VERSION, 1), &[]).await;
             get(&conn).await;
             let start = first(0, true, vec![1; 40_000]);
@@ -684,31 +773,163 @@ fn packets_stay_within_253_fds_and_the_size_bound_and_reassemble_exactly() {
     assert!((14..=20).contains(&packets), "{packets} packets");
 }
 
-/// Runs the ignored test `name` of this module alone, in a new process of this test binary: for tests
-/// that change the process's fd limit or need most of it.
-fn run_alone(name: &str) {
-    let module = module_path!().split_once("::").expect("crate::module").1;
-    let test = format!("{module}::{name}");
-    let out = std::process::Command::new(std::env::current_exe().expect("the test binary"))
-        .args([
-            test.as_str(),
-            "--exact",
-            "--ignored",
-            "--test-threads=1",
-            "--nocapture",
-        ])
-        .output()
-        .expect("run the test binary");
-    let stdout = String::from_utf8_lossy(&out.stdout);
+#[test]
+fn a_hand_over_announcing_more_than_the_connection_bound_is_refused() {
+    assert!(Assembler::new(MAX_CONNECTIONS).is_ok());
+    let err = Assembler::new(MAX_CONNECTIONS + 1).unwrap_err();
     assert!(
-        out.status.success() && stdout.contains("1 passed"),
-        "{test} in its own process:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+        matches!(
+            err,
+            Error::TooMany {
+                announced,
+                max: MAX_CONNECTIONS
+            } if announced == MAX_CONNECTIONS + 1
+        ),
+        "{err:?}"
     );
-    // A skip in there is a skip here.
-    for line in stdout.lines().filter(|l| l.starts_with("SKIPPED")) {
-        println!("{line}");
-        eprintln!("{line}");
+}
+
+#[test]
+fn batches_out_of_order_or_with_bad_records_are_refused_as_malformed() {
+    let null = std::fs::File::open("/dev/null").unwrap();
+    let continued = |id: u64| Record {
+        id,
+        continued: true,
+        to_app: vec![1],
+        ..Record::default()
+    };
+    let with = |change: fn(&mut Record)| {
+        let mut record = first(0, false, vec![]);
+        change(&mut record);
+        record
+    };
+    let at = |seq: u64, records: Vec<Record>| Batch { seq, records };
+    // Connections announced; batches, applied in order; whether `End` follows them; and the message of the
+    // last step (the last batch, or `End`), every step before it succeeding.
+    let cases: Vec<(u64, Vec<Batch>, bool, &str)> = vec![
+        (
+            1,
+            vec![at(1, vec![first(0, false, vec![])])],
+            false,
+            "batch 1 out of order: expected batch 0",
+        ),
+        (1, vec![at(0, vec![])], false, "batch 0 is empty"),
+        (
+            2,
+            vec![at(
+                0,
+                vec![first(0, true, vec![1]), first(1, false, vec![])],
+            )],
+            false,
+            "connection 1 starts before connection 0 ends",
+        ),
+        (
+            1,
+            vec![at(0, vec![continued(5)])],
+            false,
+            "record continues connection 5, which is not the one being received",
+        ),
+        (
+            2,
+            vec![
+                at(0, vec![first(0, true, vec![1])]),
+                at(1, vec![continued(1)]),
+            ],
+            false,
+            "record continues connection 1, which is not the one being received",
+        ),
+        (
+            1,
+            vec![
+                at(0, vec![first(0, true, vec![1])]),
+                at(
+                    1,
+                    vec![Record {
+                        pod: "pod".into(),
+                        ..continued(0)
+                    }],
+                ),
+            ],
+            false,
+            "continuation of connection 0 carries metadata",
+        ),
+        (
+            1,
+            vec![at(
+                0,
+                vec![first(0, false, vec![]), first(1, false, vec![])],
+            )],
+            false,
+            "more connections than the 1 announced",
+        ),
+        (
+            1,
+            vec![at(0, vec![with(|r| r.direction = 0)])],
+            false,
+            "connection 0: direction 0 unknown",
+        ),
+        (
+            1,
+            vec![at(0, vec![with(|r| r.direction = 7)])],
+            false,
+            "connection 0: direction 7 unknown",
+        ),
+        (
+            1,
+            vec![at(0, vec![with(|r| r.original_dst = "1".repeat(65))])],
+            false,
+            "connection 0: original_dst longer than 64 bytes",
+        ),
+        (
+            1,
+            vec![at(0, vec![with(|r| r.peer = "nowhere".into())])],
+            false,
+            "connection 0: peer \"nowhere\" is not ip:port",
+        ),
+        (
+            1,
+            vec![at(0, vec![first(0, true, vec![1])])],
+            true,
+            "ended in the middle of connection 0",
+        ),
+        (
+            2,
+            vec![at(0, vec![first(0, false, vec![])])],
+            true,
+            "ended after 1 of the 2 connections announced",
+        ),
+        (
+            1,
+            vec![],
+            true,
+            "ended after 0 of the 1 connections announced",
+        ),
+    ];
+    for (announced, batches, end, want) in cases {
+        let mut assembler = Assembler::new(announced).unwrap();
+        let steps = batches.len();
+        let mut last = Ok(());
+        for (step, batch) in batches.into_iter().enumerate() {
+            let fds = batch
+                .records
+                .iter()
+                .filter(|r| !r.continued)
+                .map(|_| OwnedFd::from(null.try_clone().unwrap()))
+                .collect();
+            let result = assembler.apply(batch, fds).map(drop);
+            if end || step + 1 < steps {
+                result.unwrap_or_else(|e| panic!("{want}: batch {step} refused: {e}"));
+            } else {
+                last = result;
+            }
+        }
+        if end {
+            last = assembler.finish();
+        }
+        match last {
+            Err(Error::Malformed(message)) => assert_eq!(message, want),
+            other => panic!("{want}: got {other:?}"),
+        }
     }
 }
 
@@ -719,7 +940,7 @@ const PEER_ENV: &str = "MESHNODE_HANDOVER_TEST_PEER";
 
 #[test]
 fn ten_thousand_connections_all_arrive_and_each_still_works() {
-    run_alone("alone_ten_thousand_connections");
+    crate::test_gate::run_alone(module_path!(), "alone_ten_thousand_connections");
 }
 
 #[test]
@@ -861,12 +1082,11 @@ fn alone_app_ends_of_ten_thousand_connections() {
 
 #[test]
 fn a_receiver_out_of_fd_numbers_refuses_the_batch_and_the_sender_keeps_it() {
-    run_alone("alone_receiver_out_of_fd_numbers");
+    crate::test_gate::run_alone(module_path!(), "alone_receiver_out_of_fd_numbers");
 }
 
 #[test]
 #[ignore = "lowers the fd limit: run alone by a_receiver_out_of_fd_numbers_refuses_the_batch_and_the_sender_keeps_it"]
-#[allow(unsafe_code)]
 fn alone_receiver_out_of_fd_numbers() {
     const N: usize = 100;
     let (mut apps, conns) = idle(N);
@@ -875,27 +1095,16 @@ fn alone_receiver_out_of_fd_numbers() {
     let receiver = rt.block_on(async { Receiver::bind(&path) }).unwrap();
     // Room for ten more fds (and whatever holes there are below the highest open one): the sender's
     // socket, the receiver's, and a few of the N the batch carries.
-    let mut old = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit only writes the struct it is given.
-    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut old) }, 0);
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
     let highest = std::fs::read_dir("/proc/self/fd")
         .unwrap()
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u64>().ok())
         .max()
         .unwrap();
-    let lowered = libc::rlimit {
-        rlim_cur: highest + 10,
-        rlim_max: old.rlim_max,
-    };
-    // SAFETY: setrlimit only reads the struct it is given.
-    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lowered) }, 0);
+    setrlimit(Resource::RLIMIT_NOFILE, highest + 10, hard).unwrap();
     let (report, received) =
         rt.block_on(async { tokio::join!(send(&path, conns), receiver.accept_all()) });
-    // SAFETY: as above.
-    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &old) }, 0);
+    setrlimit(Resource::RLIMIT_NOFILE, soft, hard).unwrap();
     assert!(
         matches!(received.error, Some(Error::ControlTruncated { .. })),
         "{:?}",
@@ -908,7 +1117,5 @@ fn alone_receiver_out_of_fd_numbers() {
         report.error
     );
     assert_eq!(ids(&report.kept), (0..N as u64).collect::<Vec<_>>());
-    for (handed, fd) in &report.kept {
-        still_works(&mut apps[handed.id as usize], fd.as_fd(), handed.id);
-    }
+    all_still_work(&mut apps, &report.kept);
 }

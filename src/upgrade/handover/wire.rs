@@ -20,7 +20,7 @@ use super::{
 
 /// Most bytes of `to_app ‖ to_peer ‖ resume` in one record. With the metadata at its bounds a record stays
 /// under a third of a packet, so a packet always has room for one and usually for several.
-pub(super) const FRAGMENT_BYTES: usize = 16 * 1024;
+const FRAGMENT_BYTES: usize = 16 * 1024;
 
 /// Longest address text accepted (`[v6%scope]:port` is under 64).
 const MAX_ADDRESS: usize = 64;
@@ -126,7 +126,7 @@ pub(super) struct Reason {
 }
 
 /// Longest reason sent, in bytes.
-pub(super) const MAX_REASON: usize = 512;
+const MAX_REASON: usize = 512;
 
 impl Reason {
     /// `error`'s text, cut to [`MAX_REASON`] bytes.
