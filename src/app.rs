@@ -514,10 +514,10 @@ fn start_waypoint_xds(
                 &res.workloads,
                 &res.services,
                 res.waypoint.as_deref(),
+                &network,
                 Some(&previous),
             ) {
                 Ok(snap) => {
-                    let snap = snap.for_network(&network);
                     tracing::info!(
                         waypoint = %publish_name,
                         configured = res.waypoint.is_some(),

@@ -231,6 +231,9 @@ pub struct Proxy {
     conns: Arc<connections::ConnectionManager>,
     outbound_conns: Arc<connections::OutboundList>,
     shutdown: watch::Receiver<bool>,
+    /// `x-forwarded-network` for the inner CONNECT of a connection through an east-west gateway: this
+    /// proxy's network, built once (`None`: no network configured, the header is not sent).
+    forwarded_network: Option<http::HeaderValue>,
 }
 
 /// The three listeners of a proxy.
@@ -274,6 +277,7 @@ impl Proxy {
         // Plaintext connections are bounded by one listener's `max_connections`; HBONE streams (many per
         // connection) share the rest.
         let conns = connections::ConnectionManager::new(cfg.max_connections.saturating_mul(2));
+        let forwarded_network = crate::hbone::double::network_header(&cfg.network);
         Arc::new(Proxy {
             inputs,
             pool,
@@ -281,6 +285,7 @@ impl Proxy {
             conns,
             outbound_conns: Arc::default(),
             shutdown,
+            forwarded_network,
         })
     }
 

@@ -21,6 +21,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use support::dedicated::{call, capture_outbound, serve_app, subnet, wait_ready, System};
+use support::mesh_yaml::{self, behind_gateway, serves};
 use support::netns::{veth, KillOnDrop, Netns};
 
 const VIP: &str = "10.96.0.10";
@@ -28,34 +29,38 @@ const WRONG_SAN_VIP: &str = "10.96.0.11";
 const IMPOSTOR_VIP: &str = "10.96.0.12";
 const NO_GATEWAY_VIP: &str = "10.96.0.13";
 
+/// A workload of the mesh, on a node of its own.
 fn workload(name: &str, ns: &str, sa: &str, ip: &str, network: &str, extra: &str) -> String {
-    format!(
-        "- uid: cluster1//v1/Pod/{ns}/{name}\n  name: {name}\n  namespace: {ns}\n  serviceAccount: {sa}\n  \
-         workloadIps: [\"{ip}\"]\n  protocol: HBONE\n  network: {network}\n  node: node-{name}\n{extra}"
+    mesh_yaml::workload(
+        name,
+        ns,
+        sa,
+        ip,
+        network,
+        &format!("  node: node-{name}\n{extra}"),
     )
 }
 
+/// The hostname of service `name` in `default`.
+fn host(name: &str) -> String {
+    format!("{name}.default.svc.cluster.local")
+}
+
+/// Service `name` of `default`, its VIP `vip` on every network of the mesh.
 fn service(name: &str, vip: &str, extra: &str) -> String {
-    format!(
-        "- name: {name}\n  namespace: default\n  hostname: {name}.default.svc.cluster.local\n  \
-         vips: [\"net1/{vip}\", \"net2/{vip}\", \"net3/{vip}\", \"net4/{vip}\"]\n  ports: {{80: 8080}}\n{extra}"
+    mesh_yaml::service(
+        name,
+        &host(name),
+        vip,
+        &["net1", "net2", "net3", "net4"],
+        extra,
     )
 }
 
 /// The mesh: client on net1; server on net2 behind the gateway at `gw_ip`; `ghost` on net3 behind an
 /// "impostor" gateway (same address, another identity); `lost` on net4 with no gateway at all.
 fn mesh(client_ip: &str, gw_ip: &str, server_ip: &str, n: u8) -> String {
-    let gw = |net: &str| {
-        format!("  networkGateway: {{destination: \"{net}/{gw_ip}\", hboneMtlsPort: 15008}}\n")
-    };
-    let serves = |svcs: &[&str]| {
-        let list = svcs
-            .iter()
-            .map(|s| format!("\"default/{s}.default.svc.cluster.local\": {{80: 8080}}"))
-            .collect::<Vec<_>>()
-            .join(", ");
-        format!("  services: {{{list}}}\n")
-    };
+    let gw = |net: &str| behind_gateway(net, gw_ip);
     let mut y = String::from("workloads:\n");
     y += &workload("client", "default", "sleep", client_ip, "net1", "");
     y += &workload(
@@ -72,7 +77,7 @@ fn mesh(client_ip: &str, gw_ip: &str, server_ip: &str, n: u8) -> String {
         "httpbin",
         server_ip,
         "net2",
-        &(gw("net2") + &serves(&["echo", "wrong-san"])),
+        &(gw("net2") + &serves(&[&host("echo"), &host("wrong-san")])),
     );
     y += &workload("impostor", "istio-system", "impostor", gw_ip, "net3", "");
     y += &workload(
@@ -81,7 +86,7 @@ fn mesh(client_ip: &str, gw_ip: &str, server_ip: &str, n: u8) -> String {
         "httpbin",
         &format!("10.{n}.3.1"),
         "net3",
-        &(gw("net3") + &serves(&["ghost"])),
+        &(gw("net3") + &serves(&[&host("ghost")])),
     );
     y += &workload(
         "lost",
@@ -89,7 +94,7 @@ fn mesh(client_ip: &str, gw_ip: &str, server_ip: &str, n: u8) -> String {
         "httpbin",
         &format!("10.{n}.4.1"),
         "net4",
-        &serves(&["lost"]),
+        &serves(&[&host("lost")]),
     );
     y += "services:\n";
     y += &service("echo", VIP, "");

@@ -12,13 +12,17 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use meshnode::identity::{BuiltinCa, Identity, WorkloadCert};
 use meshnode::proto::waypoint as pb;
+use meshnode::state::{GatewayAddress, GatewayDestination};
 use meshnode::waypoint::forward::{CONNECT_FAILURE, NO_HEALTHY_UPSTREAM};
+use meshnode::waypoint::snapshot::Unreachable;
 use meshnode::waypoint::Snapshot;
 use support::l7::*;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const TTL: Duration = Duration::from_secs(3600);
+/// The waypoint's network in most of these tests: the one the workloads are on (none named).
+const NETWORK: &str = "";
 
 fn id(s: &str) -> Identity {
     s.parse().unwrap()
@@ -122,7 +126,7 @@ fn config(net: [u8; 2]) -> Snapshot {
         ],
         &["backend"],
     );
-    Snapshot::build(&workloads, &services, Some(&wp), None).unwrap()
+    Snapshot::build(&workloads, &services, Some(&wp), NETWORK, None).unwrap()
 }
 
 struct Mesh {
@@ -521,6 +525,7 @@ async fn an_unreachable_endpoint_gets_envoys_503() {
             )],
             &[],
         )),
+        NETWORK,
         None,
     )
     .unwrap();
@@ -899,6 +904,7 @@ fn serving_backend(m: &Mesh, wp: &pb::Waypoint) -> Snapshot {
         ],
         &[service("backend", ip(m.net, 100), &[(80, 8080)])],
         Some(wp),
+        NETWORK,
         None,
     )
     .unwrap()
@@ -1211,6 +1217,7 @@ async fn an_endpoint_answering_5xx_is_ejected_and_requests_go_to_the_healthy_one
         ],
         &[service("backend", ip(m.net, 100), &[(80, 8080)])],
         Some(&wp),
+        NETWORK,
         None,
     )
     .unwrap();
@@ -1288,6 +1295,7 @@ async fn http2_streams_on_one_connection_are_routed_and_authorized_each_on_its_o
         ],
         &[service("backend", ip(m.net, 100), &[(81, 8081)])],
         Some(&wp),
+        NETWORK,
         None,
     )
     .unwrap();
@@ -1367,6 +1375,7 @@ fn backend_with_pool(
         &workloads,
         &[service("backend", ip(m.net, 100), &[(80, 8080)])],
         Some(&wp),
+        NETWORK,
         None,
     )
     .unwrap()
@@ -1540,6 +1549,7 @@ async fn a_route_timeout_cuts_a_response_body_that_stalls() {
         ],
         &[service("backend", ip(m.net, 100), &[(80, 8080)])],
         Some(&wp),
+        NETWORK,
         None,
     )
     .unwrap();
@@ -1599,11 +1609,12 @@ fn on_network(
 }
 
 /// A waypoint on `net1` serving `backend` (VIP .100, HTTP on 80) from `endpoints` among `workloads`: its
-/// snapshot, and the port's cluster.
+/// snapshot (built after `previous`), and the port's cluster.
 fn backend_on_net1(
     net: [u8; 2],
     workloads: &[Arc<meshnode::state::Workload>],
     endpoints: &[&str],
+    previous: Option<&Snapshot>,
 ) -> (Snapshot, Arc<meshnode::waypoint::snapshot::Cluster>) {
     let services = vec![service("backend", ip(net, 100), &[(80, 8080)])];
     let wp = waypoint_resource(
@@ -1613,9 +1624,7 @@ fn backend_on_net1(
         )],
         &[],
     );
-    let snap = Snapshot::build(workloads, &services, Some(&wp), None)
-        .unwrap()
-        .for_network("net1");
+    let snap = Snapshot::build(workloads, &services, Some(&wp), "net1", previous).unwrap();
     let cluster = snap.cluster("backend-80").unwrap().clone();
     (snap, cluster)
 }
@@ -1644,8 +1653,17 @@ fn the_waypoint_reaches_an_endpoint_on_another_network_only_through_its_gateway(
             &[],
         ),
         on_network("lost", "backend", ip(net, 40), "net3", None, &serves),
+        // Behind a gateway address that no workload holds.
+        on_network(
+            "stray",
+            "backend",
+            ip(net, 50),
+            "net4",
+            Some(ip(net, 60)),
+            &serves,
+        ),
     ];
-    let (snap, cluster) = backend_on_net1(net, &workloads, &["near", "far", "lost"]);
+    let (snap, cluster) = backend_on_net1(net, &workloads, &["near", "far", "lost", "stray"], None);
     let like = ip(net, 100);
     let near = snap.endpoint(&cluster, &uid("near"), like).unwrap();
     assert!(near.crossing.is_none(), "same network: dialled directly");
@@ -1659,7 +1677,7 @@ fn the_waypoint_reaches_an_endpoint_on_another_network_only_through_its_gateway(
     let again = snap.endpoint(&cluster, &uid("far"), like).unwrap();
     assert!(Arc::ptr_eq(crossing, again.crossing.as_ref().unwrap()));
     assert_eq!(
-        crossing.gateway_ids,
+        *crossing.gateway_ids,
         [id(
             "spiffe://cluster.local/ns/default/sa/istio-eastwestgateway"
         )]
@@ -1673,14 +1691,38 @@ fn the_waypoint_reaches_an_endpoint_on_another_network_only_through_its_gateway(
         crossing.inner_ids,
         [id("spiffe://cluster.local/ns/default/sa/far")]
     );
+    let why = |name: &str| {
+        cluster
+            .crossing(snap.workload(&uid(name)).unwrap())
+            .expect("worked out for an endpoint on another network")
+            .unwrap_err()
+    };
     // No gateway on its network: no endpoint at all, never dialled.
     assert!(snap.endpoint(&cluster, &uid("lost"), like).is_none());
+    assert_eq!(
+        *why("lost"),
+        Unreachable::NoGateway {
+            network: "net3".into()
+        }
+    );
+    // A gateway at an address no workload holds: no identity to expect of it, so no endpoint either.
+    assert!(snap.endpoint(&cluster, &uid("stray"), like).is_none());
+    assert_eq!(
+        *why("stray"),
+        Unreachable::UnknownGateway {
+            gateway: GatewayAddress {
+                destination: GatewayDestination::Address {
+                    network: "net4".into(),
+                    ip: ip(net, 60),
+                },
+                hbone_mtls_port: 15008,
+            }
+        }
+    );
 }
 
 #[test]
 fn an_endpoint_whose_network_gateway_is_named_by_hostname_is_refused_by_name() {
-    use meshnode::state::{GatewayAddress, GatewayDestination};
-    use meshnode::waypoint::snapshot::Unreachable;
     let net = [10, 78];
     let key = format!("default/{}", hostname("backend"));
     let serves = [(key.as_str(), 80, 8080)];
@@ -1697,7 +1739,7 @@ fn an_endpoint_whose_network_gateway_is_named_by_hostname_is_refused_by_name() {
         on_network("near", "backend", ip(net, 3), "net1", None, &serves),
         Arc::new(far),
     ];
-    let (snap, cluster) = backend_on_net1(net, &workloads, &["near", "far"]);
+    let (snap, cluster) = backend_on_net1(net, &workloads, &["near", "far"], None);
     let like = ip(net, 100);
     // The waypoint does not resolve a gateway hostname: the far endpoint is no endpoint, and why is named.
     assert!(snap.endpoint(&cluster, &uid("far"), like).is_none());
@@ -1715,4 +1757,74 @@ fn an_endpoint_whose_network_gateway_is_named_by_hostname_is_refused_by_name() {
     // The endpoint on the waypoint's own network is untouched.
     let near = snap.endpoint(&cluster, &uid("near"), like).unwrap();
     assert!(near.crossing.is_none());
+}
+
+/// Log text written on this thread while `f` runs, `DEBUG` and up.
+fn logged<T>(f: impl FnOnce() -> T) -> (T, String) {
+    #[derive(Clone, Default)]
+    struct Buf(Arc<std::sync::Mutex<Vec<u8>>>);
+    impl std::io::Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let buf = Buf::default();
+    let writer = buf.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::DEBUG)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let out = tracing::subscriber::with_default(subscriber, f);
+    let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+    (out, text)
+}
+
+#[test]
+fn unreachable_endpoints_on_another_network_are_warned_about_when_new_not_on_every_push() {
+    let net = [10, 79];
+    let key = format!("default/{}", hostname("backend"));
+    let serves = [(key.as_str(), 80, 8080)];
+    let mut workloads = vec![
+        on_network("near", "backend", ip(net, 3), "net1", None, &serves),
+        on_network("lost", "backend", ip(net, 40), "net3", None, &serves),
+    ];
+    let endpoints = ["near", "lost", "stray"];
+    let warnings = |log: &str| -> Vec<String> {
+        log.lines()
+            .filter(|l| l.contains("WARN") && l.contains("unreachable"))
+            .map(str::to_string)
+            .collect()
+    };
+    let ((first, _), log) = logged(|| backend_on_net1(net, &workloads, &endpoints, None));
+    let warned = warnings(&log);
+    assert_eq!(warned.len(), 1, "{log}");
+    assert!(warned[0].contains("network=net3"), "{log}");
+
+    // The next push, nothing changed: said again at debug only.
+    let ((second, _), log) = logged(|| backend_on_net1(net, &workloads, &endpoints, Some(&first)));
+    assert!(warnings(&log).is_empty(), "{log}");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("DEBUG") && l.contains("still unreachable")),
+        "{log}"
+    );
+
+    // Another network becomes unreachable: that one is new, and warned about alone.
+    workloads.push(on_network(
+        "stray",
+        "backend",
+        ip(net, 50),
+        "net4",
+        Some(ip(net, 60)),
+        &serves,
+    ));
+    let (_, log) = logged(|| backend_on_net1(net, &workloads, &endpoints, Some(&second)));
+    let warned = warnings(&log);
+    assert_eq!(warned.len(), 1, "{log}");
+    assert!(warned[0].contains("network=net4"), "{log}");
 }

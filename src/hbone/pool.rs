@@ -76,8 +76,8 @@ pub enum Error {
 pub struct PoolKey {
     /// The identity we present.
     pub src: Identity,
-    /// Identities the peer may present.
-    pub dst_ids: Vec<Identity>,
+    /// Identities the peer may present (shared: a key is built per connect, and kept per connection).
+    pub dst_ids: Arc<[Identity]>,
     /// The peer's address (e.g. `10.0.0.2:15008`).
     pub dst: SocketAddr,
 }
@@ -267,7 +267,7 @@ impl Pool {
         )
         .await
         .map_err(|source| Error::Connect { dst, source })?;
-        let connector = tokio_rustls::TlsConnector::from(tls.client_config(key.dst_ids.clone()));
+        let connector = tokio_rustls::TlsConnector::from(tls.client_config(key.dst_ids.to_vec()));
         let tls_stream = tokio::time::timeout(
             self.0.connect_timeout,
             connector.connect(dummy_server_name(), tcp),

@@ -450,8 +450,8 @@ impl Proxy {
         let outer = self.open_tunnel(src, peer, outer).await?;
         let tls = self.tls_for(&src.identity).await?.current();
         let mut req = connect_request(src, peer, &hop.authority, hop.authority.service())?;
+        crate::hbone::double::forward_network(&mut req, self.forwarded_network.as_ref());
         let cfg = self.cfg();
-        crate::hbone::double::forward_network(&mut req, &cfg.network);
         Ok(crate::hbone::double::connect(
             outer,
             hop.gateway.addr,
@@ -474,7 +474,7 @@ impl Proxy {
         let tls = self.tls_for(&src.identity).await?.current();
         let key = PoolKey {
             src: src.identity.clone(),
-            dst_ids: tunnel.expected.to_vec(),
+            dst_ids: Arc::from(tunnel.expected),
             dst: tunnel.dst,
         };
         let req = connect_request(src, peer, tunnel.authority, tunnel.service)?;
@@ -613,18 +613,17 @@ fn through_gateway(
     dst: SocketAddr,
     inner_expected: Vec<Identity>,
 ) -> Result<Route, Error> {
-    let network = target.workload.network.to_string();
     let Some(gw) = target.workload.network_gateway.as_deref() else {
         return Err(Error::NoNetworkGateway {
             workload: target.workload.uid.to_string(),
-            network,
+            network: target.workload.network.to_string(),
         });
     };
     let gateway =
         state
             .resolve_gateway_address(gw, dst)
             .map_err(|reason| Error::NetworkGateway {
-                network,
+                network: target.workload.network.to_string(),
                 gateway: gw.clone(),
                 reason,
             })?;

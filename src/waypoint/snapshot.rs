@@ -7,10 +7,11 @@
 //! a service port, a cluster's endpoints, an endpoint's address and identity, the client's workload — with
 //! the decision engines ([`Authorizer`], [`RouteTable`], [`Endpoints`]) compiled once per snapshot.
 //!
-//! An endpoint on another network than the waypoint's ([`Snapshot::for_network`]) is reached only through
-//! its network's east-west gateway ([`Crossing`]: double HBONE, as the node proxy does it), worked out
-//! once per cluster and network when the snapshot is built; one whose network has no gateway, or one
-//! the snapshot cannot resolve (named by hostname, unknown: [`Unreachable`]), is no endpoint at all.
+//! An endpoint on another network than the waypoint's (the `network` the snapshot is built for) is reached
+//! only through its network's east-west gateway ([`Crossing`]: double HBONE, as the node proxy does it),
+//! worked out once per cluster and network when the snapshot is built; one whose network has no gateway,
+//! or one the snapshot cannot resolve (named by hostname, unknown: [`Unreachable`]), is no endpoint at
+//! all. That is logged as a warning when it is new since the previous snapshot, not on every push.
 //!
 //! A cluster whose definition did not change keeps its [`Endpoints`] (and so its load-balancing position,
 //! request budget and outlier state) from the previous snapshot. Building fails, naming the part, when an
@@ -113,7 +114,6 @@ impl BoundService {
 }
 
 /// A cluster: endpoints of one service port (or subset) and their policy.
-#[derive(Clone)]
 pub struct Cluster {
     /// Its name.
     pub name: String,
@@ -126,7 +126,7 @@ pub struct Cluster {
     /// `namespace/hostname` of `service`: the key workloads' port maps use.
     service_key: Option<String>,
     /// How its endpoints on other networks are reached, one entry per (network, gateway) they name;
-    /// worked out once per snapshot ([`Snapshot::for_network`]), so a request only clones an `Arc`.
+    /// worked out once per snapshot ([`Snapshot::build`]), so a request only clones an `Arc`.
     remote: Vec<Remote>,
     proto: pb::Cluster,
 }
@@ -145,7 +145,6 @@ impl Cluster {
 }
 
 /// A cluster's way to its endpoints on one other network, as they name their gateway.
-#[derive(Clone)]
 struct Remote {
     network: SharedStr,
     via: Option<GatewayAddress>,
@@ -153,7 +152,7 @@ struct Remote {
 }
 
 /// Why a cluster's endpoints on another network cannot be reached: they are then no endpoints at all.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum Unreachable {
     /// Their network has no east-west gateway: never dialled directly.
@@ -226,8 +225,9 @@ pub struct Endpoint {
 pub struct Crossing {
     /// The gateway's HBONE address.
     pub gateway: SocketAddr,
-    /// The identities the gateway may present (the outer tunnel's check).
-    pub gateway_ids: Vec<Identity>,
+    /// The identities the gateway may present (the outer tunnel's check); shared, as the pool key of
+    /// every connect through the gateway holds them.
+    pub gateway_ids: Arc<[Identity]>,
     /// Both tunnels' `:authority`: the service hostname and port.
     pub authority: http::Uri,
     /// Who may end the inner tunnel: the service's alt names, else its endpoints' identities on that
@@ -251,9 +251,30 @@ pub struct Snapshot {
     xfcc_include_client_identity: bool,
     /// The waypoint's own network.
     network: String,
-    /// East-west gateway workloads, by the address workloads name them with (their network compared
-    /// on lookup).
-    gateways: HashMap<IpAddr, Vec<Arc<Workload>>>,
+}
+
+/// East-west gateway workloads, by the address workloads name them with (their network compared on
+/// lookup): an index of the build only.
+type Gateways<'w> = HashMap<IpAddr, Vec<&'w Workload>>;
+
+/// The [`Gateways`] among `workloads`: those at an address some workload names as its gateway.
+fn gateways(workloads: &[Arc<Workload>]) -> Gateways<'_> {
+    let named: HashSet<IpAddr> = workloads
+        .iter()
+        .filter_map(
+            |w| match w.network_gateway.as_deref().map(|g| &g.destination) {
+                Some(GatewayDestination::Address { ip, .. }) => Some(*ip),
+                _ => None,
+            },
+        )
+        .collect();
+    let mut gateways = Gateways::new();
+    for w in workloads {
+        for ip in w.ips.iter().filter(|ip| named.contains(ip)) {
+            gateways.entry(*ip).or_default().push(&**w);
+        }
+    }
+    gateways
 }
 
 /// Validates one `Waypoint` resource: every engine accepts its part.
@@ -318,14 +339,20 @@ fn compile_service(svc: &pb::Service) -> Result<(Authorizer, HashMap<u16, BoundP
 }
 
 impl Snapshot {
-    /// Builds a snapshot. `previous` lends the runtime state of clusters that did not change.
+    /// Builds a snapshot as seen from `network` (the waypoint's `NETWORK`): endpoints elsewhere are
+    /// reached through their network's gateway. `previous` lends the runtime state of clusters that did
+    /// not change, and tells which unreachable endpoints were already reported.
     pub fn build(
         workloads: &[Arc<Workload>],
         services: &[Arc<Service>],
         waypoint: Option<&pb::Waypoint>,
+        network: &str,
         previous: Option<&Snapshot>,
     ) -> Result<Snapshot, Error> {
-        let mut snap = Snapshot::default();
+        let mut snap = Snapshot {
+            network: network.to_string(),
+            ..Snapshot::default()
+        };
         for w in workloads {
             snap.workloads.insert(w.uid.clone(), w.clone());
             for ip in &w.ips {
@@ -353,6 +380,7 @@ impl Snapshot {
         );
         snap.bound_workloads = wp.workloads.iter().cloned().collect();
         snap.xfcc_include_client_identity = wp.xfcc_include_client_identity;
+        let gateways = gateways(workloads);
         for svc in &wp.services {
             let (authz, ports) = compile_service(svc)?;
             let address = by_key
@@ -370,23 +398,22 @@ impl Snapshot {
                     .get(&format!("{}/{}", svc.namespace, c.service_hostname))
                     .or_else(|| by_key.values().find(|s| s.hostname == c.service_hostname))
                     .map(|s| (*s).clone());
-                let endpoints = previous
-                    .and_then(|p| p.clusters.get(&c.name))
+                let old = previous.and_then(|p| p.clusters.get(&c.name));
+                let endpoints = old
                     .filter(|old| old.proto == *c)
                     .map(|old| old.endpoints.clone())
                     .unwrap_or_else(|| Arc::new(Endpoints::new(c)));
-                snap.clusters.insert(
-                    c.name.clone(),
-                    Arc::new(Cluster {
-                        name: c.name.clone(),
-                        port: u16::try_from(c.port).unwrap_or(0),
-                        service_key: service.as_ref().map(|s| s.key()),
-                        service,
-                        endpoints,
-                        remote: Vec::new(),
-                        proto: c.clone(),
-                    }),
-                );
+                let mut cluster = Cluster {
+                    name: c.name.clone(),
+                    port: u16::try_from(c.port).unwrap_or(0),
+                    service_key: service.as_ref().map(|s| s.key()),
+                    service,
+                    endpoints,
+                    remote: Vec::new(),
+                    proto: c.clone(),
+                };
+                cluster.remote = snap.remote(&cluster, &gateways, old.map(|o| &**o));
+                snap.clusters.insert(c.name.clone(), Arc::new(cluster));
             }
             snap.services.push(BoundService {
                 hostname: svc.hostname.clone(),
@@ -449,44 +476,15 @@ impl Snapshot {
         })
     }
 
-    /// The snapshot as seen from `network` (the waypoint's `NETWORK`): endpoints elsewhere are reached
-    /// through their network's gateway.
-    pub fn for_network(mut self, network: &str) -> Snapshot {
-        self.network = network.to_string();
-        // The addresses gateways are named by, then one pass for the workloads there.
-        let named: HashSet<IpAddr> = self
-            .workloads
-            .values()
-            .filter_map(
-                |w| match w.network_gateway.as_deref().map(|g| &g.destination) {
-                    Some(GatewayDestination::Address { ip, .. }) => Some(*ip),
-                    _ => None,
-                },
-            )
-            .collect();
-        let mut gateways: HashMap<IpAddr, Vec<Arc<Workload>>> = HashMap::new();
-        for w in self.workloads.values() {
-            for ip in w.ips.iter().filter(|ip| named.contains(ip)) {
-                gateways.entry(*ip).or_default().push(w.clone());
-            }
-        }
-        self.gateways = gateways;
-        let clusters = std::mem::take(&mut self.clusters);
-        self.clusters = clusters
-            .into_iter()
-            .map(|(name, cluster)| {
-                // Built by `build` just before, so held by nothing else: no copy.
-                let mut cluster = Arc::try_unwrap(cluster).unwrap_or_else(|c| (*c).clone());
-                cluster.remote = self.remote(&cluster);
-                (name, Arc::new(cluster))
-            })
-            .collect();
-        self
-    }
-
     /// How `cluster` reaches its endpoints on other networks: one [`Remote`] per (network, gateway)
-    /// they name. Those that cannot be reached are logged once here, not per request.
-    fn remote(&self, cluster: &Cluster) -> Vec<Remote> {
+    /// they name. Those that cannot be reached are logged here, not per request: a warning when they
+    /// were not so in `previous` (the cluster of that name in the previous snapshot), else at debug.
+    fn remote(
+        &self,
+        cluster: &Cluster,
+        gateways: &Gateways<'_>,
+        previous: Option<&Cluster>,
+    ) -> Vec<Remote> {
         let mut remote: Vec<Remote> = Vec::new();
         for w in cluster
             .endpoints
@@ -501,12 +499,22 @@ impl Snapshot {
             {
                 continue;
             }
-            let crossing = self.crossing(cluster, w).map(Arc::new);
+            let crossing = self.crossing(cluster, w, gateways).map(Arc::new);
             if let Err(e) = &crossing {
-                tracing::warn!(
-                    cluster = %cluster.name, network = %w.network, error = %e,
-                    "endpoints on another network are unreachable; not load-balanced to"
-                );
+                let reported = previous
+                    .and_then(|p| p.crossing(w))
+                    .is_some_and(|before| before.err() == Some(e));
+                if reported {
+                    tracing::debug!(
+                        cluster = %cluster.name, network = %w.network, error = %e,
+                        "endpoints on another network are still unreachable; not load-balanced to"
+                    );
+                } else {
+                    tracing::warn!(
+                        cluster = %cluster.name, network = %w.network, error = %e,
+                        "endpoints on another network are unreachable; not load-balanced to"
+                    );
+                }
             }
             remote.push(Remote {
                 network: w.network.clone(),
@@ -581,7 +589,12 @@ impl Snapshot {
     }
 
     /// How to reach `workload`, on another network, as an endpoint of `cluster`, or why it cannot be.
-    fn crossing(&self, cluster: &Cluster, workload: &Workload) -> Result<Crossing, Unreachable> {
+    fn crossing(
+        &self,
+        cluster: &Cluster,
+        workload: &Workload,
+        gateways: &Gateways<'_>,
+    ) -> Result<Crossing, Unreachable> {
         let gw = workload
             .network_gateway
             .as_deref()
@@ -593,8 +606,7 @@ impl Snapshot {
                 gateway: gw.clone(),
             });
         };
-        let gateway = self
-            .gateways
+        let gateway = gateways
             .get(ip)
             .and_then(|gws| gws.iter().find(|g| g.network == network.as_str()))
             .ok_or_else(|| Unreachable::UnknownGateway {
@@ -612,7 +624,7 @@ impl Snapshot {
         );
         Ok(Crossing {
             gateway: SocketAddr::new(*ip, gw.hbone_mtls_port),
-            gateway_ids: vec![gateway.identity.clone()],
+            gateway_ids: Arc::new([gateway.identity.clone()]),
             authority: http::Uri::try_from(authority.as_str())
                 .map_err(|_| Unreachable::BadAuthority { authority })?,
             inner_ids,

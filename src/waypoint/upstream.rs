@@ -189,7 +189,8 @@ struct Inner {
     keepalive: Keepalive,
     defaults: ConnSettings,
     h2: H2Config,
-    network: String,
+    /// `x-forwarded-network` naming the waypoint's network, built once.
+    forwarded_network: Option<http::HeaderValue>,
     h1_idle: Mutex<HashMap<Key, Vec<Idle>>>,
     h2_conns: Mutex<HashMap<Key, Shared>>,
     /// One HTTP/2 dial per endpoint at a time: concurrent first requests share the connection.
@@ -239,7 +240,7 @@ impl Upstreams {
                 max_requests_per_connection: None,
             },
             h2: s.h2,
-            network: s.network,
+            forwarded_network: crate::hbone::double::network_header(&s.network),
             h1_idle: Mutex::default(),
             h2_conns: Mutex::default(),
             h2_dialing: Mutex::default(),
@@ -291,7 +292,7 @@ impl Upstreams {
             Protocol::HBONE => {
                 let key = PoolKey {
                     src: self.0.identity.clone(),
-                    dst_ids: vec![ep.workload.identity.clone()],
+                    dst_ids: Arc::new([ep.workload.identity.clone()]),
                     dst: SocketAddr::new(addr.ip(), HBONE_PORT),
                 };
                 let req = Request::builder()
@@ -347,7 +348,7 @@ impl Upstreams {
         let tls = self.0.tls.current();
         let outer = self.0.hbone.connect(&key, &tls, request()).await?;
         let mut inner = request();
-        crate::hbone::double::forward_network(&mut inner, &self.0.network);
+        crate::hbone::double::forward_network(&mut inner, self.0.forwarded_network.as_ref());
         let stream = crate::hbone::double::connect(
             outer,
             crossing.gateway,

@@ -10,6 +10,7 @@ pub mod dedicated;
 pub mod fake_kube;
 pub mod l7;
 pub mod labelled;
+pub mod mesh_yaml;
 pub mod netns;
 pub mod waypoint;
 
