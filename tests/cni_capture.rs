@@ -22,6 +22,22 @@ pods:
 - {name: outsider, namespace: test, serviceAccount: outsider}
 ";
 
+/// `client` and `server` added through the chain and known to the proxy (only the client may call the
+/// server), with an app on the server's :8080, the returned address.
+fn client_and_server(node: &Node) -> (support::cluster::Pod, support::cluster::Pod, SocketAddr) {
+    let mut client = node.pod("default", "client");
+    let mut server = node.pod("default", "server");
+    for p in [&mut client, &mut server] {
+        node.add(p)
+            .unwrap_or_else(|e| panic!("ADD {}: {e}\n{}", p.name, node.logs()));
+    }
+    node.set_local_config(&workloads(&[&client, &server]));
+    settle();
+    serve_app(&server, 8080);
+    let dst = SocketAddr::new(server.ip.unwrap(), 8080);
+    (client, server, dst)
+}
+
 #[test]
 fn enrolled_pods_talk_through_hbone_listed_on_the_admin_port_and_a_pod_labelled_none_stays_out() {
     if !support::root_or_skip(
@@ -231,16 +247,7 @@ fn a_reinstall_that_fails_part_way_leaves_a_captured_pod_with_its_rules() {
         return;
     }
     let mut node = Node::start(AGENT_YAML, "workloads: []\n");
-    let mut client = node.pod("default", "client");
-    let mut server = node.pod("default", "server");
-    for p in [&mut client, &mut server] {
-        node.add(p)
-            .unwrap_or_else(|e| panic!("ADD {}: {e}\n{}", p.name, node.logs()));
-    }
-    node.set_local_config(&workloads(&[&client, &server]));
-    settle();
-    serve_app(&server, 8080);
-    let dst = SocketAddr::new(server.ip.unwrap(), 8080);
+    let (client, _server, dst) = client_and_server(&node);
     assert!(call(&client, dst).unwrap().starts_with("app saw"));
 
     // The pod's loopback is renamed: the nftables part of a re-install still works, the route part (a
@@ -469,16 +476,7 @@ fn restarting_the_agent_and_the_proxy_keeps_pods_captured() {
         return;
     }
     let mut node = Node::start(AGENT_YAML, "workloads: []\n");
-    let mut client = node.pod("default", "client");
-    let mut server = node.pod("default", "server");
-    for p in [&mut client, &mut server] {
-        node.add(p)
-            .unwrap_or_else(|e| panic!("ADD {}: {e}\n{}", p.name, node.logs()));
-    }
-    node.set_local_config(&workloads(&[&client, &server]));
-    settle();
-    serve_app(&server, 8080);
-    let dst = SocketAddr::new(server.ip.unwrap(), 8080);
+    let (client, _server, dst) = client_and_server(&node);
     assert!(call(&client, dst).unwrap().starts_with("app saw"));
 
     // The agent crashes and comes back: pods stay served meanwhile, and afterwards.
@@ -659,16 +657,7 @@ fn a_vm_behind_a_listed_virtual_interface_reaches_the_mesh_as_its_pod() {
         return;
     }
     let node = Node::start(AGENT_YAML, "workloads: []\n");
-    let mut client = node.pod("default", "client");
-    let mut server = node.pod("default", "server");
-    for p in [&mut client, &mut server] {
-        node.add(p)
-            .unwrap_or_else(|e| panic!("ADD {}: {e}\n{}", p.name, node.logs()));
-    }
-    node.set_local_config(&workloads(&[&client, &server]));
-    settle();
-    serve_app(&server, 8080);
-    let dst = SocketAddr::new(server.ip.unwrap(), 8080);
+    let (client, _server, dst) = client_and_server(&node);
 
     // A VM inside the client pod (KubeVirt's layout: its NIC bridged to an interface of the pod's netns),
     // sending through the pod.
@@ -693,16 +682,7 @@ fn a_vm_behind_a_listed_virtual_interface_reaches_the_mesh_as_its_pod() {
 
     // The VM's call is the pod's outbound: through HBONE with the pod's identity, which the server's
     // policy (only the client's identity) admits.
-    let reply = vm
-        .run(move || {
-            use std::io::{Read, Write};
-            let mut s = std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(5))?;
-            s.set_read_timeout(Some(Duration::from_secs(10)))?;
-            s.write_all(b"hello\n")?;
-            let mut reply = String::new();
-            s.read_to_string(&mut reply)?;
-            Ok::<_, std::io::Error>(reply)
-        })
+    let reply = support::cluster::call_from(&vm, dst)
         .unwrap_or_else(|e| panic!("VM call: {e}\n{}", node.logs()));
     assert!(reply.starts_with("app saw "), "{reply}\n{}", node.logs());
     let metrics = node.http_get(15020, "/metrics").unwrap_or_default();

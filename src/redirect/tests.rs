@@ -731,11 +731,11 @@ fn dial(to: std::net::SocketAddr, mark: Option<u32>) -> std::net::TcpStream {
     sock.into()
 }
 
-#[test]
-fn captured_traffic_lands_on_the_proxy_ports_with_its_original_destination() {
-    needs_root!("captured_traffic_lands_on_the_proxy_ports_with_its_original_destination");
-    let pod = NamedNetns::new("pod");
-    let client = NamedNetns::new("cli");
+/// A pod and a client namespace (tags `pod_tag`, `client_tag`) joined by a veth (`vpod` in the pod, `vcli`
+/// in the client), the pod at `<prefix>.2/24` and the client at `<prefix>.1/24`.
+fn pod_and_client(pod_tag: &str, client_tag: &str, prefix: &str) -> (NamedNetns, NamedNetns) {
+    let pod = NamedNetns::new(pod_tag);
+    let client = NamedNetns::new(client_tag);
     pod.ip(&[
         "link",
         "add",
@@ -748,10 +748,17 @@ fn captured_traffic_lands_on_the_proxy_ports_with_its_original_destination() {
         "netns",
         &client.name,
     ]);
-    pod.ip(&["addr", "add", "10.250.0.2/24", "dev", "vpod"]);
+    pod.ip(&["addr", "add", &format!("{prefix}.2/24"), "dev", "vpod"]);
     pod.ip(&["link", "set", "vpod", "up"]);
-    client.ip(&["addr", "add", "10.250.0.1/24", "dev", "vcli"]);
+    client.ip(&["addr", "add", &format!("{prefix}.1/24"), "dev", "vcli"]);
     client.ip(&["link", "set", "vcli", "up"]);
+    (pod, client)
+}
+
+#[test]
+fn captured_traffic_lands_on_the_proxy_ports_with_its_original_destination() {
+    needs_root!("captured_traffic_lands_on_the_proxy_ports_with_its_original_destination");
+    let (pod, client) = pod_and_client("pod", "cli", "10.250.0");
 
     let s = RuleSettings::default();
     let (outbound, plaintext, hbone) = pod.run(|| {
@@ -805,25 +812,8 @@ fn tcp_from_a_listed_virtual_interface_is_captured_as_the_pods_outbound() {
     needs_root!("tcp_from_a_listed_virtual_interface_is_captured_as_the_pods_outbound");
     // A pod with its own network (vpod, from the client's side) and a VM inside it (KubeVirt's tap,
     // here a veth `vm0` to a "vm" namespace) whose traffic leaves through the pod.
-    let pod = NamedNetns::new("vpod");
-    let client = NamedNetns::new("vcli");
+    let (pod, client) = pod_and_client("vpod", "vcli", "10.252.0");
     let vm = NamedNetns::new("vvm");
-    pod.ip(&[
-        "link",
-        "add",
-        "vpod",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "vcli",
-        "netns",
-        &client.name,
-    ]);
-    pod.ip(&["addr", "add", "10.252.0.2/24", "dev", "vpod"]);
-    pod.ip(&["link", "set", "vpod", "up"]);
-    client.ip(&["addr", "add", "10.252.0.1/24", "dev", "vcli"]);
-    client.ip(&["link", "set", "vcli", "up"]);
     pod.ip(&[
         "link", "add", "vm0", "type", "veth", "peer", "name", "vmnic", "netns", &vm.name,
     ]);

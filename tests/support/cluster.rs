@@ -394,7 +394,12 @@ pub fn serve_app(pod: &Pod, port: u16) {
 
 /// Connects from inside `pod` to `dst`, says hello, returns the answer (or the error).
 pub fn call(pod: &Pod, dst: SocketAddr) -> std::io::Result<String> {
-    pod.netns.run(move || {
+    call_from(&pod.netns, dst)
+}
+
+/// [`call`] from any namespace (e.g. a VM's behind a pod).
+pub fn call_from(ns: &Netns, dst: SocketAddr) -> std::io::Result<String> {
+    ns.run(move || {
         let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(5))?;
         s.set_read_timeout(Some(Duration::from_secs(10)))?;
         s.write_all(b"hello\n")?;
