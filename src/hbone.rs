@@ -10,6 +10,8 @@
 //! - [`tunnel`]: one CONNECT stream read and written as bytes (`AsyncRead` + `AsyncWrite`), for a protocol
 //!   run inside it (a waypoint's HTTP, double HBONE's inner TLS).
 //! - [`double`]: double HBONE, an HBONE tunnel inside another, through a network's east-west gateway.
+//! - [`resume`]: resumable streams (meshnode peers only): the framing, acknowledgements and resend that let
+//!   a stream's end move to another process (upgrades; not wired into the copy yet).
 //!
 //! Memory a peer that stops reading can make us hold, per stream: towards the peer, at most
 //! `min(peer's window, send buffer)` inside h2 (`SERVER_MAX_SEND_BUFFER`, 400 KiB, on the server; one
@@ -22,6 +24,7 @@ pub mod copy;
 pub mod double;
 pub mod listener;
 pub mod pool;
+pub mod resume;
 pub mod server;
 pub mod tunnel;
 

@@ -1,0 +1,342 @@
+//! Resumable HBONE streams (issue 17): what lets one end of a CONNECT stream move to another process
+//! without the application on either side seeing a byte lost, duplicated or reset.
+//!
+//! Input: the bytes an application writes (to send), the frames the peer sends, the `x-meshnode-resume`
+//! header on a CONNECT and its answer. Output: frames to send, the bytes to deliver, acknowledgements, and
+//! on a resume the bytes to send again.
+//!
+//! - **Agreement.** A meshnode client offers a [`Token`] at CONNECT in [`RESUME_HEADER`]; a meshnode server
+//!   that takes the offer echoes it in its `200`. Only then is the stream's payload framed. ztunnel ignores
+//!   the header and does not echo it, so a stream with a ztunnel peer stays plain bytes, as today.
+//! - **Frames** ([`Frame`], [`decode`], [`put_data`], [`put_ack`], [`put_moving`]): `DATA` carries 1 to
+//!   [`MAX_DATA`] bytes; `ACK` the number of bytes taken off the stream so far; `MOVING` says the sender is
+//!   leaving (with its own count, a last `ACK`), so the peer expects a re-dial.
+//! - **Sending** ([`SendLog`]): each side keeps what it sent until the peer acknowledges it, at most a
+//!   window of bytes (the copy stops reading its application when the window is full). **Receiving**
+//!   ([`RecvCount`]): counts bytes and says when to acknowledge (every quarter window).
+//! - **Resume.** The HBONE client always re-dials, with the token and the count it received
+//!   (`<token>;at=<n>`); the server answers with its own count. Each side then sends again from the other's
+//!   count ([`SendLog::resume`]). A count below what was already acknowledged, or above what was sent, is
+//!   refused ([`ResumeError`]): the stream then ends as a plain one would.
+//!
+//! "Received" means taken off the stream, not written to the application: bytes in between travel with the
+//! application socket when a process hands its connections over (`upgrade::handover`'s buffered bytes).
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+/// The header carrying the offer, its echo and a resume (a name ztunnel does not know, so ignores).
+pub const RESUME_HEADER: &str = "x-meshnode-resume";
+/// Most bytes one `DATA` frame carries: the copy loop's largest read.
+pub const MAX_DATA: usize = 256 * 1024;
+/// Bytes a side keeps for a possible resend by default: enough for full speed on a node's loopback and
+/// a data centre's round trips, bounded per stream (the copy stops reading its app when it is full).
+pub const DEFAULT_WINDOW: usize = 1024 * 1024;
+
+const DATA: u8 = 0;
+const ACK: u8 = 1;
+const MOVING: u8 = 2;
+/// Type byte and length of a `DATA` frame; type byte and count of the others.
+const DATA_HEAD: usize = 1 + 4;
+const COUNT_FRAME: usize = 1 + 8;
+
+/// What went wrong with a resumable stream; each ends the stream (as a plain stream would end).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ResumeError {
+    /// A frame type this version does not know.
+    #[error("unknown resumable-stream frame type {0}")]
+    UnknownFrame(u8),
+    /// A `DATA` frame with no bytes or more than [`MAX_DATA`].
+    #[error("resumable-stream DATA frame of {0} bytes (1 to {MAX_DATA} allowed)")]
+    DataLength(usize),
+    /// The peer acknowledged bytes that were never sent.
+    #[error("peer acknowledged {acked} bytes but only {sent} were sent")]
+    AckBeyondSent {
+        /// What the peer claimed.
+        acked: u64,
+        /// What was sent.
+        sent: u64,
+    },
+    /// The peer's count went back below what it had acknowledged: the bytes in between are gone here.
+    #[error("peer's count went back to {now} after acknowledging {before}")]
+    AckWentBack {
+        /// What the peer had acknowledged.
+        before: u64,
+        /// What it claims now.
+        now: u64,
+    },
+    /// More bytes recorded than the window has room for (the caller must check [`SendLog::room`]).
+    #[error("{len} bytes do not fit the {room} bytes left of the resend window")]
+    WindowFull {
+        /// Bytes offered.
+        len: usize,
+        /// Room left.
+        room: usize,
+    },
+    /// An `x-meshnode-resume` value that is not `<32 hex digits>` or `<32 hex digits>;at=<count>`.
+    #[error("malformed {RESUME_HEADER} value")]
+    BadHeader,
+}
+
+/// A stream's name across processes: 128 random bits, chosen by the client at CONNECT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Token([u8; 16]);
+
+impl Token {
+    /// A fresh random token.
+    pub fn random() -> Token {
+        Token(rand::random())
+    }
+}
+
+impl std::fmt::Display for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
+    }
+}
+
+/// An `x-meshnode-resume` value: the token alone (offer, echo), or with the sender's received count
+/// (resume and its answer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResumeHeader {
+    /// The stream.
+    pub token: Token,
+    /// On a resume: the bytes the sender of the header has taken off the stream.
+    pub at: Option<u64>,
+}
+
+impl ResumeHeader {
+    /// Parses a header value.
+    pub fn parse(value: &[u8]) -> Result<ResumeHeader, ResumeError> {
+        let text = std::str::from_utf8(value).map_err(|_| ResumeError::BadHeader)?;
+        let (token, at) = match text.split_once(';') {
+            None => (text, None),
+            Some((token, rest)) => {
+                let count = rest.strip_prefix("at=").ok_or(ResumeError::BadHeader)?;
+                if count.is_empty() || !count.bytes().all(|b| b.is_ascii_digit()) {
+                    return Err(ResumeError::BadHeader);
+                }
+                (
+                    token,
+                    Some(count.parse().map_err(|_| ResumeError::BadHeader)?),
+                )
+            }
+        };
+        if token.len() != 32 || !token.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(ResumeError::BadHeader);
+        }
+        let mut bytes = [0u8; 16];
+        for (i, b) in bytes.iter_mut().enumerate() {
+            *b = u8::from_str_radix(&token[2 * i..2 * i + 2], 16)
+                .map_err(|_| ResumeError::BadHeader)?;
+        }
+        Ok(ResumeHeader {
+            token: Token(bytes),
+            at,
+        })
+    }
+
+    /// The header value.
+    pub fn to_value(self) -> http::HeaderValue {
+        let text = match self.at {
+            None => self.token.to_string(),
+            Some(at) => format!("{};at={at}", self.token),
+        };
+        http::HeaderValue::try_from(text)
+            .expect("hex digits, a semicolon and decimal digits are a valid value")
+    }
+}
+
+/// One frame of a resumable stream's payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    /// Application bytes, the next after everything sent before.
+    Data(Bytes),
+    /// The sender has taken this many bytes off the stream in all.
+    Ack(u64),
+    /// The sender is leaving; its count so far. The stream resumes when the client re-dials.
+    Moving(u64),
+}
+
+/// Takes the next whole frame off the front of `src`; `None` until one has arrived. The `DATA` bytes are
+/// split off `src` without a copy.
+pub fn decode(src: &mut BytesMut) -> Result<Option<Frame>, ResumeError> {
+    let Some(&kind) = src.first() else {
+        return Ok(None);
+    };
+    match kind {
+        DATA => {
+            if src.len() < DATA_HEAD {
+                return Ok(None);
+            }
+            let len =
+                u32::from_be_bytes(src[1..DATA_HEAD].try_into().expect("four bytes")) as usize;
+            if len == 0 || len > MAX_DATA {
+                return Err(ResumeError::DataLength(len));
+            }
+            if src.len() < DATA_HEAD + len {
+                src.reserve(DATA_HEAD + len - src.len());
+                return Ok(None);
+            }
+            src.advance(DATA_HEAD);
+            Ok(Some(Frame::Data(src.split_to(len).freeze())))
+        }
+        ACK | MOVING => {
+            if src.len() < COUNT_FRAME {
+                return Ok(None);
+            }
+            src.advance(1);
+            let count = src.get_u64();
+            Ok(Some(if kind == ACK {
+                Frame::Ack(count)
+            } else {
+                Frame::Moving(count)
+            }))
+        }
+        other => Err(ResumeError::UnknownFrame(other)),
+    }
+}
+
+/// Appends a `DATA` frame carrying `bytes` (1 to [`MAX_DATA`] of them).
+pub fn put_data(dst: &mut BytesMut, bytes: &[u8]) -> Result<(), ResumeError> {
+    if bytes.is_empty() || bytes.len() > MAX_DATA {
+        return Err(ResumeError::DataLength(bytes.len()));
+    }
+    dst.reserve(DATA_HEAD + bytes.len());
+    dst.put_u8(DATA);
+    dst.put_u32(bytes.len() as u32);
+    dst.put_slice(bytes);
+    Ok(())
+}
+
+/// Appends an `ACK` frame for `count` bytes taken off the stream.
+pub fn put_ack(dst: &mut BytesMut, count: u64) {
+    dst.put_u8(ACK);
+    dst.put_u64(count);
+}
+
+/// Appends a `MOVING` frame with the leaving side's count.
+pub fn put_moving(dst: &mut BytesMut, count: u64) {
+    dst.put_u8(MOVING);
+    dst.put_u64(count);
+}
+
+/// The bytes sent and not yet acknowledged, kept for a resend after a move.
+#[derive(Debug)]
+pub struct SendLog {
+    /// Count of bytes the peer acknowledged: the stream offset of `kept`'s first byte.
+    acked: u64,
+    kept: BytesMut,
+    window: usize,
+}
+
+impl SendLog {
+    /// An empty log keeping at most `window` bytes.
+    pub fn new(window: usize) -> SendLog {
+        SendLog {
+            acked: 0,
+            kept: BytesMut::new(),
+            window,
+        }
+    }
+
+    /// Bytes sent since the stream began.
+    pub fn sent(&self) -> u64 {
+        self.acked + self.kept.len() as u64
+    }
+
+    /// Bytes the peer has acknowledged.
+    pub fn acked(&self) -> u64 {
+        self.acked
+    }
+
+    /// Bytes that may still be sent before an acknowledgement must come.
+    pub fn room(&self) -> usize {
+        self.window - self.kept.len()
+    }
+
+    /// Keeps `bytes`, just sent, until they are acknowledged.
+    pub fn record(&mut self, bytes: &[u8]) -> Result<(), ResumeError> {
+        if bytes.len() > self.room() {
+            return Err(ResumeError::WindowFull {
+                len: bytes.len(),
+                room: self.room(),
+            });
+        }
+        self.kept.extend_from_slice(bytes);
+        Ok(())
+    }
+
+    /// The peer has taken `count` bytes in all: forget those.
+    pub fn ack(&mut self, count: u64) -> Result<(), ResumeError> {
+        if count > self.sent() {
+            return Err(ResumeError::AckBeyondSent {
+                acked: count,
+                sent: self.sent(),
+            });
+        }
+        if count < self.acked {
+            return Err(ResumeError::AckWentBack {
+                before: self.acked,
+                now: count,
+            });
+        }
+        self.kept.advance((count - self.acked) as usize);
+        self.acked = count;
+        Ok(())
+    }
+
+    /// After a move: the peer says it has `count` bytes in all; returns the bytes to send again, in order,
+    /// before anything new.
+    pub fn resume(&mut self, count: u64) -> Result<&[u8], ResumeError> {
+        self.ack(count)?;
+        Ok(&self.kept)
+    }
+}
+
+/// The receiving side's count, and when to acknowledge it.
+#[derive(Debug)]
+pub struct RecvCount {
+    received: u64,
+    acked: u64,
+    every: u64,
+}
+
+impl RecvCount {
+    /// Acknowledges every quarter of the sender's `window`, so the sender never waits on a full window
+    /// while acknowledgements are on their way.
+    pub fn new(window: usize) -> RecvCount {
+        RecvCount {
+            received: 0,
+            acked: 0,
+            every: (window as u64 / 4).max(1),
+        }
+    }
+
+    /// Bytes taken off the stream in all.
+    pub fn received(&self) -> u64 {
+        self.received
+    }
+
+    /// `n` more bytes taken off the stream.
+    pub fn on_data(&mut self, n: usize) {
+        self.received += n as u64;
+    }
+
+    /// The count to acknowledge now, if a quarter window has come since the last acknowledgement.
+    pub fn ack_due(&mut self) -> Option<u64> {
+        (self.received - self.acked >= self.every).then(|| self.flush())
+    }
+
+    /// The count to acknowledge when the stream goes quiet, if anything came since the last one.
+    pub fn ack_idle(&mut self) -> Option<u64> {
+        (self.received > self.acked).then(|| self.flush())
+    }
+
+    fn flush(&mut self) -> u64 {
+        self.acked = self.received;
+        self.received
+    }
+}
+
+#[cfg(test)]
+mod tests;
