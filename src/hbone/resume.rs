@@ -9,8 +9,10 @@
 //!   that takes the offer echoes it in its `200`. Only then is the stream's payload framed. ztunnel ignores
 //!   the header and does not echo it, so a stream with a ztunnel peer stays plain bytes, as today.
 //! - **Frames** ([`Frame`], [`decode`], [`put_data`], [`put_ack`], [`put_moving`]): `DATA` carries 1 to
-//!   [`MAX_DATA`] bytes; `ACK` the number of bytes taken off the stream so far; `MOVING` says the sender is
-//!   leaving (with its own count, a last `ACK`), so the peer expects a re-dial.
+//!   [`MAX_DATA`] bytes; `FIN` ends the data after a total (the application closed its side; the stream
+//!   itself stays open for acknowledgements) and counts as one more unit, as in TCP; `ACK` the units taken
+//!   off the stream so far; `MOVING` says the sender is leaving (with its own count, a last `ACK`), so the
+//!   peer expects a re-dial. The HTTP/2 stream ends (END_STREAM) only when both `FIN`s are acknowledged.
 //! - **Sending** ([`SendLog`]): each side keeps what it sent until the peer acknowledges it, at most a
 //!   window of bytes (the copy stops reading its application when the window is full). **Receiving**
 //!   ([`RecvCount`]): counts bytes and says when to acknowledge (every quarter window).
@@ -35,6 +37,7 @@ pub const DEFAULT_WINDOW: usize = 1024 * 1024;
 const DATA: u8 = 0;
 const ACK: u8 = 1;
 const MOVING: u8 = 2;
+const FIN: u8 = 3;
 /// Type byte and length of a `DATA` frame; type byte and count of the others.
 const DATA_HEAD: usize = 1 + 4;
 const COUNT_FRAME: usize = 1 + 8;
@@ -155,6 +158,8 @@ pub enum Frame {
     Ack(u64),
     /// The sender is leaving; its count so far. The stream resumes when the client re-dials.
     Moving(u64),
+    /// No data after this many bytes: the sender's application closed its side.
+    Fin(u64),
 }
 
 /// Takes the next whole frame off the front of `src`; `None` until one has arrived. The `DATA` bytes are
@@ -180,16 +185,16 @@ pub fn decode(src: &mut BytesMut) -> Result<Option<Frame>, ResumeError> {
             src.advance(DATA_HEAD);
             Ok(Some(Frame::Data(src.split_to(len).freeze())))
         }
-        ACK | MOVING => {
+        ACK | MOVING | FIN => {
             if src.len() < COUNT_FRAME {
                 return Ok(None);
             }
             src.advance(1);
             let count = src.get_u64();
-            Ok(Some(if kind == ACK {
-                Frame::Ack(count)
-            } else {
-                Frame::Moving(count)
+            Ok(Some(match kind {
+                ACK => Frame::Ack(count),
+                MOVING => Frame::Moving(count),
+                _ => Frame::Fin(count),
             }))
         }
         other => Err(ResumeError::UnknownFrame(other)),
@@ -214,39 +219,49 @@ pub fn put_ack(dst: &mut BytesMut, count: u64) {
     dst.put_u64(count);
 }
 
+/// Appends a `FIN` frame: no data after `total` bytes.
+pub fn put_fin(dst: &mut BytesMut, total: u64) {
+    dst.put_u8(FIN);
+    dst.put_u64(total);
+}
+
 /// Appends a `MOVING` frame with the leaving side's count.
 pub fn put_moving(dst: &mut BytesMut, count: u64) {
     dst.put_u8(MOVING);
     dst.put_u64(count);
 }
 
-/// The bytes sent and not yet acknowledged, kept for a resend after a move.
+/// The bytes sent and not yet acknowledged, kept for a resend after a move, and whether the `FIN` went.
 #[derive(Debug)]
 pub struct SendLog {
-    /// Count of bytes the peer acknowledged: the stream offset of `kept`'s first byte.
-    acked: u64,
+    /// Bytes the peer acknowledged: the stream offset of `kept`'s first byte.
+    base: u64,
     kept: BytesMut,
     window: usize,
+    fin: bool,
+    fin_acked: bool,
 }
 
 impl SendLog {
     /// An empty log keeping at most `window` bytes.
     pub fn new(window: usize) -> SendLog {
         SendLog {
-            acked: 0,
+            base: 0,
             kept: BytesMut::new(),
             window,
+            fin: false,
+            fin_acked: false,
         }
     }
 
-    /// Bytes sent since the stream began.
+    /// Bytes sent since the stream began (the `FIN` not counted).
     pub fn sent(&self) -> u64 {
-        self.acked + self.kept.len() as u64
+        self.base + self.kept.len() as u64
     }
 
-    /// Bytes the peer has acknowledged.
+    /// Units the peer has acknowledged: bytes, and one for the `FIN`.
     pub fn acked(&self) -> u64 {
-        self.acked
+        self.base + u64::from(self.fin_acked)
     }
 
     /// Bytes that may still be sent before an acknowledgement must come.
@@ -262,31 +277,59 @@ impl SendLog {
                 room: self.room(),
             });
         }
+        debug_assert!(!self.fin, "no data after the FIN");
         self.kept.extend_from_slice(bytes);
         Ok(())
     }
 
-    /// The peer has taken `count` bytes in all: forget those.
+    /// The `FIN` went, after [`SendLog::sent`] bytes.
+    pub fn finish(&mut self) {
+        self.fin = true;
+    }
+
+    /// Whether the `FIN` went.
+    pub fn finished(&self) -> bool {
+        self.fin
+    }
+
+    /// The peer acknowledged the `FIN` (and so every byte before it).
+    pub fn done(&self) -> bool {
+        self.fin_acked
+    }
+
+    /// The peer has taken `count` units in all: forget those bytes.
     pub fn ack(&mut self, count: u64) -> Result<(), ResumeError> {
-        if count > self.sent() {
+        let limit = self.sent() + u64::from(self.fin);
+        if count > limit {
             return Err(ResumeError::AckBeyondSent {
                 acked: count,
-                sent: self.sent(),
+                sent: limit,
             });
         }
-        if count < self.acked {
+        if count < self.acked() {
             return Err(ResumeError::AckWentBack {
-                before: self.acked,
+                before: self.acked(),
                 now: count,
             });
         }
-        self.kept.advance((count - self.acked) as usize);
-        self.acked = count;
+        let data = count.min(self.sent());
+        self.kept.advance((data - self.base) as usize);
+        self.base = data;
+        self.fin_acked = self.fin && count == limit;
+        if self.kept.is_empty() {
+            // Nothing kept: give the memory back (an idle stream holds no buffer).
+            self.kept = BytesMut::new();
+        }
         Ok(())
     }
 
-    /// After a move: the peer says it has `count` bytes in all; returns the bytes to send again, in order,
-    /// before anything new.
+    /// The bytes sent and not acknowledged, oldest first.
+    pub fn unacked(&self) -> &[u8] {
+        &self.kept
+    }
+
+    /// After a move: the peer says it has `count` units in all; returns the bytes to send again, in order,
+    /// before anything new (then the `FIN` again if it went and is not acknowledged).
     pub fn resume(&mut self, count: u64) -> Result<&[u8], ResumeError> {
         self.ack(count)?;
         Ok(&self.kept)
@@ -322,6 +365,11 @@ impl RecvCount {
         self.received += n as u64;
     }
 
+    /// The peer's `FIN` taken off the stream (one unit).
+    pub fn on_fin(&mut self) {
+        self.received += 1;
+    }
+
     /// The count to acknowledge now, if a quarter window has come since the last acknowledgement.
     pub fn ack_due(&mut self) -> Option<u64> {
         (self.received - self.acked >= self.every).then(|| self.flush())
@@ -337,6 +385,8 @@ impl RecvCount {
         self.received
     }
 }
+
+pub mod copy;
 
 #[cfg(test)]
 mod tests;

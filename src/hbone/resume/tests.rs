@@ -15,6 +15,7 @@ fn frames_come_out_as_they_went_in_and_only_once_whole() {
     put_ack(&mut wire, 42);
     put_data(&mut wire, &[7u8; MAX_DATA]).unwrap();
     put_moving(&mut wire, u64::MAX);
+    put_fin(&mut wire, 5);
     let whole = wire.clone().freeze();
 
     // Byte by byte: nothing comes out of a partial frame, each frame exactly once.
@@ -32,6 +33,7 @@ fn frames_come_out_as_they_went_in_and_only_once_whole() {
             Frame::Ack(42),
             Frame::Data(Bytes::from(vec![7u8; MAX_DATA])),
             Frame::Moving(u64::MAX),
+            Frame::Fin(5),
         ]
     );
 }
@@ -91,6 +93,31 @@ fn the_send_log_keeps_unacknowledged_bytes_within_its_window() {
     assert_eq!(log.resume(5).unwrap(), b"fghijk");
     log.ack(11).unwrap();
     assert_eq!(log.resume(11).unwrap(), b"");
+}
+
+#[test]
+fn the_fin_counts_as_one_unit_and_is_done_only_when_acknowledged() {
+    let mut log = SendLog::new(10);
+    log.record(b"abc").unwrap();
+    log.finish();
+    assert!(log.finished() && !log.done());
+    // The bytes acknowledged, not the FIN: it must go again after a move.
+    assert_eq!(log.resume(3).unwrap(), b"");
+    assert!(!log.done());
+    assert_eq!(
+        log.ack(5),
+        Err(ResumeError::AckBeyondSent { acked: 5, sent: 4 })
+    );
+    log.ack(4).unwrap();
+    assert!(log.done());
+    assert_eq!((log.sent(), log.acked()), (3, 4));
+    // Without a FIN, one more than the bytes is beyond what was sent.
+    let mut open = SendLog::new(10);
+    open.record(b"abc").unwrap();
+    assert_eq!(
+        open.ack(4),
+        Err(ResumeError::AckBeyondSent { acked: 4, sent: 3 })
+    );
 }
 
 #[test]

@@ -1,0 +1,466 @@
+//! The resumable copy: bytes between an application's socket and an HBONE stream whose payload is framed
+//! (see `super`), both directions at once, stopping on request with everything the next stream needs.
+//!
+//! Input: the socket's halves, the stream's halves, the connection's [`Progress`] (which outlives the
+//! stream), and a pause signal. Output: an [`Outcome`]:
+//! - `Done`: both applications closed their sides and every byte and both `FIN`s were acknowledged; the
+//!   stream is ended (END_STREAM both ways).
+//! - `Paused`: the pause signal came; a `MOVING` went (or, when a frame was part-way out, the stream was
+//!   dropped, which the peer reads the same way).
+//! - `PeerLeft`: the peer's `MOVING`, or its stream ended or was reset before both sides were done.
+//!
+//! After `Paused` or `PeerLeft` the [`Progress`] holds the bytes not acknowledged, the count received and
+//! any bytes taken off the stream but not yet written to the application; [`Progress::resume`] with the
+//! peer's count (exchanged at the re-dial) and another [`run`] on a new stream carry on exactly there.
+//!
+//! Back-pressure: the sending half reads its application only while the window has room; the receiving
+//! half reads the stream only after writing what it took to its application. Acknowledgements go every
+//! quarter window and whenever the stream goes quiet, so an idle connection keeps nothing for a resend.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::Poll;
+
+use bytes::{Buf, Bytes, BytesMut};
+use h2::{Reason, RecvStream, SendStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{watch, Notify};
+
+use super::{
+    decode, put_ack, put_data, put_fin, put_moving, Frame, RecvCount, ResumeError, SendLog,
+    MAX_DATA,
+};
+use crate::hbone::copy::{h2_io, Transferred};
+
+/// Most bytes read from the application at once (smaller when the window has less room).
+const READ_SIZE: usize = 64 * 1024;
+
+/// A resumable connection's state across its streams.
+#[derive(Debug)]
+pub struct Progress {
+    log: SendLog,
+    count: RecvCount,
+    /// Taken off the stream, not yet written to the application (a hand-over carries these).
+    unwritten: Bytes,
+    /// The peer's `FIN` was taken and the socket's write side shut.
+    fin_received: bool,
+    /// Send the log (and the `FIN`) again before anything new: set by [`Progress::resume`].
+    resend: bool,
+}
+
+/// How a [`run`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Both sides closed, everything acknowledged: the connection is over.
+    Done(Transferred),
+    /// Paused on request: resume on a new stream.
+    Paused,
+    /// The peer moved or its stream went away: resume on a new stream.
+    PeerLeft,
+}
+
+impl Progress {
+    /// A new connection's state; the peer may have `window` bytes unacknowledged from us at a time.
+    pub fn new(window: usize) -> Progress {
+        Progress {
+            log: SendLog::new(window),
+            count: RecvCount::new(window),
+            unwritten: Bytes::new(),
+            fin_received: false,
+            resend: false,
+        }
+    }
+
+    /// The units taken off the stream (bytes, and one for the peer's `FIN`): what a resume tells the peer.
+    pub fn received(&self) -> u64 {
+        self.count.received()
+    }
+
+    /// Bytes taken off the stream and not yet written to the application.
+    pub fn unwritten(&self) -> &[u8] {
+        &self.unwritten
+    }
+
+    /// Before running on a new stream: the peer has `peer_count` units; what it lacks goes first.
+    pub fn resume(&mut self, peer_count: u64) -> Result<(), ResumeError> {
+        self.log.resume(peer_count)?;
+        self.resend = true;
+        Ok(())
+    }
+
+    fn transferred(&self) -> Transferred {
+        Transferred {
+            tcp_to_hbone: self.log.sent(),
+            hbone_to_tcp: self.count.received()
+                - u64::from(self.fin_received)
+                - self.unwritten.len() as u64,
+        }
+    }
+}
+
+/// What the two halves tell each other.
+#[derive(Default)]
+struct Shared {
+    /// The highest count the peer acknowledged (`ACK`, `MOVING`).
+    peer_acked: AtomicU64,
+    /// The count the receiving half wants acknowledged.
+    ack_owed: AtomicU64,
+    /// The units taken off the stream so far (for `MOVING`).
+    received: AtomicU64,
+    /// The peer's `FIN` was taken and the socket's write side shut.
+    recv_finished: AtomicBool,
+    /// The peer left: the sending half stops.
+    peer_left: AtomicBool,
+    /// Wakes the sending half when any of the above changed.
+    wake: Notify,
+}
+
+impl Shared {
+    fn owe(&self, count: u64) {
+        self.ack_owed.fetch_max(count, Ordering::AcqRel);
+        self.wake.notify_one();
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum SendEnd {
+    Done,
+    Paused,
+    Stopped,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum RecvEnd {
+    Ended,
+    Paused,
+    PeerLeft,
+}
+
+/// Runs the copy on one stream until it is done, paused or the peer left (see the module header). An
+/// error (the socket's, the stream's, or a malformed frame) resets the stream and is returned; the
+/// connection then ends as a plain one would.
+pub async fn run<R, W>(
+    app_read: &mut R,
+    app_write: &mut W,
+    send: &mut SendStream<Bytes>,
+    recv: &mut RecvStream,
+    progress: &mut Progress,
+    pause: &watch::Receiver<bool>,
+) -> io::Result<Outcome>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let shared = Shared::default();
+    shared
+        .peer_acked
+        .store(progress.log.acked(), Ordering::Relaxed);
+    let Progress {
+        log,
+        count,
+        unwritten,
+        fin_received,
+        resend,
+    } = progress;
+    shared.recv_finished.store(*fin_received, Ordering::Relaxed);
+    shared.received.store(count.received(), Ordering::Relaxed);
+    let (mut pause_up, mut pause_down) = (pause.clone(), pause.clone());
+    let up = send_half(app_read, send, log, resend, &shared, &mut pause_up);
+    let down = recv_half(
+        recv,
+        app_write,
+        count,
+        unwritten,
+        fin_received,
+        &shared,
+        &mut pause_down,
+    );
+    let (up, down) = match tokio::try_join!(up, down) {
+        Ok(ends) => ends,
+        Err(e) => {
+            send.send_reset(Reason::CANCEL);
+            return Err(e);
+        }
+    };
+    Ok(match (up, down) {
+        (SendEnd::Done, RecvEnd::Ended) => Outcome::Done(progress.transferred()),
+        (SendEnd::Paused, _) | (_, RecvEnd::Paused) => Outcome::Paused,
+        _ => Outcome::PeerLeft,
+    })
+}
+
+/// Resolves once `pause` reads true; never, if its sender is gone.
+async fn paused(pause: &mut watch::Receiver<bool>) {
+    if pause.wait_for(|p| *p).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+fn protocol(e: ResumeError) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
+/// How far a buffer of frames got out.
+enum Sent {
+    All,
+    /// Paused before any of it was handed to the stream: the stream is at a frame boundary.
+    Nothing,
+    /// Paused part-way through: the stream is mid-frame.
+    Partly,
+}
+
+/// Hands `frames` to the stream as its flow control allows, watching for the pause.
+async fn send_frames(
+    send: &mut SendStream<Bytes>,
+    mut frames: Bytes,
+    pause: &mut watch::Receiver<bool>,
+) -> io::Result<Sent> {
+    let whole = frames.len();
+    while !frames.is_empty() {
+        send.reserve_capacity(frames.len());
+        let cap = loop {
+            let cap = send.capacity();
+            if cap > 0 {
+                break cap;
+            }
+            tokio::select! {
+                biased;
+                _ = paused(pause) => {
+                    return Ok(if frames.len() == whole { Sent::Nothing } else { Sent::Partly });
+                }
+                got = std::future::poll_fn(|cx| send.poll_capacity(cx)) => match got {
+                    Some(Ok(_)) => continue,
+                    Some(Err(e)) => return Err(h2_io(e)),
+                    None => return Err(io::Error::new(
+                        io::ErrorKind::BrokenPipe,
+                        "HBONE stream closed by peer",
+                    )),
+                },
+            }
+        };
+        let part = frames.split_to(cap.min(frames.len()));
+        send.send_data(part, false).map_err(h2_io)?;
+    }
+    Ok(Sent::All)
+}
+
+/// Leaves the stream: `MOVING` with our count and END_STREAM when the stream is at a frame boundary
+/// (otherwise the caller's dropping the stream says the same).
+fn leave(send: &mut SendStream<Bytes>, at_boundary: bool, shared: &Shared) {
+    if at_boundary {
+        let mut moving = BytesMut::new();
+        put_moving(&mut moving, shared.received.load(Ordering::Acquire));
+        let _ = send.send_data(moving.freeze(), true);
+    }
+}
+
+async fn send_half<R: AsyncRead + Unpin>(
+    app: &mut R,
+    send: &mut SendStream<Bytes>,
+    log: &mut SendLog,
+    resend: &mut bool,
+    shared: &Shared,
+    pause: &mut watch::Receiver<bool>,
+) -> io::Result<SendEnd> {
+    let mut out = BytesMut::new();
+    let mut acked_sent = 0u64;
+    let mut scratch = Vec::new();
+    if std::mem::take(resend) {
+        for chunk in log.unacked().chunks(MAX_DATA) {
+            put_data(&mut out, chunk).map_err(protocol)?;
+        }
+        if log.finished() && !log.done() {
+            put_fin(&mut out, log.sent());
+        }
+    }
+    loop {
+        if !out.is_empty() {
+            // A stream that fails is the receiving half's to report (as the peer leaving).
+            let Ok(sent) = send_frames(send, out.split().freeze(), pause).await else {
+                return Ok(SendEnd::Stopped);
+            };
+            match sent {
+                Sent::All => {}
+                Sent::Nothing => {
+                    leave(send, true, shared);
+                    return Ok(SendEnd::Paused);
+                }
+                Sent::Partly => return Ok(SendEnd::Paused),
+            }
+        }
+        if *pause.borrow() {
+            leave(send, true, shared);
+            return Ok(SendEnd::Paused);
+        }
+        if shared.peer_left.load(Ordering::Acquire) {
+            return Ok(SendEnd::Stopped);
+        }
+        let peer = shared.peer_acked.load(Ordering::Acquire);
+        if peer > log.acked() {
+            log.ack(peer).map_err(protocol)?;
+        }
+        let owed = shared.ack_owed.load(Ordering::Acquire);
+        if owed > acked_sent {
+            put_ack(&mut out, owed);
+            acked_sent = owed;
+            continue;
+        }
+        if log.done() && shared.recv_finished.load(Ordering::Acquire) {
+            if send.send_data(Bytes::new(), true).is_err() {
+                return Ok(SendEnd::Stopped);
+            }
+            return Ok(SendEnd::Done);
+        }
+        let room = log.room().min(READ_SIZE);
+        let can_read = !log.finished() && room > 0;
+        tokio::select! {
+            biased;
+            _ = paused(pause) => {}
+            _ = shared.wake.notified() => {}
+            got = read_some(app, &mut scratch, room), if can_read => {
+                let n = got?;
+                if n == 0 {
+                    log.finish();
+                    put_fin(&mut out, log.sent());
+                } else {
+                    log.record(&scratch[..n]).map_err(protocol)?;
+                    put_data(&mut out, &scratch[..n]).map_err(protocol)?;
+                }
+            }
+        }
+    }
+}
+
+/// Reads at most `max` bytes into `scratch` (grown on first use); cancel-safe.
+async fn read_some<R: AsyncRead + Unpin>(
+    app: &mut R,
+    scratch: &mut Vec<u8>,
+    max: usize,
+) -> io::Result<usize> {
+    if scratch.len() < max {
+        scratch.resize(max, 0);
+    }
+    app.read(&mut scratch[..max]).await
+}
+
+/// Writes `pending` out, watching for the pause; `false` when paused first (the rest stays in `pending`).
+async fn write_out<W: AsyncWrite + Unpin>(
+    app: &mut W,
+    pending: &mut Bytes,
+    pause: &mut watch::Receiver<bool>,
+) -> io::Result<bool> {
+    while !pending.is_empty() {
+        tokio::select! {
+            biased;
+            _ = paused(pause) => return Ok(false),
+            n = app.write(pending) => {
+                let n = n?;
+                if n == 0 {
+                    return Err(io::ErrorKind::WriteZero.into());
+                }
+                pending.advance(n);
+            }
+        }
+    }
+    Ok(true)
+}
+
+async fn recv_half<W: AsyncWrite + Unpin>(
+    recv: &mut RecvStream,
+    app: &mut W,
+    count: &mut RecvCount,
+    unwritten: &mut Bytes,
+    fin_received: &mut bool,
+    shared: &Shared,
+    pause: &mut watch::Receiver<bool>,
+) -> io::Result<RecvEnd> {
+    let left = |end| {
+        shared.peer_left.store(true, Ordering::Release);
+        shared.wake.notify_one();
+        Ok(end)
+    };
+    let mut inbuf = BytesMut::new();
+    if !write_out(app, unwritten, pause).await? {
+        return Ok(RecvEnd::Paused);
+    }
+    loop {
+        while let Some(frame) = decode(&mut inbuf).map_err(protocol)? {
+            match frame {
+                Frame::Data(bytes) => {
+                    if *fin_received {
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            "resumable stream: data after FIN",
+                        ));
+                    }
+                    count.on_data(bytes.len());
+                    shared.received.store(count.received(), Ordering::Release);
+                    *unwritten = bytes;
+                    if !write_out(app, unwritten, pause).await? {
+                        return Ok(RecvEnd::Paused);
+                    }
+                }
+                Frame::Ack(n) => {
+                    shared.peer_acked.fetch_max(n, Ordering::AcqRel);
+                    shared.wake.notify_one();
+                }
+                Frame::Fin(total) => {
+                    if *fin_received || total != count.received() {
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            format!(
+                                "resumable stream: FIN after {total} bytes, {} received",
+                                count.received()
+                            ),
+                        ));
+                    }
+                    app.shutdown().await?;
+                    count.on_fin();
+                    shared.received.store(count.received(), Ordering::Release);
+                    *fin_received = true;
+                    if let Some(n) = count.ack_idle() {
+                        shared.owe(n);
+                    }
+                    shared.recv_finished.store(true, Ordering::Release);
+                    shared.wake.notify_one();
+                }
+                Frame::Moving(n) => {
+                    shared.peer_acked.fetch_max(n, Ordering::AcqRel);
+                    return left(RecvEnd::PeerLeft);
+                }
+            }
+            if let Some(n) = count.ack_due() {
+                shared.owe(n);
+            }
+        }
+        // The next chunk; when none is there yet, acknowledge what came (the stream went quiet).
+        let next = tokio::select! {
+            biased;
+            _ = paused(pause) => return Ok(RecvEnd::Paused),
+            next = std::future::poll_fn(|cx| match recv.poll_data(cx) {
+                Poll::Pending => {
+                    if let Some(n) = count.ack_idle() {
+                        shared.owe(n);
+                    }
+                    Poll::Pending
+                }
+                ready => ready,
+            }) => next,
+        };
+        match next {
+            Some(Ok(chunk)) => {
+                let _ = recv.flow_control().release_capacity(chunk.len());
+                inbuf.extend_from_slice(&chunk);
+            }
+            // A reset, or the connection under the stream gone (its process left): resumable, and
+            // the caller bounds the wait for the resume.
+            Some(Err(_)) => return left(RecvEnd::PeerLeft),
+            // The peer ends its side only when it is done (its FIN and ours acknowledged).
+            None if *fin_received && inbuf.is_empty() => return Ok(RecvEnd::Ended),
+            None => return left(RecvEnd::PeerLeft),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
