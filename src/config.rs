@@ -110,6 +110,13 @@ MESHNODE_MAX_HANDSHAKES_PER_SOURCE = "256";
 MESHNODE_HANDSHAKE_TIMEOUT = "10s";
 /// meshnode's own: an inbound HBONE connection carrying no stream for this long is closed (GOAWAY).
 MESHNODE_HBONE_IDLE_TIMEOUT = "10m";
+/// meshnode's own: offer and accept resumable HBONE streams between meshnode proxies, so an application
+/// connection outlives the HBONE connection under it (its tunnel is re-dialled and carries on from the
+/// byte where it stopped). Off by default while its cost is measured; ztunnel peers are unaffected.
+MESHNODE_RESUMABLE_STREAMS = "false";
+/// meshnode's own: how long a resumable stream whose tunnel broke waits for the re-dial (server) or keeps
+/// re-dialling (client) before its application connection is closed.
+MESHNODE_RESUME_WAIT = "10s";
 /// TCP keepalive: idle time before the first probe (ztunnel's name and default).
 KEEPALIVE_TIME = "180s";
 /// TCP keepalive: time between probes.
@@ -422,6 +429,10 @@ pub struct Config {
     pub handshake_timeout: Duration,
     /// An inbound HBONE connection with no stream for this long is closed.
     pub hbone_idle_timeout: Duration,
+    /// Offer and accept resumable streams (meshnode peers; `hbone::resume`).
+    pub resumable_streams: bool,
+    /// How long a broken resumable stream waits for, or keeps trying, its resume.
+    pub resume_wait: Duration,
     /// Drain deadline at shutdown.
     pub termination_deadline: Duration,
     /// Connections handled at once per listener; further ones wait in the kernel backlog.
@@ -670,6 +681,8 @@ impl Config {
                 MESHNODE_HBONE_IDLE_TIMEOUT,
                 Duration::from_secs(600),
             )?,
+            resumable_streams: parse_opt_bool(src, MESHNODE_RESUMABLE_STREAMS)?.unwrap_or(false),
+            resume_wait: parse_duration(src, MESHNODE_RESUME_WAIT, Duration::from_secs(10))?,
             termination_deadline: termination_deadline(src)?,
             max_connections: parse_default(src, MESHNODE_MAX_CONNECTIONS, 65_536)?,
             max_connections_total,
@@ -759,6 +772,7 @@ impl Config {
         for (name, v) in [
             (MESHNODE_HANDSHAKE_TIMEOUT, self.handshake_timeout),
             (MESHNODE_HBONE_IDLE_TIMEOUT, self.hbone_idle_timeout),
+            (MESHNODE_RESUME_WAIT, self.resume_wait),
         ] {
             if v.is_zero() {
                 return Err(invalid(name, "0s", "must be longer than zero"));

@@ -19,6 +19,7 @@ pub mod limits;
 pub mod outbound;
 pub mod passthrough;
 pub mod proxy_protocol;
+mod resumable;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -234,6 +235,8 @@ pub struct Proxy {
     /// `x-forwarded-network` for the inner CONNECT of a connection through an east-west gateway: this
     /// proxy's network, built once (`None`: no network configured, the header is not sent).
     forwarded_network: Option<http::HeaderValue>,
+    /// Resumable streams whose tunnel broke, waiting for the client's re-dial.
+    parking: resumable::Parking,
 }
 
 /// The three listeners of a proxy.
@@ -286,6 +289,7 @@ impl Proxy {
             outbound_conns: Arc::default(),
             shutdown,
             forwarded_network,
+            parking: resumable::Parking::default(),
         })
     }
 

@@ -121,6 +121,8 @@ struct OpenStream {
     authority: String,
     send: h2::SendStream<bytes::Bytes>,
     recv: h2::RecvStream,
+    /// A resumable stream's state (the client offered, we echoed); boxed, so plain streams stay small.
+    resumable: Option<Box<super::resumable::Server>>,
 }
 
 /// How a stream's copy ended: the bytes each way, and the copy's result or the policy change that closed it.
@@ -134,15 +136,25 @@ impl OpenStream {
     /// Copies both ways until both ends finish, or a policy change denies the stream. Borrows the stream
     /// (held once, by the caller) rather than taking it: an `async fn`'s arguments stay in its future, and a
     /// moved-in stream would be held twice.
-    async fn carry(&mut self) -> Carried {
+    async fn carry(&mut self, proxy: &Proxy) -> Carried {
         let (r, w) = self.upstream.split();
         let live = self.record.live_bytes();
         let (mut r, mut w) = (
             Counted::facing(r, Side::Server, live.as_ref()),
             Counted::facing(w, Side::Server, live.as_ref()),
         );
+        let copy = async {
+            match &mut self.resumable {
+                None => copy::bidirectional(&mut r, &mut w, &mut self.send, &mut self.recv).await,
+                // Boxed: its state would otherwise size every stream's task, resumable or not.
+                Some(resumable) => {
+                    Box::pin(resumable.carry(proxy, &mut r, &mut w, &mut self.send, &mut self.recv))
+                        .await
+                }
+            }
+        };
         let outcome = tokio::select! {
-            res = copy::bidirectional(&mut r, &mut w, &mut self.send, &mut self.recv) => Ok(res),
+            res = copy => Ok(res),
             reason = self.registration.closed() => Err(reason),
         };
         if outcome.is_err() {
@@ -289,12 +301,15 @@ impl Proxy {
         peer_id: Identity,
     ) -> impl std::future::Future<Output = ()> + Send + 'static {
         let start = Instant::now();
-        let opening = Box::pin(self.open_stream(incoming, peer, local, peer_id, start));
+        let opening = Box::pin(
+            self.clone()
+                .open_stream(incoming, peer, local, peer_id, start),
+        );
         async move {
             let Some(mut open) = opening.await else {
                 return;
             };
-            let carried = open.carry().await;
+            let carried = open.carry(&self).await;
             open.close(carried, peer, local, start);
         }
     }
@@ -315,6 +330,34 @@ impl Proxy {
             .authority()
             .map(|a| a.as_str().to_string())
             .unwrap_or_default();
+        let resumable = self.cfg().resumable_streams;
+        let offered = match super::resumable::requested(resumable, incoming.request.headers()) {
+            None => None,
+            Some(Err(e)) => {
+                access::failed(
+                    Reporter::destination,
+                    peer,
+                    Some(local),
+                    &format_args!("{e} (answered 400)"),
+                );
+                incoming.refuse(StatusCode::BAD_REQUEST);
+                return None;
+            }
+            // A re-dial of a stream whose tunnel broke: its own task carries on with this stream.
+            Some(Ok(header)) if header.at.is_some() => {
+                if let Err(refused) = self.parking.resume(incoming, header, &peer_id) {
+                    let status = refused.status().as_u16();
+                    access::failed(
+                        Reporter::destination,
+                        peer,
+                        Some(local),
+                        &format_args!("{refused} (answered {status})"),
+                    );
+                }
+                return None;
+            }
+            Some(Ok(header)) => Some(header.token),
+        };
         let admitted = match self
             .check_connect(&incoming.request, peer, local, &peer_id)
             .await
@@ -349,7 +392,11 @@ impl Proxy {
             proxy_header,
         } = admitted;
         let access = ends.access(peer, local, &authority, start);
-        let (send, recv) = match incoming.accept(http::HeaderMap::new()) {
+        let answer = match offered {
+            Some(token) => super::resumable::echo(token),
+            None => http::HeaderMap::new(),
+        };
+        let (send, recv) = match incoming.accept(answer) {
             Ok(s) => s,
             Err(e) => {
                 let error = format_args!("HBONE stream gone before the answer: {e}");
@@ -373,6 +420,7 @@ impl Proxy {
             authority,
             send,
             recv,
+            resumable: offered.map(|token| super::resumable::Server::new(token, peer_id)),
         })
     }
     /// The checks of ztunnel's inbound path, in its order, on a CONNECT request's head; the upstream

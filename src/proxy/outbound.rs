@@ -43,6 +43,8 @@ use super::connections::{Counted, Listing, Side};
 use super::{Error, Proxy, WaypointProblem, WaypointRefusal};
 use crate::hbone::copy;
 use crate::hbone::pool::{self, PoolKey};
+use crate::hbone::resume::copy::Progress;
+use crate::hbone::resume::{Token, DEFAULT_WINDOW, RESUME_HEADER};
 use crate::identity::Identity;
 use crate::metrics::{ConnectionRecord, Reporter, ResponseFlags, TrafficLabels, WaypointBinding};
 use crate::socket;
@@ -171,6 +173,8 @@ enum Up {
     Plain(TcpStream),
     /// An HBONE stream.
     Hbone(pool::Stream),
+    /// A resumable HBONE stream (the server echoed our offer); boxed, so other connections stay small.
+    Resumable(pool::Stream, Box<super::resumable::Client>),
 }
 
 /// How a connection's copy ended.
@@ -208,6 +212,19 @@ impl OpenOutbound {
                     received: r.read,
                     sent: w.written,
                     result: res.map(|_| ()).map_err(Error::from),
+                }
+            }
+            Up::Resumable(tunnel, client) => {
+                let (r, w) = self.stream.split();
+                let (mut r, mut w) = (
+                    Counted::facing(r, Side::Initiator, live.as_ref()),
+                    Counted::facing(w, Side::Initiator, live.as_ref()),
+                );
+                let res = Box::pin(client.carry(tunnel, &mut r, &mut w)).await;
+                Carried {
+                    received: r.read,
+                    sent: w.written,
+                    result: res.map_err(Error::from),
                 }
             }
         }
@@ -351,10 +368,29 @@ impl Proxy {
                     authority: &up.addr,
                     service: up.service.as_deref(),
                 };
-                self.open_tunnel(&ends.src, peer, tunnel)
-                    .await
-                    .map(Up::Hbone)
-                    .map_err(|e| (e.response_flags(), e))
+                let token = self.cfg().resumable_streams.then(Token::random);
+                let offer = token.map(super::resumable::Client::offer);
+                match self.open_tunnel(&ends.src, peer, tunnel, offer).await {
+                    Ok(stream) => Ok(match token {
+                        Some(token)
+                            if super::resumable::Client::accepted(token, &stream.headers) =>
+                        {
+                            let client = super::resumable::Client {
+                                proxy: self.clone(),
+                                token,
+                                progress: Progress::new(DEFAULT_WINDOW),
+                                key: self.pool_key(&ends.src, sent_to, &up.expected_identities),
+                                src: ends.src.clone(),
+                                peer,
+                                authority: up.addr,
+                                service: up.service.clone(),
+                            };
+                            Up::Resumable(stream, Box::new(client))
+                        }
+                        _ => Up::Hbone(stream),
+                    }),
+                    Err(e) => Err((e.response_flags(), e)),
+                }
             }
             Route::Waypoint(hop) => {
                 let tunnel = Tunnel {
@@ -363,7 +399,7 @@ impl Proxy {
                     authority: &hop.authority,
                     service: hop.service.as_deref(),
                 };
-                self.open_tunnel(&ends.src, peer, tunnel)
+                self.open_tunnel(&ends.src, peer, tunnel, None)
                     .await
                     .map(Up::Hbone)
                     .map_err(|e| {
@@ -447,7 +483,7 @@ impl Proxy {
             authority: &hop.authority,
             service: hop.authority.service(),
         };
-        let outer = self.open_tunnel(src, peer, outer).await?;
+        let outer = self.open_tunnel(src, peer, outer, None).await?;
         let tls = self.tls_for(&src.identity).await?.current();
         let mut req = connect_request(src, peer, &hop.authority, hop.authority.service())?;
         crate::hbone::double::forward_network(&mut req, self.forwarded_network.as_ref());
@@ -470,15 +506,24 @@ impl Proxy {
         src: &Workload,
         peer: SocketAddr,
         tunnel: Tunnel<'_>,
+        resume_offer: Option<HeaderValue>,
     ) -> Result<pool::Stream, Error> {
         let tls = self.tls_for(&src.identity).await?.current();
-        let key = PoolKey {
-            src: src.identity.clone(),
-            dst_ids: Arc::from(tunnel.expected),
-            dst: tunnel.dst,
-        };
-        let req = connect_request(src, peer, tunnel.authority, tunnel.service)?;
+        let key = self.pool_key(src, tunnel.dst, tunnel.expected);
+        let mut req = connect_request(src, peer, tunnel.authority, tunnel.service)?;
+        if let Some(offer) = resume_offer {
+            req.headers_mut().insert(RESUME_HEADER, offer);
+        }
         Ok(self.pool().connect(&key, &tls, req).await?)
+    }
+
+    /// The pool's key for tunnels from `src` to `dst`, expecting one of `expected` there.
+    fn pool_key(&self, src: &Workload, dst: SocketAddr, expected: &[Identity]) -> PoolKey {
+        PoolKey {
+            src: src.identity.clone(),
+            dst_ids: Arc::from(expected),
+            dst,
+        }
     }
 
     /// ztunnel's routing decision for a connection from `src` (at `downstream`) to `dst`.
