@@ -27,7 +27,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 /// request/response traffic.
 const SMALL_READ: usize = 16 * 1024;
 /// Largest read size: a few TLS records per frame, where the per-frame overhead stops mattering.
-const MAX_READ: usize = 256 * 1024;
+pub(crate) const MAX_READ: usize = 256 * 1024;
 
 thread_local! {
     /// Where small reads land before their bytes are copied out (one per runtime thread).
@@ -108,14 +108,14 @@ async fn tcp_to_h2<R: AsyncRead + Unpin>(
 
 /// Reads chunks from a socket without holding a buffer while it is idle (see the module's buffer policy).
 #[derive(Debug, Default)]
-struct Reader {
+pub(crate) struct Reader {
     /// Bulk mode: the connection's own buffer and the next read's size. `None`: small reads.
     bulk: Option<(BytesMut, usize)>,
 }
 
 impl Reader {
     /// The next chunk read; empty at end of stream.
-    fn poll_chunk<R: AsyncRead + Unpin>(
+    pub(crate) fn poll_chunk<R: AsyncRead + Unpin>(
         &mut self,
         cx: &mut Context<'_>,
         r: &mut R,

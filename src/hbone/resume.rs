@@ -13,9 +13,10 @@
 //!   itself stays open for acknowledgements) and counts as one more unit, as in TCP; `ACK` the units taken
 //!   off the stream so far; `MOVING` says the sender is leaving (with its own count, a last `ACK`), so the
 //!   peer expects a re-dial. The HTTP/2 stream ends (END_STREAM) only when both `FIN`s are acknowledged.
-//! - **Sending** ([`SendLog`]): each side keeps what it sent until the peer acknowledges it, at most a
-//!   window of bytes (the copy stops reading its application when the window is full). **Receiving**
-//!   ([`RecvCount`]): counts bytes and says when to acknowledge (every quarter window).
+//! - **Sending** ([`SendLog`]): each side keeps what it sent until the peer acknowledges it: the copy
+//!   reads its application only while less than a window is kept, so at most a window and one read.
+//!   **Receiving** ([`RecvCount`]): counts bytes and says when to acknowledge (every quarter window, and
+//!   a little after the stream goes quiet).
 //! - **Resume.** The HBONE client always re-dials, with the token and the count it received
 //!   (`<token>;at=<n>`); the server answers with its own count. Each side then sends again from the other's
 //!   count ([`SendLog::resume`]). A count below what was already acknowledged, or above what was sent, is
@@ -29,7 +30,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 /// The header carrying the offer, its echo and a resume (a name ztunnel does not know, so ignores).
 pub const RESUME_HEADER: &str = "x-meshnode-resume";
 /// Most bytes one `DATA` frame carries: the copy loop's largest read.
-pub const MAX_DATA: usize = 256 * 1024;
+pub const MAX_DATA: usize = crate::hbone::copy::MAX_READ;
 /// Bytes a side keeps for a possible resend by default: enough for full speed on a node's loopback and
 /// a data centre's round trips, bounded per stream (the copy stops reading its app when it is full).
 pub const DEFAULT_WINDOW: usize = 1024 * 1024;
@@ -48,7 +49,7 @@ pub enum ResumeError {
     /// A frame type this version does not know.
     #[error("unknown resumable-stream frame type {0}")]
     UnknownFrame(u8),
-    /// A `DATA` frame with no bytes or more than [`MAX_DATA`].
+    /// A `DATA` frame (or a recorded read) with no bytes or more than [`MAX_DATA`].
     #[error("resumable-stream DATA frame of {0} bytes (1 to {MAX_DATA} allowed)")]
     DataLength(usize),
     /// The peer acknowledged bytes that were never sent.
@@ -67,13 +68,11 @@ pub enum ResumeError {
         /// What it claims now.
         now: u64,
     },
-    /// More bytes recorded than the window has room for (the caller must check [`SendLog::room`]).
-    #[error("{len} bytes do not fit the {room} bytes left of the resend window")]
+    /// Bytes recorded while the window was full (the caller must check [`SendLog::room`]).
+    #[error("{len} bytes recorded with the resend window full")]
     WindowFull {
         /// Bytes offered.
         len: usize,
-        /// Room left.
-        room: usize,
     },
     /// An `x-meshnode-resume` value that is not `<32 hex digits>` or `<32 hex digits>;at=<count>`.
     #[error("malformed {RESUME_HEADER} value")]
@@ -203,13 +202,20 @@ pub fn decode(src: &mut BytesMut) -> Result<Option<Frame>, ResumeError> {
 
 /// Appends a `DATA` frame carrying `bytes` (1 to [`MAX_DATA`] of them).
 pub fn put_data(dst: &mut BytesMut, bytes: &[u8]) -> Result<(), ResumeError> {
-    if bytes.is_empty() || bytes.len() > MAX_DATA {
-        return Err(ResumeError::DataLength(bytes.len()));
-    }
-    dst.reserve(DATA_HEAD + bytes.len());
-    dst.put_u8(DATA);
-    dst.put_u32(bytes.len() as u32);
+    put_data_head(dst, bytes.len())?;
     dst.put_slice(bytes);
+    Ok(())
+}
+
+/// Appends the head of a `DATA` frame of `len` bytes (1 to [`MAX_DATA`]); the bytes follow on the wire
+/// (sent as a part of their own, without a copy).
+pub fn put_data_head(dst: &mut BytesMut, len: usize) -> Result<(), ResumeError> {
+    if len == 0 || len > MAX_DATA {
+        return Err(ResumeError::DataLength(len));
+    }
+    dst.reserve(DATA_HEAD + len.min(16 * 1024));
+    dst.put_u8(DATA);
+    dst.put_u32(len as u32);
     Ok(())
 }
 
@@ -264,18 +270,18 @@ impl SendLog {
         self.base + u64::from(self.fin_acked)
     }
 
-    /// Bytes that may still be sent before an acknowledgement must come.
+    /// Bytes the window has left: another read (of up to [`MAX_DATA`]) may be sent while this is not 0.
     pub fn room(&self) -> usize {
-        self.window - self.kept.len()
+        self.window.saturating_sub(self.kept.len())
     }
 
-    /// Keeps `bytes`, just sent, until they are acknowledged.
+    /// Keeps `bytes` (one read, at most [`MAX_DATA`]), just sent, until they are acknowledged.
     pub fn record(&mut self, bytes: &[u8]) -> Result<(), ResumeError> {
-        if bytes.len() > self.room() {
-            return Err(ResumeError::WindowFull {
-                len: bytes.len(),
-                room: self.room(),
-            });
+        if bytes.len() > MAX_DATA {
+            return Err(ResumeError::DataLength(bytes.len()));
+        }
+        if self.room() == 0 {
+            return Err(ResumeError::WindowFull { len: bytes.len() });
         }
         debug_assert!(!self.fin, "no data after the FIN");
         self.kept.extend_from_slice(bytes);
@@ -373,6 +379,11 @@ impl RecvCount {
     /// The count to acknowledge now, if a quarter window has come since the last acknowledgement.
     pub fn ack_due(&mut self) -> Option<u64> {
         (self.received - self.acked >= self.every).then(|| self.flush())
+    }
+
+    /// Whether something came since the last acknowledgement.
+    pub fn unacked(&self) -> bool {
+        self.received > self.acked
     }
 
     /// The count to acknowledge when the stream goes quiet, if anything came since the last one.

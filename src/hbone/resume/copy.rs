@@ -15,25 +15,30 @@
 //!
 //! Back-pressure: the sending half reads its application only while the window has room; the receiving
 //! half reads the stream only after writing what it took to its application. Acknowledgements go every
-//! quarter window and whenever the stream goes quiet, so an idle connection keeps nothing for a resend.
+//! quarter window, and [`ACK_DELAY`] after the stream went quiet (once per delay, not per message, for
+//! request/response traffic), so an idle connection soon keeps nothing for a resend.
+//!
+//! Memory while idle: no read buffer (reads go through `hbone::copy`'s reader, which drops its buffer
+//! when the socket is drained), no frame buffer, and nothing kept once acknowledged.
 
 use std::io;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::task::Poll;
+use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use h2::{Reason, RecvStream, SendStream};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{watch, Notify};
 
 use super::{
-    decode, put_ack, put_data, put_fin, put_moving, Frame, RecvCount, ResumeError, SendLog,
-    MAX_DATA,
+    decode, put_ack, put_data, put_data_head, put_fin, put_moving, Frame, RecvCount, ResumeError,
+    SendLog, MAX_DATA,
 };
-use crate::hbone::copy::{h2_io, Transferred};
+use crate::hbone::copy::{h2_io, Reader, Transferred};
 
-/// Most bytes read from the application at once (smaller when the window has less room).
-const READ_SIZE: usize = 64 * 1024;
+/// How long after the stream goes quiet what came is acknowledged.
+pub const ACK_DELAY: Duration = Duration::from_millis(20);
 
 /// A resumable connection's state across its streams.
 #[derive(Debug)]
@@ -209,37 +214,42 @@ enum Sent {
     Partly,
 }
 
-/// Hands `frames` to the stream as its flow control allows, watching for the pause.
+/// Hands `frames`, then `more`, to the stream as its flow control allows, watching for the pause.
 async fn send_frames(
     send: &mut SendStream<Bytes>,
-    mut frames: Bytes,
+    frames: Bytes,
+    more: Bytes,
     pause: &mut watch::Receiver<bool>,
 ) -> io::Result<Sent> {
-    let whole = frames.len();
-    while !frames.is_empty() {
-        send.reserve_capacity(frames.len());
-        let cap = loop {
-            let cap = send.capacity();
-            if cap > 0 {
-                break cap;
-            }
-            tokio::select! {
-                biased;
-                _ = paused(pause) => {
-                    return Ok(if frames.len() == whole { Sent::Nothing } else { Sent::Partly });
+    let whole = frames.len() + more.len();
+    let mut left = whole;
+    for mut frames in [frames, more] {
+        while !frames.is_empty() {
+            send.reserve_capacity(frames.len());
+            let cap = loop {
+                let cap = send.capacity();
+                if cap > 0 {
+                    break cap;
                 }
-                got = std::future::poll_fn(|cx| send.poll_capacity(cx)) => match got {
-                    Some(Ok(_)) => continue,
-                    Some(Err(e)) => return Err(h2_io(e)),
-                    None => return Err(io::Error::new(
-                        io::ErrorKind::BrokenPipe,
-                        "HBONE stream closed by peer",
-                    )),
-                },
-            }
-        };
-        let part = frames.split_to(cap.min(frames.len()));
-        send.send_data(part, false).map_err(h2_io)?;
+                tokio::select! {
+                    biased;
+                    _ = paused(pause) => {
+                        return Ok(if left == whole { Sent::Nothing } else { Sent::Partly });
+                    }
+                    got = std::future::poll_fn(|cx| send.poll_capacity(cx)) => match got {
+                        Some(Ok(_)) => continue,
+                        Some(Err(e)) => return Err(h2_io(e)),
+                        None => return Err(io::Error::new(
+                            io::ErrorKind::BrokenPipe,
+                            "HBONE stream closed by peer",
+                        )),
+                    },
+                }
+            };
+            let part = frames.split_to(cap.min(frames.len()));
+            left -= part.len();
+            send.send_data(part, false).map_err(h2_io)?;
+        }
     }
     Ok(Sent::All)
 }
@@ -262,9 +272,11 @@ async fn send_half<R: AsyncRead + Unpin>(
     shared: &Shared,
     pause: &mut watch::Receiver<bool>,
 ) -> io::Result<SendEnd> {
+    // Frames to send, then the bytes of a DATA frame whose head ends `out` (sent without a copy).
     let mut out = BytesMut::new();
+    let mut data = Bytes::new();
     let mut acked_sent = 0u64;
-    let mut scratch = Vec::new();
+    let mut reader = Reader::default();
     if std::mem::take(resend) {
         for chunk in log.unacked().chunks(MAX_DATA) {
             put_data(&mut out, chunk).map_err(protocol)?;
@@ -275,8 +287,11 @@ async fn send_half<R: AsyncRead + Unpin>(
     }
     loop {
         if !out.is_empty() {
+            // Taken whole, so an idle connection keeps no frame buffer.
+            let frames = std::mem::take(&mut out).freeze();
+            let data = std::mem::take(&mut data);
             // A stream that fails is the receiving half's to report (as the peer leaving).
-            let Ok(sent) = send_frames(send, out.split().freeze(), pause).await else {
+            let Ok(sent) = send_frames(send, frames, data, pause).await else {
                 return Ok(SendEnd::Stopped);
             };
             match sent {
@@ -311,36 +326,24 @@ async fn send_half<R: AsyncRead + Unpin>(
             }
             return Ok(SendEnd::Done);
         }
-        let room = log.room().min(READ_SIZE);
-        let can_read = !log.finished() && room > 0;
+        let can_read = !log.finished() && log.room() > 0;
         tokio::select! {
             biased;
             _ = paused(pause) => {}
             _ = shared.wake.notified() => {}
-            got = read_some(app, &mut scratch, room), if can_read => {
-                let n = got?;
-                if n == 0 {
+            got = std::future::poll_fn(|cx| reader.poll_chunk(cx, app)), if can_read => {
+                let chunk = got?;
+                if chunk.is_empty() {
                     log.finish();
                     put_fin(&mut out, log.sent());
                 } else {
-                    log.record(&scratch[..n]).map_err(protocol)?;
-                    put_data(&mut out, &scratch[..n]).map_err(protocol)?;
+                    log.record(&chunk).map_err(protocol)?;
+                    put_data_head(&mut out, chunk.len()).map_err(protocol)?;
+                    data = chunk;
                 }
             }
         }
     }
-}
-
-/// Reads at most `max` bytes into `scratch` (grown on first use); cancel-safe.
-async fn read_some<R: AsyncRead + Unpin>(
-    app: &mut R,
-    scratch: &mut Vec<u8>,
-    max: usize,
-) -> io::Result<usize> {
-    if scratch.len() < max {
-        scratch.resize(max, 0);
-    }
-    app.read(&mut scratch[..max]).await
 }
 
 /// Writes `pending` out, watching for the pause; `false` when paused first (the rest stays in `pending`).
@@ -362,6 +365,8 @@ async fn write_out<W: AsyncWrite + Unpin>(
             }
         }
     }
+    // Written: let go of the buffer it pointed into.
+    *pending = Bytes::new();
     Ok(true)
 }
 
@@ -380,6 +385,8 @@ async fn recv_half<W: AsyncWrite + Unpin>(
         Ok(end)
     };
     let mut inbuf = BytesMut::new();
+    // Armed when something came and was not acknowledged yet (only then: it is a timer entry).
+    let mut ack_timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
     if !write_out(app, unwritten, pause).await? {
         return Ok(RecvEnd::Paused);
     }
@@ -433,19 +440,26 @@ async fn recv_half<W: AsyncWrite + Unpin>(
                 shared.owe(n);
             }
         }
-        // The next chunk; when none is there yet, acknowledge what came (the stream went quiet).
+        if inbuf.is_empty() {
+            // Nothing partial: let go of the buffer the frames came in.
+            inbuf = BytesMut::new();
+        }
+        if !count.unacked() {
+            ack_timer = None;
+        } else if ack_timer.is_none() {
+            ack_timer = Some(Box::pin(tokio::time::sleep(ACK_DELAY)));
+        }
         let next = tokio::select! {
             biased;
             _ = paused(pause) => return Ok(RecvEnd::Paused),
-            next = std::future::poll_fn(|cx| match recv.poll_data(cx) {
-                Poll::Pending => {
-                    if let Some(n) = count.ack_idle() {
-                        shared.owe(n);
-                    }
-                    Poll::Pending
+            _ = async { ack_timer.as_mut().expect("armed").await }, if ack_timer.is_some() => {
+                ack_timer = None;
+                if let Some(n) = count.ack_idle() {
+                    shared.owe(n);
                 }
-                ready => ready,
-            }) => next,
+                continue;
+            }
+            next = recv.data() => next,
         };
         match next {
             Some(Ok(chunk)) => {

@@ -2,7 +2,7 @@ use super::*;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{split, DuplexStream, ReadHalf, WriteHalf};
+use tokio::io::{split, AsyncReadExt, DuplexStream, ReadHalf, WriteHalf};
 use tokio::sync::mpsc;
 
 type Halves = (SendStream<Bytes>, RecvStream);
