@@ -22,17 +22,13 @@ use bytes::Bytes;
 use meshnode::config::GatewayConfig;
 use meshnode::gateway::Gateway;
 use meshnode::identity::{BuiltinCa, CertManager, CertSource, Identity};
-use meshnode::logging::Format;
 use meshnode::state::{LocalConfig, StateHandle};
-use parking_lot::Mutex;
+use support::access_lines::AccessLines;
 use support::mesh_yaml::{behind_gateway, serves, service, workload};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
-use tracing::Level;
-use tracing_subscriber::filter::Targets;
-use tracing_subscriber::layer::SubscriberExt;
 
 const TTL: Duration = Duration::from_secs(3600);
 const CLIENT_ID: &str = "spiffe://cluster.local/ns/default/sa/sleep";
@@ -41,50 +37,6 @@ const ECHO: &str = "echo.default.svc.cluster.local";
 
 fn id(s: &str) -> Identity {
     s.parse().unwrap()
-}
-
-/// The access lines (target `access`, ztunnel's text shape) written on this thread while the guard
-/// lives: `#[tokio::test]` runs every task of the test on it.
-#[derive(Clone, Default)]
-struct AccessLines(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for AccessLines {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl AccessLines {
-    fn capture() -> (AccessLines, tracing::subscriber::DefaultGuard) {
-        let lines = AccessLines::default();
-        let writer = lines.clone();
-        let subscriber = tracing_subscriber::registry()
-            .with(Targets::new().with_target("access", Level::INFO))
-            .with(meshnode::logging::layer(Format::Text, move || {
-                writer.clone()
-            }));
-        (lines, tracing::subscriber::set_default(subscriber))
-    }
-
-    /// Waits up to 5 s for a line holding every one of `needles`, and returns it.
-    async fn line_with(&self, needles: &[&str]) -> String {
-        for _ in 0..50 {
-            let text = String::from_utf8_lossy(&self.0.lock()).into_owned();
-            if let Some(l) = text.lines().find(|l| needles.iter().all(|n| l.contains(n))) {
-                return l.to_string();
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!(
-            "no access line with {needles:?}; the lines are:\n{}",
-            String::from_utf8_lossy(&self.0.lock())
-        );
-    }
 }
 
 /// The gateway's view (network `net2`): `echo` served at .3 (an HBONE port that answers), `down` at .5

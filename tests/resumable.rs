@@ -12,6 +12,7 @@ use std::time::{Duration, SystemTime};
 
 use meshnode::identity::{BuiltinCa, Identity};
 use parking_lot::Mutex;
+use support::access_lines::AccessLines;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -158,6 +159,7 @@ fn pattern(len: usize) -> Vec<u8> {
 
 #[tokio::test]
 async fn an_application_connection_outlives_cuts_of_the_hbone_connection_under_it() {
+    let (lines, _guard) = AccessLines::capture();
     let m = mesh(true).await;
     let s = m.echo_connection().await;
     let (mut r, mut w) = s.into_split();
@@ -203,10 +205,19 @@ async fn an_application_connection_outlives_cuts_of_the_hbone_connection_under_i
         "{} connections",
         m.relay.accepted()
     );
+    // One access line per side for the whole connection, saying it was resumable.
+    let bytes = format!("{}", data.len());
+    lines
+        .line_with(&["direction=\"outbound\"", "resumable=true", &bytes])
+        .await;
+    lines
+        .line_with(&["direction=\"inbound\"", "resumable=true", &bytes])
+        .await;
 }
 
 #[tokio::test]
 async fn without_the_servers_agreement_a_cut_ends_the_connection_as_before() {
+    let (lines, _guard) = AccessLines::capture();
     let m = mesh(false).await;
     let mut s = m.echo_connection().await;
     echo_once(&mut s, b"before the cut").await;
@@ -220,6 +231,10 @@ async fn without_the_servers_agreement_a_cut_ends_the_connection_as_before() {
         matches!(end, Ok(0) | Err(_)),
         "a plain stream cannot survive its tunnel: {end:?}"
     );
+    // The client's access line says the connection was not resumable.
+    lines
+        .line_with(&["direction=\"outbound\"", "resumable=false"])
+        .await;
 }
 
 fn now_plus(secs: i64) -> SystemTime {

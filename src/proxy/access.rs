@@ -46,6 +46,10 @@ pub(super) struct Access<'a> {
     pub(super) dst_workload: Option<&'a Workload>,
     /// When the connection was accepted.
     pub(super) start: Instant,
+    /// With resumable streams on, whether this HBONE connection's stream is resumable (`false`: the peer,
+    /// e.g. ztunnel, did not take part, and a broken tunnel ends the connection as before). `None`: off,
+    /// or not HBONE; the field is then left out.
+    pub(super) resumable: Option<bool>,
 }
 
 fn direction(reporter: Reporter) -> &'static str {
@@ -89,6 +93,7 @@ macro_rules! access_line {
             bytes_sent = $sent,
             bytes_recv = $recv,
             duration = $duration,
+            resumable = $a.resumable,
             $($more)*
             "connection complete"
         )

@@ -97,6 +97,7 @@ impl Ends {
             hbone_addr: Some(authority),
             dst_workload: Some(&self.dst),
             start,
+            resumable: None,
         }
     }
 }
@@ -123,6 +124,8 @@ struct OpenStream {
     recv: h2::RecvStream,
     /// A resumable stream's state (the client offered, we echoed); boxed, so plain streams stay small.
     resumable: Option<Box<super::resumable::Server>>,
+    /// Resumable streams are on here (the access line then says whether this one is).
+    resumable_on: bool,
 }
 
 /// How a stream's copy ended: the bytes each way, and the copy's result or the policy change that closed it.
@@ -170,7 +173,8 @@ impl OpenStream {
 
     /// Logs the access line and records the close.
     fn close(self, carried: Carried, peer: SocketAddr, local: SocketAddr, start: Instant) {
-        let access = self.ends.access(peer, local, &self.authority, start);
+        let mut access = self.ends.access(peer, local, &self.authority, start);
+        access.resumable = self.resumable_on.then_some(self.resumable.is_some());
         let Carried {
             received,
             sent,
@@ -421,6 +425,7 @@ impl Proxy {
             send,
             recv,
             resumable: offered.map(|token| super::resumable::Server::new(token, peer_id)),
+            resumable_on: resumable,
         })
     }
     /// The checks of ztunnel's inbound path, in its order, on a CONNECT request's head; the upstream

@@ -138,6 +138,8 @@ struct Ends {
     /// The tunnel's `:authority` (HBONE only).
     authority: Option<Authority>,
     start: Instant,
+    /// Resumable streams on and this is HBONE: whether the server took the offer.
+    resumable: Option<bool>,
 }
 
 impl Ends {
@@ -153,6 +155,7 @@ impl Ends {
                 .map(|a| a as &(dyn std::fmt::Display + Sync)),
             dst_workload: self.dst_workload.as_deref(),
             start: self.start,
+            resumable: self.resumable,
         }
     }
 }
@@ -346,13 +349,15 @@ impl Proxy {
                 _ => "TCP",
             },
         });
-        let ends = Ends {
+        let resumable = (self.cfg().resumable_streams && authority.is_some()).then_some(false);
+        let mut ends = Ends {
             peer,
             src,
             dst_workload,
             sent_to,
             authority,
             start,
+            resumable,
         };
         // The upstream, or why it could not be opened (the access line's flags and error).
         let up = match &route {
@@ -427,6 +432,9 @@ impl Proxy {
                 .map(Up::Hbone)
                 .map_err(|e| (e.response_flags(), e)),
         };
+        if let Ok(Up::Resumable(..)) = &up {
+            ends.resumable = Some(true);
+        }
         match up {
             Ok(up) => Ok(Some(OpenOutbound {
                 stream,

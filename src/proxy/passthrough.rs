@@ -80,6 +80,7 @@ impl Proxy {
             hbone_addr: None,
             dst_workload: Some(&workload),
             start,
+            resumable: None,
         };
         let refused = |stream: &TcpStream, record, flags, e: &Error| {
             socket::reset_on_close(stream);

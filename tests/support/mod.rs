@@ -2,6 +2,7 @@
 //! clients, and network namespaces that clean themselves up.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod access_lines;
 pub mod ads;
 pub mod bench;
 pub mod cluster;
