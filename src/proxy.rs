@@ -10,7 +10,8 @@
 //! stops accepting and waits for its connections up to the termination deadline. Accepted and outgoing
 //! sockets carry TCP keepalive as configured. Inbound connections are registered with
 //! [`connections`], which re-checks them when policies change; [`metrics`](crate::metrics) counts them,
-//! and `access` writes one access line for each, in ztunnel's shape.
+//! and `access` writes one access line for each, in ztunnel's shape. With `MESHNODE_RESUMABLE_STREAMS`,
+//! `resumable` offers, accepts and resumes HBONE streams that outlive their HBONE connection.
 
 mod access;
 pub mod connections;
