@@ -77,6 +77,9 @@ pub enum ResumeError {
     /// An `x-meshnode-resume` value that is not `<32 hex digits>` or `<32 hex digits>;at=<count>`.
     #[error("malformed {RESUME_HEADER} value")]
     BadHeader,
+    /// Handed-over stream state that cannot be this version's (see `copy::Progress::import`).
+    #[error("handed-over resumable-stream state refused: {0}")]
+    BadState(&'static str),
 }
 
 /// A stream's name across processes: 128 random bits, chosen by the client at CONNECT.
@@ -334,6 +337,42 @@ impl SendLog {
         &self.kept
     }
 
+    /// The window this log was made with.
+    pub fn window(&self) -> usize {
+        self.window
+    }
+
+    /// A log as another process left it: `base` bytes acknowledged, then `unacked`; whether the `FIN`
+    /// went and was acknowledged.
+    pub fn restore(
+        window: usize,
+        base: u64,
+        unacked: &[u8],
+        fin: bool,
+        fin_acked: bool,
+    ) -> Result<SendLog, ResumeError> {
+        if window == 0 || unacked.len() > window + MAX_DATA {
+            return Err(ResumeError::BadState(
+                "more unacknowledged bytes than a window and a read",
+            ));
+        }
+        if fin_acked && (!fin || !unacked.is_empty()) {
+            return Err(ResumeError::BadState(
+                "FIN acknowledged before it went or before its bytes",
+            ));
+        }
+        if base.checked_add(unacked.len() as u64 + 1).is_none() {
+            return Err(ResumeError::BadState("stream offset overflows"));
+        }
+        Ok(SendLog {
+            base,
+            kept: BytesMut::from(unacked),
+            window,
+            fin,
+            fin_acked,
+        })
+    }
+
     /// After a move: the peer says it has `count` units in all; returns the bytes to send again, in order,
     /// before anything new (then the `FIN` again if it went and is not acknowledged).
     pub fn resume(&mut self, count: u64) -> Result<&[u8], ResumeError> {
@@ -389,6 +428,15 @@ impl RecvCount {
     /// The count to acknowledge when the stream goes quiet, if anything came since the last one.
     pub fn ack_idle(&mut self) -> Option<u64> {
         (self.received > self.acked).then(|| self.flush())
+    }
+
+    /// A count as another process left it (`received` units taken), everything counted as acknowledged:
+    /// the resume exchanges counts anyway.
+    pub fn restore(window: usize, received: u64) -> RecvCount {
+        let mut count = RecvCount::new(window);
+        count.received = received;
+        count.acked = received;
+        count
     }
 
     fn flush(&mut self) -> u64 {

@@ -106,10 +106,13 @@ const SEND_BUFFER: usize = 2 * MAX_PACKET;
 // The receiver takes one sender at a time; the listener's accept queue must hold at least that one.
 const _: () = assert!(packet::LISTEN_BACKLOG >= 1);
 
-/// Most bytes a connection may carry in each direction (`to_app`, `to_peer`).
-pub const MAX_BUFFERED: usize = 64 * 1024;
+/// Most bytes a connection may carry in each direction (`to_app`, `to_peer`): what a resumable stream may
+/// hold, a resend window and one read (`hbone::resume`).
+pub const MAX_BUFFERED: usize =
+    crate::hbone::resume::DEFAULT_WINDOW + crate::hbone::resume::MAX_DATA;
 
-/// Most bytes of tunnel-resumption state (`resume`) a connection may carry.
+/// Most bytes of tunnel-resumption state (`resume`) a connection may carry (a resumable stream's is
+/// `hbone::resume::copy::STATE_LEN` and its token).
 pub const MAX_RESUME: usize = 16 * 1024;
 
 /// Longest pod uid and peer identity, in bytes (a SPIFFE ID is at most 2048).

@@ -53,6 +53,23 @@ pub struct Progress {
     resend: bool,
 }
 
+/// A paused connection's state as [`Progress::export`] gives it.
+#[derive(Debug)]
+pub struct Exported<'a> {
+    /// Sent, not acknowledged: sent again after the resume.
+    pub unacked: &'a [u8],
+    /// Taken off the stream, not yet written to the application: written first.
+    pub unwritten: &'a [u8],
+    /// Counts, window and flags (versioned, fixed size).
+    pub state: [u8; STATE_LEN],
+}
+
+/// Bytes of an exported state: version, flags, window, bytes acknowledged by the peer, units received.
+pub const STATE_LEN: usize = 1 + 1 + 4 + 8 + 8;
+const STATE_VERSION: u8 = 1;
+/// Largest window an imported state may name.
+const MAX_WINDOW: usize = 16 << 20;
+
 /// How a [`run`] ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -91,6 +108,63 @@ impl Progress {
         self.log.resume(peer_count)?;
         self.resend = true;
         Ok(())
+    }
+
+    /// The state of a paused connection, for another process (`upgrade::handover` carries the parts:
+    /// `unacked` as the bytes to the peer, `unwritten` as the bytes to the application, `state` as the
+    /// resumption blob).
+    pub fn export(&self) -> Exported<'_> {
+        let mut state = [0u8; STATE_LEN];
+        state[0] = STATE_VERSION;
+        state[1] = u8::from(self.log.finished())
+            | u8::from(self.log.done()) << 1
+            | u8::from(self.fin_received) << 2;
+        state[2..6].copy_from_slice(&(self.log.window() as u32).to_be_bytes());
+        let base = self.log.sent() - self.log.unacked().len() as u64;
+        state[6..14].copy_from_slice(&base.to_be_bytes());
+        state[14..22].copy_from_slice(&self.count.received().to_be_bytes());
+        Exported {
+            unacked: self.log.unacked(),
+            unwritten: &self.unwritten,
+            state,
+        }
+    }
+
+    /// A connection's state from [`Progress::export`]'s parts, as another process handed them over;
+    /// refused when they cannot be (a version, lengths or flags out of bounds).
+    pub fn import(unacked: &[u8], unwritten: &[u8], state: &[u8]) -> Result<Progress, ResumeError> {
+        let state: &[u8; STATE_LEN] = state
+            .try_into()
+            .map_err(|_| ResumeError::BadState("state of another length"))?;
+        if state[0] != STATE_VERSION {
+            return Err(ResumeError::BadState("state of another version"));
+        }
+        let flags = state[1];
+        if flags & !0b111 != 0 {
+            return Err(ResumeError::BadState("unknown flags"));
+        }
+        let window = u32::from_be_bytes(state[2..6].try_into().expect("4 bytes")) as usize;
+        if window > MAX_WINDOW {
+            return Err(ResumeError::BadState(
+                "window larger than this version allows",
+            ));
+        }
+        let base = u64::from_be_bytes(state[6..14].try_into().expect("8 bytes"));
+        let received = u64::from_be_bytes(state[14..22].try_into().expect("8 bytes"));
+        let fin_received = flags & 0b100 != 0;
+        if unwritten.len() > MAX_DATA || received < unwritten.len() as u64 + u64::from(fin_received)
+        {
+            return Err(ResumeError::BadState(
+                "more unwritten bytes than were received",
+            ));
+        }
+        Ok(Progress {
+            log: SendLog::restore(window, base, unacked, flags & 1 != 0, flags & 0b10 != 0)?,
+            count: RecvCount::restore(window, received),
+            unwritten: Bytes::copy_from_slice(unwritten),
+            fin_received,
+            resend: false,
+        })
     }
 
     fn transferred(&self) -> Transferred {

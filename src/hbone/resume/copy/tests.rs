@@ -150,8 +150,9 @@ async fn bytes_go_both_ways_and_the_connection_ends_when_both_sides_close() {
 }
 
 /// Pauses the side `which` (0 client, 1 server) every so often while bulk data flows both ways; after
-/// each pause both sides resume on a new stream from the other's count, as a re-dial would. Every byte
-/// arrives once, in order.
+/// each pause the paused side's state goes through export and import (as to a new process) and both
+/// sides resume on a new stream from the other's count, as a re-dial would. Every byte arrives once, in
+/// order.
 async fn moves_lose_and_duplicate_nothing(which: usize) {
     let mut h2 = H2Pair::new().await;
     let (app_c, proxy_c) = tokio::io::duplex(16 * 1024);
@@ -193,6 +194,10 @@ async fn moves_lose_and_duplicate_nothing(which: usize) {
         }
         moves += 1;
         assert!(moves < 10_000, "no end after {moves} moves");
+        let moved = &mut ends[which].progress;
+        let exported = moved.export();
+        *moved = Progress::import(exported.unacked, exported.unwritten, &exported.state)
+            .expect("a state this version exported imports");
         let (cc, sc) = (ends[0].progress.received(), ends[1].progress.received());
         ends[0].progress.resume(sc).expect("client resumes");
         ends[1].progress.resume(cc).expect("server resumes");
@@ -244,4 +249,44 @@ async fn a_malformed_frame_ends_the_copy_with_an_error() {
     .expect_err("an unknown frame type is refused");
     assert_eq!(err.kind(), io::ErrorKind::InvalidData);
     assert!(err.to_string().contains("unknown"), "{err}");
+}
+
+#[test]
+fn handed_over_state_that_cannot_be_is_refused() {
+    let mut p = Progress::new(1024);
+    p.log.record(b"abc").unwrap();
+    let e = p.export();
+    let (unacked, state) = (e.unacked.to_vec(), e.state);
+    assert!(Progress::import(&unacked, b"", &state).is_ok());
+    let bad = |unacked: &[u8], unwritten: &[u8], state: &[u8]| {
+        matches!(
+            Progress::import(unacked, unwritten, state),
+            Err(ResumeError::BadState(_))
+        )
+    };
+    assert!(bad(&unacked, b"", &state[..STATE_LEN - 1]), "short");
+    let with = |i: usize, v: u8| {
+        let mut s = state;
+        s[i] = v;
+        s
+    };
+    assert!(bad(&unacked, b"", &with(0, 9)), "another version");
+    assert!(bad(&unacked, b"", &with(1, 0b1000)), "unknown flag");
+    assert!(
+        bad(&unacked, b"", &with(1, 0b10)),
+        "FIN acknowledged, never sent"
+    );
+    assert!(
+        bad(&unacked, b"", &with(1, 0b11)),
+        "FIN acknowledged before its bytes"
+    );
+    assert!(bad(&unacked, b"", &with(2, 0xff)), "window too large");
+    assert!(
+        bad(&vec![0; 1024 + MAX_DATA + 1], b"", &state),
+        "more than a window and a read"
+    );
+    assert!(
+        bad(&unacked, b"x", &state),
+        "unwritten bytes never received"
+    );
 }
