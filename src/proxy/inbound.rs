@@ -139,7 +139,7 @@ impl OpenStream {
     /// Copies both ways until both ends finish, or a policy change denies the stream. Borrows the stream
     /// (held once, by the caller) rather than taking it: an `async fn`'s arguments stay in its future, and a
     /// moved-in stream would be held twice.
-    async fn carry(&mut self, proxy: &Proxy) -> Carried {
+    async fn carry(&mut self) -> Carried {
         let (r, w) = self.upstream.split();
         let live = self.record.live_bytes();
         let (mut r, mut w) = (
@@ -151,8 +151,7 @@ impl OpenStream {
                 None => copy::bidirectional(&mut r, &mut w, &mut self.send, &mut self.recv).await,
                 // Boxed: its state would otherwise size every stream's task, resumable or not.
                 Some(resumable) => {
-                    Box::pin(resumable.carry(proxy, &mut r, &mut w, &mut self.send, &mut self.recv))
-                        .await
+                    Box::pin(resumable.carry(&mut r, &mut w, &mut self.send, &mut self.recv)).await
                 }
             }
         };
@@ -305,15 +304,12 @@ impl Proxy {
         peer_id: Identity,
     ) -> impl std::future::Future<Output = ()> + Send + 'static {
         let start = Instant::now();
-        let opening = Box::pin(
-            self.clone()
-                .open_stream(incoming, peer, local, peer_id, start),
-        );
+        let opening = Box::pin(self.open_stream(incoming, peer, local, peer_id, start));
         async move {
             let Some(mut open) = opening.await else {
                 return;
             };
-            let carried = open.carry(&self).await;
+            let carried = open.carry().await;
             open.close(carried, peer, local, start);
         }
     }
@@ -424,7 +420,8 @@ impl Proxy {
             authority,
             send,
             recv,
-            resumable: offered.map(|token| super::resumable::Server::new(token, peer_id)),
+            resumable: offered
+                .map(|token| super::resumable::Server::new(self.clone(), token, peer_id)),
             resumable_on: resumable,
         })
     }

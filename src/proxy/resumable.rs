@@ -183,8 +183,10 @@ fn no_pause() -> watch::Receiver<bool> {
     watch::channel(false).1
 }
 
-/// The server side of one resumable stream, after its 200.
+/// The server side of one resumable stream, after its 200. Holds its proxy (for the parking), which a
+/// plain stream does not.
 pub(super) struct Server {
+    pub proxy: Arc<Proxy>,
     pub token: Token,
     pub identity: Identity,
     pub progress: Progress,
@@ -192,8 +194,9 @@ pub(super) struct Server {
 
 impl Server {
     /// A new accepted stream's state.
-    pub(super) fn new(token: Token, identity: Identity) -> Box<Server> {
+    pub(super) fn new(proxy: Arc<Proxy>, token: Token, identity: Identity) -> Box<Server> {
         Box::new(Server {
+            proxy,
             token,
             identity,
             progress: Progress::new(DEFAULT_WINDOW),
@@ -203,7 +206,6 @@ impl Server {
     /// Copies until both sides are done; a broken tunnel waits for the re-dial (see the module header).
     pub(super) async fn carry<R, W>(
         &mut self,
-        proxy: &Proxy,
         app_read: &mut R,
         app_write: &mut W,
         send: &mut SendStream<Bytes>,
@@ -219,12 +221,13 @@ impl Server {
                 .await?
             {
                 Outcome::Done(t) => return Ok(t),
-                Outcome::Paused | Outcome::PeerLeft => {}
+                Outcome::Paused | Outcome::PeerLeft | Outcome::PeerMoving => {}
             }
-            let wait = proxy.cfg().resume_wait;
-            let max = proxy.cfg().max_connections;
+            let wait = self.proxy.cfg().resume_wait;
+            let max = self.proxy.cfg().max_connections;
             let at = self.progress.received();
-            let Some(resumed) = proxy
+            let Some(resumed) = self
+                .proxy
                 .parking
                 .wait(self.token, self.identity.clone(), at, wait, max)
                 .await
@@ -299,18 +302,19 @@ impl Client {
             if let Outcome::Done(_) = outcome {
                 return Ok(());
             }
-            *stream = self.redial().await?;
+            *stream = self.redial(outcome == Outcome::PeerMoving).await?;
         }
     }
 
-    /// Re-dials until the server answers with its count, or the wait is over.
-    async fn redial(&mut self) -> io::Result<pool::Stream> {
+    /// Re-dials until the server answers with its count, or the wait is over. After the server said it is
+    /// moving, "no such stream" (404) is tried again: its new process may not have the stream yet.
+    async fn redial(&mut self, moving: bool) -> io::Result<pool::Stream> {
         let wait = self.proxy.cfg().resume_wait;
         let deadline = tokio::time::Instant::now() + wait;
         let mut pause = FIRST_REDIAL_PAUSE;
         let mut last = String::new();
         while tokio::time::Instant::now() < deadline {
-            match self.try_redial().await {
+            match self.try_redial(moving).await {
                 Ok(stream) => return Ok(stream),
                 Err(Fatal(e)) => return Err(e),
                 Err(Retry(e)) => last = e,
@@ -324,7 +328,7 @@ impl Client {
         ))
     }
 
-    async fn try_redial(&mut self) -> Result<pool::Stream, RedialError> {
+    async fn try_redial(&mut self, moving: bool) -> Result<pool::Stream, RedialError> {
         let retry = |e: &dyn std::fmt::Display| Retry(e.to_string());
         let tls = self
             .proxy
@@ -346,6 +350,13 @@ impl Client {
         req.headers_mut().insert(RESUME_HEADER, ask.to_value());
         let stream = match self.proxy.pool().connect(&self.key, &tls, req).await {
             Ok(s) => s,
+            Err(pool::Error::Status { status, .. })
+                if moving && status == StatusCode::NOT_FOUND =>
+            {
+                return Err(Retry(format!(
+                    "the server does not have the stream yet ({status})"
+                )))
+            }
             // The server answered: it no longer has the stream (or never had it). Nothing to retry.
             Err(pool::Error::Status { status, .. }) => {
                 return Err(Fatal(io::Error::new(

@@ -77,8 +77,11 @@ pub enum Outcome {
     Done(Transferred),
     /// Paused on request: resume on a new stream.
     Paused,
-    /// The peer moved or its stream went away: resume on a new stream.
+    /// The peer's stream went away (reset, connection gone): resume on a new stream.
     PeerLeft,
+    /// The peer said it is moving (`MOVING`): resume on a new stream; its new process may take a moment
+    /// to have the stream.
+    PeerMoving,
 }
 
 impl Progress {
@@ -213,6 +216,7 @@ enum RecvEnd {
     Ended,
     Paused,
     PeerLeft,
+    PeerMoving,
 }
 
 /// Runs the copy on one stream until it is done, paused or the peer left (see the module header). An
@@ -264,6 +268,7 @@ where
     Ok(match (up, down) {
         (SendEnd::Done, RecvEnd::Ended) => Outcome::Done(progress.transferred()),
         (SendEnd::Paused, _) | (_, RecvEnd::Paused) => Outcome::Paused,
+        (_, RecvEnd::PeerMoving) => Outcome::PeerMoving,
         _ => Outcome::PeerLeft,
     })
 }
@@ -507,7 +512,7 @@ async fn recv_half<W: AsyncWrite + Unpin>(
                 }
                 Frame::Moving(n) => {
                     shared.peer_acked.fetch_max(n, Ordering::AcqRel);
-                    return left(RecvEnd::PeerLeft);
+                    return left(RecvEnd::PeerMoving);
                 }
             }
             if let Some(n) = count.ack_due() {

@@ -189,7 +189,10 @@ async fn moves_lose_and_duplicate_nothing(which: usize) {
                 let paused = if which == 0 { a } else { b };
                 let other = if which == 0 { b } else { a };
                 assert_eq!(paused, Outcome::Paused, "the paused side reports the pause");
-                assert_eq!(other, Outcome::PeerLeft, "its peer sees it leave");
+                assert!(
+                    matches!(other, Outcome::PeerMoving | Outcome::PeerLeft),
+                    "its peer sees it leave: {other:?}"
+                );
             }
         }
         moves += 1;
