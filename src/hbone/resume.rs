@@ -25,6 +25,8 @@
 //! "Received" means taken off the stream, not written to the application: bytes in between travel with the
 //! application socket when a process hands its connections over (`upgrade::handover`'s buffered bytes).
 
+use std::collections::VecDeque;
+
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 /// The header carrying the offer, its echo and a resume (a name ztunnel does not know, so ignores).
@@ -241,11 +243,15 @@ pub fn put_moving(dst: &mut BytesMut, count: u64) {
 }
 
 /// The bytes sent and not yet acknowledged, kept for a resend after a move, and whether the `FIN` went.
+/// The reads themselves are kept (shared with the frames that carried them), not a copy.
 #[derive(Debug)]
 pub struct SendLog {
     /// Bytes the peer acknowledged: the stream offset of `kept`'s first byte.
     base: u64,
-    kept: BytesMut,
+    /// The reads not yet acknowledged, oldest first (the first possibly in part).
+    kept: VecDeque<Bytes>,
+    /// Their length in all.
+    kept_len: usize,
     window: usize,
     fin: bool,
     fin_acked: bool,
@@ -256,7 +262,8 @@ impl SendLog {
     pub fn new(window: usize) -> SendLog {
         SendLog {
             base: 0,
-            kept: BytesMut::new(),
+            kept: VecDeque::new(),
+            kept_len: 0,
             window,
             fin: false,
             fin_acked: false,
@@ -265,7 +272,7 @@ impl SendLog {
 
     /// Bytes sent since the stream began (the `FIN` not counted).
     pub fn sent(&self) -> u64 {
-        self.base + self.kept.len() as u64
+        self.base + self.kept_len as u64
     }
 
     /// Units the peer has acknowledged: bytes, and one for the `FIN`.
@@ -275,11 +282,11 @@ impl SendLog {
 
     /// Bytes the window has left: another read (of up to [`MAX_DATA`]) may be sent while this is not 0.
     pub fn room(&self) -> usize {
-        self.window.saturating_sub(self.kept.len())
+        self.window.saturating_sub(self.kept_len)
     }
 
     /// Keeps `bytes` (one read, at most [`MAX_DATA`]), just sent, until they are acknowledged.
-    pub fn record(&mut self, bytes: &[u8]) -> Result<(), ResumeError> {
+    pub fn record(&mut self, bytes: Bytes) -> Result<(), ResumeError> {
         if bytes.len() > MAX_DATA {
             return Err(ResumeError::DataLength(bytes.len()));
         }
@@ -287,7 +294,10 @@ impl SendLog {
             return Err(ResumeError::WindowFull { len: bytes.len() });
         }
         debug_assert!(!self.fin, "no data after the FIN");
-        self.kept.extend_from_slice(bytes);
+        if !bytes.is_empty() {
+            self.kept_len += bytes.len();
+            self.kept.push_back(bytes);
+        }
         Ok(())
     }
 
@@ -322,19 +332,40 @@ impl SendLog {
             });
         }
         let data = count.min(self.sent());
-        self.kept.advance((data - self.base) as usize);
+        let mut drop = (data - self.base) as usize;
+        self.kept_len -= drop;
+        while drop > 0 {
+            let front = self
+                .kept
+                .front_mut()
+                .expect("kept_len counts what kept holds");
+            if front.len() <= drop {
+                drop -= front.len();
+                self.kept.pop_front();
+            } else {
+                front.advance(drop);
+                drop = 0;
+            }
+        }
+        if self.kept.is_empty() {
+            // Nothing kept: give the queue's memory back too (an idle stream holds nothing).
+            self.kept = VecDeque::new();
+        }
         self.base = data;
         self.fin_acked = self.fin && count == limit;
-        if self.kept.is_empty() {
-            // Nothing kept: give the memory back (an idle stream holds no buffer).
-            self.kept = BytesMut::new();
-        }
         Ok(())
     }
 
-    /// The bytes sent and not acknowledged, oldest first.
-    pub fn unacked(&self) -> &[u8] {
-        &self.kept
+    /// The bytes sent and not acknowledged, oldest first, as the reads that sent them.
+    pub fn unacked(&self) -> impl Iterator<Item = &Bytes> {
+        self.kept.iter()
+    }
+
+    /// The bytes sent and not acknowledged, in one copy (for a hand-over).
+    pub fn unacked_bytes(&self) -> Vec<u8> {
+        let mut all = Vec::with_capacity(self.kept_len);
+        self.kept.iter().for_each(|b| all.extend_from_slice(b));
+        all
     }
 
     /// The window this log was made with.
@@ -364,20 +395,26 @@ impl SendLog {
         if base.checked_add(unacked.len() as u64 + 1).is_none() {
             return Err(ResumeError::BadState("stream offset overflows"));
         }
+        let all = Bytes::copy_from_slice(unacked);
+        // In parts a DATA frame can carry.
+        let kept = (0..all.len())
+            .step_by(MAX_DATA)
+            .map(|at| all.slice(at..all.len().min(at + MAX_DATA)))
+            .collect();
         Ok(SendLog {
             base,
-            kept: BytesMut::from(unacked),
+            kept,
+            kept_len: unacked.len(),
             window,
             fin,
             fin_acked,
         })
     }
 
-    /// After a move: the peer says it has `count` units in all; returns the bytes to send again, in order,
-    /// before anything new (then the `FIN` again if it went and is not acknowledged).
-    pub fn resume(&mut self, count: u64) -> Result<&[u8], ResumeError> {
-        self.ack(count)?;
-        Ok(&self.kept)
+    /// After a move: the peer says it has `count` units in all. What it lacks ([`SendLog::unacked`]) goes
+    /// again, in order, before anything new (then the `FIN` again if it went and is not acknowledged).
+    pub fn resume(&mut self, count: u64) -> Result<(), ResumeError> {
+        self.ack(count)
     }
 }
 

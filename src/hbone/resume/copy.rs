@@ -56,8 +56,8 @@ pub struct Progress {
 /// A paused connection's state as [`Progress::export`] gives it.
 #[derive(Debug)]
 pub struct Exported<'a> {
-    /// Sent, not acknowledged: sent again after the resume.
-    pub unacked: &'a [u8],
+    /// Sent, not acknowledged: sent again after the resume (copied into one buffer).
+    pub unacked: Vec<u8>,
     /// Taken off the stream, not yet written to the application: written first.
     pub unwritten: &'a [u8],
     /// Counts, window and flags (versioned, fixed size).
@@ -123,11 +123,12 @@ impl Progress {
             | u8::from(self.log.done()) << 1
             | u8::from(self.fin_received) << 2;
         state[2..6].copy_from_slice(&(self.log.window() as u32).to_be_bytes());
-        let base = self.log.sent() - self.log.unacked().len() as u64;
+        let unacked = self.log.unacked_bytes();
+        let base = self.log.sent() - unacked.len() as u64;
         state[6..14].copy_from_slice(&base.to_be_bytes());
         state[14..22].copy_from_slice(&self.count.received().to_be_bytes());
         Exported {
-            unacked: self.log.unacked(),
+            unacked,
             unwritten: &self.unwritten,
             state,
         }
@@ -357,8 +358,8 @@ async fn send_half<R: AsyncRead + Unpin>(
     let mut acked_sent = 0u64;
     let mut reader = Reader::default();
     if std::mem::take(resend) {
-        for chunk in log.unacked().chunks(MAX_DATA) {
-            put_data(&mut out, chunk).map_err(protocol)?;
+        for part in log.unacked() {
+            put_data(&mut out, part).map_err(protocol)?;
         }
         if log.finished() && !log.done() {
             put_fin(&mut out, log.sent());
@@ -416,7 +417,7 @@ async fn send_half<R: AsyncRead + Unpin>(
                     log.finish();
                     put_fin(&mut out, log.sent());
                 } else {
-                    log.record(&chunk).map_err(protocol)?;
+                    log.record(chunk.clone()).map_err(protocol)?;
                     put_data_head(&mut out, chunk.len()).map_err(protocol)?;
                     data = chunk;
                 }

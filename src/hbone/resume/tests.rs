@@ -66,20 +66,24 @@ fn malformed_frames_are_refused() {
 #[test]
 fn the_send_log_keeps_unacknowledged_bytes_within_its_window() {
     let mut log = SendLog::new(10);
-    log.record(b"abcdef").unwrap();
+    log.record(Bytes::from_static(b"abcdef")).unwrap();
     assert_eq!((log.sent(), log.acked(), log.room()), (6, 0, 4));
     // One read may overrun the window; then nothing more until an acknowledgement.
-    log.record(b"ghij").unwrap();
+    log.record(Bytes::from_static(b"ghij")).unwrap();
     assert_eq!(log.room(), 0);
-    assert_eq!(log.record(b"k"), Err(ResumeError::WindowFull { len: 1 }));
     assert_eq!(
-        log.record(&vec![0; MAX_DATA + 1]),
+        log.record(Bytes::from_static(b"k")),
+        Err(ResumeError::WindowFull { len: 1 })
+    );
+    assert_eq!(
+        log.record(Bytes::from(vec![0; MAX_DATA + 1])),
         Err(ResumeError::DataLength(MAX_DATA + 1))
     );
     log.ack(4).unwrap();
     assert_eq!((log.sent(), log.acked(), log.room()), (10, 4, 4));
-    log.record(b"k").unwrap();
-    assert_eq!(log.resume(5).unwrap(), b"fghijk");
+    log.record(Bytes::from_static(b"k")).unwrap();
+    log.resume(5).unwrap();
+    assert_eq!(log.unacked_bytes(), b"fghijk");
     assert_eq!(log.acked(), 5);
 
     assert_eq!(
@@ -94,19 +98,22 @@ fn the_send_log_keeps_unacknowledged_bytes_within_its_window() {
         Err(ResumeError::AckWentBack { before: 5, now: 3 })
     );
     // Refusals leave the log as it was.
-    assert_eq!(log.resume(5).unwrap(), b"fghijk");
+    log.resume(5).unwrap();
+    assert_eq!(log.unacked_bytes(), b"fghijk");
     log.ack(11).unwrap();
-    assert_eq!(log.resume(11).unwrap(), b"");
+    log.resume(11).unwrap();
+    assert!(log.unacked_bytes().is_empty());
 }
 
 #[test]
 fn the_fin_counts_as_one_unit_and_is_done_only_when_acknowledged() {
     let mut log = SendLog::new(10);
-    log.record(b"abc").unwrap();
+    log.record(Bytes::from_static(b"abc")).unwrap();
     log.finish();
     assert!(log.finished() && !log.done());
     // The bytes acknowledged, not the FIN: it must go again after a move.
-    assert_eq!(log.resume(3).unwrap(), b"");
+    log.resume(3).unwrap();
+    assert!(log.unacked_bytes().is_empty());
     assert!(!log.done());
     assert_eq!(
         log.ack(5),
@@ -117,7 +124,7 @@ fn the_fin_counts_as_one_unit_and_is_done_only_when_acknowledged() {
     assert_eq!((log.sent(), log.acked()), (3, 4));
     // Without a FIN, one more than the bytes is beyond what was sent.
     let mut open = SendLog::new(10);
-    open.record(b"abc").unwrap();
+    open.record(Bytes::from_static(b"abc")).unwrap();
     assert_eq!(
         open.ack(4),
         Err(ResumeError::AckBeyondSent { acked: 4, sent: 3 })
@@ -226,7 +233,8 @@ fn bytes_arrive_exactly_once_across_many_moves() {
                 .min(input.len() - next);
             if n > 0 {
                 put_data(&mut to_b, &input[next..next + n]).unwrap();
-                log.record(&input[next..next + n]).unwrap();
+                log.record(Bytes::copy_from_slice(&input[next..next + n]))
+                    .unwrap();
             }
             // Some of the wire reaches B.
             let take = rng.below(to_b.len() + 1);
@@ -262,7 +270,8 @@ fn bytes_arrive_exactly_once_across_many_moves() {
                 to_a.clear();
                 at_b.clear();
                 at_a.clear();
-                let again = log.resume(count.received()).unwrap().to_vec();
+                log.resume(count.received()).unwrap();
+                let again = log.unacked_bytes();
                 for chunk in again.chunks(MAX_DATA) {
                     put_data(&mut to_b, chunk).unwrap();
                 }
@@ -271,4 +280,18 @@ fn bytes_arrive_exactly_once_across_many_moves() {
         assert!(moves > 10, "seed {seed}: only {moves} moves");
         assert!(delivered == input, "seed {seed}: delivered bytes differ");
     }
+}
+
+#[test]
+fn a_restored_log_resends_in_frames_a_data_frame_can_carry_and_acks_across_them() {
+    let bytes: Vec<u8> = (0..2 * MAX_DATA + 5).map(|i| (i % 251) as u8).collect();
+    let mut log = SendLog::restore(2 * MAX_DATA, 100, &bytes, false, false).unwrap();
+    assert_eq!(log.sent(), 100 + bytes.len() as u64);
+    let parts: Vec<usize> = log.unacked().map(|p| p.len()).collect();
+    assert_eq!(parts, vec![MAX_DATA, MAX_DATA, 5]);
+    // An acknowledgement inside the second part.
+    log.ack(100 + MAX_DATA as u64 + 7).unwrap();
+    assert_eq!(log.unacked_bytes(), &bytes[MAX_DATA + 7..]);
+    let parts: Vec<usize> = log.unacked().map(|p| p.len()).collect();
+    assert_eq!(parts, vec![MAX_DATA - 7, 5]);
 }

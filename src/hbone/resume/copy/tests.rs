@@ -146,7 +146,7 @@ async fn bytes_go_both_ways_and_the_connection_ends_when_both_sides_close() {
     assert!(got_s.await.unwrap() == up, "server app got other bytes");
     assert!(got_c.await.unwrap() == down, "client app got other bytes");
     // Everything acknowledged: nothing kept for a resend.
-    assert!(c.progress.log.unacked().is_empty() && s.progress.log.unacked().is_empty());
+    assert!(c.progress.log.unacked_bytes().is_empty() && s.progress.log.unacked_bytes().is_empty());
 }
 
 /// Pauses the side `which` (0 client, 1 server) every so often while bulk data flows both ways; after
@@ -199,7 +199,7 @@ async fn moves_lose_and_duplicate_nothing(which: usize) {
         assert!(moves < 10_000, "no end after {moves} moves");
         let moved = &mut ends[which].progress;
         let exported = moved.export();
-        *moved = Progress::import(exported.unacked, exported.unwritten, &exported.state)
+        *moved = Progress::import(&exported.unacked, exported.unwritten, &exported.state)
             .expect("a state this version exported imports");
         let (cc, sc) = (ends[0].progress.received(), ends[1].progress.received());
         ends[0].progress.resume(sc).expect("client resumes");
@@ -257,9 +257,9 @@ async fn a_malformed_frame_ends_the_copy_with_an_error() {
 #[test]
 fn handed_over_state_that_cannot_be_is_refused() {
     let mut p = Progress::new(1024);
-    p.log.record(b"abc").unwrap();
+    p.log.record(Bytes::from_static(b"abc")).unwrap();
     let e = p.export();
-    let (unacked, state) = (e.unacked.to_vec(), e.state);
+    let (unacked, state) = (e.unacked.clone(), e.state);
     assert!(Progress::import(&unacked, b"", &state).is_ok());
     let bad = |unacked: &[u8], unwritten: &[u8], state: &[u8]| {
         matches!(
