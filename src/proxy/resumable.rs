@@ -302,7 +302,9 @@ impl Client {
             if let Outcome::Done(_) = outcome {
                 return Ok(());
             }
-            *stream = self.redial(outcome == Outcome::PeerMoving).await?;
+            // Boxed: a re-dial's state (a TLS handshake's) would otherwise size every resumable
+            // connection's task for its whole life.
+            *stream = Box::pin(self.redial(outcome == Outcome::PeerMoving)).await?;
         }
     }
 
