@@ -48,6 +48,7 @@ workloads:
 struct Relay {
     conns: Arc<Mutex<Vec<AbortHandle>>>,
     accepted: Arc<std::sync::atomic::AtomicUsize>,
+    listening: AbortHandle,
 }
 
 impl Relay {
@@ -56,7 +57,7 @@ impl Relay {
         let conns: Arc<Mutex<Vec<AbortHandle>>> = Arc::default();
         let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let (c, a) = (conns.clone(), accepted.clone());
-        tokio::spawn(async move {
+        let listening = tokio::spawn(async move {
             while let Ok((mut down, _)) = l.accept().await {
                 a.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let task = tokio::spawn(async move {
@@ -66,8 +67,19 @@ impl Relay {
                 });
                 c.lock().push(task.abort_handle());
             }
-        });
-        Relay { conns, accepted }
+        })
+        .abort_handle();
+        Relay {
+            conns,
+            accepted,
+            listening,
+        }
+    }
+
+    /// Cuts every relayed connection and stops listening: the path is gone for good.
+    fn close(&self) {
+        self.listening.abort();
+        self.cut();
     }
 
     /// Drops every relayed connection (both proxies see their HBONE connection end).
@@ -91,10 +103,18 @@ struct Mesh {
 }
 
 async fn mesh(server_resumable: bool) -> Mesh {
+    mesh_waiting(server_resumable, "10s").await
+}
+
+/// [`mesh`] with `MESHNODE_RESUME_WAIT` = `wait` on both proxies.
+async fn mesh_waiting(server_resumable: bool, wait: &str) -> Mesh {
     let net = loopback_net();
     let ca = Arc::new(BuiltinCa::ephemeral(TTL).unwrap());
     let yaml = mesh_yaml(net);
-    let on = [("MESHNODE_RESUMABLE_STREAMS", "true")];
+    let on = [
+        ("MESHNODE_RESUMABLE_STREAMS", "true"),
+        ("MESHNODE_RESUME_WAIT", wait),
+    ];
     let mut cfg = config("default/client/client", &on);
     cfg.ports.inbound = RELAY_PORT;
     let workload = cfg.workload_info.clone().unwrap();
@@ -234,6 +254,33 @@ async fn without_the_servers_agreement_a_cut_ends_the_connection_as_before() {
     // The client's access line says the connection was not resumable.
     lines
         .line_with(&["direction=\"outbound\"", "resumable=false"])
+        .await;
+}
+
+#[tokio::test]
+async fn a_tunnel_that_cannot_be_dialled_again_ends_the_connection_after_the_wait() {
+    let (lines, _guard) = AccessLines::capture();
+    let m = mesh_waiting(true, "500ms").await;
+    let mut s = m.echo_connection().await;
+    echo_once(&mut s, b"before the path goes").await;
+    let gone = std::time::Instant::now();
+    m.relay.close();
+    let mut buf = [0u8; 64];
+    let end = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+        .await
+        .expect("the connection ends within the wait and a little");
+    assert!(matches!(end, Ok(0) | Err(_)), "{end:?}");
+    assert!(
+        gone.elapsed() >= Duration::from_millis(400),
+        "ended before the wait: {:?}",
+        gone.elapsed()
+    );
+    // Each side says why, on its access line.
+    lines
+        .line_with(&["direction=\"outbound\"", "no resume within 500ms"])
+        .await;
+    lines
+        .line_with(&["direction=\"inbound\"", "did not resume within 500ms"])
         .await;
 }
 
