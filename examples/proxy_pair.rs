@@ -176,6 +176,7 @@ fn start(
         netns: None,
         metrics: Default::default(),
         resolver: None,
+        handover: None,
     };
     let proxy = Proxy::new(inputs, shutdown);
     let p = proxy.clone();

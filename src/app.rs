@@ -310,6 +310,10 @@ async fn run_proxy_inner(
         tokio::spawn(crate::readiness::serve(l, ready.clone(), shutdown.clone()));
     }
     let pods = crate::inpod::PodStates::default();
+    let handover = cfg
+        .handover_socket
+        .clone()
+        .map(crate::proxy::handover::Handover::new);
     if let Some((port, trigger, hand_back)) = admin {
         let inputs = crate::admin::AdminInputs {
             cfg: cfg.clone(),
@@ -342,9 +346,21 @@ async fn run_proxy_inner(
                 orig_src,
                 metrics,
                 workload_manager,
-                pods,
+                pods: pods.clone(),
+                handover: handover.clone(),
+            };
+            let (shutdown, departure) = match handover {
+                Some(h) => {
+                    let find = move |uid: &str| pods.proxy(uid);
+                    let (inner, task) = hand_over_at_shutdown(h, shutdown, ready.clone(), find);
+                    (inner, Some(task))
+                }
+                None => (shutdown, None),
             };
             crate::inpod::run(inputs, ready, shutdown).await;
+            if let Some(task) = departure {
+                let _ = task.await;
+            }
             return Ok(());
         }
     };
@@ -372,6 +388,17 @@ async fn run_proxy_inner(
             Err(e) => tracing::warn!(error = %e, "DNS proxy not started"),
         }
     }
+    // The proxy, once built, for the connections handed over to this process.
+    let built: Arc<std::sync::OnceLock<Arc<Proxy>>> = Arc::default();
+    let (shutdown, departure) = match handover.clone() {
+        Some(h) => {
+            let built = built.clone();
+            let find = move |_: &str| built.get().cloned();
+            let (inner, task) = hand_over_at_shutdown(h, shutdown, ready.clone(), find);
+            (inner, Some(task))
+        }
+        None => (shutdown, None),
+    };
     let proxy = Proxy::new(
         ProxyInputs {
             cfg: cfg.clone(),
@@ -384,9 +411,16 @@ async fn run_proxy_inner(
             // Not served yet: app.rs creates the process registry and serves it on :15020 (issue 5 wiring).
             metrics,
             resolver: Some(resolver),
+            handover: handover
+                .clone()
+                .map(|handover| crate::proxy::handover::Slot {
+                    handover,
+                    pod: String::new(),
+                }),
         },
         shutdown,
     );
+    let _ = built.set(proxy.clone());
     // Ready once our workload is known and its certificate issued, so the first connection does not wait.
     let task = ready.register("proxy");
     let warm = proxy.clone();
@@ -407,7 +441,57 @@ async fn run_proxy_inner(
         task.done();
     });
     proxy.serve(listeners).await;
+    if let Some(task) = departure {
+        let _ = task.await;
+    }
     Ok(())
+}
+
+/// Upgrades without cutting connections (`MESHNODE_HANDOVER_SOCKET`): once `ready`, takes the
+/// connections a leaving process hands over (each to the proxy `find` names for its pod); when
+/// `shutdown` turns true, stops taking them, turns the returned shutdown (the proxies') true, and hands
+/// this process's resumable connections to the process that replaces it. The task ends when that is
+/// done; await it before exiting.
+fn hand_over_at_shutdown<F>(
+    handover: Arc<crate::proxy::handover::Handover>,
+    shutdown: watch::Receiver<bool>,
+    ready: Arc<Readiness>,
+    find: F,
+) -> (watch::Receiver<bool>, tokio::task::JoinHandle<()>)
+where
+    F: Fn(&str) -> Option<Arc<Proxy>> + Send + Sync + 'static,
+{
+    let (inner_tx, inner) = watch::channel(false);
+    let task = tokio::spawn(async move {
+        let mut outer = shutdown.clone();
+        let arrivals = async {
+            // Only once this process serves its pods: a leaving one hands its connections to us then.
+            while !ready.pending().is_empty() {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            if let Err(e) =
+                crate::proxy::handover::arrive(handover.path(), &find, shutdown.clone()).await
+            {
+                tracing::warn!(error = %e, "connections cannot be handed over to this process");
+            }
+        };
+        tokio::select! {
+            _ = arrivals => {}
+            _ = outer.wait_for(|s| *s) => {}
+        }
+        let _ = outer.wait_for(|s| *s).await;
+        inner_tx.send_replace(true);
+        match handover.leave().await {
+            Ok(left) => tracing::info!(
+                taken = left.taken,
+                closed = left.kept + left.late,
+                error = left.error.map(|e| e.to_string()),
+                "resumable connections handed over to the new process"
+            ),
+            Err(e) => tracing::info!(error = %e, "no hand-over: open connections drain"),
+        }
+    });
+    (inner, task)
 }
 
 /// Raises the soft limit on open files to the hard limit, as ztunnel does at start. Every proxied

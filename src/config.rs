@@ -117,6 +117,10 @@ MESHNODE_RESUMABLE_STREAMS = "false";
 /// meshnode's own: how long a resumable stream whose tunnel broke waits for the re-dial (server) or keeps
 /// re-dialling (client) before its application connection is closed.
 MESHNODE_RESUME_WAIT = "10s";
+/// meshnode's own: the unix socket through which an upgrade hands open connections from the old proxy
+/// process to the new one (the new one listens once ready; the old one, told to stop, hands over its
+/// resumable streams there). Empty: none (connections drain at shutdown, as ztunnel's).
+MESHNODE_HANDOVER_SOCKET = "";
 /// TCP keepalive: idle time before the first probe (ztunnel's name and default).
 KEEPALIVE_TIME = "180s";
 /// TCP keepalive: time between probes.
@@ -433,6 +437,8 @@ pub struct Config {
     pub resumable_streams: bool,
     /// How long a broken resumable stream waits for, or keeps trying, its resume.
     pub resume_wait: Duration,
+    /// Where an upgrade hands resumable connections from the old process to the new one; `None`: not.
+    pub handover_socket: Option<PathBuf>,
     /// Drain deadline at shutdown.
     pub termination_deadline: Duration,
     /// Connections handled at once per listener; further ones wait in the kernel backlog.
@@ -683,6 +689,10 @@ impl Config {
             )?,
             resumable_streams: parse_opt_bool(src, MESHNODE_RESUMABLE_STREAMS)?.unwrap_or(false),
             resume_wait: parse_duration(src, MESHNODE_RESUME_WAIT, Duration::from_secs(10))?,
+            handover_socket: src
+                .get(MESHNODE_HANDOVER_SOCKET)
+                .filter(|s| !s.is_empty())
+                .map(PathBuf::from),
             termination_deadline: termination_deadline(src)?,
             max_connections: parse_default(src, MESHNODE_MAX_CONNECTIONS, 65_536)?,
             max_connections_total,

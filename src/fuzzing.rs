@@ -545,6 +545,7 @@ fn check_connect_proxy() -> &'static (Arc<crate::proxy::Proxy>, u16) {
                     netns: None,
                     metrics: Default::default(),
                     resolver: None,
+                    handover: None,
                 },
                 shutdown,
             )

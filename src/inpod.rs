@@ -80,6 +80,8 @@ pub struct InpodInputs {
     pub dns: Arc<crate::dns::Resolver>,
     /// Serve DNS in every pod (`ISTIO_META_DNS_CAPTURE`).
     pub dns_serve: bool,
+    /// The process's hand-over to the process replacing it, if configured.
+    pub handover: Option<Arc<crate::proxy::handover::Handover>>,
 }
 
 /// The pods handed over by the CNI agent, by pod uid, as the admin port shows them. Cheap to clone; written
@@ -117,6 +119,11 @@ pub struct PodConnections {
 }
 
 impl PodStates {
+    /// The proxy serving the pod `uid`, if it serves.
+    pub fn proxy(&self, uid: &str) -> Option<Arc<Proxy>> {
+        self.0.lock().get(uid).and_then(|(_, p)| p.clone())
+    }
+
     /// The pods now, sorted by uid, each serving one with its open connections.
     pub fn snapshot(&self) -> BTreeMap<String, PodState> {
         let pods = self.0.lock().clone();
@@ -412,6 +419,12 @@ impl Pods {
                 // Per-pod proxies must share the process registry (InpodInputs gets it; issue 5 wiring).
                 metrics: self.inputs.metrics.clone(),
                 resolver: Some(self.inputs.dns.clone()),
+                handover: self.inputs.handover.clone().map(|handover| {
+                    crate::proxy::handover::Slot {
+                        handover,
+                        pod: uid.to_string(),
+                    }
+                }),
             },
             drained,
         );

@@ -15,6 +15,7 @@
 
 mod access;
 pub mod connections;
+pub mod handover;
 pub mod inbound;
 pub mod limits;
 pub mod outbound;
@@ -223,6 +224,9 @@ pub struct ProxyInputs {
     /// Resolves the hostnames of workloads that have no address when a connection is routed to one;
     /// `None`: such workloads cannot be reached.
     pub resolver: Option<Arc<crate::dns::Resolver>>,
+    /// The process's hand-over to the process that replaces it (`MESHNODE_HANDOVER_SOCKET` with resumable
+    /// streams), and this proxy's pod in it; `None`: connections drain at shutdown.
+    pub handover: Option<handover::Slot>,
 }
 
 /// One workload's proxy.

@@ -97,6 +97,7 @@ async fn start_pod(certs: &Arc<CertManager>, net: [u8; 2], workload: &str, host:
             netns: None,
             metrics: Default::default(),
             resolver: None,
+            handover: None,
         },
         drained,
     );

@@ -35,6 +35,11 @@ const POD_PORTS: [u16; 3] = [15001, 15006, 15008];
 /// and a server pod captured and served by it, the server's app answering on :8080 (one line per
 /// connection) and echoing on :8081.
 fn node_with_pods(reuse: &str) -> (Node, Pod, Pod) {
+    node_with_pods_and(reuse, &[])
+}
+
+/// [`node_with_pods`], proxy A's environment extended with `extra`.
+fn node_with_pods_and(reuse: &str, extra: &[(String, String)]) -> (Node, Pod, Pod) {
     let mut node = Node::bare("workloads: []\n");
     std::fs::write(node.path("agent.yaml"), AGENT_YAML).unwrap();
     let config = node.path("agent.yaml").to_str().unwrap().to_string();
@@ -44,6 +49,7 @@ fn node_with_pods(reuse: &str) -> (Node, Pod, Pod) {
         ("INPOD_PORT_REUSE".into(), reuse.into()),
         ("CONNECTION_TERMINATION_DEADLINE".into(), "60s".into()),
     ];
+    node.proxy_env.extend(extra.iter().cloned());
     node.start_proxy();
     let mut client = node.pod("default", "client");
     let mut server = node.pod("default", "server");
@@ -87,6 +93,16 @@ fn serve_echo(pod: &Pod, port: u16) {
 /// state and CA directory, with `INPOD_PORT_REUSE=<reuse>`. Returns once it is ready (its snapshot from
 /// the agent processed).
 fn start_second_proxy(node: &Node, ns: &Netns, reuse: &str) -> KillOnDrop {
+    start_second_proxy_with(node, ns, reuse, &[])
+}
+
+/// [`start_second_proxy`], its environment extended with `extra`.
+fn start_second_proxy_with(
+    node: &Node,
+    ns: &Netns,
+    reuse: &str,
+    extra: &[(String, String)],
+) -> KillOnDrop {
     let log = std::fs::File::create(node.path("proxy-b.log")).unwrap();
     let zds = node.path("zds.sock");
     let local = node.path("local.yaml");
@@ -102,7 +118,10 @@ fn start_second_proxy(node: &Node, ns: &Netns, reuse: &str) -> KillOnDrop {
             ("XDS_ADDRESS", ""),
             ("MESHNODE_STATE_DIR", state.to_str().unwrap()),
             ("RUST_LOG", "info"),
-        ],
+        ]
+        .into_iter()
+        .chain(extra.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .collect::<Vec<_>>(),
         log,
     );
     let b = KillOnDrop(child);
@@ -414,4 +433,189 @@ fn without_port_reuse_a_second_proxy_cannot_bind_a_served_pod_and_nacks_it() {
             assert_eq!(listeners(p, port), 1, "{} :{port}: B bound it", p.name);
         }
     }
+}
+
+/// One line of a [`Flow`]'s stream: numbered, about 200 bytes, different for each flow and line.
+fn flow_line(flow: u8, n: u64, out: &mut Vec<u8>) {
+    let pad = char::from(b'a' + (n % 26) as u8).to_string().repeat(180);
+    out.extend_from_slice(format!("{flow:02}-{n:010}-{pad}\n").as_bytes());
+}
+
+/// A long-lived bulk flow through the echo application: a writer sends numbered lines (about 2 MB/s)
+/// until told to stop, then closes its side; a reader checks every byte that comes back, in order.
+struct Flow {
+    stop: Arc<AtomicBool>,
+    writer: std::thread::JoinHandle<std::io::Result<u64>>,
+    reader: std::thread::JoinHandle<Result<u64, String>>,
+}
+
+impl Flow {
+    fn start(pod: &Pod, dst: SocketAddr, flow: u8) -> Flow {
+        let stream = pod
+            .netns
+            .run(move || TcpStream::connect_timeout(&dst, Duration::from_secs(5)))
+            .expect("connecting the flow");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let mut w = stream.try_clone().unwrap();
+        let mut r = stream;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = stop.clone();
+        let writer = std::thread::spawn(move || {
+            let (mut n, mut sent, mut chunk) = (0u64, 0u64, Vec::new());
+            while !stopping.load(Ordering::SeqCst) {
+                chunk.clear();
+                for _ in 0..20 {
+                    flow_line(flow, n, &mut chunk);
+                    n += 1;
+                }
+                w.write_all(&chunk)?;
+                sent += chunk.len() as u64;
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            w.shutdown(std::net::Shutdown::Write)?;
+            Ok(sent)
+        });
+        let reader = std::thread::spawn(move || {
+            let (mut n, mut at, mut expected, mut buf) = (0u64, 0u64, Vec::new(), vec![0u8; 65536]);
+            let mut offset = 0usize;
+            loop {
+                let got = match r.read(&mut buf) {
+                    Ok(0) => return Ok(at),
+                    Ok(k) => k,
+                    Err(e) => {
+                        return Err(format!("flow {flow}: read failed after {at} bytes: {e}"))
+                    }
+                };
+                for &b in &buf[..got] {
+                    if offset == expected.len() {
+                        expected.clear();
+                        offset = 0;
+                        flow_line(flow, n, &mut expected);
+                        n += 1;
+                    }
+                    if b != expected[offset] {
+                        return Err(format!("flow {flow}: byte {at} differs (line {})", n - 1));
+                    }
+                    offset += 1;
+                    at += 1;
+                }
+            }
+        });
+        Flow {
+            stop,
+            writer,
+            reader,
+        }
+    }
+
+    /// Stops writing and waits for the echo of everything written: the bytes sent, each way.
+    fn finish(self) -> Result<u64, String> {
+        self.stop.store(true, Ordering::SeqCst);
+        let sent = self
+            .writer
+            .join()
+            .unwrap()
+            .map_err(|e| format!("writing failed: {e}"))?;
+        let read = self.reader.join().unwrap()?;
+        if read != sent {
+            return Err(format!("{sent} bytes sent, {read} echoed back"));
+        }
+        Ok(sent)
+    }
+}
+
+#[test]
+fn an_upgraded_proxy_hands_its_open_connections_to_the_new_one_and_none_is_reset() {
+    if !support::root_or_skip(
+        "an_upgraded_proxy_hands_its_open_connections_to_the_new_one_and_none_is_reset",
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("handover.sock");
+    let env = vec![
+        ("MESHNODE_RESUMABLE_STREAMS".to_string(), "true".to_string()),
+        (
+            "MESHNODE_HANDOVER_SOCKET".to_string(),
+            socket.to_str().unwrap().to_string(),
+        ),
+    ];
+    let (mut node, client, server) = node_with_pods_and("true", &env);
+    let mut a = node.proxy.take().expect("proxy A");
+
+    // Connections opened while only proxy A serves the pods: both their ends (the client pod's outbound
+    // and the server pod's inbound) live on A.
+    let echo = SocketAddr::new(server.ip.unwrap(), 8081);
+    let mut held = Held::open(&client, echo)
+        .unwrap_or_else(|e| panic!("connecting through A: {e}\n{}", node.logs()));
+    assert_eq!(held.echo("before"), "before\n");
+    let flows: Vec<Flow> = (0..3).map(|i| Flow::start(&client, echo, i)).collect();
+    std::thread::sleep(Duration::from_millis(500));
+
+    // Proxy B starts beside A, serves the pods and listens on the hand-over socket.
+    let node_b = Netns::new("nodeb");
+    let mut b = start_second_proxy_with(&node, &node_b, "true", &env);
+    let b_log = node.path("proxy-b.log");
+    node.wait_for(
+        || {
+            std::fs::read_to_string(&b_log)
+                .is_ok_and(|l| l.contains("taking connections handed over"))
+        },
+        "proxy B listening on the hand-over socket",
+    );
+
+    // A is told to stop: it hands every connection to B and exits without waiting for them to end.
+    let a_pid = nix::unistd::Pid::from_raw(a.0.id() as i32);
+    let told = std::time::Instant::now();
+    nix::sys::signal::kill(a_pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let mut exit = None;
+    node.wait_for(
+        || {
+            exit = a.0.try_wait().unwrap();
+            exit.is_some()
+        },
+        "A to exit after handing its connections over",
+    );
+    let handed_in = told.elapsed();
+    assert!(exit.unwrap().success(), "A exited with {exit:?}");
+    // Its termination deadline is 60 s: exiting well before means nothing was left to drain.
+    assert!(
+        handed_in < Duration::from_secs(20),
+        "A took {handed_in:?} to leave\n{}",
+        node.logs()
+    );
+
+    // Every connection carries on through B: the held one answers, the flows keep flowing.
+    assert_eq!(
+        held.echo("after A"),
+        "after A\n",
+        "the held connection after the hand-over\n{}",
+        node.logs()
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let mut total = 0;
+    for (i, flow) in flows.into_iter().enumerate() {
+        match flow.finish() {
+            Ok(sent) => total += sent,
+            Err(e) => panic!("flow {i}: {e}\n{}", node.logs()),
+        }
+    }
+    assert_eq!(held.echo("last"), "last\n");
+    held.close();
+    let b_said = std::fs::read_to_string(&b_log).unwrap();
+    assert!(
+        b_said.contains("adopted=8"),
+        "B did not adopt both ends of the 4 connections\n{}",
+        node.logs()
+    );
+    eprintln!(
+        "hand-over: A left {handed_in:?} after SIGTERM; {total} bytes each way checked across it"
+    );
+    assert!(
+        b.0.try_wait().unwrap().is_none(),
+        "B exited\n{}",
+        node.logs()
+    );
 }

@@ -93,6 +93,16 @@ impl Token {
     pub fn random() -> Token {
         Token(rand::random())
     }
+
+    /// The token's 16 bytes (a hand-over carries them).
+    pub fn to_bytes(self) -> [u8; 16] {
+        self.0
+    }
+
+    /// A token from its 16 bytes.
+    pub fn from_bytes(bytes: [u8; 16]) -> Token {
+        Token(bytes)
+    }
 }
 
 impl std::fmt::Display for Token {

@@ -43,6 +43,8 @@ use tokio::net::TcpStream;
 
 use super::access::{self, Access};
 use super::connections::{Counted, Registration, Side, Tracked};
+use super::handover::{Adopted, Paused, Resume};
+use super::resumable::{Ended, Server};
 use super::{Error, Proxy};
 use crate::authz::{Connection, Decision, DenyReason};
 use crate::hbone::{copy, server};
@@ -50,6 +52,7 @@ use crate::identity::Identity;
 use crate::metrics::{ConnectionRecord, Reporter, ResponseFlags, TrafficLabels};
 use crate::socket;
 use crate::state::{AppTunnelProtocol, State, Workload};
+use crate::upgrade::handover::Direction;
 
 /// Why a CONNECT stream was refused, and with which status.
 #[derive(Debug)]
@@ -60,6 +63,32 @@ struct Refusal {
     denied: Option<DenyReason>,
     /// The connection's metrics and its two ends, once it was counted as opened.
     record: Option<(ConnectionRecord, Ends)>,
+}
+
+impl Refusal {
+    /// Logs the refusal: the access line when the stream was counted, else a failure line.
+    // `&String`: see `Ends::access`.
+    #[allow(clippy::ptr_arg)]
+    fn log(
+        self,
+        peer: SocketAddr,
+        local: SocketAddr,
+        authority: &String,
+        start: Instant,
+        error: &dyn std::fmt::Display,
+    ) {
+        let flags = match &self.denied {
+            Some(_) => ResponseFlags::Deny,
+            None => ResponseFlags::Connect,
+        };
+        match self.record {
+            Some((record, ends)) => {
+                ends.access(peer, local, authority, start)
+                    .close(record, flags, 0, 0, Some(error))
+            }
+            None => access::failed(Reporter::destination, peer, Some(local), error),
+        }
+    }
 }
 
 fn refuse(status: StatusCode, reason: impl Into<String>) -> Refusal {
@@ -126,6 +155,8 @@ struct OpenStream {
     resumable: Option<Box<super::resumable::Server>>,
     /// Resumable streams are on here (the access line then says whether this one is).
     resumable_on: bool,
+    /// Paused for the hand-over to a new process: handed over, not closed.
+    leaving: bool,
 }
 
 /// How a stream's copy ended: the bytes each way, and the copy's result or the policy change that closed it.
@@ -151,7 +182,16 @@ impl OpenStream {
                 None => copy::bidirectional(&mut r, &mut w, &mut self.send, &mut self.recv).await,
                 // Boxed: its state would otherwise size every stream's task, resumable or not.
                 Some(resumable) => {
-                    Box::pin(resumable.carry(&mut r, &mut w, &mut self.send, &mut self.recv)).await
+                    match Box::pin(resumable.carry(&mut r, &mut w, &mut self.send, &mut self.recv))
+                        .await
+                    {
+                        Ok(Ended::Done(t)) => Ok(t),
+                        Ok(Ended::Leaving) => {
+                            self.leaving = true;
+                            Ok(copy::Transferred::default())
+                        }
+                        Err(e) => Err(e),
+                    }
                 }
             }
         };
@@ -170,8 +210,31 @@ impl OpenStream {
         }
     }
 
-    /// Logs the access line and records the close.
+    /// Logs the access line and records the close; or, paused for a hand-over, leaves the stream for the
+    /// new process (its record closed here, opened again there).
     fn close(self, carried: Carried, peer: SocketAddr, local: SocketAddr, start: Instant) {
+        if self.leaving {
+            if let Some(server) = &self.resumable {
+                let resume = Resume {
+                    token: server.token.to_bytes().to_vec(),
+                    authority: self.authority.clone(),
+                    local: local.to_string(),
+                    ..Resume::default()
+                };
+                server.proxy.hand_over(Paused {
+                    direction: Direction::Inbound,
+                    app: self.upstream,
+                    original_dst: local,
+                    peer,
+                    peer_identity: &server.identity,
+                    progress: &server.progress,
+                    resume,
+                });
+            }
+            self.record
+                .close(ResponseFlags::None, carried.received, carried.sent);
+            return;
+        }
         let mut access = self.ends.access(peer, local, &self.authority, start);
         access.resumable = self.resumable_on.then_some(self.resumable.is_some());
         let Carried {
@@ -359,27 +422,15 @@ impl Proxy {
             Some(Ok(header)) => Some(header.token),
         };
         let admitted = match self
-            .check_connect(&incoming.request, peer, local, &peer_id)
+            .check_connect(&incoming.request, peer, local, &peer_id, None)
             .await
         {
             Ok(a) => a,
-            Err(r) => {
-                let flags = match &r.denied {
-                    Some(_) => ResponseFlags::Deny,
-                    None => ResponseFlags::Connect,
-                };
-                let error = format_args!("{} (answered {})", r.reason, r.status.as_u16());
-                match r.record {
-                    Some((record, ends)) => ends.access(peer, local, &authority, start).close(
-                        record,
-                        flags,
-                        0,
-                        0,
-                        Some(&error),
-                    ),
-                    None => access::failed(Reporter::destination, peer, Some(local), &error),
-                }
-                incoming.refuse(r.status);
+            Err(mut r) => {
+                let (status, reason) = (r.status, std::mem::take(&mut r.reason));
+                let error = format_args!("{reason} (answered {})", status.as_u16());
+                r.log(peer, local, &authority, start, &error);
+                incoming.refuse(status);
                 return None;
             }
         };
@@ -420,9 +471,9 @@ impl Proxy {
             authority,
             send,
             recv,
-            resumable: offered
-                .map(|token| super::resumable::Server::new(self.clone(), token, peer_id)),
+            resumable: offered.map(|token| Server::new(self.clone(), token, peer_id)),
             resumable_on: resumable,
+            leaving: false,
         })
     }
     /// The checks of ztunnel's inbound path, in its order, on a CONNECT request's head; the upstream
@@ -433,6 +484,7 @@ impl Proxy {
         peer: SocketAddr,
         local: SocketAddr,
         peer_id: &Identity,
+        adopted: Option<TcpStream>,
     ) -> Result<Admitted, Refusal> {
         if req.method() != Method::CONNECT {
             return Err(refuse(
@@ -583,6 +635,18 @@ impl Proxy {
                 record: Some((record, ends)),
             });
         }
+        // Handed over by the process this one replaces: the application connection is already open (and
+        // any PROXY header already written).
+        if let Some(upstream) = adopted {
+            return Ok(Admitted {
+                upstream,
+                target,
+                registration,
+                record,
+                ends,
+                proxy_header: None,
+            });
+        }
         // A PROXY tunnel is reached on loopback, from loopback (the header carries the client); anything
         // else on the workload's address, keeping the client's address when configured.
         let (connect_to, src_ip, opts) = match proxy_to {
@@ -650,7 +714,7 @@ impl Proxy {
         local: SocketAddr,
         peer_id: &Identity,
     ) -> Result<SocketAddr, StatusCode> {
-        match self.check_connect(req, peer, local, peer_id).await {
+        match self.check_connect(req, peer, local, peer_id, None).await {
             Ok(admitted) => {
                 let _ = socket2::SockRef::from(&admitted.upstream)
                     .set_linger(Some(std::time::Duration::ZERO));
@@ -668,6 +732,89 @@ impl Proxy {
                 Err(r.status)
             }
         }
+    }
+
+    /// Takes over a resumable stream the process this one replaces handed over: checked again as a
+    /// CONNECT (policy, a new metrics record and registration), then parked for the client's re-dial,
+    /// then carried on from the exported counts.
+    pub(super) async fn adopt_inbound(self: Arc<Self>, a: Adopted) -> Result<(), String> {
+        let start = Instant::now();
+        let local: SocketAddr = a
+            .resume
+            .local
+            .parse()
+            .map_err(|e| format!("local address {:?}: {e}", a.resume.local))?;
+        let (peer, authority) = (a.peer, a.resume.authority);
+        let req = http::Request::builder()
+            .method(Method::CONNECT)
+            .uri(authority.as_str())
+            .version(http::Version::HTTP_2)
+            .body(())
+            .map_err(|e| format!("authority {authority:?}: {e}"))?;
+        let admitted = match self
+            .check_connect(&req, peer, local, &a.peer_identity, Some(a.app))
+            .await
+        {
+            Ok(a) => a,
+            Err(mut r) => {
+                let reason = std::mem::take(&mut r.reason);
+                let error = format_args!("handed over, then refused here: {reason}");
+                r.log(peer, local, &authority, start, &error);
+                return Ok(());
+            }
+        };
+        let Admitted {
+            upstream,
+            registration,
+            record,
+            ends,
+            ..
+        } = admitted;
+        let mut server = Server::with(self.clone(), a.token, a.peer_identity, a.progress);
+        let resumed = match server.parked().await {
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                // Told to leave before the client came back: on to the next process.
+                let resume = Resume {
+                    token: server.token.to_bytes().to_vec(),
+                    authority,
+                    local: local.to_string(),
+                    ..Resume::default()
+                };
+                self.hand_over(Paused {
+                    direction: Direction::Inbound,
+                    app: upstream,
+                    original_dst: local,
+                    peer,
+                    peer_identity: &server.identity,
+                    progress: &server.progress,
+                    resume,
+                });
+                record.close(ResponseFlags::None, 0, 0);
+                return Ok(());
+            }
+            Err(e) => {
+                let mut access = ends.access(peer, local, &authority, start);
+                access.resumable = Some(true);
+                access.close(record, ResponseFlags::Connect, 0, 0, Some(&e));
+                return Ok(());
+            }
+        };
+        let mut open = OpenStream {
+            upstream,
+            registration,
+            record,
+            ends,
+            authority,
+            send: resumed.send,
+            recv: resumed.recv,
+            resumable: Some(server),
+            resumable_on: true,
+            leaving: false,
+        };
+        let carried = open.carry().await;
+        open.close(carried, peer, local, start);
+        Ok(())
     }
 
     /// Socket options towards the application: the mark, and transparency when keeping the source address.

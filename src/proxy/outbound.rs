@@ -40,6 +40,8 @@ use tokio::net::TcpStream;
 
 use super::access::{self, Access};
 use super::connections::{Counted, Listing, Side};
+use super::handover::Adopted;
+use super::resumable::Ended;
 use super::{Error, Proxy, WaypointProblem, WaypointRefusal};
 use crate::hbone::copy;
 use crate::hbone::pool::{self, PoolKey};
@@ -187,6 +189,8 @@ struct Carried {
     /// To the application.
     sent: u64,
     result: Result<(), Error>,
+    /// Paused for the hand-over to a new process: handed over, not closed.
+    leaving: bool,
 }
 
 impl OpenOutbound {
@@ -201,6 +205,7 @@ impl OpenOutbound {
                     received: up.written,
                     sent: up.read,
                     result: res.map(|_| ()).map_err(Error::Io),
+                    leaving: false,
                 }
             }
             Up::Hbone(tunnel) => {
@@ -215,6 +220,7 @@ impl OpenOutbound {
                     received: r.read,
                     sent: w.written,
                     result: res.map(|_| ()).map_err(Error::from),
+                    leaving: false,
                 }
             }
             Up::Resumable(tunnel, client) => {
@@ -227,14 +233,25 @@ impl OpenOutbound {
                 Carried {
                     received: r.read,
                     sent: w.written,
-                    result: res.map_err(Error::from),
+                    leaving: matches!(res, Ok(Ended::Leaving)),
+                    result: res.map(|_| ()).map_err(Error::from),
                 }
             }
         }
     }
 
-    /// Logs the access line and records the close (the upstream and its pool slot go with `self`).
+    /// Logs the access line and records the close (the upstream and its pool slot go with `self`); or,
+    /// paused for a hand-over, leaves the connection for the new process (its record closed here, opened
+    /// again there).
     fn close(self, carried: Carried) {
+        if carried.leaving {
+            if let Up::Resumable(_, client) = &self.up {
+                client.hand_over(self.stream);
+            }
+            self.record
+                .close(ResponseFlags::None, carried.received, carried.sent);
+            return;
+        }
         self.ends
             .access()
             .copied(self.record, carried.received, carried.sent, carried.result);
@@ -389,6 +406,9 @@ impl Proxy {
                                 peer,
                                 authority: up.addr,
                                 service: up.service.clone(),
+                                original_dst: dst,
+                                expected: up.expected_identities.clone(),
+                                _enlisted: self.enlist(),
                             };
                             Up::Resumable(stream, Box::new(client))
                         }
@@ -449,6 +469,107 @@ impl Proxy {
                 Ok(None)
             }
         }
+    }
+
+    /// Takes over a resumable connection the process this one replaces handed over: counted again (a
+    /// new metrics record, labelled as the old one was), then re-dialled to the same server with its
+    /// token, then carried on from the exported counts.
+    pub(super) async fn adopt_outbound(self: Arc<Self>, a: Adopted) -> Result<(), String> {
+        let start = Instant::now();
+        let peer = a
+            .app
+            .peer_addr()
+            .map(socket::canonical)
+            .map_err(|e| format!("app socket: {e}"))?;
+        let authority: SocketAddr = a
+            .resume
+            .authority
+            .parse()
+            .map_err(|e| format!("authority {:?}: {e}", a.resume.authority))?;
+        let expected = a
+            .resume
+            .expected
+            .iter()
+            .map(|id| id.parse::<Identity>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("expected identity: {e}"))?;
+        let src = self.local_workload().await.map_err(|e| e.to_string())?;
+        let state = self.inputs.state.load();
+        let workload = state
+            .workload_by_addr(&self.cfg().network, authority.ip())
+            .cloned()
+            .ok_or_else(|| format!("no workload at {authority} any more"))?;
+        let service = a
+            .resume
+            .service
+            .split_once('/')
+            .and_then(|(ns, host)| state.service_by_namespaced_host(ns, host).cloned());
+        drop(state);
+        let up = Upstream {
+            workload,
+            addr: authority,
+            expected_identities: expected,
+            service,
+        };
+        let sent_to = a.peer;
+        let route = Route::Hbone(up);
+        let record = self.metrics().open(source_labels(&src, &route));
+        let Route::Hbone(up) = route else {
+            unreachable!("built as HBONE")
+        };
+        let listing = self.outbound_conns.add(super::connections::Listed {
+            src: peer,
+            original_dst: Some(a.original_dst),
+            actual_dst: sent_to,
+            protocol: "HBONE",
+        });
+        let ends = Ends {
+            peer,
+            src: src.clone(),
+            dst_workload: Some(up.workload.clone()),
+            sent_to,
+            authority: Some(Authority::Addr(authority)),
+            start,
+            resumable: Some(true),
+        };
+        let mut client = Box::new(super::resumable::Client {
+            proxy: self.clone(),
+            token: a.token,
+            progress: a.progress,
+            key: self.pool_key(&src, sent_to, &up.expected_identities),
+            src,
+            peer,
+            authority,
+            service: up.service,
+            original_dst: a.original_dst,
+            expected: up.expected_identities,
+            _enlisted: self.enlist(),
+        });
+        // The server may be moving too (both ends on this node): a 404 is tried again within the wait.
+        let stream = match Box::pin(client.redial(true)).await {
+            Ok(Some(stream)) => stream,
+            Ok(None) => {
+                client.hand_over(a.app);
+                record.close(ResponseFlags::None, 0, 0);
+                return Ok(());
+            }
+            Err(e) => {
+                let e = Error::from(e);
+                ends.access()
+                    .close(record, e.response_flags(), 0, 0, Some(&e));
+                return Ok(());
+            }
+        };
+        let mut open = OpenOutbound {
+            stream: a.app,
+            ends,
+            record,
+            _listing: listing,
+            up: Up::Resumable(stream, client),
+        };
+        let carried = open.carry().await;
+        open.close(carried);
+        Ok(())
     }
 
     /// `route` with the address of a workload known only by hostname resolved (one of the host's

@@ -58,6 +58,26 @@ pub(super) struct Parking {
     waiting: Mutex<HashMap<Token, Parked>>,
 }
 
+/// How a parked stream's wait ended.
+pub(super) enum Waited {
+    /// The client re-dialled.
+    Resumed(Resumed),
+    /// It did not within the wait.
+    TimedOut,
+    /// Too many streams wait already.
+    Full,
+    /// The process is handing its connections over.
+    Leaving,
+}
+
+/// How a resumable stream's copy ended.
+pub(super) enum Ended {
+    /// Both sides are done.
+    Done(crate::hbone::copy::Transferred),
+    /// Paused for the hand-over to a new process: the state is ready to export.
+    Leaving,
+}
+
 /// Why a resume was refused (its status and the access line's words).
 #[derive(Debug, thiserror::Error)]
 pub(super) enum Refused {
@@ -77,8 +97,8 @@ impl Refused {
 }
 
 impl Parking {
-    /// Waits up to `wait` for the client to re-dial the stream `token` of `identity`; `None` when it does
-    /// not, or when `max` streams already wait.
+    /// Waits up to `wait` for the client to re-dial the stream `token` of `identity`, or until `pause`
+    /// (the process is handing its connections over); refused when `max` streams already wait.
     pub(super) async fn wait(
         &self,
         token: Token,
@@ -86,12 +106,13 @@ impl Parking {
         at: u64,
         wait: Duration,
         max: usize,
-    ) -> Option<Resumed> {
+        pause: &mut watch::Receiver<bool>,
+    ) -> Waited {
         let (deliver, delivered) = oneshot::channel();
         {
             let mut waiting = self.waiting.lock();
             if waiting.len() >= max {
-                return None;
+                return Waited::Full;
             }
             waiting.insert(
                 token,
@@ -102,11 +123,20 @@ impl Parking {
                 },
             );
         }
-        let got = tokio::time::timeout(wait, delivered).await;
-        if got.is_err() {
-            self.waiting.lock().remove(&token);
+        let got = tokio::select! {
+            got = tokio::time::timeout(wait, delivered) => got.ok().and_then(Result::ok),
+            _ = resumable::paused(pause) => {
+                self.waiting.lock().remove(&token);
+                return Waited::Leaving;
+            }
+        };
+        match got {
+            Some(resumed) => Waited::Resumed(resumed),
+            None => {
+                self.waiting.lock().remove(&token);
+                Waited::TimedOut
+            }
         }
-        got.ok()?.ok()
     }
 
     /// Answers a resuming CONNECT (`header` has the client's count) and hands its stream to the waiting
@@ -178,11 +208,6 @@ pub(super) fn echo(token: Token) -> HeaderMap {
     headers
 }
 
-/// A pause that never comes (the proxy's hand-over will drive one).
-fn no_pause() -> watch::Receiver<bool> {
-    watch::channel(false).1
-}
-
 /// The server side of one resumable stream, after its 200. Holds its proxy (for the parking), which a
 /// plain stream does not.
 pub(super) struct Server {
@@ -190,16 +215,30 @@ pub(super) struct Server {
     pub token: Token,
     pub identity: Identity,
     pub progress: Progress,
+    /// Counted by the process's hand-over while it lives.
+    pub _enlisted: Option<super::handover::Enlisted>,
 }
 
 impl Server {
     /// A new accepted stream's state.
     pub(super) fn new(proxy: Arc<Proxy>, token: Token, identity: Identity) -> Box<Server> {
+        Server::with(proxy, token, identity, Progress::new(DEFAULT_WINDOW))
+    }
+
+    /// A stream's state, new or adopted from the process this one replaces.
+    pub(super) fn with(
+        proxy: Arc<Proxy>,
+        token: Token,
+        identity: Identity,
+        progress: Progress,
+    ) -> Box<Server> {
+        let _enlisted = proxy.enlist();
         Box::new(Server {
             proxy,
             token,
             identity,
-            progress: Progress::new(DEFAULT_WINDOW),
+            progress,
+            _enlisted,
         })
     }
 
@@ -210,40 +249,57 @@ impl Server {
         app_write: &mut W,
         send: &mut SendStream<Bytes>,
         recv: &mut RecvStream,
-    ) -> io::Result<crate::hbone::copy::Transferred>
+    ) -> io::Result<Ended>
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
-        let pause = no_pause();
+        let pause = self.proxy.pause();
         loop {
             match resumable::run(app_read, app_write, send, recv, &mut self.progress, &pause)
                 .await?
             {
-                Outcome::Done(t) => return Ok(t),
-                Outcome::Paused | Outcome::PeerLeft | Outcome::PeerMoving => {}
+                Outcome::Done(t) => return Ok(Ended::Done(t)),
+                Outcome::Paused => return Ok(Ended::Leaving),
+                Outcome::PeerLeft | Outcome::PeerMoving => {}
             }
-            let wait = self.proxy.cfg().resume_wait;
-            let max = self.proxy.cfg().max_connections;
-            let at = self.progress.received();
-            let Some(resumed) = self
-                .proxy
-                .parking
-                .wait(self.token, self.identity.clone(), at, wait, max)
-                .await
-            else {
+            match self.parked().await? {
+                Some(resumed) => {
+                    *send = resumed.send;
+                    *recv = resumed.recv;
+                }
+                None => return Ok(Ended::Leaving),
+            }
+        }
+    }
+
+    /// Waits for the client's re-dial and resumes from its count; `None` when the process is handing
+    /// its connections over meanwhile.
+    pub(super) async fn parked(&mut self) -> io::Result<Option<Resumed>> {
+        let wait = self.proxy.cfg().resume_wait;
+        let max = self.proxy.cfg().max_connections;
+        let at = self.progress.received();
+        let mut pause = self.proxy.pause();
+        let resumed = match self
+            .proxy
+            .parking
+            .wait(self.token, self.identity.clone(), at, wait, max, &mut pause)
+            .await
+        {
+            Waited::Resumed(r) => r,
+            Waited::Leaving => return Ok(None),
+            Waited::TimedOut | Waited::Full => {
                 return Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     format!("resumable stream: the client did not resume within {wait:?}"),
-                ));
-            };
-            self.progress
-                .resume(resumed.peer_at)
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-            tracing::debug!(at, peer_at = resumed.peer_at, "resumable stream resumed");
-            *send = resumed.send;
-            *recv = resumed.recv;
-        }
+                ))
+            }
+        };
+        self.progress
+            .resume(resumed.peer_at)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        tracing::debug!(at, peer_at = resumed.peer_at, "resumable stream resumed");
+        Ok(Some(resumed))
     }
 }
 
@@ -257,6 +313,12 @@ pub(super) struct Client {
     pub peer: SocketAddr,
     pub authority: SocketAddr,
     pub service: Option<Arc<Service>>,
+    /// The application's original destination.
+    pub original_dst: SocketAddr,
+    /// The identities the server may present.
+    pub expected: Vec<Identity>,
+    /// Counted by the process's hand-over while it lives.
+    pub _enlisted: Option<super::handover::Enlisted>,
 }
 
 /// First pause between re-dials; doubled up to [`MAX_REDIAL_PAUSE`].
@@ -283,12 +345,12 @@ impl Client {
         stream: &mut pool::Stream,
         app_read: &mut R,
         app_write: &mut W,
-    ) -> io::Result<()>
+    ) -> io::Result<Ended>
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
-        let pause = no_pause();
+        let pause = self.proxy.pause();
         loop {
             let outcome = resumable::run(
                 app_read,
@@ -299,29 +361,67 @@ impl Client {
                 &pause,
             )
             .await?;
-            if let Outcome::Done(_) = outcome {
-                return Ok(());
+            match outcome {
+                Outcome::Done(t) => return Ok(Ended::Done(t)),
+                Outcome::Paused => return Ok(Ended::Leaving),
+                Outcome::PeerLeft | Outcome::PeerMoving => {}
             }
             // Boxed: a re-dial's state (a TLS handshake's) would otherwise size every resumable
             // connection's task for its whole life.
-            *stream = Box::pin(self.redial(outcome == Outcome::PeerMoving)).await?;
+            match Box::pin(self.redial(outcome == Outcome::PeerMoving)).await? {
+                Some(s) => *stream = s,
+                None => return Ok(Ended::Leaving),
+            }
         }
     }
 
-    /// Re-dials until the server answers with its count, or the wait is over. After the server said it is
-    /// moving, "no such stream" (404) is tried again: its new process may not have the stream yet.
-    async fn redial(&mut self, moving: bool) -> io::Result<pool::Stream> {
+    /// Leaves the paused connection (its application socket `app`) for the new process.
+    pub(super) fn hand_over(&self, app: tokio::net::TcpStream) {
+        let resume = super::handover::Resume {
+            token: self.token.to_bytes().to_vec(),
+            authority: self.authority.to_string(),
+            expected: self.expected.iter().map(ToString::to_string).collect(),
+            service: self.service.as_ref().map(|s| s.key()).unwrap_or_default(),
+            ..Default::default()
+        };
+        let peer_identity = self.expected.first().cloned();
+        let Some(peer_identity) = peer_identity else {
+            return;
+        };
+        self.proxy.hand_over(super::handover::Paused {
+            direction: crate::upgrade::handover::Direction::Outbound,
+            app,
+            original_dst: self.original_dst,
+            peer: self.key.dst,
+            peer_identity: &peer_identity,
+            progress: &self.progress,
+            resume,
+        });
+    }
+
+    /// Re-dials until the server answers with its count, or the wait is over; `None` when the process
+    /// is handing its connections over meanwhile. After the server said it is moving, "no such stream"
+    /// (404) is tried again: its new process may not have the stream yet.
+    pub(super) async fn redial(&mut self, moving: bool) -> io::Result<Option<pool::Stream>> {
         let wait = self.proxy.cfg().resume_wait;
         let deadline = tokio::time::Instant::now() + wait;
         let mut pause = FIRST_REDIAL_PAUSE;
         let mut last = String::new();
+        let mut leaving = self.proxy.pause();
         while tokio::time::Instant::now() < deadline {
-            match self.try_redial(moving).await {
-                Ok(stream) => return Ok(stream),
+            let attempt = tokio::select! {
+                a = self.try_redial(moving) => a,
+                _ = resumable::paused(&mut leaving) => return Ok(None),
+            };
+            match attempt {
+                Ok(stream) => return Ok(Some(stream)),
                 Err(Fatal(e)) => return Err(e),
                 Err(Retry(e)) => last = e,
             }
-            tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + pause)).await;
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + pause)) => {}
+                _ = resumable::paused(&mut leaving) => return Ok(None),
+            }
             pause = (pause * 2).min(MAX_REDIAL_PAUSE);
         }
         Err(io::Error::new(

@@ -214,6 +214,27 @@ pub async fn send(path: &Path, conns: Vec<(Handed, OwnedFd)>) -> SendReport {
     sender::send(path, conns, IO_TIMEOUT).await
 }
 
+/// A connection to the receiver, made before the connections to hand over are collected: a leaving
+/// process first learns whether a new one is there, and only then pauses its connections.
+#[derive(Debug)]
+pub struct Sender {
+    conn: SeqpacketConn,
+}
+
+impl Sender {
+    /// Connects to the receiver listening at `path` (within [`IO_TIMEOUT`]); an error when none listens.
+    pub async fn connect(path: &Path) -> Result<Sender, Error> {
+        Ok(Sender {
+            conn: sender::connect(path, IO_TIMEOUT).await?,
+        })
+    }
+
+    /// Hands `conns` over, as [`send`] does.
+    pub async fn send(self, conns: Vec<(Handed, OwnedFd)>) -> SendReport {
+        sender::send_on(self.conn, conns, IO_TIMEOUT).await
+    }
+}
+
 /// The new process's end: a listening socket that one sender at a time hands its connections to. Dropping
 /// it removes the socket file (if it is still the one it created).
 #[derive(Debug)]

@@ -133,6 +133,7 @@ pub async fn start_proxy_with(
         netns: None,
         metrics: Default::default(),
         resolver: Some(resolver),
+        handover: None,
     };
     let proxy = Proxy::new(inputs, shutdown);
     let p = proxy.clone();

@@ -275,7 +275,7 @@ where
 }
 
 /// Resolves once `pause` reads true; never, if its sender is gone.
-async fn paused(pause: &mut watch::Receiver<bool>) {
+pub async fn paused(pause: &mut watch::Receiver<bool>) {
     if pause.wait_for(|p| *p).await.is_err() {
         std::future::pending::<()>().await;
     }

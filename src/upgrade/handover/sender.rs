@@ -38,12 +38,33 @@ pub(super) async fn send(
     conns: Vec<(Handed, OwnedFd)>,
     io_timeout: Duration,
 ) -> SendReport {
+    let connected = match conns.iter().try_for_each(|(handed, _)| handed.check()) {
+        Ok(()) => connect(path, io_timeout).await,
+        Err(e) => Err(e),
+    };
+    match connected {
+        Ok(conn) => send_on(conn, conns, io_timeout).await,
+        Err(e) => SendReport {
+            taken: Vec::new(),
+            kept: conns,
+            packets: 0,
+            error: Some(e),
+        },
+    }
+}
+
+/// Hands `conns` over on a connected socket.
+pub(super) async fn send_on(
+    conn: SeqpacketConn,
+    conns: Vec<(Handed, OwnedFd)>,
+    io_timeout: Duration,
+) -> SendReport {
     let mut sending = Sending {
         taken: Vec::with_capacity(conns.len()),
         queue: conns.into(),
         packets: 0,
     };
-    let error = run(path, &mut sending, io_timeout).await.err();
+    let error = run(conn, &mut sending, io_timeout).await.err();
     SendReport {
         taken: sending.taken,
         kept: sending.queue.into(),
@@ -52,11 +73,10 @@ pub(super) async fn send(
     }
 }
 
-async fn run(path: &Path, sending: &mut Sending, t: Duration) -> Result<(), Error> {
+async fn run(conn: SeqpacketConn, sending: &mut Sending, t: Duration) -> Result<(), Error> {
     for (handed, _) in &sending.queue {
         handed.check()?;
     }
-    let conn = connect(path, t).await?;
     let hello = Hello {
         version: PROTOCOL_VERSION,
         connections: sending.queue.len() as u64,
@@ -120,7 +140,7 @@ async fn run(path: &Path, sending: &mut Sending, t: Duration) -> Result<(), Erro
 }
 
 /// Connects, retrying while the receiver's accept queue is full, for at most `t`.
-async fn connect(path: &Path, t: Duration) -> Result<SeqpacketConn, Error> {
+pub(super) async fn connect(path: &Path, t: Duration) -> Result<SeqpacketConn, Error> {
     let deadline = Instant::now() + t;
     loop {
         match SeqpacketConn::connect(path).await {

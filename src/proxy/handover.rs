@@ -1,0 +1,375 @@
+//! The proxy's side of an upgrade that no connection notices: its resumable connections handed to the
+//! process replacing it, and adopted there (issue 17).
+//!
+//! **Leaving** ([`Handover::leave`], when the process is told to stop): connect to the new process's
+//! hand-over socket first (none there: nothing is paused, connections drain as before); then pause every
+//! resumable connection ([`Handover`]'s pause signal; each sends `MOVING` to its peer at a frame
+//! boundary), wait until each has exported its state ([`Enlisted`] counts them, at most
+//! [`COLLECT_WAIT`]), and hand them over with `upgrade::handover`. A connection not taken (the new process
+//! refused it or failed) is closed; one that finishes pausing after the collection too. Plain
+//! connections (not resumable: a ztunnel peer, plain TCP, waypoint hops) are not paused and drain as
+//! before.
+//!
+//! **Arriving** ([`arrive`], in the new process once it is ready): listen on the hand-over socket; each
+//! connection taken goes to the proxy of its pod, which adopts it: the server side re-checks it (policy,
+//! a new metrics record and registration) and parks it for the client's re-dial; the client side opens a
+//! new metrics record and re-dials the server with its token. Either side then carries on with its copy
+//! from the exported counts, so no byte is lost or repeated.
+//!
+//! What travels per connection ([`Handed`]): the app socket, the pod, the peer and its identity, the send
+//! log (`to_peer`) and the bytes not yet written to the app (`to_app`), and [`Resume`] (token, counts,
+//! the CONNECT's authority and local address, the identities expected of the server, the service).
+
+use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, LazyLock};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use prost::Message;
+use tokio::net::TcpStream;
+use tokio::sync::{watch, Notify};
+
+use super::Proxy;
+use crate::hbone::resume::copy::Progress;
+use crate::hbone::resume::Token;
+use crate::identity::Identity;
+use crate::upgrade::handover::{self as transfer, Direction, Handed, Receiver, Sender};
+
+/// Longest wait for the paused connections to export their state.
+pub const COLLECT_WAIT: Duration = Duration::from_secs(2);
+
+/// Why a hand-over did not happen or was partial.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// No new process listens on the hand-over socket.
+    #[error("no new process at {path}: {source}")]
+    NoSuccessor {
+        /// The socket path.
+        path: PathBuf,
+        /// Why connecting failed.
+        source: transfer::Error,
+    },
+    /// The hand-over socket could not be listened on.
+    #[error("listening on {path}: {source}")]
+    Listen {
+        /// The socket path.
+        path: PathBuf,
+        /// Why.
+        source: transfer::Error,
+    },
+}
+
+/// The process's hand-over: the pause every resumable connection watches, and what the paused ones
+/// left for the new process. One per process, shared by every proxy.
+pub struct Handover {
+    path: PathBuf,
+    pause: watch::Sender<bool>,
+    active: AtomicUsize,
+    idle: Notify,
+    /// `None` once collected: a connection paused later is closed.
+    parcels: Mutex<Option<Vec<(Handed, OwnedFd)>>>,
+    next_id: AtomicU64,
+}
+
+/// What [`Handover::leave`] did.
+#[derive(Debug)]
+pub struct Left {
+    /// Connections the new process took.
+    pub taken: usize,
+    /// Connections it did not take (closed).
+    pub kept: usize,
+    /// Connections still pausing when the collection ended (closed when they finish).
+    pub late: usize,
+    /// Why the hand-over stopped early, if it did.
+    pub error: Option<transfer::Error>,
+}
+
+/// A resumable connection, counted by the hand-over while it lives (its copy, its re-dial or its wait).
+pub struct Enlisted(Arc<Handover>);
+
+impl Drop for Enlisted {
+    fn drop(&mut self) {
+        if self.0.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+/// A pause that never comes: the signal of a process without a hand-over.
+static NEVER: LazyLock<watch::Sender<bool>> = LazyLock::new(|| watch::channel(false).0);
+
+impl Handover {
+    /// A hand-over through the socket at `path` (the new process listens there, the old one connects).
+    pub fn new(path: PathBuf) -> Arc<Handover> {
+        Arc::new(Handover {
+            path,
+            pause: watch::channel(false).0,
+            active: AtomicUsize::new(0),
+            idle: Notify::new(),
+            parcels: Mutex::new(Some(Vec::new())),
+            next_id: AtomicU64::new(0),
+        })
+    }
+
+    /// The socket path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Hands this process's resumable connections to the new process listening on the socket. Returns
+    /// once every one is handed over or closed. An error when no new process is there: then nothing was
+    /// paused, and the connections drain as they would without a hand-over.
+    pub async fn leave(&self) -> Result<Left, Error> {
+        let sender = Sender::connect(&self.path)
+            .await
+            .map_err(|source| Error::NoSuccessor {
+                path: self.path.clone(),
+                source,
+            })?;
+        self.pause.send_replace(true);
+        let deadline = tokio::time::Instant::now() + COLLECT_WAIT;
+        loop {
+            let idle = self.idle.notified();
+            if self.active.load(Ordering::Acquire) == 0 {
+                break;
+            }
+            if tokio::time::timeout_at(deadline, idle).await.is_err() {
+                break;
+            }
+        }
+        let late = self.active.load(Ordering::Acquire);
+        let parcels = self.parcels.lock().take().unwrap_or_default();
+        let report = sender.send(parcels).await;
+        Ok(Left {
+            taken: report.taken.len(),
+            kept: report.kept.len(),
+            late,
+            error: report.error,
+        })
+    }
+
+    fn enlist(self: &Arc<Self>) -> Enlisted {
+        self.active.fetch_add(1, Ordering::AcqRel);
+        Enlisted(self.clone())
+    }
+
+    /// Leaves a paused connection for the new process; `false` (and the socket closed) when the
+    /// collection is over.
+    fn deliver(&self, mut handed: Handed, fd: OwnedFd) -> bool {
+        handed.id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        match self.parcels.lock().as_mut() {
+            Some(parcels) => {
+                parcels.push((handed, fd));
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// A proxy's place in the process's hand-over: the hand-over, and the pod its connections are for.
+#[derive(Clone)]
+pub struct Slot {
+    /// The process's hand-over.
+    pub handover: Arc<Handover>,
+    /// The pod's key (its uid in shared mode): the new process gives the connection to the proxy it
+    /// names.
+    pub pod: String,
+}
+
+/// The tunnel side of a handed connection: what its `resume` bytes hold. A prost message written by
+/// hand (field tags are the format), so a later version may add fields this one skips.
+#[derive(Clone, PartialEq, prost::Message)]
+pub(super) struct Resume {
+    /// The stream's token (16 bytes).
+    #[prost(bytes = "vec", tag = "1")]
+    pub token: Vec<u8>,
+    /// `Progress::export`'s state.
+    #[prost(bytes = "vec", tag = "2")]
+    pub progress: Vec<u8>,
+    /// The CONNECT's `:authority`.
+    #[prost(string, tag = "3")]
+    pub authority: String,
+    /// Inbound: the HBONE connection's local address (the pod's :15008).
+    #[prost(string, tag = "4")]
+    pub local: String,
+    /// Outbound: the identities the server may present.
+    #[prost(string, repeated, tag = "5")]
+    pub expected: Vec<String>,
+    /// Outbound: the addressed service, `namespace/hostname` (metrics labels).
+    #[prost(string, tag = "6")]
+    pub service: String,
+}
+
+impl Resume {
+    pub(super) fn token(&self) -> Option<Token> {
+        Some(Token::from_bytes(self.token.as_slice().try_into().ok()?))
+    }
+}
+
+/// A paused connection's parts, as its side of the proxy gathered them.
+pub(super) struct Paused<'a> {
+    pub direction: Direction,
+    pub app: TcpStream,
+    pub original_dst: SocketAddr,
+    pub peer: SocketAddr,
+    pub peer_identity: &'a Identity,
+    pub progress: &'a Progress,
+    pub resume: Resume,
+}
+
+impl Proxy {
+    /// The pause signal resumable connections watch (true: hand over).
+    pub(super) fn pause(&self) -> watch::Receiver<bool> {
+        match &self.inputs.handover {
+            Some(slot) => slot.handover.pause.subscribe(),
+            None => NEVER.subscribe(),
+        }
+    }
+
+    /// Counts a resumable connection in the process's hand-over, if it has one.
+    pub(super) fn enlist(&self) -> Option<Enlisted> {
+        self.inputs.handover.as_ref().map(|s| s.handover.enlist())
+    }
+
+    /// Leaves a paused connection for the new process (or closes it when that is not possible), logging
+    /// which.
+    pub(super) fn hand_over(&self, paused: Paused<'_>) {
+        let Some(slot) = &self.inputs.handover else {
+            return;
+        };
+        let exported = paused.progress.export();
+        let mut resume = paused.resume;
+        resume.progress = exported.state.to_vec();
+        let handed = Handed {
+            id: 0,
+            pod: slot.pod.clone(),
+            direction: paused.direction,
+            original_dst: paused.original_dst,
+            peer: paused.peer,
+            peer_identity: paused.peer_identity.to_string(),
+            to_app: exported.unwritten.to_vec(),
+            to_peer: exported.unacked,
+            resume: resume.encode_to_vec(),
+        };
+        let (direction, peer) = (handed.direction, handed.peer);
+        if let Err(e) = handed.check() {
+            tracing::warn!(?direction, %peer, error = %e, "connection closed: it cannot be handed over");
+            return;
+        }
+        let fd = match paused.app.into_std() {
+            Ok(s) => OwnedFd::from(s),
+            Err(e) => {
+                tracing::warn!(?direction, %peer, error = %e, "connection closed: its socket could not be taken off the runtime");
+                return;
+            }
+        };
+        if slot.handover.deliver(handed, fd) {
+            tracing::debug!(?direction, %peer, "connection paused for the hand-over");
+        } else {
+            tracing::warn!(?direction, %peer, "connection closed: paused after the hand-over was sent");
+        }
+    }
+
+    /// Takes over a connection the process this one replaces handed over.
+    pub async fn adopt(self: Arc<Self>, handed: Handed, fd: OwnedFd) {
+        let (direction, peer) = (handed.direction, handed.peer);
+        if let Err(e) = self.adopt_checked(handed, fd).await {
+            tracing::warn!(?direction, %peer, error = %e, "handed-over connection closed");
+        }
+    }
+
+    async fn adopt_checked(self: Arc<Self>, handed: Handed, fd: OwnedFd) -> Result<(), String> {
+        let resume =
+            Resume::decode(handed.resume.as_slice()).map_err(|e| format!("resume state: {e}"))?;
+        let token = resume
+            .token()
+            .ok_or("resume state: a token of another length")?;
+        let progress = Progress::import(&handed.to_peer, &handed.to_app, &resume.progress)
+            .map_err(|e| format!("resume state: {e}"))?;
+        let peer_identity: Identity = handed
+            .peer_identity
+            .parse()
+            .map_err(|e| format!("peer identity {:?}: {e}", handed.peer_identity))?;
+        let std = std::net::TcpStream::from(fd);
+        std.set_nonblocking(true)
+            .map_err(|e| format!("app socket: {e}"))?;
+        let app = TcpStream::from_std(std).map_err(|e| format!("app socket: {e}"))?;
+        let adopted = Adopted {
+            app,
+            original_dst: handed.original_dst,
+            peer: handed.peer,
+            peer_identity,
+            token,
+            progress,
+            resume,
+        };
+        match handed.direction {
+            Direction::Inbound => self.adopt_inbound(adopted).await,
+            Direction::Outbound => self.adopt_outbound(adopted).await,
+        }
+    }
+}
+
+/// A handed-over connection, decoded.
+pub(super) struct Adopted {
+    pub app: TcpStream,
+    pub original_dst: SocketAddr,
+    pub peer: SocketAddr,
+    pub peer_identity: Identity,
+    pub token: Token,
+    pub progress: Progress,
+    pub resume: Resume,
+}
+
+/// Listens on the hand-over socket at `path` and gives each connection handed over to the proxy
+/// `find` names for its pod, until `shutdown`. Errors only when the socket cannot be listened on.
+pub async fn arrive<F>(
+    path: &Path,
+    find: F,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), Error>
+where
+    F: Fn(&str) -> Option<Arc<Proxy>>,
+{
+    let receiver = Receiver::bind(path).map_err(|source| Error::Listen {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    tracing::info!(path = %path.display(), "taking connections handed over on this socket");
+    loop {
+        let received = tokio::select! {
+            r = receiver.accept_all() => r,
+            _ = shutdown.wait_for(|s| *s) => break,
+        };
+        let (mut adopted, mut orphans) = (0usize, 0usize);
+        for (handed, fd) in received.conns {
+            match find(&handed.pod) {
+                Some(proxy) => {
+                    adopted += 1;
+                    tokio::spawn(proxy.adopt(handed, fd));
+                }
+                None => {
+                    orphans += 1;
+                    tracing::warn!(pod = %handed.pod, peer = %handed.peer, "handed-over connection closed: this process does not serve its pod");
+                }
+            }
+        }
+        match received.error {
+            None => tracing::info!(
+                adopted,
+                orphans,
+                packets = received.packets,
+                "connections handed over"
+            ),
+            Some(e) => tracing::warn!(adopted, orphans, error = %e, "hand-over ended early"),
+        }
+    }
+    // Stop listening before leaving ourselves: our own hand-over must not come back to us.
+    drop(receiver);
+    Ok(())
+}
