@@ -121,6 +121,11 @@ MESHNODE_RESUME_WAIT = "10s";
 /// process to the new one (the new one listens once ready; the old one, told to stop, hands over its
 /// resumable streams there). Empty: none (connections drain at shutdown, as ztunnel's).
 MESHNODE_HANDOVER_SOCKET = "";
+/// meshnode's own: the readiness port (ztunnel's fixed 15021). Moved only where two node proxies share a
+/// network namespace during an upgrade (the sandbox's nodes); a pod has its own.
+MESHNODE_READINESS_PORT = "15021";
+/// meshnode's own: the Prometheus port (ztunnel's fixed 15020); see `MESHNODE_READINESS_PORT`.
+MESHNODE_METRICS_PORT = "15020";
 /// TCP keepalive: idle time before the first probe (ztunnel's name and default).
 KEEPALIVE_TIME = "180s";
 /// TCP keepalive: time between probes.
@@ -652,8 +657,8 @@ impl Config {
                 outbound: 15001,
                 inbound_plaintext: 15006,
                 inbound: 15008,
-                readiness: 15021,
-                metrics: 15020,
+                readiness: parse_default(src, MESHNODE_READINESS_PORT, 15021)?,
+                metrics: parse_default(src, MESHNODE_METRICS_PORT, 15020)?,
                 admin: admin_port(src)?,
             },
             pool: PoolConfig {
