@@ -58,6 +58,7 @@ pub mod model;
 pub mod net;
 pub mod procs;
 pub mod scenario;
+pub mod upgrade;
 
 /// Where sandboxes keep their state by default (`/run`: gone after a reboot, like the namespaces).
 pub const DEFAULT_ROOT: &str = "/run/meshnode-sandbox";
@@ -416,22 +417,7 @@ fn build(opts: &Options, model: &Model, progress: &mut dyn Write) -> Result<(), 
         start(opts, &ns, &["cni-agent".into()], &agent_env, &component)?;
         let socket = dir.join("run/pluginevent.sock");
         wait(opts, "the CNI agent", &component, || socket.exists())?;
-        let xds = format!("https://{cp}");
-        let mut proxy_env = vec![
-            ("PROXY_MODE", "shared".to_string()),
-            ("INPOD_UDS", path_arg(&dir.join("zds.sock"))),
-            ("XDS_ADDRESS", xds.clone()),
-            ("CA_ADDRESS", xds),
-            ("XDS_ROOT_CA", path_arg(&root_cert)),
-            ("CA_ROOT_CA", path_arg(&root_cert)),
-            ("AUTH_TOKEN", path_arg(&token)),
-            ("NODE_NAME", node.name.clone()),
-            ("MESHNODE_STATE_DIR", path_arg(&dir.join("proxy-state"))),
-            ("RUST_LOG", "info".into()),
-        ];
-        if let Some(network) = &node.network {
-            proxy_env.push(("NETWORK", network.clone()));
-        }
+        let proxy_env = proxy_env(opts, model, node);
         let component = format!("{}-proxy", node.name);
         start(opts, &ns, &["proxy".into()], &proxy_env, &component)?;
         let node_ns = net::open(&net::node_netns(model, &node.name))?;
@@ -488,6 +474,35 @@ fn build(opts: &Options, model: &Model, progress: &mut dyn Write) -> Result<(), 
         done(progress, t);
     }
     Ok(())
+}
+
+/// The node proxy's environment on `node`: shared mode on the node's agent, the control plane for xDS
+/// and certificates, resumable streams and a hand-over socket (so `sandbox upgrade` keeps connections).
+fn proxy_env(opts: &Options, model: &Model, node: &model::Node) -> Vec<(&'static str, String)> {
+    let dir = opts.path(&node.name);
+    let xds = format!("https://{}", model.control_plane_addr());
+    let root_cert = path_arg(&opts.path("root-cert.pem"));
+    let mut env = vec![
+        ("PROXY_MODE", "shared".to_string()),
+        ("INPOD_UDS", path_arg(&dir.join("zds.sock"))),
+        ("XDS_ADDRESS", xds.clone()),
+        ("CA_ADDRESS", xds),
+        ("XDS_ROOT_CA", root_cert.clone()),
+        ("CA_ROOT_CA", root_cert),
+        ("AUTH_TOKEN", path_arg(&dir.join("token"))),
+        ("NODE_NAME", node.name.clone()),
+        ("MESHNODE_STATE_DIR", path_arg(&dir.join("proxy-state"))),
+        ("MESHNODE_RESUMABLE_STREAMS", "true".into()),
+        (
+            "MESHNODE_HANDOVER_SOCKET",
+            path_arg(&dir.join("handover.sock")),
+        ),
+        ("RUST_LOG", "info".into()),
+    ];
+    if let Some(network) = &node.network {
+        env.push(("NETWORK", network.clone()));
+    }
+    env
 }
 
 /// Wires `pod` as a runtime would (its namespace and veth, then CNI ADD through `meshnode-cni`) and starts
@@ -708,9 +723,14 @@ fn tail(path: &Path) -> String {
 
 /// Whether the node's proxy answers ready on :15021 (in the node's namespace: loopback only).
 fn proxy_ready(node: &Arc<crate::netns::Netns>) -> bool {
-    let ready = node.run_on_thread(|| {
+    proxy_ready_on(node, 15021)
+}
+
+/// Whether a proxy answers ready on `port` in the node's namespace.
+fn proxy_ready_on(node: &Arc<crate::netns::Netns>, port: u16) -> bool {
+    let ready = node.run_on_thread(move || {
         apps::get(
-            ([127, 0, 0, 1], 15021).into(),
+            ([127, 0, 0, 1], port).into(),
             "/healthz/ready",
             Duration::from_secs(2),
         )

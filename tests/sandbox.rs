@@ -610,3 +610,75 @@ fn the_sandbox_says_it_needs_root() {
     );
     assert!(!sb.state().exists());
 }
+
+#[test]
+fn sandbox_upgrade_swaps_each_node_proxy_while_traffic_runs_and_no_connection_is_reset() {
+    if !support::root_or_skip(
+        "sandbox_upgrade_swaps_each_node_proxy_while_traffic_runs_and_no_connection_is_reset",
+    ) {
+        return;
+    }
+    use meshnode::sandbox::apps::{KeptAlive, Outcome};
+    use std::net::SocketAddr;
+    use std::time::Duration;
+    let sb = Sandbox::new();
+    let up = sb.run(&["up"]);
+    assert_eq!(up.status.code(), Some(0), "{}\n{}", text(&up), sb.logs());
+    let status = String::from_utf8_lossy(&sb.run(&["status"]).stdout).into_owned();
+    let reviews_ip: std::net::IpAddr = status
+        .lines()
+        .find(|l| l.starts_with("default/reviews-v1 "))
+        .and_then(|l| l.split_whitespace().nth(2))
+        .and_then(|ip| ip.parse().ok())
+        .unwrap_or_else(|| panic!("no address for reviews-v1 in\n{status}"));
+
+    // A connection of the test's own, kept alive from productpage (node1) to reviews-v1 (node2): both
+    // its ends are on the proxies the upgrade replaces.
+    let dst = SocketAddr::new(reviews_ip, 9080);
+    let mut conn = in_pod(&sb, "default/productpage-v1", move || {
+        KeptAlive::open(dst, Duration::from_secs(5))
+    })
+    .unwrap();
+    let answered = |o: Outcome| matches!(o, Outcome::Answered { status: 200, .. });
+    assert!(answered(conn.get("/reviews/1")), "before the upgrade");
+
+    let o = sb.run(&["upgrade"]);
+    let said = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{said}\n{}", sb.logs());
+    assert!(said.contains("nothing was reset"), "{said}");
+    for node in ["node1", "node2"] {
+        let line = said
+            .lines()
+            .find(|l| l.starts_with(&format!("{node}: new proxy")))
+            .unwrap_or_else(|| panic!("no swap of {node} in\n{said}"));
+        assert!(
+            line.contains("handed ") && !line.contains("handed 0") && !line.contains("nothing"),
+            "{line}"
+        );
+        assert!(line.contains("(0 closed)"), "{line}");
+    }
+    assert!(
+        answered(conn.get("/reviews/2")),
+        "the connection opened before the upgrade\n{}",
+        sb.logs()
+    );
+
+    // Again, one node: the new proxy goes back to the first set of ports.
+    let o = sb.run(&["upgrade", "--node", "node1"]);
+    let said = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{said}\n{}", sb.logs());
+    assert!(said.contains("ready on :15021"), "{said}");
+    assert!(answered(conn.get("/reviews/3")), "after the second upgrade");
+    let unknown = sb.run(&["upgrade", "--node", "node9"]);
+    assert_eq!(unknown.status.code(), Some(2), "{}", text(&unknown));
+
+    // One proxy per node, and everything healthy.
+    let status = sb.run(&["status"]);
+    assert_eq!(status.status.code(), Some(0), "{}", text(&status));
+    let proxies = sb
+        .processes()
+        .iter()
+        .filter(|p| p.ends_with(" proxy "))
+        .count();
+    assert_eq!(proxies, 2, "{:?}", sb.processes());
+}

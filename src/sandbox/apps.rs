@@ -266,7 +266,7 @@ impl Reply {
         }
     }
 
-    fn encode(&self, app: App) -> Vec<u8> {
+    fn encode(&self, app: App, keep_alive: bool) -> Vec<u8> {
         let reason = match self.status {
             200 => "OK",
             400 => "Bad Request",
@@ -281,9 +281,10 @@ impl Reply {
         } else {
             ""
         };
+        let connection = if keep_alive { "keep-alive" } else { "close" };
         format!(
             "HTTP/1.1 {} {reason}\r\ncontent-type: {}\r\ncontent-length: {}\r\nx-app: {app}\r\n{allow}\
-             connection: close\r\n\r\n{}",
+             connection: {connection}\r\n\r\n{}",
             self.status,
             self.content_type,
             self.body.len(),
@@ -293,20 +294,36 @@ impl Reply {
     }
 }
 
-/// One connection: read the head, answer, close.
+/// One connection: read a head, answer; again while the client keeps the connection alive (HTTP/1.1
+/// without `connection: close`), else close.
 async fn exchange(mut stream: TcpStream, cfg: &AppConfig) {
-    let reply = match read_head(&mut stream, MAX_HEAD, HEAD_TIMEOUT).await {
-        Head::Complete(head) => answer(cfg, &head, stream.peer_addr().ok()).await,
-        Head::TooLarge => Reply::text(431, "request head larger than 8 KiB\n"),
-        Head::TimedOut => Reply::text(408, "request head not received within 10 s\n"),
-        Head::Closed => return,
-    };
-    let bytes = reply.encode(cfg.app);
-    if !matches!(
-        tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(&bytes)).await,
-        Ok(Ok(()))
-    ) {
-        return;
+    let mut first = true;
+    loop {
+        let (reply, keep) = match read_head(&mut stream, MAX_HEAD, HEAD_TIMEOUT).await {
+            Head::Complete(head) => (
+                answer(cfg, &head, stream.peer_addr().ok()).await,
+                keeps_alive(&head),
+            ),
+            Head::TooLarge => (Reply::text(431, "request head larger than 8 KiB\n"), false),
+            // A kept-alive connection left idle is closed without an answer, as servers do.
+            Head::TimedOut if !first => return,
+            Head::TimedOut => (
+                Reply::text(408, "request head not received within 10 s\n"),
+                false,
+            ),
+            Head::Closed => return,
+        };
+        first = false;
+        let bytes = reply.encode(cfg.app, keep);
+        if !matches!(
+            tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(&bytes)).await,
+            Ok(Ok(()))
+        ) {
+            return;
+        }
+        if !keep {
+            break;
+        }
     }
     let _ = stream.shutdown().await;
     let mut sink = [0u8; 4096];
@@ -320,6 +337,22 @@ async fn exchange(mut stream: TcpStream, cfg: &AppConfig) {
         }
     };
     let _ = tokio::time::timeout(LINGER, drain).await;
+}
+
+/// Whether a request head asks to keep the connection: HTTP/1.1 without `connection: close`.
+fn keeps_alive(head: &[u8]) -> bool {
+    let head = String::from_utf8_lossy(head);
+    let mut lines = head.split("\r\n");
+    let http11 = lines
+        .next()
+        .is_some_and(|l| l.trim_end().ends_with("HTTP/1.1"));
+    http11
+        && !lines.any(|l| {
+            l.split_once(':').is_some_and(|(name, value)| {
+                name.trim().eq_ignore_ascii_case("connection")
+                    && value.trim().eq_ignore_ascii_case("close")
+            })
+        })
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
@@ -680,6 +713,53 @@ pub fn call_blocking(addr: SocketAddr, method: &str, path: &str, timeout: Durati
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Outcome::from_io(&e, timeout),
+        }
+    }
+}
+
+/// A kept-alive HTTP/1.1 connection: one `GET` after another on the same connection (blocking; open it
+/// on a thread inside a pod's namespace, use it from any thread).
+pub struct KeptAlive {
+    addr: SocketAddr,
+    stream: std::net::TcpStream,
+    timeout: Duration,
+}
+
+impl KeptAlive {
+    /// Connects to `addr` within `timeout`.
+    pub fn open(addr: SocketAddr, timeout: Duration) -> io::Result<KeptAlive> {
+        let stream = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_write_timeout(Some(timeout))?;
+        Ok(KeptAlive {
+            addr,
+            stream,
+            timeout,
+        })
+    }
+
+    /// `GET path` on the connection; its answer (a reset or a close is the connection's end).
+    pub fn get(&mut self, path: &str) -> Outcome {
+        let head = format!(
+            "GET {path} HTTP/1.1\r\nhost: {}\r\nuser-agent: meshnode-sandbox\r\n\r\n",
+            self.addr
+        );
+        if let Err(e) = self.stream.write_all(head.as_bytes()) {
+            return Outcome::from_io(&e, self.timeout);
+        }
+        let mut answer = Collector::default();
+        let mut chunk = [0u8; 16 * 1024];
+        loop {
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return answer.finish(),
+                Ok(n) => {
+                    if let Some(done) = answer.push(&chunk[..n]) {
+                        return done;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Outcome::from_io(&e, self.timeout),
+            }
         }
     }
 }

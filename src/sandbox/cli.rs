@@ -68,6 +68,13 @@ pub enum SandboxCommand {
         /// The manifest (`-` for stdin).
         file: PathBuf,
     },
+    /// Swap each node's proxy (or one node's) for a new process while traffic runs, as a DaemonSet rolling
+    /// update does: open connections are handed over to the new proxy, not reset.
+    Upgrade {
+        /// Only this node (`node1`, `node2`).
+        #[arg(long)]
+        node: Option<String>,
+    },
     /// Internal: run COMMAND inside the network namespace NETNS (what the sandbox starts components with).
     #[command(hide = true)]
     Enter {
@@ -203,6 +210,13 @@ fn run(args: SandboxArgs) -> Result<i32, Error> {
         Some(SandboxCommand::Delete { file }) => {
             super::apply(&opts, &file, super::apply::Verb::Delete, &mut out).map(|()| 0)
         }
+        Some(SandboxCommand::Upgrade { node }) => Ok(
+            if super::upgrade::upgrade(&opts, node.as_deref(), &mut out)? {
+                0
+            } else {
+                1
+            },
+        ),
         Some(SandboxCommand::Enter { .. } | SandboxCommand::App { .. }) => {
             unreachable!("handled above")
         }

@@ -138,7 +138,8 @@ fn netns_inode_of(pid: i32) -> Option<u64> {
     s.strip_prefix("net:[")?.strip_suffix(']')?.parse().ok()
 }
 
-fn alive(pid: i32) -> bool {
+/// Whether process `pid` runs (a zombie does not).
+pub fn alive(pid: i32) -> bool {
     // A zombie has exited; only its parent's wait is missing.
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(stat) => stat
@@ -239,17 +240,19 @@ fn reap() {
     }
 }
 
-/// Whether something in the namespace of process `pid` listens on TCP `port` (read from
-/// `/proc/<pid>/net/tcp`, which shows that namespace's sockets; no traffic is sent).
+/// Whether something in the namespace of process `pid` listens on TCP `port`, IPv4 or IPv6 (read from
+/// `/proc/<pid>/net/tcp` and `tcp6`, which show that namespace's sockets; no traffic is sent).
 pub fn listening(pid: u32, port: u16) -> bool {
-    let Ok(table) = std::fs::read_to_string(format!("/proc/{pid}/net/tcp")) else {
-        return false;
-    };
     let suffix = format!(":{port:04X}");
-    table.lines().skip(1).any(|l| {
-        let mut cols = l.split_whitespace();
-        let local = cols.nth(1).unwrap_or("");
-        let state = cols.nth(1).unwrap_or("");
-        local.ends_with(&suffix) && state == "0A"
+    ["tcp", "tcp6"].iter().any(|table| {
+        let Ok(table) = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")) else {
+            return false;
+        };
+        table.lines().skip(1).any(|l| {
+            let mut cols = l.split_whitespace();
+            let local = cols.nth(1).unwrap_or("");
+            let state = cols.nth(1).unwrap_or("");
+            local.ends_with(&suffix) && state == "0A"
+        })
     })
 }

@@ -354,3 +354,23 @@ fn client_reads_answers_without_content_length_until_eof_and_names_the_app() {
     assert_eq!(o.to_string(), "HTTP 503 from fake");
     assert_eq!(answered(o).2, "no");
 }
+
+#[test]
+fn a_kept_alive_connection_is_answered_again_and_again_and_connection_close_still_closes() {
+    let app = start("details", &[]);
+    let mut conn = KeptAlive::open(app.addr, T).unwrap();
+    for id in [1, 2, 3] {
+        let (status, x_app, body) = answered(conn.get(&format!("/details/{id}")));
+        assert_eq!((status, x_app.as_str()), (200, "details"));
+        assert!(body.contains(&format!("\"id\":{id}")), "{body}");
+    }
+    // The client's `connection: close` (what `get` sends) is answered with a close.
+    let answer = raw(
+        app.addr,
+        b"GET /details/1 HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+    );
+    assert!(answer.contains("connection: close"), "{answer}");
+    // HTTP/1.0 is not kept alive either.
+    let answer = raw(app.addr, b"GET /details/1 HTTP/1.0\r\nhost: x\r\n\r\n");
+    assert!(answer.contains("connection: close"), "{answer}");
+}
