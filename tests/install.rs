@@ -194,6 +194,8 @@ fn variables_meshnode_reads() -> BTreeSet<&'static str> {
         c::CLUSTER_ID,
         c::TERMINATION_GRACE_PERIOD_SECONDS,
         c::ZTUNNEL_WORKER_THREADS,
+        c::MESHNODE_RESUMABLE_STREAMS,
+        c::MESHNODE_HANDOVER_SOCKET,
         w::TRUST_DOMAIN,
         w::WAYPOINT_NAME,
         a::CNI_AGENT_RUN_DIR,
@@ -247,6 +249,39 @@ fn manifests_configure_each_role_with_variables_it_reads() {
             .unwrap()
             .to_string(),
         "the drain deadline follows the pod's grace period"
+    );
+    // Upgrades hand connections over: the new pod starts beside the old one, and both mount the
+    // hand-over socket's directory from the node.
+    let rolling = &ds["spec"]["updateStrategy"]["rollingUpdate"];
+    assert_eq!(
+        (rolling["maxSurge"].as_u64(), rolling["maxUnavailable"].as_u64()),
+        (Some(1), Some(0)),
+        "a new pod beside the old one on each node"
+    );
+    assert!(cfg.resumable_streams, "resumable streams on");
+    let socket_dir = cfg
+        .handover_socket
+        .as_ref()
+        .expect("a hand-over socket")
+        .parent()
+        .unwrap()
+        .to_str()
+        .unwrap();
+    let mount = proxy["volumeMounts"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|m| m["mountPath"].as_str() == Some(socket_dir))
+        .unwrap_or_else(|| panic!("{socket_dir} not mounted"));
+    let volume = ds["spec"]["template"]["spec"]["volumes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == mount["name"])
+        .expect("the mount's volume");
+    assert!(
+        volume["hostPath"]["path"].as_str().is_some(),
+        "the hand-over socket is on the node, shared by the old pod and the new one: {volume:?}"
     );
 
     // The CNI agent, as Istio's istio-cni chart runs it.
