@@ -554,6 +554,12 @@ fn an_upgraded_proxy_hands_its_open_connections_to_the_new_one_and_none_is_reset
     let flows: Vec<Flow> = (0..3).map(|i| Flow::start(&client, echo, i)).collect();
     std::thread::sleep(Duration::from_millis(500));
 
+    // The CNI agent restarts meanwhile: it is not on the data path, so nothing open notices.
+    node.agent = None;
+    std::thread::sleep(Duration::from_millis(200));
+    node.start_agent();
+    assert_eq!(held.echo("agent back"), "agent back\n");
+
     // Proxy B starts beside A, serves the pods and listens on the hand-over socket.
     let node_b = Netns::new("nodeb");
     let mut b = start_second_proxy_with(&node, &node_b, "true", &env);
@@ -618,4 +624,50 @@ fn an_upgraded_proxy_hands_its_open_connections_to_the_new_one_and_none_is_reset
         "B exited\n{}",
         node.logs()
     );
+}
+
+#[test]
+fn a_proxy_killed_with_sigkill_takes_its_open_connections_with_it_and_the_new_one_serves_new_ones()
+{
+    if !support::root_or_skip(
+        "a_proxy_killed_with_sigkill_takes_its_open_connections_with_it_and_the_new_one_serves_new_ones",
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("handover.sock");
+    let env = vec![
+        ("MESHNODE_RESUMABLE_STREAMS".to_string(), "true".to_string()),
+        (
+            "MESHNODE_HANDOVER_SOCKET".to_string(),
+            socket.to_str().unwrap().to_string(),
+        ),
+    ];
+    let (mut node, client, server) = node_with_pods_and("true", &env);
+    let mut a = node.proxy.take().expect("proxy A");
+    let echo = SocketAddr::new(server.ip.unwrap(), 8081);
+    let mut held = Held::open(&client, echo)
+        .unwrap_or_else(|e| panic!("connecting through A: {e}\n{}", node.logs()));
+    assert_eq!(held.echo("before"), "before\n");
+    let node_b = Netns::new("nodeb");
+    let _b = start_second_proxy_with(&node, &node_b, "true", &env);
+
+    // SIGKILL: A cannot hand anything over. The application sockets it held (the client's connection
+    // to its proxy, and the proxy's connection to the server) are closed by the kernel with it, so the
+    // application sees its connection end: this is what a kill loses.
+    a.0.kill().unwrap();
+    a.0.wait().unwrap();
+    held.stream
+        .write_all(b"after the kill\n")
+        .unwrap_or_default();
+    let mut line = String::new();
+    let read = held.lines.read_line(&mut line);
+    assert!(
+        matches!(read, Ok(0) | Err(_)),
+        "the connection outlived the process that held its socket: {read:?} {line:?}"
+    );
+    // New connections go to B.
+    let mut again = Held::open(&client, echo)
+        .unwrap_or_else(|e| panic!("connecting through B: {e}\n{}", node.logs()));
+    assert_eq!(again.echo("through B"), "through B\n");
 }
