@@ -526,6 +526,140 @@ impl Flow {
     }
 }
 
+/// An HTTP/2 (cleartext, prior knowledge) echo in `pod` on `port`, as a gRPC bidirectional-streaming
+/// service behaves: each request stream's body comes back as its response body, chunk by chunk.
+fn serve_h2_echo(pod: &Pod, port: u16) {
+    let ip = pod.ip.expect("pod has an IP");
+    let listener = pod
+        .netns
+        .run(move || TcpListener::bind(SocketAddr::new(ip, port)).unwrap());
+    listener.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            while let Ok((tcp, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let Ok(mut conn) = h2::server::handshake(tcp).await else {
+                        return;
+                    };
+                    while let Some(Ok((req, mut respond))) = conn.accept().await {
+                        tokio::spawn(async move {
+                            let mut body = req.into_body();
+                            let Ok(mut send) =
+                                respond.send_response(http::Response::new(()), false)
+                            else {
+                                return;
+                            };
+                            while let Some(Ok(chunk)) = body.data().await {
+                                let _ = body.flow_control().release_capacity(chunk.len());
+                                if send.send_data(chunk, false).is_err() {
+                                    return;
+                                }
+                            }
+                            let _ = send.send_data(bytes::Bytes::new(), true);
+                        });
+                    }
+                });
+            }
+        });
+    });
+}
+
+/// A gRPC-like bidirectional stream: one HTTP/2 request whose body the client streams (numbered lines,
+/// as a [`Flow`]'s) while it reads the echoed response body and checks every byte.
+struct H2Flow {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<Result<u64, String>>,
+}
+
+impl H2Flow {
+    fn start(pod: &Pod, dst: SocketAddr) -> H2Flow {
+        const FLOW: u8 = 9;
+        let tcp = pod
+            .netns
+            .run(move || TcpStream::connect_timeout(&dst, Duration::from_secs(5)))
+            .expect("connecting the HTTP/2 flow");
+        tcp.set_nonblocking(true).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let tcp = tokio::net::TcpStream::from_std(tcp).map_err(|e| e.to_string())?;
+                let (client, conn) = h2::client::handshake(tcp)
+                    .await
+                    .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
+                tokio::spawn(conn);
+                let mut client = client.ready().await.map_err(|e| e.to_string())?;
+                let req = http::Request::post(format!("http://{dst}/echo.Echo/Stream"))
+                    .body(())
+                    .unwrap();
+                let (answer, mut send) = client
+                    .send_request(req, false)
+                    .map_err(|e| format!("request: {e}"))?;
+                let writer = tokio::spawn(async move {
+                    let (mut n, mut sent) = (0u64, 0u64);
+                    while !stopping.load(Ordering::SeqCst) {
+                        let mut chunk = Vec::new();
+                        for _ in 0..10 {
+                            flow_line(FLOW, n, &mut chunk);
+                            n += 1;
+                        }
+                        sent += chunk.len() as u64;
+                        send.send_data(chunk.into(), false)
+                            .map_err(|e| format!("sending after {sent} bytes: {e}"))?;
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    send.send_data(bytes::Bytes::new(), true)
+                        .map_err(|e| format!("ending the stream: {e}"))?;
+                    Ok::<u64, String>(sent)
+                });
+                let mut body = answer
+                    .await
+                    .map_err(|e| format!("response: {e}"))?
+                    .into_body();
+                let (mut n, mut at, mut expected, mut offset) = (0u64, 0u64, Vec::new(), 0usize);
+                while let Some(chunk) = body.data().await {
+                    let chunk = chunk.map_err(|e| format!("reading after {at} bytes: {e}"))?;
+                    let _ = body.flow_control().release_capacity(chunk.len());
+                    for &b in chunk.iter() {
+                        if offset == expected.len() {
+                            expected.clear();
+                            offset = 0;
+                            flow_line(FLOW, n, &mut expected);
+                            n += 1;
+                        }
+                        if b != expected[offset] {
+                            return Err(format!("byte {at} differs (line {})", n - 1));
+                        }
+                        offset += 1;
+                        at += 1;
+                    }
+                }
+                let sent = writer.await.map_err(|e| e.to_string())??;
+                if sent != at {
+                    return Err(format!("{sent} bytes sent, {at} echoed back"));
+                }
+                Ok(sent)
+            })
+        });
+        H2Flow { stop, thread }
+    }
+
+    /// Ends the request body and waits for the whole echo: the bytes sent, each way.
+    fn finish(self) -> Result<u64, String> {
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread.join().unwrap()
+    }
+}
+
 #[test]
 fn an_upgraded_proxy_hands_its_open_connections_to_the_new_one_and_none_is_reset() {
     if !support::root_or_skip(
@@ -552,6 +686,8 @@ fn an_upgraded_proxy_hands_its_open_connections_to_the_new_one_and_none_is_reset
         .unwrap_or_else(|e| panic!("connecting through A: {e}\n{}", node.logs()));
     assert_eq!(held.echo("before"), "before\n");
     let flows: Vec<Flow> = (0..3).map(|i| Flow::start(&client, echo, i)).collect();
+    serve_h2_echo(&server, 8082);
+    let h2_flow = H2Flow::start(&client, SocketAddr::new(server.ip.unwrap(), 8082));
     std::thread::sleep(Duration::from_millis(500));
 
     // The CNI agent restarts meanwhile: it is not on the data path, so nothing open notices.
@@ -608,16 +744,32 @@ fn an_upgraded_proxy_hands_its_open_connections_to_the_new_one_and_none_is_reset
             Err(e) => panic!("flow {i}: {e}\n{}", node.logs()),
         }
     }
+    let h2_bytes = h2_flow
+        .finish()
+        .unwrap_or_else(|e| panic!("HTTP/2 stream: {e}\n{}", node.logs()));
     assert_eq!(held.echo("last"), "last\n");
     held.close();
     let b_said = std::fs::read_to_string(&b_log).unwrap();
     assert!(
-        b_said.contains("adopted=8"),
-        "B did not adopt both ends of the 4 connections\n{}",
+        b_said.contains("adopted=10"),
+        "B did not adopt both ends of the 5 connections\n{}",
         node.logs()
     );
+    // B's access lines for the flows count their whole life, from when they opened on A.
+    let lived: Vec<u64> = b_said
+        .lines()
+        .filter(|l| l.contains("connection complete") && l.contains(":8081"))
+        .filter_map(|l| {
+            let ms = l.split("duration=\"").nth(1)?.split("ms\"").next()?;
+            ms.parse().ok()
+        })
+        .collect();
+    assert!(
+        lived.len() >= 6 && lived.iter().all(|ms| *ms >= 1000),
+        "durations of the flows' access lines on B: {lived:?}\n{b_said}"
+    );
     eprintln!(
-        "hand-over: A left {handed_in:?} after SIGTERM; {total} bytes each way checked across it"
+        "hand-over: A left {handed_in:?} after SIGTERM; {total} bytes each way on 3 TCP flows and {h2_bytes} on an HTTP/2 stream checked across it"
     );
     assert!(
         b.0.try_wait().unwrap().is_none(),

@@ -25,7 +25,7 @@ use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock};
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
 use prost::Message;
@@ -203,11 +203,33 @@ pub(super) struct Resume {
     /// Outbound: the addressed service, `namespace/hostname` (metrics labels).
     #[prost(string, tag = "6")]
     pub service: String,
+    /// When the connection opened, in milliseconds since the Unix epoch (its access line's duration).
+    #[prost(uint64, tag = "7")]
+    pub opened_ms: u64,
 }
 
 impl Resume {
     pub(super) fn token(&self) -> Option<Token> {
         Some(Token::from_bytes(self.token.as_slice().try_into().ok()?))
+    }
+
+    /// `opened_ms` for a connection that opened at `start`.
+    pub(super) fn opened_at(start: Instant) -> u64 {
+        let opened = SystemTime::now()
+            .checked_sub(start.elapsed())
+            .unwrap_or(UNIX_EPOCH);
+        opened
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    }
+
+    /// When the connection opened, on this process's clock (now, when that is unknown or in the future).
+    pub(super) fn opened(&self) -> Instant {
+        let age = UNIX_EPOCH
+            .checked_add(Duration::from_millis(self.opened_ms))
+            .and_then(|opened| SystemTime::now().duration_since(opened).ok())
+            .unwrap_or(Duration::ZERO);
+        Instant::now().checked_sub(age).unwrap_or_else(Instant::now)
     }
 }
 
@@ -372,4 +394,50 @@ where
     // Stop listening before leaving ourselves: our own hand-over must not come back to us.
     drop(receiver);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_resume_state_survives_its_trip_with_the_connections_age() {
+        let opened = Instant::now() - Duration::from_secs(90);
+        let token = Token::random();
+        let resume = Resume {
+            token: token.to_bytes().to_vec(),
+            progress: vec![1; 22],
+            authority: "10.0.0.1:8080".into(),
+            local: "10.0.0.1:15008".into(),
+            expected: vec!["spiffe://cluster.local/ns/a/sa/b".into()],
+            service: "default/reviews.default.svc.cluster.local".into(),
+            opened_ms: Resume::opened_at(opened),
+        };
+        let back = Resume::decode(resume.encode_to_vec().as_slice()).unwrap();
+        assert_eq!(back, resume);
+        assert_eq!(back.token(), Some(token));
+        let age = back.opened().elapsed();
+        assert!(
+            age >= Duration::from_secs(89) && age < Duration::from_secs(92),
+            "{age:?}"
+        );
+    }
+
+    #[test]
+    fn a_resume_state_from_elsewhere_is_refused_or_read_safely() {
+        // A token of another length is no token.
+        let short = Resume {
+            token: vec![1; 15],
+            ..Resume::default()
+        };
+        assert_eq!(short.token(), None);
+        // An opening time in the future (another clock) counts as now, not as a panic.
+        let future = Resume {
+            opened_ms: u64::MAX,
+            ..Resume::default()
+        };
+        assert!(future.opened().elapsed() < Duration::from_secs(1));
+        // Garbage does not decode.
+        assert!(Resume::decode(&[0xff, 0xff, 0xff][..]).is_err());
+    }
 }

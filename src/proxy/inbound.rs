@@ -219,6 +219,7 @@ impl OpenStream {
                     token: server.token.to_bytes().to_vec(),
                     authority: self.authority.clone(),
                     local: local.to_string(),
+                    opened_ms: Resume::opened_at(start),
                     ..Resume::default()
                 };
                 server.proxy.hand_over(Paused {
@@ -738,7 +739,7 @@ impl Proxy {
     /// CONNECT (policy, a new metrics record and registration), then parked for the client's re-dial,
     /// then carried on from the exported counts.
     pub(super) async fn adopt_inbound(self: Arc<Self>, a: Adopted) -> Result<(), String> {
-        let start = Instant::now();
+        let start = a.resume.opened();
         let local: SocketAddr = a
             .resume
             .local
@@ -779,6 +780,7 @@ impl Proxy {
                     token: server.token.to_bytes().to_vec(),
                     authority,
                     local: local.to_string(),
+                    opened_ms: Resume::opened_at(start),
                     ..Resume::default()
                 };
                 self.hand_over(Paused {

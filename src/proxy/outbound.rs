@@ -246,7 +246,7 @@ impl OpenOutbound {
     fn close(self, carried: Carried) {
         if carried.leaving {
             if let Up::Resumable(_, client) = &self.up {
-                client.hand_over(self.stream);
+                client.hand_over(self.stream, self.ends.start);
             }
             self.record
                 .close(ResponseFlags::None, carried.received, carried.sent);
@@ -475,7 +475,7 @@ impl Proxy {
     /// new metrics record, labelled as the old one was), then re-dialled to the same server with its
     /// token, then carried on from the exported counts.
     pub(super) async fn adopt_outbound(self: Arc<Self>, a: Adopted) -> Result<(), String> {
-        let start = Instant::now();
+        let start = a.resume.opened();
         let peer = a
             .app
             .peer_addr()
@@ -549,7 +549,7 @@ impl Proxy {
         let stream = match Box::pin(client.redial(true)).await {
             Ok(Some(stream)) => stream,
             Ok(None) => {
-                client.hand_over(a.app);
+                client.hand_over(a.app, start);
                 record.close(ResponseFlags::None, 0, 0);
                 return Ok(());
             }

@@ -376,12 +376,13 @@ impl Client {
     }
 
     /// Leaves the paused connection (its application socket `app`) for the new process.
-    pub(super) fn hand_over(&self, app: tokio::net::TcpStream) {
+    pub(super) fn hand_over(&self, app: tokio::net::TcpStream, opened: std::time::Instant) {
         let resume = super::handover::Resume {
             token: self.token.to_bytes().to_vec(),
             authority: self.authority.to_string(),
             expected: self.expected.iter().map(ToString::to_string).collect(),
             service: self.service.as_ref().map(|s| s.key()).unwrap_or_default(),
+            opened_ms: super::handover::Resume::opened_at(opened),
             ..Default::default()
         };
         let peer_identity = self.expected.first().cloned();
