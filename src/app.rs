@@ -351,8 +351,18 @@ async fn run_proxy_inner(
             };
             let (shutdown, departure) = match handover {
                 Some(h) => {
+                    let listed = pods.clone();
                     let find = move |uid: &str| pods.proxy(uid);
-                    let (inner, task) = hand_over_at_shutdown(h, shutdown, ready.clone(), find);
+                    let open = move || {
+                        listed
+                            .snapshot()
+                            .values()
+                            .filter_map(|p| p.connections.as_ref())
+                            .map(|c| c.inbound.len() + c.outbound.len())
+                            .sum()
+                    };
+                    let (inner, task) =
+                        hand_over_at_shutdown(h, shutdown, ready.clone(), find, open);
                     (inner, Some(task))
                 }
                 None => (shutdown, None),
@@ -392,9 +402,15 @@ async fn run_proxy_inner(
     let built: Arc<std::sync::OnceLock<Arc<Proxy>>> = Arc::default();
     let (shutdown, departure) = match handover.clone() {
         Some(h) => {
-            let built = built.clone();
+            let (built, listed) = (built.clone(), built.clone());
             let find = move |_: &str| built.get().cloned();
-            let (inner, task) = hand_over_at_shutdown(h, shutdown, ready.clone(), find);
+            let open = move || {
+                listed.get().map_or(0, |p| {
+                    let (inbound, outbound) = p.listed_connections();
+                    inbound.len() + outbound.len()
+                })
+            };
+            let (inner, task) = hand_over_at_shutdown(h, shutdown, ready.clone(), find, open);
             (inner, Some(task))
         }
         None => (shutdown, None),
@@ -450,16 +466,18 @@ async fn run_proxy_inner(
 /// Upgrades without cutting connections (`MESHNODE_HANDOVER_SOCKET`): once `ready`, takes the
 /// connections a leaving process hands over (each to the proxy `find` names for its pod); when
 /// `shutdown` turns true, stops taking them, turns the returned shutdown (the proxies') true, and hands
-/// this process's resumable connections to the process that replaces it. The task ends when that is
-/// done; await it before exiting.
-fn hand_over_at_shutdown<F>(
+/// this process's resumable connections to the process that replaces it, saying how many others (`open`
+/// counts them) are left to drain. The task ends when that is done; await it before exiting.
+fn hand_over_at_shutdown<F, O>(
     handover: Arc<crate::proxy::handover::Handover>,
     shutdown: watch::Receiver<bool>,
     ready: Arc<Readiness>,
     find: F,
+    open: O,
 ) -> (watch::Receiver<bool>, tokio::task::JoinHandle<()>)
 where
     F: Fn(&str) -> Option<Arc<Proxy>> + Send + Sync + 'static,
+    O: Fn() -> usize + Send + 'static,
 {
     let (inner_tx, inner) = watch::channel(false);
     let task = tokio::spawn(async move {
@@ -485,8 +503,9 @@ where
             Ok(left) => tracing::info!(
                 taken = left.taken,
                 closed = left.kept + left.late,
+                draining = open(),
                 error = left.error.map(|e| e.to_string()),
-                "resumable connections handed over to the new process"
+                "resumable connections handed over to the new process; the others (a ztunnel peer, plain TCP, a waypoint hop) drain"
             ),
             Err(e) => tracing::info!(error = %e, "no hand-over: open connections drain"),
         }

@@ -655,7 +655,7 @@ fn sandbox_upgrade_swaps_each_node_proxy_while_traffic_runs_and_no_connection_is
             line.contains("handed ") && !line.contains("handed 0") && !line.contains("nothing"),
             "{line}"
         );
-        assert!(line.contains("(0 closed)"), "{line}");
+        assert!(line.contains("(0 closed;"), "{line}");
     }
     assert!(
         answered(conn.get("/reviews/2")),

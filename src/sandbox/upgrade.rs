@@ -300,9 +300,10 @@ fn swap(opts: &Options, model: &Model, node: &super::model::Node) -> Result<Swap
                     .to_string()
             };
             format!(
-                "handed {} connections over ({} closed)",
+                "handed {} connections over ({} closed; {} not resumable left to drain)",
                 field("taken="),
-                field("closed=")
+                field("closed="),
+                field("draining=")
             )
         })
         .unwrap_or_else(|| "handed nothing over".into());
