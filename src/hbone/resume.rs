@@ -215,6 +215,84 @@ pub fn decode(src: &mut BytesMut) -> Result<Option<Frame>, ResumeError> {
     }
 }
 
+/// A piece of the frame stream, as [`Decoder`] takes it off one chunk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Piece {
+    /// Payload bytes of a `DATA` frame (a frame's payload may come in several pieces).
+    Data(Bytes),
+    /// `ACK`.
+    Ack(u64),
+    /// `MOVING`.
+    Moving(u64),
+    /// `FIN`.
+    Fin(u64),
+}
+
+/// Frames off a stream that arrives in chunks (HTTP/2 DATA frames), without assembling payloads: a
+/// `DATA` frame's bytes come out as slices of the chunks that carried them, so nothing is copied and
+/// nothing waits for the rest of a frame. Only a frame head split between chunks (at most 9 bytes) is
+/// kept.
+#[derive(Debug, Default)]
+pub struct Decoder {
+    head: [u8; COUNT_FRAME],
+    head_len: usize,
+    /// Payload bytes of the current `DATA` frame still to come.
+    data_left: usize,
+}
+
+impl Decoder {
+    /// The next piece off the front of `chunk`; `None` once `chunk` is used up (the decoder keeps what
+    /// it needs of a frame it cut).
+    pub fn next(&mut self, chunk: &mut Bytes) -> Result<Option<Piece>, ResumeError> {
+        loop {
+            if self.data_left > 0 {
+                if chunk.is_empty() {
+                    return Ok(None);
+                }
+                let n = self.data_left.min(chunk.len());
+                self.data_left -= n;
+                return Ok(Some(Piece::Data(chunk.split_to(n))));
+            }
+            let Some(&kind) = self.head[..self.head_len].first().or(chunk.first()) else {
+                return Ok(None);
+            };
+            let need = match kind {
+                DATA => DATA_HEAD,
+                ACK | MOVING | FIN => COUNT_FRAME,
+                other => return Err(ResumeError::UnknownFrame(other)),
+            };
+            let take = (need - self.head_len).min(chunk.len());
+            self.head[self.head_len..self.head_len + take].copy_from_slice(&chunk[..take]);
+            chunk.advance(take);
+            self.head_len += take;
+            if self.head_len < need {
+                return Ok(None);
+            }
+            self.head_len = 0;
+            let head = &self.head[1..need];
+            if kind == DATA {
+                let len = u32::from_be_bytes(head.try_into().expect("four bytes")) as usize;
+                if len == 0 || len > MAX_DATA {
+                    return Err(ResumeError::DataLength(len));
+                }
+                self.data_left = len;
+                continue;
+            }
+            let count = u64::from_be_bytes(head.try_into().expect("eight bytes"));
+            return Ok(Some(match kind {
+                ACK => Piece::Ack(count),
+                MOVING => Piece::Moving(count),
+                _ => Piece::Fin(count),
+            }));
+        }
+    }
+
+    /// Whether the stream so far ended on a frame boundary.
+    pub fn at_boundary(&self) -> bool {
+        self.head_len == 0 && self.data_left == 0
+    }
+}
+
 /// Appends a `DATA` frame carrying `bytes` (1 to [`MAX_DATA`] of them).
 pub fn put_data(dst: &mut BytesMut, bytes: &[u8]) -> Result<(), ResumeError> {
     put_data_head(dst, bytes.len())?;

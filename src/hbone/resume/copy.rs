@@ -32,7 +32,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{watch, Notify};
 
 use super::{
-    decode, put_ack, put_data, put_data_head, put_fin, put_moving, Frame, RecvCount, ResumeError,
+    put_ack, put_data, put_data_head, put_fin, put_moving, Decoder, Piece, RecvCount, ResumeError,
     SendLog, MAX_DATA,
 };
 use crate::hbone::copy::{h2_io, Reader, Transferred};
@@ -464,16 +464,19 @@ async fn recv_half<W: AsyncWrite + Unpin>(
         shared.wake.notify_one();
         Ok(end)
     };
-    let mut inbuf = BytesMut::new();
+    // Frames come apart as the stream's chunks arrive: DATA payloads go to the application as slices
+    // of those chunks, never copied or assembled.
+    let mut decoder = Decoder::default();
+    let mut chunk = Bytes::new();
     // Armed when something came and was not acknowledged yet (only then: it is a timer entry).
     let mut ack_timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
     if !write_out(app, unwritten, pause).await? {
         return Ok(RecvEnd::Paused);
     }
     loop {
-        while let Some(frame) = decode(&mut inbuf).map_err(protocol)? {
-            match frame {
-                Frame::Data(bytes) => {
+        while let Some(piece) = decoder.next(&mut chunk).map_err(protocol)? {
+            match piece {
+                Piece::Data(bytes) => {
                     if *fin_received {
                         return Err(io::Error::new(
                             io::ErrorKind::InvalidData,
@@ -487,11 +490,11 @@ async fn recv_half<W: AsyncWrite + Unpin>(
                         return Ok(RecvEnd::Paused);
                     }
                 }
-                Frame::Ack(n) => {
+                Piece::Ack(n) => {
                     shared.peer_acked.fetch_max(n, Ordering::AcqRel);
                     shared.wake.notify_one();
                 }
-                Frame::Fin(total) => {
+                Piece::Fin(total) => {
                     if *fin_received || total != count.received() {
                         return Err(io::Error::new(
                             io::ErrorKind::InvalidData,
@@ -511,7 +514,7 @@ async fn recv_half<W: AsyncWrite + Unpin>(
                     shared.recv_finished.store(true, Ordering::Release);
                     shared.wake.notify_one();
                 }
-                Frame::Moving(n) => {
+                Piece::Moving(n) => {
                     shared.peer_acked.fetch_max(n, Ordering::AcqRel);
                     return left(RecvEnd::PeerMoving);
                 }
@@ -520,10 +523,8 @@ async fn recv_half<W: AsyncWrite + Unpin>(
                 shared.owe(n);
             }
         }
-        if inbuf.is_empty() {
-            // Nothing partial: let go of the buffer the frames came in.
-            inbuf = BytesMut::new();
-        }
+        // Used up: let go of the buffer the chunk came in.
+        chunk = Bytes::new();
         if !count.unacked() {
             ack_timer = None;
         } else if ack_timer.is_none() {
@@ -542,15 +543,15 @@ async fn recv_half<W: AsyncWrite + Unpin>(
             next = recv.data() => next,
         };
         match next {
-            Some(Ok(chunk)) => {
-                let _ = recv.flow_control().release_capacity(chunk.len());
-                inbuf.extend_from_slice(&chunk);
+            Some(Ok(data)) => {
+                let _ = recv.flow_control().release_capacity(data.len());
+                chunk = data;
             }
             // A reset, or the connection under the stream gone (its process left): resumable, and
             // the caller bounds the wait for the resume.
             Some(Err(_)) => return left(RecvEnd::PeerLeft),
             // The peer ends its side only when it is done (its FIN and ours acknowledged).
-            None if *fin_received && inbuf.is_empty() => return Ok(RecvEnd::Ended),
+            None if *fin_received && decoder.at_boundary() => return Ok(RecvEnd::Ended),
             None => return left(RecvEnd::PeerLeft),
         }
     }

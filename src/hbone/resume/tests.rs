@@ -38,6 +38,85 @@ fn frames_come_out_as_they_went_in_and_only_once_whole() {
     );
 }
 
+/// Runs `wire` through a [`Decoder`] in chunks of the sizes `cuts` gives (cycled); the control frames,
+/// and the DATA payloads merged per frame, in order.
+fn streamed(wire: &Bytes, cuts: &[usize]) -> Vec<Frame> {
+    let mut decoder = Decoder::default();
+    let (mut out, mut data, mut at, mut i) = (Vec::new(), Vec::new(), 0, 0);
+    let flush = |data: &mut Vec<u8>, out: &mut Vec<Frame>| {
+        if !data.is_empty() {
+            out.push(Frame::Data(Bytes::from(std::mem::take(data))));
+        }
+    };
+    while at < wire.len() {
+        let n = cuts[i % cuts.len()].min(wire.len() - at);
+        i += 1;
+        let mut chunk = wire.slice(at..at + n);
+        at += n;
+        while let Some(piece) = decoder.next(&mut chunk).expect("decode") {
+            match piece {
+                Piece::Data(b) => data.extend_from_slice(&b),
+                Piece::Ack(n) => {
+                    flush(&mut data, &mut out);
+                    out.push(Frame::Ack(n))
+                }
+                Piece::Moving(n) => {
+                    flush(&mut data, &mut out);
+                    out.push(Frame::Moving(n))
+                }
+                Piece::Fin(n) => {
+                    flush(&mut data, &mut out);
+                    out.push(Frame::Fin(n))
+                }
+            }
+        }
+        assert!(chunk.is_empty());
+    }
+    flush(&mut data, &mut out);
+    assert!(decoder.at_boundary());
+    out
+}
+
+#[test]
+fn the_streaming_decoder_gives_what_whole_frames_give_however_the_stream_is_cut() {
+    let mut wire = BytesMut::new();
+    put_data(&mut wire, b"hello").unwrap();
+    put_ack(&mut wire, 42);
+    put_data(&mut wire, &[7u8; 40_000]).unwrap();
+    put_moving(&mut wire, u64::MAX);
+    put_data(&mut wire, &[9u8; 3]).unwrap();
+    put_fin(&mut wire, 5);
+    let wire = wire.freeze();
+    let whole = all_frames(&mut BytesMut::from(&wire[..]));
+    for cuts in [
+        &[1][..],
+        &[2],
+        &[3, 7],
+        &[4, 5, 6, 9, 10],
+        &[16 * 1024],
+        &[wire.len()],
+        &[13, 16_384, 1, 2],
+    ] {
+        assert_eq!(streamed(&wire, cuts), whole, "cut in {cuts:?}");
+    }
+    // A frame head cut before its end is kept, not lost: not at a boundary until the rest comes.
+    let mut decoder = Decoder::default();
+    let mut part = wire.slice(..3);
+    assert_eq!(decoder.next(&mut part), Ok(None));
+    assert!(!decoder.at_boundary());
+    // Malformed heads are refused, however they arrive.
+    for bad in [&[9u8, 0][..], &[DATA, 0, 0, 0, 0], &[DATA, 0, 4, 0, 1]] {
+        let mut d = Decoder::default();
+        let mut first = Bytes::copy_from_slice(&bad[..1]);
+        let mut rest = Bytes::copy_from_slice(&bad[1..]);
+        let got = d.next(&mut first).and_then(|p| match p {
+            Some(p) => Ok(Some(p)),
+            None => d.next(&mut rest),
+        });
+        assert!(got.is_err(), "{bad:?}: {got:?}");
+    }
+}
+
 #[test]
 fn malformed_frames_are_refused() {
     let mut unknown = BytesMut::from(&[9u8, 0, 0][..]);
