@@ -254,7 +254,10 @@ fn manifests_configure_each_role_with_variables_it_reads() {
     // hand-over socket's directory from the node.
     let rolling = &ds["spec"]["updateStrategy"]["rollingUpdate"];
     assert_eq!(
-        (rolling["maxSurge"].as_u64(), rolling["maxUnavailable"].as_u64()),
+        (
+            rolling["maxSurge"].as_u64(),
+            rolling["maxUnavailable"].as_u64()
+        ),
         (Some(1), Some(0)),
         "a new pod beside the old one on each node"
     );
@@ -357,6 +360,32 @@ fn manifests_configure_each_role_with_variables_it_reads() {
             .map(|(k, v)| (k.as_str().unwrap().into(), v.as_str().unwrap().into()))
             .collect();
         assert_read(file, &env);
+    }
+    // ... and to the node proxy's: the hand-over on upgrade, in the directory the ztunnel chart mounts.
+    for file in [
+        "daemonset/istio/ztunnel-values.yaml",
+        "daemonset/istio/meshnode-ambient.yaml",
+    ] {
+        let doc = &yaml_docs(&repo().join(file))[0];
+        let ztunnel = if doc["kind"] == "IstioOperator" {
+            &doc["spec"]["values"]["ztunnel"]
+        } else {
+            doc
+        };
+        let env: HashMap<String, String> = ztunnel["env"]
+            .as_mapping()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.as_str().unwrap().into(), v.as_str().unwrap().into()))
+            .collect();
+        assert_read(file, &env);
+        let cfg = meshnode::config::Config::from_source(&env).expect(file);
+        assert!(cfg.resumable_streams, "{file}");
+        assert!(
+            cfg.handover_socket
+                .is_some_and(|p| p.starts_with("/var/run/ztunnel/")),
+            "{file}: the hand-over socket in the chart's host-mounted /var/run/ztunnel"
+        );
     }
 }
 
