@@ -546,7 +546,7 @@ impl Proxy {
             _enlisted: self.enlist(),
         });
         // The server may be moving too (both ends on this node): a 404 is tried again within the wait.
-        let stream = match Box::pin(client.redial(true)).await {
+        let stream = match Box::pin(client.redial()).await {
             Ok(Some(stream)) => stream,
             Ok(None) => {
                 client.hand_over(a.app, start);

@@ -368,7 +368,7 @@ impl Client {
             }
             // Boxed: a re-dial's state (a TLS handshake's) would otherwise size every resumable
             // connection's task for its whole life.
-            match Box::pin(self.redial(outcome == Outcome::PeerMoving)).await? {
+            match Box::pin(self.redial()).await? {
                 Some(s) => *stream = s,
                 None => return Ok(Ended::Leaving),
             }
@@ -401,9 +401,10 @@ impl Client {
     }
 
     /// Re-dials until the server answers with its count, or the wait is over; `None` when the process
-    /// is handing its connections over meanwhile. After the server said it is moving, "no such stream"
-    /// (404) is tried again: its new process may not have the stream yet.
-    pub(super) async fn redial(&mut self, moving: bool) -> io::Result<Option<pool::Stream>> {
+    /// is handing its connections over meanwhile. "No such stream" (404) is tried again within the wait
+    /// too: the server's new process may not have adopted the stream yet, and a server paused part-way
+    /// through a frame drops its stream without saying it is moving.
+    pub(super) async fn redial(&mut self) -> io::Result<Option<pool::Stream>> {
         let wait = self.proxy.cfg().resume_wait;
         let deadline = tokio::time::Instant::now() + wait;
         let mut pause = FIRST_REDIAL_PAUSE;
@@ -411,7 +412,7 @@ impl Client {
         let mut leaving = self.proxy.pause();
         while tokio::time::Instant::now() < deadline {
             let attempt = tokio::select! {
-                a = self.try_redial(moving) => a,
+                a = self.try_redial() => a,
                 _ = resumable::paused(&mut leaving) => return Ok(None),
             };
             match attempt {
@@ -431,7 +432,7 @@ impl Client {
         ))
     }
 
-    async fn try_redial(&mut self, moving: bool) -> Result<pool::Stream, RedialError> {
+    async fn try_redial(&mut self) -> Result<pool::Stream, RedialError> {
         let retry = |e: &dyn std::fmt::Display| Retry(e.to_string());
         let tls = self
             .proxy
@@ -454,7 +455,7 @@ impl Client {
         let stream = match self.proxy.pool().connect(&self.key, &tls, req).await {
             Ok(s) => s,
             Err(pool::Error::Status { status, .. })
-                if moving && status == StatusCode::NOT_FOUND =>
+                if status == StatusCode::NOT_FOUND =>
             {
                 return Err(Retry(format!(
                     "the server does not have the stream yet ({status})"
