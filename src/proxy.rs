@@ -11,7 +11,9 @@
 //! sockets carry TCP keepalive as configured. Inbound connections are registered with
 //! [`connections`], which re-checks them when policies change; [`metrics`](crate::metrics) counts them,
 //! and `access` writes one access line for each, in ztunnel's shape. With `MESHNODE_RESUMABLE_STREAMS`,
-//! `resumable` offers, accepts and resumes HBONE streams that outlive their HBONE connection.
+//! `resumable` offers, accepts and resumes HBONE streams that outlive their HBONE connection, and with
+//! `MESHNODE_HANDOVER_SOCKET` [`handover`] hands them to the process that replaces this one on an upgrade
+//! (and adopts them there).
 
 mod access;
 pub mod connections;
@@ -413,7 +415,10 @@ impl Proxy {
                     // Room in the process, taken only once a connection is here (an idle listener must not
                     // hold a share). While it waits, this listener accepts nothing more: further
                     // connections wait in the kernel backlog.
+                    // Biased: a connection already accepted when the shutdown comes is served (the
+                    // drain waits for it), not dropped (a reset), when room is there.
                     let permits = tokio::select! {
+                        biased;
                         p = admission.connection() => (permit, p),
                         _ = shutdown.wait_for(|s| *s) => break,
                     };
@@ -456,4 +461,34 @@ fn service_for(state: &State, workload: &Workload, target_port: u16) -> Option<A
             || svc.ports.iter().any(|(_, p)| *p == target_port);
         (svc.namespace == ns && maps).then(|| svc.clone())
     })
+}
+
+impl Proxy {
+    /// Takes over a connection the process this one replaces handed over (see [`handover`]): decoded
+    /// here, carried on by its side of the proxy.
+    pub async fn adopt(
+        self: Arc<Self>,
+        handed: crate::upgrade::handover::Handed,
+        fd: std::os::fd::OwnedFd,
+    ) {
+        let (direction, peer) = (handed.direction, handed.peer);
+        match handover::Adopted::decode(handed, fd) {
+            Ok(adopted) => {
+                let carried = match direction {
+                    crate::upgrade::handover::Direction::Inbound => {
+                        self.adopt_inbound(adopted).await
+                    }
+                    crate::upgrade::handover::Direction::Outbound => {
+                        self.adopt_outbound(adopted).await
+                    }
+                };
+                if let Err(e) = carried {
+                    tracing::warn!(?direction, %peer, error = %e, "handed-over connection closed");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(?direction, %peer, error = %e, "handed-over connection closed")
+            }
+        }
+    }
 }

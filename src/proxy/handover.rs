@@ -296,16 +296,23 @@ impl Proxy {
             tracing::warn!(?direction, %peer, "connection closed: paused after the hand-over was sent");
         }
     }
+}
 
-    /// Takes over a connection the process this one replaces handed over.
-    pub async fn adopt(self: Arc<Self>, handed: Handed, fd: OwnedFd) {
-        let (direction, peer) = (handed.direction, handed.peer);
-        if let Err(e) = self.adopt_checked(handed, fd).await {
-            tracing::warn!(?direction, %peer, error = %e, "handed-over connection closed");
-        }
-    }
+/// A handed-over connection, decoded.
+pub(super) struct Adopted {
+    pub app: TcpStream,
+    pub original_dst: SocketAddr,
+    pub peer: SocketAddr,
+    pub peer_identity: Identity,
+    pub token: Token,
+    pub progress: Progress,
+    pub resume: Resume,
+}
 
-    async fn adopt_checked(self: Arc<Self>, handed: Handed, fd: OwnedFd) -> Result<(), String> {
+impl Adopted {
+    /// A handed-over connection's parts, checked: its state decodes and fits, its socket goes on the
+    /// runtime.
+    pub(super) fn decode(handed: Handed, fd: OwnedFd) -> Result<Adopted, String> {
         let resume =
             Resume::decode(handed.resume.as_slice()).map_err(|e| format!("resume state: {e}"))?;
         let token = resume
@@ -321,7 +328,7 @@ impl Proxy {
         std.set_nonblocking(true)
             .map_err(|e| format!("app socket: {e}"))?;
         let app = TcpStream::from_std(std).map_err(|e| format!("app socket: {e}"))?;
-        let adopted = Adopted {
+        Ok(Adopted {
             app,
             original_dst: handed.original_dst,
             peer: handed.peer,
@@ -329,23 +336,8 @@ impl Proxy {
             token,
             progress,
             resume,
-        };
-        match handed.direction {
-            Direction::Inbound => self.adopt_inbound(adopted).await,
-            Direction::Outbound => self.adopt_outbound(adopted).await,
-        }
+        })
     }
-}
-
-/// A handed-over connection, decoded.
-pub(super) struct Adopted {
-    pub app: TcpStream,
-    pub original_dst: SocketAddr,
-    pub peer: SocketAddr,
-    pub peer_identity: Identity,
-    pub token: Token,
-    pub progress: Progress,
-    pub resume: Resume,
 }
 
 /// Listens on the hand-over socket at `path` and gives each connection handed over to the proxy

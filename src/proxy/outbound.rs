@@ -408,6 +408,9 @@ impl Proxy {
                                 service: up.service.clone(),
                                 original_dst: dst,
                                 expected: up.expected_identities.clone(),
+                                request: |src, client, authority, service| {
+                                    connect_request(src, client, authority, service)
+                                },
                                 _enlisted: self.enlist(),
                             };
                             Up::Resumable(stream, Box::new(client))
@@ -543,6 +546,9 @@ impl Proxy {
             service: up.service,
             original_dst: a.original_dst,
             expected: up.expected_identities,
+            request: |src, client, authority, service| {
+                connect_request(src, client, authority, service)
+            },
             _enlisted: self.enlist(),
         });
         // The server may be moving too (both ends on this node): a 404 is tried again within the wait.

@@ -28,7 +28,6 @@ use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{oneshot, watch};
 
-use super::outbound::connect_request;
 use super::Proxy;
 use crate::hbone::pool::{self, PoolKey};
 use crate::hbone::resume::copy::{self as resumable, Outcome, Progress};
@@ -317,9 +316,20 @@ pub(super) struct Client {
     pub original_dst: SocketAddr,
     /// The identities the server may present.
     pub expected: Vec<Identity>,
+    /// Builds the re-dial's CONNECT request (the outbound side's, passed in).
+    pub request: ConnectRequest,
     /// Counted by the process's hand-over while it lives.
     pub _enlisted: Option<super::handover::Enlisted>,
 }
+
+/// How the client side builds a CONNECT request: from its workload, the application's address, the
+/// `:authority` and the addressed service.
+pub(super) type ConnectRequest = fn(
+    &Workload,
+    SocketAddr,
+    SocketAddr,
+    Option<&Service>,
+) -> Result<http::Request<()>, super::Error>;
 
 /// First pause between re-dials; doubled up to [`MAX_REDIAL_PAUSE`].
 const FIRST_REDIAL_PAUSE: Duration = Duration::from_millis(20);
@@ -440,7 +450,7 @@ impl Client {
             .await
             .map_err(|e| retry(&e))?
             .current();
-        let mut req = connect_request(
+        let mut req = (self.request)(
             &self.src,
             self.peer,
             self.authority,
@@ -454,9 +464,7 @@ impl Client {
         req.headers_mut().insert(RESUME_HEADER, ask.to_value());
         let stream = match self.proxy.pool().connect(&self.key, &tls, req).await {
             Ok(s) => s,
-            Err(pool::Error::Status { status, .. })
-                if status == StatusCode::NOT_FOUND =>
-            {
+            Err(pool::Error::Status { status, .. }) if status == StatusCode::NOT_FOUND => {
                 return Err(Retry(format!(
                     "the server does not have the stream yet ({status})"
                 )))
