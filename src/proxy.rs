@@ -465,29 +465,24 @@ fn service_for(state: &State, workload: &Workload, target_port: u16) -> Option<A
 
 impl Proxy {
     /// Takes over a connection the process this one replaces handed over (see [`handover`]): decoded
-    /// here, carried on by its side of the proxy.
-    pub async fn adopt(
+    /// here (before the future, which holds only what the connection's side needs), carried on by its
+    /// side of the proxy.
+    pub fn adopt(
         self: Arc<Self>,
         handed: crate::upgrade::handover::Handed,
         fd: std::os::fd::OwnedFd,
-    ) {
+    ) -> impl Future<Output = ()> + Send + 'static {
+        use crate::upgrade::handover::Direction;
         let (direction, peer) = (handed.direction, handed.peer);
-        match handover::Adopted::decode(handed, fd) {
-            Ok(adopted) => {
-                let carried = match direction {
-                    crate::upgrade::handover::Direction::Inbound => {
-                        self.adopt_inbound(adopted).await
-                    }
-                    crate::upgrade::handover::Direction::Outbound => {
-                        self.adopt_outbound(adopted).await
-                    }
-                };
-                if let Err(e) = carried {
-                    tracing::warn!(?direction, %peer, error = %e, "handed-over connection closed");
-                }
-            }
-            Err(e) => {
-                tracing::warn!(?direction, %peer, error = %e, "handed-over connection closed")
+        let adopted = handover::Adopted::decode(handed, fd);
+        async move {
+            let carried = match adopted {
+                Ok(a) if direction == Direction::Inbound => self.adopt_inbound(a).await,
+                Ok(a) => self.adopt_outbound(a).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = carried {
+                tracing::warn!(?direction, %peer, error = %e, "handed-over connection closed");
             }
         }
     }

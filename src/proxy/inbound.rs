@@ -738,7 +738,29 @@ impl Proxy {
     /// Takes over a resumable stream the process this one replaces handed over: checked again as a
     /// CONNECT (policy, a new metrics record and registration), then parked for the client's re-dial,
     /// then carried on from the exported counts.
-    pub(super) async fn adopt_inbound(self: Arc<Self>, a: Adopted) -> Result<(), String> {
+    pub(super) fn adopt_inbound(
+        self: Arc<Self>,
+        a: Adopted,
+    ) -> impl std::future::Future<Output = Result<(), String>> + Send + 'static {
+        // The set-up (the checks, the wait for the client) lives on the heap only while it runs, as a
+        // stream's set-up does: the copy holds only what it needs.
+        let opening = Box::pin(self.open_adopted_inbound(a));
+        async move {
+            let Some((mut open, peer, local, start)) = opening.await? else {
+                return Ok(());
+            };
+            let carried = open.carry().await;
+            open.close(carried, peer, local, start);
+            Ok(())
+        }
+    }
+
+    /// [`Proxy::adopt_inbound`]'s set-up: the stream, its ends and its opening time; `None` when it
+    /// ended there (logged).
+    async fn open_adopted_inbound(
+        self: Arc<Self>,
+        a: Adopted,
+    ) -> Result<Option<(OpenStream, SocketAddr, SocketAddr, Instant)>, String> {
         let start = a.resume.opened();
         let local: SocketAddr = a
             .resume
@@ -761,9 +783,10 @@ impl Proxy {
                 let reason = std::mem::take(&mut r.reason);
                 let error = format_args!("handed over, then refused here: {reason}");
                 r.log(peer, local, &authority, start, &error);
-                return Ok(());
+                return Ok(None);
             }
         };
+        drop(req);
         let Admitted {
             upstream,
             registration,
@@ -793,16 +816,16 @@ impl Proxy {
                     resume,
                 });
                 record.close(ResponseFlags::None, 0, 0);
-                return Ok(());
+                return Ok(None);
             }
             Err(e) => {
                 let mut access = ends.access(peer, local, &authority, start);
                 access.resumable = Some(true);
                 access.close(record, ResponseFlags::Connect, 0, 0, Some(&e));
-                return Ok(());
+                return Ok(None);
             }
         };
-        let mut open = OpenStream {
+        let open = OpenStream {
             upstream,
             registration,
             record,
@@ -814,9 +837,7 @@ impl Proxy {
             resumable_on: true,
             leaving: false,
         };
-        let carried = open.carry().await;
-        open.close(carried, peer, local, start);
-        Ok(())
+        Ok(Some((open, peer, local, start)))
     }
 
     /// Socket options towards the application: the mark, and transparency when keeping the source address.

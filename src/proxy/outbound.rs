@@ -407,7 +407,6 @@ impl Proxy {
                                 authority: up.addr,
                                 service: up.service.clone(),
                                 original_dst: dst,
-                                expected: up.expected_identities.clone(),
                                 request: |src, client, authority, service| {
                                     connect_request(src, client, authority, service)
                                 },
@@ -477,7 +476,28 @@ impl Proxy {
     /// Takes over a resumable connection the process this one replaces handed over: counted again (a
     /// new metrics record, labelled as the old one was), then re-dialled to the same server with its
     /// token, then carried on from the exported counts.
-    pub(super) async fn adopt_outbound(self: Arc<Self>, a: Adopted) -> Result<(), String> {
+    pub(super) fn adopt_outbound(
+        self: Arc<Self>,
+        a: Adopted,
+    ) -> impl Future<Output = Result<(), String>> + Send + 'static {
+        // The set-up (routing again, the re-dial) lives on the heap only while it runs, as a new
+        // connection's does: the copy holds only what it needs.
+        let opening = Box::pin(self.open_adopted_outbound(a));
+        async move {
+            let Some(mut open) = opening.await? else {
+                return Ok(());
+            };
+            let carried = open.carry().await;
+            open.close(carried);
+            Ok(())
+        }
+    }
+
+    /// [`Proxy::adopt_outbound`]'s set-up; `None` when the connection ended there (logged).
+    async fn open_adopted_outbound(
+        self: Arc<Self>,
+        a: Adopted,
+    ) -> Result<Option<OpenOutbound>, String> {
         let start = a.resume.opened();
         let peer = a
             .app
@@ -545,7 +565,6 @@ impl Proxy {
             authority,
             service: up.service,
             original_dst: a.original_dst,
-            expected: up.expected_identities,
             request: |src, client, authority, service| {
                 connect_request(src, client, authority, service)
             },
@@ -557,25 +576,22 @@ impl Proxy {
             Ok(None) => {
                 client.hand_over(a.app, start);
                 record.close(ResponseFlags::None, 0, 0);
-                return Ok(());
+                return Ok(None);
             }
             Err(e) => {
                 let e = Error::from(e);
                 ends.access()
                     .close(record, e.response_flags(), 0, 0, Some(&e));
-                return Ok(());
+                return Ok(None);
             }
         };
-        let mut open = OpenOutbound {
+        Ok(Some(OpenOutbound {
             stream: a.app,
             ends,
             record,
             _listing: listing,
             up: Up::Resumable(stream, client),
-        };
-        let carried = open.carry().await;
-        open.close(carried);
-        Ok(())
+        }))
     }
 
     /// `route` with the address of a workload known only by hostname resolved (one of the host's

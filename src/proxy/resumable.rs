@@ -314,8 +314,6 @@ pub(super) struct Client {
     pub service: Option<Arc<Service>>,
     /// The application's original destination.
     pub original_dst: SocketAddr,
-    /// The identities the server may present.
-    pub expected: Vec<Identity>,
     /// Builds the re-dial's CONNECT request (the outbound side's, passed in).
     pub request: ConnectRequest,
     /// Counted by the process's hand-over while it lives.
@@ -390,12 +388,12 @@ impl Client {
         let resume = super::handover::Resume {
             token: self.token.to_bytes().to_vec(),
             authority: self.authority.to_string(),
-            expected: self.expected.iter().map(ToString::to_string).collect(),
+            expected: self.key.dst_ids.iter().map(ToString::to_string).collect(),
             service: self.service.as_ref().map(|s| s.key()).unwrap_or_default(),
             opened_ms: super::handover::Resume::opened_at(opened),
             ..Default::default()
         };
-        let peer_identity = self.expected.first().cloned();
+        let peer_identity = self.key.dst_ids.first().cloned();
         let Some(peer_identity) = peer_identity else {
             return;
         };
