@@ -347,37 +347,14 @@ fn manifests_configure_each_role_with_variables_it_reads() {
         "daemonset/istio/cni-values.yaml",
         "daemonset/istio/meshnode-ambient.yaml",
     ] {
-        let doc = &yaml_docs(&repo().join(file))[0];
-        let cni = if doc["kind"] == "IstioOperator" {
-            &doc["spec"]["values"]["cni"]
-        } else {
-            doc
-        };
-        let env: HashMap<String, String> = cni["env"]
-            .as_mapping()
-            .unwrap()
-            .iter()
-            .map(|(k, v)| (k.as_str().unwrap().into(), v.as_str().unwrap().into()))
-            .collect();
-        assert_read(file, &env);
+        assert_read(file, &chart_env(file, "cni"));
     }
     // ... and to the node proxy's: the hand-over on upgrade, in the directory the ztunnel chart mounts.
     for file in [
         "daemonset/istio/ztunnel-values.yaml",
         "daemonset/istio/meshnode-ambient.yaml",
     ] {
-        let doc = &yaml_docs(&repo().join(file))[0];
-        let ztunnel = if doc["kind"] == "IstioOperator" {
-            &doc["spec"]["values"]["ztunnel"]
-        } else {
-            doc
-        };
-        let env: HashMap<String, String> = ztunnel["env"]
-            .as_mapping()
-            .unwrap()
-            .iter()
-            .map(|(k, v)| (k.as_str().unwrap().into(), v.as_str().unwrap().into()))
-            .collect();
+        let env = chart_env(file, "ztunnel");
         assert_read(file, &env);
         let cfg = meshnode::config::Config::from_source(&env).expect(file);
         assert!(cfg.resumable_streams, "{file}");
@@ -387,6 +364,23 @@ fn manifests_configure_each_role_with_variables_it_reads() {
             "{file}: the hand-over socket in the chart's host-mounted /var/run/ztunnel"
         );
     }
+}
+
+/// The `env` values `file` gives Istio's `chart` (`cni`, `ztunnel`): a Helm values file's own, or an
+/// IstioOperator's `spec.values.<chart>`.
+fn chart_env(file: &str, chart: &str) -> HashMap<String, String> {
+    let doc = &yaml_docs(&repo().join(file))[0];
+    let values = if doc["kind"] == "IstioOperator" {
+        &doc["spec"]["values"][chart]
+    } else {
+        doc
+    };
+    values["env"]
+        .as_mapping()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.as_str().unwrap().into(), v.as_str().unwrap().into()))
+        .collect()
 }
 
 /// Istio's istio-cni chart runs `command: [install-cni]` with its log flags: through the image's

@@ -18,15 +18,9 @@ use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use support::cluster::{serve_app, workloads, Node, Pod};
+use support::cluster::{Node, Pod};
 use support::netns::{KillOnDrop, Netns};
-
-const AGENT_YAML: &str = "namespaces:
-  default: {labels: {istio.io/dataplane-mode: ambient}}
-pods:
-- {name: client, namespace: default, serviceAccount: client}
-- {name: server, namespace: default, serviceAccount: server}
-";
+use support::upgrade;
 
 /// The ports a proxy binds in each pod it serves.
 const POD_PORTS: [u16; 3] = [15001, 15006, 15008];
@@ -40,31 +34,8 @@ fn node_with_pods(reuse: &str) -> (Node, Pod, Pod) {
 
 /// [`node_with_pods`], proxy A's environment extended with `extra`.
 fn node_with_pods_and(reuse: &str, extra: &[(String, String)]) -> (Node, Pod, Pod) {
-    let mut node = Node::bare("workloads: []\n");
-    std::fs::write(node.path("agent.yaml"), AGENT_YAML).unwrap();
-    let config = node.path("agent.yaml").to_str().unwrap().to_string();
-    node.agent_env = vec![("MESHNODE_AGENT_CONFIG".into(), config)];
-    node.start_agent();
-    node.proxy_env = vec![
-        ("INPOD_PORT_REUSE".into(), reuse.into()),
-        ("CONNECTION_TERMINATION_DEADLINE".into(), "60s".into()),
-    ];
-    node.proxy_env.extend(extra.iter().cloned());
-    node.start_proxy();
-    let mut client = node.pod("default", "client");
-    let mut server = node.pod("default", "server");
-    for p in [&mut client, &mut server] {
-        node.add(p)
-            .unwrap_or_else(|e| panic!("ADD {}: {e}\n{}", p.name, node.logs()));
-    }
-    node.set_local_config(&workloads(&[&client, &server]));
-    serve_app(&server, 8080);
+    let (node, client, server) = upgrade::node_with_pods(reuse, extra);
     serve_echo(&server, 8081);
-    let dst = SocketAddr::new(server.ip.unwrap(), 8080);
-    node.wait_for(
-        || support::cluster::call(&client, dst).is_ok_and(|r| r.starts_with("app saw")),
-        "the client reaching the server through the mesh",
-    );
     (node, client, server)
 }
 
@@ -89,47 +60,9 @@ fn serve_echo(pod: &Pod, port: u16) {
     });
 }
 
-/// Proxy B: `meshnode proxy` in shared mode in namespace `ns`, on the node's agent socket, workload
-/// state and CA directory, with `INPOD_PORT_REUSE=<reuse>`. Returns once it is ready (its snapshot from
-/// the agent processed).
+/// Proxy B beside A (see `support::upgrade`).
 fn start_second_proxy(node: &Node, ns: &Netns, reuse: &str) -> KillOnDrop {
-    start_second_proxy_with(node, ns, reuse, &[])
-}
-
-/// [`start_second_proxy`], its environment extended with `extra`.
-fn start_second_proxy_with(
-    node: &Node,
-    ns: &Netns,
-    reuse: &str,
-    extra: &[(String, String)],
-) -> KillOnDrop {
-    let log = std::fs::File::create(node.path("proxy-b.log")).unwrap();
-    let zds = node.path("zds.sock");
-    let local = node.path("local.yaml");
-    let state = node.path("state");
-    let child = ns.spawn(
-        env!("CARGO_BIN_EXE_meshnode"),
-        &["proxy"],
-        &[
-            ("PROXY_MODE", "shared"),
-            ("INPOD_UDS", zds.to_str().unwrap()),
-            ("INPOD_PORT_REUSE", reuse),
-            ("LOCAL_XDS_PATH", local.to_str().unwrap()),
-            ("XDS_ADDRESS", ""),
-            ("MESHNODE_STATE_DIR", state.to_str().unwrap()),
-            ("RUST_LOG", "info"),
-        ]
-        .into_iter()
-        .chain(extra.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .collect::<Vec<_>>(),
-        log,
-    );
-    let b = KillOnDrop(child);
-    node.wait_for(
-        || ns.http_get(15021, "/healthz/ready").is_some(),
-        "proxy B's readiness",
-    );
-    b
+    upgrade::start_second_proxy(node, ns, reuse, &[])
 }
 
 /// Whether the kernel hands connections still queued on a closing listener to another listener of its
@@ -668,14 +601,7 @@ fn an_upgraded_proxy_hands_its_open_connections_to_the_new_one_and_none_is_reset
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("handover.sock");
-    let env = vec![
-        ("MESHNODE_RESUMABLE_STREAMS".to_string(), "true".to_string()),
-        (
-            "MESHNODE_HANDOVER_SOCKET".to_string(),
-            socket.to_str().unwrap().to_string(),
-        ),
-    ];
+    let env = upgrade::handover_env(&dir.path().join("handover.sock"));
     let (mut node, client, server) = node_with_pods_and("true", &env);
     let mut a = node.proxy.take().expect("proxy A");
 
@@ -698,7 +624,7 @@ fn an_upgraded_proxy_hands_its_open_connections_to_the_new_one_and_none_is_reset
 
     // Proxy B starts beside A, serves the pods and listens on the hand-over socket.
     let node_b = Netns::new("nodeb");
-    let mut b = start_second_proxy_with(&node, &node_b, "true", &env);
+    let mut b = upgrade::start_second_proxy(&node, &node_b, "true", &env);
     let b_log = node.path("proxy-b.log");
     node.wait_for(
         || {
@@ -796,14 +722,7 @@ fn a_proxy_killed_with_sigkill_takes_its_open_connections_with_it_and_the_new_on
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("handover.sock");
-    let env = vec![
-        ("MESHNODE_RESUMABLE_STREAMS".to_string(), "true".to_string()),
-        (
-            "MESHNODE_HANDOVER_SOCKET".to_string(),
-            socket.to_str().unwrap().to_string(),
-        ),
-    ];
+    let env = upgrade::handover_env(&dir.path().join("handover.sock"));
     let (mut node, client, server) = node_with_pods_and("true", &env);
     let mut a = node.proxy.take().expect("proxy A");
     let echo = SocketAddr::new(server.ip.unwrap(), 8081);
@@ -811,7 +730,7 @@ fn a_proxy_killed_with_sigkill_takes_its_open_connections_with_it_and_the_new_on
         .unwrap_or_else(|e| panic!("connecting through A: {e}\n{}", node.logs()));
     assert_eq!(held.echo("before"), "before\n");
     let node_b = Netns::new("nodeb");
-    let _b = start_second_proxy_with(&node, &node_b, "true", &env);
+    let _b = upgrade::start_second_proxy(&node, &node_b, "true", &env);
 
     // SIGKILL: A cannot hand anything over. The application sockets it held (the client's connection
     // to its proxy, and the proxy's connection to the server) are closed by the kernel with it, so the

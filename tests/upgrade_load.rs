@@ -59,15 +59,9 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 
-use support::cluster::{serve_app, workloads, Node, Pod};
+use support::cluster::{Node, Pod};
 use support::netns::{KillOnDrop, Netns};
-
-const AGENT_YAML: &str = "namespaces:
-  default: {labels: {istio.io/dataplane-mode: ambient}}
-pods:
-- {name: client, namespace: default, serviceAccount: client}
-- {name: server, namespace: default, serviceAccount: server}
-";
+use support::upgrade;
 
 /// The echo application's port in the server pod.
 const ECHO_PORT: u16 = 8081;
@@ -100,68 +94,6 @@ fn raise_fd_limit(need: u64) -> ((u64, u64), (u64, u64)) {
     }
     setrlimit(Resource::RLIMIT_NOFILE, hard, hard).expect("setrlimit");
     (before, getrlimit(Resource::RLIMIT_NOFILE).unwrap())
-}
-
-/// A node whose proxy (A) runs with port reuse, a 60 s drain and `extra`, serving a client and a server
-/// pod; the server's app answers one line per connection on :8080 (used to know the mesh path works).
-fn node_with_pods(extra: &[(String, String)]) -> (Node, Pod, Pod) {
-    let mut node = Node::bare("workloads: []\n");
-    std::fs::write(node.path("agent.yaml"), AGENT_YAML).unwrap();
-    let config = node.path("agent.yaml").to_str().unwrap().to_string();
-    node.agent_env = vec![("MESHNODE_AGENT_CONFIG".into(), config)];
-    node.start_agent();
-    node.proxy_env = vec![
-        ("INPOD_PORT_REUSE".into(), "true".into()),
-        ("CONNECTION_TERMINATION_DEADLINE".into(), "60s".into()),
-    ];
-    node.proxy_env.extend(extra.iter().cloned());
-    node.start_proxy();
-    let mut client = node.pod("default", "client");
-    let mut server = node.pod("default", "server");
-    for p in [&mut client, &mut server] {
-        node.add(p)
-            .unwrap_or_else(|e| panic!("ADD {}: {e}\n{}", p.name, node.logs()));
-    }
-    node.set_local_config(&workloads(&[&client, &server]));
-    serve_app(&server, 8080);
-    let dst = SocketAddr::new(server.ip.unwrap(), 8080);
-    node.wait_for(
-        || support::cluster::call(&client, dst).is_ok_and(|r| r.starts_with("app saw")),
-        "the client reaching the server through the mesh",
-    );
-    (node, client, server)
-}
-
-/// Proxy B, as `takeover.rs` starts it: `meshnode proxy` in shared mode in namespace `ns`, on the node's
-/// agent socket, workload state and CA directory, with port reuse and `extra`. Returns once it is ready.
-fn start_second_proxy(node: &Node, ns: &Netns, extra: &[(String, String)]) -> KillOnDrop {
-    let log = File::create(node.path("proxy-b.log")).unwrap();
-    let zds = node.path("zds.sock");
-    let local = node.path("local.yaml");
-    let state = node.path("state");
-    let child = ns.spawn(
-        env!("CARGO_BIN_EXE_meshnode"),
-        &["proxy"],
-        &[
-            ("PROXY_MODE", "shared"),
-            ("INPOD_UDS", zds.to_str().unwrap()),
-            ("INPOD_PORT_REUSE", "true"),
-            ("LOCAL_XDS_PATH", local.to_str().unwrap()),
-            ("XDS_ADDRESS", ""),
-            ("MESHNODE_STATE_DIR", state.to_str().unwrap()),
-            ("RUST_LOG", "info"),
-        ]
-        .into_iter()
-        .chain(extra.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .collect::<Vec<_>>(),
-        log,
-    );
-    let b = KillOnDrop(child);
-    node.wait_for(
-        || ns.http_get(15021, "/healthz/ready").is_some(),
-        "proxy B's readiness",
-    );
-    b
 }
 
 /// A multi-threaded tokio runtime whose threads all live in `ns`: sockets it creates are that
@@ -662,15 +594,8 @@ fn ten_thousand_open_connections_survive_a_proxy_upgrade() {
     }
 
     let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("handover.sock");
-    let env = vec![
-        ("MESHNODE_RESUMABLE_STREAMS".to_string(), "true".to_string()),
-        (
-            "MESHNODE_HANDOVER_SOCKET".to_string(),
-            socket.to_str().unwrap().to_string(),
-        ),
-    ];
-    let (mut node, client, server) = node_with_pods(&env);
+    let env = upgrade::handover_env(&dir.path().join("handover.sock"));
+    let (mut node, client, server) = upgrade::node_with_pods("true", &env);
     let mut a = node.proxy.take().expect("proxy A");
     let a_pid = a.0.id();
 
@@ -720,7 +645,7 @@ fn ten_thousand_open_connections_survive_a_proxy_upgrade() {
 
     // Proxy B starts beside A, serves the pods and listens on the hand-over socket.
     let node_b = Netns::new("nodeb");
-    let mut b = start_second_proxy(&node, &node_b, &env);
+    let mut b = upgrade::start_second_proxy(&node, &node_b, "true", &env);
     let b_pid = b.0.id();
     let b_log = node.path("proxy-b.log");
     node.wait_for(

@@ -13,6 +13,7 @@ pub mod l7;
 pub mod labelled;
 pub mod mesh_yaml;
 pub mod netns;
+pub mod upgrade;
 pub mod waypoint;
 
 use std::collections::HashMap;
