@@ -38,6 +38,9 @@ use crate::hbone::resume::Token;
 use crate::identity::Identity;
 use crate::upgrade::handover::{self as transfer, Direction, Handed, Receiver, Sender};
 
+/// How long after a hand-over arrived the memory its adoptions peaked at is given back.
+const SETTLE: Duration = Duration::from_secs(1);
+
 /// Longest wait for the paused connections to export their state.
 pub const COLLECT_WAIT: Duration = Duration::from_secs(2);
 
@@ -382,6 +385,13 @@ where
             ),
             Some(e) => tracing::warn!(adopted, orphans, error = %e, "hand-over ended early"),
         }
+        // Thousands of adoptions at once peak well above what the connections keep (each re-dial's and
+        // check's state, the records): give that back once they have settled, not at the allocator's
+        // decay time.
+        tokio::spawn(async {
+            tokio::time::sleep(SETTLE).await;
+            let _ = tokio::task::spawn_blocking(crate::allocator::release_freed).await;
+        });
     }
     // Stop listening before leaving ourselves: our own hand-over must not come back to us.
     drop(receiver);
