@@ -165,58 +165,6 @@ impl ResumeHeader {
     }
 }
 
-/// One frame of a resumable stream's payload.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Frame {
-    /// Application bytes, the next after everything sent before.
-    Data(Bytes),
-    /// The sender has taken this many bytes off the stream in all.
-    Ack(u64),
-    /// The sender is leaving; its count so far. The stream resumes when the client re-dials.
-    Moving(u64),
-    /// No data after this many bytes: the sender's application closed its side.
-    Fin(u64),
-}
-
-/// Takes the next whole frame off the front of `src`; `None` until one has arrived. The `DATA` bytes are
-/// split off `src` without a copy.
-pub fn decode(src: &mut BytesMut) -> Result<Option<Frame>, ResumeError> {
-    let Some(&kind) = src.first() else {
-        return Ok(None);
-    };
-    match kind {
-        DATA => {
-            if src.len() < DATA_HEAD {
-                return Ok(None);
-            }
-            let len =
-                u32::from_be_bytes(src[1..DATA_HEAD].try_into().expect("four bytes")) as usize;
-            if len == 0 || len > MAX_DATA {
-                return Err(ResumeError::DataLength(len));
-            }
-            if src.len() < DATA_HEAD + len {
-                src.reserve(DATA_HEAD + len - src.len());
-                return Ok(None);
-            }
-            src.advance(DATA_HEAD);
-            Ok(Some(Frame::Data(src.split_to(len).freeze())))
-        }
-        ACK | MOVING | FIN => {
-            if src.len() < COUNT_FRAME {
-                return Ok(None);
-            }
-            src.advance(1);
-            let count = src.get_u64();
-            Ok(Some(match kind {
-                ACK => Frame::Ack(count),
-                MOVING => Frame::Moving(count),
-                _ => Frame::Fin(count),
-            }))
-        }
-        other => Err(ResumeError::UnknownFrame(other)),
-    }
-}
-
 /// A piece of the frame stream, as [`Decoder`] takes it off one chunk.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Piece {
