@@ -442,4 +442,50 @@ mod tests {
         // Garbage does not decode.
         assert!(Resume::decode(&[0xff, 0xff, 0xff][..]).is_err());
     }
+
+    #[test]
+    fn a_handed_over_connection_with_bad_state_is_refused_naming_what_is_wrong() {
+        let good = Resume {
+            token: Token::random().to_bytes().to_vec(),
+            progress: Progress::new(1024).export().state.to_vec(),
+            ..Resume::default()
+        };
+        let handed = |resume: &Resume, identity: &str| Handed {
+            id: 0,
+            pod: "uid".into(),
+            direction: Direction::Inbound,
+            original_dst: "10.0.0.1:8080".parse().unwrap(),
+            peer: "10.0.0.2:40000".parse().unwrap(),
+            peer_identity: identity.into(),
+            to_app: Vec::new(),
+            to_peer: Vec::new(),
+            resume: resume.encode_to_vec(),
+        };
+        let fd = || OwnedFd::from(std::net::UdpSocket::bind("127.0.0.1:0").unwrap());
+        let id = "spiffe://cluster.local/ns/a/sa/b";
+        let short_token = Resume {
+            token: vec![1; 15],
+            ..good.clone()
+        };
+        let bad_counts = Resume {
+            progress: vec![9; 3],
+            ..good.clone()
+        };
+        for (h, want) in [
+            (handed(&short_token, id), "a token of another length"),
+            (handed(&bad_counts, id), "resume state"),
+            (handed(&good, "not a spiffe id"), "peer identity"),
+        ] {
+            let Err(e) = Adopted::decode(h, fd()) else {
+                panic!("accepted: {want}");
+            };
+            assert!(e.contains(want), "{e}");
+        }
+        let mut garbage = handed(&good, id);
+        garbage.resume = vec![0xff; 3];
+        let Err(e) = Adopted::decode(garbage, fd()) else {
+            panic!("accepted garbage");
+        };
+        assert!(e.starts_with("resume state"), "{e}");
+    }
 }

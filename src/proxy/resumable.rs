@@ -287,11 +287,16 @@ impl Server {
         {
             Waited::Resumed(r) => r,
             Waited::Leaving => return Ok(None),
-            Waited::TimedOut | Waited::Full => {
+            Waited::TimedOut => {
                 return Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     format!("resumable stream: the client did not resume within {wait:?}"),
                 ))
+            }
+            Waited::Full => {
+                return Err(io::Error::other(format!(
+                    "resumable stream: {max} streams already wait for their client"
+                )))
             }
         };
         self.progress
