@@ -500,6 +500,13 @@ where
         let _ = outer.wait_for(|s| *s).await;
         inner_tx.send_replace(true);
         match handover.leave().await {
+            Ok(left) if left.to == crate::proxy::handover::To::Holder => tracing::info!(
+                taken = left.taken,
+                closed = left.kept + left.late,
+                draining = open(),
+                error = left.error.map(|e| e.to_string()),
+                "no new process yet: resumable connections handed to the CNI agent, which holds them until it is ready; the others (a ztunnel peer, plain TCP, a waypoint hop) drain"
+            ),
             Ok(left) => tracing::info!(
                 taken = left.taken,
                 closed = left.kept + left.late,

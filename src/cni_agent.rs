@@ -5,7 +5,9 @@
 //! connecting to the ZDS socket. Output: for each pod selected for ambient ([`selector`]) the redirection
 //! rules in its network namespace ([`crate::redirect`]) and the namespace handed to the newest proxy over
 //! ZDS; everything undone when the pod goes away or stops being selected. State is persisted ([`pods`]) so
-//! a restarted agent restores every pod, re-programs its rules and hands it to reconnecting proxies.
+//! a restarted agent restores every pod, re-programs its rules and hands it to reconnecting proxies. With
+//! `MESHNODE_HANDOVER_SOCKET` set, it also holds the open connections of a node proxy that restarts with
+//! no new one beside it, until the new one is ready ([`crate::upgrade::hold`]).
 //!
 //! One task (the [`Agent`] loop) owns all state and handles one thing at a time: a plugin request, a
 //! change of the cluster view, or a retry of pods waiting for a proxy. Failing closed: if no proxy takes a
@@ -205,6 +207,15 @@ pub async fn run(cfg: Arc<AgentConfig>, shutdown: watch::Receiver<bool>) -> Resu
         Err(e) => {
             tracing::warn!(port = cfg.monitoring_port, error = %e, "metrics port unavailable; serving without it")
         }
+    }
+    if let Some(handover) = cfg.handover_socket.clone() {
+        let hold = crate::upgrade::hold::path_beside(&handover);
+        let (keep, stop) = (cfg.hold_for, shutdown.clone());
+        tokio::spawn(async move {
+            if let Err(e) = crate::upgrade::hold::serve(hold.clone(), handover, keep, stop).await {
+                tracing::warn!(hold = %hold.display(), error = %e, "a restarting proxy's connections cannot be held: they drain");
+            }
+        });
     }
     let zds = handles.zds.clone();
     let zds_shutdown = shutdown.clone();

@@ -412,6 +412,12 @@ fn build(opts: &Options, model: &Model, progress: &mut dyn Write) -> Result<(), 
             ("MESHNODE_AGENT_CONFIG", path_arg(&dir.join("agent.yaml"))),
             ("NODE_NAME", node.name.clone()),
             ("RUST_LOG", "info".into()),
+            // Holds the node proxy's connections while it restarts (the proxy's `proxy_env` names the
+            // same socket).
+            (
+                "MESHNODE_HANDOVER_SOCKET",
+                path_arg(&dir.join("handover.sock")),
+            ),
         ];
         let component = format!("{}-cni-agent", node.name);
         start(opts, &ns, &["cni-agent".into()], &agent_env, &component)?;

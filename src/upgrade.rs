@@ -8,5 +8,8 @@
 //! - [`handover`] — moving app-facing sockets, with what each connection needs to continue (addresses,
 //!   peer identity, bytes buffered in each direction, an opaque tunnel-resumption blob), from the old
 //!   process to the new one over a unix socket. Independent of how the tunnel side is resumed.
+//! - [`hold`] — the CNI agent's side of a restart without overlap: it holds what the leaving proxy
+//!   handed over until the new one listens, then hands it on.
 
 pub mod handover;
+pub mod hold;

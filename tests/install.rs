@@ -208,6 +208,8 @@ fn variables_meshnode_reads() -> BTreeSet<&'static str> {
         a::MOUNTED_CNI_NET_DIR,
         a::MESHNODE_CNI_BIN_DIR,
         a::MONITORING_PORT,
+        a::MESHNODE_HANDOVER_SOCKET,
+        a::MESHNODE_RESUME_WAIT,
         // meshnode::logging's filter and the Rust runtime's backtraces.
         "RUST_LOG",
         "RUST_BACKTRACE",
@@ -262,6 +264,7 @@ fn manifests_configure_each_role_with_variables_it_reads() {
         "a new pod beside the old one on each node"
     );
     assert!(cfg.resumable_streams, "resumable streams on");
+    let handover = cfg.handover_socket.clone();
     let socket_dir = cfg
         .handover_socket
         .as_ref()
@@ -303,6 +306,12 @@ fn manifests_configure_each_role_with_variables_it_reads() {
     assert_eq!(cfg.policy.selectors.len(), 2, "Istio's default selectors");
     assert_eq!(cfg.host_prefix, PathBuf::from("/host"));
     assert_eq!(cfg.run_dir, PathBuf::from("/var/run/istio-cni"));
+    // A proxy restarting with no new pod beside it leaves its connections with the agent, on the
+    // proxy's hand-over socket's directory (mounted below).
+    assert_eq!(
+        cfg.handover_socket, handover,
+        "the agent holds on the proxy's hand-over socket"
+    );
     let install = cfg.install.expect("the agent installs the plugin");
     assert_eq!(install.conf_dir, PathBuf::from("/host/etc/cni/net.d"));
     assert_eq!(install.bin_dir, PathBuf::from("/host/opt/cni/bin"));
@@ -347,7 +356,19 @@ fn manifests_configure_each_role_with_variables_it_reads() {
         "daemonset/istio/cni-values.yaml",
         "daemonset/istio/meshnode-ambient.yaml",
     ] {
-        assert_read(file, &chart_env(file, "cni"));
+        let env = chart_env(file, "cni");
+        assert_read(file, &env);
+        let agent = meshnode::cni_agent::config::AgentConfig::from_source(
+            &env.into_iter()
+                .chain([("NODE_NAME".to_string(), "n".to_string())])
+                .collect::<HashMap<_, _>>(),
+        )
+        .expect(file);
+        let proxy = meshnode::config::Config::from_source(&chart_env(file, "ztunnel")).expect(file);
+        assert_eq!(
+            agent.handover_socket, proxy.handover_socket,
+            "{file}: the agent holds a restarting proxy's connections on its hand-over socket"
+        );
     }
     // ... and to the node proxy's: the hand-over on upgrade, in the directory the ztunnel chart mounts.
     for file in [

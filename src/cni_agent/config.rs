@@ -54,6 +54,13 @@ POD_NAMESPACE = "istio-system";
 MESHNODE_RULE_CHECK_INTERVAL = "30s";
 /// istio-cni's metrics port (`GET /metrics`), default 15014.
 MONITORING_PORT = "15014";
+/// meshnode's own: the node proxy's hand-over socket (the same value as the proxy's). Set, the agent
+/// holds the connections of a proxy that restarts with no new one beside it (`meshnode-hold.sock` in the
+/// same directory) and hands them to the new one once it listens there.
+MESHNODE_HANDOVER_SOCKET = "";
+/// meshnode's own, as the proxy reads it: how long a moving stream's peer waits for it (Go-style
+/// duration, default 10s); the agent holds a restarting proxy's connections as long.
+MESHNODE_RESUME_WAIT = "10s";
 /// On nodes set up for AWS security groups for pods (`net.ipv4.tcp_early_demux=0`), route kubelet
 /// probes of branch-ENI pods through their veth (two host ip rules per pod IP), as istio-cni does.
 AMBIENT_ENABLE_AWS_BRANCH_ENI_PROBE = "true";
@@ -94,6 +101,11 @@ pub struct AgentConfig {
     pub rule_check_interval: std::time::Duration,
     /// Add the AWS branch-ENI probe rules for pods that need them ([`crate::redirect::branch_eni`]).
     pub aws_branch_eni: bool,
+    /// The node proxy's hand-over socket: set, a restarting proxy's connections are held
+    /// ([`crate::upgrade::hold`]).
+    pub handover_socket: Option<PathBuf>,
+    /// How long they are held.
+    pub hold_for: std::time::Duration,
 }
 
 impl AgentConfig {
@@ -175,6 +187,11 @@ impl AgentConfig {
                 .map_err(|reason| parsed(MESHNODE_RULE_CHECK_INTERVAL, &v, &reason))?,
             None => std::time::Duration::from_secs(30),
         };
+        let hold_for = match get(MESHNODE_RESUME_WAIT) {
+            Some(v) => crate::config::duration(&v)
+                .map_err(|reason| parsed(MESHNODE_RESUME_WAIT, &v, &reason))?,
+            None => std::time::Duration::from_secs(10),
+        };
         let source = match get(MESHNODE_AGENT_CONFIG) {
             Some(path) => ClusterSource::File(path.into()),
             None => ClusterSource::Kubernetes {
@@ -229,6 +246,8 @@ impl AgentConfig {
             monitoring_port,
             rule_check_interval,
             aws_branch_eni: bool_var(AMBIENT_ENABLE_AWS_BRANCH_ENI_PROBE, true)?,
+            handover_socket: get(MESHNODE_HANDOVER_SOCKET).map(PathBuf::from),
+            hold_for,
         })
     }
 

@@ -2,7 +2,9 @@
 //! process replacing it, and adopted there (issue 17).
 //!
 //! **Leaving** ([`Handover::leave`], when the process is told to stop): connect to the new process's
-//! hand-over socket first (none there: nothing is paused, connections drain as before); then pause every
+//! hand-over socket first, or, when no new process is there yet (a restart rather than a rolling update),
+//! to the CNI agent's hold socket beside it (`upgrade::hold`: the agent hands the connections on once the
+//! new process listens); neither there: nothing is paused, connections drain as before. Then pause every
 //! resumable connection ([`Handover`]'s pause signal; each sends `MOVING` to its peer at a frame
 //! boundary), wait until each has exported its state ([`Enlisted`] counts them, at most
 //! [`COLLECT_WAIT`]), and hand them over with `upgrade::handover`. A connection not taken (the new process
@@ -48,8 +50,8 @@ pub const COLLECT_WAIT: Duration = Duration::from_secs(2);
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// No new process listens on the hand-over socket.
-    #[error("no new process at {path}: {source}")]
+    /// No new process listens on the hand-over socket, and no CNI agent on the hold socket beside it.
+    #[error("no new process at {path}, nor a CNI agent to hold the connections: {source}")]
     NoSuccessor {
         /// The socket path.
         path: PathBuf,
@@ -78,9 +80,20 @@ pub struct Handover {
     next_id: AtomicU64,
 }
 
+/// Who took a leaving process's connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum To {
+    /// The new process, started beside this one (a rolling update).
+    NewProcess,
+    /// The CNI agent's hold ([`crate::upgrade::hold`]), until the new process is ready (a restart).
+    Holder,
+}
+
 /// What [`Handover::leave`] did.
 #[derive(Debug)]
 pub struct Left {
+    /// Who took the connections.
+    pub to: To,
     /// Connections the new process took.
     pub taken: usize,
     /// Connections it did not take (closed).
@@ -127,12 +140,21 @@ impl Handover {
     /// once every one is handed over or closed. An error when no new process is there: then nothing was
     /// paused, and the connections drain as they would without a hand-over.
     pub async fn leave(&self) -> Result<Left, Error> {
-        let sender = Sender::connect(&self.path)
-            .await
-            .map_err(|source| Error::NoSuccessor {
-                path: self.path.clone(),
-                source,
-            })?;
+        let (sender, to) = match Sender::connect(&self.path).await {
+            Ok(s) => (s, To::NewProcess),
+            // No new process yet (a restart, not a rolling update): the CNI agent holds them for it.
+            Err(source) => {
+                match Sender::connect(&crate::upgrade::hold::path_beside(&self.path)).await {
+                    Ok(s) => (s, To::Holder),
+                    Err(_) => {
+                        return Err(Error::NoSuccessor {
+                            path: self.path.clone(),
+                            source,
+                        })
+                    }
+                }
+            }
+        };
         self.pause.send_replace(true);
         let deadline = tokio::time::Instant::now() + COLLECT_WAIT;
         loop {
@@ -148,6 +170,7 @@ impl Handover {
         let parcels = self.parcels.lock().take().unwrap_or_default();
         let report = sender.send(parcels).await;
         Ok(Left {
+            to,
             taken: report.taken.len(),
             kept: report.kept.len(),
             late,

@@ -35,6 +35,14 @@ pub fn node_with_pods(reuse: &str, extra: &[(String, String)]) -> (Node, Pod, Po
     std::fs::write(node.path("agent.yaml"), AGENT_YAML).unwrap();
     let config = node.path("agent.yaml").to_str().unwrap().to_string();
     node.agent_env = vec![("MESHNODE_AGENT_CONFIG".into(), config)];
+    // The agent shares the proxy's hand-over socket setting, as in the DaemonSets: it holds the
+    // connections of a proxy that restarts with no new one beside it.
+    node.agent_env.extend(
+        extra
+            .iter()
+            .filter(|(k, _)| k == "MESHNODE_HANDOVER_SOCKET")
+            .cloned(),
+    );
     node.start_agent();
     node.proxy_env = vec![
         ("INPOD_PORT_REUSE".into(), reuse.into()),
