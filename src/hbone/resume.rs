@@ -521,6 +521,8 @@ impl RecvCount {
 }
 
 pub mod copy;
+pub mod parking;
+pub mod redial;
 
 #[cfg(test)]
 mod tests;
