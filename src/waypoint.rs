@@ -46,6 +46,8 @@ use tokio::sync::watch;
 
 use crate::config::WaypointConfig;
 use crate::hbone::pool::Pool;
+use crate::hbone::resume::parking::{self, Parking};
+use crate::hbone::resume::piped::{Piped, Recover};
 use crate::hbone::server;
 use crate::identity::{CertManager, Identity};
 use crate::socket::SocketOpts;
@@ -92,6 +94,8 @@ pub struct Waypoint {
     upstreams: upstream::Upstreams,
     metrics: Arc<WaypointMetrics>,
     shutdown: watch::Receiver<bool>,
+    /// Resumable client streams whose tunnel broke, waiting for their client's re-dial.
+    parking: Arc<Parking>,
 }
 
 impl Waypoint {
@@ -131,6 +135,7 @@ impl Waypoint {
             h2: base.h2,
             idle_timeout: base.pool.unused_release_timeout,
             network: base.network.clone(),
+            resume: base.resumable_streams.then_some(base.resume_wait),
         });
         Ok(Arc::new(Waypoint {
             cfg: inputs.cfg,
@@ -140,6 +145,7 @@ impl Waypoint {
             upstreams,
             metrics: inputs.metrics,
             shutdown,
+            parking: Arc::default(),
         }))
     }
 
@@ -232,15 +238,46 @@ impl Waypoint {
                 }
             }
         };
-        let (send, recv) = match incoming.accept(http::HeaderMap::new()) {
+        // A meshnode client's resumable stream (issue 17): its node proxy can be upgraded under it.
+        let base = &self.cfg.base;
+        let offered = match parking::requested(base.resumable_streams, incoming.request.headers()) {
+            None => None,
+            Some(Err(e)) => {
+                tracing::info!(target: "access", reporter = "waypoint", src.addr = %peer, src.identity = %peer_id, error = %e, "stream refused (answered 400)");
+                incoming.refuse(StatusCode::BAD_REQUEST);
+                return;
+            }
+            // A re-dial of a stream whose tunnel broke: its own task carries on with this stream.
+            Some(Ok(header)) if header.at.is_some() => {
+                if let Err(refused) = self.parking.resume(incoming, header, &peer_id) {
+                    let status = refused.status().as_u16();
+                    tracing::info!(target: "access", reporter = "waypoint", src.addr = %peer, src.identity = %peer_id, error = %refused, "resume refused (answered {status})");
+                }
+                return;
+            }
+            Some(Ok(header)) => Some(header.token),
+        };
+        let answer = offered.map_or_else(http::HeaderMap::new, parking::echo);
+        let (send, recv) = match incoming.accept(answer) {
             Ok(s) => s,
             Err(e) => {
                 tracing::debug!(error = %e, "HBONE stream gone before the answer");
                 return;
             }
         };
-        let io =
-            crate::hbone::tunnel::Tunnel::new(send, recv, crate::hbone::pool::Slot::unpooled());
+        let slot = crate::hbone::pool::Slot::unpooled();
+        let io = match offered {
+            None => crate::hbone::tunnel::Tunnel::new(send, recv, slot),
+            Some(token) => {
+                let recover = Recover::Park {
+                    parking: self.parking.clone(),
+                    identity: peer_id.clone(),
+                    max: base.max_connections,
+                };
+                let piped = Piped::spawn(send, recv, slot, token, base.resume_wait, recover);
+                crate::hbone::tunnel::Tunnel::piped(piped)
+            }
+        };
         let timeout = self.cfg.header_read_timeout;
         let (detected, io) = match protocol {
             Some(snapshot::PortProtocol::Tcp) => (

@@ -522,6 +522,7 @@ impl RecvCount {
 
 pub mod copy;
 pub mod parking;
+pub mod piped;
 pub mod redial;
 
 #[cfg(test)]

@@ -6,7 +6,8 @@
 //! the reader consumes them, so a slow HTTP parser slows the sender; writes take at most the capacity h2
 //! grants (one copy of the caller's buffer into a `Bytes`, as the writer gives us a borrowed slice).
 //! Shutdown sends END_STREAM; a peer reset with NO_ERROR or CANCEL reads as end of stream. Bytes are counted
-//! both ways (access log, metrics).
+//! both ways (access log, metrics). A resumable stream (`hbone::resume::piped`) is a tunnel too, read and
+//! written through its copy task, so that its user never sees the HBONE connections under it change.
 
 use std::io;
 use std::pin::Pin;
@@ -18,9 +19,26 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::copy::h2_io;
 use super::pool::Slot;
+use super::resume::piped::Piped;
 
 /// A CONNECT stream read and written as bytes.
 pub struct Tunnel {
+    io: Io,
+    /// Bytes read by the caller.
+    pub read: u64,
+    /// Bytes written by the caller.
+    pub written: u64,
+}
+
+enum Io {
+    /// The stream's own halves, read and written directly.
+    H2(H2),
+    /// A resumable stream, through its copy task (`hbone::resume::piped`); boxed, so plain tunnels stay
+    /// small.
+    Piped(Box<Piped>, bool),
+}
+
+struct H2 {
     send: SendStream<Bytes>,
     recv: RecvStream,
     /// Received but not yet read.
@@ -30,22 +48,20 @@ pub struct Tunnel {
     _slot: Slot,
     eof: bool,
     shut: bool,
-    /// Bytes read by the caller.
-    pub read: u64,
-    /// Bytes written by the caller.
-    pub written: u64,
 }
 
 impl Tunnel {
     /// The tunnel over `send`/`recv`; `slot` is kept until the tunnel is dropped.
     pub fn new(send: SendStream<Bytes>, recv: RecvStream, slot: Slot) -> Tunnel {
         Tunnel {
-            send,
-            recv,
-            pending: Bytes::new(),
-            _slot: slot,
-            eof: false,
-            shut: false,
+            io: Io::H2(H2 {
+                send,
+                recv,
+                pending: Bytes::new(),
+                _slot: slot,
+                eof: false,
+                shut: false,
+            }),
             read: 0,
             written: 0,
         }
@@ -56,31 +72,49 @@ impl Tunnel {
         Tunnel::new(stream.send, stream.recv, stream.slot)
     }
 
-    /// Resets the stream (CANCEL): the peer sees the tunnel fail rather than end.
+    /// A resumable stream as a tunnel.
+    pub fn piped(piped: Piped) -> Tunnel {
+        Tunnel {
+            io: Io::Piped(Box::new(piped), false),
+            read: 0,
+            written: 0,
+        }
+    }
+
+    /// Whether the tunnel is a resumable stream.
+    pub fn is_resumable(&self) -> bool {
+        matches!(self.io, Io::Piped(..))
+    }
+
+    /// Resets the stream (CANCEL; a resumable one for good): the peer sees the tunnel fail rather than end.
     pub fn reset(&mut self) {
-        self.send.send_reset(Reason::CANCEL);
+        match &mut self.io {
+            Io::H2(h2) => h2.send.send_reset(Reason::CANCEL),
+            Io::Piped(p, _) => p.reset(),
+        }
     }
 
     /// Whether this side has ended its half of the stream (END_STREAM sent).
     pub fn is_shut(&self) -> bool {
-        self.shut
+        match &self.io {
+            Io::H2(h2) => h2.shut,
+            Io::Piped(_, shut) => *shut,
+        }
     }
 
     /// Reads and discards what the peer still sends until it ends its half, so that a tunnel finished with
-    /// after a clean shutdown ends with END_STREAM both ways rather than a reset.
-    pub async fn drain(mut self) {
-        if self.eof {
+    /// after a clean shutdown ends with END_STREAM both ways rather than a reset. (A resumable stream's
+    /// copy task does that itself.)
+    pub async fn drain(self) {
+        let Io::H2(mut h2) = self.io else {
+            return;
+        };
+        if h2.eof {
             return;
         }
-        while let Some(Ok(chunk)) = self.recv.data().await {
-            let _ = self.recv.flow_control().release_capacity(chunk.len());
+        while let Some(Ok(chunk)) = h2.recv.data().await {
+            let _ = h2.recv.flow_control().release_capacity(chunk.len());
         }
-    }
-
-    /// The two h2 halves, for a byte copy that bypasses the `AsyncRead`/`AsyncWrite` layer. Bytes received
-    /// but not yet read are returned first.
-    pub fn into_parts(self) -> (Bytes, SendStream<Bytes>, RecvStream) {
-        (self.pending, self.send, self.recv)
     }
 }
 
@@ -95,21 +129,30 @@ impl AsyncRead for Tunnel {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let me = &mut *self;
-        while me.pending.is_empty() && !me.eof {
-            match ready!(me.recv.poll_data(cx)) {
-                Some(Ok(chunk)) => me.pending = chunk,
-                Some(Err(e)) if clean_reset(&e) => me.eof = true,
+        let me_h2 = match &mut me.io {
+            Io::H2(h2) => h2,
+            Io::Piped(p, _) => {
+                let before = buf.filled().len();
+                ready!(Pin::new(&mut **p).poll_read(cx, buf))?;
+                me.read += (buf.filled().len() - before) as u64;
+                return Poll::Ready(Ok(()));
+            }
+        };
+        while me_h2.pending.is_empty() && !me_h2.eof {
+            match ready!(me_h2.recv.poll_data(cx)) {
+                Some(Ok(chunk)) => me_h2.pending = chunk,
+                Some(Err(e)) if clean_reset(&e) => me_h2.eof = true,
                 Some(Err(e)) => return Poll::Ready(Err(h2_io(e))),
-                None => me.eof = true,
+                None => me_h2.eof = true,
             }
         }
-        let n = me.pending.len().min(buf.remaining());
+        let n = me_h2.pending.len().min(buf.remaining());
         if n > 0 {
-            buf.put_slice(&me.pending[..n]);
-            me.pending.advance(n);
+            buf.put_slice(&me_h2.pending[..n]);
+            me_h2.pending.advance(n);
             me.read += n as u64;
             // Window given back as the bytes are consumed, not when they arrive.
-            let _ = me.recv.flow_control().release_capacity(n);
+            let _ = me_h2.recv.flow_control().release_capacity(n);
         }
         Poll::Ready(Ok(()))
     }
@@ -125,24 +168,32 @@ impl AsyncWrite for Tunnel {
             return Poll::Ready(Ok(0));
         }
         let me = &mut *self;
-        if me.shut {
+        let h2 = match &mut me.io {
+            Io::H2(h2) => h2,
+            Io::Piped(p, _) => {
+                let n = ready!(Pin::new(&mut **p).poll_write(cx, buf))?;
+                me.written += n as u64;
+                return Poll::Ready(Ok(n));
+            }
+        };
+        if h2.shut {
             return Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::BrokenPipe,
                 "tunnel already shut down",
             )));
         }
-        me.send.reserve_capacity(buf.len());
+        h2.send.reserve_capacity(buf.len());
         loop {
-            let cap = me.send.capacity();
+            let cap = h2.send.capacity();
             if cap > 0 {
                 let n = cap.min(buf.len());
-                me.send
+                h2.send
                     .send_data(Bytes::copy_from_slice(&buf[..n]), false)
                     .map_err(h2_io)?;
                 me.written += n as u64;
                 return Poll::Ready(Ok(n));
             }
-            match ready!(me.send.poll_capacity(cx)) {
+            match ready!(h2.send.poll_capacity(cx)) {
                 Some(Ok(_)) => continue,
                 Some(Err(e)) => return Poll::Ready(Err(h2_io(e))),
                 None => {
@@ -155,17 +206,28 @@ impl AsyncWrite for Tunnel {
         }
     }
 
-    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        // h2 sends what it was given as soon as the connection task runs.
-        Poll::Ready(Ok(()))
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut self.io {
+            // h2 sends what it was given as soon as the connection task runs.
+            Io::H2(_) => Poll::Ready(Ok(())),
+            Io::Piped(p, _) => Pin::new(&mut **p).poll_flush(cx),
+        }
     }
 
-    fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let me = &mut *self;
-        if !me.shut {
-            me.shut = true;
-            me.send.send_data(Bytes::new(), true).map_err(h2_io)?;
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut self.io {
+            Io::H2(h2) => {
+                if !h2.shut {
+                    h2.shut = true;
+                    h2.send.send_data(Bytes::new(), true).map_err(h2_io)?;
+                }
+                Poll::Ready(Ok(()))
+            }
+            Io::Piped(p, shut) => {
+                ready!(Pin::new(&mut **p).poll_shutdown(cx))?;
+                *shut = true;
+                Poll::Ready(Ok(()))
+            }
         }
-        Poll::Ready(Ok(()))
     }
 }

@@ -390,35 +390,12 @@ impl Proxy {
                     authority: &up.addr,
                     service: up.service.as_deref(),
                 };
-                let token = self.cfg().resumable_streams.then(Token::random);
-                let offer = token.map(super::resumable::Client::offer);
-                match self.open_tunnel(&ends.src, peer, tunnel, offer).await {
-                    Ok(stream) => Ok(match token {
-                        Some(token)
-                            if super::resumable::Client::accepted(token, &stream.headers) =>
-                        {
-                            let client = super::resumable::Client {
-                                proxy: self.clone(),
-                                token,
-                                progress: Progress::new(DEFAULT_WINDOW),
-                                key: self.pool_key(&ends.src, sent_to, &up.expected_identities),
-                                src: ends.src.clone(),
-                                peer,
-                                authority: up.addr,
-                                service: up.service.clone(),
-                                original_dst: dst,
-                                request: |src, client, authority, service| {
-                                    connect_request(src, client, authority, service)
-                                },
-                                _enlisted: self.enlist(),
-                            };
-                            Up::Resumable(stream, Box::new(client))
-                        }
-                        _ => Up::Hbone(stream),
-                    }),
-                    Err(e) => Err((e.response_flags(), e)),
-                }
+                self.open_offering(&ends.src, peer, tunnel, (up.addr, &up.service), dst)
+                    .await
+                    .map_err(|e| (e.response_flags(), e))
             }
+            // Resumable too when the waypoint is meshnode's: the application's connection then outlives
+            // an upgrade of this proxy (the waypoint keeps its side of the stream for the re-dial).
             Route::Waypoint(hop) => {
                 let tunnel = Tunnel {
                     dst: hop.via.addr,
@@ -426,9 +403,8 @@ impl Proxy {
                     authority: &hop.authority,
                     service: hop.service.as_deref(),
                 };
-                self.open_tunnel(&ends.src, peer, tunnel, None)
+                self.open_offering(&ends.src, peer, tunnel, (hop.authority, &hop.service), dst)
                     .await
-                    .map(Up::Hbone)
                     .map_err(|e| {
                         let flags = e.response_flags();
                         let Error::Hbone(source) = e else {
@@ -471,6 +447,44 @@ impl Proxy {
                 Ok(None)
             }
         }
+    }
+
+    /// Opens `tunnel` (whose `:authority` and addressed service are `for_`, as a re-dial needs them),
+    /// offering a resumable stream when they are on; resumable when the server agreed.
+    async fn open_offering(
+        self: &Arc<Self>,
+        src: &Arc<Workload>,
+        peer: SocketAddr,
+        tunnel: Tunnel<'_>,
+        (authority, service): (SocketAddr, &Option<Arc<Service>>),
+        original_dst: SocketAddr,
+    ) -> Result<Up, Error> {
+        let token = self.cfg().resumable_streams.then(Token::random);
+        let offer = token.map(super::resumable::Client::offer);
+        // Only a resumable stream keeps its key (for the re-dial).
+        let key = token.map(|_| self.pool_key(src, tunnel.dst, tunnel.expected));
+        let stream = self.open_tunnel(src, peer, tunnel, offer).await?;
+        Ok(match token.zip(key) {
+            Some((token, key)) if super::resumable::Client::accepted(token, &stream.headers) => {
+                let client = super::resumable::Client {
+                    proxy: self.clone(),
+                    token,
+                    progress: Progress::new(DEFAULT_WINDOW),
+                    key,
+                    src: src.clone(),
+                    peer,
+                    authority,
+                    service: service.clone(),
+                    original_dst,
+                    request: |src, client, authority, service| {
+                        connect_request(src, client, authority, service)
+                    },
+                    _enlisted: self.enlist(),
+                };
+                Up::Resumable(stream, Box::new(client))
+            }
+            _ => Up::Hbone(stream),
+        })
     }
 
     /// Takes over a resumable connection the process this one replaces handed over: counted again (a
@@ -518,10 +532,12 @@ impl Proxy {
             .map_err(|e| format!("expected identity: {e}"))?;
         let src = self.local_workload().await.map_err(|e| e.to_string())?;
         let state = self.inputs.state.load();
+        // The workload the stream goes to: the destination's own (its address is the authority's), or
+        // the waypoint's on a waypoint hop; either way the labels are the ones the route gave.
         let workload = state
-            .workload_by_addr(&self.cfg().network, authority.ip())
+            .workload_by_addr(&self.cfg().network, a.peer.ip())
             .cloned()
-            .ok_or_else(|| format!("no workload at {authority} any more"))?;
+            .ok_or_else(|| format!("no workload at {} any more", a.peer))?;
         let service = a
             .resume
             .service

@@ -39,6 +39,9 @@ use super::body::{OnEnd, UpBody};
 use super::snapshot::{Crossing, Endpoint};
 use crate::config::{H2Config, Keepalive};
 use crate::hbone::pool::{Pool, PoolKey};
+use crate::hbone::resume::piped::{Dial, Piped, Recover};
+use crate::hbone::resume::redial::Attempt;
+use crate::hbone::resume::{ResumeHeader, Token, RESUME_HEADER};
 use crate::hbone::tunnel::Tunnel;
 use crate::identity::Identity;
 use crate::socket::{self, SocketOpts};
@@ -191,12 +194,47 @@ struct Inner {
     h2: H2Config,
     /// `x-forwarded-network` naming the waypoint's network, built once.
     forwarded_network: Option<http::HeaderValue>,
+    resume: Option<Duration>,
     h1_idle: Mutex<HashMap<Key, Vec<Idle>>>,
     h2_conns: Mutex<HashMap<Key, Shared>>,
     /// One HTTP/2 dial per endpoint at a time: concurrent first requests share the connection.
     h2_dialing: Mutex<HashMap<Key, Arc<tokio::sync::Mutex<()>>>>,
     /// HTTP connections opened to endpoints so far.
     opened: AtomicU64,
+}
+
+/// The CONNECT to an HBONE endpoint at `addr`.
+fn connect_request(addr: SocketAddr) -> Request<()> {
+    Request::builder()
+        .method(Method::CONNECT)
+        .uri(addr.to_string())
+        .version(Version::HTTP_2)
+        .body(())
+        .expect("a socket address is a valid authority")
+}
+
+/// Whether the endpoint's answer echoes our resumable-stream offer `token`.
+fn echoes(token: Token, answer: &http::HeaderMap) -> bool {
+    answer
+        .get(RESUME_HEADER)
+        .and_then(|v| ResumeHeader::parse(v.as_bytes()).ok())
+        .is_some_and(|h| h.token == token && h.at.is_none())
+}
+
+/// How a resumable stream to the endpoint at `addr` re-dials: the same CONNECT through the pool, with
+/// the waypoint's certificate as it is then.
+fn redial(hbone: Pool, tls: Arc<WorkloadTls>, key: PoolKey, addr: SocketAddr) -> Dial {
+    Box::new(move |ask| {
+        let (hbone, tls, key) = (hbone.clone(), tls.current(), key.clone());
+        Box::pin(async move {
+            let mut req = connect_request(addr);
+            req.headers_mut().insert(RESUME_HEADER, ask);
+            hbone
+                .connect(&key, &tls, req)
+                .await
+                .map_err(Attempt::from_pool)
+        })
+    })
 }
 
 /// The waypoint's connections to endpoints. Cheap to clone; the sweeper stops with the last clone.
@@ -223,6 +261,9 @@ pub struct UpstreamSettings {
     pub idle_timeout: Duration,
     /// The waypoint's network (`x-forwarded-network` on double HBONE).
     pub network: String,
+    /// Resumable streams to HBONE endpoints (`MESHNODE_RESUMABLE_STREAMS`), and how long a broken one is
+    /// re-dialled (`MESHNODE_RESUME_WAIT`): the endpoint's node proxy can then be upgraded under them.
+    pub resume: Option<Duration>,
 }
 
 impl Upstreams {
@@ -241,6 +282,7 @@ impl Upstreams {
             },
             h2: s.h2,
             forwarded_network: crate::hbone::double::network_header(&s.network),
+            resume: s.resume,
             h1_idle: Mutex::default(),
             h2_conns: Mutex::default(),
             h2_dialing: Mutex::default(),
@@ -295,12 +337,12 @@ impl Upstreams {
                     dst_ids: Arc::new([ep.workload.identity.clone()]),
                     dst: SocketAddr::new(addr.ip(), HBONE_PORT),
                 };
-                let req = Request::builder()
-                    .method(Method::CONNECT)
-                    .uri(addr.to_string())
-                    .version(Version::HTTP_2)
-                    .body(())
-                    .expect("a socket address is a valid authority");
+                let mut req = connect_request(addr);
+                let token = self.0.resume.map(|_| Token::random());
+                if let Some(token) = token {
+                    let offer = ResumeHeader { token, at: None };
+                    req.headers_mut().insert(RESUME_HEADER, offer.to_value());
+                }
                 let tls = self.0.tls.current();
                 let stream =
                     self.0
@@ -311,7 +353,19 @@ impl Upstreams {
                             addr,
                             reason: e.to_string(),
                         })?;
-                Ok(Transport::Hbone(Box::new(Tunnel::from_client(stream))))
+                let echoed = token.filter(|t| echoes(*t, &stream.headers));
+                let tunnel = match (echoed, self.0.resume) {
+                    (Some(token), Some(wait)) => {
+                        let dial = redial(self.0.hbone.clone(), self.0.tls.clone(), key, addr);
+                        let (send, recv, slot) = (stream.send, stream.recv, stream.slot);
+                        let piped =
+                            Piped::spawn(send, recv, slot, token, wait, Recover::Redial(dial));
+                        Tunnel::piped(piped)
+                    }
+                    // A ztunnel endpoint (or resumable streams off): a plain stream, as before.
+                    _ => Tunnel::from_client(stream),
+                };
+                Ok(Transport::Hbone(Box::new(tunnel)))
             }
             Protocol::TCP => {
                 socket::connect(None, addr, None, self.0.sock, &self.0.keepalive, timeout)

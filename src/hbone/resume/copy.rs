@@ -7,7 +7,8 @@
 //!   stream is ended (END_STREAM both ways).
 //! - `Paused`: the pause signal came; a `MOVING` went (or, when a frame was part-way out, the stream was
 //!   dropped, which the peer reads the same way).
-//! - `PeerLeft`: the peer's `MOVING`, or its stream ended or was reset before both sides were done.
+//! - `PeerLeft`: the peer's `MOVING`, or its stream ended or was reset before both sides were done (a
+//!   reset with [`FAILED`] is an error instead: the peer's copy failed, nothing will resume).
 //!
 //! After `Paused` or `PeerLeft` the [`Progress`] holds the bytes not acknowledged, the count received and
 //! any bytes taken off the stream but not yet written to the application; [`Progress::resume`] with the
@@ -69,6 +70,10 @@ pub const STATE_LEN: usize = 1 + 1 + 4 + 8 + 8;
 const STATE_VERSION: u8 = 1;
 /// Largest window an imported state may name.
 const MAX_WINDOW: usize = 16 << 20;
+
+/// The reset that ends a resumable stream for good (its copy failed, or its server refused it): the peer
+/// does not wait for a resume. Any other reset, like a connection lost, is resumable.
+pub const FAILED: Reason = Reason::CONNECT_ERROR;
 
 /// How a [`run`] ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -262,7 +267,8 @@ where
     let (up, down) = match tokio::try_join!(up, down) {
         Ok(ends) => ends,
         Err(e) => {
-            send.send_reset(Reason::CANCEL);
+            // Not CANCEL: the peer must not wait for a resume that will not come.
+            send.send_reset(FAILED);
             return Err(e);
         }
     };
@@ -547,8 +553,15 @@ async fn recv_half<W: AsyncWrite + Unpin>(
                 let _ = recv.flow_control().release_capacity(data.len());
                 chunk = data;
             }
-            // A reset, or the connection under the stream gone (its process left): resumable, and
-            // the caller bounds the wait for the resume.
+            // The peer's copy failed, or it refused the stream: over, as a plain stream's reset is.
+            Some(Err(e)) if e.reason() == Some(FAILED) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::ConnectionReset,
+                    "resumable stream: the peer ended it with an error",
+                ))
+            }
+            // Any other reset, or the connection under the stream gone (its process left):
+            // resumable, and the caller bounds the wait for the resume.
             Some(Err(_)) => return left(RecvEnd::PeerLeft),
             // The peer ends its side only when it is done (its FIN and ours acknowledged).
             None if *fin_received && decoder.at_boundary() => return Ok(RecvEnd::Ended),

@@ -254,6 +254,59 @@ async fn a_malformed_frame_ends_the_copy_with_an_error() {
     assert!(err.to_string().contains("unknown"), "{err}");
 }
 
+#[tokio::test]
+async fn a_peer_whose_copy_failed_ends_the_stream_for_good_and_a_lost_stream_waits_for_its_resume() {
+    let mut h2 = H2Pair::new().await;
+    let (_keep, never) = watch::channel(false);
+    // A reset with FAILED: over, no resume to wait for.
+    let (_app, proxy) = tokio::io::duplex(1024);
+    let mut end = End::new(proxy, 1024);
+    let ((mut peer_send, _peer_recv), (mut send, mut recv)) = h2.stream().await;
+    peer_send.send_reset(FAILED);
+    let err = run(
+        &mut end.read,
+        &mut end.write,
+        &mut send,
+        &mut recv,
+        &mut end.progress,
+        &never,
+    )
+    .await
+    .expect_err("a failed peer is an error");
+    assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
+    // Any other reset (a stream dropped as its process leaves): the peer left, resumable.
+    let (_app, proxy) = tokio::io::duplex(1024);
+    let mut end = End::new(proxy, 1024);
+    let ((mut peer_send, _peer_recv), halves) = h2.stream().await;
+    peer_send.send_reset(Reason::CANCEL);
+    assert_eq!(end.run(halves, &never).await, Outcome::PeerLeft);
+    // A copy that fails (a malformed frame) resets its stream with FAILED, so its peer does not wait.
+    let (_app, proxy) = tokio::io::duplex(1024);
+    let mut end = End::new(proxy, 1024);
+    let ((mut peer_send, mut peer_recv), (mut send, mut recv)) = h2.stream().await;
+    peer_send
+        .send_data(Bytes::from_static(&[9, 0, 0, 0, 0, 0, 0, 0, 0]), false)
+        .unwrap();
+    run(
+        &mut end.read,
+        &mut end.write,
+        &mut send,
+        &mut recv,
+        &mut end.progress,
+        &never,
+    )
+    .await
+    .expect_err("an unknown frame type is refused");
+    let reset = loop {
+        match peer_recv.data().await {
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => break e.reason(),
+            None => break None,
+        }
+    };
+    assert_eq!(reset, Some(FAILED));
+}
+
 #[test]
 fn handed_over_state_that_cannot_be_is_refused() {
     let mut p = Progress::new(1024);
