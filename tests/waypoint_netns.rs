@@ -14,6 +14,9 @@
 //! On the way it checks the node proxy's workload manager families (two captured pods served; the waypoint's
 //! pod is not).
 //!
+//! With resumable streams on, a connection through the waypoint outlives a restart of the node proxy:
+//! both of its hops (client pod → waypoint, waypoint → server pod) are resumed.
+//!
 //! Needs root, `ip`, `nft`, containernetworking-plugins.
 
 mod support;
@@ -108,6 +111,11 @@ fn relay_control_plane(node: &Node, pod: &Pod) {
 
 /// Starts `meshnode waypoint` in `pod` (configured by the control plane) and waits until it is ready.
 fn start_waypoint(node: &Node, pod: &Pod) -> KillOnDrop {
+    start_waypoint_with(node, pod, &[])
+}
+
+/// [`start_waypoint`], its environment extended with `extra`.
+fn start_waypoint_with(node: &Node, pod: &Pod, extra: &[(&str, &str)]) -> KillOnDrop {
     let root = node.path("root-cert.pem");
     let root = root.to_str().unwrap();
     let state = node.path("waypoint-state");
@@ -128,7 +136,10 @@ fn start_waypoint(node: &Node, pod: &Pod) -> KillOnDrop {
             ("INSTANCE_IP", &ip),
             ("MESHNODE_STATE_DIR", state.to_str().unwrap()),
             ("RUST_LOG", "info"),
-        ],
+        ]
+        .into_iter()
+        .chain(extra.iter().copied())
+        .collect::<Vec<_>>(),
         log,
     );
     let waypoint = KillOnDrop(child);
@@ -142,8 +153,7 @@ fn eventually(node: &Node, what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while !cond() {
         if Instant::now() > deadline {
-            let wp = std::fs::read_to_string(node.path("waypoint.log")).unwrap_or_default();
-            panic!("timed out: {what}\n{}\nwaypoint:\n{wp}", node.logs());
+            panic!("timed out: {what}\n{}", with_waypoint(node));
         }
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -278,5 +288,171 @@ fn captured_traffic_to_a_waypoint_bound_service_goes_through_the_waypoint_and_fa
     assert!(
         answered(&client, direct),
         "the opted-out service keeps working"
+    );
+}
+
+/// An echo application in `pod` on `port`: every byte read is written back.
+fn serve_echo(pod: &Pod, port: u16) {
+    let ip = pod.ip.expect("pod has an IP");
+    let app = pod
+        .netns
+        .run(move || TcpListener::bind(SocketAddr::new(ip, port)).unwrap());
+    std::thread::spawn(move || {
+        for s in app.incoming().flatten() {
+            let mut w = s.try_clone().unwrap();
+            let mut r = s;
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut r, &mut w);
+                let _ = w.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+}
+
+/// Line `n` of a flow: numbered, padded to 100 bytes.
+fn flow_line(n: u32) -> String {
+    format!("{n:08}-{}\n", "x".repeat(90))
+}
+
+/// The node's logs and the waypoint's.
+fn with_waypoint(node: &Node) -> String {
+    let wp = std::fs::read_to_string(node.path("waypoint.log")).unwrap_or_default();
+    format!("{}\nwaypoint:\n{wp}", node.logs())
+}
+
+/// Whether the waypoint offers and accepts resumable streams (the test's mutation switch).
+const WAYPOINT_RESUMABLE: &str = "true";
+
+#[test]
+fn a_connection_through_the_waypoint_outlives_a_restart_of_the_node_proxy_on_both_hops() {
+    if !support::root_or_skip(
+        "a_connection_through_the_waypoint_outlives_a_restart_of_the_node_proxy_on_both_hops",
+    ) {
+        return;
+    }
+    use std::io::{BufRead, BufReader, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let handover = dir.path().join("handover.sock");
+    let handover = handover.to_str().unwrap().to_string();
+    let mut node = Node::bare("workloads: []\n");
+    std::fs::write(node.path("agent.yaml"), agent_yaml()).unwrap();
+    let agent_config = node.path("agent.yaml").to_str().unwrap().to_string();
+    node.agent_env = vec![
+        ("MESHNODE_AGENT_CONFIG".into(), agent_config),
+        ("MESHNODE_HANDOVER_SOCKET".into(), handover.clone()),
+    ];
+    node.start_control_plane(&mesh_yaml(&[]), NODE_TOKEN);
+    node.proxy_env.extend([
+        ("MESHNODE_RESUMABLE_STREAMS".into(), "true".into()),
+        ("MESHNODE_HANDOVER_SOCKET".into(), handover),
+        ("CONNECTION_TERMINATION_DEADLINE".into(), "60s".into()),
+    ]);
+    node.start_agent();
+    node.start_proxy();
+    let mut client = node.pod("default", "client");
+    let mut server = node.pod("default", "server");
+    let mut waypoint_pod = node.pod("default", "waypoint-0");
+    for p in [&mut client, &mut server, &mut waypoint_pod] {
+        node.add(p)
+            .unwrap_or_else(|e| panic!("ADD {}: {e}\n{}", p.name, node.logs()));
+    }
+    node.set_mesh(&mesh_yaml(&[&client, &server, &waypoint_pod]));
+    serve_echo(&server, 9080);
+    relay_control_plane(&node, &waypoint_pod);
+    let resumable = [("MESHNODE_RESUMABLE_STREAMS", WAYPOINT_RESUMABLE)];
+    let _waypoint = start_waypoint_with(&node, &waypoint_pod, &resumable);
+    let via: SocketAddr = format!("{VIA_WAYPOINT}:80").parse().unwrap();
+
+    // A connection through the waypoint (its first bytes are not HTTP: the waypoint carries it as TCP).
+    let mut attempt = 0;
+    let stream = loop {
+        attempt += 1;
+        let s = client
+            .netns
+            .run(move || TcpStream::connect_timeout(&via, Duration::from_secs(5)));
+        let ok = s.as_ref().is_ok_and(|s| {
+            s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            let mut lines = BufReader::new(s.try_clone().unwrap());
+            let mut line = String::new();
+            (&*s).write_all(b"hello\n").is_ok()
+                && lines.read_line(&mut line).is_ok()
+                && line == "hello\n"
+        });
+        if ok {
+            break s.unwrap();
+        }
+        assert!(
+            attempt < 50,
+            "no answer through the waypoint\n{}",
+            with_waypoint(&node)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    // Lines flow both ways until after the node proxy is back; every one comes back once, in order.
+    let mut writer = stream.try_clone().unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopping = stop.clone();
+    let write = std::thread::spawn(move || -> std::io::Result<u32> {
+        let mut n = 0;
+        while !stopping.load(std::sync::atomic::Ordering::SeqCst) {
+            writer.write_all(flow_line(n).as_bytes())?;
+            n += 1;
+            if n % 20 == 0 {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        writer.shutdown(std::net::Shutdown::Write)?;
+        Ok(n)
+    });
+    let read = std::thread::spawn(move || -> Result<u32, String> {
+        let mut r = BufReader::new(stream);
+        let mut line = String::new();
+        for n in 0.. {
+            line.clear();
+            match r.read_line(&mut line) {
+                Ok(0) => return Ok(n),
+                Ok(_) if line == flow_line(n) => {}
+                Ok(_) => return Err(format!("line {n}: {line:?}")),
+                Err(e) => return Err(format!("line {n}: {e}")),
+            }
+        }
+        unreachable!()
+    });
+    std::thread::sleep(Duration::from_millis(500));
+
+    // The node proxy restarts (no new one beside it): the agent holds both hops' app-side sockets.
+    let mut a = node.proxy.take().expect("the node proxy");
+    let pid = nix::unistd::Pid::from_raw(a.0.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let left = Instant::now();
+    while a.0.try_wait().unwrap().is_none() {
+        assert!(
+            left.elapsed() < Duration::from_secs(20),
+            "the proxy did not leave\n{}",
+            with_waypoint(&node)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        left.elapsed() < Duration::from_secs(5),
+        "the proxy drained instead of handing its connections over\n{}",
+        with_waypoint(&node)
+    );
+    std::thread::sleep(Duration::from_millis(1000));
+    node.start_proxy();
+
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let sent = write.join().unwrap().expect("writing through the restart");
+    let got = read
+        .join()
+        .unwrap()
+        .unwrap_or_else(|e| panic!("{e}\n{}", with_waypoint(&node)));
+    assert_eq!(got, sent, "lines sent and echoed");
+    let logs = with_waypoint(&node);
+    // Both hops of the connection: the client's outbound to the waypoint, the server's inbound from it.
+    assert!(
+        logs.contains("handed to the CNI agent") && logs.contains("adopted=2"),
+        "the restarted proxy did not adopt both hops\n{logs}"
     );
 }

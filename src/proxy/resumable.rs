@@ -151,7 +151,6 @@ pub(super) type ConnectRequest = fn(
     Option<&Service>,
 ) -> Result<http::Request<()>, super::Error>;
 
-
 impl Client {
     /// The offer to put on the first CONNECT.
     pub(super) fn offer(token: Token) -> http::HeaderValue {
@@ -232,8 +231,12 @@ impl Client {
     pub(super) async fn redial(&mut self) -> io::Result<Option<pool::Stream>> {
         let mut leaving = self.proxy.pause();
         let (proxy, request, key) = (&self.proxy, self.request, &self.key);
-        let (src, peer, authority, service) =
-            (&self.src, self.peer, self.authority, self.service.as_deref());
+        let (src, peer, authority, service) = (
+            &self.src,
+            self.peer,
+            self.authority,
+            self.service.as_deref(),
+        );
         let dial = |ask: http::HeaderValue| async move {
             let tls = proxy
                 .tls_for(&src.identity)

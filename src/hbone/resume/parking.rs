@@ -174,10 +174,7 @@ impl Parking {
 }
 
 /// The `x-meshnode-resume` header of a CONNECT, when resumable streams are on.
-pub fn requested(
-    enabled: bool,
-    headers: &HeaderMap,
-) -> Option<Result<ResumeHeader, ResumeError>> {
+pub fn requested(enabled: bool, headers: &HeaderMap) -> Option<Result<ResumeHeader, ResumeError>> {
     if !enabled {
         return None;
     }

@@ -40,7 +40,9 @@ pub const PIPE_BUFFER: usize = 64 * 1024;
 
 /// A client's re-dial: given the `x-meshnode-resume` value to send, a new stream (or why not).
 pub type Dial = Box<
-    dyn FnMut(http::HeaderValue) -> Pin<Box<dyn Future<Output = Result<pool::Stream, Attempt>> + Send>>
+    dyn FnMut(
+            http::HeaderValue,
+        ) -> Pin<Box<dyn Future<Output = Result<pool::Stream, Attempt>> + Send>>
         + Send,
 >;
 

@@ -38,9 +38,11 @@ impl Attempt {
     /// answer ends the stream.
     pub fn from_pool(e: pool::Error) -> Attempt {
         match e {
-            pool::Error::Status { status, .. } if status == StatusCode::NOT_FOUND => Attempt::Retry(
-                format!("the server does not have the stream yet ({status})"),
-            ),
+            pool::Error::Status { status, .. } if status == StatusCode::NOT_FOUND => {
+                Attempt::Retry(format!(
+                    "the server does not have the stream yet ({status})"
+                ))
+            }
             pool::Error::Status { status, .. } => Attempt::Fatal(io::Error::new(
                 io::ErrorKind::NotFound,
                 format!("resumable stream: the server refused the resume ({status})"),

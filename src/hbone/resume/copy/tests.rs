@@ -255,7 +255,8 @@ async fn a_malformed_frame_ends_the_copy_with_an_error() {
 }
 
 #[tokio::test]
-async fn a_peer_whose_copy_failed_ends_the_stream_for_good_and_a_lost_stream_waits_for_its_resume() {
+async fn a_peer_whose_copy_failed_ends_the_stream_for_good_and_a_lost_stream_waits_for_its_resume()
+{
     let mut h2 = H2Pair::new().await;
     let (_keep, never) = watch::channel(false);
     // A reset with FAILED: over, no resume to wait for.
