@@ -633,6 +633,8 @@ fn start_waypoint(
         ("NODE_NAME", pod.node.clone()),
         ("MESHNODE_STATE_DIR", path_arg(&dir.join("state"))),
         ("RUST_LOG", "info".into()),
+        // Connections through the waypoint outlive an upgrade of either node's proxy (`sandbox upgrade`).
+        ("MESHNODE_RESUMABLE_STREAMS", "true".into()),
     ];
     // With two networks, the waypoint is on its node's: it crosses to the other through its gateway.
     if let Some(network) = model.node(&pod.node).and_then(|n| n.network.clone()) {

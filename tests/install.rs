@@ -349,7 +349,12 @@ fn manifests_configure_each_role_with_variables_it_reads() {
     let deploy = find(&docs, "Deployment", "waypoint");
     let env = container_env(&docs, &deploy["spec"]["template"]["spec"]["containers"][0]);
     assert_read("Deployment waypoint", &env);
-    meshnode::config::WaypointConfig::from_source(&env).expect("the waypoint's environment");
+    let wp =
+        meshnode::config::WaypointConfig::from_source(&env).expect("the waypoint's environment");
+    assert!(
+        wp.base.resumable_streams,
+        "connections through the waypoint outlive node proxy upgrades"
+    );
 
     // What the Istio-chart overlays add to istio-cni's environment.
     for file in [
