@@ -669,6 +669,26 @@ fn sandbox_upgrade_swaps_each_node_proxy_while_traffic_runs_and_no_connection_is
     assert_eq!(o.status.code(), Some(0), "{said}\n{}", sb.logs());
     assert!(said.contains("ready on :15021"), "{said}");
     assert!(answered(conn.get("/reviews/3")), "after the second upgrade");
+
+    // A restart (no overlap): node2's proxy stops first, the agent holds its connections, the new one
+    // takes them once it is ready.
+    let o = sb.run(&["upgrade", "--restart", "--node", "node2"]);
+    let said = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{said}\n{}", sb.logs());
+    assert!(said.contains("nothing open was reset"), "{said}");
+    let line = said
+        .lines()
+        .find(|l| l.starts_with("node2: the old proxy"))
+        .unwrap_or_else(|| panic!("no restart of node2 in\n{said}"));
+    assert!(
+        line.contains("handed ") && !line.contains("handed 0") && !line.contains("nothing"),
+        "{line}"
+    );
+    assert!(
+        answered(conn.get("/reviews/4")),
+        "the connection opened before the restart\n{}",
+        sb.logs()
+    );
     let unknown = sb.run(&["upgrade", "--node", "node9"]);
     assert_eq!(unknown.status.code(), Some(2), "{}", text(&unknown));
 

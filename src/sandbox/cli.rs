@@ -74,6 +74,10 @@ pub enum SandboxCommand {
         /// Only this node (`node1`, `node2`).
         #[arg(long)]
         node: Option<String>,
+        /// A restart instead: stop the old proxy first, then start the new one (no overlap, as a
+        /// container restart); the CNI agent holds the open connections meanwhile.
+        #[arg(long)]
+        restart: bool,
     },
     /// Internal: run COMMAND inside the network namespace NETNS (what the sandbox starts components with).
     #[command(hide = true)]
@@ -210,8 +214,8 @@ fn run(args: SandboxArgs) -> Result<i32, Error> {
         Some(SandboxCommand::Delete { file }) => {
             super::apply(&opts, &file, super::apply::Verb::Delete, &mut out).map(|()| 0)
         }
-        Some(SandboxCommand::Upgrade { node }) => Ok(
-            if super::upgrade::upgrade(&opts, node.as_deref(), &mut out)? {
+        Some(SandboxCommand::Upgrade { node, restart }) => Ok(
+            if super::upgrade::upgrade(&opts, node.as_deref(), restart, &mut out)? {
                 0
             } else {
                 1

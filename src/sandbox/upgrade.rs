@@ -11,6 +11,11 @@
 //! on the other of two port sets, since they share the namespace; the pods' ports are shared through
 //! SO_REUSEPORT), gets the node's pods from the CNI agent, and listens on the node's hand-over socket;
 //! then the old one gets SIGTERM, hands its resumable connections over and exits.
+//!
+//! `--restart`: the old proxy gets SIGTERM first and exits, handing its connections to the node's CNI
+//! agent (nobody else listens yet); the new one starts after it, and the agent hands them on once it
+//! listens. Kept-alive connections are answered throughout; new connections find no proxy for the gap
+//! (refused, as with ztunnel), which the report counts apart.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -27,6 +32,8 @@ use super::{net, procs, Error, Options};
 const PORTS: [[u16; 3]; 2] = [[15021, 15020, 15000], [15121, 15120, 15100]];
 /// How long the old proxy may take to leave (its drain deadline is ztunnel's 5 s).
 const LEAVE_TIMEOUT: Duration = Duration::from_secs(20);
+/// The name suffix of the traffic thread that opens a new connection per request.
+const NEW_CONNECTIONS: &str = "(new connections)";
 /// Pause between the requests of each traffic thread.
 const PACE: Duration = Duration::from_millis(20);
 /// Timeout of one request.
@@ -159,7 +166,12 @@ struct Swap {
 }
 
 /// `sandbox upgrade [--node NODE]`; see the module header.
-pub fn upgrade(opts: &Options, only: Option<&str>, out: &mut dyn Write) -> Result<bool, Error> {
+pub fn upgrade(
+    opts: &Options,
+    only: Option<&str>,
+    restart: bool,
+    out: &mut dyn Write,
+) -> Result<bool, Error> {
     if !nix::unistd::geteuid().is_root() {
         return Err(Error::NotRoot);
     }
@@ -183,12 +195,25 @@ pub fn upgrade(opts: &Options, only: Option<&str>, out: &mut dyn Write) -> Resul
     std::thread::sleep(Duration::from_millis(500));
     let mut swaps = Vec::new();
     for node in nodes {
-        let _ = writeln!(
-            out,
-            "{}: starting a new proxy beside the old one",
-            node.name
-        );
-        match swap(opts, &model, node) {
+        let what = if restart {
+            "stopping the proxy, then starting a new one"
+        } else {
+            "starting a new proxy beside the old one"
+        };
+        let _ = writeln!(out, "{}: {what}", node.name);
+        match swap(opts, &model, node, restart) {
+            Ok(s) if restart => {
+                let _ = writeln!(
+                    out,
+                    "{}: the old proxy {} and left {} ms after SIGTERM; the new one (pid {}) was ready {:.1} s later and the agent handed them on",
+                    s.node,
+                    s.handed,
+                    s.left_in.as_millis(),
+                    s.new_pid,
+                    s.started_in.as_secs_f64(),
+                );
+                swaps.push(s);
+            }
             Ok(s) => {
                 let _ = writeln!(
                     out,
@@ -209,9 +234,14 @@ pub fn upgrade(opts: &Options, only: Option<&str>, out: &mut dyn Write) -> Resul
         }
         std::thread::sleep(Duration::from_millis(500));
     }
-    let mut failed = 0;
+    let (mut failed, mut refused_new) = (0, 0);
     for (name, ok, failures) in traffic.finish() {
-        failed += failures.len();
+        // A restart has a gap: new connections find no proxy then. Open ones must not notice.
+        if restart && name.ends_with(NEW_CONNECTIONS) {
+            refused_new += failures.len();
+        } else {
+            failed += failures.len();
+        }
         let _ = writeln!(
             out,
             "  {name}: {ok} answered, {} failed{}",
@@ -222,7 +252,12 @@ pub fn upgrade(opts: &Options, only: Option<&str>, out: &mut dyn Write) -> Resul
                 .unwrap_or_default()
         );
     }
-    if failed == 0 {
+    if failed == 0 && restart {
+        let _ = writeln!(
+            out,
+            "nothing open was reset: every request on a kept-alive connection was answered ({refused_new} new connections found no proxy during the restart's gap; a rolling update has none)"
+        );
+    } else if failed == 0 {
         let _ = writeln!(
             out,
             "nothing was reset: every request during the upgrade was answered"
@@ -234,8 +269,13 @@ pub fn upgrade(opts: &Options, only: Option<&str>, out: &mut dyn Write) -> Resul
 }
 
 /// Starts a new proxy on `node`, waits until it serves and takes hand-overs, stops the old one and waits
-/// for it to leave.
-fn swap(opts: &Options, model: &Model, node: &super::model::Node) -> Result<Swap, Error> {
+/// for it to leave; with `restart`, stops the old one first.
+fn swap(
+    opts: &Options,
+    model: &Model,
+    node: &super::model::Node,
+    restart: bool,
+) -> Result<Swap, Error> {
     let ns_name = net::node_netns(model, &node.name);
     let proxies: Vec<_> = procs::find(std::slice::from_ref(&ns_name), &opts.dir())
         .into_iter()
@@ -261,16 +301,22 @@ fn swap(opts: &Options, model: &Model, node: &super::model::Node) -> Result<Swap
     env.push(("PROXY_CONFIG", format!("proxyAdminPort: {admin}")));
     let component = format!("{}-proxy", node.name);
     let log = opts.log(&component);
-    let from = log_len(&log);
-    let started = Instant::now();
     let ns = net::netns_path(&ns_name);
-    let new_pid = super::start(opts, &ns, &["proxy".into()], &env, &component)?;
     let node_ns = net::open(&ns_name)?;
-    super::wait(opts, "the new node proxy", &component, || {
-        super::proxy_ready_on(&node_ns, readiness)
-            && log_since(&log, from).contains("taking connections handed over")
-    })?;
-    let started_in = started.elapsed();
+    let start_new = || -> Result<(u32, Duration), Error> {
+        let from = log_len(&log);
+        let started = Instant::now();
+        let new_pid = super::start(opts, &ns, &["proxy".into()], &env, &component)?;
+        super::wait(opts, "the new node proxy", &component, || {
+            super::proxy_ready_on(&node_ns, readiness)
+                && log_since(&log, from).contains("taking connections handed over")
+        })?;
+        Ok((new_pid, started.elapsed()))
+    };
+    let mut started = None;
+    if !restart {
+        started = Some(start_new()?);
+    }
     let from = log_len(&log);
     let told = Instant::now();
     let _ = nix::sys::signal::kill(
@@ -289,9 +335,16 @@ fn swap(opts: &Options, model: &Model, node: &super::model::Node) -> Result<Swap
     }
     let left_in = told.elapsed();
     let said = log_since(&log, from);
+    let (new_pid, started_in) = match started {
+        Some(s) => s,
+        None => start_new()?,
+    };
     let handed = said
         .lines()
-        .find(|l| l.contains("resumable connections handed over"))
+        .find(|l| {
+            l.contains("resumable connections handed over")
+                || l.contains("resumable connections handed to the CNI agent")
+        })
         .map(|l| {
             let field = |k: &str| {
                 l.split_whitespace()
@@ -299,8 +352,13 @@ fn swap(opts: &Options, model: &Model, node: &super::model::Node) -> Result<Swap
                     .unwrap_or("?")
                     .to_string()
             };
+            let to = if l.contains("CNI agent") {
+                "to the CNI agent"
+            } else {
+                "over"
+            };
             format!(
-                "handed {} connections over ({} closed; {} not resumable left to drain)",
+                "handed {} connections {to} ({} closed; {} not resumable left to drain)",
                 field("taken="),
                 field("closed="),
                 field("draining=")
