@@ -6,6 +6,12 @@
 //! connections stay registered with the proxy's [`connections`](super::connections) registry and are reset
 //! if a later policy change denies them. Each connection is counted in [`metrics`](crate::metrics)
 //! (reporter `destination`, `connection_security_policy` `unknown`).
+//!
+//! With a hand-over (`MESHNODE_HANDOVER_SOCKET`) the copy is `plain`'s pausable one: paused, the
+//! connection (the client's socket and the app's, and the bytes read and not yet written) goes to the new
+//! process, its record closed here without an access line. There, [`Proxy::adopt_plain_inbound`] checks it
+//! again as a new connection is checked (registered, then the current policy; a connection it denies is
+//! closed as a policy change closes one), opens a new record, and carries on with the copy.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -14,18 +20,39 @@ use std::time::Instant;
 use tokio::net::TcpStream;
 
 use super::access::{self, Access};
-use super::connections::{Counted, Side, Tracked};
+use super::connections::{Counted, Registration, Side, Tracked};
+use super::handover::{AdoptedPlain, PausedPlain};
+use super::plain::{Outcome, Pausable};
 use super::{Error, Proxy};
 use crate::authz::{Connection, Decision};
-use crate::metrics::{Reporter, ResponseFlags, TrafficLabels};
+use crate::metrics::{ConnectionRecord, Reporter, ResponseFlags, TrafficLabels};
 use crate::socket;
+use crate::state::Workload;
+use crate::upgrade::handover::Direction;
 
 /// How a carried connection ended.
 enum Ended {
     /// The copy finished, cleanly or not.
-    Copied(std::io::Result<(u64, u64)>),
+    Copied(std::io::Result<()>),
     /// A policy change denied it.
     Closed(crate::authz::DenyReason),
+    /// Paused for the hand-over to a new process.
+    Paused,
+}
+
+/// A plaintext connection past its checks, for the pausable copy.
+struct Carried {
+    /// The client's socket.
+    stream: TcpStream,
+    /// The socket to the pod's app.
+    up: TcpStream,
+    peer: SocketAddr,
+    dst: SocketAddr,
+    start: Instant,
+    src_workload: Option<Arc<Workload>>,
+    workload: Arc<Workload>,
+    record: ConnectionRecord,
+    registration: Registration,
 }
 
 impl Proxy {
@@ -130,20 +157,196 @@ impl Proxy {
                 return refused(&stream, record, ResponseFlags::Connect, &e);
             }
         };
+        if self.inputs.handover.is_some() {
+            let carried = Carried {
+                stream,
+                up,
+                peer,
+                dst,
+                start,
+                src_workload,
+                workload,
+                record,
+                registration,
+            };
+            return self.carry_pausable(carried, Pausable::new()).await;
+        }
         let live = record.live_bytes();
         let mut up = Counted::facing(up, Side::Server, live.as_ref());
         let ended = tokio::select! {
-            res = tokio::io::copy_bidirectional(&mut stream, &mut up) => Ended::Copied(res),
+            res = tokio::io::copy_bidirectional(&mut stream, &mut up) => Ended::Copied(res.map(|_| ())),
             reason = registration.closed() => Ended::Closed(reason),
         };
         let (received, sent) = (up.written, up.read);
-        match ended {
-            Ended::Copied(res) => access.copied(record, received, sent, res),
-            Ended::Closed(reason) => {
-                socket::reset_on_close(&stream);
-                let error = format_args!("connection closed due to policy change: {reason}");
-                access.close(record, ResponseFlags::Deny, received, sent, Some(&error));
-            }
+        ended_as(ended, &access, record, &stream, received, sent);
+    }
+
+    /// Copies `c` with the pausable copy `copy` until it ends, a policy change closes it, or the process
+    /// hands it over (enlisted meanwhile, so the hand-over waits for it to pause).
+    async fn carry_pausable(&self, c: Carried, mut copy: Pausable) {
+        let Carried {
+            mut stream,
+            up,
+            peer,
+            dst,
+            start,
+            src_workload,
+            workload,
+            mut record,
+            mut registration,
+        } = c;
+        let _enlisted = self.enlist();
+        let mut pause = self.pause();
+        let live = record.live_bytes();
+        let mut up = Counted::facing(up, Side::Server, live.as_ref());
+        let ended = tokio::select! {
+            outcome = copy.run(&mut stream, &mut up, &mut pause) => match outcome {
+                Outcome::Done(res) => Ended::Copied(res),
+                Outcome::Paused => Ended::Paused,
+            },
+            reason = registration.closed() => Ended::Closed(reason),
+        };
+        let (received, sent) = (up.written, up.read);
+        if let Ended::Paused = ended {
+            drop(registration);
+            self.hand_over_plain(PausedPlain {
+                direction: Direction::Inbound,
+                app: up.into_inner(),
+                peer_socket: stream,
+                original_dst: dst,
+                peer,
+                state: copy.export(),
+                service: String::new(),
+                opened: start,
+            });
+            record.close(ResponseFlags::None, received, sent);
+            return;
         }
+        let access = Access {
+            reporter: Reporter::destination,
+            src: peer,
+            src_workload: src_workload.as_deref(),
+            dst,
+            hbone_addr: None,
+            dst_workload: Some(&workload),
+            start,
+            resumable: None,
+        };
+        ended_as(ended, &access, record, &stream, received, sent);
+    }
+
+    /// Takes over a plaintext connection the process this one replaces handed over (both its sockets):
+    /// checked as a new one is (registered, then the current policy: one it denies is closed, as a policy
+    /// change closes it), counted in a new record, then carried on by the pausable copy from the state the
+    /// old one exported. Its access line covers its whole life (`opened_ms`).
+    pub(super) fn adopt_plain_inbound(
+        self: Arc<Self>,
+        a: AdoptedPlain,
+    ) -> impl std::future::Future<Output = Result<(), String>> + Send + 'static {
+        // The checks live on the heap only while they run: the copy holds only what it needs.
+        let checking = Box::pin(self.clone().admit_adopted_plaintext(a));
+        async move {
+            if let Some((carried, copy)) = checking.await? {
+                self.carry_pausable(carried, copy).await;
+            }
+            Ok(())
+        }
+    }
+
+    /// [`Proxy::adopt_plain_inbound`]'s checks: the connection and its copy, or `None` when it was refused
+    /// (logged).
+    async fn admit_adopted_plaintext(
+        self: Arc<Self>,
+        a: AdoptedPlain,
+    ) -> Result<Option<(Carried, Pausable)>, String> {
+        let copy = a.copy;
+        let start = a.resume.opened();
+        let (peer, dst, stream) = (a.peer, a.original_dst, a.peer_socket);
+        let workload = self.local_workload().await.map_err(|e| e.to_string())?;
+        let network = &self.cfg().network;
+        let state = self.inputs.state.load();
+        let src_workload = state.workload_by_addr(network, peer.ip()).cloned();
+        let labels = TrafficLabels::new(
+            Reporter::destination,
+            src_workload.as_deref(),
+            None,
+            Some(&workload),
+            super::service_for(&state, &workload, dst.port()).as_deref(),
+        );
+        let record = self.metrics().open(labels);
+        let access = Access {
+            reporter: Reporter::destination,
+            src: peer,
+            src_workload: src_workload.as_deref(),
+            dst,
+            hbone_addr: None,
+            dst_workload: Some(&workload),
+            start,
+            resumable: None,
+        };
+        let registration = match self.conns.register(Tracked {
+            src: peer,
+            dst,
+            src_identity: None,
+            workload: workload.clone(),
+        }) {
+            Ok(r) => r,
+            Err(full) => {
+                socket::reset_on_close(&stream);
+                let e = format_args!("handed over, then refused here: {full}");
+                access.close(record, ResponseFlags::Connect, 0, 0, Some(&e));
+                return Ok(None);
+            }
+        };
+        let conn = Connection {
+            src: peer,
+            dst,
+            src_identity: None,
+            dst_network: network,
+        };
+        if let Decision::Deny(reason) =
+            state
+                .policies()
+                .check(&workload.namespace, &workload.authorization_policies, &conn)
+        {
+            socket::reset_on_close(&stream);
+            let e = format_args!("connection closed due to policy change: {reason}");
+            access.close(record, ResponseFlags::Deny, 0, 0, Some(&e));
+            return Ok(None);
+        }
+        drop(state);
+        let carried = Carried {
+            stream,
+            up: a.app,
+            peer,
+            dst,
+            start,
+            src_workload,
+            workload,
+            record,
+            registration,
+        };
+        Ok(Some((carried, copy)))
+    }
+}
+
+/// Logs how a carried connection ended (not paused) and closes its record: the copy's result, or a reset
+/// for a policy change.
+fn ended_as(
+    ended: Ended,
+    access: &Access<'_>,
+    record: ConnectionRecord,
+    stream: &TcpStream,
+    received: u64,
+    sent: u64,
+) {
+    match ended {
+        Ended::Copied(res) => access.copied(record, received, sent, res),
+        Ended::Closed(reason) => {
+            socket::reset_on_close(stream);
+            let error = format_args!("connection closed due to policy change: {reason}");
+            access.close(record, ResponseFlags::Deny, received, sent, Some(&error));
+        }
+        Ended::Paused => record.close(ResponseFlags::None, received, sent),
     }
 }

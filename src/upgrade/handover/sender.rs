@@ -6,7 +6,7 @@
 //! hand-over ends, well or not, is `kept`.
 
 use std::collections::VecDeque;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::path::Path;
 use std::time::Duration;
 
@@ -16,7 +16,8 @@ use crate::zds::packet::SeqpacketConn;
 
 use super::wire::{Body, End, Hello, Packer, Reason};
 use super::{
-    read_with_fds, unexpected, with_send_buffer, write, Error, Handed, SendReport, PROTOCOL_VERSION,
+    read_with_fds, unexpected, with_send_buffer, write, Error, Fds, Handed, SendReport,
+    OLDEST_VERSION, PROTOCOL_VERSION,
 };
 
 /// The receiver's messages are small (a hello, an ack, a reason of at most 512 bytes).
@@ -27,7 +28,7 @@ const CONNECT_RETRY: Duration = Duration::from_millis(10);
 
 /// The hand-over's state: what is still ours, and what was taken.
 struct Sending {
-    queue: VecDeque<(Handed, OwnedFd)>,
+    queue: VecDeque<(Handed, Fds)>,
     taken: Vec<u64>,
     packets: usize,
 }
@@ -35,7 +36,7 @@ struct Sending {
 /// [`super::send`], with its deadline as a parameter (tests shorten it).
 pub(super) async fn send(
     path: &Path,
-    conns: Vec<(Handed, OwnedFd)>,
+    conns: Vec<(Handed, Fds)>,
     io_timeout: Duration,
 ) -> SendReport {
     let connected = match conns.iter().try_for_each(|(handed, _)| handed.check()) {
@@ -56,7 +57,7 @@ pub(super) async fn send(
 /// Hands `conns` over on a connected socket.
 pub(super) async fn send_on(
     conn: SeqpacketConn,
-    conns: Vec<(Handed, OwnedFd)>,
+    conns: Vec<(Handed, Fds)>,
     io_timeout: Duration,
 ) -> SendReport {
     let mut sending = Sending {
@@ -77,8 +78,14 @@ async fn run(conn: SeqpacketConn, sending: &mut Sending, t: Duration) -> Result<
     for (handed, _) in &sending.queue {
         handed.check()?;
     }
+    // Version 1 when it is enough: an old receiver then takes the connections (see the module header).
+    let version = if sending.queue.iter().any(|(_, fds)| fds.peer.is_some()) {
+        PROTOCOL_VERSION
+    } else {
+        OLDEST_VERSION
+    };
     let hello = Hello {
-        version: PROTOCOL_VERSION,
+        version,
         connections: sending.queue.len() as u64,
     };
     write(
@@ -91,10 +98,10 @@ async fn run(conn: SeqpacketConn, sending: &mut Sending, t: Duration) -> Result<
     .await?;
     let mut buf = vec![0u8; REPLY_BUFFER];
     match read(&conn, &mut buf, t, "waiting for the receiver's hello").await? {
-        Body::Hello(h) if h.version == PROTOCOL_VERSION => {}
+        Body::Hello(h) if h.version == version => {}
         Body::Hello(h) => {
             return Err(Error::Version {
-                ours: PROTOCOL_VERSION,
+                ours: version,
                 theirs: h.version,
             })
         }
@@ -103,10 +110,14 @@ async fn run(conn: SeqpacketConn, sending: &mut Sending, t: Duration) -> Result<
     }
     let mut packer = Packer::default();
     while let Some(packed) = packer.next(&sending.queue) {
+        // Each connection's app fd, then its peer fd if it has one (the order the receiver assigns).
         let fds: Vec<BorrowedFd<'_>> = packed
             .fds
             .iter()
-            .map(|&i| sending.queue[i].1.as_fd())
+            .flat_map(|&i| {
+                let fds = &sending.queue[i].1;
+                std::iter::once(fds.app.as_fd()).chain(fds.peer.as_ref().map(AsFd::as_fd))
+            })
             .collect();
         // A failed or timed-out write sent nothing (a packet goes whole or not at all): no abort needed.
         write(&conn, packed.bytes, &fds, t, "sending a batch").await?;

@@ -86,11 +86,11 @@ fn tcp_pairs(n: usize) -> Vec<(TcpStream, OwnedFd)> {
 }
 
 /// Idle connections with ids 0..n: the app ends, and what the sender hands over.
-fn idle(n: usize) -> (Vec<TcpStream>, Vec<(Handed, OwnedFd)>) {
+fn idle(n: usize) -> (Vec<TcpStream>, Vec<(Handed, Fds)>) {
     tcp_pairs(n)
         .into_iter()
         .enumerate()
-        .map(|(i, (app, fd))| (app, (handed(i as u64), fd)))
+        .map(|(i, (app, fd))| (app, (handed(i as u64), fd.into())))
         .unzip()
 }
 
@@ -117,14 +117,14 @@ fn still_works(app: &mut TcpStream, proxy: BorrowedFd<'_>, id: u64) {
 }
 
 /// Every connection of `conns` still carries bytes both ways to its app end, `apps[id]`.
-fn all_still_work(apps: &mut [TcpStream], conns: &[(Handed, OwnedFd)]) {
+fn all_still_work(apps: &mut [TcpStream], conns: &[(Handed, Fds)]) {
     for (handed, fd) in conns {
         still_works(&mut apps[handed.id as usize], fd.as_fd(), handed.id);
     }
 }
 
 /// Sends `conns` to a [`Receiver`] in the same process over a real unix socket.
-fn hand_over(conns: Vec<(Handed, OwnedFd)>) -> (SendReport, Received) {
+fn hand_over(conns: Vec<(Handed, Fds)>) -> (SendReport, Received) {
     runtime().block_on(async {
         let (_dir, path) = socket_path();
         let receiver = Receiver::bind(&path).unwrap();
@@ -132,7 +132,7 @@ fn hand_over(conns: Vec<(Handed, OwnedFd)>) -> (SendReport, Received) {
     })
 }
 
-fn ids(conns: &[(Handed, OwnedFd)]) -> Vec<u64> {
+fn ids(conns: &[(Handed, Fds)]) -> Vec<u64> {
     conns.iter().map(|(h, _)| h.id).collect()
 }
 
@@ -184,16 +184,13 @@ fn batch(seq: u64, records: Vec<Record>) -> Body {
 
 /// A receiver written with the protocol's pieces that acknowledges the first `acks` batches and then
 /// closes the socket on the next one (as if killed). Returns what it took.
-async fn receiver_that_dies_after(
-    listener: SeqpacketListener,
-    acks: usize,
-) -> Vec<(Handed, OwnedFd)> {
+async fn receiver_that_dies_after(listener: SeqpacketListener, acks: usize) -> Vec<(Handed, Fds)> {
     let conn = accept(&listener).await;
     let Body::Hello(h) = get(&conn).await.0 else {
         panic!("hello first")
     };
-    put(&conn, hello(PROTOCOL_VERSION, 0), &[]).await;
-    let mut assembler = Assembler::new(h.connections).unwrap();
+    put(&conn, hello(h.version, 0), &[]).await;
+    let mut assembler = Assembler::new(h.connections, h.version).unwrap();
     let mut taken = Vec::new();
     for _ in 0..acks {
         let (Body::Batch(b), fds) = get(&conn).await else {
@@ -260,7 +257,7 @@ fn handed_over_connections_carry_on_with_every_byte_exactly_once() {
             resume: bytes(id * 10 + 5, resume),
             ..handed(id)
         };
-        conns.push((record, OwnedFd::from(old)));
+        conns.push((record, OwnedFd::from(old).into()));
         apps.push(app);
     }
     let sent: Vec<Handed> = conns.iter().map(|(h, _)| h.clone()).collect();
@@ -298,7 +295,7 @@ fn handed_over_connections_carry_on_with_every_byte_exactly_once() {
                 );
             });
             s.spawn(move || {
-                let new = TcpStream::from(fd);
+                let new = TcpStream::from(fd.app);
                 new.set_read_timeout(Some(T)).unwrap();
                 let mut rest = Vec::new();
                 std::thread::scope(|inner| {
@@ -361,7 +358,7 @@ fn sender_given_ack(ack: Option<Ack>, t: Duration) -> SendReport {
         let receiver = async {
             let conn = accept(&listener).await;
             get(&conn).await;
-            put(&conn, hello(PROTOCOL_VERSION, 0), &[]).await;
+            put(&conn, hello(OLDEST_VERSION, 0), &[]).await;
             let (Body::Batch(b), fds) = get(&conn).await else {
                 panic!("a batch")
             };
@@ -499,7 +496,7 @@ fn a_receiver_of_another_version_is_refused_and_the_sender_keeps_everything() {
         tokio::join!(send(&path, conns), newer).0
     });
     assert!(
-        matches!(report.error, Some(Error::Version { ours: 1, theirs: 2 })),
+        matches!(report.error, Some(Error::Version { ours: 1, theirs: 3 })),
         "{:?}",
         report.error
     );
@@ -523,14 +520,20 @@ fn a_sender_of_another_version_is_refused_by_the_receiver() {
         matches!(
             received.error,
             Some(Error::Version {
-                ours: 1,
+                ours: PROTOCOL_VERSION,
                 theirs: 99
             })
         ),
         "{:?}",
         received.error
     );
-    assert!(matches!(answers.0, Body::Hello(Hello { version: 1, .. })));
+    assert!(matches!(
+        answers.0,
+        Body::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            ..
+        })
+    ));
     assert!(matches!(answers.1, Body::Refuse(_)));
 }
 
@@ -741,7 +744,7 @@ fn packets_stay_within_253_fds_and_the_size_bound_and_reassemble_exactly() {
     // 600 idle connections, then five at every bound, then 10 idle: the packer's cuts, checked by the
     // receiver's assembler without any socket.
     let file = std::fs::File::open("/dev/null").unwrap();
-    let mut queue: VecDeque<(Handed, OwnedFd)> = VecDeque::new();
+    let mut queue: VecDeque<(Handed, Fds)> = VecDeque::new();
     for id in 0..615u64 {
         let mut h = handed(id);
         if (600..605).contains(&id) {
@@ -751,11 +754,11 @@ fn packets_stay_within_253_fds_and_the_size_bound_and_reassemble_exactly() {
             h.to_peer = bytes(id + 1000, MAX_BUFFERED);
             h.resume = bytes(id + 2000, MAX_RESUME);
         }
-        queue.push_back((h, OwnedFd::from(file.try_clone().unwrap())));
+        queue.push_back((h, OwnedFd::from(file.try_clone().unwrap()).into()));
     }
     let want: Vec<Handed> = queue.iter().map(|(h, _)| h.clone()).collect();
     let mut packer = Packer::default();
-    let mut assembler = Assembler::new(queue.len() as u64).unwrap();
+    let mut assembler = Assembler::new(queue.len() as u64, PROTOCOL_VERSION).unwrap();
     let mut got = Vec::new();
     let mut packets = 0;
     while let Some(packed) = packer.next(&queue) {
@@ -772,7 +775,7 @@ fn packets_stay_within_253_fds_and_the_size_bound_and_reassemble_exactly() {
         let fds = packed
             .fds
             .iter()
-            .map(|&i| queue[i].1.try_clone().unwrap())
+            .map(|&i| queue[i].1.app.try_clone().unwrap())
             .collect();
         let done = assembler.apply(b, fds).unwrap();
         assert_eq!(done.len(), packed.completed);
@@ -793,8 +796,8 @@ fn packets_stay_within_253_fds_and_the_size_bound_and_reassemble_exactly() {
 
 #[test]
 fn a_hand_over_announcing_more_than_the_connection_bound_is_refused() {
-    assert!(Assembler::new(MAX_CONNECTIONS).is_ok());
-    let err = Assembler::new(MAX_CONNECTIONS + 1).unwrap_err();
+    assert!(Assembler::new(MAX_CONNECTIONS, PROTOCOL_VERSION).is_ok());
+    let err = Assembler::new(MAX_CONNECTIONS + 1, PROTOCOL_VERSION).unwrap_err();
     assert!(
         matches!(
             err,
@@ -924,7 +927,7 @@ fn batches_out_of_order_or_with_bad_records_are_refused_as_malformed() {
         ),
     ];
     for (announced, batches, end, want) in cases {
-        let mut assembler = Assembler::new(announced).unwrap();
+        let mut assembler = Assembler::new(announced, PROTOCOL_VERSION).unwrap();
         let steps = batches.len();
         let mut last = Ok(());
         for (step, batch) in batches.into_iter().enumerate() {
@@ -1004,7 +1007,7 @@ fn alone_ten_thousand_connections() {
                 proxy.set_nonblocking(false).unwrap();
                 // The app end's port: unique among these connections, and what the app end sends first.
                 let id = u64::from(peer_addr.port());
-                conns.push((handed(id), OwnedFd::from(proxy)));
+                conns.push((handed(id), OwnedFd::from(proxy).into()));
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 if let Some(status) = peer.try_wait().unwrap() {
@@ -1046,7 +1049,7 @@ fn alone_ten_thousand_connections() {
     // Each socket still works: what the app end wrote before the hand-over (its port) is read here, once,
     // and the answer reaches it.
     for (handed, fd) in received.conns {
-        let mut proxy = TcpStream::from(fd);
+        let mut proxy = TcpStream::from(fd.app);
         proxy.set_read_timeout(Some(T)).unwrap();
         assert_eq!(u64::from(proxy.peer_addr().unwrap().port()), handed.id);
         let mut got = [0u8; 8];
