@@ -258,3 +258,5 @@ impl Pausable {
     }
 }
 
+#[cfg(test)]
+mod tests;
