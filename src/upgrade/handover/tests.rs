@@ -1140,3 +1140,217 @@ fn alone_receiver_out_of_fd_numbers() {
     assert_eq!(ids(&report.kept), (0..N as u64).collect::<Vec<_>>());
     all_still_work(&mut apps, &report.kept);
 }
+
+/// Idle plain connections with ids 0..n, each with two sockets (an app pair and a peer pair): the app ends,
+/// the peer ends, and what the sender hands over.
+fn idle_plain(n: usize) -> (Vec<TcpStream>, Vec<TcpStream>, Vec<(Handed, Fds)>) {
+    let (mut apps, mut peers, mut conns) = (Vec::new(), Vec::new(), Vec::new());
+    for (i, ((app, app_fd), (peer, peer_fd))) in
+        tcp_pairs(n).into_iter().zip(tcp_pairs(n)).enumerate()
+    {
+        let h = Handed {
+            peer_identity: String::new(),
+            to_app: bytes(i as u64, 100 + i),
+            to_peer: bytes(i as u64 + 1000, 200 + i),
+            ..handed(i as u64)
+        };
+        let fds = Fds {
+            app: app_fd,
+            peer: Some(peer_fd),
+        };
+        apps.push(app);
+        peers.push(peer);
+        conns.push((h, fds));
+    }
+    (apps, peers, conns)
+}
+
+#[test]
+fn plain_connections_arrive_with_both_their_sockets_beside_resumable_ones() {
+    // Ids 0..4 plain (two fds), 4..7 resumable (one): mixed in one hand-over, in the given order.
+    let (mut apps, mut peers, mut conns) = idle_plain(4);
+    let (more_apps, more) = idle(7);
+    apps.extend(more_apps.into_iter().skip(4));
+    conns.extend(more.into_iter().skip(4));
+    let sent: Vec<Handed> = conns.iter().map(|(h, _)| h.clone()).collect();
+    let (report, received) = hand_over(conns);
+    assert!(report.error.is_none(), "sender: {:?}", report.error);
+    assert!(received.error.is_none(), "receiver: {:?}", received.error);
+    assert_eq!(report.taken, (0..7).collect::<Vec<_>>());
+    assert!(report.kept.is_empty());
+    let got: Vec<Handed> = received.conns.iter().map(|(h, _)| h.clone()).collect();
+    assert_eq!(got, sent, "records arrive intact");
+    for (handed, fds) in &received.conns {
+        let id = handed.id;
+        still_works(&mut apps[id as usize], fds.app.as_fd(), id);
+        match (&fds.peer, id < 4) {
+            // The second fd is the peer's socket, not the app's again.
+            (Some(peer), true) => still_works(&mut peers[id as usize], peer.as_fd(), id),
+            (None, false) => {}
+            (peer, _) => panic!("connection {id}: peer socket {peer:?}"),
+        }
+    }
+}
+
+#[test]
+fn a_batch_whose_fds_do_not_match_its_plain_records_is_refused() {
+    let (_apps, _peers, conns) = idle_plain(2);
+    let plain = |id| Record {
+        peer_socket: true,
+        ..first(id, false, vec![])
+    };
+    // Two plain connections call for four fds; three came.
+    let fds = [
+        conns[0].1.app.as_fd(),
+        conns[0].1.peer.as_ref().unwrap().as_fd(),
+        conns[1].1.app.as_fd(),
+    ];
+    let records = vec![plain(0), plain(1)];
+    let (received, answer) = receiver_given(2, batch(0, records).into_packet(), &fds);
+    assert!(
+        matches!(
+            received.error,
+            Some(Error::FdCount {
+                expected: 4,
+                got: 3
+            })
+        ),
+        "{:?}",
+        received.error
+    );
+    assert!(received.conns.is_empty());
+    assert!(matches!(answer, Body::Refuse(_)));
+
+    // A version 1 sender cannot send a second fd: refused as malformed, not taken with one.
+    let (received, answer) = runtime().block_on(async {
+        let (_dir, path) = socket_path();
+        let receiver = Receiver::bind(&path).unwrap();
+        let old = async {
+            let conn = connect(&path).await;
+            put(&conn, hello(OLDEST_VERSION, 1), &[]).await;
+            let Body::Hello(h) = get(&conn).await.0 else {
+                panic!("hello")
+            };
+            assert_eq!(
+                h.version, OLDEST_VERSION,
+                "the receiver answers in the sender's version"
+            );
+            put(&conn, batch(0, vec![plain(0)]), &fds[..2]).await;
+            get(&conn).await.0
+        };
+        tokio::join!(receiver.accept_all(), old)
+    });
+    assert!(
+        matches!(&received.error, Some(Error::Malformed(m)) if m.contains("second fd")),
+        "{:?}",
+        received.error
+    );
+    assert!(received.conns.is_empty());
+    assert!(matches!(answer, Body::Refuse(_)));
+}
+
+/// A receiver of version 1 (as the previous build): answers hello with 1 and refuses any other version.
+/// Returns the version the sender said.
+async fn old_receiver(listener: SeqpacketListener) -> u32 {
+    let conn = accept(&listener).await;
+    let Body::Hello(h) = get(&conn).await.0 else {
+        panic!("hello first")
+    };
+    put(&conn, hello(OLDEST_VERSION, 0), &[]).await;
+    if h.version == OLDEST_VERSION {
+        // Takes nothing further here: the test only looks at what the sender says.
+        let _ = read_with_fds(&conn, &mut vec![0u8; MAX_PACKET], T, "test").await;
+    }
+    h.version
+}
+
+#[test]
+fn a_sender_says_version_2_only_with_a_plain_connection_and_an_old_receiver_takes_none_of_it() {
+    let (mut apps, mut peers, conns) = idle_plain(2);
+    let (said, report) = runtime().block_on(async {
+        let (_dir, path) = socket_path();
+        let listener = packet::bind(&path).unwrap();
+        let (report, said) = tokio::join!(send(&path, conns), old_receiver(listener));
+        (said, report)
+    });
+    assert_eq!(said, PROTOCOL_VERSION);
+    assert!(
+        matches!(report.error, Some(Error::Version { ours: 2, theirs: 1 })),
+        "{:?}",
+        report.error
+    );
+    assert_eq!((report.packets, ids(&report.kept)), (0, vec![0, 1]));
+    for (handed, fds) in &report.kept {
+        let id = handed.id as usize;
+        still_works(&mut apps[id], fds.app.as_fd(), handed.id);
+        still_works(
+            &mut peers[id],
+            fds.peer.as_ref().unwrap().as_fd(),
+            handed.id,
+        );
+    }
+
+    // Resumable connections alone: version 1, which an old receiver speaks.
+    let (_apps, conns) = idle(1);
+    let said = runtime().block_on(async {
+        let (_dir, path) = socket_path();
+        let listener = packet::bind(&path).unwrap();
+        let sending = async {
+            // The old receiver stops after the hello: this sender's batch goes unanswered.
+            sender::send(&path, conns, Duration::from_millis(200)).await
+        };
+        tokio::join!(sending, old_receiver(listener)).1
+    });
+    assert_eq!(said, OLDEST_VERSION);
+}
+
+#[test]
+fn pairs_of_fds_pack_within_253_per_packet_never_split_and_arrive_in_order() {
+    // 300 connections, every other one plain: the app fd is /dev/null, the peer fd /dev/zero, so the
+    // receiver's assignment of fds to connections can be checked.
+    let null = std::fs::File::open("/dev/null").unwrap();
+    let zero = std::fs::File::open("/dev/zero").unwrap();
+    let rdev = |fd: BorrowedFd<'_>| nix::sys::stat::fstat(fd).unwrap().st_rdev;
+    let (null_dev, zero_dev) = (rdev(null.as_fd()), rdev(zero.as_fd()));
+    let mut queue: VecDeque<(Handed, Fds)> = VecDeque::new();
+    for id in 0..300u64 {
+        let peer = (id % 2 == 0).then(|| OwnedFd::from(zero.try_clone().unwrap()));
+        let app = OwnedFd::from(null.try_clone().unwrap());
+        queue.push_back((handed(id), Fds { app, peer }));
+    }
+    let want: Vec<Handed> = queue.iter().map(|(h, _)| h.clone()).collect();
+    let mut packer = Packer::default();
+    let mut assembler = Assembler::new(queue.len() as u64, PROTOCOL_VERSION).unwrap();
+    let (mut got, mut fd_counts) = (Vec::new(), Vec::new());
+    while let Some(packed) = packer.next(&queue) {
+        let Some(Body::Batch(b)) = Packet::decode(&packed.bytes[..]).unwrap().body else {
+            panic!("a batch")
+        };
+        let fds: Vec<OwnedFd> = packed
+            .fds
+            .iter()
+            .flat_map(|&i| {
+                let f = &queue[i].1;
+                std::iter::once(f.app.try_clone().unwrap())
+                    .chain(f.peer.as_ref().map(|p| p.try_clone().unwrap()))
+            })
+            .collect();
+        assert!(fds.len() <= MAX_FDS_PER_PACKET, "{} fds", fds.len());
+        fd_counts.push(fds.len());
+        let done = assembler.apply(b, fds).unwrap();
+        assert_eq!(done.len(), packed.completed);
+        for (h, f) in &done {
+            assert_eq!(rdev(f.app.as_fd()), null_dev, "connection {}: app fd", h.id);
+            let peer = f.peer.as_ref().map(|p| rdev(p.as_fd()));
+            let expected = (h.id % 2 == 0).then_some(zero_dev);
+            assert_eq!(peer, expected, "connection {}: peer fd", h.id);
+        }
+        got.extend(done.into_iter().map(|(h, _)| h));
+        queue.drain(..packed.completed);
+        packer.taken(packed.completed);
+    }
+    assembler.finish().unwrap();
+    assert_eq!(got, want);
+    // 450 fds: 253 would split a pair (168 connections, the 169th plain, make 252 + 2), so 252, then 198.
+    assert_eq!(fd_counts, [252, 198]);
+}
