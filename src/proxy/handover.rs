@@ -666,4 +666,76 @@ mod tests {
         };
         assert!(e.starts_with("resume state"), "{e}");
     }
+
+    #[test]
+    fn a_plain_state_maps_to_the_copy_by_direction_and_a_bad_one_is_refused() {
+        let handed = |direction, plain: Option<PlainState>| Handed {
+            id: 0,
+            pod: "uid".into(),
+            direction,
+            original_dst: "10.0.0.1:8080".parse().unwrap(),
+            peer: "10.0.0.2:40000".parse().unwrap(),
+            peer_identity: String::new(),
+            to_app: b"for the app".to_vec(),
+            to_peer: b"for the peer".to_vec(),
+            resume: Resume {
+                plain,
+                ..Resume::default()
+            }
+            .encode_to_vec(),
+        };
+        let fd = || OwnedFd::from(std::net::UdpSocket::bind("127.0.0.1:0").unwrap());
+        let half_closed = PlainState {
+            initiator_eof: true,
+            server_shut: false,
+            server_eof: false,
+            initiator_shut: false,
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _entered = rt.enter();
+        // Outbound the app is the initiator: its bytes are the server's (the peer's) to receive.
+        for (direction, to_server, to_initiator) in [
+            (
+                Direction::Outbound,
+                &b"for the peer"[..],
+                &b"for the app"[..],
+            ),
+            (
+                Direction::Inbound,
+                &b"for the app"[..],
+                &b"for the peer"[..],
+            ),
+        ] {
+            let Ok(a) = AdoptedPlain::decode(handed(direction, Some(half_closed)), fd(), fd())
+            else {
+                panic!("{direction:?} refused");
+            };
+            let state = a.copy.export();
+            assert_eq!(state.to_server.pending, to_server, "{direction:?}");
+            assert_eq!(state.to_initiator.pending, to_initiator, "{direction:?}");
+            assert!(
+                state.to_server.eof && !state.to_server.shut,
+                "{direction:?}"
+            );
+            assert!(!state.to_initiator.eof, "{direction:?}");
+        }
+        let Err(e) = AdoptedPlain::decode(handed(Direction::Outbound, None), fd(), fd()) else {
+            panic!("accepted without a half-close state");
+        };
+        assert!(e.contains("no half-close state"), "{e}");
+        // An EOF passed on with bytes still waiting before it: no copy exports that.
+        let impossible = PlainState {
+            server_shut: true,
+            ..half_closed
+        };
+        let Err(e) =
+            AdoptedPlain::decode(handed(Direction::Outbound, Some(impossible)), fd(), fd())
+        else {
+            panic!("accepted an impossible state");
+        };
+        assert!(e.contains("impossible"), "{e}");
+    }
 }
