@@ -17,6 +17,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
+use futures_util::future::Either;
 use tokio::net::TcpStream;
 
 use super::access::{self, Access};
@@ -40,17 +41,37 @@ enum Ended {
     Paused,
 }
 
-/// A plaintext connection past its checks, for the pausable copy.
-struct Carried {
-    /// The client's socket.
-    stream: TcpStream,
-    /// The socket to the pod's app.
-    up: TcpStream,
+/// Who and where a plaintext connection is between, for its access line.
+struct Ends {
     peer: SocketAddr,
     dst: SocketAddr,
     start: Instant,
     src_workload: Option<Arc<Workload>>,
     workload: Arc<Workload>,
+}
+
+impl Ends {
+    fn access(&self) -> Access<'_> {
+        Access {
+            reporter: Reporter::destination,
+            src: self.peer,
+            src_workload: self.src_workload.as_deref(),
+            dst: self.dst,
+            hbone_addr: None,
+            dst_workload: Some(&self.workload),
+            start: self.start,
+            resumable: None,
+        }
+    }
+}
+
+/// A plaintext connection past its checks, for the copy.
+struct Carried {
+    /// The client's socket.
+    stream: TcpStream,
+    /// The socket to the pod's app.
+    up: TcpStream,
+    ends: Ends,
     record: ConnectionRecord,
     registration: Registration,
 }
@@ -69,12 +90,37 @@ impl Proxy {
 
     /// Carries plaintext `stream` from `peer` to `dst` (its original destination) if authorization allows.
     /// Public so that embedders and tests can hand over connections they captured some other way.
-    pub async fn inbound_plaintext_to(
+    ///
+    /// The set-up (checks, the connection to the app) is a boxed future that lives on the heap only while
+    /// it runs; the copy holds only what it needs (as outbound's `carry`).
+    pub fn inbound_plaintext_to(
         self: Arc<Self>,
-        mut stream: TcpStream,
+        stream: TcpStream,
         peer: SocketAddr,
         dst: SocketAddr,
-    ) {
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let opening = Box::pin(self.clone().open_plaintext(stream, peer, dst));
+        async move {
+            // Built in a statement of its own, so the set-up's result is not held while copying.
+            let copying = match opening.await {
+                Some(c) if self.inputs.handover.is_some() => {
+                    Either::Left(self.carry_pausable(c, Pausable::new()))
+                }
+                Some(c) => Either::Right(self.carry_plaintext(c)),
+                None => return,
+            };
+            copying.await;
+        }
+    }
+
+    /// [`Proxy::inbound_plaintext_to`]'s set-up: the checks and the connection to the app; `None` when it
+    /// was refused (reset, logged).
+    async fn open_plaintext(
+        self: Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        dst: SocketAddr,
+    ) -> Option<Carried> {
         let start = Instant::now();
         // A reset, not a clean close: the client learns at once that it was refused.
         let early = |stream: &TcpStream, e: &Error| {
@@ -82,11 +128,15 @@ impl Proxy {
             access::failed(Reporter::destination, peer, Some(dst), e);
         };
         if self.cfg().ports.illegal().contains(&dst.port()) {
-            return early(&stream, &Error::SelfCall(dst));
+            early(&stream, &Error::SelfCall(dst));
+            return None;
         }
         let workload = match self.local_workload().await {
             Ok(w) => w,
-            Err(e) => return early(&stream, &e),
+            Err(e) => {
+                early(&stream, &e);
+                return None;
+            }
         };
         let network = &self.cfg().network;
         let state = self.inputs.state.load();
@@ -98,23 +148,22 @@ impl Proxy {
             Some(&workload),
             super::service_for(&state, &workload, dst.port()).as_deref(),
         );
-        let mut record = self.metrics().open(labels);
-        let access = Access {
-            reporter: Reporter::destination,
-            src: peer,
-            src_workload: src_workload.as_deref(),
+        let record = self.metrics().open(labels);
+        let ends = Ends {
+            peer,
             dst,
-            hbone_addr: None,
-            dst_workload: Some(&workload),
             start,
-            resumable: None,
+            src_workload,
+            workload,
         };
+        let workload = &ends.workload;
+        let access = ends.access();
         let refused = |stream: &TcpStream, record, flags, e: &Error| {
             socket::reset_on_close(stream);
             access.close(record, flags, 0, 0, Some(e));
         };
         // Registered before the check, so a policy change between the two is never missed.
-        let mut registration = match self.conns.register(Tracked {
+        let registration = match self.conns.register(Tracked {
             src: peer,
             dst,
             src_identity: None,
@@ -123,7 +172,8 @@ impl Proxy {
             Ok(r) => r,
             Err(full) => {
                 let e = Error::Io(std::io::Error::other(full));
-                return refused(&stream, record, ResponseFlags::Connect, &e);
+                refused(&stream, record, ResponseFlags::Connect, &e);
+                return None;
             }
         };
         let state = self.inputs.state.load();
@@ -138,7 +188,8 @@ impl Proxy {
                 .policies()
                 .check(&workload.namespace, &workload.authorization_policies, &conn)
         {
-            return refused(&stream, record, ResponseFlags::Deny, &Error::Denied(reason));
+            refused(&stream, record, ResponseFlags::Deny, &Error::Denied(reason));
+            return None;
         }
         let src_ip: Option<IpAddr> = self.inputs.orig_src.then_some(peer.ip());
         let up = match socket::connect(
@@ -154,85 +205,88 @@ impl Proxy {
             Ok(up) => up,
             Err(source) => {
                 let e = Error::Connect { dst, source };
-                return refused(&stream, record, ResponseFlags::Connect, &e);
+                refused(&stream, record, ResponseFlags::Connect, &e);
+                return None;
             }
         };
-        if self.inputs.handover.is_some() {
-            let carried = Carried {
-                stream,
-                up,
-                peer,
-                dst,
-                start,
-                src_workload,
-                workload,
-                record,
-                registration,
-            };
-            return self.carry_pausable(carried, Pausable::new()).await;
-        }
-        let live = record.live_bytes();
-        let mut up = Counted::facing(up, Side::Server, live.as_ref());
-        let ended = tokio::select! {
-            res = tokio::io::copy_bidirectional(&mut stream, &mut up) => Ended::Copied(res.map(|_| ())),
-            reason = registration.closed() => Ended::Closed(reason),
-        };
-        let (received, sent) = (up.written, up.read);
-        ended_as(ended, &access, record, &stream, received, sent);
+        Some(Carried {
+            stream,
+            up,
+            ends,
+            record,
+            registration,
+        })
     }
 
-    /// Copies `c` with the pausable copy `copy` until it ends, a policy change closes it, or the process
-    /// hands it over (enlisted meanwhile, so the hand-over waits for it to pause).
-    async fn carry_pausable(&self, c: Carried, mut copy: Pausable) {
+    /// Copies `c` with `copy_bidirectional` until it ends or a policy change closes it (no hand-over).
+    /// Taken apart before the future, so the future holds each part once.
+    fn carry_plaintext(&self, c: Carried) -> impl std::future::Future<Output = ()> + Send + '_ {
         let Carried {
             mut stream,
             up,
-            peer,
-            dst,
-            start,
-            src_workload,
-            workload,
+            ends,
             mut record,
             mut registration,
         } = c;
-        let _enlisted = self.enlist();
-        let mut pause = self.pause();
-        let live = record.live_bytes();
-        let mut up = Counted::facing(up, Side::Server, live.as_ref());
-        let ended = tokio::select! {
-            outcome = copy.run(&mut stream, &mut up, &mut pause) => match outcome {
-                Outcome::Done(res) => Ended::Copied(res),
-                Outcome::Paused => Ended::Paused,
-            },
-            reason = registration.closed() => Ended::Closed(reason),
-        };
-        let (received, sent) = (up.written, up.read);
-        if let Ended::Paused = ended {
-            drop(registration);
-            self.hand_over_plain(PausedPlain {
-                direction: Direction::Inbound,
-                app: up.into_inner(),
-                peer_socket: stream,
-                original_dst: dst,
-                peer,
-                state: copy.export(),
-                service: String::new(),
-                opened: start,
-            });
-            record.close(ResponseFlags::None, received, sent);
-            return;
+        async move {
+            let live = record.live_bytes();
+            let mut up = Counted::facing(up, Side::Server, live.as_ref());
+            let ended = tokio::select! {
+                res = tokio::io::copy_bidirectional(&mut stream, &mut up) => Ended::Copied(res.map(|_| ())),
+                reason = registration.closed() => Ended::Closed(reason),
+            };
+            let (received, sent) = (up.written, up.read);
+            ended_as(ended, &ends.access(), record, &stream, received, sent);
         }
-        let access = Access {
-            reporter: Reporter::destination,
-            src: peer,
-            src_workload: src_workload.as_deref(),
-            dst,
-            hbone_addr: None,
-            dst_workload: Some(&workload),
-            start,
-            resumable: None,
-        };
-        ended_as(ended, &access, record, &stream, received, sent);
+    }
+
+    /// Copies `c` with the pausable copy `copy` until it ends, a policy change closes it, or the process
+    /// hands it over (enlisted meanwhile, so the hand-over waits for it to pause). Taken apart before the
+    /// future, as [`Proxy::carry_plaintext`].
+    fn carry_pausable(
+        &self,
+        c: Carried,
+        mut copy: Pausable,
+    ) -> impl std::future::Future<Output = ()> + Send + '_ {
+        let Carried {
+            mut stream,
+            up,
+            ends,
+            mut record,
+            mut registration,
+        } = c;
+        let enlisted = self.enlist();
+        let mut pause = self.pause();
+        async move {
+            let live = record.live_bytes();
+            let mut up = Counted::facing(up, Side::Server, live.as_ref());
+            let ended = tokio::select! {
+                outcome = copy.run(&mut stream, &mut up, &mut pause) => match outcome {
+                    Outcome::Done(res) => Ended::Copied(res),
+                    Outcome::Paused => Ended::Paused,
+                },
+                reason = registration.closed() => Ended::Closed(reason),
+            };
+            let (received, sent) = (up.written, up.read);
+            if let Ended::Paused = ended {
+                drop(registration);
+                self.hand_over_plain(PausedPlain {
+                    direction: Direction::Inbound,
+                    app: up.into_inner(),
+                    peer_socket: stream,
+                    original_dst: ends.dst,
+                    peer: ends.peer,
+                    state: copy.export(),
+                    service: String::new(),
+                    opened: ends.start,
+                });
+                record.close(ResponseFlags::None, received, sent);
+            } else {
+                ended_as(ended, &ends.access(), record, &stream, received, sent);
+            }
+            // Counted until handed over or closed.
+            drop(enlisted);
+        }
     }
 
     /// Takes over a plaintext connection the process this one replaces handed over (both its sockets):
@@ -246,9 +300,12 @@ impl Proxy {
         // The checks live on the heap only while they run: the copy holds only what it needs.
         let checking = Box::pin(self.clone().admit_adopted_plaintext(a));
         async move {
-            if let Some((carried, copy)) = checking.await? {
-                self.carry_pausable(carried, copy).await;
-            }
+            // Built in a statement of its own, so the checks' result is not held while copying.
+            let copying = match checking.await? {
+                Some((carried, copy)) => self.carry_pausable(carried, copy),
+                None => return Ok(()),
+            };
+            copying.await;
             Ok(())
         }
     }
@@ -274,16 +331,15 @@ impl Proxy {
             super::service_for(&state, &workload, dst.port()).as_deref(),
         );
         let record = self.metrics().open(labels);
-        let access = Access {
-            reporter: Reporter::destination,
-            src: peer,
-            src_workload: src_workload.as_deref(),
+        let ends = Ends {
+            peer,
             dst,
-            hbone_addr: None,
-            dst_workload: Some(&workload),
             start,
-            resumable: None,
+            src_workload,
+            workload,
         };
+        let workload = &ends.workload;
+        let access = ends.access();
         let registration = match self.conns.register(Tracked {
             src: peer,
             dst,
@@ -318,11 +374,7 @@ impl Proxy {
         let carried = Carried {
             stream,
             up: a.app,
-            peer,
-            dst,
-            start,
-            src_workload,
-            workload,
+            ends,
             record,
             registration,
         };
