@@ -15,10 +15,10 @@
 //! one would keep waking the old process. Receiver: the path.
 //!
 //! **Outputs.** [`send`] returns a [`SendReport`]: the ids taken, and every connection *not* taken with
-//! its fd (`kept`), on success and on error alike. [`Receiver::accept_all`] returns a [`Received`]: the
-//! connections taken, on success and on error alike. Each fd arrives close-on-exec and is the same open
-//! file the sender had (O_NONBLOCK and socket options come with it); the receiver registers it wherever it
-//! likes.
+//! its fds (`kept`), on success and on error alike. [`Receiver::accept_all`] returns a [`Received`]: the
+//! connections taken (a plain one with its second fd), on success and on error alike. Each fd arrives
+//! close-on-exec and is the same open file the sender had (O_NONBLOCK, socket options and a shut-down
+//! write side come with it); the receiver registers it wherever it likes.
 //!
 //! **Conversation** (`S` = sender/old, `R` = receiver/new; one protobuf `Packet` per packet, see `wire`):
 //!
