@@ -55,8 +55,9 @@
 //! (it refuses the whole batch as [`Error::FdCount`], every resumable connection in it with it). So the
 //! sender says version 1 when no connection carries a second fd (the conversation is then byte for byte
 //! version 1's, so a rollback to an old receiver still takes resumable connections) and version 2 when
-//! one does; an old receiver refuses version 2 at the hello, before any fd moves, and the sender keeps
-//! everything (nothing is taken with one fd of two). The receiver accepts both versions and answers with
+//! one does; an old receiver refuses version 2 at the hello, before any fd moves (nothing is taken with
+//! one fd of two). The sender then connects again and hands over, at version 1, the connections with one
+//! fd; the plain ones it keeps (a rollback to an old build hands over what that build understands). The receiver accepts both versions and answers with
 //! the sender's, so an old sender (version 1, which refuses any other answer) hands over to a new
 //! receiver as before; a version 1 conversation whose record says `peer_socket` is refused as malformed.
 //!
@@ -270,6 +271,8 @@ pub async fn send(path: &Path, conns: Vec<(Handed, Fds)>) -> SendReport {
 #[derive(Debug)]
 pub struct Sender {
     conn: SeqpacketConn,
+    /// For a second attempt at version 1 (see the module header).
+    path: std::path::PathBuf,
 }
 
 impl Sender {
@@ -277,12 +280,13 @@ impl Sender {
     pub async fn connect(path: &Path) -> Result<Sender, Error> {
         Ok(Sender {
             conn: sender::connect(path, IO_TIMEOUT).await?,
+            path: path.to_path_buf(),
         })
     }
 
     /// Hands `conns` over, as [`send`] does.
     pub async fn send(self, conns: Vec<(Handed, Fds)>) -> SendReport {
-        sender::send_on(self.conn, conns, IO_TIMEOUT).await
+        sender::send_on(self.conn, &self.path, conns, IO_TIMEOUT).await
     }
 }
 

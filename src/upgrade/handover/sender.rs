@@ -44,7 +44,7 @@ pub(super) async fn send(
         Err(e) => Err(e),
     };
     match connected {
-        Ok(conn) => send_on(conn, conns, io_timeout).await,
+        Ok(conn) => send_on(conn, path, conns, io_timeout).await,
         Err(e) => SendReport {
             taken: Vec::new(),
             kept: conns,
@@ -54,8 +54,73 @@ pub(super) async fn send(
     }
 }
 
-/// Hands `conns` over on a connected socket.
+/// Hands `conns` over on a connected socket; if the receiver at `path` turns out to speak version 1 only,
+/// hands it the connections with one fd on a second connection and keeps the plain ones.
 pub(super) async fn send_on(
+    conn: SeqpacketConn,
+    path: &Path,
+    conns: Vec<(Handed, Fds)>,
+    io_timeout: Duration,
+) -> SendReport {
+    let first = send_once(conn, conns, io_timeout).await;
+    let older = matches!(
+        first.error,
+        Some(Error::Version {
+            ours: PROTOCOL_VERSION,
+            theirs: OLDEST_VERSION
+        })
+    );
+    if !older || first.packets > 0 {
+        return first;
+    }
+    // Refused at the hello: nothing moved, every connection is in `kept`, in the order given.
+    let (plain, single): (Vec<_>, Vec<_>) = first
+        .kept
+        .into_iter()
+        .enumerate()
+        .partition(|(_, (_, fds))| fds.peer.is_some());
+    if single.is_empty() {
+        return SendReport {
+            kept: plain.into_iter().map(|(_, c)| c).collect(),
+            ..first
+        };
+    }
+    let positions: Vec<(usize, u64)> = single.iter().map(|(i, (h, _))| (*i, h.id)).collect();
+    let single: Vec<(Handed, Fds)> = single.into_iter().map(|(_, c)| c).collect();
+    let second = match connect(path, io_timeout).await {
+        Ok(conn) => send_once(conn, single, io_timeout).await,
+        Err(e) => SendReport {
+            taken: Vec::new(),
+            kept: single,
+            packets: 0,
+            error: Some(e),
+        },
+    };
+    // What the second attempt kept is a subsequence of `single`: back to the order given.
+    let mut at = positions.iter();
+    let mut kept: Vec<(usize, (Handed, Fds))> = second
+        .kept
+        .into_iter()
+        .map(|c| {
+            let i = at
+                .find(|(_, id)| *id == c.0.id)
+                .map_or(usize::MAX, |(i, _)| *i);
+            (i, c)
+        })
+        .chain(plain)
+        .collect();
+    kept.sort_by_key(|(i, _)| *i);
+    SendReport {
+        taken: second.taken,
+        kept: kept.into_iter().map(|(_, c)| c).collect(),
+        packets: second.packets,
+        // The version refusal says why the plain connections stayed, when nothing else went wrong.
+        error: second.error.or(first.error),
+    }
+}
+
+/// Hands `conns` over on a connected socket, once.
+async fn send_once(
     conn: SeqpacketConn,
     conns: Vec<(Handed, Fds)>,
     io_timeout: Duration,

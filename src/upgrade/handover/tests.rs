@@ -1354,3 +1354,83 @@ fn pairs_of_fds_pack_within_253_per_packet_never_split_and_arrive_in_order() {
     // 450 fds: 253 would split a pair (168 connections, the 169th plain, make 252 + 2), so 252, then 198.
     assert_eq!(fd_counts, [252, 198]);
 }
+
+#[test]
+fn an_old_receiver_is_handed_the_connections_it_understands_and_the_sender_keeps_the_plain_ones() {
+    // Ids 0, 2, 4 plain; 1, 3 resumable.
+    let (_apps, _peers, plain) = idle_plain(3);
+    let (mut apps, single) = idle(5);
+    let mut plain = plain.into_iter();
+    let mut single = single.into_iter();
+    let conns: Vec<(Handed, Fds)> = (0..5u64)
+        .map(|id| {
+            let (h, fds) = if id % 2 == 0 {
+                plain.next().unwrap()
+            } else {
+                // `idle` numbers its connections 0..5: take 1 and 3, whose app ends are apps[1], apps[3].
+                single.nth(1).unwrap()
+            };
+            (Handed { id, ..h }, fds)
+        })
+        .collect();
+    let (report, (versions, taken)) = runtime().block_on(async {
+        let (_dir, path) = socket_path();
+        let listener = packet::bind(&path).unwrap();
+        // Version 1 as the previous build: refuses version 2 after its hello, then takes a version 1
+        // hand-over on the next connection.
+        let old = async {
+            let mut versions = Vec::new();
+            let conn = accept(&listener).await;
+            let Body::Hello(h) = get(&conn).await.0 else {
+                panic!("hello")
+            };
+            versions.push(h.version);
+            put(&conn, hello(OLDEST_VERSION, 0), &[]).await;
+            put(
+                &conn,
+                Body::Refuse(Reason {
+                    reason: "version".into(),
+                }),
+                &[],
+            )
+            .await;
+            drop(conn);
+            let conn = accept(&listener).await;
+            let Body::Hello(h) = get(&conn).await.0 else {
+                panic!("hello")
+            };
+            versions.push(h.version);
+            put(&conn, hello(OLDEST_VERSION, 0), &[]).await;
+            let mut assembler = Assembler::new(h.connections, h.version).unwrap();
+            let mut taken = Vec::new();
+            loop {
+                match get(&conn).await {
+                    (Body::Batch(b), fds) => {
+                        let seq = b.seq;
+                        let done = assembler.apply(b, fds).unwrap();
+                        let accepted = done.len() as u64;
+                        put(&conn, Body::Ack(Ack { seq, accepted }), &[]).await;
+                        taken.extend(done);
+                    }
+                    (Body::End(_), _) => break,
+                    (other, _) => panic!("{}", other.name()),
+                }
+            }
+            (versions, taken)
+        };
+        tokio::join!(send(&path, conns), old)
+    });
+    assert_eq!(versions, [PROTOCOL_VERSION, OLDEST_VERSION]);
+    assert_eq!(report.taken, [1, 3]);
+    assert_eq!(ids(&taken), [1, 3]);
+    assert!(taken.iter().all(|(_, fds)| fds.peer.is_none()));
+    assert_eq!(ids(&report.kept), [0, 2, 4], "the plain ones, in order");
+    assert!(
+        matches!(report.error, Some(Error::Version { ours: 2, theirs: 1 })),
+        "{:?}",
+        report.error
+    );
+    for (h, fds) in &taken {
+        still_works(&mut apps[h.id as usize], fds.app.as_fd(), h.id);
+    }
+}
