@@ -8,8 +8,9 @@
 //! `proxy::plain`), wait until each has exported its state ([`Enlisted`] counts them, at most
 //! [`COLLECT_WAIT`]), and hand them over with `upgrade::handover`: a resumable one with its app socket
 //! ([`Proxy::hand_over`]), a plain one with both its sockets ([`Proxy::hand_over_plain`]). A connection
-//! not taken (the new process refused it or failed) is closed; one that finishes pausing after the
-//! collection too. HBONE connections that are not resumable (a ztunnel peer, waypoint hops, double
+//! not taken (the new process refused it or failed) is closed; a resumable one that finishes pausing
+//! after the collection too, while a plain one then carries on here and drains (it still has both its
+//! sockets and its copy's state; a pause in the instant the collection ends may still close one). HBONE connections that are not resumable (a ztunnel peer, waypoint hops, double
 //! HBONE) are not paused and drain as before.
 //!
 //! **Arriving** ([`arrive`], in the new process once it is ready): listen on the hand-over socket; each
@@ -304,6 +305,21 @@ impl Proxy {
             Some(slot) => slot.handover.pause.subscribe(),
             None => NEVER.subscribe(),
         }
+    }
+
+    /// Whether a paused connection may still be left for the new process: the hand-over has not been
+    /// sent yet. A plain connection paused later (its set-up ended after the collection) carries on here
+    /// and drains as it would without a hand-over, rather than being closed.
+    pub(super) fn collecting(&self) -> bool {
+        self.inputs
+            .handover
+            .as_ref()
+            .is_some_and(|slot| slot.handover.parcels.lock().is_some())
+    }
+
+    /// A pause signal that never turns true: a plain copy's, once it is too late to move.
+    pub(super) fn never_paused() -> watch::Receiver<bool> {
+        NEVER.subscribe()
     }
 
     /// Counts a resumable or plain connection in the process's hand-over, if it has one.

@@ -243,10 +243,19 @@ impl OpenOutbound {
             Up::Movable(up, movable) => {
                 let mut up = Counted::facing(up, Side::Server, live.as_ref());
                 let mut pause = movable.proxy.pause();
-                let outcome = movable
-                    .copy
-                    .run(&mut self.stream, &mut up, &mut pause)
-                    .await;
+                let outcome = loop {
+                    match movable
+                        .copy
+                        .run(&mut self.stream, &mut up, &mut pause)
+                        .await
+                    {
+                        // Too late to move (the hand-over was sent): carry on here, drain as before.
+                        Outcome::Paused if !movable.proxy.collecting() => {
+                            pause = Proxy::never_paused();
+                        }
+                        outcome => break outcome,
+                    }
+                };
                 let (received, sent) = (up.written, up.read);
                 match outcome {
                     Outcome::Done(res) => Carried {

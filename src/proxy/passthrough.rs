@@ -260,11 +260,18 @@ impl Proxy {
         async move {
             let live = record.live_bytes();
             let mut up = Counted::facing(up, Side::Server, live.as_ref());
+            let copied = async {
+                loop {
+                    match copy.run(&mut stream, &mut up, &mut pause).await {
+                        Outcome::Done(res) => return Ended::Copied(res),
+                        // Too late to move (the hand-over was sent): carry on here, drain as before.
+                        Outcome::Paused if !self.collecting() => pause = Proxy::never_paused(),
+                        Outcome::Paused => return Ended::Paused,
+                    }
+                }
+            };
             let ended = tokio::select! {
-                outcome = copy.run(&mut stream, &mut up, &mut pause) => match outcome {
-                    Outcome::Done(res) => Ended::Copied(res),
-                    Outcome::Paused => Ended::Paused,
-                },
+                ended = copied => ended,
                 reason = registration.closed() => Ended::Closed(reason),
             };
             let (received, sent) = (up.written, up.read);
