@@ -132,7 +132,7 @@ impl Drop for Apps {
 
 /// Starts an apps process, tells it to open `n` connections, and accepts them: the proxy ends, as the
 /// sender hands them over, and how long creating them took.
-fn connect(n: usize) -> (Apps, Vec<(Handed, OwnedFd)>, Duration) {
+fn connect(n: usize) -> (Apps, Vec<(Handed, handover::Fds)>, Duration) {
     let listener = listen(n);
     let mut apps = Apps(
         Command::new(std::env::current_exe().unwrap())
@@ -151,7 +151,7 @@ fn connect(n: usize) -> (Apps, Vec<(Handed, OwnedFd)>, Duration) {
     let conns = (0..n as u64)
         .map(|id| {
             let (proxy, app) = listener.accept().expect("accept");
-            (handed(id, app), OwnedFd::from(proxy))
+            (handed(id, app), OwnedFd::from(proxy).into())
         })
         .collect();
     let took = started.elapsed();
@@ -196,7 +196,7 @@ fn expect_line(out: &mut BufReader<ChildStdout>, want: &str) -> String {
 fn to_process(
     rt: &tokio::runtime::Runtime,
     path: &Path,
-    conns: Vec<(Handed, OwnedFd)>,
+    conns: Vec<(Handed, handover::Fds)>,
 ) -> (Duration, usize) {
     let n = conns.len();
     let mut receiver = Command::new(std::env::current_exe().unwrap())
@@ -222,7 +222,7 @@ fn to_process(
 fn to_task(
     rt: &tokio::runtime::Runtime,
     path: &Path,
-    conns: Vec<(Handed, OwnedFd)>,
+    conns: Vec<(Handed, handover::Fds)>,
 ) -> (Duration, usize) {
     let n = conns.len();
     rt.block_on(async {

@@ -512,7 +512,7 @@ where
                 closed = left.kept + left.late,
                 draining = open(),
                 error = left.error.map(|e| e.to_string()),
-                "resumable connections handed over to the new process; the others (a ztunnel peer, plain TCP, a waypoint hop) drain"
+                "resumable connections handed over to the new process, and plain TCP ones; the others (a ztunnel peer, a waypoint hop, double HBONE) drain"
             ),
             Err(e) => tracing::info!(error = %e, "no hand-over: open connections drain"),
         }

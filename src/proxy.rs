@@ -12,8 +12,8 @@
 //! [`connections`], which re-checks them when policies change; [`metrics`](crate::metrics) counts them,
 //! and `access` writes one access line for each, in ztunnel's shape. With `MESHNODE_RESUMABLE_STREAMS`,
 //! `resumable` offers, accepts and resumes HBONE streams that outlive their HBONE connection, and with
-//! `MESHNODE_HANDOVER_SOCKET` [`handover`] hands them to the process that replaces this one on an upgrade
-//! (and adopts them there).
+//! `MESHNODE_HANDOVER_SOCKET` [`handover`] hands them, and plain TCP connections (copied by `plain`, a
+//! copy that can pause), to the process that replaces this one on an upgrade (and adopts them there).
 
 mod access;
 pub mod connections;
@@ -22,6 +22,7 @@ pub mod inbound;
 pub mod limits;
 pub mod outbound;
 pub mod passthrough;
+mod plain;
 pub mod proxy_protocol;
 mod resumable;
 
@@ -466,19 +467,33 @@ fn service_for(state: &State, workload: &Workload, target_port: u16) -> Option<A
 impl Proxy {
     /// Takes over a connection the process this one replaces handed over (see [`handover`]): decoded
     /// here (before the future, which holds only what the connection's side needs), carried on by its
-    /// side of the proxy.
+    /// side of the proxy: a resumable HBONE one (its app socket alone) by [`inbound`] or [`outbound`], a
+    /// plain TCP one (both its sockets) by [`passthrough`] or [`outbound`].
     pub fn adopt(
         self: Arc<Self>,
         handed: crate::upgrade::handover::Handed,
-        fd: std::os::fd::OwnedFd,
+        fds: crate::upgrade::handover::Fds,
     ) -> impl Future<Output = ()> + Send + 'static {
         use crate::upgrade::handover::Direction;
         let (direction, peer) = (handed.direction, handed.peer);
-        let adopted = handover::Adopted::decode(handed, fd);
+        /// A handed-over connection of either kind.
+        enum Decoded {
+            Resumable(handover::Adopted),
+            Plain(handover::AdoptedPlain),
+        }
+        let adopted = match fds.peer {
+            None => handover::Adopted::decode(handed, fds.app).map(Decoded::Resumable),
+            Some(peer_socket) => {
+                handover::AdoptedPlain::decode(handed, fds.app, peer_socket).map(Decoded::Plain)
+            }
+        };
         async move {
+            let inbound = direction == Direction::Inbound;
             let carried = match adopted {
-                Ok(a) if direction == Direction::Inbound => self.adopt_inbound(a).await,
-                Ok(a) => self.adopt_outbound(a).await,
+                Ok(Decoded::Resumable(a)) if inbound => self.adopt_inbound(a).await,
+                Ok(Decoded::Resumable(a)) => self.adopt_outbound(a).await,
+                Ok(Decoded::Plain(a)) if inbound => self.adopt_plain_inbound(a).await,
+                Ok(Decoded::Plain(a)) => self.adopt_plain_outbound(a).await,
                 Err(e) => Err(e),
             };
             if let Err(e) = carried {

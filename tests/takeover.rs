@@ -823,3 +823,206 @@ fn a_proxy_killed_with_sigkill_takes_its_open_connections_with_it_and_the_new_on
         .unwrap_or_else(|e| panic!("connecting through B: {e}\n{}", node.logs()));
     assert_eq!(again.echo("through B"), "through B\n");
 }
+
+/// The node's workloads with the server pod speaking plain TCP (`protocol: TCP`, no policy): the client's
+/// proxy sends to it without HBONE (outbound `Up::Plain`), and the server pod's proxy takes the
+/// connection on :15006 (plaintext inbound) — both ends of every connection plain.
+fn workloads_with_a_plain_server(client: &Pod, server: &Pod) -> String {
+    let mut y = String::from("workloads:\n");
+    for (p, protocol) in [(client, "HBONE"), (server, "TCP")] {
+        y += &format!(
+            "- uid: cluster1//v1/Pod/{ns}/{name}\n  name: {name}\n  namespace: {ns}\n  serviceAccount: {name}\n  workloadIps: [\"{ip}\"]\n  protocol: {protocol}\n",
+            ns = p.namespace,
+            name = p.name,
+            ip = p.ip.unwrap()
+        );
+    }
+    y
+}
+
+/// An application in `pod` on `port` that reads each connection to its EOF, then writes `lines` numbered
+/// lines, one every 50 ms, and closes: its connections live on half-closed.
+fn serve_after_eof(pod: &Pod, port: u16, lines: u64) {
+    let ip = pod.ip.expect("pod has an IP");
+    let app = pod
+        .netns
+        .run(move || TcpListener::bind(SocketAddr::new(ip, port)).unwrap());
+    std::thread::spawn(move || {
+        for s in app.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut asked = Vec::new();
+                if (&s).read_to_end(&mut asked).is_err() {
+                    return;
+                }
+                for n in 0..lines {
+                    if (&s)
+                        .write_all(format!("{n} after {} bytes\n", asked.len()).as_bytes())
+                        .is_err()
+                    {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            });
+        }
+    });
+}
+
+#[test]
+fn an_upgraded_proxy_hands_its_plain_tcp_connections_over_too_and_none_loses_a_byte() {
+    if !support::root_or_skip(
+        "an_upgraded_proxy_hands_its_plain_tcp_connections_over_too_and_none_loses_a_byte",
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let env = upgrade::handover_env(&dir.path().join("handover.sock"));
+    let (mut node, client, server) = node_with_pods_and("true", &env);
+    let mut a = node.proxy.take().expect("proxy A");
+    node.set_local_config(&workloads_with_a_plain_server(&client, &server));
+    support::cluster::settle();
+    const LINES: u64 = 100;
+    serve_after_eof(&server, 8083, LINES);
+
+    // Opened through A, plain both ways: echo flows, a held connection, and one the client has
+    // half-closed (the server answers after its EOF, across the upgrade).
+    let server_ip = server.ip.unwrap();
+    let echo = SocketAddr::new(server_ip, 8081);
+    let mut held = Held::open(&client, echo)
+        .unwrap_or_else(|e| panic!("connecting through A: {e}\n{}", node.logs()));
+    assert_eq!(held.echo("before"), "before\n");
+    let flows: Vec<Flow> = (0..3).map(|i| Flow::start(&client, echo, i)).collect();
+    let half = {
+        let dst = SocketAddr::new(server_ip, 8083);
+        let mut s = client
+            .netns
+            .run(move || TcpStream::connect_timeout(&dst, Duration::from_secs(5)))
+            .unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        s.write_all(b"go\n").unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        std::thread::spawn(move || {
+            let mut got = String::new();
+            s.read_to_string(&mut got).map(|_| got)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(1000));
+
+    // B starts beside A; A is told to stop and hands everything over.
+    let node_b = Netns::new("nodeb");
+    let mut b = upgrade::start_second_proxy(&node, &node_b, "true", &env);
+    let b_log = node.path("proxy-b.log");
+    node.wait_for(
+        || {
+            std::fs::read_to_string(&b_log)
+                .is_ok_and(|l| l.contains("taking connections handed over"))
+        },
+        "proxy B listening on the hand-over socket",
+    );
+    let a_pid = nix::unistd::Pid::from_raw(a.0.id() as i32);
+    let told = std::time::Instant::now();
+    nix::sys::signal::kill(a_pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let mut exit = None;
+    node.wait_for(
+        || {
+            exit = a.0.try_wait().unwrap();
+            exit.is_some()
+        },
+        "A to exit after handing its connections over",
+    );
+    let handed_in = told.elapsed();
+    assert!(exit.unwrap().success(), "A exited with {exit:?}");
+    assert!(
+        handed_in < Duration::from_secs(20),
+        "A took {handed_in:?} to leave (its drain is 60 s)\n{}",
+        node.logs()
+    );
+
+    // Every connection carries on through B, every byte once and in order.
+    assert_eq!(
+        held.echo("after A"),
+        "after A\n",
+        "the held connection after the hand-over\n{}",
+        node.logs()
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let mut total = 0;
+    for (i, flow) in flows.into_iter().enumerate() {
+        match flow.finish() {
+            Ok(sent) => total += sent,
+            Err(e) => panic!("flow {i}: {e}\n{}", node.logs()),
+        }
+    }
+    let answer = half
+        .join()
+        .unwrap()
+        .unwrap_or_else(|e| panic!("the half-closed connection: {e}\n{}", node.logs()));
+    let want: String = (0..LINES).map(|n| format!("{n} after 3 bytes\n")).collect();
+    assert_eq!(
+        answer,
+        want,
+        "the half-closed connection's answer\n{}",
+        node.logs()
+    );
+    assert_eq!(held.echo("last"), "last\n");
+    held.close();
+
+    // B adopted both ends (the client pod's outbound, the server pod's plaintext inbound) of the 5, and
+    // its access lines for them (plain: `dst.addr` the app's port, no HBONE) cover their whole life.
+    let b_said = std::fs::read_to_string(&b_log).unwrap();
+    assert!(
+        b_said.contains("adopted=10"),
+        "B did not adopt both ends of the 5 plain connections\n{}",
+        node.logs()
+    );
+    let plain_lines = || -> Vec<(String, u64)> {
+        std::fs::read_to_string(&b_log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("connection complete"))
+            .filter(|l| {
+                l.contains(&format!("{server_ip}:8081")) || l.contains(&format!("{server_ip}:8083"))
+            })
+            .filter_map(|l| {
+                let direction = l.split("direction=\"").nth(1)?.split('"').next()?;
+                let ms = l.split("duration=\"").nth(1)?.split("ms\"").next()?;
+                Some((direction.to_string(), ms.parse().ok()?))
+            })
+            .collect()
+    };
+    node.wait_for(
+        || plain_lines().len() >= 10,
+        "B's access lines for both ends of the plain connections",
+    );
+    let lines = plain_lines();
+    assert!(
+        lines.iter().all(|(_, ms)| *ms >= 1000),
+        "durations of the plain connections' access lines on B: {lines:?}\n{b_said}"
+    );
+    for direction in ["outbound", "inbound"] {
+        assert_eq!(
+            lines.iter().filter(|(d, _)| d == direction).count(),
+            5,
+            "{direction} access lines on B: {lines:?}\n{b_said}"
+        );
+    }
+    assert!(
+        !b_said
+            .lines()
+            .any(|l| l.contains("hbone_addr") && l.contains(&format!("{server_ip}:808"))),
+        "a connection to the plain server went over HBONE\n{b_said}"
+    );
+    let a_said = std::fs::read_to_string(node.path("proxy0.log")).unwrap_or_default();
+    eprintln!(
+        "plain hand-over: A left {handed_in:?} after SIGTERM; {total} bytes each way on 3 plain TCP flows checked across it"
+    );
+    assert!(
+        !a_said.contains("connection closed: paused after"),
+        "A closed a connection it paused late\n{a_said}"
+    );
+    assert!(
+        b.0.try_wait().unwrap().is_none(),
+        "B exited\n{}",
+        node.logs()
+    );
+}

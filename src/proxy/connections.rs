@@ -388,6 +388,13 @@ impl<T> Counted<T> {
     }
 }
 
+impl<T> Counted<T> {
+    /// The wrapped I/O object (the counts are left behind).
+    pub fn into_inner(self) -> T {
+        self.inner
+    }
+}
+
 impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
     fn poll_read(
         mut self: Pin<&mut Self>,

@@ -5,22 +5,31 @@
 //! hand-over socket first, or, when no new process is there yet (a restart rather than a rolling update),
 //! to the CNI agent's hold socket beside it (`upgrade::hold`: the agent hands the connections on once the
 //! new process listens); neither there: nothing is paused, connections drain as before. Then pause every
-//! resumable connection ([`Handover`]'s pause signal; each sends `MOVING` to its peer at a frame
-//! boundary), wait until each has exported its state ([`Enlisted`] counts them, at most
-//! [`COLLECT_WAIT`]), and hand them over with `upgrade::handover`. A connection not taken (the new process
-//! refused it or failed) is closed; one that finishes pausing after the collection too. Plain
-//! connections (not resumable: a ztunnel peer, plain TCP, waypoint hops) are not paused and drain as
-//! before.
+//! resumable connection and every plain TCP one ([`Handover`]'s pause signal; a resumable one sends
+//! `MOVING` to its peer at a frame boundary, a plain one's copy stops between two reads or writes, see
+//! `proxy::plain`), wait until each has exported its state ([`Enlisted`] counts them, at most
+//! [`COLLECT_WAIT`]), and hand them over with `upgrade::handover`: a resumable one with its app socket
+//! ([`Proxy::hand_over`]), a plain one with both its sockets ([`Proxy::hand_over_plain`]). A connection
+//! not taken (the new process refused it or failed) is closed; a resumable one that finishes pausing
+//! after the collection too, while a plain one then carries on here and drains (it still has both its
+//! sockets and its copy's state; a pause in the instant the collection ends may still close one). HBONE
+//! connections that are not resumable (a ztunnel peer, double HBONE) are not paused and drain as before.
 //!
 //! **Arriving** ([`arrive`], in the new process once it is ready): listen on the hand-over socket; each
 //! connection taken goes to the proxy of its pod, which adopts it: the server side re-checks it (policy,
 //! a new metrics record and registration) and parks it for the client's re-dial; the client side opens a
 //! new metrics record and re-dials the server with its token. Either side then carries on with its copy
-//! from the exported counts, so no byte is lost or repeated.
+//! from the exported counts, so no byte is lost or repeated. A plain connection ([`AdoptedPlain`], told
+//! apart by its second socket) opens a new metrics record (outbound, labelled from the upstream's workload
+//! and the recorded service; inbound, registered and checked against the current policy, as a new
+//! plaintext connection is), then writes the bytes its old copy had read and not written, passes on the
+//! EOFs it had read, and carries on with a pausable copy (so it can move again).
 //!
-//! What travels per connection ([`Handed`]): the app socket, the pod, the peer and its identity, the send
-//! log (`to_peer`) and the bytes not yet written to the app (`to_app`), and [`Resume`] (token, counts,
-//! the CONNECT's authority and local address, the identities expected of the server, the service).
+//! What travels per connection ([`Handed`]): the app socket (and for plain TCP the peer's), the pod, the
+//! peer and its identity ("" for plain TCP), the send log or the bytes read from the app and not yet
+//! written (`to_peer`) and the bytes not yet written to the app (`to_app`), and [`Resume`] (token,
+//! counts, the CONNECT's authority and local address, the identities expected of the server, the
+//! service, the opening time; for plain TCP the half-close state, [`PlainState`], instead of a token).
 
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
@@ -38,7 +47,7 @@ use super::Proxy;
 use crate::hbone::resume::copy::Progress;
 use crate::hbone::resume::Token;
 use crate::identity::Identity;
-use crate::upgrade::handover::{self as transfer, Direction, Handed, Receiver, Sender};
+use crate::upgrade::handover::{self as transfer, Direction, Fds, Handed, Receiver, Sender};
 
 /// How long after a hand-over arrived the memory its adoptions peaked at is given back.
 const SETTLE: Duration = Duration::from_secs(1);
@@ -76,7 +85,7 @@ pub struct Handover {
     active: AtomicUsize,
     idle: Notify,
     /// `None` once collected: a connection paused later is closed.
-    parcels: Mutex<Option<Vec<(Handed, OwnedFd)>>>,
+    parcels: Mutex<Option<Vec<(Handed, Fds)>>>,
     next_id: AtomicU64,
 }
 
@@ -185,11 +194,11 @@ impl Handover {
 
     /// Leaves a paused connection for the new process; `false` (and the socket closed) when the
     /// collection is over.
-    fn deliver(&self, mut handed: Handed, fd: OwnedFd) -> bool {
+    fn deliver(&self, mut handed: Handed, fds: Fds) -> bool {
         handed.id = self.next_id.fetch_add(1, Ordering::Relaxed);
         match self.parcels.lock().as_mut() {
             Some(parcels) => {
-                parcels.push((handed, fd));
+                parcels.push((handed, fds));
                 true
             }
             None => false,
@@ -232,6 +241,27 @@ pub(super) struct Resume {
     /// When the connection opened, in milliseconds since the Unix epoch (its access line's duration).
     #[prost(uint64, tag = "7")]
     pub opened_ms: u64,
+    /// Plain TCP (the record's second socket): its copy's half-close state. No token, no progress.
+    #[prost(message, optional, tag = "8")]
+    pub plain: Option<PlainState>,
+}
+
+/// A plain TCP connection's half-close state, each way (`proxy::plain::State` less the bytes, which
+/// travel as `to_app` and `to_peer`). The initiator is the app outbound and the client inbound.
+#[derive(Clone, Copy, PartialEq, Eq, prost::Message)]
+pub(super) struct PlainState {
+    /// The initiator said EOF.
+    #[prost(bool, tag = "1")]
+    pub initiator_eof: bool,
+    /// That EOF was passed on to the server (its write side shut down).
+    #[prost(bool, tag = "2")]
+    pub server_shut: bool,
+    /// The server said EOF.
+    #[prost(bool, tag = "3")]
+    pub server_eof: bool,
+    /// That EOF was passed on to the initiator.
+    #[prost(bool, tag = "4")]
+    pub initiator_shut: bool,
 }
 
 impl Resume {
@@ -270,8 +300,29 @@ pub(super) struct Paused<'a> {
     pub resume: Resume,
 }
 
+/// A paused plain TCP connection's parts: its two sockets and its copy's state.
+pub(super) struct PausedPlain {
+    /// Outbound: the app is the initiator and the peer the server; inbound, the other way round.
+    pub direction: Direction,
+    /// The socket to the pod's app.
+    pub app: TcpStream,
+    /// The socket to the peer (outbound, the upstream; inbound, the client).
+    pub peer_socket: TcpStream,
+    pub original_dst: SocketAddr,
+    pub peer: SocketAddr,
+    pub state: super::plain::State,
+    /// Outbound: the addressed service, `namespace/hostname` (metrics labels).
+    pub service: String,
+    pub opened: Instant,
+}
+
+/// Which of a plain connection's sides is the app's: the initiator outbound, the server inbound.
+fn app_is_initiator(direction: Direction) -> bool {
+    direction == Direction::Outbound
+}
+
 impl Proxy {
-    /// The pause signal resumable connections watch (true: hand over).
+    /// The pause signal resumable and plain connections watch (true: hand over).
     pub(super) fn pause(&self) -> watch::Receiver<bool> {
         match &self.inputs.handover {
             Some(slot) => slot.handover.pause.subscribe(),
@@ -279,7 +330,22 @@ impl Proxy {
         }
     }
 
-    /// Counts a resumable connection in the process's hand-over, if it has one.
+    /// Whether a paused connection may still be left for the new process: the hand-over has not been
+    /// sent yet. A plain connection paused later (its set-up ended after the collection) carries on here
+    /// and drains as it would without a hand-over, rather than being closed.
+    pub(super) fn collecting(&self) -> bool {
+        self.inputs
+            .handover
+            .as_ref()
+            .is_some_and(|slot| slot.handover.parcels.lock().is_some())
+    }
+
+    /// A pause signal that never turns true: a plain copy's, once it is too late to move.
+    pub(super) fn never_paused() -> watch::Receiver<bool> {
+        NEVER.subscribe()
+    }
+
+    /// Counts a resumable or plain connection in the process's hand-over, if it has one.
     pub(super) fn enlist(&self) -> Option<Enlisted> {
         self.inputs.handover.as_ref().map(|s| s.handover.enlist())
     }
@@ -316,11 +382,73 @@ impl Proxy {
                 return;
             }
         };
-        if slot.handover.deliver(handed, fd) {
-            tracing::debug!(?direction, %peer, "connection paused for the hand-over");
+        deliver(slot, handed, fd.into());
+    }
+
+    /// Leaves a paused plain TCP connection (both its sockets) for the new process, or closes it when that
+    /// is not possible, logging which.
+    pub(super) fn hand_over_plain(&self, paused: PausedPlain) {
+        let Some(slot) = &self.inputs.handover else {
+            return;
+        };
+        let super::plain::State {
+            to_server,
+            to_initiator,
+        } = paused.state;
+        let plain = PlainState {
+            initiator_eof: to_server.eof,
+            server_shut: to_server.shut,
+            server_eof: to_initiator.eof,
+            initiator_shut: to_initiator.shut,
+        };
+        let (to_app, to_peer) = if app_is_initiator(paused.direction) {
+            (to_initiator.pending, to_server.pending)
         } else {
-            tracing::warn!(?direction, %peer, "connection closed: paused after the hand-over was sent");
+            (to_server.pending, to_initiator.pending)
+        };
+        let resume = Resume {
+            service: paused.service,
+            opened_ms: Resume::opened_at(paused.opened),
+            plain: Some(plain),
+            ..Resume::default()
+        };
+        let handed = Handed {
+            id: 0,
+            pod: slot.pod.clone(),
+            direction: paused.direction,
+            original_dst: paused.original_dst,
+            peer: paused.peer,
+            peer_identity: String::new(),
+            to_app,
+            to_peer,
+            resume: resume.encode_to_vec(),
+        };
+        let (direction, peer) = (handed.direction, handed.peer);
+        if let Err(e) = handed.check() {
+            tracing::warn!(?direction, %peer, error = %e, "plain connection closed: it cannot be handed over");
+            return;
         }
+        let fds = match (paused.app.into_std(), paused.peer_socket.into_std()) {
+            (Ok(app), Ok(peer)) => Fds {
+                app: OwnedFd::from(app),
+                peer: Some(OwnedFd::from(peer)),
+            },
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::warn!(?direction, %peer, error = %e, "plain connection closed: its sockets could not be taken off the runtime");
+                return;
+            }
+        };
+        deliver(slot, handed, fds);
+    }
+}
+
+/// Leaves `handed` for the new process, logging whether it is (or was closed instead).
+fn deliver(slot: &Slot, handed: Handed, fds: Fds) {
+    let (direction, peer, plain) = (handed.direction, handed.peer, fds.peer.is_some());
+    if slot.handover.deliver(handed, fds) {
+        tracing::debug!(?direction, %peer, plain, "connection paused for the hand-over");
+    } else {
+        tracing::warn!(?direction, %peer, plain, "connection closed: paused after the hand-over was sent");
     }
 }
 
@@ -350,10 +478,7 @@ impl Adopted {
             .peer_identity
             .parse()
             .map_err(|e| format!("peer identity {:?}: {e}", handed.peer_identity))?;
-        let std = std::net::TcpStream::from(fd);
-        std.set_nonblocking(true)
-            .map_err(|e| format!("app socket: {e}"))?;
-        let app = TcpStream::from_std(std).map_err(|e| format!("app socket: {e}"))?;
+        let app = on_runtime(fd).map_err(|e| format!("app socket: {e}"))?;
         Ok(Adopted {
             app,
             original_dst: handed.original_dst,
@@ -364,6 +489,69 @@ impl Adopted {
             resume,
         })
     }
+}
+
+/// A handed-over plain TCP connection, decoded.
+pub(super) struct AdoptedPlain {
+    /// The socket to the pod's app.
+    pub app: TcpStream,
+    /// The socket to the peer.
+    pub peer_socket: TcpStream,
+    pub original_dst: SocketAddr,
+    pub peer: SocketAddr,
+    /// The copy, carrying on from the old one's state (initiator and server as for [`PausedPlain`]).
+    pub copy: super::plain::Pausable,
+    pub resume: Resume,
+}
+
+impl AdoptedPlain {
+    /// A handed-over plain connection's parts, checked: its state decodes and is one a copy could have
+    /// exported; its sockets go on the runtime.
+    pub(super) fn decode(
+        handed: Handed,
+        app: OwnedFd,
+        peer_socket: OwnedFd,
+    ) -> Result<AdoptedPlain, String> {
+        let resume =
+            Resume::decode(handed.resume.as_slice()).map_err(|e| format!("plain state: {e}"))?;
+        let plain = resume
+            .plain
+            .ok_or("plain state: a second socket, but no half-close state")?;
+        let (to_initiator, to_server) = if app_is_initiator(handed.direction) {
+            (handed.to_app, handed.to_peer)
+        } else {
+            (handed.to_peer, handed.to_app)
+        };
+        let state = super::plain::State {
+            to_server: super::plain::Half {
+                pending: to_server,
+                eof: plain.initiator_eof,
+                shut: plain.server_shut,
+            },
+            to_initiator: super::plain::Half {
+                pending: to_initiator,
+                eof: plain.server_eof,
+                shut: plain.initiator_shut,
+            },
+        };
+        let copy =
+            super::plain::Pausable::resume(&state).map_err(|e| format!("plain state: {e}"))?;
+        Ok(AdoptedPlain {
+            app: on_runtime(app).map_err(|e| format!("app socket: {e}"))?,
+            peer_socket: on_runtime(peer_socket).map_err(|e| format!("peer socket: {e}"))?,
+            original_dst: handed.original_dst,
+            peer: handed.peer,
+            copy,
+            resume,
+        })
+    }
+}
+
+/// A handed-over socket, non-blocking and registered with the runtime.
+fn on_runtime(fd: OwnedFd) -> std::io::Result<TcpStream> {
+    let std = std::net::TcpStream::from(fd);
+    std.set_nonblocking(true)?;
+    TcpStream::from_std(std)
 }
 
 /// Listens on the hand-over socket at `path` and gives each connection handed over to the proxy
@@ -387,11 +575,11 @@ where
             _ = shutdown.wait_for(|s| *s) => break,
         };
         let (mut adopted, mut orphans) = (0usize, 0usize);
-        for (handed, fd) in received.conns {
+        for (handed, fds) in received.conns {
             match find(&handed.pod) {
                 Some(proxy) => {
                     adopted += 1;
-                    tokio::spawn(proxy.adopt(handed, fd));
+                    tokio::spawn(proxy.adopt(handed, fds));
                 }
                 None => {
                     orphans += 1;
@@ -437,6 +625,12 @@ mod tests {
             expected: vec!["spiffe://cluster.local/ns/a/sa/b".into()],
             service: "default/reviews.default.svc.cluster.local".into(),
             opened_ms: Resume::opened_at(opened),
+            plain: Some(PlainState {
+                initiator_eof: true,
+                server_shut: true,
+                server_eof: false,
+                initiator_shut: false,
+            }),
         };
         let back = Resume::decode(resume.encode_to_vec().as_slice()).unwrap();
         assert_eq!(back, resume);
@@ -510,5 +704,77 @@ mod tests {
             panic!("accepted garbage");
         };
         assert!(e.starts_with("resume state"), "{e}");
+    }
+
+    #[test]
+    fn a_plain_state_maps_to_the_copy_by_direction_and_a_bad_one_is_refused() {
+        let handed = |direction, plain: Option<PlainState>| Handed {
+            id: 0,
+            pod: "uid".into(),
+            direction,
+            original_dst: "10.0.0.1:8080".parse().unwrap(),
+            peer: "10.0.0.2:40000".parse().unwrap(),
+            peer_identity: String::new(),
+            to_app: b"for the app".to_vec(),
+            to_peer: b"for the peer".to_vec(),
+            resume: Resume {
+                plain,
+                ..Resume::default()
+            }
+            .encode_to_vec(),
+        };
+        let fd = || OwnedFd::from(std::net::UdpSocket::bind("127.0.0.1:0").unwrap());
+        let half_closed = PlainState {
+            initiator_eof: true,
+            server_shut: false,
+            server_eof: false,
+            initiator_shut: false,
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _entered = rt.enter();
+        // Outbound the app is the initiator: its bytes are the server's (the peer's) to receive.
+        for (direction, to_server, to_initiator) in [
+            (
+                Direction::Outbound,
+                &b"for the peer"[..],
+                &b"for the app"[..],
+            ),
+            (
+                Direction::Inbound,
+                &b"for the app"[..],
+                &b"for the peer"[..],
+            ),
+        ] {
+            let Ok(a) = AdoptedPlain::decode(handed(direction, Some(half_closed)), fd(), fd())
+            else {
+                panic!("{direction:?} refused");
+            };
+            let state = a.copy.export();
+            assert_eq!(state.to_server.pending, to_server, "{direction:?}");
+            assert_eq!(state.to_initiator.pending, to_initiator, "{direction:?}");
+            assert!(
+                state.to_server.eof && !state.to_server.shut,
+                "{direction:?}"
+            );
+            assert!(!state.to_initiator.eof, "{direction:?}");
+        }
+        let Err(e) = AdoptedPlain::decode(handed(Direction::Outbound, None), fd(), fd()) else {
+            panic!("accepted without a half-close state");
+        };
+        assert!(e.contains("no half-close state"), "{e}");
+        // An EOF passed on with bytes still waiting before it: no copy exports that.
+        let impossible = PlainState {
+            server_shut: true,
+            ..half_closed
+        };
+        let Err(e) =
+            AdoptedPlain::decode(handed(Direction::Outbound, Some(impossible)), fd(), fd())
+        else {
+            panic!("accepted an impossible state");
+        };
+        assert!(e.contains("impossible"), "{e}");
     }
 }

@@ -24,7 +24,10 @@
 //! waypoint hop the waypoint workload with the service the application addressed). The
 //! connection counts as opened once routed; `response_flags` is `CONNECT` when the upstream connection or
 //! the tunnel (certificate, TLS, CONNECT answer) could not be established, `-` otherwise. Bytes are counted
-//! into plain integers by the copy and added at close. Connections refused before routing (self-calls, the
+//! into plain integers by the copy and added at close. With a hand-over (`MESHNODE_HANDOVER_SOCKET`),
+//! a plain TCP connection is copied by `plain`'s pausable copy and, paused, handed to the new process with
+//! both its sockets (its record closed here, no access line; [`Proxy::adopt_plain_outbound`] opens a new
+//! one there). Connections refused before routing (self-calls, the
 //! local workload unknown, no healthy endpoint, an unusable waypoint) are logged but not counted there, as
 //! in ztunnel.
 
@@ -40,7 +43,8 @@ use tokio::net::TcpStream;
 
 use super::access::{self, Access};
 use super::connections::{Counted, Listing, Side};
-use super::handover::Adopted;
+use super::handover::{Adopted, AdoptedPlain, Enlisted, PausedPlain};
+use super::plain::{Outcome, Pausable};
 use super::resumable::Ended;
 use super::{Error, Proxy, WaypointProblem, WaypointRefusal};
 use crate::hbone::copy;
@@ -180,6 +184,19 @@ enum Up {
     Hbone(pool::Stream),
     /// A resumable HBONE stream (the server echoed our offer); boxed, so other connections stay small.
     Resumable(pool::Stream, Box<super::resumable::Client>),
+    /// Plain TCP whose copy pauses for a hand-over (the process has one); boxed, as `Resumable`.
+    Movable(TcpStream, Box<Movable>),
+}
+
+/// What a plain TCP connection needs to be handed over: its copy's state (the buffers), and what the new
+/// process needs besides the sockets.
+struct Movable {
+    copy: Pausable,
+    proxy: Arc<Proxy>,
+    original_dst: SocketAddr,
+    /// The addressed service, `namespace/hostname` ("" for none).
+    service: String,
+    _enlisted: Option<Enlisted>,
 }
 
 /// How a connection's copy ended.
@@ -223,6 +240,38 @@ impl OpenOutbound {
                     leaving: false,
                 }
             }
+            Up::Movable(up, movable) => {
+                let mut up = Counted::facing(up, Side::Server, live.as_ref());
+                let mut pause = movable.proxy.pause();
+                let outcome = loop {
+                    match movable
+                        .copy
+                        .run(&mut self.stream, &mut up, &mut pause)
+                        .await
+                    {
+                        // Too late to move (the hand-over was sent): carry on here, drain as before.
+                        Outcome::Paused if !movable.proxy.collecting() => {
+                            pause = Proxy::never_paused();
+                        }
+                        outcome => break outcome,
+                    }
+                };
+                let (received, sent) = (up.written, up.read);
+                match outcome {
+                    Outcome::Done(res) => Carried {
+                        received,
+                        sent,
+                        result: res.map_err(Error::Io),
+                        leaving: false,
+                    },
+                    Outcome::Paused => Carried {
+                        received,
+                        sent,
+                        result: Ok(()),
+                        leaving: true,
+                    },
+                }
+            }
             Up::Resumable(tunnel, client) => {
                 let (r, w) = self.stream.split();
                 let (mut r, mut w) = (
@@ -245,11 +294,28 @@ impl OpenOutbound {
     /// again there).
     fn close(self, carried: Carried) {
         if carried.leaving {
-            if let Up::Resumable(_, client) = &self.up {
-                client.hand_over(self.stream, self.ends.start);
+            let OpenOutbound {
+                stream,
+                ends,
+                record,
+                up,
+                ..
+            } = self;
+            match up {
+                Up::Resumable(_, client) => client.hand_over(stream, ends.start),
+                Up::Movable(up, movable) => movable.proxy.hand_over_plain(PausedPlain {
+                    direction: crate::upgrade::handover::Direction::Outbound,
+                    app: stream,
+                    peer_socket: up,
+                    original_dst: movable.original_dst,
+                    peer: ends.sent_to,
+                    state: movable.copy.export(),
+                    service: movable.service.clone(),
+                    opened: ends.start,
+                }),
+                Up::Plain(_) | Up::Hbone(_) => {}
             }
-            self.record
-                .close(ResponseFlags::None, carried.received, carried.sent);
+            record.close(ResponseFlags::None, carried.received, carried.sent);
             return;
         }
         self.ends
@@ -381,7 +447,7 @@ impl Proxy {
             Route::Passthrough(addr) | Route::Tcp(Upstream { addr, .. }) => self
                 .connect_plain(*addr)
                 .await
-                .map(Up::Plain)
+                .map(|up| self.plain_up(up, dst, &route))
                 .map_err(|e| (ResponseFlags::Connect, e)),
             Route::Hbone(up) => {
                 let tunnel = Tunnel {
@@ -608,6 +674,109 @@ impl Proxy {
             _listing: listing,
             up: Up::Resumable(stream, client),
         }))
+    }
+
+    /// A plain upstream's side of the connection: copied with `copy_bidirectional` without a hand-over, with
+    /// the pausable copy (enlisted, so the hand-over waits for it) with one.
+    fn plain_up(self: &Arc<Self>, up: TcpStream, original_dst: SocketAddr, route: &Route) -> Up {
+        if self.inputs.handover.is_none() {
+            return Up::Plain(up);
+        }
+        let service = match route {
+            Route::Tcp(u) => u.service.as_ref().map(|s| s.key()).unwrap_or_default(),
+            _ => String::new(),
+        };
+        Up::Movable(
+            up,
+            Box::new(Movable {
+                copy: Pausable::new(),
+                proxy: self.clone(),
+                original_dst,
+                service,
+                _enlisted: self.enlist(),
+            }),
+        )
+    }
+
+    /// Takes over a plain TCP connection the process this one replaces handed over (both its sockets):
+    /// counted again (a new metrics record, labelled from the upstream's workload, if it is one, and the
+    /// recorded service), then the bytes its old copy had read and not written are written, the EOFs it
+    /// had read passed on, and the copy carries on (pausable: it may move again).
+    pub(super) fn adopt_plain_outbound(
+        self: Arc<Self>,
+        a: AdoptedPlain,
+    ) -> impl Future<Output = Result<(), String>> + Send + 'static {
+        let opening = Box::pin(self.open_adopted_plain_outbound(a));
+        async move {
+            let mut open = opening.await?;
+            let carried = open.carry().await;
+            open.close(carried);
+            Ok(())
+        }
+    }
+
+    /// [`Proxy::adopt_plain_outbound`]'s set-up.
+    async fn open_adopted_plain_outbound(
+        self: Arc<Self>,
+        a: AdoptedPlain,
+    ) -> Result<OpenOutbound, String> {
+        let start = a.resume.opened();
+        let peer = a
+            .app
+            .peer_addr()
+            .map(socket::canonical)
+            .map_err(|e| format!("app socket: {e}"))?;
+        let src = self.local_workload().await.map_err(|e| e.to_string())?;
+        let state = self.inputs.state.load();
+        let service = a
+            .resume
+            .service
+            .split_once('/')
+            .and_then(|(ns, host)| state.service_by_namespaced_host(ns, host).cloned());
+        let route = match state.workload_by_addr(&self.cfg().network, a.peer.ip()) {
+            Some(w) => Route::Tcp(Upstream {
+                workload: w.clone(),
+                addr: a.peer,
+                expected_identities: Vec::new(),
+                service,
+            }),
+            None => Route::Passthrough(a.peer),
+        };
+        drop(state);
+        let record = self.metrics().open(source_labels(&src, &route));
+        let dst_workload = match &route {
+            Route::Tcp(up) => Some(up.workload.clone()),
+            _ => None,
+        };
+        let listing = self.outbound_conns.add(super::connections::Listed {
+            src: peer,
+            original_dst: Some(a.original_dst),
+            actual_dst: a.peer,
+            protocol: "TCP",
+        });
+        let ends = Ends {
+            peer,
+            src,
+            dst_workload,
+            sent_to: a.peer,
+            authority: None,
+            start,
+            resumable: None,
+        };
+        let movable = Movable {
+            copy: a.copy,
+            proxy: self.clone(),
+            original_dst: a.original_dst,
+            service: a.resume.service,
+            _enlisted: self.enlist(),
+        };
+        Ok(OpenOutbound {
+            stream: a.app,
+            ends,
+            record,
+            _listing: listing,
+            up: Up::Movable(a.peer_socket, Box::new(movable)),
+        })
     }
 
     /// `route` with the address of a workload known only by hostname resolved (one of the host's

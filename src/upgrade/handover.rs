@@ -7,22 +7,23 @@
 //! acknowledged, so the old process knows exactly which connections the new one took and keeps serving
 //! the rest itself.
 //!
-//! **Inputs.** Sender: the path and a list of `(`[`Handed`]`, OwnedFd)`, the fd being the connection's
-//! app-facing TCP socket. The caller has stopped reading and writing those sockets, and they are
+//! **Inputs.** Sender: the path and a list of `(`[`Handed`]`, `[`Fds`]`)`: the connection's app-facing TCP
+//! socket and, for a plain TCP connection, its peer-facing socket too (outbound, the upstream; inbound,
+//! the client's; a resumable HBONE connection's tunnel does not move: it resumes). The caller has stopped reading and writing those sockets, and they are
 //! registered with no epoll (tokio: `TcpStream::into_std` deregisters): the file stays open in the sender
 //! until the batch is acknowledged, and an epoll registration lives as long as the file, so a forgotten
 //! one would keep waking the old process. Receiver: the path.
 //!
 //! **Outputs.** [`send`] returns a [`SendReport`]: the ids taken, and every connection *not* taken with
-//! its fd (`kept`), on success and on error alike. [`Receiver::accept_all`] returns a [`Received`]: the
-//! connections taken, on success and on error alike. Each fd arrives close-on-exec and is the same open
-//! file the sender had (O_NONBLOCK and socket options come with it); the receiver registers it wherever it
-//! likes.
+//! its fds (`kept`), on success and on error alike. [`Receiver::accept_all`] returns a [`Received`]: the
+//! connections taken (a plain one with its second fd), on success and on error alike. Each fd arrives
+//! close-on-exec and is the same open file the sender had (O_NONBLOCK, socket options and a shut-down
+//! write side come with it); the receiver registers it wherever it likes.
 //!
 //! **Conversation** (`S` = sender/old, `R` = receiver/new; one protobuf `Packet` per packet, see `wire`):
 //!
 //! ```text
-//! S → R  Hello{version, connections}       R → S  Hello{version}   (R refuses another version after replying)
+//! S → R  Hello{version, connections}       R → S  Hello{version}   (R refuses a version it lacks after replying)
 //! S → R  Batch{seq, records} + fds         R → S  Ack{seq, accepted} | Refuse{reason}
 //! ...                                      (S sends the next batch only after reading the previous ack)
 //! S → R  End                               (after the last ack)
@@ -47,15 +48,29 @@
 //! arrays); the packer needs an exact `encoded_len` to fill packets to the bound; and field tags let a
 //! later version add fields (the tunnel side's resumption) that this one skips.
 //!
+//! **Versions, and the second fd.** Version 2 adds `peer_socket` to a connection's first record: a second
+//! fd (the peer-facing socket of a plain TCP connection, [`Fds::peer`]) follows its app fd in the packet. Chosen over a
+//! receiver that skips what it does not understand, because the fd count is not a field a receiver can
+//! skip: a version 1 receiver that ignored `peer_socket` would count one fd per connection where two came
+//! (it refuses the whole batch as [`Error::FdCount`], every resumable connection in it with it). So the
+//! sender says version 1 when no connection carries a second fd (the conversation is then byte for byte
+//! version 1's, so a rollback to an old receiver still takes resumable connections) and version 2 when
+//! one does; an old receiver refuses version 2 at the hello, before any fd moves (nothing is taken with
+//! one fd of two). The sender then connects again and hands over, at version 1, the connections with one
+//! fd; the plain ones it keeps (a rollback to an old build hands over what that build understands). The receiver accepts both versions and answers with
+//! the sender's, so an old sender (version 1, which refuses any other answer) hands over to a new
+//! receiver as before; a version 1 conversation whose record says `peer_socket` is refused as malformed.
+//!
 //! **Bounds.** A packet is at most [`MAX_PACKET`] (64 KiB; both sides set SO_SNDBUF so the kernel takes
-//! that much in one message) and carries at most [`MAX_FDS_PER_PACKET`] fds (the kernel's SCM_MAX_FD). A
+//! that much in one message) and carries at most [`MAX_FDS_PER_PACKET`] fds (the kernel's SCM_MAX_FD),
+//! a connection's two fds counted as two and never split between packets. A
 //! connection carries at most [`MAX_BUFFERED`] bytes each way, [`MAX_RESUME`] bytes of resumption state,
 //! and [`MAX_NAME`] bytes of pod uid and of peer identity; a hand-over announces at most
 //! [`MAX_CONNECTIONS`]. A connection's bytes travel in records of at most 16 KiB, so a large one spans
-//! several records (the first carries the metadata and the fd, the rest continue it) and possibly several
+//! several records (the first carries the metadata and the fds, the rest continue it) and possibly several
 //! packets; it is taken when its last record is acknowledged. Every read and write has an [`IO_TIMEOUT`]
 //! deadline (the receiver's wait for the sender's next message, twice that). Anything else (a version
-//! other than [`PROTOCOL_VERSION`], fds that do not match the records, MSG_TRUNC, MSG_CTRUNC, an oversize
+//! other than 1 or [`PROTOCOL_VERSION`], fds that do not match the records, MSG_TRUNC, MSG_CTRUNC, an oversize
 //! value, a message out of order) ends the hand-over with a named [`Error`], the fds of the refused
 //! packet closed on the receiver's side and kept on the sender's.
 //!
@@ -65,7 +80,7 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::time::Duration;
 
@@ -83,8 +98,13 @@ mod wire;
 #[cfg(test)]
 mod tests;
 
-/// The protocol version this build speaks; a peer with another is refused.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// The newest protocol version this build speaks: 2, a connection's second fd (see the module header).
+/// The receiver also takes [`OLDEST_VERSION`]; the sender says that one when no connection has a second
+/// fd.
+pub const PROTOCOL_VERSION: u32 = 2;
+
+/// The oldest version the receiver takes (and the sender says when it can): 1, one fd per connection.
+pub const OLDEST_VERSION: u32 = 1;
 
 /// Deadline for each read and write on the hand-over socket.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
@@ -147,6 +167,38 @@ pub struct Handed {
     pub resume: Vec<u8>,
 }
 
+/// The sockets of a connection being handed over: its app-facing socket, and for a plain TCP connection
+/// its peer-facing one (`None` for a resumable HBONE connection, whose tunnel resumes instead).
+#[derive(Debug)]
+pub struct Fds {
+    /// The app-facing socket.
+    pub app: OwnedFd,
+    /// Plain TCP only: the socket to [`Handed::peer`] (outbound, the upstream the proxy opened; inbound,
+    /// the client's connection the proxy accepted).
+    pub peer: Option<OwnedFd>,
+}
+
+impl Fds {
+    /// How many fds these are (1 or 2).
+    pub fn count(&self) -> usize {
+        1 + usize::from(self.peer.is_some())
+    }
+}
+
+impl From<OwnedFd> for Fds {
+    /// The app socket alone.
+    fn from(app: OwnedFd) -> Fds {
+        Fds { app, peer: None }
+    }
+}
+
+impl AsFd for Fds {
+    /// The app socket.
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.app.as_fd()
+    }
+}
+
 /// Which way a handed connection was made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Direction {
@@ -187,7 +239,7 @@ pub struct SendReport {
     /// Ids of the connections the receiver acknowledged, in the order given.
     pub taken: Vec<u64>,
     /// The connections not taken, with their fds, in the order given.
-    pub kept: Vec<(Handed, OwnedFd)>,
+    pub kept: Vec<(Handed, Fds)>,
     /// Batches sent (acknowledged or not).
     pub packets: usize,
     /// Why the hand-over stopped early, if it did.
@@ -200,7 +252,7 @@ pub struct SendReport {
 #[must_use = "the connections in `conns` are the caller's to serve"]
 pub struct Received {
     /// The connections taken, with their fds, in the sender's order.
-    pub conns: Vec<(Handed, OwnedFd)>,
+    pub conns: Vec<(Handed, Fds)>,
     /// Batches acknowledged.
     pub packets: usize,
     /// Why the hand-over stopped early, if it did.
@@ -210,7 +262,7 @@ pub struct Received {
 /// Hands `conns` to the receiver listening at `path`. Returns when every connection is taken or the
 /// hand-over failed; see [`SendReport`]. Do not cancel it: the connections not yet taken would be
 /// dropped with it.
-pub async fn send(path: &Path, conns: Vec<(Handed, OwnedFd)>) -> SendReport {
+pub async fn send(path: &Path, conns: Vec<(Handed, Fds)>) -> SendReport {
     sender::send(path, conns, IO_TIMEOUT).await
 }
 
@@ -219,6 +271,8 @@ pub async fn send(path: &Path, conns: Vec<(Handed, OwnedFd)>) -> SendReport {
 #[derive(Debug)]
 pub struct Sender {
     conn: SeqpacketConn,
+    /// For a second attempt at version 1 (see the module header).
+    path: std::path::PathBuf,
 }
 
 impl Sender {
@@ -226,12 +280,13 @@ impl Sender {
     pub async fn connect(path: &Path) -> Result<Sender, Error> {
         Ok(Sender {
             conn: sender::connect(path, IO_TIMEOUT).await?,
+            path: path.to_path_buf(),
         })
     }
 
     /// Hands `conns` over, as [`send`] does.
-    pub async fn send(self, conns: Vec<(Handed, OwnedFd)>) -> SendReport {
-        sender::send_on(self.conn, conns, IO_TIMEOUT).await
+    pub async fn send(self, conns: Vec<(Handed, Fds)>) -> SendReport {
+        sender::send_on(self.conn, &self.path, conns, IO_TIMEOUT).await
     }
 }
 
@@ -278,7 +333,7 @@ pub enum Error {
     /// The peer speaks another version of the protocol.
     #[error("hand-over protocol version {theirs} refused: this side speaks version {ours}")]
     Version {
-        /// [`PROTOCOL_VERSION`].
+        /// The version this side asked for (the sender) or speaks at most (the receiver).
         ours: u32,
         /// The peer's.
         theirs: u32,
@@ -320,10 +375,11 @@ pub enum Error {
         /// Fds that did arrive (closed).
         received: usize,
     },
-    /// A packet carried a different number of fds from the connections its records start.
-    #[error("packet with {got} fds for {expected} new connections refused")]
+    /// A packet carried a different number of fds from what its records call for (one per connection
+    /// started, two for a plain TCP one).
+    #[error("packet with {got} fds where its records call for {expected} refused")]
     FdCount {
-        /// Connections started in the packet (0 for a packet that is not a batch).
+        /// Fds the records call for (0 for a packet that is not a batch).
         expected: usize,
         /// Fds it carried.
         got: usize,

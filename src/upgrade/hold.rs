@@ -24,7 +24,6 @@
 //! connections, which then drain). The agent stopping or restarting closes what it holds: the sockets
 //! live in its process.
 
-use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -32,7 +31,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use super::handover::{Error, Handed, Receiver, Sender};
+use super::handover::{Error, Fds, Handed, Receiver, Sender};
 
 /// The hold socket's file name, in the hand-over socket's directory.
 pub const HOLD_SOCKET: &str = "meshnode-hold.sock";
@@ -95,7 +94,7 @@ pub async fn serve(
 
 /// Hands `conns` to the first proxy listening at `handover` within `keep`, or closes them.
 async fn hand_on(
-    conns: Vec<(Handed, OwnedFd)>,
+    conns: Vec<(Handed, Fds)>,
     handover: &Path,
     keep: Duration,
     mut shutdown: watch::Receiver<bool>,
@@ -142,7 +141,9 @@ mod tests {
     use super::*;
     use crate::upgrade::handover::Direction;
 
-    fn conn(id: u64) -> (Handed, OwnedFd) {
+    use std::os::fd::OwnedFd;
+
+    fn conn(id: u64) -> (Handed, Fds) {
         let handed = Handed {
             id,
             pod: "uid-1".into(),
@@ -154,8 +155,8 @@ mod tests {
             to_peer: vec![7; 20_000],
             resume: vec![1, 2, 3],
         };
-        let fd = OwnedFd::from(std::net::UdpSocket::bind("127.0.0.1:0").unwrap());
-        (handed, fd)
+        let app = OwnedFd::from(std::net::UdpSocket::bind("127.0.0.1:0").unwrap());
+        (handed, Fds { app, peer: None })
     }
 
     #[test]
@@ -231,7 +232,13 @@ mod tests {
         let report = Sender::connect(&hold)
             .await
             .unwrap()
-            .send(vec![(handed, OwnedFd::from(held))])
+            .send(vec![(
+                handed,
+                Fds {
+                    app: OwnedFd::from(held),
+                    peer: None,
+                },
+            )])
             .await;
         assert_eq!(report.taken, vec![9]);
         app.set_read_timeout(Some(Duration::from_secs(5))).unwrap();

@@ -5,20 +5,20 @@
 //! receiver's once its ack is written; the last batch acknowledged is given back (its fds closed) only if
 //! the sender's next message is `Abort` (see the ownership rule in `handover`'s header).
 
-use std::os::fd::OwnedFd;
 use std::time::Duration;
 
 use crate::zds::packet::SeqpacketConn;
 
 use super::wire::{Ack, Assembler, Body, Hello, Reason};
 use super::{
-    read_with_fds as read, unexpected, write, Error, Handed, Received, MAX_PACKET, PROTOCOL_VERSION,
+    read_with_fds as read, unexpected, write, Error, Fds, Handed, Received, MAX_PACKET,
+    OLDEST_VERSION, PROTOCOL_VERSION,
 };
 
 /// The receiver's state: what it has taken, and how many of those the sender may still abort.
 #[derive(Default)]
 struct Receiving {
-    taken: Vec<(Handed, OwnedFd)>,
+    taken: Vec<(Handed, Fds)>,
     /// How many of the last entries of `taken` came with the last ack, which the sender's next message
     /// confirms (anything but `Abort`) or withdraws (`Abort`).
     unconfirmed: usize,
@@ -58,9 +58,15 @@ async fn run(conn: &SeqpacketConn, receiving: &mut Receiving, t: Duration) -> Re
         }
         (other, _) => return Err(unexpected("the sender's hello", &other)),
     };
-    // Our hello goes first either way, so a sender of another version learns ours.
+    // Our hello goes first either way: the sender's version when we take it (an old sender refuses any
+    // other answer), else ours, so a sender of another version learns it.
+    let known = (OLDEST_VERSION..=PROTOCOL_VERSION).contains(&hello.version);
     let ours = Hello {
-        version: PROTOCOL_VERSION,
+        version: if known {
+            hello.version
+        } else {
+            PROTOCOL_VERSION
+        },
         connections: 0,
     };
     write(
@@ -71,13 +77,13 @@ async fn run(conn: &SeqpacketConn, receiving: &mut Receiving, t: Duration) -> Re
         "sending hello",
     )
     .await?;
-    if hello.version != PROTOCOL_VERSION {
+    if !known {
         return Err(Error::Version {
             ours: PROTOCOL_VERSION,
             theirs: hello.version,
         });
     }
-    let mut assembler = Assembler::new(hello.connections)?;
+    let mut assembler = Assembler::new(hello.connections, hello.version)?;
     // Twice the sender's deadline, so that a live sender that gives up on an ack says `Abort` first.
     let wait = 2 * t;
     loop {

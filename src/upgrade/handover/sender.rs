@@ -6,7 +6,7 @@
 //! hand-over ends, well or not, is `kept`.
 
 use std::collections::VecDeque;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::path::Path;
 use std::time::Duration;
 
@@ -16,7 +16,8 @@ use crate::zds::packet::SeqpacketConn;
 
 use super::wire::{Body, End, Hello, Packer, Reason};
 use super::{
-    read_with_fds, unexpected, with_send_buffer, write, Error, Handed, SendReport, PROTOCOL_VERSION,
+    read_with_fds, unexpected, with_send_buffer, write, Error, Fds, Handed, SendReport,
+    OLDEST_VERSION, PROTOCOL_VERSION,
 };
 
 /// The receiver's messages are small (a hello, an ack, a reason of at most 512 bytes).
@@ -27,7 +28,7 @@ const CONNECT_RETRY: Duration = Duration::from_millis(10);
 
 /// The hand-over's state: what is still ours, and what was taken.
 struct Sending {
-    queue: VecDeque<(Handed, OwnedFd)>,
+    queue: VecDeque<(Handed, Fds)>,
     taken: Vec<u64>,
     packets: usize,
 }
@@ -35,7 +36,7 @@ struct Sending {
 /// [`super::send`], with its deadline as a parameter (tests shorten it).
 pub(super) async fn send(
     path: &Path,
-    conns: Vec<(Handed, OwnedFd)>,
+    conns: Vec<(Handed, Fds)>,
     io_timeout: Duration,
 ) -> SendReport {
     let connected = match conns.iter().try_for_each(|(handed, _)| handed.check()) {
@@ -43,7 +44,7 @@ pub(super) async fn send(
         Err(e) => Err(e),
     };
     match connected {
-        Ok(conn) => send_on(conn, conns, io_timeout).await,
+        Ok(conn) => send_on(conn, path, conns, io_timeout).await,
         Err(e) => SendReport {
             taken: Vec::new(),
             kept: conns,
@@ -53,10 +54,75 @@ pub(super) async fn send(
     }
 }
 
-/// Hands `conns` over on a connected socket.
+/// Hands `conns` over on a connected socket; if the receiver at `path` turns out to speak version 1 only,
+/// hands it the connections with one fd on a second connection and keeps the plain ones.
 pub(super) async fn send_on(
     conn: SeqpacketConn,
-    conns: Vec<(Handed, OwnedFd)>,
+    path: &Path,
+    conns: Vec<(Handed, Fds)>,
+    io_timeout: Duration,
+) -> SendReport {
+    let first = send_once(conn, conns, io_timeout).await;
+    let older = matches!(
+        first.error,
+        Some(Error::Version {
+            ours: PROTOCOL_VERSION,
+            theirs: OLDEST_VERSION
+        })
+    );
+    if !older || first.packets > 0 {
+        return first;
+    }
+    // Refused at the hello: nothing moved, every connection is in `kept`, in the order given.
+    let (plain, single): (Vec<_>, Vec<_>) = first
+        .kept
+        .into_iter()
+        .enumerate()
+        .partition(|(_, (_, fds))| fds.peer.is_some());
+    if single.is_empty() {
+        return SendReport {
+            kept: plain.into_iter().map(|(_, c)| c).collect(),
+            ..first
+        };
+    }
+    let positions: Vec<(usize, u64)> = single.iter().map(|(i, (h, _))| (*i, h.id)).collect();
+    let single: Vec<(Handed, Fds)> = single.into_iter().map(|(_, c)| c).collect();
+    let second = match connect(path, io_timeout).await {
+        Ok(conn) => send_once(conn, single, io_timeout).await,
+        Err(e) => SendReport {
+            taken: Vec::new(),
+            kept: single,
+            packets: 0,
+            error: Some(e),
+        },
+    };
+    // What the second attempt kept is a subsequence of `single`: back to the order given.
+    let mut at = positions.iter();
+    let mut kept: Vec<(usize, (Handed, Fds))> = second
+        .kept
+        .into_iter()
+        .map(|c| {
+            let i = at
+                .find(|(_, id)| *id == c.0.id)
+                .map_or(usize::MAX, |(i, _)| *i);
+            (i, c)
+        })
+        .chain(plain)
+        .collect();
+    kept.sort_by_key(|(i, _)| *i);
+    SendReport {
+        taken: second.taken,
+        kept: kept.into_iter().map(|(_, c)| c).collect(),
+        packets: second.packets,
+        // The version refusal says why the plain connections stayed, when nothing else went wrong.
+        error: second.error.or(first.error),
+    }
+}
+
+/// Hands `conns` over on a connected socket, once.
+async fn send_once(
+    conn: SeqpacketConn,
+    conns: Vec<(Handed, Fds)>,
     io_timeout: Duration,
 ) -> SendReport {
     let mut sending = Sending {
@@ -77,8 +143,14 @@ async fn run(conn: SeqpacketConn, sending: &mut Sending, t: Duration) -> Result<
     for (handed, _) in &sending.queue {
         handed.check()?;
     }
+    // Version 1 when it is enough: an old receiver then takes the connections (see the module header).
+    let version = if sending.queue.iter().any(|(_, fds)| fds.peer.is_some()) {
+        PROTOCOL_VERSION
+    } else {
+        OLDEST_VERSION
+    };
     let hello = Hello {
-        version: PROTOCOL_VERSION,
+        version,
         connections: sending.queue.len() as u64,
     };
     write(
@@ -91,10 +163,10 @@ async fn run(conn: SeqpacketConn, sending: &mut Sending, t: Duration) -> Result<
     .await?;
     let mut buf = vec![0u8; REPLY_BUFFER];
     match read(&conn, &mut buf, t, "waiting for the receiver's hello").await? {
-        Body::Hello(h) if h.version == PROTOCOL_VERSION => {}
+        Body::Hello(h) if h.version == version => {}
         Body::Hello(h) => {
             return Err(Error::Version {
-                ours: PROTOCOL_VERSION,
+                ours: version,
                 theirs: h.version,
             })
         }
@@ -103,10 +175,14 @@ async fn run(conn: SeqpacketConn, sending: &mut Sending, t: Duration) -> Result<
     }
     let mut packer = Packer::default();
     while let Some(packed) = packer.next(&sending.queue) {
+        // Each connection's app fd, then its peer fd if it has one (the order the receiver assigns).
         let fds: Vec<BorrowedFd<'_>> = packed
             .fds
             .iter()
-            .map(|&i| sending.queue[i].1.as_fd())
+            .flat_map(|&i| {
+                let fds = &sending.queue[i].1;
+                std::iter::once(fds.app.as_fd()).chain(fds.peer.as_ref().map(AsFd::as_fd))
+            })
             .collect();
         // A failed or timed-out write sent nothing (a packet goes whole or not at all): no abort needed.
         write(&conn, packed.bytes, &fds, t, "sending a batch").await?;

@@ -86,11 +86,11 @@ fn tcp_pairs(n: usize) -> Vec<(TcpStream, OwnedFd)> {
 }
 
 /// Idle connections with ids 0..n: the app ends, and what the sender hands over.
-fn idle(n: usize) -> (Vec<TcpStream>, Vec<(Handed, OwnedFd)>) {
+fn idle(n: usize) -> (Vec<TcpStream>, Vec<(Handed, Fds)>) {
     tcp_pairs(n)
         .into_iter()
         .enumerate()
-        .map(|(i, (app, fd))| (app, (handed(i as u64), fd)))
+        .map(|(i, (app, fd))| (app, (handed(i as u64), fd.into())))
         .unzip()
 }
 
@@ -117,14 +117,14 @@ fn still_works(app: &mut TcpStream, proxy: BorrowedFd<'_>, id: u64) {
 }
 
 /// Every connection of `conns` still carries bytes both ways to its app end, `apps[id]`.
-fn all_still_work(apps: &mut [TcpStream], conns: &[(Handed, OwnedFd)]) {
+fn all_still_work(apps: &mut [TcpStream], conns: &[(Handed, Fds)]) {
     for (handed, fd) in conns {
         still_works(&mut apps[handed.id as usize], fd.as_fd(), handed.id);
     }
 }
 
 /// Sends `conns` to a [`Receiver`] in the same process over a real unix socket.
-fn hand_over(conns: Vec<(Handed, OwnedFd)>) -> (SendReport, Received) {
+fn hand_over(conns: Vec<(Handed, Fds)>) -> (SendReport, Received) {
     runtime().block_on(async {
         let (_dir, path) = socket_path();
         let receiver = Receiver::bind(&path).unwrap();
@@ -132,7 +132,7 @@ fn hand_over(conns: Vec<(Handed, OwnedFd)>) -> (SendReport, Received) {
     })
 }
 
-fn ids(conns: &[(Handed, OwnedFd)]) -> Vec<u64> {
+fn ids(conns: &[(Handed, Fds)]) -> Vec<u64> {
     conns.iter().map(|(h, _)| h.id).collect()
 }
 
@@ -184,16 +184,13 @@ fn batch(seq: u64, records: Vec<Record>) -> Body {
 
 /// A receiver written with the protocol's pieces that acknowledges the first `acks` batches and then
 /// closes the socket on the next one (as if killed). Returns what it took.
-async fn receiver_that_dies_after(
-    listener: SeqpacketListener,
-    acks: usize,
-) -> Vec<(Handed, OwnedFd)> {
+async fn receiver_that_dies_after(listener: SeqpacketListener, acks: usize) -> Vec<(Handed, Fds)> {
     let conn = accept(&listener).await;
     let Body::Hello(h) = get(&conn).await.0 else {
         panic!("hello first")
     };
-    put(&conn, hello(PROTOCOL_VERSION, 0), &[]).await;
-    let mut assembler = Assembler::new(h.connections).unwrap();
+    put(&conn, hello(h.version, 0), &[]).await;
+    let mut assembler = Assembler::new(h.connections, h.version).unwrap();
     let mut taken = Vec::new();
     for _ in 0..acks {
         let (Body::Batch(b), fds) = get(&conn).await else {
@@ -260,7 +257,7 @@ fn handed_over_connections_carry_on_with_every_byte_exactly_once() {
             resume: bytes(id * 10 + 5, resume),
             ..handed(id)
         };
-        conns.push((record, OwnedFd::from(old)));
+        conns.push((record, OwnedFd::from(old).into()));
         apps.push(app);
     }
     let sent: Vec<Handed> = conns.iter().map(|(h, _)| h.clone()).collect();
@@ -298,7 +295,7 @@ fn handed_over_connections_carry_on_with_every_byte_exactly_once() {
                 );
             });
             s.spawn(move || {
-                let new = TcpStream::from(fd);
+                let new = TcpStream::from(fd.app);
                 new.set_read_timeout(Some(T)).unwrap();
                 let mut rest = Vec::new();
                 std::thread::scope(|inner| {
@@ -361,7 +358,7 @@ fn sender_given_ack(ack: Option<Ack>, t: Duration) -> SendReport {
         let receiver = async {
             let conn = accept(&listener).await;
             get(&conn).await;
-            put(&conn, hello(PROTOCOL_VERSION, 0), &[]).await;
+            put(&conn, hello(OLDEST_VERSION, 0), &[]).await;
             let (Body::Batch(b), fds) = get(&conn).await else {
                 panic!("a batch")
             };
@@ -499,7 +496,7 @@ fn a_receiver_of_another_version_is_refused_and_the_sender_keeps_everything() {
         tokio::join!(send(&path, conns), newer).0
     });
     assert!(
-        matches!(report.error, Some(Error::Version { ours: 1, theirs: 2 })),
+        matches!(report.error, Some(Error::Version { ours: 1, theirs: 3 })),
         "{:?}",
         report.error
     );
@@ -523,14 +520,20 @@ fn a_sender_of_another_version_is_refused_by_the_receiver() {
         matches!(
             received.error,
             Some(Error::Version {
-                ours: 1,
+                ours: PROTOCOL_VERSION,
                 theirs: 99
             })
         ),
         "{:?}",
         received.error
     );
-    assert!(matches!(answers.0, Body::Hello(Hello { version: 1, .. })));
+    assert!(matches!(
+        answers.0,
+        Body::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            ..
+        })
+    ));
     assert!(matches!(answers.1, Body::Refuse(_)));
 }
 
@@ -741,7 +744,7 @@ fn packets_stay_within_253_fds_and_the_size_bound_and_reassemble_exactly() {
     // 600 idle connections, then five at every bound, then 10 idle: the packer's cuts, checked by the
     // receiver's assembler without any socket.
     let file = std::fs::File::open("/dev/null").unwrap();
-    let mut queue: VecDeque<(Handed, OwnedFd)> = VecDeque::new();
+    let mut queue: VecDeque<(Handed, Fds)> = VecDeque::new();
     for id in 0..615u64 {
         let mut h = handed(id);
         if (600..605).contains(&id) {
@@ -751,11 +754,11 @@ fn packets_stay_within_253_fds_and_the_size_bound_and_reassemble_exactly() {
             h.to_peer = bytes(id + 1000, MAX_BUFFERED);
             h.resume = bytes(id + 2000, MAX_RESUME);
         }
-        queue.push_back((h, OwnedFd::from(file.try_clone().unwrap())));
+        queue.push_back((h, OwnedFd::from(file.try_clone().unwrap()).into()));
     }
     let want: Vec<Handed> = queue.iter().map(|(h, _)| h.clone()).collect();
     let mut packer = Packer::default();
-    let mut assembler = Assembler::new(queue.len() as u64).unwrap();
+    let mut assembler = Assembler::new(queue.len() as u64, PROTOCOL_VERSION).unwrap();
     let mut got = Vec::new();
     let mut packets = 0;
     while let Some(packed) = packer.next(&queue) {
@@ -772,7 +775,7 @@ fn packets_stay_within_253_fds_and_the_size_bound_and_reassemble_exactly() {
         let fds = packed
             .fds
             .iter()
-            .map(|&i| queue[i].1.try_clone().unwrap())
+            .map(|&i| queue[i].1.app.try_clone().unwrap())
             .collect();
         let done = assembler.apply(b, fds).unwrap();
         assert_eq!(done.len(), packed.completed);
@@ -793,8 +796,8 @@ fn packets_stay_within_253_fds_and_the_size_bound_and_reassemble_exactly() {
 
 #[test]
 fn a_hand_over_announcing_more_than_the_connection_bound_is_refused() {
-    assert!(Assembler::new(MAX_CONNECTIONS).is_ok());
-    let err = Assembler::new(MAX_CONNECTIONS + 1).unwrap_err();
+    assert!(Assembler::new(MAX_CONNECTIONS, PROTOCOL_VERSION).is_ok());
+    let err = Assembler::new(MAX_CONNECTIONS + 1, PROTOCOL_VERSION).unwrap_err();
     assert!(
         matches!(
             err,
@@ -924,7 +927,7 @@ fn batches_out_of_order_or_with_bad_records_are_refused_as_malformed() {
         ),
     ];
     for (announced, batches, end, want) in cases {
-        let mut assembler = Assembler::new(announced).unwrap();
+        let mut assembler = Assembler::new(announced, PROTOCOL_VERSION).unwrap();
         let steps = batches.len();
         let mut last = Ok(());
         for (step, batch) in batches.into_iter().enumerate() {
@@ -1004,7 +1007,7 @@ fn alone_ten_thousand_connections() {
                 proxy.set_nonblocking(false).unwrap();
                 // The app end's port: unique among these connections, and what the app end sends first.
                 let id = u64::from(peer_addr.port());
-                conns.push((handed(id), OwnedFd::from(proxy)));
+                conns.push((handed(id), OwnedFd::from(proxy).into()));
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 if let Some(status) = peer.try_wait().unwrap() {
@@ -1046,7 +1049,7 @@ fn alone_ten_thousand_connections() {
     // Each socket still works: what the app end wrote before the hand-over (its port) is read here, once,
     // and the answer reaches it.
     for (handed, fd) in received.conns {
-        let mut proxy = TcpStream::from(fd);
+        let mut proxy = TcpStream::from(fd.app);
         proxy.set_read_timeout(Some(T)).unwrap();
         assert_eq!(u64::from(proxy.peer_addr().unwrap().port()), handed.id);
         let mut got = [0u8; 8];
@@ -1136,4 +1139,298 @@ fn alone_receiver_out_of_fd_numbers() {
     );
     assert_eq!(ids(&report.kept), (0..N as u64).collect::<Vec<_>>());
     all_still_work(&mut apps, &report.kept);
+}
+
+/// Idle plain connections with ids 0..n, each with two sockets (an app pair and a peer pair): the app ends,
+/// the peer ends, and what the sender hands over.
+fn idle_plain(n: usize) -> (Vec<TcpStream>, Vec<TcpStream>, Vec<(Handed, Fds)>) {
+    let (mut apps, mut peers, mut conns) = (Vec::new(), Vec::new(), Vec::new());
+    for (i, ((app, app_fd), (peer, peer_fd))) in
+        tcp_pairs(n).into_iter().zip(tcp_pairs(n)).enumerate()
+    {
+        let h = Handed {
+            peer_identity: String::new(),
+            to_app: bytes(i as u64, 100 + i),
+            to_peer: bytes(i as u64 + 1000, 200 + i),
+            ..handed(i as u64)
+        };
+        let fds = Fds {
+            app: app_fd,
+            peer: Some(peer_fd),
+        };
+        apps.push(app);
+        peers.push(peer);
+        conns.push((h, fds));
+    }
+    (apps, peers, conns)
+}
+
+#[test]
+fn plain_connections_arrive_with_both_their_sockets_beside_resumable_ones() {
+    // Ids 0..4 plain (two fds), 4..7 resumable (one): mixed in one hand-over, in the given order.
+    let (mut apps, mut peers, mut conns) = idle_plain(4);
+    let (more_apps, more) = idle(7);
+    apps.extend(more_apps.into_iter().skip(4));
+    conns.extend(more.into_iter().skip(4));
+    let sent: Vec<Handed> = conns.iter().map(|(h, _)| h.clone()).collect();
+    let (report, received) = hand_over(conns);
+    assert!(report.error.is_none(), "sender: {:?}", report.error);
+    assert!(received.error.is_none(), "receiver: {:?}", received.error);
+    assert_eq!(report.taken, (0..7).collect::<Vec<_>>());
+    assert!(report.kept.is_empty());
+    let got: Vec<Handed> = received.conns.iter().map(|(h, _)| h.clone()).collect();
+    assert_eq!(got, sent, "records arrive intact");
+    for (handed, fds) in &received.conns {
+        let id = handed.id;
+        still_works(&mut apps[id as usize], fds.app.as_fd(), id);
+        match (&fds.peer, id < 4) {
+            // The second fd is the peer's socket, not the app's again.
+            (Some(peer), true) => still_works(&mut peers[id as usize], peer.as_fd(), id),
+            (None, false) => {}
+            (peer, _) => panic!("connection {id}: peer socket {peer:?}"),
+        }
+    }
+}
+
+#[test]
+fn a_batch_whose_fds_do_not_match_its_plain_records_is_refused() {
+    let (_apps, _peers, conns) = idle_plain(2);
+    let plain = |id| Record {
+        peer_socket: true,
+        ..first(id, false, vec![])
+    };
+    // Two plain connections call for four fds; three came.
+    let fds = [
+        conns[0].1.app.as_fd(),
+        conns[0].1.peer.as_ref().unwrap().as_fd(),
+        conns[1].1.app.as_fd(),
+    ];
+    let records = vec![plain(0), plain(1)];
+    let (received, answer) = receiver_given(2, batch(0, records).into_packet(), &fds);
+    assert!(
+        matches!(
+            received.error,
+            Some(Error::FdCount {
+                expected: 4,
+                got: 3
+            })
+        ),
+        "{:?}",
+        received.error
+    );
+    assert!(received.conns.is_empty());
+    assert!(matches!(answer, Body::Refuse(_)));
+
+    // A version 1 sender cannot send a second fd: refused as malformed, not taken with one.
+    let (received, answer) = runtime().block_on(async {
+        let (_dir, path) = socket_path();
+        let receiver = Receiver::bind(&path).unwrap();
+        let old = async {
+            let conn = connect(&path).await;
+            put(&conn, hello(OLDEST_VERSION, 1), &[]).await;
+            let Body::Hello(h) = get(&conn).await.0 else {
+                panic!("hello")
+            };
+            assert_eq!(
+                h.version, OLDEST_VERSION,
+                "the receiver answers in the sender's version"
+            );
+            put(&conn, batch(0, vec![plain(0)]), &fds[..2]).await;
+            get(&conn).await.0
+        };
+        tokio::join!(receiver.accept_all(), old)
+    });
+    assert!(
+        matches!(&received.error, Some(Error::Malformed(m)) if m.contains("second fd")),
+        "{:?}",
+        received.error
+    );
+    assert!(received.conns.is_empty());
+    assert!(matches!(answer, Body::Refuse(_)));
+}
+
+/// A receiver of version 1 (as the previous build): answers hello with 1 and refuses any other version.
+/// Returns the version the sender said.
+async fn old_receiver(listener: SeqpacketListener) -> u32 {
+    let conn = accept(&listener).await;
+    let Body::Hello(h) = get(&conn).await.0 else {
+        panic!("hello first")
+    };
+    put(&conn, hello(OLDEST_VERSION, 0), &[]).await;
+    if h.version == OLDEST_VERSION {
+        // Takes nothing further here: the test only looks at what the sender says.
+        let _ = read_with_fds(&conn, &mut vec![0u8; MAX_PACKET], T, "test").await;
+    }
+    h.version
+}
+
+#[test]
+fn a_sender_says_version_2_only_with_a_plain_connection_and_an_old_receiver_takes_none_of_it() {
+    let (mut apps, mut peers, conns) = idle_plain(2);
+    let (said, report) = runtime().block_on(async {
+        let (_dir, path) = socket_path();
+        let listener = packet::bind(&path).unwrap();
+        let (report, said) = tokio::join!(send(&path, conns), old_receiver(listener));
+        (said, report)
+    });
+    assert_eq!(said, PROTOCOL_VERSION);
+    assert!(
+        matches!(report.error, Some(Error::Version { ours: 2, theirs: 1 })),
+        "{:?}",
+        report.error
+    );
+    assert_eq!((report.packets, ids(&report.kept)), (0, vec![0, 1]));
+    for (handed, fds) in &report.kept {
+        let id = handed.id as usize;
+        still_works(&mut apps[id], fds.app.as_fd(), handed.id);
+        still_works(
+            &mut peers[id],
+            fds.peer.as_ref().unwrap().as_fd(),
+            handed.id,
+        );
+    }
+
+    // Resumable connections alone: version 1, which an old receiver speaks.
+    let (_apps, conns) = idle(1);
+    let said = runtime().block_on(async {
+        let (_dir, path) = socket_path();
+        let listener = packet::bind(&path).unwrap();
+        let sending = async {
+            // The old receiver stops after the hello: this sender's batch goes unanswered.
+            sender::send(&path, conns, Duration::from_millis(200)).await
+        };
+        tokio::join!(sending, old_receiver(listener)).1
+    });
+    assert_eq!(said, OLDEST_VERSION);
+}
+
+#[test]
+fn pairs_of_fds_pack_within_253_per_packet_never_split_and_arrive_in_order() {
+    // 300 connections, every other one plain: the app fd is /dev/null, the peer fd /dev/zero, so the
+    // receiver's assignment of fds to connections can be checked.
+    let null = std::fs::File::open("/dev/null").unwrap();
+    let zero = std::fs::File::open("/dev/zero").unwrap();
+    let rdev = |fd: BorrowedFd<'_>| nix::sys::stat::fstat(fd).unwrap().st_rdev;
+    let (null_dev, zero_dev) = (rdev(null.as_fd()), rdev(zero.as_fd()));
+    let mut queue: VecDeque<(Handed, Fds)> = VecDeque::new();
+    for id in 0..300u64 {
+        let peer = (id % 2 == 0).then(|| OwnedFd::from(zero.try_clone().unwrap()));
+        let app = OwnedFd::from(null.try_clone().unwrap());
+        queue.push_back((handed(id), Fds { app, peer }));
+    }
+    let want: Vec<Handed> = queue.iter().map(|(h, _)| h.clone()).collect();
+    let mut packer = Packer::default();
+    let mut assembler = Assembler::new(queue.len() as u64, PROTOCOL_VERSION).unwrap();
+    let (mut got, mut fd_counts) = (Vec::new(), Vec::new());
+    while let Some(packed) = packer.next(&queue) {
+        let Some(Body::Batch(b)) = Packet::decode(&packed.bytes[..]).unwrap().body else {
+            panic!("a batch")
+        };
+        let fds: Vec<OwnedFd> = packed
+            .fds
+            .iter()
+            .flat_map(|&i| {
+                let f = &queue[i].1;
+                std::iter::once(f.app.try_clone().unwrap())
+                    .chain(f.peer.as_ref().map(|p| p.try_clone().unwrap()))
+            })
+            .collect();
+        assert!(fds.len() <= MAX_FDS_PER_PACKET, "{} fds", fds.len());
+        fd_counts.push(fds.len());
+        let done = assembler.apply(b, fds).unwrap();
+        assert_eq!(done.len(), packed.completed);
+        for (h, f) in &done {
+            assert_eq!(rdev(f.app.as_fd()), null_dev, "connection {}: app fd", h.id);
+            let peer = f.peer.as_ref().map(|p| rdev(p.as_fd()));
+            let expected = (h.id % 2 == 0).then_some(zero_dev);
+            assert_eq!(peer, expected, "connection {}: peer fd", h.id);
+        }
+        got.extend(done.into_iter().map(|(h, _)| h));
+        queue.drain(..packed.completed);
+        packer.taken(packed.completed);
+    }
+    assembler.finish().unwrap();
+    assert_eq!(got, want);
+    // 450 fds: 253 would split a pair (168 connections, the 169th plain, make 252 + 2), so 252, then 198.
+    assert_eq!(fd_counts, [252, 198]);
+}
+
+#[test]
+fn an_old_receiver_is_handed_the_connections_it_understands_and_the_sender_keeps_the_plain_ones() {
+    // Ids 0, 2, 4 plain; 1, 3 resumable.
+    let (_apps, _peers, plain) = idle_plain(3);
+    let (mut apps, single) = idle(5);
+    let mut plain = plain.into_iter();
+    let mut single = single.into_iter();
+    let conns: Vec<(Handed, Fds)> = (0..5u64)
+        .map(|id| {
+            let (h, fds) = if id % 2 == 0 {
+                plain.next().unwrap()
+            } else {
+                // `idle` numbers its connections 0..5: take 1 and 3, whose app ends are apps[1], apps[3].
+                single.nth(1).unwrap()
+            };
+            (Handed { id, ..h }, fds)
+        })
+        .collect();
+    let (report, (versions, taken)) = runtime().block_on(async {
+        let (_dir, path) = socket_path();
+        let listener = packet::bind(&path).unwrap();
+        // Version 1 as the previous build: refuses version 2 after its hello, then takes a version 1
+        // hand-over on the next connection.
+        let old = async {
+            let mut versions = Vec::new();
+            let conn = accept(&listener).await;
+            let Body::Hello(h) = get(&conn).await.0 else {
+                panic!("hello")
+            };
+            versions.push(h.version);
+            put(&conn, hello(OLDEST_VERSION, 0), &[]).await;
+            put(
+                &conn,
+                Body::Refuse(Reason {
+                    reason: "version".into(),
+                }),
+                &[],
+            )
+            .await;
+            drop(conn);
+            let conn = accept(&listener).await;
+            let Body::Hello(h) = get(&conn).await.0 else {
+                panic!("hello")
+            };
+            versions.push(h.version);
+            put(&conn, hello(OLDEST_VERSION, 0), &[]).await;
+            let mut assembler = Assembler::new(h.connections, h.version).unwrap();
+            let mut taken = Vec::new();
+            loop {
+                match get(&conn).await {
+                    (Body::Batch(b), fds) => {
+                        let seq = b.seq;
+                        let done = assembler.apply(b, fds).unwrap();
+                        let accepted = done.len() as u64;
+                        put(&conn, Body::Ack(Ack { seq, accepted }), &[]).await;
+                        taken.extend(done);
+                    }
+                    (Body::End(_), _) => break,
+                    (other, _) => panic!("{}", other.name()),
+                }
+            }
+            (versions, taken)
+        };
+        tokio::join!(send(&path, conns), old)
+    });
+    assert_eq!(versions, [PROTOCOL_VERSION, OLDEST_VERSION]);
+    assert_eq!(report.taken, [1, 3]);
+    assert_eq!(ids(&taken), [1, 3]);
+    assert!(taken.iter().all(|(_, fds)| fds.peer.is_none()));
+    assert_eq!(ids(&report.kept), [0, 2, 4], "the plain ones, in order");
+    assert!(
+        matches!(report.error, Some(Error::Version { ours: 2, theirs: 1 })),
+        "{:?}",
+        report.error
+    );
+    for (h, fds) in &taken {
+        still_works(&mut apps[h.id as usize], fds.app.as_fd(), h.id);
+    }
 }

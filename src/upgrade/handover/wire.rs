@@ -3,7 +3,8 @@
 //!
 //! Messages are prost structs written by hand (tags below are the wire format; there is no .proto). One
 //! packet is one [`Packet`]. A connection travels as one or more [`Record`]s in sequence: the first
-//! (`continued = false`) carries its metadata and claims the packet's next fd; continuations carry the
+//! (`continued = false`) carries its metadata and claims the packet's next fd, and the one after it too
+//! when it says `peer_socket` (version 2); continuations carry the
 //! same `id` and more bytes; `more` says whether another record of it follows. Its bytes are the
 //! concatenation `to_app ‖ to_peer ‖ resume`, cut into records of at most [`FRAGMENT_BYTES`].
 
@@ -14,8 +15,8 @@ use std::os::fd::OwnedFd;
 use prost::Message;
 
 use super::{
-    Direction, Error, Handed, MAX_BUFFERED, MAX_CONNECTIONS, MAX_FDS_PER_PACKET, MAX_NAME,
-    MAX_PACKET, MAX_RESUME,
+    Direction, Error, Fds, Handed, MAX_BUFFERED, MAX_CONNECTIONS, MAX_FDS_PER_PACKET, MAX_NAME,
+    MAX_PACKET, MAX_RESUME, OLDEST_VERSION,
 };
 
 /// Most bytes of `to_app ‖ to_peer ‖ resume` in one record. With the metadata at its bounds a record stays
@@ -91,7 +92,7 @@ pub(super) struct Hello {
 }
 
 /// Records, in order; their fds travel in the packet's SCM_RIGHTS message, one per record that starts a
-/// connection, in the same order.
+/// connection and a second for one that says `peer_socket`, in the same order.
 #[derive(Clone, PartialEq, prost::Message)]
 pub(super) struct Batch {
     /// 0 for the first batch, then one more each.
@@ -177,6 +178,10 @@ pub(super) struct Record {
     /// The next part of [`Handed::resume`].
     #[prost(bytes = "vec", tag = "11")]
     pub(super) resume: Vec<u8>,
+    /// First record only, version 2: the connection's peer-facing socket follows its app socket
+    /// ([`Fds::peer`]).
+    #[prost(bool, tag = "12")]
+    pub(super) peer_socket: bool,
 }
 
 /// [`Direction`] on the wire; 0 is refused.
@@ -198,7 +203,8 @@ pub(super) struct Packed {
     pub(super) seq: u64,
     /// The encoded packet (at most [`MAX_PACKET`] bytes).
     pub(super) bytes: Vec<u8>,
-    /// Indexes (into the queue given to [`Packer::next`]) of the connections whose fds go with it.
+    /// Indexes (into the queue given to [`Packer::next`]) of the connections whose fds go with it (each
+    /// connection's app fd, then its peer fd if it has one).
     pub(super) fds: Vec<usize>,
     /// Connections whose last record is in it: the front of the queue, once it is acknowledged.
     pub(super) completed: usize,
@@ -218,24 +224,25 @@ pub(super) struct Packer {
 impl Packer {
     /// The next batch of `queue` (whose first `taken` connections have been popped since the last call, see
     /// [`Packer::taken`]), or `None` when every connection has been packed. Records are added while the
-    /// packet stays within [`MAX_PACKET`] and [`MAX_FDS_PER_PACKET`].
-    pub(super) fn next(&mut self, queue: &VecDeque<(Handed, OwnedFd)>) -> Option<Packed> {
-        let (handed, _) = queue.get(self.next)?;
+    /// packet stays within [`MAX_PACKET`] and [`MAX_FDS_PER_PACKET`] (a connection's two fds never split).
+    pub(super) fn next(&mut self, queue: &VecDeque<(Handed, Fds)>) -> Option<Packed> {
+        let (handed, conn_fds) = queue.get(self.next)?;
         let mut batch = Batch {
             seq: self.seq,
             records: Vec::new(),
         };
         let mut size = batch.encoded_len();
-        let (mut fds, mut completed) = (Vec::new(), 0);
-        let mut current = Some(handed);
-        while let Some(handed) = current {
+        let (mut fds, mut fd_count, mut completed) = (Vec::new(), 0, 0);
+        let mut current = Some((handed, conn_fds));
+        while let Some((handed, conn_fds)) = current {
             let first = self.offset == 0;
-            if first && fds.len() == MAX_FDS_PER_PACKET {
+            if first && fd_count + conn_fds.count() > MAX_FDS_PER_PACKET {
                 break;
             }
             let total = handed.to_app.len() + handed.to_peer.len() + handed.resume.len();
             let chunk = (total - self.offset).min(FRAGMENT_BYTES);
-            let record = fragment(handed, self.offset, chunk, first);
+            let peer_socket = conn_fds.peer.is_some();
+            let record = fragment(handed, self.offset, chunk, first, peer_socket);
             let len = prost::encoding::message::encoded_len(2, &record);
             // The first record always fits: a record is under a third of a packet (FRAGMENT_BYTES plus
             // bounded metadata), which `Handed::check` guaranteed before packing.
@@ -246,13 +253,14 @@ impl Packer {
             batch.records.push(record);
             if first {
                 fds.push(self.next);
+                fd_count += conn_fds.count();
             }
             self.offset += chunk;
             if self.offset == total {
                 self.next += 1;
                 self.offset = 0;
                 completed += 1;
-                current = queue.get(self.next).map(|(h, _)| h);
+                current = queue.get(self.next).map(|(h, f)| (h, f));
             }
         }
         let seq = self.seq;
@@ -271,8 +279,15 @@ impl Packer {
     }
 }
 
-/// The record of `handed` covering `offset..offset + chunk` of its bytes.
-fn fragment(handed: &Handed, offset: usize, chunk: usize, first: bool) -> Record {
+/// The record of `handed` covering `offset..offset + chunk` of its bytes; `peer_socket`: it has a second
+/// fd.
+fn fragment(
+    handed: &Handed,
+    offset: usize,
+    chunk: usize,
+    first: bool,
+    peer_socket: bool,
+) -> Record {
     let end = offset + chunk;
     let mut base = 0;
     let mut part = |bytes: &[u8]| {
@@ -316,6 +331,7 @@ fn fragment(handed: &Handed, offset: usize, chunk: usize, first: bool) -> Record
         to_app,
         to_peer,
         resume,
+        peer_socket,
     }
 }
 
@@ -330,12 +346,15 @@ pub(super) struct Assembler {
     /// The next batch's expected sequence number.
     seq: u64,
     /// A connection whose records continue in a later packet.
-    partial: Option<(Handed, OwnedFd)>,
+    partial: Option<(Handed, Fds)>,
+    /// The version the sender said: 1 refuses a second fd.
+    version: u32,
 }
 
 impl Assembler {
-    /// For a hand-over of `announced` connections; refuses more than [`MAX_CONNECTIONS`].
-    pub(super) fn new(announced: u64) -> Result<Assembler, Error> {
+    /// For a hand-over of `announced` connections in protocol `version`; refuses more than
+    /// [`MAX_CONNECTIONS`].
+    pub(super) fn new(announced: u64, version: u32) -> Result<Assembler, Error> {
         if announced > MAX_CONNECTIONS {
             return Err(Error::TooMany {
                 announced,
@@ -347,6 +366,7 @@ impl Assembler {
             completed: 0,
             seq: 0,
             partial: None,
+            version,
         })
     }
 
@@ -356,7 +376,7 @@ impl Assembler {
         &mut self,
         batch: Batch,
         fds: Vec<OwnedFd>,
-    ) -> Result<Vec<(Handed, OwnedFd)>, Error> {
+    ) -> Result<Vec<(Handed, Fds)>, Error> {
         if batch.seq != self.seq {
             return Err(Error::Malformed(format!(
                 "batch {} out of order: expected batch {}",
@@ -366,10 +386,23 @@ impl Assembler {
         if batch.records.is_empty() {
             return Err(Error::Malformed(format!("batch {} is empty", batch.seq)));
         }
-        let starts = batch.records.iter().filter(|r| !r.continued).count();
-        if starts != fds.len() {
+        if self.version == OLDEST_VERSION {
+            if let Some(r) = batch.records.iter().find(|r| r.peer_socket) {
+                return Err(Error::Malformed(format!(
+                    "connection {}: a second fd in a version {OLDEST_VERSION} hand-over",
+                    r.id
+                )));
+            }
+        }
+        let expected: usize = batch
+            .records
+            .iter()
+            .filter(|r| !r.continued)
+            .map(|r| 1 + usize::from(r.peer_socket))
+            .sum();
+        if expected != fds.len() {
             return Err(Error::FdCount {
-                expected: starts,
+                expected,
                 got: fds.len(),
             });
         }
@@ -378,10 +411,13 @@ impl Assembler {
         for record in batch.records {
             let (mut handed, fd) = match (record.continued, self.partial.take()) {
                 (false, None) => {
-                    let fd = fds
-                        .next()
-                        .expect("one fd per starting record, counted above");
-                    (start(&record)?, fd)
+                    let mut next = || {
+                        fds.next()
+                            .expect("the starting records' fds, counted above")
+                    };
+                    let app = next();
+                    let peer = record.peer_socket.then(next);
+                    (start(&record)?, Fds { app, peer })
                 }
                 (true, Some(partial)) if partial.0.id == record.id => {
                     continuation(&record)?;
@@ -511,7 +547,8 @@ fn continuation(record: &Record) -> Result<(), Error> {
         || record.direction != 0
         || !record.original_dst.is_empty()
         || !record.peer.is_empty()
-        || !record.peer_identity.is_empty();
+        || !record.peer_identity.is_empty()
+        || record.peer_socket;
     if has_metadata {
         return Err(Error::Malformed(format!(
             "continuation of connection {} carries metadata",
