@@ -624,30 +624,14 @@ fn an_upgraded_proxy_hands_its_open_connections_to_the_new_one_and_none_is_reset
 
     // Proxy B starts beside A, serves the pods and listens on the hand-over socket.
     let node_b = Netns::new("nodeb");
-    let mut b = upgrade::start_second_proxy(&node, &node_b, "true", &env);
-    let b_log = node.path("proxy-b.log");
-    node.wait_for(
-        || {
-            std::fs::read_to_string(&b_log)
-                .is_ok_and(|l| l.contains("taking connections handed over"))
-        },
-        "proxy B listening on the hand-over socket",
-    );
+    let (mut b, b_log) = upgrade::start_second_proxy_taking_handovers(&node, &node_b, &env);
 
     // A is told to stop: it hands every connection to B and exits without waiting for them to end.
-    let a_pid = nix::unistd::Pid::from_raw(a.0.id() as i32);
-    let told = std::time::Instant::now();
-    nix::sys::signal::kill(a_pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-    let mut exit = None;
-    node.wait_for(
-        || {
-            exit = a.0.try_wait().unwrap();
-            exit.is_some()
-        },
+    let handed_in = upgrade::stop(
+        &node,
+        &mut a,
         "A to exit after handing its connections over",
     );
-    let handed_in = told.elapsed();
-    assert!(exit.unwrap().success(), "A exited with {exit:?}");
     // Its termination deadline is 60 s: exiting well before means nothing was left to drain.
     assert!(
         handed_in < Duration::from_secs(20),
@@ -736,17 +720,11 @@ fn a_restarted_proxy_leaves_its_open_connections_with_the_cni_agent_until_it_is_
 
     // A restart, not a rolling update: A is told to stop with no new proxy beside it. It hands its
     // connections to the CNI agent and exits.
-    let a_pid = nix::unistd::Pid::from_raw(a.0.id() as i32);
-    nix::sys::signal::kill(a_pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-    let mut exit = None;
-    node.wait_for(
-        || {
-            exit = a.0.try_wait().unwrap();
-            exit.is_some()
-        },
+    upgrade::stop(
+        &node,
+        &mut a,
         "A to exit after handing its connections to the agent",
     );
-    assert!(exit.unwrap().success(), "A exited with {exit:?}");
     let logs = node.logs();
     assert!(
         logs.contains("handed to the CNI agent"),
@@ -910,28 +888,12 @@ fn an_upgraded_proxy_hands_its_plain_tcp_connections_over_too_and_none_loses_a_b
 
     // B starts beside A; A is told to stop and hands everything over.
     let node_b = Netns::new("nodeb");
-    let mut b = upgrade::start_second_proxy(&node, &node_b, "true", &env);
-    let b_log = node.path("proxy-b.log");
-    node.wait_for(
-        || {
-            std::fs::read_to_string(&b_log)
-                .is_ok_and(|l| l.contains("taking connections handed over"))
-        },
-        "proxy B listening on the hand-over socket",
-    );
-    let a_pid = nix::unistd::Pid::from_raw(a.0.id() as i32);
-    let told = std::time::Instant::now();
-    nix::sys::signal::kill(a_pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-    let mut exit = None;
-    node.wait_for(
-        || {
-            exit = a.0.try_wait().unwrap();
-            exit.is_some()
-        },
+    let (mut b, b_log) = upgrade::start_second_proxy_taking_handovers(&node, &node_b, &env);
+    let handed_in = upgrade::stop(
+        &node,
+        &mut a,
         "A to exit after handing its connections over",
     );
-    let handed_in = told.elapsed();
-    assert!(exit.unwrap().success(), "A exited with {exit:?}");
     assert!(
         handed_in < Duration::from_secs(20),
         "A took {handed_in:?} to leave (its drain is 60 s)\n{}",

@@ -422,20 +422,10 @@ fn a_connection_through_the_waypoint_outlives_a_restart_of_the_node_proxy_on_bot
 
     // The node proxy restarts (no new one beside it): the agent holds both hops' app-side sockets.
     let mut a = node.proxy.take().expect("the node proxy");
-    let pid = nix::unistd::Pid::from_raw(a.0.id() as i32);
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-    let left = Instant::now();
-    while a.0.try_wait().unwrap().is_none() {
-        assert!(
-            left.elapsed() < Duration::from_secs(20),
-            "the proxy did not leave\n{}",
-            with_waypoint(&node)
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let left = support::upgrade::stop(&node, &mut a, "the node proxy to leave");
     assert!(
-        left.elapsed() < Duration::from_secs(5),
-        "the proxy drained instead of handing its connections over\n{}",
+        left < Duration::from_secs(5),
+        "the proxy drained instead of handing its connections over ({left:?})\n{}",
         with_waypoint(&node)
     );
     std::thread::sleep(Duration::from_millis(1000));

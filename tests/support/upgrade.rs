@@ -108,3 +108,41 @@ pub fn start_second_proxy(
     );
     b
 }
+
+/// Proxy B ([`start_second_proxy`], with `extra`) once it takes hand-overs: it listens on the hand-over
+/// socket. Returns B and its log file.
+pub fn start_second_proxy_taking_handovers(
+    node: &Node,
+    ns: &Netns,
+    extra: &[(String, String)],
+) -> (KillOnDrop, std::path::PathBuf) {
+    let b = start_second_proxy(node, ns, "true", extra);
+    let log = node.path("proxy-b.log");
+    node.wait_for(
+        || {
+            std::fs::read_to_string(&log)
+                .is_ok_and(|l| l.contains("taking connections handed over"))
+        },
+        "proxy B listening on the hand-over socket",
+    );
+    (b, log)
+}
+
+/// Tells `proxy` to stop (SIGTERM) and waits until it has exited, successfully (`what` names the wait);
+/// returns how long it took to leave.
+pub fn stop(node: &Node, proxy: &mut KillOnDrop, what: &str) -> std::time::Duration {
+    let pid = nix::unistd::Pid::from_raw(proxy.0.id() as i32);
+    let told = std::time::Instant::now();
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let mut exit = None;
+    node.wait_for(
+        || {
+            exit = proxy.0.try_wait().unwrap();
+            exit.is_some()
+        },
+        what,
+    );
+    let took = told.elapsed();
+    assert!(exit.unwrap().success(), "{what}: exited with {exit:?}");
+    took
+}
