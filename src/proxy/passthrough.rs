@@ -77,6 +77,37 @@ struct Carried {
 }
 
 impl Proxy {
+    /// A plaintext connection's metrics record (labelled from the client's workload, when the address is
+    /// one's, and the service of `dst`'s port) and its ends, for the access line.
+    fn open_record(
+        &self,
+        peer: SocketAddr,
+        dst: SocketAddr,
+        start: Instant,
+        workload: Arc<Workload>,
+    ) -> (ConnectionRecord, Ends) {
+        let state = self.inputs.state.load();
+        let src_workload = state
+            .workload_by_addr(&self.cfg().network, peer.ip())
+            .cloned();
+        let labels = TrafficLabels::new(
+            Reporter::destination,
+            src_workload.as_deref(),
+            None,
+            Some(&workload),
+            super::service_for(&state, &workload, dst.port()).as_deref(),
+        );
+        let record = self.metrics().open(labels);
+        let ends = Ends {
+            peer,
+            dst,
+            start,
+            src_workload,
+            workload,
+        };
+        (record, ends)
+    }
+
     /// Handles one connection accepted on :15006.
     pub(super) async fn inbound_plaintext(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
         match socket::original_dst(&stream) {
@@ -138,24 +169,7 @@ impl Proxy {
                 return None;
             }
         };
-        let network = &self.cfg().network;
-        let state = self.inputs.state.load();
-        let src_workload = state.workload_by_addr(network, peer.ip()).cloned();
-        let labels = TrafficLabels::new(
-            Reporter::destination,
-            src_workload.as_deref(),
-            None,
-            Some(&workload),
-            super::service_for(&state, &workload, dst.port()).as_deref(),
-        );
-        let record = self.metrics().open(labels);
-        let ends = Ends {
-            peer,
-            dst,
-            start,
-            src_workload,
-            workload,
-        };
+        let (record, ends) = self.open_record(peer, dst, start, workload);
         let workload = &ends.workload;
         let access = ends.access();
         let refused = |stream: &TcpStream, record, flags, e: &Error| {
@@ -181,7 +195,7 @@ impl Proxy {
             src: peer,
             dst,
             src_identity: None,
-            dst_network: network,
+            dst_network: &self.cfg().network,
         };
         if let Decision::Deny(reason) =
             state
@@ -327,24 +341,7 @@ impl Proxy {
         let start = a.resume.opened();
         let (peer, dst, stream) = (a.peer, a.original_dst, a.peer_socket);
         let workload = self.local_workload().await.map_err(|e| e.to_string())?;
-        let network = &self.cfg().network;
-        let state = self.inputs.state.load();
-        let src_workload = state.workload_by_addr(network, peer.ip()).cloned();
-        let labels = TrafficLabels::new(
-            Reporter::destination,
-            src_workload.as_deref(),
-            None,
-            Some(&workload),
-            super::service_for(&state, &workload, dst.port()).as_deref(),
-        );
-        let record = self.metrics().open(labels);
-        let ends = Ends {
-            peer,
-            dst,
-            start,
-            src_workload,
-            workload,
-        };
+        let (record, ends) = self.open_record(peer, dst, start, workload);
         let workload = &ends.workload;
         let access = ends.access();
         let registration = match self.conns.register(Tracked {
@@ -361,11 +358,12 @@ impl Proxy {
                 return Ok(None);
             }
         };
+        let state = self.inputs.state.load();
         let conn = Connection {
             src: peer,
             dst,
             src_identity: None,
-            dst_network: network,
+            dst_network: &self.cfg().network,
         };
         if let Decision::Deny(reason) =
             state
