@@ -135,6 +135,7 @@ pub(super) struct Client {
     pub key: PoolKey,
     pub src: Arc<Workload>,
     pub peer: SocketAddr,
+    /// The CONNECT's `:authority` (double HBONE: unused, the host form is in `double`).
     pub authority: SocketAddr,
     pub service: Option<Arc<Service>>,
     /// The application's original destination.
@@ -218,8 +219,7 @@ impl Client {
         }
     }
 
-    /// Leaves the paused connection (its application socket `app`) for the new process.
-    /// A double hop's record names the far end (the inner identities, the host-form authority) and the
+    /// Leaves the paused connection (its application socket `app`) for the new process. A double hop's record names the far end (the inner identities, the host-form authority) and the
     /// gateway (`peer`, its identities and network in `double`).
     pub(super) fn hand_over(&self, app: tokio::net::TcpStream, opened: std::time::Instant) {
         let ids = |ids: &[Identity]| ids.iter().map(ToString::to_string).collect();
