@@ -244,6 +244,22 @@ pub(super) struct Resume {
     /// Plain TCP (the record's second socket): its copy's half-close state. No token, no progress.
     #[prost(message, optional, tag = "8")]
     pub plain: Option<PlainState>,
+    /// Outbound double HBONE: the gateway's side (`peer` is the gateway's address; `authority` is then
+    /// `hostname:port`, which a receiver without this field cannot parse as an address, and `expected`
+    /// the far node proxy's identities).
+    #[prost(message, optional, tag = "9")]
+    pub double: Option<DoubleState>,
+}
+
+/// The outer hop of a handed double-HBONE connection.
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub(super) struct DoubleState {
+    /// The identities the gateway may present (the outer tunnel's check).
+    #[prost(string, repeated, tag = "1")]
+    pub gateway_expected: Vec<String>,
+    /// The gateway workload's network.
+    #[prost(string, tag = "2")]
+    pub gateway_network: String,
 }
 
 /// A plain TCP connection's half-close state, each way (`proxy::plain::State` less the bytes, which
@@ -630,6 +646,10 @@ mod tests {
                 server_shut: true,
                 server_eof: false,
                 initiator_shut: false,
+            }),
+            double: Some(DoubleState {
+                gateway_expected: vec!["spiffe://cluster.local/ns/istio-system/sa/gw".into()],
+                gateway_network: "net2".into(),
             }),
         };
         let back = Resume::decode(resume.encode_to_vec().as_slice()).unwrap();

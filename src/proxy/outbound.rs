@@ -125,6 +125,13 @@ impl Authority {
             Authority::Host(svc, _) => Some(svc),
         }
     }
+
+    fn service_arc(&self) -> Option<Arc<Service>> {
+        match self {
+            Authority::Addr(_) => None,
+            Authority::Host(svc, _) => Some(svc.clone()),
+        }
+    }
 }
 
 /// One HBONE tunnel to open: where to dial, whom to expect there, what to ask for.
@@ -491,9 +498,8 @@ impl Proxy {
             }
             // Boxed: the inner handshake's state is large, and unboxed it would size every connection's
             // task, double HBONE or not, for the connection's whole life.
-            Route::Double(hop) => Box::pin(self.open_double(&ends.src, peer, hop))
+            Route::Double(hop) => Box::pin(self.open_double(&ends.src, peer, hop, dst))
                 .await
-                .map(Up::Hbone)
                 .map_err(|e| (e.response_flags(), e)),
         };
         if let Ok(Up::Resumable(..)) = &up {
@@ -545,6 +551,7 @@ impl Proxy {
                     request: |src, client, authority, service| {
                         connect_request(src, client, authority, service)
                     },
+                    double: None,
                     _enlisted: self.enlist(),
                 };
                 Up::Resumable(stream, Box::new(client))
@@ -573,7 +580,9 @@ impl Proxy {
         }
     }
 
-    /// [`Proxy::adopt_outbound`]'s set-up; `None` when the connection ended there (logged).
+    /// [`Proxy::adopt_outbound`]'s set-up; `None` when the connection ended there (logged). A double-HBONE
+    /// connection (its record names the gateway) is labelled as a new one would be: the gateway
+    /// workload, the addressed service.
     async fn open_adopted_outbound(
         self: Arc<Self>,
         a: Adopted,
@@ -584,72 +593,149 @@ impl Proxy {
             .peer_addr()
             .map(socket::canonical)
             .map_err(|e| format!("app socket: {e}"))?;
-        let authority: SocketAddr = a
-            .resume
-            .authority
-            .parse()
-            .map_err(|e| format!("authority {:?}: {e}", a.resume.authority))?;
-        let expected = a
-            .resume
-            .expected
-            .iter()
-            .map(|id| id.parse::<Identity>())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| format!("expected identity: {e}"))?;
+        let identities = |ids: &[String]| {
+            ids.iter()
+                .map(|id| id.parse::<Identity>())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("expected identity: {e}"))
+        };
+        let expected = identities(&a.resume.expected)?;
         let src = self.local_workload().await.map_err(|e| e.to_string())?;
         let state = self.inputs.state.load();
-        // The workload the stream goes to: the destination's own (its address is the authority's), or
-        // the waypoint's on a waypoint hop; either way the labels are the ones the route gave.
-        let workload = state
-            .workload_by_addr(&self.cfg().network, a.peer.ip())
-            .cloned()
-            .ok_or_else(|| format!("no workload at {} any more", a.peer))?;
         let service = a
             .resume
             .service
             .split_once('/')
             .and_then(|(ns, host)| state.service_by_namespaced_host(ns, host).cloned());
-        drop(state);
-        let up = Upstream {
-            workload,
-            addr: authority,
-            expected_identities: expected,
-            service,
-        };
         let sent_to = a.peer;
-        let route = Route::Hbone(up);
+        let route = match &a.resume.double {
+            None => {
+                let authority: SocketAddr = a
+                    .resume
+                    .authority
+                    .parse()
+                    .map_err(|e| format!("authority {:?}: {e}", a.resume.authority))?;
+                // The workload the stream goes to: the destination's own (its address is the
+                // authority's), or the waypoint's on a waypoint hop; either way the labels are the ones
+                // the route gave.
+                let workload = state
+                    .workload_by_addr(&self.cfg().network, a.peer.ip())
+                    .cloned()
+                    .ok_or_else(|| format!("no workload at {} any more", a.peer))?;
+                Route::Hbone(Upstream {
+                    workload,
+                    addr: authority,
+                    expected_identities: expected,
+                    service,
+                })
+            }
+            Some(double) => {
+                let port = a
+                    .resume
+                    .authority
+                    .rsplit_once(':')
+                    .and_then(|(_, p)| p.parse::<u16>().ok())
+                    .ok_or_else(|| format!("authority {:?}: no port", a.resume.authority))?;
+                let service =
+                    service.ok_or_else(|| format!("no service {:?} any more", a.resume.service))?;
+                let authority = Authority::Host(service, port);
+                if authority.to_string() != a.resume.authority {
+                    return Err(format!(
+                        "authority {:?} is not service {:?}'s",
+                        a.resume.authority, a.resume.service
+                    ));
+                }
+                let gateway = match state.workload_by_addr(&double.gateway_network, a.peer.ip()) {
+                    Some(w) => w.clone(),
+                    None => {
+                        // Not found where it was: the route the destination takes now, if it still
+                        // goes through the same gateway.
+                        drop(state);
+                        match self.route(&src, peer.ip(), a.original_dst) {
+                            Ok(Route::Double(hop)) if hop.gateway.addr == a.peer => {
+                                hop.gateway.workload
+                            }
+                            _ => return Err(format!("no gateway workload at {} any more", a.peer)),
+                        }
+                    }
+                };
+                Route::Double(DoubleHop {
+                    gateway: Upstream {
+                        workload: gateway,
+                        addr: a.peer,
+                        expected_identities: identities(&double.gateway_expected)?,
+                        service: None,
+                    },
+                    authority,
+                    inner_expected: expected,
+                })
+            }
+        };
         let record = self.metrics().open(source_labels(&src, &route));
-        let Route::Hbone(up) = route else {
-            unreachable!("built as HBONE")
+        let (ends, key, authority, service, double) = match route {
+            Route::Hbone(up) => (
+                Ends {
+                    peer,
+                    src: src.clone(),
+                    dst_workload: Some(up.workload.clone()),
+                    sent_to,
+                    authority: Some(Authority::Addr(up.addr)),
+                    start,
+                    resumable: Some(true),
+                },
+                self.pool_key(&src, sent_to, &up.expected_identities),
+                up.addr,
+                up.service,
+                None,
+            ),
+            Route::Double(hop) => {
+                let double = super::resumable::DoubleDial {
+                    authority: hop.authority.to_string(),
+                    inner_expected: hop.inner_expected,
+                    gateway_network: hop.gateway.workload.network.to_string(),
+                };
+                (
+                    Ends {
+                        peer,
+                        src: src.clone(),
+                        dst_workload: Some(hop.gateway.workload.clone()),
+                        sent_to,
+                        authority: Some(hop.authority.clone()),
+                        start,
+                        resumable: Some(true),
+                    },
+                    self.pool_key(&src, sent_to, &hop.gateway.expected_identities),
+                    a.original_dst,
+                    hop.authority.service_arc(),
+                    Some(Box::new(double)),
+                )
+            }
+            _ => unreachable!("built as HBONE or double HBONE"),
         };
         let listing = self.outbound_conns.add(super::connections::Listed {
             src: peer,
             original_dst: Some(a.original_dst),
             actual_dst: sent_to,
-            protocol: "HBONE",
+            protocol: if double.is_some() {
+                "DOUBLEHBONE"
+            } else {
+                "HBONE"
+            },
         });
-        let ends = Ends {
-            peer,
-            src: src.clone(),
-            dst_workload: Some(up.workload.clone()),
-            sent_to,
-            authority: Some(Authority::Addr(authority)),
-            start,
-            resumable: Some(true),
-        };
         let mut client = Box::new(super::resumable::Client {
             proxy: self.clone(),
             token: a.token,
             progress: a.progress,
-            key: self.pool_key(&src, sent_to, &up.expected_identities),
+            key,
             src,
             peer,
             authority,
-            service: up.service,
+            service,
             original_dst: a.original_dst,
             request: |src, client, authority, service| {
                 connect_request(src, client, authority, service)
             },
+            double,
             _enlisted: self.enlist(),
         });
         // The server may be moving too (both ends on this node): a 404 is tried again within the wait.
@@ -807,12 +893,15 @@ impl Proxy {
 
     /// Opens double HBONE from `src` (at `peer`): the outer tunnel to the gateway through the pool, then
     /// the inner one inside it, with `x-forwarded-network` naming this proxy's network, as ztunnel sends.
+    /// With resumable streams on, the inner CONNECT offers a token (the far node proxy keeps the stream,
+    /// the gateway only relays it); resumable when the far end echoed it.
     async fn open_double(
-        &self,
-        src: &Workload,
+        self: &Arc<Self>,
+        src: &Arc<Workload>,
         peer: SocketAddr,
         hop: &DoubleHop,
-    ) -> Result<pool::Stream, Error> {
+        original_dst: SocketAddr,
+    ) -> Result<Up, Error> {
         let outer = Tunnel {
             dst: hop.gateway.addr,
             expected: &hop.gateway.expected_identities,
@@ -823,8 +912,13 @@ impl Proxy {
         let tls = self.tls_for(&src.identity).await?.current();
         let mut req = connect_request(src, peer, &hop.authority, hop.authority.service())?;
         crate::hbone::double::forward_network(&mut req, self.forwarded_network.as_ref());
+        let token = self.cfg().resumable_streams.then(Token::random);
+        if let Some(token) = token {
+            req.headers_mut()
+                .insert(RESUME_HEADER, super::resumable::Client::offer(token));
+        }
         let cfg = self.cfg();
-        Ok(crate::hbone::double::connect(
+        let stream = crate::hbone::double::connect(
             outer,
             hop.gateway.addr,
             &tls,
@@ -833,7 +927,33 @@ impl Proxy {
             cfg.connect_timeout,
             req,
         )
-        .await?)
+        .await?;
+        Ok(match token {
+            Some(token) if super::resumable::Client::accepted(token, &stream.headers) => {
+                let client = super::resumable::Client {
+                    proxy: self.clone(),
+                    token,
+                    progress: Progress::new(DEFAULT_WINDOW),
+                    key: self.pool_key(src, hop.gateway.addr, &hop.gateway.expected_identities),
+                    src: src.clone(),
+                    peer,
+                    authority: original_dst,
+                    service: hop.authority.service_arc(),
+                    original_dst,
+                    request: |src, client, authority, service| {
+                        connect_request(src, client, authority, service)
+                    },
+                    double: Some(Box::new(super::resumable::DoubleDial {
+                        authority: hop.authority.to_string(),
+                        inner_expected: hop.inner_expected.clone(),
+                        gateway_network: hop.gateway.workload.network.to_string(),
+                    })),
+                    _enlisted: self.enlist(),
+                };
+                Up::Resumable(stream, Box::new(client))
+            }
+            _ => Up::Hbone(stream),
+        })
     }
 
     /// Opens an HBONE stream from `src` (at `peer`) through the pool.

@@ -4,7 +4,9 @@
 //! - **Client** ([`Client`]): offers a token at CONNECT; when the server echoes it, copies with
 //!   [`resume::copy::run`], and when the tunnel breaks re-dials (through the pool, so a new connection if
 //!   the old one is gone; `hbone::resume::redial`) with the token and its count, until
-//!   [`Config::resume_wait`] has passed.
+//!   [`Config::resume_wait`] has passed. A double-HBONE connection ([`DoubleDial`]) offers on the inner
+//!   CONNECT and re-dials the double way: a new outer stream to the gateway (the pool key's), then a new
+//!   inner tunnel inside it whose CONNECT carries the token (`hbone::double`).
 //! - **Server** ([`Server`], parked with `hbone::resume::parking`): echoes an offer; when a tunnel
 //!   breaks, the stream's task keeps the application connection (and its policy registration and metrics
 //!   record) and waits for the re-dial; the CONNECT that carries the token, from the same identity, is
@@ -26,6 +28,7 @@ use http::HeaderMap;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::Proxy;
+use crate::hbone::double;
 use crate::hbone::pool::{self, PoolKey};
 use crate::hbone::resume::copy::{self as resumable, Outcome, Progress};
 pub(super) use crate::hbone::resume::parking::{self, echo, requested, Parking, Resumed};
@@ -132,22 +135,37 @@ pub(super) struct Client {
     pub key: PoolKey,
     pub src: Arc<Workload>,
     pub peer: SocketAddr,
+    /// The CONNECT's `:authority` (double HBONE: unused, the host form is in `double`).
     pub authority: SocketAddr,
     pub service: Option<Arc<Service>>,
     /// The application's original destination.
     pub original_dst: SocketAddr,
     /// Builds the re-dial's CONNECT request (the outbound side's, passed in).
     pub request: ConnectRequest,
+    /// Double HBONE: `key` is the outer tunnel's (to the gateway) and this the inner one's; `None`
+    /// for single HBONE (no allocation there).
+    pub double: Option<Box<DoubleDial>>,
     /// Counted by the process's hand-over while it lives.
     pub _enlisted: Option<super::handover::Enlisted>,
 }
 
+/// The inner hop of a double-HBONE connection (through the east-west gateway of the destination's
+/// network): what its re-dial and its hand-over need besides the outer pool key.
+pub(super) struct DoubleDial {
+    /// Both tunnels' `:authority`, in host form (`hostname:port`, the addressed service's).
+    pub authority: String,
+    /// Who may end the inner tunnel (the far node proxy's identities).
+    pub inner_expected: Vec<Identity>,
+    /// The gateway workload's network (to find it again after a hand-over).
+    pub gateway_network: String,
+}
+
 /// How the client side builds a CONNECT request: from its workload, the application's address, the
-/// `:authority` and the addressed service.
+/// `:authority` (`ip:port`, or `hostname:port` for double HBONE) and the addressed service.
 pub(super) type ConnectRequest = fn(
     &Workload,
     SocketAddr,
-    SocketAddr,
+    &(dyn std::fmt::Display + Sync),
     Option<&Service>,
 ) -> Result<http::Request<()>, super::Error>;
 
@@ -201,17 +219,32 @@ impl Client {
         }
     }
 
-    /// Leaves the paused connection (its application socket `app`) for the new process.
+    /// Leaves the paused connection (its application socket `app`) for the new process. A double hop's record names the far end (the inner identities, the host-form authority) and the
+    /// gateway (`peer`, its identities and network in `double`).
     pub(super) fn hand_over(&self, app: tokio::net::TcpStream, opened: std::time::Instant) {
-        let resume = super::handover::Resume {
+        let ids = |ids: &[Identity]| ids.iter().map(ToString::to_string).collect();
+        let mut resume = super::handover::Resume {
             token: self.token.to_bytes().to_vec(),
-            authority: self.authority.to_string(),
-            expected: self.key.dst_ids.iter().map(ToString::to_string).collect(),
             service: self.service.as_ref().map(|s| s.key()).unwrap_or_default(),
             opened_ms: super::handover::Resume::opened_at(opened),
             ..Default::default()
         };
-        let peer_identity = self.key.dst_ids.first().cloned();
+        let peer_identity = match &self.double {
+            None => {
+                resume.authority = self.authority.to_string();
+                resume.expected = ids(&self.key.dst_ids);
+                self.key.dst_ids.first().cloned()
+            }
+            Some(double) => {
+                resume.authority = double.authority.clone();
+                resume.expected = ids(&double.inner_expected);
+                resume.double = Some(super::handover::DoubleState {
+                    gateway_expected: ids(&self.key.dst_ids),
+                    gateway_network: double.gateway_network.clone(),
+                });
+                double.inner_expected.first().cloned()
+            }
+        };
         let Some(peer_identity) = peer_identity else {
             return;
         };
@@ -227,15 +260,17 @@ impl Client {
     }
 
     /// Re-dials (see `hbone::resume::redial`) through the proxy's pool, with its certificate and the
-    /// outbound side's CONNECT; `None` when the process is handing its connections over meanwhile.
+    /// outbound side's CONNECT (double HBONE: a new outer stream to the gateway, the token on the inner
+    /// CONNECT); `None` when the process is handing its connections over meanwhile.
     pub(super) async fn redial(&mut self) -> io::Result<Option<pool::Stream>> {
         let mut leaving = self.proxy.pause();
         let (proxy, request, key) = (&self.proxy, self.request, &self.key);
-        let (src, peer, authority, service) = (
+        let (src, peer, authority, service, double) = (
             &self.src,
             self.peer,
             self.authority,
             self.service.as_deref(),
+            self.double.as_deref(),
         );
         let dial = |ask: http::HeaderValue| async move {
             let tls = proxy
@@ -243,14 +278,37 @@ impl Client {
                 .await
                 .map_err(|e| Attempt::Retry(e.to_string()))?
                 .current();
-            let mut req = request(src, peer, authority, service)
-                .map_err(|e| Attempt::Fatal(io::Error::other(e.to_string())))?;
-            req.headers_mut().insert(RESUME_HEADER, ask);
-            proxy
+            let fatal = |e: super::Error| Attempt::Fatal(io::Error::other(e.to_string()));
+            let Some(double) = double else {
+                let mut req = request(src, peer, &authority, service).map_err(fatal)?;
+                req.headers_mut().insert(RESUME_HEADER, ask);
+                return proxy
+                    .pool()
+                    .connect(key, &tls, req)
+                    .await
+                    .map_err(Attempt::from_pool);
+            };
+            let outer_req = request(src, peer, &double.authority, service).map_err(fatal)?;
+            let outer = proxy
                 .pool()
-                .connect(key, &tls, req)
+                .connect(key, &tls, outer_req)
                 .await
-                .map_err(Attempt::from_pool)
+                .map_err(Attempt::through_gateway)?;
+            let mut req = request(src, peer, &double.authority, service).map_err(fatal)?;
+            double::forward_network(&mut req, proxy.forwarded_network.as_ref());
+            req.headers_mut().insert(RESUME_HEADER, ask);
+            let cfg = proxy.cfg();
+            double::connect(
+                outer,
+                key.dst,
+                &tls,
+                double.inner_expected.clone(),
+                &cfg.h2,
+                cfg.connect_timeout,
+                req,
+            )
+            .await
+            .map_err(Attempt::from_pool)
         };
         redial::redial(
             self.token,

@@ -7,7 +7,9 @@
 //!
 //! A 404 ("no such stream") is tried again within the wait: the server's new process may not have adopted
 //! the stream yet, and a server paused part-way through a frame drops its stream without saying it is
-//! moving. Any other answer ends the stream; a failed connection or handshake is tried again.
+//! moving. Any other answer ends the stream; a failed connection or handshake is tried again. Double
+//! HBONE's inner tunnel is classified the same way; its outer stream's 503 (the gateway cannot reach the
+//! far node proxy, which may be restarting) is tried again too.
 
 use std::future::Future;
 use std::io;
@@ -47,7 +49,26 @@ impl Attempt {
                 io::ErrorKind::NotFound,
                 format!("resumable stream: the server refused the resume ({status})"),
             )),
+            // Double HBONE's inner tunnel: its own answer decides.
+            pool::Error::Inner(inner) => match Attempt::from_pool(*inner) {
+                Attempt::Retry(why) => Attempt::Retry(format!("inner tunnel: {why}")),
+                fatal => fatal,
+            },
             e => Attempt::Retry(e.to_string()),
+        }
+    }
+
+    /// A failed outer CONNECT of double HBONE (to the east-west gateway), classified: the gateway's 503
+    /// (it could not reach the far node proxy: restarting, say) is tried again, the rest as
+    /// [`Attempt::from_pool`].
+    pub fn through_gateway(e: pool::Error) -> Attempt {
+        match e {
+            pool::Error::Status { status, .. } if status == StatusCode::SERVICE_UNAVAILABLE => {
+                Attempt::Retry(format!(
+                    "the gateway cannot reach the server yet ({status})"
+                ))
+            }
+            e => Attempt::from_pool(e),
         }
     }
 }
@@ -120,4 +141,47 @@ fn answered(
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
     tracing::debug!(server_at, "resumable stream resumed");
     Ok(stream)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(code: u16) -> pool::Error {
+        pool::Error::Status {
+            dst: "10.0.0.1:15008".parse().unwrap(),
+            status: StatusCode::from_u16(code).unwrap(),
+        }
+    }
+
+    fn inner(e: pool::Error) -> pool::Error {
+        pool::Error::Inner(Box::new(e))
+    }
+
+    fn retried(a: Attempt) -> bool {
+        matches!(a, Attempt::Retry(_))
+    }
+
+    #[test]
+    fn an_inner_tunnels_answer_is_classified_by_the_inner_status() {
+        assert!(retried(Attempt::from_pool(inner(status(404)))));
+        assert!(!retried(Attempt::from_pool(inner(status(403)))));
+        assert!(!retried(Attempt::from_pool(inner(status(503)))));
+        let timeout = pool::Error::Timeout {
+            dst: "10.0.0.1:15008".parse().unwrap(),
+        };
+        assert!(retried(Attempt::from_pool(inner(timeout))));
+        // Single HBONE as before.
+        assert!(retried(Attempt::from_pool(status(404))));
+        assert!(!retried(Attempt::from_pool(status(403))));
+    }
+
+    #[test]
+    fn the_gateways_503_on_the_outer_stream_is_tried_again_other_answers_end_it() {
+        assert!(retried(Attempt::through_gateway(status(503))));
+        assert!(retried(Attempt::through_gateway(status(404))));
+        assert!(!retried(Attempt::through_gateway(status(401))));
+        assert!(!retried(Attempt::through_gateway(inner(status(400)))));
+        assert!(retried(Attempt::through_gateway(inner(status(404)))));
+    }
 }
