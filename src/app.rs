@@ -505,14 +505,14 @@ where
                 closed = left.kept + left.late,
                 draining = open(),
                 error = left.error.map(|e| e.to_string()),
-                "no new process yet: resumable connections handed to the CNI agent, which holds them until it is ready; the others (a ztunnel peer, plain TCP, a waypoint hop) drain"
+                "no new process yet: resumable connections handed to the CNI agent, which holds them until it is ready (plain TCP ones too); the others (a ztunnel peer) drain"
             ),
             Ok(left) => tracing::info!(
                 taken = left.taken,
                 closed = left.kept + left.late,
                 draining = open(),
                 error = left.error.map(|e| e.to_string()),
-                "resumable connections handed over to the new process, and plain TCP ones; the others (a ztunnel peer, a waypoint hop, double HBONE) drain"
+                "resumable connections handed over to the new process, and plain TCP ones; the others (a ztunnel peer) drain"
             ),
             Err(e) => tracing::info!(error = %e, "no hand-over: open connections drain"),
         }
