@@ -602,11 +602,7 @@ impl Proxy {
         let expected = identities(&a.resume.expected)?;
         let src = self.local_workload().await.map_err(|e| e.to_string())?;
         let state = self.inputs.state.load();
-        let service = a
-            .resume
-            .service
-            .split_once('/')
-            .and_then(|(ns, host)| state.service_by_namespaced_host(ns, host).cloned());
+        let service = recorded_service(&state, &a.resume.service);
         let sent_to = a.peer;
         let route = match &a.resume.double {
             None => {
@@ -814,11 +810,7 @@ impl Proxy {
             .map_err(|e| format!("app socket: {e}"))?;
         let src = self.local_workload().await.map_err(|e| e.to_string())?;
         let state = self.inputs.state.load();
-        let service = a
-            .resume
-            .service
-            .split_once('/')
-            .and_then(|(ns, host)| state.service_by_namespaced_host(ns, host).cloned());
+        let service = recorded_service(&state, &a.resume.service);
         let route = match state.workload_by_addr(&self.cfg().network, a.peer.ip()) {
             Some(w) => Route::Tcp(Upstream {
                 workload: w.clone(),
@@ -1157,6 +1149,12 @@ fn source_labels(src: &Workload, route: &Route) -> TrafficLabels {
         dst.map(|u| &*u.workload),
         service,
     )
+}
+
+/// The service a handed-over connection recorded (`namespace/hostname`), if this process knows it.
+fn recorded_service(state: &State, key: &str) -> Option<Arc<Service>> {
+    let (ns, host) = key.split_once('/')?;
+    state.service_by_namespaced_host(ns, host).cloned()
 }
 
 fn by_protocol(up: Upstream) -> Route {

@@ -77,6 +77,26 @@ struct Carried {
 }
 
 impl Proxy {
+    /// The pod's policies for a plaintext connection from `peer` to `dst` (no identity), as they are now.
+    fn plaintext_decision(
+        &self,
+        peer: SocketAddr,
+        dst: SocketAddr,
+        workload: &Workload,
+    ) -> Decision {
+        let conn = Connection {
+            src: peer,
+            dst,
+            src_identity: None,
+            dst_network: &self.cfg().network,
+        };
+        self.inputs.state.load().policies().check(
+            &workload.namespace,
+            &workload.authorization_policies,
+            &conn,
+        )
+    }
+
     /// A plaintext connection's metrics record (labelled from the client's workload, when the address is
     /// one's, and the service of `dst`'s port) and its ends, for the access line.
     fn open_record(
@@ -190,18 +210,7 @@ impl Proxy {
                 return None;
             }
         };
-        let state = self.inputs.state.load();
-        let conn = Connection {
-            src: peer,
-            dst,
-            src_identity: None,
-            dst_network: &self.cfg().network,
-        };
-        if let Decision::Deny(reason) =
-            state
-                .policies()
-                .check(&workload.namespace, &workload.authorization_policies, &conn)
-        {
+        if let Decision::Deny(reason) = self.plaintext_decision(peer, dst, workload) {
             refused(&stream, record, ResponseFlags::Deny, &Error::Denied(reason));
             return None;
         }
@@ -358,24 +367,12 @@ impl Proxy {
                 return Ok(None);
             }
         };
-        let state = self.inputs.state.load();
-        let conn = Connection {
-            src: peer,
-            dst,
-            src_identity: None,
-            dst_network: &self.cfg().network,
-        };
-        if let Decision::Deny(reason) =
-            state
-                .policies()
-                .check(&workload.namespace, &workload.authorization_policies, &conn)
-        {
+        if let Decision::Deny(reason) = self.plaintext_decision(peer, dst, workload) {
             socket::reset_on_close(&stream);
             let e = format_args!("connection closed due to policy change: {reason}");
             access.close(record, ResponseFlags::Deny, 0, 0, Some(&e));
             return Ok(None);
         }
-        drop(state);
         let carried = Carried {
             stream,
             up: a.app,
