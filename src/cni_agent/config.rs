@@ -328,6 +328,7 @@ mod tests {
             (PACKET_MARK, "0"),
             (MONITORING_PORT, "70000"),
             (MESHNODE_RULE_CHECK_INTERVAL, "often"),
+            (MESHNODE_RESUME_WAIT, "a while"),
         ] {
             let env: HashMap<&str, &str> = [(NODE_NAME, "n"), (k, v)].into();
             let err = AgentConfig::from_source(&env).unwrap_err().to_string();
