@@ -159,6 +159,30 @@ mod tests {
         (handed, Fds { app, peer: None })
     }
 
+    /// A holder keeping hand-overs for `keep`, listening: its directory, hold and hand-over socket paths,
+    /// its stop switch and its task.
+    async fn holder(
+        keep: Duration,
+    ) -> (
+        tempfile::TempDir,
+        PathBuf,
+        PathBuf,
+        watch::Sender<bool>,
+        tokio::task::JoinHandle<Result<(), Error>>,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let (hold, handover) = (
+            dir.path().join("hold.sock"),
+            dir.path().join("handover.sock"),
+        );
+        let (stop, shutdown) = watch::channel(false);
+        let task = tokio::spawn(serve(hold.clone(), handover.clone(), keep, shutdown));
+        while !hold.exists() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        (dir, hold, handover, stop, task)
+    }
+
     #[test]
     fn the_hold_socket_is_beside_the_handover_socket() {
         assert_eq!(
@@ -169,21 +193,7 @@ mod tests {
 
     #[tokio::test]
     async fn held_connections_reach_the_proxy_that_comes_back_unchanged() {
-        let dir = tempfile::tempdir().unwrap();
-        let (hold, handover) = (
-            dir.path().join("hold.sock"),
-            dir.path().join("handover.sock"),
-        );
-        let (stop, shutdown) = watch::channel(false);
-        let holder = tokio::spawn(serve(
-            hold.clone(),
-            handover.clone(),
-            Duration::from_secs(10),
-            shutdown,
-        ));
-        while !hold.exists() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let (_dir, hold, handover, stop, holder) = holder(Duration::from_secs(10)).await;
         // The old proxy leaves: nobody on the hand-over socket, so it hands its connections to the hold.
         assert!(Sender::connect(&handover).await.is_err());
         let sent: Vec<Handed> = (0..3).map(|i| conn(i).0).collect();
@@ -209,21 +219,7 @@ mod tests {
 
     #[tokio::test]
     async fn held_connections_are_closed_when_no_proxy_comes_back_in_time() {
-        let dir = tempfile::tempdir().unwrap();
-        let (hold, handover) = (
-            dir.path().join("hold.sock"),
-            dir.path().join("handover.sock"),
-        );
-        let (stop, shutdown) = watch::channel(false);
-        let holder = tokio::spawn(serve(
-            hold.clone(),
-            handover.clone(),
-            Duration::from_millis(300),
-            shutdown,
-        ));
-        while !hold.exists() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let (_dir, hold, handover, stop, holder) = holder(Duration::from_millis(300)).await;
         // A real socket pair: the held end closing is seen on the other end as EOF.
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let mut app = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
