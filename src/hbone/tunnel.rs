@@ -81,11 +81,6 @@ impl Tunnel {
         }
     }
 
-    /// Whether the tunnel is a resumable stream.
-    pub fn is_resumable(&self) -> bool {
-        matches!(self.io, Io::Piped(..))
-    }
-
     /// Resets the stream (CANCEL; a resumable one for good): the peer sees the tunnel fail rather than end.
     pub fn reset(&mut self) {
         match &mut self.io {
