@@ -274,12 +274,17 @@ fn a_service_on_another_network_is_reached_through_its_gateway_with_each_hop_che
         ghost.as_ref().map_or(true, |r| r.is_empty()),
         "an impostor gateway must be refused: {ghost:?}"
     );
-    let cli = log(dir.path(), "client.log");
-    assert!(
-        cli.lines()
-            .any(|l| l.contains("TLS handshake") && !l.contains("inner tunnel")),
-        "{cli}"
-    );
+    // The access line is written by the log thread: wait for it rather than read at once.
+    let outer_refused = |l: &str| l.contains("TLS handshake") && !l.contains("inner tunnel");
+    let mut cli = log(dir.path(), "client.log");
+    for _ in 0..50 {
+        if cli.lines().any(outer_refused) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        cli = log(dir.path(), "client.log");
+    }
+    assert!(cli.lines().any(outer_refused), "{cli}");
 
     // 4. No gateway on the endpoint's network: refused, never dialled.
     let lost = call(&client, format!("{NO_GATEWAY_VIP}:80").parse().unwrap());
